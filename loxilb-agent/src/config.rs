@@ -1,0 +1,428 @@
+//! The standalone rule file: parsed strictly, validated completely, and
+//! every error names the file, the field and the value.
+//!
+//! ```yaml
+//! rules:
+//!   - name: web              # optional; unique
+//!     vip: 20.0.0.100
+//!     port: 80
+//!     protocol: tcp          # tcp | udp
+//!     mode: default          # default (DNAT, client source kept)
+//!     selection: rr          # rr
+//!     timeout: 1800          # idle seconds, 1..=604800 (default 1800)
+//!     endpoints:
+//!       - { ip: 10.0.1.10, port: 8080, weight: 1 }
+//! ```
+
+use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
+
+use serde::Deserialize;
+
+pub const DEFAULT_TIMEOUT_S: u32 = 1800;
+pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => loxilb_common::IPPROTO_TCP,
+            Protocol::Udp => loxilb_common::IPPROTO_UDP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            loxilb_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            loxilb_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// DNAT: destination rewritten to the endpoint, client source IP kept.
+    Default,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub weight: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub selection: Selection,
+    pub timeout_s: u32,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A config error: which file, which field, what was wrong, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<String>,
+    vip: String,
+    port: serde_yaml::Value,
+    protocol: String,
+    mode: Option<String>,
+    selection: Option<String>,
+    timeout: Option<serde_yaml::Value>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    ip: String,
+    port: serde_yaml::Value,
+    weight: Option<serde_yaml::Value>,
+}
+
+/// Read and validate a rule file.
+pub fn load(path: &Path) -> Result<Vec<Rule>, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        field: String::new(),
+        message: format!("cannot read the rule file: {e}"),
+    })?;
+    parse(&file, &text)
+}
+
+fn show(v: &serde_yaml::Value) -> String {
+    match v {
+        serde_yaml::Value::String(s) => format!("{s:?}"),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+fn int_in(
+    err: &dyn Fn(String, String) -> ConfigError,
+    field: String,
+    v: &serde_yaml::Value,
+    min: u64,
+    max: u64,
+    what: &str,
+) -> Result<u64, ConfigError> {
+    match v.as_u64() {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(err(
+            field,
+            format!("{} is not {what} (an integer {min}..={max})", show(v)),
+        )),
+    }
+}
+
+/// Parse and validate rule-file text; `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
+    let err = |field: String, message: String| ConfigError {
+        file: file.to_string(),
+        field,
+        message,
+    };
+    let raw: RawFile = if text.trim().is_empty() {
+        RawFile { rules: vec![] }
+    } else {
+        serde_yaml::from_str(text).map_err(|e| {
+            let loc = e
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default();
+            err(String::new(), format!("{e}{loc}"))
+        })?
+    };
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    let mut seen_keys = HashSet::new();
+    let mut seen_names = HashSet::new();
+    for (i, r) in raw.rules.into_iter().enumerate() {
+        let f = |name: &str| format!("rules[{i}].{name}");
+        let vip: Ipv4Addr = r.vip.trim().parse().map_err(|_| {
+            err(
+                f("vip"),
+                format!("{:?} is not an IPv4 address (IPv6 comes later)", r.vip),
+            )
+        })?;
+        if vip.is_unspecified() || vip.is_multicast() || vip.is_broadcast() {
+            return Err(err(f("vip"), format!("{vip} cannot be a service address")));
+        }
+        let port = int_in(&err, f("port"), &r.port, 1, 65535, "a port")? as u16;
+        let protocol = match r.protocol.trim().to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => {
+                return Err(err(
+                    f("protocol"),
+                    format!("{:?} is not supported; use tcp or udp", r.protocol),
+                ))
+            }
+        };
+        let mode = match r.mode.as_deref().map(str::trim) {
+            None | Some("default") => Mode::Default,
+            Some(m @ ("onearm" | "fullnat" | "dsr")) => {
+                return Err(err(
+                    f("mode"),
+                    format!("{m:?} is not implemented yet; only \"default\" (DNAT) works today"),
+                ))
+            }
+            Some(m) => {
+                return Err(err(
+                    f("mode"),
+                    format!("{m:?} is not a mode; use default, onearm, fullnat or dsr"),
+                ))
+            }
+        };
+        let selection = match r.selection.as_deref().map(str::trim) {
+            None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
+            Some(s @ ("hash" | "persist" | "lc")) => {
+                return Err(err(
+                    f("selection"),
+                    format!("{s:?} is not implemented yet; only \"rr\" works today"),
+                ))
+            }
+            Some(s) => {
+                return Err(err(
+                    f("selection"),
+                    format!("{s:?} is not a selection; use rr, hash, persist or lc"),
+                ))
+            }
+        };
+        let timeout_s = match &r.timeout {
+            None => DEFAULT_TIMEOUT_S,
+            Some(v) => int_in(
+                &err,
+                f("timeout"),
+                v,
+                1,
+                MAX_TIMEOUT_S as u64,
+                "an idle timeout in seconds",
+            )? as u32,
+        };
+        let name = match r.name {
+            Some(n) if n.trim().is_empty() => {
+                return Err(err(f("name"), "must not be empty".into()))
+            }
+            Some(n) => n,
+            None => format!("{vip}:{port}/{protocol}"),
+        };
+        if !seen_names.insert(name.clone()) {
+            return Err(err(f("name"), format!("{name:?} is used by another rule")));
+        }
+        if !seen_keys.insert((vip, port, protocol)) {
+            return Err(err(
+                f("vip"),
+                format!("{vip}:{port}/{protocol} is already defined by another rule"),
+            ));
+        }
+        if r.endpoints.len() > loxilb_common::MAX_EPS_PER_RULE as usize {
+            return Err(err(
+                f("endpoints"),
+                format!(
+                    "{} endpoints; at most {} per rule",
+                    r.endpoints.len(),
+                    loxilb_common::MAX_EPS_PER_RULE
+                ),
+            ));
+        }
+        let mut endpoints = Vec::with_capacity(r.endpoints.len());
+        let mut seen_eps = HashSet::new();
+        for (j, e) in r.endpoints.into_iter().enumerate() {
+            let g = |name: &str| format!("rules[{i}].endpoints[{j}].{name}");
+            let ip: Ipv4Addr =
+                e.ip.trim()
+                    .parse()
+                    .map_err(|_| err(g("ip"), format!("{:?} is not an IPv4 address", e.ip)))?;
+            if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                return Err(err(g("ip"), format!("{ip} cannot be an endpoint")));
+            }
+            let port = int_in(&err, g("port"), &e.port, 1, 65535, "a port")? as u16;
+            let weight = match &e.weight {
+                None => 1,
+                Some(v) => int_in(&err, g("weight"), v, 1, 65535, "a weight")? as u16,
+            };
+            if !seen_eps.insert((ip, port)) {
+                return Err(err(
+                    g("ip"),
+                    format!("{ip}:{port} is listed twice in this rule"),
+                ));
+            }
+            endpoints.push(Endpoint { ip, port, weight });
+        }
+        rules.push(Rule {
+            name,
+            vip,
+            port,
+            protocol,
+            mode,
+            selection,
+            timeout_s,
+            endpoints,
+        });
+    }
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+rules:
+  - name: web
+    vip: 20.0.0.100
+    port: 80
+    protocol: tcp
+    timeout: 60
+    endpoints:
+      - { ip: 10.0.1.10, port: 8080 }
+      - { ip: 10.0.2.10, port: 8080, weight: 3 }
+  - vip: 20.0.0.100
+    port: 53
+    protocol: UDP
+    endpoints: []
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let r = parse("r.yaml", GOOD).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].name, "web");
+        assert_eq!(r[0].timeout_s, 60);
+        assert_eq!(r[0].endpoints[1].weight, 3);
+        assert_eq!(r[1].name, "20.0.0.100:53/udp");
+        assert_eq!(r[1].protocol, Protocol::Udp);
+        assert_eq!(r[1].timeout_s, DEFAULT_TIMEOUT_S);
+    }
+
+    #[test]
+    fn empty_file_means_no_rules() {
+        assert!(parse("r.yaml", "").unwrap().is_empty());
+        assert!(parse("r.yaml", "rules: []").unwrap().is_empty());
+    }
+
+    fn bad(text: &str) -> ConfigError {
+        parse("r.yaml", text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_file_field_and_value() {
+        let e = bad("rules:\n  - {vip: 20.0.0.300, port: 80, protocol: tcp}\n");
+        assert_eq!(e.field, "rules[0].vip");
+        assert!(
+            e.to_string()
+                .starts_with("r.yaml: rules[0].vip: \"20.0.0.300\""),
+            "{e}"
+        );
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 70000, protocol: tcp}\n");
+        assert_eq!(e.field, "rules[0].port");
+        assert!(e.message.contains("70000"), "{e}");
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: icmp}\n");
+        assert_eq!(e.field, "rules[0].protocol");
+        assert!(e.message.contains("icmp") && e.message.contains("tcp or udp"));
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, timeout: abc}\n");
+        assert_eq!(e.field, "rules[0].timeout");
+        assert!(e.message.contains("abc"));
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: fullnat}\n");
+        assert_eq!(e.field, "rules[0].mode");
+        assert!(e.message.contains("not implemented yet"));
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: bogus}\n");
+        assert!(e.message.contains("not a mode"));
+
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 1.2.3.4, port: 0}]}\n",
+        );
+        assert_eq!(e.field, "rules[0].endpoints[0].port");
+
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: x, port: 1}]}\n",
+        );
+        assert_eq!(e.field, "rules[0].endpoints[0].ip");
+
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 1.1.1.1, port: 1, weight: 0}]}\n",
+        );
+        assert_eq!(e.field, "rules[0].endpoints[0].weight");
+    }
+
+    #[test]
+    fn unknown_fields_and_duplicates_are_errors() {
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, vipp: 1}\n");
+        assert!(e.message.contains("vipp"), "{e}");
+        assert!(e.message.contains("line"), "{e}");
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp}\n  - {vip: 20.0.0.1, port: 80, protocol: tcp}\n");
+        assert_eq!(e.field, "rules[1].vip");
+        assert!(e.message.contains("already defined"));
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 1.1.1.1, port: 1}, {ip: 1.1.1.1, port: 1}]}\n");
+        assert_eq!(e.field, "rules[0].endpoints[1].ip");
+    }
+
+    #[test]
+    fn unreadable_file_is_named() {
+        let e = load(Path::new("/nonexistent/rules.yaml")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("/nonexistent/rules.yaml: cannot read"));
+    }
+}

@@ -1,0 +1,520 @@
+//! The agent's datapath API: loads the eBPF object, pins/adopts its maps,
+//! attaches it to interfaces and reads/writes the maps. Everything that
+//! touches the kernel's BPF objects goes through here (the packet tests and
+//! benchmarks use this same API).
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        SchedClassifier, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use loxilb_common::{
+    map_names as mn, prog_names, stat, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg, SvcKey4, SvcVal4,
+    LAYOUT_VERSION,
+};
+
+use crate::rules::{Installed, RuleTable};
+
+/// The compiled datapath (built by build.rs through aya-build).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loxilb"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/loxilb";
+
+/// How to attach XDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode if the driver supports it, else generic.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" | "driver" => Ok(Self::Native),
+            "generic" | "skb" => Ok(Self::Generic),
+            _ => Err(format!(
+                "{s:?} is not an XDP mode; use auto, native or generic"
+            )),
+        }
+    }
+}
+
+struct Attached {
+    iface: String,
+    id: aya::programs::xdp::XdpLinkId,
+    mode: &'static str,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    /// True when the maps existed before this load (sessions adopted).
+    adopted: bool,
+    attached: Vec<Attached>,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    // BPF_FS_MAGIC
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+impl Datapath {
+    /// Load the datapath. With `pin_dir`, maps are pinned there (and maps
+    /// already pinned there are adopted, sessions included); without, the
+    /// maps are private to this process (tests, benchmarks).
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        let mut adopted = false;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("cannot create the pin directory {}", dir.display())
+                })?;
+                if !is_bpffs(dir) {
+                    bail!(
+                        "{} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+                         or pass another --pin-dir",
+                        dir.display()
+                    );
+                }
+                let existing = mn::ALL.iter().filter(|n| dir.join(n).exists()).count();
+                if existing > 0 && existing < mn::ALL.len() {
+                    bail!(
+                        "{} holds only some of the datapath maps ({existing} of {}); it is not a state \
+                         this agent can adopt. Remove it (`rm -r {}`) and start again",
+                        dir.display(),
+                        mn::ALL.len(),
+                        dir.display()
+                    );
+                }
+                adopted = existing == mn::ALL.len();
+                if adopted {
+                    check_pinned_layout(dir)?;
+                }
+                mn::ALL.iter().map(|n| (*n, dir.join(n))).collect()
+            }
+            None => vec![],
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF datapath into the kernel failed")?;
+        for name in [prog_names::XDP_MAIN, prog_names::XDP_PASS] {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the kernel verifier rejected {name}"))?;
+        }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(prog_names::TC_MAIN)
+            .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_MAIN))?
+            .try_into()?;
+        tc.load()
+            .with_context(|| format!("the kernel verifier rejected {}", prog_names::TC_MAIN))?;
+        let mut dp = Datapath {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            adopted,
+            attached: vec![],
+        };
+        if !adopted {
+            dp.set_config(GlobalCfg {
+                layout_version: LAYOUT_VERSION,
+                flags: 0,
+            })?;
+        }
+        Ok(dp)
+    }
+
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    fn map(&self, name: &str) -> Result<&Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    pub fn set_config(&mut self, cfg: GlobalCfg) -> Result<()> {
+        let mut a: Array<_, GlobalCfg> = Array::try_from(self.map_mut(mn::CONFIG)?)?;
+        a.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    pub fn config(&self) -> Result<GlobalCfg> {
+        let a: Array<_, GlobalCfg> = Array::try_from(self.map(mn::CONFIG)?)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    /// The XDP program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// The TC program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(prog_names::TC_MAIN)
+            .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_MAIN))?
+            .try_into()?)
+    }
+
+    fn link_pin(&self, iface: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("xdp_{iface}")))
+    }
+
+    /// Attach the load balancer to `iface`'s XDP hook. If a previous agent
+    /// left its program attached there (pinned link), it is replaced
+    /// atomically: no packet sees a gap. Returns the mode used.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        let pin = self.link_pin(iface);
+        let prog = self.xdp_program(prog_names::XDP_MAIN)?;
+        if let Some(pin) = pin.filter(|p| p.exists()) {
+            let fd_link: FdLink = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening the pinned XDP link {}", pin.display()))?
+                .unpin()
+                .with_context(|| format!("unpinning {}", pin.display()))?;
+            let link = aya::programs::xdp::XdpLink::try_from(fd_link)?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the XDP program on {iface}"))?;
+            self.attached.push(Attached {
+                iface: iface.to_string(),
+                id,
+                mode: "adopted",
+            });
+            return Ok("adopted (program replaced in place)");
+        }
+        let (id, used) = match mode {
+            AttachMode::Native => (prog.attach(iface, XdpMode::Driver), "native"),
+            AttachMode::Generic => (prog.attach(iface, XdpMode::Skb), "generic"),
+            AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+                Ok(id) => (Ok(id), "native"),
+                Err(_) => (prog.attach(iface, XdpMode::Skb), "generic"),
+            },
+        };
+        let id = id.with_context(|| {
+            format!("attaching XDP ({used} mode) to {iface} failed; does the interface exist?")
+        })?;
+        self.attached.push(Attached {
+            iface: iface.to_string(),
+            id,
+            mode: used,
+        });
+        Ok(used)
+    }
+
+    /// Detach from interfaces not in `keep` (a reload that drops one).
+    pub fn attached_ifaces(&self) -> Vec<(String, &'static str)> {
+        self.attached
+            .iter()
+            .map(|a| (a.iface.clone(), a.mode))
+            .collect()
+    }
+
+    /// Stop. With `keep`, the program stays attached (links pinned) and the
+    /// maps stay pinned with their sessions, for the next agent to adopt.
+    /// Without, everything is detached and unpinned.
+    pub fn shutdown(mut self, keep: bool) -> Result<()> {
+        let attached = std::mem::take(&mut self.attached);
+        if keep {
+            let Some(dir) = self.pin_dir.clone() else {
+                bail!("--keep needs a pin directory");
+            };
+            std::fs::create_dir_all(dir.join("links"))?;
+            for a in attached {
+                let pin = self.link_pin(&a.iface).expect("pin dir set");
+                let prog = self.xdp_program(prog_names::XDP_MAIN)?;
+                let link = prog.take_link(a.id)?;
+                let fd_link: FdLink = link
+                    .try_into()
+                    .map_err(|e| anyhow!("the XDP link on {} cannot be pinned: {e:?}", a.iface))?;
+                fd_link
+                    .pin(&pin)
+                    .with_context(|| format!("pinning the XDP link to {}", pin.display()))?;
+            }
+            return Ok(());
+        }
+        for a in attached {
+            let prog = self.xdp_program(prog_names::XDP_MAIN)?;
+            prog.detach(a.id)
+                .with_context(|| format!("detaching from {}", a.iface))?;
+        }
+        if let Some(dir) = &self.pin_dir {
+            for n in mn::ALL {
+                let _ = std::fs::remove_file(dir.join(n));
+            }
+            if let Ok(rd) = std::fs::read_dir(dir.join("links")) {
+                for e in rd.flatten() {
+                    // A link left by an earlier --keep run for an interface
+                    // this agent did not take over: detach it too.
+                    if let Ok(l) = PinnedLink::from_pin(e.path()) {
+                        let _ = l.unpin();
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir.join("links"));
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    /// Rules currently in the maps (for adoption).
+    pub fn read_installed(&self) -> Result<Vec<Installed>> {
+        let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map(mn::SERVICES)?)?;
+        let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
+        let mut out = vec![];
+        for kv in svcs.iter() {
+            let (k, v) = kv?;
+            let mut bank_len = [0u32; 2];
+            for bank in 0..2u8 {
+                let mut n = 0;
+                while eps.get(&EpKey::new(v.rule_id, bank, n), 0).is_ok() {
+                    n += 1;
+                }
+                bank_len[bank as usize] = n;
+            }
+            let list = (0..v.ep_count)
+                .map(|i| eps.get(&EpKey::new(v.rule_id, v.ep_bank, i), 0))
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("rule {} has missing endpoint entries", v.rule_id))?;
+            out.push(Installed {
+                name: format!(
+                    "{}:{}/{}",
+                    std::net::Ipv4Addr::from(k.addr.to_ne_bytes()),
+                    u16::from_be(k.port),
+                    crate::config::Protocol::from_number(k.proto)
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| k.proto.to_string())
+                ),
+                key: k,
+                rule_id: v.rule_id,
+                bank: v.ep_bank,
+                timeout_s: v.timeout_s,
+                mode: v.mode,
+                sel: v.sel,
+                eps: list,
+                bank_len,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn sessions(&self) -> Result<Vec<(CtKey4, CtVal4)>> {
+        read_sessions(self.map(mn::CONNTRACK)?)
+    }
+
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
+        read_stats(self.map(mn::STATS)?)
+    }
+
+    pub fn services(&self) -> Result<Vec<(SvcKey4, SvcVal4)>> {
+        let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map(mn::SERVICES)?)?;
+        Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn endpoints(&self) -> Result<StdHashMap<EpKey, EpVal>> {
+        let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
+        Ok(eps.iter().collect::<Result<_, _>>()?)
+    }
+
+    pub fn clear_sessions(&mut self) -> Result<usize> {
+        let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+        let keys: Vec<CtKey4> = ct.keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            let _ = ct.remove(k);
+        }
+        Ok(keys.len())
+    }
+
+    pub fn insert_session(&mut self, k: CtKey4, v: CtVal4) -> Result<()> {
+        let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+        ct.insert(k, v, 0)?;
+        Ok(())
+    }
+}
+
+fn check_pinned_layout(dir: &Path) -> Result<()> {
+    let data = MapData::from_pin(dir.join(mn::CONFIG))
+        .with_context(|| format!("opening {}", dir.join(mn::CONFIG).display()))?;
+    let map = Map::Array(data);
+    let a: Array<_, GlobalCfg> = Array::try_from(&map).map_err(|e| {
+        anyhow!(
+            "the maps pinned in {} do not match this agent's layout ({e}); remove them \
+             (`rm -r {}`) to start fresh",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let cfg = a.get(&0, 0)?;
+    if cfg.layout_version != LAYOUT_VERSION {
+        bail!(
+            "the maps pinned in {} have layout version {}, this agent uses {}; they cannot be \
+             adopted. Remove them (`rm -r {}`) to start fresh (open sessions will be lost)",
+            dir.display(),
+            cfg.layout_version,
+            LAYOUT_VERSION,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn read_sessions(m: &Map) -> Result<Vec<(CtKey4, CtVal4)>> {
+    let ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(m)?;
+    let mut v = vec![];
+    for kv in ct.iter() {
+        match kv {
+            Ok(kv) => v.push(kv),
+            // LRU entries can vanish while we walk: skip them.
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(v)
+}
+
+fn read_stats(m: &Map) -> Result<Vec<(&'static str, u64)>> {
+    let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+    let mut out = vec![];
+    for i in 0..stat::COUNT {
+        let name = loxilb_common::STAT_NAMES[i as usize];
+        if name.is_empty() {
+            continue;
+        }
+        let per_cpu = a.get(&i, 0)?;
+        out.push((name, per_cpu.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// Read-only access to a running agent's pinned maps (for the CLI).
+pub struct PinnedMaps {
+    dir: PathBuf,
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.join(mn::CONNTRACK).exists() {
+            bail!(
+                "no datapath maps are pinned in {}; is the agent running (and with this --pin-dir)?",
+                dir.display()
+            );
+        }
+        check_pinned_layout(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn open_map(&self, name: &str, wrap: fn(MapData) -> Map) -> Result<Map> {
+        let d = MapData::from_pin(self.dir.join(name))
+            .with_context(|| format!("opening {}", self.dir.join(name).display()))?;
+        Ok(wrap(d))
+    }
+
+    pub fn sessions(&self) -> Result<Vec<(CtKey4, CtVal4)>> {
+        read_sessions(&self.open_map(mn::CONNTRACK, Map::LruHashMap)?)
+    }
+
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
+        read_stats(&self.open_map(mn::STATS, Map::PerCpuArray)?)
+    }
+
+    pub fn services(&self) -> Result<Vec<(SvcKey4, SvcVal4)>> {
+        let m = self.open_map(mn::SERVICES, Map::HashMap)?;
+        let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(&m)?;
+        Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn endpoints(&self) -> Result<StdHashMap<EpKey, EpVal>> {
+        let m = self.open_map(mn::ENDPOINTS, Map::HashMap)?;
+        let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(&m)?;
+        Ok(eps.iter().collect::<Result<_, _>>()?)
+    }
+}
+
+impl RuleTable for Datapath {
+    fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()> {
+        let mut m: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map_mut(mn::SERVICES)?)?;
+        m.insert(key, val, 0).context("writing the service map")?;
+        Ok(())
+    }
+    fn delete_service(&mut self, key: SvcKey4) -> Result<()> {
+        let mut m: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map_mut(mn::SERVICES)?)?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()> {
+        let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
+        m.insert(key, val, 0).context("writing the endpoint map")?;
+        Ok(())
+    }
+    fn delete_endpoint(&mut self, key: EpKey) -> Result<()> {
+        let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::ADDR_FILTER)?)?;
+        a.set(index, word, 0)?;
+        Ok(())
+    }
+    fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
+        let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+        let doomed: Vec<CtKey4> = ct
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(_, v)| v.rule_id == rule_id)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+}

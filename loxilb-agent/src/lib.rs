@@ -1,0 +1,7 @@
+//! loxilb-agent: the per-node daemon. Loads and drives the eBPF datapath;
+//! in standalone mode it takes its rules from a YAML file.
+
+pub mod config;
+pub mod datapath;
+pub mod rules;
+pub mod show;

@@ -1,0 +1,425 @@
+//! Reconcile: turn the desired rule set into map writes as a diff, so
+//! untouched rules (and their sessions) are never disturbed. Plain Rust
+//! over the narrow [`RuleTable`] seam, unit-tested with an in-memory table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Result};
+use loxilb_common::{
+    addr_filter_bit, lb_mode, lb_sel, EpKey, EpVal, SvcKey4, SvcVal4, ADDR_FILTER_WORDS,
+};
+
+use crate::config::{Mode, Protocol, Rule, Selection};
+
+/// The maps the reconciler writes; implemented by the real datapath and by
+/// an in-memory table in tests.
+pub trait RuleTable {
+    fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()>;
+    fn delete_service(&mut self, key: SvcKey4) -> Result<()>;
+    fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()>;
+    fn delete_endpoint(&mut self, key: EpKey) -> Result<()>;
+    fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()>;
+    /// Remove every session created by `rule_id`; returns how many entries.
+    fn flush_sessions(&mut self, rule_id: u32) -> Result<usize>;
+}
+
+/// A rule as installed in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installed {
+    pub name: String,
+    pub key: SvcKey4,
+    pub rule_id: u32,
+    pub bank: u8,
+    pub timeout_s: u32,
+    pub mode: u8,
+    pub sel: u8,
+    pub eps: Vec<EpVal>,
+    /// Entries present in each bank (the idle bank may hold stale ones).
+    pub bank_len: [u32; 2],
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
+    pub sessions_flushed: usize,
+}
+
+pub fn svc_key(vip: std::net::Ipv4Addr, port: u16, proto: Protocol) -> SvcKey4 {
+    SvcKey4 {
+        addr: u32::from_ne_bytes(vip.octets()),
+        port: port.to_be(),
+        proto: proto.number(),
+        _pad: 0,
+    }
+}
+
+pub fn ep_val(e: &crate::config::Endpoint) -> EpVal {
+    EpVal {
+        addr: u32::from_ne_bytes(e.ip.octets()),
+        port: e.port.to_be(),
+        weight: e.weight,
+        flags: 0,
+        _pad: 0,
+    }
+}
+
+fn mode_code(m: Mode) -> u8 {
+    match m {
+        Mode::Default => lb_mode::DEFAULT,
+    }
+}
+
+fn sel_code(s: Selection) -> u8 {
+    match s {
+        Selection::RoundRobin => lb_sel::RR,
+    }
+}
+
+/// The agent's view of what is installed, keyed by service.
+#[derive(Debug, Default)]
+pub struct Rules {
+    installed: BTreeMap<SvcKeyOrd, Installed>,
+    filter: Vec<u64>,
+}
+
+/// `SvcKey4` ordered by its bytes (for deterministic iteration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SvcKeyOrd(u32, u16, u8);
+
+impl From<SvcKey4> for SvcKeyOrd {
+    fn from(k: SvcKey4) -> Self {
+        SvcKeyOrd(u32::from_be(k.addr), u16::from_be(k.port), k.proto)
+    }
+}
+
+impl Rules {
+    /// Start from what the maps already hold (an adopted datapath).
+    pub fn adopt(installed: Vec<Installed>) -> Self {
+        let mut r = Rules {
+            installed: installed
+                .into_iter()
+                .map(|i| (SvcKeyOrd::from(i.key), i))
+                .collect(),
+            filter: vec![0; ADDR_FILTER_WORDS as usize],
+        };
+        r.filter = r.compute_filter();
+        r
+    }
+
+    pub fn installed(&self) -> impl Iterator<Item = &Installed> {
+        self.installed.values()
+    }
+
+    fn next_rule_id(&self) -> Result<u32> {
+        let used: BTreeSet<u32> = self.installed.values().map(|i| i.rule_id).collect();
+        (1..=loxilb_common::MAX_SERVICES)
+            .find(|id| !used.contains(id))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "all {} rule slots are in use; remove rules first",
+                    loxilb_common::MAX_SERVICES
+                )
+            })
+    }
+
+    fn compute_filter(&self) -> Vec<u64> {
+        let mut f = vec![0u64; ADDR_FILTER_WORDS as usize];
+        let mut set = |addr: u32| {
+            let (w, b) = addr_filter_bit(addr);
+            f[w as usize] |= 1 << b;
+        };
+        for i in self.installed.values() {
+            set(i.key.addr);
+            for e in &i.eps {
+                set(e.addr);
+            }
+        }
+        f
+    }
+
+    /// Make the maps hold exactly `desired`, touching only what changed.
+    pub fn apply(&mut self, desired: &[Rule], t: &mut dyn RuleTable) -> Result<Report> {
+        let mut report = Report::default();
+        if desired.len() > loxilb_common::MAX_SERVICES as usize {
+            bail!(
+                "{} rules; the datapath holds at most {}",
+                desired.len(),
+                loxilb_common::MAX_SERVICES
+            );
+        }
+        let want: BTreeMap<SvcKeyOrd, &Rule> = desired
+            .iter()
+            .map(|r| (svc_key(r.vip, r.port, r.protocol).into(), r))
+            .collect();
+        // Removals first: they free rule ids and slots.
+        let gone: Vec<SvcKeyOrd> = self
+            .installed
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            let inst = self.installed.remove(&k).expect("present");
+            t.delete_service(inst.key)?;
+            for bank in 0..2u8 {
+                for idx in 0..inst.bank_len[bank as usize] {
+                    t.delete_endpoint(EpKey::new(inst.rule_id, bank, idx))?;
+                }
+            }
+            report.sessions_flushed += t.flush_sessions(inst.rule_id)?;
+            report.removed.push(inst.name);
+        }
+        for (k, r) in want {
+            let eps: Vec<EpVal> = r.endpoints.iter().map(ep_val).collect();
+            let (mode, sel) = (mode_code(r.mode), sel_code(r.selection));
+            match self.installed.get_mut(&k) {
+                Some(inst)
+                    if inst.eps == eps
+                        && inst.timeout_s == r.timeout_s
+                        && inst.mode == mode
+                        && inst.sel == sel =>
+                {
+                    if inst.name != r.name {
+                        inst.name = r.name.clone();
+                    }
+                    report.unchanged += 1;
+                }
+                Some(inst) => {
+                    // Fill the idle bank, then flip to it with one write.
+                    let bank = inst.bank ^ 1;
+                    write_bank(t, inst.rule_id, bank, &eps, &mut inst.bank_len)?;
+                    t.put_service(
+                        inst.key,
+                        SvcVal4 {
+                            rule_id: inst.rule_id,
+                            ep_count: eps.len() as u32,
+                            timeout_s: r.timeout_s,
+                            rr_next: 0,
+                            ep_bank: bank,
+                            mode,
+                            sel,
+                            flags: 0,
+                            _pad: 0,
+                        },
+                    )?;
+                    inst.bank = bank;
+                    inst.eps = eps;
+                    inst.timeout_s = r.timeout_s;
+                    inst.mode = mode;
+                    inst.sel = sel;
+                    inst.name = r.name.clone();
+                    report.updated.push(r.name.clone());
+                }
+                None => {
+                    let rule_id = self.next_rule_id()?;
+                    let key = svc_key(r.vip, r.port, r.protocol);
+                    let mut bank_len = [0, 0];
+                    write_bank(t, rule_id, 0, &eps, &mut bank_len)?;
+                    t.put_service(
+                        key,
+                        SvcVal4 {
+                            rule_id,
+                            ep_count: eps.len() as u32,
+                            timeout_s: r.timeout_s,
+                            rr_next: 0,
+                            ep_bank: 0,
+                            mode,
+                            sel,
+                            flags: 0,
+                            _pad: 0,
+                        },
+                    )?;
+                    self.installed.insert(
+                        k,
+                        Installed {
+                            name: r.name.clone(),
+                            key,
+                            rule_id,
+                            bank: 0,
+                            timeout_s: r.timeout_s,
+                            mode,
+                            sel,
+                            eps,
+                            bank_len,
+                        },
+                    );
+                    report.added.push(r.name.clone());
+                }
+            }
+        }
+        let filter = self.compute_filter();
+        for (i, (new, old)) in filter.iter().zip(self.filter.iter()).enumerate() {
+            if new != old {
+                t.put_filter_word(i as u32, *new)?;
+            }
+        }
+        self.filter = filter;
+        Ok(report)
+    }
+}
+
+fn write_bank(
+    t: &mut dyn RuleTable,
+    rule_id: u32,
+    bank: u8,
+    eps: &[EpVal],
+    bank_len: &mut [u32; 2],
+) -> Result<()> {
+    for (i, e) in eps.iter().enumerate() {
+        t.put_endpoint(EpKey::new(rule_id, bank, i as u32), *e)?;
+    }
+    for idx in eps.len() as u32..bank_len[bank as usize] {
+        t.delete_endpoint(EpKey::new(rule_id, bank, idx))?;
+    }
+    bank_len[bank as usize] = eps.len() as u32;
+    Ok(())
+}
+
+#[cfg(test)]
+pub mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config;
+
+    /// An in-memory stand-in for the datapath maps.
+    #[derive(Default, Debug)]
+    pub struct MemTable {
+        pub svcs: HashMap<SvcKey4, SvcVal4>,
+        pub eps: HashMap<EpKey, EpVal>,
+        pub filter: HashMap<u32, u64>,
+        pub flushed: Vec<u32>,
+        pub writes: usize,
+    }
+
+    impl RuleTable for MemTable {
+        fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()> {
+            self.writes += 1;
+            self.svcs.insert(key, val);
+            Ok(())
+        }
+        fn delete_service(&mut self, key: SvcKey4) -> Result<()> {
+            self.writes += 1;
+            self.svcs.remove(&key);
+            Ok(())
+        }
+        fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()> {
+            self.writes += 1;
+            self.eps.insert(key, val);
+            Ok(())
+        }
+        fn delete_endpoint(&mut self, key: EpKey) -> Result<()> {
+            self.writes += 1;
+            self.eps.remove(&key);
+            Ok(())
+        }
+        fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
+            self.filter.insert(index, word);
+            Ok(())
+        }
+        fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
+            self.flushed.push(rule_id);
+            Ok(3)
+        }
+    }
+
+    fn rules(text: &str) -> Vec<Rule> {
+        config::parse("t.yaml", text).unwrap()
+    }
+
+    const TWO: &str = "rules:
+  - {name: a, vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.1, port: 8080}, {ip: 10.0.0.2, port: 8080}]}
+  - {name: b, vip: 20.0.0.1, port: 53, protocol: udp, endpoints: [{ip: 10.0.0.3, port: 53}]}
+";
+
+    fn active_eps(t: &MemTable, key: SvcKey4) -> Vec<EpVal> {
+        let s = t.svcs[&key];
+        (0..s.ep_count)
+            .map(|i| t.eps[&EpKey::new(s.rule_id, s.ep_bank, i)])
+            .collect()
+    }
+
+    #[test]
+    fn add_then_reapply_is_a_no_op() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        let rep = r.apply(&rules(TWO), &mut t).unwrap();
+        assert_eq!(rep.added, vec!["b", "a"]);
+        assert_eq!(t.svcs.len(), 2);
+        let k = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        assert_eq!(active_eps(&t, k).len(), 2);
+        // the filter knows the VIP and every endpoint
+        for a in ["20.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            let ip: std::net::Ipv4Addr = a.parse().unwrap();
+            let (w, b) = addr_filter_bit(u32::from_ne_bytes(ip.octets()));
+            assert!(t.filter[&w] & (1 << b) != 0, "{a} not in filter");
+        }
+        let writes = t.writes;
+        let rep = r.apply(&rules(TWO), &mut t).unwrap();
+        assert_eq!(rep.unchanged, 2);
+        assert!(rep.added.is_empty() && rep.updated.is_empty() && rep.removed.is_empty());
+        assert_eq!(t.writes, writes, "an unchanged rule set must write nothing");
+    }
+
+    #[test]
+    fn endpoint_change_flips_bank_and_keeps_rule_id() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let k = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        let before = t.svcs[&k];
+        let three = TWO.replace(
+            "{ip: 10.0.0.2, port: 8080}]",
+            "{ip: 10.0.0.2, port: 8080}, {ip: 10.0.0.9, port: 8080}]",
+        );
+        let rep = r.apply(&rules(&three), &mut t).unwrap();
+        assert_eq!(rep.updated, vec!["a"]);
+        assert_eq!(rep.unchanged, 1);
+        let after = t.svcs[&k];
+        assert_eq!(after.rule_id, before.rule_id);
+        assert_ne!(after.ep_bank, before.ep_bank);
+        assert_eq!(active_eps(&t, k).len(), 3);
+        assert!(
+            t.flushed.is_empty(),
+            "updating endpoints must not flush sessions"
+        );
+        // shrink back to one endpoint: stale entries of the reused bank go
+        let one = TWO.replace(", {ip: 10.0.0.2, port: 8080}]", "]");
+        r.apply(&rules(&one), &mut t).unwrap();
+        r.apply(&rules(&one.replace("timeout", "timeout")), &mut t)
+            .unwrap();
+        let s = t.svcs[&k];
+        assert_eq!(s.ep_count, 1);
+        let live: Vec<_> = t.eps.keys().filter(|e| e.rule_id == s.rule_id).collect();
+        assert!(live.len() <= 3, "stale endpoint entries left: {live:?}");
+    }
+
+    #[test]
+    fn removal_deletes_everything_and_flushes_sessions() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let rep = r.apply(&[], &mut t).unwrap();
+        assert_eq!(rep.removed.len(), 2);
+        assert_eq!(rep.sessions_flushed, 6);
+        assert!(t.svcs.is_empty());
+        assert!(t.eps.is_empty());
+        assert!(t.filter.values().all(|w| *w == 0));
+    }
+
+    #[test]
+    fn adopted_rules_are_diffed_not_rewritten() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let snapshot: Vec<Installed> = r.installed().cloned().collect();
+        let mut r2 = Rules::adopt(snapshot);
+        let writes = t.writes;
+        let rep = r2.apply(&rules(TWO), &mut t).unwrap();
+        assert_eq!(rep.unchanged, 2);
+        assert_eq!(t.writes, writes);
+    }
+}

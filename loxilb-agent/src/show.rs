@@ -1,0 +1,128 @@
+//! Human-readable tables of rules, sessions and counters (the CLI).
+
+use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
+
+use loxilb_common::{ct_dir, ct_state, CtKey4, CtVal4, EpKey, EpVal, SvcKey4, SvcVal4};
+
+fn ip(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+fn port(p: u16) -> u16 {
+    u16::from_be(p)
+}
+
+fn proto(p: u8) -> String {
+    crate::config::Protocol::from_number(p)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| p.to_string())
+}
+
+pub fn rules_table(svcs: &[(SvcKey4, SvcVal4)], eps: &HashMap<EpKey, EpVal>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<5} {:<8} {:<4} {:<8} ENDPOINTS",
+        "ID", "VIP:PORT", "PROTO", "MODE", "SEL", "TIMEOUT"
+    );
+    let mut svcs = svcs.to_vec();
+    svcs.sort_by_key(|(_, v)| v.rule_id);
+    for (k, v) in svcs {
+        let list: Vec<String> = (0..v.ep_count)
+            .map(|i| match eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) {
+                Some(e) => format!(
+                    "{}:{}{}",
+                    ip(e.addr),
+                    port(e.port),
+                    if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
+                        "(inactive)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => "?".into(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<5} {:<8} {:<4} {:<8} {}",
+            v.rule_id,
+            format!("{}:{}", ip(k.addr), port(k.port)),
+            proto(k.proto),
+            match v.mode {
+                0 => "default",
+                1 => "onearm",
+                2 => "fullnat",
+                3 => "dsr",
+                _ => "?",
+            },
+            "rr",
+            format!("{}s", v.timeout_s),
+            if list.is_empty() {
+                "(none: new connections are dropped)".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
+    out
+}
+
+/// One line per session (the forward entry, joined with its reply entry).
+pub fn sessions_table(sessions: &[(CtKey4, CtVal4)], now_ns: u64) -> String {
+    let by_key: HashMap<CtKey4, CtVal4> = sessions.iter().copied().collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<22} {:<22} {:<9} {:>6} {:>10} {:>10}",
+        "PROTO", "CLIENT", "SERVICE", "ENDPOINT", "STATE", "IDLE", "PKTS->", "PKTS<-"
+    );
+    let mut rows: Vec<_> = sessions
+        .iter()
+        .filter(|(_, v)| v.dir == ct_dir::FORWARD)
+        .collect();
+    rows.sort_by_key(|(k, _)| (k.proto, u32::from_be(k.saddr), u16::from_be(k.sport)));
+    for (k, v) in rows {
+        let reply = by_key.get(&v.peer);
+        let state = if v.state & ct_state::RST != 0 {
+            "reset"
+        } else if v.state & ct_state::CLOSING != 0 {
+            "closing"
+        } else if v.state & (ct_state::FIN_FWD | ct_state::FIN_REPLY) != 0 {
+            "fin-wait"
+        } else {
+            "active"
+        };
+        let last = reply
+            .map(|r| r.last_seen_ns.max(v.last_seen_ns))
+            .unwrap_or(v.last_seen_ns);
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:<22} {:<9} {:>5}s {:>10} {:>10}",
+            proto(k.proto),
+            format!("{}:{}", ip(k.saddr), port(k.sport)),
+            format!("{}:{}", ip(k.daddr), port(k.dport)),
+            format!("{}:{}", ip(v.xdaddr), port(v.xdport)),
+            state,
+            now_ns.saturating_sub(last) / 1_000_000_000,
+            v.packets,
+            reply.map(|r| r.packets).unwrap_or(0),
+        );
+    }
+    out
+}
+
+pub fn stats_table(stats: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    for (n, v) in stats {
+        let _ = writeln!(out, "{n:<18} {v}");
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

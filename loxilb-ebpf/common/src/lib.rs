@@ -1,0 +1,435 @@
+//! The one definition of every map key and value shared by the eBPF datapath
+//! (`loxilb-ebpf`) and the agent (`loxilb-agent`).
+//!
+//! Rules for everything in this crate:
+//! - `#[repr(C)]`, every byte accounted for (explicit `_pad` fields), no
+//!   `bool` or `enum` fields: the kernel and userspace see the same bytes.
+//! - Sizes are asserted at compile time, so a layout change is a build error
+//!   rather than a silent mismatch.
+//! - Addresses and ports are stored in **network byte order** exactly as they
+//!   appear on the wire (the datapath never swaps them on the hot path); the
+//!   `user` feature adds helpers that convert for the agent.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Bump when any map layout below changes: pinned maps of another layout
+/// version are never adopted (the agent refuses with a clear message).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the maps, as pinned under the agent's bpffs directory.
+pub mod map_names {
+    pub const SERVICES: &str = "LB_SERVICES4";
+    pub const ENDPOINTS: &str = "LB_ENDPOINTS";
+    pub const CONNTRACK: &str = "LB_CT4";
+    pub const STATS: &str = "LB_STATS";
+    pub const CONFIG: &str = "LB_CONFIG";
+    pub const ADDR_FILTER: &str = "LB_ADDR_FILTER";
+    /// Every map, in a fixed order (used to pin/unpin/adopt them all).
+    pub const ALL: [&str; 6] = [SERVICES, ENDPOINTS, CONNTRACK, STATS, CONFIG, ADDR_FILTER];
+}
+
+/// Program names inside the eBPF object.
+pub mod prog_names {
+    pub const XDP_MAIN: &str = "loxilb_xdp";
+    pub const TC_MAIN: &str = "loxilb_tc";
+    pub const XDP_PASS: &str = "loxilb_xdp_pass";
+}
+
+/// Map capacities.
+pub const MAX_SERVICES: u32 = 4096;
+pub const MAX_ENDPOINT_SLOTS: u32 = 262_144;
+pub const MAX_CT_ENTRIES: u32 = 524_288;
+
+/// Endpoints of a rule live in two banks; the agent fills the idle bank and
+/// then flips `SvcVal4::ep_bank` with one map update, so the datapath never
+/// sees a half-written endpoint set.
+pub const EP_BANK_SHIFT: u32 = 16;
+/// Most endpoints a rule may have (per bank).
+pub const MAX_EPS_PER_RULE: u32 = 1 << EP_BANK_SHIFT;
+
+/// IP protocol numbers.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Load-balancing mode of a rule (`SvcVal4::mode`).
+pub mod lb_mode {
+    /// DNAT: destination rewritten to the endpoint, client source IP kept.
+    pub const DEFAULT: u8 = 0;
+    pub const ONEARM: u8 = 1;
+    pub const FULLNAT: u8 = 2;
+    pub const DSR: u8 = 3;
+}
+
+/// Endpoint selection of a rule (`SvcVal4::sel`).
+pub mod lb_sel {
+    pub const RR: u8 = 0;
+    pub const HASH: u8 = 1;
+    pub const PERSIST: u8 = 2;
+    pub const LC: u8 = 3;
+}
+
+/// `EpVal::flags` bits.
+pub mod ep_flags {
+    /// New sessions avoid this endpoint (health probes drive it).
+    pub const INACTIVE: u32 = 1;
+}
+
+/// Key of the IPv4 service map: (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcKey4 {
+    /// VIP, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// A load-balancing rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcVal4 {
+    /// Stable id of the rule (key of its endpoints and counters).
+    pub rule_id: u32,
+    /// Number of endpoints in the active bank.
+    pub ep_count: u32,
+    /// Idle timeout of sessions of this rule, seconds.
+    pub timeout_s: u32,
+    /// Round-robin cursor, advanced by the datapath (racy by design: a lost
+    /// increment only skews the rotation, never the correctness).
+    pub rr_next: u32,
+    /// Which endpoint bank (0 or 1) is live.
+    pub ep_bank: u8,
+    /// `lb_mode::*`.
+    pub mode: u8,
+    /// `lb_sel::*`.
+    pub sel: u8,
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// Key of the endpoint map: (rule, bank << EP_BANK_SHIFT | index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EpKey {
+    pub rule_id: u32,
+    pub slot: u32,
+}
+
+impl EpKey {
+    #[inline(always)]
+    pub const fn new(rule_id: u32, bank: u8, index: u32) -> Self {
+        Self {
+            rule_id,
+            slot: ((bank as u32) << EP_BANK_SHIFT) | (index & (MAX_EPS_PER_RULE - 1)),
+        }
+    }
+}
+
+/// One endpoint of a rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpVal {
+    /// Endpoint IPv4 address, network byte order.
+    pub addr: u32,
+    /// Endpoint port, network byte order.
+    pub port: u16,
+    pub weight: u16,
+    /// `ep_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Connection-tracking key: the packet's 5-tuple as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CtVal4::dir`.
+pub mod ct_dir {
+    /// Client -> service (the entry created on the first packet).
+    pub const FORWARD: u8 = 0;
+    /// Endpoint -> client (the reply direction).
+    pub const REPLY: u8 = 1;
+}
+
+/// `CtVal4::state` bits.
+pub mod ct_state {
+    pub const FIN_FWD: u8 = 1;
+    pub const FIN_REPLY: u8 = 2;
+    pub const RST: u8 = 4;
+    /// Both FINs or an RST seen: the session now lives only for
+    /// `CT_CLOSE_TIMEOUT_S`, and a new SYN on the tuple starts a new session.
+    pub const CLOSING: u8 = 8;
+}
+
+/// How long a TCP session lingers after both FINs or an RST, seconds.
+pub const CT_CLOSE_TIMEOUT_S: u32 = 10;
+
+/// Connection-tracking value: what the packet is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtVal4 {
+    /// The tuple after translation (network byte order).
+    pub xsaddr: u32,
+    pub xdaddr: u32,
+    pub xsport: u16,
+    pub xdport: u16,
+    pub rule_id: u32,
+    /// Idle timeout, seconds (from the rule; shortened when TCP closes).
+    pub timeout_s: u32,
+    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// Packets and bytes seen in this direction (approximate under races).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Key of the entry for the other direction.
+    pub peer: CtKey4,
+    /// `ct_dir::*`.
+    pub dir: u8,
+    /// `ct_state::*`.
+    pub state: u8,
+    /// `lb_mode::*` the session was created with.
+    pub mode: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Global datapath counters: index into the per-CPU `LB_STATS` array.
+pub mod stat {
+    /// Packets seen by the program.
+    pub const RX: u32 = 0;
+    /// Passed untouched: not IPv4 or not for a service.
+    pub const PASS_NOT_SERVICE: u32 = 1;
+    /// IPv4 fragments passed to the stack untouched.
+    pub const PASS_FRAGMENT: u32 = 2;
+    /// Truncated or malformed headers: passed untouched.
+    pub const PASS_MALFORMED: u32 = 3;
+    /// New sessions created.
+    pub const NEW_SESSION: u32 = 4;
+    /// Packets translated on an existing session.
+    pub const CT_HIT: u32 = 5;
+    /// Dropped: the service has no (active) endpoint.
+    pub const DROP_NO_ENDPOINT: u32 = 6;
+    /// Translated packets forwarded by XDP redirect / TX.
+    pub const FWD_REDIRECT: u32 = 7;
+    /// Translated packets handed to the stack (no neighbour yet, VLAN, ...).
+    pub const FWD_STACK: u32 = 8;
+    /// Sessions found idle past their timeout and replaced.
+    pub const CT_EXPIRED: u32 = 9;
+    /// Failed to insert a conntrack entry: packet dropped.
+    pub const DROP_CT_FULL: u32 = 10;
+    /// TTL would expire on forward: handed to the stack (ICMP time exceeded).
+    pub const PASS_TTL: u32 = 11;
+    pub const COUNT: u32 = 16;
+}
+
+/// Human names of the `stat::*` counters, by index.
+pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
+    "rx",
+    "pass_not_service",
+    "pass_fragment",
+    "pass_malformed",
+    "new_session",
+    "ct_hit",
+    "drop_no_endpoint",
+    "fwd_redirect",
+    "fwd_stack",
+    "ct_expired",
+    "drop_ct_full",
+    "pass_ttl",
+    "",
+    "",
+    "",
+    "",
+];
+
+/// Global configuration (single-entry array `LB_CONFIG`, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCfg {
+    /// Must equal `LAYOUT_VERSION` (written by the agent).
+    pub layout_version: u32,
+    /// `cfg_flags::*`.
+    pub flags: u32,
+}
+
+pub mod cfg_flags {
+    /// Never redirect in XDP; hand translated packets to the stack instead.
+    pub const FORWARD_VIA_STACK: u32 = 1;
+}
+
+/// Cheap pre-filter: one bit per hashed address, set by the agent for every
+/// VIP and endpoint address. A packet whose destination and source bits are
+/// both clear cannot belong to a service or a session, so it is passed after
+/// one array read instead of two hash lookups.
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+
+/// The bit (word index, bit index) of an IPv4 address (network byte order,
+/// as loaded from the packet) in the address filter.
+#[inline(always)]
+pub const fn addr_filter_bit(addr: u32) -> (u32, u32) {
+    let h = addr.wrapping_mul(0x9E37_79B1) >> 16; // 16 bits
+    (h >> 6, h & 63)
+}
+
+/// One's-complement Internet checksum helpers (RFC 1071 / RFC 1624).
+///
+/// All values are 16-bit words *as loaded from memory* (native order on the
+/// host, whatever order the packet had): one's-complement sums do not depend
+/// on byte order as long as the checksum field is loaded the same way.
+pub mod csum {
+    /// Fold a 32-bit one's-complement accumulator to 16 bits.
+    #[inline(always)]
+    pub const fn fold(mut s: u32) -> u16 {
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        s as u16
+    }
+
+    /// Checksum after one 16-bit word changed from `old` to `new`
+    /// (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
+    #[inline(always)]
+    pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
+        !fold((!check) as u32 + (!old) as u32 + new as u32)
+    }
+
+    /// Checksum after one 32-bit field changed from `old` to `new`
+    /// (both as loaded from memory).
+    #[inline(always)]
+    pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
+        let c = replace2(check, old as u16, new as u16);
+        replace2(c, (old >> 16) as u16, (new >> 16) as u16)
+    }
+
+    /// Full one's-complement sum over `data` (words loaded big-endian),
+    /// added to `init`; not complemented.
+    pub fn sum_be(data: &[u8], init: u32) -> u32 {
+        let mut s = init as u64;
+        let mut i = 0;
+        while i + 1 < data.len() {
+            s += u16::from_be_bytes([data[i], data[i + 1]]) as u64;
+            i += 2;
+        }
+        if i < data.len() {
+            s += (data[i] as u64) << 8;
+        }
+        while s > 0xffff_ffff {
+            s = (s & 0xffff_ffff) + (s >> 32);
+        }
+        s as u32
+    }
+
+    /// The Internet checksum of `data` (big-endian value, ready to store).
+    pub fn checksum_be(data: &[u8]) -> u16 {
+        !fold(sum_be(data, 0))
+    }
+}
+
+// Compile-time layout checks: kernel and userspace share these bytes.
+const _: () = assert!(size_of::<SvcKey4>() == 8);
+const _: () = assert!(size_of::<SvcVal4>() == 24);
+const _: () = assert!(size_of::<EpKey>() == 8);
+const _: () = assert!(size_of::<EpVal>() == 16);
+const _: () = assert!(size_of::<CtKey4>() == 16);
+const _: () = assert!(size_of::<CtVal4>() == 72);
+const _: () = assert!(size_of::<GlobalCfg>() == 8);
+const _: () = assert!(core::mem::offset_of!(CtVal4, last_seen_ns) == 24);
+const _: () = assert!(core::mem::offset_of!(CtVal4, peer) == 48);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), fully padded plain-old-data.
+    unsafe impl aya::Pod for SvcKey4 {}
+    unsafe impl aya::Pod for SvcVal4 {}
+    unsafe impl aya::Pod for EpKey {}
+    unsafe impl aya::Pod for EpVal {}
+    unsafe impl aya::Pod for CtKey4 {}
+    unsafe impl aya::Pod for CtVal4 {}
+    unsafe impl aya::Pod for GlobalCfg {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ep_key_banks_do_not_overlap() {
+        let a = EpKey::new(7, 0, MAX_EPS_PER_RULE - 1);
+        let b = EpKey::new(7, 1, 0);
+        assert_ne!(a, b);
+        assert_eq!(b.slot, 1 << EP_BANK_SHIFT);
+        // index is masked into its bank, never spills into the other one
+        assert_eq!(EpKey::new(7, 0, MAX_EPS_PER_RULE).slot, 0);
+    }
+
+    #[test]
+    fn csum_incremental_matches_full_recompute() {
+        // An IPv4 header (checksum zeroed), from a real capture.
+        let mut h: [u8; 20] = [
+            0x45, 0, 0, 0x3c, 0x1c, 0x46, 0x40, 0, 0x40, 6, 0, 0, 0xac, 0x10, 0x0a, 0x63, 0xac,
+            0x10, 0x0a, 0x0c,
+        ];
+        let c = csum::checksum_be(&h);
+        assert_eq!(c, 0xb1e6);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        // Change the destination address and update incrementally, with the
+        // words loaded in native order as the datapath does.
+        let old = u32::from_ne_bytes(h[16..20].try_into().unwrap());
+        let newb = [10u8, 1, 2, 3];
+        let new = u32::from_ne_bytes(newb);
+        let chk = u16::from_ne_bytes(h[10..12].try_into().unwrap());
+        let inc = csum::replace4(chk, old, new);
+        h[16..20].copy_from_slice(&newb);
+        h[10..12].copy_from_slice(&inc.to_ne_bytes());
+        assert_eq!(
+            csum::fold(csum::sum_be(&h, 0)),
+            0xffff,
+            "header must verify"
+        );
+        h[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(inc.to_ne_bytes(), csum::checksum_be(&h).to_be_bytes());
+    }
+
+    #[test]
+    fn csum_replace2_port_change() {
+        let mut seg = [0x12u8, 0x34, 0x00, 0x50, 0xde, 0xad, 0xbe, 0xef, 0, 0];
+        let c = csum::checksum_be(&seg);
+        seg[8..10].copy_from_slice(&c.to_be_bytes());
+        let old = u16::from_ne_bytes([seg[2], seg[3]]);
+        let new = u16::from_ne_bytes(8080u16.to_be_bytes());
+        let inc = csum::replace2(u16::from_ne_bytes([seg[8], seg[9]]), old, new);
+        seg[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        seg[8..10].copy_from_slice(&inc.to_ne_bytes());
+        assert_eq!(csum::fold(csum::sum_be(&seg, 0)), 0xffff);
+    }
+
+    #[test]
+    fn addr_filter_bit_in_range() {
+        for a in [0u32, 1, 0xffff_ffff, 0x0a00_0001, 0x6401_a8c0] {
+            let (w, b) = addr_filter_bit(a);
+            assert!(w < ADDR_FILTER_WORDS && b < 64);
+        }
+    }
+
+    #[test]
+    fn stat_names_cover_every_counter() {
+        for i in 0..=stat::PASS_TTL {
+            assert!(
+                !STAT_NAMES[i as usize].is_empty(),
+                "counter {i} has no name"
+            );
+        }
+    }
+}

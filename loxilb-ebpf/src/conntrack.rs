@@ -1,0 +1,217 @@
+//! Connection tracking: one LRU entry per direction, idle timeout per rule,
+//! TCP FIN/RST shortening the session's life.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use loxilb_common::{ct_dir, ct_state, stat, CtKey4, CtVal4, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP};
+
+use crate::{
+    maps::{count, LB_CT4},
+    parse::{ptr_at, Pkt},
+};
+
+const NS: u64 = 1_000_000_000;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+pub fn key_of(p: &Pkt) -> CtKey4 {
+    CtKey4 {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn idle(v: *const CtVal4, now: u64) -> bool {
+    unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).timeout_s as u64 * NS }
+}
+
+#[inline(always)]
+fn tcp_flags(p: &Pkt, end: usize) -> u8 {
+    if p.proto != IPPROTO_TCP {
+        return 0;
+    }
+    match unsafe { ptr_at::<u8>(p.l4, end, 13) } {
+        Some(f) => unsafe { *f },
+        None => 0,
+    }
+}
+
+/// Outcome of looking a packet up in connection tracking.
+pub enum Ct {
+    /// Live session: translate to this tuple.
+    Hit {
+        xs: u32,
+        xd: u32,
+        xsp: u16,
+        xdp: u16,
+    },
+    /// No live session (none, idle past its timeout, or a new SYN on a
+    /// closed one).
+    Miss,
+}
+
+/// Look the packet up and, on a hit, account it and advance TCP state.
+#[inline(always)]
+pub fn lookup(p: &Pkt, end: usize, key: &CtKey4) -> Ct {
+    let Some(v) = LB_CT4.get_ptr_mut(key) else {
+        return Ct::Miss;
+    };
+    let now = now_ns();
+    let flags = tcp_flags(p, end);
+    unsafe {
+        let closing = (*v).state & ct_state::CLOSING != 0;
+        let new_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if (closing && new_syn) || (idle(v, now) && peer_idle(v, now)) {
+            let peer = (*v).peer;
+            let _ = LB_CT4.remove(&peer);
+            let _ = LB_CT4.remove(key);
+            count(stat::CT_EXPIRED);
+            return Ct::Miss;
+        }
+        (*v).last_seen_ns = now;
+        (*v).packets += 1;
+        (*v).bytes += p.l3_len as u64;
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            tcp_close(v, flags);
+        }
+        Ct::Hit {
+            xs: (*v).xsaddr,
+            xd: (*v).xdaddr,
+            xsp: (*v).xsport,
+            xdp: (*v).xdport,
+        }
+    }
+}
+
+/// A one-way flow refreshes only its own direction; the session is idle only
+/// when both directions are.
+#[inline(always)]
+unsafe fn peer_idle(v: *const CtVal4, now: u64) -> bool {
+    let peer = unsafe { (*v).peer };
+    match LB_CT4.get_ptr(&peer) {
+        Some(pv) => idle(pv, now),
+        None => true,
+    }
+}
+
+#[inline(never)]
+fn tcp_close(v: *mut CtVal4, flags: u8) {
+    unsafe {
+        let peer_key = (*v).peer;
+        let Some(pv) = LB_CT4.get_ptr_mut(&peer_key) else {
+            (*v).state |= ct_state::CLOSING;
+            (*v).timeout_s = CT_CLOSE_TIMEOUT_S;
+            return;
+        };
+        let mut st = (*v).state | (*pv).state;
+        if flags & TCP_RST != 0 {
+            st |= ct_state::RST;
+        } else if (*v).dir == ct_dir::FORWARD {
+            st |= ct_state::FIN_FWD;
+        } else {
+            st |= ct_state::FIN_REPLY;
+        }
+        let both_fin = ct_state::FIN_FWD | ct_state::FIN_REPLY;
+        if st & ct_state::RST != 0 || st & both_fin == both_fin {
+            st |= ct_state::CLOSING;
+            (*v).timeout_s = CT_CLOSE_TIMEOUT_S;
+            (*pv).timeout_s = CT_CLOSE_TIMEOUT_S;
+        }
+        (*v).state = st;
+        (*pv).state = st;
+    }
+}
+
+/// Create both directions of a new DNAT session: `fwd` is the client's
+/// packet as received, translated to (`ep`, `ep_port`). Returns the tuple
+/// the packet must be translated to (the existing one if another CPU won a
+/// race on the same tuple), or None if the table refused the entry.
+#[inline(always)]
+pub fn create(
+    fwd: &CtKey4,
+    ep: u32,
+    ep_port: u16,
+    rule_id: u32,
+    timeout_s: u32,
+    mode: u8,
+    l3_len: u32,
+) -> Option<(u32, u16)> {
+    let now = now_ns();
+    let rev = CtKey4 {
+        saddr: ep,
+        daddr: fwd.saddr,
+        sport: ep_port,
+        dport: fwd.sport,
+        proto: fwd.proto,
+        _pad: [0; 3],
+    };
+    let rev_val = CtVal4 {
+        xsaddr: fwd.daddr,
+        xdaddr: fwd.saddr,
+        xsport: fwd.dport,
+        xdport: fwd.sport,
+        rule_id,
+        timeout_s,
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+        peer: *fwd,
+        dir: ct_dir::REPLY,
+        state: 0,
+        mode,
+        _pad: [0; 5],
+    };
+    let fwd_val = CtVal4 {
+        xsaddr: fwd.saddr,
+        xdaddr: ep,
+        xsport: fwd.sport,
+        xdport: ep_port,
+        rule_id,
+        timeout_s,
+        last_seen_ns: now,
+        packets: 1,
+        bytes: l3_len as u64,
+        peer: rev,
+        dir: ct_dir::FORWARD,
+        state: 0,
+        mode,
+        _pad: [0; 5],
+    };
+    // Reply entry first, so a fast reply never finds half a session.
+    if LB_CT4.insert(&rev, &rev_val, 0).is_err() {
+        count(stat::DROP_CT_FULL);
+        return None;
+    }
+    if LB_CT4.insert(fwd, &fwd_val, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created this session first: follow its choice (and
+        // drop our reply entry unless it is the very same one).
+        return match LB_CT4.get_ptr(fwd) {
+            Some(v) => unsafe {
+                let won = ((*v).xdaddr, (*v).xdport);
+                if won != (ep, ep_port) {
+                    let _ = LB_CT4.remove(&rev);
+                }
+                Some(won)
+            },
+            None => {
+                let _ = LB_CT4.remove(&rev);
+                count(stat::DROP_CT_FULL);
+                None
+            }
+        };
+    }
+    count(stat::NEW_SESSION);
+    Some((ep, ep_port))
+}

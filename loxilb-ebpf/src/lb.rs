@@ -1,0 +1,81 @@
+//! The load-balancing datapath, written once for XDP and TC.
+
+use loxilb_common::{addr_filter_bit, stat, SvcKey4};
+
+use crate::{
+    conntrack::{self, Ct},
+    ctx::{PktCtx, Verdict},
+    fwd,
+    maps::{count, LB_ADDR_FILTER, LB_SERVICES4},
+    nat,
+    parse::{self, Parsed},
+    select,
+};
+
+#[inline(always)]
+fn maybe_ours(addr: u32) -> bool {
+    let (w, b) = addr_filter_bit(addr);
+    match LB_ADDR_FILTER.get_ptr(w) {
+        Some(word) => unsafe { *word & (1u64 << b) != 0 },
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    count(stat::RX);
+    let p = match parse::parse(data, end) {
+        Parsed::Pkt(p) => p,
+        Parsed::Other => {
+            count(stat::PASS_NOT_SERVICE);
+            return Verdict::Pass;
+        }
+        Parsed::Fragment => {
+            count(stat::PASS_FRAGMENT);
+            return Verdict::Pass;
+        }
+        Parsed::Malformed => {
+            count(stat::PASS_MALFORMED);
+            return Verdict::Pass;
+        }
+    };
+    // Cheap exit for traffic that touches no VIP and no endpoint.
+    if !maybe_ours(p.daddr) && !maybe_ours(p.saddr) {
+        count(stat::PASS_NOT_SERVICE);
+        return Verdict::Pass;
+    }
+    let key = conntrack::key_of(&p);
+    if let Ct::Hit { xs, xd, xsp, xdp } = conntrack::lookup(&p, end, &key) {
+        count(stat::CT_HIT);
+        if !nat::rewrite(&p, end, xs, xd, xsp, xdp) {
+            return Verdict::Pass;
+        }
+        return fwd::forward(ctx, &p);
+    }
+    let skey = SvcKey4 {
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    };
+    let Some(svc) = LB_SERVICES4.get_ptr_mut(&skey) else {
+        count(stat::PASS_NOT_SERVICE);
+        return Verdict::Pass;
+    };
+    let Some(ep) = select::select(svc) else {
+        count(stat::DROP_NO_ENDPOINT);
+        return Verdict::Drop;
+    };
+    let (rule_id, timeout_s, mode) = unsafe { ((*svc).rule_id, (*svc).timeout_s, (*svc).mode) };
+    let Some((ep_addr, ep_port)) =
+        conntrack::create(&key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len)
+    else {
+        return Verdict::Drop;
+    };
+    if !nat::rewrite(&p, end, p.saddr, ep_addr, p.sport, ep_port) {
+        return Verdict::Pass;
+    }
+    fwd::forward(ctx, &p)
+}

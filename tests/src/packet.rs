@@ -1,0 +1,205 @@
+//! Build Ethernet/IPv4/TCP/UDP frames with correct checksums (the expected
+//! bytes of the packet tables are built here, independently of the
+//! datapath's incremental checksum code).
+
+use loxilb_common::csum;
+use std::net::Ipv4Addr;
+
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub id: u16,
+    /// Raw flags+fragment-offset field.
+    pub frag: u16,
+    /// IPv4 options (padded to a multiple of 4 by the builder).
+    pub options: Vec<u8>,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+    },
+    /// `zero_csum`: send without a UDP checksum (0).
+    Udp {
+        sport: u16,
+        dport: u16,
+        zero_csum: bool,
+    },
+}
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+
+impl Frame {
+    pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Self {
+        Frame {
+            dst_mac: [0x02, 0, 0, 0, 0, 0x01],
+            src_mac: [0x02, 0, 0, 0, 0, 0x02],
+            vlan: None,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            ttl: 64,
+            id: 0x1234,
+            frag: 0x4000, // DF
+            options: vec![],
+            l4: L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq: 1000,
+            },
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
+        let mut f = Self::tcp(src, sport, dst, dport, 0);
+        f.l4 = L4::Udp {
+            sport,
+            dport,
+            zero_csum: false,
+        };
+        f
+    }
+
+    /// Same frame, addressed differently (the expected translation).
+    pub fn with(&self, src: &str, sport: u16, dst: &str, dport: u16) -> Self {
+        let mut f = self.clone();
+        f.src = src.parse().unwrap();
+        f.dst = dst.parse().unwrap();
+        f.l4 = match f.l4 {
+            L4::Tcp { flags, seq, .. } => L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+            },
+            L4::Udp { zero_csum, .. } => L4::Udp {
+                sport,
+                dport,
+                zero_csum,
+            },
+        };
+        f
+    }
+
+    pub fn routed(mut self, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Self {
+        self.src_mac = src_mac;
+        self.dst_mac = dst_mac;
+        self.ttl -= 1;
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128);
+        b.extend_from_slice(&self.dst_mac);
+        b.extend_from_slice(&self.src_mac);
+        if let Some(tci) = self.vlan {
+            b.extend_from_slice(&0x8100u16.to_be_bytes());
+            b.extend_from_slice(&tci.to_be_bytes());
+        }
+        b.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut opts = self.options.clone();
+        while opts.len() % 4 != 0 {
+            opts.push(0);
+        }
+        let ihl = 20 + opts.len();
+        let (proto, l4) = self.l4_bytes();
+        let tot = ihl + l4.len();
+        let ip_start = b.len();
+        b.push(0x40 | (ihl / 4) as u8);
+        b.push(0);
+        b.extend_from_slice(&(tot as u16).to_be_bytes());
+        b.extend_from_slice(&self.id.to_be_bytes());
+        b.extend_from_slice(&self.frag.to_be_bytes());
+        b.push(self.ttl);
+        b.push(proto);
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&self.src.octets());
+        b.extend_from_slice(&self.dst.octets());
+        b.extend_from_slice(&opts);
+        let c = csum::checksum_be(&b[ip_start..ip_start + ihl]);
+        b[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
+        b.extend_from_slice(&l4);
+        b
+    }
+
+    fn l4_bytes(&self) -> (u8, Vec<u8>) {
+        let mut l = vec![];
+        let (proto, csum_off) = match &self.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+            } => {
+                l.extend_from_slice(&sport.to_be_bytes());
+                l.extend_from_slice(&dport.to_be_bytes());
+                l.extend_from_slice(&seq.to_be_bytes());
+                l.extend_from_slice(&0u32.to_be_bytes());
+                l.push(5 << 4);
+                l.push(*flags);
+                l.extend_from_slice(&64240u16.to_be_bytes());
+                l.extend_from_slice(&[0, 0, 0, 0]);
+                l.extend_from_slice(&self.payload);
+                (6u8, 16)
+            }
+            L4::Udp { sport, dport, .. } => {
+                l.extend_from_slice(&sport.to_be_bytes());
+                l.extend_from_slice(&dport.to_be_bytes());
+                l.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                l.extend_from_slice(&[0, 0]);
+                l.extend_from_slice(&self.payload);
+                (17u8, 6)
+            }
+        };
+        let zero = matches!(
+            self.l4,
+            L4::Udp {
+                zero_csum: true,
+                ..
+            }
+        );
+        if !zero {
+            let mut pseudo = vec![];
+            pseudo.extend_from_slice(&self.src.octets());
+            pseudo.extend_from_slice(&self.dst.octets());
+            pseudo.push(0);
+            pseudo.push(proto);
+            pseudo.extend_from_slice(&(l.len() as u16).to_be_bytes());
+            let s = csum::sum_be(&pseudo, 0);
+            let mut c = !csum::fold(csum::sum_be(&l, s));
+            if c == 0 && proto == 17 {
+                c = 0xffff;
+            }
+            l[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        (proto, l)
+    }
+}
+
+/// Hex dump diff for assertion messages.
+pub fn diff(got: &[u8], want: &[u8]) -> String {
+    let mut s = format!("len got {} want {}\n", got.len(), want.len());
+    for i in 0..got.len().max(want.len()) {
+        let g = got.get(i).copied();
+        let w = want.get(i).copied();
+        if g != w {
+            s += &format!("  byte {i}: got {g:02x?} want {w:02x?}\n");
+        }
+    }
+    s
+}

@@ -1,0 +1,544 @@
+//! Packet tables through BPF_PROG_TEST_RUN: input bytes, maps loaded
+//! through the agent's own datapath API, expected output bytes and verdict.
+
+use aya::programs::{TestRun, TestRunOptions};
+use loxilb_agent::{config, datapath::Datapath, rules::Rules};
+use loxilb_common::prog_names;
+use loxilb_tests::{
+    need_root,
+    netns::{enter, Netns},
+    packet::{diff, Frame, ACK, FIN, L4, RST, SYN},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const LB_TO_EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd0, 0x01];
+const EP1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0a];
+const EP2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0b];
+const LB_TO_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd1, 0x01];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+const RULES: &str = r#"
+rules:
+  - name: web
+    vip: 20.0.0.100
+    port: 80
+    protocol: tcp
+    endpoints:
+      - { ip: 10.0.1.10, port: 8080 }
+      - { ip: 10.0.1.11, port: 8080 }
+  - name: dns
+    vip: 20.0.0.100
+    port: 53
+    protocol: udp
+    endpoints:
+      - { ip: 10.0.1.10, port: 5353 }
+  - name: empty
+    vip: 20.0.0.101
+    port: 80
+    protocol: tcp
+    endpoints: []
+"#;
+
+/// A namespace whose FIB can route the test packets: endpoints behind d0,
+/// the client behind d1, neighbours resolved, forwarding on.
+fn fib_netns(name: &str) -> Netns {
+    let ns = Netns::new(name).expect("netns");
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    for cmd in [
+        // (no dummy module in this kernel: veth pairs with both ends here)
+        vec![
+            "ip",
+            "link",
+            "add",
+            "d0",
+            "address",
+            &mac(LB_TO_EP_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "d0p",
+        ],
+        vec![
+            "ip",
+            "link",
+            "add",
+            "d1",
+            "address",
+            &mac(LB_TO_CLIENT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "d1p",
+        ],
+        vec!["ip", "link", "set", "d0p", "up"],
+        vec!["ip", "link", "set", "d1p", "up"],
+        vec!["ip", "addr", "add", "10.0.1.1/24", "dev", "d0"],
+        vec!["ip", "addr", "add", "192.168.0.1/24", "dev", "d1"],
+        vec!["ip", "link", "set", "d0", "up"],
+        vec!["ip", "link", "set", "d1", "up"],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "10.0.1.10",
+            "lladdr",
+            &mac(EP1_MAC),
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "10.0.1.11",
+            "lladdr",
+            &mac(EP2_MAC),
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "192.168.0.2",
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "d1",
+            "nud",
+            "permanent",
+        ],
+        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    ] {
+        ns.sh(&cmd).unwrap();
+    }
+    ns
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    expected: Vec<u8>,
+    verdict: u32,
+}
+
+fn run_xdp(dp: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+    let prog = dp.xdp_program(prog_names::XDP_MAIN).unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn run_tc(dp: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+    let prog = dp.tc_program().unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (tc)");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn check(dp: &mut Datapath, cases: Vec<Case>) {
+    let mut failures = vec![];
+    for c in cases {
+        let (v, out) = run_xdp(dp, &c.input);
+        if v != c.verdict || out != c.expected {
+            failures.push(format!(
+                "case {:?}: verdict {v} (want {})\n{}",
+                c.name,
+                c.verdict,
+                diff(&out, &c.expected)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Load the datapath and the rules in a routed namespace, then run `f`.
+fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
+    let ns = fib_netns(&format!("lxpt-{tag}-{}", std::process::id()));
+    let path = format!("/var/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        // BPF_PROG_TEST_RUN uses the caller's namespace for the FIB lookup.
+        enter(&path).unwrap();
+        let mut dp = Datapath::load(None).expect("load datapath");
+        let rules = config::parse("packets.yaml", RULES).unwrap();
+        Rules::adopt(vec![]).apply(&rules, &mut dp).unwrap();
+        f(&mut dp);
+    })
+    .join()
+    .expect("packet test failed");
+    drop(ns);
+}
+
+#[test]
+fn dnat_table_tcp_session_and_non_service() {
+    if !need_root("dnat_table_tcp_session_and_non_service") {
+        return;
+    }
+    with_datapath("tcp", |dp| {
+        let syn = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, SYN);
+        let syn2 = Frame::tcp("192.168.0.2", 40001, "20.0.0.100", 80, SYN);
+        let est = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, ACK);
+        let reply = Frame::tcp("10.0.1.10", 8080, "192.168.0.2", 40000, SYN | ACK);
+        let other = Frame::tcp("192.168.0.2", 40000, "20.0.0.200", 80, SYN);
+        let other_port = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 81, SYN);
+        let mut opts = Frame::tcp("192.168.0.2", 40002, "20.0.0.100", 80, SYN);
+        opts.options = vec![0x94, 0x04, 0, 0]; // router alert: IHL 6
+        let mut vlan = Frame::tcp("192.168.0.2", 40003, "20.0.0.100", 80, SYN);
+        vlan.vlan = Some(100);
+        let empty = Frame::tcp("192.168.0.2", 40004, "20.0.0.101", 80, SYN);
+        let cases = vec![
+            Case {
+                name: "SYN to VIP: DNAT to first endpoint, routed",
+                input: syn.bytes(),
+                expected: syn
+                    .with("192.168.0.2", 40000, "10.0.1.10", 8080)
+                    .routed(LB_TO_EP_MAC, EP1_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "second SYN: round-robin to the next endpoint",
+                input: syn2.bytes(),
+                expected: syn2
+                    .with("192.168.0.2", 40001, "10.0.1.11", 8080)
+                    .routed(LB_TO_EP_MAC, EP2_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "established packet keeps its endpoint",
+                input: est.bytes(),
+                expected: est
+                    .with("192.168.0.2", 40000, "10.0.1.10", 8080)
+                    .routed(LB_TO_EP_MAC, EP1_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "reply reverse-NATed to VIP:port",
+                input: reply.bytes(),
+                expected: reply
+                    .with("20.0.0.100", 80, "192.168.0.2", 40000)
+                    .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "non-service address untouched",
+                input: other.bytes(),
+                expected: other.bytes(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "VIP but no rule for the port untouched",
+                input: other_port.bytes(),
+                expected: other_port.bytes(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "IPv4 with options: rewritten, options kept",
+                input: opts.bytes(),
+                expected: opts
+                    .with("192.168.0.2", 40002, "10.0.1.10", 8080)
+                    .routed(LB_TO_EP_MAC, EP1_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "802.1Q tagged: rewritten, handed to the stack",
+                input: vlan.bytes(),
+                expected: vlan.with("192.168.0.2", 40003, "10.0.1.11", 8080).bytes(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "rule without endpoints drops",
+                input: empty.bytes(),
+                expected: empty.bytes(),
+                verdict: XDP_DROP,
+            },
+        ];
+        check(dp, cases);
+        let stats: std::collections::HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        assert_eq!(stats["new_session"], 4);
+        assert_eq!(stats["drop_no_endpoint"], 1);
+        assert!(stats["ct_hit"] >= 2);
+        // both directions of each session are in the table
+        let s = dp.sessions().unwrap();
+        assert_eq!(s.len(), 8, "{s:?}");
+    });
+}
+
+#[test]
+fn fragments_truncated_and_garbage_pass_untouched() {
+    if !need_root("fragments_truncated_and_garbage_pass_untouched") {
+        return;
+    }
+    with_datapath("frag", |dp| {
+        let mut mf = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, SYN);
+        mf.frag = 0x2000; // more fragments
+        let mut later = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, SYN);
+        later.frag = 0x0010; // offset 128 bytes
+        let full = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, SYN).bytes();
+        let mut bad_ihl = full.clone();
+        bad_ihl[14] = 0x44; // IHL 4 (< 20 bytes)
+        let mut bad_len = full.clone();
+        bad_len[16] = 0x05; // total length beyond the frame
+        let mut cases = vec![
+            Case {
+                name: "first fragment",
+                input: mf.bytes(),
+                expected: mf.bytes(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "later fragment",
+                input: later.bytes(),
+                expected: later.bytes(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "IP header cut",
+                input: full[..30].to_vec(),
+                expected: full[..30].to_vec(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "TCP header cut",
+                input: full[..40].to_vec(),
+                expected: full[..40].to_vec(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "IHL < 5",
+                input: bad_ihl.clone(),
+                expected: bad_ihl,
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "total length > frame",
+                input: bad_len.clone(),
+                expected: bad_len,
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "ethernet only",
+                input: full[..14].to_vec(),
+                expected: full[..14].to_vec(),
+                verdict: XDP_PASS,
+            },
+        ];
+        // Garbage: random bytes behind an IPv4 ethertype and at random.
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..300 {
+            let len = 14 + (rnd() % 120) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            if i % 2 == 0 {
+                b[12] = 0x08;
+                b[13] = 0x00;
+                // random IPv4 header aimed at something that is not a VIP
+                if len >= 34 {
+                    b[30..34].iter_mut().for_each(|x| *x = 0x7f);
+                }
+            }
+            cases.push(Case {
+                name: "garbage",
+                input: b.clone(),
+                expected: b,
+                verdict: XDP_PASS,
+            });
+        }
+        check(dp, cases);
+        assert!(
+            dp.sessions().unwrap().is_empty(),
+            "garbage created sessions"
+        );
+    });
+}
+
+#[test]
+fn udp_checksums_zero_stays_zero_and_tc_path() {
+    if !need_root("udp_checksums_zero_stays_zero_and_tc_path") {
+        return;
+    }
+    with_datapath("udp", |dp| {
+        let u = Frame::udp("192.168.0.2", 5000, "20.0.0.100", 53);
+        let mut z = Frame::udp("192.168.0.2", 5001, "20.0.0.100", 53);
+        z.l4 = L4::Udp {
+            sport: 5001,
+            dport: 53,
+            zero_csum: true,
+        };
+        let zr = {
+            let mut r = Frame::udp("10.0.1.10", 5353, "192.168.0.2", 5001);
+            r.l4 = L4::Udp {
+                sport: 5353,
+                dport: 5001,
+                zero_csum: true,
+            };
+            r
+        };
+        check(
+            dp,
+            vec![
+                Case {
+                    name: "UDP with checksum",
+                    input: u.bytes(),
+                    expected: u
+                        .with("192.168.0.2", 5000, "10.0.1.10", 5353)
+                        .routed(LB_TO_EP_MAC, EP1_MAC)
+                        .bytes(),
+                    verdict: XDP_REDIRECT,
+                },
+                Case {
+                    name: "UDP checksum 0 stays 0",
+                    input: z.bytes(),
+                    expected: z
+                        .with("192.168.0.2", 5001, "10.0.1.10", 5353)
+                        .routed(LB_TO_EP_MAC, EP1_MAC)
+                        .bytes(),
+                    verdict: XDP_REDIRECT,
+                },
+                Case {
+                    name: "UDP reply with checksum 0 reverse-NATed, still 0",
+                    input: zr.bytes(),
+                    expected: zr
+                        .with("20.0.0.100", 53, "192.168.0.2", 5001)
+                        .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+                        .bytes(),
+                    verdict: XDP_REDIRECT,
+                },
+            ],
+        );
+        // The same datapath code on the TC hook.
+        let t = Frame::tcp("192.168.0.2", 41000, "20.0.0.100", 80, SYN);
+        let (v, out) = run_tc(dp, &t.bytes());
+        let want = t
+            .with("192.168.0.2", 41000, "10.0.1.10", 8080)
+            .routed(LB_TO_EP_MAC, EP1_MAC)
+            .bytes();
+        assert_eq!(v, TC_ACT_REDIRECT, "tc verdict");
+        assert_eq!(out, want, "{}", diff(&out, &want));
+        let other = Frame::tcp("192.168.0.2", 41000, "20.0.0.222", 80, SYN).bytes();
+        let (v, out) = run_tc(dp, &other);
+        assert_eq!((v, out), (TC_ACT_OK, other));
+    });
+}
+
+#[test]
+fn tcp_fin_and_rst_shorten_the_session() {
+    if !need_root("tcp_fin_and_rst_shorten_the_session") {
+        return;
+    }
+    with_datapath("fin", |dp| {
+        let syn = Frame::tcp("192.168.0.2", 42000, "20.0.0.100", 80, SYN);
+        run_xdp(dp, &syn.bytes());
+        let fin = Frame::tcp("192.168.0.2", 42000, "20.0.0.100", 80, FIN | ACK);
+        run_xdp(dp, &fin.bytes());
+        let s = dp.sessions().unwrap();
+        let fwd = s
+            .iter()
+            .find(|(k, _)| u16::from_be(k.sport) == 42000)
+            .unwrap()
+            .1;
+        assert_eq!(
+            fwd.timeout_s,
+            loxilb_agent::config::DEFAULT_TIMEOUT_S,
+            "one FIN is not a close"
+        );
+        let ep = std::net::Ipv4Addr::from(fwd.xdaddr.to_ne_bytes()).to_string();
+        let rfin = Frame::tcp(&ep, 8080, "192.168.0.2", 42000, FIN | ACK);
+        run_xdp(dp, &rfin.bytes());
+        for (_, v) in dp.sessions().unwrap() {
+            assert_eq!(
+                v.timeout_s,
+                loxilb_common::CT_CLOSE_TIMEOUT_S,
+                "both FINs: closing"
+            );
+            assert!(v.state & loxilb_common::ct_state::CLOSING != 0);
+        }
+        // A new SYN on the closed tuple starts a new session.
+        let (v, _) = run_xdp(dp, &syn.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        let s = dp.sessions().unwrap();
+        assert!(
+            s.iter().all(|(_, v)| v.state == 0),
+            "fresh session expected: {s:?}"
+        );
+        // RST closes at once
+        let rst = Frame::tcp("192.168.0.2", 42000, "20.0.0.100", 80, RST);
+        run_xdp(dp, &rst.bytes());
+        assert!(dp
+            .sessions()
+            .unwrap()
+            .iter()
+            .all(|(_, v)| v.timeout_s == loxilb_common::CT_CLOSE_TIMEOUT_S));
+    });
+}
+
+#[test]
+fn idle_session_expires_and_is_replaced() {
+    if !need_root("idle_session_expires_and_is_replaced") {
+        return;
+    }
+    with_datapath("idle", |dp| {
+        let syn = Frame::tcp("192.168.0.2", 43000, "20.0.0.100", 80, SYN);
+        run_xdp(dp, &syn.bytes());
+        // Age the session past its timeout by rewriting its timestamps.
+        let s = dp.sessions().unwrap();
+        assert_eq!(s.len(), 2);
+        let old_ep = s.iter().find(|(_, v)| v.dir == 0).unwrap().1.xdaddr;
+        for (k, mut v) in s {
+            v.last_seen_ns = 1;
+            v.timeout_s = 1;
+            dp.insert_session(k, v).unwrap();
+        }
+        let ack = Frame::tcp("192.168.0.2", 43000, "20.0.0.100", 80, ACK);
+        let (v, _) = run_xdp(dp, &ack.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        let stats: std::collections::HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        assert_eq!(stats["ct_expired"], 1);
+        assert_eq!(stats["new_session"], 2);
+        let s = dp.sessions().unwrap();
+        let new_ep = s.iter().find(|(_, v)| v.dir == 0).unwrap().1.xdaddr;
+        assert_ne!(
+            old_ep, new_ep,
+            "a new session is balanced afresh (round-robin moved on)"
+        );
+    });
+}
