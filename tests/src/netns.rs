@@ -420,19 +420,28 @@ pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
     pin_dir: PathBuf,
+    /// Where this agent's output starts in the (shared, appended) log.
+    offset: usize,
 }
 
 impl Agent {
     pub fn start(t: &Topology, config: &std::path::Path, extra: &[&str]) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("{}-agent.log", t.prefix));
+        if !t.pin_dir().exists() {
+            // first agent of this test: start a fresh log
+            let _ = std::fs::remove_file(&log);
+        }
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
+        let offset = logf.metadata()?.len() as usize;
         let bin = agent_bin();
         let pin = t.pin_dir();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &t.lb.name])
+        // nsenter, not `ip netns exec`: the latter remounts /sys, which
+        // hides the host's bpffs at /sys/fs/bpf.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", t.lb.name))
             .arg(&bin)
             .arg("--pin-dir")
             .arg(&pin)
@@ -452,21 +461,23 @@ impl Agent {
             child: Some(child),
             log,
             pin_dir: pin,
+            offset,
         };
         a.wait_for_log("serving;", Duration::from_secs(20))?;
         Ok(a)
     }
 
+    /// This agent's output.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let all = std::fs::read_to_string(&self.log).unwrap_or_default();
+        all.get(self.offset..).unwrap_or_default().to_string()
     }
 
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let start_len = 0;
         loop {
             let text = self.log_text();
-            if text[start_len.min(text.len())..].contains(needle) {
+            if text.contains(needle) {
                 return Ok(());
             }
             if let Some(c) = self.child.as_mut() {
@@ -488,7 +499,7 @@ impl Agent {
 
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
-            // `ip netns exec` execs the agent: the pid is the agent's.
+            // nsenter execs the agent: the pid is the agent's.
             unsafe { libc::kill(c.id() as i32, sig) };
         }
     }

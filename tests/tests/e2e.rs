@@ -1,0 +1,221 @@
+//! End-to-end: client, load-balancer node and backends as network
+//! namespaces joined by veth, the agent attached with XDP in the LB
+//! namespace, real TCP connections and UDP exchanges through it.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use loxilb_tests::{
+    need_root,
+    netns::{udp_ask, Agent, Conn, PinDirGuard, Servers, Topology, VIP},
+};
+
+fn rules_yaml(t: &Topology, backends: &[usize]) -> String {
+    let eps = |port: u16| {
+        backends
+            .iter()
+            .map(|i| format!("      - {{ ip: {}, port: {port} }}\n", t.backend_ip(*i)))
+            .collect::<String>()
+    };
+    format!(
+        "rules:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    timeout: 300\n    endpoints:\n{}  - name: dns\n    vip: {VIP}\n    port: 53\n    protocol: udp\n    endpoints:\n{}",
+        eps(8080),
+        eps(5353)
+    )
+}
+
+struct Env {
+    t: Topology,
+    _servers: Vec<Servers>,
+    cfg: PathBuf,
+    _pins: PinDirGuard,
+}
+
+fn env(prefix: &str, n: usize) -> Env {
+    let t = Topology::new(prefix, n).expect("topology");
+    let servers = t
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Servers::start(b, &format!("b{}", i + 1), 8080, 5353).unwrap())
+        .collect();
+    let cfg = std::env::temp_dir().join(format!("{prefix}-rules.yaml"));
+    let all: Vec<usize> = (1..=n).collect();
+    std::fs::write(&cfg, rules_yaml(&t, &all)).unwrap();
+    let pins = PinDirGuard(t.pin_dir());
+    Env {
+        t,
+        _servers: servers,
+        cfg,
+        _pins: pins,
+    }
+}
+
+fn vip(port: u16) -> SocketAddr {
+    format!("{VIP}:{port}").parse().unwrap()
+}
+
+fn write_and_wait_reload(agent: &mut Agent, cfg: &Path, text: &str) {
+    let before = agent.log_count("reload applied");
+    std::fs::write(cfg, text).unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.log_count("reload applied") <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tcp_and_udp_balanced_over_all_backends_client_ip_kept() {
+    if !need_root("tcp_and_udp_balanced_over_all_backends_client_ip_kept") {
+        return;
+    }
+    let e = env("lxe1", 3);
+    let mut agent = Agent::start(&e.t, &e.cfg, &[]).expect("agent");
+    let client_ip = e.t.client_ip();
+
+    let mut seen = BTreeSet::new();
+    for i in 0..12 {
+        let mut c = Conn::open(&e.t.client, vip(80)).expect("connect through the VIP");
+        let r = c.ask(&format!("tcp-{i}")).unwrap();
+        assert_eq!(r.echo, format!("tcp-{i}"));
+        assert_eq!(r.client.ip(), client_ip, "backend must see the client's own address");
+        assert_eq!(r.client.port(), c.local_addr().port(), "client port kept too");
+        seen.insert(r.backend);
+    }
+    assert_eq!(seen.len(), 3, "TCP connections must spread over all backends: {seen:?}");
+
+    let mut useen = BTreeSet::new();
+    for i in 0..9 {
+        let r = udp_ask(&e.t.client, vip(53), &format!("udp-{i}")).unwrap();
+        assert_eq!(r.echo, format!("udp-{i}"));
+        assert_eq!(r.client.ip(), client_ip);
+        useen.insert(r.backend);
+    }
+    assert_eq!(useen.len(), 3, "UDP flows must spread over all backends: {useen:?}");
+
+    // The session table and counters show what happened.
+    let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
+    c.ask("hold").unwrap();
+    let sessions = agent.cli("sessions").unwrap();
+    let local = c.local_addr();
+    assert!(
+        sessions.contains(&format!("{}:{}", client_ip, local.port())),
+        "open connection missing from the session table:\n{sessions}"
+    );
+    let stats = agent.cli("stats").unwrap();
+    let get = |n: &str| -> u64 {
+        stats
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(n))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(get("new_session") >= 22, "{stats}");
+    assert!(get("fwd_redirect") > 0, "XDP redirect never used:\n{stats}");
+    let rules = agent.cli("rules").unwrap();
+    assert!(rules.contains("20.0.0.100:80") && rules.contains("tcp"), "{rules}");
+    agent.stop().unwrap();
+    assert!(!e.t.pin_dir().exists(), "a clean exit unpins everything");
+    let link = e.t.lb.sh(&["ip", "link", "show", "lbc"]).unwrap();
+    assert!(!link.contains("xdp"), "a clean exit detaches XDP: {link}");
+}
+
+#[test]
+fn open_connection_keeps_its_backend_when_endpoints_change() {
+    if !need_root("open_connection_keeps_its_backend_when_endpoints_change") {
+        return;
+    }
+    let e = env("lxe2", 3);
+    // Start with backends 1 and 2 only.
+    std::fs::write(&e.cfg, rules_yaml(&e.t, &[1, 2])).unwrap();
+    let mut agent = Agent::start(&e.t, &e.cfg, &[]).expect("agent");
+    let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
+    let first = c.ask("a").unwrap().backend;
+    let other = if first == "b1" { 2 } else { 1 };
+    let mine: usize = first[1..].parse().unwrap();
+
+    // Add backend 3: the open connection stays where it is.
+    write_and_wait_reload(&mut agent, &e.cfg, &rules_yaml(&e.t, &[1, 2, 3]));
+    assert_eq!(c.ask("b").unwrap().backend, first);
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(Conn::open(&e.t.client, vip(80)).unwrap().ask("n").unwrap().backend);
+    }
+    assert!(seen.contains("b3"), "new connections reach the added endpoint: {seen:?}");
+
+    // Remove the other original endpoint: still the same backend.
+    let remaining: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != other).collect();
+    write_and_wait_reload(&mut agent, &e.cfg, &rules_yaml(&e.t, &remaining));
+    assert_eq!(c.ask("c").unwrap().backend, first);
+    for _ in 0..6 {
+        let b = Conn::open(&e.t.client, vip(80)).unwrap().ask("n").unwrap().backend;
+        assert_ne!(b, format!("b{other}"), "removed endpoint still gets new connections");
+    }
+    assert!(remaining.contains(&mine));
+    agent.stop().unwrap();
+}
+
+#[test]
+fn bad_config_on_reload_is_reported_and_rules_keep_running() {
+    if !need_root("bad_config_on_reload_is_reported_and_rules_keep_running") {
+        return;
+    }
+    let e = env("lxe3", 2);
+    let mut agent = Agent::start(&e.t, &e.cfg, &[]).expect("agent");
+    let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
+    let b = c.ask("x").unwrap().backend;
+    let good = std::fs::read_to_string(&e.cfg).unwrap();
+    std::fs::write(&e.cfg, good.replacen("port: 80", "port: 99999", 1)).unwrap();
+    agent.signal(libc::SIGHUP);
+    let want = format!("{}: rules[0].port: 99999 is not a port", e.cfg.display());
+    agent
+        .wait_for_log(&want, Duration::from_secs(10))
+        .expect("the error names file, field and value");
+    assert!(agent.log_text().contains("the rules already running are unchanged"));
+    assert_eq!(c.ask("y").unwrap().backend, b, "open connection unaffected");
+    Conn::open(&e.t.client, vip(80))
+        .unwrap()
+        .ask("z")
+        .expect("new connections still served by the old rules");
+    assert!(udp_ask(&e.t.client, vip(53), "u").is_ok());
+    agent.stop().unwrap();
+}
+
+#[test]
+fn restart_with_keep_adopts_maps_and_open_connection_survives() {
+    if !need_root("restart_with_keep_adopts_maps_and_open_connection_survives") {
+        return;
+    }
+    let e = env("lxe4", 2);
+    let mut agent = Agent::start(&e.t, &e.cfg, &["--keep"]).expect("agent");
+    let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
+    let b = c.ask("before").unwrap().backend;
+    agent.stop().unwrap();
+    assert!(e.t.pin_dir().join("LB_CT4").exists(), "--keep leaves maps pinned");
+    // No agent running: the program stays attached, the session works.
+    assert_eq!(c.ask("between").unwrap().backend, b);
+    let mut agent2 = Agent::start(&e.t, &e.cfg, &[]).expect("agent restart");
+    assert!(
+        agent2.log_text().contains("adopted the datapath state"),
+        "{}",
+        agent2.log_text()
+    );
+    assert!(agent2.log_text().contains("adopted (program replaced in place)"));
+    assert_eq!(c.ask("after").unwrap().backend, b, "same backend after restart");
+    let sessions = agent2.cli("sessions").unwrap();
+    assert!(sessions.contains(&c.local_addr().port().to_string()), "{sessions}");
+    agent2.stop().unwrap();
+    assert!(!e.t.pin_dir().exists());
+    let _ = &mut agent2;
+}
