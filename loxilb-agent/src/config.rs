@@ -260,14 +260,14 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             Some(n) => n,
             None => format!("{vip}:{port}/{protocol}"),
         };
-        if !seen_names.insert(name.clone()) {
-            return Err(err(f("name"), format!("{name:?} is used by another rule")));
-        }
         if !seen_keys.insert((vip, port, protocol)) {
             return Err(err(
                 f("vip"),
                 format!("{vip}:{port}/{protocol} is already defined by another rule"),
             ));
+        }
+        if !seen_names.insert(name.clone()) {
+            return Err(err(f("name"), format!("{name:?} is used by another rule")));
         }
         if r.endpoints.len() > loxilb_common::MAX_EPS_PER_RULE as usize {
             return Err(err(

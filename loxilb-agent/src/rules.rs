@@ -386,15 +386,25 @@ pub mod tests {
             t.flushed.is_empty(),
             "updating endpoints must not flush sessions"
         );
-        // shrink back to one endpoint: stale entries of the reused bank go
+        // Shrink to one endpoint (bank flips back to the first bank, which
+        // held two entries: the stale second one must go), then grow to two
+        // (the other bank, which held three: the third must go).
         let one = TWO.replace(", {ip: 10.0.0.2, port: 8080}]", "]");
         r.apply(&rules(&one), &mut t).unwrap();
-        r.apply(&rules(&one.replace("timeout", "timeout")), &mut t)
-            .unwrap();
         let s = t.svcs[&k];
-        assert_eq!(s.ep_count, 1);
-        let live: Vec<_> = t.eps.keys().filter(|e| e.rule_id == s.rule_id).collect();
-        assert!(live.len() <= 3, "stale endpoint entries left: {live:?}");
+        assert_eq!((s.ep_count, s.ep_bank), (1, before.ep_bank));
+        let in_bank = |t: &MemTable, bank: u8| {
+            t.eps
+                .keys()
+                .filter(|e| e.rule_id == s.rule_id && (e.slot >> 16) as u8 == bank)
+                .count()
+        };
+        assert_eq!(in_bank(&t, s.ep_bank), 1, "stale entry left in the reused bank");
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let s2 = t.svcs[&k];
+        assert_eq!(s2.ep_count, 2);
+        assert_eq!(in_bank(&t, s2.ep_bank), 2, "stale third entry left");
+        assert_eq!(active_eps(&t, k).len(), 2);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! implementation in `lb`.
 #![no_std]
 #![no_main]
+// Map keys are passed by reference on purpose: no extra copies on the
+// 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
 mod ctx;

@@ -218,7 +218,7 @@ impl Topology {
     }
 
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/loxilb-test-{}", self.prefix))
+        PathBuf::from(format!("/sys/fs/bpf/loxilb-{}", self.prefix))
     }
 }
 

@@ -113,7 +113,7 @@ impl Frame {
         }
         b.extend_from_slice(&0x0800u16.to_be_bytes());
         let mut opts = self.options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let ihl = 20 + opts.len();
