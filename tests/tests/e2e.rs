@@ -88,11 +88,23 @@ fn tcp_and_udp_balanced_over_all_backends_client_ip_kept() {
         let mut c = Conn::open(&e.t.client, vip(80)).expect("connect through the VIP");
         let r = c.ask(&format!("tcp-{i}")).unwrap();
         assert_eq!(r.echo, format!("tcp-{i}"));
-        assert_eq!(r.client.ip(), client_ip, "backend must see the client's own address");
-        assert_eq!(r.client.port(), c.local_addr().port(), "client port kept too");
+        assert_eq!(
+            r.client.ip(),
+            client_ip,
+            "backend must see the client's own address"
+        );
+        assert_eq!(
+            r.client.port(),
+            c.local_addr().port(),
+            "client port kept too"
+        );
         seen.insert(r.backend);
     }
-    assert_eq!(seen.len(), 3, "TCP connections must spread over all backends: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        3,
+        "TCP connections must spread over all backends: {seen:?}"
+    );
 
     let mut useen = BTreeSet::new();
     for i in 0..9 {
@@ -101,7 +113,11 @@ fn tcp_and_udp_balanced_over_all_backends_client_ip_kept() {
         assert_eq!(r.client.ip(), client_ip);
         useen.insert(r.backend);
     }
-    assert_eq!(useen.len(), 3, "UDP flows must spread over all backends: {useen:?}");
+    assert_eq!(
+        useen.len(),
+        3,
+        "UDP flows must spread over all backends: {useen:?}"
+    );
 
     // The session table and counters show what happened.
     let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
@@ -124,7 +140,10 @@ fn tcp_and_udp_balanced_over_all_backends_client_ip_kept() {
     assert!(get("new_session") >= 22, "{stats}");
     assert!(get("fwd_redirect") > 0, "XDP redirect never used:\n{stats}");
     let rules = agent.cli("rules").unwrap();
-    assert!(rules.contains("20.0.0.100:80") && rules.contains("tcp"), "{rules}");
+    assert!(
+        rules.contains("20.0.0.100:80") && rules.contains("tcp"),
+        "{rules}"
+    );
     agent.stop().unwrap();
     assert!(!e.t.pin_dir().exists(), "a clean exit unpins everything");
     let link = e.t.lb.sh(&["ip", "link", "show", "lbc"]).unwrap();
@@ -150,17 +169,34 @@ fn open_connection_keeps_its_backend_when_endpoints_change() {
     assert_eq!(c.ask("b").unwrap().backend, first);
     let mut seen = BTreeSet::new();
     for _ in 0..6 {
-        seen.insert(Conn::open(&e.t.client, vip(80)).unwrap().ask("n").unwrap().backend);
+        seen.insert(
+            Conn::open(&e.t.client, vip(80))
+                .unwrap()
+                .ask("n")
+                .unwrap()
+                .backend,
+        );
     }
-    assert!(seen.contains("b3"), "new connections reach the added endpoint: {seen:?}");
+    assert!(
+        seen.contains("b3"),
+        "new connections reach the added endpoint: {seen:?}"
+    );
 
     // Remove the other original endpoint: still the same backend.
     let remaining: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != other).collect();
     write_and_wait_reload(&mut agent, &e.cfg, &rules_yaml(&e.t, &remaining));
     assert_eq!(c.ask("c").unwrap().backend, first);
     for _ in 0..6 {
-        let b = Conn::open(&e.t.client, vip(80)).unwrap().ask("n").unwrap().backend;
-        assert_ne!(b, format!("b{other}"), "removed endpoint still gets new connections");
+        let b = Conn::open(&e.t.client, vip(80))
+            .unwrap()
+            .ask("n")
+            .unwrap()
+            .backend;
+        assert_ne!(
+            b,
+            format!("b{other}"),
+            "removed endpoint still gets new connections"
+        );
     }
     assert!(remaining.contains(&mine));
     agent.stop().unwrap();
@@ -182,7 +218,9 @@ fn bad_config_on_reload_is_reported_and_rules_keep_running() {
     agent
         .wait_for_log(&want, Duration::from_secs(10))
         .expect("the error names file, field and value");
-    assert!(agent.log_text().contains("the rules already running are unchanged"));
+    assert!(agent
+        .log_text()
+        .contains("the rules already running are unchanged"));
     assert_eq!(c.ask("y").unwrap().backend, b, "open connection unaffected");
     Conn::open(&e.t.client, vip(80))
         .unwrap()
@@ -202,7 +240,10 @@ fn restart_with_keep_adopts_maps_and_open_connection_survives() {
     let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
     let b = c.ask("before").unwrap().backend;
     agent.stop().unwrap();
-    assert!(e.t.pin_dir().join("LB_CT4").exists(), "--keep leaves maps pinned");
+    assert!(
+        e.t.pin_dir().join("LB_CT4").exists(),
+        "--keep leaves maps pinned"
+    );
     // No agent running: the program stays attached, the session works.
     assert_eq!(c.ask("between").unwrap().backend, b);
     let mut agent2 = Agent::start(&e.t, &e.cfg, &[]).expect("agent restart");
@@ -211,11 +252,81 @@ fn restart_with_keep_adopts_maps_and_open_connection_survives() {
         "{}",
         agent2.log_text()
     );
-    assert!(agent2.log_text().contains("adopted (program replaced in place)"));
-    assert_eq!(c.ask("after").unwrap().backend, b, "same backend after restart");
+    assert!(agent2
+        .log_text()
+        .contains("adopted (program replaced in place)"));
+    assert_eq!(
+        c.ask("after").unwrap().backend,
+        b,
+        "same backend after restart"
+    );
     let sessions = agent2.cli("sessions").unwrap();
-    assert!(sessions.contains(&c.local_addr().port().to_string()), "{sessions}");
+    assert!(
+        sessions.contains(&c.local_addr().port().to_string()),
+        "{sessions}"
+    );
     agent2.stop().unwrap();
     assert!(!e.t.pin_dir().exists());
     let _ = &mut agent2;
+}
+
+#[test]
+fn bad_config_at_start_refuses_to_start_and_touches_nothing() {
+    if !need_root("bad_config_at_start_refuses_to_start_and_touches_nothing") {
+        return;
+    }
+    let e = env("lxe5", 1);
+    std::fs::write(
+        &e.cfg,
+        "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.10.1.2, port: 8080}], mode: fullnat}\n",
+    )
+    .unwrap();
+    let err = match Agent::start(&e.t, &e.cfg, &[]) {
+        Ok(_) => panic!("agent started with a bad rule file"),
+        Err(err) => format!("{err:#}"),
+    };
+    assert!(
+        err.contains(&format!(
+            "{}: rules[0].mode: \"fullnat\" is not implemented yet",
+            e.cfg.display()
+        )),
+        "{err}"
+    );
+    assert!(!e.t.pin_dir().exists(), "nothing pinned");
+    let link = e.t.lb.sh(&["ip", "link", "show", "lbc"]).unwrap();
+    assert!(!link.contains("xdp"), "nothing attached: {link}");
+}
+
+/// The README's demo, run as a test: real traffic balanced over the
+/// backends, printed, and everything cleaned up.
+#[test]
+fn demo_shows_traffic_balanced_and_cleans_up() {
+    if !need_root("demo_shows_traffic_balanced_and_cleans_up") {
+        return;
+    }
+    let bin = loxilb_tests::netns::agent_bin().with_file_name("demo");
+    assert!(
+        bin.exists(),
+        "build the demo first (cargo build -p loxilb-tests --bins)"
+    );
+    let out = std::process::Command::new(&bin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for b in ["b1", "b2", "b3"] {
+        assert!(
+            text.contains(&format!("answered by {b} (backend saw client 10.10.0.2:")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("20.0.0.100:80          10.10."),
+        "session table missing:\n{text}"
+    );
+    let ns = loxilb_tests::netns::sh(&["ip", "netns", "list"]).unwrap();
+    assert!(!ns.contains("lxdemo"), "demo left namespaces behind: {ns}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/loxilb-lxdemo").exists());
 }
