@@ -1,6 +1,7 @@
 //! Shared test machinery: packet builders, network-namespace topologies
 //! that clean up after themselves, real TCP/UDP servers and clients.
 
+pub mod fib;
 pub mod netns;
 pub mod packet;
 

@@ -5,8 +5,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use loxilb_agent::{config, datapath::Datapath, rules::Rules};
 use loxilb_common::prog_names;
 use loxilb_tests::{
+    fib::{fib_netns, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
-    netns::{enter, Netns},
+    netns::enter,
     packet::{diff, Frame, ACK, FIN, L4, RST, SYN},
 };
 
@@ -15,12 +16,6 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
-
-const LB_TO_EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd0, 0x01];
-const EP1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0a];
-const EP2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0b];
-const LB_TO_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd1, 0x01];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 const RULES: &str = r#"
 rules:
@@ -43,93 +38,6 @@ rules:
     protocol: tcp
     endpoints: []
 "#;
-
-/// A namespace whose FIB can route the test packets: endpoints behind d0,
-/// the client behind d1, neighbours resolved, forwarding on.
-fn fib_netns(name: &str) -> Netns {
-    let ns = Netns::new(name).expect("netns");
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    for cmd in [
-        // (no dummy module in this kernel: veth pairs with both ends here)
-        vec![
-            "ip",
-            "link",
-            "add",
-            "d0",
-            "address",
-            &mac(LB_TO_EP_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "d0p",
-        ],
-        vec![
-            "ip",
-            "link",
-            "add",
-            "d1",
-            "address",
-            &mac(LB_TO_CLIENT_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "d1p",
-        ],
-        vec!["ip", "link", "set", "d0p", "up"],
-        vec!["ip", "link", "set", "d1p", "up"],
-        vec!["ip", "addr", "add", "10.0.1.1/24", "dev", "d0"],
-        vec!["ip", "addr", "add", "192.168.0.1/24", "dev", "d1"],
-        vec!["ip", "link", "set", "d0", "up"],
-        vec!["ip", "link", "set", "d1", "up"],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "10.0.1.10",
-            "lladdr",
-            &mac(EP1_MAC),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "10.0.1.11",
-            "lladdr",
-            &mac(EP2_MAC),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "192.168.0.2",
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "d1",
-            "nud",
-            "permanent",
-        ],
-        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-    ] {
-        ns.sh(&cmd).unwrap();
-    }
-    ns
-}
 
 struct Case {
     name: &'static str,

@@ -1,0 +1,103 @@
+//! A network namespace whose FIB routes the packet-table and benchmark
+//! packets (so `bpf_fib_lookup` succeeds under BPF_PROG_TEST_RUN), and the
+//! MAC addresses its interfaces and neighbours use.
+
+use crate::netns::Netns;
+
+/// MAC of the load balancer's interface towards the endpoints (d0).
+pub const LB_TO_EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd0, 0x01];
+/// Neighbour entry of endpoint 10.0.1.10.
+pub const EP1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0a];
+/// Neighbour entry of endpoint 10.0.1.11.
+pub const EP2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0b];
+/// MAC of the load balancer's interface towards the client (d1).
+pub const LB_TO_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd1, 0x01];
+/// Neighbour entry of the client 192.168.0.2 (also `Frame`'s default source MAC).
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// A namespace whose FIB can route the test packets: endpoints behind d0,
+/// the client behind d1, neighbours resolved, forwarding on.
+pub fn fib_netns(name: &str) -> Netns {
+    let ns = Netns::new(name).expect("netns");
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    for cmd in [
+        // (no dummy module in this kernel: veth pairs with both ends here)
+        vec![
+            "ip",
+            "link",
+            "add",
+            "d0",
+            "address",
+            &mac(LB_TO_EP_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "d0p",
+        ],
+        vec![
+            "ip",
+            "link",
+            "add",
+            "d1",
+            "address",
+            &mac(LB_TO_CLIENT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "d1p",
+        ],
+        vec!["ip", "link", "set", "d0p", "up"],
+        vec!["ip", "link", "set", "d1p", "up"],
+        vec!["ip", "addr", "add", "10.0.1.1/24", "dev", "d0"],
+        vec!["ip", "addr", "add", "192.168.0.1/24", "dev", "d1"],
+        vec!["ip", "link", "set", "d0", "up"],
+        vec!["ip", "link", "set", "d1", "up"],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "10.0.1.10",
+            "lladdr",
+            &mac(EP1_MAC),
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "10.0.1.11",
+            "lladdr",
+            &mac(EP2_MAC),
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "192.168.0.2",
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "d1",
+            "nud",
+            "permanent",
+        ],
+        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    ] {
+        ns.sh(&cmd).unwrap();
+    }
+    ns
+}
