@@ -399,7 +399,11 @@ pub mod tests {
                 .filter(|e| e.rule_id == s.rule_id && (e.slot >> 16) as u8 == bank)
                 .count()
         };
-        assert_eq!(in_bank(&t, s.ep_bank), 1, "stale entry left in the reused bank");
+        assert_eq!(
+            in_bank(&t, s.ep_bank),
+            1,
+            "stale entry left in the reused bank"
+        );
         r.apply(&rules(TWO), &mut t).unwrap();
         let s2 = t.svcs[&k];
         assert_eq!(s2.ep_count, 2);

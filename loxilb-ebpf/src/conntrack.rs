@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use loxilb_common::{ct_dir, ct_state, stat, CtKey4, CtVal4, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP};
 
 use crate::{
-    maps::{count, LB_CT4},
+    maps::{count, LB_CT4, LB_SCRATCH_CT},
     parse::{ptr_at, Pkt},
 };
 
@@ -23,7 +23,8 @@ pub fn key_of(p: &Pkt) -> CtKey4 {
         sport: p.sport,
         dport: p.dport,
         proto: p.proto,
-        _pad: [0; 3],
+        _pad1: 0,
+        _pad2: 0,
     }
 }
 
@@ -50,12 +51,14 @@ fn tcp_flags(p: &Pkt, end: usize) -> u8 {
 
 /// Outcome of looking a packet up in connection tracking.
 pub enum Ct {
-    /// Live session: translate to this tuple.
+    /// Live session: translate to this tuple; `v` is the entry (its
+    /// next-hop cache is used by forwarding).
     Hit {
         xs: u32,
         xd: u32,
         xsp: u16,
         xdp: u16,
+        v: *mut CtVal4,
     },
     /// No live session (none, idle past its timeout, or a new SYN on a
     /// closed one).
@@ -64,11 +67,10 @@ pub enum Ct {
 
 /// Look the packet up and, on a hit, account it and advance TCP state.
 #[inline(always)]
-pub fn lookup(p: &Pkt, end: usize, key: &CtKey4) -> Ct {
+pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
     let Some(v) = LB_CT4.get_ptr_mut(key) else {
         return Ct::Miss;
     };
-    let now = now_ns();
     let flags = tcp_flags(p, end);
     unsafe {
         let closing = (*v).state & ct_state::CLOSING != 0;
@@ -91,6 +93,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4) -> Ct {
             xd: (*v).xdaddr,
             xsp: (*v).xsport,
             xdp: (*v).xdport,
+            v,
         }
     }
 }
@@ -138,6 +141,7 @@ fn tcp_close(v: *mut CtVal4, flags: u8) {
 /// packet as received, translated to (`ep`, `ep_port`). Returns the tuple
 /// the packet must be translated to (the existing one if another CPU won a
 /// race on the same tuple), or None if the table refused the entry.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn create(
     fwd: &CtKey4,
@@ -147,54 +151,57 @@ pub fn create(
     timeout_s: u32,
     mode: u8,
     l3_len: u32,
+    now: u64,
 ) -> Option<(u32, u16)> {
-    let now = now_ns();
     let rev = CtKey4 {
         saddr: ep,
         daddr: fwd.saddr,
         sport: ep_port,
         dport: fwd.sport,
         proto: fwd.proto,
-        _pad: [0; 3],
+        _pad1: 0,
+        _pad2: 0,
     };
-    let rev_val = CtVal4 {
-        xsaddr: fwd.daddr,
-        xdaddr: fwd.saddr,
-        xsport: fwd.dport,
-        xdport: fwd.sport,
-        rule_id,
-        timeout_s,
-        last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
-        peer: *fwd,
-        dir: ct_dir::REPLY,
-        state: 0,
-        mode,
-        _pad: [0; 5],
+    // Built in per-CPU scratch space, not on the 512-byte BPF stack, and
+    // zeroed with word stores (a zeroing struct literal becomes a memset
+    // call in BPF).
+    let (Some(rv), Some(fv)) = (LB_SCRATCH_CT.get_ptr_mut(0), LB_SCRATCH_CT.get_ptr_mut(1))
+    else {
+        return None;
     };
-    let fwd_val = CtVal4 {
-        xsaddr: fwd.saddr,
-        xdaddr: ep,
-        xsport: fwd.sport,
-        xdport: ep_port,
-        rule_id,
-        timeout_s,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: l3_len as u64,
-        peer: rev,
-        dir: ct_dir::FORWARD,
-        state: 0,
-        mode,
-        _pad: [0; 5],
-    };
+    unsafe {
+        crate::zero_in_place(rv);
+        (*rv).xsaddr = fwd.daddr;
+        (*rv).xdaddr = fwd.saddr;
+        (*rv).xsport = fwd.dport;
+        (*rv).xdport = fwd.sport;
+        (*rv).rule_id = rule_id;
+        (*rv).timeout_s = timeout_s;
+        (*rv).last_seen_ns = now;
+        (*rv).peer = *fwd;
+        (*rv).dir = ct_dir::REPLY;
+        (*rv).mode = mode;
+        crate::zero_in_place(fv);
+        (*fv).xsaddr = fwd.saddr;
+        (*fv).xdaddr = ep;
+        (*fv).xsport = fwd.sport;
+        (*fv).xdport = ep_port;
+        (*fv).rule_id = rule_id;
+        (*fv).timeout_s = timeout_s;
+        (*fv).last_seen_ns = now;
+        (*fv).packets = 1;
+        (*fv).bytes = l3_len as u64;
+        (*fv).peer = rev;
+        (*fv).dir = ct_dir::FORWARD;
+        (*fv).mode = mode;
+    }
+    let (rev_val, fwd_val) = unsafe { (&*rv, &*fv) };
     // Reply entry first, so a fast reply never finds half a session.
-    if LB_CT4.insert(&rev, &rev_val, 0).is_err() {
+    if LB_CT4.insert(&rev, rev_val, 0).is_err() {
         count(stat::DROP_CT_FULL);
         return None;
     }
-    if LB_CT4.insert(fwd, &fwd_val, BPF_NOEXIST as u64).is_err() {
+    if LB_CT4.insert(fwd, fwd_val, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this session first: follow its choice (and
         // drop our reply entry unless it is the very same one).
         return match LB_CT4.get_ptr(fwd) {

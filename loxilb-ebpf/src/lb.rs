@@ -6,7 +6,7 @@ use crate::{
     conntrack::{self, Ct},
     ctx::{PktCtx, Verdict},
     fwd,
-    maps::{count, LB_ADDR_FILTER, LB_SERVICES4},
+    maps::{count, LB_ADDR_FILTER, LB_CT4, LB_SERVICES4},
     nat,
     parse::{self, Parsed},
     select,
@@ -47,12 +47,20 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         return Verdict::Pass;
     }
     let key = conntrack::key_of(&p);
-    if let Ct::Hit { xs, xd, xsp, xdp } = conntrack::lookup(&p, end, &key) {
+    let now = conntrack::now_ns();
+    if let Ct::Hit {
+        xs,
+        xd,
+        xsp,
+        xdp,
+        v,
+    } = conntrack::lookup(&p, end, &key, now)
+    {
         count(stat::CT_HIT);
         if !nat::rewrite(&p, end, xs, xd, xsp, xdp) {
             return Verdict::Pass;
         }
-        return fwd::forward(ctx, &p);
+        return fwd::forward(ctx, &p, v, now);
     }
     let skey = SvcKey4 {
         addr: p.daddr,
@@ -70,12 +78,15 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
     };
     let (rule_id, timeout_s, mode) = unsafe { ((*svc).rule_id, (*svc).timeout_s, (*svc).mode) };
     let Some((ep_addr, ep_port)) =
-        conntrack::create(&key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len)
+        conntrack::create(&key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len, now)
     else {
         return Verdict::Drop;
     };
     if !nat::rewrite(&p, end, p.saddr, ep_addr, p.sport, ep_port) {
         return Verdict::Pass;
     }
-    fwd::forward(ctx, &p)
+    let v = LB_CT4
+        .get_ptr_mut(&key)
+        .unwrap_or(core::ptr::null_mut());
+    fwd::forward(ctx, &p, v, now)
 }

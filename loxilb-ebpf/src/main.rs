@@ -43,6 +43,19 @@ pub fn loxilb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Zero `*p` in place with volatile 32-bit stores, so LLVM cannot turn it
+/// into a call to `memset` (which the BPF backend emits as a byte loop).
+#[inline(always)]
+pub(crate) unsafe fn zero_in_place<T>(p: *mut T) {
+    const { assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };
+    let w = p as *mut u32;
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 4 {
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
+        i += 1;
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

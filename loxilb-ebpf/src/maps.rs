@@ -29,6 +29,11 @@ pub static LB_CONFIG: Array<GlobalCfg, 1> = Array::new();
 #[btf_map]
 pub static LB_ADDR_FILTER: Array<u64, { ADDR_FILTER_WORDS as usize }> = Array::new();
 
+/// Per-CPU scratch space for building conntrack values (keeps them off the
+/// 512-byte BPF stack). Not pinned: it holds nothing between packets.
+#[btf_map]
+pub static LB_SCRATCH_CT: PerCpuArray<CtVal4, 2> = PerCpuArray::new();
+
 #[inline(always)]
 pub fn count(idx: u32) {
     if let Some(p) = LB_STATS.get_ptr_mut(idx) {

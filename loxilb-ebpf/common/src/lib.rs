@@ -153,7 +153,10 @@ pub struct CtKey4 {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Padding as scalar fields, not a byte array: the BPF backend turns
+    // zeroing a byte array into a byte-by-byte memset call.
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
 
 /// `CtVal4::dir`.
@@ -202,8 +205,20 @@ pub struct CtVal4 {
     pub state: u8,
     /// `lb_mode::*` the session was created with.
     pub mode: u8,
-    pub _pad: [u8; 5],
+    pub _pad1: u8,
+    /// Cached next hop for this direction (from `bpf_fib_lookup`):
+    /// egress ifindex (0 = none cached) ...
+    pub nh_ifindex: u32,
+    /// ... destination then source MAC, as 16-bit words ...
+    pub nh_macs: [u16; 6],
+    pub _pad2: u32,
+    /// ... and when it must be looked up again (`bpf_ktime_get_ns`).
+    pub nh_expiry_ns: u64,
 }
+
+/// How long a session trusts its cached next hop before asking the FIB
+/// again: a route or neighbour change reaches live sessions within this.
+pub const NH_CACHE_NS: u64 = 1_000_000_000;
 
 /// Global datapath counters: index into the per-CPU `LB_STATS` array.
 pub mod stat {
@@ -342,7 +357,9 @@ const _: () = assert!(size_of::<SvcVal4>() == 24);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 16);
 const _: () = assert!(size_of::<CtKey4>() == 16);
-const _: () = assert!(size_of::<CtVal4>() == 72);
+const _: () = assert!(size_of::<CtVal4>() == 96);
+const _: () = assert!(core::mem::offset_of!(CtVal4, nh_ifindex) == 68);
+const _: () = assert!(core::mem::offset_of!(CtVal4, nh_expiry_ns) == 88);
 const _: () = assert!(size_of::<GlobalCfg>() == 8);
 const _: () = assert!(core::mem::offset_of!(CtVal4, last_seen_ns) == 24);
 const _: () = assert!(core::mem::offset_of!(CtVal4, peer) == 48);

@@ -62,10 +62,19 @@ fn run(rules: &std::path::Path) -> Result<()> {
         .enumerate()
         .map(|(i, b)| Servers::start(b, &format!("b{}", i + 1), 8080, 5353))
         .collect::<Result<_>>()?;
-    println!("   client {}  ->  VIP {VIP}  ->  backends {}, {}, {}", t.client_ip(), t.backend_ip(1), t.backend_ip(2), t.backend_ip(3));
+    println!(
+        "   client {}  ->  VIP {VIP}  ->  backends {}, {}, {}",
+        t.client_ip(),
+        t.backend_ip(1),
+        t.backend_ip(2),
+        t.backend_ip(3)
+    );
     check_stop()?;
 
-    println!("== starting loxilb-agent in the lb namespace with {}", rules.display());
+    println!(
+        "== starting loxilb-agent in the lb namespace with {}",
+        rules.display()
+    );
     let mut agent = Agent::start(&t, rules, &[]).context("starting the agent")?;
     for line in agent.log_text().lines() {
         if line.contains("attached") || line.contains("applied") {
@@ -92,7 +101,10 @@ fn run(rules: &std::path::Path) -> Result<()> {
     for i in 1..=6 {
         check_stop()?;
         let r = udp_ask(&t.client, vip53, &format!("query-{i}"))?;
-        println!("   udp request {i} -> answered by {} (backend saw client {})", r.backend, r.client);
+        println!(
+            "   udp request {i} -> answered by {} (backend saw client {})",
+            r.backend, r.client
+        );
     }
 
     println!("\n== two long-lived connections stay open; the live session table:");
