@@ -120,7 +120,8 @@ pub fn stats_table(stats: &[(&str, u64)]) -> String {
     out
 }
 
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses.
+/// CLOCK_MONOTONIC in ns: the clock the datapath stamps sessions with
+/// (`bpf_ktime_get_coarse_ns`, the same clock at tick resolution).
 pub fn monotonic_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };

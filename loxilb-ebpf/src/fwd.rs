@@ -60,7 +60,7 @@ fn fib<C: PktCtx>(ctx: &C, h: &[u8; 20], p: &Pkt) -> Option<(u32, [u16; 6])> {
 
 
 /// Forward a translated packet. `ct` is the session entry of this
-/// direction (its next-hop cache), `now` the current `bpf_ktime_get_ns`.
+/// direction (its next-hop cache), `now` the current coarse monotonic time (ns).
 #[inline(always)]
 pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdict {
     let stack = match LB_CONFIG.get_ptr(0) {

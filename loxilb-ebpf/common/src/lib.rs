@@ -192,7 +192,8 @@ pub struct CtVal4 {
     pub rule_id: u32,
     /// Idle timeout, seconds (from the rule; shortened when TCP closes).
     pub timeout_s: u32,
-    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
+    /// last packet in this direction.
     pub last_seen_ns: u64,
     /// Packets and bytes seen in this direction (approximate under races).
     pub packets: u64,
@@ -212,7 +213,7 @@ pub struct CtVal4 {
     /// ... destination then source MAC, as 16-bit words ...
     pub nh_macs: [u16; 6],
     pub _pad2: u32,
-    /// ... and when it must be looked up again (`bpf_ktime_get_ns`).
+    /// ... and when it must be looked up again (`bpf_ktime_get_coarse_ns`).
     pub nh_expiry_ns: u64,
 }
 
