@@ -168,8 +168,7 @@ pub fn create(
     // Built in per-CPU scratch space, not on the 512-byte BPF stack, and
     // zeroed with word stores (a zeroing struct literal becomes a memset
     // call in BPF).
-    let (Some(rv), Some(fv)) = (LB_SCRATCH_CT.get_ptr_mut(0), LB_SCRATCH_CT.get_ptr_mut(1))
-    else {
+    let (Some(rv), Some(fv)) = (LB_SCRATCH_CT.get_ptr_mut(0), LB_SCRATCH_CT.get_ptr_mut(1)) else {
         return None;
     };
     unsafe {

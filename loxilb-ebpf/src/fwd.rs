@@ -58,7 +58,6 @@ fn fib<C: PktCtx>(ctx: &C, h: &[u8; 20], p: &Pkt) -> Option<(u32, [u16; 6])> {
     ))
 }
 
-
 /// Forward a translated packet. `ct` is the session entry of this
 /// direction (its next-hop cache), `now` the current coarse monotonic time (ns).
 #[inline(always)]

@@ -77,16 +77,14 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         return Verdict::Drop;
     };
     let (rule_id, timeout_s, mode) = unsafe { ((*svc).rule_id, (*svc).timeout_s, (*svc).mode) };
-    let Some((ep_addr, ep_port)) =
-        conntrack::create(&key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len, now)
-    else {
+    let Some((ep_addr, ep_port)) = conntrack::create(
+        &key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len, now,
+    ) else {
         return Verdict::Drop;
     };
     if !nat::rewrite(&p, end, p.saddr, ep_addr, p.sport, ep_port) {
         return Verdict::Pass;
     }
-    let v = LB_CT4
-        .get_ptr_mut(&key)
-        .unwrap_or(core::ptr::null_mut());
+    let v = LB_CT4.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
     fwd::forward(ctx, &p, v, now)
 }
