@@ -8,8 +8,10 @@
 //!     port: 80
 //!     protocol: tcp          # tcp | udp
 //!     mode: default          # default (DNAT, client source kept)
-//!     selection: rr          # rr
+//!     selection: rr          # rr | hash (Maglev) | persist (source-IP affinity)
+//!     persist_timeout: 10800 # affinity lifetime, seconds (persist only)
 //!     timeout: 1800          # idle seconds, 1..=604800 (default 1800)
+//!     source_ranges: [192.168.0.0/16]   # allowed clients (default: all)
 //!     endpoints:
 //!       - { ip: 10.0.1.10, port: 8080, weight: 1 }
 //! ```
@@ -60,8 +62,15 @@ pub enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Selection {
+    /// Weighted round-robin.
     RoundRobin,
+    /// Consistent hashing of the 5-tuple (Maglev).
+    Hash,
+    /// Source-IP affinity, new clients round-robin.
+    Persist,
 }
+
+pub const DEFAULT_PERSIST_TIMEOUT_S: u32 = 10800;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -79,6 +88,9 @@ pub struct Rule {
     pub mode: Mode,
     pub selection: Selection,
     pub timeout_s: u32,
+    pub persist_timeout_s: u32,
+    /// Allowed client prefixes; empty = every client.
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -119,6 +131,9 @@ struct RawRule {
     mode: Option<String>,
     selection: Option<String>,
     timeout: Option<serde_yaml::Value>,
+    persist_timeout: Option<serde_yaml::Value>,
+    #[serde(default)]
+    source_ranges: Vec<String>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
 }
@@ -229,10 +244,12 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         };
         let selection = match r.selection.as_deref().map(str::trim) {
             None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
-            Some(s @ ("hash" | "persist" | "lc")) => {
+            Some("hash") => Selection::Hash,
+            Some("persist") => Selection::Persist,
+            Some(s @ "lc") => {
                 return Err(err(
                     f("selection"),
-                    format!("{s:?} is not implemented yet; only \"rr\" works today"),
+                    format!("{s:?} is not implemented yet; use rr, hash or persist"),
                 ))
             }
             Some(s) => {
@@ -253,6 +270,41 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                 "an idle timeout in seconds",
             )? as u32,
         };
+        let persist_timeout_s = match (&r.persist_timeout, selection) {
+            (None, _) => DEFAULT_PERSIST_TIMEOUT_S,
+            (Some(v), Selection::Persist) => int_in(
+                &err,
+                f("persist_timeout"),
+                v,
+                1,
+                MAX_TIMEOUT_S as u64,
+                "an affinity timeout in seconds",
+            )? as u32,
+            (Some(_), _) => {
+                return Err(err(
+                    f("persist_timeout"),
+                    "only applies to selection: persist".into(),
+                ))
+            }
+        };
+        let mut source_ranges = Vec::with_capacity(r.source_ranges.len());
+        for (j, cidr) in r.source_ranges.iter().enumerate() {
+            let net: ipnet::Ipv4Net = cidr.trim().parse().map_err(|_| {
+                err(
+                    format!("rules[{i}].source_ranges[{j}]"),
+                    format!("{cidr:?} is not an IPv4 prefix (like 192.168.0.0/16)"),
+                )
+            })?;
+            if net.trunc() != net {
+                return Err(err(
+                    format!("rules[{i}].source_ranges[{j}]"),
+                    format!("{cidr:?} has host bits set; did you mean {}?", net.trunc()),
+                ));
+            }
+            source_ranges.push(net);
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
         let name = match r.name {
             Some(n) if n.trim().is_empty() => {
                 return Err(err(f("name"), "must not be empty".into()))
@@ -311,6 +363,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             mode,
             selection,
             timeout_s,
+            persist_timeout_s,
+            source_ranges,
             endpoints,
         });
     }
@@ -347,6 +401,21 @@ rules:
         assert_eq!(r[1].name, "20.0.0.100:53/udp");
         assert_eq!(r[1].protocol, Protocol::Udp);
         assert_eq!(r[1].timeout_s, DEFAULT_TIMEOUT_S);
+        assert!(r[0].source_ranges.is_empty());
+    }
+
+    #[test]
+    fn selections_and_ranges() {
+        let r = parse(
+            "r.yaml",
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, selection: persist, persist_timeout: 60, source_ranges: [192.168.0.0/16, 10.0.0.0/8, 10.0.0.0/8]}\n  - {vip: 20.0.0.1, port: 81, protocol: tcp, selection: hash}\n",
+        )
+        .unwrap();
+        assert_eq!(r[0].selection, Selection::Persist);
+        assert_eq!(r[0].persist_timeout_s, 60);
+        assert_eq!(r[0].source_ranges.len(), 2, "sorted and deduplicated");
+        assert_eq!(r[1].selection, Selection::Hash);
+        assert_eq!(r[1].persist_timeout_s, DEFAULT_PERSIST_TIMEOUT_S);
     }
 
     #[test]
@@ -384,6 +453,23 @@ rules:
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: fullnat}\n");
         assert_eq!(e.field, "rules[0].mode");
         assert!(e.message.contains("not implemented yet"));
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, selection: lc}\n");
+        assert_eq!(e.field, "rules[0].selection");
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, persist_timeout: 5}\n");
+        assert_eq!(e.field, "rules[0].persist_timeout");
+        assert!(e.message.contains("selection: persist"));
+
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, source_ranges: [10.0.0.1/8]}\n",
+        );
+        assert_eq!(e.field, "rules[0].source_ranges[0]");
+        assert!(e.message.contains("10.0.0.0/8"), "{e}");
+
+        let e =
+            bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, source_ranges: [nope]}\n");
+        assert_eq!(e.field, "rules[0].source_ranges[0]");
 
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: bogus}\n");
         assert!(e.message.contains("not a mode"));

@@ -10,16 +10,20 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
+use ipnet::Ipv4Net;
 use loxilb_common::{
-    map_names as mn, prog_names, stat, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg, SvcKey4, SvcVal4,
-    LAYOUT_VERSION,
+    map_names as mn, prog_names, stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg,
+    RuleStats, SelChunk, SelKey, SrcRangeData4, SvcKey4, SvcVal4, LAYOUT_VERSION,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -303,9 +307,28 @@ impl Datapath {
     pub fn read_installed(&self) -> Result<Vec<Installed>> {
         let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map(mn::SERVICES)?)?;
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
+        let chunks: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map(mn::SEL_TABLE)?)?;
+        let ranges: LpmTrie<_, SrcRangeData4, u32> = LpmTrie::try_from(self.map(mn::SRC_RANGES)?)?;
+        let mut all_ranges: Vec<(u32, Ipv4Net)> = vec![];
+        for k in ranges.keys() {
+            let k = k?;
+            let d = k.data();
+            let plen = k.prefix_len().saturating_sub(32) as u8;
+            if let Ok(net) = Ipv4Net::new(std::net::Ipv4Addr::from(d.addr.to_ne_bytes()), plen) {
+                all_ranges.push((u32::from_be(d.rule_id_be), net));
+            }
+        }
         let mut out = vec![];
         for kv in svcs.iter() {
             let (k, v) = kv?;
+            let mut n_chunks = [0u32; 2];
+            for bank in 0..2u8 {
+                let mut n = 0;
+                while chunks.get(&SelKey::new(v.rule_id, bank, n), 0).is_ok() {
+                    n += 1;
+                }
+                n_chunks[bank as usize] = n;
+            }
             let mut bank_len = [0u32; 2];
             for bank in 0..2u8 {
                 let mut n = 0;
@@ -331,10 +354,18 @@ impl Datapath {
                 rule_id: v.rule_id,
                 bank: v.ep_bank,
                 timeout_s: v.timeout_s,
+                persist_timeout_s: v.persist_timeout_s,
                 mode: v.mode,
                 sel: v.sel,
                 eps: list,
                 bank_len,
+                table_len: v.table_len,
+                chunks: n_chunks,
+                src_ranges: all_ranges
+                    .iter()
+                    .filter(|(id, _)| *id == v.rule_id)
+                    .map(|(_, n)| *n)
+                    .collect(),
             });
         }
         Ok(out)
@@ -358,6 +389,31 @@ impl Datapath {
         Ok(eps.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Per-rule counters summed over CPUs, by rule id.
+    pub fn rule_stats(&self) -> Result<StdHashMap<u32, RuleStats>> {
+        read_rule_stats(self.map(mn::RULE_STATS)?)
+    }
+
+    /// Set an endpoint's flags (e.g. `ep_flags::INACTIVE`) in place.
+    pub fn set_endpoint_flags(&mut self, key: EpKey, flags: u32) -> Result<()> {
+        let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
+        let mut v = m
+            .get(&key, 0)
+            .with_context(|| format!("no endpoint {key:?}"))?;
+        v.flags = flags;
+        m.insert(key, v, 0)?;
+        Ok(())
+    }
+
+    pub fn clear_affinity(&mut self) -> Result<()> {
+        let mut aff: HashMap<_, AffKey4, AffVal4> = HashMap::try_from(self.map_mut(mn::AFFINITY)?)?;
+        let keys: Vec<AffKey4> = aff.keys().filter_map(|k| k.ok()).collect();
+        for k in &keys {
+            let _ = aff.remove(k);
+        }
+        Ok(())
+    }
+
     pub fn clear_sessions(&mut self) -> Result<usize> {
         let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         let keys: Vec<CtKey4> = ct.keys().collect::<Result<_, _>>()?;
@@ -372,6 +428,16 @@ impl Datapath {
         ct.insert(k, v, 0)?;
         Ok(())
     }
+}
+
+fn src_range_key(rule_id: u32, net: Ipv4Net) -> LpmKey<SrcRangeData4> {
+    LpmKey::new(
+        32 + net.prefix_len() as u32,
+        SrcRangeData4 {
+            rule_id_be: rule_id.to_be(),
+            addr: u32::from_ne_bytes(net.network().octets()),
+        },
+    )
 }
 
 fn check_pinned_layout(dir: &Path) -> Result<()> {
@@ -412,6 +478,26 @@ fn read_sessions(m: &Map) -> Result<Vec<(CtKey4, CtVal4)>> {
         }
     }
     Ok(v)
+}
+
+fn read_rule_stats(m: &Map) -> Result<StdHashMap<u32, RuleStats>> {
+    let a: PerCpuArray<_, RuleStats> = PerCpuArray::try_from(m)?;
+    let mut out = StdHashMap::new();
+    for id in 1..=loxilb_common::MAX_SERVICES {
+        let per_cpu = a.get(&id, 0)?;
+        let mut sum = RuleStats::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.new_sessions += c.new_sessions;
+            sum.drop_no_endpoint += c.drop_no_endpoint;
+            sum.drop_src_range += c.drop_src_range;
+        }
+        if sum != RuleStats::default() {
+            out.insert(id, sum);
+        }
+    }
+    Ok(out)
 }
 
 fn read_stats(m: &Map) -> Result<Vec<(&'static str, u64)>> {
@@ -461,6 +547,10 @@ impl PinnedMaps {
         read_stats(&self.open_map(mn::STATS, Map::PerCpuArray)?)
     }
 
+    pub fn rule_stats(&self) -> Result<StdHashMap<u32, RuleStats>> {
+        read_rule_stats(&self.open_map(mn::RULE_STATS, Map::PerCpuArray)?)
+    }
+
     pub fn services(&self) -> Result<Vec<(SvcKey4, SvcVal4)>> {
         let m = self.open_map(mn::SERVICES, Map::HashMap)?;
         let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(&m)?;
@@ -499,12 +589,63 @@ impl RuleTable for Datapath {
             Err(e) => Err(e.into()),
         }
     }
+    fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()> {
+        let mut m: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map_mut(mn::SEL_TABLE)?)?;
+        m.insert(key, val, 0)
+            .context("writing the selection-table map")?;
+        Ok(())
+    }
+    fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
+        let mut m: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map_mut(mn::SEL_TABLE)?)?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
+        let mut m: LpmTrie<_, SrcRangeData4, u32> =
+            LpmTrie::try_from(self.map_mut(mn::SRC_RANGES)?)?;
+        m.insert(&src_range_key(rule_id, net), 1, 0)
+            .context("writing the source-range map")?;
+        Ok(())
+    }
+    fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
+        let mut m: LpmTrie<_, SrcRangeData4, u32> =
+            LpmTrie::try_from(self.map_mut(mn::SRC_RANGES)?)?;
+        match m.remove(&src_range_key(rule_id, net)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()> {
+        let mut a: PerCpuArray<_, RuleStats> =
+            PerCpuArray::try_from(self.map_mut(mn::RULE_STATS)?)?;
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        a.set(
+            rule_id,
+            PerCpuValues::try_from(vec![RuleStats::default(); n])?,
+            0,
+        )?;
+        Ok(())
+    }
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
         let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::ADDR_FILTER)?)?;
         a.set(index, word, 0)?;
         Ok(())
     }
     fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
+        {
+            let mut aff: HashMap<_, AffKey4, AffVal4> =
+                HashMap::try_from(self.map_mut(mn::AFFINITY)?)?;
+            let doomed: Vec<AffKey4> = aff
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.rule_id == rule_id)
+                .collect();
+            for k in &doomed {
+                let _ = aff.remove(k);
+            }
+        }
         let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         let doomed: Vec<CtKey4> = ct
             .iter()

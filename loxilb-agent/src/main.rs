@@ -87,7 +87,10 @@ fn main() -> Result<()> {
         }
         Cmd::Rules => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
-            print!("{}", show::rules_table(&m.services()?, &m.endpoints()?));
+            print!(
+                "{}",
+                show::rules_table(&m.services()?, &m.endpoints()?, &m.rule_stats()?)
+            );
             Ok(())
         }
         Cmd::Sessions => {

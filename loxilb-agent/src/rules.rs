@@ -5,11 +5,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Result};
+use ipnet::Ipv4Net;
 use loxilb_common::{
-    addr_filter_bit, lb_mode, lb_sel, EpKey, EpVal, SvcKey4, SvcVal4, ADDR_FILTER_WORDS,
+    addr_filter_bit, lb_mode, lb_sel, svc_flags, EpKey, EpVal, SelChunk, SelKey, SvcKey4, SvcVal4,
+    ADDR_FILTER_WORDS, SEL_CHUNK,
 };
 
-use crate::config::{Mode, Protocol, Rule, Selection};
+use crate::{
+    config::{Mode, Protocol, Rule, Selection},
+    selection,
+};
 
 /// The maps the reconciler writes; implemented by the real datapath and by
 /// an in-memory table in tests.
@@ -18,8 +23,15 @@ pub trait RuleTable {
     fn delete_service(&mut self, key: SvcKey4) -> Result<()>;
     fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()>;
     fn delete_endpoint(&mut self, key: EpKey) -> Result<()>;
+    fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()>;
+    fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()>;
+    fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()>;
+    fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()>;
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()>;
-    /// Remove every session created by `rule_id`; returns how many entries.
+    /// Zero a rule id's counters (before the id is used by a new rule).
+    fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()>;
+    /// Remove every session (and client affinity) of `rule_id`; returns
+    /// how many conntrack entries went.
     fn flush_sessions(&mut self, rule_id: u32) -> Result<usize>;
 }
 
@@ -29,13 +41,19 @@ pub struct Installed {
     pub name: String,
     pub key: SvcKey4,
     pub rule_id: u32,
+    /// Live bank of endpoints and selection table.
     pub bank: u8,
     pub timeout_s: u32,
+    pub persist_timeout_s: u32,
     pub mode: u8,
     pub sel: u8,
     pub eps: Vec<EpVal>,
-    /// Entries present in each bank (the idle bank may hold stale ones).
+    /// Endpoint entries present in each bank (the idle one may hold stale ones).
     pub bank_len: [u32; 2],
+    pub table_len: u32,
+    /// Selection-table chunks present in each bank.
+    pub chunks: [u32; 2],
+    pub src_ranges: BTreeSet<Ipv4Net>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -75,6 +93,59 @@ fn mode_code(m: Mode) -> u8 {
 fn sel_code(s: Selection) -> u8 {
     match s {
         Selection::RoundRobin => lb_sel::RR,
+        Selection::Hash => lb_sel::HASH,
+        Selection::Persist => lb_sel::PERSIST,
+    }
+}
+
+/// The selection table of a rule: Maglev for `hash`, weighted round-robin
+/// otherwise.
+pub fn table_for(sel: u8, eps: &[EpVal]) -> Vec<u16> {
+    let weights: Vec<u16> = eps.iter().map(|e| e.weight.max(1)).collect();
+    if sel == lb_sel::HASH {
+        let ids: Vec<Vec<u8>> = eps
+            .iter()
+            .map(|e| {
+                let mut id = e.addr.to_ne_bytes().to_vec();
+                id.extend_from_slice(&e.port.to_ne_bytes());
+                id
+            })
+            .collect();
+        selection::maglev_table(&ids, &weights)
+    } else {
+        selection::rr_table(&weights)
+    }
+}
+
+/// What a rule should look like in the maps.
+struct Want {
+    eps: Vec<EpVal>,
+    timeout_s: u32,
+    persist_timeout_s: u32,
+    mode: u8,
+    sel: u8,
+    src_ranges: BTreeSet<Ipv4Net>,
+}
+
+impl Want {
+    fn of(r: &Rule) -> Self {
+        Want {
+            eps: r.endpoints.iter().map(ep_val).collect(),
+            timeout_s: r.timeout_s,
+            persist_timeout_s: r.persist_timeout_s,
+            mode: mode_code(r.mode),
+            sel: sel_code(r.selection),
+            src_ranges: r.source_ranges.iter().copied().collect(),
+        }
+    }
+
+    fn same_as(&self, i: &Installed) -> bool {
+        self.eps == i.eps
+            && self.timeout_s == i.timeout_s
+            && self.persist_timeout_s == i.persist_timeout_s
+            && self.mode == i.mode
+            && self.sel == i.sel
+            && self.src_ranges == i.src_ranges
     }
 }
 
@@ -168,84 +239,50 @@ impl Rules {
                 for idx in 0..inst.bank_len[bank as usize] {
                     t.delete_endpoint(EpKey::new(inst.rule_id, bank, idx))?;
                 }
+                for c in 0..inst.chunks[bank as usize] {
+                    t.delete_sel_chunk(SelKey::new(inst.rule_id, bank, c))?;
+                }
+            }
+            for net in &inst.src_ranges {
+                t.delete_src_range(inst.rule_id, *net)?;
             }
             report.sessions_flushed += t.flush_sessions(inst.rule_id)?;
             report.removed.push(inst.name);
         }
         for (k, r) in want {
-            let eps: Vec<EpVal> = r.endpoints.iter().map(ep_val).collect();
-            let (mode, sel) = (mode_code(r.mode), sel_code(r.selection));
+            let w = Want::of(r);
             match self.installed.get_mut(&k) {
-                Some(inst)
-                    if inst.eps == eps
-                        && inst.timeout_s == r.timeout_s
-                        && inst.mode == mode
-                        && inst.sel == sel =>
-                {
-                    if inst.name != r.name {
-                        inst.name = r.name.clone();
-                    }
+                Some(inst) if w.same_as(inst) => {
+                    inst.name = r.name.clone();
                     report.unchanged += 1;
                 }
                 Some(inst) => {
                     // Fill the idle bank, then flip to it with one write.
                     let bank = inst.bank ^ 1;
-                    write_bank(t, inst.rule_id, bank, &eps, &mut inst.bank_len)?;
-                    t.put_service(
-                        inst.key,
-                        SvcVal4 {
-                            rule_id: inst.rule_id,
-                            ep_count: eps.len() as u32,
-                            timeout_s: r.timeout_s,
-                            rr_next: 0,
-                            ep_bank: bank,
-                            mode,
-                            sel,
-                            flags: 0,
-                            _pad: 0,
-                        },
-                    )?;
-                    inst.bank = bank;
-                    inst.eps = eps;
-                    inst.timeout_s = r.timeout_s;
-                    inst.mode = mode;
-                    inst.sel = sel;
+                    install(t, inst, bank, w)?;
                     inst.name = r.name.clone();
                     report.updated.push(r.name.clone());
                 }
                 None => {
                     let rule_id = self.next_rule_id()?;
-                    let key = svc_key(r.vip, r.port, r.protocol);
-                    let mut bank_len = [0, 0];
-                    write_bank(t, rule_id, 0, &eps, &mut bank_len)?;
-                    t.put_service(
-                        key,
-                        SvcVal4 {
-                            rule_id,
-                            ep_count: eps.len() as u32,
-                            timeout_s: r.timeout_s,
-                            rr_next: 0,
-                            ep_bank: 0,
-                            mode,
-                            sel,
-                            flags: 0,
-                            _pad: 0,
-                        },
-                    )?;
-                    self.installed.insert(
-                        k,
-                        Installed {
-                            name: r.name.clone(),
-                            key,
-                            rule_id,
-                            bank: 0,
-                            timeout_s: r.timeout_s,
-                            mode,
-                            sel,
-                            eps,
-                            bank_len,
-                        },
-                    );
+                    t.reset_rule_stats(rule_id)?;
+                    let mut inst = Installed {
+                        name: r.name.clone(),
+                        key: svc_key(r.vip, r.port, r.protocol),
+                        rule_id,
+                        bank: 0,
+                        timeout_s: 0,
+                        persist_timeout_s: 0,
+                        mode: 0,
+                        sel: 0,
+                        eps: vec![],
+                        bank_len: [0, 0],
+                        table_len: 0,
+                        chunks: [0, 0],
+                        src_ranges: BTreeSet::new(),
+                    };
+                    install(t, &mut inst, 0, w)?;
+                    self.installed.insert(k, inst);
                     report.added.push(r.name.clone());
                 }
             }
@@ -261,20 +298,65 @@ impl Rules {
     }
 }
 
-fn write_bank(
-    t: &mut dyn RuleTable,
-    rule_id: u32,
-    bank: u8,
-    eps: &[EpVal],
-    bank_len: &mut [u32; 2],
-) -> Result<()> {
-    for (i, e) in eps.iter().enumerate() {
+/// Write rule `inst` as `w` into `bank` and make that bank live.
+fn install(t: &mut dyn RuleTable, inst: &mut Installed, bank: u8, w: Want) -> Result<()> {
+    let rule_id = inst.rule_id;
+    // Endpoints.
+    for (i, e) in w.eps.iter().enumerate() {
         t.put_endpoint(EpKey::new(rule_id, bank, i as u32), *e)?;
     }
-    for idx in eps.len() as u32..bank_len[bank as usize] {
+    for idx in w.eps.len() as u32..inst.bank_len[bank as usize] {
         t.delete_endpoint(EpKey::new(rule_id, bank, idx))?;
     }
-    bank_len[bank as usize] = eps.len() as u32;
+    inst.bank_len[bank as usize] = w.eps.len() as u32;
+    // Selection table.
+    let table = table_for(w.sel, &w.eps);
+    let n_chunks = table.len().div_ceil(SEL_CHUNK as usize) as u32;
+    for (c, part) in table.chunks(SEL_CHUNK as usize).enumerate() {
+        let mut chunk = SelChunk::default();
+        chunk.ep[..part.len()].copy_from_slice(part);
+        t.put_sel_chunk(SelKey::new(rule_id, bank, c as u32), chunk)?;
+    }
+    for c in n_chunks..inst.chunks[bank as usize] {
+        t.delete_sel_chunk(SelKey::new(rule_id, bank, c))?;
+    }
+    inst.chunks[bank as usize] = n_chunks;
+    // Source ranges: add new ones before the flip, drop old ones after.
+    for net in w.src_ranges.difference(&inst.src_ranges) {
+        t.put_src_range(rule_id, *net)?;
+    }
+    let flags = if w.src_ranges.is_empty() {
+        0
+    } else {
+        svc_flags::SRC_RANGES
+    };
+    t.put_service(
+        inst.key,
+        SvcVal4 {
+            rule_id,
+            ep_count: w.eps.len() as u32,
+            timeout_s: w.timeout_s,
+            rr_next: 0,
+            ep_bank: bank,
+            mode: w.mode,
+            sel: w.sel,
+            flags,
+            table_len: table.len() as u32,
+            persist_timeout_s: w.persist_timeout_s,
+            _pad: 0,
+        },
+    )?;
+    for net in inst.src_ranges.difference(&w.src_ranges) {
+        t.delete_src_range(rule_id, *net)?;
+    }
+    inst.bank = bank;
+    inst.table_len = table.len() as u32;
+    inst.eps = w.eps;
+    inst.timeout_s = w.timeout_s;
+    inst.persist_timeout_s = w.persist_timeout_s;
+    inst.mode = w.mode;
+    inst.sel = w.sel;
+    inst.src_ranges = w.src_ranges;
     Ok(())
 }
 
@@ -291,6 +373,8 @@ pub mod tests {
         pub svcs: HashMap<SvcKey4, SvcVal4>,
         pub eps: HashMap<EpKey, EpVal>,
         pub filter: HashMap<u32, u64>,
+        pub chunks: HashMap<SelKey, SelChunk>,
+        pub ranges: std::collections::HashSet<(u32, Ipv4Net)>,
         pub flushed: Vec<u32>,
         pub writes: usize,
     }
@@ -318,6 +402,29 @@ pub mod tests {
         }
         fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
             self.filter.insert(index, word);
+            Ok(())
+        }
+        fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()> {
+            self.writes += 1;
+            self.chunks.insert(key, val);
+            Ok(())
+        }
+        fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
+            self.writes += 1;
+            self.chunks.remove(&key);
+            Ok(())
+        }
+        fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
+            self.writes += 1;
+            self.ranges.insert((rule_id, net));
+            Ok(())
+        }
+        fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
+            self.writes += 1;
+            self.ranges.remove(&(rule_id, net));
+            Ok(())
+        }
+        fn reset_rule_stats(&mut self, _rule_id: u32) -> Result<()> {
             Ok(())
         }
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
@@ -409,6 +516,59 @@ pub mod tests {
         assert_eq!(s2.ep_count, 2);
         assert_eq!(in_bank(&t, s2.ep_bank), 2, "stale third entry left");
         assert_eq!(active_eps(&t, k).len(), 2);
+    }
+
+    #[test]
+    fn selection_tables_and_source_ranges_follow_the_rule() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        let rr = "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, source_ranges: [10.0.0.0/8], endpoints: [{ip: 10.0.0.1, port: 1, weight: 3}, {ip: 10.0.0.2, port: 1}]}\n";
+        r.apply(&rules(rr), &mut t).unwrap();
+        let k = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        let s = t.svcs[&k];
+        assert_eq!(s.table_len, 4, "weights 3:1 give a 4-entry sequence");
+        assert_eq!(s.flags & svc_flags::SRC_RANGES, svc_flags::SRC_RANGES);
+        let c = t.chunks[&SelKey::new(s.rule_id, s.ep_bank, 0)];
+        assert_eq!(c.ep[..4].iter().filter(|e| **e == 0).count(), 3);
+        assert!(t
+            .ranges
+            .contains(&(s.rule_id, "10.0.0.0/8".parse().unwrap())));
+
+        // Switch to hash and change the ranges: a full Maglev table in the
+        // other bank, ranges diffed.
+        let hash = rr.replace(
+            "source_ranges: [10.0.0.0/8]",
+            "selection: hash, source_ranges: [192.168.0.0/16]",
+        );
+        r.apply(&rules(&hash), &mut t).unwrap();
+        let s2 = t.svcs[&k];
+        assert_eq!(s2.sel, lb_sel::HASH);
+        assert_eq!(s2.table_len, loxilb_common::MAGLEV_M);
+        assert_ne!(s2.ep_bank, s.ep_bank);
+        let want_chunks = loxilb_common::MAGLEV_M.div_ceil(SEL_CHUNK);
+        let in_bank = |t: &MemTable, bank: u8| {
+            t.chunks
+                .keys()
+                .filter(|c| c.rule_id == s.rule_id && (c.chunk >> 24) as u8 == bank)
+                .count() as u32
+        };
+        assert_eq!(in_bank(&t, s2.ep_bank), want_chunks);
+        assert_eq!(t.ranges.len(), 1);
+        assert!(t
+            .ranges
+            .contains(&(s.rule_id, "192.168.0.0/16".parse().unwrap())));
+
+        // Back to rr without ranges: the old bank is reused and trimmed.
+        let plain = rr.replace("source_ranges: [10.0.0.0/8], ", "");
+        r.apply(&rules(&plain), &mut t).unwrap();
+        let s3 = t.svcs[&k];
+        assert_eq!(s3.flags & svc_flags::SRC_RANGES, 0);
+        assert!(t.ranges.is_empty());
+        assert_eq!(in_bank(&t, s3.ep_bank), 1);
+
+        // Removal takes every chunk of both banks.
+        r.apply(&[], &mut t).unwrap();
+        assert!(t.chunks.is_empty(), "{} chunks left", t.chunks.len());
     }
 
     #[test]

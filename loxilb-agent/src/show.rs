@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
 
-use loxilb_common::{ct_dir, ct_state, CtKey4, CtVal4, EpKey, EpVal, SvcKey4, SvcVal4};
+use loxilb_common::{ct_dir, ct_state, CtKey4, CtVal4, EpKey, EpVal, RuleStats, SvcKey4, SvcVal4};
 
 fn ip(a: u32) -> Ipv4Addr {
     Ipv4Addr::from(a.to_ne_bytes())
@@ -18,12 +18,16 @@ fn proto(p: u8) -> String {
         .unwrap_or_else(|| p.to_string())
 }
 
-pub fn rules_table(svcs: &[(SvcKey4, SvcVal4)], eps: &HashMap<EpKey, EpVal>) -> String {
+pub fn rules_table(
+    svcs: &[(SvcKey4, SvcVal4)],
+    eps: &HashMap<EpKey, EpVal>,
+    stats: &HashMap<u32, RuleStats>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<22} {:<5} {:<8} {:<4} {:<8} ENDPOINTS",
-        "ID", "VIP:PORT", "PROTO", "MODE", "SEL", "TIMEOUT"
+        "{:<5} {:<22} {:<5} {:<8} {:<7} {:<8} {:>9} {:>10} {:>7} ENDPOINTS",
+        "ID", "VIP:PORT", "PROTO", "MODE", "SEL", "TIMEOUT", "SESSIONS", "PACKETS", "DROPS"
     );
     let mut svcs = svcs.to_vec();
     svcs.sort_by_key(|(_, v)| v.rule_id);
@@ -31,9 +35,14 @@ pub fn rules_table(svcs: &[(SvcKey4, SvcVal4)], eps: &HashMap<EpKey, EpVal>) -> 
         let list: Vec<String> = (0..v.ep_count)
             .map(|i| match eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) {
                 Some(e) => format!(
-                    "{}:{}{}",
+                    "{}:{}{}{}",
                     ip(e.addr),
                     port(e.port),
+                    if e.weight > 1 {
+                        format!("*{}", e.weight)
+                    } else {
+                        String::new()
+                    },
                     if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
                         "(inactive)"
                     } else {
@@ -43,9 +52,10 @@ pub fn rules_table(svcs: &[(SvcKey4, SvcVal4)], eps: &HashMap<EpKey, EpVal>) -> 
                 None => "?".into(),
             })
             .collect();
+        let st = stats.get(&v.rule_id).copied().unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<5} {:<8} {:<4} {:<8} {}",
+            "{:<5} {:<22} {:<5} {:<8} {:<7} {:<8} {:>9} {:>10} {:>7} {}",
             v.rule_id,
             format!("{}:{}", ip(k.addr), port(k.port)),
             proto(k.proto),
@@ -56,8 +66,17 @@ pub fn rules_table(svcs: &[(SvcKey4, SvcVal4)], eps: &HashMap<EpKey, EpVal>) -> 
                 3 => "dsr",
                 _ => "?",
             },
-            "rr",
+            match v.sel {
+                0 => "rr",
+                1 => "hash",
+                2 => "persist",
+                3 => "lc",
+                _ => "?",
+            },
             format!("{}s", v.timeout_s),
+            st.new_sessions,
+            st.packets,
+            st.drop_no_endpoint + st.drop_src_range,
             if list.is_empty() {
                 "(none: new connections are dropped)".to_string()
             } else {

@@ -1,12 +1,12 @@
 //! The load-balancing datapath, written once for XDP and TC.
 
-use loxilb_common::{addr_filter_bit, stat, SvcKey4};
+use loxilb_common::{addr_filter_bit, stat, svc_flags, SvcKey4};
 
 use crate::{
     conntrack::{self, Ct},
     ctx::{PktCtx, Verdict},
     fwd,
-    maps::{count, LB_ADDR_FILTER, LB_CT4, LB_SERVICES4},
+    maps::{count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CT4, LB_SERVICES4},
     nat,
     parse::{self, Parsed},
     select,
@@ -57,6 +57,12 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
     } = conntrack::lookup(&p, end, &key, now)
     {
         count(stat::CT_HIT);
+        if let Some(rs) = rule_stats(unsafe { (*v).rule_id }) {
+            unsafe {
+                (*rs).packets += 1;
+                (*rs).bytes += p.l3_len as u64;
+            }
+        }
         if !nat::rewrite(&p, end, xs, xd, xsp, xdp) {
             return Verdict::Pass;
         }
@@ -72,11 +78,30 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     };
-    let Some(ep) = select::select(svc) else {
+    let (rule_id, timeout_s, mode, flags) =
+        unsafe { ((*svc).rule_id, (*svc).timeout_s, (*svc).mode, (*svc).flags) };
+    let rs = rule_stats(rule_id);
+    if flags & svc_flags::SRC_RANGES != 0 && !src_allowed(rule_id, p.saddr) {
+        count(stat::DROP_SRC_RANGE);
+        if let Some(rs) = rs {
+            unsafe { (*rs).drop_src_range += 1 };
+        }
+        return Verdict::Drop;
+    }
+    let Some(ep) = select::select(svc, &p, now) else {
         count(stat::DROP_NO_ENDPOINT);
+        if let Some(rs) = rs {
+            unsafe { (*rs).drop_no_endpoint += 1 };
+        }
         return Verdict::Drop;
     };
-    let (rule_id, timeout_s, mode) = unsafe { ((*svc).rule_id, (*svc).timeout_s, (*svc).mode) };
+    if let Some(rs) = rs {
+        unsafe {
+            (*rs).new_sessions += 1;
+            (*rs).packets += 1;
+            (*rs).bytes += p.l3_len as u64;
+        }
+    }
     let Some((ep_addr, ep_port)) = conntrack::create(
         &key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len, now,
     ) else {

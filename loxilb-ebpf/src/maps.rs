@@ -3,12 +3,14 @@
 //! `bpftool map dump` prints named fields.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg, SvcKey4, SvcVal4, ADDR_FILTER_WORDS,
-    MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_SERVICES,
+    stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg, RuleStats, SelChunk, SelKey,
+    SrcRangeData4, SvcKey4, SvcVal4, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES,
+    MAX_ENDPOINT_SLOTS, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -28,6 +30,48 @@ pub static LB_CONFIG: Array<GlobalCfg, 1> = Array::new();
 
 #[btf_map]
 pub static LB_ADDR_FILTER: Array<u64, { ADDR_FILTER_WORDS as usize }> = Array::new();
+
+/// Selection tables (rr sequence / Maglev table), in chunks; allocated on
+/// use, since most rules have small tables.
+#[btf_map]
+pub static LB_SEL_TABLE: HashMap<
+    SelKey,
+    SelChunk,
+    { MAX_SEL_CHUNKS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Source-IP affinity of `persist` rules.
+#[btf_map]
+pub static LB_AFFINITY4: LruHashMap<AffKey4, AffVal4, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Allowed client prefixes per rule (`loadBalancerSourceRanges`).
+#[btf_map]
+pub static LB_SRC_RANGES4: LpmTrie<SrcRangeData4, u32, { MAX_SRC_RANGES as usize }> =
+    LpmTrie::new();
+
+/// Per-rule counters, indexed by rule id.
+#[btf_map]
+pub static LB_RULE_STATS: PerCpuArray<RuleStats, { MAX_SERVICES as usize + 1 }> =
+    PerCpuArray::new();
+
+#[inline(always)]
+pub fn src_allowed(rule_id: u32, saddr: u32) -> bool {
+    let key = LpmKey::new(
+        64,
+        SrcRangeData4 {
+            rule_id_be: rule_id.to_be(),
+            addr: saddr,
+        },
+    );
+    LB_SRC_RANGES4.get(&key).is_some()
+}
+
+#[inline(always)]
+pub fn rule_stats(rule_id: u32) -> Option<*mut RuleStats> {
+    LB_RULE_STATS.get_ptr_mut(rule_id)
+}
 
 /// Per-CPU scratch space for building conntrack values (keeps them off the
 /// 512-byte BPF stack). Not pinned: it holds nothing between packets.

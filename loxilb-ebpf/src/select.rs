@@ -1,34 +1,107 @@
-//! Endpoint selection. Round-robin for now, skipping endpoints marked
-//! inactive (bounded number of tries).
+//! Endpoint selection through the rule's selection table (built by the
+//! agent): `rr` walks a weighted sequence, `hash` indexes a Maglev table by
+//! the flow hash, `persist` remembers each client's endpoint (source-IP
+//! affinity, with its own timeout, kept apart from conntrack so it survives
+//! session expiry). Inactive endpoints are skipped by probing the next
+//! table slots, a bounded number of times.
 
-use loxilb_common::{ep_flags, EpKey, EpVal, SvcVal4};
+use loxilb_common::{
+    ep_flags, flow_hash, lb_sel, AffKey4, AffVal4, EpKey, EpVal, SelKey, SvcVal4, SEL_CHUNK,
+};
 
-use crate::maps::LB_ENDPOINTS;
+use crate::{
+    maps::{LB_AFFINITY4, LB_ENDPOINTS, LB_SEL_TABLE},
+    parse::Pkt,
+};
 
-const MAX_TRIES: u32 = 8;
+const MAX_TRIES: u32 = 16;
+const NS: u64 = 1_000_000_000;
+
+/// Endpoint index at `slot` of the rule's table.
+#[inline(always)]
+fn table_at(rule: u32, bank: u8, slot: u32) -> Option<u32> {
+    let chunk = LB_SEL_TABLE.get_ptr(SelKey::new(rule, bank, slot / SEL_CHUNK))?;
+    let i = (slot % SEL_CHUNK) as usize;
+    unsafe { Some((*chunk).ep[i & (SEL_CHUNK as usize - 1)] as u32) }
+}
 
 #[inline(always)]
-pub fn select(svc: *mut SvcVal4) -> Option<EpVal> {
-    unsafe {
-        let n = (*svc).ep_count;
-        if n == 0 {
-            return None;
-        }
-        let rule = (*svc).rule_id;
-        let bank = (*svc).ep_bank;
-        let mut i = 0;
-        while i < MAX_TRIES {
-            let cur = (*svc).rr_next;
-            (*svc).rr_next = cur.wrapping_add(1);
-            let idx = cur % n;
-            if let Some(ep) = LB_ENDPOINTS.get_ptr(EpKey::new(rule, bank, idx)) {
-                let ep = *ep;
-                if ep.flags & ep_flags::INACTIVE == 0 {
-                    return Some(ep);
+fn endpoint(rule: u32, bank: u8, idx: u32) -> Option<EpVal> {
+    let ep = LB_ENDPOINTS.get_ptr(EpKey::new(rule, bank, idx))?;
+    let ep = unsafe { *ep };
+    if ep.flags & ep_flags::INACTIVE != 0 {
+        return None;
+    }
+    Some(ep)
+}
+
+/// Pick an endpoint for a new session of `p`, or None when no active
+/// endpoint could be found.
+#[inline(always)]
+pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
+    let (rule, bank, n, len, sel) = unsafe {
+        (
+            (*svc).rule_id,
+            (*svc).ep_bank,
+            (*svc).ep_count,
+            (*svc).table_len,
+            (*svc).sel,
+        )
+    };
+    if n == 0 || len == 0 {
+        return None;
+    }
+    let aff_key = AffKey4 {
+        rule_id: rule,
+        client: p.saddr,
+    };
+    let start = if sel == lb_sel::HASH {
+        flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len
+    } else {
+        if sel == lb_sel::PERSIST {
+            if let Some(a) = LB_AFFINITY4.get_ptr_mut(&aff_key) {
+                let fresh = unsafe {
+                    now.saturating_sub((*a).last_seen_ns) <= (*svc).persist_timeout_s as u64 * NS
+                };
+                if fresh {
+                    let (idx, addr, port) = unsafe { ((*a).ep_idx, (*a).ep_addr, (*a).ep_port) };
+                    if let Some(ep) = endpoint(rule, bank, idx) {
+                        // Still the same endpoint at that index, and active.
+                        if ep.addr == addr && ep.port == port {
+                            unsafe { (*a).last_seen_ns = now };
+                            return Some(ep);
+                        }
+                    }
                 }
             }
-            i += 1;
         }
-        None
+        unsafe {
+            let cur = (*svc).rr_next;
+            (*svc).rr_next = cur.wrapping_add(1);
+            cur % len
+        }
+    };
+    let mut i = 0;
+    while i < MAX_TRIES {
+        let slot = (start + i) % len;
+        if let Some(idx) = table_at(rule, bank, slot) {
+            if let Some(ep) = endpoint(rule, bank, idx) {
+                if sel == lb_sel::PERSIST {
+                    let mut slot = core::mem::MaybeUninit::<AffVal4>::uninit();
+                    let v = unsafe {
+                        crate::zero_in_place(slot.as_mut_ptr());
+                        &mut *slot.as_mut_ptr()
+                    };
+                    v.ep_addr = ep.addr;
+                    v.ep_port = ep.port;
+                    v.ep_idx = idx;
+                    v.last_seen_ns = now;
+                    let _ = LB_AFFINITY4.insert(&aff_key, &*v, 0);
+                }
+                return Some(ep);
+            }
+        }
+        i += 1;
     }
+    None
 }

@@ -101,3 +101,54 @@ pub fn fib_netns(name: &str) -> Netns {
     }
     ns
 }
+
+/// Load the datapath inside a fresh [`fib_netns`], apply `rules` (a rule
+/// file's text) through the agent's own reconciler, and run `f` on the
+/// thread that lives in that namespace (BPF_PROG_TEST_RUN uses the
+/// caller's namespace for the FIB lookup). The namespace goes afterwards.
+pub fn with_datapath(
+    tag: &str,
+    rules: &str,
+    f: impl FnOnce(&mut loxilb_agent::datapath::Datapath) + Send + 'static,
+) {
+    let ns = fib_netns(&format!("lxpt-{tag}-{}", std::process::id()));
+    let path = format!("/var/run/netns/{}", ns.name);
+    let rules = rules.to_string();
+    let r = std::thread::spawn(move || {
+        crate::netns::enter(&path).unwrap();
+        let mut dp = loxilb_agent::datapath::Datapath::load(None).expect("load datapath");
+        let rules = loxilb_agent::config::parse("test-rules.yaml", &rules).unwrap();
+        loxilb_agent::rules::Rules::adopt(vec![])
+            .apply(&rules, &mut dp)
+            .unwrap();
+        f(&mut dp);
+    })
+    .join();
+    drop(ns);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// Run the XDP datapath once on `input`: (verdict, output bytes).
+pub fn run_xdp(dp: &mut loxilb_agent::datapath::Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let prog = dp.xdp_program(loxilb_common::prog_names::XDP_MAIN).unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// Destination address and port of an untagged Ethernet/IPv4/TCP-or-UDP
+/// frame without IP options.
+pub fn dst_of(frame: &[u8]) -> (std::net::Ipv4Addr, u16) {
+    let a = std::net::Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    (a, u16::from_be_bytes([frame[36], frame[37]]))
+}

@@ -2,12 +2,10 @@
 //! through the agent's own datapath API, expected output bytes and verdict.
 
 use aya::programs::{TestRun, TestRunOptions};
-use loxilb_agent::{config, datapath::Datapath, rules::Rules};
-use loxilb_common::prog_names;
+use loxilb_agent::datapath::Datapath;
 use loxilb_tests::{
-    fib::{fib_netns, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
+    fib::{self, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
-    netns::enter,
     packet::{diff, Frame, ACK, FIN, L4, RST, SYN},
 };
 
@@ -46,20 +44,6 @@ struct Case {
     verdict: u32,
 }
 
-fn run_xdp(dp: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
-    let prog = dp.xdp_program(prog_names::XDP_MAIN).unwrap();
-    let mut out = vec![0u8; input.len() + 256];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
 fn run_tc(dp: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
     let prog = dp.tc_program().unwrap();
     let mut out = vec![0u8; input.len() + 256];
@@ -90,21 +74,8 @@ fn check(dp: &mut Datapath, cases: Vec<Case>) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Load the datapath and the rules in a routed namespace, then run `f`.
 fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
-    let ns = fib_netns(&format!("lxpt-{tag}-{}", std::process::id()));
-    let path = format!("/var/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        // BPF_PROG_TEST_RUN uses the caller's namespace for the FIB lookup.
-        enter(&path).unwrap();
-        let mut dp = Datapath::load(None).expect("load datapath");
-        let rules = config::parse("packets.yaml", RULES).unwrap();
-        Rules::adopt(vec![]).apply(&rules, &mut dp).unwrap();
-        f(&mut dp);
-    })
-    .join()
-    .expect("packet test failed");
-    drop(ns);
+    fib::with_datapath(tag, RULES, f)
 }
 
 #[test]

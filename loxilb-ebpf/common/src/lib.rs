@@ -15,7 +15,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -25,8 +25,23 @@ pub mod map_names {
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
     pub const ADDR_FILTER: &str = "LB_ADDR_FILTER";
+    pub const SEL_TABLE: &str = "LB_SEL_TABLE";
+    pub const AFFINITY: &str = "LB_AFFINITY4";
+    pub const SRC_RANGES: &str = "LB_SRC_RANGES4";
+    pub const RULE_STATS: &str = "LB_RULE_STATS";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 6] = [SERVICES, ENDPOINTS, CONNTRACK, STATS, CONFIG, ADDR_FILTER];
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        ENDPOINTS,
+        CONNTRACK,
+        STATS,
+        CONFIG,
+        ADDR_FILTER,
+        SEL_TABLE,
+        AFFINITY,
+        SRC_RANGES,
+        RULE_STATS,
+    ];
 }
 
 /// Program names inside the eBPF object.
@@ -38,6 +53,11 @@ pub mod prog_names {
 
 /// Map capacities.
 pub const MAX_SERVICES: u32 = 4096;
+/// Selection-table chunks (all rules, both banks): room for 64 `hash` rules
+/// with a full Maglev table in both banks, and thousands of small ones.
+pub const MAX_SEL_CHUNKS: u32 = 1 << 18;
+pub const MAX_AFFINITY: u32 = 262_144;
+pub const MAX_SRC_RANGES: u32 = 65_536;
 pub const MAX_ENDPOINT_SLOTS: u32 = 262_144;
 pub const MAX_CT_ENTRIES: u32 = 524_288;
 
@@ -108,8 +128,120 @@ pub struct SvcVal4 {
     pub mode: u8,
     /// `lb_sel::*`.
     pub sel: u8,
+    /// `svc_flags::*`.
     pub flags: u8,
+    /// Entries in the rule's selection table (active bank): the sequence
+    /// `rr` walks, or the Maglev table `hash` indexes.
+    pub table_len: u32,
+    /// Source-IP affinity lifetime for `persist`, seconds.
+    pub persist_timeout_s: u32,
     pub _pad: u32,
+}
+
+/// `SvcVal4::flags` bits.
+pub mod svc_flags {
+    /// The rule restricts client sources (`LB_SRC_RANGES4`).
+    pub const SRC_RANGES: u8 = 1;
+}
+
+/// Entries per selection-table chunk.
+pub const SEL_CHUNK: u32 = 32;
+/// Maglev lookup-table size for `hash` rules (prime, >= 65,537).
+pub const MAGLEV_M: u32 = 65537;
+/// Largest selection table a rule may have.
+pub const MAX_SEL_TABLE: u32 = MAGLEV_M;
+
+/// Key of the selection-table map: (rule, bank << 24 | chunk index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SelKey {
+    pub rule_id: u32,
+    pub chunk: u32,
+}
+
+impl SelKey {
+    #[inline(always)]
+    pub const fn new(rule_id: u32, bank: u8, chunk: u32) -> Self {
+        Self {
+            rule_id,
+            chunk: ((bank as u32) << 24) | (chunk & 0x00ff_ffff),
+        }
+    }
+}
+
+/// `SEL_CHUNK` consecutive entries of a selection table: endpoint indexes
+/// into the rule's active endpoint bank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelChunk {
+    pub ep: [u16; SEL_CHUNK as usize],
+}
+
+/// Key of the source-IP affinity map (`persist`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffKey4 {
+    pub rule_id: u32,
+    /// Client address, network byte order.
+    pub client: u32,
+}
+
+/// Where a client of a `persist` rule goes, and since when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffVal4 {
+    /// The endpoint (checked against the live endpoint set before use).
+    pub ep_addr: u32,
+    pub ep_port: u16,
+    pub _pad1: u16,
+    pub ep_idx: u32,
+    pub _pad2: u32,
+    /// Coarse monotonic ns of the last new session that used it.
+    pub last_seen_ns: u64,
+}
+
+/// Data part of an `LB_SRC_RANGES4` LPM key: the rule id (big-endian, so
+/// it is matched as the first 32 bits of the prefix) then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcRangeData4 {
+    pub rule_id_be: u32,
+    pub addr: u32,
+}
+
+/// Per-rule counters (per-CPU array indexed by rule id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_sessions: u64,
+    /// New connections dropped: no active endpoint.
+    pub drop_no_endpoint: u64,
+    /// New connections dropped: source not in the rule's source ranges.
+    pub drop_src_range: u64,
+    pub _reserved: [u64; 3],
+}
+
+/// The flow hash `hash` rules select with (also used by the agent and the
+/// tests to predict the chosen slot). Inputs as loaded from the packet.
+#[inline(always)]
+pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = saddr ^ 0x9e37_79b9;
+    h = mix32(h ^ daddr);
+    h = mix32(h ^ (((sport as u32) << 16) | dport as u32));
+    mix32(h ^ proto as u32)
+}
+
+/// murmur3's 32-bit finaliser.
+#[inline(always)]
+pub const fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
 }
 
 /// Key of the endpoint map: (rule, bank << EP_BANK_SHIFT | index).
@@ -247,6 +379,8 @@ pub mod stat {
     pub const DROP_CT_FULL: u32 = 10;
     /// TTL would expire on forward: handed to the stack (ICMP time exceeded).
     pub const PASS_TTL: u32 = 11;
+    /// New connection from a source outside the rule's source ranges.
+    pub const DROP_SRC_RANGE: u32 = 12;
     pub const COUNT: u32 = 16;
 }
 
@@ -264,7 +398,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "ct_expired",
     "drop_ct_full",
     "pass_ttl",
-    "",
+    "drop_src_range",
     "",
     "",
     "",
@@ -354,7 +488,14 @@ pub mod csum {
 
 // Compile-time layout checks: kernel and userspace share these bytes.
 const _: () = assert!(size_of::<SvcKey4>() == 8);
-const _: () = assert!(size_of::<SvcVal4>() == 24);
+const _: () = assert!(size_of::<SvcVal4>() == 32);
+const _: () = assert!(size_of::<SelKey>() == 8);
+const _: () = assert!(size_of::<SelChunk>() == 64);
+const _: () = assert!(size_of::<AffKey4>() == 8);
+const _: () = assert!(size_of::<AffVal4>() == 24);
+const _: () = assert!(size_of::<SrcRangeData4>() == 8);
+const _: () = assert!(size_of::<RuleStats>() == 64);
+const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 16);
 const _: () = assert!(size_of::<CtKey4>() == 16);
@@ -376,6 +517,12 @@ mod user {
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtVal4 {}
     unsafe impl aya::Pod for GlobalCfg {}
+    unsafe impl aya::Pod for SelKey {}
+    unsafe impl aya::Pod for SelChunk {}
+    unsafe impl aya::Pod for AffKey4 {}
+    unsafe impl aya::Pod for AffVal4 {}
+    unsafe impl aya::Pod for SrcRangeData4 {}
+    unsafe impl aya::Pod for RuleStats {}
 }
 
 #[cfg(test)]
@@ -443,7 +590,7 @@ mod tests {
 
     #[test]
     fn stat_names_cover_every_counter() {
-        for i in 0..=stat::PASS_TTL {
+        for i in 0..=stat::DROP_SRC_RANGE {
             assert!(
                 !STAT_NAMES[i as usize].is_empty(),
                 "counter {i} has no name"

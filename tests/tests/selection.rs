@@ -1,0 +1,233 @@
+//! Endpoint selection, weights, source ranges, inactive endpoints and
+//! large endpoint sets, through BPF_PROG_TEST_RUN with maps loaded by the
+//! agent's own reconciler.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use loxilb_agent::{config, rules::table_for};
+use loxilb_common::{ep_flags, flow_hash, lb_sel, EpKey, MAGLEV_M};
+use loxilb_tests::{
+    fib::{dst_of, run_xdp, with_datapath},
+    need_root,
+    packet::{Frame, ACK, SYN},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+fn syn(client: &str, sport: u16, vip_port: u16) -> Frame {
+    Frame::tcp(client, sport, "20.0.0.100", vip_port, SYN)
+}
+
+/// Send a SYN; return the endpoint it was sent to (translated, forwarded).
+fn pick(dp: &mut loxilb_agent::datapath::Datapath, f: &Frame) -> (Ipv4Addr, u16) {
+    let (v, out) = run_xdp(dp, &f.bytes());
+    assert!(
+        v == XDP_REDIRECT || v == XDP_PASS,
+        "verdict {v} for {:?}",
+        f.l4
+    );
+    let d = dst_of(&out);
+    assert_ne!(d.0, Ipv4Addr::new(20, 0, 0, 100), "not translated");
+    d
+}
+
+fn tally(v: &[(Ipv4Addr, u16)]) -> HashMap<Ipv4Addr, usize> {
+    let mut m = HashMap::new();
+    for (a, _) in v {
+        *m.entry(*a).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn weighted_round_robin_follows_weights() {
+    if !need_root("weighted_round_robin_follows_weights") {
+        return;
+    }
+    let rules = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8080, weight: 3}, {ip: 10.0.1.11, port: 8080, weight: 1}]}\n";
+    with_datapath("wrr", rules, |dp| {
+        let picks: Vec<_> = (0..400)
+            .map(|i| pick(dp, &syn("192.168.0.2", 10000 + i, 80)))
+            .collect();
+        let t = tally(&picks);
+        assert_eq!(t[&Ipv4Addr::new(10, 0, 1, 10)], 300, "{t:?}");
+        assert_eq!(t[&Ipv4Addr::new(10, 0, 1, 11)], 100, "{t:?}");
+        let rs = dp.rule_stats().unwrap();
+        assert_eq!(rs.values().map(|s| s.new_sessions).sum::<u64>(), 400);
+    });
+}
+
+#[test]
+fn hash_selection_is_maglev_consistent_and_stateless() {
+    if !need_root("hash_selection_is_maglev_consistent_and_stateless") {
+        return;
+    }
+    let rules = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, selection: hash, endpoints: [{ip: 10.0.1.10, port: 8080}, {ip: 10.0.1.11, port: 8080}, {ip: 10.0.1.12, port: 8080, weight: 2}]}\n";
+    let parsed = config::parse("r", rules).unwrap();
+    let eps: Vec<_> = parsed[0]
+        .endpoints
+        .iter()
+        .map(loxilb_agent::rules::ep_val)
+        .collect();
+    let table = table_for(lb_sel::HASH, &eps);
+    with_datapath("hash", rules, move |dp| {
+        let mut picks = vec![];
+        for i in 0..300u16 {
+            let client = format!("192.168.{}.{}", i % 7, 2 + i % 200);
+            let f = syn(&client, 20000 + i, 80);
+            let got = pick(dp, &f);
+            // The datapath's choice is exactly the agent's Maglev table at
+            // the flow's hash.
+            let c: Ipv4Addr = client.parse().unwrap();
+            let h = flow_hash(
+                u32::from_ne_bytes(c.octets()),
+                u32::from_ne_bytes([20, 0, 0, 100]),
+                (20000 + i).to_be(),
+                80u16.to_be(),
+                6,
+            );
+            let e = eps[table[(h % MAGLEV_M) as usize] as usize];
+            assert_eq!(
+                got,
+                (Ipv4Addr::from(e.addr.to_ne_bytes()), 8080),
+                "flow {i}"
+            );
+            picks.push(got);
+        }
+        // Stateless: with every session gone, each flow lands where it did.
+        dp.clear_sessions().unwrap();
+        for i in 0..300u16 {
+            let client = format!("192.168.{}.{}", i % 7, 2 + i % 200);
+            assert_eq!(pick(dp, &syn(&client, 20000 + i, 80)), picks[i as usize]);
+        }
+        let t = tally(&picks);
+        assert_eq!(t.len(), 3, "{t:?}");
+        // weight 2 endpoint gets about half
+        let heavy = t[&Ipv4Addr::new(10, 0, 1, 12)] as f64 / 300.0;
+        assert!((0.38..0.62).contains(&heavy), "weight-2 share {heavy}");
+    });
+}
+
+#[test]
+fn persist_keeps_a_client_on_its_endpoint_beyond_session_expiry() {
+    if !need_root("persist_keeps_a_client_on_its_endpoint_beyond_session_expiry") {
+        return;
+    }
+    let rules = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, selection: persist, persist_timeout: 1, endpoints: [{ip: 10.0.1.10, port: 8080}, {ip: 10.0.1.11, port: 8080}, {ip: 10.0.1.12, port: 8080}]}\n";
+    with_datapath("persist", rules, |dp| {
+        let a0 = pick(dp, &syn("192.168.0.2", 30000, 80));
+        for p in 30001..30006 {
+            assert_eq!(
+                pick(dp, &syn("192.168.0.2", p, 80)),
+                a0,
+                "same client, new port"
+            );
+        }
+        // Affinity is not conntrack: it survives the sessions going away.
+        dp.clear_sessions().unwrap();
+        assert_eq!(pick(dp, &syn("192.168.0.2", 30010, 80)), a0);
+        let b0 = pick(dp, &syn("192.168.0.3", 30000, 80));
+        assert_ne!(b0, a0, "a new client is balanced");
+        // ... and expires after persist_timeout.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let a1 = pick(dp, &syn("192.168.0.2", 30020, 80));
+        assert_ne!(a1, a0, "affinity should have expired");
+        assert_eq!(pick(dp, &syn("192.168.0.2", 30021, 80)), a1, "new affinity");
+    });
+}
+
+#[test]
+fn source_ranges_admit_listed_clients_only() {
+    if !need_root("source_ranges_admit_listed_clients_only") {
+        return;
+    }
+    let rules = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, source_ranges: [192.168.0.0/24, 10.9.0.0/16], endpoints: [{ip: 10.0.1.10, port: 8080}]}\n  - {vip: 20.0.0.100, port: 81, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8081}]}\n";
+    with_datapath("src", rules, |dp| {
+        pick(dp, &syn("192.168.0.2", 40000, 80));
+        pick(dp, &syn("10.9.200.1", 40000, 80));
+        let outside = syn("192.168.1.2", 40000, 80);
+        let (v, out) = run_xdp(dp, &outside.bytes());
+        assert_eq!(v, XDP_DROP);
+        assert_eq!(out, outside.bytes());
+        // The other rule has no ranges: everyone is admitted.
+        pick(dp, &syn("192.168.1.2", 40000, 81));
+        let stats: HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        assert_eq!(stats["drop_src_range"], 1);
+        let rs = dp.rule_stats().unwrap();
+        assert_eq!(rs.values().map(|s| s.drop_src_range).sum::<u64>(), 1);
+        assert_eq!(rs.values().map(|s| s.new_sessions).sum::<u64>(), 3);
+    });
+}
+
+#[test]
+fn inactive_endpoints_get_no_new_sessions_but_keep_old_ones() {
+    if !need_root("inactive_endpoints_get_no_new_sessions_but_keep_old_ones") {
+        return;
+    }
+    let rules = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8080}, {ip: 10.0.1.11, port: 8080}, {ip: 10.0.1.12, port: 8080}]}\n";
+    with_datapath("inactive", rules, |dp| {
+        // One session per endpoint.
+        let before: Vec<_> = (0..3)
+            .map(|i| pick(dp, &syn("192.168.0.2", 50000 + i, 80)))
+            .collect();
+        let svc = dp.services().unwrap()[0].1;
+        let victim = before[1];
+        dp.set_endpoint_flags(EpKey::new(svc.rule_id, svc.ep_bank, 1), ep_flags::INACTIVE)
+            .unwrap();
+        for i in 10..40 {
+            assert_ne!(pick(dp, &syn("192.168.0.2", 50000 + i, 80)), victim);
+        }
+        // The existing session to the inactive endpoint keeps flowing.
+        let est = Frame::tcp("192.168.0.2", 50001, "20.0.0.100", 80, ACK);
+        let (_, out) = run_xdp(dp, &est.bytes());
+        assert_eq!(dst_of(&out), victim);
+        // Every endpoint inactive: new connections are dropped and counted.
+        for idx in 0..3 {
+            dp.set_endpoint_flags(
+                EpKey::new(svc.rule_id, svc.ep_bank, idx),
+                ep_flags::INACTIVE,
+            )
+            .unwrap();
+        }
+        let (v, _) = run_xdp(dp, &syn("192.168.0.2", 50100, 80).bytes());
+        assert_eq!(v, XDP_DROP);
+        let stats: HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        assert_eq!(stats["drop_no_endpoint"], 1);
+    });
+}
+
+#[test]
+fn rules_with_4096_endpoints() {
+    if !need_root("rules_with_4096_endpoints") {
+        return;
+    }
+    let mut rules = String::from("rules:\n");
+    for (port, sel) in [(80, "rr"), (81, "hash")] {
+        rules += &format!("  - vip: 20.0.0.100\n    port: {port}\n    protocol: tcp\n    selection: {sel}\n    endpoints:\n");
+        for i in 0..4096u32 {
+            rules += &format!(
+                "      - {{ ip: 10.{}.{}.{}, port: 8080 }}\n",
+                100 + i / 65536,
+                (i / 256) % 256,
+                i % 256
+            );
+        }
+    }
+    with_datapath("big", &rules, |dp| {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..4096u32 {
+            let client = format!("192.168.{}.{}", i / 200, 2 + i % 200);
+            seen.insert(pick(dp, &syn(&client, 1024 + (i % 60000) as u16, 80)));
+        }
+        assert_eq!(seen.len(), 4096, "round-robin reaches every endpoint once");
+        let mut hseen = std::collections::HashSet::new();
+        for i in 0..16384u32 {
+            let client = format!("172.16.{}.{}", i / 250, 1 + i % 250);
+            hseen.insert(pick(dp, &syn(&client, 2000 + (i % 50000) as u16, 81)));
+        }
+        // 16k flows over 4096 Maglev-balanced endpoints: nearly all get some.
+        assert!(hseen.len() > 3900, "only {} endpoints used", hseen.len());
+    });
+}
