@@ -8,7 +8,7 @@
 //!     port: 80
 //!     protocol: tcp          # tcp | udp
 //!     mode: default          # default (DNAT, client source kept)
-//!     selection: rr          # rr | hash (Maglev) | persist (source-IP affinity)
+//!     selection: rr          # rr | hash (Maglev) | persist (source-IP affinity) | lc
 //!     persist_timeout: 10800 # affinity lifetime, seconds (persist only)
 //!     timeout: 1800          # idle seconds, 1..=604800 (default 1800)
 //!     source_ranges: [192.168.0.0/16]   # allowed clients (default: all)
@@ -68,6 +68,8 @@ pub enum Selection {
     Hash,
     /// Source-IP affinity, new clients round-robin.
     Persist,
+    /// Least active sessions (power of two choices).
+    LeastConn,
 }
 
 pub const DEFAULT_PERSIST_TIMEOUT_S: u32 = 10800;
@@ -246,12 +248,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
             Some("hash") => Selection::Hash,
             Some("persist") => Selection::Persist,
-            Some(s @ "lc") => {
-                return Err(err(
-                    f("selection"),
-                    format!("{s:?} is not implemented yet; use rr, hash or persist"),
-                ))
-            }
+            Some("lc") => Selection::LeastConn,
             Some(s) => {
                 return Err(err(
                     f("selection"),
@@ -454,7 +451,7 @@ rules:
         assert_eq!(e.field, "rules[0].mode");
         assert!(e.message.contains("not implemented yet"));
 
-        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, selection: lc}\n");
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, selection: n3}\n");
         assert_eq!(e.field, "rules[0].selection");
 
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, persist_timeout: 5}\n");

@@ -22,8 +22,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use loxilb_common::{
-    map_names as mn, prog_names, stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg,
-    RuleStats, SelChunk, SelKey, SrcRangeData4, SvcKey4, SvcVal4, LAYOUT_VERSION,
+    map_names as mn, prog_names, stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpStats, EpVal,
+    GlobalCfg, RuleStats, SelChunk, SelKey, SrcRangeData4, SvcKey4, SvcVal4, LAYOUT_VERSION,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -394,6 +394,42 @@ impl Datapath {
         read_rule_stats(self.map(mn::RULE_STATS)?)
     }
 
+    /// Counters and active sessions of the endpoint counter slots `idx`.
+    pub fn ep_stats(&self, idx: &[u32]) -> Result<Vec<(EpStats, u64)>> {
+        read_ep_stats(self.map(mn::EP_STATS)?, self.map(mn::EP_ACTIVE)?, idx)
+    }
+
+    /// Re-count active sessions per endpoint from conntrack and write the
+    /// counts (corrects the drift left by sessions the LRU evicted).
+    /// Returns how many endpoint slots changed.
+    pub fn recount_active(&mut self) -> Result<usize> {
+        let mut counts: StdHashMap<u32, u64> = StdHashMap::new();
+        for (_, v) in self.sessions()? {
+            if v.dir == loxilb_common::ct_dir::FORWARD
+                && v.state & loxilb_common::ct_state::RELEASED == 0
+            {
+                *counts.entry(v.ep_stat).or_default() += 1;
+            }
+        }
+        let slots: Vec<u32> = self
+            .endpoints()?
+            .values()
+            .map(|e| e.stat_idx)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::EP_ACTIVE)?)?;
+        let mut changed = 0;
+        for i in slots {
+            let want = counts.get(&i).copied().unwrap_or(0);
+            if a.get(&i, 0)? != want {
+                a.set(i, want, 0)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// Set an endpoint's flags (e.g. `ep_flags::INACTIVE`) in place.
     pub fn set_endpoint_flags(&mut self, key: EpKey, flags: u32) -> Result<()> {
         let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
@@ -480,6 +516,22 @@ fn read_sessions(m: &Map) -> Result<Vec<(CtKey4, CtVal4)>> {
     Ok(v)
 }
 
+fn read_ep_stats(stats: &Map, active: &Map, idx: &[u32]) -> Result<Vec<(EpStats, u64)>> {
+    let s: PerCpuArray<_, EpStats> = PerCpuArray::try_from(stats)?;
+    let a: Array<_, u64> = Array::try_from(active)?;
+    let mut out = vec![];
+    for i in idx {
+        let mut sum = EpStats::default();
+        for c in s.get(i, 0)?.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.new_sessions += c.new_sessions;
+        }
+        out.push((sum, a.get(i, 0)?));
+    }
+    Ok(out)
+}
+
 fn read_rule_stats(m: &Map) -> Result<StdHashMap<u32, RuleStats>> {
     let a: PerCpuArray<_, RuleStats> = PerCpuArray::try_from(m)?;
     let mut out = StdHashMap::new();
@@ -551,6 +603,14 @@ impl PinnedMaps {
         read_rule_stats(&self.open_map(mn::RULE_STATS, Map::PerCpuArray)?)
     }
 
+    pub fn ep_stats(&self, idx: &[u32]) -> Result<Vec<(EpStats, u64)>> {
+        read_ep_stats(
+            &self.open_map(mn::EP_STATS, Map::PerCpuArray)?,
+            &self.open_map(mn::EP_ACTIVE, Map::Array)?,
+            idx,
+        )
+    }
+
     pub fn services(&self) -> Result<Vec<(SvcKey4, SvcVal4)>> {
         let m = self.open_map(mn::SERVICES, Map::HashMap)?;
         let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(&m)?;
@@ -616,6 +676,17 @@ impl RuleTable for Datapath {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+    fn reset_ep_stats(&mut self, idx: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        {
+            let mut a: PerCpuArray<_, EpStats> =
+                PerCpuArray::try_from(self.map_mut(mn::EP_STATS)?)?;
+            a.set(idx, PerCpuValues::try_from(vec![EpStats::default(); n])?, 0)?;
+        }
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::EP_ACTIVE)?)?;
+        a.set(idx, 0, 0)?;
+        Ok(())
     }
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()> {
         let mut a: PerCpuArray<_, RuleStats> =

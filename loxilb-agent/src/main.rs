@@ -51,6 +51,8 @@ enum Cmd {
     },
     /// Show the rules in the running datapath.
     Rules,
+    /// Show every endpoint with its state, active sessions and counters.
+    Endpoints,
     /// Show the live session table.
     Sessions,
     /// Show datapath counters.
@@ -91,6 +93,19 @@ fn main() -> Result<()> {
                 "{}",
                 show::rules_table(&m.services()?, &m.endpoints()?, &m.rule_stats()?)
             );
+            Ok(())
+        }
+        Cmd::Endpoints => {
+            let m = PinnedMaps::open(&cli.pin_dir)?;
+            let eps = m.endpoints()?;
+            let idx: Vec<u32> = eps
+                .values()
+                .map(|e| e.stat_idx)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let stats = idx.iter().copied().zip(m.ep_stats(&idx)?).collect();
+            print!("{}", show::endpoints_table(&m.services()?, &eps, &stats));
             Ok(())
         }
         Cmd::Sessions => {
@@ -168,6 +183,7 @@ async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let mut stamp = file_stamp(cfg_path);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut recount = tokio::time::interval(Duration::from_secs(10));
     info!(
         "serving; edit {} or send SIGHUP to reload",
         cfg_path.display()
@@ -178,6 +194,14 @@ async fn run(
             _ = tick.tick() => {
                 let s = file_stamp(cfg_path);
                 if s != stamp { stamp = s; info!("{} changed: reloading", cfg_path.display()); true } else { false }
+            }
+            _ = recount.tick() => {
+                // Active-session counts drift when the LRU evicts sessions;
+                // re-count them from conntrack.
+                if let Err(e) = dp.recount_active() {
+                    warn!("re-counting active sessions failed: {e:#}");
+                }
+                false
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -30,6 +30,8 @@ pub trait RuleTable {
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()>;
     /// Zero a rule id's counters (before the id is used by a new rule).
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()>;
+    /// Zero an endpoint counter slot (before it is given to an endpoint).
+    fn reset_ep_stats(&mut self, idx: u32) -> Result<()>;
     /// Remove every session (and client affinity) of `rule_id`; returns
     /// how many conntrack entries went.
     fn flush_sessions(&mut self, rule_id: u32) -> Result<usize>;
@@ -80,7 +82,59 @@ pub fn ep_val(e: &crate::config::Endpoint) -> EpVal {
         port: e.port.to_be(),
         weight: e.weight,
         flags: 0,
-        _pad: 0,
+        stat_idx: 0,
+    }
+}
+
+/// What identifies an endpoint's configuration (not its counter slot).
+fn ep_conf(e: &EpVal) -> (u32, u16, u16, u32) {
+    (e.addr, e.port, e.weight, e.flags)
+}
+
+/// Counter slots of endpoints (`EpVal::stat_idx`), one per (rule,
+/// endpoint), stable while the endpoint stays in its rule. Freed slots are
+/// reused oldest-first, so a slot still referenced by lingering sessions of
+/// a removed endpoint is not handed out again soon.
+#[derive(Debug, Default)]
+struct StatSlots {
+    by_ep: BTreeMap<(u32, u32, u16), u32>,
+    free: std::collections::VecDeque<u32>,
+    next: u32,
+}
+
+impl StatSlots {
+    fn get(&mut self, t: &mut dyn RuleTable, rule: u32, e: &EpVal) -> Result<u32> {
+        if let Some(i) = self.by_ep.get(&(rule, e.addr, e.port)) {
+            return Ok(*i);
+        }
+        let i = if self.next < loxilb_common::MAX_EP_STATS {
+            self.next += 1;
+            self.next - 1
+        } else {
+            self.free.pop_front().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "more than {} endpoints over all rules; remove some",
+                    loxilb_common::MAX_EP_STATS
+                )
+            })?
+        };
+        t.reset_ep_stats(i)?;
+        self.by_ep.insert((rule, e.addr, e.port), i);
+        Ok(i)
+    }
+
+    fn release_rule_except(&mut self, rule: u32, keep: &[EpVal]) {
+        let gone: Vec<(u32, u32, u16)> = self
+            .by_ep
+            .keys()
+            .filter(|(r, a, p)| *r == rule && !keep.iter().any(|e| e.addr == *a && e.port == *p))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(i) = self.by_ep.remove(&k) {
+                self.free.push_back(i);
+            }
+        }
     }
 }
 
@@ -95,6 +149,7 @@ fn sel_code(s: Selection) -> u8 {
         Selection::RoundRobin => lb_sel::RR,
         Selection::Hash => lb_sel::HASH,
         Selection::Persist => lb_sel::PERSIST,
+        Selection::LeastConn => lb_sel::LC,
     }
 }
 
@@ -140,7 +195,7 @@ impl Want {
     }
 
     fn same_as(&self, i: &Installed) -> bool {
-        self.eps == i.eps
+        self.eps.iter().map(ep_conf).eq(i.eps.iter().map(ep_conf))
             && self.timeout_s == i.timeout_s
             && self.persist_timeout_s == i.persist_timeout_s
             && self.mode == i.mode
@@ -154,6 +209,7 @@ impl Want {
 pub struct Rules {
     installed: BTreeMap<SvcKeyOrd, Installed>,
     filter: Vec<u64>,
+    slots: StatSlots,
 }
 
 /// `SvcKey4` ordered by its bytes (for deterministic iteration).
@@ -169,12 +225,22 @@ impl From<SvcKey4> for SvcKeyOrd {
 impl Rules {
     /// Start from what the maps already hold (an adopted datapath).
     pub fn adopt(installed: Vec<Installed>) -> Self {
+        let mut slots = StatSlots::default();
+        for i in &installed {
+            for e in &i.eps {
+                slots.by_ep.insert((i.rule_id, e.addr, e.port), e.stat_idx);
+            }
+        }
+        let used: BTreeSet<u32> = slots.by_ep.values().copied().collect();
+        slots.next = used.iter().next_back().map(|m| m + 1).unwrap_or(0);
+        slots.free = (0..slots.next).filter(|i| !used.contains(i)).collect();
         let mut r = Rules {
             installed: installed
                 .into_iter()
                 .map(|i| (SvcKeyOrd::from(i.key), i))
                 .collect(),
             filter: vec![0; ADDR_FILTER_WORDS as usize],
+            slots,
         };
         r.filter = r.compute_filter();
         r
@@ -247,10 +313,11 @@ impl Rules {
                 t.delete_src_range(inst.rule_id, *net)?;
             }
             report.sessions_flushed += t.flush_sessions(inst.rule_id)?;
+            self.slots.release_rule_except(inst.rule_id, &[]);
             report.removed.push(inst.name);
         }
         for (k, r) in want {
-            let w = Want::of(r);
+            let mut w = Want::of(r);
             match self.installed.get_mut(&k) {
                 Some(inst) if w.same_as(inst) => {
                     inst.name = r.name.clone();
@@ -259,6 +326,10 @@ impl Rules {
                 Some(inst) => {
                     // Fill the idle bank, then flip to it with one write.
                     let bank = inst.bank ^ 1;
+                    for e in w.eps.iter_mut() {
+                        e.stat_idx = self.slots.get(t, inst.rule_id, e)?;
+                    }
+                    self.slots.release_rule_except(inst.rule_id, &w.eps);
                     install(t, inst, bank, w)?;
                     inst.name = r.name.clone();
                     report.updated.push(r.name.clone());
@@ -281,6 +352,9 @@ impl Rules {
                         chunks: [0, 0],
                         src_ranges: BTreeSet::new(),
                     };
+                    for e in w.eps.iter_mut() {
+                        e.stat_idx = self.slots.get(t, rule_id, e)?;
+                    }
                     install(t, &mut inst, 0, w)?;
                     self.installed.insert(k, inst);
                     report.added.push(r.name.clone());
@@ -376,6 +450,7 @@ pub mod tests {
         pub chunks: HashMap<SelKey, SelChunk>,
         pub ranges: std::collections::HashSet<(u32, Ipv4Net)>,
         pub flushed: Vec<u32>,
+        pub ep_resets: Vec<u32>,
         pub writes: usize,
     }
 
@@ -425,6 +500,10 @@ pub mod tests {
             Ok(())
         }
         fn reset_rule_stats(&mut self, _rule_id: u32) -> Result<()> {
+            Ok(())
+        }
+        fn reset_ep_stats(&mut self, idx: u32) -> Result<()> {
+            self.ep_resets.push(idx);
             Ok(())
         }
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
@@ -569,6 +648,42 @@ pub mod tests {
         // Removal takes every chunk of both banks.
         r.apply(&[], &mut t).unwrap();
         assert!(t.chunks.is_empty(), "{} chunks left", t.chunks.len());
+    }
+
+    #[test]
+    fn endpoint_counter_slots_are_stable_and_reused_oldest_first() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let k = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        let slots =
+            |t: &MemTable| -> Vec<u32> { active_eps(t, k).iter().map(|e| e.stat_idx).collect() };
+        let first = slots(&t);
+        assert_eq!(first.len(), 2);
+        let all: BTreeSet<u32> = t.eps.values().map(|e| e.stat_idx).collect();
+        assert_eq!(all.len(), 3, "one slot per (rule, endpoint)");
+        // Adding an endpoint keeps the others' slots.
+        let three = TWO.replace(
+            "{ip: 10.0.0.2, port: 8080}]",
+            "{ip: 10.0.0.2, port: 8080}, {ip: 10.0.0.9, port: 8080}]",
+        );
+        r.apply(&rules(&three), &mut t).unwrap();
+        let second = slots(&t);
+        assert_eq!(&second[..2], &first[..]);
+        // Adoption rebuilds the slot table: nothing is reallocated.
+        let snapshot: Vec<Installed> = r.installed().cloned().collect();
+        let mut r2 = Rules::adopt(snapshot);
+        let resets = t.ep_resets.len();
+        r2.apply(&rules(&three), &mut t).unwrap();
+        assert_eq!(t.ep_resets.len(), resets);
+        // A new endpoint gets a fresh, zeroed slot.
+        let four = three.replace(
+            "{ip: 10.0.0.9, port: 8080}]",
+            "{ip: 10.0.0.9, port: 8080}, {ip: 10.0.0.10, port: 8080}]",
+        );
+        r2.apply(&rules(&four), &mut t).unwrap();
+        assert_eq!(t.ep_resets.len(), resets + 1);
+        assert!(!second.contains(t.ep_resets.last().unwrap()));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 
 use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
 
-use loxilb_common::{ct_dir, ct_state, CtKey4, CtVal4, EpKey, EpVal, RuleStats, SvcKey4, SvcVal4};
+use loxilb_common::{
+    ct_dir, ct_state, CtKey4, CtVal4, EpKey, EpStats, EpVal, RuleStats, SvcKey4, SvcVal4,
+};
 
 fn ip(a: u32) -> Ipv4Addr {
     Ipv4Addr::from(a.to_ne_bytes())
@@ -145,4 +147,47 @@ pub fn monotonic_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One line per endpoint of every rule: state, active sessions, counters.
+/// `stats` holds (counters, active sessions) by `EpVal::stat_idx`.
+pub fn endpoints_table(
+    svcs: &[(SvcKey4, SvcVal4)],
+    eps: &HashMap<EpKey, EpVal>,
+    stats: &HashMap<u32, (EpStats, u64)>,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}",
+        "RULE", "SERVICE", "ENDPOINT", "WEIGHT", "STATE", "ACTIVE", "SESSIONS", "PACKETS", "BYTES"
+    );
+    let mut svcs = svcs.to_vec();
+    svcs.sort_by_key(|(_, v)| v.rule_id);
+    for (k, v) in svcs {
+        for i in 0..v.ep_count {
+            let Some(e) = eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) else {
+                continue;
+            };
+            let (st, active) = stats.get(&e.stat_idx).copied().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}",
+                v.rule_id,
+                format!("{}:{}/{}", ip(k.addr), port(k.port), proto(k.proto)),
+                format!("{}:{}", ip(e.addr), port(e.port)),
+                e.weight,
+                if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
+                    "inactive"
+                } else {
+                    "active"
+                },
+                active,
+                st.new_sessions,
+                st.packets,
+                st.bytes,
+            );
+        }
+    }
+    out
 }

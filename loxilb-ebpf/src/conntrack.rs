@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use loxilb_common::{ct_dir, ct_state, stat, CtKey4, CtVal4, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP};
 
 use crate::{
-    maps::{count, LB_CT4, LB_SCRATCH_CT},
+    maps::{count, ep_active_add, ep_stats, LB_CT4, LB_SCRATCH_CT},
     parse::{ptr_at, Pkt},
 };
 
@@ -80,6 +80,9 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
         let new_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if (closing && new_syn) || (idle(v, now) && peer_idle(v, now)) {
             let peer = (*v).peer;
+            if (*v).state & ct_state::RELEASED == 0 {
+                ep_active_add((*v).ep_stat, -1);
+            }
             let _ = LB_CT4.remove(&peer);
             let _ = LB_CT4.remove(key);
             count(stat::CT_EXPIRED);
@@ -88,6 +91,10 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
         (*v).last_seen_ns = now;
         (*v).packets += 1;
         (*v).bytes += p.l3_len as u64;
+        if let Some(es) = ep_stats((*v).ep_stat) {
+            (*es).packets += 1;
+            (*es).bytes += p.l3_len as u64;
+        }
         if flags & (TCP_FIN | TCP_RST) != 0 {
             tcp_close(v, flags);
         }
@@ -131,6 +138,10 @@ fn tcp_close(v: *mut CtVal4, flags: u8) {
         }
         let both_fin = ct_state::FIN_FWD | ct_state::FIN_REPLY;
         if st & ct_state::RST != 0 || st & both_fin == both_fin {
+            if st & ct_state::RELEASED == 0 {
+                ep_active_add((*v).ep_stat, -1);
+                st |= ct_state::RELEASED;
+            }
             st |= ct_state::CLOSING;
             (*v).timeout_s = CT_CLOSE_TIMEOUT_S;
             (*pv).timeout_s = CT_CLOSE_TIMEOUT_S;
@@ -155,6 +166,7 @@ pub fn create(
     mode: u8,
     l3_len: u32,
     now: u64,
+    ep_stat: u32,
 ) -> Option<(u32, u16)> {
     let rev = CtKey4 {
         saddr: ep,
@@ -183,6 +195,7 @@ pub fn create(
         (*rv).peer = *fwd;
         (*rv).dir = ct_dir::REPLY;
         (*rv).mode = mode;
+        (*rv).ep_stat = ep_stat;
         crate::zero_in_place(fv);
         (*fv).xsaddr = fwd.saddr;
         (*fv).xdaddr = ep;
@@ -196,6 +209,7 @@ pub fn create(
         (*fv).peer = rev;
         (*fv).dir = ct_dir::FORWARD;
         (*fv).mode = mode;
+        (*fv).ep_stat = ep_stat;
     }
     let (rev_val, fwd_val) = unsafe { (&*rv, &*fv) };
     // Reply entry first, so a fast reply never finds half a session.
@@ -222,5 +236,13 @@ pub fn create(
         };
     }
     count(stat::NEW_SESSION);
+    ep_active_add(ep_stat, 1);
+    if let Some(es) = ep_stats(ep_stat) {
+        unsafe {
+            (*es).new_sessions += 1;
+            (*es).packets += 1;
+            (*es).bytes += l3_len as u64;
+        }
+    }
     Some((ep, ep_port))
 }

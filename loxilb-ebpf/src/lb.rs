@@ -103,7 +103,15 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         }
     }
     let Some((ep_addr, ep_port)) = conntrack::create(
-        &key, ep.addr, ep.port, rule_id, timeout_s, mode, p.l3_len, now,
+        &key,
+        ep.addr,
+        ep.port,
+        rule_id,
+        timeout_s,
+        mode,
+        p.l3_len,
+        now,
+        ep.stat_idx,
     ) else {
         return Verdict::Drop;
     };

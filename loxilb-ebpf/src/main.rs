@@ -2,6 +2,9 @@
 //! implementation in `lb`.
 #![no_std]
 #![no_main]
+// Atomic add on map memory (per-endpoint active sessions).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // Map keys are passed by reference on purpose: no extra copies on the
 // 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]

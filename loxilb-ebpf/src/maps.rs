@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpVal, GlobalCfg, RuleStats, SelChunk, SelKey,
-    SrcRangeData4, SvcKey4, SvcVal4, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES,
-    MAX_ENDPOINT_SLOTS, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, SelChunk,
+    SelKey, SrcRangeData4, SvcKey4, SvcVal4, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES,
+    MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -55,6 +55,43 @@ pub static LB_SRC_RANGES4: LpmTrie<SrcRangeData4, u32, { MAX_SRC_RANGES as usize
 #[btf_map]
 pub static LB_RULE_STATS: PerCpuArray<RuleStats, { MAX_SERVICES as usize + 1 }> =
     PerCpuArray::new();
+
+/// Per-endpoint counters, indexed by `EpVal::stat_idx`.
+#[btf_map]
+pub static LB_EP_STATS: PerCpuArray<EpStats, { MAX_EP_STATS as usize }> = PerCpuArray::new();
+
+/// Active sessions per endpoint (shared, atomically updated; `lc` reads
+/// it; the agent re-counts it from conntrack now and then to undo the drift
+/// of sessions that vanished by LRU eviction).
+#[btf_map]
+pub static LB_EP_ACTIVE: Array<u64, { MAX_EP_STATS as usize }> = Array::new();
+
+#[inline(always)]
+pub fn ep_active_add(idx: u32, delta: i64) {
+    if let Some(p) = LB_EP_ACTIVE.get_ptr_mut(idx) {
+        // The BPF target has no `AtomicU64::fetch_add` in core; the
+        // intrinsic lowers to a BPF atomic add (`lock *(u64 *)p += v`).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p,
+                delta as u64,
+            );
+        }
+    }
+}
+
+#[inline(always)]
+pub fn ep_active(idx: u32) -> u64 {
+    match LB_EP_ACTIVE.get_ptr(idx) {
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => u64::MAX,
+    }
+}
+
+#[inline(always)]
+pub fn ep_stats(idx: u32) -> Option<*mut EpStats> {
+    LB_EP_STATS.get_ptr_mut(idx)
+}
 
 #[inline(always)]
 pub fn src_allowed(rule_id: u32, saddr: u32) -> bool {

@@ -10,7 +10,7 @@ use loxilb_common::{
 };
 
 use crate::{
-    maps::{LB_AFFINITY4, LB_ENDPOINTS, LB_SEL_TABLE},
+    maps::{ep_active, LB_AFFINITY4, LB_ENDPOINTS, LB_SEL_TABLE},
     parse::Pkt,
 };
 
@@ -55,8 +55,36 @@ pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
         rule_id: rule,
         client: p.saddr,
     };
+    if sel == lb_sel::LC {
+        // Least connections by the power of two choices: the next slot in
+        // rotation and the flow's hash slot; the one with fewer active
+        // sessions wins (no scan, no lock).
+        let a_slot = unsafe {
+            let cur = (*svc).rr_next;
+            (*svc).rr_next = cur.wrapping_add(1);
+            cur % len
+        };
+        let b_slot = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len;
+        let a = table_at(rule, bank, a_slot).and_then(|i| endpoint(rule, bank, i));
+        let b = table_at(rule, bank, b_slot).and_then(|i| endpoint(rule, bank, i));
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                return Some(if ep_active(b.stat_idx) < ep_active(a.stat_idx) {
+                    b
+                } else {
+                    a
+                });
+            }
+            (Some(a), None) => return Some(a),
+            (None, Some(b)) => return Some(b),
+            // both inactive: fall back to probing from the rotation slot
+            (None, None) => {}
+        }
+    }
     let start = if sel == lb_sel::HASH {
         flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len
+    } else if sel == lb_sel::LC {
+        unsafe { (*svc).rr_next % len }
     } else {
         if sel == lb_sel::PERSIST {
             if let Some(a) = LB_AFFINITY4.get_ptr_mut(&aff_key) {

@@ -231,3 +231,86 @@ fn rules_with_4096_endpoints() {
         assert!(hseen.len() > 3900, "only {} endpoints used", hseen.len());
     });
 }
+
+fn ep_slots(dp: &loxilb_agent::datapath::Datapath) -> HashMap<Ipv4Addr, u32> {
+    dp.endpoints()
+        .unwrap()
+        .values()
+        .map(|e| (Ipv4Addr::from(e.addr.to_ne_bytes()), e.stat_idx))
+        .collect()
+}
+
+fn active_of(dp: &loxilb_agent::datapath::Datapath, a: Ipv4Addr) -> u64 {
+    let idx = ep_slots(dp)[&a];
+    dp.ep_stats(&[idx]).unwrap()[0].1
+}
+
+#[test]
+fn least_connections_avoids_the_busy_endpoint_and_counts_are_kept() {
+    if !need_root("least_connections_avoids_the_busy_endpoint_and_counts_are_kept") {
+        return;
+    }
+    let rules = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, selection: lc, endpoints: [{ip: 10.0.1.10, port: 8080}, {ip: 10.0.1.11, port: 8080}, {ip: 10.0.1.12, port: 8080}]}\n";
+    with_datapath("lc", rules, |dp| {
+        let busy = Ipv4Addr::new(10, 0, 1, 10);
+        let mut open = vec![];
+        for i in 0..30u16 {
+            let d = pick(dp, &syn("192.168.0.2", 60000 + i, 80));
+            open.push((60000 + i, d));
+        }
+        let total: u64 = [10, 11, 12]
+            .iter()
+            .map(|h| active_of(dp, Ipv4Addr::new(10, 0, 1, *h)))
+            .sum();
+        assert_eq!(total, 30, "every new session counted active");
+        // Close every session not on the busy endpoint (RST).
+        for (sport, d) in &open {
+            if d.0 != busy {
+                let rst = Frame::tcp(
+                    "192.168.0.2",
+                    *sport,
+                    "20.0.0.100",
+                    80,
+                    loxilb_tests::packet::RST,
+                );
+                run_xdp(dp, &rst.bytes());
+            }
+        }
+        let busy_n = active_of(dp, busy);
+        assert!(busy_n > 0);
+        assert_eq!(
+            active_of(dp, Ipv4Addr::new(10, 0, 1, 11)),
+            0,
+            "RST releases the session"
+        );
+        assert_eq!(active_of(dp, Ipv4Addr::new(10, 0, 1, 12)), 0);
+        // New sessions now avoid the busy endpoint (power of two choices:
+        // only when both choices land on it, about 1 in 9).
+        let to_busy = (0..45u16)
+            .filter(|i| pick(dp, &syn("192.168.0.3", 61000 + i, 80)).0 == busy)
+            .count();
+        assert!(
+            to_busy <= 12,
+            "{to_busy} of 45 new sessions went to the busiest endpoint"
+        );
+        // Per-endpoint counters.
+        let slots = ep_slots(dp);
+        let idx: Vec<u32> = [10, 11, 12]
+            .iter()
+            .map(|h| slots[&Ipv4Addr::new(10, 0, 1, *h)])
+            .collect();
+        let st = dp.ep_stats(&idx).unwrap();
+        assert_eq!(st.iter().map(|(s, _)| s.new_sessions).sum::<u64>(), 75);
+        assert!(st
+            .iter()
+            .all(|(s, _)| s.packets >= s.new_sessions && s.bytes > 0));
+        // Sessions that vanish without a close (as LRU eviction does) leave
+        // the counts high until the agent re-counts from conntrack.
+        dp.clear_sessions().unwrap();
+        assert!(active_of(dp, busy) > 0);
+        assert!(dp.recount_active().unwrap() > 0);
+        for h in [10, 11, 12] {
+            assert_eq!(active_of(dp, Ipv4Addr::new(10, 0, 1, h)), 0);
+        }
+    });
+}

@@ -15,7 +15,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -29,8 +29,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY4";
     pub const SRC_RANGES: &str = "LB_SRC_RANGES4";
     pub const RULE_STATS: &str = "LB_RULE_STATS";
+    pub const EP_STATS: &str = "LB_EP_STATS";
+    pub const EP_ACTIVE: &str = "LB_EP_ACTIVE";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -41,6 +43,8 @@ pub mod map_names {
         AFFINITY,
         SRC_RANGES,
         RULE_STATS,
+        EP_STATS,
+        EP_ACTIVE,
     ];
 }
 
@@ -273,7 +277,22 @@ pub struct EpVal {
     pub weight: u16,
     /// `ep_flags::*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Index of this endpoint's counters in `LB_EP_STATS` / `LB_EP_ACTIVE`
+    /// (allocated by the agent, stable while the endpoint exists).
+    pub stat_idx: u32,
+}
+
+/// Distinct endpoints (over all rules) that have counters.
+pub const MAX_EP_STATS: u32 = 65_536;
+
+/// Per-endpoint counters (per-CPU array indexed by `EpVal::stat_idx`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_sessions: u64,
+    pub _reserved: u64,
 }
 
 /// Connection-tracking key: the packet's 5-tuple as it arrives.
@@ -307,6 +326,9 @@ pub mod ct_state {
     /// Both FINs or an RST seen: the session now lives only for
     /// `CT_CLOSE_TIMEOUT_S`, and a new SYN on the tuple starts a new session.
     pub const CLOSING: u8 = 8;
+    /// The session no longer counts as active on its endpoint
+    /// (`LB_EP_ACTIVE` was decremented; never twice).
+    pub const RELEASED: u8 = 16;
 }
 
 /// How long a TCP session lingers after both FINs or an RST, seconds.
@@ -344,7 +366,8 @@ pub struct CtVal4 {
     pub nh_ifindex: u32,
     /// ... destination then source MAC, as 16-bit words ...
     pub nh_macs: [u16; 6],
-    pub _pad2: u32,
+    /// The endpoint's counter index (`EpVal::stat_idx`).
+    pub ep_stat: u32,
     /// ... and when it must be looked up again (`bpf_ktime_get_coarse_ns`).
     pub nh_expiry_ns: u64,
 }
@@ -495,6 +518,7 @@ const _: () = assert!(size_of::<AffKey4>() == 8);
 const _: () = assert!(size_of::<AffVal4>() == 24);
 const _: () = assert!(size_of::<SrcRangeData4>() == 8);
 const _: () = assert!(size_of::<RuleStats>() == 64);
+const _: () = assert!(size_of::<EpStats>() == 32);
 const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 16);
@@ -523,6 +547,7 @@ mod user {
     unsafe impl aya::Pod for AffVal4 {}
     unsafe impl aya::Pod for SrcRangeData4 {}
     unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for EpStats {}
 }
 
 #[cfg(test)]
