@@ -1,0 +1,430 @@
+//! The Kubernetes-related agent flags, parsed strictly from strings.
+//!
+//! Each `parse_*` function takes the flag's value and returns a typed value
+//! or a [`FlagError`] naming the flag, the value and what is allowed; they
+//! have the shape clap's `value_parser` takes (`Fn(&str) -> Result<T, E>`),
+//! so the agent's CLI can use them as they are. [`KubeConfig`] is the typed
+//! result with the defaults.
+//!
+//! Differences from kube-loxilb, on purpose:
+//! - There are no default pools. kube-loxilb starts with
+//!   `defaultPool=123.123.123.1/24` / `3ffe:cafe::1/96`, addresses nobody
+//!   routes; here a Service that needs a pool that is not configured stays
+//!   pending with an error naming the flag to set.
+//! - `--setLBMode` 4 (fullproxy) and 5 (hostonearm) are refused.
+//! - Pools may not overlap (checked here within one flag, and across flags
+//!   by [`KubeConfig::ipam`]).
+
+use std::{fmt, net::IpAddr};
+
+use ipnet::IpNet;
+
+use crate::{
+    annotations::{parse_pool_name, LbMode},
+    ipam::{
+        Ipam, IpamError, IpamMode, PoolRange, PoolSpec, DEFAULT_POOL, FLAG_SECONDARY, FLAG_V4,
+        FLAG_V6,
+    },
+};
+
+pub const FLAG_LB_MODE: &str = "--setLBMode";
+pub const FLAG_UNIQUE_IP: &str = "--setUniqueIP";
+pub const FLAG_LB_CLASS: &str = "--loadBalancerClass";
+pub const FLAG_POD_NETWORK: &str = "--usePodNetwork";
+pub const FLAG_MONITOR: &str = "--monitor";
+
+/// The `loadBalancerClass` handled when `--loadBalancerClass` is not given.
+pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "loxilb.io/loxilb";
+
+/// A flag value that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlagError {
+    pub flag: &'static str,
+    pub value: String,
+    pub message: String,
+}
+
+impl fmt::Display for FlagError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}: {}", self.flag, self.value, self.message)
+    }
+}
+
+impl std::error::Error for FlagError {}
+
+fn err(flag: &'static str, value: &str, message: impl Into<String>) -> FlagError {
+    FlagError {
+        flag,
+        value: value.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The Kubernetes side's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeConfig {
+    /// `--cidrPools`: IPv4 pools.
+    pub cidr_pools: Vec<PoolSpec>,
+    /// `--cidr6Pools`: IPv6 pools.
+    pub cidr6_pools: Vec<PoolSpec>,
+    /// `--externalSecondaryCIDRs`: pools for SCTP secondary addresses.
+    pub secondary_pools: Vec<PoolSpec>,
+    /// `--setLBMode`: the mode of Services without `loxilb.io/lbmode`.
+    pub lb_mode: LbMode,
+    /// `--setUniqueIP`: exclusive addresses.
+    pub unique_ip: bool,
+    /// `--loadBalancerClass`: the Services handled.
+    pub load_balancer_class: String,
+    /// `--usePodNetwork`: endpoints are pods, not nodes.
+    pub use_pod_network: bool,
+    /// `--monitor`: probe endpoints of every Service.
+    pub monitor: bool,
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        KubeConfig {
+            cidr_pools: Vec::new(),
+            cidr6_pools: Vec::new(),
+            secondary_pools: Vec::new(),
+            lb_mode: LbMode::Default,
+            unique_ip: false,
+            load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.to_string(),
+            use_pod_network: false,
+            monitor: false,
+        }
+    }
+}
+
+impl KubeConfig {
+    pub fn ipam_mode(&self) -> IpamMode {
+        if self.unique_ip {
+            IpamMode::Exclusive
+        } else {
+            IpamMode::Shared
+        }
+    }
+
+    /// An empty allocation table over the configured pools (checks that no
+    /// two pools of any flag overlap).
+    pub fn ipam(&self) -> Result<Ipam, IpamError> {
+        Ipam::new(
+            self.ipam_mode(),
+            &self.cidr_pools,
+            &self.cidr6_pools,
+            &self.secondary_pools,
+        )
+    }
+}
+
+/// `--cidrPools`: `name=CIDR|first-last,...`, IPv4.
+pub fn parse_cidr_pools(value: &str) -> Result<Vec<PoolSpec>, FlagError> {
+    parse_pools(FLAG_V4, value)
+}
+
+/// `--cidr6Pools`: `name=CIDR|first-last,...`, IPv6.
+pub fn parse_cidr6_pools(value: &str) -> Result<Vec<PoolSpec>, FlagError> {
+    parse_pools(FLAG_V6, value)
+}
+
+/// `--externalSecondaryCIDRs`: `name=CIDR|first-last,...`, either family.
+pub fn parse_secondary_cidrs(value: &str) -> Result<Vec<PoolSpec>, FlagError> {
+    parse_pools(FLAG_SECONDARY, value)
+}
+
+/// A comma-separated list of `name=CIDR` or `name=first-last`; an item
+/// without `name=` is the pool `defaultPool`. An empty value is no pools. A
+/// CIDR with host bits (`123.123.123.1/24`, as kube-loxilb's examples
+/// write) means its network. Names must be unique and pools must not
+/// overlap.
+fn parse_pools(flag: &'static str, value: &str) -> Result<Vec<PoolSpec>, FlagError> {
+    const FORMAT: &str = "expected name=CIDR or name=first-last, comma-separated (e.g. defaultPool=192.0.2.0/24,pool2=198.51.100.10-198.51.100.20)";
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pools = Vec::new();
+    for item in value.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(err(flag, value, format!("empty item; {FORMAT}")));
+        }
+        let (name, spec) = match item.split_once('=') {
+            Some((n, s)) => (n.trim(), s.trim()),
+            None => (DEFAULT_POOL, item),
+        };
+        let name = parse_pool_name(name).map_err(|m| err(flag, value, m))?;
+        let range = parse_range(spec)
+            .map_err(|m| err(flag, value, format!("pool `{name}`: {m}; {FORMAT}")))?;
+        pools.push(PoolSpec { name, range });
+    }
+    let none: &[PoolSpec] = &[];
+    let (v4, v6, sec) = match flag {
+        FLAG_V4 => (&pools[..], none, none),
+        FLAG_V6 => (none, &pools[..], none),
+        _ => (none, none, &pools[..]),
+    };
+    Ipam::new(IpamMode::Shared, v4, v6, sec).map_err(|e| err(flag, value, e.to_string()))?;
+    Ok(pools)
+}
+
+fn parse_range(spec: &str) -> Result<PoolRange, String> {
+    if spec.contains('/') {
+        let net: IpNet = spec
+            .parse()
+            .map_err(|_| format!("`{spec}` is not a CIDR"))?;
+        return Ok(PoolRange::Cidr(net.trunc()));
+    }
+    if let Some((a, b)) = spec.split_once('-') {
+        let ip = |s: &str| {
+            s.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("`{}` is not an IP address", s.trim()))
+        };
+        let (first, last) = (ip(a)?, ip(b)?);
+        let same_family = first.is_ipv4() == last.is_ipv4();
+        let ordered = match (first, last) {
+            (IpAddr::V4(x), IpAddr::V4(y)) => x <= y,
+            (IpAddr::V6(x), IpAddr::V6(y)) => x <= y,
+            _ => false,
+        };
+        if !same_family || !ordered {
+            return Err(format!(
+                "`{spec}`: a range is first-last of one family with first <= last"
+            ));
+        }
+        return Ok(PoolRange::Range { first, last });
+    }
+    if let Ok(ip) = spec.parse::<IpAddr>() {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        return Err(format!(
+            "`{spec}` is a single address; write {ip}/{len} for a one-address pool"
+        ));
+    }
+    Err(format!("`{spec}` is neither a CIDR nor a first-last range"))
+}
+
+/// `--setLBMode`: 0 default, 1 onearm, 2 fullnat, 3 dsr.
+pub fn parse_lb_mode(value: &str) -> Result<LbMode, FlagError> {
+    const ALLOWED: &str = "allowed values: 0 (default), 1 (onearm), 2 (fullnat), 3 (dsr)";
+    match value.trim() {
+        "0" => Ok(LbMode::Default),
+        "1" => Ok(LbMode::OneArm),
+        "2" => Ok(LbMode::FullNat),
+        "3" => Ok(LbMode::Dsr),
+        "4" => Err(err(
+            FLAG_LB_MODE,
+            value,
+            format!("4 (fullproxy) is not supported by this load balancer; {ALLOWED}"),
+        )),
+        "5" => Err(err(
+            FLAG_LB_MODE,
+            value,
+            format!("5 (hostonearm) is not supported by this load balancer; {ALLOWED}"),
+        )),
+        _ => Err(err(FLAG_LB_MODE, value, ALLOWED)),
+    }
+}
+
+/// A boolean flag value, with the spellings Go's `strconv.ParseBool`
+/// accepts (kube-loxilb manifests write `--setUniqueIP=false`).
+pub fn parse_bool(flag: &'static str, value: &str) -> Result<bool, FlagError> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(err(flag, value, "allowed values: true, false")),
+    }
+}
+
+/// `--loadBalancerClass`: a label-style key, `[prefix/]name`, as the
+/// Kubernetes API requires of `spec.loadBalancerClass`.
+pub fn parse_load_balancer_class(value: &str) -> Result<String, FlagError> {
+    let ok = match value.split_once('/') {
+        Some((prefix, name)) => dns_subdomain(prefix) && qualified_name_part(name),
+        None => qualified_name_part(value),
+    };
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(err(
+            FLAG_LB_CLASS,
+            value,
+            format!(
+                "not a label-style key; allowed values: [prefix/]name with prefix a DNS subdomain and name at most 63 characters of letters, digits, `-`, `_`, `.` (e.g. {DEFAULT_LOAD_BALANCER_CLASS})"
+            ),
+        ))
+    }
+}
+
+fn qualified_name_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(crate::annotations::dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = KubeConfig::default();
+        assert_eq!(c.load_balancer_class, "loxilb.io/loxilb");
+        assert_eq!(c.lb_mode, LbMode::Default);
+        assert!(c.cidr_pools.is_empty() && c.cidr6_pools.is_empty());
+        assert!(!c.unique_ip && !c.use_pod_network && !c.monitor);
+        assert_eq!(c.ipam_mode(), IpamMode::Shared);
+        let c = KubeConfig {
+            unique_ip: true,
+            ..c
+        };
+        assert_eq!(c.ipam().unwrap().mode(), IpamMode::Exclusive);
+    }
+
+    #[test]
+    fn cidr_pools() {
+        let p =
+            parse_cidr_pools("defaultPool=123.123.123.1/24, pool2=124.124.124.10-124.124.124.20")
+                .unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].to_string(), "defaultPool=123.123.123.0/24");
+        assert_eq!(
+            p[1].range,
+            PoolRange::Range {
+                first: ip("124.124.124.10"),
+                last: ip("124.124.124.20")
+            }
+        );
+        // A bare CIDR is the default pool.
+        let p = parse_cidr_pools("192.0.2.0/24").unwrap();
+        assert_eq!(p[0].name, DEFAULT_POOL);
+        assert!(parse_cidr_pools("").unwrap().is_empty());
+        assert!(parse_cidr_pools("  ").unwrap().is_empty());
+    }
+
+    #[test]
+    fn cidr6_pools() {
+        let p = parse_cidr6_pools("defaultPool=3ffe::1/96,p2=3fff::10-3fff::20").unwrap();
+        assert_eq!(p[0].range, PoolRange::Cidr("3ffe::/96".parse().unwrap()));
+        assert_eq!(p[1].range.family(), crate::IpFamily::V6);
+        let e = parse_cidr6_pools("defaultPool=10.0.0.0/8").unwrap_err();
+        assert!(e.message.contains("put it in --cidrPools"), "{e}");
+        let e = parse_cidr_pools("defaultPool=3ffe::/96").unwrap_err();
+        assert_eq!(e.flag, "--cidrPools");
+        assert!(e.message.contains("put it in --cidr6Pools"), "{e}");
+    }
+
+    #[test]
+    fn pool_errors() {
+        for (v, want) in [
+            ("a=10.0.0.0/24,", "empty item"),
+            ("a=10.0.0.0/33", "`10.0.0.0/33` is not a CIDR"),
+            ("a=10.0.0.9-10.0.0.1", "first <= last"),
+            ("a=10.0.0.1-3ffe::1", "one family"),
+            ("a=10.0.0.1-x", "`x` is not an IP address"),
+            ("a=10.0.0.5", "write 10.0.0.5/32"),
+            ("a=pool", "neither a CIDR nor a first-last range"),
+            ("=10.0.0.0/24", "is not a pool name"),
+            ("my pool=10.0.0.0/24", "is not a pool name"),
+            ("a=10.0.0.0/24,a=10.0.1.0/24", "`a` is used twice"),
+            ("a=10.0.0.0/24,b=10.0.0.128/25", "overlap"),
+            ("10.0.0.0/24,10.0.1.0/24", "`defaultPool` is used twice"),
+        ] {
+            let e = parse_cidr_pools(v).unwrap_err();
+            assert_eq!(e.value, v);
+            assert!(e.message.contains(want), "{v}: {e}");
+        }
+        let e = parse_cidr_pools("a=10.0.0.5").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--cidrPools \"a=10.0.0.5\": pool `a`: `10.0.0.5` is a single address; write 10.0.0.5/32 \
+             for a one-address pool; expected name=CIDR or name=first-last, comma-separated \
+             (e.g. defaultPool=192.0.2.0/24,pool2=198.51.100.10-198.51.100.20)"
+        );
+    }
+
+    #[test]
+    fn secondary_cidrs_take_both_families() {
+        let p = parse_secondary_cidrs("s1=30.0.0.0/24,s2=3ffe:2::/64").unwrap();
+        assert_eq!(p.len(), 2);
+        let e = parse_secondary_cidrs("s1=30.0.0.0/24,s1=3ffe:2::/64").unwrap_err();
+        assert_eq!(e.flag, "--externalSecondaryCIDRs");
+    }
+
+    #[test]
+    fn pools_overlapping_across_flags() {
+        let c = KubeConfig {
+            cidr_pools: parse_cidr_pools("defaultPool=10.0.0.0/24").unwrap(),
+            secondary_pools: parse_secondary_cidrs("s=10.0.0.0/28").unwrap(),
+            ..KubeConfig::default()
+        };
+        assert!(c.ipam().unwrap_err().to_string().contains("overlap"));
+    }
+
+    #[test]
+    fn lb_mode() {
+        assert_eq!(parse_lb_mode("0"), Ok(LbMode::Default));
+        assert_eq!(parse_lb_mode("1"), Ok(LbMode::OneArm));
+        assert_eq!(parse_lb_mode("2"), Ok(LbMode::FullNat));
+        assert_eq!(parse_lb_mode("3"), Ok(LbMode::Dsr));
+        let e = parse_lb_mode("4").unwrap_err();
+        assert!(e
+            .message
+            .starts_with("4 (fullproxy) is not supported by this load balancer"));
+        let e = parse_lb_mode("5").unwrap_err();
+        assert!(e.message.contains("hostonearm"));
+        for v in ["6", "-1", "fullnat", ""] {
+            let e = parse_lb_mode(v).unwrap_err();
+            assert_eq!(
+                e.message,
+                "allowed values: 0 (default), 1 (onearm), 2 (fullnat), 3 (dsr)"
+            );
+            assert_eq!(e.flag, "--setLBMode");
+        }
+    }
+
+    #[test]
+    fn booleans() {
+        for v in ["1", "t", "T", "true", "TRUE", "True"] {
+            assert_eq!(parse_bool(FLAG_UNIQUE_IP, v), Ok(true));
+        }
+        for v in ["0", "f", "F", "false", "FALSE", "False"] {
+            assert_eq!(parse_bool(FLAG_MONITOR, v), Ok(false));
+        }
+        let e = parse_bool(FLAG_POD_NETWORK, "yes").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--usePodNetwork \"yes\": allowed values: true, false"
+        );
+    }
+
+    #[test]
+    fn load_balancer_class() {
+        for ok in ["loxilb.io/loxilb", "internal-vip", "example.com/a_b.c", "a"] {
+            assert_eq!(parse_load_balancer_class(ok).as_deref(), Ok(ok));
+        }
+        for bad in [
+            "",
+            "loxilb.io/",
+            "/x",
+            "Loxilb.IO/x",
+            "a/b/c",
+            "x-",
+            "loxilb io",
+            &"n".repeat(64),
+        ] {
+            let e = parse_load_balancer_class(bad).unwrap_err();
+            assert!(e.message.contains("label-style key"), "{bad}: {e}");
+        }
+    }
+}
