@@ -7,7 +7,7 @@
 //!     vip: 20.0.0.100
 //!     port: 80
 //!     protocol: tcp          # tcp | udp
-//!     mode: default          # default (DNAT, client source kept)
+//!     mode: default          # default (DNAT) | onearm | fullnat | dsr | dsr-ipip
 //!     selection: rr          # rr | hash (Maglev) | persist (source-IP affinity) | lc
 //!     persist_timeout: 10800 # affinity lifetime, seconds (persist only)
 //!     timeout: 1800          # idle seconds, 1..=604800 (default 1800)
@@ -58,6 +58,15 @@ impl fmt::Display for Protocol {
 pub enum Mode {
     /// DNAT: destination rewritten to the endpoint, client source IP kept.
     Default,
+    /// Source rewritten to the node's own address toward the endpoint.
+    OneArm,
+    /// Source rewritten to the full-NAT source (`--fullnat-source`, else
+    /// the VIP).
+    FullNat,
+    /// Direct server return on L2 (endpoint holds the VIP, replies directly).
+    Dsr,
+    /// Direct server return over IPIP.
+    DsrIpip,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +228,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             return Err(err(f("vip"), format!("{vip} cannot be a service address")));
         }
         let port = int_in(&err, f("port"), &r.port, 1, 65535, "a port")? as u16;
+        let rule_port = port;
         let protocol = match r.protocol.trim().to_ascii_lowercase().as_str() {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
@@ -231,16 +241,20 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         };
         let mode = match r.mode.as_deref().map(str::trim) {
             None | Some("default") => Mode::Default,
-            Some(m @ ("onearm" | "fullnat" | "dsr")) => {
+            Some("onearm") => Mode::OneArm,
+            Some("fullnat") => Mode::FullNat,
+            Some("dsr") => Mode::Dsr,
+            Some("dsr-ipip") => Mode::DsrIpip,
+            Some(m @ ("fullproxy" | "hostonearm")) => {
                 return Err(err(
                     f("mode"),
-                    format!("{m:?} is not implemented yet; only \"default\" (DNAT) works today"),
+                    format!("{m:?} is not supported by this load balancer; use default, onearm, fullnat, dsr or dsr-ipip"),
                 ))
             }
             Some(m) => {
                 return Err(err(
                     f("mode"),
-                    format!("{m:?} is not a mode; use default, onearm, fullnat or dsr"),
+                    format!("{m:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip"),
                 ))
             }
         };
@@ -350,6 +364,16 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                     format!("{ip}:{port} is listed twice in this rule"),
                 ));
             }
+            if matches!(mode, Mode::Dsr | Mode::DsrIpip) && port != rule_port {
+                return Err(err(
+                    g("port"),
+                    format!(
+                        "{port}: in {} mode the packet reaches the endpoint untranslated, so the \
+                         endpoint must listen on the service port {rule_port}",
+                        if mode == Mode::Dsr { "dsr" } else { "dsr-ipip" }
+                    ),
+                ));
+            }
             endpoints.push(Endpoint { ip, port, weight });
         }
         rules.push(Rule {
@@ -366,6 +390,30 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         });
     }
     Ok(rules)
+}
+
+/// Check what the rule file cannot know by itself: every endpoint of an L2
+/// DSR rule must be on a segment this node is directly attached to.
+pub fn check_reachability(
+    file: &str,
+    rules: &[Rule],
+    routes: &[crate::routes::Route],
+) -> Result<(), ConfigError> {
+    for (i, r) in rules.iter().enumerate() {
+        if r.mode != Mode::Dsr {
+            continue;
+        }
+        for (j, e) in r.endpoints.iter().enumerate() {
+            if let Some(why) = crate::routes::l2_problem(routes, e.ip) {
+                return Err(ConfigError {
+                    file: file.to_string(),
+                    field: format!("rules[{i}].endpoints[{j}].ip"),
+                    message: why,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -447,9 +495,13 @@ rules:
         assert_eq!(e.field, "rules[0].timeout");
         assert!(e.message.contains("abc"));
 
-        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: fullnat}\n");
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: fullproxy}\n");
         assert_eq!(e.field, "rules[0].mode");
-        assert!(e.message.contains("not implemented yet"));
+        assert!(e.message.contains("not supported"));
+
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, mode: dsr, endpoints: [{ip: 10.0.0.1, port: 8080}]}\n");
+        assert_eq!(e.field, "rules[0].endpoints[0].port");
+        assert!(e.message.contains("service port 80"), "{e}");
 
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, selection: n3}\n");
         assert_eq!(e.field, "rules[0].selection");

@@ -60,6 +60,7 @@ struct Attached {
     iface: String,
     id: aya::programs::xdp::XdpLinkId,
     mode: &'static str,
+    program: &'static str,
 }
 
 pub struct Datapath {
@@ -123,7 +124,11 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF datapath into the kernel failed")?;
-        for name in [prog_names::XDP_MAIN, prog_names::XDP_PASS] {
+        for name in [
+            prog_names::XDP_MAIN,
+            prog_names::XDP_PASS,
+            prog_names::XDP_DECAP,
+        ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
@@ -147,6 +152,9 @@ impl Datapath {
             dp.set_config(GlobalCfg {
                 layout_version: LAYOUT_VERSION,
                 flags: 0,
+                fullnat_src: 0,
+                snat_port_lo: loxilb_common::SNAT_PORT_LO,
+                snat_port_hi: loxilb_common::SNAT_PORT_HI,
             })?;
         }
         Ok(dp)
@@ -211,8 +219,22 @@ impl Datapath {
     /// left its program attached there (pinned link), it is replaced
     /// atomically: no packet sees a gap. Returns the mode used.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
-        let pin = self.link_pin(iface);
-        let prog = self.xdp_program(prog_names::XDP_MAIN)?;
+        self.attach_program(iface, mode, prog_names::XDP_MAIN)
+    }
+
+    /// Attach one of the object's XDP programs (`prog_names::*`) to `iface`.
+    pub fn attach_program(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        program: &str,
+    ) -> Result<&'static str> {
+        let pin = if program == prog_names::XDP_MAIN {
+            self.link_pin(iface)
+        } else {
+            None
+        };
+        let prog = self.xdp_program(program)?;
         if let Some(pin) = pin.filter(|p| p.exists()) {
             let fd_link: FdLink = PinnedLink::from_pin(&pin)
                 .with_context(|| format!("opening the pinned XDP link {}", pin.display()))?
@@ -226,6 +248,7 @@ impl Datapath {
                 iface: iface.to_string(),
                 id,
                 mode: "adopted",
+                program: prog_names::XDP_MAIN,
             });
             return Ok("adopted (program replaced in place)");
         }
@@ -244,6 +267,7 @@ impl Datapath {
             iface: iface.to_string(),
             id,
             mode: used,
+            program: prog_name_static(program),
         });
         Ok(used)
     }
@@ -268,7 +292,7 @@ impl Datapath {
             std::fs::create_dir_all(dir.join("links"))?;
             for a in attached {
                 let pin = self.link_pin(&a.iface).expect("pin dir set");
-                let prog = self.xdp_program(prog_names::XDP_MAIN)?;
+                let prog = self.xdp_program(a.program)?;
                 let link = prog.take_link(a.id)?;
                 let fd_link: FdLink = link
                     .try_into()
@@ -280,7 +304,7 @@ impl Datapath {
             return Ok(());
         }
         for a in attached {
-            let prog = self.xdp_program(prog_names::XDP_MAIN)?;
+            let prog = self.xdp_program(a.program)?;
             prog.detach(a.id)
                 .with_context(|| format!("detaching from {}", a.iface))?;
         }
@@ -464,6 +488,17 @@ impl Datapath {
         ct.insert(k, v, 0)?;
         Ok(())
     }
+}
+
+fn prog_name_static(p: &str) -> &'static str {
+    [
+        prog_names::XDP_MAIN,
+        prog_names::XDP_PASS,
+        prog_names::XDP_DECAP,
+    ]
+    .into_iter()
+    .find(|n| *n == p)
+    .unwrap_or(prog_names::XDP_MAIN)
 }
 
 fn src_range_key(rule_id: u32, net: Ipv4Net) -> LpmKey<SrcRangeData4> {

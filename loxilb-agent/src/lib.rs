@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod routes;
 pub mod rules;
 pub mod selection;
 pub mod show;

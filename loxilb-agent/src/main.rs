@@ -48,6 +48,22 @@ enum Cmd {
         /// Hand translated packets to the kernel stack instead of XDP redirect.
         #[arg(long)]
         forward_via_stack: bool,
+        /// Source address of full-NAT sessions (kube-loxilb's `--setRoles`
+        /// VIP); default: each service's own VIP.
+        #[arg(long, value_name = "IPV4")]
+        fullnat_source: Option<std::net::Ipv4Addr>,
+        /// Source ports given to onearm/full-NAT sessions, `LO-HI`.
+        #[arg(long, value_name = "LO-HI", default_value = "32768-60999", value_parser = parse_port_range)]
+        snat_ports: (u16, u16),
+    },
+    /// Attach the IPIP decapsulator to interfaces (on the endpoints of a
+    /// dsr-ipip rule, where the kernel has no ipip module); runs until
+    /// stopped.
+    Decap {
+        #[arg(long = "iface", short = 'i', required = true)]
+        ifaces: Vec<String>,
+        #[arg(long, default_value = "auto")]
+        xdp_mode: AttachMode,
     },
     /// Show the rules in the running datapath.
     Rules,
@@ -57,6 +73,30 @@ enum Cmd {
     Sessions,
     /// Show datapath counters.
     Stats,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not a port range like 32768-60999 (1..=65535, low <= high)");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = a.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = b.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+/// Load and fully check the rule file (syntax, values, and what depends
+/// on this node: L2 DSR endpoints must be directly connected).
+fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
+    let rules = config::load(path)?;
+    let routes = loxilb_agent::routes::read().map_err(|e| config::ConfigError {
+        file: path.display().to_string(),
+        field: String::new(),
+        message: format!("cannot read the routing table (/proc/net/route): {e}"),
+    })?;
+    config::check_reachability(&path.display().to_string(), &rules, &routes)?;
+    Ok(rules)
 }
 
 fn main() -> Result<()> {
@@ -74,6 +114,8 @@ fn main() -> Result<()> {
             xdp_mode,
             keep,
             forward_via_stack,
+            fullnat_source,
+            snat_ports,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -84,8 +126,30 @@ fn main() -> Result<()> {
                 &config,
                 xdp_mode,
                 keep,
-                forward_via_stack,
+                Knobs {
+                    forward_via_stack,
+                    fullnat_source,
+                    snat_ports,
+                },
             ))
+        }
+        Cmd::Decap { ifaces, xdp_mode } => {
+            let mut dp = Datapath::load(None)?;
+            for i in &ifaces {
+                let used = dp.attach_program(i, xdp_mode, loxilb_common::prog_names::XDP_DECAP)?;
+                info!("IPIP decapsulation attached to {i}: {used} mode");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
+                info!("decapsulating; stop with SIGTERM or Ctrl-C");
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                anyhow::Ok(())
+            })?;
+            dp.shutdown(false)
         }
         Cmd::Rules => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
@@ -129,16 +193,23 @@ fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// Datapath-wide settings from the command line.
+struct Knobs {
+    forward_via_stack: bool,
+    fullnat_source: Option<std::net::Ipv4Addr>,
+    snat_ports: (u16, u16),
+}
+
 async fn run(
     pin_dir: &Path,
     ifaces: &[String],
     cfg_path: &Path,
     mode: AttachMode,
     keep: bool,
-    forward_via_stack: bool,
+    knobs: Knobs,
 ) -> Result<()> {
     // Validate the rule file before touching the kernel.
-    let desired = config::load(cfg_path)?;
+    let desired = load_rules(cfg_path)?;
     let mut dp = Datapath::load(Some(pin_dir))?;
     let mut rules = if dp.adopted() {
         let installed = dp.read_installed()?;
@@ -153,11 +224,16 @@ async fn run(
         Rules::adopt(vec![])
     };
     let mut cfg = dp.config()?;
-    cfg.flags = if forward_via_stack {
+    cfg.flags = if knobs.forward_via_stack {
         loxilb_common::cfg_flags::FORWARD_VIA_STACK
     } else {
         0
     };
+    cfg.fullnat_src = knobs
+        .fullnat_source
+        .map(|a| u32::from_ne_bytes(a.octets()))
+        .unwrap_or(0);
+    (cfg.snat_port_lo, cfg.snat_port_hi) = knobs.snat_ports;
     dp.set_config(cfg)?;
     let rep = rules.apply(&desired, &mut dp)?;
     info!(
@@ -209,7 +285,7 @@ async fn run(
         if !reload {
             continue;
         }
-        match config::load(cfg_path) {
+        match load_rules(cfg_path) {
             Ok(desired) => match rules.apply(&desired, &mut dp) {
                 Ok(rep) => info!(
                     added = ?rep.added,

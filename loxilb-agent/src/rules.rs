@@ -141,6 +141,10 @@ impl StatSlots {
 fn mode_code(m: Mode) -> u8 {
     match m {
         Mode::Default => lb_mode::DEFAULT,
+        Mode::OneArm => lb_mode::ONEARM,
+        Mode::FullNat => lb_mode::FULLNAT,
+        Mode::Dsr => lb_mode::DSR,
+        Mode::DsrIpip => lb_mode::DSR_IPIP,
     }
 }
 

@@ -2,7 +2,9 @@
 //! TCP FIN/RST shortening the session's life.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
-use loxilb_common::{ct_dir, ct_state, stat, CtKey4, CtVal4, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP};
+use loxilb_common::{
+    ct_dir, ct_state, flow_hash, stat, CtKey4, CtVal4, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP,
+};
 
 use crate::{
     maps::{count, ep_active_add, ep_stats, LB_CT4, LB_SCRATCH_CT},
@@ -124,7 +126,12 @@ fn tcp_close(v: *mut CtVal4, flags: u8) {
     unsafe {
         let peer_key = (*v).peer;
         let Some(pv) = LB_CT4.get_ptr_mut(&peer_key) else {
-            (*v).state |= ct_state::CLOSING;
+            // No reply entry (DSR: we see one direction only): a FIN or an
+            // RST from the client closes the session.
+            if (*v).state & ct_state::RELEASED == 0 {
+                ep_active_add((*v).ep_stat, -1);
+            }
+            (*v).state |= ct_state::CLOSING | ct_state::RELEASED;
             (*v).timeout_s = CT_CLOSE_TIMEOUT_S;
             return;
         };
@@ -151,37 +158,79 @@ fn tcp_close(v: *mut CtVal4, flags: u8) {
     }
 }
 
-/// Create both directions of a new DNAT session: `fwd` is the client's
-/// packet as received, translated to (`ep`, `ep_port`). Returns the tuple
-/// the packet must be translated to (the existing one if another CPU won a
-/// race on the same tuple), or None if the table refused the entry.
-#[allow(clippy::too_many_arguments)]
+/// The tuple a packet is translated to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Xlate {
+    pub xs: u32,
+    pub xd: u32,
+    pub xsp: u16,
+    pub xdp: u16,
+}
+
+/// What the new session needs besides its translation.
+pub struct NewSession {
+    pub rule_id: u32,
+    pub timeout_s: u32,
+    pub mode: u8,
+    pub l3_len: u32,
+    pub now: u64,
+    pub ep_stat: u32,
+    /// Allocate the translated source port (onearm, full-NAT) from
+    /// `[port_lo, port_hi]` (host order).
+    pub snat: bool,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// DSR: the endpoint; the packet keeps its tuple and there is no reply
+    /// entry (replies do not come back through us).
+    pub dsr_ep: u32,
+}
+
+const SNAT_TRIES: u32 = 16;
+
+/// Remove the session owning `key` if it is over (idle past its timeout in
+/// both directions); true if it went.
 #[inline(always)]
-pub fn create(
-    fwd: &CtKey4,
-    ep: u32,
-    ep_port: u16,
-    rule_id: u32,
-    timeout_s: u32,
-    mode: u8,
-    l3_len: u32,
-    now: u64,
-    ep_stat: u32,
-) -> Option<(u32, u16)> {
-    let rev = CtKey4 {
-        saddr: ep,
-        daddr: fwd.saddr,
-        sport: ep_port,
-        dport: fwd.sport,
-        proto: fwd.proto,
-        _pad1: 0,
-        _pad2: 0,
+fn reclaim(key: &CtKey4, now: u64) -> bool {
+    let Some(v) = LB_CT4.get_ptr(key) else {
+        return true;
     };
+    unsafe {
+        if !(idle(v, now) && peer_idle(v, now)) {
+            return false;
+        }
+        if (*v).state & ct_state::RELEASED == 0 {
+            ep_active_add((*v).ep_stat, -1);
+        }
+        let peer = (*v).peer;
+        let _ = LB_CT4.remove(&peer);
+        let _ = LB_CT4.remove(key);
+    }
+    count(stat::CT_EXPIRED);
+    true
+}
+
+/// Create a new session for `fwd` (the client's packet as received),
+/// translated to `x`: the forward entry and (unless DSR) the reply entry.
+/// Returns the translation to apply (another CPU's, if it won a race on the
+/// same tuple), or None when the session cannot be created (table full, no
+/// free source port: counted).
+#[inline(always)]
+pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
     // Built in per-CPU scratch space, not on the 512-byte BPF stack, and
     // zeroed with word stores (a zeroing struct literal becomes a memset
     // call in BPF).
     let (Some(rv), Some(fv)) = (LB_SCRATCH_CT.get_ptr_mut(0), LB_SCRATCH_CT.get_ptr_mut(1)) else {
         return None;
+    };
+    let mut x = x;
+    let mut rev = CtKey4 {
+        saddr: x.xd,
+        daddr: x.xs,
+        sport: x.xdp,
+        dport: x.xsp,
+        proto: fwd.proto,
+        _pad1: 0,
+        _pad2: 0,
     };
     unsafe {
         crate::zero_in_place(rv);
@@ -189,60 +238,103 @@ pub fn create(
         (*rv).xdaddr = fwd.saddr;
         (*rv).xsport = fwd.dport;
         (*rv).xdport = fwd.sport;
-        (*rv).rule_id = rule_id;
-        (*rv).timeout_s = timeout_s;
-        (*rv).last_seen_ns = now;
+        (*rv).rule_id = n.rule_id;
+        (*rv).timeout_s = n.timeout_s;
+        (*rv).last_seen_ns = n.now;
         (*rv).peer = *fwd;
         (*rv).dir = ct_dir::REPLY;
-        (*rv).mode = mode;
-        (*rv).ep_stat = ep_stat;
-        crate::zero_in_place(fv);
-        (*fv).xsaddr = fwd.saddr;
-        (*fv).xdaddr = ep;
-        (*fv).xsport = fwd.sport;
-        (*fv).xdport = ep_port;
-        (*fv).rule_id = rule_id;
-        (*fv).timeout_s = timeout_s;
-        (*fv).last_seen_ns = now;
-        (*fv).packets = 1;
-        (*fv).bytes = l3_len as u64;
-        (*fv).peer = rev;
-        (*fv).dir = ct_dir::FORWARD;
-        (*fv).mode = mode;
-        (*fv).ep_stat = ep_stat;
+        (*rv).mode = n.mode;
+        (*rv).ep_stat = n.ep_stat;
     }
-    let (rev_val, fwd_val) = unsafe { (&*rv, &*fv) };
-    // Reply entry first, so a fast reply never finds half a session.
-    if LB_CT4.insert(&rev, rev_val, 0).is_err() {
+    let rev_val = unsafe { &*rv };
+    if n.dsr_ep != 0 {
+        // no reply entry
+    } else if n.snat {
+        // The reply entry is the port's allocation record: the first free
+        // (endpoint, source, port) tuple wins; it is released with the
+        // session.
+        let range = (n.port_hi as u32).saturating_sub(n.port_lo as u32) + 1;
+        let h = flow_hash(fwd.saddr, fwd.daddr, fwd.sport, fwd.dport, fwd.proto);
+        let mut i = 0;
+        let mut ok = false;
+        while i < SNAT_TRIES {
+            let port = n.port_lo as u32 + (h.wrapping_add(i.wrapping_mul(7919))) % range;
+            rev.dport = (port as u16).to_be();
+            if LB_CT4.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
+                ok = true;
+                break;
+            }
+            // Taken: by a live session, or by one that ended and was never
+            // seen again (nothing removed it). Reclaim the latter.
+            if reclaim(&rev, n.now) && LB_CT4.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
+                ok = true;
+                break;
+            }
+            i += 1;
+        }
+        if !ok {
+            count(stat::DROP_SNAT_EXHAUSTED);
+            return None;
+        }
+        x.xsp = rev.dport;
+    } else if LB_CT4.insert(&rev, rev_val, 0).is_err() {
+        // Reply entry first, so a fast reply never finds half a session.
         count(stat::DROP_CT_FULL);
         return None;
     }
+    unsafe {
+        crate::zero_in_place(fv);
+        (*fv).xsaddr = x.xs;
+        (*fv).xdaddr = x.xd;
+        (*fv).xsport = x.xsp;
+        (*fv).xdport = x.xdp;
+        (*fv).rule_id = n.rule_id;
+        (*fv).timeout_s = n.timeout_s;
+        (*fv).last_seen_ns = n.now;
+        (*fv).packets = 1;
+        (*fv).bytes = n.l3_len as u64;
+        if n.dsr_ep == 0 {
+            (*fv).peer = rev;
+        }
+        (*fv).dir = ct_dir::FORWARD;
+        (*fv).mode = n.mode;
+        (*fv).ep_stat = n.ep_stat;
+        (*fv).dsr_ep = n.dsr_ep;
+    }
+    let fwd_val = unsafe { &*fv };
     if LB_CT4.insert(fwd, fwd_val, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this session first: follow its choice (and
         // drop our reply entry unless it is the very same one).
         return match LB_CT4.get_ptr(fwd) {
             Some(v) => unsafe {
-                let won = ((*v).xdaddr, (*v).xdport);
-                if won != (ep, ep_port) {
+                let won = Xlate {
+                    xs: (*v).xsaddr,
+                    xd: (*v).xdaddr,
+                    xsp: (*v).xsport,
+                    xdp: (*v).xdport,
+                };
+                if won != x && n.dsr_ep == 0 {
                     let _ = LB_CT4.remove(&rev);
                 }
                 Some(won)
             },
             None => {
-                let _ = LB_CT4.remove(&rev);
+                if n.dsr_ep == 0 {
+                    let _ = LB_CT4.remove(&rev);
+                }
                 count(stat::DROP_CT_FULL);
                 None
             }
         };
     }
     count(stat::NEW_SESSION);
-    ep_active_add(ep_stat, 1);
-    if let Some(es) = ep_stats(ep_stat) {
+    ep_active_add(n.ep_stat, 1);
+    if let Some(es) = ep_stats(n.ep_stat) {
         unsafe {
             (*es).new_sessions += 1;
             (*es).packets += 1;
-            (*es).bytes += l3_len as u64;
+            (*es).bytes += n.l3_len as u64;
         }
     }
-    Some((ep, ep_port))
+    Some(x)
 }

@@ -4,8 +4,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -27,9 +27,35 @@ pub trait PktCtx {
     fn data_end(&self) -> usize;
     fn ifindex(&self) -> u32;
     fn raw(&self) -> *mut c_void;
+    /// Insert `len` bytes right after the Ethernet header (for an outer
+    /// L3 header); every packet pointer is invalid afterwards.
+    fn grow_l3(&self, len: u32) -> bool;
 }
 
 impl PktCtx for XdpContext {
+    #[inline(always)]
+    fn grow_l3(&self, len: u32) -> bool {
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) } != 0 {
+            return false;
+        }
+        // Move the Ethernet header to the new front.
+        let data = self.data();
+        let end = self.data_end();
+        if data + len as usize + 14 > end || len > 64 {
+            return false;
+        }
+        unsafe {
+            // Word by word (volatile): a plain copy becomes a memmove call.
+            let src = (data + len as usize) as *const u16;
+            let dst = data as *mut u16;
+            let mut i = 0;
+            while i < 7 {
+                core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
+                i += 1;
+            }
+        }
+        true
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)
@@ -49,6 +75,10 @@ impl PktCtx for XdpContext {
 }
 
 impl PktCtx for TcContext {
+    #[inline(always)]
+    fn grow_l3(&self, len: u32) -> bool {
+        unsafe { bpf_skb_adjust_room(self.skb.skb, len as i32, BPF_ADJ_ROOM_MAC, 0) == 0 }
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)

@@ -1,6 +1,7 @@
 //! Forwarding of translated packets: `bpf_fib_lookup` and redirect, or the
 //! kernel stack when the FIB cannot answer (no neighbour yet, local
-//! destination, forwarding disabled, VLAN-tagged frames).
+//! destination, forwarding disabled, VLAN-tagged frames). DSR frames go to
+//! the endpoint's MAC untranslated, or IPIP-encapsulated to it.
 //!
 //! The FIB answer (egress interface and both MACs) is cached in the
 //! session's conntrack entry for `NH_CACHE_NS`, so an established flow pays
@@ -8,22 +9,39 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LOOKUP_SRC},
+    helpers::bpf_fib_lookup,
+};
 use loxilb_common::{cfg_flags, csum, stat, CtVal4, NH_CACHE_NS};
 
 use crate::{
     ctx::{PktCtx, Verdict},
     maps::{count, LB_CONFIG},
-    parse::{ptr_at, Pkt},
+    parse::{ptr_at, Pkt, ETH_HLEN},
 };
 
 const AF_INET: u8 = 2;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const RET_SUCCESS: i64 = 0;
+const RET_NO_NEIGH: i64 = 7;
+const RET_FRAG_NEEDED: i64 = 8;
+const IPPROTO_IPIP: u8 = 4;
 
-/// Look the next hop up in the FIB: (egress ifindex, [dst MAC, src MAC] as
-/// 16-bit words), or None when the stack must handle the packet.
+/// A FIB answer.
+pub struct Fib {
+    pub rc: i64,
+    pub ifindex: u32,
+    /// [dst MAC, src MAC] as 16-bit words.
+    pub macs: [u16; 6],
+    /// Source address the kernel would use (with `BPF_FIB_LOOKUP_SRC`).
+    pub src: u32,
+    /// The next hop: `dst` itself when directly connected, else the gateway.
+    pub nexthop: u32,
+}
+
+/// Look `src -> dst` up in the FIB as a packet of `p`'s protocol and ports.
 #[inline(always)]
-fn fib<C: PktCtx>(ctx: &C, h: &[u8; 20], p: &Pkt) -> Option<(u32, [u16; 6])> {
+pub fn fib<C: PktCtx>(ctx: &C, p: &Pkt, tot_len: u16, src: u32, dst: u32, flags: u32) -> Fib {
     // `mem::zeroed()` here would become a memset call in BPF.
     let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
     let params = unsafe {
@@ -31,42 +49,103 @@ fn fib<C: PktCtx>(ctx: &C, h: &[u8; 20], p: &Pkt) -> Option<(u32, [u16; 6])> {
         &mut *slot.as_mut_ptr()
     };
     params.family = AF_INET;
-    params.l4_protocol = h[9];
+    params.l4_protocol = p.proto;
     params.sport = p.sport;
     params.dport = p.dport;
-    params.__bindgen_anon_1.tot_len = u16::from_be_bytes([h[2], h[3]]);
-    params.__bindgen_anon_2.tos = h[1];
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
     params.ifindex = ctx.ifindex();
-    let rc = unsafe { bpf_fib_lookup(ctx.raw(), params, size_of::<FibParams>() as i32, 0) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return None;
-    }
+    let rc = unsafe { bpf_fib_lookup(ctx.raw(), params, size_of::<FibParams>() as i32, flags) };
     let d = params.dmac;
     let s = params.smac;
-    Some((
-        params.ifindex,
-        [
-            u16::from_ne_bytes([d[0], d[1]]),
-            u16::from_ne_bytes([d[2], d[3]]),
-            u16::from_ne_bytes([d[4], d[5]]),
-            u16::from_ne_bytes([s[0], s[1]]),
-            u16::from_ne_bytes([s[2], s[3]]),
-            u16::from_ne_bytes([s[4], s[5]]),
-        ],
-    ))
+    unsafe {
+        Fib {
+            rc,
+            ifindex: params.ifindex,
+            macs: [
+                u16::from_ne_bytes([d[0], d[1]]),
+                u16::from_ne_bytes([d[2], d[3]]),
+                u16::from_ne_bytes([d[4], d[5]]),
+                u16::from_ne_bytes([s[0], s[1]]),
+                u16::from_ne_bytes([s[2], s[3]]),
+                u16::from_ne_bytes([s[4], s[5]]),
+            ],
+            src: params.__bindgen_anon_3.ipv4_src,
+            nexthop: params.__bindgen_anon_4.ipv4_dst,
+        }
+    }
+}
+
+/// The node's own address toward `ep` (onearm source), if it has a route.
+#[inline(always)]
+pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: u32) -> Option<u32> {
+    let f = fib(ctx, p, 0, 0, ep, BPF_FIB_LOOKUP_SRC);
+    if (f.rc == RET_SUCCESS || f.rc == RET_NO_NEIGH) && f.src != 0 {
+        Some(f.src)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn via_stack(p: &Pkt) -> bool {
+    let stack = match LB_CONFIG.get_ptr(0) {
+        Some(c) => unsafe { (*c).flags & cfg_flags::FORWARD_VIA_STACK != 0 },
+        None => false,
+    };
+    stack || p.vlan
+}
+
+#[inline(always)]
+fn set_macs(eth: *mut [u16; 6], macs: &[u16; 6]) {
+    let e = unsafe { &mut *eth };
+    e[0] = macs[0];
+    e[1] = macs[1];
+    e[2] = macs[2];
+    e[3] = macs[3];
+    e[4] = macs[4];
+    e[5] = macs[5];
+}
+
+#[inline(always)]
+fn out<C: PktCtx>(ctx: &C, ifindex: u32) -> Verdict {
+    count(stat::FWD_REDIRECT);
+    if ifindex == ctx.ifindex() {
+        Verdict::Tx
+    } else {
+        Verdict::Redirect(ifindex)
+    }
+}
+
+/// The session's cached next hop, if still fresh.
+#[inline(always)]
+fn cached(ct: *mut CtVal4, now: u64) -> Option<(u32, [u16; 6])> {
+    unsafe {
+        if !ct.is_null() && (*ct).nh_ifindex != 0 && now < (*ct).nh_expiry_ns {
+            Some(((*ct).nh_ifindex, (*ct).nh_macs))
+        } else {
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn remember(ct: *mut CtVal4, now: u64, ifindex: u32, macs: [u16; 6]) {
+    if !ct.is_null() {
+        unsafe {
+            (*ct).nh_ifindex = ifindex;
+            (*ct).nh_macs = macs;
+            (*ct).nh_expiry_ns = now + NH_CACHE_NS;
+        }
+    }
 }
 
 /// Forward a translated packet. `ct` is the session entry of this
 /// direction (its next-hop cache), `now` the current coarse monotonic time (ns).
 #[inline(always)]
 pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdict {
-    let stack = match LB_CONFIG.get_ptr(0) {
-        Some(c) => unsafe { (*c).flags & cfg_flags::FORWARD_VIA_STACK != 0 },
-        None => false,
-    };
-    if stack || p.vlan {
+    if via_stack(p) {
         count(stat::FWD_STACK);
         return Verdict::Pass;
     }
@@ -85,26 +164,26 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdic
             count(stat::PASS_TTL);
             return Verdict::Pass;
         }
-        let cached = !ct.is_null() && (*ct).nh_ifindex != 0 && now < (*ct).nh_expiry_ns;
-        let (ifindex, macs) = if cached {
-            ((*ct).nh_ifindex, (*ct).nh_macs)
-        } else {
-            match fib(ctx, h, p) {
-                Some((ifindex, macs)) => {
-                    if !ct.is_null() {
-                        (*ct).nh_ifindex = ifindex;
-                        (*ct).nh_macs = macs;
-                        (*ct).nh_expiry_ns = now + NH_CACHE_NS;
-                    }
-                    (ifindex, macs)
-                }
-                None => {
+        let (ifindex, macs) = match cached(ct, now) {
+            Some(nh) => nh,
+            None => {
+                let f = fib(
+                    ctx,
+                    p,
+                    u16::from_be_bytes([h[2], h[3]]),
+                    u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
+                    u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
+                    0,
+                );
+                if f.rc != RET_SUCCESS {
                     if !ct.is_null() {
                         (*ct).nh_ifindex = 0;
                     }
                     count(stat::FWD_STACK);
                     return Verdict::Pass;
                 }
+                remember(ct, now, f.ifindex, f.macs);
+                (f.ifindex, f.macs)
             }
         };
         // Decrement TTL as a router does; fix the header checksum.
@@ -115,18 +194,116 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdic
         let cb = c.to_ne_bytes();
         h[10] = cb[0];
         h[11] = cb[1];
-        let e = &mut *eth;
-        e[0] = macs[0];
-        e[1] = macs[1];
-        e[2] = macs[2];
-        e[3] = macs[3];
-        e[4] = macs[4];
-        e[5] = macs[5];
-        count(stat::FWD_REDIRECT);
-        if ifindex == ctx.ifindex() {
-            Verdict::Tx
-        } else {
-            Verdict::Redirect(ifindex)
-        }
+        set_macs(eth, &macs);
+        out(ctx, ifindex)
     }
+}
+
+/// DSR: send the frame, untranslated, to endpoint `ep`: on its L2 segment
+/// (destination MAC rewritten; the endpoint must be directly connected), or
+/// IPIP-encapsulated to it (`ipip`). The TTL is left alone: to the
+/// endpoint, the load balancer is not a router hop.
+#[inline(always)]
+pub fn forward_dsr<C: PktCtx>(
+    ctx: &C,
+    p: &Pkt,
+    ct: *mut CtVal4,
+    now: u64,
+    ep: u32,
+    ipip: bool,
+) -> Verdict {
+    if p.vlan {
+        count(stat::FWD_STACK);
+        return Verdict::Pass;
+    }
+    let end = ctx.data_end();
+    let Some(hdr) = (unsafe { ptr_at::<[u8; 20]>(p.ip, end, 0) }) else {
+        return Verdict::Pass;
+    };
+    let h = unsafe { &*hdr };
+    let tot_len = u16::from_be_bytes([h[2], h[3]]);
+    let tos = h[1];
+    let (ifindex, macs, outer_src) = match (cached(ct, now), ct.is_null()) {
+        (Some((i, m)), false) => (i, m, unsafe { (*ct).encap_src }),
+        _ => {
+            let extra = if ipip { 20 } else { 0 };
+            let f = fib(
+                ctx,
+                p,
+                tot_len + extra,
+                0,
+                ep,
+                if ipip { BPF_FIB_LOOKUP_SRC } else { 0 },
+            );
+            if f.rc == RET_FRAG_NEEDED {
+                count(stat::DROP_ENCAP_MTU);
+                return Verdict::Drop;
+            }
+            if f.rc != RET_SUCCESS {
+                if f.rc == RET_NO_NEIGH && !ipip {
+                    // The kernel resolves the neighbour for the next packet
+                    // if we ask for it; we cannot, so the stack cannot help
+                    // either (it would route on the VIP): count and drop.
+                    count(stat::DROP_DSR_NO_L2);
+                    return Verdict::Drop;
+                }
+                count(stat::FWD_STACK);
+                return Verdict::Pass;
+            }
+            if !ipip && f.nexthop != ep {
+                // Behind a router: an L2 rewrite would hand the frame to
+                // the router, with the VIP as its destination.
+                count(stat::DROP_DSR_NO_L2);
+                return Verdict::Drop;
+            }
+            remember(ct, now, f.ifindex, f.macs);
+            if !ct.is_null() {
+                unsafe { (*ct).encap_src = f.src };
+            }
+            (f.ifindex, f.macs, f.src)
+        }
+    };
+    if ipip {
+        if !ctx.grow_l3(20) {
+            return Verdict::Drop;
+        }
+        let data = ctx.data();
+        let end = ctx.data_end();
+        let Some(outer) = (unsafe { ptr_at::<[u16; 10]>(data, end, ETH_HLEN) }) else {
+            return Verdict::Drop;
+        };
+        let o = unsafe { &mut *outer };
+        let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
+        let len = (tot_len + 20).to_be_bytes();
+        let s = outer_src.to_ne_bytes();
+        let d = ep.to_ne_bytes();
+        o[0] = w(0x45, tos);
+        o[1] = w(len[0], len[1]);
+        o[2] = 0; // id
+        o[3] = w(0x40, 0); // DF
+        o[4] = w(64, IPPROTO_IPIP);
+        o[5] = 0;
+        o[6] = w(s[0], s[1]);
+        o[7] = w(s[2], s[3]);
+        o[8] = w(d[0], d[1]);
+        o[9] = w(d[2], d[3]);
+        let mut sum = 0u32;
+        for x in o.iter() {
+            sum += *x as u32;
+        }
+        o[5] = !csum::fold(sum);
+        let Some(eth) = (unsafe { ptr_at::<[u16; 7]>(data, end, 0) }) else {
+            return Verdict::Drop;
+        };
+        let e = unsafe { &mut *eth };
+        e[6] = 0x0800u16.to_be();
+        set_macs(eth as *mut [u16; 6], &macs);
+        return out(ctx, ifindex);
+    }
+    let data = ctx.data();
+    let Some(eth) = (unsafe { ptr_at::<[u16; 6]>(data, end, 0) }) else {
+        return Verdict::Pass;
+    };
+    set_macs(eth, &macs);
+    out(ctx, ifindex)
 }

@@ -1,12 +1,17 @@
 //! The load-balancing datapath, written once for XDP and TC.
 
-use loxilb_common::{addr_filter_bit, stat, svc_flags, SvcKey4};
+use loxilb_common::{
+    addr_filter_bit, lb_mode, stat, svc_flags, SvcKey4, SNAT_PORT_HI, SNAT_PORT_LO,
+};
 
 use crate::{
-    conntrack::{self, Ct},
+    conntrack::{self, Ct, NewSession, Xlate},
     ctx::{PktCtx, Verdict},
     fwd,
-    maps::{count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CT4, LB_SERVICES4},
+    maps::{
+        count, ep_active_add, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT4,
+        LB_SERVICES4,
+    },
     nat,
     parse::{self, Parsed},
     select,
@@ -63,6 +68,10 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
                 (*rs).bytes += p.l3_len as u64;
             }
         }
+        let (dsr_ep, mode) = unsafe { ((*v).dsr_ep, (*v).mode) };
+        if dsr_ep != 0 {
+            return fwd::forward_dsr(ctx, &p, v, now, dsr_ep, mode == lb_mode::DSR_IPIP);
+        }
         if !nat::rewrite(&p, end, xs, xd, xsp, xdp) {
             return Verdict::Pass;
         }
@@ -95,6 +104,71 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         }
         return Verdict::Drop;
     };
+    // The translation this mode asks for.
+    let (fullnat_src, port_lo, port_hi) = match LB_CONFIG.get_ptr(0) {
+        Some(c) => unsafe { ((*c).fullnat_src, (*c).snat_port_lo, (*c).snat_port_hi) },
+        None => (0, SNAT_PORT_LO, SNAT_PORT_HI),
+    };
+    let (port_lo, port_hi) = if port_lo == 0 || port_hi < port_lo {
+        (SNAT_PORT_LO, SNAT_PORT_HI)
+    } else {
+        (port_lo, port_hi)
+    };
+    let dsr = mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP;
+    let snat_src = if mode == lb_mode::FULLNAT {
+        if fullnat_src != 0 {
+            fullnat_src
+        } else {
+            p.daddr
+        }
+    } else if mode == lb_mode::ONEARM {
+        match fwd::src_toward(ctx, &p, ep.addr) {
+            Some(a) => a,
+            None => {
+                count(stat::DROP_NO_ROUTE);
+                return Verdict::Drop;
+            }
+        }
+    } else {
+        0
+    };
+    let x = if dsr {
+        Xlate {
+            xs: p.saddr,
+            xd: p.daddr,
+            xsp: p.sport,
+            xdp: p.dport,
+        }
+    } else if snat_src != 0 {
+        Xlate {
+            xs: snat_src,
+            xd: ep.addr,
+            xsp: 0,
+            xdp: ep.port,
+        }
+    } else {
+        Xlate {
+            xs: p.saddr,
+            xd: ep.addr,
+            xsp: p.sport,
+            xdp: ep.port,
+        }
+    };
+    let n = NewSession {
+        rule_id,
+        timeout_s,
+        mode,
+        l3_len: p.l3_len,
+        now,
+        ep_stat: ep.stat_idx,
+        snat: snat_src != 0,
+        port_lo,
+        port_hi,
+        dsr_ep: if dsr { ep.addr } else { 0 },
+    };
+    let Some(x) = conntrack::create(&key, x, &n) else {
+        return Verdict::Drop;
+    };
     if let Some(rs) = rs {
         unsafe {
             (*rs).new_sessions += 1;
@@ -102,22 +176,18 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
             (*rs).bytes += p.l3_len as u64;
         }
     }
-    let Some((ep_addr, ep_port)) = conntrack::create(
-        &key,
-        ep.addr,
-        ep.port,
-        rule_id,
-        timeout_s,
-        mode,
-        p.l3_len,
-        now,
-        ep.stat_idx,
-    ) else {
-        return Verdict::Drop;
-    };
-    if !nat::rewrite(&p, end, p.saddr, ep_addr, p.sport, ep_port) {
+    let v = LB_CT4.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
+    if dsr {
+        let verdict = fwd::forward_dsr(ctx, &p, v, now, ep.addr, mode == lb_mode::DSR_IPIP);
+        if verdict == Verdict::Drop {
+            // The endpoint cannot be reached this way: no session.
+            let _ = LB_CT4.remove(&key);
+            ep_active_add(ep.stat_idx, -1);
+        }
+        return verdict;
+    }
+    if !nat::rewrite(&p, end, x.xs, x.xd, x.xsp, x.xdp) {
         return Verdict::Pass;
     }
-    let v = LB_CT4.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
     fwd::forward(ctx, &p, v, now)
 }

@@ -59,6 +59,39 @@ pub(crate) unsafe fn zero_in_place<T>(p: *mut T) {
     }
 }
 
+/// IPIP decapsulation, for the endpoints of an IPIP-DSR rule (this
+/// kernel has no ipip module): an IPv4-in-IPv4 packet loses its outer
+/// header and goes up the stack as the inner packet; anything else passes.
+#[xdp]
+pub fn loxilb_decap(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + 14 + 20 + 20 > end {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        let proto = *((data + 12) as *const u16);
+        let ver_ihl = *((data + 14) as *const u8);
+        let l4 = *((data + 14 + 9) as *const u8);
+        if proto != 0x0800u16.to_be() || ver_ihl != 0x45 || l4 != 4 {
+            return xdp_action::XDP_PASS;
+        }
+        // Move the Ethernet header over the outer IP header, then drop the
+        // first 20 bytes.
+        let src = data as *const u16;
+        let dst = (data + 20) as *mut u16;
+        let mut i = 7;
+        while i > 0 {
+            i -= 1;
+            core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
+        }
+        if aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, 20) != 0 {
+            return xdp_action::XDP_DROP;
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -111,6 +111,18 @@ pub fn with_datapath(
     rules: &str,
     f: impl FnOnce(&mut loxilb_agent::datapath::Datapath) + Send + 'static,
 ) {
+    with_datapath_rules(tag, rules, |dp, _| f(dp))
+}
+
+/// [`with_datapath`], also handing `f` the reconciler (to apply new rule
+/// files mid-test) and the namespace's name (for extra routes).
+pub fn with_datapath_rules(
+    tag: &str,
+    rules: &str,
+    f: impl FnOnce(&mut loxilb_agent::datapath::Datapath, &mut loxilb_agent::rules::Rules)
+        + Send
+        + 'static,
+) {
     let ns = fib_netns(&format!("lxpt-{tag}-{}", std::process::id()));
     let path = format!("/var/run/netns/{}", ns.name);
     let rules = rules.to_string();
@@ -118,10 +130,9 @@ pub fn with_datapath(
         crate::netns::enter(&path).unwrap();
         let mut dp = loxilb_agent::datapath::Datapath::load(None).expect("load datapath");
         let rules = loxilb_agent::config::parse("test-rules.yaml", &rules).unwrap();
-        loxilb_agent::rules::Rules::adopt(vec![])
-            .apply(&rules, &mut dp)
-            .unwrap();
-        f(&mut dp);
+        let mut r = loxilb_agent::rules::Rules::adopt(vec![]);
+        r.apply(&rules, &mut dp).unwrap();
+        f(&mut dp, &mut r);
     })
     .join();
     drop(ns);
@@ -132,8 +143,17 @@ pub fn with_datapath(
 
 /// Run the XDP datapath once on `input`: (verdict, output bytes).
 pub fn run_xdp(dp: &mut loxilb_agent::datapath::Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+    run_prog(dp, loxilb_common::prog_names::XDP_MAIN, input)
+}
+
+/// Run one of the object's XDP programs once on `input`.
+pub fn run_prog(
+    dp: &mut loxilb_agent::datapath::Datapath,
+    name: &str,
+    input: &[u8],
+) -> (u32, Vec<u8>) {
     use aya::programs::{TestRun, TestRunOptions};
-    let prog = dp.xdp_program(loxilb_common::prog_names::XDP_MAIN).unwrap();
+    let prog = dp.xdp_program(name).unwrap();
     let mut out = vec![0u8; input.len() + 256];
     let r = prog
         .test_run(TestRunOptions {

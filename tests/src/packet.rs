@@ -191,6 +191,32 @@ impl Frame {
     }
 }
 
+/// `frame` (Ethernet + IPv4 ...) encapsulated in an outer IPv4 header
+/// (protocol 4, TTL 64, DF, id 0) from `src` to `dst`, with new MACs.
+pub fn ipip_wrap(
+    frame: &[u8],
+    src: &str,
+    dst: &str,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut o = Vec::with_capacity(frame.len() + 20);
+    o.extend_from_slice(&dst_mac);
+    o.extend_from_slice(&src_mac);
+    o.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut h = vec![0x45, inner[1]];
+    h.extend_from_slice(&((inner.len() + 20) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
+    h.extend_from_slice(&src.parse::<Ipv4Addr>().unwrap().octets());
+    h.extend_from_slice(&dst.parse::<Ipv4Addr>().unwrap().octets());
+    let c = csum::checksum_be(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    o.extend_from_slice(&h);
+    o.extend_from_slice(inner);
+    o
+}
+
 /// Hex dump diff for assertion messages.
 pub fn diff(got: &[u8], want: &[u8]) -> String {
     let mut s = format!("len got {} want {}\n", got.len(), want.len());

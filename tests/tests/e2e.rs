@@ -278,7 +278,7 @@ fn bad_config_at_start_refuses_to_start_and_touches_nothing() {
     let e = env("lxe5", 1);
     std::fs::write(
         &e.cfg,
-        "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.10.1.2, port: 8080}], mode: fullnat}\n",
+        "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.10.1.2, port: 8080}], mode: fullproxy}\n",
     )
     .unwrap();
     let err = match Agent::start(&e.t, &e.cfg, &[]) {
@@ -287,7 +287,7 @@ fn bad_config_at_start_refuses_to_start_and_touches_nothing() {
     };
     assert!(
         err.contains(&format!(
-            "{}: rules[0].mode: \"fullnat\" is not implemented yet",
+            "{}: rules[0].mode: \"fullproxy\" is not supported",
             e.cfg.display()
         )),
         "{err}"

@@ -15,7 +15,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -53,6 +53,7 @@ pub mod prog_names {
     pub const XDP_MAIN: &str = "loxilb_xdp";
     pub const TC_MAIN: &str = "loxilb_tc";
     pub const XDP_PASS: &str = "loxilb_xdp_pass";
+    pub const XDP_DECAP: &str = "loxilb_decap";
 }
 
 /// Map capacities.
@@ -82,9 +83,18 @@ pub const IPPROTO_SCTP: u8 = 132;
 pub mod lb_mode {
     /// DNAT: destination rewritten to the endpoint, client source IP kept.
     pub const DEFAULT: u8 = 0;
+    /// Source rewritten to the node's own address toward the endpoint
+    /// (from the FIB), source port allocated.
     pub const ONEARM: u8 = 1;
+    /// Source rewritten to the full-NAT source (`GlobalCfg::fullnat_src`,
+    /// else the service VIP), source port allocated.
     pub const FULLNAT: u8 = 2;
+    /// Direct server return, L2: only the destination MAC changes (to the
+    /// endpoint's); the endpoint holds the VIP and replies directly.
     pub const DSR: u8 = 3;
+    /// Direct server return over IPIP: the packet is encapsulated to the
+    /// endpoint (outer source: the node's address toward it).
+    pub const DSR_IPIP: u8 = 4;
 }
 
 /// Endpoint selection of a rule (`SvcVal4::sel`).
@@ -370,6 +380,11 @@ pub struct CtVal4 {
     pub ep_stat: u32,
     /// ... and when it must be looked up again (`bpf_ktime_get_coarse_ns`).
     pub nh_expiry_ns: u64,
+    /// DSR sessions: the endpoint the frame goes to (the packet itself is
+    /// not translated). 0 otherwise.
+    pub dsr_ep: u32,
+    /// IPIP DSR: the outer source address (cached with the next hop).
+    pub encap_src: u32,
 }
 
 /// How long a session trusts its cached next hop before asking the FIB
@@ -404,7 +419,15 @@ pub mod stat {
     pub const PASS_TTL: u32 = 11;
     /// New connection from a source outside the rule's source ranges.
     pub const DROP_SRC_RANGE: u32 = 12;
-    pub const COUNT: u32 = 16;
+    /// Onearm/full-NAT: no free source port for the new session.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 13;
+    /// DSR: the endpoint is not directly connected (or has no route).
+    pub const DROP_DSR_NO_L2: u32 = 14;
+    /// IPIP DSR: the encapsulated packet would exceed the MTU.
+    pub const DROP_ENCAP_MTU: u32 = 15;
+    /// Onearm: no route toward the endpoint (no source address for it).
+    pub const DROP_NO_ROUTE: u32 = 16;
+    pub const COUNT: u32 = 24;
 }
 
 /// Human names of the `stat::*` counters, by index.
@@ -422,6 +445,14 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_ct_full",
     "pass_ttl",
     "drop_src_range",
+    "drop_snat_exhausted",
+    "drop_dsr_no_l2",
+    "drop_encap_mtu",
+    "drop_no_route",
+    "",
+    "",
+    "",
+    "",
     "",
     "",
     "",
@@ -435,7 +466,17 @@ pub struct GlobalCfg {
     pub layout_version: u32,
     /// `cfg_flags::*`.
     pub flags: u32,
+    /// Full-NAT source address (network order); 0 = the service VIP.
+    pub fullnat_src: u32,
+    /// Source ports onearm/full-NAT sessions are given (host order,
+    /// inclusive).
+    pub snat_port_lo: u16,
+    pub snat_port_hi: u16,
 }
+
+/// Default source-port range of onearm/full-NAT sessions.
+pub const SNAT_PORT_LO: u16 = 32768;
+pub const SNAT_PORT_HI: u16 = 60999;
 
 pub mod cfg_flags {
     /// Never redirect in XDP; hand translated packets to the stack instead.
@@ -523,10 +564,10 @@ const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 16);
 const _: () = assert!(size_of::<CtKey4>() == 16);
-const _: () = assert!(size_of::<CtVal4>() == 96);
+const _: () = assert!(size_of::<CtVal4>() == 104);
 const _: () = assert!(core::mem::offset_of!(CtVal4, nh_ifindex) == 68);
 const _: () = assert!(core::mem::offset_of!(CtVal4, nh_expiry_ns) == 88);
-const _: () = assert!(size_of::<GlobalCfg>() == 8);
+const _: () = assert!(size_of::<GlobalCfg>() == 16);
 const _: () = assert!(core::mem::offset_of!(CtVal4, last_seen_ns) == 24);
 const _: () = assert!(core::mem::offset_of!(CtVal4, peer) == 48);
 
@@ -615,7 +656,7 @@ mod tests {
 
     #[test]
     fn stat_names_cover_every_counter() {
-        for i in 0..=stat::DROP_SRC_RANGE {
+        for i in 0..=stat::DROP_NO_ROUTE {
             assert!(
                 !STAT_NAMES[i as usize].is_empty(),
                 "counter {i} has no name"
