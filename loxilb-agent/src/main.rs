@@ -188,6 +188,45 @@ fn main() -> Result<()> {
     }
 }
 
+/// Kernel settings the datapath relies on: translated packets it hands to
+/// the stack may carry one of this node's addresses as their source
+/// (onearm, full-NAT), which the stack drops as martian unless
+/// `accept_local` is on; FIB lookups need forwarding on.
+fn host_setup(ifaces: &[String]) {
+    for i in ifaces {
+        let p = format!("/proc/sys/net/ipv4/conf/{i}/accept_local");
+        match std::fs::write(&p, "1") {
+            Ok(()) => info!("{p} = 1 (translated packets with a local source may be forwarded)"),
+            Err(e) => warn!("cannot set {p}: {e}; onearm/full-NAT packets the stack must forward may be dropped"),
+        }
+    }
+    match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
+        Ok(v) if v.trim() == "1" => {}
+        _ => warn!(
+            "net.ipv4.ip_forward is off: the datapath cannot forward (FIB lookups fail) and \
+             passes packets to the stack, which drops them; enable it (sysctl -w net.ipv4.ip_forward=1)"
+        ),
+    }
+}
+
+/// Keep the kernel's neighbour entries of endpoints resolved (the datapath
+/// reads them through the FIB but cannot trigger resolution itself): a
+/// datagram to each endpoint's discard port makes the kernel resolve it.
+fn nudge_neighbours(rules: &Rules) {
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return;
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for r in rules.installed() {
+        for e in &r.eps {
+            if seen.insert(e.addr) {
+                let ip = std::net::Ipv4Addr::from(e.addr.to_ne_bytes());
+                let _ = sock.send_to(&[], (ip, 9));
+            }
+        }
+    }
+}
+
 fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -244,6 +283,8 @@ async fn run(
         "rules from {} applied",
         cfg_path.display()
     );
+    host_setup(ifaces);
+    nudge_neighbours(&rules);
     for iface in ifaces {
         match dp.attach(iface, mode) {
             Ok(used) => info!("attached XDP to {iface}: {used} mode"),
@@ -277,6 +318,7 @@ async fn run(
                 if let Err(e) = dp.recount_active() {
                     warn!("re-counting active sessions failed: {e:#}");
                 }
+                nudge_neighbours(&rules);
                 false
             }
             _ = term.recv() => break,
@@ -287,14 +329,17 @@ async fn run(
         }
         match load_rules(cfg_path) {
             Ok(desired) => match rules.apply(&desired, &mut dp) {
-                Ok(rep) => info!(
+                Ok(rep) => {
+                    nudge_neighbours(&rules);
+                    info!(
                     added = ?rep.added,
                     updated = ?rep.updated,
                     removed = ?rep.removed,
                     unchanged = rep.unchanged,
                     sessions_flushed = rep.sessions_flushed,
                     "reload applied"
-                ),
+                    )
+                }
                 Err(e) => error!("reload failed while writing the maps: {e:#}"),
             },
             Err(e) => warn!("{e}; the rules already running are unchanged"),

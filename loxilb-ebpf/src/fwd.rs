@@ -239,14 +239,14 @@ pub fn forward_dsr<C: PktCtx>(
                 count(stat::DROP_ENCAP_MTU);
                 return Verdict::Drop;
             }
+            if f.rc == RET_NO_NEIGH {
+                // The stack cannot help (it would route on the VIP, which
+                // is not ours to route): drop; the agent keeps endpoint
+                // neighbours resolved, and the sender retransmits.
+                count(stat::DROP_NO_NEIGH);
+                return Verdict::Drop;
+            }
             if f.rc != RET_SUCCESS {
-                if f.rc == RET_NO_NEIGH && !ipip {
-                    // The kernel resolves the neighbour for the next packet
-                    // if we ask for it; we cannot, so the stack cannot help
-                    // either (it would route on the VIP): count and drop.
-                    count(stat::DROP_DSR_NO_L2);
-                    return Verdict::Drop;
-                }
                 count(stat::FWD_STACK);
                 return Verdict::Pass;
             }

@@ -427,6 +427,9 @@ pub mod stat {
     pub const DROP_ENCAP_MTU: u32 = 15;
     /// Onearm: no route toward the endpoint (no source address for it).
     pub const DROP_NO_ROUTE: u32 = 16;
+    /// DSR: the endpoint's (or next hop's) MAC is not known yet; the agent
+    /// keeps endpoint neighbours resolved, so this should be transient.
+    pub const DROP_NO_NEIGH: u32 = 17;
     pub const COUNT: u32 = 24;
 }
 
@@ -449,7 +452,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_dsr_no_l2",
     "drop_encap_mtu",
     "drop_no_route",
-    "",
+    "drop_no_neigh",
     "",
     "",
     "",
@@ -656,7 +659,7 @@ mod tests {
 
     #[test]
     fn stat_names_cover_every_counter() {
-        for i in 0..=stat::DROP_NO_ROUTE {
+        for i in 0..=stat::DROP_NO_NEIGH {
             assert!(
                 !STAT_NAMES[i as usize].is_empty(),
                 "counter {i} has no name"
