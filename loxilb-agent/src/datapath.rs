@@ -69,6 +69,8 @@ pub struct Datapath {
     /// True when the maps existed before this load (sessions adopted).
     adopted: bool,
     attached: Vec<Attached>,
+    /// TC egress attachments (ICMP error translation).
+    egress: Vec<(String, aya::programs::tc::SchedClassifierLinkId)>,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -136,17 +138,20 @@ impl Datapath {
             p.load()
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(prog_names::TC_MAIN)
-            .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_MAIN))?
-            .try_into()?;
-        tc.load()
-            .with_context(|| format!("the kernel verifier rejected {}", prog_names::TC_MAIN))?;
+        for name in [prog_names::TC_MAIN, prog_names::TC_EGRESS] {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            tc.load()
+                .with_context(|| format!("the kernel verifier rejected {name}"))?;
+        }
         let mut dp = Datapath {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
             adopted,
             attached: vec![],
+            egress: vec![],
         };
         if !adopted {
             dp.set_config(GlobalCfg {
@@ -272,6 +277,39 @@ impl Datapath {
         Ok(used)
     }
 
+    /// Attach the TC egress program (it translates ICMP errors the node's
+    /// stack generates about translated packets) to `iface`; a link a
+    /// previous agent left pinned is taken over in place.
+    pub fn attach_egress(&mut self, iface: &str) -> Result<&'static str> {
+        use aya::programs::tc::{SchedClassifierLink, TcAttachType};
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("tc_egress_{iface}")));
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(prog_names::TC_EGRESS)
+            .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_EGRESS))?
+            .try_into()?;
+        if let Some(pin) = pin.filter(|p| p.exists()) {
+            let fd_link: FdLink = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening the pinned TC link {}", pin.display()))?
+                .unpin()?;
+            let id = prog
+                .attach_to_link(SchedClassifierLink::try_from(fd_link)?)
+                .with_context(|| format!("replacing the TC egress program on {iface}"))?;
+            self.egress.push((iface.to_string(), id));
+            return Ok("adopted (program replaced in place)");
+        }
+        // clsact is needed for the netlink fallback (kernels before TCX).
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        let id = prog
+            .attach(iface, TcAttachType::Egress)
+            .with_context(|| format!("attaching TC egress to {iface}"))?;
+        self.egress.push((iface.to_string(), id));
+        Ok("attached")
+    }
+
     /// Detach from interfaces not in `keep` (a reload that drops one).
     pub fn attached_ifaces(&self) -> Vec<(String, &'static str)> {
         self.attached
@@ -285,11 +323,27 @@ impl Datapath {
     /// Without, everything is detached and unpinned.
     pub fn shutdown(mut self, keep: bool) -> Result<()> {
         let attached = std::mem::take(&mut self.attached);
+        let egress = std::mem::take(&mut self.egress);
         if keep {
             let Some(dir) = self.pin_dir.clone() else {
                 bail!("--keep needs a pin directory");
             };
             std::fs::create_dir_all(dir.join("links"))?;
+            for (iface, id) in egress {
+                let prog: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(prog_names::TC_EGRESS)
+                    .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_EGRESS))?
+                    .try_into()?;
+                let link = prog.take_link(id)?;
+                let pin = dir.join("links").join(format!("tc_egress_{iface}"));
+                // A netlink (pre-TCX) attachment cannot be pinned: it goes
+                // with us, and the next agent attaches afresh.
+                if let Ok(l) = FdLink::try_from(link) {
+                    l.pin(&pin)
+                        .with_context(|| format!("pinning the TC link to {}", pin.display()))?;
+                }
+            }
             for a in attached {
                 let pin = self.link_pin(&a.iface).expect("pin dir set");
                 let prog = self.xdp_program(a.program)?;
@@ -307,6 +361,15 @@ impl Datapath {
             let prog = self.xdp_program(a.program)?;
             prog.detach(a.id)
                 .with_context(|| format!("detaching from {}", a.iface))?;
+        }
+        for (iface, id) in egress {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog_names::TC_EGRESS)
+                .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_EGRESS))?
+                .try_into()?;
+            prog.detach(id)
+                .with_context(|| format!("detaching TC egress from {iface}"))?;
         }
         if let Some(dir) = &self.pin_dir {
             for n in mn::ALL {
@@ -733,6 +796,18 @@ impl RuleTable for Datapath {
             0,
         )?;
         Ok(())
+    }
+    fn put_vip(&mut self, vip: u32) -> Result<()> {
+        let mut m: HashMap<_, u32, u32> = HashMap::try_from(self.map_mut(mn::VIPS)?)?;
+        m.insert(vip, 1, 0).context("writing the VIP map")?;
+        Ok(())
+    }
+    fn delete_vip(&mut self, vip: u32) -> Result<()> {
+        let mut m: HashMap<_, u32, u32> = HashMap::try_from(self.map_mut(mn::VIPS)?)?;
+        match m.remove(&vip) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
         let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::ADDR_FILTER)?)?;

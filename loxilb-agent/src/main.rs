@@ -286,13 +286,15 @@ async fn run(
     host_setup(ifaces);
     nudge_neighbours(&rules);
     for iface in ifaces {
-        match dp.attach(iface, mode) {
-            Ok(used) => info!("attached XDP to {iface}: {used} mode"),
-            Err(e) => {
-                error!("{e:#}");
-                dp.shutdown(keep)?;
-                return Err(e);
-            }
+        let r = dp.attach(iface, mode).and_then(|used| {
+            info!("attached XDP to {iface}: {used} mode");
+            dp.attach_egress(iface)
+                .map(|how| info!("TC egress (ICMP error translation) on {iface}: {how}"))
+        });
+        if let Err(e) = r {
+            error!("{e:#}");
+            dp.shutdown(keep)?;
+            return Err(e);
         }
     }
     let mut hup = signal(SignalKind::hangup())?;

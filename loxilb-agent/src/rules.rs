@@ -28,6 +28,9 @@ pub trait RuleTable {
     fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()>;
     fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()>;
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()>;
+    /// A VIP (network order) now exists / no longer exists (echo replies).
+    fn put_vip(&mut self, vip: u32) -> Result<()>;
+    fn delete_vip(&mut self, vip: u32) -> Result<()>;
     /// Zero a rule id's counters (before the id is used by a new rule).
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()>;
     /// Zero an endpoint counter slot (before it is given to an endpoint).
@@ -213,6 +216,7 @@ impl Want {
 pub struct Rules {
     installed: BTreeMap<SvcKeyOrd, Installed>,
     filter: Vec<u64>,
+    vips: BTreeSet<u32>,
     slots: StatSlots,
 }
 
@@ -244,9 +248,11 @@ impl Rules {
                 .map(|i| (SvcKeyOrd::from(i.key), i))
                 .collect(),
             filter: vec![0; ADDR_FILTER_WORDS as usize],
+            vips: BTreeSet::new(),
             slots,
         };
         r.filter = r.compute_filter();
+        r.vips = r.installed.values().map(|i| i.key.addr).collect();
         r
     }
 
@@ -372,6 +378,14 @@ impl Rules {
             }
         }
         self.filter = filter;
+        let vips: BTreeSet<u32> = self.installed.values().map(|i| i.key.addr).collect();
+        for v in vips.difference(&self.vips) {
+            t.put_vip(*v)?;
+        }
+        for v in self.vips.difference(&vips) {
+            t.delete_vip(*v)?;
+        }
+        self.vips = vips;
         Ok(report)
     }
 }
@@ -455,6 +469,7 @@ pub mod tests {
         pub ranges: std::collections::HashSet<(u32, Ipv4Net)>,
         pub flushed: Vec<u32>,
         pub ep_resets: Vec<u32>,
+        pub vips: std::collections::BTreeSet<u32>,
         pub writes: usize,
     }
 
@@ -506,6 +521,14 @@ pub mod tests {
         fn reset_rule_stats(&mut self, _rule_id: u32) -> Result<()> {
             Ok(())
         }
+        fn put_vip(&mut self, vip: u32) -> Result<()> {
+            self.vips.insert(vip);
+            Ok(())
+        }
+        fn delete_vip(&mut self, vip: u32) -> Result<()> {
+            self.vips.remove(&vip);
+            Ok(())
+        }
         fn reset_ep_stats(&mut self, idx: u32) -> Result<()> {
             self.ep_resets.push(idx);
             Ok(())
@@ -541,6 +564,7 @@ pub mod tests {
         assert_eq!(t.svcs.len(), 2);
         let k = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
         assert_eq!(active_eps(&t, k).len(), 2);
+        assert_eq!(t.vips.len(), 1, "one VIP for both rules");
         // the filter knows the VIP and every endpoint
         for a in ["20.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"] {
             let ip: std::net::Ipv4Addr = a.parse().unwrap();
@@ -700,6 +724,7 @@ pub mod tests {
         assert_eq!(rep.sessions_flushed, 6);
         assert!(t.svcs.is_empty());
         assert!(t.eps.is_empty());
+        assert!(t.vips.is_empty(), "VIPs go with their last rule");
         assert!(t.filter.values().all(|w| *w == 0));
     }
 

@@ -7,7 +7,7 @@ use loxilb_common::{
 use crate::{
     conntrack::{self, Ct, NewSession, Xlate},
     ctx::{PktCtx, Verdict},
-    fwd,
+    fwd, icmp,
     maps::{
         count, ep_active_add, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT4,
         LB_SERVICES4,
@@ -26,6 +26,54 @@ fn maybe_ours(addr: u32) -> bool {
     }
 }
 
+/// ICMP arriving on an interface: echo to a VIP answered, errors about a
+/// translated packet translated back and forwarded.
+#[inline(always)]
+fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if icmp::echo_reply(data, end, ic) {
+        return Verdict::Tx;
+    }
+    if !icmp::translate_error(end, ic) {
+        count(stat::PASS_NOT_SERVICE);
+        return Verdict::Pass;
+    }
+    // Forward it as the translated ICMP packet it now is.
+    let daddr = match unsafe { parse::ptr_at::<u32>(ic.ip, end, 16) } {
+        Some(d) => unsafe { *d },
+        None => return Verdict::Pass,
+    };
+    let saddr = match unsafe { parse::ptr_at::<u32>(ic.ip, end, 12) } {
+        Some(d) => unsafe { *d },
+        None => return Verdict::Pass,
+    };
+    let p = parse::Pkt {
+        ip: ic.ip,
+        l4: ic.l4,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        proto: loxilb_common::IPPROTO_ICMP,
+        vlan: ic.vlan,
+        l3_len: (end - ic.ip) as u32,
+    };
+    fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
+}
+
+/// The egress side (TC): only ICMP errors the node itself generates about
+/// translated packets (fragmentation needed when the stack forwards one)
+/// need translating; everything else leaves as it is.
+#[inline(always)]
+pub fn egress<C: PktCtx>(ctx: &C) -> Verdict {
+    let end = ctx.data_end();
+    if let Parsed::Icmp(ic) = parse::parse(ctx.data(), end) {
+        icmp::translate_error(end, &ic);
+    }
+    Verdict::Pass
+}
+
 #[inline(always)]
 pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
     let data = ctx.data();
@@ -33,6 +81,7 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
     count(stat::RX);
     let p = match parse::parse(data, end) {
         Parsed::Pkt(p) => p,
+        Parsed::Icmp(ic) => return icmp_ingress(ctx, &ic),
         Parsed::Other => {
             count(stat::PASS_NOT_SERVICE);
             return Verdict::Pass;

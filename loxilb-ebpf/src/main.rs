@@ -12,6 +12,7 @@
 mod conntrack;
 mod ctx;
 mod fwd;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -37,6 +38,14 @@ pub fn loxilb_xdp(ctx: XdpContext) -> u32 {
 pub fn loxilb_tc(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
     ctx::tc_action(lb::process(&ctx), ifindex)
+}
+
+/// TC egress: translates ICMP errors the stack generates about translated
+/// packets; passes everything.
+#[classifier]
+pub fn loxilb_tc_egress(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::egress(&ctx), ifindex)
 }
 
 /// A program that only passes: the benchmark floor, and what the tests put

@@ -56,6 +56,10 @@ pub static LB_SRC_RANGES4: LpmTrie<SrcRangeData4, u32, { MAX_SRC_RANGES as usize
 pub static LB_RULE_STATS: PerCpuArray<RuleStats, { MAX_SERVICES as usize + 1 }> =
     PerCpuArray::new();
 
+/// The VIPs (network order) -> flags; echo requests to them are answered.
+#[btf_map]
+pub static LB_VIPS4: HashMap<u32, u32, { MAX_SERVICES as usize }> = HashMap::new();
+
 /// Per-endpoint counters, indexed by `EpVal::stat_idx`.
 #[btf_map]
 pub static LB_EP_STATS: PerCpuArray<EpStats, { MAX_EP_STATS as usize }> = PerCpuArray::new();

@@ -2,7 +2,7 @@
 //! fragments flagged), TCP/UDP ports. Every read is bounds-checked against
 //! `data_end` so the verifier accepts it and garbage never over-reads.
 
-use loxilb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -26,9 +26,20 @@ pub struct Pkt {
     pub l3_len: u32,
 }
 
+/// An unfragmented IPv4 ICMP packet.
+pub struct Icmp {
+    pub ip: usize,
+    /// Start of the ICMP header.
+    pub l4: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub vlan: bool,
+}
+
 pub enum Parsed {
     Pkt(Pkt),
-    /// Not IPv4 TCP/UDP: nothing for us.
+    Icmp(Icmp),
+    /// Not IPv4 TCP/UDP/ICMP: nothing for us.
     Other,
     Fragment,
     Malformed,
@@ -76,7 +87,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
             return Parsed::Malformed;
         }
         let l4_proto = *((ip + 9) as *const u8);
-        if l4_proto != IPPROTO_TCP && l4_proto != IPPROTO_UDP {
+        if l4_proto != IPPROTO_TCP && l4_proto != IPPROTO_UDP && l4_proto != IPPROTO_ICMP {
             return Parsed::Other;
         }
         // More-fragments flag or a fragment offset: never rewrite.
@@ -91,6 +102,19 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         let saddr = *((ip + 12) as *const u32);
         let daddr = *((ip + 16) as *const u32);
         let l4 = ip + ihl;
+        if l4_proto == IPPROTO_ICMP {
+            // The ICMP header is bounds-checked where it is read, against
+            // the frame's end. (Checking it here against the total length
+            // lets LLVM prove that later check redundant and drop it, and
+            // the verifier cannot follow that proof.)
+            return Parsed::Icmp(Icmp {
+                ip,
+                l4,
+                saddr,
+                daddr,
+                vlan,
+            });
+        }
         let min_l4 = if l4_proto == IPPROTO_TCP { 20 } else { 8 };
         if l4 + min_l4 > end || ihl + min_l4 > tot_len {
             return Parsed::Malformed;

@@ -229,3 +229,46 @@ pub fn diff(got: &[u8], want: &[u8]) -> String {
     }
     s
 }
+
+/// Ethernet + IPv4 + ICMP frame with `icmp` (type, code, rest-of-header
+/// word and payload; the checksum is computed).
+pub fn icmp_frame(
+    src: &str,
+    dst: &str,
+    ttl: u8,
+    typ: u8,
+    code: u8,
+    rest: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(payload);
+    let c = csum::checksum_be(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut b = vec![];
+    b.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    b.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    b.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 7, 0, 0, ttl, 1, 0, 0]);
+    h.extend_from_slice(&src.parse::<Ipv4Addr>().unwrap().octets());
+    h.extend_from_slice(&dst.parse::<Ipv4Addr>().unwrap().octets());
+    let c = csum::checksum_be(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    b.extend_from_slice(&h);
+    b.extend_from_slice(&icmp);
+    b
+}
+
+/// What an ICMP error quotes of `frame`: its IP header and 8 bytes more.
+pub fn quote(frame: &[u8]) -> Vec<u8> {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    frame[14..14 + ihl + 8].to_vec()
+}
+
+/// True when the one's-complement sum of `data` verifies (is 0xffff).
+pub fn csum_ok(data: &[u8]) -> bool {
+    csum::fold(csum::sum_be(data, 0)) == 0xffff
+}

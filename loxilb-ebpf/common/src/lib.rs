@@ -15,7 +15,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -31,8 +31,9 @@ pub mod map_names {
     pub const RULE_STATS: &str = "LB_RULE_STATS";
     pub const EP_STATS: &str = "LB_EP_STATS";
     pub const EP_ACTIVE: &str = "LB_EP_ACTIVE";
+    pub const VIPS: &str = "LB_VIPS4";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -45,6 +46,7 @@ pub mod map_names {
         RULE_STATS,
         EP_STATS,
         EP_ACTIVE,
+        VIPS,
     ];
 }
 
@@ -52,6 +54,9 @@ pub mod map_names {
 pub mod prog_names {
     pub const XDP_MAIN: &str = "loxilb_xdp";
     pub const TC_MAIN: &str = "loxilb_tc";
+    /// TC egress: translates ICMP errors the node's stack generates about
+    /// translated packets (e.g. fragmentation needed on forward).
+    pub const TC_EGRESS: &str = "loxilb_tc_egress";
     pub const XDP_PASS: &str = "loxilb_xdp_pass";
     pub const XDP_DECAP: &str = "loxilb_decap";
 }
@@ -430,6 +435,10 @@ pub mod stat {
     /// DSR: the endpoint's (or next hop's) MAC is not known yet; the agent
     /// keeps endpoint neighbours resolved, so this should be transient.
     pub const DROP_NO_NEIGH: u32 = 17;
+    /// Echo requests to a VIP answered.
+    pub const ICMP_ECHO_REPLIED: u32 = 18;
+    /// ICMP errors about a translated packet, translated back.
+    pub const ICMP_ERR_XLATED: u32 = 19;
     pub const COUNT: u32 = 24;
 }
 
@@ -453,8 +462,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_encap_mtu",
     "drop_no_route",
     "drop_no_neigh",
-    "",
-    "",
+    "icmp_echo_replied",
+    "icmp_err_xlated",
     "",
     "",
     "",
@@ -659,7 +668,7 @@ mod tests {
 
     #[test]
     fn stat_names_cover_every_counter() {
-        for i in 0..=stat::DROP_NO_NEIGH {
+        for i in 0..=stat::ICMP_ERR_XLATED {
             assert!(
                 !STAT_NAMES[i as usize].is_empty(),
                 "counter {i} has no name"
