@@ -361,6 +361,7 @@ pub struct CtVal4 {
     pub rule_id: u32,
     /// Idle timeout, seconds (from the rule; shortened when TCP closes).
     pub timeout_s: u32,
+    pub _pad0: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
     /// last packet in this direction.
     pub last_seen_ns: u64,
@@ -561,6 +562,125 @@ pub mod csum {
         !fold(sum_be(data, 0))
     }
 }
+
+/// Asserts, at compile time, that a struct's fields follow each other with
+/// no gap and fill it exactly: every padding byte is an explicit field.
+macro_rules! no_implicit_padding {
+    ($t:ty { $($f:ident : $ft:ty),+ $(,)? }) => {
+        const _: () = {
+            let mut off = 0usize;
+            $(
+                assert!(core::mem::offset_of!($t, $f) == off, concat!(stringify!($t), ".", stringify!($f), ": implicit padding before it"));
+                off += size_of::<$ft>();
+            )+
+            assert!(off == size_of::<$t>(), concat!(stringify!($t), ": implicit padding at the end"));
+        };
+    };
+}
+
+no_implicit_padding!(SvcKey4 {
+    addr: u32,
+    port: u16,
+    proto: u8,
+    _pad: u8
+});
+no_implicit_padding!(SvcVal4 {
+    rule_id: u32,
+    ep_count: u32,
+    timeout_s: u32,
+    rr_next: u32,
+    ep_bank: u8,
+    mode: u8,
+    sel: u8,
+    flags: u8,
+    table_len: u32,
+    persist_timeout_s: u32,
+    _pad: u32,
+});
+no_implicit_padding!(EpKey {
+    rule_id: u32,
+    slot: u32
+});
+no_implicit_padding!(EpVal {
+    addr: u32,
+    port: u16,
+    weight: u16,
+    flags: u32,
+    stat_idx: u32
+});
+no_implicit_padding!(CtKey4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    _pad1: u8,
+    _pad2: u16
+});
+no_implicit_padding!(CtVal4 {
+    xsaddr: u32,
+    xdaddr: u32,
+    xsport: u16,
+    xdport: u16,
+    rule_id: u32,
+    timeout_s: u32,
+    _pad0: u32,
+    last_seen_ns: u64,
+    packets: u64,
+    bytes: u64,
+    peer: CtKey4,
+    dir: u8,
+    state: u8,
+    mode: u8,
+    _pad1: u8,
+    nh_ifindex: u32,
+    nh_macs: [u16; 6],
+    ep_stat: u32,
+    nh_expiry_ns: u64,
+    dsr_ep: u32,
+    encap_src: u32,
+});
+no_implicit_padding!(GlobalCfg {
+    layout_version: u32,
+    flags: u32,
+    fullnat_src: u32,
+    snat_port_lo: u16,
+    snat_port_hi: u16
+});
+no_implicit_padding!(SelKey {
+    rule_id: u32,
+    chunk: u32
+});
+no_implicit_padding!(AffKey4 {
+    rule_id: u32,
+    client: u32
+});
+no_implicit_padding!(AffVal4 {
+    ep_addr: u32,
+    ep_port: u16,
+    _pad1: u16,
+    ep_idx: u32,
+    _pad2: u32,
+    last_seen_ns: u64
+});
+no_implicit_padding!(SrcRangeData4 {
+    rule_id_be: u32,
+    addr: u32
+});
+no_implicit_padding!(RuleStats {
+    packets: u64,
+    bytes: u64,
+    new_sessions: u64,
+    drop_no_endpoint: u64,
+    drop_src_range: u64,
+    _reserved: [u64; 3],
+});
+no_implicit_padding!(EpStats {
+    packets: u64,
+    bytes: u64,
+    new_sessions: u64,
+    _reserved: u64
+});
 
 // Compile-time layout checks: kernel and userspace share these bytes.
 const _: () = assert!(size_of::<SvcKey4>() == 8);
