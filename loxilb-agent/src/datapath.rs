@@ -722,43 +722,41 @@ impl PinnedMaps {
     }
 }
 
+/// Insert into a hash map of the datapath, naming the map on failure.
+fn hash_put<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, map: &str, k: K, v: V) -> Result<()> {
+    let mut m: HashMap<_, K, V> = HashMap::try_from(dp.map_mut(map)?)?;
+    m.insert(k, v, 0)
+        .with_context(|| format!("writing the {map} map"))?;
+    Ok(())
+}
+
+/// Remove from a hash map of the datapath; a missing key is fine.
+fn hash_del<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, map: &str, k: K) -> Result<()> {
+    let mut m: HashMap<_, K, V> = HashMap::try_from(dp.map_mut(map)?)?;
+    match m.remove(&k) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting from the {map} map")),
+    }
+}
+
 impl RuleTable for Datapath {
     fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()> {
-        let mut m: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map_mut(mn::SERVICES)?)?;
-        m.insert(key, val, 0).context("writing the service map")?;
-        Ok(())
+        hash_put(self, mn::SERVICES, key, val)
     }
     fn delete_service(&mut self, key: SvcKey4) -> Result<()> {
-        let mut m: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map_mut(mn::SERVICES)?)?;
-        match m.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        hash_del::<SvcKey4, SvcVal4>(self, mn::SERVICES, key)
     }
     fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()> {
-        let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
-        m.insert(key, val, 0).context("writing the endpoint map")?;
-        Ok(())
+        hash_put(self, mn::ENDPOINTS, key, val)
     }
     fn delete_endpoint(&mut self, key: EpKey) -> Result<()> {
-        let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
-        match m.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        hash_del::<EpKey, EpVal>(self, mn::ENDPOINTS, key)
     }
     fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()> {
-        let mut m: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map_mut(mn::SEL_TABLE)?)?;
-        m.insert(key, val, 0)
-            .context("writing the selection-table map")?;
-        Ok(())
+        hash_put(self, mn::SEL_TABLE, key, val)
     }
     fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
-        let mut m: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map_mut(mn::SEL_TABLE)?)?;
-        match m.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        hash_del::<SelKey, SelChunk>(self, mn::SEL_TABLE, key)
     }
     fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
         let mut m: LpmTrie<_, SrcRangeData4, u32> =
@@ -798,16 +796,10 @@ impl RuleTable for Datapath {
         Ok(())
     }
     fn put_vip(&mut self, vip: u32) -> Result<()> {
-        let mut m: HashMap<_, u32, u32> = HashMap::try_from(self.map_mut(mn::VIPS)?)?;
-        m.insert(vip, 1, 0).context("writing the VIP map")?;
-        Ok(())
+        hash_put(self, mn::VIPS, vip, 1u32)
     }
     fn delete_vip(&mut self, vip: u32) -> Result<()> {
-        let mut m: HashMap<_, u32, u32> = HashMap::try_from(self.map_mut(mn::VIPS)?)?;
-        match m.remove(&vip) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        hash_del::<u32, u32>(self, mn::VIPS, vip)
     }
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
         let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::ADDR_FILTER)?)?;

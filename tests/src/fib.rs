@@ -146,14 +146,28 @@ pub fn run_xdp(dp: &mut loxilb_agent::datapath::Datapath, input: &[u8]) -> (u32,
     run_prog(dp, loxilb_common::prog_names::XDP_MAIN, input)
 }
 
+/// Run the TC (ingress) datapath once on `input`: (verdict, output bytes).
+pub fn run_tc(dp: &mut loxilb_agent::datapath::Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+    test_run(dp.tc_program().unwrap(), input)
+}
+
 /// Run one of the object's XDP programs once on `input`.
 pub fn run_prog(
     dp: &mut loxilb_agent::datapath::Datapath,
     name: &str,
     input: &[u8],
 ) -> (u32, Vec<u8>) {
-    use aya::programs::{TestRun, TestRunOptions};
-    let prog = dp.xdp_program(name).unwrap();
+    test_run(dp.xdp_program(name).unwrap(), input)
+}
+
+fn test_run<P>(prog: &P, input: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> aya::programs::TestRun<
+        Opts<'a> = aya::programs::TestRunOptions<'a>,
+        Result = aya::programs::TestRunResult,
+    >,
+{
+    use aya::programs::TestRunOptions;
     let mut out = vec![0u8; input.len() + 256];
     let r = prog
         .test_run(TestRunOptions {

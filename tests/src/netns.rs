@@ -562,3 +562,63 @@ impl Drop for PinDirGuard {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The standard e2e scene: a [`Topology`] with `n` backends running
+/// [`Servers`] on (`tcp_port`, `udp_port`), a rule file `rules(&t)`, and
+/// the pin directory removed at the end. `prepare(t, i)` shapes backend `i`
+/// (1-based) before its servers start.
+pub struct Scene {
+    pub t: Topology,
+    pub cfg: PathBuf,
+    _servers: Vec<Servers>,
+    _pins: PinDirGuard,
+}
+
+impl Scene {
+    pub fn new(
+        prefix: &str,
+        n: usize,
+        (tcp_port, udp_port): (u16, u16),
+        prepare: impl Fn(&Topology, usize),
+        rules: impl Fn(&Topology) -> String,
+    ) -> Self {
+        let t = Topology::new(prefix, n).expect("topology");
+        for i in 1..=n {
+            prepare(&t, i);
+        }
+        let servers = t
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Servers::start(b, &format!("b{}", i + 1), tcp_port, udp_port).unwrap())
+            .collect();
+        let cfg = std::env::temp_dir().join(format!("{prefix}-rules.yaml"));
+        std::fs::write(&cfg, rules(&t)).unwrap();
+        let pins = PinDirGuard(t.pin_dir());
+        Scene {
+            t,
+            cfg,
+            _servers: servers,
+            _pins: pins,
+        }
+    }
+
+    /// The VIP at `port`.
+    pub fn vip(port: u16) -> SocketAddr {
+        format!("{VIP}:{port}").parse().unwrap()
+    }
+}
+
+impl Agent {
+    /// Write a new rule file, send SIGHUP, wait until the agent applied it.
+    pub fn reload(&mut self, cfg: &std::path::Path, text: &str) {
+        let before = self.log_count("reload applied");
+        std::fs::write(cfg, text).unwrap();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log_count("reload applied") <= before {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -2,16 +2,11 @@
 //! namespaces joined by veth, the agent attached with XDP in the LB
 //! namespace, real TCP connections and UDP exchanges through it.
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use loxilb_tests::{
     need_root,
-    netns::{udp_ask, Agent, Conn, PinDirGuard, Servers, Topology, VIP},
+    netns::{udp_ask, Agent, Conn, Scene, Topology, VIP},
 };
 
 fn rules_yaml(t: &Topology, backends: &[usize]) -> String {
@@ -28,50 +23,13 @@ fn rules_yaml(t: &Topology, backends: &[usize]) -> String {
     )
 }
 
-struct Env {
-    t: Topology,
-    _servers: Vec<Servers>,
-    cfg: PathBuf,
-    _pins: PinDirGuard,
-}
-
-fn env(prefix: &str, n: usize) -> Env {
-    let t = Topology::new(prefix, n).expect("topology");
-    let servers = t
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Servers::start(b, &format!("b{}", i + 1), 8080, 5353).unwrap())
-        .collect();
-    let cfg = std::env::temp_dir().join(format!("{prefix}-rules.yaml"));
+fn env(prefix: &str, n: usize) -> Scene {
     let all: Vec<usize> = (1..=n).collect();
-    std::fs::write(&cfg, rules_yaml(&t, &all)).unwrap();
-    let pins = PinDirGuard(t.pin_dir());
-    Env {
-        t,
-        _servers: servers,
-        cfg,
-        _pins: pins,
-    }
+    Scene::new(prefix, n, (8080, 5353), |_, _| {}, |t| rules_yaml(t, &all))
 }
 
 fn vip(port: u16) -> SocketAddr {
-    format!("{VIP}:{port}").parse().unwrap()
-}
-
-fn write_and_wait_reload(agent: &mut Agent, cfg: &Path, text: &str) {
-    let before = agent.log_count("reload applied");
-    std::fs::write(cfg, text).unwrap();
-    agent.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while agent.log_count("reload applied") <= before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no reload:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Scene::vip(port)
 }
 
 #[test]
@@ -165,7 +123,7 @@ fn open_connection_keeps_its_backend_when_endpoints_change() {
     let mine: usize = first[1..].parse().unwrap();
 
     // Add backend 3: the open connection stays where it is.
-    write_and_wait_reload(&mut agent, &e.cfg, &rules_yaml(&e.t, &[1, 2, 3]));
+    agent.reload(&e.cfg, &rules_yaml(&e.t, &[1, 2, 3]));
     assert_eq!(c.ask("b").unwrap().backend, first);
     let mut seen = BTreeSet::new();
     for _ in 0..6 {
@@ -184,7 +142,7 @@ fn open_connection_keeps_its_backend_when_endpoints_change() {
 
     // Remove the other original endpoint: still the same backend.
     let remaining: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != other).collect();
-    write_and_wait_reload(&mut agent, &e.cfg, &rules_yaml(&e.t, &remaining));
+    agent.reload(&e.cfg, &rules_yaml(&e.t, &remaining));
     assert_eq!(c.ask("c").unwrap().backend, first);
     for _ in 0..6 {
         let b = Conn::open(&e.t.client, vip(80))

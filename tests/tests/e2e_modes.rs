@@ -6,22 +6,14 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use loxilb_tests::{
     need_root,
-    netns::{agent_bin, udp_ask, Agent, Conn, PinDirGuard, Servers, Topology, VIP},
+    netns::{agent_bin, udp_ask, Agent, Conn, Scene, Topology, VIP},
 };
-
-struct Env {
-    t: Topology,
-    _servers: Vec<Servers>,
-    cfg: PathBuf,
-    _pins: PinDirGuard,
-}
 
 fn rules(t: &Topology, mode: &str, backends: &[usize]) -> String {
     let dsr = mode.starts_with("dsr");
@@ -39,50 +31,18 @@ fn rules(t: &Topology, mode: &str, backends: &[usize]) -> String {
 }
 
 /// `prepare` shapes each backend namespace before its servers start.
-fn env(prefix: &str, n: usize, mode: &str, prepare: impl Fn(&Topology, usize)) -> Env {
-    let t = Topology::new(prefix, n).expect("topology");
-    for i in 1..=n {
-        prepare(&t, i);
-    }
-    let dsr = mode.starts_with("dsr");
-    let servers = t
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let (tp, up) = if dsr { (80, 53) } else { (8080, 5353) };
-            Servers::start(b, &format!("b{}", i + 1), tp, up).unwrap()
-        })
-        .collect();
-    let cfg = std::env::temp_dir().join(format!("{prefix}-rules.yaml"));
+fn env(prefix: &str, n: usize, mode: &str, prepare: impl Fn(&Topology, usize)) -> Scene {
+    let ports = if mode.starts_with("dsr") {
+        (80, 53)
+    } else {
+        (8080, 5353)
+    };
     let all: Vec<usize> = (1..=n).collect();
-    std::fs::write(&cfg, rules(&t, mode, &all)).unwrap();
-    let pins = PinDirGuard(t.pin_dir());
-    Env {
-        t,
-        _servers: servers,
-        cfg,
-        _pins: pins,
-    }
+    Scene::new(prefix, n, ports, prepare, |t| rules(t, mode, &all))
 }
 
 fn vip(port: u16) -> SocketAddr {
-    format!("{VIP}:{port}").parse().unwrap()
-}
-
-fn reload(agent: &mut Agent, cfg: &Path, text: &str) {
-    let before = agent.log_count("reload applied");
-    std::fs::write(cfg, text).unwrap();
-    agent.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while agent.log_count("reload applied") <= before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no reload:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Scene::vip(port)
 }
 
 /// Backends keep only their connected subnet: no way back to the client.
@@ -94,7 +54,7 @@ fn no_route_back(t: &Topology, i: usize) {
 
 /// Traffic in `mode` reaches every backend, the backend sees `seen(i)` as
 /// the client address, and an open connection survives a rule update.
-fn check_mode(e: &Env, agent: &mut Agent, mode: &str, seen: impl Fn(usize) -> IpAddr) {
+fn check_mode(e: &Scene, agent: &mut Agent, mode: &str, seen: impl Fn(usize) -> IpAddr) {
     let mut backends = BTreeSet::new();
     for i in 0..6 {
         let mut c = Conn::open(&e.t.client, vip(80)).expect("TCP through the VIP");
@@ -118,10 +78,10 @@ fn check_mode(e: &Env, agent: &mut Agent, mode: &str, seen: impl Fn(usize) -> Ip
     let mut c = Conn::open(&e.t.client, vip(80)).unwrap();
     let mine: usize = c.ask("hold").unwrap().backend[1..].parse().unwrap();
     let only_mine: Vec<usize> = (1..=e.t.backends.len()).filter(|b| *b == mine).collect();
-    reload(agent, &e.cfg, &rules(&e.t, mode, &only_mine));
+    agent.reload(&e.cfg, &rules(&e.t, mode, &only_mine));
     assert_eq!(c.ask("after-update").unwrap().backend, format!("b{mine}"));
     let all: Vec<usize> = (1..=e.t.backends.len()).collect();
-    reload(agent, &e.cfg, &rules(&e.t, mode, &all));
+    agent.reload(&e.cfg, &rules(&e.t, mode, &all));
     assert_eq!(
         c.ask("after-second-update").unwrap().backend,
         format!("b{mine}")

@@ -1,10 +1,9 @@
 //! Packet tables through BPF_PROG_TEST_RUN: input bytes, maps loaded
 //! through the agent's own datapath API, expected output bytes and verdict.
 
-use aya::programs::{TestRun, TestRunOptions};
 use loxilb_agent::datapath::Datapath;
 use loxilb_tests::{
-    fib::{self, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
+    fib::{self, run_tc, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
     packet::{diff, Frame, ACK, FIN, L4, RST, SYN},
 };
@@ -42,20 +41,6 @@ struct Case {
     input: Vec<u8>,
     expected: Vec<u8>,
     verdict: u32,
-}
-
-fn run_tc(dp: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
-    let prog = dp.tc_program().unwrap();
-    let mut out = vec![0u8; input.len() + 256];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (tc)");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
 }
 
 fn check(dp: &mut Datapath, cases: Vec<Case>) {
