@@ -11,11 +11,21 @@
 //! - floor: `loxilb_xdp_pass`;
 //! - non-service: a TCP packet to an address that is neither a VIP nor an
 //!   endpoint (passed to the stack);
-//! - established: ACKs of a flow whose session a SYN created (DNAT, FIB
-//!   lookup, redirect);
-//! - reply: the endpoint's packets of that flow (reverse NAT, redirect);
+//! - established, one per NAT mode, each on its own VIP port: ACKs of a
+//!   flow whose session a SYN created (conntrack hit, cached next hop,
+//!   redirect): default (DNAT), onearm and fullnat (source NAT to an
+//!   allocated port as well), dsr (L2: only the MACs change) and dsr-ipip
+//!   (IPIP encapsulation to the endpoint);
+//! - reply, for the modes whose replies come back through the load
+//!   balancer (default, onearm, fullnat): the endpoint's packets of that
+//!   flow, to the client or to the allocated source port (reverse NAT,
+//!   redirect);
 //! - new flow: every call a tuple never seen before (service lookup,
 //!   endpoint selection, two conntrack inserts, DNAT, redirect).
+//!
+//! Every mode's flow is checked byte for byte before timing (SYN, ACK and,
+//! where there is one, reply), and every timed verdict must be XDP_REDIRECT
+//! (XDP_PASS for the floor and non-service).
 //!
 //! Runs in a namespace built by `fib::fib_netns`, so `bpf_fib_lookup`
 //! resolves the endpoints and the client. Needs root.
@@ -23,6 +33,8 @@
 //! `bench [--iters N] [--rounds R] [--warmup W]`
 
 use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
     process::{exit, Command},
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
@@ -31,11 +43,14 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use loxilb_agent::{config, datapath::Datapath, rules::Rules};
-use loxilb_common::{addr_filter_bit, prog_names, CtKey4, CtVal4, MAX_CT_ENTRIES};
+use loxilb_common::{
+    addr_filter_bit, ct_dir, lb_mode, prog_names, CtKey4, CtVal4, IPPROTO_TCP, MAX_CT_ENTRIES,
+    SNAT_PORT_HI, SNAT_PORT_LO,
+};
 use loxilb_tests::{
     fib::{fib_netns, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     netns::enter,
-    packet::{diff, Frame, ACK, SYN},
+    packet::{diff, ipip_wrap, Frame, ACK, SYN},
 };
 
 const XDP_PASS: u32 = 2;
@@ -46,6 +61,12 @@ const CLIENT: &str = "192.168.0.2";
 const CLIENT_PORT: u16 = 40000;
 const EP_PORT: u16 = 8080;
 
+/// The node's address on the endpoints' segment in `fib_netns` (d0): the
+/// onearm source and the outer source of IPIP DSR.
+const LB_EP_ADDR: &str = "10.0.1.1";
+
+/// One rule per NAT mode, each on its own VIP port (see `MODES`). DSR
+/// endpoints listen on the service port: the packet reaches them untranslated.
 const RULES: &str = r#"
 rules:
   - name: web
@@ -55,11 +76,118 @@ rules:
     endpoints:
       - { ip: 10.0.1.10, port: 8080 }
       - { ip: 10.0.1.11, port: 8080 }
+  - { name: onearm, vip: 20.0.0.100, port: 81, protocol: tcp, mode: onearm, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
+  - { name: fullnat, vip: 20.0.0.100, port: 82, protocol: tcp, mode: fullnat, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
+  - { name: dsr, vip: 20.0.0.100, port: 83, protocol: tcp, mode: dsr, endpoints: [{ ip: 10.0.1.10, port: 83 }] }
+  - { name: dsr-ipip, vip: 20.0.0.100, port: 84, protocol: tcp, mode: dsr-ipip, endpoints: [{ ip: 10.0.1.10, port: 84 }] }
 "#;
 
 /// Targets, in ns over the floor's median (reported, never enforced).
 const TARGET_ESTABLISHED_NS: f64 = 50.0;
 const TARGET_NON_SERVICE_NS: f64 = 35.0;
+/// Established flow of onearm, fullnat and L2 DSR.
+const TARGET_MODE_NS: f64 = 60.0;
+/// Established flow of IPIP DSR: half of Katran's ~150 ns per packet.
+const TARGET_DSR_IPIP_NS: f64 = 75.0;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Mode {
+    Dnat,
+    OneArm,
+    FullNat,
+    Dsr,
+    DsrIpip,
+}
+
+/// A NAT mode as the benchmark exercises it.
+struct ModeSpec {
+    mode: Mode,
+    /// Rule name in `RULES`.
+    rule: &'static str,
+    /// `lb_mode::*` the session must be created with.
+    lb_mode: u8,
+    /// VIP port of the mode's rule, and its endpoint's port.
+    vport: u16,
+    ep_port: u16,
+    /// Conntrack entries a new session of this mode makes.
+    entries: usize,
+    /// Row labels: established path, reply path (None: replies do not come
+    /// back through the load balancer).
+    est_label: &'static str,
+    reply_label: Option<&'static str>,
+    /// Target of the established path: name, ns over floor, remark.
+    target_name: &'static str,
+    target_ns: f64,
+    target_note: &'static str,
+}
+
+const MODES: [ModeSpec; 5] = [
+    ModeSpec {
+        mode: Mode::Dnat,
+        rule: "web",
+        lb_mode: lb_mode::DEFAULT,
+        vport: 80,
+        ep_port: EP_PORT,
+        entries: 2,
+        est_label: "established (DNAT)",
+        reply_label: Some("reply (reverse NAT)"),
+        target_name: "established-flow DNAT",
+        target_ns: TARGET_ESTABLISHED_NS,
+        target_note: "",
+    },
+    ModeSpec {
+        mode: Mode::OneArm,
+        rule: "onearm",
+        lb_mode: lb_mode::ONEARM,
+        vport: 81,
+        ep_port: EP_PORT,
+        entries: 2,
+        est_label: "established (onearm)",
+        reply_label: Some("reply (onearm)"),
+        target_name: "established onearm",
+        target_ns: TARGET_MODE_NS,
+        target_note: "",
+    },
+    ModeSpec {
+        mode: Mode::FullNat,
+        rule: "fullnat",
+        lb_mode: lb_mode::FULLNAT,
+        vport: 82,
+        ep_port: EP_PORT,
+        entries: 2,
+        est_label: "established (fullnat)",
+        reply_label: Some("reply (fullnat)"),
+        target_name: "established fullnat",
+        target_ns: TARGET_MODE_NS,
+        target_note: "",
+    },
+    ModeSpec {
+        mode: Mode::Dsr,
+        rule: "dsr",
+        lb_mode: lb_mode::DSR,
+        vport: 83,
+        ep_port: 83,
+        entries: 1,
+        est_label: "established (dsr L2)",
+        reply_label: None,
+        target_name: "established dsr (L2)",
+        target_ns: TARGET_MODE_NS,
+        target_note: "",
+    },
+    ModeSpec {
+        mode: Mode::DsrIpip,
+        rule: "dsr-ipip",
+        lb_mode: lb_mode::DSR_IPIP,
+        vport: 84,
+        ep_port: 84,
+        entries: 1,
+        est_label: "established (dsr-ipip)",
+        reply_label: None,
+        target_name: "established dsr-ipip",
+        target_ns: TARGET_DSR_IPIP_NS,
+        target_note: "  (0.5x Katran's ~150 ns per packet)",
+    },
+];
 
 /// New-flow sessions are left in the table; once this many flows (two
 /// entries each) are live, the table is cleared between rounds (and the
@@ -121,8 +249,8 @@ fn parse_args() -> Result<Opts, String> {
 enum Kind {
     Floor,
     NonService,
-    Established,
-    Reply,
+    Established(Mode),
+    Reply(Mode),
     NewFlow,
 }
 
@@ -131,17 +259,31 @@ struct PathBench {
     label: &'static str,
     prog: &'static str,
     verdict: u32,
+    /// The packet every call gets (empty for the new-flow path, whose
+    /// packets are all different).
+    packet: Vec<u8>,
+    /// VIP port of the rule whose counters its packets go to.
+    rule_port: Option<u16>,
     samples: Vec<u32>,
     round_medians: Vec<f64>,
 }
 
 impl PathBench {
-    fn new(kind: Kind, label: &'static str, prog: &'static str, verdict: u32) -> Self {
+    fn new(
+        kind: Kind,
+        label: &'static str,
+        prog: &'static str,
+        verdict: u32,
+        packet: Vec<u8>,
+        rule_port: Option<u16>,
+    ) -> Self {
         PathBench {
             kind,
             label,
             prog,
             verdict,
+            packet,
+            rule_port,
             samples: vec![],
             round_medians: vec![],
         }
@@ -237,7 +379,223 @@ fn new_flow_frame(i: usize) -> Vec<u8> {
 }
 
 fn ip_u32(s: &str) -> u32 {
-    u32::from_ne_bytes(s.parse::<std::net::Ipv4Addr>().unwrap().octets())
+    u32::from_ne_bytes(s.parse::<Ipv4Addr>().unwrap().octets())
+}
+
+/// An address as the maps store it (network order) -> dotted quad.
+fn ip_str(a: u32) -> String {
+    Ipv4Addr::from(a.to_ne_bytes()).to_string()
+}
+
+/// Source port of an untagged Ethernet/IPv4/TCP frame without IP options.
+fn src_port(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
+}
+
+/// Coarse monotonic time, the clock the datapath stamps sessions with
+/// (`bpf_ktime_get_coarse_ns` reads CLOCK_MONOTONIC_COARSE).
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One call must give verdict `want_v` and exactly the bytes `want`.
+fn check(
+    dp: &mut Datapath,
+    what: &str,
+    prog: &str,
+    input: &[u8],
+    want_v: u32,
+    want: &[u8],
+) -> Result<Vec<u8>> {
+    let (v, out) = run_once(dp.xdp_program(prog)?, input)?;
+    if v != want_v || out != want {
+        bail!(
+            "correctness check {what:?} failed: verdict {} (want {})\n{}counters: {}",
+            verdict_name(v),
+            verdict_name(want_v),
+            diff(&out, want),
+            counters_line(dp)
+        );
+    }
+    Ok(out)
+}
+
+/// A mode's flow, opened and checked: what its paths send.
+struct Flow {
+    /// The session's conntrack entries (to put back after a table clear).
+    entries: Vec<(CtKey4, CtVal4)>,
+    /// The client's ACK, and the endpoint's reply if it comes through us.
+    ack: Vec<u8>,
+    reply: Option<Vec<u8>>,
+    note: String,
+}
+
+/// Create `m`'s session with a SYN from the client, and check the SYN, an
+/// ACK and (where there is one) the endpoint's reply byte for byte.
+fn open_flow(dp: &mut Datapath, m: &ModeSpec) -> Result<Flow> {
+    let main = prog_names::XDP_MAIN;
+    let before: HashSet<CtKey4> = dp.sessions()?.into_iter().map(|(k, _)| k).collect();
+    let syn = Frame::tcp(CLIENT, CLIENT_PORT, VIP, m.vport, SYN);
+    let ack = Frame::tcp(CLIENT, CLIENT_PORT, VIP, m.vport, ACK);
+    let (v, syn_out) = run_once(dp.xdp_program(main)?, &syn.bytes())?;
+    if v != XDP_REDIRECT {
+        bail!(
+            "the SYN that creates the {} flow got {} instead of {}; counters: {}",
+            m.rule,
+            verdict_name(v),
+            verdict_name(XDP_REDIRECT),
+            counters_line(dp)
+        );
+    }
+    let entries: Vec<(CtKey4, CtVal4)> = dp
+        .sessions()?
+        .into_iter()
+        .filter(|(k, _)| !before.contains(k))
+        .collect();
+    if entries.len() != m.entries {
+        bail!(
+            "the {} SYN should leave {} conntrack entries, found {}",
+            m.rule,
+            m.entries,
+            entries.len()
+        );
+    }
+    let fwd_key = CtKey4 {
+        saddr: ip_u32(CLIENT),
+        daddr: ip_u32(VIP),
+        sport: CLIENT_PORT.to_be(),
+        dport: m.vport.to_be(),
+        proto: IPPROTO_TCP,
+        _pad1: 0,
+        _pad2: 0,
+    };
+    let fwd = entries
+        .iter()
+        .find(|(k, v)| *k == fwd_key && v.dir == ct_dir::FORWARD)
+        .ok_or_else(|| anyhow!("no forward conntrack entry after the {} SYN", m.rule))?
+        .1;
+    if fwd.mode != m.lb_mode {
+        bail!(
+            "the {} session was created in mode {}, not {}",
+            m.rule,
+            fwd.mode,
+            m.lb_mode
+        );
+    }
+    let dsr = matches!(m.mode, Mode::Dsr | Mode::DsrIpip);
+    let ep = ip_str(if dsr { fwd.dsr_ep } else { fwd.xdaddr });
+    let ep_mac = match ep.as_str() {
+        "10.0.1.10" => EP1_MAC,
+        "10.0.1.11" => EP2_MAC,
+        other => bail!(
+            "the {} SYN was sent to {other}, not a configured endpoint",
+            m.rule
+        ),
+    };
+    // The source the endpoint sees: the client's, or the translated one
+    // with the port allocated to the session (read from the SYN's output).
+    let (src, sport) = match m.mode {
+        Mode::OneArm | Mode::FullNat => {
+            let cfg = dp.config()?;
+            let src = match m.mode {
+                Mode::OneArm => LB_EP_ADDR.to_string(),
+                _ if cfg.fullnat_src != 0 => ip_str(cfg.fullnat_src),
+                _ => VIP.to_string(),
+            };
+            let (lo, hi) = if cfg.snat_port_lo == 0 || cfg.snat_port_hi < cfg.snat_port_lo {
+                (SNAT_PORT_LO, SNAT_PORT_HI)
+            } else {
+                (cfg.snat_port_lo, cfg.snat_port_hi)
+            };
+            let port = src_port(&syn_out);
+            if !(lo..=hi).contains(&port) || u16::from_be(fwd.xsport) != port {
+                bail!(
+                    "{}: the SYN left with source port {port}; the session has {}, the \
+                     range is {lo}..={hi}",
+                    m.rule,
+                    u16::from_be(fwd.xsport)
+                );
+            }
+            (src, port)
+        }
+        _ => (CLIENT.to_string(), CLIENT_PORT),
+    };
+    let forwarded = |f: &Frame| -> Vec<u8> {
+        match m.mode {
+            Mode::Dnat | Mode::OneArm | Mode::FullNat => f
+                .with(&src, sport, &ep, m.ep_port)
+                .routed(LB_TO_EP_MAC, ep_mac)
+                .bytes(),
+            Mode::Dsr => {
+                // Only the MACs change, TTL included.
+                let mut b = f.bytes();
+                b[0..6].copy_from_slice(&ep_mac);
+                b[6..12].copy_from_slice(&LB_TO_EP_MAC);
+                b
+            }
+            Mode::DsrIpip => ipip_wrap(&f.bytes(), LB_EP_ADDR, &ep, LB_TO_EP_MAC, ep_mac),
+        }
+    };
+    let what = |p: &str| format!("{} {p}", m.rule);
+    if syn_out != forwarded(&syn) {
+        bail!(
+            "correctness check {:?} failed\n{}counters: {}",
+            what("SYN"),
+            diff(&syn_out, &forwarded(&syn)),
+            counters_line(dp)
+        );
+    }
+    check(
+        dp,
+        &what("established ACK"),
+        main,
+        &ack.bytes(),
+        XDP_REDIRECT,
+        &forwarded(&ack),
+    )?;
+    let reply = if dsr {
+        None
+    } else {
+        let r = Frame::tcp(&ep, m.ep_port, &src, sport, ACK);
+        let want = r
+            .with(VIP, m.vport, CLIENT, CLIENT_PORT)
+            .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+            .bytes();
+        check(dp, &what("reply"), main, &r.bytes(), XDP_REDIRECT, &want)?;
+        Some(r.bytes())
+    };
+    let how = match m.mode {
+        Mode::Dnat | Mode::OneArm | Mode::FullNat => {
+            format!(
+                "to {src}:{sport} -> {ep}:{}, reply {ep}:{} -> {src}:{sport}",
+                m.ep_port, m.ep_port
+            )
+        }
+        Mode::Dsr => format!("to {ep}'s MAC, untranslated"),
+        Mode::DsrIpip => format!("IPIP {LB_EP_ADDR} -> {ep}, inner untranslated"),
+    };
+    Ok(Flow {
+        entries,
+        ack: ack.bytes(),
+        reply,
+        note: format!(
+            "{} flow (rule {}) {CLIENT}:{CLIENT_PORT} -> {VIP}:{}: {how}",
+            match m.mode {
+                Mode::Dnat => "default (DNAT)",
+                Mode::OneArm => "onearm",
+                Mode::FullNat => "fullnat",
+                Mode::Dsr => "dsr (L2)",
+                Mode::DsrIpip => "dsr-ipip",
+            },
+            m.rule,
+            m.vport
+        ),
+    })
 }
 
 fn stats_map(dp: &Datapath) -> Result<std::collections::HashMap<&'static str, u64>> {
@@ -276,9 +634,10 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     let rules = config::parse("bench.yaml", RULES).map_err(|e| anyhow!("{e}"))?;
     Rules::adopt(vec![])
         .apply(&rules, &mut dp)
-        .context("installing the benchmark rule")?;
+        .context("installing the benchmark rules")?;
     notes.push(format!(
-        "datapath loaded and rule installed in {} ms",
+        "datapath loaded and {} rules installed in {} ms",
+        rules.len(),
         t0.elapsed().as_millis()
     ));
 
@@ -312,120 +671,84 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     ));
 
     // Correctness first: each path does what its name says, byte for byte.
-    let syn = Frame::tcp(CLIENT, CLIENT_PORT, VIP, 80, SYN);
-    let ack = Frame::tcp(CLIENT, CLIENT_PORT, VIP, 80, ACK);
-    let (v, _) = run_once(dp.xdp_program(prog_names::XDP_MAIN)?, &syn.bytes())?;
-    if v != XDP_REDIRECT {
-        bail!(
-            "the SYN that creates the established flow got {} instead of {}; counters: {}",
-            verdict_name(v),
-            verdict_name(XDP_REDIRECT),
-            counters_line(&dp)
-        );
+    // One flow per mode, each created by its SYN.
+    let mut flows = HashMap::new();
+    for m in &MODES {
+        let f = open_flow(&mut dp, m)?;
+        notes.push(f.note.clone());
+        flows.insert(m.mode, f);
     }
-    let session: Vec<(CtKey4, CtVal4)> = dp.sessions()?;
-    if session.len() != 2 {
-        bail!(
-            "the SYN should leave 2 conntrack entries, found {}",
-            session.len()
-        );
-    }
-    let fwd = session
+    let dnat_ack = flows[&Mode::Dnat].ack.clone();
+    check(
+        &mut dp,
+        "non-service",
+        prog_names::XDP_MAIN,
+        &non_service,
+        XDP_PASS,
+        &non_service,
+    )?;
+    check(
+        &mut dp,
+        "floor",
+        prog_names::XDP_PASS,
+        &dnat_ack,
+        XDP_PASS,
+        &dnat_ack,
+    )?;
+    // Kept so a table clear (see NEW_FLOW_BUDGET) can put the flows back.
+    let established_entries: Vec<(CtKey4, CtVal4)> = MODES
         .iter()
-        .find(|(_, v)| v.dir == 0)
-        .ok_or_else(|| anyhow!("no forward conntrack entry after the SYN"))?
-        .1;
-    let ep = std::net::Ipv4Addr::from(fwd.xdaddr.to_ne_bytes()).to_string();
-    let ep_mac = match ep.as_str() {
-        "10.0.1.10" => EP1_MAC,
-        "10.0.1.11" => EP2_MAC,
-        other => bail!("the SYN was sent to {other}, not a configured endpoint"),
-    };
-    let reply = Frame::tcp(&ep, EP_PORT, CLIENT, CLIENT_PORT, ACK);
-    let checks = [
-        (
-            "established ACK",
-            prog_names::XDP_MAIN,
-            ack.bytes(),
-            XDP_REDIRECT,
-            ack.with(CLIENT, CLIENT_PORT, &ep, EP_PORT)
-                .routed(LB_TO_EP_MAC, ep_mac)
-                .bytes(),
-        ),
-        (
-            "reply",
-            prog_names::XDP_MAIN,
-            reply.bytes(),
-            XDP_REDIRECT,
-            reply
-                .with(VIP, 80, CLIENT, CLIENT_PORT)
-                .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
-                .bytes(),
-        ),
-        (
-            "non-service",
-            prog_names::XDP_MAIN,
-            non_service.clone(),
-            XDP_PASS,
-            non_service.clone(),
-        ),
-        (
-            "floor",
-            prog_names::XDP_PASS,
-            ack.bytes(),
-            XDP_PASS,
-            ack.bytes(),
-        ),
-    ];
-    for (what, prog, input, want_v, want) in checks {
-        let (v, out) = run_once(dp.xdp_program(prog)?, &input)?;
-        if v != want_v || out != want {
-            bail!(
-                "correctness check {what:?} failed: verdict {} (want {})\n{}counters: {}",
-                verdict_name(v),
-                verdict_name(want_v),
-                diff(&out, &want),
-                counters_line(&dp)
-            );
-        }
-    }
-    // Kept so a table clear (see NEW_FLOW_BUDGET) can put the flow back.
-    let established_entries = session;
+        .flat_map(|m| flows[&m.mode].entries.iter().copied())
+        .collect();
 
-    let ack_bytes = ack.bytes();
-    let reply_bytes = reply.bytes();
     let mut paths = vec![
+        // The floor program gets the very packet the DNAT established path does.
         PathBench::new(
             Kind::Floor,
             "floor (XDP_PASS only)",
             prog_names::XDP_PASS,
             XDP_PASS,
+            dnat_ack,
+            None,
         ),
         PathBench::new(
             Kind::NonService,
             "non-service",
             prog_names::XDP_MAIN,
             XDP_PASS,
-        ),
-        PathBench::new(
-            Kind::Established,
-            "established (DNAT)",
-            prog_names::XDP_MAIN,
-            XDP_REDIRECT,
-        ),
-        PathBench::new(
-            Kind::Reply,
-            "reply (reverse NAT)",
-            prog_names::XDP_MAIN,
-            XDP_REDIRECT,
-        ),
-        PathBench::new(
-            Kind::NewFlow,
-            "new flow (session create)",
-            prog_names::XDP_MAIN,
-            XDP_REDIRECT,
+            non_service.clone(),
+            None,
         ),
     ];
+    for m in &MODES {
+        let f = &flows[&m.mode];
+        paths.push(PathBench::new(
+            Kind::Established(m.mode),
+            m.est_label,
+            prog_names::XDP_MAIN,
+            XDP_REDIRECT,
+            f.ack.clone(),
+            Some(m.vport),
+        ));
+        if let (Some(label), Some(reply)) = (m.reply_label, &f.reply) {
+            paths.push(PathBench::new(
+                Kind::Reply(m.mode),
+                label,
+                prog_names::XDP_MAIN,
+                XDP_REDIRECT,
+                reply.clone(),
+                Some(m.vport),
+            ));
+        }
+    }
+    paths.push(PathBench::new(
+        Kind::NewFlow,
+        "new flow (session create)",
+        prog_names::XDP_MAIN,
+        XDP_REDIRECT,
+        vec![],
+        Some(MODES[0].vport),
+    ));
 
     let mut next_flow = 0usize;
     let mut live_flows = 0usize;
@@ -433,26 +756,20 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     let mut run_path = |dp: &mut Datapath, p: &mut PathBench, n: usize, timed: bool| {
         let what = p.label;
         let out = if timed { Some(&mut p.samples) } else { None };
-        let fixed = match p.kind {
-            // The floor program gets the very packet the established path does.
-            Kind::Floor | Kind::Established => ack_bytes.as_slice(),
-            Kind::NonService => non_service.as_slice(),
-            Kind::Reply => reply_bytes.as_slice(),
-            Kind::NewFlow => &[],
-        };
         let r = match p.kind {
-            Kind::Floor | Kind::NonService | Kind::Established | Kind::Reply => run_block(
-                dp.xdp_program(p.prog)?,
-                std::iter::repeat_n(fixed, n),
-                p.verdict,
-                what,
-                out,
-            ),
             Kind::NewFlow => {
                 if live_flows + n > NEW_FLOW_BUDGET {
                     dp.clear_sessions()?;
+                    // Stamped now, so none of them looks idle when it is put back.
+                    let now = coarse_now_ns();
                     for (k, v) in &established_entries {
-                        dp.insert_session(*k, *v)?;
+                        dp.insert_session(
+                            *k,
+                            CtVal4 {
+                                last_seen_ns: now,
+                                ..*v
+                            },
+                        )?;
                     }
                     live_flows = 0;
                     clears += 1;
@@ -468,6 +785,13 @@ fn bench(opts: &Opts) -> Result<Outcome> {
                     out,
                 )
             }
+            _ => run_block(
+                dp.xdp_program(p.prog)?,
+                std::iter::repeat_n(p.packet.as_slice(), n),
+                p.verdict,
+                what,
+                out,
+            ),
         };
         if let Err(e) = r {
             return Err(anyhow!("{e:#}\ndatapath counters: {}", counters_line(dp)));
@@ -479,7 +803,15 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         run_path(&mut dp, p, opts.warmup, false)?;
     }
 
+    // Rule ids by VIP port, for the per-rule counters.
+    let rule_of_port: HashMap<u16, u32> = dp
+        .services()?
+        .into_iter()
+        .filter(|(k, _)| k.addr == ip_u32(VIP) && k.proto == IPPROTO_TCP)
+        .map(|(k, v)| (u16::from_be(k.port), v.rule_id))
+        .collect();
     let start = stats_map(&dp)?;
+    let rule_start = dp.rule_stats()?;
     let t_run = Instant::now();
     let n = paths.len();
     for round in 0..opts.rounds {
@@ -504,23 +836,55 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     }
     let elapsed = t_run.elapsed();
     let end = stats_map(&dp)?;
+    let rule_end = dp.rule_stats()?;
 
     // The counters must show each path did what it is named after.
     let delta = |k: &str| end.get(k).copied().unwrap_or(0) - start.get(k).copied().unwrap_or(0);
     let calls = (opts.rounds * opts.iters) as u64;
+    let main_paths = paths.iter().filter(|p| p.kind != Kind::Floor).count() as u64;
+    let hit_paths = paths
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Established(_) | Kind::Reply(_)))
+        .count() as u64;
     let mut bad = vec![];
     for (k, want) in [
+        ("rx", main_paths * calls),
         ("new_session", calls),
-        ("ct_hit", 2 * calls),
-        ("fwd_redirect", 3 * calls),
+        ("ct_hit", hit_paths * calls),
+        ("fwd_redirect", (hit_paths + 1) * calls),
         ("pass_not_service", calls),
         ("ct_expired", 0),
         ("drop_ct_full", 0),
         ("fwd_stack", 0),
+        ("pass_ttl", 0),
+        ("drop_no_endpoint", 0),
+        ("drop_snat_exhausted", 0),
+        ("drop_dsr_no_l2", 0),
+        ("drop_encap_mtu", 0),
+        ("drop_no_route", 0),
+        ("drop_no_neigh", 0),
     ] {
         if delta(k) != want {
             bad.push(format!("{k} +{} (want +{want})", delta(k)));
         }
+    }
+    // Each mode's packets were counted by its own rule.
+    let mut per_rule = vec![];
+    for m in &MODES {
+        let id = *rule_of_port
+            .get(&m.vport)
+            .ok_or_else(|| anyhow!("rule {} ({VIP}:{}) is not installed", m.rule, m.vport))?;
+        let got = rule_end.get(&id).map_or(0, |s| s.packets)
+            - rule_start.get(&id).map_or(0, |s| s.packets);
+        let want = calls
+            * paths
+                .iter()
+                .filter(|p| p.rule_port == Some(m.vport))
+                .count() as u64;
+        if got != want {
+            bad.push(format!("rule {} packets +{got} (want +{want})", m.rule));
+        }
+        per_rule.push(format!("{} +{got}", m.rule));
     }
     if !bad.is_empty() {
         bail!(
@@ -529,10 +893,12 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         );
     }
     notes.push(format!(
-        "counters over the timed calls as expected: new_session +{calls}, ct_hit +{}, \
-         fwd_redirect +{}, pass_not_service +{calls}",
-        2 * calls,
-        3 * calls
+        "counters over the timed calls as expected: rx +{}, new_session +{calls}, ct_hit +{}, \
+         fwd_redirect +{}, pass_not_service +{calls}, no drops; rule packets: {}",
+        main_paths * calls,
+        hit_paths * calls,
+        (hit_paths + 1) * calls,
+        per_rule.join(", ")
     ));
     notes.push(format!(
         "{} distinct new flows created ({} sessions in the table at the end{})",
@@ -669,17 +1035,27 @@ fn print_results(out: &Outcome) {
     println!("(ns per packet; \"over floor\" = path median - floor median)");
     println!();
     println!("targets (over the floor median; reported only, never enforced):");
-    for (kind, name, target) in [
+    let mut targets = vec![
         (
-            Kind::Established,
+            Kind::Established(Mode::Dnat),
             "established-flow DNAT",
             TARGET_ESTABLISHED_NS,
+            "",
         ),
-        (Kind::NonService, "non-service", TARGET_NON_SERVICE_NS),
-    ] {
-        let o = over[&kind];
+        (Kind::NonService, "non-service", TARGET_NON_SERVICE_NS, ""),
+    ];
+    for m in MODES.iter().filter(|m| m.mode != Mode::Dnat) {
+        targets.push((
+            Kind::Established(m.mode),
+            m.target_name,
+            m.target_ns,
+            m.target_note,
+        ));
+    }
+    for (kind, name, target, remark) in targets {
+        let Some(&o) = over.get(&kind) else { continue };
         println!(
-            "  {name:<22} <= {target:.0} ns over floor: {o:.1} ns  {}",
+            "  {name:<22} <= {target:.0} ns over floor: {o:.1} ns  {}{remark}",
             if o <= target { "MET" } else { "NOT MET" }
         );
     }
