@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS=(llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev bpftool iproute2 ethtool tcpdump)
+PKGS=(llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev bpftool iproute2 ethtool tcpdump bird2 gobgpd nftables libusrsctp-examples)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -57,5 +57,32 @@ if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
     mount -t bpf bpf /sys/fs/bpf
 else
     say "bpffs mounted"
+fi
+
+# kubernetes-validate (PyPI) checks every Kubernetes manifest under manifest/
+# against the API schemas (kube-watch/tests/manifests.rs). Installed with
+# pip --target into its own directory, so it works with any python3 (also
+# an externally managed one) and leaves the system's packages alone.
+KV_VERSION=1.37.0
+KV_DIR=/opt/loxilb-rs/kubernetes-validate
+KV_BIN=/opt/loxilb-rs/bin/kubernetes-validate
+if ! "$KV_BIN" --version 2>/dev/null | grep -qx "$KV_VERSION"; then
+    say "installing kubernetes-validate $KV_VERSION into $KV_DIR"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3 python3-pip >>/tmp/loxilb-apt.log 2>&1 || {
+            apt-get update -q >>/tmp/loxilb-apt.log 2>&1
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3 python3-pip >>/tmp/loxilb-apt.log 2>&1
+        }
+    fi
+    rm -rf "$KV_DIR"
+    mkdir -p "$KV_DIR" "$(dirname "$KV_BIN")"
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+        --target "$KV_DIR" "kubernetes-validate==$KV_VERSION"
+    printf '#!/bin/sh\nPYTHONPATH=%s exec %s -m kubernetes_validate "$@"\n' \
+        "$KV_DIR" "$(python3 -c 'import sys; print(sys.executable)')" >"$KV_BIN"
+    chmod 755 "$KV_BIN"
+    "$KV_BIN" --version | grep -qx "$KV_VERSION"
+else
+    say "kubernetes-validate $KV_VERSION present"
 fi
 say "done"

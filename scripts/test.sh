@@ -11,4 +11,4 @@ cargo clippy -q --workspace --exclude loxilb-ebpf --all-targets -- -D warnings
 echo "[test] building the agent (with its eBPF datapath)"
 cargo build -q -p loxilb-agent -p loxilb-tests --bins
 echo "[test] running the tests"
-LOXILB_REQUIRE_ROOT=1 cargo test -q --workspace --exclude loxilb-ebpf "$@"
+LOXILB_REQUIRE_ROOT=1 LOXILB_REQUIRE_TOOLS=1 cargo test -q --workspace --exclude loxilb-ebpf "$@"

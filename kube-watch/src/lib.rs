@@ -1,10 +1,50 @@
-//! The Kubernetes side of the agent, as a pure and testable core: it turns
-//! LoadBalancer Services (plus their EndpointSlices and the Nodes) into
-//! load-balancer rules, and owns the VIP address management. Nothing here
-//! talks to an API server; every input is a plain value (strings,
-//! `k8s-openapi` objects) and every output is a plain value.
+//! The Kubernetes side of the agent: LoadBalancer Services (plus their
+//! EndpointSlices and the Nodes) become load-balancer rules for the
+//! datapath, VIPs are allocated from pools, and the results are written back
+//! to the Services.
 //!
-//! The pieces:
+//! # Status (what is done, what is not)
+//!
+//! Done, each piece exercised by tests that fail when it breaks:
+//! - the pure core ([`annotations`], [`flags`], [`ipam`], [`translate`]) and
+//!   the controller's decisions ([`reconcile`]: what to allocate, which
+//!   finalizer/record/status/Events to write and in which order, which rules
+//!   to hand to the datapath), unit-tested over plain values;
+//! - the I/O: kube-runtime watchers and reflectors on Services,
+//!   EndpointSlices and Nodes, Lease leader election ([`leader`]), merge
+//!   patch of metadata, server-side apply of status, Event creation
+//!   ([`events`]), the run loop ([`controller::run`]); tested against a
+//!   mocked API server (exact requests, `tests/api_writes.rs`) and an
+//!   in-memory API server driving the whole loop (`tests/controller_loop.rs`,
+//!   which also checks every request against the manifest's RBAC);
+//! - `manifest/in-cluster/loxilb.yaml` (DaemonSet, RBAC, ServiceAccount),
+//!   validated against the Kubernetes 1.37 schemas (`tests/manifests.rs`,
+//!   `kubernetes-validate` from `scripts/setup.sh`; `LOXILB_REQUIRE_TOOLS=1`
+//!   makes a missing validator a failure).
+//!
+//! Not done:
+//! - `loxilb-agent kube` itself (the agent's side): parse the flags with
+//!   [`flags`], build [`controller::RunConfig::from_env`], implement
+//!   [`controller::RuleSink`] over the agent's rule reconciler (and VIP
+//!   ownership: answering ARP/ND for [`controller::RuleSink::own_vips`]),
+//!   and call [`controller::run`] with `kube::Client::try_default()`; the
+//!   manifest's args then need the datapath flags (interfaces) the
+//!   subcommand takes.
+//! - Never run against a real API server (none can run here): server-side
+//!   apply of status and the `resourceVersion` precondition of the metadata
+//!   merge patch are emulated by the test server as the API server documents
+//!   them.
+//! - The last good annotation values are kept in memory: after an agent
+//!   restart a Service whose annotations are invalid gets no rules until
+//!   they are fixed.
+//! - Health probes (rules carry the probe settings; nothing runs them yet),
+//!   Multus endpoints, BGP, metrics and a readiness endpoint for the
+//!   DaemonSet.
+//! - If the agents are uninstalled while Services still carry the
+//!   `loxilb.io/loadbalancer` finalizer, deleting those Services waits for
+//!   it to be removed by hand.
+//!
+//! # The pieces
 //!
 //! - [`annotations`]: every `loxilb.io/*` Service annotation parsed strictly
 //!   into one typed struct; invalid values come back as problems (annotation,
@@ -21,16 +61,20 @@
 //! - [`translate`]: Service + EndpointSlices + Nodes + allocation -> the
 //!   desired [`translate::LbRule`]s (one per VIP, port and protocol), the
 //!   allocation request for a Service, and the `status.loadBalancer` to write.
-//!
-//! Not done yet (the next step): the watchers on Services, EndpointSlices and
-//! Nodes, leader election (a Lease), writing status and the allocation
-//! annotation back, Kubernetes Events for the problems these modules return,
-//! finalizers so a deleted Service's rules and IPs are released even when the
-//! agent was down, and the wiring of [`flags`] into the agent's command line.
+//! - [`reconcile`]: the controller's state and decisions: one Service in, a
+//!   [`reconcile::Plan`] (ordered writes, rules, Events) out. Pure.
+//! - [`events`]: what an Event says and the `events.k8s.io/v1` object.
+//! - [`leader`]: Lease-based leader election (decision pure, I/O apart).
+//! - [`controller`]: watchers, the run loop, the API writes, and the
+//!   [`controller::RuleSink`] seam to the datapath.
 
 pub mod annotations;
+pub mod controller;
+pub mod events;
 pub mod flags;
 pub mod ipam;
+pub mod leader;
+pub mod reconcile;
 pub mod translate;
 
 use std::{fmt, net::IpAddr};

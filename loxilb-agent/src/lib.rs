@@ -1,8 +1,10 @@
 //! loxilb-agent: the per-node daemon. Loads and drives the eBPF datapath;
 //! in standalone mode it takes its rules from a YAML file.
 
+pub mod bgp;
 pub mod config;
 pub mod datapath;
+pub mod probe;
 pub mod routes;
 pub mod rules;
 pub mod selection;

@@ -1,9 +1,11 @@
 //! Shared test machinery: packet builders, network-namespace topologies
 //! that clean up after themselves, real TCP/UDP servers and clients.
 
+pub mod bgp_peer;
 pub mod fib;
 pub mod netns;
 pub mod packet;
+pub mod probe_peers;
 
 /// Root tests call this first. Without root they skip with a clear
 /// message, unless LOXILB_REQUIRE_ROOT=1 (CI), where a skip is a failure.

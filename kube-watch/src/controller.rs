@@ -1,0 +1,794 @@
+//! The controller: watchers and reflectors (kube-runtime, no polling) on
+//! Services, EndpointSlices and Nodes, leader election
+//! ([`crate::leader`]), and the execution of [`crate::reconcile`]'s plans:
+//! the API writes ([`ServiceWriter`]) and the datapath ([`RuleSink`]).
+//!
+//! The agent calls [`run`] with a [`kube::Client`], a [`RunConfig`] and its
+//! [`RuleSink`]; it returns when the shutdown future completes (after
+//! releasing the Lease if it held it).
+//!
+//! One task owns the state: watch events mark Services dirty (a Service
+//! event marks that Service, an EndpointSlice event the Service it belongs
+//! to; a Node change that matters to rules — readiness, addresses, labels,
+//! not heartbeats — a re-list or a leadership change marks every Service);
+//! nothing is planned until all three caches have their initial list. The
+//! dirty Services are planned and carried out as a batch whose rules reach
+//! the datapath as one rule set ([`Executor::set_hold`]). A Service whose
+//! writes failed is planned again after a backoff (1 s doubling to 60 s) or
+//! at its next watch event, whichever is first.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::IpAddr,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{
+        reflector::{self, ObjectRef, Store},
+        watcher, WatchStreamExt,
+    },
+    Api, Client, ResourceExt,
+};
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    events::{service_reference, EventPublisher, EventType},
+    flags::KubeConfig,
+    leader::{LeaderElector, LeaseConfig},
+    reconcile::{MetadataPatch, Plan, Reconciler, StatusUpdate, Step, FIELD_MANAGER},
+    translate::{LbRule, SERVICE_NAME_LABEL},
+    ServiceKey,
+};
+
+/// Where the controller hands the datapath its work. The agent implements
+/// it over its rule reconciler.
+pub trait RuleSink: Send {
+    /// The complete desired rule set of this node (every managed Service),
+    /// replacing the previous one. Called only when it changed (or the last
+    /// call failed). An error is retried.
+    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<()>;
+
+    /// The addresses this node must own (answer ARP/ND for, advertise):
+    /// every VIP while this agent leads, none otherwise. Called when the
+    /// set changes.
+    fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()>;
+}
+
+/// Everything [`run`] needs besides the client and the sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunConfig {
+    pub kube: KubeConfig,
+    pub lease: LeaseConfig,
+    /// First retry delay of a Service whose writes failed; doubles.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl RunConfig {
+    pub fn new(kube: KubeConfig, lease: LeaseConfig) -> Self {
+        RunConfig {
+            kube,
+            lease,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+
+    /// From the pod's environment, as `manifest/in-cluster/loxilb.yaml`
+    /// sets it: identity `POD_NAME` (else `NODE_NAME`, else the host name),
+    /// Lease namespace `POD_NAMESPACE` (else `kube-system`).
+    pub fn from_env(kube: KubeConfig) -> Result<Self, String> {
+        Self::from_lookup(kube, |k| std::env::var(k).ok())
+    }
+
+    fn from_lookup(kube: KubeConfig, get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let identity = get("POD_NAME")
+            .or_else(|| get("NODE_NAME"))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            })
+            .ok_or("no identity for leader election: set POD_NAME (the manifest sets it from metadata.name)")?;
+        let namespace = get("POD_NAMESPACE").unwrap_or_else(|| "kube-system".into());
+        Ok(RunConfig::new(kube, LeaseConfig::new(namespace, identity)))
+    }
+}
+
+/// A failed step of a plan.
+#[derive(Debug)]
+pub enum StepError {
+    Api(kube::Error),
+    Datapath(anyhow::Error),
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Api(e) => write!(f, "API write failed: {e}"),
+            StepError::Datapath(e) => write!(f, "datapath update failed: {e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// The writes to Services and their Events: a merge patch of metadata
+/// (verb `patch` on `services`), a server-side apply of status (`patch` on
+/// `services/status`), Event creation.
+pub struct ServiceWriter {
+    client: Client,
+    events: EventPublisher,
+}
+
+impl ServiceWriter {
+    /// `instance`: the Events' `reportingInstance`.
+    pub fn new(client: Client, instance: impl Into<String>) -> Self {
+        ServiceWriter {
+            events: EventPublisher::new(client.clone(), instance),
+            client,
+        }
+    }
+
+    fn api(&self, key: &ServiceKey) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &key.namespace)
+    }
+
+    pub async fn patch_metadata(
+        &self,
+        key: &ServiceKey,
+        patch: &MetadataPatch,
+    ) -> Result<(), kube::Error> {
+        self.api(key)
+            .patch(
+                &key.name,
+                &PatchParams::default(),
+                &Patch::Merge(patch.to_json()),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn patch_status(
+        &self,
+        key: &ServiceKey,
+        update: &StatusUpdate,
+    ) -> Result<(), kube::Error> {
+        self.api(key)
+            .patch_status(
+                &key.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(update.to_apply_body(key)),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub fn events(&self) -> &EventPublisher {
+        &self.events
+    }
+}
+
+/// Carries plans out: API writes, then the datapath.
+pub struct Executor<S> {
+    writer: ServiceWriter,
+    sink: S,
+    /// The rule set changed (or the last apply failed) and the sink has
+    /// not taken it yet.
+    sink_dirty: bool,
+    vips_sent: Option<Vec<IpAddr>>,
+    /// Commit rules without handing them to the sink (a batch is being
+    /// carried out; [`Executor::sync_sink`] at its end).
+    hold: bool,
+}
+
+impl<S: RuleSink> Executor<S> {
+    pub fn new(writer: ServiceWriter, sink: S) -> Self {
+        Executor {
+            writer,
+            sink,
+            sink_dirty: false,
+            vips_sent: None,
+            hold: false,
+        }
+    }
+
+    /// While held, [`Step::SetRules`] only commits the rules (the sink gets
+    /// the whole set at the next [`Executor::sync_sink`]), except in a plan
+    /// whose later steps wait for the datapath
+    /// ([`Plan::waits_for_datapath`]). A batch of plans (a node change, the
+    /// start) then reaches the datapath as one rule set, never as a partial
+    /// one that would drop the rules (and sessions) of Services not yet
+    /// planned.
+    pub fn set_hold(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// Hand the sink the rule set if it changed, and the owned VIPs if they
+    /// changed.
+    pub fn sync_sink(&mut self, reconciler: &Reconciler) -> Result<(), StepError> {
+        if self.sink_dirty {
+            self.sink
+                .apply(reconciler.rules())
+                .map_err(StepError::Datapath)?;
+            self.sink_dirty = false;
+        }
+        let vips = reconciler.owned_vips();
+        if self.vips_sent.as_ref() != Some(&vips) {
+            self.sink
+                .own_vips(vips.clone())
+                .map_err(StepError::Datapath)?;
+            self.vips_sent = Some(vips);
+        }
+        Ok(())
+    }
+
+    /// Whether the sink still owes an update (a retry is due).
+    pub fn sink_pending(&self, reconciler: &Reconciler) -> bool {
+        self.sink_dirty || self.vips_sent.as_deref() != Some(&reconciler.owned_vips()[..])
+    }
+
+    /// Carry out `plan` for `key` (`svc`: the Service planned on, for the
+    /// Events): the steps in order, stopping at the first failure; then the
+    /// Events: Warnings whatever happened, Normal ones (something was done)
+    /// only when every step succeeded. Event failures are only logged.
+    /// Returns the Services to plan again (`plan.requeue`, and the pending
+    /// ones when an address was released).
+    pub async fn execute(
+        &mut self,
+        reconciler: &mut Reconciler,
+        key: &ServiceKey,
+        svc: Option<&Service>,
+        plan: &Plan,
+        now: Timestamp,
+    ) -> Result<Vec<ServiceKey>, StepError> {
+        let mut requeue = plan.requeue.clone();
+        let mut result = Ok(());
+        for step in &plan.steps {
+            let r = match step {
+                Step::PatchMetadata(p) => self
+                    .writer
+                    .patch_metadata(key, p)
+                    .await
+                    .map_err(StepError::Api),
+                Step::SetRules(rules) => {
+                    // Committed only once the datapath has it: a Service
+                    // whose rules could not be removed is planned (and its
+                    // finalizer held) until they are.
+                    let previous = reconciler.service_rules(key).to_vec();
+                    if reconciler.commit(key, rules.clone()) {
+                        self.sink_dirty = true;
+                    }
+                    if self.hold && !plan.waits_for_datapath() {
+                        continue;
+                    }
+                    let r = self.sync_sink(reconciler);
+                    if r.is_err() && self.sink_dirty {
+                        reconciler.commit(key, previous);
+                    }
+                    r
+                }
+                Step::PatchStatus(u) => self
+                    .writer
+                    .patch_status(key, u)
+                    .await
+                    .map_err(StepError::Api),
+                Step::Release => {
+                    requeue.extend(reconciler.release(key));
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                result = Err(e);
+                break;
+            }
+        }
+        if let Some(svc) = svc {
+            let regarding = service_reference(svc);
+            for ev in &plan.events {
+                if ev.type_ == EventType::Normal && result.is_err() {
+                    continue;
+                }
+                match ev.type_ {
+                    EventType::Warning => warn!(service = %key, "{}: {}", ev.reason, ev.note),
+                    EventType::Normal => info!(service = %key, "{}: {}", ev.reason, ev.note),
+                }
+                if let Err(e) = self.writer.events().publish(ev, &regarding, now).await {
+                    warn!(service = %key, error = %e, "could not create the Event");
+                }
+            }
+        }
+        result.map(|()| requeue)
+    }
+}
+
+/// Services to plan, and the retries due.
+#[derive(Debug, Default)]
+pub struct WorkQueue {
+    dirty: BTreeSet<ServiceKey>,
+    retry: BTreeMap<ServiceKey, (Instant, u32)>,
+}
+
+impl WorkQueue {
+    pub fn mark(&mut self, key: ServiceKey) {
+        self.dirty.insert(key);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirty.is_empty()
+    }
+
+    /// The dirty Services, and those whose retry is due at `now`.
+    pub fn take(&mut self, now: Instant) -> Vec<ServiceKey> {
+        let due: Vec<ServiceKey> = self
+            .retry
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.dirty.extend(due);
+        std::mem::take(&mut self.dirty).into_iter().collect()
+    }
+
+    /// `key` failed: retry after `min * 2^(failures-1)`, at most `max`.
+    pub fn failed(
+        &mut self,
+        key: &ServiceKey,
+        now: Instant,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
+        let n = self.retry.get(key).map_or(0, |(_, n)| *n);
+        let delay = min.checked_mul(1u32 << n.min(16)).unwrap_or(max).min(max);
+        self.retry.insert(key.clone(), (now + delay, n + 1));
+        delay
+    }
+
+    pub fn succeeded(&mut self, key: &ServiceKey) {
+        self.retry.remove(key);
+    }
+
+    /// The earliest retry.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.retry.values().map(|(at, _)| *at).min()
+    }
+}
+
+/// What of a Node the rules depend on: its labels, addresses and `Ready`
+/// status (not heartbeats, images or other conditions' timestamps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFingerprint {
+    labels: BTreeMap<String, String>,
+    addresses: Vec<(String, String)>,
+    ready: Option<String>,
+}
+
+impl NodeFingerprint {
+    pub fn of(node: &Node) -> Self {
+        let status = node.status.as_ref();
+        NodeFingerprint {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            addresses: status
+                .and_then(|s| s.addresses.as_ref())
+                .map(|a| {
+                    a.iter()
+                        .map(|x| (x.type_.clone(), x.address.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.status.clone()),
+        }
+    }
+}
+
+/// The fingerprints of the Nodes seen, to tell a change that matters.
+#[derive(Debug, Default)]
+pub struct NodeCache {
+    seen: BTreeMap<String, NodeFingerprint>,
+}
+
+impl NodeCache {
+    /// Record `node`; `true` when it is new or changed in what matters.
+    pub fn update(&mut self, node: &Node) -> bool {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let fp = NodeFingerprint::of(node);
+        self.seen.insert(name, fp.clone()) != Some(fp)
+    }
+
+    /// Forget `node`; `true` when it was known.
+    pub fn remove(&mut self, node: &Node) -> bool {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        self.seen.remove(&name).is_some()
+    }
+
+    pub fn clear(&mut self) {
+        self.seen.clear();
+    }
+}
+
+fn key_of(svc: &Service) -> Option<ServiceKey> {
+    Some(ServiceKey::new(
+        svc.metadata.namespace.clone()?,
+        svc.metadata.name.clone()?,
+    ))
+}
+
+fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some(ServiceKey::new(slice.metadata.namespace.clone()?, name))
+}
+
+/// What a watch event means for the queue.
+enum Touch {
+    One(ServiceKey),
+    All,
+    Ready,
+    Nothing,
+}
+
+fn touch<K>(
+    ev: Result<watcher::Event<K>, watcher::Error>,
+    what: &str,
+    one: impl Fn(&K) -> Option<ServiceKey>,
+) -> Touch {
+    match ev {
+        Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => match one(&o) {
+            Some(k) => Touch::One(k),
+            None => Touch::All,
+        },
+        Ok(watcher::Event::InitDone) => Touch::Ready,
+        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Touch::Nothing,
+        Err(e) => {
+            warn!(error = %e, "{what} watch failed; retrying");
+            Touch::Nothing
+        }
+    }
+}
+
+fn watch_stream<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    (store, stream)
+}
+
+/// Run the controller until `shutdown` completes.
+pub async fn run<S: RuleSink>(
+    client: Client,
+    config: RunConfig,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut reconciler =
+        Reconciler::new(config.kube.clone()).context("the configured pools cannot be used")?;
+    let mut executor = Executor::new(
+        ServiceWriter::new(client.clone(), config.lease.identity.clone()),
+        sink,
+    );
+
+    let (services, svc_stream) = watch_stream(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (slices, slice_stream) = watch_stream(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+    );
+    let (nodes, node_stream) =
+        watch_stream(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let mut svc_stream = std::pin::pin!(svc_stream);
+    let mut slice_stream = std::pin::pin!(slice_stream);
+    let mut node_stream = std::pin::pin!(node_stream);
+
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let elector = LeaderElector::new(client.clone(), config.lease.clone());
+    let elector_task = tokio::spawn(elector.run(leader_tx, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let mut queue = WorkQueue::default();
+    let mut node_cache = NodeCache::default();
+    let mut ready = [false; 3];
+    let mut all = false;
+    let mut sink_retry: Option<Instant> = None;
+    let mut sink_failures = 0u32;
+    let mut shutdown = std::pin::pin!(shutdown);
+    info!(
+        class = %config.kube.load_balancer_class,
+        identity = %config.lease.identity,
+        "watching Services, EndpointSlices and Nodes"
+    );
+
+    loop {
+        let next_retry = [queue.next_retry(), sink_retry].into_iter().flatten().min();
+        let wake = async {
+            match next_retry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(ev) = svc_stream.next() => match touch(ev, "Service", key_of) {
+                Touch::One(k) => queue.mark(k),
+                Touch::All => all = true,
+                Touch::Ready => { ready[0] = true; all = true; }
+                Touch::Nothing => {}
+            },
+            Some(ev) = slice_stream.next() => match touch(ev, "EndpointSlice", slice_service) {
+                Touch::One(k) => queue.mark(k),
+                Touch::All => {}
+                Touch::Ready => { ready[1] = true; all = true; }
+                Touch::Nothing => {}
+            },
+            Some(ev) = node_stream.next() => match ev {
+                // Nodes are written every few seconds (heartbeats, images):
+                // only a change of what the rules use replans.
+                Ok(watcher::Event::Apply(n)) => all |= node_cache.update(&n),
+                Ok(watcher::Event::Delete(n)) => all |= node_cache.remove(&n),
+                Ok(watcher::Event::Init) => node_cache.clear(),
+                Ok(watcher::Event::InitApply(n)) => { node_cache.update(&n); }
+                Ok(watcher::Event::InitDone) => { ready[2] = true; all = true; }
+                Err(e) => warn!(error = %e, "Node watch failed; retrying"),
+            },
+            Ok(()) = leader_rx.changed() => all = true,
+            _ = wake => {}
+        }
+        if ready != [true; 3] {
+            continue;
+        }
+
+        let want_leader = *leader_rx.borrow();
+        if want_leader != reconciler.is_leader() {
+            if want_leader {
+                let svcs = services.state();
+                let t = reconciler.become_leader(svcs.iter().map(|s| s.as_ref()));
+                info!(
+                    adopted = t.adopted,
+                    "leading: allocation table rebuilt from the Services' records"
+                );
+                for n in t.notes {
+                    warn!("{n}");
+                }
+            } else {
+                reconciler.step_down();
+                info!("following: no more allocations, status or Events from this agent");
+            }
+            all = true;
+        }
+        if std::mem::take(&mut all) {
+            for s in services.state() {
+                if let Some(k) = key_of(&s) {
+                    queue.mark(k);
+                }
+            }
+            for k in reconciler.known_services() {
+                queue.mark(k);
+            }
+        }
+
+        let now = Instant::now();
+        let keys = queue.take(now);
+        if !keys.is_empty() {
+            let node_list: Vec<Node> = nodes.state().iter().map(|n| (**n).clone()).collect();
+            let mut slices_of: BTreeMap<ServiceKey, Vec<EndpointSlice>> = BTreeMap::new();
+            for s in slices.state() {
+                if let Some(k) = slice_service(&s) {
+                    slices_of.entry(k).or_default().push((*s).clone());
+                }
+            }
+            let mut batch = Vec::with_capacity(keys.len());
+            for key in keys {
+                let svc = services.get(&ObjectRef::new(&key.name).within(&key.namespace));
+                let slice_list = slices_of.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                let plan = reconciler.plan(
+                    &key,
+                    svc.as_deref(),
+                    slice_list,
+                    &node_list,
+                    Timestamp::now(),
+                );
+                for n in &plan.notes {
+                    warn!("{n}");
+                }
+                batch.push((key, svc, plan));
+            }
+            // The plans whose later writes wait for the datapath go last,
+            // when every other rule of the batch is committed: the sink
+            // then gets whole rule sets only.
+            batch.sort_by_key(|(_, _, p)| p.waits_for_datapath());
+            executor.set_hold(true);
+            for (key, svc, plan) in batch {
+                if !plan.steps.is_empty() {
+                    debug!(service = %key, steps = plan.steps.len(), "carrying out plan");
+                }
+                match executor
+                    .execute(
+                        &mut reconciler,
+                        &key,
+                        svc.as_deref(),
+                        &plan,
+                        Timestamp::now(),
+                    )
+                    .await
+                {
+                    Ok(requeue) => {
+                        queue.succeeded(&key);
+                        for k in requeue {
+                            queue.mark(k);
+                        }
+                    }
+                    Err(e) => {
+                        let d =
+                            queue.failed(&key, Instant::now(), config.retry_min, config.retry_max);
+                        warn!(service = %key, error = %e, retry_in = ?d, "plan not completed");
+                    }
+                }
+            }
+            executor.set_hold(false);
+            sink_retry = None;
+        }
+        if executor.sink_pending(&reconciler) && sink_retry.is_none_or(|t| t <= Instant::now()) {
+            match executor.sync_sink(&reconciler) {
+                Ok(()) => {
+                    sink_retry = None;
+                    sink_failures = 0;
+                }
+                Err(e) => {
+                    let d = config
+                        .retry_min
+                        .checked_mul(1 << sink_failures.min(16))
+                        .unwrap_or(config.retry_max)
+                        .min(config.retry_max);
+                    sink_failures += 1;
+                    sink_retry = Some(Instant::now() + d);
+                    warn!(error = %e, retry_in = ?d, "datapath not updated");
+                }
+            }
+        }
+    }
+
+    let _ = stop_tx.send(());
+    elector_task.await.context("leader election task")?;
+    info!("controller stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_config_from_env() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let c = RunConfig::from_lookup(
+            KubeConfig::default(),
+            env(&[
+                ("POD_NAME", "loxilb-agent-x7"),
+                ("NODE_NAME", "n1"),
+                ("POD_NAMESPACE", "lb"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.lease.identity, "loxilb-agent-x7");
+        assert_eq!(c.lease.namespace, "lb");
+        assert_eq!(c.lease.name, "loxilb-agent");
+        let c = RunConfig::from_lookup(KubeConfig::default(), env(&[("NODE_NAME", "n1")])).unwrap();
+        assert_eq!(
+            (c.lease.identity.as_str(), c.lease.namespace.as_str()),
+            ("n1", "kube-system")
+        );
+    }
+
+    #[test]
+    fn node_heartbeats_do_not_replan() {
+        let node = |ready: &str, heartbeat: &str, addr: &str, label: Option<&str>| -> Node {
+            let mut labels = serde_json::Map::new();
+            if let Some(l) = label {
+                labels.insert(l.into(), "".into());
+            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n1", "labels": labels},
+                "status": {
+                    "addresses": [{"type": "InternalIP", "address": addr}],
+                    "conditions": [
+                        {"type": "Ready", "status": ready, "lastHeartbeatTime": heartbeat},
+                        {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat},
+                    ],
+                },
+            }))
+            .unwrap()
+        };
+        let mut c = NodeCache::default();
+        assert!(c.update(&node("True", "2026-01-01T00:00:00Z", "10.0.0.1", None)));
+        assert!(!c.update(&node("True", "2026-01-01T00:00:10Z", "10.0.0.1", None)));
+        assert!(c.update(&node("False", "2026-01-01T00:00:20Z", "10.0.0.1", None)));
+        assert!(c.update(&node("False", "2026-01-01T00:00:20Z", "10.0.0.9", None)));
+        assert!(c.update(&node(
+            "False",
+            "2026-01-01T00:00:20Z",
+            "10.0.0.9",
+            Some(crate::translate::EXCLUDE_LABEL)
+        )));
+        let n = node("False", "2026-01-01T00:00:30Z", "10.0.0.9", None);
+        assert!(c.remove(&n));
+        assert!(!c.remove(&n));
+    }
+
+    /// The agent spawns the controller on its runtime: the future is Send.
+    #[allow(dead_code)]
+    fn run_is_send(client: Client, config: RunConfig, sink: impl RuleSink + 'static) {
+        fn send<T: Send>(_: T) {}
+        send(run(client, config, sink, async {}));
+    }
+
+    #[test]
+    fn work_queue_backoff() {
+        let mut q = WorkQueue::default();
+        let k = ServiceKey::new("default", "web");
+        let t = Instant::now();
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(q.failed(&k, t, min, max), Duration::from_secs(1));
+        assert_eq!(q.failed(&k, t, min, max), Duration::from_secs(2));
+        assert_eq!(q.failed(&k, t, min, max), Duration::from_secs(4));
+        for _ in 0..10 {
+            q.failed(&k, t, min, max);
+        }
+        assert_eq!(q.failed(&k, t, min, max), max);
+        assert!(q.take(t).is_empty(), "not due yet");
+        assert_eq!(q.take(t + max), vec![k.clone()]);
+        q.succeeded(&k);
+        assert_eq!(q.next_retry(), None);
+        q.mark(k.clone());
+        q.mark(k.clone());
+        assert_eq!(q.take(t), vec![k]);
+        assert!(q.is_empty());
+    }
+}

@@ -1,0 +1,453 @@
+//! Leader election over a `coordination.k8s.io/v1` Lease, as client-go's
+//! `leaderelection` does it: the leader renews the Lease every retry period;
+//! another agent takes it over when the Lease record has not changed for
+//! `leaseDurationSeconds` *by its own clock* (the time it first saw that
+//! record, not the `renewTime` written by another machine, so clock skew
+//! does not matter), or at once when the holder released it. Every write is
+//! a create or an update with the `resourceVersion` read, so of two agents
+//! racing for the Lease exactly one wins (the other gets 409 Conflict).
+//!
+//! [`Elector`] is the decision, pure; [`LeaderElector`] does the I/O (verbs
+//! `get`, `create` and `update` on the one Lease, nothing else).
+
+use std::{future::Future, time::Duration};
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{api::PostParams, Api, Client};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// The Lease the agents share (in the agents' namespace).
+pub const DEFAULT_LEASE_NAME: &str = "loxilb-agent";
+
+/// Who competes for which Lease, and how fast.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This agent's identity (unique per agent: the pod name).
+    pub identity: String,
+    /// How long a Lease record stays valid without renewal.
+    pub lease_duration: Duration,
+    /// A leader that could not renew for this long steps down (shorter
+    /// than `lease_duration`, so it stops before anyone takes over).
+    pub renew_deadline: Duration,
+    /// How often to try to acquire or renew.
+    pub retry_period: Duration,
+}
+
+impl LeaseConfig {
+    /// client-go's defaults: 15 s lease, 10 s renew deadline, 2 s period.
+    pub fn new(namespace: impl Into<String>, identity: impl Into<String>) -> Self {
+        LeaseConfig {
+            namespace: namespace.into(),
+            name: DEFAULT_LEASE_NAME.into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
+    fn duration_secs(&self) -> i32 {
+        i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+}
+
+/// What to do with the Lease.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LeaseAction {
+    /// There is none: create it, held by us.
+    Create(Lease),
+    /// Write it (with the `resourceVersion` read): renew our own
+    /// (`takeover == false`), or take over one expired or released.
+    Update { lease: Lease, takeover: bool },
+    /// Someone else holds it and it has not expired.
+    Wait { holder: String },
+}
+
+/// The election's decisions and what it has observed.
+#[derive(Clone, Debug)]
+pub struct Elector {
+    config: LeaseConfig,
+    /// The last Lease record seen and when (our clock) it was first seen.
+    observed: Option<(LeaseSpec, Timestamp)>,
+}
+
+fn holder(spec: &LeaseSpec) -> Option<&str> {
+    spec.holder_identity.as_deref().filter(|h| !h.is_empty())
+}
+
+impl Elector {
+    pub fn new(config: LeaseConfig) -> Self {
+        Elector {
+            config,
+            observed: None,
+        }
+    }
+
+    pub fn config(&self) -> &LeaseConfig {
+        &self.config
+    }
+
+    /// Remember `spec` as seen at `now` unless it is the record already seen.
+    fn observe(&mut self, spec: &LeaseSpec, now: Timestamp) {
+        if self.observed.as_ref().map(|(s, _)| s) != Some(spec) {
+            self.observed = Some((spec.clone(), now));
+        }
+    }
+
+    /// The next step, given the Lease as just read (`None`: not found).
+    pub fn decide(&mut self, current: Option<&Lease>, now: Timestamp) -> LeaseAction {
+        let me = self.config.identity.clone();
+        let Some(lease) = current else {
+            return LeaseAction::Create(Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.config.name.clone()),
+                    namespace: Some(self.config.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(self.config.duration_secs()),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            });
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        self.observe(&spec, now);
+        let mut next = lease.clone();
+        let mut new_spec = spec.clone();
+        new_spec.renew_time = Some(MicroTime(now));
+        new_spec.lease_duration_seconds = Some(self.config.duration_secs());
+        match holder(&spec) {
+            Some(h) if h == me => {
+                next.spec = Some(new_spec);
+                LeaseAction::Update {
+                    lease: next,
+                    takeover: false,
+                }
+            }
+            Some(h) if !self.expired(&spec, now) => LeaseAction::Wait {
+                holder: h.to_string(),
+            },
+            _ => {
+                new_spec.holder_identity = Some(me);
+                new_spec.acquire_time = Some(MicroTime(now));
+                new_spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                next.spec = Some(new_spec);
+                LeaseAction::Update {
+                    lease: next,
+                    takeover: true,
+                }
+            }
+        }
+    }
+
+    /// Whether the observed record `spec` has gone unchanged for its
+    /// duration, by our clock.
+    fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
+        let Some((_, since)) = self.observed.as_ref().filter(|(s, _)| s == spec) else {
+            return false;
+        };
+        let secs = spec
+            .lease_duration_seconds
+            .unwrap_or(self.config.duration_secs());
+        since
+            .checked_add(SignedDuration::from_secs(secs.into()))
+            .is_ok_and(|end| now >= end)
+    }
+
+    /// The Lease that gives up our hold (no holder, expired at once), or
+    /// `None` when we do not hold `current`.
+    pub fn release(&self, current: &Lease, now: Timestamp) -> Option<Lease> {
+        let spec = current.spec.as_ref()?;
+        if holder(spec) != Some(self.config.identity.as_str()) {
+            return None;
+        }
+        let mut next = current.clone();
+        next.spec = Some(LeaseSpec {
+            holder_identity: None,
+            lease_duration_seconds: Some(1),
+            renew_time: Some(MicroTime(now)),
+            ..spec.clone()
+        });
+        Some(next)
+    }
+
+    /// Record what a successful write returned (our own record is not
+    /// "someone else's renewal").
+    pub fn written(&mut self, lease: &Lease, now: Timestamp) {
+        if let Some(spec) = &lease.spec {
+            self.observe(spec, now);
+        }
+    }
+}
+
+/// The election against the API server.
+pub struct LeaderElector {
+    api: Api<Lease>,
+    elector: Elector,
+    /// The Lease as last read or written.
+    last: Option<Lease>,
+}
+
+impl LeaderElector {
+    pub fn new(client: Client, config: LeaseConfig) -> Self {
+        LeaderElector {
+            api: Api::namespaced(client, &config.namespace),
+            elector: Elector::new(config),
+            last: None,
+        }
+    }
+
+    pub fn config(&self) -> &LeaseConfig {
+        self.elector.config()
+    }
+
+    /// One round: read the Lease; create, renew or take it over when due.
+    /// `Ok(true)`: we hold it now. A lost race (409) is `Ok(false)`.
+    pub async fn try_acquire_or_renew(&mut self, now: Timestamp) -> Result<bool, kube::Error> {
+        let name = self.elector.config().name.clone();
+        let current = match self.api.get(&name).await {
+            Ok(l) => Some(l),
+            Err(kube::Error::Api(s)) if s.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        let action = self.elector.decide(current.as_ref(), now);
+        self.last = current;
+        let written = match action {
+            LeaseAction::Wait { .. } => return Ok(false),
+            LeaseAction::Create(lease) => self.api.create(&PostParams::default(), &lease).await,
+            LeaseAction::Update { lease, takeover } => {
+                if takeover {
+                    info!(
+                        lease = %name,
+                        previous = ?self.last.as_ref().and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.clone()),
+                        "taking over the leader Lease"
+                    );
+                }
+                self.api
+                    .replace(&name, &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        match written {
+            Ok(lease) => {
+                self.elector.written(&lease, now);
+                self.last = Some(lease);
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give up the Lease if we hold it (so the next agent need not wait for
+    /// it to expire). Uses the Lease as last read or written.
+    pub async fn release(&mut self, now: Timestamp) -> Result<bool, kube::Error> {
+        let Some(next) = self
+            .last
+            .as_ref()
+            .and_then(|l| self.elector.release(l, now))
+        else {
+            return Ok(false);
+        };
+        let name = self.elector.config().name.clone();
+        match self.api.replace(&name, &PostParams::default(), &next).await {
+            Ok(l) => {
+                self.last = Some(l);
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Campaign until `shutdown` completes, publishing whether we lead on
+    /// `leader`; on shutdown, release the Lease if held.
+    pub async fn run(mut self, leader: watch::Sender<bool>, shutdown: impl Future<Output = ()>) {
+        let cfg = self.elector.config().clone();
+        let mut last_renew: Option<tokio::time::Instant> = None;
+        tokio::pin!(shutdown);
+        loop {
+            let is_leader = *leader.borrow();
+            // A request that hangs must not keep a leader past its deadline.
+            let round = tokio::time::timeout(
+                cfg.renew_deadline,
+                self.try_acquire_or_renew(Timestamp::now()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    format!("no answer within {:?}", cfg.renew_deadline).into(),
+                ))
+            });
+            match round {
+                Ok(true) => {
+                    last_renew = Some(tokio::time::Instant::now());
+                    if !is_leader {
+                        info!(identity = %cfg.identity, lease = %cfg.name, "became leader");
+                        leader.send_replace(true);
+                    }
+                }
+                Ok(false) => {
+                    if is_leader {
+                        warn!(identity = %cfg.identity, "lost the leader Lease");
+                        leader.send_replace(false);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "leader election: Lease not read or written");
+                    let overdue = last_renew.is_none_or(|t| t.elapsed() >= cfg.renew_deadline);
+                    if is_leader && overdue {
+                        warn!(identity = %cfg.identity, "could not renew the leader Lease in time; stepping down");
+                        leader.send_replace(false);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(cfg.retry_period) => {}
+            }
+        }
+        if *leader.borrow() {
+            leader.send_replace(false);
+            match self.release(Timestamp::now()).await {
+                Ok(true) => info!("released the leader Lease"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "could not release the leader Lease"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Timestamp {
+        "2026-05-01T10:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .checked_add(SignedDuration::from_secs(secs))
+            .unwrap()
+    }
+
+    fn cfg(me: &str) -> LeaseConfig {
+        LeaseConfig::new("kube-system", me)
+    }
+
+    fn lease(holder: Option<&str>, renew: i64, transitions: i32) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some("loxilb-agent".into()),
+                namespace: Some("kube-system".into()),
+                resource_version: Some("10".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(Into::into),
+                lease_duration_seconds: Some(15),
+                acquire_time: Some(MicroTime(t(0))),
+                renew_time: Some(MicroTime(t(renew))),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn creates_a_missing_lease() {
+        let mut e = Elector::new(cfg("a"));
+        let LeaseAction::Create(l) = e.decide(None, t(0)) else {
+            panic!()
+        };
+        let s = l.spec.unwrap();
+        assert_eq!(s.holder_identity.as_deref(), Some("a"));
+        assert_eq!(s.lease_duration_seconds, Some(15));
+        assert_eq!(s.lease_transitions, Some(0));
+        assert_eq!(s.acquire_time, Some(MicroTime(t(0))));
+        assert_eq!(l.metadata.namespace.as_deref(), Some("kube-system"));
+    }
+
+    #[test]
+    fn renews_its_own_lease() {
+        let mut e = Elector::new(cfg("a"));
+        let LeaseAction::Update { lease: l, takeover } =
+            e.decide(Some(&lease(Some("a"), 0, 3)), t(2))
+        else {
+            panic!()
+        };
+        assert!(!takeover);
+        assert_eq!(l.metadata.resource_version.as_deref(), Some("10"));
+        let s = l.spec.unwrap();
+        assert_eq!(s.renew_time, Some(MicroTime(t(2))));
+        assert_eq!(s.acquire_time, Some(MicroTime(t(0))), "kept");
+        assert_eq!(s.lease_transitions, Some(3), "kept");
+    }
+
+    #[test]
+    fn waits_a_full_duration_by_its_own_clock() {
+        let mut e = Elector::new(cfg("b"));
+        // The record says it was renewed long ago (another machine's clock):
+        // that alone does not make it expired.
+        let old = lease(Some("a"), -3600, 1);
+        assert_eq!(
+            e.decide(Some(&old), t(0)),
+            LeaseAction::Wait { holder: "a".into() }
+        );
+        assert!(matches!(
+            e.decide(Some(&old), t(14)),
+            LeaseAction::Wait { .. }
+        ));
+        // The holder renews at 10: the clock starts again.
+        let renewed = lease(Some("a"), 10, 1);
+        assert!(matches!(
+            e.decide(Some(&renewed), t(10)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            e.decide(Some(&renewed), t(24)),
+            LeaseAction::Wait { .. }
+        ));
+        let LeaseAction::Update { lease: l, takeover } = e.decide(Some(&renewed), t(25)) else {
+            panic!("expired at 10 + 15")
+        };
+        assert!(takeover);
+        let s = l.spec.unwrap();
+        assert_eq!(s.holder_identity.as_deref(), Some("b"));
+        assert_eq!(s.lease_transitions, Some(2));
+        assert_eq!(s.acquire_time, Some(MicroTime(t(25))));
+        assert_eq!(l.metadata.resource_version.as_deref(), Some("10"));
+    }
+
+    #[test]
+    fn takes_a_released_lease_at_once() {
+        let mut e = Elector::new(cfg("b"));
+        for h in [None, Some("")] {
+            assert!(matches!(
+                e.decide(Some(&lease(h, 0, 4)), t(0)),
+                LeaseAction::Update { takeover: true, .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn release_only_what_it_holds() {
+        let e = Elector::new(cfg("a"));
+        let r = e.release(&lease(Some("a"), 0, 2), t(5)).unwrap();
+        let s = r.spec.unwrap();
+        assert_eq!(s.holder_identity, None);
+        assert_eq!(s.lease_duration_seconds, Some(1));
+        assert_eq!(s.lease_transitions, Some(2));
+        assert!(e.release(&lease(Some("b"), 0, 2), t(5)).is_none());
+    }
+}

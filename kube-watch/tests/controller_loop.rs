@@ -1,0 +1,611 @@
+//! The whole controller ([`kube_watch::controller::run`]) against an
+//! in-memory API server (`fake_api`): real kube-runtime watchers and
+//! reflectors over list + watch streams, real Lease election, real writes.
+//! The tests drive the cluster like a user (create, edit, delete Services,
+//! a Node going NotReady) and check what the API server and the datapath
+//! (a recording [`RuleSink`]) end up with. Every request is then checked
+//! against the RBAC rules of `manifest/in-cluster/loxilb.yaml`, and every
+//! verb those rules grant must have been used.
+
+mod fake_api;
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use fake_api::{FakeApi, Logged};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use kube_watch::{
+    annotations::LbMode,
+    controller::{run, RuleSink, RunConfig},
+    flags::{parse_cidr_pools, KubeConfig},
+    leader::LeaseConfig,
+    translate::LbRule,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Default)]
+struct Datapath {
+    rules: Arc<Mutex<Vec<LbRule>>>,
+    vips: Arc<Mutex<Vec<IpAddr>>>,
+    /// Every rule set applied, in order.
+    applied: Arc<Mutex<Vec<Vec<LbRule>>>>,
+}
+
+impl RuleSink for Datapath {
+    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<()> {
+        *self.rules.lock().unwrap() = rules.clone();
+        self.applied.lock().unwrap().push(rules);
+        Ok(())
+    }
+    fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()> {
+        *self.vips.lock().unwrap() = vips;
+        Ok(())
+    }
+}
+
+impl Datapath {
+    fn rules(&self) -> Vec<LbRule> {
+        self.rules.lock().unwrap().clone()
+    }
+    fn rule_of(&self, svc: &str) -> Option<LbRule> {
+        self.rules().into_iter().find(|r| r.service.name == svc)
+    }
+    fn vips(&self) -> Vec<String> {
+        self.vips
+            .lock()
+            .unwrap()
+            .iter()
+            .map(IpAddr::to_string)
+            .collect()
+    }
+}
+
+struct Agent {
+    datapath: Datapath,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    fn start(api: &FakeApi, identity: &str, pools: &str) -> Agent {
+        let kube = KubeConfig {
+            cidr_pools: parse_cidr_pools(pools).unwrap(),
+            ..KubeConfig::default()
+        };
+        let mut lease = LeaseConfig::new("kube-system", identity);
+        lease.lease_duration = Duration::from_secs(3);
+        lease.renew_deadline = Duration::from_secs(2);
+        lease.retry_period = Duration::from_millis(200);
+        let mut config = RunConfig::new(kube, lease);
+        config.retry_min = Duration::from_millis(50);
+        config.retry_max = Duration::from_millis(500);
+        let datapath = Datapath::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            api.client(identity),
+            config,
+            datapath.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Agent {
+            datapath,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the controller stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Wait until `f` holds (checked every 20 ms, at most 15 s).
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn service(name: &str, port: u16, annotations: Value) -> Value {
+    json!({
+        "metadata": {"namespace": "default", "name": name, "generation": 1, "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "loxilb.io/loxilb",
+                 "ports": [{"name": "p", "port": port, "targetPort": 8080,
+                            "nodePort": 30000 + (port % 1000), "protocol": "TCP"}]},
+    })
+}
+
+fn node(name: &str, addr: &str, ready: bool) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "status": {"addresses": [{"type": "InternalIP", "address": addr}],
+                   "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+    })
+}
+
+fn svc_of(api: &FakeApi, name: &str) -> Option<Value> {
+    api.with(|s| s.get("services", "default", name))
+}
+
+fn record(api: &FakeApi, name: &str) -> Option<String> {
+    svc_of(api, name)?["metadata"]["annotations"]["loxilb.io/allocated"]
+        .as_str()
+        .map(String::from)
+}
+
+fn ingress(api: &FakeApi, name: &str) -> Vec<String> {
+    svc_of(api, name)
+        .and_then(|s| s["status"]["loadBalancer"]["ingress"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|i| i["ip"].as_str().map(String::from))
+        .collect()
+}
+
+fn condition(api: &FakeApi, name: &str, type_: &str) -> Option<Value> {
+    svc_of(api, name)?["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+/// (type, reason, note) of the Events about a Service.
+fn events(api: &FakeApi, name: &str) -> Vec<(String, String, String)> {
+    api.with(|s| s.all("events"))
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name)
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+                e["note"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn has_event(api: &FakeApi, name: &str, reason: &str, note_part: &str) -> bool {
+    events(api, name)
+        .iter()
+        .any(|(_, r, n)| r == reason && n.contains(note_part))
+}
+
+fn log(api: &FakeApi) -> Vec<Logged> {
+    api.with(|s| s.log.clone())
+}
+
+fn writes_to(api: &FakeApi, path: &str) -> usize {
+    log(api)
+        .iter()
+        .filter(|l| l.method != "GET" && l.path == path)
+        .count()
+}
+
+fn lease_holder(api: &FakeApi) -> Option<String> {
+    api.with(|s| s.get("leases", "kube-system", "loxilb-agent"))
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+}
+
+fn seed(api: &FakeApi) {
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+        s.put("nodes", node("n2", "10.0.0.2", true));
+        s.put("services", service("web", 80, json!({})));
+        // Not ours: never written to.
+        let mut other = service("other", 80, json!({}));
+        other["spec"]["loadBalancerClass"] = json!("other.io/lb");
+        s.put("services", other);
+        s.put(
+            "endpointslices",
+            json!({
+                "metadata": {"namespace": "default", "name": "web-x1",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["10.244.0.5"], "nodeName": "n1"}],
+            }),
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_of_services_through_the_controller() {
+    let api = FakeApi::new();
+    seed(&api);
+    // Two addresses: 192.0.2.1 and .2.
+    let agent = Agent::start(&api, "agent-a", "defaultPool=192.0.2.0/30");
+    let dp = agent.datapath.clone();
+
+    // Elected, allocated, recorded, programmed, reported.
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    until("web programmed", || dp.rule_of("web").is_some()).await;
+    until("web status", || ingress(&api, "web") == ["192.0.2.1"]).await;
+    let web = svc_of(&api, "web").unwrap();
+    assert_eq!(
+        web["metadata"]["finalizers"],
+        json!(["loxilb.io/loadbalancer"])
+    );
+    assert_eq!(
+        record(&api, "web").as_deref(),
+        Some("ips=192.0.2.1;ports=80/tcp")
+    );
+    let rule = dp.rule_of("web").unwrap();
+    assert_eq!(rule.vip.to_string(), "192.0.2.1");
+    let eps: Vec<String> = rule
+        .endpoints
+        .iter()
+        .map(|e| format!("{}:{}", e.ip, e.port))
+        .collect();
+    assert_eq!(eps, ["10.0.0.1:30080", "10.0.0.2:30080"]);
+    until("VIP owned", || dp.vips() == ["192.0.2.1"]).await;
+    assert_eq!(
+        condition(&api, "web", "loxilb.io/Allocated").unwrap()["status"],
+        "True"
+    );
+    until("Allocated event", || {
+        has_event(
+            &api,
+            "web",
+            "Allocated",
+            "192.0.2.1 (pool defaultPool) for 80/tcp",
+        )
+    })
+    .await;
+
+    // Two more on port 80: one fits, one finds the pool exhausted.
+    api.with(|s| {
+        s.put("services", service("web2", 80, json!({})));
+        s.put("services", service("web3", 80, json!({})));
+    });
+    until("web2 allocated", || ingress(&api, "web2") == ["192.0.2.2"]).await;
+    until("web3 exhausted event", || {
+        has_event(
+            &api,
+            "web3",
+            "PoolExhausted",
+            "pool `defaultPool` (192.0.2.0/30) is exhausted",
+        )
+    })
+    .await;
+    until("web3 condition", || {
+        condition(&api, "web3", "loxilb.io/Allocated")
+            .is_some_and(|c| c["status"] == "False" && c["reason"] == "PoolExhausted")
+    })
+    .await;
+    assert!(record(&api, "web3").is_none() && ingress(&api, "web3").is_empty());
+    assert!(dp.rule_of("web3").is_none());
+
+    // Editing an annotation changes the rule in place.
+    let web_meta_writes = writes_to(&api, "/api/v1/namespaces/default/services/web");
+    api.with(|s| {
+        s.edit("services", "default", "web", |o| {
+            o["metadata"]["annotations"]["loxilb.io/lbmode"] = json!("fullnat");
+        })
+    });
+    until("web in fullnat", || {
+        dp.rule_of("web").is_some_and(|r| r.mode == LbMode::FullNat)
+    })
+    .await;
+    let r = dp.rule_of("web").unwrap();
+    assert_eq!(
+        (r.name.as_str(), r.vip.to_string()),
+        (rule.name.as_str(), "192.0.2.1".into())
+    );
+    assert_eq!(
+        writes_to(&api, "/api/v1/namespaces/default/services/web"),
+        web_meta_writes,
+        "the allocation is unchanged: no record rewritten"
+    );
+
+    // An invalid value: a Warning naming annotation, value and allowed
+    // values; the rule stays as it was. An unknown annotation: a Warning.
+    api.with(|s| {
+        s.edit("services", "default", "web", |o| {
+            o["metadata"]["annotations"]["loxilb.io/lbmode"] = json!("bogus");
+            o["metadata"]["annotations"]["loxilb.io/frobnicate"] = json!("1");
+        })
+    });
+    until("invalid annotation event", || {
+        has_event(
+            &api,
+            "web",
+            "InvalidAnnotation",
+            "loxilb.io/lbmode: \"bogus\": allowed values: default, onearm, fullnat, dsr",
+        )
+    })
+    .await;
+    until("unknown annotation event", || {
+        has_event(
+            &api,
+            "web",
+            "AnnotationWarning",
+            "loxilb.io/frobnicate: \"1\": unknown loxilb.io annotation",
+        )
+    })
+    .await;
+    until("Configured=False", || {
+        condition(&api, "web", "loxilb.io/Configured")
+            .is_some_and(|c| c["status"] == "False" && c["reason"] == "InvalidAnnotation")
+    })
+    .await;
+    assert_eq!(
+        dp.rule_of("web").unwrap().mode,
+        LbMode::FullNat,
+        "last good rule kept"
+    );
+    let warnings_before = events(&api, "web").len();
+
+    // A node goes NotReady: endpoints follow (the last good mode stays),
+    // and the known problem is not reported again.
+    api.with(|s| s.put("nodes", node("n2", "10.0.0.2", false)));
+    until("n2 out", || {
+        dp.rule_of("web").is_some_and(|r| r.endpoints.len() == 1)
+    })
+    .await;
+    assert_eq!(dp.rule_of("web").unwrap().mode, LbMode::FullNat);
+    assert_eq!(
+        events(&api, "web").len(),
+        warnings_before,
+        "no repeated Warning"
+    );
+
+    // Fixed: Configured=True again.
+    api.with(|s| {
+        s.edit("services", "default", "web", |o| {
+            o["metadata"]["annotations"]["loxilb.io/lbmode"] = json!("default");
+        })
+    });
+    until("web back to default", || {
+        dp.rule_of("web").is_some_and(|r| r.mode == LbMode::Default)
+    })
+    .await;
+    until("Configured=True", || {
+        condition(&api, "web", "loxilb.io/Configured").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+
+    // Deleted: rules removed, address released, finalizer removed, object
+    // gone; the pending Service gets the address.
+    api.with(|s| s.delete("services", "default", "web"));
+    until("web gone from the API", || svc_of(&api, "web").is_none()).await;
+    assert!(dp.rule_of("web").is_none());
+    until("web3 allocated", || ingress(&api, "web3") == ["192.0.2.1"]).await;
+    assert_eq!(
+        record(&api, "web3").as_deref(),
+        Some("ips=192.0.2.1;ports=80/tcp")
+    );
+    until("web3 programmed", || dp.rule_of("web3").is_some()).await;
+    until("VIPs", || dp.vips() == ["192.0.2.1", "192.0.2.2"]).await;
+
+    // A Service that stops being a LoadBalancer is handed back clean.
+    api.with(|s| {
+        s.edit("services", "default", "web2", |o| {
+            o["spec"]["type"] = json!("ClusterIP");
+            o["spec"]["loadBalancerClass"] = Value::Null;
+        })
+    });
+    until("web2 handed back", || {
+        let s = svc_of(&api, "web2").unwrap();
+        s["metadata"]["finalizers"] == json!([])
+            && s["metadata"]["annotations"]
+                .get("loxilb.io/allocated")
+                .is_none()
+            && s["status"]["conditions"] == json!([])
+    })
+    .await;
+    assert!(dp.rule_of("web2").is_none());
+
+    agent.stop().await;
+    assert_eq!(lease_holder(&api), None, "Lease released on shutdown");
+
+    let log = log(&api);
+    assert!(
+        !log.iter()
+            .any(|l| l.path.contains("/services/other") || l.body["regarding"]["name"] == "other"),
+        "a Service of another class is never touched"
+    );
+    no_polling(&log);
+    check_rbac(&log, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_handover_keeps_every_address() {
+    let api = FakeApi::new();
+    seed(&api);
+    api.with(|s| s.put("services", service("web2", 443, json!({}))));
+    let a = Agent::start(&api, "agent-a", "defaultPool=192.0.2.0/29");
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    until("both recorded", || {
+        record(&api, "web").is_some() && record(&api, "web2").is_some()
+    })
+    .await;
+    let b = Agent::start(&api, "agent-b", "defaultPool=192.0.2.0/29");
+
+    // The follower programs the same rules from the records, owns no VIP,
+    // and writes nothing but its Lease reads.
+    until("b has the rules", || {
+        let mut x = b.datapath.rules();
+        let mut y = a.datapath.rules();
+        x.sort_by(|p, q| p.name.cmp(&q.name));
+        y.sort_by(|p, q| p.name.cmp(&q.name));
+        x.len() == 2 && x == y
+    })
+    .await;
+    assert!(b.datapath.vips().is_empty());
+    assert_eq!(
+        b.datapath.applied.lock().unwrap()[0].len(),
+        2,
+        "the datapath of an agent starting up gets every rule at once, never a partial set"
+    );
+    let recorded = (record(&api, "web"), record(&api, "web2"));
+
+    // a stops (releases the Lease); b takes over without reallocating.
+    a.stop().await;
+    until("agent-b leads", || {
+        lease_holder(&api).as_deref() == Some("agent-b")
+    })
+    .await;
+    until("b owns the VIPs", || b.datapath.vips().len() == 1).await;
+    assert_eq!((record(&api, "web"), record(&api, "web2")), recorded);
+    // A new Service gets an address nobody holds.
+    api.with(|s| s.put("services", service("web3", 80, json!({}))));
+    until("web3 allocated", || record(&api, "web3").is_some()).await;
+    let taken: BTreeSet<String> = ["web", "web2", "web3"]
+        .iter()
+        .flat_map(|n| ingress(&api, n))
+        .collect();
+    assert_eq!(
+        record(&api, "web3").as_deref(),
+        Some("ips=192.0.2.2;ports=80/tcp"),
+        "web (80) and web2 (443) share .1; 80 is taken there"
+    );
+    assert_eq!(taken.len(), 2);
+    b.stop().await;
+
+    let log = log(&api);
+    let takeover = log
+        .iter()
+        .position(|x| {
+            x.agent == "agent-b"
+                && x.method == "PUT"
+                && x.body["spec"]["holderIdentity"] == "agent-b"
+        })
+        .expect("agent-b's takeover");
+    for l in &log[..takeover] {
+        assert!(
+            l.agent != "agent-b" || l.method == "GET",
+            "a follower writes nothing: {} {}",
+            l.method,
+            l.path
+        );
+    }
+    no_polling(&log);
+    check_rbac(&log, false);
+}
+
+/// Watches, not polling: each agent lists each collection once (then
+/// watches it); it never reads a single Service.
+fn no_polling(log: &[Logged]) {
+    let agents: BTreeSet<&str> = log.iter().map(|l| l.agent.as_str()).collect();
+    for agent in agents {
+        for path in [
+            "/api/v1/services",
+            "/api/v1/nodes",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+        ] {
+            let of = |watch: bool| {
+                log.iter()
+                    .filter(|l| {
+                        l.agent == agent
+                            && l.method == "GET"
+                            && l.path == path
+                            && l.query.contains_key("watch") == watch
+                    })
+                    .count()
+            };
+            assert_eq!(of(false), 1, "{agent} lists {path} once");
+            assert!(of(true) >= 1, "{agent} watches {path}");
+        }
+        assert!(
+            !log.iter().any(|l| l.agent == agent
+                && l.method == "GET"
+                && l.path.starts_with("/api/v1/namespaces/")),
+            "{agent} reads no single Service"
+        );
+    }
+}
+
+/// Every request must be allowed by the manifest's RBAC; with
+/// `all_used`, every verb the manifest grants must have been used.
+fn check_rbac(log: &[Logged], all_used: bool) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest/in-cluster/loxilb.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut cluster: Vec<PolicyRule> = Vec::new();
+    let mut namespaced: Vec<(String, PolicyRule)> = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("ClusterRole") => {
+                let r: ClusterRole = serde_yaml::from_value(v).unwrap();
+                cluster.extend(r.rules.unwrap_or_default());
+            }
+            Some("Role") => {
+                let r: Role = serde_yaml::from_value(v).unwrap();
+                let ns = r.metadata.namespace.clone().unwrap();
+                namespaced.extend(
+                    r.rules
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|x| (ns.clone(), x)),
+                );
+            }
+            _ => {}
+        }
+    }
+    let matches =
+        |rule: &PolicyRule, group: &str, resource: &str, verb: &str, name: &Option<String>| {
+            rule.api_groups.iter().flatten().any(|g| g == group)
+                && rule.resources.iter().flatten().any(|r| r == resource)
+                && rule.verbs.iter().any(|v| v == verb)
+                && match &rule.resource_names {
+                    None => true,
+                    Some(names) => name.as_ref().is_some_and(|n| names.contains(n)),
+                }
+        };
+    let mut used: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for l in log {
+        let (group, resource, verb, ns, name) = l.rbac();
+        let ok = cluster
+            .iter()
+            .any(|r| matches(r, &group, &resource, &verb, &name))
+            || namespaced.iter().any(|(rns, r)| {
+                ns.as_deref() == Some(rns.as_str()) && matches(r, &group, &resource, &verb, &name)
+            });
+        assert!(
+            ok,
+            "{} {} {}: {verb} on {group}/{resource} ({ns:?}/{name:?}) is not granted by the manifest",
+            l.agent, l.method, l.path
+        );
+        used.insert((group, resource, verb));
+    }
+    if all_used {
+        for r in cluster.iter().chain(namespaced.iter().map(|(_, r)| r)) {
+            for g in r.api_groups.iter().flatten() {
+                for res in r.resources.iter().flatten() {
+                    for v in &r.verbs {
+                        assert!(
+                            used.contains(&(g.clone(), res.clone(), v.clone())),
+                            "the manifest grants {v} on {g}/{res}, which the controller never used"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

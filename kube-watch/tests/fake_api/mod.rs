@@ -1,0 +1,478 @@
+//! A small in-memory Kubernetes API server behind `kube::Client::new`: list
+//! and watch (newline-delimited JSON, replayed from the list's
+//! resourceVersion) of Services, EndpointSlices and Nodes; merge patch of a
+//! Service (with the resourceVersion precondition the API server applies);
+//! server-side apply of a Service's status (emulated for one field
+//! manager); deletion with finalizers; Leases (get, create, update with
+//! optimistic concurrency); Event creation. Every request is logged with
+//! the agent that sent it.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use futures::channel::mpsc;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use kube::{client::Body, Client};
+use serde_json::{json, Value};
+
+/// One request, as logged.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub agent: String,
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub content_type: String,
+    pub body: Value,
+    pub status: u16,
+}
+
+impl Logged {
+    /// The RBAC view of the request: (apiGroup, resource[/subresource],
+    /// verb, namespace, name).
+    pub fn rbac(&self) -> (String, String, String, Option<String>, Option<String>) {
+        let parts: Vec<&str> = self.path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match parts[0] {
+            "api" => ("".to_string(), &parts[2..]),
+            _ => (parts[1].to_string(), &parts[3..]),
+        };
+        let (ns, rest) = if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+            (Some(rest[1].to_string()), &rest[2..])
+        } else {
+            (None, rest)
+        };
+        let resource = match rest.len() {
+            3 => format!("{}/{}", rest[0], rest[2]),
+            _ => rest[0].to_string(),
+        };
+        let name = rest.get(1).map(|s| s.to_string());
+        let verb = match (self.method.as_str(), &name) {
+            ("GET", _) if self.query.get("watch").map(String::as_str) == Some("true") => "watch",
+            ("GET", None) => "list",
+            ("GET", Some(_)) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            (m, _) => panic!("unexpected method {m}"),
+        };
+        (group, resource, verb.to_string(), ns, name)
+    }
+}
+
+type Key = (String, String); // (namespace, name); "" namespace for cluster objects
+
+#[derive(Default)]
+pub struct State {
+    rv: u64,
+    /// kind (plural) -> objects
+    objects: BTreeMap<String, BTreeMap<Key, Value>>,
+    /// (rv, kind, type, object)
+    history: Vec<(u64, String, String, Value)>,
+    watchers: Vec<(String, mpsc::UnboundedSender<Bytes>)>,
+    pub log: Vec<Logged>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    pub state: Arc<Mutex<State>>,
+}
+
+type RespBody = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(code: StatusCode, v: &Value) -> Response<RespBody> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(v).unwrap())).boxed_unsync())
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+fn key_of(obj: &Value) -> Key {
+    let m = &obj["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or("").to_string(),
+        m["name"].as_str().unwrap().to_string(),
+    )
+}
+
+fn api_version(kind: &str) -> &'static str {
+    match kind {
+        "endpointslices" => "discovery.k8s.io/v1",
+        "leases" => "coordination.k8s.io/v1",
+        "events" => "events.k8s.io/v1",
+        _ => "v1",
+    }
+}
+
+fn kind_name(kind: &str) -> &'static str {
+    match kind {
+        "services" => "Service",
+        "endpointslices" => "EndpointSlice",
+        "nodes" => "Node",
+        "leases" => "Lease",
+        "events" => "Event",
+        _ => panic!("{kind}"),
+    }
+}
+
+impl State {
+    fn bump(&mut self, obj: &mut Value) {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+    }
+
+    fn emit(&mut self, kind: &str, type_: &str, obj: &Value) {
+        self.history
+            .push((self.rv, kind.into(), type_.into(), obj.clone()));
+        let line = Bytes::from(format!(
+            "{}\n",
+            serde_json::to_string(&json!({"type": type_, "object": obj})).unwrap()
+        ));
+        self.watchers
+            .retain(|(k, tx)| k != kind || tx.unbounded_send(line.clone()).is_ok());
+    }
+
+    /// Create or replace an object (as a user or another controller would).
+    pub fn put(&mut self, kind: &str, mut obj: Value) -> Value {
+        obj["apiVersion"] = json!(api_version(kind));
+        obj["kind"] = json!(kind_name(kind));
+        if obj["metadata"].get("uid").is_none() {
+            obj["metadata"]["uid"] =
+                json!(format!("uid-{}", obj["metadata"]["name"].as_str().unwrap()));
+        }
+        if obj["metadata"].get("creationTimestamp").is_none() {
+            obj["metadata"]["creationTimestamp"] =
+                json!(format!("2026-05-01T10:00:{:02}Z", self.rv % 60));
+        }
+        self.bump(&mut obj);
+        let k = key_of(&obj);
+        let existed = self
+            .objects
+            .entry(kind.into())
+            .or_default()
+            .insert(k, obj.clone())
+            .is_some();
+        self.emit(kind, if existed { "MODIFIED" } else { "ADDED" }, &obj);
+        obj
+    }
+
+    pub fn get(&self, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        self.objects
+            .get(kind)?
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    pub fn all(&self, kind: &str) -> Vec<Value> {
+        self.objects
+            .get(kind)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Edit an object in place (a user's `kubectl edit`).
+    pub fn edit(&mut self, kind: &str, ns: &str, name: &str, f: impl FnOnce(&mut Value)) {
+        let mut obj = self.get(kind, ns, name).expect("object to edit");
+        f(&mut obj);
+        self.put(kind, obj);
+    }
+
+    /// `kubectl delete`: with finalizers, only mark it.
+    pub fn delete(&mut self, kind: &str, ns: &str, name: &str) {
+        let mut obj = self.get(kind, ns, name).expect("object to delete");
+        let has_finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            obj["metadata"]["deletionTimestamp"] = json!("2026-05-01T11:00:00Z");
+            self.put(kind, obj);
+        } else {
+            self.remove(kind, obj);
+        }
+    }
+
+    fn remove(&mut self, kind: &str, mut obj: Value) {
+        self.objects.get_mut(kind).unwrap().remove(&key_of(&obj));
+        self.bump(&mut obj);
+        self.emit(kind, "DELETED", &obj);
+    }
+
+    fn list(&self, kind: &str) -> Value {
+        json!({
+            "apiVersion": api_version(kind),
+            "kind": format!("{}List", kind_name(kind)),
+            "metadata": {"resourceVersion": self.rv.to_string()},
+            "items": self.all(kind),
+        })
+    }
+
+    fn watch(&mut self, kind: &str, since: u64) -> mpsc::UnboundedReceiver<Bytes> {
+        let (tx, rx) = mpsc::unbounded();
+        for (rv, k, t, o) in &self.history {
+            if k == kind && *rv > since {
+                let line = format!(
+                    "{}\n",
+                    serde_json::to_string(&json!({"type": t, "object": o})).unwrap()
+                );
+                tx.unbounded_send(Bytes::from(line)).unwrap();
+            }
+        }
+        self.watchers.push((kind.into(), tx));
+        rx
+    }
+
+    fn patch_service(
+        &mut self,
+        ns: &str,
+        name: &str,
+        status_subresource: bool,
+        body: &Value,
+    ) -> (StatusCode, Value) {
+        let Some(mut obj) = self.get("services", ns, name) else {
+            return (StatusCode::NOT_FOUND, status_nf(name));
+        };
+        if status_subresource {
+            // Server-side apply by one field manager: our fields are the
+            // ones given; loadBalancer is ours entirely; conditions merge
+            // by type (ours replaced, others kept).
+            let st = &body["status"];
+            obj["status"]["loadBalancer"] = st.get("loadBalancer").cloned().unwrap_or(json!({}));
+            let ours: Vec<Value> = st["conditions"].as_array().cloned().unwrap_or_default();
+            let mut conds: Vec<Value> = obj["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| !c["type"].as_str().unwrap_or("").starts_with("loxilb.io/"))
+                .collect();
+            conds.extend(ours);
+            obj["status"]["conditions"] = json!(conds);
+        } else {
+            if let Some(rv) = body["metadata"].get("resourceVersion") {
+                if *rv != obj["metadata"]["resourceVersion"] {
+                    return (
+                        StatusCode::CONFLICT,
+                        status(409, "Conflict", "the object has been modified"),
+                    );
+                }
+            }
+            merge(&mut obj, body);
+        }
+        self.bump(&mut obj);
+        let deleting = obj["metadata"].get("deletionTimestamp").is_some();
+        let finalizers_left = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if deleting && !finalizers_left {
+            self.objects
+                .get_mut("services")
+                .unwrap()
+                .remove(&key_of(&obj));
+            self.emit("services", "DELETED", &obj);
+        } else {
+            self.objects
+                .get_mut("services")
+                .unwrap()
+                .insert(key_of(&obj), obj.clone());
+            self.emit("services", "MODIFIED", &obj);
+        }
+        (StatusCode::OK, obj)
+    }
+
+    fn lease(
+        &mut self,
+        method: &str,
+        ns: &str,
+        name: Option<&str>,
+        body: &Value,
+    ) -> (StatusCode, Value) {
+        match (method, name) {
+            ("GET", Some(n)) => match self.get("leases", ns, n) {
+                Some(l) => (StatusCode::OK, l),
+                None => (StatusCode::NOT_FOUND, status_nf(n)),
+            },
+            ("POST", None) => {
+                let n = body["metadata"]["name"].as_str().unwrap();
+                if self.get("leases", ns, n).is_some() {
+                    return (
+                        StatusCode::CONFLICT,
+                        status(409, "AlreadyExists", "lease exists"),
+                    );
+                }
+                (StatusCode::CREATED, self.put("leases", body.clone()))
+            }
+            ("PUT", Some(n)) => {
+                let cur = self.get("leases", ns, n).expect("lease to update");
+                if body["metadata"]["resourceVersion"] != cur["metadata"]["resourceVersion"] {
+                    return (
+                        StatusCode::CONFLICT,
+                        status(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                (StatusCode::OK, self.put("leases", body.clone()))
+            }
+            _ => panic!("lease {method} {name:?}"),
+        }
+    }
+}
+
+fn status_nf(name: &str) -> Value {
+    status(404, "NotFound", &format!("\"{name}\" not found"))
+}
+
+impl FakeApi {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    /// A client whose requests are logged as sent by `agent`.
+    pub fn client(&self, agent: &str) -> Client {
+        let fake = self.clone();
+        let agent = agent.to_string();
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let fake = fake.clone();
+            let agent = agent.clone();
+            async move { Ok::<_, Infallible>(fake.handle(&agent, req).await) }
+        });
+        Client::new(svc, "default")
+    }
+
+    async fn handle(&self, agent: &str, req: Request<Body>) -> Response<RespBody> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        let mut st = self.state.lock().unwrap();
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let watch = query.get("watch").map(String::as_str) == Some("true");
+        let kind_of_collection = match parts.as_slice() {
+            ["api", "v1", "services"] => Some("services"),
+            ["api", "v1", "nodes"] => Some("nodes"),
+            ["apis", "discovery.k8s.io", "v1", "endpointslices"] => Some("endpointslices"),
+            _ => None,
+        };
+        let (code, resp): (StatusCode, Option<Value>) = if let Some(kind) = kind_of_collection {
+            assert_eq!(method, "GET");
+            if watch {
+                let since: u64 = query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let rx = st.watch(kind, since);
+                st.log.push(Logged {
+                    agent: agent.into(),
+                    method,
+                    path,
+                    query,
+                    content_type,
+                    body,
+                    status: 200,
+                });
+                let stream = futures::StreamExt::map(rx, |b| Ok::<_, Infallible>(Frame::data(b)));
+                return Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(StreamBody::new(stream).boxed_unsync())
+                    .unwrap();
+            }
+            (StatusCode::OK, Some(st.list(kind)))
+        } else {
+            match parts.as_slice() {
+                ["api", "v1", "namespaces", ns, "services", name] => {
+                    assert_eq!(method, "PATCH");
+                    assert_eq!(content_type, "application/merge-patch+json");
+                    let (c, v) = st.patch_service(ns, name, false, &body);
+                    (c, Some(v))
+                }
+                ["api", "v1", "namespaces", ns, "services", name, "status"] => {
+                    assert_eq!(method, "PATCH");
+                    assert_eq!(content_type, "application/apply-patch+yaml");
+                    let (c, v) = st.patch_service(ns, name, true, &body);
+                    (c, Some(v))
+                }
+                ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"] => {
+                    let (c, v) = st.lease(&method, ns, None, &body);
+                    (c, Some(v))
+                }
+                ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name] => {
+                    let (c, v) = st.lease(&method, ns, Some(name), &body);
+                    (c, Some(v))
+                }
+                ["apis", "events.k8s.io", "v1", "namespaces", _ns, "events"] => {
+                    assert_eq!(method, "POST");
+                    let v = st.put("events", body.clone());
+                    (StatusCode::CREATED, Some(v))
+                }
+                _ => (StatusCode::NOT_FOUND, Some(status_nf(&path))),
+            }
+        };
+        st.log.push(Logged {
+            agent: agent.into(),
+            method,
+            path,
+            query,
+            content_type,
+            body,
+            status: code.as_u16(),
+        });
+        full(code, &resp.unwrap_or(Value::Null))
+    }
+}
