@@ -265,6 +265,9 @@ fn kube_config(args: &[String]) -> Result<KubeConfig, String> {
             flags::FLAG_MONITOR => {
                 c.monitor = flags::parse_bool(flags::FLAG_MONITOR, value).map_err(e)?
             }
+            // The agent's own node flags (checked by the agent's CLI test).
+            "--iface" | "--xdp-mode" | "--setBGP" | "--extBGPPeers" | "--listenBGPPort"
+            | "--eBGPMultiHop" | "--fullnat-source" | "--snat-ports" => {}
             other => return Err(format!("{other}: not a kube flag")),
         }
     }

@@ -14,6 +14,14 @@
 //!     source_ranges: [192.168.0.0/16]   # allowed clients (default: all)
 //!     endpoints:
 //!       - { ip: 10.0.1.10, port: 8080, weight: 1 }
+//!     probe:                 # optional endpoint health probing
+//!       type: http           # none | ping | tcp | udp | http | https | sctp
+//!       port: 8080           # default: each endpoint's port
+//!       request: healthz     # udp payload / http path
+//!       response: ok         # expected in the reply / body
+//!       timeout: 5           # seconds (default 60)
+//!       retries: 2           # consecutive failures to go down (default 2)
+//!       interval: 10         # seconds between probes (default 10)
 //! ```
 
 use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
@@ -103,6 +111,8 @@ pub struct Rule {
     /// Allowed client prefixes; empty = every client.
     pub source_ranges: Vec<ipnet::Ipv4Net>,
     pub endpoints: Vec<Endpoint>,
+    /// Endpoint health probing; None: endpoints are not probed.
+    pub probe: Option<crate::probe::ProbeSpec>,
 }
 
 /// A config error: which file, which field, what was wrong, what to do.
@@ -147,6 +157,22 @@ struct RawRule {
     source_ranges: Vec<String>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
+    probe: Option<RawProbe>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    #[serde(rename = "type")]
+    kind: String,
+    port: Option<serde_yaml::Value>,
+    request: Option<String>,
+    response: Option<String>,
+    /// seconds
+    timeout: Option<serde_yaml::Value>,
+    retries: Option<serde_yaml::Value>,
+    /// seconds
+    interval: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +402,55 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             }
             endpoints.push(Endpoint { ip, port, weight });
         }
+        let probe = match &r.probe {
+            None => None,
+            Some(p) => {
+                let pf = |n: &str| format!("rules[{i}].probe.{n}");
+                let kind: crate::probe::ProbeKind = p.kind.trim().parse().map_err(|_| {
+                    err(
+                        pf("type"),
+                        format!(
+                            "{:?} is not a probe type; use none, ping, tcp, udp, http, https or sctp",
+                            p.kind
+                        ),
+                    )
+                })?;
+                let mut spec = crate::probe::ProbeSpec::new(kind);
+                if let Some(v) = &p.port {
+                    spec.port = Some(int_in(&err, pf("port"), v, 1, 65535, "a port")? as u16);
+                }
+                spec.request = p.request.clone();
+                spec.response = p.response.clone();
+                let secs =
+                    |v: &serde_yaml::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
+                        match v.as_f64() {
+                            Some(x) if x > 0.0 && x <= 86400.0 => {
+                                Ok(std::time::Duration::from_secs_f64(x))
+                            }
+                            _ => Err(err(
+                                pf(n),
+                                format!("{} is not a duration in seconds (like 5 or 0.5)", show(v)),
+                            )),
+                        }
+                    };
+                if let Some(v) = &p.timeout {
+                    spec.timeout = secs(v, "timeout")?;
+                }
+                if let Some(v) = &p.interval {
+                    spec.interval = secs(v, "interval")?;
+                }
+                if let Some(v) = &p.retries {
+                    spec.retries = int_in(&err, pf("retries"), v, 0, 100, "a retry count")? as u32;
+                }
+                spec.validate()
+                    .map_err(|e| err(format!("rules[{i}].probe"), e.to_string()))?;
+                if kind == crate::probe::ProbeKind::None {
+                    None
+                } else {
+                    Some(spec)
+                }
+            }
+        };
         rules.push(Rule {
             name,
             vip,
@@ -387,6 +462,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             persist_timeout_s,
             source_ranges,
             endpoints,
+            probe,
         });
     }
     Ok(rules)
@@ -447,6 +523,29 @@ rules:
         assert_eq!(r[1].protocol, Protocol::Udp);
         assert_eq!(r[1].timeout_s, DEFAULT_TIMEOUT_S);
         assert!(r[0].source_ranges.is_empty());
+    }
+
+    #[test]
+    fn probes_parse_and_bad_settings_name_the_field() {
+        let r = parse(
+            "r.yaml",
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, probe: {type: http, request: healthz, response: ok, timeout: 0.5, retries: 3, interval: 2}}\n  - {vip: 20.0.0.1, port: 81, protocol: tcp, probe: {type: none}}\n",
+        )
+        .unwrap();
+        let p = r[0].probe.as_ref().unwrap();
+        assert_eq!(p.kind, crate::probe::ProbeKind::Http);
+        assert_eq!(p.timeout, std::time::Duration::from_millis(500));
+        assert_eq!(p.retries, 3);
+        assert!(r[1].probe.is_none(), "type none means no probing");
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, probe: {type: icmp}}\n");
+        assert_eq!(e.field, "rules[0].probe.type");
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, probe: {type: tcp, timeout: abc}}\n");
+        assert_eq!(e.field, "rules[0].probe.timeout");
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, probe: {type: ping, port: 80}}\n",
+        );
+        assert_eq!(e.field, "rules[0].probe");
+        assert!(e.message.contains("port"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 pub mod bgp;
 pub mod config;
 pub mod datapath;
+pub mod kube_rules;
+pub mod node;
 pub mod probe;
 pub mod routes;
 pub mod rules;

@@ -6,11 +6,16 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use loxilb_agent::{
+    bgp::BgpFlags,
     config,
     datapath::{AttachMode, Datapath, PinnedMaps, DEFAULT_PIN_DIR},
+    node::Node,
+    probe,
     rules::Rules,
     show,
 };
+#[cfg(test)]
+use serde::Deserialize;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -28,33 +33,61 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What every serving mode (`run`, `kube`) needs: the datapath's
+/// interfaces and knobs, and BGP.
+#[derive(clap::Args, Clone)]
+struct NodeArgs {
+    /// Interface to attach the XDP datapath to (repeat for several).
+    #[arg(long = "iface", short = 'i', required = true)]
+    ifaces: Vec<String>,
+    /// XDP attach mode: auto (native if the driver can, else generic), native, generic.
+    #[arg(long, default_value = "auto")]
+    xdp_mode: AttachMode,
+    /// On exit keep the program attached and the maps pinned, with their
+    /// sessions, for the next agent to adopt.
+    #[arg(long)]
+    keep: bool,
+    /// Hand translated packets to the kernel stack instead of XDP redirect.
+    #[arg(long)]
+    forward_via_stack: bool,
+    /// Source address of full-NAT sessions (kube-loxilb's `--setRoles`
+    /// VIP); default: each service's own VIP.
+    #[arg(long, value_name = "IPV4")]
+    fullnat_source: Option<std::net::Ipv4Addr>,
+    /// Source ports given to onearm/full-NAT sessions, `LO-HI`.
+    #[arg(long, value_name = "LO-HI", default_value = "32768-60999", value_parser = parse_port_range)]
+    snat_ports: (u16, u16),
+    /// Local AS: announce every VIP over BGP (0 or absent: BGP off).
+    #[arg(long = "setBGP", value_name = "AS")]
+    set_bgp: Option<String>,
+    /// BGP peers, `IP:AS[:PORT],...` (IPv6 peers in brackets).
+    #[arg(long = "extBGPPeers", value_name = "PEERS")]
+    ext_bgp_peers: Option<String>,
+    /// Port BGP peers connect to (default 179).
+    #[arg(long = "listenBGPPort", value_name = "PORT")]
+    listen_bgp_port: Option<String>,
+    /// Allow eBGP peers several hops away.
+    #[arg(long = "eBGPMultiHop", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    ebgp_multihop: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Standalone mode: attach to interfaces and serve the rules of a file.
     Run {
-        /// Interface to attach the XDP datapath to (repeat for several).
-        #[arg(long = "iface", short = 'i', required = true)]
-        ifaces: Vec<String>,
+        #[command(flatten)]
+        node: NodeArgs,
         /// Rule file (YAML). Re-read on change and on SIGHUP.
         #[arg(long, short = 'c')]
         config: PathBuf,
-        /// XDP attach mode: auto (native if the driver can, else generic), native, generic.
-        #[arg(long, default_value = "auto")]
-        xdp_mode: AttachMode,
-        /// On exit keep the program attached and the maps pinned, with their
-        /// sessions, for the next agent to adopt.
-        #[arg(long)]
-        keep: bool,
-        /// Hand translated packets to the kernel stack instead of XDP redirect.
-        #[arg(long)]
-        forward_via_stack: bool,
-        /// Source address of full-NAT sessions (kube-loxilb's `--setRoles`
-        /// VIP); default: each service's own VIP.
-        #[arg(long, value_name = "IPV4")]
-        fullnat_source: Option<std::net::Ipv4Addr>,
-        /// Source ports given to onearm/full-NAT sessions, `LO-HI`.
-        #[arg(long, value_name = "LO-HI", default_value = "32768-60999", value_parser = parse_port_range)]
-        snat_ports: (u16, u16),
+    },
+    /// Kubernetes mode: serve the LoadBalancer Services of our class (in
+    /// cluster: the DaemonSet in manifest/in-cluster runs this).
+    Kube {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Attach the IPIP decapsulator to interfaces (on the endpoints of a
     /// dsr-ipip rule, where the kernel has no ipip module); runs until
@@ -71,8 +104,31 @@ enum Cmd {
     Endpoints,
     /// Show the live session table.
     Sessions,
+    /// Show BGP neighbours (state, uptime, routes sent).
+    Bgp,
     /// Show datapath counters.
     Stats,
+}
+
+/// kube-loxilb's flags, as it spells them.
+#[derive(clap::Args, Clone)]
+struct KubeArgs {
+    #[arg(long = "cidrPools", value_name = "POOLS")]
+    cidr_pools: Option<String>,
+    #[arg(long = "cidr6Pools", value_name = "POOLS")]
+    cidr6_pools: Option<String>,
+    #[arg(long = "externalSecondaryCIDRs", value_name = "POOLS")]
+    external_secondary_cidrs: Option<String>,
+    #[arg(long = "setLBMode", value_name = "0-3", default_value = "0")]
+    set_lb_mode: String,
+    #[arg(long = "setUniqueIP", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    set_unique_ip: String,
+    #[arg(long = "loadBalancerClass", default_value = "loxilb.io/loxilb")]
+    load_balancer_class: String,
+    #[arg(long = "usePodNetwork", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    use_pod_network: String,
+    #[arg(long = "monitor", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    monitor: String,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -108,30 +164,28 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run {
-            ifaces,
-            config,
-            xdp_mode,
-            keep,
-            forward_via_stack,
-            fullnat_source,
-            snat_ports,
-        } => {
+        Cmd::Run { node, config } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(
-                &cli.pin_dir,
-                &ifaces,
-                &config,
-                xdp_mode,
-                keep,
-                Knobs {
-                    forward_via_stack,
-                    fullnat_source,
-                    snat_ports,
-                },
-            ))
+            rt.block_on(run(&cli.pin_dir, &node, &config))
+        }
+        Cmd::Kube { node, kube } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(run_kube(&cli.pin_dir, &node, &kube))
+        }
+        Cmd::Bgp => {
+            let opts = loxilb_agent::bgp::speaker::SpeakerOptions::in_dir(
+                loxilb_agent::node::state_dir(&cli.pin_dir).join("bgp"),
+            );
+            let control = loxilb_agent::bgp::control::Control::new(&opts.socket_path());
+            let n = loxilb_agent::bgp::speaker::query_neighbors(&control)
+                .context("no BGP speaker answers for this agent (is it running with --setBGP?)")?;
+            print!("{}", show::bgp_table(&n));
+            Ok(())
         }
         Cmd::Decap { ifaces, xdp_mode } => {
             let mut dp = Datapath::load(None)?;
@@ -169,7 +223,11 @@ fn main() -> Result<()> {
                 .into_iter()
                 .collect();
             let stats = idx.iter().copied().zip(m.ep_stats(&idx)?).collect();
-            print!("{}", show::endpoints_table(&m.services()?, &eps, &stats));
+            let probes = loxilb_agent::node::read_probe_state(&cli.pin_dir).unwrap_or_default();
+            print!(
+                "{}",
+                show::endpoints_table(&m.services()?, &eps, &stats, &probes)
+            );
             Ok(())
         }
         Cmd::Sessions => {
@@ -209,48 +267,32 @@ fn host_setup(ifaces: &[String]) {
     }
 }
 
-/// Keep the kernel's neighbour entries of endpoints resolved (the datapath
-/// reads them through the FIB but cannot trigger resolution itself): a
-/// datagram to each endpoint's discard port makes the kernel resolve it.
-fn nudge_neighbours(rules: &Rules) {
-    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
-        return;
-    };
-    let mut seen = std::collections::BTreeSet::new();
-    for r in rules.installed() {
-        for e in &r.eps {
-            if seen.insert(e.addr) {
-                let ip = std::net::Ipv4Addr::from(e.addr.to_ne_bytes());
-                let _ = sock.send_to(&[], (ip, 9));
-            }
-        }
-    }
-}
-
 fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
 
-/// Datapath-wide settings from the command line.
-struct Knobs {
-    forward_via_stack: bool,
-    fullnat_source: Option<std::net::Ipv4Addr>,
-    snat_ports: (u16, u16),
-}
-
-async fn run(
+/// Load the datapath (adopting pinned state), configure it, install the
+/// first rule set, attach it; BGP and probes ready.
+fn start_node(
     pin_dir: &Path,
-    ifaces: &[String],
-    cfg_path: &Path,
-    mode: AttachMode,
-    keep: bool,
-    knobs: Knobs,
-) -> Result<()> {
-    // Validate the rule file before touching the kernel.
-    let desired = load_rules(cfg_path)?;
+    a: &NodeArgs,
+    first: &[config::Rule],
+) -> Result<(
+    Node,
+    tokio::sync::mpsc::UnboundedReceiver<probe::Transition>,
+)> {
+    // Strict BGP flags before touching the kernel.
+    let bgp = BgpFlags::parse(
+        a.set_bgp.as_deref(),
+        a.ext_bgp_peers.as_deref(),
+        a.listen_bgp_port.as_deref(),
+        a.ebgp_multihop.as_deref(),
+    )
+    .and_then(|f| f.setup())
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut dp = Datapath::load(Some(pin_dir))?;
-    let mut rules = if dp.adopted() {
+    let rules = if dp.adopted() {
         let installed = dp.read_installed()?;
         info!(
             rules = installed.len(),
@@ -263,46 +305,65 @@ async fn run(
         Rules::adopt(vec![])
     };
     let mut cfg = dp.config()?;
-    cfg.flags = if knobs.forward_via_stack {
+    cfg.flags = if a.forward_via_stack {
         loxilb_common::cfg_flags::FORWARD_VIA_STACK
     } else {
         0
     };
-    cfg.fullnat_src = knobs
+    cfg.fullnat_src = a
         .fullnat_source
-        .map(|a| u32::from_ne_bytes(a.octets()))
+        .map(|x| u32::from_ne_bytes(x.octets()))
         .unwrap_or(0);
-    (cfg.snat_port_lo, cfg.snat_port_hi) = knobs.snat_ports;
+    (cfg.snat_port_lo, cfg.snat_port_hi) = a.snat_ports;
     dp.set_config(cfg)?;
-    let rep = rules.apply(&desired, &mut dp)?;
+    let (prober, transitions) = probe::Prober::new(probe::DEFAULT_MAX_IN_FLIGHT);
+    let mut node = Node::new(dp, rules, prober, bgp, pin_dir);
+    let rep = node.apply(first)?;
     info!(
         added = rep.added.len(),
         updated = rep.updated.len(),
         removed = rep.removed.len(),
         unchanged = rep.unchanged,
-        "rules from {} applied",
-        cfg_path.display()
+        "rules applied"
     );
-    host_setup(ifaces);
-    nudge_neighbours(&rules);
-    for iface in ifaces {
-        let r = dp.attach(iface, mode).and_then(|used| {
+    host_setup(&a.ifaces);
+    for iface in &a.ifaces {
+        let r = node.dp.attach(iface, a.xdp_mode).and_then(|used| {
             info!("attached XDP to {iface}: {used} mode");
-            dp.attach_egress(iface)
+            node.dp
+                .attach_egress(iface)
                 .map(|how| info!("TC egress (ICMP error translation) on {iface}: {how}"))
         });
         if let Err(e) = r {
             error!("{e:#}");
-            dp.shutdown(keep)?;
+            node.shutdown(a.keep)?;
             return Err(e);
         }
     }
+    Ok((node, transitions))
+}
+
+fn exit_note(pin_dir: &Path, keep: bool) {
+    if keep {
+        info!(
+            "exiting; program stays attached and maps stay pinned in {} (--keep)",
+            pin_dir.display()
+        );
+    } else {
+        info!("exiting; detaching and unpinning");
+    }
+}
+
+async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
+    // Validate the rule file before touching the kernel.
+    let desired = load_rules(cfg_path)?;
+    let (mut node, mut transitions) = start_node(pin_dir, a, &desired)?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut stamp = file_stamp(cfg_path);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut recount = tokio::time::interval(Duration::from_secs(10));
+    let mut upkeep = tokio::time::interval(Duration::from_secs(10));
     info!(
         "serving; edit {} or send SIGHUP to reload",
         cfg_path.display()
@@ -314,15 +375,8 @@ async fn run(
                 let s = file_stamp(cfg_path);
                 if s != stamp { stamp = s; info!("{} changed: reloading", cfg_path.display()); true } else { false }
             }
-            _ = recount.tick() => {
-                // Active-session counts drift when the LRU evicts sessions;
-                // re-count them from conntrack.
-                if let Err(e) = dp.recount_active() {
-                    warn!("re-counting active sessions failed: {e:#}");
-                }
-                nudge_neighbours(&rules);
-                false
-            }
+            _ = upkeep.tick() => { node.tick(); false }
+            Some(t) = transitions.recv() => { node.on_transition(t); false }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
@@ -330,30 +384,174 @@ async fn run(
             continue;
         }
         match load_rules(cfg_path) {
-            Ok(desired) => match rules.apply(&desired, &mut dp) {
-                Ok(rep) => {
-                    nudge_neighbours(&rules);
-                    info!(
+            Ok(desired) => match node.apply(&desired) {
+                Ok(rep) => info!(
                     added = ?rep.added,
                     updated = ?rep.updated,
                     removed = ?rep.removed,
                     unchanged = rep.unchanged,
                     sessions_flushed = rep.sessions_flushed,
                     "reload applied"
-                    )
-                }
+                ),
                 Err(e) => error!("reload failed while writing the maps: {e:#}"),
             },
             Err(e) => warn!("{e}; the rules already running are unchanged"),
         }
     }
-    if keep {
+    exit_note(pin_dir, a.keep);
+    node.shutdown(a.keep)
+}
+
+/// The agent's side of the Kubernetes controller: rules go to the node's
+/// reconciler; VIPs this node owns go on `lo` (so it answers ARP for them).
+struct KubeSink {
+    node: std::sync::Arc<std::sync::Mutex<Node>>,
+    owned: std::collections::BTreeSet<std::net::IpAddr>,
+}
+
+impl kube_watch::controller::RuleSink for KubeSink {
+    fn apply(&mut self, rules: Vec<kube_watch::translate::LbRule>) -> Result<()> {
+        let mut ok = vec![];
+        for r in &rules {
+            match loxilb_agent::kube_rules::to_rule(r) {
+                Ok(x) => ok.push(x),
+                Err(e) => warn!("not installed: {e}"),
+            }
+        }
+        let mut node = self.node.lock().expect("node lock");
+        let rep = node.apply(&ok)?;
         info!(
-            "exiting; program stays attached and maps stay pinned in {} (--keep)",
-            pin_dir.display()
+            added = ?rep.added,
+            updated = ?rep.updated,
+            removed = ?rep.removed,
+            unchanged = rep.unchanged,
+            "Kubernetes rules applied"
         );
-    } else {
-        info!("exiting; detaching and unpinning");
+        Ok(())
     }
-    dp.shutdown(keep).context("shutting the datapath down")
+
+    fn own_vips(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
+        let want: std::collections::BTreeSet<_> = vips.into_iter().collect();
+        for v in want.difference(&self.owned) {
+            let plen = if v.is_ipv4() { 32 } else { 128 };
+            let st = std::process::Command::new("ip")
+                .args(["addr", "replace", &format!("{v}/{plen}"), "dev", "lo"])
+                .status()?;
+            anyhow::ensure!(st.success(), "adding VIP {v} to lo failed");
+        }
+        for v in self.owned.difference(&want) {
+            let plen = if v.is_ipv4() { 32 } else { 128 };
+            let _ = std::process::Command::new("ip")
+                .args(["addr", "del", &format!("{v}/{plen}"), "dev", "lo"])
+                .status();
+        }
+        self.owned = want;
+        Ok(())
+    }
+}
+
+async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
+    use kube_watch::flags as kf;
+    let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
+    let kube = kf::KubeConfig {
+        cidr_pools: k
+            .cidr_pools
+            .as_deref()
+            .map(kf::parse_cidr_pools)
+            .transpose()
+            .map_err(fe)?
+            .unwrap_or_default(),
+        cidr6_pools: k
+            .cidr6_pools
+            .as_deref()
+            .map(kf::parse_cidr6_pools)
+            .transpose()
+            .map_err(fe)?
+            .unwrap_or_default(),
+        secondary_pools: k
+            .external_secondary_cidrs
+            .as_deref()
+            .map(kf::parse_secondary_cidrs)
+            .transpose()
+            .map_err(fe)?
+            .unwrap_or_default(),
+        lb_mode: kf::parse_lb_mode(&k.set_lb_mode).map_err(fe)?,
+        unique_ip: kf::parse_bool("--setUniqueIP", &k.set_unique_ip).map_err(fe)?,
+        load_balancer_class: kf::parse_load_balancer_class(&k.load_balancer_class).map_err(fe)?,
+        use_pod_network: kf::parse_bool("--usePodNetwork", &k.use_pod_network).map_err(fe)?,
+        monitor: kf::parse_bool("--monitor", &k.monitor).map_err(fe)?,
+    };
+    let run_config =
+        kube_watch::controller::RunConfig::from_env(kube).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
+    let (node, mut transitions) = start_node(pin_dir, a, &[])?;
+    let node = std::sync::Arc::new(std::sync::Mutex::new(node));
+    let sink = KubeSink {
+        node: node.clone(),
+        owned: Default::default(),
+    };
+    let upkeep_node = node.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = t.tick() => upkeep_node.lock().expect("node lock").tick(),
+                Some(tr) = transitions.recv() => upkeep_node.lock().expect("node lock").on_transition(tr),
+            }
+        }
+    });
+    let shutdown = async {
+        let mut term = signal(SignalKind::terminate()).expect("signal");
+        let mut int = signal(SignalKind::interrupt()).expect("signal");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    };
+    info!("serving Kubernetes LoadBalancer Services");
+    let r = kube_watch::controller::run(client, run_config, sink, shutdown).await;
+    upkeep.abort();
+    exit_note(pin_dir, a.keep);
+    let node = std::sync::Arc::try_unwrap(node)
+        .map_err(|_| anyhow::anyhow!("node still in use at exit"))?
+        .into_inner()
+        .expect("node lock");
+    node.shutdown(a.keep)?;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-cluster manifest runs a command line this agent accepts.
+    #[test]
+    fn manifest_args_parse() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifest/in-cluster/loxilb.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let ds = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("a DaemonSet");
+        let args: Vec<String> = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("loxilb-agent".to_string()).chain(args))
+            .unwrap_or_else(|e| panic!("manifest args rejected: {e}"));
+        assert!(matches!(cli.cmd, Cmd::Kube { .. }));
+        assert!(Cli::try_parse_from(["loxilb-agent", "kube", "--iface=eth0", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn port_range_is_strict() {
+        assert_eq!(parse_port_range("1000-2000"), Ok((1000, 2000)));
+        for bad in ["0-10", "20-10", "x-1", "100", "1-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -190,9 +190,19 @@ struct Want {
 }
 
 impl Want {
-    fn of(r: &Rule) -> Self {
+    fn of(r: &Rule, down: &dyn Fn(&str, std::net::Ipv4Addr, u16) -> bool) -> Self {
         Want {
-            eps: r.endpoints.iter().map(ep_val).collect(),
+            eps: r
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let mut v = ep_val(e);
+                    if down(&r.name, e.ip, e.port) {
+                        v.flags |= loxilb_common::ep_flags::INACTIVE;
+                    }
+                    v
+                })
+                .collect(),
             timeout_s: r.timeout_s,
             persist_timeout_s: r.persist_timeout_s,
             mode: mode_code(r.mode),
@@ -260,6 +270,35 @@ impl Rules {
         self.installed.values()
     }
 
+    /// An endpoint's liveness changed (health probes): mark it active or
+    /// inactive in place, in the rule's live bank. False if the rule or the
+    /// endpoint is not installed (any more).
+    pub fn set_endpoint_state(
+        &mut self,
+        t: &mut dyn RuleTable,
+        rule: &str,
+        addr: std::net::Ipv4Addr,
+        port: u16,
+        up: bool,
+    ) -> Result<bool> {
+        let a = u32::from_ne_bytes(addr.octets());
+        let p = port.to_be();
+        let Some(inst) = self.installed.values_mut().find(|i| i.name == rule) else {
+            return Ok(false);
+        };
+        let Some(idx) = inst.eps.iter().position(|e| e.addr == a && e.port == p) else {
+            return Ok(false);
+        };
+        let e = &mut inst.eps[idx];
+        if up {
+            e.flags &= !loxilb_common::ep_flags::INACTIVE;
+        } else {
+            e.flags |= loxilb_common::ep_flags::INACTIVE;
+        }
+        t.put_endpoint(EpKey::new(inst.rule_id, inst.bank, idx as u32), *e)?;
+        Ok(true)
+    }
+
     fn next_rule_id(&self) -> Result<u32> {
         let used: BTreeSet<u32> = self.installed.values().map(|i| i.rule_id).collect();
         (1..=loxilb_common::MAX_SERVICES)
@@ -289,6 +328,17 @@ impl Rules {
 
     /// Make the maps hold exactly `desired`, touching only what changed.
     pub fn apply(&mut self, desired: &[Rule], t: &mut dyn RuleTable) -> Result<Report> {
+        self.apply_with(desired, t, &|_, _, _| false)
+    }
+
+    /// [`Rules::apply`], with endpoints that health probes found down
+    /// (`down(rule name, ip, port)`) written inactive.
+    pub fn apply_with(
+        &mut self,
+        desired: &[Rule],
+        t: &mut dyn RuleTable,
+        down: &dyn Fn(&str, std::net::Ipv4Addr, u16) -> bool,
+    ) -> Result<Report> {
         let mut report = Report::default();
         if desired.len() > loxilb_common::MAX_SERVICES as usize {
             bail!(
@@ -327,7 +377,7 @@ impl Rules {
             report.removed.push(inst.name);
         }
         for (k, r) in want {
-            let mut w = Want::of(r);
+            let mut w = Want::of(r, down);
             match self.installed.get_mut(&k) {
                 Some(inst) if w.same_as(inst) => {
                     inst.name = r.name.clone();
@@ -712,6 +762,43 @@ pub mod tests {
         r2.apply(&rules(&four), &mut t).unwrap();
         assert_eq!(t.ep_resets.len(), resets + 1);
         assert!(!second.contains(t.ep_resets.last().unwrap()));
+    }
+
+    #[test]
+    fn endpoint_liveness_in_place_and_at_apply() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let k = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        let writes = t.writes;
+        assert!(r
+            .set_endpoint_state(&mut t, "a", "10.0.0.2".parse().unwrap(), 8080, false)
+            .unwrap());
+        assert_eq!(t.writes, writes + 1, "one endpoint write, no bank flip");
+        let eps = active_eps(&t, k);
+        assert_eq!(eps[1].flags, loxilb_common::ep_flags::INACTIVE);
+        assert_eq!(eps[0].flags, 0);
+        // Re-applying the same file with the same liveness changes nothing.
+        let down = |rule: &str, ip: std::net::Ipv4Addr, _| rule == "a" && ip.octets()[3] == 2;
+        let rep = r.apply_with(&rules(TWO), &mut t, &down).unwrap();
+        assert_eq!(rep.unchanged, 2);
+        // An endpoint change keeps the down endpoint inactive in the new bank.
+        let three = TWO.replace(
+            "{ip: 10.0.0.2, port: 8080}]",
+            "{ip: 10.0.0.2, port: 8080}, {ip: 10.0.0.9, port: 8080}]",
+        );
+        r.apply_with(&rules(&three), &mut t, &down).unwrap();
+        let eps = active_eps(&t, k);
+        assert_eq!(eps.len(), 3);
+        assert_eq!(eps[1].flags, loxilb_common::ep_flags::INACTIVE);
+        // Back up.
+        assert!(r
+            .set_endpoint_state(&mut t, "a", "10.0.0.2".parse().unwrap(), 8080, true)
+            .unwrap());
+        assert_eq!(active_eps(&t, k)[1].flags, 0);
+        assert!(!r
+            .set_endpoint_state(&mut t, "nope", "10.0.0.2".parse().unwrap(), 8080, true)
+            .unwrap());
     }
 
     #[test]

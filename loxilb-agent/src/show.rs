@@ -155,11 +155,12 @@ pub fn endpoints_table(
     svcs: &[(SvcKey4, SvcVal4)],
     eps: &HashMap<EpKey, EpVal>,
     stats: &HashMap<u32, (EpStats, u64)>,
+    probes: &[crate::probe::TargetStatus],
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}",
+        "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  PROBE",
         "RULE", "SERVICE", "ENDPOINT", "WEIGHT", "STATE", "ACTIVE", "SESSIONS", "PACKETS", "BYTES"
     );
     let mut svcs = svcs.to_vec();
@@ -170,9 +171,25 @@ pub fn endpoints_table(
                 continue;
             };
             let (st, active) = stats.get(&e.stat_idx).copied().unwrap_or_default();
+            let probe = probes
+                .iter()
+                .find(|p| {
+                    p.key.addr == std::net::IpAddr::V4(ip(e.addr)) && p.key.port == port(e.port)
+                })
+                .map(|p| {
+                    format!(
+                        "{} {} ({})",
+                        p.state(),
+                        p.last_latency
+                            .map(crate::probe::fmt_dur)
+                            .unwrap_or_else(|| "-".into()),
+                        p.last_result
+                    )
+                })
+                .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 out,
-                "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}",
+                "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  {}",
                 v.rule_id,
                 format!("{}:{}/{}", ip(k.addr), port(k.port), proto(k.proto)),
                 format!("{}:{}", ip(e.addr), port(e.port)),
@@ -186,8 +203,36 @@ pub fn endpoints_table(
                 st.new_sessions,
                 st.packets,
                 st.bytes,
+                probe,
             );
         }
+    }
+    out
+}
+
+/// BGP neighbours: address, AS, state, uptime, routes sent, last error.
+pub fn bgp_table(n: &[crate::bgp::Neighbor]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<26} {:>10} {:<12} {:>9} {:>7}  INFO",
+        "PEER", "AS", "STATE", "UPTIME", "ROUTES"
+    );
+    for x in n {
+        let _ = writeln!(
+            out,
+            "{:<26} {:>10} {:<12} {:>9} {:>7}  {}",
+            x.address,
+            x.remote_as
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            format!("{:?}", x.state),
+            x.uptime
+                .map(|d| format!("{}s", d.as_secs()))
+                .unwrap_or_else(|| "-".into()),
+            x.routes_sent(),
+            x.last_error.as_deref().unwrap_or(&x.info),
+        );
     }
     out
 }

@@ -1,0 +1,215 @@
+//! From the Kubernetes side's rules (`kube_watch::translate::LbRule`) to
+//! the agent's own rule type, which the reconciler installs. What the
+//! datapath cannot do yet is refused with a message that names the rule
+//! (it becomes a Warning Event on the Service), never silently changed.
+
+use std::net::IpAddr;
+
+use kube_watch::{
+    annotations::{EpSelect, LbMode},
+    translate::LbRule,
+    Protocol as KProto,
+};
+
+use crate::config::{Endpoint, Mode, Protocol, Rule, Selection, DEFAULT_PERSIST_TIMEOUT_S};
+
+/// Why a Kubernetes rule cannot be installed by this datapath.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    pub rule: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.rule, self.reason)
+    }
+}
+
+fn v4(a: IpAddr, what: &str, rule: &str) -> Result<std::net::Ipv4Addr, Unsupported> {
+    match a {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(Unsupported {
+            rule: rule.to_string(),
+            reason: format!(
+                "{what} {a} is IPv6; this datapath serves IPv4 rules only so far (IPv6 and \
+                 NAT64 come with the IPv6 datapath)"
+            ),
+        }),
+    }
+}
+
+/// The agent rule for `r`, or why it cannot be installed.
+pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
+    let name = r.name.clone();
+    let bad = |reason: String| Unsupported {
+        rule: name.clone(),
+        reason,
+    };
+    let vip = v4(r.vip, "the VIP", &name)?;
+    let protocol = match r.protocol {
+        KProto::Tcp => Protocol::Tcp,
+        KProto::Udp => Protocol::Udp,
+        KProto::Sctp => {
+            return Err(bad(
+                "SCTP is not load-balanced by this datapath yet".to_string()
+            ))
+        }
+    };
+    let mode = match r.mode {
+        LbMode::Default => Mode::Default,
+        LbMode::OneArm => Mode::OneArm,
+        LbMode::FullNat => Mode::FullNat,
+        LbMode::Dsr => Mode::Dsr,
+    };
+    let selection = match r.selection {
+        EpSelect::RoundRobin => Selection::RoundRobin,
+        EpSelect::Hash => Selection::Hash,
+        EpSelect::Persist => Selection::Persist,
+        EpSelect::LeastConnections => Selection::LeastConn,
+    };
+    let mut endpoints = Vec::with_capacity(r.endpoints.len());
+    for e in &r.endpoints {
+        let ip = v4(e.ip, "the endpoint", &name)?;
+        if mode == Mode::Dsr && e.port != r.port {
+            return Err(bad(format!(
+                "endpoint {ip}:{} : DSR sends packets untranslated, so endpoints must listen \
+                 on the service port {} (use the pod network, or another mode)",
+                e.port, r.port
+            )));
+        }
+        endpoints.push(Endpoint {
+            ip,
+            port: e.port,
+            weight: e.weight.max(1),
+        });
+    }
+    let source_ranges = match &r.allowed_sources {
+        None => vec![],
+        Some(list) if list.is_empty() => {
+            // Every listed prefix was of the other family: nobody may
+            // connect. 0.0.0.0/32 is a source no packet carries.
+            vec!["0.0.0.0/32".parse().expect("valid")]
+        }
+        Some(list) => {
+            let mut v = vec![];
+            for n in list {
+                match n {
+                    ipnet::IpNet::V4(n) => v.push(n.trunc()),
+                    ipnet::IpNet::V6(n) => {
+                        return Err(bad(format!("source range {n} is IPv6 on an IPv4 rule")))
+                    }
+                }
+            }
+            v.sort();
+            v.dedup();
+            v
+        }
+    };
+    let probe = match &r.probe {
+        None => None,
+        Some(p) => {
+            let kind: crate::probe::ProbeKind = p
+                .kind
+                .as_str()
+                .parse()
+                .map_err(|e: crate::probe::ProbeError| bad(e.to_string()))?;
+            let mut spec = crate::probe::ProbeSpec::new(kind);
+            spec.port = p.port;
+            spec.request = p.request.clone();
+            spec.response = p.response.clone();
+            spec.timeout = std::time::Duration::from_secs(p.timeout_s.max(1) as u64);
+            spec.retries = p.retries;
+            spec.validate().map_err(|e| bad(e.to_string()))?;
+            Some(spec)
+        }
+    };
+    Ok(Rule {
+        name,
+        vip,
+        port: r.port,
+        protocol,
+        mode,
+        selection,
+        timeout_s: r.timeout_s,
+        persist_timeout_s: DEFAULT_PERSIST_TIMEOUT_S,
+        source_ranges,
+        endpoints,
+        probe,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube_watch::{translate::Endpoint as KEp, ServiceKey};
+
+    fn rule() -> LbRule {
+        LbRule {
+            service: ServiceKey::new("default", "web"),
+            name: "default/web:80/tcp@20.0.0.1".into(),
+            vip: "20.0.0.1".parse().unwrap(),
+            secondary_vips: vec![],
+            port: 80,
+            protocol: KProto::Tcp,
+            mode: LbMode::FullNat,
+            selection: EpSelect::LeastConnections,
+            timeout_s: 60,
+            endpoints: vec![KEp {
+                ip: "10.0.0.5".parse().unwrap(),
+                port: 30080,
+                weight: 2,
+            }],
+            allowed_sources: None,
+            probe: None,
+        }
+    }
+
+    #[test]
+    fn maps_every_field() {
+        let r = to_rule(&rule()).unwrap();
+        assert_eq!(r.vip, "20.0.0.1".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(
+            (r.port, r.protocol, r.mode),
+            (80, Protocol::Tcp, Mode::FullNat)
+        );
+        assert_eq!(r.selection, Selection::LeastConn);
+        assert_eq!(r.timeout_s, 60);
+        assert_eq!(r.endpoints[0].port, 30080);
+        assert_eq!(r.endpoints[0].weight, 2);
+        assert!(r.source_ranges.is_empty() && r.probe.is_none());
+    }
+
+    #[test]
+    fn refuses_what_the_datapath_cannot_do_and_says_why() {
+        let mut r = rule();
+        r.vip = "2001:db8::1".parse().unwrap();
+        let e = to_rule(&r).unwrap_err();
+        assert!(
+            e.reason.contains("IPv6") && e.rule.contains("default/web"),
+            "{e}"
+        );
+        let mut r = rule();
+        r.protocol = KProto::Sctp;
+        assert!(to_rule(&r).unwrap_err().reason.contains("SCTP"));
+        let mut r = rule();
+        r.mode = LbMode::Dsr;
+        assert!(to_rule(&r).unwrap_err().reason.contains("service port 80"));
+    }
+
+    #[test]
+    fn source_ranges_none_some_and_nobody() {
+        let mut r = rule();
+        r.allowed_sources = Some(vec!["192.168.1.7/24".parse().unwrap()]);
+        assert_eq!(
+            to_rule(&r).unwrap().source_ranges,
+            vec!["192.168.1.0/24".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
+        r.allowed_sources = Some(vec![]);
+        assert_eq!(
+            to_rule(&r).unwrap().source_ranges,
+            vec!["0.0.0.0/32".parse::<ipnet::Ipv4Net>().unwrap()],
+            "an empty list admits nobody"
+        );
+    }
+}

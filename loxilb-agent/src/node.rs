@@ -1,0 +1,220 @@
+//! One node's load balancer: the datapath, the installed rules, the health
+//! prober and the BGP speaker, kept consistent. The standalone `run`
+//! command and the Kubernetes `kube` command both drive it.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use crate::{
+    bgp::{speaker::SpeakerOptions, BgpSetup, BgpSpeaker},
+    config::Rule,
+    datapath::Datapath,
+    probe::{Prober, Target, TargetKey, TargetStatus, Transition},
+    rules::{Report, Rules},
+};
+
+pub struct Node {
+    pub dp: Datapath,
+    pub rules: Rules,
+    prober: Prober,
+    bgp_setup: Option<BgpSetup>,
+    bgp: Option<BgpSpeaker>,
+    bgp_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+/// Where the agent publishes state the CLI reads (probe results): a
+/// directory per pin directory, so several agents can coexist.
+pub fn state_dir(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "loxilb".into());
+    PathBuf::from("/run/loxilb").join(name)
+}
+
+/// Probe states published by a running agent (for the CLI).
+pub fn read_probe_state(pin_dir: &Path) -> Option<Vec<TargetStatus>> {
+    let text = std::fs::read_to_string(state_dir(pin_dir).join("probes.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+impl Node {
+    pub fn new(
+        dp: Datapath,
+        rules: Rules,
+        prober: Prober,
+        bgp_setup: Option<BgpSetup>,
+        pin_dir: &Path,
+    ) -> Self {
+        let state_dir = state_dir(pin_dir);
+        Node {
+            dp,
+            rules,
+            prober,
+            bgp_setup,
+            bgp: None,
+            bgp_dir: state_dir.join("bgp"),
+            state_dir,
+        }
+    }
+
+    /// Install `desired` (as a diff), keep endpoints the probes found down
+    /// inactive, probe what the rules ask for, announce the VIPs.
+    pub fn apply(&mut self, desired: &[Rule]) -> Result<Report> {
+        let prober = &self.prober;
+        let down = |rule: &str, ip: std::net::Ipv4Addr, port: u16| {
+            prober.is_up(&TargetKey::new(rule, IpAddr::V4(ip), port)) == Some(false)
+        };
+        let rep = self.rules.apply_with(desired, &mut self.dp, &down)?;
+        let targets: Vec<Target> = desired
+            .iter()
+            .filter_map(|r| r.probe.as_ref().map(|p| (r, p)))
+            .flat_map(|(r, spec)| {
+                r.endpoints.iter().map(move |e| {
+                    Target::new(
+                        TargetKey::new(&r.name, IpAddr::V4(e.ip), e.port),
+                        spec.clone(),
+                    )
+                })
+            })
+            .collect();
+        match self.prober.set_targets(targets) {
+            Ok(pr) => {
+                // Endpoints no longer probed are active again.
+                for k in pr.removed {
+                    if let IpAddr::V4(a) = k.addr {
+                        let _ =
+                            self.rules
+                                .set_endpoint_state(&mut self.dp, &k.rule, a, k.port, true);
+                    }
+                }
+            }
+            Err(e) => warn!("health probes not updated: {e}"),
+        }
+        self.nudge_neighbours();
+        self.sync_bgp();
+        self.publish_probe_state();
+        Ok(rep)
+    }
+
+    /// A health probe changed an endpoint's liveness.
+    pub fn on_transition(&mut self, t: Transition) {
+        let IpAddr::V4(a) = t.key.addr else {
+            return;
+        };
+        match self
+            .rules
+            .set_endpoint_state(&mut self.dp, &t.key.rule, a, t.key.port, t.up)
+        {
+            Ok(true) => info!(
+                rule = %t.key.rule,
+                endpoint = %format!("{a}:{}", t.key.port),
+                "endpoint {}: {}",
+                if t.up { "up" } else { "down" },
+                t.reason
+            ),
+            Ok(false) => {}
+            Err(e) => warn!("marking {a}:{} failed: {e:#}", t.key.port),
+        }
+        self.publish_probe_state();
+    }
+
+    /// Periodic upkeep.
+    pub fn tick(&mut self) {
+        if let Err(e) = self.dp.recount_active() {
+            warn!("re-counting active sessions failed: {e:#}");
+        }
+        self.nudge_neighbours();
+        self.sync_bgp();
+        self.publish_probe_state();
+    }
+
+    pub fn vips(&self) -> BTreeSet<IpAddr> {
+        self.rules
+            .installed()
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(i.key.addr.to_ne_bytes())))
+            .collect()
+    }
+
+    /// Announce exactly the installed VIPs (starting the speaker on first
+    /// use); failures are logged and retried on the next tick.
+    fn sync_bgp(&mut self) {
+        let vips = self.vips();
+        if let Some(s) = self.bgp.as_mut() {
+            if let Err(e) = s.set_vips(vips) {
+                warn!("BGP: announcing the VIPs failed: {e:#}");
+            }
+            return;
+        }
+        let Some(setup) = self.bgp_setup.clone() else {
+            return;
+        };
+        match BgpSpeaker::start(
+            setup.config,
+            SpeakerOptions::in_dir(&self.bgp_dir),
+            setup.peers,
+            vips,
+        ) {
+            Ok(s) => {
+                info!(
+                    "BGP speaker started (BIRD, run directory {})",
+                    self.bgp_dir.display()
+                );
+                self.bgp = Some(s);
+            }
+            Err(e) => warn!("BGP speaker did not start: {e:#}; retrying"),
+        }
+    }
+
+    /// Keep the kernel's neighbour entries of endpoints resolved (the
+    /// datapath reads them through the FIB but cannot trigger resolution
+    /// itself): a datagram to each endpoint's discard port makes the
+    /// kernel resolve it.
+    fn nudge_neighbours(&self) {
+        let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            return;
+        };
+        let mut seen = BTreeSet::new();
+        for r in self.rules.installed() {
+            for e in &r.eps {
+                if seen.insert(e.addr) {
+                    let ip = std::net::Ipv4Addr::from(e.addr.to_ne_bytes());
+                    let _ = sock.send_to(&[], (ip, 9));
+                }
+            }
+        }
+    }
+
+    fn publish_probe_state(&self) {
+        let snap = self.prober.snapshot();
+        let write = || -> Result<()> {
+            std::fs::create_dir_all(&self.state_dir)?;
+            let tmp = self.state_dir.join("probes.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&snap)?)?;
+            std::fs::rename(&tmp, self.state_dir.join("probes.json"))?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            warn!("publishing probe state: {e:#}");
+        }
+    }
+
+    /// Withdraw the VIPs first (routers move traffic away), then stop the
+    /// datapath (see `Datapath::shutdown`).
+    pub fn shutdown(self, keep: bool) -> Result<()> {
+        if let Some(s) = self.bgp {
+            if let Err(e) = s.stop() {
+                warn!("stopping the BGP speaker: {e:#}");
+            }
+        }
+        let _ = std::fs::remove_file(self.state_dir.join("probes.json"));
+        self.dp.shutdown(keep).context("shutting the datapath down")
+    }
+}

@@ -1,0 +1,184 @@
+//! The agent as a whole, with real traffic and real peers: health probes
+//! take a dead backend out of service and bring it back; BGP announces the
+//! VIPs of the rule file to a GoBGP router and withdraws removed ones.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use loxilb_tests::{
+    bgp_peer::{eventually, veth, GobgpNeighbor, GobgpPeer, Listen},
+    need_root,
+    netns::{Agent, Conn, Netns, Scene, Topology, VIP},
+};
+
+fn rules(t: &Topology, backends: &[usize], probe: bool, vips: &[&str]) -> String {
+    let mut out = String::from("rules:\n");
+    for vip in vips {
+        out += &format!("  - name: web-{vip}\n    vip: {vip}\n    port: 80\n    protocol: tcp\n    endpoints:\n");
+        for i in backends {
+            out += &format!("      - {{ ip: {}, port: 8080 }}\n", t.backend_ip(*i));
+        }
+        if probe {
+            out += "    probe: { type: tcp, timeout: 0.3, interval: 0.3, retries: 2 }\n";
+        }
+    }
+    out
+}
+
+fn backends_reached(s: &Scene, n: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for i in 0..n {
+        if let Ok(mut c) = Conn::open(&s.t.client, Scene::vip(80)) {
+            if let Ok(r) = c.ask(&format!("p{i}")) {
+                seen.insert(r.backend);
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn health_probes_take_a_dead_backend_out_and_bring_it_back() {
+    if !need_root("health_probes_take_a_dead_backend_out_and_bring_it_back") {
+        return;
+    }
+    let s = Scene::new(
+        "lxa1",
+        2,
+        (8080, 5353),
+        |_, _| {},
+        |t| rules(t, &[1, 2], true, &[VIP]),
+    );
+    let mut agent = Agent::start(&s.t, &s.cfg, &[]).expect("agent");
+    assert_eq!(backends_reached(&s, 6).len(), 2);
+    // Backend 2's own servers stop: the probes notice within
+    // interval x retries, and new connections only reach backend 1.
+    let b2 = &s.t.backends[1];
+    b2.sh(&["nft", "add", "table", "inet", "lxa"]).unwrap();
+    b2.sh(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "lxa",
+        "in",
+        "{ type filter hook input priority 0; }",
+    ])
+    .unwrap();
+    b2.sh(&[
+        "nft", "add", "rule", "inet", "lxa", "in", "tcp", "dport", "8080", "reject", "with", "tcp",
+        "reset",
+    ])
+    .unwrap();
+    agent
+        .wait_for_log("endpoint down", Duration::from_secs(5))
+        .expect("the probe marks the endpoint down");
+    let seen = backends_reached(&s, 8);
+    assert_eq!(
+        seen,
+        BTreeSet::from(["b1".to_string()]),
+        "new connections avoid the dead backend"
+    );
+    let eps = agent.cli("endpoints").unwrap();
+    let line = eps
+        .lines()
+        .find(|l| l.contains(&format!("{}:8080", s.t.backend_ip(2))))
+        .unwrap();
+    assert!(line.contains("inactive") && line.contains("down"), "{eps}");
+    // Back: one good probe and it takes traffic again.
+    b2.sh(&["nft", "delete", "table", "inet", "lxa"]).unwrap();
+    agent
+        .wait_for_log("endpoint up", Duration::from_secs(5))
+        .expect("the probe marks the endpoint up");
+    let seen = eventually("backend 2 serves again", Duration::from_secs(5), || {
+        let s2 = backends_reached(&s, 6);
+        if s2.len() == 2 {
+            Ok(s2)
+        } else {
+            Err(format!("{s2:?}"))
+        }
+    });
+    assert_eq!(seen.len(), 2);
+    agent.stop().unwrap();
+}
+
+#[test]
+fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
+    if !need_root("bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones") {
+        return;
+    }
+    let s = Scene::new(
+        "lxa2",
+        1,
+        (8080, 5353),
+        |_, _| {},
+        |t| rules(t, &[1], false, &[VIP, "20.0.0.101"]),
+    );
+    // A router namespace attached to the LB.
+    let router = Netns::new("lxa2-r").unwrap();
+    veth(
+        &s.t.lb,
+        "lbr",
+        &["10.99.0.1/24"],
+        &router,
+        "r0",
+        &["10.99.0.2/24"],
+    )
+    .unwrap();
+    let g = GobgpPeer::start(
+        &router,
+        65002,
+        Ipv4Addr::new(10, 99, 0, 2),
+        Listen::Port(179),
+        &[GobgpNeighbor::new("10.99.0.1", 65001)],
+    )
+    .unwrap();
+    let mut agent = Agent::start(
+        &s.t,
+        &s.cfg,
+        &["--setBGP", "65001", "--extBGPPeers", "10.99.0.2:65002"],
+    )
+    .expect("agent");
+    let have = |want: &[&str]| {
+        let routes = g.routes().map_err(|e| e.to_string())?;
+        let got: BTreeSet<String> = routes.iter().map(|r| r.prefix.clone()).collect();
+        let want: BTreeSet<String> = want.iter().map(|w| format!("{w}/32")).collect();
+        if got == want
+            && routes
+                .iter()
+                .all(|r| r.next_hop == Some("10.99.0.1".parse().unwrap()))
+        {
+            Ok(())
+        } else {
+            Err(format!("{routes:?}"))
+        }
+    };
+    eventually(
+        "both VIPs at the router, next hop the LB",
+        Duration::from_secs(30),
+        || have(&[VIP, "20.0.0.101"]),
+    );
+    let bgp = agent.cli("bgp").unwrap();
+    assert!(
+        bgp.contains("10.99.0.2") && bgp.contains("65002") && bgp.contains("Established"),
+        "{bgp}"
+    );
+    // Remove one VIP's rule: withdrawn.
+    agent.reload(&s.cfg, &rules(&s.t, &[1], false, &[VIP]));
+    eventually(
+        "the removed VIP is withdrawn",
+        Duration::from_secs(15),
+        || have(&[VIP]),
+    );
+    // Traffic still flows for the other.
+    Conn::open(&s.t.client, Scene::vip(80))
+        .unwrap()
+        .ask("x")
+        .unwrap();
+    agent.stop().unwrap();
+    eventually(
+        "everything withdrawn when the agent stops",
+        Duration::from_secs(15),
+        || have(&[]),
+    );
+    drop(g);
+}
