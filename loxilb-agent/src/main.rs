@@ -129,6 +129,48 @@ struct KubeArgs {
     use_pod_network: String,
     #[arg(long = "monitor", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     monitor: String,
+    /// kube-loxilb's full-NAT source VIP (same as --fullnat-source).
+    #[arg(long = "setRoles", value_name = "IPV4")]
+    set_roles: Option<String>,
+    /// kube-loxilb's datapath URL: meaningless here (refused with a reason).
+    #[arg(long = "loxiURL", value_name = "URL")]
+    loxi_url: Option<String>,
+    /// kube-loxilb's BGP CRD switch.
+    #[arg(long = "enableBGPCRDs", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    enable_bgp_crds: Option<String>,
+}
+
+/// kube-loxilb flags that do not carry over as they are: an error that
+/// says why, or their meaning here.
+fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4Addr>> {
+    if let Some(u) = &k.loxi_url {
+        anyhow::bail!(
+            "--loxiURL={u}: this agent is the datapath (there is no separate loxilb to reach); \
+             remove the flag"
+        );
+    }
+    if let Some(v) = &k.enable_bgp_crds {
+        if kube_watch::flags::parse_bool("--enableBGPCRDs", v)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            anyhow::bail!(
+                "--enableBGPCRDs: BGP peers from BGPPeerService objects are not implemented yet; \
+                 give the peers with --extBGPPeers"
+            );
+        }
+    }
+    let roles = match &k.set_roles {
+        None => None,
+        Some(v) => Some(v.trim().parse::<std::net::Ipv4Addr>().map_err(|_| {
+            anyhow::anyhow!("--setRoles={v}: not an IPv4 address (the full-NAT source VIP)")
+        })?),
+    };
+    if let (Some(r), Some(f)) = (roles, a.fullnat_source) {
+        if r != f {
+            anyhow::bail!("--setRoles={r} and --fullnat-source={f} disagree; give one");
+        }
+    }
+    Ok(roles)
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -452,6 +494,11 @@ impl kube_watch::controller::RuleSink for KubeSink {
 
 async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     use kube_watch::flags as kf;
+    let mut a = a.clone();
+    if let Some(r) = check_kube_compat(k, &a)? {
+        a.fullnat_source = Some(r);
+    }
+    let a = &a;
     let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
     let kube = kf::KubeConfig {
         cidr_pools: k
@@ -545,6 +592,32 @@ mod tests {
             .unwrap_or_else(|e| panic!("manifest args rejected: {e}"));
         assert!(matches!(cli.cmd, Cmd::Kube { .. }));
         assert!(Cli::try_parse_from(["loxilb-agent", "kube", "--iface=eth0", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn kube_loxilb_flags_that_do_not_carry_over_are_refused_clearly() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["loxilb-agent", "kube", "--iface=eth0"];
+            v.extend_from_slice(extra);
+            match Cli::try_parse_from(v).unwrap().cmd {
+                Cmd::Kube { node, kube } => check_kube_compat(&kube, &node),
+                _ => unreachable!(),
+            }
+        };
+        assert!(parse(&[]).unwrap().is_none());
+        assert_eq!(
+            parse(&["--setRoles=10.0.0.9"]).unwrap(),
+            Some("10.0.0.9".parse().unwrap())
+        );
+        let e = parse(&["--setRoles=nope"]).unwrap_err().to_string();
+        assert!(e.contains("--setRoles=nope"), "{e}");
+        let e = parse(&["--loxiURL=http://1.2.3.4:11111"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("this agent is the datapath"), "{e}");
+        assert!(parse(&["--enableBGPCRDs"]).is_err());
+        assert!(parse(&["--enableBGPCRDs=false"]).is_ok());
+        assert!(parse(&["--setRoles=10.0.0.9", "--fullnat-source=10.0.0.8"]).is_err());
     }
 
     #[test]
