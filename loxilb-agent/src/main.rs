@@ -71,6 +71,8 @@ struct NodeArgs {
     ebgp_multihop: Option<String>,
 }
 
+// Parsed once at start-up: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Standalone mode: attach to interfaces and serve the rules of a file.
