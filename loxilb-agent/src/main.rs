@@ -69,6 +69,44 @@ struct NodeArgs {
     /// Allow eBGP peers several hops away.
     #[arg(long = "eBGPMultiHop", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     ebgp_multihop: Option<String>,
+    /// Serve `GET /healthz` and `/readyz` on this address (for the
+    /// DaemonSet's liveness and readiness probes); off when absent.
+    #[arg(long, value_name = "ADDR:PORT")]
+    health_listen: Option<std::net::SocketAddr>,
+}
+
+/// A minimal HTTP health endpoint: 200 on /healthz and /readyz while the
+/// agent serves (it only starts once the datapath is attached), 404 else.
+async fn serve_health(addr: std::net::SocketAddr) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--health-listen {addr}: cannot listen"))?;
+    info!("health endpoint on http://{addr}/healthz");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("");
+                let resp = if path == "/healthz" || path == "/readyz" {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                };
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 // Parsed once at start-up: the size of the biggest variant does not matter.
@@ -402,6 +440,9 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
     // Validate the rule file before touching the kernel.
     let desired = load_rules(cfg_path)?;
     let (mut node, mut transitions) = start_node(pin_dir, a, &desired)?;
+    if let Some(h) = a.health_listen {
+        serve_health(h).await?;
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -536,6 +577,9 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
     let (node, mut transitions) = start_node(pin_dir, a, &[])?;
+    if let Some(h) = a.health_listen {
+        serve_health(h).await?;
+    }
     let node = std::sync::Arc::new(std::sync::Mutex::new(node));
     let sink = KubeSink {
         node: node.clone(),

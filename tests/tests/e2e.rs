@@ -109,6 +109,31 @@ fn tcp_and_udp_balanced_over_all_backends_client_ip_kept() {
 }
 
 #[test]
+fn health_endpoint_answers_while_serving() {
+    if !need_root("health_endpoint_answers_while_serving") {
+        return;
+    }
+    let e = env("lxe6", 1);
+    let mut agent =
+        Agent::start(&e.t, &e.cfg, &["--health-listen", "127.0.0.1:19435"]).expect("agent");
+    let get = |path: &'static str| {
+        e.t.lb.run(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:19435").unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    };
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").starts_with("HTTP/1.1 200"));
+    assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    agent.stop().unwrap();
+}
+
+#[test]
 fn open_connection_keeps_its_backend_when_endpoints_change() {
     if !need_root("open_connection_keeps_its_backend_when_endpoints_change") {
         return;
