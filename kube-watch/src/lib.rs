@@ -69,7 +69,9 @@
 //!   [`controller::RuleSink`] seam to the datapath.
 
 pub mod annotations;
+pub mod bgp_peers;
 pub mod controller;
+pub mod crds;
 pub mod events;
 pub mod flags;
 pub mod ipam;

@@ -4,14 +4,18 @@
 //! Service (with the resourceVersion precondition the API server applies);
 //! server-side apply of a Service's status (emulated for one field
 //! manager); deletion with finalizers; Leases (get, create, update with
-//! optimistic concurrency); Event creation. Every request is logged with
-//! the agent that sent it.
+//! optimistic concurrency); Event creation (a name taken is
+//! `AlreadyExists`); list and watch of BGPPeerServices and server-side
+//! apply of their status (one field manager per node). Every request is
+//! logged with the agent that sent it, and [`check_rbac`] checks the log
+//! against the manifest's RBAC.
 
 #![allow(dead_code)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     convert::Infallible,
+    path::Path,
     sync::{Arc, Mutex},
 };
 
@@ -20,7 +24,9 @@ use futures::channel::mpsc;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use kube::{client::Body, Client};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// One request, as logged.
@@ -134,6 +140,7 @@ fn api_version(kind: &str) -> &'static str {
         "endpointslices" => "discovery.k8s.io/v1",
         "leases" => "coordination.k8s.io/v1",
         "events" => "events.k8s.io/v1",
+        "bgppeerservices" => "bgppeer.loxilb.io/v1",
         _ => "v1",
     }
 }
@@ -145,6 +152,7 @@ fn kind_name(kind: &str) -> &'static str {
         "nodes" => "Node",
         "leases" => "Lease",
         "events" => "Event",
+        "bgppeerservices" => "BGPPeerService",
         _ => panic!("{kind}"),
     }
 }
@@ -313,6 +321,37 @@ impl State {
         (StatusCode::OK, obj)
     }
 
+    /// Server-side apply of a BGPPeerService's status, as the CRD's schema
+    /// makes the API server do it for one manager per node: `state` is
+    /// set, `nodes` is a list-map keyed by `node` (the entries applied
+    /// replace theirs, the others stay).
+    fn apply_peer_status(&mut self, name: &str, body: &Value) -> (StatusCode, Value) {
+        let Some(mut obj) = self.get("bgppeerservices", "", name) else {
+            return (StatusCode::NOT_FOUND, status_nf(name));
+        };
+        let st = &body["status"];
+        if let Some(s) = st.get("state") {
+            obj["status"]["state"] = s.clone();
+        }
+        let mut nodes: Vec<Value> = obj["status"]["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for n in st["nodes"].as_array().cloned().unwrap_or_default() {
+            nodes.retain(|x| x["node"] != n["node"]);
+            nodes.push(n);
+        }
+        nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+        obj["status"]["nodes"] = json!(nodes);
+        self.bump(&mut obj);
+        self.objects
+            .get_mut("bgppeerservices")
+            .unwrap()
+            .insert(key_of(&obj), obj.clone());
+        self.emit("bgppeerservices", "MODIFIED", &obj);
+        (StatusCode::OK, obj)
+    }
+
     fn lease(
         &mut self,
         method: &str,
@@ -407,6 +446,7 @@ impl FakeApi {
             ["api", "v1", "services"] => Some("services"),
             ["api", "v1", "nodes"] => Some("nodes"),
             ["apis", "discovery.k8s.io", "v1", "endpointslices"] => Some("endpointslices"),
+            ["apis", "bgppeer.loxilb.io", "v1", "bgppeerservices"] => Some("bgppeerservices"),
             _ => None,
         };
         let (code, resp): (StatusCode, Option<Value>) = if let Some(kind) = kind_of_collection {
@@ -456,10 +496,26 @@ impl FakeApi {
                     let (c, v) = st.lease(&method, ns, Some(name), &body);
                     (c, Some(v))
                 }
-                ["apis", "events.k8s.io", "v1", "namespaces", _ns, "events"] => {
+                ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"] => {
                     assert_eq!(method, "POST");
-                    let v = st.put("events", body.clone());
-                    (StatusCode::CREATED, Some(v))
+                    let name = body["metadata"]["name"].as_str().unwrap_or("");
+                    if st.get("events", ns, name).is_some() {
+                        (
+                            StatusCode::CONFLICT,
+                            Some(status(409, "AlreadyExists", "the Event exists")),
+                        )
+                    } else {
+                        let mut ev = body.clone();
+                        ev["metadata"]["namespace"] = json!(ns);
+                        let v = st.put("events", ev);
+                        (StatusCode::CREATED, Some(v))
+                    }
+                }
+                ["apis", "bgppeer.loxilb.io", "v1", "bgppeerservices", name, "status"] => {
+                    assert_eq!(method, "PATCH");
+                    assert_eq!(content_type, "application/apply-patch+yaml");
+                    let (c, v) = st.apply_peer_status(name, &body);
+                    (c, Some(v))
                 }
                 _ => (StatusCode::NOT_FOUND, Some(status_nf(&path))),
             }
@@ -474,5 +530,80 @@ impl FakeApi {
             status: code.as_u16(),
         });
         full(code, &resp.unwrap_or(Value::Null))
+    }
+}
+
+/// Every request must be allowed by the manifest's RBAC; every verb the
+/// manifest grants on the API groups `all_used_in` must have been used
+/// (each test names the groups its component is responsible for).
+pub fn check_rbac(log: &[Logged], all_used_in: &[&str]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest/in-cluster/loxilb.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut cluster: Vec<PolicyRule> = Vec::new();
+    let mut namespaced: Vec<(String, PolicyRule)> = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("ClusterRole") => {
+                let r: ClusterRole = serde_yaml::from_value(v).unwrap();
+                cluster.extend(r.rules.unwrap_or_default());
+            }
+            Some("Role") => {
+                let r: Role = serde_yaml::from_value(v).unwrap();
+                let ns = r.metadata.namespace.clone().unwrap();
+                namespaced.extend(
+                    r.rules
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|x| (ns.clone(), x)),
+                );
+            }
+            _ => {}
+        }
+    }
+    let matches =
+        |rule: &PolicyRule, group: &str, resource: &str, verb: &str, name: &Option<String>| {
+            rule.api_groups.iter().flatten().any(|g| g == group)
+                && rule.resources.iter().flatten().any(|r| r == resource)
+                && rule.verbs.iter().any(|v| v == verb)
+                && match &rule.resource_names {
+                    None => true,
+                    Some(names) => name.as_ref().is_some_and(|n| names.contains(n)),
+                }
+        };
+    let mut used: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for l in log {
+        let (group, resource, verb, ns, name) = l.rbac();
+        let ok = cluster
+            .iter()
+            .any(|r| matches(r, &group, &resource, &verb, &name))
+            || namespaced.iter().any(|(rns, r)| {
+                ns.as_deref() == Some(rns.as_str()) && matches(r, &group, &resource, &verb, &name)
+            });
+        assert!(
+            ok,
+            "{} {} {}: {verb} on {group}/{resource} ({ns:?}/{name:?}) is not granted by the manifest",
+            l.agent, l.method, l.path
+        );
+        used.insert((group, resource, verb));
+    }
+    {
+        for r in cluster.iter().chain(namespaced.iter().map(|(_, r)| r)) {
+            for g in r
+                .api_groups
+                .iter()
+                .flatten()
+                .filter(|g| all_used_in.contains(&g.as_str()))
+            {
+                for res in r.resources.iter().flatten() {
+                    for v in &r.verbs {
+                        assert!(
+                            used.contains(&(g.clone(), res.clone(), v.clone())),
+                            "the manifest grants {v} on {g}/{res}, which the component tested never used"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
