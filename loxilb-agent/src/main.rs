@@ -190,12 +190,15 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
         );
     }
     if let Some(v) = &k.enable_bgp_crds {
-        if kube_watch::flags::parse_bool("--enableBGPCRDs", v)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-        {
+        let on = kube_watch::flags::parse_bool("--enableBGPCRDs", v)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bgp_on = a
+            .set_bgp
+            .as_deref()
+            .is_some_and(|s| s.trim() != "0" && !s.trim().is_empty());
+        if on && !bgp_on {
             anyhow::bail!(
-                "--enableBGPCRDs: BGP peers from BGPPeerService objects are not implemented yet; \
-                 give the peers with --extBGPPeers"
+                "--enableBGPCRDs: BGP peers from BGPPeerService objects need BGP on; give --setBGP=<AS>"
             );
         }
     }
@@ -487,6 +490,52 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
     node.shutdown(a.keep)
 }
 
+/// BGPPeerService objects -> the speaker's peers (with the flag peers).
+struct CrdPeers {
+    node: std::sync::Arc<std::sync::Mutex<Node>>,
+    flag_peers: Vec<loxilb_agent::bgp::Peer>,
+    multihop_ttl: Option<u8>,
+}
+
+impl kube_watch::bgp_peers::PeerSink for CrdPeers {
+    fn set_peers(&mut self, peers: Vec<kube_watch::crds::PeerSpecPlain>) -> Result<()> {
+        let mut all = self.flag_peers.clone();
+        for p in peers {
+            let mut x = loxilb_agent::bgp::Peer::new(p.ip, p.remote_as);
+            x.port = p.port;
+            x.multihop_ttl = if p.multihop {
+                Some(loxilb_agent::bgp::config::DEFAULT_MULTIHOP_TTL)
+            } else {
+                self.multihop_ttl
+            };
+            // An object replaces a flag peer of the same address.
+            all.retain(|f| f.address != x.address);
+            all.push(x);
+        }
+        self.node.lock().expect("node lock").set_bgp_peers(all)
+    }
+
+    fn status(&mut self) -> Vec<(std::net::IpAddr, kube_watch::bgp_peers::PeerStatusPlain)> {
+        self.node
+            .lock()
+            .expect("node lock")
+            .bgp_neighbors()
+            .into_iter()
+            .map(|n| {
+                (
+                    n.address,
+                    kube_watch::bgp_peers::PeerStatusPlain {
+                        state: format!("{:?}", n.state),
+                        since_unix: n.since,
+                        prefixes_sent: Some(n.routes_sent()),
+                        last_error: n.last_error.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// The agent's side of the Kubernetes controller: rules go to the node's
 /// reconciler; VIPs this node owns go on `lo` (so it answers ARP for them).
 struct KubeSink {
@@ -595,14 +644,45 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
             }
         }
     });
-    let shutdown = async {
+    let shutdown = || async {
         let mut term = signal(SignalKind::terminate()).expect("signal");
         let mut int = signal(SignalKind::interrupt()).expect("signal");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     };
+    let crds_on = match &k.enable_bgp_crds {
+        Some(v) => kf::parse_bool("--enableBGPCRDs", v).map_err(fe)?,
+        None => false,
+    };
+    let peers_task = if crds_on {
+        let setup = node.lock().expect("node lock").bgp_setup().cloned();
+        let sink = CrdPeers {
+            node: node.clone(),
+            multihop_ttl: setup
+                .as_ref()
+                .and_then(|s| s.peers.iter().find_map(|p| p.multihop_ttl)),
+            flag_peers: setup.map(|s| s.peers).unwrap_or_default(),
+        };
+        let name = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let node_name = name("NODE_NAME").unwrap_or_else(|| "node".into());
+        let instance = name("POD_NAME").unwrap_or_else(|| node_name.clone());
+        let cfg = kube_watch::bgp_peers::BgpPeerConfig::new(node_name, instance);
+        info!("BGP peers also from BGPPeerService objects");
+        Some(tokio::spawn(kube_watch::bgp_peers::watch_bgp_peers(
+            client.clone(),
+            cfg,
+            sink,
+            shutdown(),
+        )))
+    } else {
+        None
+    };
     info!("serving Kubernetes LoadBalancer Services");
-    let r = kube_watch::controller::run(client, run_config, sink, shutdown).await;
+    let r = kube_watch::controller::run(client, run_config, sink, shutdown()).await;
     upkeep.abort();
+    if let Some(t) = peers_task {
+        t.abort();
+        let _ = t.await;
+    }
     exit_note(pin_dir, a.keep);
     let node = std::sync::Arc::try_unwrap(node)
         .map_err(|_| anyhow::anyhow!("node still in use at exit"))?
@@ -661,7 +741,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("this agent is the datapath"), "{e}");
-        assert!(parse(&["--enableBGPCRDs"]).is_err());
+        let e = parse(&["--enableBGPCRDs"]).unwrap_err().to_string();
+        assert!(e.contains("--setBGP"), "{e}");
+        assert!(parse(&["--enableBGPCRDs", "--setBGP=65001"]).is_ok());
         assert!(parse(&["--enableBGPCRDs=false"]).is_ok());
         assert!(parse(&["--setRoles=10.0.0.9", "--fullnat-source=10.0.0.8"]).is_err());
     }

@@ -143,6 +143,32 @@ impl Node {
             .collect()
     }
 
+    /// Replace the BGP peer set (e.g. flag peers plus BGPPeerService
+    /// objects): used when the speaker starts, applied now if it runs.
+    pub fn set_bgp_peers(&mut self, peers: Vec<crate::bgp::Peer>) -> Result<()> {
+        let Some(setup) = self.bgp_setup.as_mut() else {
+            anyhow::bail!("BGP peers given but BGP is off (--setBGP)");
+        };
+        setup.peers = peers.clone();
+        if let Some(s) = self.bgp.as_mut() {
+            s.set_peers(peers)?;
+        }
+        Ok(())
+    }
+
+    /// The BGP flag peers (`--extBGPPeers`) and multihop setting.
+    pub fn bgp_setup(&self) -> Option<&BgpSetup> {
+        self.bgp_setup.as_ref()
+    }
+
+    /// The speaker's neighbours now (empty before it started).
+    pub fn bgp_neighbors(&self) -> Vec<crate::bgp::Neighbor> {
+        self.bgp
+            .as_ref()
+            .and_then(|s| s.neighbors().ok())
+            .unwrap_or_default()
+    }
+
     /// Announce exactly the installed VIPs (starting the speaker on first
     /// use); failures are logged and retried on the next tick.
     fn sync_bgp(&mut self) {
