@@ -106,6 +106,10 @@ pub struct LbRule {
     pub allowed_sources: Option<Vec<IpNet>>,
     /// `None`: endpoints are not probed.
     pub probe: Option<Probe>,
+    /// `externalTrafficPolicy: Local` with node endpoints: only nodes that
+    /// are endpoints (have a ready local pod) should attract the traffic,
+    /// so only they announce the VIP over BGP.
+    pub local_traffic: bool,
 }
 
 /// The rules of one Service and what the user should be told.
@@ -646,6 +650,7 @@ pub fn translate(
                 endpoints,
                 allowed_sources: allowed_sources.clone(),
                 probe,
+                local_traffic: local && !pod_network,
             });
         }
     }
@@ -1026,6 +1031,12 @@ mod tests {
     fn external_traffic_policy_local_keeps_nodes_with_ready_local_endpoints() {
         let s = svc(json!({"externalTrafficPolicy": "Local"}));
         let t = run(&s, &slices(), &nodes(), &cfg()).unwrap();
+        assert!(
+            t.rules.iter().all(|r| r.local_traffic),
+            "ETP Local marks the rules local-traffic"
+        );
+        let cluster = run(&svc(json!({})), &slices(), &nodes(), &cfg()).unwrap();
+        assert!(cluster.rules.iter().all(|r| !r.local_traffic));
         // n1 has ready pods; n2's pod is not ready; n3's node is NotReady.
         assert_eq!(eps(&t.rules[0]), vec!["10.0.0.1:30080"]);
         // No ready endpoint anywhere: a rule without endpoints.

@@ -113,6 +113,10 @@ pub struct Rule {
     pub endpoints: Vec<Endpoint>,
     /// Endpoint health probing; None: endpoints are not probed.
     pub probe: Option<crate::probe::ProbeSpec>,
+    /// Announce the VIP over BGP only from nodes that are endpoints of the
+    /// rule (Kubernetes `externalTrafficPolicy: Local`); false: every node
+    /// serving the rule announces it.
+    pub announce_local_only: bool,
 }
 
 /// A config error: which file, which field, what was wrong, what to do.
@@ -463,6 +467,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             source_ranges,
             endpoints,
             probe,
+            announce_local_only: false,
         });
     }
     Ok(rules)

@@ -136,6 +136,7 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
         source_ranges,
         endpoints,
         probe,
+        announce_local_only: r.local_traffic,
     })
 }
 
@@ -162,6 +163,7 @@ mod tests {
             }],
             allowed_sources: None,
             probe: None,
+            local_traffic: true,
         }
     }
 
@@ -178,6 +180,7 @@ mod tests {
         assert_eq!(r.endpoints[0].port, 30080);
         assert_eq!(r.endpoints[0].weight, 2);
         assert!(r.source_ranges.is_empty() && r.probe.is_none());
+        assert!(r.announce_local_only);
     }
 
     #[test]

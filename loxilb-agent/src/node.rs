@@ -20,6 +20,8 @@ use crate::{
 };
 
 pub struct Node {
+    /// VIPs to announce over BGP (see [`announced_vips`]).
+    announce: BTreeSet<IpAddr>,
     pub dp: Datapath,
     pub rules: Rules,
     prober: Prober,
@@ -39,6 +41,44 @@ pub fn state_dir(pin_dir: &Path) -> PathBuf {
     PathBuf::from("/run/loxilb").join(name)
 }
 
+/// The VIPs this node announces over BGP: every VIP of `rules`, except that
+/// a rule marked `announce_local_only` (Kubernetes `externalTrafficPolicy:
+/// Local`) makes this node announce its VIP only when one of the rule's
+/// endpoints is an address of this node (it has a local ready pod). A VIP
+/// is announced when any of its rules asks for it.
+pub fn announced_vips(
+    rules: &[Rule],
+    local_addrs: &BTreeSet<std::net::Ipv4Addr>,
+) -> BTreeSet<IpAddr> {
+    rules
+        .iter()
+        .filter(|r| {
+            !r.announce_local_only || r.endpoints.iter().any(|e| local_addrs.contains(&e.ip))
+        })
+        .map(|r| IpAddr::V4(r.vip))
+        .collect()
+}
+
+/// This node's IPv4 addresses (all interfaces).
+pub fn local_ipv4_addrs() -> BTreeSet<std::net::Ipv4Addr> {
+    let mut out = BTreeSet::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut p = ifap;
+    while !p.is_null() {
+        let ifa = unsafe { &*p };
+        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            out.insert(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+        p = ifa.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
 /// Probe states published by a running agent (for the CLI).
 pub fn read_probe_state(pin_dir: &Path) -> Option<Vec<TargetStatus>> {
     let text = std::fs::read_to_string(state_dir(pin_dir).join("probes.json")).ok()?;
@@ -55,6 +95,7 @@ impl Node {
     ) -> Self {
         let state_dir = state_dir(pin_dir);
         Node {
+            announce: BTreeSet::new(),
             dp,
             rules,
             prober,
@@ -98,6 +139,7 @@ impl Node {
             }
             Err(e) => warn!("health probes not updated: {e}"),
         }
+        self.announce = announced_vips(desired, &local_ipv4_addrs());
         self.nudge_neighbours();
         self.sync_bgp();
         self.publish_probe_state();
@@ -172,7 +214,7 @@ impl Node {
     /// Announce exactly the installed VIPs (starting the speaker on first
     /// use); failures are logged and retried on the next tick.
     fn sync_bgp(&mut self) {
-        let vips = self.vips();
+        let vips = self.announce.clone();
         if let Some(s) = self.bgp.as_mut() {
             if let Err(e) = s.set_vips(vips) {
                 warn!("BGP: announcing the VIPs failed: {e:#}");
@@ -242,5 +284,46 @@ impl Node {
         }
         let _ = std::fs::remove_file(self.state_dir.join("probes.json"));
         self.dp.shutdown(keep).context("shutting the datapath down")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_traffic_rules_are_announced_only_by_endpoint_nodes() {
+        let text = "rules:
+  - {name: a, vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.1, port: 30080}]}
+  - {name: b, vip: 20.0.0.2, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.1, port: 30081}]}
+  - {name: c, vip: 20.0.0.3, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.2, port: 30082}]}
+  - {name: d, vip: 20.0.0.3, port: 81, protocol: tcp, endpoints: [{ip: 10.0.0.3, port: 30083}]}
+";
+        let mut rules = crate::config::parse("t", text).unwrap();
+        // b, c, d are externalTrafficPolicy: Local
+        for r in rules.iter_mut().skip(1) {
+            r.announce_local_only = true;
+        }
+        let v = |s: &str| IpAddr::V4(s.parse().unwrap());
+        let me: BTreeSet<std::net::Ipv4Addr> = ["10.0.0.1".parse().unwrap()].into();
+        assert_eq!(
+            announced_vips(&rules, &me),
+            [v("20.0.0.1"), v("20.0.0.2")].into()
+        );
+        let me: BTreeSet<std::net::Ipv4Addr> = ["10.0.0.3".parse().unwrap()].into();
+        assert_eq!(
+            announced_vips(&rules, &me),
+            [v("20.0.0.1"), v("20.0.0.3")].into(),
+            "cluster-traffic VIPs from every node; a shared VIP when any rule asks"
+        );
+        assert_eq!(
+            announced_vips(&rules, &BTreeSet::new()),
+            [v("20.0.0.1")].into()
+        );
+    }
+
+    #[test]
+    fn local_addresses_include_loopback() {
+        assert!(local_ipv4_addrs().contains(&std::net::Ipv4Addr::LOCALHOST));
     }
 }
