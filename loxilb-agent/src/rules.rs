@@ -299,16 +299,20 @@ impl Rules {
         Ok(true)
     }
 
-    fn next_rule_id(&self) -> Result<u32> {
-        let used: BTreeSet<u32> = self.installed.values().map(|i| i.rule_id).collect();
-        (1..=loxilb_common::MAX_SERVICES)
-            .find(|id| !used.contains(id))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "all {} rule slots are in use; remove rules first",
-                    loxilb_common::MAX_SERVICES
-                )
-            })
+    /// The lowest free rule id at or after `*cursor` (one pass over the
+    /// ids for a whole apply, not one per new rule).
+    fn next_rule_id(used: &mut BTreeSet<u32>, cursor: &mut u32) -> Result<u32> {
+        while used.contains(cursor) {
+            *cursor += 1;
+        }
+        if *cursor > loxilb_common::MAX_SERVICES {
+            bail!(
+                "all {} rule slots are in use; remove rules first",
+                loxilb_common::MAX_SERVICES
+            );
+        }
+        used.insert(*cursor);
+        Ok(*cursor)
     }
 
     fn compute_filter(&self) -> Vec<u64> {
@@ -376,6 +380,8 @@ impl Rules {
             self.slots.release_rule_except(inst.rule_id, &[]);
             report.removed.push(inst.name);
         }
+        let mut used_ids: BTreeSet<u32> = self.installed.values().map(|i| i.rule_id).collect();
+        let mut id_cursor = 1;
         for (k, r) in want {
             let mut w = Want::of(r, down);
             match self.installed.get_mut(&k) {
@@ -395,7 +401,7 @@ impl Rules {
                     report.updated.push(r.name.clone());
                 }
                 None => {
-                    let rule_id = self.next_rule_id()?;
+                    let rule_id = Self::next_rule_id(&mut used_ids, &mut id_cursor)?;
                     t.reset_rule_stats(rule_id)?;
                     let mut inst = Installed {
                         name: r.name.clone(),

@@ -15,7 +15,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -62,7 +62,7 @@ pub mod prog_names {
 }
 
 /// Map capacities.
-pub const MAX_SERVICES: u32 = 4096;
+pub const MAX_SERVICES: u32 = 16_384;
 /// Selection-table chunks (all rules, both banks): room for 64 `hash` rules
 /// with a full Maglev table in both banks, and thousands of small ones.
 pub const MAX_SEL_CHUNKS: u32 = 1 << 18;
@@ -298,7 +298,7 @@ pub struct EpVal {
 }
 
 /// Distinct endpoints (over all rules) that have counters.
-pub const MAX_EP_STATS: u32 = 65_536;
+pub const MAX_EP_STATS: u32 = 131_072;
 
 /// Per-endpoint counters (per-CPU array indexed by `EpVal::stat_idx`).
 #[repr(C)]
