@@ -232,8 +232,13 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         field,
         message,
     };
+    // An empty file is far more often an editor or a copy caught halfway
+    // than a wish to delete every rule: refuse it (`rules: []` says so).
     let raw: RawFile = if text.trim().is_empty() {
-        RawFile { rules: vec![] }
+        return Err(err(
+            String::new(),
+            "the file is empty; to remove every rule, write `rules: []`".to_string(),
+        ));
     } else {
         serde_yaml::from_str(text).map_err(|e| {
             let loc = e
@@ -568,8 +573,10 @@ rules:
     }
 
     #[test]
-    fn empty_file_means_no_rules() {
-        assert!(parse("r.yaml", "").unwrap().is_empty());
+    fn empty_file_is_refused_and_an_empty_list_means_no_rules() {
+        let e = parse("r.yaml", "").unwrap_err();
+        assert!(e.to_string().contains("rules: []"), "{e}");
+        assert!(parse("r.yaml", " \n").is_err());
         assert!(parse("r.yaml", "rules: []").unwrap().is_empty());
     }
 

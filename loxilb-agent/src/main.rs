@@ -461,7 +461,20 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
             _ = hup.recv() => { info!("SIGHUP: reloading {}", cfg_path.display()); true }
             _ = tick.tick() => {
                 let s = file_stamp(cfg_path);
-                if s != stamp { stamp = s; info!("{} changed: reloading", cfg_path.display()); true } else { false }
+                if s == stamp {
+                    false
+                } else {
+                    // Let a writer finish: read only once the file has
+                    // stopped changing.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if file_stamp(cfg_path) != s {
+                        false
+                    } else {
+                        stamp = s;
+                        info!("{} changed: reloading", cfg_path.display());
+                        true
+                    }
+                }
             }
             _ = upkeep.tick() => { node.tick(); false }
             Some(t) = transitions.recv() => { node.on_transition(t); false }
