@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build -q --release -p loxilb-tests --bin bench
-exec ./target/release/bench "$@"
+./target/release/bench "$@"
+# Control plane at scale: +1 Service, full resync and RSS with 10,000
+# Services and 100,000 endpoints in the real maps.
+cargo build -q --release -p loxilb-tests --bin bench_kube
+./target/release/bench_kube
