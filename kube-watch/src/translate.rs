@@ -714,6 +714,18 @@ fn probe_for(
 /// them for the TCP/UDP ports too. `ipMode` is left unset (the Kubernetes
 /// default, `VIP`).
 pub fn load_balancer_status(allocation: &Allocation) -> LoadBalancerStatus {
+    // `ipMode: VIP`: traffic to the address may be short-cut to the
+    // endpoints inside the cluster (kube-proxy's default); the ports are
+    // those the address was allocated for.
+    let ports: Vec<k8s_openapi::api::core::v1::PortStatus> = allocation
+        .ports
+        .iter()
+        .map(|p| k8s_openapi::api::core::v1::PortStatus {
+            port: p.port as i32,
+            protocol: p.protocol.as_str().to_ascii_uppercase(),
+            error: None,
+        })
+        .collect();
     LoadBalancerStatus {
         ingress: Some(
             allocation
@@ -721,6 +733,12 @@ pub fn load_balancer_status(allocation: &Allocation) -> LoadBalancerStatus {
                 .iter()
                 .map(|a| LoadBalancerIngress {
                     ip: Some(a.ip.to_string()),
+                    ip_mode: Some("VIP".to_string()),
+                    ports: if ports.is_empty() {
+                        None
+                    } else {
+                        Some(ports.clone())
+                    },
                     ..Default::default()
                 })
                 .collect(),
@@ -1584,7 +1602,10 @@ mod tests {
         let v = serde_json::to_value(&st).unwrap();
         assert_eq!(
             v,
-            json!({"ingress": [{"ip": "20.0.0.1"}, {"ip": "3ffe::1"}]})
+            json!({"ingress": [
+                {"ip": "20.0.0.1", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]},
+                {"ip": "3ffe::1", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]}
+            ]})
         );
     }
 

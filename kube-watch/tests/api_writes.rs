@@ -226,7 +226,8 @@ async fn status_is_server_side_applied_with_the_ingress_ip() {
         );
         assert_eq!(
             seen.body["status"]["loadBalancer"],
-            json!({"ingress": [{"ip": "192.0.2.1"}]})
+            json!({"ingress": [{"ip": "192.0.2.1", "ipMode": "VIP",
+                "ports": [{"port": 80, "protocol": "TCP"}]}]})
         );
         let conds = seen.body["status"]["conditions"].as_array().unwrap();
         assert_eq!(conds[0]["type"], "loxilb.io/Allocated");

@@ -292,7 +292,8 @@ fn patch_and_apply_bodies() {
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "web", "namespace": "default"},
             "status": {
-                "loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]},
+                "loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "VIP",
+                    "ports": [{"port": 80, "protocol": "TCP"}]}]},
                 "conditions": [
                     {"type": "loxilb.io/Allocated", "status": "True", "reason": "Allocated",
                      "message": "192.0.2.1", "observedGeneration": 1,
