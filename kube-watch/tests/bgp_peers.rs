@@ -11,13 +11,12 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_rbac, FakeApi, Logged};
+use fake_api::{check_rbac, until, FakeApi, Logged, Running};
 use kube_watch::{
     bgp_peers::{watch_bgp_peers, BgpPeerConfig, PeerSink, PeerStatusPlain},
     crds::PeerSpecPlain,
 };
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 #[derive(Clone, Default)]
 struct Speaker {
@@ -63,8 +62,7 @@ impl Speaker {
 
 struct Agent {
     speaker: Speaker,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    run: Running,
 }
 
 impl Agent {
@@ -72,40 +70,14 @@ impl Agent {
         let mut config = BgpPeerConfig::new(node, format!("agent-{node}"));
         config.status_period = Duration::from_millis(100);
         config.retry = Duration::from_millis(100);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(watch_bgp_peers(
-            api.client(node),
-            config,
-            speaker.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Agent {
-            speaker,
-            stop: Some(stop),
-            task,
-        }
+        let client = api.client(node);
+        let sink = speaker.clone();
+        let run = Running::spawn(move |shutdown| watch_bgp_peers(client, config, sink, shutdown));
+        Agent { speaker, run }
     }
 
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the watcher stops")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    async fn stop(self) {
+        self.run.stop("the watcher").await;
     }
 }
 

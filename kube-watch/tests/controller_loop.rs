@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_rbac, FakeApi, Logged};
+use fake_api::{check_rbac, until, FakeApi, Logged, Running};
 use kube_watch::{
     annotations::LbMode,
     controller::{run, RuleSink, RunConfig},
@@ -25,7 +25,6 @@ use kube_watch::{
     translate::LbRule,
 };
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 #[derive(Clone, Default)]
 struct Datapath {
@@ -66,8 +65,7 @@ impl Datapath {
 
 struct Agent {
     datapath: Datapath,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    run: Running,
 }
 
 impl Agent {
@@ -84,41 +82,14 @@ impl Agent {
         config.retry_min = Duration::from_millis(50);
         config.retry_max = Duration::from_millis(500);
         let datapath = Datapath::default();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(
-            api.client(identity),
-            config,
-            datapath.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Agent {
-            datapath,
-            stop: Some(stop),
-            task,
-        }
+        let client = api.client(identity);
+        let sink = datapath.clone();
+        let run = Running::spawn(move |shutdown| run(client, config, sink, shutdown));
+        Agent { datapath, run }
     }
 
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the controller stops")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-/// Wait until `f` holds (checked every 20 ms, at most 15 s).
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    async fn stop(self) {
+        self.run.stop("the controller").await;
     }
 }
 

@@ -607,3 +607,52 @@ pub fn check_rbac(log: &[Logged], all_used_in: &[&str]) {
         }
     }
 }
+
+/// An agent task under test (the controller or a watcher), stopped by a
+/// signal it was given when spawned.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Spawn `run(shutdown)`; `shutdown` completes when [`Running::stop`]
+    /// is called.
+    pub fn spawn<Fut>(
+        run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    ) -> Self
+    where
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = stopped.await;
+        })));
+        Running {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Signal the task and wait (at most 10 s) for it to end without error.
+    pub async fn stop(mut self, what: &str) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{what} does not stop"))
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Wait until `f` holds (checked every 20 ms, at most 15 s).
+pub async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
