@@ -80,13 +80,8 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
     unsafe {
         let closing = (*v).state & ct_state::CLOSING != 0;
         let new_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if (closing && new_syn) || (idle(v, now) && peer_idle(v, now)) {
-            let peer = (*v).peer;
-            if (*v).state & ct_state::RELEASED == 0 {
-                ep_active_add((*v).ep_stat, -1);
-            }
-            let _ = LB_CT4.remove(&peer);
-            let _ = LB_CT4.remove(key);
+        if (closing && new_syn) || over(v, now) {
+            end_session(key, v);
             count(stat::CT_EXPIRED);
             return Ct::Miss;
         }
@@ -107,6 +102,27 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
             xdp: (*v).xdport,
             v,
         }
+    }
+}
+
+/// Idle past its timeout in both directions (a one-way flow refreshes only
+/// its own direction).
+#[inline(always)]
+unsafe fn over(v: *const CtVal4, now: u64) -> bool {
+    unsafe { idle(v, now) && peer_idle(v, now) }
+}
+
+/// Remove the session `key` (entry `v`) and its reply entry; its endpoint
+/// stops counting it as active (unless a close already did).
+#[inline(always)]
+pub unsafe fn end_session(key: &CtKey4, v: *const CtVal4) {
+    unsafe {
+        if (*v).state & ct_state::RELEASED == 0 {
+            ep_active_add((*v).ep_stat, -1);
+        }
+        let peer = (*v).peer;
+        let _ = LB_CT4.remove(&peer);
+        let _ = LB_CT4.remove(key);
     }
 }
 
@@ -195,15 +211,10 @@ fn reclaim(key: &CtKey4, now: u64) -> bool {
         return true;
     };
     unsafe {
-        if !(idle(v, now) && peer_idle(v, now)) {
+        if !over(v, now) {
             return false;
         }
-        if (*v).state & ct_state::RELEASED == 0 {
-            ep_active_add((*v).ep_stat, -1);
-        }
-        let peer = (*v).peer;
-        let _ = LB_CT4.remove(&peer);
-        let _ = LB_CT4.remove(key);
+        end_session(key, v);
     }
     count(stat::CT_EXPIRED);
     true

@@ -223,9 +223,10 @@ pub fn forward_dsr<C: PktCtx>(
     let h = unsafe { &*hdr };
     let tot_len = u16::from_be_bytes([h[2], h[3]]);
     let tos = h[1];
-    let (ifindex, macs, outer_src) = match (cached(ct, now), ct.is_null()) {
-        (Some((i, m)), false) => (i, m, unsafe { (*ct).encap_src }),
-        _ => {
+    // (`cached` is None for a null `ct`.)
+    let (ifindex, macs, outer_src) = match cached(ct, now) {
+        Some((i, m)) => (i, m, unsafe { (*ct).encap_src }),
+        None => {
             let extra = if ipip { 20 } else { 0 };
             let f = fib(
                 ctx,

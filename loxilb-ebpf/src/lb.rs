@@ -8,10 +8,7 @@ use crate::{
     conntrack::{self, Ct, NewSession, Xlate},
     ctx::{PktCtx, Verdict},
     fwd, icmp,
-    maps::{
-        count, ep_active_add, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT4,
-        LB_SERVICES4,
-    },
+    maps::{count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT4, LB_SERVICES4},
     nat,
     parse::{self, Parsed},
     select,
@@ -228,10 +225,9 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
     let v = LB_CT4.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
     if dsr {
         let verdict = fwd::forward_dsr(ctx, &p, v, now, ep.addr, mode == lb_mode::DSR_IPIP);
-        if verdict == Verdict::Drop {
+        if verdict == Verdict::Drop && !v.is_null() {
             // The endpoint cannot be reached this way: no session.
-            let _ = LB_CT4.remove(&key);
-            ep_active_add(ep.stat_idx, -1);
+            unsafe { conntrack::end_session(&key, v) };
         }
         return verdict;
     }
