@@ -59,7 +59,6 @@ impl std::str::FromStr for AttachMode {
 struct Attached {
     iface: String,
     id: aya::programs::xdp::XdpLinkId,
-    mode: &'static str,
     program: &'static str,
 }
 
@@ -169,10 +168,6 @@ impl Datapath {
         self.adopted
     }
 
-    pub fn pin_dir(&self) -> Option<&Path> {
-        self.pin_dir.as_deref()
-    }
-
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
         self.ebpf
             .map_mut(name)
@@ -252,7 +247,6 @@ impl Datapath {
             self.attached.push(Attached {
                 iface: iface.to_string(),
                 id,
-                mode: "adopted",
                 program: prog_names::XDP_MAIN,
             });
             return Ok("adopted (program replaced in place)");
@@ -271,7 +265,6 @@ impl Datapath {
         self.attached.push(Attached {
             iface: iface.to_string(),
             id,
-            mode: used,
             program: prog_name_static(program),
         });
         Ok(used)
@@ -308,14 +301,6 @@ impl Datapath {
             .with_context(|| format!("attaching TC egress to {iface}"))?;
         self.egress.push((iface.to_string(), id));
         Ok("attached")
-    }
-
-    /// Detach from interfaces not in `keep` (a reload that drops one).
-    pub fn attached_ifaces(&self) -> Vec<(String, &'static str)> {
-        self.attached
-            .iter()
-            .map(|a| (a.iface.clone(), a.mode))
-            .collect()
     }
 
     /// Stop. With `keep`, the program stays attached (links pinned) and the
@@ -525,15 +510,6 @@ impl Datapath {
             .with_context(|| format!("no endpoint {key:?}"))?;
         v.flags = flags;
         m.insert(key, v, 0)?;
-        Ok(())
-    }
-
-    pub fn clear_affinity(&mut self) -> Result<()> {
-        let mut aff: HashMap<_, AffKey4, AffVal4> = HashMap::try_from(self.map_mut(mn::AFFINITY)?)?;
-        let keys: Vec<AffKey4> = aff.keys().filter_map(|k| k.ok()).collect();
-        for k in &keys {
-            let _ = aff.remove(k);
-        }
         Ok(())
     }
 

@@ -178,13 +178,6 @@ impl Node {
         self.publish_probe_state();
     }
 
-    pub fn vips(&self) -> BTreeSet<IpAddr> {
-        self.rules
-            .installed()
-            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(i.key.addr.to_ne_bytes())))
-            .collect()
-    }
-
     /// Replace the BGP peer set (e.g. flag peers plus BGPPeerService
     /// objects): used when the speaker starts, applied now if it runs.
     pub fn set_bgp_peers(&mut self, peers: Vec<crate::bgp::Peer>) -> Result<()> {
