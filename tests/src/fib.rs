@@ -4,6 +4,16 @@
 
 use crate::netns::Netns;
 
+/// Verdicts BPF_PROG_TEST_RUN returns (XDP actions; TC actions).
+pub mod verdict {
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
+    pub const XDP_REDIRECT: u32 = 4;
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+}
+
 /// MAC of the load balancer's interface towards the endpoints (d0).
 pub const LB_TO_EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd0, 0x01];
 /// Neighbour entry of endpoint 10.0.1.10.

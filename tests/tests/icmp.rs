@@ -2,6 +2,7 @@
 //! translated packets translated back (packet tables), and path-MTU
 //! discovery through the load balancer with real traffic.
 
+use loxilb_tests::fib::verdict::{XDP_PASS, XDP_REDIRECT, XDP_TX};
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
@@ -15,10 +16,6 @@ use loxilb_tests::{
     netns::{Agent, PinDirGuard, Servers, Topology, VIP},
     packet::{csum_ok, diff, icmp_frame, quote, Frame, SYN},
 };
-
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const RULES: &str = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8080}]}\n  - {vip: 20.0.0.100, port: 53, protocol: udp, mode: fullnat, endpoints: [{ip: 10.0.1.10, port: 5353}]}\n";
 

@@ -2,6 +2,7 @@
 //! L2 DSR and IPIP DSR, both directions where there are two, source-port
 //! allocation and its exhaustion, and a mode switch on a live rule.
 
+use loxilb_tests::fib::verdict::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use std::collections::{HashMap, HashSet};
 
 use loxilb_common::{prog_names, GlobalCfg};
@@ -14,10 +15,6 @@ use loxilb_tests::{
     netns::sh,
     packet::{diff, ipip_wrap, Frame, ACK, RST, SYN},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 fn rule(mode: &str, ep_port: u16) -> String {
     format!("rules:\n  - {{vip: 20.0.0.100, port: 80, protocol: tcp, mode: {mode}, endpoints: [{{ip: 10.0.1.10, port: {ep_port}}}]}}\n  - {{vip: 20.0.0.100, port: 53, protocol: udp, mode: {mode}, endpoints: [{{ip: 10.0.1.10, port: {}}}]}}\n", if mode.starts_with("dsr") { 53 } else { 5353 })

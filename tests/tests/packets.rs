@@ -2,17 +2,12 @@
 //! through the agent's own datapath API, expected output bytes and verdict.
 
 use loxilb_agent::datapath::Datapath;
+use loxilb_tests::fib::verdict::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use loxilb_tests::{
     fib::{self, run_tc, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
     packet::{diff, Frame, ACK, FIN, L4, RST, SYN},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const RULES: &str = r#"
 rules:

@@ -2,6 +2,7 @@
 //! large endpoint sets, through BPF_PROG_TEST_RUN with maps loaded by the
 //! agent's own reconciler.
 
+use loxilb_tests::fib::verdict::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use loxilb_agent::{config, rules::table_for};
@@ -11,10 +12,6 @@ use loxilb_tests::{
     need_root,
     packet::{Frame, ACK, SYN},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 fn syn(client: &str, sport: u16, vip_port: u16) -> Frame {
     Frame::tcp(client, sport, "20.0.0.100", vip_port, SYN)

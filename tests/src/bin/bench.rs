@@ -32,6 +32,7 @@
 //!
 //! `bench [--iters N] [--rounds R] [--warmup W]`
 
+use loxilb_tests::fib::verdict::{XDP_PASS, XDP_REDIRECT};
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
@@ -52,9 +53,6 @@ use loxilb_tests::{
     netns::enter,
     packet::{diff, ipip_wrap, Frame, ACK, SYN},
 };
-
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 const VIP: &str = "20.0.0.100";
 const CLIENT: &str = "192.168.0.2";
