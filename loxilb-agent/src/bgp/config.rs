@@ -408,6 +408,11 @@ mod tests {
     #[test]
     fn bird_parses_generated_config() {
         let Ok(out) = std::process::Command::new("bird").arg("--version").output() else {
+            assert!(
+                std::env::var("LOXILB_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "bird_parses_generated_config: bird not installed and LOXILB_REQUIRE_TOOLS=1 \
+                 forbids skipping (scripts/setup.sh installs bird2)"
+            );
             eprintln!("SKIPPED bird_parses_generated_config: bird not installed");
             return;
         };
