@@ -6,6 +6,8 @@ pub mod fib;
 pub mod netns;
 pub mod packet;
 pub mod probe_peers;
+pub mod sctp_packet;
+pub mod sctp_peers;
 
 /// Root tests call this first. Without root they skip with a clear
 /// message, unless LOXILB_REQUIRE_ROOT=1 (CI), where a skip is a failure.

@@ -11,6 +11,8 @@
 //!   `user` feature adds helpers that convert for the agent.
 #![no_std]
 
+pub mod crc32c;
+
 use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout

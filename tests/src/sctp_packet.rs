@@ -1,0 +1,1 @@
+//! SCTP packet builders for the packet tables.

@@ -1,0 +1,1 @@
+//! Real SCTP peers (usrsctp) for the end-to-end tests.
