@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS=(llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev bpftool iproute2 ethtool tcpdump bird2 gobgpd nftables libusrsctp-examples procps util-linux)
+PKGS=(llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev bpftool iproute2 ethtool tcpdump bird2 gobgpd nftables libusrsctp-examples libusrsctp-dev gcc procps util-linux)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
