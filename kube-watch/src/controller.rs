@@ -47,12 +47,14 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+pub use crate::reconcile::RuleUpdate;
+
 use crate::{
     events::{service_reference, EventPublisher, EventType},
     flags::KubeConfig,
     leader::{LeaderElector, LeaseConfig},
     reconcile::{MetadataPatch, Plan, Reconciler, StatusUpdate, Step, FIELD_MANAGER},
-    translate::{LbRule, SERVICE_NAME_LABEL},
+    translate::{LbRule, StatusForm, SERVICE_NAME_LABEL},
     ServiceKey,
 };
 
@@ -60,9 +62,26 @@ use crate::{
 /// it over its rule reconciler.
 pub trait RuleSink: Send {
     /// The complete desired rule set of this node (every managed Service),
-    /// replacing the previous one. Called only when it changed (or the last
-    /// call failed). An error is retried.
+    /// replacing the previous one. Called (by the default
+    /// [`RuleSink::update`]) only when it changed (or the last call
+    /// failed). An error is retried.
     fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<()>;
+
+    /// The rule set changed: `update` says which Services' rules changed
+    /// (each with its complete new list) and lends the whole set. Called
+    /// only when something changed, or to retry a failed call: the changes
+    /// accumulate until a call succeeds, and the first call after start
+    /// [`RuleUpdate::is_full`]. A batch of Services (the start, a Node
+    /// change) comes as one call.
+    ///
+    /// The default copies the whole set into [`RuleSink::apply`]. A sink
+    /// that can update per Service overrides this and touches only the
+    /// changed Services' rules (unless the update is full): with 10,000
+    /// Services, copying and diffing them all dominates the cost of adding
+    /// one.
+    fn update(&mut self, update: &RuleUpdate<'_>) -> anyhow::Result<()> {
+        self.apply(update.all().cloned().collect())
+    }
 
     /// The addresses this node must own (answer ARP/ND for, advertise):
     /// every VIP while this agent leads, none otherwise. Called when the
@@ -78,6 +97,8 @@ pub struct RunConfig {
     /// First retry delay of a Service whose writes failed; doubles.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How the status names the VIPs ([`crate::flags::status_form`]).
+    pub status_form: StatusForm,
 }
 
 impl RunConfig {
@@ -87,6 +108,7 @@ impl RunConfig {
             lease,
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            status_form: StatusForm::Ip,
         }
     }
 
@@ -194,6 +216,8 @@ pub struct Executor<S> {
     /// The rule set changed (or the last apply failed) and the sink has
     /// not taken it yet.
     sink_dirty: bool,
+    /// The sink took a (full) rule update since start.
+    sink_synced: bool,
     vips_sent: Option<Vec<IpAddr>>,
     /// Commit rules without handing them to the sink (a batch is being
     /// carried out; [`Executor::sync_sink`] at its end).
@@ -206,6 +230,7 @@ impl<S: RuleSink> Executor<S> {
             writer,
             sink,
             sink_dirty: false,
+            sink_synced: false,
             vips_sent: None,
             hold: false,
         }
@@ -228,11 +253,13 @@ impl<S: RuleSink> Executor<S> {
 
     /// Hand the sink the rule set if it changed, and the owned VIPs if they
     /// changed.
-    pub fn sync_sink(&mut self, reconciler: &Reconciler) -> Result<(), StepError> {
-        if self.sink_dirty {
+    pub fn sync_sink(&mut self, reconciler: &mut Reconciler) -> Result<(), StepError> {
+        if self.sink_dirty || reconciler.rules_changed() {
             self.sink
-                .apply(reconciler.rules())
+                .update(&reconciler.rule_update(!self.sink_synced))
                 .map_err(StepError::Datapath)?;
+            reconciler.rules_synced();
+            self.sink_synced = true;
             self.sink_dirty = false;
         }
         let vips = reconciler.owned_vips();
@@ -247,7 +274,9 @@ impl<S: RuleSink> Executor<S> {
 
     /// Whether the sink still owes an update (a retry is due).
     pub fn sink_pending(&self, reconciler: &Reconciler) -> bool {
-        self.sink_dirty || self.vips_sent.as_deref() != Some(&reconciler.owned_vips()[..])
+        self.sink_dirty
+            || reconciler.rules_changed()
+            || self.vips_sent.as_deref() != Some(&reconciler.owned_vips()[..])
     }
 
     /// Carry out `plan` for `key` (`svc`: the Service planned on, for the
@@ -487,8 +516,23 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, config).modify(slim)).default_backoff();
     (store, stream)
+}
+
+/// The annotation `kubectl apply` stores a whole copy of the object in.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drop what the controller never reads before an object enters a cache:
+/// `managedFields` (often larger than the rest of the object) and
+/// `kubectl apply`'s copy of the object. With 10,000 Services and their
+/// EndpointSlices this is most of the memory the caches would hold.
+pub fn slim<K: kube::Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
 }
 
 /// Run the controller until `shutdown` completes.
@@ -500,6 +544,7 @@ pub async fn run<S: RuleSink>(
 ) -> anyhow::Result<()> {
     let mut reconciler =
         Reconciler::new(config.kube.clone()).context("the configured pools cannot be used")?;
+    reconciler.set_status_form(config.status_form.clone());
     let mut executor = Executor::new(
         ServiceWriter::new(client.clone(), config.lease.identity.clone()),
         sink,
@@ -669,7 +714,7 @@ pub async fn run<S: RuleSink>(
             sink_retry = None;
         }
         if executor.sink_pending(&reconciler) && sink_retry.is_none_or(|t| t <= Instant::now()) {
-            match executor.sync_sink(&reconciler) {
+            match executor.sync_sink(&mut reconciler) {
                 Ok(()) => {
                     sink_retry = None;
                     sink_failures = 0;
@@ -767,6 +812,22 @@ mod tests {
     fn run_is_send(client: Client, config: RunConfig, sink: impl RuleSink + 'static) {
         fn send<T: Send>(_: T) {}
         send(run(client, config, sink, async {}));
+    }
+
+    #[test]
+    fn caches_hold_slim_objects() {
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "default",
+                "annotations": {LAST_APPLIED: "{\"huge\": true}", "loxilb.io/lbmode": "onearm"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+        }))
+        .unwrap();
+        slim(&mut svc);
+        assert_eq!(svc.metadata.managed_fields, None);
+        let a = svc.metadata.annotations.unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), ["loxilb.io/lbmode"]);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::{
         Ipam, IpamError, IpamMode, PoolRange, PoolSpec, DEFAULT_POOL, FLAG_SECONDARY, FLAG_V4,
         FLAG_V6,
     },
+    translate::StatusForm,
 };
 
 pub const FLAG_LB_MODE: &str = "--setLBMode";
@@ -32,6 +33,12 @@ pub const FLAG_UNIQUE_IP: &str = "--setUniqueIP";
 pub const FLAG_LB_CLASS: &str = "--loadBalancerClass";
 pub const FLAG_POD_NETWORK: &str = "--usePodNetwork";
 pub const FLAG_MONITOR: &str = "--monitor";
+pub const FLAG_LB_HOSTNAME_STATUS: &str = "--setLBHostnameStatus";
+pub const FLAG_ZONE: &str = "--zone";
+pub const FLAG_NO_ZONE_NAME: &str = "--noZoneName";
+
+/// kube-loxilb's default zone: the hostname prefix of [`StatusForm::Hostname`].
+pub const DEFAULT_ZONE: &str = "llb";
 
 /// The `loadBalancerClass` handled when `--loadBalancerClass` is not given.
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "loxilb.io/loxilb";
@@ -234,6 +241,85 @@ pub fn parse_bool(flag: &'static str, value: &str) -> Result<bool, FlagError> {
     }
 }
 
+/// `--zone`: the prefix of the status hostname (`<zone>-<ip>`), a DNS
+/// label of lower-case letters, digits and `-` (kube-loxilb's zone name).
+pub fn parse_zone(value: &str) -> Result<String, FlagError> {
+    let b = value.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(err(
+            FLAG_ZONE,
+            value,
+            format!(
+                "not a zone name; allowed values: 1 to 63 lower-case letters, digits and `-`, not starting or ending with `-` (e.g. {DEFAULT_ZONE}, the default)"
+            ),
+        ))
+    }
+}
+
+/// How the status names the VIPs, from `--setLBHostnameStatus`, `--zone`
+/// and `--noZoneName` (each `None` when not given).
+///
+/// kube-loxilb always writes hostnames `<zone>-<ip>` unless `--noZoneName`
+/// is set; this agent writes plain IPs unless `--setLBHostnameStatus` is
+/// set (or kube-loxilb's `--noZoneName=false` is given explicitly). `--zone`
+/// (default `llb`) is the prefix. Contradictions are errors: hostnames
+/// asked for and refused at once, or a `--zone` that nothing would use.
+pub fn status_form(
+    set_hostname: Option<&str>,
+    zone: Option<&str>,
+    no_zone_name: Option<&str>,
+) -> Result<StatusForm, FlagError> {
+    let hostname = set_hostname
+        .map(|v| parse_bool(FLAG_LB_HOSTNAME_STATUS, v))
+        .transpose()?;
+    let no_zone = no_zone_name
+        .map(|v| parse_bool(FLAG_NO_ZONE_NAME, v))
+        .transpose()?;
+    let zone = zone.map(parse_zone).transpose()?;
+    let on = match (hostname, no_zone) {
+        (Some(h), Some(n)) if h == n => {
+            let v = set_hostname.unwrap_or_default();
+            return Err(err(
+                FLAG_LB_HOSTNAME_STATUS,
+                v,
+                format!(
+                    "contradicts {FLAG_NO_ZONE_NAME}={}: {}; give only one of the two",
+                    no_zone_name.unwrap_or_default(),
+                    if h {
+                        "one asks for hostnames <zone>-<ip> in the status, the other for plain IPs"
+                    } else {
+                        "one asks for plain IPs in the status, the other for hostnames <zone>-<ip>"
+                    }
+                ),
+            ));
+        }
+        (Some(h), _) => h,
+        (None, Some(n)) => !n,
+        (None, None) => false,
+    };
+    match (on, zone) {
+        (true, zone) => Ok(StatusForm::Hostname {
+            zone: zone.unwrap_or_else(|| DEFAULT_ZONE.to_string()),
+        }),
+        (false, None) => Ok(StatusForm::Ip),
+        (false, Some(z)) => Err(err(
+            FLAG_ZONE,
+            &z,
+            format!(
+                "the zone only names the status hostnames <zone>-<ip>, which are off (the status holds plain IPs); add {FLAG_LB_HOSTNAME_STATUS}=true or remove {FLAG_ZONE}"
+            ),
+        )),
+    }
+}
+
 /// `--loadBalancerClass`: a label-style key, `[prefix/]name`, as the
 /// Kubernetes API requires of `spec.loadBalancerClass`.
 pub fn parse_load_balancer_class(value: &str) -> Result<String, FlagError> {
@@ -426,5 +512,100 @@ mod tests {
             let e = parse_load_balancer_class(bad).unwrap_err();
             assert!(e.message.contains("label-style key"), "{bad}: {e}");
         }
+    }
+
+    /// Every combination of the three status flags: the form written, or
+    /// the error (flag named, what to do).
+    #[test]
+    fn status_form_table() {
+        let host = |z: &str| {
+            Ok(StatusForm::Hostname {
+                zone: z.to_string(),
+            })
+        };
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+            Result<StatusForm, &'a str>,
+        );
+        let cases: &[Case] = &[
+            (None, None, None, Ok(StatusForm::Ip)),
+            (Some("false"), None, None, Ok(StatusForm::Ip)),
+            (None, None, Some("true"), Ok(StatusForm::Ip)),
+            (Some("false"), None, Some("true"), Ok(StatusForm::Ip)),
+            (Some("true"), None, None, host("llb")),
+            (Some("1"), Some("zone-a"), None, host("zone-a")),
+            (None, None, Some("false"), host("llb")),
+            (None, Some("llb2"), Some("false"), host("llb2")),
+            (Some("true"), None, Some("false"), host("llb")),
+            (
+                Some("true"),
+                None,
+                Some("true"),
+                Err("--setLBHostnameStatus \"true\": contradicts --noZoneName=true"),
+            ),
+            (
+                Some("false"),
+                None,
+                Some("false"),
+                Err("--setLBHostnameStatus \"false\": contradicts --noZoneName=false"),
+            ),
+            (
+                None,
+                Some("llb"),
+                None,
+                Err("--zone \"llb\": the zone only names the status hostnames"),
+            ),
+            (
+                Some("false"),
+                Some("z"),
+                None,
+                Err("add --setLBHostnameStatus=true or remove --zone"),
+            ),
+            (
+                Some("yes"),
+                None,
+                None,
+                Err("--setLBHostnameStatus \"yes\": allowed values: true, false"),
+            ),
+            (
+                None,
+                None,
+                Some("no"),
+                Err("--noZoneName \"no\": allowed values"),
+            ),
+            (
+                Some("true"),
+                Some("LLB"),
+                None,
+                Err("--zone \"LLB\": not a zone name"),
+            ),
+            (
+                Some("true"),
+                Some("-a"),
+                None,
+                Err("not starting or ending with `-`"),
+            ),
+            (
+                Some("true"),
+                Some(""),
+                None,
+                Err("--zone \"\": not a zone name"),
+            ),
+        ];
+        for (h, z, n, want) in cases {
+            let got = status_form(*h, *z, *n);
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(*w, g, "{h:?} {z:?} {n:?}"),
+                (Err(w), Err(e)) => {
+                    let text = e.to_string();
+                    assert!(text.contains(w), "{h:?} {z:?} {n:?}: {text}")
+                }
+                (w, g) => panic!("{h:?} {z:?} {n:?}: want {w:?}, got {g:?}"),
+            }
+        }
+        assert!(parse_zone(&"a".repeat(63)).is_ok());
+        assert!(parse_zone(&"a".repeat(64)).is_err());
     }
 }

@@ -54,6 +54,9 @@
 //!   `--cidr6Pools`, `--externalSecondaryCIDRs`, `--setLBMode`,
 //!   `--setUniqueIP`, `--loadBalancerClass`, `--usePodNetwork`, `--monitor`)
 //!   as string parsers and a typed [`flags::KubeConfig`].
+//! - [`config_file`]: `loxilb-agent kube --config <file>`: the flags'
+//!   settings in YAML, checked strictly, turned into flags that the command
+//!   line overrides.
 //! - [`ipam`]: IPv4/IPv6 pools (CIDRs or ranges), shared and exclusive
 //!   allocation keyed by Service, static IPs, dual stack, SCTP secondary IPs,
 //!   release and reuse, and the allocation record written on each Service
@@ -70,6 +73,7 @@
 
 pub mod annotations;
 pub mod bgp_peers;
+pub mod config_file;
 pub mod controller;
 pub mod crds;
 pub mod events;

@@ -65,8 +65,9 @@ use crate::{
     flags::KubeConfig,
     ipam::{Allocation, AllocationRecord, Ipam, IpamError, RECORD_ANNOTATION},
     translate::{
-        alloc_request, is_managed, load_balancer_status, parse_annotations, recorded_allocation,
-        records_from_services, service_key, translate, LbRule, RecordSource, TranslateError,
+        alloc_request, is_managed, load_balancer_status_as, parse_annotations, recorded_allocation,
+        records_from_services, service_key, translate, LbRule, RecordSource, StatusForm,
+        TranslateError,
     },
     ServiceKey,
 };
@@ -224,6 +225,53 @@ pub struct Reconciler {
     leader: bool,
     tracked: BTreeMap<ServiceKey, Tracked>,
     rules: BTreeMap<ServiceKey, Vec<LbRule>>,
+    /// Services whose committed rules changed since the datapath last took
+    /// them ([`Reconciler::rules_synced`]).
+    changed: BTreeSet<ServiceKey>,
+    status_form: StatusForm,
+}
+
+/// What the datapath is handed when the committed rules change: which
+/// Services' rules changed, and the whole rule set, both by reference (no
+/// copy of the 10,000 other Services' rules).
+#[derive(Clone, Copy, Debug)]
+pub struct RuleUpdate<'a> {
+    rules: &'a BTreeMap<ServiceKey, Vec<LbRule>>,
+    changed: &'a BTreeSet<ServiceKey>,
+    full: bool,
+}
+
+impl<'a> RuleUpdate<'a> {
+    /// The receiver must make its rules exactly [`RuleUpdate::all`] (the
+    /// first update after start: it may hold rules from before, e.g. maps
+    /// adopted from a previous agent), not only apply
+    /// [`RuleUpdate::changed`].
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Each Service whose rules changed, with its complete new rule list
+    /// (empty: it has no rules any more), by Service.
+    pub fn changed(&self) -> impl Iterator<Item = (&'a ServiceKey, &'a [LbRule])> + 'a {
+        let rules = self.rules;
+        self.changed
+            .iter()
+            .map(move |k| (k, rules.get(k).map(Vec::as_slice).unwrap_or(&[])))
+    }
+
+    /// Every committed rule, by Service.
+    pub fn all(&self) -> impl Iterator<Item = &'a LbRule> + 'a {
+        self.rules.values().flatten()
+    }
+
+    /// The number of rules in [`RuleUpdate::all`].
+    pub fn len(&self) -> usize {
+        self.rules.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.values().all(Vec::is_empty)
+    }
 }
 
 impl Reconciler {
@@ -236,11 +284,23 @@ impl Reconciler {
             leader: false,
             tracked: BTreeMap::new(),
             rules: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            status_form: StatusForm::Ip,
         })
     }
 
     pub fn config(&self) -> &KubeConfig {
         &self.config
+    }
+
+    /// How the status names the VIPs (default: plain IPs); the next plan
+    /// of each Service rewrites a status in the other form.
+    pub fn set_status_form(&mut self, form: StatusForm) {
+        self.status_form = form;
+    }
+
+    pub fn status_form(&self) -> &StatusForm {
+        &self.status_form
     }
 
     pub fn is_leader(&self) -> bool {
@@ -295,9 +355,31 @@ impl Reconciler {
         }
     }
 
-    /// Every committed rule, by Service.
+    /// Every committed rule, by Service (a copy; [`Reconciler::rule_update`]
+    /// lends them).
     pub fn rules(&self) -> Vec<LbRule> {
         self.rules.values().flatten().cloned().collect()
+    }
+
+    /// The committed rules for the datapath: the Services changed since
+    /// [`Reconciler::rules_synced`] and the whole set. `full`: see
+    /// [`RuleUpdate::is_full`].
+    pub fn rule_update(&self, full: bool) -> RuleUpdate<'_> {
+        RuleUpdate {
+            rules: &self.rules,
+            changed: &self.changed,
+            full,
+        }
+    }
+
+    /// Whether rules changed since [`Reconciler::rules_synced`].
+    pub fn rules_changed(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// The datapath took the last [`Reconciler::rule_update`].
+    pub fn rules_synced(&mut self) {
+        self.changed.clear();
     }
 
     /// The committed rules of one Service.
@@ -339,14 +421,18 @@ impl Reconciler {
 
     /// Make `rules` the committed rules of `key`; `true` when they changed.
     pub fn commit(&mut self, key: &ServiceKey, rules: Vec<LbRule>) -> bool {
-        if rules.is_empty() {
-            return self.rules.remove(key).is_some();
+        let changed = if rules.is_empty() {
+            self.rules.remove(key).is_some()
+        } else if self.rules.get(key) == Some(&rules) {
+            false
+        } else {
+            self.rules.insert(key.clone(), rules);
+            true
+        };
+        if changed {
+            self.changed.insert(key.clone());
         }
-        if self.rules.get(key) == Some(&rules) {
-            return false;
-        }
-        self.rules.insert(key.clone(), rules);
-        true
+        changed
     }
 
     /// Decide what to do for the Service `key`: `svc` as the watcher has it
@@ -694,7 +780,9 @@ impl Reconciler {
             condition(svc, CONDITION_ALLOCATED, allocated, generation, now),
             condition(svc, CONDITION_CONFIGURED, configured, generation, now),
         ];
-        let load_balancer = current.as_ref().map(load_balancer_status);
+        let load_balancer = current
+            .as_ref()
+            .map(|a| load_balancer_status_as(a, &self.status_form));
         if !status_matches(svc, load_balancer.as_ref(), &conditions) {
             plan.steps.push(Step::PatchStatus(StatusUpdate::Apply {
                 load_balancer,

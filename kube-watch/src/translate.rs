@@ -714,6 +714,50 @@ fn probe_for(
 /// them for the TCP/UDP ports too. `ipMode` is left unset (the Kubernetes
 /// default, `VIP`).
 pub fn load_balancer_status(allocation: &Allocation) -> LoadBalancerStatus {
+    load_balancer_status_as(allocation, &StatusForm::Ip)
+}
+
+/// How `status.loadBalancer.ingress` names each VIP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StatusForm {
+    /// `ip: <vip>`, `ipMode: VIP` (the default).
+    #[default]
+    Ip,
+    /// kube-loxilb's form, for drop-in compatibility with tools that read
+    /// it: `hostname: <zone>-<vip>` ([`status_hostname`]) and no `ip` (the
+    /// API allows `ipMode` only with `ip`, so it is not set). Without an
+    /// `ip`, kube-proxy does not short-cut the VIP inside the cluster:
+    /// in-cluster clients go through the load balancer too, as with
+    /// kube-loxilb.
+    Hostname { zone: String },
+}
+
+/// kube-loxilb's status hostname of a VIP: `<zone>-<ip>`
+/// (`llb-192.168.80.20`); an IPv6 address has its colons written as dashes
+/// (`llb-2001-db8--5`), in full when the short form would end with a dash
+/// (`2001:db8::` is `llb-2001-db8-0-0-0-0-0-0`: a hostname cannot end with
+/// `-`).
+pub fn status_hostname(zone: &str, ip: IpAddr) -> String {
+    let text = match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => {
+            let short = a.to_string();
+            if short.ends_with(':') {
+                a.segments()
+                    .iter()
+                    .map(|s| format!("{s:x}"))
+                    .collect::<Vec<_>>()
+                    .join("-")
+            } else {
+                short.replace(':', "-")
+            }
+        }
+    };
+    format!("{zone}-{text}")
+}
+
+/// [`load_balancer_status`] in the given form.
+pub fn load_balancer_status_as(allocation: &Allocation, form: &StatusForm) -> LoadBalancerStatus {
     // `ipMode: VIP`: traffic to the address may be short-cut to the
     // endpoints inside the cluster (kube-proxy's default); the ports are
     // those the address was allocated for.
@@ -731,15 +775,25 @@ pub fn load_balancer_status(allocation: &Allocation) -> LoadBalancerStatus {
             allocation
                 .vips
                 .iter()
-                .map(|a| LoadBalancerIngress {
-                    ip: Some(a.ip.to_string()),
-                    ip_mode: Some("VIP".to_string()),
-                    ports: if ports.is_empty() {
+                .map(|a| {
+                    let ports = if ports.is_empty() {
                         None
                     } else {
                         Some(ports.clone())
-                    },
-                    ..Default::default()
+                    };
+                    match form {
+                        StatusForm::Ip => LoadBalancerIngress {
+                            ip: Some(a.ip.to_string()),
+                            ip_mode: Some("VIP".to_string()),
+                            ports,
+                            ..Default::default()
+                        },
+                        StatusForm::Hostname { zone } => LoadBalancerIngress {
+                            hostname: Some(status_hostname(zone, a.ip)),
+                            ports,
+                            ..Default::default()
+                        },
+                    }
                 })
                 .collect(),
         ),

@@ -369,7 +369,7 @@ async fn held_executor_hands_the_datapath_one_rule_set_per_batch() {
     );
     assert_eq!(r.rules().len(), 2, "both committed");
     ex.set_hold(false);
-    ex.sync_sink(&r).unwrap();
+    ex.sync_sink(&mut r).unwrap();
     let datapath: Vec<String> = log
         .lock()
         .unwrap()
@@ -385,7 +385,7 @@ async fn held_executor_hands_the_datapath_one_rule_set_per_batch() {
         ]
     );
     // Nothing new: no second hand-over.
-    ex.sync_sink(&r).unwrap();
+    ex.sync_sink(&mut r).unwrap();
     assert_eq!(
         log.lock()
             .unwrap()
@@ -684,4 +684,90 @@ fn reasons_are_upper_camel_case() {
         assert!(r.chars().next().unwrap().is_ascii_uppercase(), "{r}");
         assert!(r.chars().all(|c| c.is_ascii_alphanumeric()), "{r}");
     }
+}
+
+/// One update: full, `service=rule count` per changed Service, all rules.
+type Call = (bool, Vec<String>, usize);
+
+/// A sink that takes per-Service updates: what each call carried.
+#[derive(Clone, Default)]
+struct DeltaSink {
+    calls: Arc<Mutex<Vec<Call>>>,
+    fail: Arc<Mutex<bool>>,
+}
+
+impl RuleSink for DeltaSink {
+    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<()> {
+        unreachable!("update is overridden")
+    }
+    fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<()> {
+        if *self.fail.lock().unwrap() {
+            anyhow::bail!("datapath refused");
+        }
+        let changed = u
+            .changed()
+            .map(|(k, rules)| format!("{}={}", k.name, rules.len()))
+            .collect();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((u.is_full(), changed, u.all().count()));
+        Ok(())
+    }
+    fn own_vips(&mut self, _: Vec<IpAddr>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The rules `svc`'s plan would set.
+fn planned_rules(r: &mut Reconciler, name: &str) -> Vec<LbRule> {
+    let svc = service(name, json!({}));
+    let key = ServiceKey::new("default", name);
+    r.plan(&key, Some(&svc), &[], &nodes(), t(0))
+        .steps
+        .into_iter()
+        .find_map(|s| match s {
+            Step::SetRules(rules) => Some(rules),
+            _ => None,
+        })
+        .expect("rules planned")
+}
+
+#[tokio::test]
+async fn sink_gets_the_whole_set_first_then_only_changed_services() {
+    let (client, _handle) = mock_client();
+    let sink = DeltaSink::default();
+    let mut ex = Executor::new(ServiceWriter::new(client, "agent-1"), sink.clone());
+    let mut r = Reconciler::new(config()).unwrap();
+    r.become_leader([]);
+    let key = |n: &str| ServiceKey::new("default", n);
+    for n in ["a", "b"] {
+        let rules = planned_rules(&mut r, n);
+        r.commit(&key(n), rules);
+    }
+    ex.sync_sink(&mut r).unwrap();
+    // One more Service: only it is handed over, the set is lent whole.
+    let rules = planned_rules(&mut r, "c");
+    r.commit(&key("c"), rules);
+    ex.sync_sink(&mut r).unwrap();
+    // Nothing changed: no call.
+    ex.sync_sink(&mut r).unwrap();
+    // A failed call is retried with every change since the last success.
+    *sink.fail.lock().unwrap() = true;
+    r.commit(&key("a"), vec![]);
+    assert!(ex.sync_sink(&mut r).is_err());
+    assert!(ex.sink_pending(&r));
+    let rules = planned_rules(&mut r, "d");
+    r.commit(&key("d"), rules);
+    *sink.fail.lock().unwrap() = false;
+    ex.sync_sink(&mut r).unwrap();
+    assert!(!ex.sink_pending(&r));
+    assert_eq!(
+        *sink.calls.lock().unwrap(),
+        [
+            (true, vec!["a=1".to_string(), "b=1".to_string()], 2),
+            (false, vec!["c=1".to_string()], 3),
+            (false, vec!["a=0".to_string(), "d=1".to_string()], 3),
+        ]
+    );
 }

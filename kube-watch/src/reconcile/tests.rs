@@ -745,3 +745,115 @@ fn record_on_an_unreadable_service_is_reallocated() {
     };
     assert_eq!(m.record, Some(Some("ips=192.0.2.1;ports=80/tcp".into())));
 }
+
+/// The status each form writes (table), that a Service converges under the
+/// hostname form, that switching forms rewrites the status once, and that
+/// the hostname form reads back as an allocation (a new leader without the
+/// record annotation, or a migration from kube-loxilb).
+#[test]
+fn status_hostname_form() {
+    use crate::translate::{load_balancer_status_as, status_hostname, StatusForm};
+    let host = |z: &str| StatusForm::Hostname { zone: z.into() };
+    let lb = |form: &StatusForm, vips: &[&str], ports: &[u16]| {
+        let a = Allocation {
+            service: key("web"),
+            vips: vips
+                .iter()
+                .map(|v| crate::ipam::AllocatedIp {
+                    ip: ip(v),
+                    pool: None,
+                })
+                .collect(),
+            secondary: vec![crate::ipam::AllocatedIp {
+                ip: ip("198.51.100.9"),
+                pool: None,
+            }],
+            ports: ports
+                .iter()
+                .map(|p| crate::ipam::PortKey::new(*p, crate::Protocol::Tcp))
+                .collect(),
+        };
+        serde_json::to_value(load_balancer_status_as(&a, form)).unwrap()
+    };
+    let table: &[(StatusForm, &[&str], &[u16], Value)] = &[
+        (
+            StatusForm::Ip,
+            &["192.0.2.1"],
+            &[80],
+            json!({"ingress": [{"ip": "192.0.2.1", "ipMode": "VIP",
+                "ports": [{"port": 80, "protocol": "TCP"}]}]}),
+        ),
+        (
+            host("llb"),
+            &["192.168.80.20"],
+            &[80, 443],
+            json!({"ingress": [{"hostname": "llb-192.168.80.20", "ports": [
+                {"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]}]}),
+        ),
+        (
+            host("zone1"),
+            &["192.0.2.1", "2001:db8::5"],
+            &[],
+            json!({"ingress": [{"hostname": "zone1-192.0.2.1"},
+                               {"hostname": "zone1-2001-db8--5"}]}),
+        ),
+        (
+            host("llb"),
+            &["2001:db8::"],
+            &[],
+            json!({"ingress": [{"hostname": "llb-2001-db8-0-0-0-0-0-0"}]}),
+        ),
+        (
+            host("llb"),
+            &["::7"],
+            &[],
+            json!({"ingress": [{"hostname": "llb---7"}]}),
+        ),
+    ];
+    for (form, vips, ports, want) in table {
+        assert_eq!(lb(form, vips, ports), *want, "{form:?} {vips:?}");
+    }
+    assert_eq!(status_hostname("llb", ip("10.0.0.1")), "llb-10.0.0.1");
+
+    // Through the reconciler: the leader writes hostnames, converges, and
+    // the status reads back as the allocation.
+    let mut r = leader("192.0.2.0/29");
+    r.set_status_form(host("llb"));
+    let (_, s) = converge(&mut r, &svc("web", json!({})), &nodes(), t0());
+    let hostnames: Vec<String> = s
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .map(|i| i.iter().filter_map(|e| e.hostname.clone()).collect())
+        .unwrap();
+    assert_eq!(hostnames, ["llb-192.0.2.1"]);
+    assert!(ingress(&s).is_empty(), "no ip in the hostname form");
+    let mut no_record = s.clone();
+    no_record
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .remove(RECORD_ANNOTATION);
+    let (rec, source) = recorded_allocation(&no_record).unwrap().unwrap();
+    assert_eq!(source, RecordSource::Status);
+    assert_eq!(rec.vips, [ip("192.0.2.1")]);
+
+    // Back to plain IPs: one status write, nothing else.
+    r.set_status_form(StatusForm::Ip);
+    let p = r.plan(&key("web"), Some(&s), &[], &nodes(), t0());
+    assert!(
+        matches!(
+            &p.steps[..],
+            [Step::PatchStatus(StatusUpdate::Apply { .. })]
+        ),
+        "{p:#?}"
+    );
+    let s = carry_out(&mut r, &key("web"), &s, &p);
+    assert_eq!(ingress(&s), ["192.0.2.1"]);
+    assert!(r
+        .plan(&key("web"), Some(&s), &[], &nodes(), t0())
+        .steps
+        .is_empty());
+}

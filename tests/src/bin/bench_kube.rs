@@ -10,8 +10,14 @@
 //!    `Ipam::ensure` (the leader's allocation);
 //! 2. translate: `kube_watch::translate::translate` (Service +
 //!    EndpointSlice + Nodes -> `LbRule`s);
-//! 3. collect: every committed `LbRule` cloned into one list (what
-//!    `Reconciler::rules()` hands the sink on every change);
+//! 3. collect: the rules committed into a real
+//!    `kube_watch::reconcile::Reconciler`, handed over as the controller
+//!    does (`Reconciler::rule_update`) and copied into one list, which is
+//!    what the default `RuleSink::update` passes to `RuleSink::apply` (the
+//!    agent's `KubeSink` implements only `apply`); the update also carries
+//!    the one changed Service, checked here, and the time a per-Service
+//!    sink would spend on it (`RuleUpdate::changed` + `to_rule`) is printed
+//!    apart;
 //! 4. to_rule: `loxilb_agent::kube_rules::to_rule` on every rule of that list
 //!    (what `KubeSink::apply` does);
 //! 5. apply: `loxilb_agent::rules::Rules::apply` into
@@ -54,10 +60,10 @@ use kube_watch::{
     annotations::keys,
     flags::{parse_cidr_pools, KubeConfig},
     ipam::{Allocation, Ipam},
+    reconcile::Reconciler,
     translate::{
         alloc_request, parse_annotations, service_key, translate, LbRule, SERVICE_NAME_LABEL,
     },
-    ServiceKey,
 };
 use loxilb_agent::{config::Rule, datapath::Datapath, kube_rules::to_rule, rules::Rules};
 
@@ -213,12 +219,12 @@ fn node(k: usize) -> Node {
 // ---------------------------------------------------------------------------
 // The controller's state (what `Reconciler` keeps) and the stages.
 
-/// Committed rules by Service, as `kube_watch::reconcile::Reconciler` keeps
-/// them.
+/// The allocation table, and the committed rules in a real `Reconciler`
+/// (its own table stays empty: it is not leader here).
 struct Controller {
     config: KubeConfig,
     ipam: Ipam,
-    rules: BTreeMap<ServiceKey, Vec<LbRule>>,
+    rec: Reconciler,
 }
 
 /// Time of each stage of one event.
@@ -229,6 +235,9 @@ struct Stages {
     collect: Duration,
     to_rule: Duration,
     apply: Duration,
+    /// Not part of the path today: what a per-Service sink would do
+    /// instead of collect + to_rule (`RuleUpdate::changed` + `to_rule`).
+    delta: Duration,
 }
 
 /// Picks one figure out of a sample.
@@ -243,11 +252,8 @@ impl Stages {
 impl Controller {
     fn new(config: KubeConfig) -> Result<Self> {
         let ipam = config.ipam().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Controller {
-            config,
-            ipam,
-            rules: BTreeMap::new(),
-        })
+        let rec = Reconciler::new(config.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Controller { config, ipam, rec })
     }
 
     /// Steps 1 and 2 for one Service: allocation, then its rules
@@ -280,14 +286,14 @@ impl Controller {
             req.service,
             tr.rules
         );
-        self.rules.insert(service_key(svc)?, tr.rules);
+        self.rec.commit(&service_key(svc)?, tr.rules);
         Ok((t1 - t0, t2 - t1))
     }
 
     /// Steps 3 and 4: every committed rule, as agent rules.
     fn agent_rules(&self) -> Result<(Vec<Rule>, Duration, Duration)> {
         let t0 = Instant::now();
-        let all: Vec<LbRule> = self.rules.values().flatten().cloned().collect();
+        let all: Vec<LbRule> = self.rec.rule_update(false).all().cloned().collect();
         let t1 = Instant::now();
         let out = all
             .iter()
@@ -392,6 +398,7 @@ fn run(o: &Opts) -> Result<()> {
     let (all, c, tr) = ctl.agent_rules()?;
     st.collect = c;
     st.to_rule = tr;
+    ctl.rec.rules_synced();
     let mut rules = Rules::adopt(vec![]);
     let t = Instant::now();
     let rep = rules.apply(&all, &mut dp)?;
@@ -451,6 +458,7 @@ fn run(o: &Opts) -> Result<()> {
     let (all, c, tr) = ctl.agent_rules()?;
     st.collect = c;
     st.to_rule = tr;
+    ctl.rec.rules_synced();
     let t = Instant::now();
     let installed = dp.read_installed()?;
     let read = t.elapsed();
@@ -508,6 +516,21 @@ fn run(o: &Opts) -> Result<()> {
         s.collect = c;
         s.to_rule = tr;
         let t = Instant::now();
+        let update = ctl.rec.rule_update(false);
+        let changed = update
+            .changed()
+            .flat_map(|(_, rules)| rules.iter().map(to_rule))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        s.delta = t.elapsed();
+        ensure!(
+            update.changed().count() == 1 && changed.len() == 1,
+            "add {i}: the update carries {} changed Services ({} rules), expected 1",
+            update.changed().count(),
+            changed.len()
+        );
+        ctl.rec.rules_synced();
+        let t = Instant::now();
         let rep = rules.apply(&all, &mut dp)?;
         s.apply = t.elapsed();
         ensure!(
@@ -532,6 +555,7 @@ fn run(o: &Opts) -> Result<()> {
         ("Rules::apply (real maps)", &|s| s.apply),
         ("TOTAL", &|s| s.total()),
     ];
+    let no_copy = |s: &Stages| s.total() - s.collect;
     println!(
         "  {:<34} {:>12} {:>12} {:>12}",
         "stage", "p50", "p99", "max"
@@ -547,6 +571,22 @@ fn run(o: &Opts) -> Result<()> {
         );
         add_p99 = p99;
     }
+    let (d50, d99, dmax) = dist(&|s| s.delta);
+    println!(
+        "  {:<34} {:>12} {:>12} {:>12}",
+        "(per-Service: changed + to_rule)",
+        ms(d50),
+        ms(d99),
+        ms(dmax)
+    );
+    let (n50, n99, nmax) = dist(&no_copy);
+    println!(
+        "  {:<34} {:>12} {:>12} {:>12}",
+        "(TOTAL without the copy)",
+        ms(n50),
+        ms(n99),
+        ms(nmax)
+    );
     let (rss_end, hwm_end) = print_mem("at the end");
 
     // Sanity: the maps hold every rule.
@@ -565,6 +605,11 @@ fn run(o: &Opts) -> Result<()> {
         ms(add_p99),
         ms(TARGET_ADD_P99),
         verdict(add_p99 < TARGET_ADD_P99)
+    );
+    println!(
+        "    without the copy of every rule     {:>12}   (an agent sink taking RuleUpdate by reference)  {}",
+        ms(n99),
+        verdict(n99 < TARGET_ADD_P99)
     );
     println!(
         "  full resync after restart          {:>12}   target < {}  {}",
@@ -613,9 +658,9 @@ fn run(o: &Opts) -> Result<()> {
         verdict(hwm_end < TARGET_RSS_KIB)
     );
     let vip = ctl
-        .rules
-        .values()
-        .flatten()
+        .rec
+        .rule_update(false)
+        .all()
         .map(|r| r.vip)
         .max()
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
