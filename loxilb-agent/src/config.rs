@@ -24,7 +24,7 @@
 //!       interval: 10         # seconds between probes (default 10)
 //! ```
 
-use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
 use serde::Deserialize;
 
@@ -93,7 +93,7 @@ pub const DEFAULT_PERSIST_TIMEOUT_S: u32 = 10800;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub weight: u16,
 }
@@ -101,7 +101,8 @@ pub struct Endpoint {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// IPv4 or IPv6. An IPv6 VIP with IPv4 endpoints is a NAT64 rule.
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub mode: Mode,
@@ -109,7 +110,8 @@ pub struct Rule {
     pub timeout_s: u32,
     pub persist_timeout_s: u32,
     /// Allowed client prefixes; empty = every client.
-    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    /// Of the VIP's family.
+    pub source_ranges: Vec<ipnet::IpNet>,
     pub endpoints: Vec<Endpoint>,
     /// Endpoint health probing; None: endpoints are not probed.
     pub probe: Option<crate::probe::ProbeSpec>,
@@ -117,6 +119,22 @@ pub struct Rule {
     /// rule (Kubernetes `externalTrafficPolicy: Local`); false: every node
     /// serving the rule announces it.
     pub announce_local_only: bool,
+}
+
+/// Whether `ip` can be a VIP or an endpoint.
+fn usable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some()),
+    }
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
 }
 
 /// A config error: which file, which field, what was wrong, what to do.
@@ -253,13 +271,16 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
     let mut seen_names = HashSet::new();
     for (i, r) in raw.rules.into_iter().enumerate() {
         let f = |name: &str| format!("rules[{i}].{name}");
-        let vip: Ipv4Addr = r.vip.trim().parse().map_err(|_| {
+        let vip: IpAddr = r.vip.trim().parse().map_err(|_| {
             err(
                 f("vip"),
-                format!("{:?} is not an IPv4 address (IPv6 comes later)", r.vip),
+                format!(
+                    "{:?} is not an IP address (like 20.0.0.1 or 2001:db8::1)",
+                    r.vip
+                ),
             )
         })?;
-        if vip.is_unspecified() || vip.is_multicast() || vip.is_broadcast() {
+        if !usable(vip) {
             return Err(err(f("vip"), format!("{vip} cannot be a service address")));
         }
         let port = int_in(&err, f("port"), &r.port, 1, 65535, "a port")? as u16;
@@ -335,12 +356,22 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         };
         let mut source_ranges = Vec::with_capacity(r.source_ranges.len());
         for (j, cidr) in r.source_ranges.iter().enumerate() {
-            let net: ipnet::Ipv4Net = cidr.trim().parse().map_err(|_| {
+            let net: ipnet::IpNet = cidr.trim().parse().map_err(|_| {
                 err(
                     format!("rules[{i}].source_ranges[{j}]"),
-                    format!("{cidr:?} is not an IPv4 prefix (like 192.168.0.0/16)"),
+                    format!("{cidr:?} is not an IP prefix (like 192.168.0.0/16 or 2001:db8::/32)"),
                 )
             })?;
+            if net.addr().is_ipv4() != vip.is_ipv4() {
+                return Err(err(
+                    format!("rules[{i}].source_ranges[{j}]"),
+                    format!(
+                        "{cidr:?} can never match a client of {vip}: clients of an {} service are {} addresses",
+                        family(vip),
+                        family(vip)
+                    ),
+                ));
+            }
             if net.trunc() != net {
                 return Err(err(
                     format!("rules[{i}].source_ranges[{j}]"),
@@ -356,12 +387,15 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                 return Err(err(f("name"), "must not be empty".into()))
             }
             Some(n) => n,
-            None => format!("{vip}:{port}/{protocol}"),
+            None => format!("{}/{protocol}", std::net::SocketAddr::new(vip, port)),
         };
         if !seen_keys.insert((vip, port, protocol)) {
             return Err(err(
                 f("vip"),
-                format!("{vip}:{port}/{protocol} is already defined by another rule"),
+                format!(
+                    "{}/{protocol} is already defined by another rule",
+                    std::net::SocketAddr::new(vip, port)
+                ),
             ));
         }
         if !seen_names.insert(name.clone()) {
@@ -381,12 +415,48 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         let mut seen_eps = HashSet::new();
         for (j, e) in r.endpoints.into_iter().enumerate() {
             let g = |name: &str| format!("rules[{i}].endpoints[{j}].{name}");
-            let ip: Ipv4Addr =
+            let ip: IpAddr =
                 e.ip.trim()
                     .parse()
-                    .map_err(|_| err(g("ip"), format!("{:?} is not an IPv4 address", e.ip)))?;
-            if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                    .map_err(|_| err(g("ip"), format!("{:?} is not an IP address", e.ip)))?;
+            if !usable(ip) {
                 return Err(err(g("ip"), format!("{ip} cannot be an endpoint")));
+            }
+            if vip.is_ipv4() && ip.is_ipv6() {
+                return Err(err(
+                    g("ip"),
+                    format!(
+                        "{ip}: an IPv4 service cannot have IPv6 endpoints (NAT46 is not \
+                         supported); give the service an IPv6 VIP"
+                    ),
+                ));
+            }
+            if let Some(first) = endpoints.first().map(|e: &Endpoint| e.ip) {
+                if first.is_ipv4() != ip.is_ipv4() {
+                    return Err(err(
+                        g("ip"),
+                        format!(
+                            "{ip}: every endpoint of a rule has one family, and {first} is {}; \
+                             split the rule",
+                            family(first)
+                        ),
+                    ));
+                }
+            }
+            if vip.is_ipv6() && ip.is_ipv4() && matches!(mode, Mode::Dsr | Mode::DsrIpip) {
+                return Err(err(
+                    g("ip"),
+                    format!(
+                        "{ip}: an IPv6 service with IPv4 endpoints is translated (NAT64), which \
+                         dsr modes never do; use default, onearm or fullnat"
+                    ),
+                ));
+            }
+            if vip.is_ipv6() && mode == Mode::DsrIpip {
+                return Err(err(
+                    f("mode"),
+                    "dsr-ipip carries IPv4 only; use dsr (L2) for an IPv6 service".into(),
+                ));
             }
             let port = int_in(&err, g("port"), &e.port, 1, 65535, "a port")? as u16;
             let weight = match &e.weight {
@@ -479,7 +549,9 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
 }
 
 /// Check what the rule file cannot know by itself: every endpoint of an L2
-/// DSR rule must be on a segment this node is directly attached to.
+/// DSR rule must be on a segment this node is directly attached to. (IPv4:
+/// the agent reads `/proc/net/route`; an IPv6 endpoint behind a router is
+/// caught by the datapath, which drops and counts `drop_dsr_no_l2`.)
 pub fn check_reachability(
     file: &str,
     rules: &[Rule],
@@ -490,7 +562,8 @@ pub fn check_reachability(
             continue;
         }
         for (j, e) in r.endpoints.iter().enumerate() {
-            if let Some(why) = crate::routes::l2_problem(routes, e.ip) {
+            let IpAddr::V4(ip) = e.ip else { continue };
+            if let Some(why) = crate::routes::l2_problem(routes, ip) {
                 return Err(ConfigError {
                     file: file.to_string(),
                     field: format!("rules[{i}].endpoints[{j}].ip"),
@@ -556,6 +629,32 @@ rules:
         );
         assert_eq!(e.field, "rules[0].probe");
         assert!(e.message.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_rules_and_family_mistakes() {
+        let r = parse(
+            "r.yaml",
+            "rules:\n  - {vip: \"fd00::1\", port: 80, protocol: tcp, source_ranges: [\"fd00:c::/64\"], endpoints: [{ip: \"fd00:1::10\", port: 8080}]}\n",
+        )
+        .unwrap();
+        assert!(r[0].vip.is_ipv6() && r[0].endpoints[0].ip.is_ipv6());
+        assert_eq!(r[0].name, "[fd00::1]:80/tcp");
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: \"fd00:1::10\", port: 1}]}\n");
+        assert!(e.message.contains("NAT46"), "{e}");
+        let e = bad("rules:\n  - {vip: \"fd00::1\", port: 80, protocol: tcp, endpoints: [{ip: \"fd00:1::10\", port: 1}, {ip: 10.0.0.1, port: 1}]}\n");
+        assert!(e.message.contains("one family"), "{e}");
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, source_ranges: [\"fd00::/8\"]}\n",
+        );
+        assert!(
+            e.message.contains("can never match") && e.field.contains("source_ranges[0]"),
+            "{e}"
+        );
+        let e = bad("rules:\n  - {vip: \"fd00::1\", port: 80, protocol: tcp, mode: dsr-ipip, endpoints: [{ip: \"fd00:1::10\", port: 80}]}\n");
+        assert!(e.message.contains("IPv4 only"), "{e}");
+        let e = bad("rules:\n  - {vip: \"::ffff:10.0.0.1\", port: 80, protocol: tcp}\n");
+        assert!(e.message.contains("cannot be a service address"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+        Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, ProgramArray,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -20,10 +20,11 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use loxilb_common::{
-    map_names as mn, prog_names, stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpStats, EpVal,
-    GlobalCfg, RuleStats, SelChunk, SelKey, SrcRangeData4, SvcKey4, SvcVal4, LAYOUT_VERSION,
+    addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, CtKey,
+    CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, SelChunk, SelKey, SrcRangeData, SvcKey,
+    SvcVal, LAYOUT_VERSION,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -127,6 +128,9 @@ impl Datapath {
             .context("loading the eBPF datapath into the kernel failed")?;
         for name in [
             prog_names::XDP_MAIN,
+            prog_names::XDP_V6,
+            prog_names::XDP_NEW4,
+            prog_names::XDP_NEW6,
             prog_names::XDP_PASS,
             prog_names::XDP_DECAP,
         ] {
@@ -137,13 +141,38 @@ impl Datapath {
             p.load()
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
-        for name in [prog_names::TC_MAIN, prog_names::TC_EGRESS] {
+        for name in [
+            prog_names::TC_MAIN,
+            prog_names::TC_V6,
+            prog_names::TC_NEW4,
+            prog_names::TC_NEW6,
+            prog_names::TC_EGRESS,
+        ] {
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
             tc.load()
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
+        }
+        // Each hook's programs hand IPv6 packets and new flows on by tail
+        // calls.
+        let jumps = prog_names::XDP_JUMPS
+            .iter()
+            .map(|j| (mn::JMP_XDP, *j))
+            .chain(prog_names::TC_JUMPS.iter().map(|j| (mn::JMP_TC, *j)));
+        for (array, (slot, prog)) in jumps {
+            let fd = ebpf
+                .program(prog)
+                .ok_or_else(|| anyhow!("program {prog} missing"))?
+                .fd()?
+                .try_clone()?;
+            let mut jmp: ProgramArray<_> = ProgramArray::try_from(
+                ebpf.map_mut(array)
+                    .ok_or_else(|| anyhow!("map {array} missing from the eBPF object"))?,
+            )?;
+            jmp.set(slot, &fd, 0)
+                .with_context(|| format!("installing {prog} in {array}"))?;
         }
         let mut dp = Datapath {
             ebpf,
@@ -159,6 +188,7 @@ impl Datapath {
                 fullnat_src: 0,
                 snat_port_lo: loxilb_common::SNAT_PORT_LO,
                 snat_port_hi: loxilb_common::SNAT_PORT_HI,
+                fullnat_src6: [0; 4],
             })?;
         }
         Ok(dp)
@@ -377,16 +407,20 @@ impl Datapath {
 
     /// Rules currently in the maps (for adoption).
     pub fn read_installed(&self) -> Result<Vec<Installed>> {
-        let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map(mn::SERVICES)?)?;
+        let svcs: HashMap<_, SvcKey, SvcVal> = HashMap::try_from(self.map(mn::SERVICES)?)?;
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
         let chunks: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map(mn::SEL_TABLE)?)?;
-        let ranges: LpmTrie<_, SrcRangeData4, u32> = LpmTrie::try_from(self.map(mn::SRC_RANGES)?)?;
-        let mut all_ranges: Vec<(u32, Ipv4Net)> = vec![];
+        let ranges: LpmTrie<_, SrcRangeData, u32> = LpmTrie::try_from(self.map(mn::SRC_RANGES)?)?;
+        let mut all_ranges: Vec<(u32, IpNet)> = vec![];
         for k in ranges.keys() {
             let k = k?;
             let d = k.data();
-            let plen = k.prefix_len().saturating_sub(32) as u8;
-            if let Ok(net) = Ipv4Net::new(std::net::Ipv4Addr::from(d.addr.to_ne_bytes()), plen) {
+            let plen = k.prefix_len().saturating_sub(32);
+            let net = match ip_from_addr(&d.addr) {
+                std::net::IpAddr::V4(a) => IpNet::new(a.into(), plen.saturating_sub(96) as u8),
+                a => IpNet::new(a, plen as u8),
+            };
+            if let Ok(net) = net {
                 all_ranges.push((u32::from_be(d.rule_id_be), net));
             }
         }
@@ -415,9 +449,8 @@ impl Datapath {
                 .with_context(|| format!("rule {} has missing endpoint entries", v.rule_id))?;
             out.push(Installed {
                 name: format!(
-                    "{}:{}/{}",
-                    std::net::Ipv4Addr::from(k.addr.to_ne_bytes()),
-                    u16::from_be(k.port),
+                    "{}/{}",
+                    std::net::SocketAddr::new(ip_from_addr(&k.addr), u16::from_be(k.port)),
                     crate::config::Protocol::from_number(k.proto)
                         .map(|p| p.to_string())
                         .unwrap_or_else(|| k.proto.to_string())
@@ -443,7 +476,7 @@ impl Datapath {
         Ok(out)
     }
 
-    pub fn sessions(&self) -> Result<Vec<(CtKey4, CtVal4)>> {
+    pub fn sessions(&self) -> Result<Vec<(CtKey, CtVal)>> {
         read_sessions(self.map(mn::CONNTRACK)?)
     }
 
@@ -451,8 +484,8 @@ impl Datapath {
         read_stats(self.map(mn::STATS)?)
     }
 
-    pub fn services(&self) -> Result<Vec<(SvcKey4, SvcVal4)>> {
-        let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(self.map(mn::SERVICES)?)?;
+    pub fn services(&self) -> Result<Vec<(SvcKey, SvcVal)>> {
+        let svcs: HashMap<_, SvcKey, SvcVal> = HashMap::try_from(self.map(mn::SERVICES)?)?;
         Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -514,16 +547,16 @@ impl Datapath {
     }
 
     pub fn clear_sessions(&mut self) -> Result<usize> {
-        let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
-        let keys: Vec<CtKey4> = ct.keys().collect::<Result<_, _>>()?;
+        let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+        let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>()?;
         for k in &keys {
             let _ = ct.remove(k);
         }
         Ok(keys.len())
     }
 
-    pub fn insert_session(&mut self, k: CtKey4, v: CtVal4) -> Result<()> {
-        let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+    pub fn insert_session(&mut self, k: CtKey, v: CtVal) -> Result<()> {
+        let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         ct.insert(k, v, 0)?;
         Ok(())
     }
@@ -540,12 +573,15 @@ fn prog_name_static(p: &str) -> &'static str {
     .unwrap_or(prog_names::XDP_MAIN)
 }
 
-fn src_range_key(rule_id: u32, net: Ipv4Net) -> LpmKey<SrcRangeData4> {
+/// The LPM key of a source range: the rule id, then the prefix (an IPv4
+/// prefix as its IPv4-mapped form, 96 bits longer).
+fn src_range_key(rule_id: u32, net: IpNet) -> LpmKey<SrcRangeData> {
+    let mapped = if net.addr().is_ipv4() { 96 } else { 0 };
     LpmKey::new(
-        32 + net.prefix_len() as u32,
-        SrcRangeData4 {
+        32 + mapped + net.prefix_len() as u32,
+        SrcRangeData {
             rule_id_be: rule_id.to_be(),
-            addr: u32::from_ne_bytes(net.network().octets()),
+            addr: addr_from_ip(net.network()),
         },
     )
 }
@@ -576,8 +612,8 @@ fn check_pinned_layout(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn read_sessions(m: &Map) -> Result<Vec<(CtKey4, CtVal4)>> {
-    let ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(m)?;
+fn read_sessions(m: &Map) -> Result<Vec<(CtKey, CtVal)>> {
+    let ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(m)?;
     let mut v = vec![];
     for kv in ct.iter() {
         match kv {
@@ -665,7 +701,7 @@ impl PinnedMaps {
         Ok(wrap(d))
     }
 
-    pub fn sessions(&self) -> Result<Vec<(CtKey4, CtVal4)>> {
+    pub fn sessions(&self) -> Result<Vec<(CtKey, CtVal)>> {
         read_sessions(&self.open_map(mn::CONNTRACK, Map::LruHashMap)?)
     }
 
@@ -685,9 +721,9 @@ impl PinnedMaps {
         )
     }
 
-    pub fn services(&self) -> Result<Vec<(SvcKey4, SvcVal4)>> {
+    pub fn services(&self) -> Result<Vec<(SvcKey, SvcVal)>> {
         let m = self.open_map(mn::SERVICES, Map::HashMap)?;
-        let svcs: HashMap<_, SvcKey4, SvcVal4> = HashMap::try_from(&m)?;
+        let svcs: HashMap<_, SvcKey, SvcVal> = HashMap::try_from(&m)?;
         Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -716,11 +752,11 @@ fn hash_del<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, map: &str, k: K) -> Res
 }
 
 impl RuleTable for Datapath {
-    fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()> {
+    fn put_service(&mut self, key: SvcKey, val: SvcVal) -> Result<()> {
         hash_put(self, mn::SERVICES, key, val)
     }
-    fn delete_service(&mut self, key: SvcKey4) -> Result<()> {
-        hash_del::<SvcKey4, SvcVal4>(self, mn::SERVICES, key)
+    fn delete_service(&mut self, key: SvcKey) -> Result<()> {
+        hash_del::<SvcKey, SvcVal>(self, mn::SERVICES, key)
     }
     fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()> {
         hash_put(self, mn::ENDPOINTS, key, val)
@@ -734,15 +770,15 @@ impl RuleTable for Datapath {
     fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
         hash_del::<SelKey, SelChunk>(self, mn::SEL_TABLE, key)
     }
-    fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
-        let mut m: LpmTrie<_, SrcRangeData4, u32> =
+    fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
+        let mut m: LpmTrie<_, SrcRangeData, u32> =
             LpmTrie::try_from(self.map_mut(mn::SRC_RANGES)?)?;
         m.insert(&src_range_key(rule_id, net), 1, 0)
             .context("writing the source-range map")?;
         Ok(())
     }
-    fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
-        let mut m: LpmTrie<_, SrcRangeData4, u32> =
+    fn delete_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
+        let mut m: LpmTrie<_, SrcRangeData, u32> =
             LpmTrie::try_from(self.map_mut(mn::SRC_RANGES)?)?;
         match m.remove(&src_range_key(rule_id, net)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -771,11 +807,11 @@ impl RuleTable for Datapath {
         )?;
         Ok(())
     }
-    fn put_vip(&mut self, vip: u32) -> Result<()> {
+    fn put_vip(&mut self, vip: Addr) -> Result<()> {
         hash_put(self, mn::VIPS, vip, 1u32)
     }
-    fn delete_vip(&mut self, vip: u32) -> Result<()> {
-        hash_del::<u32, u32>(self, mn::VIPS, vip)
+    fn delete_vip(&mut self, vip: Addr) -> Result<()> {
+        hash_del::<Addr, u32>(self, mn::VIPS, vip)
     }
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
         let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::ADDR_FILTER)?)?;
@@ -784,9 +820,9 @@ impl RuleTable for Datapath {
     }
     fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
         {
-            let mut aff: HashMap<_, AffKey4, AffVal4> =
+            let mut aff: HashMap<_, AffKey, AffVal> =
                 HashMap::try_from(self.map_mut(mn::AFFINITY)?)?;
-            let doomed: Vec<AffKey4> = aff
+            let doomed: Vec<AffKey> = aff
                 .keys()
                 .filter_map(|k| k.ok())
                 .filter(|k| k.rule_id == rule_id)
@@ -795,8 +831,8 @@ impl RuleTable for Datapath {
                 let _ = aff.remove(k);
             }
         }
-        let mut ct: HashMap<_, CtKey4, CtVal4> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
-        let doomed: Vec<CtKey4> = ct
+        let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+        let doomed: Vec<CtKey> = ct
             .iter()
             .filter_map(|kv| kv.ok())
             .filter(|(_, v)| v.rule_id == rule_id)

@@ -26,16 +26,11 @@ impl std::fmt::Display for Unsupported {
     }
 }
 
-fn v4(a: IpAddr, what: &str, rule: &str) -> Result<std::net::Ipv4Addr, Unsupported> {
-    match a {
-        IpAddr::V4(a) => Ok(a),
-        IpAddr::V6(_) => Err(Unsupported {
-            rule: rule.to_string(),
-            reason: format!(
-                "{what} {a} is IPv6; this datapath serves IPv4 rules only so far (IPv6 and \
-                 NAT64 come with the IPv6 datapath)"
-            ),
-        }),
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
     }
 }
 
@@ -46,7 +41,7 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
         rule: name.clone(),
         reason,
     };
-    let vip = v4(r.vip, "the VIP", &name)?;
+    let vip = r.vip;
     let protocol = match r.protocol {
         KProto::Tcp => Protocol::Tcp,
         KProto::Udp => Protocol::Udp,
@@ -70,7 +65,27 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
     };
     let mut endpoints = Vec::with_capacity(r.endpoints.len());
     for e in &r.endpoints {
-        let ip = v4(e.ip, "the endpoint", &name)?;
+        let ip = e.ip;
+        if vip.is_ipv4() && ip.is_ipv6() {
+            return Err(bad(format!(
+                "endpoint {ip} is IPv6 but the VIP {vip} is IPv4; NAT46 is not supported \
+                 (use an IPv6 VIP: ipFamilies or loxilb.io/ipam)"
+            )));
+        }
+        if let Some(first) = endpoints.first().map(|e: &Endpoint| e.ip) {
+            if first.is_ipv4() != ip.is_ipv4() {
+                return Err(bad(format!(
+                    "endpoints {first} and {ip} are of different families; one rule balances \
+                     one family"
+                )));
+            }
+        }
+        if mode == Mode::Dsr && vip.is_ipv6() && ip.is_ipv4() {
+            return Err(bad(format!(
+                "endpoint {ip} is IPv4 under the IPv6 VIP {vip} (NAT64), which DSR cannot do; \
+                 use another lbmode"
+            )));
+        }
         if mode == Mode::Dsr && e.port != r.port {
             return Err(bad(format!(
                 "endpoint {ip}:{} : DSR sends packets untranslated, so endpoints must listen \
@@ -88,18 +103,27 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
         None => vec![],
         Some(list) if list.is_empty() => {
             // Every listed prefix was of the other family: nobody may
-            // connect. 0.0.0.0/32 is a source no packet carries.
-            vec!["0.0.0.0/32".parse().expect("valid")]
+            // connect. The unspecified address is a source no packet
+            // carries.
+            vec![if vip.is_ipv4() {
+                "0.0.0.0/32"
+            } else {
+                "::/128"
+            }
+            .parse()
+            .expect("valid")]
         }
         Some(list) => {
             let mut v = vec![];
             for n in list {
-                match n {
-                    ipnet::IpNet::V4(n) => v.push(n.trunc()),
-                    ipnet::IpNet::V6(n) => {
-                        return Err(bad(format!("source range {n} is IPv6 on an IPv4 rule")))
-                    }
+                if n.addr().is_ipv4() != vip.is_ipv4() {
+                    return Err(bad(format!(
+                        "source range {n} is {} on an {} rule",
+                        family(n.addr()),
+                        family(vip)
+                    )));
                 }
+                v.push(n.trunc());
             }
             v.sort();
             v.dedup();
@@ -170,7 +194,7 @@ mod tests {
     #[test]
     fn maps_every_field() {
         let r = to_rule(&rule()).unwrap();
-        assert_eq!(r.vip, "20.0.0.1".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(r.vip, "20.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(
             (r.port, r.protocol, r.mode),
             (80, Protocol::Tcp, Mode::FullNat)
@@ -186,12 +210,30 @@ mod tests {
     #[test]
     fn refuses_what_the_datapath_cannot_do_and_says_why() {
         let mut r = rule();
-        r.vip = "2001:db8::1".parse().unwrap();
+        r.endpoints[0].ip = "2001:db8::5".parse().unwrap();
         let e = to_rule(&r).unwrap_err();
         assert!(
-            e.reason.contains("IPv6") && e.rule.contains("default/web"),
+            e.reason.contains("NAT46") && e.rule.contains("default/web"),
             "{e}"
         );
+        let mut r = rule();
+        r.endpoints.push(KEp {
+            ip: "2001:db8::6".parse().unwrap(),
+            port: 30080,
+            weight: 1,
+        });
+        r.vip = "2001:db8::1".parse().unwrap();
+        assert!(to_rule(&r)
+            .unwrap_err()
+            .reason
+            .contains("different families"));
+        let mut r = rule();
+        r.vip = "2001:db8::1".parse().unwrap();
+        r.allowed_sources = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+        assert!(to_rule(&r)
+            .unwrap_err()
+            .reason
+            .contains("IPv4 on an IPv6 rule"));
         let mut r = rule();
         r.protocol = KProto::Sctp;
         assert!(to_rule(&r).unwrap_err().reason.contains("SCTP"));
@@ -206,13 +248,24 @@ mod tests {
         r.allowed_sources = Some(vec!["192.168.1.7/24".parse().unwrap()]);
         assert_eq!(
             to_rule(&r).unwrap().source_ranges,
-            vec!["192.168.1.0/24".parse::<ipnet::Ipv4Net>().unwrap()]
+            vec!["192.168.1.0/24".parse::<ipnet::IpNet>().unwrap()]
         );
         r.allowed_sources = Some(vec![]);
         assert_eq!(
             to_rule(&r).unwrap().source_ranges,
-            vec!["0.0.0.0/32".parse::<ipnet::Ipv4Net>().unwrap()],
+            vec!["0.0.0.0/32".parse::<ipnet::IpNet>().unwrap()],
             "an empty list admits nobody"
+        );
+        r.vip = "2001:db8::1".parse().unwrap();
+        r.endpoints[0].ip = "2001:db8:1::5".parse().unwrap();
+        assert_eq!(
+            to_rule(&r).unwrap().source_ranges,
+            vec!["::/128".parse::<ipnet::IpNet>().unwrap()]
+        );
+        r.allowed_sources = Some(vec!["2001:db8:77::1/48".parse().unwrap()]);
+        assert_eq!(
+            to_rule(&r).unwrap().source_ranges,
+            vec!["2001:db8:77::/48".parse::<ipnet::IpNet>().unwrap()]
         );
     }
 }

@@ -54,6 +54,10 @@ struct NodeArgs {
     /// VIP); default: each service's own VIP.
     #[arg(long, value_name = "IPV4")]
     fullnat_source: Option<std::net::Ipv4Addr>,
+    /// Source address of full-NAT sessions toward IPv6 endpoints; default:
+    /// each service's own (IPv6) VIP.
+    #[arg(long, value_name = "IPV6")]
+    fullnat_source6: Option<std::net::Ipv6Addr>,
     /// Source ports given to onearm/full-NAT sessions, `LO-HI`.
     #[arg(long, value_name = "LO-HI", default_value = "32768-60999", value_parser = parse_port_range)]
     snat_ports: (u16, u16),
@@ -178,6 +182,22 @@ struct KubeArgs {
     /// kube-loxilb's BGP CRD switch.
     #[arg(long = "enableBGPCRDs", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     enable_bgp_crds: Option<String>,
+    /// Write kube-loxilb's status form: `hostname: <zone>-<ip>` instead of
+    /// `ip: <ip>` (drop-in compatibility with tools reading it).
+    #[arg(long = "setLBHostnameStatus", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    set_lb_hostname_status: Option<String>,
+    /// The hostname prefix of --setLBHostnameStatus (kube-loxilb's zone; default llb).
+    #[arg(long = "zone", value_name = "NAME")]
+    zone: Option<String>,
+    /// kube-loxilb's switch: true writes plain IPs (this agent's default),
+    /// false the hostnames.
+    #[arg(long = "noZoneName", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    no_zone_name: Option<String>,
+    /// YAML file with the same settings as the flags (keys: the flag names
+    /// without --); flags given here override it. Read before parsing (see
+    /// kube_watch::config_file::expand_args); never set when this runs.
+    #[arg(long = "config", value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 /// kube-loxilb flags that do not carry over as they are: an error that
@@ -247,7 +267,9 @@ fn main() -> Result<()> {
         )
         .with_target(false)
         .init();
-    let cli = Cli::parse();
+    let args = kube_watch::config_file::expand_args(std::env::args_os().collect())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cli = Cli::parse_from(args);
     match cli.cmd {
         Cmd::Run { node, config } => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -399,6 +421,10 @@ fn start_node(
         .fullnat_source
         .map(|x| u32::from_ne_bytes(x.octets()))
         .unwrap_or(0);
+    cfg.fullnat_src6 = a
+        .fullnat_source6
+        .map(|x| loxilb_common::addr_from_ip(x.into()))
+        .unwrap_or([0; 4]);
     (cfg.snat_port_lo, cfg.snat_port_hi) = a.snat_ports;
     dp.set_config(cfg)?;
     let (prober, transitions) = probe::Prober::new(probe::DEFAULT_MAX_IN_FLIGHT);
@@ -558,8 +584,29 @@ struct KubeSink {
 
 impl kube_watch::controller::RuleSink for KubeSink {
     fn apply(&mut self, rules: Vec<kube_watch::translate::LbRule>) -> Result<()> {
+        self.install(rules.iter())
+    }
+
+    /// The rules by reference: no copy of every rule on each change (about
+    /// 7 ms at 10,000 Services). `Node::apply` still diffs the whole set;
+    /// an incremental apply would use `update.changed()` unless
+    /// `update.is_full()`.
+    fn update(&mut self, update: &kube_watch::controller::RuleUpdate<'_>) -> Result<()> {
+        self.install(update.all())
+    }
+
+    fn own_vips(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
+        self.own(vips)
+    }
+}
+
+impl KubeSink {
+    fn install<'a>(
+        &mut self,
+        rules: impl Iterator<Item = &'a kube_watch::translate::LbRule>,
+    ) -> Result<()> {
         let mut ok = vec![];
-        for r in &rules {
+        for r in rules {
             match loxilb_agent::kube_rules::to_rule(r) {
                 Ok(x) => ok.push(x),
                 Err(e) => warn!("not installed: {e}"),
@@ -577,7 +624,7 @@ impl kube_watch::controller::RuleSink for KubeSink {
         Ok(())
     }
 
-    fn own_vips(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
+    fn own(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
         let want: std::collections::BTreeSet<_> = vips.into_iter().collect();
         for v in want.difference(&self.owned) {
             let plen = if v.is_ipv4() { 32 } else { 128 };
@@ -633,8 +680,14 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         use_pod_network: kf::parse_bool("--usePodNetwork", &k.use_pod_network).map_err(fe)?,
         monitor: kf::parse_bool("--monitor", &k.monitor).map_err(fe)?,
     };
-    let run_config =
+    let mut run_config =
         kube_watch::controller::RunConfig::from_env(kube).map_err(|e| anyhow::anyhow!("{e}"))?;
+    run_config.status_form = kf::status_form(
+        k.set_lb_hostname_status.as_deref(),
+        k.zone.as_deref(),
+        k.no_zone_name.as_deref(),
+    )
+    .map_err(fe)?;
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
@@ -759,6 +812,55 @@ mod tests {
         assert!(parse(&["--enableBGPCRDs", "--setBGP=65001"]).is_ok());
         assert!(parse(&["--enableBGPCRDs=false"]).is_ok());
         assert!(parse(&["--setRoles=10.0.0.9", "--fullnat-source=10.0.0.8"]).is_err());
+    }
+
+    /// The config file's keys are exactly the `kube` command's flags.
+    #[test]
+    fn config_file_keys_are_the_kube_flags() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let kube = cmd.find_subcommand("kube").unwrap();
+        let mut flags: Vec<String> = kube
+            .get_arguments()
+            .chain(cmd.get_arguments())
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .filter(|l| !["config", "help", "version"].contains(&l.as_str()))
+            .collect();
+        flags.sort();
+        flags.dedup();
+        let mut keys: Vec<String> = kube_watch::config_file::SETTINGS
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect();
+        keys.sort();
+        assert_eq!(keys, flags);
+    }
+
+    #[test]
+    fn config_file_settings_parse_as_flags() {
+        let dir = std::env::temp_dir().join(format!("agent-kube-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kube.yaml");
+        std::fs::write(
+            &path,
+            "iface: [eth9]\nsetLBMode: 1\nsetExclIPAM: true\nsetLBHostnameStatus: true\nkeep: true\n",
+        )
+        .unwrap();
+        let args: Vec<std::ffi::OsString> = ["loxilb-agent", "kube", "--config"]
+            .iter()
+            .map(Into::into)
+            .chain([path.clone().into_os_string(), "--setLBMode=2".into()])
+            .collect();
+        let args = kube_watch::config_file::expand_args(args).unwrap();
+        let Cmd::Kube { node, kube } = Cli::try_parse_from(args).unwrap().cmd else {
+            unreachable!()
+        };
+        assert_eq!(node.ifaces, ["eth9"]);
+        assert!(node.keep);
+        assert_eq!(kube.set_lb_mode, "2", "the flag overrides the file");
+        assert_eq!(kube.set_unique_ip, "true");
+        assert_eq!(kube.set_lb_hostname_status.as_deref(), Some("true"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

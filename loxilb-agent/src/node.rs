@@ -46,21 +46,18 @@ pub fn state_dir(pin_dir: &Path) -> PathBuf {
 /// Local`) makes this node announce its VIP only when one of the rule's
 /// endpoints is an address of this node (it has a local ready pod). A VIP
 /// is announced when any of its rules asks for it.
-pub fn announced_vips(
-    rules: &[Rule],
-    local_addrs: &BTreeSet<std::net::Ipv4Addr>,
-) -> BTreeSet<IpAddr> {
+pub fn announced_vips(rules: &[Rule], local_addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
     rules
         .iter()
         .filter(|r| {
             !r.announce_local_only || r.endpoints.iter().any(|e| local_addrs.contains(&e.ip))
         })
-        .map(|r| IpAddr::V4(r.vip))
+        .map(|r| r.vip)
         .collect()
 }
 
-/// This node's IPv4 addresses (all interfaces).
-pub fn local_ipv4_addrs() -> BTreeSet<std::net::Ipv4Addr> {
+/// This node's IPv4 and IPv6 addresses (all interfaces).
+pub fn local_addrs() -> BTreeSet<IpAddr> {
     let mut out = BTreeSet::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
@@ -69,9 +66,19 @@ pub fn local_ipv4_addrs() -> BTreeSet<std::net::Ipv4Addr> {
     let mut p = ifap;
     while !p.is_null() {
         let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
+        let family = if ifa.ifa_addr.is_null() {
+            0
+        } else {
+            unsafe { (*ifa.ifa_addr).sa_family as i32 }
+        };
+        if family == libc::AF_INET {
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            out.insert(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            out.insert(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))));
+        } else if family == libc::AF_INET6 {
+            let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            out.insert(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
         }
         p = ifa.ifa_next;
     }
@@ -110,36 +117,31 @@ impl Node {
     /// inactive, probe what the rules ask for, announce the VIPs.
     pub fn apply(&mut self, desired: &[Rule]) -> Result<Report> {
         let prober = &self.prober;
-        let down = |rule: &str, ip: std::net::Ipv4Addr, port: u16| {
-            prober.is_up(&TargetKey::new(rule, IpAddr::V4(ip), port)) == Some(false)
+        let down = |rule: &str, ip: IpAddr, port: u16| {
+            prober.is_up(&TargetKey::new(rule, ip, port)) == Some(false)
         };
         let rep = self.rules.apply_with(desired, &mut self.dp, &down)?;
         let targets: Vec<Target> = desired
             .iter()
             .filter_map(|r| r.probe.as_ref().map(|p| (r, p)))
             .flat_map(|(r, spec)| {
-                r.endpoints.iter().map(move |e| {
-                    Target::new(
-                        TargetKey::new(&r.name, IpAddr::V4(e.ip), e.port),
-                        spec.clone(),
-                    )
-                })
+                r.endpoints
+                    .iter()
+                    .map(move |e| Target::new(TargetKey::new(&r.name, e.ip, e.port), spec.clone()))
             })
             .collect();
         match self.prober.set_targets(targets) {
             Ok(pr) => {
                 // Endpoints no longer probed are active again.
                 for k in pr.removed {
-                    if let IpAddr::V4(a) = k.addr {
-                        let _ =
-                            self.rules
-                                .set_endpoint_state(&mut self.dp, &k.rule, a, k.port, true);
-                    }
+                    let _ =
+                        self.rules
+                            .set_endpoint_state(&mut self.dp, &k.rule, k.addr, k.port, true);
                 }
             }
             Err(e) => warn!("health probes not updated: {e}"),
         }
-        self.announce = announced_vips(desired, &local_ipv4_addrs());
+        self.announce = announced_vips(desired, &local_addrs());
         self.nudge_neighbours();
         self.sync_bgp();
         self.publish_probe_state();
@@ -148,9 +150,7 @@ impl Node {
 
     /// A health probe changed an endpoint's liveness.
     pub fn on_transition(&mut self, t: Transition) {
-        let IpAddr::V4(a) = t.key.addr else {
-            return;
-        };
+        let a = t.key.addr;
         match self
             .rules
             .set_endpoint_state(&mut self.dp, &t.key.rule, a, t.key.port, t.up)
@@ -239,15 +239,17 @@ impl Node {
     /// itself): a datagram to each endpoint's discard port makes the
     /// kernel resolve it.
     fn nudge_neighbours(&self) {
-        let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
-            return;
-        };
+        let sock4 = std::net::UdpSocket::bind("0.0.0.0:0").ok();
+        let sock6 = std::net::UdpSocket::bind("[::]:0").ok();
         let mut seen = BTreeSet::new();
         for r in self.rules.installed() {
             for e in &r.eps {
                 if seen.insert(e.addr) {
-                    let ip = std::net::Ipv4Addr::from(e.addr.to_ne_bytes());
-                    let _ = sock.send_to(&[], (ip, 9));
+                    let ip = loxilb_common::ip_from_addr(&e.addr);
+                    let sock = if ip.is_ipv4() { &sock4 } else { &sock6 };
+                    if let Some(s) = sock {
+                        let _ = s.send_to(&[], (ip, 9));
+                    }
                 }
             }
         }
@@ -298,12 +300,12 @@ mod tests {
             r.announce_local_only = true;
         }
         let v = |s: &str| IpAddr::V4(s.parse().unwrap());
-        let me: BTreeSet<std::net::Ipv4Addr> = ["10.0.0.1".parse().unwrap()].into();
+        let me: BTreeSet<IpAddr> = ["10.0.0.1".parse().unwrap()].into();
         assert_eq!(
             announced_vips(&rules, &me),
             [v("20.0.0.1"), v("20.0.0.2")].into()
         );
-        let me: BTreeSet<std::net::Ipv4Addr> = ["10.0.0.3".parse().unwrap()].into();
+        let me: BTreeSet<IpAddr> = ["10.0.0.3".parse().unwrap()].into();
         assert_eq!(
             announced_vips(&rules, &me),
             [v("20.0.0.1"), v("20.0.0.3")].into(),
@@ -317,6 +319,7 @@ mod tests {
 
     #[test]
     fn local_addresses_include_loopback() {
-        assert!(local_ipv4_addrs().contains(&std::net::Ipv4Addr::LOCALHOST));
+        let mine = local_addrs();
+        assert!(mine.contains(&IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)));
     }
 }

@@ -4,11 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::net::IpAddr;
+
 use anyhow::{bail, Result};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use loxilb_common::{
-    addr_filter_bit, lb_mode, lb_sel, svc_flags, EpKey, EpVal, SelChunk, SelKey, SvcKey4, SvcVal4,
-    ADDR_FILTER_WORDS, SEL_CHUNK,
+    addr_filter_bit, addr_fold, addr_from_ip, ip_from_addr, lb_mode, lb_sel, svc_flags, Addr,
+    EpKey, EpVal, SelChunk, SelKey, SvcKey, SvcVal, ADDR_FILTER_WORDS, SEL_CHUNK,
 };
 
 use crate::{
@@ -19,18 +21,18 @@ use crate::{
 /// The maps the reconciler writes; implemented by the real datapath and by
 /// an in-memory table in tests.
 pub trait RuleTable {
-    fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()>;
-    fn delete_service(&mut self, key: SvcKey4) -> Result<()>;
+    fn put_service(&mut self, key: SvcKey, val: SvcVal) -> Result<()>;
+    fn delete_service(&mut self, key: SvcKey) -> Result<()>;
     fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()>;
     fn delete_endpoint(&mut self, key: EpKey) -> Result<()>;
     fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()>;
     fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()>;
-    fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()>;
-    fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()>;
+    fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()>;
+    fn delete_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()>;
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()>;
-    /// A VIP (network order) now exists / no longer exists (echo replies).
-    fn put_vip(&mut self, vip: u32) -> Result<()>;
-    fn delete_vip(&mut self, vip: u32) -> Result<()>;
+    /// A VIP now exists / no longer exists (echo replies).
+    fn put_vip(&mut self, vip: Addr) -> Result<()>;
+    fn delete_vip(&mut self, vip: Addr) -> Result<()>;
     /// Zero a rule id's counters (before the id is used by a new rule).
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()>;
     /// Zero an endpoint counter slot (before it is given to an endpoint).
@@ -44,7 +46,7 @@ pub trait RuleTable {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Installed {
     pub name: String,
-    pub key: SvcKey4,
+    pub key: SvcKey,
     pub rule_id: u32,
     /// Live bank of endpoints and selection table.
     pub bank: u8,
@@ -58,7 +60,7 @@ pub struct Installed {
     pub table_len: u32,
     /// Selection-table chunks present in each bank.
     pub chunks: [u32; 2],
-    pub src_ranges: BTreeSet<Ipv4Net>,
+    pub src_ranges: BTreeSet<IpNet>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -70,9 +72,9 @@ pub struct Report {
     pub sessions_flushed: usize,
 }
 
-pub fn svc_key(vip: std::net::Ipv4Addr, port: u16, proto: Protocol) -> SvcKey4 {
-    SvcKey4 {
-        addr: u32::from_ne_bytes(vip.octets()),
+pub fn svc_key(vip: IpAddr, port: u16, proto: Protocol) -> SvcKey {
+    SvcKey {
+        addr: addr_from_ip(vip),
         port: port.to_be(),
         proto: proto.number(),
         _pad: 0,
@@ -81,16 +83,17 @@ pub fn svc_key(vip: std::net::Ipv4Addr, port: u16, proto: Protocol) -> SvcKey4 {
 
 pub fn ep_val(e: &crate::config::Endpoint) -> EpVal {
     EpVal {
-        addr: u32::from_ne_bytes(e.ip.octets()),
+        addr: addr_from_ip(e.ip),
         port: e.port.to_be(),
         weight: e.weight,
         flags: 0,
         stat_idx: 0,
+        _pad: 0,
     }
 }
 
 /// What identifies an endpoint's configuration (not its counter slot).
-fn ep_conf(e: &EpVal) -> (u32, u16, u16, u32) {
+fn ep_conf(e: &EpVal) -> (Addr, u16, u16, u32) {
     (e.addr, e.port, e.weight, e.flags)
 }
 
@@ -100,7 +103,7 @@ fn ep_conf(e: &EpVal) -> (u32, u16, u16, u32) {
 /// a removed endpoint is not handed out again soon.
 #[derive(Debug, Default)]
 struct StatSlots {
-    by_ep: BTreeMap<(u32, u32, u16), u32>,
+    by_ep: BTreeMap<(u32, Addr, u16), u32>,
     free: std::collections::VecDeque<u32>,
     next: u32,
 }
@@ -127,7 +130,7 @@ impl StatSlots {
     }
 
     fn release_rule_except(&mut self, rule: u32, keep: &[EpVal]) {
-        let gone: Vec<(u32, u32, u16)> = self
+        let gone: Vec<(u32, Addr, u16)> = self
             .by_ep
             .keys()
             .filter(|(r, a, p)| *r == rule && !keep.iter().any(|e| e.addr == *a && e.port == *p))
@@ -168,7 +171,12 @@ pub fn table_for(sel: u8, eps: &[EpVal]) -> Vec<u16> {
         let ids: Vec<Vec<u8>> = eps
             .iter()
             .map(|e| {
-                let mut id = e.addr.to_ne_bytes().to_vec();
+                // IPv4: the 4 address bytes (as before IPv6 existed, so
+                // tables did not move); IPv6: all 16.
+                let mut id = match ip_from_addr(&e.addr) {
+                    IpAddr::V4(a) => a.octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
                 id.extend_from_slice(&e.port.to_ne_bytes());
                 id
             })
@@ -186,11 +194,11 @@ struct Want {
     persist_timeout_s: u32,
     mode: u8,
     sel: u8,
-    src_ranges: BTreeSet<Ipv4Net>,
+    src_ranges: BTreeSet<IpNet>,
 }
 
 impl Want {
-    fn of(r: &Rule, down: &dyn Fn(&str, std::net::Ipv4Addr, u16) -> bool) -> Self {
+    fn of(r: &Rule, down: &dyn Fn(&str, IpAddr, u16) -> bool) -> Self {
         Want {
             eps: r
                 .endpoints
@@ -226,17 +234,18 @@ impl Want {
 pub struct Rules {
     installed: BTreeMap<SvcKeyOrd, Installed>,
     filter: Vec<u64>,
-    vips: BTreeSet<u32>,
+    vips: BTreeSet<Addr>,
     slots: StatSlots,
 }
 
-/// `SvcKey4` ordered by its bytes (for deterministic iteration).
+/// `SvcKey` ordered by address, port, protocol (for deterministic
+/// iteration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct SvcKeyOrd(u32, u16, u8);
+struct SvcKeyOrd(IpAddr, u16, u8);
 
-impl From<SvcKey4> for SvcKeyOrd {
-    fn from(k: SvcKey4) -> Self {
-        SvcKeyOrd(u32::from_be(k.addr), u16::from_be(k.port), k.proto)
+impl From<SvcKey> for SvcKeyOrd {
+    fn from(k: SvcKey) -> Self {
+        SvcKeyOrd(ip_from_addr(&k.addr), u16::from_be(k.port), k.proto)
     }
 }
 
@@ -277,11 +286,11 @@ impl Rules {
         &mut self,
         t: &mut dyn RuleTable,
         rule: &str,
-        addr: std::net::Ipv4Addr,
+        addr: IpAddr,
         port: u16,
         up: bool,
     ) -> Result<bool> {
-        let a = u32::from_ne_bytes(addr.octets());
+        let a = addr_from_ip(addr);
         let p = port.to_be();
         let Some(inst) = self.installed.values_mut().find(|i| i.name == rule) else {
             return Ok(false);
@@ -317,8 +326,8 @@ impl Rules {
 
     fn compute_filter(&self) -> Vec<u64> {
         let mut f = vec![0u64; ADDR_FILTER_WORDS as usize];
-        let mut set = |addr: u32| {
-            let (w, b) = addr_filter_bit(addr);
+        let mut set = |addr: Addr| {
+            let (w, b) = addr_filter_bit(addr_fold(&addr));
             f[w as usize] |= 1 << b;
         };
         for i in self.installed.values() {
@@ -341,7 +350,7 @@ impl Rules {
         &mut self,
         desired: &[Rule],
         t: &mut dyn RuleTable,
-        down: &dyn Fn(&str, std::net::Ipv4Addr, u16) -> bool,
+        down: &dyn Fn(&str, IpAddr, u16) -> bool,
     ) -> Result<Report> {
         let mut report = Report::default();
         if desired.len() > loxilb_common::MAX_SERVICES as usize {
@@ -434,7 +443,7 @@ impl Rules {
             }
         }
         self.filter = filter;
-        let vips: BTreeSet<u32> = self.installed.values().map(|i| i.key.addr).collect();
+        let vips: BTreeSet<Addr> = self.installed.values().map(|i| i.key.addr).collect();
         for v in vips.difference(&self.vips) {
             t.put_vip(*v)?;
         }
@@ -480,7 +489,7 @@ fn install(t: &mut dyn RuleTable, inst: &mut Installed, bank: u8, w: Want) -> Re
     };
     t.put_service(
         inst.key,
-        SvcVal4 {
+        SvcVal {
             rule_id,
             ep_count: w.eps.len() as u32,
             timeout_s: w.timeout_s,
@@ -518,24 +527,24 @@ pub mod tests {
     /// An in-memory stand-in for the datapath maps.
     #[derive(Default, Debug)]
     pub struct MemTable {
-        pub svcs: HashMap<SvcKey4, SvcVal4>,
+        pub svcs: HashMap<SvcKey, SvcVal>,
         pub eps: HashMap<EpKey, EpVal>,
         pub filter: HashMap<u32, u64>,
         pub chunks: HashMap<SelKey, SelChunk>,
-        pub ranges: std::collections::HashSet<(u32, Ipv4Net)>,
+        pub ranges: std::collections::HashSet<(u32, IpNet)>,
         pub flushed: Vec<u32>,
         pub ep_resets: Vec<u32>,
-        pub vips: std::collections::BTreeSet<u32>,
+        pub vips: std::collections::BTreeSet<Addr>,
         pub writes: usize,
     }
 
     impl RuleTable for MemTable {
-        fn put_service(&mut self, key: SvcKey4, val: SvcVal4) -> Result<()> {
+        fn put_service(&mut self, key: SvcKey, val: SvcVal) -> Result<()> {
             self.writes += 1;
             self.svcs.insert(key, val);
             Ok(())
         }
-        fn delete_service(&mut self, key: SvcKey4) -> Result<()> {
+        fn delete_service(&mut self, key: SvcKey) -> Result<()> {
             self.writes += 1;
             self.svcs.remove(&key);
             Ok(())
@@ -564,12 +573,12 @@ pub mod tests {
             self.chunks.remove(&key);
             Ok(())
         }
-        fn put_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
+        fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
             self.writes += 1;
             self.ranges.insert((rule_id, net));
             Ok(())
         }
-        fn delete_src_range(&mut self, rule_id: u32, net: Ipv4Net) -> Result<()> {
+        fn delete_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
             self.writes += 1;
             self.ranges.remove(&(rule_id, net));
             Ok(())
@@ -577,11 +586,11 @@ pub mod tests {
         fn reset_rule_stats(&mut self, _rule_id: u32) -> Result<()> {
             Ok(())
         }
-        fn put_vip(&mut self, vip: u32) -> Result<()> {
+        fn put_vip(&mut self, vip: Addr) -> Result<()> {
             self.vips.insert(vip);
             Ok(())
         }
-        fn delete_vip(&mut self, vip: u32) -> Result<()> {
+        fn delete_vip(&mut self, vip: Addr) -> Result<()> {
             self.vips.remove(&vip);
             Ok(())
         }
@@ -604,7 +613,7 @@ pub mod tests {
   - {name: b, vip: 20.0.0.1, port: 53, protocol: udp, endpoints: [{ip: 10.0.0.3, port: 53}]}
 ";
 
-    fn active_eps(t: &MemTable, key: SvcKey4) -> Vec<EpVal> {
+    fn active_eps(t: &MemTable, key: SvcKey) -> Vec<EpVal> {
         let s = t.svcs[&key];
         (0..s.ep_count)
             .map(|i| t.eps[&EpKey::new(s.rule_id, s.ep_bank, i)])
@@ -785,7 +794,8 @@ pub mod tests {
         assert_eq!(eps[1].flags, loxilb_common::ep_flags::INACTIVE);
         assert_eq!(eps[0].flags, 0);
         // Re-applying the same file with the same liveness changes nothing.
-        let down = |rule: &str, ip: std::net::Ipv4Addr, _| rule == "a" && ip.octets()[3] == 2;
+        let down =
+            |rule: &str, ip: IpAddr, _| rule == "a" && ip == "10.0.0.2".parse::<IpAddr>().unwrap();
         let rep = r.apply_with(&rules(TWO), &mut t, &down).unwrap();
         assert_eq!(rep.unchanged, 2);
         // An endpoint change keeps the down endpoint inactive in the new bank.

@@ -119,8 +119,8 @@ mod tests {
     fn flows() -> impl Iterator<Item = u32> {
         (0..100_000u32).map(|i| {
             flow_hash(
-                (0x0a00_0000 + i).to_be(),
-                0x1400_0064u32.to_be(),
+                &loxilb_common::v4_mapped((0x0a00_0000 + i).to_be()),
+                &loxilb_common::v4_mapped(0x1400_0064u32.to_be()),
                 (1024 + (i % 60000) as u16).to_be(),
                 80u16.to_be(),
                 6,

@@ -1,13 +1,19 @@
 //! Human-readable tables of rules, sessions and counters (the CLI).
 
-use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::HashMap, fmt::Write as _, net::IpAddr};
 
 use loxilb_common::{
-    ct_dir, ct_state, CtKey4, CtVal4, EpKey, EpStats, EpVal, RuleStats, SvcKey4, SvcVal4,
+    ct_dir, ct_state, ip_from_addr, Addr, CtKey, CtVal, EpKey, EpStats, EpVal, RuleStats, SvcKey,
+    SvcVal,
 };
 
-fn ip(a: u32) -> Ipv4Addr {
-    Ipv4Addr::from(a.to_ne_bytes())
+fn ip(a: Addr) -> IpAddr {
+    ip_from_addr(&a)
+}
+
+/// `a.b.c.d:port` or `[v6]:port`, port in network order.
+fn hp(a: Addr, p: u16) -> String {
+    std::net::SocketAddr::new(ip(a), u16::from_be(p)).to_string()
 }
 
 fn port(p: u16) -> u16 {
@@ -21,7 +27,7 @@ fn proto(p: u8) -> String {
 }
 
 pub fn rules_table(
-    svcs: &[(SvcKey4, SvcVal4)],
+    svcs: &[(SvcKey, SvcVal)],
     eps: &HashMap<EpKey, EpVal>,
     stats: &HashMap<u32, RuleStats>,
 ) -> String {
@@ -37,9 +43,8 @@ pub fn rules_table(
         let list: Vec<String> = (0..v.ep_count)
             .map(|i| match eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) {
                 Some(e) => format!(
-                    "{}:{}{}{}",
-                    ip(e.addr),
-                    port(e.port),
+                    "{}{}{}",
+                    hp(e.addr, e.port),
                     if e.weight > 1 {
                         format!("*{}", e.weight)
                     } else {
@@ -59,7 +64,7 @@ pub fn rules_table(
             out,
             "{:<5} {:<22} {:<5} {:<8} {:<7} {:<8} {:>9} {:>10} {:>7} {}",
             v.rule_id,
-            format!("{}:{}", ip(k.addr), port(k.port)),
+            hp(k.addr, k.port),
             proto(k.proto),
             match v.mode {
                 0 => "default",
@@ -90,8 +95,8 @@ pub fn rules_table(
 }
 
 /// One line per session (the forward entry, joined with its reply entry).
-pub fn sessions_table(sessions: &[(CtKey4, CtVal4)], now_ns: u64) -> String {
-    let by_key: HashMap<CtKey4, CtVal4> = sessions.iter().copied().collect();
+pub fn sessions_table(sessions: &[(CtKey, CtVal)], now_ns: u64) -> String {
+    let by_key: HashMap<CtKey, CtVal> = sessions.iter().copied().collect();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -102,7 +107,7 @@ pub fn sessions_table(sessions: &[(CtKey4, CtVal4)], now_ns: u64) -> String {
         .iter()
         .filter(|(_, v)| v.dir == ct_dir::FORWARD)
         .collect();
-    rows.sort_by_key(|(k, _)| (k.proto, u32::from_be(k.saddr), u16::from_be(k.sport)));
+    rows.sort_by_key(|(k, _)| (k.proto, ip(k.saddr), u16::from_be(k.sport)));
     for (k, v) in rows {
         let reply = by_key.get(&v.peer);
         let state = if v.state & ct_state::RST != 0 {
@@ -121,9 +126,9 @@ pub fn sessions_table(sessions: &[(CtKey4, CtVal4)], now_ns: u64) -> String {
             out,
             "{:<5} {:<22} {:<22} {:<22} {:<9} {:>5}s {:>10} {:>10}",
             proto(k.proto),
-            format!("{}:{}", ip(k.saddr), port(k.sport)),
-            format!("{}:{}", ip(k.daddr), port(k.dport)),
-            format!("{}:{}", ip(v.xdaddr), port(v.xdport)),
+            hp(k.saddr, k.sport),
+            hp(k.daddr, k.dport),
+            hp(v.xdaddr, v.xdport),
             state,
             now_ns.saturating_sub(last) / 1_000_000_000,
             v.packets,
@@ -152,7 +157,7 @@ pub fn monotonic_ns() -> u64 {
 /// One line per endpoint of every rule: state, active sessions, counters.
 /// `stats` holds (counters, active sessions) by `EpVal::stat_idx`.
 pub fn endpoints_table(
-    svcs: &[(SvcKey4, SvcVal4)],
+    svcs: &[(SvcKey, SvcVal)],
     eps: &HashMap<EpKey, EpVal>,
     stats: &HashMap<u32, (EpStats, u64)>,
     probes: &[crate::probe::TargetStatus],
@@ -173,9 +178,7 @@ pub fn endpoints_table(
             let (st, active) = stats.get(&e.stat_idx).copied().unwrap_or_default();
             let probe = probes
                 .iter()
-                .find(|p| {
-                    p.key.addr == std::net::IpAddr::V4(ip(e.addr)) && p.key.port == port(e.port)
-                })
+                .find(|p| p.key.addr == ip(e.addr) && p.key.port == port(e.port))
                 .map(|p| {
                     format!(
                         "{} {} ({})",
@@ -191,8 +194,8 @@ pub fn endpoints_table(
                 out,
                 "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  {}",
                 v.rule_id,
-                format!("{}:{}/{}", ip(k.addr), port(k.port), proto(k.proto)),
-                format!("{}:{}", ip(e.addr), port(e.port)),
+                format!("{}/{}", hp(k.addr, k.port), proto(k.proto)),
+                hp(e.addr, e.port),
                 e.weight,
                 if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
                     "inactive"

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use loxilb_common::{
-    ct_dir, ct_state, flow_hash, stat, CtKey4, CtVal4, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP,
+    ct_dir, ct_state, flow_hash, mix32, stat, Addr, CtKey, CtVal, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{count, ep_active_add, ep_stats, LB_CT4, LB_SCRATCH_CT},
+    maps::{count, ep_active_add, ep_stats, LB_CT, LB_SCRATCH_CT},
     parse::{ptr_at, Pkt},
 };
 
@@ -18,8 +18,8 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
-pub fn key_of(p: &Pkt) -> CtKey4 {
-    CtKey4 {
+pub fn key_of(p: &Pkt) -> CtKey {
+    CtKey {
         saddr: p.saddr,
         daddr: p.daddr,
         sport: p.sport,
@@ -39,7 +39,7 @@ pub fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-fn idle(v: *const CtVal4, now: u64) -> bool {
+fn idle(v: *const CtVal, now: u64) -> bool {
     unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).timeout_s as u64 * NS }
 }
 
@@ -58,13 +58,7 @@ fn tcp_flags(p: &Pkt, end: usize) -> u8 {
 pub enum Ct {
     /// Live session: translate to this tuple; `v` is the entry (its
     /// next-hop cache is used by forwarding).
-    Hit {
-        xs: u32,
-        xd: u32,
-        xsp: u16,
-        xdp: u16,
-        v: *mut CtVal4,
-    },
+    Hit { x: Xlate, v: *mut CtVal },
     /// No live session (none, idle past its timeout, or a new SYN on a
     /// closed one).
     Miss,
@@ -72,8 +66,8 @@ pub enum Ct {
 
 /// Look the packet up and, on a hit, account it and advance TCP state.
 #[inline(always)]
-pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
-    let Some(v) = LB_CT4.get_ptr_mut(key) else {
+pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
+    let Some(v) = LB_CT.get_ptr_mut(key) else {
         return Ct::Miss;
     };
     let flags = tcp_flags(p, end);
@@ -96,10 +90,12 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
             tcp_close(v, flags);
         }
         Ct::Hit {
-            xs: (*v).xsaddr,
-            xd: (*v).xdaddr,
-            xsp: (*v).xsport,
-            xdp: (*v).xdport,
+            x: Xlate {
+                xs: (*v).xsaddr,
+                xd: (*v).xdaddr,
+                xsp: (*v).xsport,
+                xdp: (*v).xdport,
+            },
             v,
         }
     }
@@ -108,40 +104,40 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey4, now: u64) -> Ct {
 /// Idle past its timeout in both directions (a one-way flow refreshes only
 /// its own direction).
 #[inline(always)]
-unsafe fn over(v: *const CtVal4, now: u64) -> bool {
+unsafe fn over(v: *const CtVal, now: u64) -> bool {
     unsafe { idle(v, now) && peer_idle(v, now) }
 }
 
 /// Remove the session `key` (entry `v`) and its reply entry; its endpoint
 /// stops counting it as active (unless a close already did).
 #[inline(always)]
-pub unsafe fn end_session(key: &CtKey4, v: *const CtVal4) {
+pub unsafe fn end_session(key: &CtKey, v: *const CtVal) {
     unsafe {
         if (*v).state & ct_state::RELEASED == 0 {
             ep_active_add((*v).ep_stat, -1);
         }
         let peer = (*v).peer;
-        let _ = LB_CT4.remove(&peer);
-        let _ = LB_CT4.remove(key);
+        let _ = LB_CT.remove(&peer);
+        let _ = LB_CT.remove(key);
     }
 }
 
 /// A one-way flow refreshes only its own direction; the session is idle only
 /// when both directions are.
 #[inline(always)]
-unsafe fn peer_idle(v: *const CtVal4, now: u64) -> bool {
+unsafe fn peer_idle(v: *const CtVal, now: u64) -> bool {
     let peer = unsafe { (*v).peer };
-    match LB_CT4.get_ptr(&peer) {
+    match LB_CT.get_ptr(&peer) {
         Some(pv) => idle(pv, now),
         None => true,
     }
 }
 
 #[inline(never)]
-fn tcp_close(v: *mut CtVal4, flags: u8) {
+fn tcp_close(v: *mut CtVal, flags: u8) {
     unsafe {
         let peer_key = (*v).peer;
-        let Some(pv) = LB_CT4.get_ptr_mut(&peer_key) else {
+        let Some(pv) = LB_CT.get_ptr_mut(&peer_key) else {
             // No reply entry (DSR: we see one direction only): a FIN or an
             // RST from the client closes the session.
             if (*v).state & ct_state::RELEASED == 0 {
@@ -177,8 +173,8 @@ fn tcp_close(v: *mut CtVal4, flags: u8) {
 /// The tuple a packet is translated to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Xlate {
-    pub xs: u32,
-    pub xd: u32,
+    pub xs: Addr,
+    pub xd: Addr,
     pub xsp: u16,
     pub xdp: u16,
 }
@@ -196,9 +192,11 @@ pub struct NewSession {
     pub snat: bool,
     pub port_lo: u16,
     pub port_hi: u16,
-    /// DSR: the endpoint; the packet keeps its tuple and there is no reply
-    /// entry (replies do not come back through us).
-    pub dsr_ep: u32,
+    /// DSR: the packet keeps its tuple and there is no reply entry
+    /// (replies do not come back through us); `dsr_ep` is the endpoint
+    /// (in the endpoint map).
+    pub dsr: bool,
+    pub dsr_ep: *const Addr,
 }
 
 const SNAT_TRIES: u32 = 16;
@@ -206,8 +204,8 @@ const SNAT_TRIES: u32 = 16;
 /// Remove the session owning `key` if it is over (idle past its timeout in
 /// both directions); true if it went.
 #[inline(always)]
-fn reclaim(key: &CtKey4, now: u64) -> bool {
-    let Some(v) = LB_CT4.get_ptr(key) else {
+fn reclaim(key: &CtKey, now: u64) -> bool {
+    let Some(v) = LB_CT.get_ptr(key) else {
         return true;
     };
     unsafe {
@@ -226,7 +224,7 @@ fn reclaim(key: &CtKey4, now: u64) -> bool {
 /// same tuple), or None when the session cannot be created (table full, no
 /// free source port: counted).
 #[inline(always)]
-pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
+pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
     // Built in per-CPU scratch space, not on the 512-byte BPF stack, and
     // zeroed with word stores (a zeroing struct literal becomes a memset
     // call in BPF).
@@ -234,7 +232,7 @@ pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
         return None;
     };
     let mut x = x;
-    let mut rev = CtKey4 {
+    let mut rev = CtKey {
         saddr: x.xd,
         daddr: x.xs,
         sport: x.xdp,
@@ -245,8 +243,8 @@ pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
     };
     unsafe {
         crate::zero_in_place(rv);
-        (*rv).xsaddr = fwd.daddr;
-        (*rv).xdaddr = fwd.saddr;
+        crate::set_addr(&mut (*rv).xsaddr, &fwd.daddr);
+        crate::set_addr(&mut (*rv).xdaddr, &fwd.saddr);
         (*rv).xsport = fwd.dport;
         (*rv).xdport = fwd.sport;
         (*rv).rule_id = n.rule_id;
@@ -258,26 +256,31 @@ pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*rv).ep_stat = n.ep_stat;
     }
     let rev_val = unsafe { &*rv };
-    if n.dsr_ep != 0 {
+    if n.dsr {
         // no reply entry
     } else if n.snat {
         // The reply entry is the port's allocation record: the first free
         // (endpoint, source, port) tuple wins; it is released with the
         // session.
         let range = (n.port_hi as u32).saturating_sub(n.port_lo as u32) + 1;
-        let h = flow_hash(fwd.saddr, fwd.daddr, fwd.sport, fwd.dport, fwd.proto);
+        let h = flow_hash(&fwd.saddr, &fwd.daddr, fwd.sport, fwd.dport, fwd.proto);
         let mut i = 0;
         let mut ok = false;
         while i < SNAT_TRIES {
-            let port = n.port_lo as u32 + (h.wrapping_add(i.wrapping_mul(7919))) % range;
+            // An independent hash per try (not a fixed stride from one
+            // start: flows whose starts are near would then share their
+            // whole probe sequence, and runs of taken ports fail new
+            // sessions at a third of the range in use).
+            let port =
+                n.port_lo as u32 + mix32(h ^ i.wrapping_add(1).wrapping_mul(0x9e37_79b9)) % range;
             rev.dport = (port as u16).to_be();
-            if LB_CT4.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
+            if LB_CT.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
                 ok = true;
                 break;
             }
             // Taken: by a live session, or by one that ended and was never
             // seen again (nothing removed it). Reclaim the latter.
-            if reclaim(&rev, n.now) && LB_CT4.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
+            if reclaim(&rev, n.now) && LB_CT.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
                 ok = true;
                 break;
             }
@@ -288,15 +291,15 @@ pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
             return None;
         }
         x.xsp = rev.dport;
-    } else if LB_CT4.insert(&rev, rev_val, 0).is_err() {
+    } else if LB_CT.insert(&rev, rev_val, 0).is_err() {
         // Reply entry first, so a fast reply never finds half a session.
         count(stat::DROP_CT_FULL);
         return None;
     }
     unsafe {
         crate::zero_in_place(fv);
-        (*fv).xsaddr = x.xs;
-        (*fv).xdaddr = x.xd;
+        crate::set_addr(&mut (*fv).xsaddr, &x.xs);
+        crate::set_addr(&mut (*fv).xdaddr, &x.xd);
         (*fv).xsport = x.xsp;
         (*fv).xdport = x.xdp;
         (*fv).rule_id = n.rule_id;
@@ -304,19 +307,21 @@ pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*fv).last_seen_ns = n.now;
         (*fv).packets = 1;
         (*fv).bytes = n.l3_len as u64;
-        if n.dsr_ep == 0 {
+        if !n.dsr {
             (*fv).peer = rev;
         }
         (*fv).dir = ct_dir::FORWARD;
         (*fv).mode = n.mode;
         (*fv).ep_stat = n.ep_stat;
-        (*fv).dsr_ep = n.dsr_ep;
+        if n.dsr {
+            crate::set_addr(&mut (*fv).dsr_ep, &*n.dsr_ep);
+        }
     }
     let fwd_val = unsafe { &*fv };
-    if LB_CT4.insert(fwd, fwd_val, BPF_NOEXIST as u64).is_err() {
+    if LB_CT.insert(fwd, fwd_val, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this session first: follow its choice (and
         // drop our reply entry unless it is the very same one).
-        return match LB_CT4.get_ptr(fwd) {
+        return match LB_CT.get_ptr(fwd) {
             Some(v) => unsafe {
                 let won = Xlate {
                     xs: (*v).xsaddr,
@@ -324,14 +329,14 @@ pub fn create(fwd: &CtKey4, x: Xlate, n: &NewSession) -> Option<Xlate> {
                     xsp: (*v).xsport,
                     xdp: (*v).xdport,
                 };
-                if won != x && n.dsr_ep == 0 {
-                    let _ = LB_CT4.remove(&rev);
+                if won != x && !n.dsr {
+                    let _ = LB_CT.remove(&rev);
                 }
                 Some(won)
             },
             None => {
-                if n.dsr_ep == 0 {
-                    let _ = LB_CT4.remove(&rev);
+                if !n.dsr {
+                    let _ = LB_CT.remove(&rev);
                 }
                 count(stat::DROP_CT_FULL);
                 None

@@ -5,10 +5,21 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_xdp_adjust_head},
+    btf_maps::ProgramArray,
+    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_proto, bpf_xdp_adjust_head},
+    macros::btf_map,
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
+
+/// Tail-call targets of the XDP and TC programs (one array per program
+/// type; the agent fills them after loading), indexed by
+/// `loxilb_common::JMP_*`.
+#[btf_map]
+pub static LB_JMP_XDP: ProgramArray<{ JMP_SLOTS as usize }> = ProgramArray::new();
+#[btf_map]
+pub static LB_JMP_TC: ProgramArray<{ JMP_SLOTS as usize }> = ProgramArray::new();
+use loxilb_common::JMP_SLOTS;
 
 /// What the datapath decided for a packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -30,9 +41,82 @@ pub trait PktCtx {
     /// Insert `len` bytes right after the Ethernet header (for an outer
     /// L3 header); every packet pointer is invalid afterwards.
     fn grow_l3(&self, len: u32) -> bool;
+    /// NAT64: make the IPv6 packet's L3 header 20 bytes shorter (the
+    /// frame then holds the Ethernet header, with EtherType IPv4, and 20
+    /// bytes for the IPv4 header the caller writes, then the L4 header).
+    fn to_v4(&self) -> bool;
+    /// NAT64 replies: make the IPv4 packet's L3 header 20 bytes longer
+    /// (Ethernet header with EtherType IPv6, 40 bytes for the caller's
+    /// IPv6 header, then the L4 header).
+    fn to_v6(&self) -> bool;
+    /// Continue in program `idx` (`loxilb_common::JMP_*`) of this hook's
+    /// tail-call array; returns only if it is not there.
+    fn tail_call(&self, idx: u32);
+}
+
+/// Set the EtherType of the frame at `data` (no VLAN tag: the callers
+/// translate untagged frames only).
+#[inline(always)]
+fn set_ethertype(data: usize, end: usize, proto_be: u16) -> bool {
+    if data + 14 > end {
+        return false;
+    }
+    unsafe { *((data + 12) as *mut u16) = proto_be };
+    true
+}
+
+/// Copy the 14-byte Ethernet header from `src` to `dst` (word by word,
+/// volatile: a plain copy becomes a memmove call). `dst < src`: copy
+/// forwards; else backwards, so overlapping ranges are safe.
+#[inline(always)]
+unsafe fn move_eth(src: usize, dst: usize) {
+    let s = src as *const u16;
+    let d = dst as *mut u16;
+    if dst < src {
+        let mut i = 0;
+        while i < 7 {
+            unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+            i += 1;
+        }
+    } else {
+        let mut i = 7;
+        while i > 0 {
+            i -= 1;
+            unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        }
+    }
 }
 
 impl PktCtx for XdpContext {
+    #[inline(always)]
+    fn to_v4(&self) -> bool {
+        let data = self.data();
+        if data + 20 + 14 > self.data_end() {
+            return false;
+        }
+        // Ethernet header 20 bytes later, then drop the first 20 bytes.
+        unsafe { move_eth(data, data + 20) };
+        if unsafe { bpf_xdp_adjust_head(self.ctx, 20) } != 0 {
+            return false;
+        }
+        set_ethertype(self.data(), self.data_end(), 0x0800u16.to_be())
+    }
+    #[inline(always)]
+    fn to_v6(&self) -> bool {
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -20) } != 0 {
+            return false;
+        }
+        let data = self.data();
+        if data + 20 + 14 > self.data_end() {
+            return false;
+        }
+        unsafe { move_eth(data + 20, data) };
+        set_ethertype(data, self.data_end(), 0x86ddu16.to_be())
+    }
+    #[inline(always)]
+    fn tail_call(&self, idx: u32) {
+        unsafe { LB_JMP_XDP.tail_call(self, idx) };
+    }
     #[inline(always)]
     fn grow_l3(&self, len: u32) -> bool {
         if unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) } != 0 {
@@ -75,6 +159,26 @@ impl PktCtx for XdpContext {
 }
 
 impl PktCtx for TcContext {
+    #[inline(always)]
+    fn to_v4(&self) -> bool {
+        // Removes 20 bytes right after the MAC header.
+        if unsafe { bpf_skb_change_proto(self.skb.skb, 0x0800u16.to_be(), 0) } != 0 {
+            return false;
+        }
+        set_ethertype(self.data(), self.data_end(), 0x0800u16.to_be())
+    }
+    #[inline(always)]
+    fn to_v6(&self) -> bool {
+        // Inserts 20 bytes right after the MAC header.
+        if unsafe { bpf_skb_change_proto(self.skb.skb, 0x86ddu16.to_be(), 0) } != 0 {
+            return false;
+        }
+        set_ethertype(self.data(), self.data_end(), 0x86ddu16.to_be())
+    }
+    #[inline(always)]
+    fn tail_call(&self, idx: u32) {
+        unsafe { LB_JMP_TC.tail_call(self, idx) };
+    }
     #[inline(always)]
     fn grow_l3(&self, len: u32) -> bool {
         unsafe { bpf_skb_adjust_room(self.skb.skb, len as i32, BPF_ADJ_ROOM_MAC, 0) == 0 }

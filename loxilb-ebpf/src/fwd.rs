@@ -13,15 +13,16 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LOOKUP_SRC},
     helpers::bpf_fib_lookup,
 };
-use loxilb_common::{cfg_flags, csum, stat, CtVal4, NH_CACHE_NS};
+use loxilb_common::{cfg_flags, csum, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS};
 
 use crate::{
     ctx::{PktCtx, Verdict},
-    maps::{count, LB_CONFIG},
+    maps::{count, LB_CONFIG, LB_SCRATCH_FIB},
     parse::{ptr_at, Pkt, ETH_HLEN},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const RET_SUCCESS: i64 = 0;
 const RET_NO_NEIGH: i64 = 7;
 const RET_FRAG_NEEDED: i64 = 8;
@@ -34,27 +35,55 @@ pub struct Fib {
     /// [dst MAC, src MAC] as 16-bit words.
     pub macs: [u16; 6],
     /// Source address the kernel would use (with `BPF_FIB_LOOKUP_SRC`).
-    pub src: u32,
+    pub src: Addr,
     /// The next hop: `dst` itself when directly connected, else the gateway.
-    pub nexthop: u32,
+    pub nexthop: Addr,
 }
 
-/// Look `src -> dst` up in the FIB as a packet of `p`'s protocol and ports.
+/// Look `src -> dst` (both of one family; all-zero `src` = any) up in the
+/// FIB as a packet of `p`'s protocol and ports. `tot_len` is the packet's
+/// length from its IP header (for the MTU check).
 #[inline(always)]
-pub fn fib<C: PktCtx>(ctx: &C, p: &Pkt, tot_len: u16, src: u32, dst: u32, flags: u32) -> Fib {
-    // `mem::zeroed()` here would become a memset call in BPF.
-    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
-    let params = unsafe {
-        crate::zero_in_place(slot.as_mut_ptr());
-        &mut *slot.as_mut_ptr()
+pub fn fib<C: PktCtx>(ctx: &C, p: &Pkt, tot_len: u16, src: &Addr, dst: &Addr, flags: u32) -> Fib {
+    // In per-CPU scratch (the stack cannot spare 64 bytes), zeroed with
+    // word stores (`mem::zeroed()` would become a memset call in BPF).
+    let Some(params) = LB_SCRATCH_FIB.get_ptr_mut(0) else {
+        return Fib {
+            rc: -1,
+            ifindex: 0,
+            macs: [0; 6],
+            src: [0; 4],
+            nexthop: [0; 4],
+        };
     };
-    params.family = AF_INET;
+    let params = unsafe {
+        crate::zero_in_place(params);
+        &mut *params
+    };
+    let v4 = is_v4(dst);
     params.l4_protocol = p.proto;
     params.sport = p.sport;
     params.dport = p.dport;
     params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    if v4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = src[3];
+        params.__bindgen_anon_4.ipv4_dst = dst[3];
+    } else {
+        params.family = AF_INET6;
+        // Word by word, volatile: a constant (zero) source would otherwise
+        // become a memset call.
+        unsafe {
+            let s = params.__bindgen_anon_3.ipv6_src.as_mut_ptr();
+            let d = params.__bindgen_anon_4.ipv6_dst.as_mut_ptr();
+            let mut i = 0;
+            while i < 4 {
+                core::ptr::write_volatile(s.add(i), src[i]);
+                core::ptr::write_volatile(d.add(i), dst[i]);
+                i += 1;
+            }
+        }
+    }
     params.ifindex = ctx.ifindex();
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), params, size_of::<FibParams>() as i32, flags) };
     let d = params.dmac;
@@ -71,17 +100,30 @@ pub fn fib<C: PktCtx>(ctx: &C, p: &Pkt, tot_len: u16, src: u32, dst: u32, flags:
                 u16::from_ne_bytes([s[2], s[3]]),
                 u16::from_ne_bytes([s[4], s[5]]),
             ],
-            src: params.__bindgen_anon_3.ipv4_src,
-            nexthop: params.__bindgen_anon_4.ipv4_dst,
+            src: if v4 {
+                v4_mapped(params.__bindgen_anon_3.ipv4_src)
+            } else {
+                params.__bindgen_anon_3.ipv6_src
+            },
+            nexthop: if v4 {
+                v4_mapped(params.__bindgen_anon_4.ipv4_dst)
+            } else {
+                params.__bindgen_anon_4.ipv6_dst
+            },
         }
     }
 }
 
 /// The node's own address toward `ep` (onearm source), if it has a route.
 #[inline(always)]
-pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: u32) -> Option<u32> {
-    let f = fib(ctx, p, 0, 0, ep, BPF_FIB_LOOKUP_SRC);
-    if (f.rc == RET_SUCCESS || f.rc == RET_NO_NEIGH) && f.src != 0 {
+pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr) -> Option<Addr> {
+    let f = fib(ctx, p, 0, &[0; 4], ep, BPF_FIB_LOOKUP_SRC);
+    let has_src = if is_v4(&f.src) {
+        f.src[3] != 0
+    } else {
+        f.src != [0; 4]
+    };
+    if (f.rc == RET_SUCCESS || f.rc == RET_NO_NEIGH) && has_src {
         Some(f.src)
     } else {
         None
@@ -120,7 +162,7 @@ fn out<C: PktCtx>(ctx: &C, ifindex: u32) -> Verdict {
 
 /// The session's cached next hop, if still fresh.
 #[inline(always)]
-fn cached(ct: *mut CtVal4, now: u64) -> Option<(u32, [u16; 6])> {
+fn cached(ct: *mut CtVal, now: u64) -> Option<(u32, [u16; 6])> {
     unsafe {
         if !ct.is_null() && (*ct).nh_ifindex != 0 && now < (*ct).nh_expiry_ns {
             Some(((*ct).nh_ifindex, (*ct).nh_macs))
@@ -131,7 +173,7 @@ fn cached(ct: *mut CtVal4, now: u64) -> Option<(u32, [u16; 6])> {
 }
 
 #[inline(always)]
-fn remember(ct: *mut CtVal4, now: u64, ifindex: u32, macs: [u16; 6]) {
+fn remember(ct: *mut CtVal, now: u64, ifindex: u32, macs: [u16; 6]) {
     if !ct.is_null() {
         unsafe {
             (*ct).nh_ifindex = ifindex;
@@ -144,7 +186,7 @@ fn remember(ct: *mut CtVal4, now: u64, ifindex: u32, macs: [u16; 6]) {
 /// Forward a translated packet. `ct` is the session entry of this
 /// direction (its next-hop cache), `now` the current coarse monotonic time (ns).
 #[inline(always)]
-pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdict {
+pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, now: u64) -> Verdict {
     if via_stack(p) {
         count(stat::FWD_STACK);
         return Verdict::Pass;
@@ -152,14 +194,39 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdic
     let data = ctx.data();
     let end = ctx.data_end();
     unsafe {
-        let Some(hdr) = ptr_at::<[u8; 20]>(p.ip, end, 0) else {
-            return Verdict::Pass;
-        };
         let Some(eth) = ptr_at::<[u16; 6]>(data, end, 0) else {
             return Verdict::Pass;
         };
-        let h = &mut *hdr;
-        let ttl = h[8];
+        // TTL / hop limit, and what the FIB is asked: the addresses as
+        // they are now in the header (translated), not as parsed.
+        let (ttl_at, tot_len, src, dst) = if p.v6 {
+            let Some(h) = ptr_at::<[u32; 10]>(p.ip, end, 0) else {
+                return Verdict::Pass;
+            };
+            let h = &*h;
+            let plen = u16::from_be((h[1] & 0xffff) as u16);
+            (
+                p.ip + 7,
+                plen.saturating_add(40),
+                [h[2], h[3], h[4], h[5]],
+                [h[6], h[7], h[8], h[9]],
+            )
+        } else {
+            let Some(h) = ptr_at::<[u8; 20]>(p.ip, end, 0) else {
+                return Verdict::Pass;
+            };
+            let h = &*h;
+            (
+                p.ip + 8,
+                u16::from_be_bytes([h[2], h[3]]),
+                v4_mapped(u32::from_ne_bytes([h[12], h[13], h[14], h[15]])),
+                v4_mapped(u32::from_ne_bytes([h[16], h[17], h[18], h[19]])),
+            )
+        };
+        let Some(ttl_p) = ptr_at::<[u8; 2]>(ttl_at, end, 0) else {
+            return Verdict::Pass;
+        };
+        let ttl = (*ttl_p)[0];
         if ttl <= 1 {
             count(stat::PASS_TTL);
             return Verdict::Pass;
@@ -167,14 +234,7 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdic
         let (ifindex, macs) = match cached(ct, now) {
             Some(nh) => nh,
             None => {
-                let f = fib(
-                    ctx,
-                    p,
-                    u16::from_be_bytes([h[2], h[3]]),
-                    u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
-                    u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
-                    0,
-                );
+                let f = fib(ctx, p, tot_len, &src, &dst, 0);
                 if f.rc != RET_SUCCESS {
                     if !ct.is_null() {
                         (*ct).nh_ifindex = 0;
@@ -186,14 +246,21 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdic
                 (f.ifindex, f.macs)
             }
         };
-        // Decrement TTL as a router does; fix the header checksum.
-        let old = u16::from_ne_bytes([h[8], h[9]]);
-        let new = u16::from_ne_bytes([ttl - 1, h[9]]);
-        let c = csum::replace2(u16::from_ne_bytes([h[10], h[11]]), old, new);
-        h[8] = ttl - 1;
-        let cb = c.to_ne_bytes();
-        h[10] = cb[0];
-        h[11] = cb[1];
+        // Decrement TTL / hop limit as a router does; fix the IPv4 header
+        // checksum (IPv6 has none).
+        if !p.v6 {
+            let Some(h) = ptr_at::<[u8; 12]>(p.ip, end, 0) else {
+                return Verdict::Pass;
+            };
+            let h = &mut *h;
+            let old = u16::from_ne_bytes([h[8], h[9]]);
+            let new = u16::from_ne_bytes([ttl - 1, h[9]]);
+            let c = csum::replace2(u16::from_ne_bytes([h[10], h[11]]), old, new);
+            let cb = c.to_ne_bytes();
+            h[10] = cb[0];
+            h[11] = cb[1];
+        }
+        (*ttl_p)[0] = ttl - 1;
         set_macs(eth, &macs);
         out(ctx, ifindex)
     }
@@ -207,21 +274,30 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal4, now: u64) -> Verdic
 pub fn forward_dsr<C: PktCtx>(
     ctx: &C,
     p: &Pkt,
-    ct: *mut CtVal4,
+    ct: *mut CtVal,
     now: u64,
-    ep: u32,
+    ep: &Addr,
     ipip: bool,
 ) -> Verdict {
     if p.vlan {
         count(stat::FWD_STACK);
         return Verdict::Pass;
     }
+    if ipip && p.v6 {
+        // IPv6 in IPIP is not done (the agent refuses such rules).
+        count(stat::DROP_NO_ROUTE);
+        return Verdict::Drop;
+    }
     let end = ctx.data_end();
-    let Some(hdr) = (unsafe { ptr_at::<[u8; 20]>(p.ip, end, 0) }) else {
+    let Some(hdr) = (unsafe { ptr_at::<[u8; 8]>(p.ip, end, 0) }) else {
         return Verdict::Pass;
     };
     let h = unsafe { &*hdr };
-    let tot_len = u16::from_be_bytes([h[2], h[3]]);
+    let tot_len = if p.v6 {
+        u16::from_be_bytes([h[4], h[5]]).saturating_add(40)
+    } else {
+        u16::from_be_bytes([h[2], h[3]])
+    };
     let tos = h[1];
     // (`cached` is None for a null `ct`.)
     let (ifindex, macs, outer_src) = match cached(ct, now) {
@@ -231,8 +307,8 @@ pub fn forward_dsr<C: PktCtx>(
             let f = fib(
                 ctx,
                 p,
-                tot_len + extra,
-                0,
+                tot_len.saturating_add(extra),
+                &[0; 4],
                 ep,
                 if ipip { BPF_FIB_LOOKUP_SRC } else { 0 },
             );
@@ -251,7 +327,7 @@ pub fn forward_dsr<C: PktCtx>(
                 count(stat::FWD_STACK);
                 return Verdict::Pass;
             }
-            if !ipip && f.nexthop != ep {
+            if !ipip && f.nexthop != *ep {
                 // Behind a router: an L2 rewrite would hand the frame to
                 // the router, with the VIP as its destination.
                 count(stat::DROP_DSR_NO_L2);
@@ -276,8 +352,8 @@ pub fn forward_dsr<C: PktCtx>(
         let o = unsafe { &mut *outer };
         let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
         let len = (tot_len + 20).to_be_bytes();
-        let s = outer_src.to_ne_bytes();
-        let d = ep.to_ne_bytes();
+        let s = outer_src[3].to_ne_bytes();
+        let d = ep[3].to_ne_bytes();
         o[0] = w(0x45, tos);
         o[1] = w(len[0], len[1]);
         o[2] = 0; // id

@@ -6,10 +6,10 @@
 //! load balancer. The inner TCP/UDP checksum is left alone (nobody verifies
 //! it in an ICMP error; its field may not even be quoted).
 
-use loxilb_common::{csum, stat, CtKey4, IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{csum, is_v4, stat, v4_mapped, CtKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    maps::{count, LB_CT4, LB_VIPS4},
+    maps::{count, LB_CT, LB_VIPS},
     parse::{ptr_at, Icmp},
 };
 
@@ -32,7 +32,7 @@ pub fn echo_reply(data: usize, end: usize, p: &Icmp) -> bool {
             return false;
         };
         let ih = &mut *ih;
-        if ih[0] != ECHO_REQUEST || ih[1] != 0 || LB_VIPS4.get_ptr(&p.daddr).is_none() {
+        if ih[0] != ECHO_REQUEST || ih[1] != 0 || LB_VIPS.get_ptr(&v4_mapped(p.daddr)).is_none() {
             return false;
         }
         let (Some(hdr), Some(eth)) = (
@@ -117,19 +117,23 @@ pub fn translate_error(end: usize, p: &Icmp) -> bool {
         // The quoted packet was the output of a translation; the session's
         // entry for the opposite direction maps its reverse to the
         // original view.
-        let key = CtKey4 {
-            saddr: ind,
-            daddr: ins,
+        let key = CtKey {
+            saddr: v4_mapped(ind),
+            daddr: v4_mapped(ins),
             sport: idp,
             dport: isp,
             proto,
             _pad1: 0,
             _pad2: 0,
         };
-        let Some(e) = LB_CT4.get_ptr(&key) else {
+        let Some(e) = LB_CT.get_ptr(&key) else {
             return false;
         };
-        let (ns, nd, nsp, ndp) = ((*e).xdaddr, (*e).xsaddr, (*e).xdport, (*e).xsport);
+        // IPv4 sessions only (a NAT64 session's errors are not translated).
+        if !is_v4(&(*e).xdaddr) {
+            return false;
+        }
+        let (ns, nd, nsp, ndp) = ((*e).xdaddr[3], (*e).xsaddr[3], (*e).xdport, (*e).xsport);
         let Some(outer) = ptr_at::<[u8; 20]>(p.ip, end, 0) else {
             return false;
         };

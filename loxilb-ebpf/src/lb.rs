@@ -1,22 +1,23 @@
 //! The load-balancing datapath, written once for XDP and TC.
 
 use loxilb_common::{
-    addr_filter_bit, lb_mode, stat, svc_flags, SvcKey4, SNAT_PORT_HI, SNAT_PORT_LO,
+    addr_filter_bit, addr_fold, is_v4, lb_mode, stat, svc_flags, v4_mapped, Addr, CtKey, SvcKey,
+    JMP_NEW4, JMP_NEW6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
 };
 
 use crate::{
     conntrack::{self, Ct, NewSession, Xlate},
     ctx::{PktCtx, Verdict},
     fwd, icmp,
-    maps::{count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT4, LB_SERVICES4},
-    nat,
+    maps::{count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT, LB_SERVICES},
+    nat, nat64,
     parse::{self, Parsed},
     select,
 };
 
 #[inline(always)]
-fn maybe_ours(addr: u32) -> bool {
-    let (w, b) = addr_filter_bit(addr);
+fn maybe_ours(addr: &Addr) -> bool {
+    let (w, b) = addr_filter_bit(addr_fold(addr));
     match LB_ADDR_FILTER.get_ptr(w) {
         Some(word) => unsafe { *word & (1u64 << b) != 0 },
         None => false,
@@ -48,13 +49,14 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
     let p = parse::Pkt {
         ip: ic.ip,
         l4: ic.l4,
-        saddr,
-        daddr,
+        saddr: v4_mapped(saddr),
+        daddr: v4_mapped(daddr),
         sport: 0,
         dport: 0,
         proto: loxilb_common::IPPROTO_ICMP,
         vlan: ic.vlan,
         l3_len: (end - ic.ip) as u32,
+        v6: false,
     };
     fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
 }
@@ -65,18 +67,22 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
 #[inline(always)]
 pub fn egress<C: PktCtx>(ctx: &C) -> Verdict {
     let end = ctx.data_end();
-    if let Parsed::Icmp(ic) = parse::parse(ctx.data(), end) {
+    if let Parsed::Icmp(ic) = parse::parse::<false, false>(ctx.data(), end) {
         icmp::translate_error(end, &ic);
     }
     Verdict::Pass
 }
 
+/// The datapath for one packet. `V6`: the IPv6 program (reached by a tail
+/// call from the IPv4 one, which counted the packet already).
 #[inline(always)]
-pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
+pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     let data = ctx.data();
     let end = ctx.data_end();
-    count(stat::RX);
-    let p = match parse::parse(data, end) {
+    if !V6 {
+        count(stat::RX);
+    }
+    let p = match parse::parse::<V6, false>(data, end) {
         Parsed::Pkt(p) => p,
         Parsed::Icmp(ic) => return icmp_ingress(ctx, &ic),
         Parsed::Other => {
@@ -91,22 +97,25 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
             count(stat::PASS_MALFORMED);
             return Verdict::Pass;
         }
+        Parsed::Ext => {
+            count(stat::PASS_IPV6_EXT);
+            return Verdict::Pass;
+        }
+        Parsed::Ipv6 => {
+            ctx.tail_call(JMP_V6);
+            // Only reached when the IPv6 program is not loaded.
+            count(stat::PASS_NOT_SERVICE);
+            return Verdict::Pass;
+        }
     };
     // Cheap exit for traffic that touches no VIP and no endpoint.
-    if !maybe_ours(p.daddr) && !maybe_ours(p.saddr) {
+    if !maybe_ours(&p.daddr) && !maybe_ours(&p.saddr) {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     }
     let key = conntrack::key_of(&p);
     let now = conntrack::now_ns();
-    if let Ct::Hit {
-        xs,
-        xd,
-        xsp,
-        xdp,
-        v,
-    } = conntrack::lookup(&p, end, &key, now)
-    {
+    if let Ct::Hit { x, v } = conntrack::lookup(&p, end, &key, now) {
         count(stat::CT_HIT);
         if let Some(rs) = rule_stats(unsafe { (*v).rule_id }) {
             unsafe {
@@ -114,36 +123,58 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
                 (*rs).bytes += p.l3_len as u64;
             }
         }
-        let (dsr_ep, mode) = unsafe { ((*v).dsr_ep, (*v).mode) };
-        if dsr_ep != 0 {
-            return fwd::forward_dsr(ctx, &p, v, now, dsr_ep, mode == lb_mode::DSR_IPIP);
+        let mode = unsafe { (*v).mode };
+        if mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP {
+            let ep = unsafe { (*v).dsr_ep };
+            return fwd::forward_dsr(ctx, &p, v, now, &ep, mode == lb_mode::DSR_IPIP);
         }
-        if !nat::rewrite(&p, end, xs, xd, xsp, xdp) {
-            return Verdict::Pass;
-        }
-        return fwd::forward(ctx, &p, v, now);
+        return translate_and_forward(ctx, &p, &x, v, now);
     }
-    let skey = SvcKey4 {
+    // No live session: the new-flow program takes it from here.
+    ctx.tail_call(if V6 { JMP_NEW6 } else { JMP_NEW4 });
+    count(stat::PASS_NOT_SERVICE);
+    Verdict::Pass
+}
+
+/// The new-flow program (tail-called by `process` on a conntrack miss):
+/// its own program so that each gets the verifier's whole budget and the
+/// whole 512-byte stack. It parses the packet again (a few ns, on the first
+/// packet of a flow only).
+#[inline(always)]
+pub fn process_new<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
+    let p = match parse::parse::<V6, true>(ctx.data(), ctx.data_end()) {
+        Parsed::Pkt(p) => p,
+        _ => return Verdict::Pass,
+    };
+    let key = conntrack::key_of(&p);
+    new_session(ctx, &p, &key, conntrack::now_ns())
+}
+
+/// A packet with no live session: find its rule, pick an endpoint, create
+/// the session, translate and forward.
+#[inline(always)]
+fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Verdict {
+    let skey = SvcKey {
         addr: p.daddr,
         port: p.dport,
         proto: p.proto,
         _pad: 0,
     };
-    let Some(svc) = LB_SERVICES4.get_ptr_mut(&skey) else {
+    let Some(svc) = LB_SERVICES.get_ptr_mut(&skey) else {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     };
     let (rule_id, timeout_s, mode, flags) =
         unsafe { ((*svc).rule_id, (*svc).timeout_s, (*svc).mode, (*svc).flags) };
     let rs = rule_stats(rule_id);
-    if flags & svc_flags::SRC_RANGES != 0 && !src_allowed(rule_id, p.saddr) {
+    if flags & svc_flags::SRC_RANGES != 0 && !src_allowed(rule_id, &p.saddr) {
         count(stat::DROP_SRC_RANGE);
         if let Some(rs) = rs {
             unsafe { (*rs).drop_src_range += 1 };
         }
         return Verdict::Drop;
     }
-    let Some(ep) = select::select(svc, &p, now) else {
+    let Some(ep) = select::select(svc, p, now) else {
         count(stat::DROP_NO_ENDPOINT);
         if let Some(rs) = rs {
             unsafe { (*rs).drop_no_endpoint += 1 };
@@ -151,9 +182,21 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         return Verdict::Drop;
     };
     // The translation this mode asks for.
+    let v4 = is_v4(&ep.addr);
     let (fullnat_src, port_lo, port_hi) = match LB_CONFIG.get_ptr(0) {
-        Some(c) => unsafe { ((*c).fullnat_src, (*c).snat_port_lo, (*c).snat_port_hi) },
-        None => (0, SNAT_PORT_LO, SNAT_PORT_HI),
+        Some(c) => unsafe {
+            let src = if v4 {
+                if (*c).fullnat_src != 0 {
+                    v4_mapped((*c).fullnat_src)
+                } else {
+                    [0; 4]
+                }
+            } else {
+                (*c).fullnat_src6
+            };
+            (src, (*c).snat_port_lo, (*c).snat_port_hi)
+        },
+        None => ([0; 4], SNAT_PORT_LO, SNAT_PORT_HI),
     };
     let (port_lo, port_hi) = if port_lo == 0 || port_hi < port_lo {
         (SNAT_PORT_LO, SNAT_PORT_HI)
@@ -161,22 +204,28 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         (port_lo, port_hi)
     };
     let dsr = mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP;
-    let snat_src = if mode == lb_mode::FULLNAT {
-        if fullnat_src != 0 {
-            fullnat_src
-        } else {
-            p.daddr
-        }
-    } else if mode == lb_mode::ONEARM {
-        match fwd::src_toward(ctx, &p, ep.addr) {
-            Some(a) => a,
+    // NAT64: an IPv6 client cannot be an IPv4 packet's source, so the
+    // source is always translated: the full-NAT source, else the node's
+    // own address toward the endpoint (as onearm).
+    let nat64 = p.v6 && v4;
+    if nat64 && dsr {
+        count(stat::DROP_NAT64);
+        return Verdict::Drop;
+    }
+    let snat_src = if (mode == lb_mode::FULLNAT || nat64) && fullnat_src != [0; 4] {
+        Some(fullnat_src)
+    } else if mode == lb_mode::FULLNAT && !nat64 {
+        Some(p.daddr)
+    } else if mode == lb_mode::ONEARM || nat64 {
+        match fwd::src_toward(ctx, p, &ep.addr) {
+            Some(a) => Some(a),
             None => {
                 count(stat::DROP_NO_ROUTE);
                 return Verdict::Drop;
             }
         }
     } else {
-        0
+        None
     };
     let x = if dsr {
         Xlate {
@@ -185,9 +234,9 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
             xsp: p.sport,
             xdp: p.dport,
         }
-    } else if snat_src != 0 {
+    } else if let Some(src) = snat_src {
         Xlate {
-            xs: snat_src,
+            xs: src,
             xd: ep.addr,
             xsp: 0,
             xdp: ep.port,
@@ -207,12 +256,13 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
         l3_len: p.l3_len,
         now,
         ep_stat: ep.stat_idx,
-        snat: snat_src != 0,
+        snat: snat_src.is_some(),
         port_lo,
         port_hi,
-        dsr_ep: if dsr { ep.addr } else { 0 },
+        dsr,
+        dsr_ep: &ep.addr,
     };
-    let Some(x) = conntrack::create(&key, x, &n) else {
+    let Some(x) = conntrack::create(key, x, &n) else {
         return Verdict::Drop;
     };
     if let Some(rs) = rs {
@@ -222,17 +272,40 @@ pub fn process<C: PktCtx>(ctx: &C) -> Verdict {
             (*rs).bytes += p.l3_len as u64;
         }
     }
-    let v = LB_CT4.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
+    let v = LB_CT.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
     if dsr {
-        let verdict = fwd::forward_dsr(ctx, &p, v, now, ep.addr, mode == lb_mode::DSR_IPIP);
+        let verdict = fwd::forward_dsr(ctx, p, v, now, &ep.addr, mode == lb_mode::DSR_IPIP);
         if verdict == Verdict::Drop && !v.is_null() {
             // The endpoint cannot be reached this way: no session.
-            unsafe { conntrack::end_session(&key, v) };
+            unsafe { conntrack::end_session(key, v) };
         }
         return verdict;
     }
-    if !nat::rewrite(&p, end, x.xs, x.xd, x.xsp, x.xdp) {
+    translate_and_forward(ctx, p, &x, v, now)
+}
+
+/// Rewrite `p` to `x` (across families for NAT64 sessions) and forward it.
+#[inline(always)]
+fn translate_and_forward<C: PktCtx>(
+    ctx: &C,
+    p: &parse::Pkt,
+    x: &Xlate,
+    v: *mut loxilb_common::CtVal,
+    now: u64,
+) -> Verdict {
+    if p.v6 == is_v4(&x.xd) {
+        let q = if p.v6 {
+            nat64::to_v4(ctx, p, x)
+        } else {
+            nat64::to_v6(ctx, p, x)
+        };
+        return match q {
+            Some(q) => fwd::forward(ctx, &q, v, now),
+            None => Verdict::Drop,
+        };
+    }
+    if !nat::rewrite(p, ctx.data_end(), x) {
         return Verdict::Pass;
     }
-    fwd::forward(ctx, &p, v, now)
+    fwd::forward(ctx, p, v, now)
 }

@@ -16,6 +16,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod nat;
+mod nat64;
 mod parse;
 mod select;
 
@@ -30,14 +31,53 @@ use crate::ctx::PktCtx;
 /// The load balancer on an interface's XDP hook.
 #[xdp]
 pub fn loxilb_xdp(ctx: XdpContext) -> u32 {
-    ctx::xdp_action(lb::process(&ctx))
+    ctx::xdp_action(lb::process::<_, false>(&ctx))
+}
+
+/// Its IPv6 half, tail-called by `loxilb_xdp`.
+#[xdp]
+pub fn loxilb_xdp6(ctx: XdpContext) -> u32 {
+    ctx::xdp_action(lb::process::<_, true>(&ctx))
+}
+
+/// New flows (conntrack misses) of `loxilb_xdp`, tail-called.
+#[xdp]
+pub fn loxilb_xdp_new4(ctx: XdpContext) -> u32 {
+    ctx::xdp_action(lb::process_new::<_, false>(&ctx))
+}
+
+/// New flows of `loxilb_xdp6`, tail-called.
+#[xdp]
+pub fn loxilb_xdp_new6(ctx: XdpContext) -> u32 {
+    ctx::xdp_action(lb::process_new::<_, true>(&ctx))
 }
 
 /// The same datapath on a TC (clsact) hook, for paths XDP does not see.
 #[classifier]
 pub fn loxilb_tc(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
-    ctx::tc_action(lb::process(&ctx), ifindex)
+    ctx::tc_action(lb::process::<_, false>(&ctx), ifindex)
+}
+
+/// Its IPv6 half, tail-called by `loxilb_tc`.
+#[classifier]
+pub fn loxilb_tc6(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::process::<_, true>(&ctx), ifindex)
+}
+
+/// New flows of `loxilb_tc`, tail-called.
+#[classifier]
+pub fn loxilb_tc_new4(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::process_new::<_, false>(&ctx), ifindex)
+}
+
+/// New flows of `loxilb_tc6`, tail-called.
+#[classifier]
+pub fn loxilb_tc_new6(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::process_new::<_, true>(&ctx), ifindex)
 }
 
 /// TC egress: translates ICMP errors the stack generates about translated
@@ -64,6 +104,18 @@ pub(crate) unsafe fn zero_in_place<T>(p: *mut T) {
     let mut i = 0;
     while i < core::mem::size_of::<T>() / 4 {
         unsafe { core::ptr::write_volatile(w.add(i), 0) };
+        i += 1;
+    }
+}
+
+/// `*dst = *src` for an address, with volatile word stores: a plain copy
+/// between map values becomes a `memmove` call in BPF.
+#[inline(always)]
+pub(crate) fn set_addr(dst: &mut loxilb_common::Addr, src: &loxilb_common::Addr) {
+    let d = dst.as_mut_ptr();
+    let mut i = 0;
+    while i < 4 {
+        unsafe { core::ptr::write_volatile(d.add(i), src[i]) };
         i += 1;
     }
 }

@@ -8,19 +8,19 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, AffKey4, AffVal4, CtKey4, CtVal4, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, SelChunk,
-    SelKey, SrcRangeData4, SvcKey4, SvcVal4, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES,
-    MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    stat, Addr, AffKey, AffVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats,
+    SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY,
+    MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
-pub static LB_SERVICES4: HashMap<SvcKey4, SvcVal4, { MAX_SERVICES as usize }> = HashMap::new();
+pub static LB_SERVICES: HashMap<SvcKey, SvcVal, { MAX_SERVICES as usize }> = HashMap::new();
 
 #[btf_map]
 pub static LB_ENDPOINTS: HashMap<EpKey, EpVal, { MAX_ENDPOINT_SLOTS as usize }> = HashMap::new();
 
 #[btf_map]
-pub static LB_CT4: LruHashMap<CtKey4, CtVal4, { MAX_CT_ENTRIES as usize }> = LruHashMap::new();
+pub static LB_CT: LruHashMap<CtKey, CtVal, { MAX_CT_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
@@ -43,13 +43,11 @@ pub static LB_SEL_TABLE: HashMap<
 
 /// Source-IP affinity of `persist` rules.
 #[btf_map]
-pub static LB_AFFINITY4: LruHashMap<AffKey4, AffVal4, { MAX_AFFINITY as usize }> =
-    LruHashMap::new();
+pub static LB_AFFINITY: LruHashMap<AffKey, AffVal, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
 /// Allowed client prefixes per rule (`loadBalancerSourceRanges`).
 #[btf_map]
-pub static LB_SRC_RANGES4: LpmTrie<SrcRangeData4, u32, { MAX_SRC_RANGES as usize }> =
-    LpmTrie::new();
+pub static LB_SRC_RANGES: LpmTrie<SrcRangeData, u32, { MAX_SRC_RANGES as usize }> = LpmTrie::new();
 
 /// Per-rule counters, indexed by rule id.
 #[btf_map]
@@ -58,7 +56,7 @@ pub static LB_RULE_STATS: PerCpuArray<RuleStats, { MAX_SERVICES as usize + 1 }> 
 
 /// The VIPs (network order) -> flags; echo requests to them are answered.
 #[btf_map]
-pub static LB_VIPS4: HashMap<u32, u32, { MAX_SERVICES as usize }> = HashMap::new();
+pub static LB_VIPS: HashMap<Addr, u32, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// Per-endpoint counters, indexed by `EpVal::stat_idx`.
 #[btf_map]
@@ -98,15 +96,15 @@ pub fn ep_stats(idx: u32) -> Option<*mut EpStats> {
 }
 
 #[inline(always)]
-pub fn src_allowed(rule_id: u32, saddr: u32) -> bool {
+pub fn src_allowed(rule_id: u32, saddr: &Addr) -> bool {
     let key = LpmKey::new(
-        64,
-        SrcRangeData4 {
+        160,
+        SrcRangeData {
             rule_id_be: rule_id.to_be(),
-            addr: saddr,
+            addr: *saddr,
         },
     );
-    LB_SRC_RANGES4.get(&key).is_some()
+    LB_SRC_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]
@@ -117,7 +115,21 @@ pub fn rule_stats(rule_id: u32) -> Option<*mut RuleStats> {
 /// Per-CPU scratch space for building conntrack values (keeps them off the
 /// 512-byte BPF stack). Not pinned: it holds nothing between packets.
 #[btf_map]
-pub static LB_SCRATCH_CT: PerCpuArray<CtVal4, 2> = PerCpuArray::new();
+pub static LB_SCRATCH_CT: PerCpuArray<CtVal, 2> = PerCpuArray::new();
+
+/// Per-CPU scratch the IPv6 parser passes its L4 offset through (see
+/// `parse::parse6`).
+#[btf_map]
+pub static LB_SCRATCH_OFF: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch for an affinity value being written.
+#[btf_map]
+pub static LB_SCRATCH_AFF: PerCpuArray<AffVal, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch for `bpf_fib_lookup` parameters (64 bytes the stack
+/// cannot spare).
+#[btf_map]
+pub static LB_SCRATCH_FIB: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
 
 #[inline(always)]
 pub fn count(idx: u32) {

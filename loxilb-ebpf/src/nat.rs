@@ -1,19 +1,21 @@
-//! Rewrite a parsed packet to a translated tuple, keeping the IPv4 header
-//! checksum and the TCP/UDP checksum right incrementally (RFC 1624). A UDP
-//! checksum of 0 ("none") stays 0.
+//! Rewrite a parsed packet to a translated tuple, keeping the checksums
+//! right incrementally (RFC 1624): the IPv4 header checksum, and the
+//! TCP/UDP checksum, whose pseudo-header covers the addresses (IPv6 has no
+//! header checksum). A UDP-over-IPv4 checksum of 0 ("none") stays 0.
 
-use loxilb_common::{csum, IPPROTO_TCP};
+use loxilb_common::{csum, Addr, IPPROTO_TCP};
 
-use crate::parse::{ptr_at, Pkt};
+use crate::{
+    conntrack::Xlate,
+    parse::{ptr_at, Pkt},
+};
 
-/// Rewrite addresses/ports that differ from `(xs, xd, xsp, xdp)`.
-/// Returns false (packet untouched) if a header could not be reached.
+/// Rewrite addresses/ports that differ from `x` (of the packet's own
+/// family). Returns false (packet untouched) if a header could not be
+/// reached.
 #[inline(always)]
-pub fn rewrite(p: &Pkt, end: usize, xs: u32, xd: u32, xsp: u16, xdp: u16) -> bool {
+pub fn rewrite(p: &Pkt, end: usize, x: &Xlate) -> bool {
     unsafe {
-        let Some(ipc) = ptr_at::<u16>(p.ip, end, 10) else {
-            return false;
-        };
         let l4c_off = if p.proto == IPPROTO_TCP { 16 } else { 6 };
         let Some(l4c) = ptr_at::<u16>(p.l4, end, l4c_off) else {
             return false;
@@ -21,34 +23,48 @@ pub fn rewrite(p: &Pkt, end: usize, xs: u32, xd: u32, xsp: u16, xdp: u16) -> boo
         let Some(ports) = ptr_at::<[u16; 2]>(p.l4, end, 0) else {
             return false;
         };
-        let Some(addrs) = ptr_at::<[u32; 2]>(p.ip, end, 12) else {
-            return false;
-        };
-        let mut ic = *ipc;
         let mut lc = *l4c;
         // UDP over IPv4 may carry no checksum (0): leave it so.
-        let l4_sum = p.proto == IPPROTO_TCP || lc != 0;
-        if xs != p.saddr {
-            ic = csum::replace4(ic, p.saddr, xs);
-            lc = csum::replace4(lc, p.saddr, xs);
-            (*addrs)[0] = xs;
+        let l4_sum = p.proto == IPPROTO_TCP || lc != 0 || p.v6;
+        if p.v6 {
+            let Some(addrs) = ptr_at::<[Addr; 2]>(p.ip, end, 8) else {
+                return false;
+            };
+            lc = replace_addr(lc, &p.saddr, &x.xs);
+            lc = replace_addr(lc, &p.daddr, &x.xd);
+            (*addrs)[0] = x.xs;
+            (*addrs)[1] = x.xd;
+        } else {
+            let Some(ipc) = ptr_at::<u16>(p.ip, end, 10) else {
+                return false;
+            };
+            let Some(addrs) = ptr_at::<[u32; 2]>(p.ip, end, 12) else {
+                return false;
+            };
+            let mut ic = *ipc;
+            let (s, xs, d, xd) = (p.saddr[3], x.xs[3], p.daddr[3], x.xd[3]);
+            if xs != s {
+                ic = csum::replace4(ic, s, xs);
+                lc = csum::replace4(lc, s, xs);
+                (*addrs)[0] = xs;
+            }
+            if xd != d {
+                ic = csum::replace4(ic, d, xd);
+                lc = csum::replace4(lc, d, xd);
+                (*addrs)[1] = xd;
+            }
+            *ipc = ic;
         }
-        if xd != p.daddr {
-            ic = csum::replace4(ic, p.daddr, xd);
-            lc = csum::replace4(lc, p.daddr, xd);
-            (*addrs)[1] = xd;
+        if x.xsp != p.sport {
+            lc = csum::replace2(lc, p.sport, x.xsp);
+            (*ports)[0] = x.xsp;
         }
-        if xsp != p.sport {
-            lc = csum::replace2(lc, p.sport, xsp);
-            (*ports)[0] = xsp;
+        if x.xdp != p.dport {
+            lc = csum::replace2(lc, p.dport, x.xdp);
+            (*ports)[1] = x.xdp;
         }
-        if xdp != p.dport {
-            lc = csum::replace2(lc, p.dport, xdp);
-            (*ports)[1] = xdp;
-        }
-        *ipc = ic;
         if l4_sum {
-            // A computed UDP checksum of 0 is sent as 0xffff (RFC 768).
+            // A computed UDP checksum of 0 is sent as 0xffff (RFC 768/8200).
             if lc == 0 && p.proto != IPPROTO_TCP {
                 lc = 0xffff;
             }
@@ -56,4 +72,17 @@ pub fn rewrite(p: &Pkt, end: usize, xs: u32, xd: u32, xsp: u16, xdp: u16) -> boo
         }
         true
     }
+}
+
+/// A checksum after a 16-byte address changed from `old` to `new`.
+#[inline(always)]
+pub fn replace_addr(mut c: u16, old: &Addr, new: &Addr) -> u16 {
+    let mut i = 0;
+    while i < 4 {
+        if old[i] != new[i] {
+            c = csum::replace4(c, old[i], new[i]);
+        }
+        i += 1;
+    }
+    c
 }

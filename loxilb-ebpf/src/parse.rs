@@ -1,22 +1,33 @@
 //! Header parsing: Ethernet (+ one 802.1Q tag), IPv4 (options skipped,
-//! fragments flagged), TCP/UDP ports. Every read is bounds-checked against
-//! `data_end` so the verifier accepts it and garbage never over-reads.
+//! fragments flagged), IPv6 (extension headers walked to the L4 header
+//! within a fixed bound), TCP/UDP ports. Every read is bounds-checked
+//! against `data_end` so the verifier accepts it and garbage never
+//! over-reads.
 
-use loxilb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{v4_mapped, Addr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// IPv6 extension headers walked before giving up (passing the packet).
+const MAX_EXT_HDRS: u32 = 4;
+const NH_HOPOPTS: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_AH: u8 = 51;
+const NH_DSTOPTS: u8 = 60;
 const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
 
-/// Offsets (absolute addresses) and fields of a parsed IPv4 TCP/UDP packet.
+/// Offsets (absolute addresses) and fields of a parsed TCP/UDP packet.
 pub struct Pkt {
-    /// Start of the IPv4 header.
+    /// Start of the IP header.
     pub ip: usize,
     /// Start of the TCP/UDP header.
     pub l4: usize,
-    pub saddr: u32,
-    pub daddr: u32,
+    /// Addresses as in the maps (IPv4-mapped for IPv4).
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -24,6 +35,8 @@ pub struct Pkt {
     pub vlan: bool,
     /// Bytes from the IP header to the end of the frame.
     pub l3_len: u32,
+    /// An IPv6 packet.
+    pub v6: bool,
 }
 
 /// An unfragmented IPv4 ICMP packet.
@@ -43,6 +56,11 @@ pub enum Parsed {
     Other,
     Fragment,
     Malformed,
+    /// IPv6 with extension headers we do not walk through.
+    Ext,
+    /// An IPv6 packet, seen by the IPv4 program (which hands it to the
+    /// IPv6 program by a tail call).
+    Ipv6,
 }
 
 #[inline(always)]
@@ -53,8 +71,12 @@ pub unsafe fn ptr_at<T>(start: usize, end: usize, off: usize) -> Option<*mut T> 
     Some((start + off) as *mut T)
 }
 
+/// Parse a frame. `V6`: the IPv6 program (IPv4 and the rest are not its
+/// business); otherwise the IPv4 program, which reports IPv6 as `Ipv6`.
+/// Two programs, because one holding both paths is past the verifier's
+/// budget: each family is verified on its own. `LAUNDER`: see `parse6`.
 #[inline(always)]
-pub fn parse(data: usize, end: usize) -> Parsed {
+pub fn parse<const V6: bool, const LAUNDER: bool>(data: usize, end: usize) -> Parsed {
     unsafe {
         let Some(eth_proto) = ptr_at::<u16>(data, end, 12) else {
             return Parsed::Malformed;
@@ -70,7 +92,13 @@ pub fn parse(data: usize, end: usize) -> Parsed {
             l3 = ETH_HLEN + 4;
             vlan = true;
         }
-        if proto != ETH_P_IP_BE {
+        if proto == ETH_P_IPV6_BE {
+            if V6 {
+                return parse6(data + l3, end, vlan, LAUNDER);
+            }
+            return Parsed::Ipv6;
+        }
+        if V6 || proto != ETH_P_IP_BE {
             return Parsed::Other;
         }
         let ip = data + l3;
@@ -124,13 +152,113 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         Parsed::Pkt(Pkt {
             ip,
             l4,
-            saddr,
-            daddr,
+            saddr: v4_mapped(saddr),
+            daddr: v4_mapped(daddr),
             sport,
             dport,
             proto: l4_proto,
             vlan,
             l3_len: (end - ip) as u32,
+            v6: false,
+        })
+    }
+}
+
+/// IPv6: the fixed header, then up to `MAX_EXT_HDRS` extension headers
+/// (hop-by-hop, destination options, routing with no segments left, AH) to
+/// a TCP/UDP header. Fragments are passed as fragments; anything else
+/// (ICMPv6 included: neighbour discovery must reach the stack) is not ours.
+///
+/// `launder`: pass the L4 offset through a per-CPU map so the verifier sees
+/// one unknown (bounded) offset instead of one exact value per number of
+/// extension headers; otherwise it verifies everything after the parse
+/// once per extension-header count, which the long new-flow program cannot
+/// afford. (A map write and read: only the new-flow program pays it.)
+#[inline(always)]
+fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
+    unsafe {
+        let Some(h) = ptr_at::<[u32; 10]>(ip, end, 0) else {
+            return Parsed::Malformed;
+        };
+        let b0 = *(ip as *const u8);
+        if b0 >> 4 != 6 {
+            return Parsed::Malformed;
+        }
+        let plen = u16::from_be(*((ip + 4) as *const u16)) as usize;
+        // A payload length of 0 is a jumbogram (or garbage): not ours.
+        if plen == 0 {
+            return Parsed::Other;
+        }
+        if ip + 40 + plen > end {
+            return Parsed::Malformed;
+        }
+        let mut nh = *((ip + 6) as *const u8);
+        let mut off: usize = 40;
+        let mut i = 0;
+        while i < MAX_EXT_HDRS {
+            if nh == IPPROTO_TCP || nh == IPPROTO_UDP {
+                break;
+            }
+            if nh == NH_FRAGMENT {
+                return Parsed::Fragment;
+            }
+            if nh != NH_HOPOPTS && nh != NH_DSTOPTS && nh != NH_ROUTING && nh != NH_AH {
+                return Parsed::Other;
+            }
+            let Some(eh) = ptr_at::<[u8; 4]>(ip, end, off) else {
+                return Parsed::Malformed;
+            };
+            let eh = &*eh;
+            // A routing header still to be processed changes the final
+            // destination (and the checksum's pseudo-header): not ours.
+            if nh == NH_ROUTING && eh[3] != 0 {
+                return Parsed::Ext;
+            }
+            let len = if nh == NH_AH {
+                (eh[1] as usize + 2) * 4
+            } else {
+                (eh[1] as usize + 1) * 8
+            };
+            nh = eh[0];
+            off += len;
+            if off > 40 + plen {
+                return Parsed::Malformed;
+            }
+            i += 1;
+        }
+        if nh != IPPROTO_TCP && nh != IPPROTO_UDP {
+            return Parsed::Ext;
+        }
+        if launder {
+            let Some(slot) = crate::maps::LB_SCRATCH_OFF.get_ptr_mut(0) else {
+                return Parsed::Malformed;
+            };
+            core::ptr::write_volatile(slot, off as u32);
+            off = core::ptr::read_volatile(slot) as usize;
+        }
+        let min_l4 = if nh == IPPROTO_TCP { 20 } else { 8 };
+        // Bounded for the verifier (40 + 4 headers of at most 2 KiB).
+        if off > 8232 || off + min_l4 > 40 + plen {
+            return Parsed::Malformed;
+        }
+        let Some(ports) = ptr_at::<[u16; 2]>(ip, end, off) else {
+            return Parsed::Malformed;
+        };
+        if ip + off + min_l4 > end {
+            return Parsed::Malformed;
+        }
+        let h = &*h;
+        Parsed::Pkt(Pkt {
+            ip,
+            l4: ip + off,
+            saddr: [h[2], h[3], h[4], h[5]],
+            daddr: [h[6], h[7], h[8], h[9]],
+            sport: (*ports)[0],
+            dport: (*ports)[1],
+            proto: nh,
+            vlan,
+            l3_len: (end - ip) as u32,
+            v6: true,
         })
     }
 }

@@ -5,12 +5,10 @@
 //! session expiry). Inactive endpoints are skipped by probing the next
 //! table slots, a bounded number of times.
 
-use loxilb_common::{
-    ep_flags, flow_hash, lb_sel, AffKey4, AffVal4, EpKey, EpVal, SelKey, SvcVal4, SEL_CHUNK,
-};
+use loxilb_common::{ep_flags, flow_hash, lb_sel, AffKey, EpKey, EpVal, SelKey, SvcVal, SEL_CHUNK};
 
 use crate::{
-    maps::{ep_active, LB_AFFINITY4, LB_ENDPOINTS, LB_SEL_TABLE},
+    maps::{ep_active, LB_AFFINITY, LB_ENDPOINTS, LB_SCRATCH_AFF, LB_SEL_TABLE},
     parse::Pkt,
 };
 
@@ -25,10 +23,13 @@ fn table_at(rule: u32, bank: u8, slot: u32) -> Option<u32> {
     unsafe { Some((*chunk).ep[i & (SEL_CHUNK as usize - 1)] as u32) }
 }
 
+/// The active endpoint at `idx`: a pointer into the endpoint map (valid
+/// for the rest of the program run; no 32-byte copy on the small BPF
+/// stack).
 #[inline(always)]
-fn endpoint(rule: u32, bank: u8, idx: u32) -> Option<EpVal> {
+fn endpoint(rule: u32, bank: u8, idx: u32) -> Option<&'static EpVal> {
     let ep = LB_ENDPOINTS.get_ptr(EpKey::new(rule, bank, idx))?;
-    let ep = unsafe { *ep };
+    let ep = unsafe { &*ep };
     if ep.flags & ep_flags::INACTIVE != 0 {
         return None;
     }
@@ -38,7 +39,7 @@ fn endpoint(rule: u32, bank: u8, idx: u32) -> Option<EpVal> {
 /// Pick an endpoint for a new session of `p`, or None when no active
 /// endpoint could be found.
 #[inline(always)]
-pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
+pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
     let (rule, bank, n, len, sel) = unsafe {
         (
             (*svc).rule_id,
@@ -51,7 +52,7 @@ pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
     if n == 0 || len == 0 {
         return None;
     }
-    let aff_key = AffKey4 {
+    let aff_key = AffKey {
         rule_id: rule,
         client: p.saddr,
     };
@@ -64,7 +65,7 @@ pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
             (*svc).rr_next = cur.wrapping_add(1);
             cur % len
         };
-        let b_slot = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len;
+        let b_slot = flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto) % len;
         let a = table_at(rule, bank, a_slot).and_then(|i| endpoint(rule, bank, i));
         let b = table_at(rule, bank, b_slot).and_then(|i| endpoint(rule, bank, i));
         match (a, b) {
@@ -82,12 +83,12 @@ pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
         }
     }
     let start = if sel == lb_sel::HASH {
-        flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % len
+        flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto) % len
     } else if sel == lb_sel::LC {
         unsafe { (*svc).rr_next % len }
     } else {
         if sel == lb_sel::PERSIST {
-            if let Some(a) = LB_AFFINITY4.get_ptr_mut(&aff_key) {
+            if let Some(a) = LB_AFFINITY.get_ptr_mut(&aff_key) {
                 let fresh = unsafe {
                     now.saturating_sub((*a).last_seen_ns) <= (*svc).persist_timeout_s as u64 * NS
                 };
@@ -115,16 +116,16 @@ pub fn select(svc: *mut SvcVal4, p: &Pkt, now: u64) -> Option<EpVal> {
         if let Some(idx) = table_at(rule, bank, slot) {
             if let Some(ep) = endpoint(rule, bank, idx) {
                 if sel == lb_sel::PERSIST {
-                    let mut slot = core::mem::MaybeUninit::<AffVal4>::uninit();
-                    let v = unsafe {
-                        crate::zero_in_place(slot.as_mut_ptr());
-                        &mut *slot.as_mut_ptr()
-                    };
-                    v.ep_addr = ep.addr;
-                    v.ep_port = ep.port;
-                    v.ep_idx = idx;
-                    v.last_seen_ns = now;
-                    let _ = LB_AFFINITY4.insert(&aff_key, &*v, 0);
+                    // Built in per-CPU scratch, off the stack.
+                    if let Some(v) = LB_SCRATCH_AFF.get_ptr_mut(0) {
+                        let v = unsafe { &mut *v };
+                        crate::set_addr(&mut v.ep_addr, &ep.addr);
+                        v.ep_port = ep.port;
+                        v._pad1 = 0;
+                        v.ep_idx = idx;
+                        v.last_seen_ns = now;
+                        let _ = LB_AFFINITY.insert(&aff_key, &*v, 0);
+                    }
                 }
                 return Some(ep);
             }

@@ -25,8 +25,9 @@ pub const LB_TO_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xd1, 0x01];
 /// Neighbour entry of the client 192.168.0.2 (also `Frame`'s default source MAC).
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-/// A namespace whose FIB can route the test packets: endpoints behind d0,
-/// the client behind d1, neighbours resolved, forwarding on.
+/// A namespace whose FIB can route the test packets: endpoints behind d0
+/// (10.0.1.10/11, fd00:1::10/11), the client behind d1 (192.168.0.2,
+/// fd00:c::2), neighbours resolved, forwarding on for both families.
 pub fn fib_netns(name: &str) -> Netns {
     let ns = Netns::new(name).expect("netns");
     let mac = |m: [u8; 6]| {
@@ -106,6 +107,48 @@ pub fn fib_netns(name: &str) -> Netns {
             "permanent",
         ],
         vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        // IPv6: the same layout (endpoints fd00:1::10/11 behind d0, the
+        // client fd00:c::2 behind d1); `nodad` so the addresses are usable
+        // at once.
+        vec!["ip", "addr", "add", "fd00:1::1/64", "dev", "d0", "nodad"],
+        vec!["ip", "addr", "add", "fd00:c::1/64", "dev", "d1", "nodad"],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "fd00:1::10",
+            "lladdr",
+            &mac(EP1_MAC),
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "fd00:1::11",
+            "lladdr",
+            &mac(EP2_MAC),
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "add",
+            "fd00:c::2",
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "d1",
+            "nud",
+            "permanent",
+        ],
+        vec!["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
     ] {
         ns.sh(&cmd).unwrap();
     }

@@ -116,6 +116,9 @@ pub struct Topology {
 }
 
 pub const VIP: &str = "20.0.0.100";
+/// The IPv6 service prefix the client routes to the load balancer
+/// (`fd00:20::/64`), and its first VIP.
+pub const VIP6: &str = "fd00:20::100";
 
 impl Topology {
     pub fn new(prefix: &str, n_backends: usize) -> Result<Self> {
@@ -142,6 +145,15 @@ impl Topology {
             "via",
             &format!("10.{net}.0.1"),
         ])?;
+        t.client.sh(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:20::/64",
+            "via",
+            &format!("fd00:{net}:0::1"),
+        ])?;
         for (i, b) in t.backends.iter().enumerate() {
             let i = i + 1;
             t.link(b, "b0", &format!("lbb{i}"), i as u8)?;
@@ -153,18 +165,29 @@ impl Topology {
                 "via",
                 &format!("10.{net}.{i}.1"),
             ])?;
+            b.sh(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{net}:{i}::1"),
+            ])?;
         }
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv6.conf.all.forwarding", "1"),
         ] {
             t.lb.sh(&["sysctl", "-qw", &format!("{k}={v}")])?;
         }
         Ok(t)
     }
 
-    /// veth `outer` (in `ns`) <-> `inner` (in the lb ns), subnet 10.net.idx.0/24.
+    /// veth `outer` (in `ns`) <-> `inner` (in the lb ns), subnets
+    /// 10.net.idx.0/24 and fd00:net:idx::/64 (`.2`/`::2` outside).
     fn link(&self, ns: &Netns, outer: &str, inner: &str, idx: u8) -> Result<()> {
         let net = self.net;
         let tmp = format!("{}{}", self.prefix, inner);
@@ -182,6 +205,15 @@ impl Topology {
             "dev",
             outer,
         ])?;
+        ns.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("fd00:{net}:{idx}::2/64"),
+            "dev",
+            outer,
+            "nodad",
+        ])?;
         ns.sh(&["ip", "link", "set", outer, "up"])?;
         // Senders compute full checksums (no CHECKSUM_PARTIAL reaching
         // XDP); GRO gives the veth a NAPI context so native XDP redirect
@@ -195,6 +227,15 @@ impl Topology {
             "dev",
             inner,
         ])?;
+        self.lb.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("fd00:{net}:{idx}::1/64"),
+            "dev",
+            inner,
+            "nodad",
+        ])?;
         self.lb.sh(&["ip", "link", "set", inner, "up"])?;
         self.lb
             .sh(&["ethtool", "-K", inner, "tx", "off", "gro", "on"])?;
@@ -207,6 +248,14 @@ impl Topology {
 
     pub fn backend_ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, self.net, i as u8, 2)
+    }
+
+    pub fn client_ip6(&self) -> std::net::Ipv6Addr {
+        format!("fd00:{}:0::2", self.net).parse().unwrap()
+    }
+
+    pub fn backend_ip6(&self, i: usize) -> std::net::Ipv6Addr {
+        format!("fd00:{}:{i}::2", self.net).parse().unwrap()
     }
 
     pub fn lb_ifaces(&self) -> Vec<String> {
@@ -235,10 +284,13 @@ impl Servers {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let mut threads = vec![];
-        {
-            let (stop, name, tx) = (stop.clone(), name.to_string(), tx.clone());
+        // One socket per family: IPv6 sockets here take IPv6 only.
+        ns.sh(&["sysctl", "-qw", "net.ipv6.bindv6only=1"])?;
+        for any in ["0.0.0.0", "::"] {
+            let (stop_t, name_t, tx_t) = (stop.clone(), name.to_string(), tx.clone());
             threads.push(ns.spawn(move || {
-                let l = TcpListener::bind(("0.0.0.0", tcp_port)).expect("bind tcp");
+                let (stop, name, tx) = (stop_t, name_t, tx_t);
+                let l = TcpListener::bind((any, tcp_port)).expect("bind tcp");
                 l.set_nonblocking(true).unwrap();
                 tx.send(()).unwrap();
                 while !stop.load(Ordering::Relaxed) {
@@ -251,11 +303,10 @@ impl Servers {
                     }
                 }
             }));
-        }
-        {
-            let (stop, name) = (stop.clone(), name.to_string());
+            let (stop_u, name_u, tx_u) = (stop.clone(), name.to_string(), tx.clone());
             threads.push(ns.spawn(move || {
-                let u = UdpSocket::bind(("0.0.0.0", udp_port)).expect("bind udp");
+                let (stop, name, tx) = (stop_u, name_u, tx_u);
+                let u = UdpSocket::bind((any, udp_port)).expect("bind udp");
                 u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
                 tx.send(()).unwrap();
                 let mut buf = [0u8; 2048];
@@ -268,8 +319,9 @@ impl Servers {
                 }
             }));
         }
-        rx.recv_timeout(Duration::from_secs(5))?;
-        rx.recv_timeout(Duration::from_secs(5))?;
+        for _ in 0..threads.len() {
+            rx.recv_timeout(Duration::from_secs(5))?;
+        }
         Ok(Servers { stop, threads })
     }
 }
@@ -386,7 +438,7 @@ impl Conn {
 pub fn udp_ask(ns: &Netns, to: SocketAddr, msg: &str) -> Result<Reply> {
     let msg = msg.to_string();
     ns.run(move || -> Result<Reply> {
-        let u = UdpSocket::bind("0.0.0.0:0")?;
+        let u = UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
         u.set_read_timeout(Some(Duration::from_millis(700)))?;
         for _ in 0..4 {
             u.send_to(msg.as_bytes(), to)?;

@@ -1,18 +1,35 @@
-//! Build Ethernet/IPv4/TCP/UDP frames with correct checksums (the expected
-//! bytes of the packet tables are built here, independently of the
-//! datapath's incremental checksum code).
+//! Build Ethernet/IPv4/IPv6/TCP/UDP frames with correct checksums (the
+//! expected bytes of the packet tables are built here, independently of
+//! the datapath's incremental checksum code).
 
 use loxilb_common::csum;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub vlan: Option<u16>,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    /// Both of one family: the frame is IPv4 or IPv6 accordingly.
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TTL / hop limit.
     pub ttl: u8,
+    /// IPv4 TOS / IPv6 traffic class.
+    pub tos: u8,
+    /// IPv6 flow label (20 bits).
+    pub flow: u32,
+    /// IPv6 extension headers before the L4 header: (type, body); the
+    /// builder puts each one's next-header byte in front of its body
+    /// (so a body is 7 + 8n bytes; AH: 3 + 4n).
+    pub ext: Vec<(u8, Vec<u8>)>,
     pub id: u16,
     /// Raw flags+fragment-offset field.
     pub frag: u16,
@@ -52,6 +69,9 @@ impl Frame {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             ttl: 64,
+            tos: 0,
+            flow: 0,
+            ext: vec![],
             id: 0x1234,
             frag: 0x4000, // DF
             options: vec![],
@@ -111,6 +131,27 @@ impl Frame {
             b.extend_from_slice(&0x8100u16.to_be_bytes());
             b.extend_from_slice(&tci.to_be_bytes());
         }
+        if self.src.is_ipv6() {
+            b.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let (proto, l4) = self.l4_bytes();
+            let mut ext = vec![];
+            for (i, (_, body)) in self.ext.iter().enumerate() {
+                let next = self.ext.get(i + 1).map(|e| e.0).unwrap_or(proto);
+                ext.push(next);
+                ext.extend_from_slice(body);
+            }
+            let first = self.ext.first().map(|e| e.0).unwrap_or(proto);
+            let vtf = (6u32 << 28) | ((self.tos as u32) << 20) | (self.flow & 0xfffff);
+            b.extend_from_slice(&vtf.to_be_bytes());
+            b.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+            b.push(first);
+            b.push(self.ttl);
+            b.extend_from_slice(&octets(self.src));
+            b.extend_from_slice(&octets(self.dst));
+            b.extend_from_slice(&ext);
+            b.extend_from_slice(&l4);
+            return b;
+        }
         b.extend_from_slice(&0x0800u16.to_be_bytes());
         let mut opts = self.options.clone();
         while !opts.len().is_multiple_of(4) {
@@ -121,15 +162,15 @@ impl Frame {
         let tot = ihl + l4.len();
         let ip_start = b.len();
         b.push(0x40 | (ihl / 4) as u8);
-        b.push(0);
+        b.push(self.tos);
         b.extend_from_slice(&(tot as u16).to_be_bytes());
         b.extend_from_slice(&self.id.to_be_bytes());
         b.extend_from_slice(&self.frag.to_be_bytes());
         b.push(self.ttl);
         b.push(proto);
         b.extend_from_slice(&[0, 0]);
-        b.extend_from_slice(&self.src.octets());
-        b.extend_from_slice(&self.dst.octets());
+        b.extend_from_slice(&octets(self.src));
+        b.extend_from_slice(&octets(self.dst));
         b.extend_from_slice(&opts);
         let c = csum::checksum_be(&b[ip_start..ip_start + ihl]);
         b[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
@@ -175,11 +216,16 @@ impl Frame {
         );
         if !zero {
             let mut pseudo = vec![];
-            pseudo.extend_from_slice(&self.src.octets());
-            pseudo.extend_from_slice(&self.dst.octets());
-            pseudo.push(0);
-            pseudo.push(proto);
-            pseudo.extend_from_slice(&(l.len() as u16).to_be_bytes());
+            pseudo.extend_from_slice(&octets(self.src));
+            pseudo.extend_from_slice(&octets(self.dst));
+            if self.src.is_ipv6() {
+                pseudo.extend_from_slice(&(l.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, proto]);
+            } else {
+                pseudo.push(0);
+                pseudo.push(proto);
+                pseudo.extend_from_slice(&(l.len() as u16).to_be_bytes());
+            }
             let s = csum::sum_be(&pseudo, 0);
             let mut c = !csum::fold(csum::sum_be(&l, s));
             if c == 0 && proto == 17 {

@@ -224,11 +224,17 @@ fn restart_with_keep_adopts_maps_and_open_connection_survives() {
     let b = c.ask("before").unwrap().backend;
     agent.stop().unwrap();
     assert!(
-        e.t.pin_dir().join("LB_CT4").exists(),
+        e.t.pin_dir().join("LB_CT").exists(),
         "--keep leaves maps pinned"
     );
-    // No agent running: the program stays attached, the session works.
+    // No agent running: the program stays attached, the session works,
+    // and new connections are served too (the pinned tail-call arrays keep
+    // the new-flow program reachable).
     assert_eq!(c.ask("between").unwrap().backend, b);
+    Conn::open(&e.t.client, vip(80))
+        .unwrap()
+        .ask("new-while-down")
+        .expect("a new connection while no agent runs");
     let mut agent2 = Agent::start(&e.t, &e.cfg, &[]).expect("agent restart");
     assert!(
         agent2.log_text().contains("adopted the datapath state"),

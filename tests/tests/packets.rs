@@ -340,7 +340,7 @@ fn tcp_fin_and_rst_shorten_the_session() {
             loxilb_agent::config::DEFAULT_TIMEOUT_S,
             "one FIN is not a close"
         );
-        let ep = std::net::Ipv4Addr::from(fwd.xdaddr.to_ne_bytes()).to_string();
+        let ep = loxilb_common::ip_from_addr(&fwd.xdaddr).to_string();
         let rfin = Frame::tcp(&ep, 8080, "192.168.0.2", 42000, FIN | ACK);
         run_xdp(dp, &rfin.bytes());
         for (_, v) in dp.sessions().unwrap() {

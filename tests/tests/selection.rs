@@ -6,7 +6,7 @@ use loxilb_tests::fib::verdict::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use loxilb_agent::{config, rules::table_for};
-use loxilb_common::{ep_flags, flow_hash, lb_sel, EpKey, MAGLEV_M};
+use loxilb_common::{ep_flags, flow_hash, lb_sel, v4_mapped, EpKey, MAGLEV_M};
 use loxilb_tests::{
     fib::{dst_of, run_xdp, with_datapath},
     need_root,
@@ -79,8 +79,8 @@ fn hash_selection_is_maglev_consistent_and_stateless() {
             // the flow's hash.
             let c: Ipv4Addr = client.parse().unwrap();
             let h = flow_hash(
-                u32::from_ne_bytes(c.octets()),
-                u32::from_ne_bytes([20, 0, 0, 100]),
+                &v4_mapped(u32::from_ne_bytes(c.octets())),
+                &v4_mapped(u32::from_ne_bytes([20, 0, 0, 100])),
                 (20000 + i).to_be(),
                 80u16.to_be(),
                 6,
@@ -88,7 +88,7 @@ fn hash_selection_is_maglev_consistent_and_stateless() {
             let e = eps[table[(h % MAGLEV_M) as usize] as usize];
             assert_eq!(
                 got,
-                (Ipv4Addr::from(e.addr.to_ne_bytes()), 8080),
+                (Ipv4Addr::from(e.addr[3].to_ne_bytes()), 8080),
                 "flow {i}"
             );
             picks.push(got);
@@ -233,7 +233,7 @@ fn ep_slots(dp: &loxilb_agent::datapath::Datapath) -> HashMap<Ipv4Addr, u32> {
     dp.endpoints()
         .unwrap()
         .values()
-        .map(|e| (Ipv4Addr::from(e.addr.to_ne_bytes()), e.stat_idx))
+        .map(|e| (Ipv4Addr::from(e.addr[3].to_ne_bytes()), e.stat_idx))
         .collect()
 }
 

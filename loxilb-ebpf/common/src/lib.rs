@@ -9,6 +9,10 @@
 //! - Addresses and ports are stored in **network byte order** exactly as they
 //!   appear on the wire (the datapath never swaps them on the hot path); the
 //!   `user` feature adds helpers that convert for the agent.
+//! - One set of maps serves both address families: an address is an
+//!   [`Addr`] (16 bytes); an IPv4 address is stored IPv4-mapped
+//!   (`::ffff:a.b.c.d`). A session of a NAT64 rule is then an ordinary
+//!   conntrack entry whose two sides differ in family.
 #![no_std]
 
 pub mod crc32c;
@@ -17,25 +21,31 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
-    pub const SERVICES: &str = "LB_SERVICES4";
+    pub const SERVICES: &str = "LB_SERVICES";
     pub const ENDPOINTS: &str = "LB_ENDPOINTS";
-    pub const CONNTRACK: &str = "LB_CT4";
+    pub const CONNTRACK: &str = "LB_CT";
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
     pub const ADDR_FILTER: &str = "LB_ADDR_FILTER";
     pub const SEL_TABLE: &str = "LB_SEL_TABLE";
-    pub const AFFINITY: &str = "LB_AFFINITY4";
-    pub const SRC_RANGES: &str = "LB_SRC_RANGES4";
+    pub const AFFINITY: &str = "LB_AFFINITY";
+    pub const SRC_RANGES: &str = "LB_SRC_RANGES";
     pub const RULE_STATS: &str = "LB_RULE_STATS";
     pub const EP_STATS: &str = "LB_EP_STATS";
     pub const EP_ACTIVE: &str = "LB_EP_ACTIVE";
-    pub const VIPS: &str = "LB_VIPS4";
+    pub const VIPS: &str = "LB_VIPS";
+    /// Tail-call arrays (refilled with the programs of each load). Pinned
+    /// with the rest: the kernel empties a program array when no process
+    /// or pin holds it, which would cut an attached program (`--keep`) off
+    /// its IPv6 and new-flow halves.
+    pub const JMP_XDP: &str = "LB_JMP_XDP";
+    pub const JMP_TC: &str = "LB_JMP_TC";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -49,13 +59,43 @@ pub mod map_names {
         EP_STATS,
         EP_ACTIVE,
         VIPS,
+        JMP_XDP,
+        JMP_TC,
     ];
 }
+
+/// Slots of the tail-call arrays (`map_names::JMP_XDP` / `JMP_TC`): the
+/// IPv4 program of a hook hands IPv6 packets to its IPv6 program, and each
+/// hands conntrack misses to its new-flow program.
+pub const JMP_V6: u32 = 0;
+pub const JMP_NEW4: u32 = 1;
+pub const JMP_NEW6: u32 = 2;
+pub const JMP_SLOTS: u32 = 4;
 
 /// Program names inside the eBPF object.
 pub mod prog_names {
     pub const XDP_MAIN: &str = "loxilb_xdp";
+    /// The IPv6 half of `XDP_MAIN`, tail-called through `JMP_XDP`.
+    pub const XDP_V6: &str = "loxilb_xdp6";
     pub const TC_MAIN: &str = "loxilb_tc";
+    /// The IPv6 half of `TC_MAIN`, tail-called through `JMP_TC`.
+    pub const TC_V6: &str = "loxilb_tc6";
+    /// New-flow programs (tail-called on a conntrack miss).
+    pub const XDP_NEW4: &str = "loxilb_xdp_new4";
+    pub const XDP_NEW6: &str = "loxilb_xdp_new6";
+    pub const TC_NEW4: &str = "loxilb_tc_new4";
+    pub const TC_NEW6: &str = "loxilb_tc_new6";
+    /// What goes in each tail-call array, by slot.
+    pub const XDP_JUMPS: [(u32, &str); 3] = [
+        (super::JMP_V6, XDP_V6),
+        (super::JMP_NEW4, XDP_NEW4),
+        (super::JMP_NEW6, XDP_NEW6),
+    ];
+    pub const TC_JUMPS: [(u32, &str); 3] = [
+        (super::JMP_V6, TC_V6),
+        (super::JMP_NEW4, TC_NEW4),
+        (super::JMP_NEW6, TC_NEW6),
+    ];
     /// TC egress: translates ICMP errors the node's stack generates about
     /// translated packets (e.g. fragmentation needed on forward).
     pub const TC_EGRESS: &str = "loxilb_tc_egress";
@@ -74,7 +114,7 @@ pub const MAX_ENDPOINT_SLOTS: u32 = 262_144;
 pub const MAX_CT_ENTRIES: u32 = 524_288;
 
 /// Endpoints of a rule live in two banks; the agent fills the idle bank and
-/// then flips `SvcVal4::ep_bank` with one map update, so the datapath never
+/// then flips `SvcVal::ep_bank` with one map update, so the datapath never
 /// sees a half-written endpoint set.
 pub const EP_BANK_SHIFT: u32 = 16;
 /// Most endpoints a rule may have (per bank).
@@ -85,8 +125,62 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// Load-balancing mode of a rule (`SvcVal4::mode`).
+/// An IP address of either family, as four 32-bit words in network byte
+/// order (exactly the 16 bytes of an IPv6 address as loaded from a packet).
+/// An IPv4 address `a.b.c.d` is stored IPv4-mapped: `::ffff:a.b.c.d`.
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped address (`0000:ffff`, as loaded).
+pub const V4_MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// An IPv4 address (network order, as loaded from a packet) IPv4-mapped.
+#[inline(always)]
+pub const fn v4_mapped(a: u32) -> Addr {
+    [0, 0, V4_MAPPED_W2, a]
+}
+
+/// Whether `a` is an IPv4-mapped address (an IPv4 address in our maps).
+#[inline(always)]
+pub const fn is_v4(a: &Addr) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_W2
+}
+
+/// An address of the agent's world as stored in the maps.
+pub fn addr_from_ip(ip: core::net::IpAddr) -> Addr {
+    match ip {
+        core::net::IpAddr::V4(a) => v4_mapped(u32::from_ne_bytes(a.octets())),
+        core::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// The address an [`Addr`] from the maps stands for (IPv4-mapped ones as
+/// IPv4).
+pub fn ip_from_addr(a: &Addr) -> core::net::IpAddr {
+    if is_v4(a) {
+        return core::net::IpAddr::V4(core::net::Ipv4Addr::from(a[3].to_ne_bytes()));
+    }
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    core::net::IpAddr::V6(core::net::Ipv6Addr::from(o))
+}
+
+/// The 32 bits of an address the hashes use: the IPv4 address itself, or
+/// the XOR of an IPv6 address's words (for IPv4-mapped addresses the first
+/// three words XOR to a constant, so IPv4 hashes stay as they were).
+#[inline(always)]
+pub const fn addr_fold(a: &Addr) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ V4_MAPPED_W2 ^ a[3]
+}
+
+/// Load-balancing mode of a rule (`SvcVal::mode`).
 pub mod lb_mode {
     /// DNAT: destination rewritten to the endpoint, client source IP kept.
     pub const DEFAULT: u8 = 0;
@@ -104,7 +198,7 @@ pub mod lb_mode {
     pub const DSR_IPIP: u8 = 4;
 }
 
-/// Endpoint selection of a rule (`SvcVal4::sel`).
+/// Endpoint selection of a rule (`SvcVal::sel`).
 pub mod lb_sel {
     pub const RR: u8 = 0;
     pub const HASH: u8 = 1;
@@ -118,12 +212,12 @@ pub mod ep_flags {
     pub const INACTIVE: u32 = 1;
 }
 
-/// Key of the IPv4 service map: (VIP, port, protocol).
+/// Key of the service map: (VIP, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SvcKey4 {
-    /// VIP, network byte order.
-    pub addr: u32,
+pub struct SvcKey {
+    /// VIP (IPv4-mapped for IPv4), network byte order.
+    pub addr: Addr,
     /// Service port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -133,7 +227,7 @@ pub struct SvcKey4 {
 /// A load-balancing rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SvcVal4 {
+pub struct SvcVal {
     /// Stable id of the rule (key of its endpoints and counters).
     pub rule_id: u32,
     /// Number of endpoints in the active bank.
@@ -159,9 +253,9 @@ pub struct SvcVal4 {
     pub _pad: u32,
 }
 
-/// `SvcVal4::flags` bits.
+/// `SvcVal::flags` bits.
 pub mod svc_flags {
-    /// The rule restricts client sources (`LB_SRC_RANGES4`).
+    /// The rule restricts client sources (`LB_SRC_RANGES`).
     pub const SRC_RANGES: u8 = 1;
 }
 
@@ -201,33 +295,33 @@ pub struct SelChunk {
 /// Key of the source-IP affinity map (`persist`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffKey4 {
+pub struct AffKey {
     pub rule_id: u32,
     /// Client address, network byte order.
-    pub client: u32,
+    pub client: Addr,
 }
 
 /// Where a client of a `persist` rule goes, and since when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AffVal4 {
+pub struct AffVal {
     /// The endpoint (checked against the live endpoint set before use).
-    pub ep_addr: u32,
+    pub ep_addr: Addr,
     pub ep_port: u16,
     pub _pad1: u16,
     pub ep_idx: u32,
-    pub _pad2: u32,
     /// Coarse monotonic ns of the last new session that used it.
     pub last_seen_ns: u64,
 }
 
-/// Data part of an `LB_SRC_RANGES4` LPM key: the rule id (big-endian, so
-/// it is matched as the first 32 bits of the prefix) then the address.
+/// Data part of an `LB_SRC_RANGES` LPM key: the rule id (big-endian, so
+/// it is matched as the first 32 bits of the prefix) then the address
+/// (an IPv4 prefix `a.b.c.d/n` is stored as `::ffff:a.b.c.d/(96+n)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SrcRangeData4 {
+pub struct SrcRangeData {
     pub rule_id_be: u32,
-    pub addr: u32,
+    pub addr: Addr,
 }
 
 /// Per-rule counters (per-CPU array indexed by rule id).
@@ -247,9 +341,9 @@ pub struct RuleStats {
 /// The flow hash `hash` rules select with (also used by the agent and the
 /// tests to predict the chosen slot). Inputs as loaded from the packet.
 #[inline(always)]
-pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
-    let mut h = saddr ^ 0x9e37_79b9;
-    h = mix32(h ^ daddr);
+pub const fn flow_hash(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = addr_fold(saddr) ^ 0x9e37_79b9;
+    h = mix32(h ^ addr_fold(daddr));
     h = mix32(h ^ (((sport as u32) << 16) | dport as u32));
     mix32(h ^ proto as u32)
 }
@@ -287,8 +381,9 @@ impl EpKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EpVal {
-    /// Endpoint IPv4 address, network byte order.
-    pub addr: u32,
+    /// Endpoint address (IPv4-mapped for IPv4), network byte order. An
+    /// IPv6 rule with IPv4 endpoints is a NAT64 rule.
+    pub addr: Addr,
     /// Endpoint port, network byte order.
     pub port: u16,
     pub weight: u16,
@@ -297,6 +392,7 @@ pub struct EpVal {
     /// Index of this endpoint's counters in `LB_EP_STATS` / `LB_EP_ACTIVE`
     /// (allocated by the agent, stable while the endpoint exists).
     pub stat_idx: u32,
+    pub _pad: u32,
 }
 
 /// Distinct endpoints (over all rules) that have counters.
@@ -315,9 +411,9 @@ pub struct EpStats {
 /// Connection-tracking key: the packet's 5-tuple as it arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtKey4 {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -327,7 +423,7 @@ pub struct CtKey4 {
     pub _pad2: u16,
 }
 
-/// `CtVal4::dir`.
+/// `CtVal::dir`.
 pub mod ct_dir {
     /// Client -> service (the entry created on the first packet).
     pub const FORWARD: u8 = 0;
@@ -335,7 +431,7 @@ pub mod ct_dir {
     pub const REPLY: u8 = 1;
 }
 
-/// `CtVal4::state` bits.
+/// `CtVal::state` bits.
 pub mod ct_state {
     pub const FIN_FWD: u8 = 1;
     pub const FIN_REPLY: u8 = 2;
@@ -354,10 +450,11 @@ pub const CT_CLOSE_TIMEOUT_S: u32 = 10;
 /// Connection-tracking value: what the packet is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtVal4 {
-    /// The tuple after translation (network byte order).
-    pub xsaddr: u32,
-    pub xdaddr: u32,
+pub struct CtVal {
+    /// The tuple after translation (network byte order). Of another family
+    /// than the key for NAT64 sessions.
+    pub xsaddr: Addr,
+    pub xdaddr: Addr,
     pub xsport: u16,
     pub xdport: u16,
     pub rule_id: u32,
@@ -371,7 +468,7 @@ pub struct CtVal4 {
     pub packets: u64,
     pub bytes: u64,
     /// Key of the entry for the other direction.
-    pub peer: CtKey4,
+    pub peer: CtKey,
     /// `ct_dir::*`.
     pub dir: u8,
     /// `ct_state::*`.
@@ -389,10 +486,10 @@ pub struct CtVal4 {
     /// ... and when it must be looked up again (`bpf_ktime_get_coarse_ns`).
     pub nh_expiry_ns: u64,
     /// DSR sessions: the endpoint the frame goes to (the packet itself is
-    /// not translated). 0 otherwise.
-    pub dsr_ep: u32,
+    /// not translated). All zero otherwise.
+    pub dsr_ep: Addr,
     /// IPIP DSR: the outer source address (cached with the next hop).
-    pub encap_src: u32,
+    pub encap_src: Addr,
 }
 
 /// How long a session trusts its cached next hop before asking the FIB
@@ -442,6 +539,13 @@ pub mod stat {
     pub const ICMP_ECHO_REPLIED: u32 = 18;
     /// ICMP errors about a translated packet, translated back.
     pub const ICMP_ERR_XLATED: u32 = 19;
+    /// IPv6 with an extension header that is not walked (or more than the
+    /// walk's bound, or a routing header with segments left): passed
+    /// untouched.
+    pub const PASS_IPV6_EXT: u32 = 20;
+    /// NAT64: a packet that could not be translated (options, no room):
+    /// dropped.
+    pub const DROP_NAT64: u32 = 21;
     pub const COUNT: u32 = 24;
 }
 
@@ -467,8 +571,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_no_neigh",
     "icmp_echo_replied",
     "icmp_err_xlated",
-    "",
-    "",
+    "pass_ipv6_ext",
+    "drop_nat64",
     "",
     "",
 ];
@@ -481,12 +585,17 @@ pub struct GlobalCfg {
     pub layout_version: u32,
     /// `cfg_flags::*`.
     pub flags: u32,
-    /// Full-NAT source address (network order); 0 = the service VIP.
+    /// Full-NAT source address toward IPv4 endpoints (network order);
+    /// 0 = the service VIP (for NAT64 rules, which have no IPv4 VIP: the
+    /// node's own address toward the endpoint).
     pub fullnat_src: u32,
     /// Source ports onearm/full-NAT sessions are given (host order,
     /// inclusive).
     pub snat_port_lo: u16,
     pub snat_port_hi: u16,
+    /// Full-NAT source address toward IPv6 endpoints; all zero = the
+    /// service VIP.
+    pub fullnat_src6: Addr,
 }
 
 /// Default source-port range of onearm/full-NAT sessions.
@@ -580,13 +689,13 @@ macro_rules! no_implicit_padding {
     };
 }
 
-no_implicit_padding!(SvcKey4 {
-    addr: u32,
+no_implicit_padding!(SvcKey {
+    addr: Addr,
     port: u16,
     proto: u8,
     _pad: u8
 });
-no_implicit_padding!(SvcVal4 {
+no_implicit_padding!(SvcVal {
     rule_id: u32,
     ep_count: u32,
     timeout_s: u32,
@@ -604,24 +713,25 @@ no_implicit_padding!(EpKey {
     slot: u32
 });
 no_implicit_padding!(EpVal {
-    addr: u32,
+    addr: Addr,
     port: u16,
     weight: u16,
     flags: u32,
-    stat_idx: u32
+    stat_idx: u32,
+    _pad: u32
 });
-no_implicit_padding!(CtKey4 {
-    saddr: u32,
-    daddr: u32,
+no_implicit_padding!(CtKey {
+    saddr: Addr,
+    daddr: Addr,
     sport: u16,
     dport: u16,
     proto: u8,
     _pad1: u8,
     _pad2: u16
 });
-no_implicit_padding!(CtVal4 {
-    xsaddr: u32,
-    xdaddr: u32,
+no_implicit_padding!(CtVal {
+    xsaddr: Addr,
+    xdaddr: Addr,
     xsport: u16,
     xdport: u16,
     rule_id: u32,
@@ -630,7 +740,7 @@ no_implicit_padding!(CtVal4 {
     last_seen_ns: u64,
     packets: u64,
     bytes: u64,
-    peer: CtKey4,
+    peer: CtKey,
     dir: u8,
     state: u8,
     mode: u8,
@@ -639,35 +749,35 @@ no_implicit_padding!(CtVal4 {
     nh_macs: [u16; 6],
     ep_stat: u32,
     nh_expiry_ns: u64,
-    dsr_ep: u32,
-    encap_src: u32,
+    dsr_ep: Addr,
+    encap_src: Addr,
 });
 no_implicit_padding!(GlobalCfg {
     layout_version: u32,
     flags: u32,
     fullnat_src: u32,
     snat_port_lo: u16,
-    snat_port_hi: u16
+    snat_port_hi: u16,
+    fullnat_src6: Addr
 });
 no_implicit_padding!(SelKey {
     rule_id: u32,
     chunk: u32
 });
-no_implicit_padding!(AffKey4 {
+no_implicit_padding!(AffKey {
     rule_id: u32,
-    client: u32
+    client: Addr
 });
-no_implicit_padding!(AffVal4 {
-    ep_addr: u32,
+no_implicit_padding!(AffVal {
+    ep_addr: Addr,
     ep_port: u16,
     _pad1: u16,
     ep_idx: u32,
-    _pad2: u32,
     last_seen_ns: u64
 });
-no_implicit_padding!(SrcRangeData4 {
+no_implicit_padding!(SrcRangeData {
     rule_id_be: u32,
-    addr: u32
+    addr: Addr
 });
 no_implicit_padding!(RuleStats {
     packets: u64,
@@ -685,42 +795,42 @@ no_implicit_padding!(EpStats {
 });
 
 // Compile-time layout checks: kernel and userspace share these bytes.
-const _: () = assert!(size_of::<SvcKey4>() == 8);
-const _: () = assert!(size_of::<SvcVal4>() == 32);
+const _: () = assert!(size_of::<SvcKey>() == 20);
+const _: () = assert!(size_of::<SvcVal>() == 32);
 const _: () = assert!(size_of::<SelKey>() == 8);
 const _: () = assert!(size_of::<SelChunk>() == 64);
-const _: () = assert!(size_of::<AffKey4>() == 8);
-const _: () = assert!(size_of::<AffVal4>() == 24);
-const _: () = assert!(size_of::<SrcRangeData4>() == 8);
+const _: () = assert!(size_of::<AffKey>() == 20);
+const _: () = assert!(size_of::<AffVal>() == 32);
+const _: () = assert!(size_of::<SrcRangeData>() == 20);
 const _: () = assert!(size_of::<RuleStats>() == 64);
 const _: () = assert!(size_of::<EpStats>() == 32);
 const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
-const _: () = assert!(size_of::<EpVal>() == 16);
-const _: () = assert!(size_of::<CtKey4>() == 16);
-const _: () = assert!(size_of::<CtVal4>() == 104);
-const _: () = assert!(core::mem::offset_of!(CtVal4, nh_ifindex) == 68);
-const _: () = assert!(core::mem::offset_of!(CtVal4, nh_expiry_ns) == 88);
-const _: () = assert!(size_of::<GlobalCfg>() == 16);
-const _: () = assert!(core::mem::offset_of!(CtVal4, last_seen_ns) == 24);
-const _: () = assert!(core::mem::offset_of!(CtVal4, peer) == 48);
+const _: () = assert!(size_of::<EpVal>() == 32);
+const _: () = assert!(size_of::<CtKey>() == 40);
+const _: () = assert!(size_of::<CtVal>() == 176);
+const _: () = assert!(core::mem::offset_of!(CtVal, last_seen_ns) == 48);
+const _: () = assert!(core::mem::offset_of!(CtVal, peer) == 72);
+const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 116);
+const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 136);
+const _: () = assert!(size_of::<GlobalCfg>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
     use super::*;
     // SAFETY: all of these are repr(C), fully padded plain-old-data.
-    unsafe impl aya::Pod for SvcKey4 {}
-    unsafe impl aya::Pod for SvcVal4 {}
+    unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcVal {}
     unsafe impl aya::Pod for EpKey {}
     unsafe impl aya::Pod for EpVal {}
-    unsafe impl aya::Pod for CtKey4 {}
-    unsafe impl aya::Pod for CtVal4 {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtVal {}
     unsafe impl aya::Pod for GlobalCfg {}
     unsafe impl aya::Pod for SelKey {}
     unsafe impl aya::Pod for SelChunk {}
-    unsafe impl aya::Pod for AffKey4 {}
-    unsafe impl aya::Pod for AffVal4 {}
-    unsafe impl aya::Pod for SrcRangeData4 {}
+    unsafe impl aya::Pod for AffKey {}
+    unsafe impl aya::Pod for AffVal {}
+    unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for EpStats {}
 }
@@ -789,8 +899,24 @@ mod tests {
     }
 
     #[test]
+    fn addr_round_trips_both_families() {
+        for ip in ["10.1.2.3", "0.0.0.0", "2001:db8::1", "::1", "::fffe:0:1"] {
+            let ip: core::net::IpAddr = ip.parse().unwrap();
+            let a = addr_from_ip(ip);
+            assert_eq!(is_v4(&a), ip.is_ipv4(), "{ip}");
+            assert_eq!(ip_from_addr(&a), ip);
+        }
+        // IPv4 keeps its old hash: the mapped prefix folds away.
+        let a = u32::from_ne_bytes([10, 0, 0, 1]);
+        assert_eq!(addr_fold(&v4_mapped(a)), a);
+        // The mapped form matches the packet bytes of ::ffff:10.0.0.1.
+        let six: core::net::IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(addr_from_ip(six), v4_mapped(a));
+    }
+
+    #[test]
     fn stat_names_cover_every_counter() {
-        for i in 0..=stat::ICMP_ERR_XLATED {
+        for i in 0..=stat::DROP_NAT64 {
             assert!(
                 !STAT_NAMES[i as usize].is_empty(),
                 "counter {i} has no name"

@@ -118,7 +118,7 @@ fn run(rules: &std::path::Path) -> Result<()> {
     println!("\n== datapath counters (loxilb-agent stats):");
     print!("{}", indent(&agent.cli("stats")?));
     println!(
-        "\n   (inspect the maps directly: bpftool map dump pinned {}/LB_CT4)",
+        "\n   (inspect the maps directly: bpftool map dump pinned {}/LB_CT)",
         t.pin_dir().display()
     );
     check_stop()?;
