@@ -35,6 +35,7 @@ pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -42,12 +43,14 @@ impl Protocol {
         match self {
             Protocol::Tcp => loxilb_common::IPPROTO_TCP,
             Protocol::Udp => loxilb_common::IPPROTO_UDP,
+            Protocol::Sctp => loxilb_common::IPPROTO_SCTP,
         }
     }
     pub fn from_number(n: u8) -> Option<Self> {
         match n {
             loxilb_common::IPPROTO_TCP => Some(Protocol::Tcp),
             loxilb_common::IPPROTO_UDP => Some(Protocol::Udp),
+            loxilb_common::IPPROTO_SCTP => Some(Protocol::Sctp),
             _ => None,
         }
     }
@@ -58,6 +61,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
         })
     }
 }
@@ -288,10 +292,11 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         let protocol = match r.protocol.trim().to_ascii_lowercase().as_str() {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
+            "sctp" => Protocol::Sctp,
             _ => {
                 return Err(err(
                     f("protocol"),
-                    format!("{:?} is not supported; use tcp or udp", r.protocol),
+                    format!("{:?} is not supported; use tcp, udp or sctp", r.protocol),
                 ))
             }
         };
@@ -449,6 +454,16 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                     format!(
                         "{ip}: an IPv6 service with IPv4 endpoints is translated (NAT64), which \
                          dsr modes never do; use default, onearm or fullnat"
+                    ),
+                ));
+            }
+            if vip.is_ipv6() && ip.is_ipv4() && protocol == Protocol::Sctp {
+                return Err(err(
+                    g("ip"),
+                    format!(
+                        "{ip}: SCTP is not translated between IPv6 and IPv4 (its INIT \
+                         carries addresses); give the service an IPv4 VIP or the endpoint an \
+                         IPv6 address"
                     ),
                 ));
             }

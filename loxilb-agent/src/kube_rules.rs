@@ -45,11 +45,18 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
     let protocol = match r.protocol {
         KProto::Tcp => Protocol::Tcp,
         KProto::Udp => Protocol::Udp,
-        KProto::Sctp => {
-            return Err(bad(
-                "SCTP is not load-balanced by this datapath yet".to_string()
-            ))
+        KProto::Sctp if !r.secondary_vips.is_empty() => {
+            return Err(bad(format!(
+                "SCTP multihoming (secondary VIPs {}) is not done by this datapath yet; \
+                 remove loxilb.io/secondaryIPs / poolSelectSecondary to serve the primary VIP",
+                r.secondary_vips
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
         }
+        KProto::Sctp => Protocol::Sctp,
     };
     let mode = match r.mode {
         LbMode::Default => Mode::Default,
@@ -236,7 +243,9 @@ mod tests {
             .contains("IPv4 on an IPv6 rule"));
         let mut r = rule();
         r.protocol = KProto::Sctp;
-        assert!(to_rule(&r).unwrap_err().reason.contains("SCTP"));
+        assert_eq!(to_rule(&r).unwrap().protocol, Protocol::Sctp);
+        r.secondary_vips = vec!["20.0.0.2".parse().unwrap()];
+        assert!(to_rule(&r).unwrap_err().reason.contains("multihoming"));
         let mut r = rule();
         r.mode = LbMode::Dsr;
         assert!(to_rule(&r).unwrap_err().reason.contains("service port 80"));

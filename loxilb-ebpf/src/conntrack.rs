@@ -3,12 +3,13 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use loxilb_common::{
-    ct_dir, ct_state, flow_hash, mix32, stat, Addr, CtKey, CtVal, CT_CLOSE_TIMEOUT_S, IPPROTO_TCP,
+    ct_dir, ct_state, flow_hash, mix32, stat, Addr, CtKey, CtVal, CT_CLOSE_TIMEOUT_S, IPPROTO_SCTP,
+    IPPROTO_TCP,
 };
 
 use crate::{
     maps::{count, ep_active_add, ep_stats, LB_CT, LB_SCRATCH_CT},
-    parse::{ptr_at, Pkt},
+    parse::{ptr_at, sctp_ev, Pkt},
 };
 
 const NS: u64 = 1_000_000_000;
@@ -43,8 +44,21 @@ fn idle(v: *const CtVal, now: u64) -> bool {
     unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).timeout_s as u64 * NS }
 }
 
+/// The packet's TCP flags; for SCTP, the same meaning from its chunks (an
+/// INIT starts an association like a SYN, ABORT or SHUTDOWN COMPLETE ends
+/// it like an RST); 0 for UDP.
 #[inline(always)]
 fn tcp_flags(p: &Pkt, end: usize) -> u8 {
+    if p.proto == IPPROTO_SCTP {
+        let mut f = 0;
+        if p.sctp & sctp_ev::INIT != 0 {
+            f |= TCP_SYN;
+        }
+        if p.sctp & sctp_ev::CLOSE != 0 {
+            f |= TCP_RST;
+        }
+        return f;
+    }
     if p.proto != IPPROTO_TCP {
         return 0;
     }

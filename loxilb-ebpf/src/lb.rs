@@ -1,15 +1,18 @@
 //! The load-balancing datapath, written once for XDP and TC.
 
 use loxilb_common::{
-    addr_filter_bit, addr_fold, is_v4, lb_mode, stat, svc_flags, v4_mapped, Addr, CtKey, SvcKey,
-    JMP_NEW4, JMP_NEW6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
+    addr_filter_bit, addr_fold, is_v4, lb_mode, stat, svc_flags, v4_mapped, Addr, CtKey, JMP_NEW4,
+    JMP_NEW6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
 };
 
 use crate::{
     conntrack::{self, Ct, NewSession, Xlate},
     ctx::{PktCtx, Verdict},
     fwd, icmp,
-    maps::{count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT, LB_SERVICES},
+    maps::{
+        count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT, LB_SCRATCH_SVC,
+        LB_SERVICES,
+    },
     nat, nat64,
     parse::{self, Parsed},
     select,
@@ -57,6 +60,8 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
         vlan: ic.vlan,
         l3_len: (end - ic.ip) as u32,
         v6: false,
+        sctp: 0,
+        l4_len: 0,
     };
     fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
 }
@@ -100,6 +105,10 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
         Parsed::Ext => {
             count(stat::PASS_IPV6_EXT);
             return Verdict::Pass;
+        }
+        Parsed::BadSctp => {
+            count(stat::DROP_SCTP_MALFORMED);
+            return Verdict::Drop;
         }
         Parsed::Ipv6 => {
             ctx.tail_call(JMP_V6);
@@ -154,13 +163,18 @@ pub fn process_new<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
 /// the session, translate and forward.
 #[inline(always)]
 fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Verdict {
-    let skey = SvcKey {
-        addr: p.daddr,
-        port: p.dport,
-        proto: p.proto,
-        _pad: 0,
+    // The service key is built in per-CPU scratch: the new-flow programs
+    // use all of their 512-byte stack.
+    let Some(skey) = LB_SCRATCH_SVC.get_ptr_mut(0) else {
+        return Verdict::Pass;
     };
-    let Some(svc) = LB_SERVICES.get_ptr_mut(&skey) else {
+    unsafe {
+        crate::set_addr(&mut (*skey).addr, &p.daddr);
+        (*skey).port = p.dport;
+        (*skey).proto = p.proto;
+        (*skey)._pad = 0;
+    }
+    let Some(svc) = LB_SERVICES.get_ptr_mut(unsafe { &*skey }) else {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     };

@@ -122,6 +122,10 @@ pub static LB_SCRATCH_CT: PerCpuArray<CtVal, 2> = PerCpuArray::new();
 #[btf_map]
 pub static LB_SCRATCH_OFF: PerCpuArray<u32, 1> = PerCpuArray::new();
 
+/// Per-CPU scratch for the service key of a new flow.
+#[btf_map]
+pub static LB_SCRATCH_SVC: PerCpuArray<SvcKey, 1> = PerCpuArray::new();
+
 /// Per-CPU scratch for an affinity value being written.
 #[btf_map]
 pub static LB_SCRATCH_AFF: PerCpuArray<AffVal, 1> = PerCpuArray::new();

@@ -7,11 +7,12 @@
 //! bytes.
 //!
 //! Not translated (dropped, `drop_nat64`): IPv6 packets with extension
-//! headers, IPv4 packets with options, VLAN-tagged frames, and IPv4 UDP
-//! without a checksum (IPv6 requires one). ICMP errors of NAT64 sessions
+//! headers, IPv4 packets with options, VLAN-tagged frames, IPv4 UDP
+//! without a checksum (IPv6 requires one), and SCTP (its INIT address
+//! parameters would need translating too; the agent refuses such rules). ICMP errors of NAT64 sessions
 //! are not translated.
 
-use loxilb_common::{csum, stat, IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{csum, stat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     conntrack::Xlate,
@@ -72,7 +73,8 @@ fn refuse() -> Option<Pkt> {
 #[inline(always)]
 pub fn to_v4<C: PktCtx>(ctx: &C, p: &Pkt, x: &Xlate) -> Option<Pkt> {
     let end = ctx.data_end();
-    if p.vlan || p.l4 != p.ip + 40 {
+    // (SCTP's address parameters would need translating too: not done.)
+    if p.vlan || p.l4 != p.ip + 40 || p.proto == IPPROTO_SCTP {
         return refuse();
     }
     let Some(h) = (unsafe { ptr_at::<[u8; 8]>(p.ip, end, 0) }) else {
@@ -123,6 +125,8 @@ pub fn to_v4<C: PktCtx>(ctx: &C, p: &Pkt, x: &Xlate) -> Option<Pkt> {
         vlan: false,
         l3_len: (end - ip) as u32,
         v6: false,
+        sctp: p.sctp,
+        l4_len: p.l4_len,
     })
 }
 
@@ -131,7 +135,7 @@ pub fn to_v4<C: PktCtx>(ctx: &C, p: &Pkt, x: &Xlate) -> Option<Pkt> {
 #[inline(always)]
 pub fn to_v6<C: PktCtx>(ctx: &C, p: &Pkt, x: &Xlate) -> Option<Pkt> {
     let end = ctx.data_end();
-    if p.vlan || p.l4 != p.ip + 20 {
+    if p.vlan || p.l4 != p.ip + 20 || p.proto == IPPROTO_SCTP {
         return refuse();
     }
     let Some(h) = (unsafe { ptr_at::<[u8; 20]>(p.ip, end, 0) }) else {
@@ -188,5 +192,7 @@ pub fn to_v6<C: PktCtx>(ctx: &C, p: &Pkt, x: &Xlate) -> Option<Pkt> {
         vlan: false,
         l3_len: (end - ip) as u32,
         v6: true,
+        sctp: p.sctp,
+        l4_len: p.l4_len,
     })
 }

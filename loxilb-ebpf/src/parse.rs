@@ -4,11 +4,26 @@
 //! against `data_end` so the verifier accepts it and garbage never
 //! over-reads.
 
-use loxilb_common::{v4_mapped, Addr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{v4_mapped, Addr, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// SCTP chunks whose headers are checked (and looked at for INIT, ABORT,
+/// SHUTDOWN COMPLETE) per packet; later chunks are not looked at.
+const MAX_SCTP_CHUNKS: u32 = 8;
+/// `Pkt::sctp` bits: what the walked chunks were.
+pub mod sctp_ev {
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+    /// ABORT or SHUTDOWN COMPLETE: the association ends.
+    pub const CLOSE: u8 = 4;
+}
+const CHUNK_INIT: u8 = 1;
+const CHUNK_INIT_ACK: u8 = 2;
+const CHUNK_ABORT: u8 = 6;
+const CHUNK_SHUTDOWN_COMPLETE: u8 = 14;
+
 /// IPv6 extension headers walked before giving up (passing the packet).
 const MAX_EXT_HDRS: u32 = 4;
 const NH_HOPOPTS: u8 = 0;
@@ -37,6 +52,11 @@ pub struct Pkt {
     pub l3_len: u32,
     /// An IPv6 packet.
     pub v6: bool,
+    /// SCTP: `sctp_ev::*` bits of the walked chunks; 0 otherwise.
+    pub sctp: u8,
+    /// SCTP: bytes of the SCTP packet (common header + chunks, from the IP
+    /// lengths, not the frame: it may be padded); what CRC32c covers.
+    pub l4_len: u32,
 }
 
 /// An unfragmented IPv4 ICMP packet.
@@ -61,6 +81,9 @@ pub enum Parsed {
     /// An IPv6 packet, seen by the IPv4 program (which hands it to the
     /// IPv6 program by a tail call).
     Ipv6,
+    /// SCTP whose chunk lengths do not add up: dropped (an endpoint must
+    /// never get it translated, and nothing is read past a chunk's end).
+    BadSctp,
 }
 
 #[inline(always)]
@@ -115,7 +138,11 @@ pub fn parse<const V6: bool, const LAUNDER: bool>(data: usize, end: usize) -> Pa
             return Parsed::Malformed;
         }
         let l4_proto = *((ip + 9) as *const u8);
-        if l4_proto != IPPROTO_TCP && l4_proto != IPPROTO_UDP && l4_proto != IPPROTO_ICMP {
+        if l4_proto != IPPROTO_TCP
+            && l4_proto != IPPROTO_UDP
+            && l4_proto != IPPROTO_ICMP
+            && l4_proto != IPPROTO_SCTP
+        {
             return Parsed::Other;
         }
         // More-fragments flag or a fragment offset: never rewrite.
@@ -143,12 +170,21 @@ pub fn parse<const V6: bool, const LAUNDER: bool>(data: usize, end: usize) -> Pa
                 vlan,
             });
         }
-        let min_l4 = if l4_proto == IPPROTO_TCP { 20 } else { 8 };
+        let min_l4 = min_l4(l4_proto);
         if l4 + min_l4 > end || ihl + min_l4 > tot_len {
             return Parsed::Malformed;
         }
         let sport = *(l4 as *const u16);
         let dport = *((l4 + 2) as *const u16);
+        let l4_len = (tot_len - ihl) as u32;
+        let sctp = if l4_proto == IPPROTO_SCTP {
+            match sctp_chunks(l4, end, l4_len as usize) {
+                Some(ev) => ev,
+                None => return Parsed::BadSctp,
+            }
+        } else {
+            0
+        };
         Parsed::Pkt(Pkt {
             ip,
             l4,
@@ -160,13 +196,65 @@ pub fn parse<const V6: bool, const LAUNDER: bool>(data: usize, end: usize) -> Pa
             vlan,
             l3_len: (end - ip) as u32,
             v6: false,
+            sctp,
+            l4_len,
         })
     }
 }
 
+/// Smallest L4 header the datapath reads: TCP 20, UDP 8, SCTP 12 (common
+/// header) + 4 (a chunk header).
+#[inline(always)]
+fn min_l4(proto: u8) -> usize {
+    if proto == IPPROTO_TCP {
+        20
+    } else if proto == IPPROTO_SCTP {
+        16
+    } else {
+        8
+    }
+}
+
+/// Walk the chunk headers of the SCTP packet at `l4` (`len` bytes by the IP
+/// header): every chunk length at least 4 and inside the packet, for the
+/// first `MAX_SCTP_CHUNKS` chunks. The `sctp_ev` bits of what was seen, or
+/// None for a malformed packet.
+#[inline(always)]
+fn sctp_chunks(l4: usize, end: usize, len: usize) -> Option<u8> {
+    let mut ev = 0u8;
+    let mut off: usize = 12;
+    let mut i = 0;
+    while i < MAX_SCTP_CHUNKS {
+        if off >= len {
+            break;
+        }
+        if off > 2048 {
+            // Bounded for the verifier; later chunks are not looked at.
+            break;
+        }
+        let c = unsafe { ptr_at::<[u8; 4]>(l4, end, off)? };
+        let c = unsafe { &*c };
+        let clen = u16::from_be_bytes([c[2], c[3]]) as usize;
+        if clen < 4 || off + clen > len {
+            return None;
+        }
+        let t = c[0];
+        if t == CHUNK_INIT {
+            ev |= sctp_ev::INIT;
+        } else if t == CHUNK_INIT_ACK {
+            ev |= sctp_ev::INIT_ACK;
+        } else if t == CHUNK_ABORT || t == CHUNK_SHUTDOWN_COMPLETE {
+            ev |= sctp_ev::CLOSE;
+        }
+        off += (clen + 3) & !3;
+        i += 1;
+    }
+    Some(ev)
+}
+
 /// IPv6: the fixed header, then up to `MAX_EXT_HDRS` extension headers
 /// (hop-by-hop, destination options, routing with no segments left, AH) to
-/// a TCP/UDP header. Fragments are passed as fragments; anything else
+/// a TCP/UDP/SCTP header. Fragments are passed as fragments; anything else
 /// (ICMPv6 included: neighbour discovery must reach the stack) is not ours.
 ///
 /// `launder`: pass the L4 offset through a per-CPU map so the verifier sees
@@ -196,7 +284,7 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
         let mut off: usize = 40;
         let mut i = 0;
         while i < MAX_EXT_HDRS {
-            if nh == IPPROTO_TCP || nh == IPPROTO_UDP {
+            if nh == IPPROTO_TCP || nh == IPPROTO_UDP || nh == IPPROTO_SCTP {
                 break;
             }
             if nh == NH_FRAGMENT {
@@ -226,7 +314,7 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
             }
             i += 1;
         }
-        if nh != IPPROTO_TCP && nh != IPPROTO_UDP {
+        if nh != IPPROTO_TCP && nh != IPPROTO_UDP && nh != IPPROTO_SCTP {
             return Parsed::Ext;
         }
         if launder {
@@ -236,7 +324,7 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
             core::ptr::write_volatile(slot, off as u32);
             off = core::ptr::read_volatile(slot) as usize;
         }
-        let min_l4 = if nh == IPPROTO_TCP { 20 } else { 8 };
+        let min_l4 = min_l4(nh);
         // Bounded for the verifier (40 + 4 headers of at most 2 KiB).
         if off > 8232 || off + min_l4 > 40 + plen {
             return Parsed::Malformed;
@@ -248,6 +336,15 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
             return Parsed::Malformed;
         }
         let h = &*h;
+        let l4_len = (40 + plen - off) as u32;
+        let sctp = if nh == IPPROTO_SCTP {
+            match sctp_chunks(ip + off, end, l4_len as usize) {
+                Some(ev) => ev,
+                None => return Parsed::BadSctp,
+            }
+        } else {
+            0
+        };
         Parsed::Pkt(Pkt {
             ip,
             l4: ip + off,
@@ -259,6 +356,8 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
             vlan,
             l3_len: (end - ip) as u32,
             v6: true,
+            sctp,
+            l4_len,
         })
     }
 }

@@ -546,6 +546,8 @@ pub mod stat {
     /// NAT64: a packet that could not be translated (options, no room):
     /// dropped.
     pub const DROP_NAT64: u32 = 21;
+    /// SCTP with a chunk length under 4 or past the packet: dropped.
+    pub const DROP_SCTP_MALFORMED: u32 = 22;
     pub const COUNT: u32 = 24;
 }
 
@@ -573,7 +575,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "icmp_err_xlated",
     "pass_ipv6_ext",
     "drop_nat64",
-    "",
+    "drop_sctp_malformed",
     "",
 ];
 
@@ -916,7 +918,7 @@ mod tests {
 
     #[test]
     fn stat_names_cover_every_counter() {
-        for i in 0..=stat::DROP_NAT64 {
+        for i in 0..=stat::DROP_SCTP_MALFORMED {
             assert!(
                 !STAT_NAMES[i as usize].is_empty(),
                 "counter {i} has no name"

@@ -1,0 +1,89 @@
+//! End-to-end SCTP through the XDP datapath with real SCTP stacks
+//! (usrsctp in raw-IP mode, `tests/sctp/`): an association from the client
+//! to the VIP, DNAT to a backend listening on another port (the datapath
+//! rewrites the ports and updates the CRC32c incrementally; the stacks
+//! verify it), the client's address kept, data echoed both ways.
+//! Multihoming (secondary VIPs) is not done yet.
+
+use std::{net::IpAddr, time::Duration};
+
+use loxilb_tests::{
+    need_root,
+    netns::{sh, Agent, Scene, VIP},
+    sctp_peers::{SctpClient, SctpServer},
+};
+
+fn need_tools(test: &str) -> bool {
+    let Some(m) = loxilb_tests::sctp_peers::missing_tools().or_else(|| {
+        sh(&["nsenter", "--version"])
+            .err()
+            .map(|_| "nsenter not found (scripts/setup.sh installs util-linux)".to_string())
+    }) else {
+        return true;
+    };
+    if std::env::var("LOXILB_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{test}: {m} (LOXILB_REQUIRE_TOOLS=1 forbids skipping)");
+    }
+    eprintln!("SKIPPED {test}: {m}");
+    false
+}
+
+#[test]
+fn sctp_association_through_the_vip_with_port_translation() {
+    let name = "sctp_association_through_the_vip_with_port_translation";
+    if !need_root(name) || !need_tools(name) {
+        return;
+    }
+    // TCP/UDP servers are not needed; the scene gives the topology, the
+    // rule file and cleanup.
+    let e = Scene::new(
+        "lxsc",
+        1,
+        (18080, 15353),
+        |_, _| {},
+        |t| {
+            format!(
+                "rules:\n  - name: diameter\n    vip: {VIP}\n    port: 3868\n    protocol: sctp\n    endpoints:\n      - {{ ip: {}, port: 30868 }}\n",
+                t.backend_ip(1)
+            )
+        },
+    );
+    let t = &e.t;
+    let server = SctpServer::spawn(&t.backends[0], &[IpAddr::V4(t.backend_ip(1))], 30868)
+        .expect("SCTP server");
+    let mut agent = Agent::start(t, &e.cfg, &[]).expect("agent");
+    let client = SctpClient::spawn(
+        &t.client,
+        &[IpAddr::V4(t.client_ip())],
+        &[VIP.parse().unwrap()],
+        3868,
+    )
+    .expect("SCTP client");
+    client
+        .wait_up(Duration::from_secs(10))
+        .unwrap_or_else(|err| panic!("{err}\nserver:\n{}", server.peer.transcript()));
+    // Data both ways, several times.
+    for _ in 0..3 {
+        client
+            .wait_fresh_echo(Duration::from_secs(5))
+            .unwrap_or_else(|err| panic!("{err}\n{}", client.peer.transcript()));
+    }
+    // The backend saw the client's own address (DNAT keeps it).
+    let d = server
+        .peer
+        .wait_for(|e| e.is("data"), Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(
+        d.addr("from"),
+        Some(IpAddr::V4(t.client_ip())),
+        "{}",
+        d.line
+    );
+    // One association all along.
+    assert_eq!(client.peer.of_kind("connected").len(), 1);
+    let sessions = agent.cli("sessions").unwrap();
+    assert!(sessions.contains("sctp"), "{sessions}");
+    let stats = agent.cli("stats").unwrap();
+    assert!(!stats.contains("drop_sctp_malformed   1"), "{stats}");
+    agent.stop().unwrap();
+}
