@@ -54,6 +54,7 @@ use loxilb_tests::{
     fib::{fib_netns, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     netns::enter,
     packet::{diff, ipip_wrap, Frame, ACK, SYN},
+    sctp_packet::{Chunk, SctpFrame, SctpPacket},
 };
 
 const VIP: &str = "20.0.0.100";
@@ -85,6 +86,7 @@ rules:
   - { name: lc, vip: 20.0.0.100, port: 87, protocol: tcp, selection: lc, endpoints: [{ ip: 10.0.1.10, port: 8080 }, { ip: 10.0.1.11, port: 8080 }] }
   - { name: web6, vip: "fd00:20::100", port: 80, protocol: tcp, endpoints: [{ ip: "fd00:1::10", port: 8080 }] }
   - { name: nat64, vip: "fd00:20::100", port: 84, protocol: tcp, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
+  - { name: sctp, vip: 20.0.0.100, port: 3868, protocol: sctp, endpoints: [{ ip: 10.0.1.10, port: 30868 }] }
 "#;
 
 const VIP6: &str = "fd00:20::100";
@@ -104,6 +106,8 @@ const NEW_FLOWS: [(NewKind, &str, &str, u16); 6] = [
 const TARGET_NEW_FLOW_NS: f64 = 300.0;
 /// Target of the established IPv6 flow, ns over the floor.
 const TARGET_ESTABLISHED6_NS: f64 = 60.0;
+/// Target of SCTP DATA on an established association, ns over the floor.
+const TARGET_SCTP_NS: f64 = 80.0;
 
 /// Targets, in ns over the floor's median (reported, never enforced).
 const TARGET_ESTABLISHED_NS: f64 = 50.0;
@@ -299,6 +303,7 @@ enum Extra {
     Reply6,
     Est64,
     Reply64,
+    Sctp,
 }
 
 struct PathBench {
@@ -510,11 +515,37 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
     notes.push(format!(
         "NAT64 flow (rule nat64) [{CLIENT6}]:{CLIENT_PORT} -> [{VIP6}]:84: to {LB_EP_ADDR}:{sport} -> 10.0.1.10:{EP_PORT}, reply translated back to IPv6"
     ));
+    // SCTP: an association opened by an INIT, then DATA (ports rewritten:
+    // the CRC32c is updated for them).
+    let c: std::net::IpAddr = CLIENT.parse().unwrap();
+    let init = SctpFrame::new(
+        CLIENT,
+        VIP,
+        SctpPacket::new(CLIENT_PORT, 3868, 0).chunk(Chunk::init(0x1111, 1, &[c])),
+    );
+    let to_ep = |f: &SctpFrame| {
+        f.with_addrs(CLIENT, "10.0.1.10")
+            .with_ports(CLIENT_PORT, 30868)
+            .routed(LB_TO_EP_MAC, EP1_MAC)
+            .bytes()
+    };
+    check(dp, "SCTP INIT", main, &init.bytes(), XDP_REDIRECT, &to_ep(&init))?;
+    let data = SctpFrame::new(
+        CLIENT,
+        VIP,
+        SctpPacket::new(CLIENT_PORT, 3868, 0x2222).chunk(Chunk::data(2, 0, 0, 0, &[0x42; 32])),
+    );
+    check(dp, "SCTP DATA", main, &data.bytes(), XDP_REDIRECT, &to_ep(&data))?;
+    notes.push(format!(
+        "SCTP association (rule sctp) {CLIENT}:{CLIENT_PORT} -> {VIP}:3868: to 10.0.1.10:30868, \
+         DATA of 32 bytes (CRC32c updated for the ports)"
+    ));
     Ok(vec![
         (Extra::Est6, ack.bytes()),
         (Extra::Reply6, reply.bytes()),
         (Extra::Est64, ack64.bytes()),
         (Extra::Reply64, reply64.bytes()),
+        (Extra::Sctp, data.bytes()),
     ])
 }
 
@@ -837,9 +868,9 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     // Kept so a table clear (see NEW_FLOW_BUDGET) can put the flows back.
     let established_entries: Vec<(CtKey, CtVal)> = dp.sessions()?;
     let mode_entries: usize = MODES.iter().map(|m| flows[&m.mode].entries.len()).sum();
-    if established_entries.len() != mode_entries + 4 {
+    if established_entries.len() != mode_entries + 6 {
         bail!(
-            "{} sessions after opening the flows; expected {} (+4 for IPv6 and NAT64)",
+            "{} sessions after opening the flows; expected {} (+6 for IPv6, NAT64, SCTP)",
             established_entries.len(),
             mode_entries
         );
@@ -886,11 +917,12 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         }
     }
     for (x, packet) in ipv6_flows {
-        let (label, port) = match x {
-            Extra::Est6 => ("established (IPv6 DNAT)", 80),
-            Extra::Reply6 => ("reply (IPv6)", 80),
-            Extra::Est64 => ("established (NAT64 6->4)", 84),
-            Extra::Reply64 => ("reply (NAT64 4->6)", 84),
+        let (label, vip, port) = match x {
+            Extra::Est6 => ("established (IPv6 DNAT)", VIP6, 80),
+            Extra::Reply6 => ("reply (IPv6)", VIP6, 80),
+            Extra::Est64 => ("established (NAT64 6->4)", VIP6, 84),
+            Extra::Reply64 => ("reply (NAT64 4->6)", VIP6, 84),
+            Extra::Sctp => ("established (SCTP DATA)", VIP, 3868),
         };
         paths.push(PathBench::new(
             Kind::Extra(x),
@@ -898,7 +930,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             prog_names::XDP_MAIN,
             XDP_REDIRECT,
             packet,
-            Some((VIP6, port)),
+            Some((vip, port)),
         ));
     }
     for (kind, label, vip, port) in NEW_FLOWS {
@@ -978,7 +1010,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     let rule_of_port: HashMap<(loxilb_common::Addr, u16), u32> = dp
         .services()?
         .into_iter()
-        .filter(|(k, _)| k.proto == IPPROTO_TCP)
+        .filter(|(k, _)| k.proto == IPPROTO_TCP || k.proto == loxilb_common::IPPROTO_SCTP)
         .map(|(k, v)| ((k.addr, u16::from_be(k.port)), v.rule_id))
         .collect();
     let start = stats_map(&dp)?;
@@ -1241,6 +1273,12 @@ fn print_results(out: &Outcome) {
         Kind::Extra(Extra::Est6),
         "established IPv6",
         TARGET_ESTABLISHED6_NS,
+        "",
+    ));
+    targets.push((
+        Kind::Extra(Extra::Sctp),
+        "established SCTP DATA",
+        TARGET_SCTP_NS,
         "",
     ));
     for (kind, label, _, _) in NEW_FLOWS {
