@@ -529,13 +529,27 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes()
     };
-    check(dp, "SCTP INIT", main, &init.bytes(), XDP_REDIRECT, &to_ep(&init))?;
+    check(
+        dp,
+        "SCTP INIT",
+        main,
+        &init.bytes(),
+        XDP_REDIRECT,
+        &to_ep(&init),
+    )?;
     let data = SctpFrame::new(
         CLIENT,
         VIP,
         SctpPacket::new(CLIENT_PORT, 3868, 0x2222).chunk(Chunk::data(2, 0, 0, 0, &[0x42; 32])),
     );
-    check(dp, "SCTP DATA", main, &data.bytes(), XDP_REDIRECT, &to_ep(&data))?;
+    check(
+        dp,
+        "SCTP DATA",
+        main,
+        &data.bytes(),
+        XDP_REDIRECT,
+        &to_ep(&data),
+    )?;
     notes.push(format!(
         "SCTP association (rule sctp) {CLIENT}:{CLIENT_PORT} -> {VIP}:3868: to 10.0.1.10:30868, \
          DATA of 32 bytes (CRC32c updated for the ports)"
