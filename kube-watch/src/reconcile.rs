@@ -228,6 +228,10 @@ pub struct Reconciler {
     /// Services whose committed rules changed since the datapath last took
     /// them ([`Reconciler::rules_synced`]).
     changed: BTreeSet<ServiceKey>,
+    /// Every VIP (and secondary address) of the committed rules, with how
+    /// many rules use it: [`Reconciler::owned_vips`] without a pass over
+    /// every rule.
+    vip_refs: BTreeMap<IpAddr, u32>,
     status_form: StatusForm,
 }
 
@@ -274,6 +278,22 @@ impl<'a> RuleUpdate<'a> {
     }
 }
 
+/// Count (or uncount) the addresses of `rules` in `refs`.
+fn count_vips(refs: &mut BTreeMap<IpAddr, u32>, rules: &[LbRule], up: bool) {
+    for r in rules {
+        for a in std::iter::once(r.vip).chain(r.secondary_vips.iter().copied()) {
+            if up {
+                *refs.entry(a).or_insert(0) += 1;
+            } else if let Some(c) = refs.get_mut(&a) {
+                *c -= 1;
+                if *c == 0 {
+                    refs.remove(&a);
+                }
+            }
+        }
+    }
+}
+
 impl Reconciler {
     /// A follower with an empty table over the configured pools.
     pub fn new(config: KubeConfig) -> Result<Self, IpamError> {
@@ -285,6 +305,7 @@ impl Reconciler {
             tracked: BTreeMap::new(),
             rules: BTreeMap::new(),
             changed: BTreeSet::new(),
+            vip_refs: BTreeMap::new(),
             status_form: StatusForm::Ip,
         })
     }
@@ -393,13 +414,7 @@ impl Reconciler {
         if !self.leader {
             return Vec::new();
         }
-        let set: BTreeSet<IpAddr> = self
-            .rules
-            .values()
-            .flatten()
-            .flat_map(|r| std::iter::once(r.vip).chain(r.secondary_vips.iter().copied()))
-            .collect();
-        set.into_iter().collect()
+        self.vip_refs.keys().copied().collect()
     }
 
     /// Every Service with state here (rules, last good values, pending).
@@ -420,19 +435,30 @@ impl Reconciler {
     }
 
     /// Make `rules` the committed rules of `key`; `true` when they changed.
-    pub fn commit(&mut self, key: &ServiceKey, rules: Vec<LbRule>) -> bool {
-        let changed = if rules.is_empty() {
-            self.rules.remove(key).is_some()
-        } else if self.rules.get(key) == Some(&rules) {
-            false
-        } else {
-            self.rules.insert(key.clone(), rules);
-            true
-        };
-        if changed {
-            self.changed.insert(key.clone());
+    pub fn commit(&mut self, key: &ServiceKey, mut rules: Vec<LbRule>) -> bool {
+        if self
+            .rules
+            .get(key)
+            .map_or(rules.is_empty(), |r| *r == rules)
+        {
+            return false;
         }
-        changed
+        // Kept for as long as the Service lives: without the spare capacity
+        // the translation left (10,000 Services hold these).
+        rules.shrink_to_fit();
+        for r in &mut rules {
+            r.endpoints.shrink_to_fit();
+            r.name.shrink_to_fit();
+        }
+        count_vips(&mut self.vip_refs, &rules, true);
+        let old = if rules.is_empty() {
+            self.rules.remove(key)
+        } else {
+            self.rules.insert(key.clone(), rules)
+        };
+        count_vips(&mut self.vip_refs, old.as_deref().unwrap_or(&[]), false);
+        self.changed.insert(key.clone());
+        true
     }
 
     /// Decide what to do for the Service `key`: `svc` as the watcher has it

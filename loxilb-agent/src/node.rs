@@ -3,25 +3,34 @@
 //! command and the Kubernetes `kube` command both drive it.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
+use kube_watch::{controller::RuleUpdate, ServiceKey};
+use loxilb_common::SvcKey;
 use tracing::{info, warn};
 
 use crate::{
     bgp::{speaker::SpeakerOptions, BgpSetup, BgpSpeaker},
     config::Rule,
     datapath::Datapath,
+    kube_rules::{to_rule, Unsupported},
     probe::{Prober, Target, TargetKey, TargetStatus, Transition},
-    rules::{Report, Rules},
+    rules::{svc_key, Report, Rules},
 };
 
 pub struct Node {
     /// VIPs to announce over BGP (see [`announced_vips`]).
     announce: BTreeSet<IpAddr>,
+    /// Per announced VIP, how many rules ask for it; and the rules that
+    /// ask, by key (so a changed or removed rule undoes its count).
+    announce_refs: HashMap<IpAddr, u32>,
+    announcing: HashMap<SvcKey, IpAddr>,
+    /// Names of the rules with health-probe targets.
+    probed: BTreeSet<String>,
     pub dp: Datapath,
     pub rules: Rules,
     prober: Prober,
@@ -29,6 +38,14 @@ pub struct Node {
     bgp: Option<BgpSpeaker>,
     bgp_dir: PathBuf,
     state_dir: PathBuf,
+    /// The runtime the prober runs on when the node made its own
+    /// ([`Node::detached`]); dropped after the prober.
+    _own_rt: Option<tokio::runtime::Runtime>,
+}
+
+/// Whether `r` asks this node to announce its VIP (see [`announced_vips`]).
+fn asks_announce(r: &Rule, local: &BTreeSet<IpAddr>) -> bool {
+    !r.announce_local_only || r.endpoints.iter().any(|e| local.contains(&e.ip))
 }
 
 /// Where the agent publishes state the CLI reads (probe results): a
@@ -49,9 +66,7 @@ pub fn state_dir(pin_dir: &Path) -> PathBuf {
 pub fn announced_vips(rules: &[Rule], local_addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
     rules
         .iter()
-        .filter(|r| {
-            !r.announce_local_only || r.endpoints.iter().any(|e| local_addrs.contains(&e.ip))
-        })
+        .filter(|r| asks_announce(r, local_addrs))
         .map(|r| r.vip)
         .collect()
 }
@@ -86,6 +101,39 @@ pub fn local_addrs() -> BTreeSet<IpAddr> {
     out
 }
 
+/// A datagram to the discard port of each address (once each): the kernel
+/// resolves its neighbour entry (see [`Node::tick`]).
+fn nudge(addrs: impl Iterator<Item = IpAddr>) {
+    let mut sock4 = None;
+    let mut sock6 = None;
+    let mut seen = HashSet::new();
+    for ip in addrs {
+        if !seen.insert(ip) {
+            continue;
+        }
+        let sock = if ip.is_ipv4() {
+            sock4.get_or_insert_with(|| std::net::UdpSocket::bind("0.0.0.0:0").ok())
+        } else {
+            sock6.get_or_insert_with(|| std::net::UdpSocket::bind("[::]:0").ok())
+        };
+        if let Some(s) = sock {
+            let _ = s.send_to(&[], (ip, 9));
+        }
+    }
+}
+
+/// Give the memory the allocator holds free back to the system: a full
+/// update converts and diffs every rule at once (tens of MiB at 10,000
+/// Services), and glibc would otherwise keep that as the agent's RSS.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the heap to the
+    // system; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Probe states published by a running agent (for the CLI).
 pub fn read_probe_state(pin_dir: &Path) -> Option<Vec<TargetStatus>> {
     let text = std::fs::read_to_string(state_dir(pin_dir).join("probes.json")).ok()?;
@@ -103,6 +151,9 @@ impl Node {
         let state_dir = state_dir(pin_dir);
         Node {
             announce: BTreeSet::new(),
+            announce_refs: HashMap::new(),
+            announcing: HashMap::new(),
+            probed: BTreeSet::new(),
             dp,
             rules,
             prober,
@@ -110,7 +161,53 @@ impl Node {
             bgp: None,
             bgp_dir: state_dir.join("bgp"),
             state_dir,
+            _own_rt: None,
         }
+    }
+
+    /// A node for tools and benchmarks that run outside a Tokio runtime:
+    /// no BGP, and a prober on a (current-thread) runtime of its own. Its
+    /// probe liveness transitions are discarded.
+    pub fn detached(dp: Datapath, rules: Rules, pin_dir: &Path) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("creating a runtime for the health prober")?;
+        let (prober, _) = {
+            let _in_rt = rt.enter();
+            Prober::new(crate::probe::DEFAULT_MAX_IN_FLIGHT)
+        };
+        let mut node = Node::new(dp, rules, prober, None, pin_dir);
+        node._own_rt = Some(rt);
+        Ok(node)
+    }
+
+    /// The VIPs this node announces over BGP now.
+    pub fn announced(&self) -> &BTreeSet<IpAddr> {
+        &self.announce
+    }
+
+    /// Count `r` (key `k`) as asking for its VIP's announcement; true if
+    /// the announced set changed.
+    fn announce_rule(&mut self, k: SvcKey, vip: IpAddr) -> bool {
+        self.announcing.insert(k, vip);
+        let c = self.announce_refs.entry(vip).or_insert(0);
+        *c += 1;
+        *c == 1 && self.announce.insert(vip)
+    }
+
+    /// Undo [`Node::announce_rule`] for key `k` (if it asked).
+    fn unannounce_rule(&mut self, k: &SvcKey) -> bool {
+        let Some(vip) = self.announcing.remove(k) else {
+            return false;
+        };
+        let c = self.announce_refs.get_mut(&vip).expect("counted");
+        *c -= 1;
+        if *c > 0 {
+            return false;
+        }
+        self.announce_refs.remove(&vip);
+        self.announce.remove(&vip)
     }
 
     /// Install `desired` (as a diff), keep endpoints the probes found down
@@ -121,6 +218,11 @@ impl Node {
             prober.is_up(&TargetKey::new(rule, ip, port)) == Some(false)
         };
         let rep = self.rules.apply_with(desired, &mut self.dp, &down)?;
+        self.probed = desired
+            .iter()
+            .filter(|r| r.probe.is_some())
+            .map(|r| r.name.clone())
+            .collect();
         let targets: Vec<Target> = desired
             .iter()
             .filter_map(|r| r.probe.as_ref().map(|p| (r, p)))
@@ -141,10 +243,110 @@ impl Node {
             }
             Err(e) => warn!("health probes not updated: {e}"),
         }
-        self.announce = announced_vips(desired, &local_addrs());
+        let local = local_addrs();
+        self.announce.clear();
+        self.announce_refs.clear();
+        self.announcing.clear();
+        for r in desired {
+            if asks_announce(r, &local) {
+                self.announce_rule(svc_key(r.vip, r.port, r.protocol), r.vip);
+            }
+        }
         self.nudge_neighbours();
         self.sync_bgp();
         self.publish_probe_state();
+        Ok(rep)
+    }
+
+    /// Change only some rules (see [`Rules::apply_changes`]): install
+    /// `upserts`, remove the rules of `removed` (keys). Probe targets, BGP
+    /// announcements and neighbour nudges follow for those rules only; the
+    /// rest is not looked at, so the cost is that of the change.
+    pub fn apply_changes(&mut self, upserts: &[Rule], removed: &[SvcKey]) -> Result<Report> {
+        let prober = &self.prober;
+        let down = |rule: &str, ip: IpAddr, port: u16| {
+            prober.is_up(&TargetKey::new(rule, ip, port)) == Some(false)
+        };
+        let rep = self
+            .rules
+            .apply_changes(upserts, removed, &mut self.dp, &down)?;
+        // Health probes: the targets of the changed rules.
+        let mut probes_changed = false;
+        let upserted: HashSet<&str> = upserts.iter().map(|r| r.name.as_str()).collect();
+        for name in &rep.removed {
+            if !upserted.contains(name.as_str()) && self.probed.remove(name) {
+                self.prober.remove_rule(name);
+                probes_changed = true;
+            }
+        }
+        for r in upserts {
+            if r.probe.is_none() && !self.probed.contains(&r.name) {
+                continue;
+            }
+            probes_changed = true;
+            let targets: Vec<Target> = match &r.probe {
+                Some(spec) => r
+                    .endpoints
+                    .iter()
+                    .map(|e| Target::new(TargetKey::new(&r.name, e.ip, e.port), spec.clone()))
+                    .collect(),
+                None => vec![],
+            };
+            match self.prober.set_rule_targets(&r.name, targets) {
+                Ok(pr) => {
+                    // Endpoints no longer probed are active again.
+                    for k in pr.removed {
+                        let _ = self.rules.set_endpoint_state(
+                            &mut self.dp,
+                            &k.rule,
+                            k.addr,
+                            k.port,
+                            true,
+                        );
+                    }
+                }
+                Err(e) => warn!("health probes of rule {} not updated: {e}", r.name),
+            }
+            if r.probe.is_some() {
+                self.probed.insert(r.name.clone());
+            } else {
+                self.probed.remove(&r.name);
+            }
+        }
+        // BGP: the announcements of the changed rules.
+        let mut announce_changed = false;
+        let upsert_keys: HashSet<SvcKey> = upserts
+            .iter()
+            .map(|r| svc_key(r.vip, r.port, r.protocol))
+            .collect();
+        for k in removed {
+            if !upsert_keys.contains(k) {
+                announce_changed |= self.unannounce_rule(k);
+            }
+        }
+        let local = if upserts.iter().any(|r| r.announce_local_only) {
+            local_addrs()
+        } else {
+            BTreeSet::new()
+        };
+        for r in upserts {
+            let k = svc_key(r.vip, r.port, r.protocol);
+            announce_changed |= self.unannounce_rule(&k);
+            if asks_announce(r, &local) {
+                announce_changed |= self.announce_rule(k, r.vip);
+            }
+        }
+        nudge(
+            upserts
+                .iter()
+                .flat_map(|r| r.endpoints.iter().map(|e| e.ip)),
+        );
+        if announce_changed {
+            self.sync_bgp();
+        }
+        if probes_changed {
+            self.publish_probe_state();
+        }
         Ok(rep)
     }
 
@@ -239,20 +441,11 @@ impl Node {
     /// itself): a datagram to each endpoint's discard port makes the
     /// kernel resolve it.
     fn nudge_neighbours(&self) {
-        let sock4 = std::net::UdpSocket::bind("0.0.0.0:0").ok();
-        let sock6 = std::net::UdpSocket::bind("[::]:0").ok();
-        let mut seen = BTreeSet::new();
-        for r in self.rules.installed() {
-            for e in &r.eps {
-                if seen.insert(e.addr) {
-                    let ip = loxilb_common::ip_from_addr(&e.addr);
-                    let sock = if ip.is_ipv4() { &sock4 } else { &sock6 };
-                    if let Some(s) = sock {
-                        let _ = s.send_to(&[], (ip, 9));
-                    }
-                }
-            }
-        }
+        nudge(
+            self.rules
+                .installed()
+                .flat_map(|r| r.eps.iter().map(|e| loxilb_common::ip_from_addr(&e.addr))),
+        );
     }
 
     fn publish_probe_state(&self) {
@@ -269,6 +462,18 @@ impl Node {
         }
     }
 
+    /// Stop probing and the BGP speaker, and hand the datapath over as it
+    /// is (maps and whatever is attached kept), e.g. to a new `Node` that
+    /// adopts it.
+    pub fn into_datapath(self) -> Datapath {
+        if let Some(s) = self.bgp {
+            if let Err(e) = s.stop() {
+                warn!("stopping the BGP speaker: {e:#}");
+            }
+        }
+        self.dp
+    }
+
     /// Withdraw the VIPs first (routers move traffic away), then stop the
     /// datapath (see `Datapath::shutdown`).
     pub fn shutdown(self, keep: bool) -> Result<()> {
@@ -279,6 +484,111 @@ impl Node {
         }
         let _ = std::fs::remove_file(self.state_dir.join("probes.json"));
         self.dp.shutdown(keep).context("shutting the datapath down")
+    }
+}
+
+/// The Kubernetes controller's rule updates ([`RuleUpdate`]) to a node's
+/// rules: the whole set through [`Node::apply`] when the update is full
+/// (the first after start, when the maps may hold rules from before), else
+/// only the changed Services' rules through [`Node::apply_changes`]. It
+/// remembers which rule keys each Service installed, to remove those a
+/// Service no longer has. The agent's `KubeSink` and the control-plane
+/// benchmark both go through [`KubeRules::update`].
+#[derive(Debug, Default)]
+pub struct KubeRules {
+    by_service: HashMap<ServiceKey, Box<[SvcKey]>>,
+}
+
+/// What [`KubeRules::update`] did.
+#[derive(Debug, Default)]
+pub struct KubeApplied {
+    pub report: Report,
+    /// Rules this datapath cannot serve (not installed), each with why.
+    pub refused: Vec<Unsupported>,
+    /// The whole set was applied (not only the changed Services).
+    pub full: bool,
+}
+
+impl KubeRules {
+    /// Make `rules` (every rule of every Service) the node's whole rule
+    /// set.
+    pub fn full<'a>(
+        &mut self,
+        node: &mut Node,
+        rules: impl Iterator<Item = &'a kube_watch::translate::LbRule>,
+    ) -> Result<KubeApplied> {
+        let mut refused = vec![];
+        let mut ok = vec![];
+        let mut by_service: HashMap<ServiceKey, Vec<SvcKey>> = HashMap::new();
+        for r in rules {
+            match to_rule(r) {
+                Ok(x) => {
+                    by_service
+                        .entry(r.service.clone())
+                        .or_default()
+                        .push(svc_key(x.vip, x.port, x.protocol));
+                    ok.push(x);
+                }
+                Err(e) => refused.push(e),
+            }
+        }
+        let report = node.apply(&ok);
+        drop(ok);
+        if report.is_ok() {
+            self.by_service = by_service
+                .into_iter()
+                .map(|(k, v)| (k, v.into_boxed_slice()))
+                .collect();
+        }
+        release_free_memory();
+        let report = report?;
+        Ok(KubeApplied {
+            report,
+            refused,
+            full: true,
+        })
+    }
+
+    /// Make `node`'s rules follow `update`. On error nothing is
+    /// remembered as done: the controller retries with the changes
+    /// accumulated since the last success.
+    pub fn update(&mut self, node: &mut Node, update: &RuleUpdate<'_>) -> Result<KubeApplied> {
+        if update.is_full() {
+            return self.full(node, update.all());
+        }
+        let mut refused = vec![];
+        let mut upserts = vec![];
+        let mut removed = vec![];
+        let mut next = vec![];
+        for (svc, rules) in update.changed() {
+            if let Some(old) = self.by_service.get(svc) {
+                removed.extend_from_slice(old);
+            }
+            let mut keys = vec![];
+            for r in rules {
+                match to_rule(r) {
+                    Ok(x) => {
+                        keys.push(svc_key(x.vip, x.port, x.protocol));
+                        upserts.push(x);
+                    }
+                    Err(e) => refused.push(e),
+                }
+            }
+            next.push((svc, keys));
+        }
+        let report = node.apply_changes(&upserts, &removed)?;
+        for (svc, keys) in next {
+            if keys.is_empty() {
+                self.by_service.remove(svc);
+            } else {
+                self.by_service.insert(svc.clone(), keys.into_boxed_slice());
+            }
+        }
+        Ok(KubeApplied {
+            report,
+            refused,
+            full: false,
+        })
     }
 }
 

@@ -857,3 +857,45 @@ fn status_hostname_form() {
         .steps
         .is_empty());
 }
+
+/// The owned addresses are counted per rule: a VIP (or SCTP secondary
+/// address) shared by rules of several Services stays owned until the last
+/// of them goes, and a changed rule list moves exactly its addresses.
+#[test]
+fn owned_vips_follow_commits_of_shared_addresses() {
+    let mut r = leader("192.0.2.0/29");
+    let rule = |svc: &str, vip: &str, port: u16, secondary: &[&str]| LbRule {
+        service: key(svc),
+        name: format!("default/{svc}:{port}/tcp@{vip}"),
+        vip: ip(vip),
+        secondary_vips: secondary.iter().map(|s| ip(s)).collect(),
+        port,
+        protocol: crate::Protocol::Tcp,
+        mode: LbMode::Default,
+        selection: crate::annotations::EpSelect::RoundRobin,
+        timeout_s: 60,
+        endpoints: vec![],
+        allowed_sources: None,
+        probe: None,
+        local_traffic: false,
+    };
+    let owned = |r: &Reconciler| r.owned_vips();
+    assert!(r.commit(
+        &key("a"),
+        vec![
+            rule("a", "192.0.2.1", 80, &[]),
+            rule("a", "192.0.2.1", 443, &["192.0.2.5"])
+        ]
+    ));
+    assert!(r.commit(&key("b"), vec![rule("b", "192.0.2.1", 81, &[])]));
+    assert!(!r.commit(&key("b"), vec![rule("b", "192.0.2.1", 81, &[])]));
+    assert!(!r.commit(&key("c"), vec![]), "no rules before, none now");
+    assert_eq!(owned(&r), vec![ip("192.0.2.1"), ip("192.0.2.5")]);
+    r.commit(&key("a"), vec![rule("a", "192.0.2.2", 80, &[])]);
+    assert_eq!(owned(&r), vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+    r.commit(&key("b"), vec![]);
+    assert_eq!(owned(&r), vec![ip("192.0.2.2")]);
+    r.commit(&key("a"), vec![]);
+    assert!(owned(&r).is_empty());
+    assert!(r.rules().is_empty());
+}
