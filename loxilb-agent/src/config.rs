@@ -714,7 +714,7 @@ rules:
 
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: icmp}\n");
         assert_eq!(e.field, "rules[0].protocol");
-        assert!(e.message.contains("icmp") && e.message.contains("tcp or udp"));
+        assert!(e.message.contains("icmp") && e.message.contains("tcp, udp or sctp"));
 
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, timeout: abc}\n");
         assert_eq!(e.field, "rules[0].timeout");

@@ -6,11 +6,12 @@
 //! load balancer. The inner TCP/UDP checksum is left alone (nobody verifies
 //! it in an ICMP error; its field may not even be quoted).
 
-use loxilb_common::{csum, is_v4, stat, v4_mapped, CtKey, IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{csum, is_v4, stat, v4_mapped, Addr, CtKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     maps::{count, LB_CT, LB_VIPS},
-    parse::{ptr_at, Icmp},
+    nat::replace_addr,
+    parse::{ptr_at, Icmp, Icmp6},
 };
 
 const ECHO_REQUEST: u8 = 8;
@@ -172,6 +173,153 @@ pub fn translate_error(end: usize, p: &Icmp) -> bool {
         let cb = oc.to_ne_bytes();
         outer[10] = cb[0];
         outer[11] = cb[1];
+        count(stat::ICMP_ERR_XLATED);
+        true
+    }
+}
+
+const ICMP6_DEST_UNREACH: u8 = 1;
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+const ICMP6_TIME_EXCEEDED: u8 = 3;
+const ICMP6_PARAM_PROBLEM: u8 = 4;
+const ICMP6_ECHO_REQUEST: u8 = 128;
+const ICMP6_ECHO_REPLY: u8 = 129;
+
+/// Write `a` into the packet at `dst` word by word.
+#[inline(always)]
+unsafe fn put_addr(dst: *mut Addr, a: &Addr) {
+    unsafe { crate::set_addr(&mut *dst, a) };
+}
+
+/// ICMPv6 echo request to a VIP: answered in place (the caller transmits
+/// it back). False if it is not one.
+#[inline(always)]
+pub fn echo_reply6(data: usize, end: usize, p: &Icmp6) -> bool {
+    unsafe {
+        let Some(ih) = ptr_at::<[u8; 4]>(p.l4, end, 0) else {
+            return false;
+        };
+        let ih = &mut *ih;
+        if ih[0] != ICMP6_ECHO_REQUEST || ih[1] != 0 || LB_VIPS.get_ptr(&p.daddr).is_none() {
+            return false;
+        }
+        let (Some(hdr), Some(eth)) = (
+            ptr_at::<[u8; 8]>(p.ip, end, 0),
+            ptr_at::<[u16; 6]>(data, end, 0),
+        ) else {
+            return false;
+        };
+        let Some(addrs) = ptr_at::<[Addr; 2]>(p.ip, end, 8) else {
+            return false;
+        };
+        // Swapped addresses: the pseudo-header sums the same.
+        put_addr(&mut (*addrs)[0], &p.daddr);
+        put_addr(&mut (*addrs)[1], &p.saddr);
+        (*hdr)[7] = 64;
+        let c = csum::replace2(
+            w(ih[2], ih[3]),
+            w(ICMP6_ECHO_REQUEST, 0),
+            w(ICMP6_ECHO_REPLY, 0),
+        );
+        ih[0] = ICMP6_ECHO_REPLY;
+        let cb = c.to_ne_bytes();
+        ih[2] = cb[0];
+        ih[3] = cb[1];
+        let e = &mut *eth;
+        let mut i = 0;
+        while i < 3 {
+            let t = e[i];
+            e[i] = e[i + 3];
+            e[i + 3] = t;
+            i += 1;
+        }
+        count(stat::ICMP_ECHO_REPLIED);
+        true
+    }
+}
+
+/// The IPv6 [`translate_error`]: an ICMPv6 error (destination unreachable,
+/// packet too big, time exceeded, parameter problem) quoting a packet this
+/// load balancer translated is rewritten for that packet's sender: the
+/// quoted header and ports back to the original view, the destination to
+/// that sender, the source to the service when the endpoint reported it.
+/// The ICMPv6 checksum (over the pseudo-header too) is updated
+/// incrementally. True if rewritten.
+#[inline(always)]
+pub fn translate_error6(end: usize, p: &Icmp6) -> bool {
+    unsafe {
+        let Some(ih) = ptr_at::<[u8; 4]>(p.l4, end, 0) else {
+            return false;
+        };
+        let ih = &mut *ih;
+        let t = ih[0];
+        if t != ICMP6_DEST_UNREACH
+            && t != ICMP6_PACKET_TOO_BIG
+            && t != ICMP6_TIME_EXCEEDED
+            && t != ICMP6_PARAM_PROBLEM
+        {
+            return false;
+        }
+        let inner_ip = p.l4 + 8;
+        let Some(inner) = ptr_at::<[u32; 10]>(inner_ip, end, 0) else {
+            return false;
+        };
+        let Some(ports) = ptr_at::<[u16; 2]>(inner_ip, end, 40) else {
+            return false;
+        };
+        let inner = &mut *inner;
+        let nh = inner[1].to_ne_bytes()[2];
+        if nh != IPPROTO_TCP && nh != IPPROTO_UDP {
+            return false;
+        }
+        let ins: Addr = [inner[2], inner[3], inner[4], inner[5]];
+        let ind: Addr = [inner[6], inner[7], inner[8], inner[9]];
+        let ports = &mut *ports;
+        let (isp, idp) = (ports[0], ports[1]);
+        let key = CtKey {
+            saddr: ind,
+            daddr: ins,
+            sport: idp,
+            dport: isp,
+            proto: nh,
+            _pad1: 0,
+            _pad2: 0,
+        };
+        let Some(e) = LB_CT.get_ptr(&key) else {
+            return false;
+        };
+        if is_v4(&(*e).xdaddr) {
+            return false;
+        }
+        let (ns, nd, nsp, ndp) = ((*e).xdaddr, (*e).xsaddr, (*e).xdport, (*e).xsport);
+        let Some(outer) = ptr_at::<[Addr; 2]>(p.ip, end, 8) else {
+            return false;
+        };
+        let mut ic = w(ih[2], ih[3]);
+        ic = replace_addr(ic, &ins, &ns);
+        ic = replace_addr(ic, &ind, &nd);
+        ic = csum::replace2(ic, isp, nsp);
+        ic = csum::replace2(ic, idp, ndp);
+        ic = replace_addr(ic, &p.daddr, &ns);
+        let from_endpoint = p.saddr == ind;
+        if from_endpoint {
+            ic = replace_addr(ic, &p.saddr, &nd);
+        }
+        let mut i = 0;
+        while i < 4 {
+            inner[2 + i] = ns[i];
+            inner[6 + i] = nd[i];
+            i += 1;
+        }
+        ports[0] = nsp;
+        ports[1] = ndp;
+        put_addr(&mut (*outer)[1], &ns);
+        if from_endpoint {
+            put_addr(&mut (*outer)[0], &nd);
+        }
+        let cb = ic.to_ne_bytes();
+        ih[2] = cb[0];
+        ih[3] = cb[1];
         count(stat::ICMP_ERR_XLATED);
         true
     }

@@ -66,14 +66,52 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
     fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
 }
 
+/// ICMPv6 arriving on an interface: echo to a VIP answered, errors about
+/// a translated packet translated back and forwarded; the rest (neighbour
+/// discovery included) goes to the stack.
+#[inline(always)]
+fn icmp6_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp6) -> Verdict {
+    let end = ctx.data_end();
+    if icmp::echo_reply6(ctx.data(), end, ic) {
+        return Verdict::Tx;
+    }
+    if !icmp::translate_error6(end, ic) {
+        count(stat::PASS_NOT_SERVICE);
+        return Verdict::Pass;
+    }
+    let p = parse::Pkt {
+        ip: ic.ip,
+        l4: ic.l4,
+        saddr: [0; 4],
+        daddr: [0; 4],
+        sport: 0,
+        dport: 0,
+        proto: loxilb_common::IPPROTO_ICMPV6,
+        vlan: ic.vlan,
+        l3_len: (end - ic.ip) as u32,
+        v6: true,
+        sctp: 0,
+        l4_len: 0,
+    };
+    fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
+}
+
 /// The egress side (TC): only ICMP errors the node itself generates about
-/// translated packets (fragmentation needed when the stack forwards one)
-/// need translating; everything else leaves as it is.
+/// translated packets (fragmentation needed / packet too big when the
+/// stack forwards one) need translating; everything else leaves as it is.
 #[inline(always)]
 pub fn egress<C: PktCtx>(ctx: &C) -> Verdict {
     let end = ctx.data_end();
-    if let Parsed::Icmp(ic) = parse::parse::<false, false>(ctx.data(), end) {
-        icmp::translate_error(end, &ic);
+    match parse::parse::<false, false>(ctx.data(), end) {
+        Parsed::Icmp(ic) => {
+            icmp::translate_error(end, &ic);
+        }
+        Parsed::Ipv6 => {
+            if let Parsed::Icmp6(ic) = parse::parse::<true, false>(ctx.data(), end) {
+                icmp::translate_error6(end, &ic);
+            }
+        }
+        _ => {}
     }
     Verdict::Pass
 }
@@ -90,6 +128,7 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     let p = match parse::parse::<V6, false>(data, end) {
         Parsed::Pkt(p) => p,
         Parsed::Icmp(ic) => return icmp_ingress(ctx, &ic),
+        Parsed::Icmp6(ic) => return icmp6_ingress(ctx, &ic),
         Parsed::Other => {
             count(stat::PASS_NOT_SERVICE);
             return Verdict::Pass;

@@ -4,7 +4,9 @@
 //! against `data_end` so the verifier accepts it and garbage never
 //! over-reads.
 
-use loxilb_common::{v4_mapped, Addr, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use loxilb_common::{
+    v4_mapped, Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -69,9 +71,20 @@ pub struct Icmp {
     pub vlan: bool,
 }
 
+/// An ICMPv6 packet (any type: the ICMP module decides what is ours).
+pub struct Icmp6 {
+    pub ip: usize,
+    /// Start of the ICMPv6 header.
+    pub l4: usize,
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub vlan: bool,
+}
+
 pub enum Parsed {
     Pkt(Pkt),
     Icmp(Icmp),
+    Icmp6(Icmp6),
     /// Not IPv4 TCP/UDP/ICMP: nothing for us.
     Other,
     Fragment,
@@ -284,7 +297,8 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
         let mut off: usize = 40;
         let mut i = 0;
         while i < MAX_EXT_HDRS {
-            if nh == IPPROTO_TCP || nh == IPPROTO_UDP || nh == IPPROTO_SCTP {
+            if nh == IPPROTO_TCP || nh == IPPROTO_UDP || nh == IPPROTO_SCTP || nh == IPPROTO_ICMPV6
+            {
                 break;
             }
             if nh == NH_FRAGMENT {
@@ -313,6 +327,18 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
                 return Parsed::Malformed;
             }
             i += 1;
+        }
+        if nh == IPPROTO_ICMPV6 {
+            // Bounds-checked where its header is read (neighbour
+            // discovery and the rest pass through untouched).
+            let h = &*h;
+            return Parsed::Icmp6(Icmp6 {
+                ip,
+                l4: ip + (off & 0x3fff),
+                saddr: [h[2], h[3], h[4], h[5]],
+                daddr: [h[6], h[7], h[8], h[9]],
+                vlan,
+            });
         }
         if nh != IPPROTO_TCP && nh != IPPROTO_UDP && nh != IPPROTO_SCTP {
             return Parsed::Ext;

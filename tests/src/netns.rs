@@ -451,6 +451,19 @@ pub fn udp_ask(ns: &Netns, to: SocketAddr, msg: &str) -> Result<Reply> {
     })
 }
 
+/// A counter's value in `loxilb-agent stats` output (a line `name value`);
+/// panics if the counter is not listed.
+pub fn counter(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(name)).then(|| w.last()).flatten()
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("counter {name} not in:\n{stats}"))
+}
+
 /// The agent binary built next to the test executables.
 pub fn agent_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

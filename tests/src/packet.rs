@@ -308,6 +308,58 @@ pub fn icmp_frame(
     b
 }
 
+/// An Ethernet/IPv6/ICMPv6 frame (checksum over the pseudo-header).
+pub fn icmp6_frame(
+    src: &str,
+    dst: &str,
+    hop: u8,
+    typ: u8,
+    code: u8,
+    rest: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
+    let s: std::net::Ipv6Addr = src.parse().unwrap();
+    let d: std::net::Ipv6Addr = dst.parse().unwrap();
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(payload);
+    let mut pseudo = vec![];
+    pseudo.extend_from_slice(&s.octets());
+    pseudo.extend_from_slice(&d.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    let c = !csum::fold(csum::sum_be(&icmp, csum::sum_be(&pseudo, 0)));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut b = vec![];
+    b.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    b.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    b.extend_from_slice(&0x86ddu16.to_be_bytes());
+    b.extend_from_slice(&[0x60, 0, 0, 0]);
+    b.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    b.extend_from_slice(&[58, hop]);
+    b.extend_from_slice(&s.octets());
+    b.extend_from_slice(&d.octets());
+    b.extend_from_slice(&icmp);
+    b
+}
+
+/// What an ICMPv6 error quotes of an IPv6 `frame` (no extension
+/// headers): its IPv6 header and the first 8 bytes of its payload.
+pub fn quote6(frame: &[u8]) -> Vec<u8> {
+    frame[14..14 + 40 + 8].to_vec()
+}
+
+/// True when an Ethernet/IPv6/ICMPv6 frame's checksum verifies.
+pub fn icmp6_csum_ok(frame: &[u8]) -> bool {
+    let ip = &frame[14..];
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let mut pseudo = vec![];
+    pseudo.extend_from_slice(&ip[8..40]);
+    pseudo.extend_from_slice(&(plen as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    csum::fold(csum::sum_be(&ip[40..40 + plen], csum::sum_be(&pseudo, 0))) == 0xffff
+}
+
 /// What an ICMP error quotes of `frame`: its IP header and 8 bytes more.
 pub fn quote(frame: &[u8]) -> Vec<u8> {
     let ihl = ((frame[14] & 0x0f) as usize) * 4;

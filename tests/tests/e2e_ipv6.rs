@@ -115,6 +115,90 @@ fn nat66_and_nat64_with_real_tcp_and_udp() {
     assert_eq!(r.client.ip(), IpAddr::V4(t.client_ip()));
 
     let stats = agent.cli("stats").unwrap();
-    assert!(stats.contains("drop_nat64"), "{stats}");
+    assert_eq!(
+        loxilb_tests::netns::counter(&stats, "drop_nat64"),
+        0,
+        "{stats}"
+    );
+    agent.stop().unwrap();
+}
+
+/// Path-MTU discovery for IPv6 through the load balancer: the LB-backend
+/// link has a smaller MTU; the client sends a UDP datagram too big for it
+/// (IPv6 routers never fragment). The LB's stack answers "packet too big"
+/// about the translated packet; the TC egress program translates it back,
+/// so the client's kernel learns the path MTU toward the IPv6 VIP.
+#[test]
+fn ipv6_path_mtu_discovery_through_the_load_balancer() {
+    use std::os::fd::AsRawFd;
+    if !need_root("ipv6_path_mtu_discovery_through_the_load_balancer") {
+        return;
+    }
+    let e = Scene::new(
+        "lx6m",
+        1,
+        (8080, 5353),
+        |_, _| {},
+        |t| {
+            format!(
+            "rules:\n  - {{vip: \"{VIP6}\", port: 53, protocol: udp, endpoints: [{{ip: \"{}\", port: 5353}}]}}\n",
+            t.backend_ip6(1)
+        )
+        },
+    );
+    let t = &e.t;
+    t.lb.sh(&["ip", "link", "set", "lbb1", "mtu", "1300"])
+        .unwrap();
+    t.backends[0]
+        .sh(&["ip", "link", "set", "b0", "mtu", "1300"])
+        .unwrap();
+    let mut agent = Agent::start(t, &e.cfg, &[]).expect("agent");
+    let to = vip6(53);
+    let mtu = t.client.run(move || {
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        s.connect(to).unwrap();
+        let val: libc::c_int = libc::IPV6_PMTUDISC_DO;
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                &val as *const _ as *const libc::c_void,
+                4,
+            );
+        }
+        s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        let mut mtu = 0;
+        for _ in 0..10 {
+            let _ = s.send(&[b'x'; 1400]);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut m: libc::c_int = 0;
+            let mut len: libc::socklen_t = 4;
+            unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_MTU,
+                    &mut m as *mut _ as *mut libc::c_void,
+                    &mut len,
+                );
+            }
+            mtu = m;
+            if mtu == 1300 {
+                break;
+            }
+        }
+        mtu
+    });
+    assert_eq!(
+        mtu, 1300,
+        "the client learned the path MTU toward the IPv6 VIP"
+    );
+    let stats = agent.cli("stats").unwrap();
+    assert!(
+        loxilb_tests::netns::counter(&stats, "icmp_err_xlated") > 0,
+        "{stats}"
+    );
     agent.stop().unwrap();
 }

@@ -159,7 +159,11 @@ fn two_thousand_concurrent_connections_through_fullnat_to_one_backend() {
     }
     assert_eq!(ports.len(), 2000, "source ports must be distinct");
     let stats = agent.cli("stats").unwrap();
-    assert!(stats.contains("drop_snat_exhausted 0"), "{stats}");
+    assert_eq!(
+        loxilb_tests::netns::counter(&stats, "drop_snat_exhausted"),
+        0,
+        "{stats}"
+    );
     drop(conns);
     agent.stop().unwrap();
 }

@@ -84,6 +84,10 @@ fn sctp_association_through_the_vip_with_port_translation() {
     let sessions = agent.cli("sessions").unwrap();
     assert!(sessions.contains("sctp"), "{sessions}");
     let stats = agent.cli("stats").unwrap();
-    assert!(!stats.contains("drop_sctp_malformed   1"), "{stats}");
+    assert_eq!(
+        loxilb_tests::netns::counter(&stats, "drop_sctp_malformed"),
+        0,
+        "{stats}"
+    );
     agent.stop().unwrap();
 }

@@ -9,7 +9,7 @@ use loxilb_tests::fib::verdict::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS,
 use loxilb_tests::{
     fib::{self, run_tc, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
-    packet::{diff, Frame, ACK, SYN},
+    packet::{diff, icmp6_csum_ok, icmp6_frame, quote6, Frame, ACK, SYN},
 };
 
 const VIP: &str = "fd00:20::100";
@@ -611,5 +611,70 @@ fn nat64_ten_thousand_sessions_get_ports() {
             assert!(ports.insert(u16::from_be_bytes([out[34], out[35]])));
         }
         assert_eq!(stats(dp)["drop_snat_exhausted"], 0);
+    });
+}
+
+#[test]
+fn icmpv6_echo_answered_errors_translated_nd_passed() {
+    if !need_root("icmpv6_echo_answered_errors_translated_nd_passed") {
+        return;
+    }
+    fib::with_datapath("icmp6", RULES, |dp| {
+        use loxilb_tests::fib::verdict::XDP_TX;
+        // Echo request to the VIP: answered in place.
+        let req = icmp6_frame(CLIENT, VIP, 64, 128, 0, [0x12, 0x34, 0, 1], b"ping6");
+        let mut want = icmp6_frame(VIP, CLIENT, 64, 129, 0, [0x12, 0x34, 0, 1], b"ping6");
+        want[0..6].copy_from_slice(&req[6..12]);
+        want[6..12].copy_from_slice(&req[0..6]);
+        let (v, out) = run_xdp(dp, &req);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(out, want, "echo reply\n{}", diff(&out, &want));
+        // Echo to another address, and neighbour solicitation: untouched.
+        let other = icmp6_frame(CLIENT, "fd00:20::200", 64, 128, 0, [0; 4], b"x");
+        assert_eq!(run_xdp(dp, &other), (XDP_PASS, other));
+        let ns = icmp6_frame(CLIENT, "ff02::1:ff00:100", 255, 135, 0, [0; 4], &[0; 16]);
+        assert_eq!(run_xdp(dp, &ns), (XDP_PASS, ns));
+        // A session, then "packet too big" from a router on the endpoint
+        // side about the translated packet: back to the client's view.
+        let syn = Frame::tcp(CLIENT, 48000, VIP, 80, SYN);
+        let (v, fwd) = run_xdp(dp, &syn.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        let mtu = 1280u32.to_be_bytes();
+        let ptb = icmp6_frame("fd00:1::fe", CLIENT, 64, 2, 0, mtu, &quote6(&fwd));
+        let (v, out) = run_xdp(dp, &ptb);
+        assert_eq!(v, XDP_REDIRECT, "translated and forwarded to the client");
+        assert!(icmp6_csum_ok(&out), "ICMPv6 checksum after translation");
+        let ip = &out[14..];
+        let inner = &ip[48..];
+        let a = |b: &[u8]| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap()).to_string();
+        assert_eq!(a(&ip[24..40]), CLIENT, "to the client");
+        assert_eq!(a(&ip[8..24]), "fd00:1::fe", "from the router still");
+        assert_eq!(
+            (a(&inner[8..24]).as_str(), a(&inner[24..40]).as_str()),
+            (CLIENT, VIP)
+        );
+        assert_eq!(
+            (
+                u16::from_be_bytes([inner[40], inner[41]]),
+                u16::from_be_bytes([inner[42], inner[43]])
+            ),
+            (48000, 80)
+        );
+        // The endpoint itself reports: the error comes from the service.
+        let unreach = icmp6_frame(EP1, CLIENT, 64, 1, 4, [0; 4], &quote6(&fwd));
+        let (v, out) = run_xdp(dp, &unreach);
+        assert_eq!(v, XDP_REDIRECT);
+        assert!(icmp6_csum_ok(&out));
+        assert_eq!(a(&out[14 + 8..14 + 24]), VIP, "from the service");
+        // An error about something never translated: untouched.
+        let stray = Frame::tcp(CLIENT, 1, EP1, 2, SYN).bytes();
+        let err = icmp6_frame("fd00:1::fe", CLIENT, 64, 1, 0, [0; 4], &quote6(&stray));
+        assert_eq!(run_xdp(dp, &err), (XDP_PASS, err));
+        let s = stats(dp);
+        assert_eq!(
+            (s["icmp_echo_replied"], s["icmp_err_xlated"]),
+            (1, 2),
+            "{s:?}"
+        );
     });
 }
