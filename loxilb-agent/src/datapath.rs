@@ -88,6 +88,17 @@ impl Datapath {
     /// already pinned there are adopted, sessions included); without, the
     /// maps are private to this process (tests, benchmarks).
     pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_programs(pin_dir, None)
+    }
+
+    /// Only the IPIP decapsulation program (`loxilb-agent decap`): the
+    /// load-balancing programs are not verified at all (seconds saved).
+    pub fn load_decap() -> Result<Self> {
+        Self::load_programs(None, Some(&[prog_names::XDP_DECAP]))
+    }
+
+    fn load_programs(pin_dir: Option<&Path>, only: Option<&[&str]>) -> Result<Self> {
+        let wanted = |name: &str| only.is_none_or(|o| o.contains(&name));
         let mut adopted = false;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
@@ -134,6 +145,9 @@ impl Datapath {
             prog_names::XDP_PASS,
             prog_names::XDP_DECAP,
         ] {
+            if !wanted(name) {
+                continue;
+            }
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
@@ -148,6 +162,9 @@ impl Datapath {
             prog_names::TC_NEW6,
             prog_names::TC_EGRESS,
         ] {
+            if !wanted(name) {
+                continue;
+            }
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
@@ -162,6 +179,9 @@ impl Datapath {
             .map(|j| (mn::JMP_XDP, *j))
             .chain(prog_names::TC_JUMPS.iter().map(|j| (mn::JMP_TC, *j)));
         for (array, (slot, prog)) in jumps {
+            if !wanted(prog) {
+                continue;
+            }
             let fd = ebpf
                 .program(prog)
                 .ok_or_else(|| anyhow!("program {prog} missing"))?

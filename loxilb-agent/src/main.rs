@@ -295,7 +295,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Decap { ifaces, xdp_mode } => {
-            let mut dp = Datapath::load(None)?;
+            let mut dp = Datapath::load_decap()?;
             for i in &ifaces {
                 let used = dp.attach_program(i, xdp_mode, loxilb_common::prog_names::XDP_DECAP)?;
                 info!("IPIP decapsulation attached to {i}: {used} mode");

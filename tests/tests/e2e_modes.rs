@@ -220,7 +220,7 @@ fn dsr_ipip_backend_decapsulates_and_replies_directly() {
             .spawn()
             .unwrap();
         decaps.push(Decap(child));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
             .contains("decapsulating")
