@@ -15,10 +15,13 @@
 //! dirty Services are planned and carried out as a batch whose rules reach
 //! the datapath as one rule set ([`Executor::set_hold`]). A Service whose
 //! writes failed is planned again after a backoff (1 s doubling to 60 s) or
-//! at its next watch event, whichever is first.
+//! at its next watch event, whichever is first. What the datapath did with
+//! each Service's rules (installed, refused, the update failed) becomes a
+//! `RuleProgrammed` or `RuleNotProgrammed` Event on the Service, from every
+//! agent for its own node, once per change ([`RuleOutcomes`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
     net::IpAddr,
     time::Duration,
@@ -28,7 +31,7 @@ use anyhow::Context as _;
 use futures::{Stream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service},
+        core::v1::{Node, ObjectReference, Service},
         discovery::v1::EndpointSlice,
     },
     jiff::Timestamp,
@@ -50,7 +53,7 @@ use tracing::{debug, info, warn};
 pub use crate::reconcile::RuleUpdate;
 
 use crate::{
-    events::{service_reference, EventPublisher, EventType},
+    events::{actions, reasons, service_reference, EventPublisher, EventSpec, EventType},
     flags::KubeConfig,
     leader::{LeaderElector, LeaseConfig},
     reconcile::{MetadataPatch, Plan, Reconciler, StatusUpdate, Step, FIELD_MANAGER},
@@ -58,14 +61,39 @@ use crate::{
     ServiceKey,
 };
 
+/// A rule the datapath did not install, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub service: ServiceKey,
+    /// The rule's name ([`LbRule::name`]).
+    pub rule: String,
+    pub reason: String,
+}
+
+/// What the datapath did with a rule set or update: the rules it refused
+/// (the others of the update are installed). `Default`: all installed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub refused: Vec<Refused>,
+}
+
+impl Applied {
+    /// Every rule installed.
+    pub fn all() -> Self {
+        Applied::default()
+    }
+}
+
 /// Where the controller hands the datapath its work. The agent implements
 /// it over its rule reconciler.
 pub trait RuleSink: Send {
     /// The complete desired rule set of this node (every managed Service),
     /// replacing the previous one. Called (by the default
     /// [`RuleSink::update`]) only when it changed (or the last call
-    /// failed). An error is retried.
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<()>;
+    /// failed). An error is retried. Returns the rules not installed: the
+    /// controller raises a Warning Event on their Services (and a Normal
+    /// one on the others), see [`RuleOutcomes`].
+    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied>;
 
     /// The rule set changed: `update` says which Services' rules changed
     /// (each with its complete new list) and lends the whole set. Called
@@ -79,7 +107,7 @@ pub trait RuleSink: Send {
     /// changed Services' rules (unless the update is full): with 10,000
     /// Services, copying and diffing them all dominates the cost of adding
     /// one.
-    fn update(&mut self, update: &RuleUpdate<'_>) -> anyhow::Result<()> {
+    fn update(&mut self, update: &RuleUpdate<'_>) -> anyhow::Result<Applied> {
         self.apply(update.all().cloned().collect())
     }
 
@@ -99,11 +127,15 @@ pub struct RunConfig {
     pub retry_max: Duration,
     /// How the status names the VIPs ([`crate::flags::status_form`]).
     pub status_form: StatusForm,
+    /// This node's name, in the notes of its `RuleProgrammed` /
+    /// `RuleNotProgrammed` Events (every agent reports its own datapath).
+    pub node_name: String,
 }
 
 impl RunConfig {
     pub fn new(kube: KubeConfig, lease: LeaseConfig) -> Self {
         RunConfig {
+            node_name: lease.identity.clone(),
             kube,
             lease,
             retry_min: Duration::from_secs(1),
@@ -114,7 +146,8 @@ impl RunConfig {
 
     /// From the pod's environment, as `manifest/in-cluster/loxilb.yaml`
     /// sets it: identity `POD_NAME` (else `NODE_NAME`, else the host name),
-    /// Lease namespace `POD_NAMESPACE` (else `kube-system`).
+    /// Lease namespace `POD_NAMESPACE` (else `kube-system`), node name
+    /// `NODE_NAME` (else the identity).
     pub fn from_env(kube: KubeConfig) -> Result<Self, String> {
         Self::from_lookup(kube, |k| std::env::var(k).ok())
     }
@@ -131,7 +164,11 @@ impl RunConfig {
             })
             .ok_or("no identity for leader election: set POD_NAME (the manifest sets it from metadata.name)")?;
         let namespace = get("POD_NAMESPACE").unwrap_or_else(|| "kube-system".into());
-        Ok(RunConfig::new(kube, LeaseConfig::new(namespace, identity)))
+        let mut config = RunConfig::new(kube, LeaseConfig::new(namespace, identity));
+        if let Some(node) = get("NODE_NAME") {
+            config.node_name = node;
+        }
+        Ok(config)
     }
 }
 
@@ -209,6 +246,162 @@ impl ServiceWriter {
     }
 }
 
+/// What this node's datapath did with one Service's rules, as far as it
+/// decides whether to tell again: the frontends installed (not their
+/// endpoint counts: endpoints churn), and the refusals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Every rule installed: their `vip:port/proto`.
+    Programmed(Vec<String>),
+    /// Some (or all) not installed: `rule: why` each, and the frontends
+    /// that were installed.
+    NotProgrammed {
+        refused: Vec<String>,
+        installed: Vec<String>,
+    },
+}
+
+/// `vip:port/proto` of `r`.
+fn frontend(r: &LbRule) -> String {
+    format!(
+        "{}/{}",
+        std::net::SocketAddr::new(r.vip, r.port),
+        r.protocol.as_str()
+    )
+}
+
+/// `vip:port/proto -> n endpoints` of `r`.
+fn frontend_with_endpoints(r: &LbRule) -> String {
+    let n = r.endpoints.len();
+    format!(
+        "{} -> {n} endpoint{}",
+        frontend(r),
+        if n == 1 { "" } else { "s" }
+    )
+}
+
+/// The per-Service outcome of this node's datapath updates, and the Events
+/// that tell it: a Normal `RuleProgrammed` when a Service's rules are
+/// installed, a Warning `RuleNotProgrammed` when the agent refused one of
+/// them or the datapath update failed. An Event is queued only when a
+/// Service's outcome changed since the last one (a resync, an endpoint
+/// change or a retry with the same result says nothing), and its note
+/// starts with the node's name: every agent reports its own datapath.
+#[derive(Debug)]
+pub struct RuleOutcomes {
+    node: String,
+    last: HashMap<ServiceKey, Outcome>,
+    pending: BTreeMap<ServiceKey, EventSpec>,
+}
+
+impl RuleOutcomes {
+    pub fn new(node: impl Into<String>) -> Self {
+        RuleOutcomes {
+            node: node.into(),
+            last: HashMap::new(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The sink was handed `update` and answered `result`: queue an Event
+    /// for each Service of the update whose outcome changed. A Service
+    /// without rules (any more) is forgotten, without an Event.
+    pub fn record(&mut self, update: &RuleUpdate<'_>, result: Result<&Applied, &anyhow::Error>) {
+        let mut refused: HashMap<&ServiceKey, Vec<&Refused>> = HashMap::new();
+        if let Ok(applied) = result {
+            for r in &applied.refused {
+                refused.entry(&r.service).or_default().push(r);
+            }
+        }
+        let failed = result
+            .err()
+            .map(|e| format!("datapath update failed: {e:#}"));
+        let mut seen = BTreeSet::new();
+        let one = |this: &mut Self, key: &ServiceKey, rules: &[LbRule]| {
+            if rules.is_empty() {
+                this.last.remove(key);
+                this.pending.remove(key);
+                return;
+            }
+            let (outcome, note) = match (&failed, refused.get(key)) {
+                (Some(e), _) => (
+                    Outcome::NotProgrammed {
+                        refused: vec![e.clone()],
+                        installed: vec![],
+                    },
+                    e.clone(),
+                ),
+                (None, Some(no)) => {
+                    let out: BTreeSet<&str> = no.iter().map(|r| r.rule.as_str()).collect();
+                    let refused: Vec<String> = no
+                        .iter()
+                        .map(|r| format!("{}: {}", r.rule, r.reason))
+                        .collect();
+                    let ok: Vec<&LbRule> = rules
+                        .iter()
+                        .filter(|r| !out.contains(r.name.as_str()))
+                        .collect();
+                    let mut note = format!("not programmed: {}", refused.join("; "));
+                    if !ok.is_empty() {
+                        let list: Vec<String> =
+                            ok.iter().map(|r| frontend_with_endpoints(r)).collect();
+                        note.push_str(&format!("; programmed: {}", list.join(", ")));
+                    }
+                    let installed = ok.iter().map(|r| frontend(r)).collect();
+                    (Outcome::NotProgrammed { refused, installed }, note)
+                }
+                (None, None) => {
+                    let list: Vec<String> = rules.iter().map(frontend_with_endpoints).collect();
+                    (
+                        Outcome::Programmed(rules.iter().map(frontend).collect()),
+                        format!("{} programmed", list.join(", ")),
+                    )
+                }
+            };
+            if this.last.get(key) == Some(&outcome) {
+                return;
+            }
+            let note = format!("node {}: {note}", this.node);
+            let spec = match outcome {
+                Outcome::Programmed(_) => {
+                    EventSpec::normal(reasons::RULE_PROGRAMMED, actions::PROGRAM, note)
+                }
+                Outcome::NotProgrammed { .. } => {
+                    EventSpec::warning(reasons::RULE_NOT_PROGRAMMED, actions::PROGRAM, note)
+                }
+            };
+            this.last.insert(key.clone(), outcome);
+            this.pending.insert(key.clone(), spec);
+        };
+        if update.is_full() {
+            for (key, rules) in update.services() {
+                seen.insert(key);
+                one(self, key, rules);
+            }
+            // Services without rules in a full update: forgotten.
+            self.last.retain(|k, _| seen.contains(k));
+            self.pending.retain(|k, _| seen.contains(k));
+        } else {
+            for (key, rules) in update.changed() {
+                one(self, key, rules);
+            }
+        }
+    }
+
+    /// The Events queued since the last call, by Service.
+    pub fn take(&mut self) -> Vec<(ServiceKey, EventSpec)> {
+        std::mem::take(&mut self.pending).into_iter().collect()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
 /// Carries plans out: API writes, then the datapath.
 pub struct Executor<S> {
     writer: ServiceWriter,
@@ -222,11 +415,17 @@ pub struct Executor<S> {
     /// Commit rules without handing them to the sink (a batch is being
     /// carried out; [`Executor::sync_sink`] at its end).
     hold: bool,
+    /// What the datapath did with each Service's rules, and the Events
+    /// not yet published ([`Executor::publish_rule_events`]).
+    outcomes: RuleOutcomes,
 }
 
 impl<S: RuleSink> Executor<S> {
+    /// The Events on rules name the node as the writer's
+    /// `reportingInstance` until [`Executor::set_node_name`].
     pub fn new(writer: ServiceWriter, sink: S) -> Self {
         Executor {
+            outcomes: RuleOutcomes::new(writer.events().instance()),
             writer,
             sink,
             sink_dirty: false,
@@ -251,13 +450,47 @@ impl<S: RuleSink> Executor<S> {
         &self.sink
     }
 
+    /// The node named in the `RuleProgrammed` / `RuleNotProgrammed` Events.
+    pub fn set_node_name(&mut self, node: impl Into<String>) {
+        self.outcomes.node = node.into();
+    }
+
+    /// Publish the Events on rules queued by the datapath updates since
+    /// the last call (a change of a Service's outcome only, see
+    /// [`RuleOutcomes`]). `regarding`: the Service's reference, `None`
+    /// when it is gone (its Event is dropped). Failures are only logged.
+    pub async fn publish_rule_events(
+        &mut self,
+        regarding: impl Fn(&ServiceKey) -> Option<ObjectReference>,
+        now: Timestamp,
+    ) {
+        for (key, ev) in self.outcomes.take() {
+            match ev.type_ {
+                EventType::Warning => warn!(service = %key, "{}: {}", ev.reason, ev.note),
+                EventType::Normal => info!(service = %key, "{}: {}", ev.reason, ev.note),
+            }
+            let Some(r) = regarding(&key) else {
+                continue;
+            };
+            if let Err(e) = self.writer.events().publish(&ev, &r, now).await {
+                warn!(service = %key, error = %e, "could not create the Event");
+            }
+        }
+    }
+
+    /// Whether Events on rules wait for [`Executor::publish_rule_events`].
+    pub fn rule_events_pending(&self) -> bool {
+        self.outcomes.has_pending()
+    }
+
     /// Hand the sink the rule set if it changed, and the owned VIPs if they
     /// changed.
     pub fn sync_sink(&mut self, reconciler: &mut Reconciler) -> Result<(), StepError> {
         if self.sink_dirty || reconciler.rules_changed() {
-            self.sink
-                .update(&reconciler.rule_update(!self.sink_synced))
-                .map_err(StepError::Datapath)?;
+            let update = reconciler.rule_update(!self.sink_synced);
+            let r = self.sink.update(&update);
+            self.outcomes.record(&update, r.as_ref());
+            r.map_err(StepError::Datapath)?;
             reconciler.rules_synced();
             self.sink_synced = true;
             self.sink_dirty = false;
@@ -579,6 +812,7 @@ pub async fn run<S: RuleSink>(
         ServiceWriter::new(client.clone(), config.lease.identity.clone()),
         sink,
     );
+    executor.set_node_name(config.node_name.clone());
 
     let (services, svc_stream) = watch_stream(
         Api::<Service>::all(client.clone()),
@@ -756,6 +990,18 @@ pub async fn run<S: RuleSink>(
                 }
             }
         }
+        if executor.rule_events_pending() {
+            executor
+                .publish_rule_events(
+                    |k| {
+                        services
+                            .get(&ObjectRef::new(&k.name).within(&k.namespace))
+                            .map(|s| service_reference(&s))
+                    },
+                    Timestamp::now(),
+                )
+                .await;
+        }
     }
 
     let _ = stop_tx.send(());
@@ -790,6 +1036,7 @@ mod tests {
         assert_eq!(c.lease.identity, "loxilb-agent-x7");
         assert_eq!(c.lease.namespace, "lb");
         assert_eq!(c.lease.name, "loxilb-agent");
+        assert_eq!(c.node_name, "n1");
         let c = RunConfig::from_lookup(KubeConfig::default(), env(&[("NODE_NAME", "n1")])).unwrap();
         assert_eq!(
             (c.lease.identity.as_str(), c.lease.namespace.as_str()),
@@ -830,6 +1077,80 @@ mod tests {
         let n = node("False", "2026-01-01T00:00:30Z", "10.0.0.9", None);
         assert!(c.remove(&n));
         assert!(!c.remove(&n));
+    }
+
+    fn rule(svc: &str, vip: &str, port: u16) -> LbRule {
+        LbRule {
+            service: ServiceKey::new("default", svc),
+            name: format!("default/{svc}:{port}/tcp@{vip}"),
+            vip: vip.parse().unwrap(),
+            secondary_vips: vec![],
+            port,
+            protocol: crate::Protocol::Tcp,
+            mode: crate::annotations::LbMode::Default,
+            selection: crate::annotations::EpSelect::RoundRobin,
+            timeout_s: 0,
+            endpoints: vec![],
+            allowed_sources: None,
+            probe: None,
+            local_traffic: false,
+        }
+    }
+
+    #[test]
+    fn rule_outcomes_are_told_once_per_change() {
+        let mut r = Reconciler::new(KubeConfig::default()).unwrap();
+        let (a, b) = (
+            ServiceKey::new("default", "a"),
+            ServiceKey::new("default", "b"),
+        );
+        r.commit(
+            &a,
+            vec![rule("a", "20.0.0.1", 80), rule("a", "2001:db8::1", 80)],
+        );
+        r.commit(&b, vec![rule("b", "20.0.0.2", 53)]);
+        let mut o = RuleOutcomes::new("n1");
+        let refuse_b = Applied {
+            refused: vec![Refused {
+                service: b.clone(),
+                rule: "default/b:53/tcp@20.0.0.2".into(),
+                reason: "not served".into(),
+            }],
+        };
+        o.record(&r.rule_update(true), Ok(&refuse_b));
+        let evs = o.take();
+        assert_eq!(evs.len(), 2);
+        assert_eq!(
+            (evs[0].1.type_, evs[0].1.reason, evs[0].1.note.as_str()),
+            (
+                EventType::Normal,
+                reasons::RULE_PROGRAMMED,
+                "node n1: 20.0.0.1:80/tcp -> 0 endpoints, [2001:db8::1]:80/tcp -> 0 endpoints programmed"
+            )
+        );
+        assert_eq!(
+            (evs[1].1.type_, evs[1].1.reason, evs[1].1.note.as_str()),
+            (
+                EventType::Warning,
+                reasons::RULE_NOT_PROGRAMMED,
+                "node n1: not programmed: default/b:53/tcp@20.0.0.2: not served"
+            )
+        );
+        // The same whole set again (a resync): nothing.
+        o.record(&r.rule_update(true), Ok(&refuse_b));
+        assert!(!o.has_pending());
+        // b accepted now: told; a unchanged: not.
+        o.record(&r.rule_update(true), Ok(&Applied::all()));
+        let evs = o.take();
+        assert_eq!(evs.len(), 1);
+        assert_eq!((&evs[0].0, evs[0].1.type_), (&b, EventType::Normal));
+        // A whole set without b forgets it: its return is told again.
+        r.commit(&b, vec![]);
+        o.record(&r.rule_update(true), Ok(&Applied::all()));
+        assert!(o.take().is_empty());
+        r.commit(&b, vec![rule("b", "20.0.0.2", 53)]);
+        o.record(&r.rule_update(true), Ok(&Applied::all()));
+        assert_eq!(o.take().len(), 1);
     }
 
     /// The agent spawns the controller on its runtime: the future is Send.

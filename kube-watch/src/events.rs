@@ -2,9 +2,13 @@
 //! [`crate::reconcile`]), the `events.k8s.io/v1` object that says it
 //! ([`event_object`], pure), and [`EventPublisher`], which creates it.
 //!
-//! Only the leader publishes, and [`crate::reconcile::Reconciler`] emits a
-//! Warning once per problem (again only after the problem went away and came
-//! back), so a Service whose EndpointSlices churn does not flood its Events.
+//! Only the leader publishes the Events of planning, and
+//! [`crate::reconcile::Reconciler`] emits a Warning once per problem (again
+//! only after the problem went away and came back), so a Service whose
+//! EndpointSlices churn does not flood its Events. Every agent publishes
+//! whether its own datapath took a Service's rules ([`reasons::RULE_PROGRAMMED`],
+//! [`reasons::RULE_NOT_PROGRAMMED`], note prefixed with the node's name), once
+//! per change of that outcome ([`crate::controller::RuleOutcomes`]).
 
 use std::{
     fmt,
@@ -49,6 +53,11 @@ pub mod reasons {
     pub const RECORD_NOT_ADOPTED: &str = "RecordNotAdopted";
     /// An address was allocated (Normal).
     pub const ALLOCATED: &str = "Allocated";
+    /// This node's datapath installed the Service's rules (Normal).
+    pub const RULE_PROGRAMMED: &str = "RuleProgrammed";
+    /// This node's datapath could not install (some of) the Service's
+    /// rules: refused by the agent, or the map write failed.
+    pub const RULE_NOT_PROGRAMMED: &str = "RuleNotProgrammed";
 }
 
 /// Actions (the `action` field).
@@ -57,6 +66,8 @@ pub mod actions {
     pub const CONFIGURE: &str = "Configure";
     /// Allocating its addresses.
     pub const ALLOCATE: &str = "Allocate";
+    /// Installing its rules into a node's datapath.
+    pub const PROGRAM: &str = "Program";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -189,6 +200,11 @@ impl EventPublisher {
             instance: instance.into(),
             seq: AtomicU32::new(0),
         }
+    }
+
+    /// The `reportingInstance` of the Events.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub async fn publish(

@@ -263,6 +263,11 @@ impl<'a> RuleUpdate<'a> {
             .map(move |k| (k, rules.get(k).map(Vec::as_slice).unwrap_or(&[])))
     }
 
+    /// Every Service with committed rules, with its rules.
+    pub fn services(&self) -> impl Iterator<Item = (&'a ServiceKey, &'a [LbRule])> + 'a {
+        self.rules.iter().map(|(k, v)| (k, v.as_slice()))
+    }
+
     /// Every committed rule, by Service.
     pub fn all(&self) -> impl Iterator<Item = &'a LbRule> + 'a {
         self.rules.values().flatten()

@@ -16,12 +16,12 @@ use k8s_openapi::{
 };
 use kube::{client::Body, Client};
 use kube_watch::{
-    controller::{Executor, RuleSink, ServiceWriter},
+    controller::{Applied, Executor, Refused, RuleSink, ServiceWriter},
     events::{actions, reasons, service_reference, EventPublisher, EventSpec},
     flags::{parse_cidr_pools, KubeConfig},
     leader::{LeaderElector, LeaseConfig},
     reconcile::{Reconciler, Step},
-    translate::LbRule,
+    translate::{Endpoint, LbRule},
     ServiceKey,
 };
 use serde_json::{json, Value};
@@ -145,7 +145,7 @@ struct LogSink {
 }
 
 impl RuleSink for LogSink {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<()> {
+    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
         if *self.fail.lock().unwrap() {
             anyhow::bail!("datapath refused");
         }
@@ -154,7 +154,7 @@ impl RuleSink for LogSink {
             .lock()
             .unwrap()
             .push(format!("datapath {}", names.join(",")));
-        Ok(())
+        Ok(Applied::all())
     }
     fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()> {
         let v: Vec<String> = vips.iter().map(IpAddr::to_string).collect();
@@ -697,10 +697,10 @@ struct DeltaSink {
 }
 
 impl RuleSink for DeltaSink {
-    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<()> {
+    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<Applied> {
         unreachable!("update is overridden")
     }
-    fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<()> {
+    fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<Applied> {
         if *self.fail.lock().unwrap() {
             anyhow::bail!("datapath refused");
         }
@@ -712,7 +712,7 @@ impl RuleSink for DeltaSink {
             .lock()
             .unwrap()
             .push((u.is_full(), changed, u.all().count()));
-        Ok(())
+        Ok(Applied::all())
     }
     fn own_vips(&mut self, _: Vec<IpAddr>) -> anyhow::Result<()> {
         Ok(())
@@ -770,4 +770,181 @@ async fn sink_gets_the_whole_set_first_then_only_changed_services() {
             (false, vec!["a=0".to_string(), "d=1".to_string()], 3),
         ]
     );
+}
+
+/// A sink that refuses the rules of one Service (as the agent's
+/// `to_rule` does) or fails the whole update (a map write failure).
+#[derive(Clone, Default)]
+struct RefusingSink {
+    /// (Service name, reason).
+    refuse: Arc<Mutex<Option<(String, String)>>>,
+    fail: Arc<Mutex<bool>>,
+}
+
+impl RuleSink for RefusingSink {
+    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
+        if *self.fail.lock().unwrap() {
+            anyhow::bail!("writing the service map: no space left");
+        }
+        let refuse = self.refuse.lock().unwrap().clone();
+        Ok(Applied {
+            refused: rules
+                .iter()
+                .filter_map(|r| {
+                    let (svc, why) = refuse.as_ref()?;
+                    (r.service.name == *svc).then(|| Refused {
+                        service: r.service.clone(),
+                        rule: r.name.clone(),
+                        reason: why.clone(),
+                    })
+                })
+                .collect(),
+        })
+    }
+    fn own_vips(&mut self, _: Vec<IpAddr>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Publish the queued Events on rules; exactly `n` are expected (more
+/// time out the publisher, fewer time out the mock).
+async fn rule_events<S: RuleSink>(
+    ex: &mut Executor<S>,
+    handle: &mut MockHandle,
+    n: usize,
+) -> Vec<Value> {
+    let regarding = |k: &ServiceKey| Some(service_reference(&service(&k.name, json!({}))));
+    let (res, seen) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            ex.publish_rule_events(regarding, t(0))
+        ),
+        async {
+            let mut out = vec![];
+            for _ in 0..n {
+                let (seen, send) = next(handle).await;
+                assert_eq!(seen.method, "POST");
+                assert_eq!(
+                    seen.path,
+                    "/apis/events.k8s.io/v1/namespaces/default/events"
+                );
+                respond(send, StatusCode::CREATED, &seen.body);
+                out.push(seen.body);
+            }
+            out
+        }
+    );
+    res.expect("no more Events than expected");
+    assert!(!ex.rule_events_pending());
+    seen
+}
+
+fn with_endpoint(mut rules: Vec<LbRule>, last_octet: u8) -> Vec<LbRule> {
+    for r in &mut rules {
+        r.endpoints.push(Endpoint {
+            ip: IpAddr::from([10, 1, 0, last_octet]),
+            port: 8080,
+            weight: 1,
+        });
+        r.endpoints.sort();
+    }
+    rules
+}
+
+#[tokio::test]
+async fn rule_events_tell_each_change_of_what_the_datapath_took() {
+    let (client, mut handle) = mock_client();
+    let sink = RefusingSink::default();
+    let mut ex = Executor::new(ServiceWriter::new(client, "agent-1"), sink.clone());
+    ex.set_node_name("n1");
+    let mut r = Reconciler::new(config()).unwrap();
+    r.become_leader([]);
+    let key = |n: &str| ServiceKey::new("default", n);
+
+    // (a) Programmed: one Normal Event naming the node and the rules.
+    let a = with_endpoint(planned_rules(&mut r, "a"), 1);
+    r.commit(&key("a"), a.clone());
+    ex.sync_sink(&mut r).unwrap();
+    let evs = rule_events(&mut ex, &mut handle, 1).await;
+    assert_eq!(evs[0]["type"], "Normal");
+    assert_eq!(evs[0]["reason"], "RuleProgrammed");
+    assert_eq!(evs[0]["action"], "Program");
+    assert_eq!(
+        evs[0]["note"],
+        "node n1: 192.0.2.1:80/tcp -> 2 endpoints programmed"
+    );
+    assert_eq!(evs[0]["regarding"]["name"], "a");
+    assert_eq!(evs[0]["reportingInstance"], "agent-1");
+    // A resync with nothing changed, and an endpoint change of the same
+    // frontends: nothing to tell.
+    r.commit(&key("a"), a.clone());
+    ex.sync_sink(&mut r).unwrap();
+    rule_events(&mut ex, &mut handle, 0).await;
+    let a = with_endpoint(a, 2);
+    r.commit(&key("a"), a.clone());
+    ex.sync_sink(&mut r).unwrap();
+    rule_events(&mut ex, &mut handle, 0).await;
+
+    // (b) Refused by the agent: a Warning with the reason, once.
+    *sink.refuse.lock().unwrap() = Some(("b".into(), "SCTP multihoming is not done".into()));
+    let b = planned_rules(&mut r, "b");
+    r.commit(&key("b"), b.clone());
+    ex.sync_sink(&mut r).unwrap();
+    let evs = rule_events(&mut ex, &mut handle, 1).await;
+    assert_eq!(evs[0]["type"], "Warning");
+    assert_eq!(evs[0]["reason"], "RuleNotProgrammed");
+    assert_eq!(evs[0]["regarding"]["name"], "b");
+    assert_eq!(
+        evs[0]["note"],
+        format!(
+            "node n1: not programmed: {}: SCTP multihoming is not done",
+            b[0].name
+        )
+    );
+    let b = with_endpoint(b, 1);
+    r.commit(&key("b"), b.clone());
+    ex.sync_sink(&mut r).unwrap();
+    rule_events(&mut ex, &mut handle, 0).await;
+
+    // (c) A failed map write: a Warning on the Services of the update;
+    // the retry that succeeds: Normal again. The refusal lifted: Normal.
+    *sink.fail.lock().unwrap() = true;
+    let a = with_endpoint(a, 3);
+    r.commit(&key("a"), a.clone());
+    assert!(ex.sync_sink(&mut r).is_err());
+    let evs = rule_events(&mut ex, &mut handle, 1).await;
+    assert_eq!(
+        (&evs[0]["type"], &evs[0]["regarding"]["name"]),
+        (&json!("Warning"), &json!("a"))
+    );
+    assert_eq!(
+        evs[0]["note"],
+        "node n1: datapath update failed: writing the service map: no space left"
+    );
+    // The same failure again (a retry): nothing new.
+    assert!(ex.sync_sink(&mut r).is_err());
+    rule_events(&mut ex, &mut handle, 0).await;
+    *sink.fail.lock().unwrap() = false;
+    ex.sync_sink(&mut r).unwrap();
+    let evs = rule_events(&mut ex, &mut handle, 1).await;
+    assert_eq!(
+        (&evs[0]["type"], &evs[0]["reason"], &evs[0]["note"]),
+        (
+            &json!("Normal"),
+            &json!("RuleProgrammed"),
+            &json!("node n1: 192.0.2.1:80/tcp -> 4 endpoints programmed")
+        )
+    );
+    *sink.refuse.lock().unwrap() = None;
+    r.commit(&key("b"), with_endpoint(b, 2));
+    ex.sync_sink(&mut r).unwrap();
+    let evs = rule_events(&mut ex, &mut handle, 1).await;
+    assert_eq!(
+        (&evs[0]["type"], &evs[0]["regarding"]["name"]),
+        (&json!("Normal"), &json!("b"))
+    );
+    // A Service whose rules are gone is forgotten without an Event.
+    r.commit(&key("b"), vec![]);
+    ex.sync_sink(&mut r).unwrap();
+    rule_events(&mut ex, &mut handle, 0).await;
 }

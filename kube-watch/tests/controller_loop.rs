@@ -19,7 +19,7 @@ use std::{
 use fake_api::{check_rbac, until, FakeApi, Logged, Running};
 use kube_watch::{
     annotations::LbMode,
-    controller::{run, RuleSink, RunConfig},
+    controller::{run, Applied, RuleSink, RunConfig},
     flags::{parse_cidr_pools, KubeConfig},
     leader::LeaseConfig,
     translate::LbRule,
@@ -35,10 +35,10 @@ struct Datapath {
 }
 
 impl RuleSink for Datapath {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<()> {
+    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
         *self.rules.lock().unwrap() = rules.clone();
         self.applied.lock().unwrap().push(rules);
-        Ok(())
+        Ok(Applied::all())
     }
     fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()> {
         *self.vips.lock().unwrap() = vips;
@@ -473,14 +473,29 @@ async fn leader_handover_keeps_every_address() {
                 && x.body["spec"]["holderIdentity"] == "agent-b"
         })
         .expect("agent-b's takeover");
+    let own_rule_event = |l: &Logged| {
+        l.method == "POST"
+            && l.path.ends_with("/events")
+            && l.body["reason"] == "RuleProgrammed"
+            && l.body["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("node agent-b: "))
+    };
     for l in &log[..takeover] {
         assert!(
-            l.agent != "agent-b" || l.method == "GET",
-            "a follower writes nothing: {} {}",
+            l.agent != "agent-b" || l.method == "GET" || own_rule_event(l),
+            "a follower writes nothing but Events on its own datapath: {} {} {}",
             l.method,
-            l.path
+            l.path,
+            l.body
         );
     }
+    assert!(
+        log[..takeover]
+            .iter()
+            .any(|l| l.agent == "agent-b" && own_rule_event(l)),
+        "the follower reports the rules its datapath took"
+    );
     no_polling(&log);
     check_rbac(&log, &[]);
 }

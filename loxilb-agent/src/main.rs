@@ -585,20 +585,28 @@ struct KubeSink {
 }
 
 impl kube_watch::controller::RuleSink for KubeSink {
-    fn apply(&mut self, rules: Vec<kube_watch::translate::LbRule>) -> Result<()> {
+    fn apply(
+        &mut self,
+        rules: Vec<kube_watch::translate::LbRule>,
+    ) -> Result<kube_watch::controller::Applied> {
         let mut node = self.node.lock().expect("node lock");
         let done = self.rules.full(&mut node, rules.iter())?;
         log_kube_applied(&done);
-        Ok(())
+        Ok(applied(done))
     }
 
     /// Only the changed Services' rules are converted and installed,
-    /// unless the update is full (the first after start).
-    fn update(&mut self, update: &kube_watch::controller::RuleUpdate<'_>) -> Result<()> {
+    /// unless the update is full (the first after start). The rules
+    /// refused go back to the controller, which raises Warning Events on
+    /// their Services (and Normal ones on the Services programmed).
+    fn update(
+        &mut self,
+        update: &kube_watch::controller::RuleUpdate<'_>,
+    ) -> Result<kube_watch::controller::Applied> {
         let mut node = self.node.lock().expect("node lock");
         let done = self.rules.update(&mut node, update)?;
         log_kube_applied(&done);
-        Ok(())
+        Ok(applied(done))
     }
 
     fn own_vips(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
@@ -606,9 +614,24 @@ impl kube_watch::controller::RuleSink for KubeSink {
     }
 }
 
+/// The refusals of `done`, for the controller's Events.
+fn applied(done: KubeApplied) -> kube_watch::controller::Applied {
+    kube_watch::controller::Applied {
+        refused: done
+            .refused
+            .into_iter()
+            .map(|(service, e)| kube_watch::controller::Refused {
+                service,
+                rule: e.rule,
+                reason: e.reason,
+            })
+            .collect(),
+    }
+}
+
 fn log_kube_applied(done: &KubeApplied) {
-    for e in &done.refused {
-        warn!("not installed: {e}");
+    for (svc, e) in &done.refused {
+        warn!(service = %svc, "not installed: {e}");
     }
     let rep = &done.report;
     if done.full {

@@ -499,12 +499,15 @@ pub struct KubeRules {
     by_service: HashMap<ServiceKey, Box<[SvcKey]>>,
 }
 
-/// What [`KubeRules::update`] did.
+/// What [`KubeRules::update`] did. The rules of the update not in
+/// `refused` are installed (when it returns `Ok`); the agent's `KubeSink`
+/// hands `refused` to the controller, which raises the Services' Events.
 #[derive(Debug, Default)]
 pub struct KubeApplied {
     pub report: Report,
-    /// Rules this datapath cannot serve (not installed), each with why.
-    pub refused: Vec<Unsupported>,
+    /// Rules this datapath cannot serve (not installed), each with its
+    /// Service and why.
+    pub refused: Vec<(ServiceKey, Unsupported)>,
     /// The whole set was applied (not only the changed Services).
     pub full: bool,
 }
@@ -529,7 +532,7 @@ impl KubeRules {
                         .push(svc_key(x.vip, x.port, x.protocol));
                     ok.push(x);
                 }
-                Err(e) => refused.push(e),
+                Err(e) => refused.push((r.service.clone(), e)),
             }
         }
         let report = node.apply(&ok);
@@ -571,7 +574,7 @@ impl KubeRules {
                         keys.push(svc_key(x.vip, x.port, x.protocol));
                         upserts.push(x);
                     }
-                    Err(e) => refused.push(e),
+                    Err(e) => refused.push((svc.clone(), e)),
                 }
             }
             next.push((svc, keys));
