@@ -735,6 +735,24 @@ pub fn read_pcap(b: &[u8]) -> Result<Vec<Captured>> {
     Ok(out)
 }
 
+/// SCTP tests call this after `need_root`: false (the test skips, saying
+/// why) when the usrsctp peers cannot be built or run, unless
+/// LOXILB_REQUIRE_TOOLS=1 (CI), where that is a failure.
+pub fn need_tools(test: &str) -> bool {
+    let Some(m) = missing_tools().or_else(|| {
+        crate::netns::sh(&["tcpdump", "--version"])
+            .err()
+            .map(|_| "tcpdump not found (scripts/setup.sh installs it)".to_string())
+    }) else {
+        return true;
+    };
+    if std::env::var("LOXILB_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{test}: {m} (LOXILB_REQUIRE_TOOLS=1 forbids skipping)");
+    }
+    eprintln!("SKIPPED {test}: {m}");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,24 +9,9 @@ use std::{net::IpAddr, time::Duration};
 
 use loxilb_tests::{
     need_root,
-    netns::{sh, Agent, Scene, VIP},
-    sctp_peers::{SctpClient, SctpServer},
+    netns::{Agent, Scene, VIP},
+    sctp_peers::{need_tools, SctpClient, SctpServer},
 };
-
-fn need_tools(test: &str) -> bool {
-    let Some(m) = loxilb_tests::sctp_peers::missing_tools().or_else(|| {
-        sh(&["nsenter", "--version"])
-            .err()
-            .map(|_| "nsenter not found (scripts/setup.sh installs util-linux)".to_string())
-    }) else {
-        return true;
-    };
-    if std::env::var("LOXILB_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: {m} (LOXILB_REQUIRE_TOOLS=1 forbids skipping)");
-    }
-    eprintln!("SKIPPED {test}: {m}");
-    false
-}
 
 #[test]
 fn sctp_association_through_the_vip_with_port_translation() {

@@ -525,10 +525,11 @@ fn probe_in_flight_bound_holds_with_real_sockets() {
         while Instant::now() < end {
             let (f, s) = (p.in_flight(), syn_sent());
             // The semaphore count is exact. The socket listing is not a
-            // snapshot: a probe's socket closing and the next one opening
-            // while it is read can both show, hence the slack of 4.
+            // snapshot: probes' sockets closing and the next ones opening
+            // while it is read can both show (seen: 5 extra under load),
+            // hence the slack of 8.
             assert!(
-                f <= 16 && s <= 16 + 4,
+                f <= 16 && s <= 16 + 8,
                 "in flight {f}, SYN_SENT sockets {s}"
             );
             max_flight = max_flight.max(f);

@@ -25,23 +25,8 @@ use loxilb_tests::{
     need_root,
     netns::{sh, Netns},
     sctp_packet::{self, parse_frame, ParsedFrame},
-    sctp_peers::{Capture, ClientOpts, SctpClient, SctpServer},
+    sctp_peers::{need_tools, Capture, ClientOpts, SctpClient, SctpServer},
 };
-
-fn need_tools(test: &str) -> bool {
-    let Some(m) = loxilb_tests::sctp_peers::missing_tools().or_else(|| {
-        sh(&["tcpdump", "--version"])
-            .err()
-            .map(|_| "tcpdump not found (scripts/setup.sh installs it)".to_string())
-    }) else {
-        return true;
-    };
-    if std::env::var("LOXILB_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: {m} (LOXILB_REQUIRE_TOOLS=1 forbids skipping)");
-    }
-    eprintln!("SKIPPED {test}: {m}");
-    false
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

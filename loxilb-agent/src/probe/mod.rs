@@ -57,7 +57,6 @@
 //! transition. Settings are validated first ([`ProbeSpec::validate`]); one
 //! bad target rejects the whole call with an error naming it and the field.
 
-mod crc32c;
 mod http;
 mod icmp;
 mod raw;
@@ -88,7 +87,8 @@ use tokio::{
     time::Instant,
 };
 
-pub use crc32c::crc32c;
+/// CRC32c (SCTP's checksum): the one implementation, shared with the datapath.
+pub use loxilb_common::crc32c::crc32c;
 
 /// Per-probe deadline without `probetimeout` (kube-loxilb's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);

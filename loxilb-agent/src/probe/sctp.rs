@@ -11,8 +11,7 @@ use std::{
 use socket2::Type;
 
 use super::{
-    crc32c::crc32c,
-    io_text,
+    crc32c, io_text,
     raw::{ipv4_payload, RawSock},
     ProbeResult,
 };
