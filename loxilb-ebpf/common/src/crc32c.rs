@@ -320,20 +320,6 @@ pub const fn from_wire(field: [u8; 4]) -> u32 {
     u32::from_le_bytes(field)
 }
 
-/// The correction for a change whose XOR difference is `diff` (the
-/// linear CRC of the difference, times `x^(8 * len_after)`). XOR it into
-/// the old checksum. Bounded by `N` and two [`mulmod`]s.
-#[inline(always)]
-pub fn correction<const N: usize>(diff: &[u8; N], len_after: u16) -> u32 {
-    let mut reg = 0u32;
-    let mut i = 0;
-    while i < N {
-        reg = TABLE[((reg ^ diff[i] as u32) & 0xff) as usize] ^ (reg >> 8);
-        i += 1;
-    }
-    mulmod(reg, xpow8n(len_after))
-}
-
 /// New checksum after the `N` bytes `old` of an SCTP packet became `new`,
 /// with `len_after` bytes of the packet following them
 /// (`len_after = L - offset - N`, `L` = SCTP common header + chunks).
@@ -353,61 +339,23 @@ pub fn adjust<const N: usize>(crc: u32, old: &[u8; N], new: &[u8; N], len_after:
     crc ^ mulmod(reg, xpow8n(len_after))
 }
 
-/// [`adjust`] for a 32-bit field as loaded from memory (e.g. two ports,
-/// or an IPv4 address): `old`/`new` are the field's bytes in memory order
-/// read as one native-endian word (`u32::from_ne_bytes`), as a BPF program
-/// loads them.
-#[inline(always)]
-pub fn adjust_u32(crc: u32, old: u32, new: u32, len_after: u16) -> u32 {
-    adjust(crc, &old.to_ne_bytes(), &new.to_ne_bytes(), len_after)
-}
-
 /// [`adjust_fast`] for a 32-bit field given as the XOR of its old and new
 /// value as loaded from memory (`u32::from_ne_bytes` of the bytes): no
 /// arrays, so nothing on the caller's stack (the BPF new-flow programs
 /// are short of it).
 #[inline(always)]
 pub fn adjust_fast_u32(crc: u32, diff_ne: u32, len_after: u16) -> u32 {
-    let d = diff_ne.to_le_bytes();
-    let d = u32::from_ne_bytes(d);
-    // Feed the four bytes in memory order: on a little-endian load that is
-    // least significant first.
+    // Byte `i` in memory order is bits 8i.. of the little-endian value
+    // (`to_le` is nothing on a little-endian target, a swap otherwise).
+    let d = diff_ne.to_le();
     let mut reg = 0u32;
     let mut i = 0;
     while i < 4 {
-        let b = if cfg!(target_endian = "little") {
-            (d >> (8 * i)) & 0xff
-        } else {
-            (d >> (24 - 8 * i)) & 0xff
-        };
+        let b = (d >> (8 * i)) & 0xff;
         reg = TABLE[((reg ^ b) & 0xff) as usize] ^ (reg >> 8);
         i += 1;
     }
     crc ^ shift_fast(reg, len_after)
-}
-
-/// [`adjust`] for the ports: both ports (offset 0..4) of an SCTP packet
-/// of `sctp_len` bytes, each as its 2 bytes in memory order read
-/// native-endian (network-order values as a BPF program holds them).
-#[inline(always)]
-pub fn adjust_ports(
-    crc: u32,
-    old_sport: u16,
-    old_dport: u16,
-    new_sport: u16,
-    new_dport: u16,
-    sctp_len: u16,
-) -> u32 {
-    let o = old_sport.to_ne_bytes();
-    let p = old_dport.to_ne_bytes();
-    let n = new_sport.to_ne_bytes();
-    let m = new_dport.to_ne_bytes();
-    adjust(
-        crc,
-        &[o[0], o[1], p[0], p[1]],
-        &[n[0], n[1], m[0], m[1]],
-        sctp_len.saturating_sub(4),
-    )
 }
 
 #[cfg(test)]
@@ -606,12 +554,23 @@ mod tests {
             let (ns, nd) = (r.next() as u16, r.next() as u16);
             pkt[0..2].copy_from_slice(&ns.to_ne_bytes());
             pkt[2..4].copy_from_slice(&nd.to_ne_bytes());
-            crc = adjust_ports(crc, os, od, ns, nd, len as u16);
+            let port_diff = u32::from_ne_bytes([
+                (os ^ ns).to_ne_bytes()[0],
+                (os ^ ns).to_ne_bytes()[1],
+                (od ^ nd).to_ne_bytes()[0],
+                (od ^ nd).to_ne_bytes()[1],
+            ]);
+            crc = adjust_fast_u32(crc, port_diff, (len - 4) as u16);
             let o = 12 + r.below(len - 12 - 4 + 1);
             let old = u32::from_ne_bytes(pkt[o..o + 4].try_into().unwrap());
             let new = r.next() as u32;
             pkt[o..o + 4].copy_from_slice(&new.to_ne_bytes());
-            crc = adjust_u32(crc, old, new, (len - o - 4) as u16);
+            crc = adjust(
+                crc,
+                &old.to_ne_bytes(),
+                &new.to_ne_bytes(),
+                (len - o - 4) as u16,
+            );
             assert_eq!(crc, sctp_checksum(&pkt));
             pkt[8..12].copy_from_slice(&to_wire(crc));
             assert!(sctp_checksum_ok(&pkt));
@@ -624,6 +583,10 @@ mod tests {
             adjust(0x1234_5678, &[1, 2, 3, 4], &[1, 2, 3, 4], 100),
             0x1234_5678
         );
-        assert_eq!(correction(&[0u8; 16], 9000), 0);
+        assert_eq!(
+            adjust(0x1234_5678, &[7u8; 16], &[7u8; 16], 9000),
+            0x1234_5678
+        );
+        assert_eq!(adjust_fast_u32(0x1234_5678, 0, 9000), 0x1234_5678);
     }
 }
