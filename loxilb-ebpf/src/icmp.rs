@@ -24,6 +24,19 @@ fn w(a: u8, b: u8) -> u16 {
     u16::from_ne_bytes([a, b])
 }
 
+/// Swap the destination and source MACs (a reply goes back the way the
+/// request came).
+#[inline(always)]
+fn swap_macs(e: &mut [u16; 6]) {
+    let mut i = 0;
+    while i < 3 {
+        let t = e[i];
+        e[i] = e[i + 3];
+        e[i + 3] = t;
+        i += 1;
+    }
+}
+
 /// Answer an echo request to a VIP in place (the caller transmits it back
 /// out of the interface it came in on). False if it is not one.
 #[inline(always)]
@@ -63,14 +76,7 @@ pub fn echo_reply(data: usize, end: usize, p: &Icmp) -> bool {
         let cb = c.to_ne_bytes();
         ih[2] = cb[0];
         ih[3] = cb[1];
-        let e = &mut *eth;
-        let mut i = 0;
-        while i < 3 {
-            let t = e[i];
-            e[i] = e[i + 3];
-            e[i + 3] = t;
-            i += 1;
-        }
+        swap_macs(&mut *eth);
         count(stat::ICMP_ECHO_REPLIED);
         true
     }
@@ -225,14 +231,7 @@ pub fn echo_reply6(data: usize, end: usize, p: &Icmp6) -> bool {
         let cb = c.to_ne_bytes();
         ih[2] = cb[0];
         ih[3] = cb[1];
-        let e = &mut *eth;
-        let mut i = 0;
-        while i < 3 {
-            let t = e[i];
-            e[i] = e[i + 3];
-            e[i + 3] = t;
-            i += 1;
-        }
+        swap_macs(&mut *eth);
         count(stat::ICMP_ECHO_REPLIED);
         true
     }

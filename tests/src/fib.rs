@@ -70,87 +70,39 @@ pub fn fib_netns(name: &str) -> Netns {
         vec!["ip", "addr", "add", "192.168.0.1/24", "dev", "d1"],
         vec!["ip", "link", "set", "d0", "up"],
         vec!["ip", "link", "set", "d1", "up"],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "10.0.1.10",
-            "lladdr",
-            &mac(EP1_MAC),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "10.0.1.11",
-            "lladdr",
-            &mac(EP2_MAC),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "192.168.0.2",
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "d1",
-            "nud",
-            "permanent",
-        ],
         vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
         // IPv6: the same layout (endpoints fd00:1::10/11 behind d0, the
         // client fd00:c::2 behind d1); `nodad` so the addresses are usable
         // at once.
         vec!["ip", "addr", "add", "fd00:1::1/64", "dev", "d0", "nodad"],
         vec!["ip", "addr", "add", "fd00:c::1/64", "dev", "d1", "nodad"],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "fd00:1::10",
-            "lladdr",
-            &mac(EP1_MAC),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "fd00:1::11",
-            "lladdr",
-            &mac(EP2_MAC),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "add",
-            "fd00:c::2",
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "d1",
-            "nud",
-            "permanent",
-        ],
         vec!["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
     ] {
         ns.sh(&cmd).unwrap();
+    }
+    // Neighbours, resolved for good: (address, MAC, device).
+    let neighbours = [
+        ("10.0.1.10", EP1_MAC, "d0"),
+        ("10.0.1.11", EP2_MAC, "d0"),
+        ("192.168.0.2", CLIENT_MAC, "d1"),
+        ("fd00:1::10", EP1_MAC, "d0"),
+        ("fd00:1::11", EP2_MAC, "d0"),
+        ("fd00:c::2", CLIENT_MAC, "d1"),
+    ];
+    for (addr, m, dev) in neighbours {
+        ns.sh(&[
+            "ip",
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            &mac(m),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
     }
     ns
 }
