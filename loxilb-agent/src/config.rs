@@ -5,8 +5,9 @@
 //! rules:
 //!   - name: web              # optional; unique
 //!     vip: 20.0.0.100
+//!     secondary_vips: []     # SCTP multihoming: up to 3 more VIPs (sctp, mode default)
 //!     port: 80
-//!     protocol: tcp          # tcp | udp
+//!     protocol: tcp          # tcp | udp | sctp
 //!     mode: default          # default (DNAT) | onearm | fullnat | dsr | dsr-ipip
 //!     selection: rr          # rr | hash (Maglev) | persist (source-IP affinity) | lc
 //!     persist_timeout: 10800 # affinity lifetime, seconds (persist only)
@@ -24,11 +25,19 @@
 //!       interval: 10         # seconds between probes (default 10)
 //! ```
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+};
 
 use serde::Deserialize;
 
 pub const DEFAULT_TIMEOUT_S: u32 = 1800;
+/// Secondary VIPs a rule may have (the datapath holds
+/// `loxilb_common::MAX_RULE_VIPS` VIPs per rule, the primary included).
+pub const MAX_SECONDARY_VIPS: usize = loxilb_common::MAX_RULE_VIPS - 1;
 pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,6 +116,10 @@ pub struct Rule {
     pub name: String,
     /// IPv4 or IPv6. An IPv6 VIP with IPv4 endpoints is a NAT64 rule.
     pub vip: IpAddr,
+    /// SCTP multihoming: the rule's other VIPs (at most
+    /// [`MAX_SECONDARY_VIPS`], the family of `vip`, distinct), in the order
+    /// given. Each is served like `vip` (same port, endpoints and rule).
+    pub secondary_vips: Vec<IpAddr>,
     pub port: u16,
     pub protocol: Protocol,
     pub mode: Mode,
@@ -173,6 +186,8 @@ struct RawFile {
 struct RawRule {
     name: Option<String>,
     vip: String,
+    #[serde(default)]
+    secondary_vips: Vec<String>,
     port: serde_yaml::Value,
     protocol: String,
     mode: Option<String>,
@@ -271,7 +286,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         })?
     };
     let mut rules = Vec::with_capacity(raw.rules.len());
-    let mut seen_keys = HashSet::new();
+    // (VIP, port, protocol) -> which rule defines it, and how.
+    let mut seen_keys: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
     let mut seen_names = HashSet::new();
     for (i, r) in raw.rules.into_iter().enumerate() {
         let f = |name: &str| format!("rules[{i}].{name}");
@@ -394,14 +410,28 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             Some(n) => n,
             None => format!("{}/{protocol}", std::net::SocketAddr::new(vip, port)),
         };
-        if !seen_keys.insert((vip, port, protocol)) {
-            return Err(err(
-                f("vip"),
-                format!(
-                    "{}/{protocol} is already defined by another rule",
-                    std::net::SocketAddr::new(vip, port)
-                ),
-            ));
+        let secondary_vips = secondary_vips(&err, i, &r.secondary_vips, vip, protocol, mode)?;
+        let keys = std::iter::once((f("vip"), vip, "VIP")).chain(
+            secondary_vips.iter().enumerate().map(|(j, a)| {
+                (
+                    format!("rules[{i}].secondary_vips[{j}]"),
+                    *a,
+                    "secondary VIP",
+                )
+            }),
+        );
+        for (field, a, what) in keys {
+            let this = format!("rules[{i}] ({name:?}) as its {what}");
+            if let Some(other) = seen_keys.insert((a, port, protocol), this) {
+                return Err(err(
+                    field,
+                    format!(
+                        "{}/{protocol} is already defined by {other}; a VIP, port and protocol \
+                         serve one rule: change the address or the port of one of them",
+                        std::net::SocketAddr::new(a, port)
+                    ),
+                ));
+            }
         }
         if !seen_names.insert(name.clone()) {
             return Err(err(f("name"), format!("{name:?} is used by another rule")));
@@ -548,6 +578,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         rules.push(Rule {
             name,
             vip,
+            secondary_vips,
             port,
             protocol,
             mode,
@@ -561,6 +592,89 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         });
     }
     Ok(rules)
+}
+
+/// The secondary VIPs of rule `i` (`raw`), checked against its primary
+/// `vip`, protocol and mode.
+fn secondary_vips(
+    err: &dyn Fn(String, String) -> ConfigError,
+    i: usize,
+    raw: &[String],
+    vip: IpAddr,
+    protocol: Protocol,
+    mode: Mode,
+) -> Result<Vec<IpAddr>, ConfigError> {
+    let field = format!("rules[{i}].secondary_vips");
+    if raw.is_empty() {
+        return Ok(vec![]);
+    }
+    if protocol != Protocol::Sctp {
+        return Err(err(
+            field,
+            format!(
+                "only SCTP rules can have secondary VIPs (an SCTP association is multihomed; a \
+                 {protocol} connection has one address per side): use protocol: sctp, or \
+                 remove secondary_vips and give the other addresses rules of their own"
+            ),
+        ));
+    }
+    if mode != Mode::Default {
+        return Err(err(
+            field,
+            "secondary VIPs are served in mode default (DNAT) only for now: the datapath \
+             does SCTP multihoming in default mode first; use mode: default or remove \
+             secondary_vips"
+                .into(),
+        ));
+    }
+    if raw.len() > MAX_SECONDARY_VIPS {
+        return Err(err(
+            field,
+            format!(
+                "{} secondary VIPs; a rule has at most {MAX_SECONDARY_VIPS} (the datapath \
+                 holds {} addresses per association path set): remove some",
+                raw.len(),
+                loxilb_common::MAX_RULE_VIPS
+            ),
+        ));
+    }
+    let mut out: Vec<IpAddr> = Vec::with_capacity(raw.len());
+    for (j, text) in raw.iter().enumerate() {
+        let g = format!("rules[{i}].secondary_vips[{j}]");
+        let a: IpAddr = text.trim().parse().map_err(|_| {
+            err(
+                g.clone(),
+                format!("{text:?} is not an IP address (like 30.0.0.1 or 2001:db8:1::1)"),
+            )
+        })?;
+        if !usable(a) {
+            return Err(err(g, format!("{a} cannot be a service address")));
+        }
+        if a.is_ipv4() != vip.is_ipv4() {
+            return Err(err(
+                g,
+                format!(
+                    "{a} is {} but the VIP {vip} is {}: every VIP of a rule has the VIP's family",
+                    family(a),
+                    family(vip)
+                ),
+            ));
+        }
+        if a == vip {
+            return Err(err(
+                g,
+                format!("{a} is the rule's VIP itself; list only the other addresses"),
+            ));
+        }
+        if out.contains(&a) {
+            return Err(err(
+                g,
+                format!("{a} is listed twice; list each address once"),
+            ));
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
 
 /// Check what the rule file cannot know by itself: every endpoint of an L2
@@ -776,6 +890,96 @@ rules:
 
         let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 1.1.1.1, port: 1}, {ip: 1.1.1.1, port: 1}]}\n");
         assert_eq!(e.field, "rules[0].endpoints[1].ip");
+    }
+
+    #[test]
+    fn secondary_vips_parse_for_sctp_default_rules() {
+        let r = parse(
+            "r.yaml",
+            "rules:\n  - {name: s, vip: 20.0.0.7, secondary_vips: [30.0.0.2, \" 31.0.0.2 \"], port: 38412, protocol: sctp}\n  - {vip: \"fd00::7\", secondary_vips: [\"fd00:1::7\"], port: 38412, protocol: sctp}\n  - {vip: 20.0.0.8, port: 38412, protocol: sctp}\n",
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(r[0].secondary_vips, vec![ip("30.0.0.2"), ip("31.0.0.2")]);
+        assert_eq!(r[1].secondary_vips, vec![ip("fd00:1::7")]);
+        assert!(r[2].secondary_vips.is_empty());
+        // An empty list is no list, whatever the protocol.
+        let r = parse(
+            "r.yaml",
+            "rules:\n  - {vip: 20.0.0.1, secondary_vips: [], port: 80, protocol: tcp}\n",
+        )
+        .unwrap();
+        assert!(r[0].secondary_vips.is_empty());
+    }
+
+    #[test]
+    fn secondary_vip_errors_name_the_field_and_say_why() {
+        let sctp = |extra: &str| {
+            bad(&format!(
+                "rules:\n  - {{vip: 20.0.0.7, port: 38412, protocol: sctp, {extra}}}\n"
+            ))
+        };
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, secondary_vips: [30.0.0.1]}\n",
+        );
+        assert_eq!(e.field, "rules[0].secondary_vips");
+        assert!(
+            e.message.contains("only SCTP") && e.message.contains("protocol: sctp"),
+            "{e}"
+        );
+        let e = bad(
+            "rules:\n  - {vip: 20.0.0.1, port: 53, protocol: udp, secondary_vips: [30.0.0.1]}\n",
+        );
+        assert_eq!(e.field, "rules[0].secondary_vips");
+        let e = sctp("mode: fullnat, secondary_vips: [30.0.0.1]");
+        assert_eq!(e.field, "rules[0].secondary_vips");
+        assert!(
+            e.message.contains("mode default") && e.message.contains("use mode: default"),
+            "{e}"
+        );
+        let e = sctp("secondary_vips: [30.0.0.1, 30.0.0.2, 30.0.0.3, 30.0.0.4]");
+        assert_eq!(e.field, "rules[0].secondary_vips");
+        assert!(e.message.contains("at most 3"), "{e}");
+        let e = sctp("secondary_vips: [30.0.0.1, nope]");
+        assert_eq!(e.field, "rules[0].secondary_vips[1]");
+        assert!(e.message.contains("\"nope\" is not an IP address"), "{e}");
+        let e = sctp("secondary_vips: [\"fd00::1\"]");
+        assert_eq!(e.field, "rules[0].secondary_vips[0]");
+        assert!(e.message.contains("the VIP's family"), "{e}");
+        let e = sctp("secondary_vips: [20.0.0.7]");
+        assert_eq!(e.field, "rules[0].secondary_vips[0]");
+        assert!(e.message.contains("the rule's VIP itself"), "{e}");
+        let e = sctp("secondary_vips: [30.0.0.1, 30.0.0.1]");
+        assert_eq!(e.field, "rules[0].secondary_vips[1]");
+        assert!(e.message.contains("listed twice"), "{e}");
+        let e = sctp("secondary_vips: [255.255.255.255]");
+        assert_eq!(e.field, "rules[0].secondary_vips[0]");
+        assert!(e.message.contains("cannot be a service address"), "{e}");
+    }
+
+    #[test]
+    fn secondary_vips_collide_with_other_rules_vips() {
+        // A secondary VIP that is another rule's VIP (same port, protocol).
+        let e = bad("rules:\n  - {name: a, vip: 30.0.0.1, port: 9, protocol: sctp}\n  - {name: b, vip: 20.0.0.1, port: 9, protocol: sctp, secondary_vips: [30.0.0.1]}\n");
+        assert_eq!(e.field, "rules[1].secondary_vips[0]");
+        assert!(
+            e.message
+                .contains("30.0.0.1:9/sctp is already defined by rules[0] (\"a\") as its VIP"),
+            "{e}"
+        );
+        // A VIP that is another rule's secondary VIP.
+        let e = bad("rules:\n  - {name: a, vip: 20.0.0.1, port: 9, protocol: sctp, secondary_vips: [30.0.0.1]}\n  - {name: b, vip: 30.0.0.1, port: 9, protocol: sctp}\n");
+        assert_eq!(e.field, "rules[1].vip");
+        assert!(
+            e.message.contains("rules[0] (\"a\") as its secondary VIP"),
+            "{e}"
+        );
+        // Two rules sharing a secondary VIP.
+        let e = bad("rules:\n  - {name: a, vip: 20.0.0.1, port: 9, protocol: sctp, secondary_vips: [30.0.0.1]}\n  - {name: b, vip: 20.0.0.2, port: 9, protocol: sctp, secondary_vips: [30.0.0.1]}\n");
+        assert_eq!(e.field, "rules[1].secondary_vips[0]");
+        assert!(e.message.contains("as its secondary VIP"), "{e}");
+        // Another port or protocol is another service.
+        parse("r.yaml", "rules:\n  - {name: a, vip: 20.0.0.1, port: 9, protocol: sctp, secondary_vips: [30.0.0.1]}\n  - {name: b, vip: 30.0.0.1, port: 10, protocol: sctp}\n  - {name: c, vip: 30.0.0.1, port: 9, protocol: tcp}\n").unwrap();
     }
 
     #[test]

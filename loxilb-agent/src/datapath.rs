@@ -23,8 +23,8 @@ use aya::{
 use ipnet::IpNet;
 use loxilb_common::{
     addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, CtKey,
-    CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, SelChunk, SelKey, SrcRangeData, SvcKey,
-    SvcVal, LAYOUT_VERSION,
+    CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SelChunk, SelKey, SrcRangeData,
+    SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -142,6 +142,8 @@ impl Datapath {
             prog_names::XDP_V6,
             prog_names::XDP_NEW4,
             prog_names::XDP_NEW6,
+            prog_names::XDP_SCTP4,
+            prog_names::XDP_SCTP6,
             prog_names::XDP_PASS,
             prog_names::XDP_DECAP,
         ] {
@@ -160,6 +162,8 @@ impl Datapath {
             prog_names::TC_V6,
             prog_names::TC_NEW4,
             prog_names::TC_NEW6,
+            prog_names::TC_SCTP4,
+            prog_names::TC_SCTP6,
             prog_names::TC_EGRESS,
         ] {
             if !wanted(name) {
@@ -444,9 +448,21 @@ impl Datapath {
                 all_ranges.push((u32::from_be(d.rule_id_be), net));
             }
         }
-        let mut out = vec![];
+        let rule_vips: HashMap<_, u32, RuleVips> = HashMap::try_from(self.map(mn::RULE_VIPS)?)?;
+        // Service entries by rule: a multihomed SCTP rule has one per VIP.
+        let mut by_rule: std::collections::BTreeMap<u32, Vec<(SvcKey, SvcVal)>> =
+            Default::default();
         for kv in svcs.iter() {
             let (k, v) = kv?;
+            by_rule.entry(v.rule_id).or_default().push((k, v));
+        }
+        let mut out = vec![];
+        for (rule_id, mut entries) in by_rule {
+            let listed: Vec<Addr> = match rule_vips.get(&rule_id, 0) {
+                Ok(rv) => rv.vips[..(rv.n as usize).min(MAX_RULE_VIPS)].to_vec(),
+                Err(_) => vec![],
+            };
+            let (k, v, secondary, consistent) = primary_and_secondaries(&mut entries, &listed);
             let mut n_chunks = [0u32; 2];
             for bank in 0..2u8 {
                 let mut n = 0;
@@ -476,6 +492,11 @@ impl Datapath {
                         .unwrap_or_else(|| k.proto.to_string())
                 ),
                 key: k,
+                secondary,
+                // Entries that disagree (a change was interrupted): an
+                // empty list differs from what any SCTP rule wants, so the
+                // next apply rewrites them all.
+                rule_vips: if consistent { listed } else { vec![] },
                 rule_id: v.rule_id,
                 bank: v.ep_bank,
                 timeout_s: v.timeout_s,
@@ -512,6 +533,12 @@ impl Datapath {
     pub fn endpoints(&self) -> Result<StdHashMap<EpKey, EpVal>> {
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
         Ok(eps.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every VIP of each SCTP rule, primary first, by rule id.
+    pub fn rule_vips(&self) -> Result<StdHashMap<u32, RuleVips>> {
+        let v: HashMap<_, u32, RuleVips> = HashMap::try_from(self.map(mn::RULE_VIPS)?)?;
+        Ok(v.iter().collect::<Result<_, _>>()?)
     }
 
     /// Per-rule counters summed over CPUs, by rule id.
@@ -580,6 +607,43 @@ impl Datapath {
         ct.insert(k, v, 0)?;
         Ok(())
     }
+}
+
+/// Of the service entries of one rule: the primary one (the first of the
+/// rule's VIP list `listed` when it has one, else the lowest), the
+/// secondary VIPs (in the list's order, then any other entry of the rule
+/// left by an interrupted change, so that the next change removes it),
+/// and whether every entry holds the primary's value.
+pub(crate) fn primary_and_secondaries(
+    entries: &mut [(SvcKey, SvcVal)],
+    listed: &[Addr],
+) -> (SvcKey, SvcVal, Vec<Addr>, bool) {
+    entries.sort_by_key(|(k, _)| (ip_from_addr(&k.addr), u16::from_be(k.port), k.proto));
+    let pi = listed
+        .first()
+        .and_then(|p| entries.iter().position(|(k, _)| k.addr == *p))
+        .unwrap_or(0);
+    let (k, v) = entries[pi];
+    let same_service = |e: &SvcKey| e.port == k.port && e.proto == k.proto && e.addr != k.addr;
+    let mut secondary: Vec<Addr> = listed
+        .iter()
+        .skip(1)
+        .filter(|a| {
+            entries
+                .iter()
+                .any(|(e, _)| same_service(e) && e.addr == **a)
+        })
+        .copied()
+        .collect();
+    for (e, _) in entries.iter() {
+        if same_service(e) && !secondary.contains(&e.addr) {
+            secondary.push(e.addr);
+        }
+    }
+    let consistent = entries
+        .iter()
+        .all(|(_, x)| SvcVal { rr_next: 0, ..*x } == SvcVal { rr_next: 0, ..v });
+    (k, v, secondary, consistent)
 }
 
 fn prog_name_static(p: &str) -> &'static str {
@@ -752,6 +816,13 @@ impl PinnedMaps {
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(&m)?;
         Ok(eps.iter().collect::<Result<_, _>>()?)
     }
+
+    /// Every VIP of each SCTP rule, primary first, by rule id.
+    pub fn rule_vips(&self) -> Result<StdHashMap<u32, RuleVips>> {
+        let m = self.open_map(mn::RULE_VIPS, Map::HashMap)?;
+        let v: HashMap<_, u32, RuleVips> = HashMap::try_from(&m)?;
+        Ok(v.iter().collect::<Result<_, _>>()?)
+    }
 }
 
 /// Insert into a hash map of the datapath, naming the map on failure.
@@ -832,6 +903,12 @@ impl RuleTable for Datapath {
     }
     fn delete_vip(&mut self, vip: Addr) -> Result<()> {
         hash_del::<Addr, u32>(self, mn::VIPS, vip)
+    }
+    fn put_rule_vips(&mut self, rule_id: u32, vips: RuleVips) -> Result<()> {
+        hash_put(self, mn::RULE_VIPS, rule_id, vips)
+    }
+    fn delete_rule_vips(&mut self, rule_id: u32) -> Result<()> {
+        hash_del::<u32, RuleVips>(self, mn::RULE_VIPS, rule_id)
     }
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
         let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::ADDR_FILTER)?)?;

@@ -11,7 +11,9 @@ use kube_watch::{
     Protocol as KProto,
 };
 
-use crate::config::{Endpoint, Mode, Protocol, Rule, Selection, DEFAULT_PERSIST_TIMEOUT_S};
+use crate::config::{
+    Endpoint, Mode, Protocol, Rule, Selection, DEFAULT_PERSIST_TIMEOUT_S, MAX_SECONDARY_VIPS,
+};
 
 /// Why a Kubernetes rule cannot be installed by this datapath.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +36,58 @@ fn family(a: IpAddr) -> &'static str {
     }
 }
 
+/// The secondary VIPs of `r` (SCTP multihoming), or why this datapath
+/// cannot serve them.
+fn secondary_vips(r: &LbRule, protocol: Protocol, mode: Mode) -> Result<Vec<IpAddr>, String> {
+    let list = &r.secondary_vips;
+    if list.is_empty() {
+        return Ok(vec![]);
+    }
+    let shown = list
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if protocol != Protocol::Sctp {
+        return Err(format!(
+            "secondary VIPs ({shown}) are for SCTP multihoming; a {protocol} rule has one VIP \
+             (remove loxilb.io/secondaryIPs / poolSelectSecondary)"
+        ));
+    }
+    if mode != Mode::Default {
+        return Err(format!(
+            "SCTP multihoming (secondary VIPs {shown}) is done in lbmode default (DNAT) only for \
+             now; set loxilb.io/lbmode: default, or remove loxilb.io/secondaryIPs / \
+             poolSelectSecondary to serve the primary VIP alone"
+        ));
+    }
+    if list.len() > MAX_SECONDARY_VIPS {
+        return Err(format!(
+            "{} secondary VIPs ({shown}); a rule has at most {MAX_SECONDARY_VIPS}",
+            list.len()
+        ));
+    }
+    let mut out: Vec<IpAddr> = Vec::with_capacity(list.len());
+    for a in list {
+        if a.is_ipv4() != r.vip.is_ipv4() {
+            return Err(format!(
+                "secondary VIP {a} is {} but the VIP {} is {}; every VIP of an association \
+                 has one family",
+                family(*a),
+                r.vip,
+                family(r.vip)
+            ));
+        }
+        if *a == r.vip || out.contains(a) {
+            return Err(format!(
+                "secondary VIP {a} is listed twice (or is the VIP itself); list each address once"
+            ));
+        }
+        out.push(*a);
+    }
+    Ok(out)
+}
+
 /// The agent rule for `r`, or why it cannot be installed.
 pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
     let name = r.name.clone();
@@ -45,17 +99,6 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
     let protocol = match r.protocol {
         KProto::Tcp => Protocol::Tcp,
         KProto::Udp => Protocol::Udp,
-        KProto::Sctp if !r.secondary_vips.is_empty() => {
-            return Err(bad(format!(
-                "SCTP multihoming (secondary VIPs {}) is not done by this datapath yet; \
-                 remove loxilb.io/secondaryIPs / poolSelectSecondary to serve the primary VIP",
-                r.secondary_vips
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
-        }
         KProto::Sctp => Protocol::Sctp,
     };
     let mode = match r.mode {
@@ -64,6 +107,7 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
         LbMode::FullNat => Mode::FullNat,
         LbMode::Dsr => Mode::Dsr,
     };
+    let secondary_vips = secondary_vips(r, protocol, mode).map_err(bad)?;
     let selection = match r.selection {
         EpSelect::RoundRobin => Selection::RoundRobin,
         EpSelect::Hash => Selection::Hash,
@@ -158,6 +202,7 @@ pub fn to_rule(r: &LbRule) -> Result<Rule, Unsupported> {
     Ok(Rule {
         name,
         vip,
+        secondary_vips,
         port: r.port,
         protocol,
         mode,
@@ -245,10 +290,54 @@ mod tests {
         r.protocol = KProto::Sctp;
         assert_eq!(to_rule(&r).unwrap().protocol, Protocol::Sctp);
         r.secondary_vips = vec!["20.0.0.2".parse().unwrap()];
-        assert!(to_rule(&r).unwrap_err().reason.contains("multihoming"));
+        // (the rule is fullnat)
+        let e = to_rule(&r).unwrap_err();
+        assert!(
+            e.reason.contains("multihoming") && e.reason.contains("lbmode default"),
+            "{e}"
+        );
         let mut r = rule();
         r.mode = LbMode::Dsr;
         assert!(to_rule(&r).unwrap_err().reason.contains("service port 80"));
+    }
+
+    #[test]
+    fn sctp_secondary_vips_pass_through_in_default_mode() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut r = rule();
+        r.protocol = KProto::Sctp;
+        r.mode = LbMode::Default;
+        r.secondary_vips = vec![ip("30.0.0.2"), ip("31.0.0.2")];
+        let x = to_rule(&r).unwrap();
+        assert_eq!(x.secondary_vips, vec![ip("30.0.0.2"), ip("31.0.0.2")]);
+        assert_eq!((x.protocol, x.mode), (Protocol::Sctp, Mode::Default));
+        // More than the datapath holds.
+        r.secondary_vips = (1..=4).map(|i| ip(&format!("30.0.0.{i}"))).collect();
+        let e = to_rule(&r).unwrap_err();
+        assert!(e.reason.contains("at most 3"), "{e}");
+        // Another family, a repeat.
+        r.secondary_vips = vec![ip("2001:db8::2")];
+        assert!(to_rule(&r).unwrap_err().reason.contains("one family"));
+        r.secondary_vips = vec![ip("30.0.0.2"), ip("30.0.0.2")];
+        assert!(to_rule(&r).unwrap_err().reason.contains("listed twice"));
+        r.secondary_vips = vec![r.vip];
+        assert!(to_rule(&r).unwrap_err().reason.contains("listed twice"));
+        // Modes other than default.
+        for mode in [LbMode::OneArm, LbMode::FullNat, LbMode::Dsr] {
+            let mut r = r.clone();
+            r.mode = mode;
+            r.secondary_vips = vec![ip("30.0.0.2")];
+            if mode == LbMode::Dsr {
+                r.endpoints[0].port = 80;
+            }
+            let e = to_rule(&r).unwrap_err();
+            assert!(e.reason.contains("lbmode default"), "{mode:?}: {e}");
+        }
+        // Not SCTP (kube-watch gives secondaries to SCTP rules only, but
+        // never install one silently without them).
+        r.protocol = KProto::Tcp;
+        r.secondary_vips = vec![ip("30.0.0.2")];
+        assert!(to_rule(&r).unwrap_err().reason.contains("for SCTP"));
     }
 
     #[test]

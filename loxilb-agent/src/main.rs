@@ -316,7 +316,12 @@ fn main() -> Result<()> {
             let m = PinnedMaps::open(&cli.pin_dir)?;
             print!(
                 "{}",
-                show::rules_table(&m.services()?, &m.endpoints()?, &m.rule_stats()?)
+                show::rules_table(
+                    &m.services()?,
+                    &m.endpoints()?,
+                    &m.rule_stats()?,
+                    &m.rule_vips()?
+                )
             );
             Ok(())
         }
@@ -333,7 +338,7 @@ fn main() -> Result<()> {
             let probes = loxilb_agent::node::read_probe_state(&cli.pin_dir).unwrap_or_default();
             print!(
                 "{}",
-                show::endpoints_table(&m.services()?, &eps, &stats, &probes)
+                show::endpoints_table(&m.services()?, &eps, &stats, &probes, &m.rule_vips()?)
             );
             Ok(())
         }

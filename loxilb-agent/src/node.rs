@@ -28,7 +28,7 @@ pub struct Node {
     /// Per announced VIP, how many rules ask for it; and the rules that
     /// ask, by key (so a changed or removed rule undoes its count).
     announce_refs: HashMap<IpAddr, u32>,
-    announcing: HashMap<SvcKey, IpAddr>,
+    announcing: HashMap<SvcKey, Vec<IpAddr>>,
     /// Names of the rules with health-probe targets.
     probed: BTreeSet<String>,
     pub dp: Datapath,
@@ -41,6 +41,14 @@ pub struct Node {
     /// The runtime the prober runs on when the node made its own
     /// ([`Node::detached`]); dropped after the prober.
     _own_rt: Option<tokio::runtime::Runtime>,
+}
+
+/// Every VIP of `r`: the primary, then the secondary ones (SCTP
+/// multihoming), each announced like the primary.
+fn rule_vips(r: &Rule) -> Vec<IpAddr> {
+    std::iter::once(r.vip)
+        .chain(r.secondary_vips.iter().copied())
+        .collect()
 }
 
 /// Whether `r` asks this node to announce its VIP (see [`announced_vips`]).
@@ -58,16 +66,17 @@ pub fn state_dir(pin_dir: &Path) -> PathBuf {
     PathBuf::from("/run/loxilb").join(name)
 }
 
-/// The VIPs this node announces over BGP: every VIP of `rules`, except that
-/// a rule marked `announce_local_only` (Kubernetes `externalTrafficPolicy:
-/// Local`) makes this node announce its VIP only when one of the rule's
-/// endpoints is an address of this node (it has a local ready pod). A VIP
-/// is announced when any of its rules asks for it.
+/// The VIPs this node announces over BGP: every VIP of `rules` (secondary
+/// VIPs included), except that a rule marked `announce_local_only`
+/// (Kubernetes `externalTrafficPolicy: Local`) makes this node announce its
+/// VIPs only when one of the rule's endpoints is an address of this node
+/// (it has a local ready pod). A VIP is announced when any of its rules
+/// asks for it.
 pub fn announced_vips(rules: &[Rule], local_addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
     rules
         .iter()
         .filter(|r| asks_announce(r, local_addrs))
-        .map(|r| r.vip)
+        .flat_map(rule_vips)
         .collect()
 }
 
@@ -187,27 +196,34 @@ impl Node {
         &self.announce
     }
 
-    /// Count `r` (key `k`) as asking for its VIP's announcement; true if
-    /// the announced set changed.
-    fn announce_rule(&mut self, k: SvcKey, vip: IpAddr) -> bool {
-        self.announcing.insert(k, vip);
-        let c = self.announce_refs.entry(vip).or_insert(0);
-        *c += 1;
-        *c == 1 && self.announce.insert(vip)
+    /// Count a rule (key `k`) as asking for the announcement of its VIPs
+    /// `vips`; true if the announced set changed.
+    fn announce_rule(&mut self, k: SvcKey, vips: Vec<IpAddr>) -> bool {
+        let mut changed = false;
+        for vip in &vips {
+            let c = self.announce_refs.entry(*vip).or_insert(0);
+            *c += 1;
+            changed |= *c == 1 && self.announce.insert(*vip);
+        }
+        self.announcing.insert(k, vips);
+        changed
     }
 
     /// Undo [`Node::announce_rule`] for key `k` (if it asked).
     fn unannounce_rule(&mut self, k: &SvcKey) -> bool {
-        let Some(vip) = self.announcing.remove(k) else {
+        let Some(vips) = self.announcing.remove(k) else {
             return false;
         };
-        let c = self.announce_refs.get_mut(&vip).expect("counted");
-        *c -= 1;
-        if *c > 0 {
-            return false;
+        let mut changed = false;
+        for vip in vips {
+            let c = self.announce_refs.get_mut(&vip).expect("counted");
+            *c -= 1;
+            if *c == 0 {
+                self.announce_refs.remove(&vip);
+                changed |= self.announce.remove(&vip);
+            }
         }
-        self.announce_refs.remove(&vip);
-        self.announce.remove(&vip)
+        changed
     }
 
     /// Install `desired` (as a diff), keep endpoints the probes found down
@@ -249,7 +265,7 @@ impl Node {
         self.announcing.clear();
         for r in desired {
             if asks_announce(r, &local) {
-                self.announce_rule(svc_key(r.vip, r.port, r.protocol), r.vip);
+                self.announce_rule(svc_key(r.vip, r.port, r.protocol), rule_vips(r));
             }
         }
         self.nudge_neighbours();
@@ -333,7 +349,7 @@ impl Node {
             let k = svc_key(r.vip, r.port, r.protocol);
             announce_changed |= self.unannounce_rule(&k);
             if asks_announce(r, &local) {
-                announce_changed |= self.announce_rule(k, r.vip);
+                announce_changed |= self.announce_rule(k, rule_vips(r));
             }
         }
         nudge(
@@ -627,6 +643,27 @@ mod tests {
         assert_eq!(
             announced_vips(&rules, &BTreeSet::new()),
             [v("20.0.0.1")].into()
+        );
+    }
+
+    #[test]
+    fn secondary_vips_are_announced_like_the_primary() {
+        let text = "rules:
+  - {name: s, vip: 20.0.0.7, secondary_vips: [30.0.0.2, 31.0.0.2], port: 38412, protocol: sctp, endpoints: [{ip: 10.0.0.1, port: 38412}]}
+  - {name: l, vip: 20.0.0.8, secondary_vips: [30.0.0.3], port: 38412, protocol: sctp, endpoints: [{ip: 10.0.0.2, port: 38412}]}
+";
+        let mut rules = crate::config::parse("t", text).unwrap();
+        rules[1].announce_local_only = true;
+        let v = |s: &str| IpAddr::V4(s.parse().unwrap());
+        assert_eq!(
+            announced_vips(&rules, &BTreeSet::new()),
+            [v("20.0.0.7"), v("30.0.0.2"), v("31.0.0.2")].into()
+        );
+        let me: BTreeSet<IpAddr> = ["10.0.0.2".parse().unwrap()].into();
+        assert_eq!(
+            announced_vips(&rules, &me).len(),
+            5,
+            "a local endpoint: all of l's too"
         );
     }
 

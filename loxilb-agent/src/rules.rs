@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use std::net::IpAddr;
+use std::{fmt, net::IpAddr};
 
 use anyhow::{bail, Result};
 use ipnet::IpNet;
 use loxilb_common::{
     addr_filter_bit, addr_fold, addr_from_ip, ip_from_addr, lb_mode, lb_sel, svc_flags, Addr,
-    EpKey, EpVal, SelChunk, SelKey, SvcKey, SvcVal, ADDR_FILTER_WORDS, SEL_CHUNK,
+    EpKey, EpVal, RuleVips, SelChunk, SelKey, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_RULE_VIPS,
+    SEL_CHUNK,
 };
 
 use crate::{
@@ -33,6 +34,10 @@ pub trait RuleTable {
     /// A VIP now exists / no longer exists (echo replies).
     fn put_vip(&mut self, vip: Addr) -> Result<()>;
     fn delete_vip(&mut self, vip: Addr) -> Result<()>;
+    /// Every VIP of a rule, primary first (`LB_RULE_VIPS`: what SCTP's
+    /// INIT-ACK rewrite tells clients).
+    fn put_rule_vips(&mut self, rule_id: u32, vips: RuleVips) -> Result<()>;
+    fn delete_rule_vips(&mut self, rule_id: u32) -> Result<()>;
     /// Zero a rule id's counters (before the id is used by a new rule).
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()>;
     /// Zero an endpoint counter slot (before it is given to an endpoint).
@@ -46,7 +51,18 @@ pub trait RuleTable {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Installed {
     pub name: String,
+    /// The primary VIP's service entry (the rule's key).
     pub key: SvcKey,
+    /// SCTP multihoming: the secondary VIPs that have a service entry of
+    /// their own (`key` with this address: same port, protocol, `SvcVal`
+    /// and rule id), in the rule's order. Exactly the entries in the map:
+    /// while a change is under way it may hold VIPs being added or removed.
+    pub secondary: Vec<Addr>,
+    /// The rule's `LB_RULE_VIPS` entry as written: the primary VIP, then
+    /// the secondary ones. Every SCTP rule has one (a single VIP when it
+    /// is not multihomed, so the datapath always knows a rule's addresses);
+    /// empty: no entry (TCP and UDP rules).
+    pub rule_vips: Vec<Addr>,
     pub rule_id: u32,
     /// Live bank of endpoints and selection table.
     pub bank: u8,
@@ -79,6 +95,27 @@ pub fn svc_key(vip: IpAddr, port: u16, proto: Protocol) -> SvcKey {
         proto: proto.number(),
         _pad: 0,
     }
+}
+
+/// The service entry of secondary VIP `vip` of the rule whose primary
+/// entry is `primary`.
+pub fn secondary_key(primary: &SvcKey, vip: Addr) -> SvcKey {
+    SvcKey {
+        addr: vip,
+        ..*primary
+    }
+}
+
+/// The `LB_RULE_VIPS` value for `vips` (at most `MAX_RULE_VIPS`).
+pub fn rule_vips_val(vips: &[Addr]) -> RuleVips {
+    let mut v = RuleVips {
+        n: vips.len().min(MAX_RULE_VIPS) as u32,
+        ..RuleVips::default()
+    };
+    for (d, a) in v.vips.iter_mut().zip(vips) {
+        *d = *a;
+    }
+    v
 }
 
 pub fn ep_val(e: &crate::config::Endpoint) -> EpVal {
@@ -291,13 +328,23 @@ impl AddrRefs {
         }
     }
 
-    /// Count (or uncount) everything of `i`: its VIP and endpoint addresses.
+    /// Count (or uncount) everything of `i`: its VIPs and endpoint
+    /// addresses.
     fn rule(&mut self, i: &Installed, up: bool) {
         self.vip(i.key.addr, up);
         self.addr(&i.key.addr, up);
+        for a in &i.secondary {
+            self.secondary(*a, up);
+        }
         for e in &i.eps {
             self.addr(&e.addr, up);
         }
+    }
+
+    /// A secondary VIP of a rule (a VIP like the primary one).
+    fn secondary(&mut self, a: Addr, up: bool) {
+        self.vip(a, up);
+        self.addr(&a, up);
     }
 
     fn add_rule(&mut self, i: &Installed) {
@@ -403,6 +450,8 @@ struct Want {
     mode: u8,
     sel: u8,
     src_ranges: BTreeSet<IpNet>,
+    secondary: Vec<Addr>,
+    rule_vips: Vec<Addr>,
 }
 
 impl Want {
@@ -424,6 +473,15 @@ impl Want {
             mode: mode_code(r.mode),
             sel: sel_code(r.selection),
             src_ranges: r.source_ranges.iter().copied().collect(),
+            secondary: r.secondary_vips.iter().map(|a| addr_from_ip(*a)).collect(),
+            rule_vips: if r.protocol == Protocol::Sctp {
+                std::iter::once(r.vip)
+                    .chain(r.secondary_vips.iter().copied())
+                    .map(addr_from_ip)
+                    .collect()
+            } else {
+                vec![]
+            },
         }
     }
 
@@ -434,6 +492,8 @@ impl Want {
             && self.mode == i.mode
             && self.sel == i.sel
             && self.src_ranges == i.src_ranges
+            && self.secondary == i.secondary
+            && self.rule_vips == i.rule_vips
     }
 }
 
@@ -441,6 +501,8 @@ impl Want {
 #[derive(Debug)]
 pub struct Rules {
     installed: BTreeMap<SvcKeyOrd, Installed>,
+    /// The rule (key) each secondary-VIP service entry belongs to.
+    owners: HashMap<SvcKeyOrd, SvcKeyOrd>,
     addrs: AddrRefs,
     slots: StatSlots,
     ids: RuleIds,
@@ -454,12 +516,51 @@ impl Default for Rules {
 
 /// `SvcKey` ordered by address, port, protocol (for deterministic
 /// iteration).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct SvcKeyOrd(IpAddr, u16, u8);
 
 impl From<SvcKey> for SvcKeyOrd {
     fn from(k: SvcKey) -> Self {
         SvcKeyOrd(ip_from_addr(&k.addr), u16::from_be(k.port), k.proto)
+    }
+}
+
+impl fmt::Display for SvcKeyOrd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = Protocol::from_number(self.2)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| self.2.to_string());
+        write!(f, "{}/{proto}", std::net::SocketAddr::new(self.0, self.1))
+    }
+}
+
+/// The service entries of the secondary VIPs of `r`.
+fn secondary_keys(r: &Rule) -> impl Iterator<Item = SvcKeyOrd> + '_ {
+    r.secondary_vips
+        .iter()
+        .map(|a| SvcKeyOrd(*a, r.port, r.protocol.number()))
+}
+
+/// The secondary VIPs of rule `rule` (primary entry `key`) changed from
+/// `old` to `new` (both as in the map): count and own them.
+fn track_secondaries(
+    addrs: &mut AddrRefs,
+    owners: &mut HashMap<SvcKeyOrd, SvcKeyOrd>,
+    rule: SvcKeyOrd,
+    key: &SvcKey,
+    old: &[Addr],
+    new: &[Addr],
+) {
+    for a in new.iter().filter(|a| !old.contains(a)) {
+        addrs.secondary(*a, true);
+        owners.insert(secondary_key(key, *a).into(), rule);
+    }
+    for a in old.iter().filter(|a| !new.contains(a)) {
+        addrs.secondary(*a, false);
+        let s = SvcKeyOrd::from(secondary_key(key, *a));
+        if owners.get(&s) == Some(&rule) {
+            owners.remove(&s);
+        }
     }
 }
 
@@ -479,10 +580,19 @@ impl Rules {
             .into_iter()
             .map(|i| (SvcKeyOrd::from(i.key), i))
             .collect();
+        let owners = installed
+            .iter()
+            .flat_map(|(k, i)| {
+                i.secondary
+                    .iter()
+                    .map(move |a| (SvcKeyOrd::from(secondary_key(&i.key, *a)), *k))
+            })
+            .collect();
         Rules {
             addrs: AddrRefs::of(installed.values()),
             ids: RuleIds::of(installed.values().map(|i| i.rule_id)),
             installed,
+            owners,
             slots,
         }
     }
@@ -545,6 +655,9 @@ impl Rules {
         };
         for i in self.installed.values() {
             set(i.key.addr);
+            for a in &i.secondary {
+                set(*a);
+            }
             for e in &i.eps {
                 set(e.addr);
             }
@@ -622,10 +735,17 @@ impl Rules {
         t: &mut dyn RuleTable,
         down: &dyn Fn(&str, IpAddr, u16) -> bool,
     ) -> Result<Report> {
+        // Before any write: every service entry (VIP, port, protocol) is
+        // one rule's, and secondary VIPs passing from one rule to another
+        // are let go by the first before the second takes them.
+        let release = self.check_claims(&gone, &want)?;
         let mut report = Report::default();
         let result = (|| -> Result<()> {
             for k in gone {
                 self.remove(k, t, &mut report)?;
+            }
+            for (owner, vips) in release {
+                self.release_secondaries(owner, &vips, t)?;
             }
             for (k, r) in want {
                 self.upsert(k, r, t, down, &mut report)?;
@@ -640,10 +760,125 @@ impl Rules {
         Ok(report)
     }
 
-    fn remove(&mut self, k: SvcKeyOrd, t: &mut dyn RuleTable, report: &mut Report) -> Result<()> {
-        let Some(inst) = self.installed.get(&k) else {
+    /// Which rule each service entry of `want` belongs to, checked against
+    /// each other and against the installed rules that stay. Returns the
+    /// secondary VIPs that installed rules of `want` must let go first
+    /// (another rule of `want` takes them), by rule.
+    fn check_claims(
+        &self,
+        gone: &[SvcKeyOrd],
+        want: &BTreeMap<SvcKeyOrd, &Rule>,
+    ) -> Result<BTreeMap<SvcKeyOrd, Vec<Addr>>> {
+        let mut release: BTreeMap<SvcKeyOrd, Vec<Addr>> = BTreeMap::new();
+        if self.owners.is_empty() && want.values().all(|r| r.secondary_vips.is_empty()) {
+            // No secondary VIP anywhere: primary keys are the rules' keys.
+            return Ok(release);
+        }
+        let name = |k: &SvcKeyOrd| -> String {
+            want.get(k)
+                .map(|r| r.name.clone())
+                .or_else(|| self.installed.get(k).map(|i| i.name.clone()))
+                .unwrap_or_else(|| k.to_string())
+        };
+        let conflict = |s: &SvcKeyOrd, a: &SvcKeyOrd, b: &SvcKeyOrd| {
+            anyhow::anyhow!(
+                "{s} is a VIP of both rule {:?} and rule {:?}; a VIP, port and protocol serve one \
+                 rule: change the address or the port of one of them",
+                name(a),
+                name(b)
+            )
+        };
+        let mut claims: BTreeMap<SvcKeyOrd, SvcKeyOrd> = want.keys().map(|k| (*k, *k)).collect();
+        for (k, r) in want {
+            for s in secondary_keys(r) {
+                if let Some(other) = claims.insert(s, *k) {
+                    return Err(conflict(&s, &other, k));
+                }
+            }
+        }
+        let gone: BTreeSet<&SvcKeyOrd> = gone.iter().collect();
+        for (s, claimant) in &claims {
+            // The primary entry of an installed rule that stays as it is.
+            if s != claimant && self.installed.contains_key(s) && !gone.contains(s) {
+                return Err(conflict(s, s, claimant));
+            }
+            match self.owners.get(s) {
+                Some(owner) if owner != claimant && !gone.contains(owner) => {
+                    if !want.contains_key(owner) {
+                        return Err(conflict(s, owner, claimant));
+                    }
+                    release.entry(*owner).or_default().push(addr_from_ip(s.0));
+                }
+                _ => {}
+            }
+        }
+        Ok(release)
+    }
+
+    /// Rule `k` lets go of its secondary VIPs `vips` (another rule takes
+    /// them in this change): its VIP list first, then their entries.
+    fn release_secondaries(
+        &mut self,
+        k: SvcKeyOrd,
+        vips: &[Addr],
+        t: &mut dyn RuleTable,
+    ) -> Result<()> {
+        let Some(inst) = self.installed.get_mut(&k) else {
             return Ok(());
         };
+        if !inst.rule_vips.is_empty() {
+            let list: Vec<Addr> = inst
+                .rule_vips
+                .iter()
+                .filter(|a| !vips.contains(a))
+                .copied()
+                .collect();
+            if list != inst.rule_vips {
+                t.put_rule_vips(inst.rule_id, rule_vips_val(&list))?;
+                inst.rule_vips = list;
+            }
+        }
+        for a in vips {
+            if inst.secondary.contains(a) {
+                t.delete_service(secondary_key(&inst.key, *a))?;
+                let old = inst.secondary.clone();
+                inst.secondary.retain(|x| x != a);
+                track_secondaries(
+                    &mut self.addrs,
+                    &mut self.owners,
+                    k,
+                    &inst.key,
+                    &old,
+                    &inst.secondary,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, k: SvcKeyOrd, t: &mut dyn RuleTable, report: &mut Report) -> Result<()> {
+        let Some(inst) = self.installed.get_mut(&k) else {
+            return Ok(());
+        };
+        // The secondary VIPs first: the rule is gone from the datapath when
+        // its primary entry is.
+        while let Some(a) = inst.secondary.last().copied() {
+            t.delete_service(secondary_key(&inst.key, a))?;
+            let old = inst.secondary.clone();
+            inst.secondary.pop();
+            track_secondaries(
+                &mut self.addrs,
+                &mut self.owners,
+                k,
+                &inst.key,
+                &old,
+                &inst.secondary,
+            );
+        }
+        if !inst.rule_vips.is_empty() {
+            t.delete_rule_vips(inst.rule_id)?;
+            inst.rule_vips.clear();
+        }
         t.delete_service(inst.key)?;
         // From here on the rule is gone from the datapath: forget it even
         // if cleaning up its entries fails (they are unreachable).
@@ -691,7 +926,19 @@ impl Rules {
                 let bank = inst.bank ^ 1;
                 let (gone, fresh) = self.slots.assign(t, &inst.eps, &mut w.eps)?;
                 let old_eps = inst.eps.clone();
-                if let Err(e) = install(t, inst, bank, w) {
+                let old_secondary = inst.secondary.clone();
+                let installed = install(t, inst, bank, w, &mut false);
+                // The secondary entries now in the map, also after a
+                // failed write.
+                track_secondaries(
+                    &mut self.addrs,
+                    &mut self.owners,
+                    k,
+                    &inst.key,
+                    &old_secondary,
+                    &inst.secondary,
+                );
+                if let Err(e) = installed {
                     self.slots.release(fresh);
                     return Err(e);
                 }
@@ -709,6 +956,8 @@ impl Rules {
                 let mut inst = Installed {
                     name: r.name.clone(),
                     key: svc_key(r.vip, r.port, r.protocol),
+                    secondary: vec![],
+                    rule_vips: vec![],
                     rule_id,
                     bank: 0,
                     timeout_s: 0,
@@ -728,15 +977,31 @@ impl Rules {
                         return Err(e);
                     }
                 };
-                if let Err(e) = install(t, &mut inst, 0, w) {
-                    // Entries written before the failure are unreachable
-                    // (no service entry points at them) and are
-                    // overwritten when the id is used again.
-                    self.ids.release(rule_id);
+                let mut reachable = false;
+                if let Err(e) = install(t, &mut inst, 0, w, &mut reachable) {
                     self.slots.release(fresh);
+                    if reachable {
+                        // A service entry (a secondary VIP's) or the VIP
+                        // list is written: keep the rule, incomplete (it
+                        // differs from every wanted rule), so that the next
+                        // apply installs it again or removes all of it.
+                        self.addrs.add_rule(&inst);
+                        for a in &inst.secondary {
+                            self.owners.insert(secondary_key(&inst.key, *a).into(), k);
+                        }
+                        self.installed.insert(k, inst);
+                    } else {
+                        // Entries written before the failure are
+                        // unreachable (no service entry points at them) and
+                        // are overwritten when the id is used again.
+                        self.ids.release(rule_id);
+                    }
                     return Err(e);
                 }
                 self.addrs.add_rule(&inst);
+                for a in &inst.secondary {
+                    self.owners.insert(secondary_key(&inst.key, *a).into(), k);
+                }
                 self.installed.insert(k, inst);
                 report.added.push(r.name.clone());
             }
@@ -745,8 +1010,21 @@ impl Rules {
     }
 }
 
-/// Write rule `inst` as `w` into `bank` and make that bank live.
-fn install(t: &mut dyn RuleTable, inst: &mut Installed, bank: u8, w: Want) -> Result<()> {
+/// Write rule `inst` as `w` into `bank` and make that bank live. Service
+/// entries, in this order: the secondary VIPs the rule did not have, the
+/// rule's VIP list, the primary VIP (the flip), the secondary VIPs it
+/// keeps; then the secondary VIPs it no longer has go. So the rule is
+/// never unreachable on its primary VIP, and its VIP list only names VIPs
+/// that are served. `inst.secondary` and `inst.rule_vips` follow the
+/// entries as they are written; `reachable` is set once any of those
+/// (entries only the rule's record can clean up) is written.
+fn install(
+    t: &mut dyn RuleTable,
+    inst: &mut Installed,
+    bank: u8,
+    w: Want,
+    reachable: &mut bool,
+) -> Result<()> {
     let rule_id = inst.rule_id;
     // Endpoints.
     for (i, e) in w.eps.iter().enumerate() {
@@ -777,22 +1055,51 @@ fn install(t: &mut dyn RuleTable, inst: &mut Installed, bank: u8, w: Want) -> Re
     } else {
         svc_flags::SRC_RANGES
     };
-    t.put_service(
-        inst.key,
-        SvcVal {
-            rule_id,
-            ep_count: w.eps.len() as u32,
-            timeout_s: w.timeout_s,
-            rr_next: 0,
-            ep_bank: bank,
-            mode: w.mode,
-            sel: w.sel,
-            flags,
-            table_len: table.len() as u32,
-            persist_timeout_s: w.persist_timeout_s,
-            _pad: 0,
-        },
-    )?;
+    let val = SvcVal {
+        rule_id,
+        ep_count: w.eps.len() as u32,
+        timeout_s: w.timeout_s,
+        rr_next: 0,
+        ep_bank: bank,
+        mode: w.mode,
+        sel: w.sel,
+        flags,
+        table_len: table.len() as u32,
+        persist_timeout_s: w.persist_timeout_s,
+        _pad: 0,
+    };
+    let (kept, added): (Vec<Addr>, Vec<Addr>) =
+        w.secondary.iter().partition(|a| inst.secondary.contains(a));
+    for a in added {
+        t.put_service(secondary_key(&inst.key, a), val)?;
+        *reachable = true;
+        inst.secondary.push(a);
+    }
+    if w.rule_vips != inst.rule_vips {
+        if w.rule_vips.is_empty() {
+            t.delete_rule_vips(rule_id)?;
+        } else {
+            t.put_rule_vips(rule_id, rule_vips_val(&w.rule_vips))?;
+            *reachable = true;
+        }
+        inst.rule_vips = w.rule_vips.clone();
+    }
+    t.put_service(inst.key, val)?;
+    *reachable = true;
+    for a in kept {
+        t.put_service(secondary_key(&inst.key, a), val)?;
+    }
+    while let Some(a) = inst
+        .secondary
+        .iter()
+        .find(|a| !w.secondary.contains(a))
+        .copied()
+    {
+        t.delete_service(secondary_key(&inst.key, a))?;
+        inst.secondary.retain(|x| *x != a);
+    }
+    // The same VIPs now: take the rule's order.
+    inst.secondary = w.secondary;
     for net in inst.src_ranges.difference(&w.src_ranges) {
         t.delete_src_range(rule_id, *net)?;
     }
@@ -825,17 +1132,27 @@ pub mod tests {
         pub flushed: Vec<u32>,
         pub ep_resets: Vec<u32>,
         pub vips: std::collections::BTreeSet<Addr>,
+        pub rule_vips: HashMap<u32, RuleVips>,
         pub writes: usize,
+        /// Service and VIP-list writes, in order ("put 20.0.0.1:80/tcp",
+        /// "del ...", "vips 3" / "novips 3" for rule 3's list).
+        pub log: Vec<String>,
+    }
+
+    fn show_key(k: &SvcKey) -> String {
+        SvcKeyOrd::from(*k).to_string()
     }
 
     impl RuleTable for MemTable {
         fn put_service(&mut self, key: SvcKey, val: SvcVal) -> Result<()> {
             self.writes += 1;
+            self.log.push(format!("put {}", show_key(&key)));
             self.svcs.insert(key, val);
             Ok(())
         }
         fn delete_service(&mut self, key: SvcKey) -> Result<()> {
             self.writes += 1;
+            self.log.push(format!("del {}", show_key(&key)));
             self.svcs.remove(&key);
             Ok(())
         }
@@ -882,6 +1199,18 @@ pub mod tests {
         }
         fn delete_vip(&mut self, vip: Addr) -> Result<()> {
             self.vips.remove(&vip);
+            Ok(())
+        }
+        fn put_rule_vips(&mut self, rule_id: u32, vips: RuleVips) -> Result<()> {
+            self.writes += 1;
+            self.log.push(format!("vips {rule_id}"));
+            self.rule_vips.insert(rule_id, vips);
+            Ok(())
+        }
+        fn delete_rule_vips(&mut self, rule_id: u32) -> Result<()> {
+            self.writes += 1;
+            self.log.push(format!("novips {rule_id}"));
+            self.rule_vips.remove(&rule_id);
             Ok(())
         }
         fn reset_ep_stats(&mut self, idx: u32) -> Result<()> {
@@ -1134,6 +1463,336 @@ pub mod tests {
         assert_eq!(t.writes, writes);
     }
 
+    const MH: &str = "rules:
+  - {name: s, vip: 20.0.0.7, secondary_vips: [30.0.0.1, 30.0.0.2], port: 9, protocol: sctp, endpoints: [{ip: 10.0.0.1, port: 9}, {ip: 10.0.0.2, port: 9}]}
+  - {name: one, vip: 20.0.0.8, port: 9, protocol: sctp, endpoints: [{ip: 10.0.0.3, port: 9}]}
+  - {name: t, vip: 20.0.0.7, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.1, port: 80}]}
+";
+
+    fn a(s: &str) -> Addr {
+        addr_from_ip(s.parse().unwrap())
+    }
+
+    fn k(ip: &str, port: u16, p: Protocol) -> SvcKey {
+        svc_key(ip.parse().unwrap(), port, p)
+    }
+
+    fn bit_set(t: &MemTable, x: Addr) -> bool {
+        let (w, b) = filter_bit(&x);
+        t.filter.get(&w).copied().unwrap_or(0) & (1 << b) != 0
+    }
+
+    fn position(log: &[String], what: &str) -> usize {
+        log.iter()
+            .position(|l| l == what)
+            .unwrap_or_else(|| panic!("{what:?} not in {log:?}"))
+    }
+
+    #[test]
+    fn a_multihomed_rule_has_an_entry_per_vip_and_a_vip_list() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        let rep = r.apply(&rules(MH), &mut t).unwrap();
+        assert_eq!(rep.added.len(), 3);
+        assert_eq!(r.len(), 3, "three rules, five service entries");
+        assert_eq!(t.svcs.len(), 5);
+        let p = k("20.0.0.7", 9, Protocol::Sctp);
+        let primary = t.svcs[&p];
+        for s in ["30.0.0.1", "30.0.0.2"] {
+            assert_eq!(t.svcs[&k(s, 9, Protocol::Sctp)], primary, "{s}");
+            assert!(t.vips.contains(&a(s)) && bit_set(&t, a(s)), "{s}");
+        }
+        assert_eq!(active_eps(&t, k("30.0.0.2", 9, Protocol::Sctp)).len(), 2);
+        assert_eq!(
+            t.rule_vips[&primary.rule_id],
+            rule_vips_val(&[a("20.0.0.7"), a("30.0.0.1"), a("30.0.0.2")])
+        );
+        assert_eq!(t.rule_vips[&primary.rule_id].n, 3);
+        // A single-homed SCTP rule lists its one VIP; TCP rules none.
+        let one = t.svcs[&k("20.0.0.8", 9, Protocol::Sctp)].rule_id;
+        assert_eq!(t.rule_vips[&one], rule_vips_val(&[a("20.0.0.8")]));
+        let tcp = t.svcs[&k("20.0.0.7", 80, Protocol::Tcp)].rule_id;
+        assert!(!t.rule_vips.contains_key(&tcp));
+        assert_eq!(t.rule_vips.len(), 2);
+        assert_eq!(t.vips.len(), 4);
+        // The rule is one rule: one installed record with its secondaries.
+        let inst = r.get(&p).unwrap();
+        assert_eq!(inst.secondary, vec![a("30.0.0.1"), a("30.0.0.2")]);
+        assert!(r.get(&k("30.0.0.1", 9, Protocol::Sctp)).is_none());
+        // Writes: the entries of the new VIPs, the list, then the primary.
+        let log = &t.log;
+        assert!(position(log, "put 30.0.0.2:9/sctp") < position(log, "put 20.0.0.7:9/sctp"));
+        assert!(
+            position(log, &format!("vips {}", primary.rule_id))
+                < position(log, "put 20.0.0.7:9/sctp")
+        );
+        // Re-applying writes nothing.
+        let writes = t.writes;
+        let rep = r.apply(&rules(MH), &mut t).unwrap();
+        assert_eq!((rep.unchanged, t.writes), (3, writes));
+        // Liveness: one write, shared by every VIP (same bank).
+        r.set_endpoint_state(&mut t, "s", "10.0.0.2".parse().unwrap(), 9, false)
+            .unwrap();
+        assert_eq!(
+            active_eps(&t, k("30.0.0.1", 9, Protocol::Sctp))[1].flags,
+            loxilb_common::ep_flags::INACTIVE
+        );
+    }
+
+    #[test]
+    fn changing_secondary_vips_adds_then_flips_then_deletes() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(MH), &mut t).unwrap();
+        let p = k("20.0.0.7", 9, Protocol::Sctp);
+        let before = t.svcs[&p];
+        t.log.clear();
+        let changed = MH.replace("[30.0.0.1, 30.0.0.2]", "[30.0.0.2, 30.0.0.3]");
+        // The same change incrementally, on a copy.
+        let mut ti = MemTable::default();
+        let mut ri = Rules::adopt(vec![]);
+        ri.apply(&rules(MH), &mut ti).unwrap();
+        let rep = r.apply(&rules(&changed), &mut t).unwrap();
+        assert_eq!((rep.updated, rep.unchanged), (vec!["s".to_string()], 2));
+        assert!(t.flushed.is_empty(), "sessions stay");
+        let s: Vec<Rule> = rules(&changed).into_iter().take(1).collect();
+        ri.apply_changes(&s, &[], &mut ti, &|_, _, _| false)
+            .unwrap();
+        assert_same_maps(&t, &ti, 0);
+        assert_eq!(
+            r.installed().collect::<Vec<_>>(),
+            ri.installed().collect::<Vec<_>>()
+        );
+        let after = t.svcs[&p];
+        assert_eq!(after.rule_id, before.rule_id);
+        assert_ne!(after.ep_bank, before.ep_bank);
+        for s in ["30.0.0.2", "30.0.0.3"] {
+            assert_eq!(t.svcs[&k(s, 9, Protocol::Sctp)], after, "{s}");
+        }
+        assert!(!t.svcs.contains_key(&k("30.0.0.1", 9, Protocol::Sctp)));
+        assert!(!t.vips.contains(&a("30.0.0.1")) && !bit_set(&t, a("30.0.0.1")));
+        assert!(t.vips.contains(&a("30.0.0.3")) && bit_set(&t, a("30.0.0.3")));
+        assert_eq!(
+            t.rule_vips[&after.rule_id],
+            rule_vips_val(&[a("20.0.0.7"), a("30.0.0.2"), a("30.0.0.3")])
+        );
+        // New VIP's entry, the list, the flip, the kept VIP, the gone one.
+        let log = &t.log;
+        let order = [
+            "put 30.0.0.3:9/sctp".to_string(),
+            format!("vips {}", after.rule_id),
+            "put 20.0.0.7:9/sctp".to_string(),
+            "put 30.0.0.2:9/sctp".to_string(),
+            "del 30.0.0.1:9/sctp".to_string(),
+        ];
+        let at: Vec<usize> = order.iter().map(|o| position(log, o)).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{log:?}");
+        assert_filter_and_vips_exact(&r, &t, 0);
+        // No secondaries left: one entry, a one-VIP list.
+        let single = MH.replace("secondary_vips: [30.0.0.1, 30.0.0.2], ", "");
+        r.apply(&rules(&single), &mut t).unwrap();
+        assert_eq!(t.svcs.len(), 3);
+        assert_eq!(t.rule_vips[&after.rule_id], rule_vips_val(&[a("20.0.0.7")]));
+        assert_filter_and_vips_exact(&r, &t, 1);
+        // And back.
+        r.apply(&rules(MH), &mut t).unwrap();
+        assert_eq!(t.svcs.len(), 5);
+        assert_filter_and_vips_exact(&r, &t, 2);
+    }
+
+    #[test]
+    fn removing_a_multihomed_rule_removes_every_entry() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(MH), &mut t).unwrap();
+        t.log.clear();
+        let rep = r
+            .apply_changes(
+                &[],
+                &[k("20.0.0.7", 9, Protocol::Sctp)],
+                &mut t,
+                &|_, _, _| false,
+            )
+            .unwrap();
+        assert_eq!(rep.removed, vec!["s"]);
+        assert_eq!(t.svcs.len(), 2);
+        assert!(!t.vips.contains(&a("30.0.0.1")) && !t.vips.contains(&a("30.0.0.2")));
+        assert!(t.vips.contains(&a("20.0.0.7")), "still the TCP rule's VIP");
+        assert_eq!(t.rule_vips.len(), 1);
+        // The secondary entries go before the primary one.
+        assert!(position(&t.log, "del 30.0.0.1:9/sctp") < position(&t.log, "del 20.0.0.7:9/sctp"));
+        r.apply(&[], &mut t).unwrap();
+        assert!(t.svcs.is_empty() && t.rule_vips.is_empty() && t.vips.is_empty());
+        assert!(t.eps.is_empty() && t.chunks.is_empty());
+        assert!(t.filter.values().all(|w| *w == 0));
+    }
+
+    /// What `Datapath::read_installed` rebuilds from the maps: service
+    /// entries grouped by rule id, the VIP lists.
+    fn read_back(r: &Rules, t: &MemTable) -> Vec<Installed> {
+        let mut by_rule: BTreeMap<u32, Vec<(SvcKey, SvcVal)>> = BTreeMap::new();
+        for (k, v) in &t.svcs {
+            by_rule.entry(v.rule_id).or_default().push((*k, *v));
+        }
+        by_rule
+            .into_iter()
+            .map(|(id, mut entries)| {
+                let listed: Vec<Addr> = t
+                    .rule_vips
+                    .get(&id)
+                    .map(|v| v.vips[..v.n as usize].to_vec())
+                    .unwrap_or_default();
+                let (key, _, secondary, consistent) =
+                    crate::datapath::primary_and_secondaries(&mut entries, &listed);
+                // The rest as the reconciler knows it (read_installed reads
+                // it from the maps the same way as before).
+                let mut i = r
+                    .installed()
+                    .find(|i| i.rule_id == id)
+                    .cloned()
+                    .expect("a rule of the maps");
+                assert_eq!(i.key, key, "rule {id}: primary");
+                i.secondary = secondary;
+                i.rule_vips = if consistent { listed } else { vec![] };
+                i
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adopting_multihomed_rules_neither_loses_nor_duplicates_them() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(MH), &mut t).unwrap();
+        let snapshot = read_back(&r, &t);
+        assert_eq!(snapshot.len(), 3, "one record per rule, not per entry");
+        assert_eq!(
+            snapshot,
+            r.installed().cloned().collect::<Vec<_>>(),
+            "rebuilt as installed"
+        );
+        let mut r2 = Rules::adopt(snapshot);
+        let writes = t.writes;
+        assert_eq!(r2.apply(&rules(MH), &mut t).unwrap().unchanged, 3);
+        assert_eq!(t.writes, writes, "adopted rules are not rewritten");
+        assert_filter_and_vips_exact(&r2, &t, 0);
+        // Changes after adoption leave no stale entry.
+        let changed = MH.replace("[30.0.0.1, 30.0.0.2]", "[30.0.0.3]");
+        r2.apply(&rules(&changed), &mut t).unwrap();
+        assert_eq!(t.svcs.len(), 4);
+        assert!(!t.svcs.contains_key(&k("30.0.0.1", 9, Protocol::Sctp)));
+        assert_filter_and_vips_exact(&r2, &t, 1);
+
+        // An interrupted change left an entry the VIP list does not name
+        // and one with an old value: adopted, then put right.
+        let p = k("20.0.0.7", 9, Protocol::Sctp);
+        let mut stale = t.svcs[&p];
+        stale.ep_bank ^= 1;
+        t.svcs.insert(k("30.0.0.9", 9, Protocol::Sctp), stale);
+        let snapshot = read_back(&r2, &t);
+        let s = snapshot.iter().find(|i| i.key == p).unwrap();
+        assert_eq!(s.secondary, vec![a("30.0.0.3"), a("30.0.0.9")]);
+        assert!(s.rule_vips.is_empty(), "disagreeing entries are rewritten");
+        let mut r3 = Rules::adopt(snapshot);
+        assert_eq!(
+            r3.apply(&rules(&changed), &mut t).unwrap().updated,
+            vec!["s"]
+        );
+        assert!(!t.svcs.contains_key(&k("30.0.0.9", 9, Protocol::Sctp)));
+        assert_eq!(t.svcs[&k("30.0.0.3", 9, Protocol::Sctp)], t.svcs[&p]);
+        assert_eq!(t.svcs.len(), 4);
+        assert_filter_and_vips_exact(&r3, &t, 2);
+    }
+
+    #[test]
+    fn a_secondary_vip_passes_between_rules_in_one_change() {
+        let two = |a_sec: &str, with_b: bool| {
+            let mut s = format!(
+                "rules:\n  - {{name: a, vip: 20.0.0.1, secondary_vips: [{a_sec}], port: 9, protocol: sctp, endpoints: [{{ip: 10.0.0.1, port: 9}}]}}\n"
+            );
+            if with_b {
+                s += "  - {name: b, vip: 30.0.0.1, port: 9, protocol: sctp, endpoints: [{ip: 10.0.0.2, port: 9}]}\n";
+            }
+            rules(&s)
+        };
+        let b_key = k("30.0.0.1", 9, Protocol::Sctp);
+        // a's secondary VIP 30.0.0.1 becomes b's VIP: full and incremental.
+        let (mut tf, mut ti) = (MemTable::default(), MemTable::default());
+        let (mut rf, mut ri) = (Rules::adopt(vec![]), Rules::adopt(vec![]));
+        rf.apply(&two("30.0.0.1, 30.0.0.2", false), &mut tf)
+            .unwrap();
+        ri.apply(&two("30.0.0.1, 30.0.0.2", false), &mut ti)
+            .unwrap();
+        let next = two("30.0.0.2", true);
+        rf.apply(&next, &mut tf).unwrap();
+        ri.apply_changes(&next, &[], &mut ti, &|_, _, _| false)
+            .unwrap();
+        for (r, t) in [(&rf, &tf), (&ri, &ti)] {
+            let b = r.get(&b_key).unwrap();
+            assert_eq!(t.svcs[&b_key].rule_id, b.rule_id);
+            assert_eq!(active_eps(t, b_key)[0].addr, a("10.0.0.2"));
+            let ai = r.get(&k("20.0.0.1", 9, Protocol::Sctp)).unwrap();
+            assert_eq!(ai.secondary, vec![a("30.0.0.2")]);
+            assert_eq!(
+                t.rule_vips[&ai.rule_id],
+                rule_vips_val(&[a("20.0.0.1"), a("30.0.0.2")])
+            );
+            assert_eq!(t.svcs.len(), 3);
+            assert_filter_and_vips_exact(r, t, 0);
+        }
+        assert_same_maps(&tf, &ti, 0);
+        // And back: b goes, a takes its VIP again.
+        let back = two("30.0.0.1, 30.0.0.2", false);
+        rf.apply(&back, &mut tf).unwrap();
+        ri.apply_changes(&back, &[b_key], &mut ti, &|_, _, _| false)
+            .unwrap();
+        assert_same_maps(&tf, &ti, 1);
+        for (r, t) in [(&rf, &tf), (&ri, &ti)] {
+            let ai = r.get(&k("20.0.0.1", 9, Protocol::Sctp)).unwrap();
+            assert_eq!(t.svcs[&b_key].rule_id, ai.rule_id);
+            assert!(r.get(&b_key).is_none());
+            assert_filter_and_vips_exact(r, t, 1);
+        }
+    }
+
+    #[test]
+    fn a_vip_of_two_rules_is_refused_before_any_write() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(MH), &mut t).unwrap();
+        let writes = t.writes;
+        // A new rule taking the secondary VIP of s, which stays.
+        let c = rules("rules:\n  - {name: c, vip: 30.0.0.2, port: 9, protocol: sctp}\n");
+        let e = r
+            .apply_changes(&c, &[], &mut t, &|_, _, _| false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("30.0.0.2:9/sctp is a VIP of both rule \"s\" and rule \"c\""),
+            "{e}"
+        );
+        // A new rule whose secondary VIP is another rule's VIP.
+        let d = rules("rules:\n  - {name: d, vip: 20.0.0.9, secondary_vips: [20.0.0.8], port: 9, protocol: sctp}\n");
+        let e = r
+            .apply_changes(&d, &[], &mut t, &|_, _, _| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rule \"one\" and rule \"d\""), "{e}");
+        // Two rules of one change claiming one VIP.
+        let mut both = rules("rules:\n  - {name: e, vip: 20.0.0.10, secondary_vips: [30.0.0.5], port: 9, protocol: sctp}\n");
+        both.extend(rules("rules:\n  - {name: f, vip: 20.0.0.11, secondary_vips: [30.0.0.5], port: 9, protocol: sctp}\n"));
+        let e = r
+            .apply_changes(&both, &[], &mut t, &|_, _, _| false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("30.0.0.5:9/sctp") && e.contains("\"e\"") && e.contains("\"f\""),
+            "{e}"
+        );
+        assert_eq!(t.writes, writes, "nothing written");
+        assert_eq!(r.len(), 3);
+    }
+
     /// A small deterministic generator (xorshift64*) for the randomised
     /// tests: the same seed gives the same sequence on every run.
     struct Rng(u64);
@@ -1193,16 +1852,43 @@ pub mod tests {
                     1 if !v6 => vec!["10.0.0.0/8".parse().unwrap()],
                     _ => vec![],
                 };
+                // SCTP, half of it multihomed: 1 to 3 secondary VIPs from
+                // a pool that holds the other rules' VIPs too.
+                let sctp = !nat64 && rng.chance(4);
+                let mut secondary_vips: Vec<IpAddr> = vec![];
+                if sctp && rng.chance(2) {
+                    for _ in 0..1 + rng.below(3) {
+                        let i = 1 + rng.below(5);
+                        let a: IpAddr = match (v6, i) {
+                            (true, 1..=3) => format!("2001:db8::{i}"),
+                            (true, _) => format!("2001:db8:2::{i}"),
+                            (false, 1..=3) => format!("20.0.0.{i}"),
+                            (false, _) => format!("30.0.0.{i}"),
+                        }
+                        .parse()
+                        .unwrap();
+                        if a != vip && !secondary_vips.contains(&a) {
+                            secondary_vips.push(a);
+                        }
+                    }
+                }
                 Rule {
                     name: format!("svc-{s}-{j}-{}", rng.below(2)),
                     vip,
                     port: 1000 + s * 2 + j,
-                    protocol: if rng.chance(2) {
+                    protocol: if sctp {
+                        Protocol::Sctp
+                    } else if rng.chance(2) {
                         Protocol::Tcp
                     } else {
                         Protocol::Udp
                     },
-                    mode: [Mode::Default, Mode::OneArm, Mode::FullNat][rng.below(3) as usize],
+                    mode: if secondary_vips.is_empty() {
+                        [Mode::Default, Mode::OneArm, Mode::FullNat][rng.below(3) as usize]
+                    } else {
+                        Mode::Default
+                    },
+                    secondary_vips,
                     selection: if rng.chance(25) {
                         Selection::Hash
                     } else {
@@ -1230,6 +1916,10 @@ pub mod tests {
         assert_eq!(a.chunks, b.chunks, "step {step}: selection tables differ");
         assert_eq!(a.ranges, b.ranges, "step {step}: source ranges differ");
         assert_eq!(a.vips, b.vips, "step {step}: VIPs differ");
+        assert_eq!(
+            a.rule_vips, b.rule_vips,
+            "step {step}: rule VIP lists differ"
+        );
         assert_eq!(a.flushed, b.flushed, "step {step}: flushed rules differ");
         assert_eq!(
             a.ep_resets, b.ep_resets,
@@ -1254,8 +1944,39 @@ pub mod tests {
                 "step {step}: filter word {w}"
             );
         }
-        let vips: BTreeSet<Addr> = r.installed().map(|i| i.key.addr).collect();
+        let vips: BTreeSet<Addr> = r
+            .installed()
+            .flat_map(|i| std::iter::once(i.key.addr).chain(i.secondary.iter().copied()))
+            .collect();
         assert_eq!(t.vips, vips, "step {step}: VIP set");
+    }
+
+    /// Every VIP of `i` has its service entry, all with the primary's
+    /// value, and an SCTP rule's VIP list names them, primary first.
+    fn assert_multihomed_entries(t: &MemTable, i: &Installed, step: usize) {
+        let primary = t.svcs[&i.key];
+        assert_eq!(primary.rule_id, i.rule_id, "step {step}");
+        for a in &i.secondary {
+            assert_eq!(
+                t.svcs.get(&secondary_key(&i.key, *a)),
+                Some(&primary),
+                "step {step}: secondary VIP entry of {}",
+                i.name
+            );
+        }
+        let want: Vec<Addr> = std::iter::once(i.key.addr)
+            .chain(i.secondary.iter().copied())
+            .collect();
+        if i.key.proto == loxilb_common::IPPROTO_SCTP {
+            assert_eq!(
+                t.rule_vips.get(&i.rule_id),
+                Some(&rule_vips_val(&want)),
+                "step {step}: VIP list of {}",
+                i.name
+            );
+        } else {
+            assert!(i.secondary.is_empty() && !t.rule_vips.contains_key(&i.rule_id));
+        }
     }
 
     /// Random sequences of per-Service changes, applied both ways: the
@@ -1271,6 +1992,7 @@ pub mod tests {
             };
             (u16::from(last) + port).is_multiple_of(5)
         };
+        let mut multihomed = 0;
         for seed in 1..=12u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut services: BTreeMap<u16, Vec<Rule>> = BTreeMap::new();
@@ -1297,6 +2019,17 @@ pub mod tests {
                     .unwrap();
                 assert_same_maps(&tf, &ti, step);
                 assert_filter_and_vips_exact(&inc, &ti, step);
+                for i in inc.installed() {
+                    assert_multihomed_entries(&ti, i, step);
+                    multihomed += usize::from(!i.secondary.is_empty());
+                }
+                assert_eq!(
+                    ti.svcs.len(),
+                    inc.installed()
+                        .map(|i| 1 + i.secondary.len())
+                        .sum::<usize>(),
+                    "step {step}: a service entry of no rule"
+                );
                 assert_eq!(rf.added, ri.added, "step {step}");
                 assert_eq!(rf.updated, ri.updated, "step {step}");
                 assert_eq!(rf.removed, ri.removed, "step {step}");
@@ -1325,8 +2058,12 @@ pub mod tests {
                 inc.apply_changes(&new, &removed, &mut ti, &down).unwrap();
                 assert_same_maps(&tf, &ti, step);
                 assert_filter_and_vips_exact(&inc, &ti, step);
+                for i in inc.installed() {
+                    assert_multihomed_entries(&ti, i, step);
+                }
             }
         }
+        assert!(multihomed > 100, "multihomed rules seen {multihomed} times");
     }
 
     /// A shared address keeps its filter bit (and a shared VIP its entry)
@@ -1439,6 +2176,14 @@ pub mod tests {
             self.step()?;
             self.inner.delete_vip(vip)
         }
+        fn put_rule_vips(&mut self, rule_id: u32, vips: RuleVips) -> Result<()> {
+            self.step()?;
+            self.inner.put_rule_vips(rule_id, vips)
+        }
+        fn delete_rule_vips(&mut self, rule_id: u32) -> Result<()> {
+            self.step()?;
+            self.inner.delete_rule_vips(rule_id)
+        }
         fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()> {
             self.step()?;
             self.inner.reset_rule_stats(rule_id)
@@ -1495,14 +2240,26 @@ pub mod tests {
             assert_filter_and_vips_exact(&r, &t.inner, fail_at);
             let want: std::collections::HashSet<SvcKey> = after
                 .iter()
-                .map(|r| svc_key(r.vip, r.port, r.protocol))
+                .flat_map(|r| {
+                    std::iter::once(r.vip)
+                        .chain(r.secondary_vips.iter().copied())
+                        .map(|a| svc_key(a, r.port, r.protocol))
+                })
                 .collect();
             let have: std::collections::HashSet<SvcKey> = t.inner.svcs.keys().copied().collect();
             assert_eq!(have, want, "fail_at {fail_at}");
-            for k in &want {
-                let inst = r.get(k).unwrap();
-                assert_eq!(active_eps(&t.inner, *k).len(), inst.eps.len());
+            for x in &after {
+                let k = svc_key(x.vip, x.port, x.protocol);
+                let inst = r.get(&k).unwrap();
+                assert_eq!(active_eps(&t.inner, k).len(), inst.eps.len());
+                assert_multihomed_entries(&t.inner, inst, fail_at);
             }
+            let ids: BTreeSet<u32> = r.installed().map(|i| i.rule_id).collect();
+            let listed: BTreeSet<u32> = t.inner.rule_vips.keys().copied().collect();
+            assert!(
+                listed.is_subset(&ids),
+                "fail_at {fail_at}: stale rule VIP lists"
+            );
             if !failed {
                 break;
             }

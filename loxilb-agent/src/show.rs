@@ -3,8 +3,8 @@
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr};
 
 use loxilb_common::{
-    ct_dir, ct_state, ip_from_addr, Addr, CtKey, CtVal, EpKey, EpStats, EpVal, RuleStats, SvcKey,
-    SvcVal,
+    ct_dir, ct_state, ip_from_addr, Addr, CtKey, CtVal, EpKey, EpStats, EpVal, RuleStats, RuleVips,
+    SvcKey, SvcVal,
 };
 
 fn ip(a: Addr) -> IpAddr {
@@ -26,10 +26,35 @@ fn proto(p: u8) -> String {
         .unwrap_or_else(|| p.to_string())
 }
 
+/// One row per rule (a multihomed SCTP rule has a service entry per VIP):
+/// its primary entry and its secondary VIPs, by rule id.
+fn by_rule(
+    svcs: &[(SvcKey, SvcVal)],
+    rule_vips: &HashMap<u32, RuleVips>,
+) -> Vec<(SvcKey, SvcVal, Vec<Addr>)> {
+    let mut groups: std::collections::BTreeMap<u32, Vec<(SvcKey, SvcVal)>> = Default::default();
+    for (k, v) in svcs {
+        groups.entry(v.rule_id).or_default().push((*k, *v));
+    }
+    groups
+        .into_iter()
+        .map(|(id, mut entries)| {
+            let listed: Vec<Addr> = rule_vips
+                .get(&id)
+                .map(|v| v.vips[..(v.n as usize).min(loxilb_common::MAX_RULE_VIPS)].to_vec())
+                .unwrap_or_default();
+            let (k, v, secondary, _) =
+                crate::datapath::primary_and_secondaries(&mut entries, &listed);
+            (k, v, secondary)
+        })
+        .collect()
+}
+
 pub fn rules_table(
     svcs: &[(SvcKey, SvcVal)],
     eps: &HashMap<EpKey, EpVal>,
     stats: &HashMap<u32, RuleStats>,
+    rule_vips: &HashMap<u32, RuleVips>,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -37,9 +62,7 @@ pub fn rules_table(
         "{:<5} {:<22} {:<5} {:<8} {:<7} {:<8} {:>9} {:>10} {:>7} ENDPOINTS",
         "ID", "VIP:PORT", "PROTO", "MODE", "SEL", "TIMEOUT", "SESSIONS", "PACKETS", "DROPS"
     );
-    let mut svcs = svcs.to_vec();
-    svcs.sort_by_key(|(_, v)| v.rule_id);
-    for (k, v) in svcs {
+    for (k, v, secondary) in by_rule(svcs, rule_vips) {
         let list: Vec<String> = (0..v.ep_count)
             .map(|i| match eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) {
                 Some(e) => format!(
@@ -90,6 +113,19 @@ pub fn rules_table(
                 list.join(", ")
             }
         );
+        if !secondary.is_empty() {
+            // SCTP multihoming: the rule's other VIPs, under its VIP.
+            let _ = writeln!(
+                out,
+                "{:<5} + {} (secondary VIPs)",
+                "",
+                secondary
+                    .iter()
+                    .map(|a| ip(*a).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     out
 }
@@ -161,6 +197,7 @@ pub fn endpoints_table(
     eps: &HashMap<EpKey, EpVal>,
     stats: &HashMap<u32, (EpStats, u64)>,
     probes: &[crate::probe::TargetStatus],
+    rule_vips: &HashMap<u32, RuleVips>,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -168,9 +205,7 @@ pub fn endpoints_table(
         "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  PROBE",
         "RULE", "SERVICE", "ENDPOINT", "WEIGHT", "STATE", "ACTIVE", "SESSIONS", "PACKETS", "BYTES"
     );
-    let mut svcs = svcs.to_vec();
-    svcs.sort_by_key(|(_, v)| v.rule_id);
-    for (k, v) in svcs {
+    for (k, v, _) in by_rule(svcs, rule_vips) {
         for i in 0..v.ep_count {
             let Some(e) = eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) else {
                 continue;
@@ -238,4 +273,34 @@ pub fn bgp_table(n: &[crate::bgp::Neighbor]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{tests::MemTable, Rules};
+
+    #[test]
+    fn a_multihomed_rule_is_one_row_with_its_secondary_vips() {
+        let rules = crate::config::parse(
+            "t",
+            "rules:\n  - {vip: 20.0.0.7, secondary_vips: [30.0.0.2, 31.0.0.2], port: 38412, protocol: sctp, endpoints: [{ip: 10.0.0.1, port: 38412}]}\n  - {vip: 20.0.0.7, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.1, port: 8080}]}\n",
+        )
+        .unwrap();
+        let mut t = MemTable::default();
+        Rules::adopt(vec![]).apply(&rules, &mut t).unwrap();
+        let svcs: Vec<(SvcKey, SvcVal)> = t.svcs.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(svcs.len(), 4);
+        let out = rules_table(&svcs, &t.eps, &HashMap::new(), &t.rule_vips);
+        assert_eq!(out.lines().count(), 4, "header, 2 rules, 1 note:\n{out}");
+        assert_eq!(out.matches("20.0.0.7:38412").count(), 1, "{out}");
+        assert!(!out.contains("30.0.0.2:38412"), "{out}");
+        assert!(
+            out.contains("+ 30.0.0.2, 31.0.0.2 (secondary VIPs)"),
+            "{out}"
+        );
+        let eps = endpoints_table(&svcs, &t.eps, &HashMap::new(), &[], &t.rule_vips);
+        assert_eq!(eps.lines().count(), 3, "one row per endpoint:\n{eps}");
+        assert!(eps.contains("20.0.0.7:38412/sctp"), "{eps}");
+    }
 }

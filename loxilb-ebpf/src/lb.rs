@@ -1,8 +1,8 @@
 //! The load-balancing datapath, written once for XDP and TC.
 
 use loxilb_common::{
-    addr_filter_bit, addr_fold, is_v4, lb_mode, stat, svc_flags, v4_mapped, Addr, CtKey, JMP_NEW4,
-    JMP_NEW6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
+    addr_filter_bit, addr_fold, is_v4, lb_mode, stat, svc_flags, v4_mapped, Addr, CtKey, EpVal,
+    JMP_NEW4, JMP_NEW6, JMP_SCTP4, JMP_SCTP6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
 };
 
 use crate::{
@@ -10,12 +10,12 @@ use crate::{
     ctx::{PktCtx, Verdict},
     fwd, icmp,
     maps::{
-        count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT, LB_SCRATCH_SVC,
-        LB_SERVICES,
+        count, rule_stats, src_allowed, LB_ADDR_FILTER, LB_CONFIG, LB_CT, LB_SCRATCH_EP,
+        LB_SCRATCH_SVC, LB_SERVICES,
     },
     nat, nat64,
-    parse::{self, Parsed},
-    select,
+    parse::{self, sctp_ev, Parsed},
+    sctp, select,
 };
 
 #[inline(always)]
@@ -176,6 +176,11 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             let ep = unsafe { (*v).dsr_ep };
             return fwd::forward_dsr(ctx, &p, v, now, &ep, mode == lb_mode::DSR_IPIP);
         }
+        if p.sctp & (sctp_ev::INIT | sctp_ev::INIT_ACK) != 0 {
+            // Multihoming bookkeeping and the INIT-ACK rewrite live in
+            // their own program (returns only if it is not loaded).
+            ctx.tail_call(if V6 { JMP_SCTP6 } else { JMP_SCTP4 });
+        }
         return translate_and_forward(ctx, &p, &x, v, now);
     }
     // No live session: the new-flow program takes it from here.
@@ -227,15 +232,40 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         }
         return Verdict::Drop;
     }
-    let Some(ep) = select::select(svc, p, now) else {
-        count(stat::DROP_NO_ENDPOINT);
-        if let Some(rs) = rs {
-            unsafe { (*rs).drop_no_endpoint += 1 };
-        }
-        return Verdict::Drop;
+    // A packet of a known SCTP association on a new path goes to the
+    // endpoint address paired with the VIP it came to; everything else is
+    // a new flow for the rule's selection.
+    let known = if p.proto == loxilb_common::IPPROTO_SCTP && p.sctp & sctp_ev::INIT == 0 {
+        sctp::path_endpoint(rule_id, p, ctx.data_end())
+    } else {
+        None
     };
-    // The translation this mode asks for.
-    let v4 = is_v4(&ep.addr);
+    let (src_addr, src_port, src_stat) = match known {
+        Some(k) => k,
+        None => {
+            let Some(ep) = select::select(svc, p, now) else {
+                count(stat::DROP_NO_ENDPOINT);
+                if let Some(rs) = rs {
+                    unsafe { (*rs).drop_no_endpoint += 1 };
+                }
+                return Verdict::Drop;
+            };
+            (&ep.addr, ep.port, ep.stat_idx)
+        }
+    };
+    // Both ways end in the same per-CPU slot, so the verifier sees one
+    // state from here on rather than one per map the endpoint came from.
+    let Some(slot) = LB_SCRATCH_EP.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    let ep: &'static EpVal = unsafe {
+        crate::set_addr(&mut (*slot).addr, src_addr);
+        (*slot).port = src_port;
+        (*slot).stat_idx = src_stat;
+        &*slot
+    };
+    let (ep_addr, ep_port, ep_stat) = (&ep.addr, ep.port, ep.stat_idx);
+    let v4 = is_v4(ep_addr);
     let (fullnat_src, port_lo, port_hi) = match LB_CONFIG.get_ptr(0) {
         Some(c) => unsafe {
             let src = if v4 {
@@ -270,7 +300,7 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     } else if mode == lb_mode::FULLNAT && !nat64 {
         Some(p.daddr)
     } else if mode == lb_mode::ONEARM || nat64 {
-        match fwd::src_toward(ctx, p, &ep.addr) {
+        match fwd::src_toward(ctx, p, ep_addr) {
             Some(a) => Some(a),
             None => {
                 count(stat::DROP_NO_ROUTE);
@@ -290,16 +320,16 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     } else if let Some(src) = snat_src {
         Xlate {
             xs: src,
-            xd: ep.addr,
+            xd: *ep_addr,
             xsp: 0,
-            xdp: ep.port,
+            xdp: ep_port,
         }
     } else {
         Xlate {
             xs: p.saddr,
-            xd: ep.addr,
+            xd: *ep_addr,
             xsp: p.sport,
-            xdp: ep.port,
+            xdp: ep_port,
         }
     };
     let n = NewSession {
@@ -308,12 +338,12 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         mode,
         l3_len: p.l3_len,
         now,
-        ep_stat: ep.stat_idx,
+        ep_stat,
         snat: snat_src.is_some(),
         port_lo,
         port_hi,
         dsr,
-        dsr_ep: &ep.addr,
+        dsr_ep: ep_addr,
     };
     let Some(x) = conntrack::create(key, x, &n) else {
         return Verdict::Drop;
@@ -327,14 +357,48 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     }
     let v = LB_CT.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
     if dsr {
-        let verdict = fwd::forward_dsr(ctx, p, v, now, &ep.addr, mode == lb_mode::DSR_IPIP);
+        let verdict = fwd::forward_dsr(ctx, p, v, now, ep_addr, mode == lb_mode::DSR_IPIP);
         if verdict == Verdict::Drop && !v.is_null() {
             // The endpoint cannot be reached this way: no session.
             unsafe { conntrack::end_session(key, v) };
         }
         return verdict;
     }
+    if p.sctp & sctp_ev::INIT != 0 {
+        ctx.tail_call(if p.v6 { JMP_SCTP6 } else { JMP_SCTP4 });
+    }
     translate_and_forward(ctx, p, &x, v, now)
+}
+
+/// The SCTP program (tail-called on an INIT or INIT-ACK that has a
+/// session): multihoming bookkeeping and the INIT-ACK's address rewrite
+/// (`sctp`), then translate and forward as any packet of the session.
+#[inline(always)]
+pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
+    let end = ctx.data_end();
+    let p = match parse::parse::<V6, true>(ctx.data(), end) {
+        Parsed::Pkt(p) => p,
+        _ => return Verdict::Pass,
+    };
+    let key = conntrack::key_of(&p);
+    let Some(v) = LB_CT.get_ptr_mut(&key) else {
+        return Verdict::Pass;
+    };
+    let now = conntrack::now_ns();
+    let x = unsafe {
+        Xlate {
+            xs: (*v).xsaddr,
+            xd: (*v).xdaddr,
+            xsp: (*v).xsport,
+            xdp: (*v).xdport,
+        }
+    };
+    if unsafe { (*v).dir } == loxilb_common::ct_dir::FORWARD {
+        sctp::on_init(&p, end, v, now);
+    } else {
+        sctp::on_init_ack(&p, end, v, now);
+    }
+    translate_and_forward(ctx, &p, &x, v, now)
 }
 
 /// Rewrite `p` to `x` (across families for NAT64 sessions) and forward it.

@@ -18,6 +18,7 @@ mod maps;
 mod nat;
 mod nat64;
 mod parse;
+mod sctp;
 mod select;
 
 use aya_ebpf::{
@@ -78,6 +79,32 @@ pub fn loxilb_tc_new4(ctx: TcContext) -> i32 {
 pub fn loxilb_tc_new6(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
     ctx::tc_action(lb::process_new::<_, true>(&ctx), ifindex)
+}
+
+/// SCTP INIT / INIT-ACK of `loxilb_xdp` / `loxilb_xdp_new4`, tail-called.
+#[xdp]
+pub fn loxilb_xdp_sctp4(ctx: XdpContext) -> u32 {
+    ctx::xdp_action(lb::process_sctp::<_, false>(&ctx))
+}
+
+/// SCTP INIT / INIT-ACK of the IPv6 programs, tail-called.
+#[xdp]
+pub fn loxilb_xdp_sctp6(ctx: XdpContext) -> u32 {
+    ctx::xdp_action(lb::process_sctp::<_, true>(&ctx))
+}
+
+/// SCTP INIT / INIT-ACK of `loxilb_tc` / `loxilb_tc_new4`, tail-called.
+#[classifier]
+pub fn loxilb_tc_sctp4(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::process_sctp::<_, false>(&ctx), ifindex)
+}
+
+/// SCTP INIT / INIT-ACK of the IPv6 TC programs, tail-called.
+#[classifier]
+pub fn loxilb_tc_sctp6(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::process_sctp::<_, true>(&ctx), ifindex)
 }
 
 /// TC egress: translates ICMP errors the stack generates about translated

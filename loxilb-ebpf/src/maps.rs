@@ -8,9 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, Addr, AffKey, AffVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats,
-    SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY,
-    MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg,
+    RuleStats, RuleVips, SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, ADDR_FILTER_WORDS,
+    MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS,
+    MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -57,6 +58,19 @@ pub static LB_RULE_STATS: PerCpuArray<RuleStats, { MAX_SERVICES as usize + 1 }> 
 /// The VIPs (network order) -> flags; echo requests to them are answered.
 #[btf_map]
 pub static LB_VIPS: HashMap<Addr, u32, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Every VIP of a rule (primary first), by rule id.
+#[btf_map]
+pub static LB_RULE_VIPS: HashMap<u32, RuleVips, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// SCTP associations by (rule, verification tag).
+#[btf_map]
+pub static LB_SCTP_ASSOC: LruHashMap<AssocKey, AssocVal, { MAX_SCTP_ASSOC as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU scratch for an association record being built.
+#[btf_map]
+pub static LB_SCRATCH_ASSOC: PerCpuArray<AssocVal, 1> = PerCpuArray::new();
 
 /// Per-endpoint counters, indexed by `EpVal::stat_idx`.
 #[btf_map]
@@ -125,6 +139,10 @@ pub static LB_SCRATCH_OFF: PerCpuArray<u32, 1> = PerCpuArray::new();
 /// Per-CPU scratch for the service key of a new flow.
 #[btf_map]
 pub static LB_SCRATCH_SVC: PerCpuArray<SvcKey, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch for the endpoint a new flow goes to.
+#[btf_map]
+pub static LB_SCRATCH_EP: PerCpuArray<EpVal, 1> = PerCpuArray::new();
 
 /// Per-CPU scratch for an affinity value being written.
 #[btf_map]

@@ -3,14 +3,15 @@
 //! to the VIP, DNAT to a backend listening on another port (the datapath
 //! rewrites the ports and updates the CRC32c incrementally; the stacks
 //! verify it), the client's address kept, data echoed both ways.
-//! Multihoming (secondary VIPs) is not done yet.
+//! Then multihoming: two paths on each side, the client's primary link
+//! cut, the association carrying on over the secondary VIP.
 
 use std::{net::IpAddr, time::Duration};
 
 use loxilb_tests::{
     need_root,
-    netns::{Agent, Scene, VIP},
-    sctp_peers::{need_tools, SctpClient, SctpServer},
+    netns::{sh, Agent, Netns, Scene, Topology, VIP},
+    sctp_peers::{need_tools, ClientOpts, SctpClient, SctpServer},
 };
 
 #[test]
@@ -75,4 +76,165 @@ fn sctp_association_through_the_vip_with_port_translation() {
         "{stats}"
     );
     agent.stop().unwrap();
+}
+
+/// veth `outer` (in `ns`, address `oa`) <-> `inner` (in the lb ns, address
+/// `ia`), set up as the e2e topology's links are (no tx checksum offload,
+/// GRO on so native XDP redirect can deliver into them).
+fn extra_link(t: &Topology, ns: &Netns, outer: &str, inner: &str, oa: &str, ia: &str) {
+    let tmp = format!("{}{inner}", t.prefix);
+    let tmp = &tmp[tmp.len().saturating_sub(15)..];
+    t.lb.sh(&[
+        "ip", "link", "add", inner, "type", "veth", "peer", "name", tmp,
+    ])
+    .unwrap();
+    t.lb.sh(&["ip", "link", "set", tmp, "netns", &ns.name])
+        .unwrap();
+    ns.sh(&["ip", "link", "set", tmp, "name", outer]).unwrap();
+    for (n, dev, a) in [(ns, outer, oa), (&t.lb, inner, ia)] {
+        n.sh(&["ip", "addr", "add", a, "dev", dev]).unwrap();
+        n.sh(&["ip", "link", "set", dev, "up"]).unwrap();
+        n.sh(&["ethtool", "-K", dev, "tx", "off", "gro", "on"])
+            .unwrap();
+    }
+}
+
+/// Multihoming with real SCTP stacks: the client (c1, c2) and the endpoint
+/// (e1, e2) each have two addresses on separate links through the
+/// load-balancer node; the rule has a primary and a secondary VIP. The
+/// association starts on the primary VIP, the client learns only the VIPs,
+/// data flows; then the client's primary link is cut and data continues
+/// over the secondary VIP, in the same association.
+#[test]
+fn sctp_multihoming_failover_through_the_load_balancer() {
+    let name = "sctp_multihoming_failover_through_the_load_balancer";
+    if !need_root(name) || !need_tools(name) {
+        return;
+    }
+    let v2 = "20.0.0.101";
+    let e = Scene::new(
+        "lxmh",
+        1,
+        (18080, 15353),
+        |_, _| {},
+        |t| {
+            format!(
+                "rules:\n  - name: mh\n    vip: {VIP}\n    secondary_vips: [{v2}]\n    port: 3868\n    protocol: sctp\n    endpoints:\n      - {{ ip: {}, port: 3868 }}\n",
+                t.backend_ip(1)
+            )
+        },
+    );
+    let t = &e.t;
+    let net = t.net;
+    // Second links: client c1 <-> lbc2 (10.net.100.0/24), backend b1 <->
+    // lbb2 (10.net.101.0/24). The client reaches the secondary VIP over
+    // its second link; the backend reaches the client's second address
+    // over its own.
+    extra_link(
+        t,
+        &t.client,
+        "c1",
+        "lbc2",
+        &format!("10.{net}.100.2/24"),
+        &format!("10.{net}.100.1/24"),
+    );
+    extra_link(
+        t,
+        &t.backends[0],
+        "b1",
+        "lbb2",
+        &format!("10.{net}.101.2/24"),
+        &format!("10.{net}.101.1/24"),
+    );
+    t.client
+        .sh(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{v2}/32"),
+            "via",
+            &format!("10.{net}.100.1"),
+        ])
+        .unwrap();
+    t.backends[0]
+        .sh(&[
+            "ip",
+            "route",
+            "add",
+            &format!("10.{net}.100.0/24"),
+            "via",
+            &format!("10.{net}.101.1"),
+        ])
+        .unwrap();
+    let (c1, c2) = (IpAddr::V4(t.client_ip()), ip(&format!("10.{net}.100.2")));
+    let (e1, e2) = (IpAddr::V4(t.backend_ip(1)), ip(&format!("10.{net}.101.2")));
+    let (vip1, vip2) = (ip(VIP), ip(v2));
+    // usrsctp sends everything from the address bound last: the primary
+    // ones go last.
+    let server = SctpServer::spawn(&t.backends[0], &[e2, e1], 3868).expect("SCTP server");
+    let mut agent =
+        Agent::start(t, &e.cfg, &["--iface", "lbc2", "--iface", "lbb2"]).expect("agent");
+    let opts = ClientOpts {
+        interval_ms: 50,
+        ..Default::default()
+    };
+    let client = SctpClient::spawn_with(&t.client, &[c2, c1], &[vip1, vip2], 3868, &opts)
+        .expect("SCTP client");
+    let assoc = client
+        .wait_up(Duration::from_secs(10))
+        .unwrap_or_else(|err| panic!("{err}\nserver:\n{}", server.peer.transcript()));
+    let peers = client
+        .peer
+        .wait_for(|e| e.is("peers"), Duration::from_secs(5))
+        .unwrap();
+    let mut seen = peers.addrs("addrs");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        vec![vip1, vip2],
+        "the client sees the VIPs only: {}",
+        peers.line
+    );
+    client
+        .wait_fresh_echo(Duration::from_secs(5))
+        .unwrap_or_else(|err| panic!("{err}\n{}", client.peer.transcript()));
+    // Cut the client's primary link.
+    t.client.sh(&["ip", "link", "set", "c0", "down"]).unwrap();
+    for _ in 0..3 {
+        client
+            .wait_fresh_echo(Duration::from_secs(15))
+            .unwrap_or_else(|err| {
+                panic!(
+                    "{err}\nclient:\n{}\nserver:\n{}\nsessions:\n{}",
+                    client.peer.transcript(),
+                    server.peer.transcript(),
+                    agent.cli("sessions").unwrap_or_default()
+                )
+            });
+    }
+    // The same association all along: one connect, no restart.
+    assert_eq!(client.peer.of_kind("connected").len(), 1);
+    assert!(client
+        .peer
+        .of_kind("echo")
+        .iter()
+        .all(|e| e.num("assoc") == Some(assoc)));
+    let ups = client
+        .peer
+        .of_kind("assoc")
+        .iter()
+        .filter(|e| e.get("state") == Some("COMM_UP"))
+        .count();
+    assert!(ups <= 1, "no second COMM_UP:\n{}", client.peer.transcript());
+    let sessions = agent.cli("sessions").unwrap();
+    assert!(
+        sessions.contains(v2),
+        "a session on the secondary VIP:\n{sessions}"
+    );
+    agent.stop().unwrap();
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
 }

@@ -274,3 +274,131 @@ fn sctp_malformed_chunk_lengths_dropped_and_counted() {
         assert_eq!(stats(dp)["new_session"], 0, "nothing malformed was served");
     });
 }
+
+const MH_RULES: &str = r#"
+rules:
+  - name: mh
+    vip: 20.0.0.100
+    secondary_vips: [20.0.0.101, 20.0.0.102]
+    port: 3868
+    protocol: sctp
+    endpoints:
+      - { ip: 10.0.1.10, port: 30868 }
+"#;
+
+/// Multihoming in default (DNAT) mode: the INIT-ACK's address parameters
+/// become the rule's VIPs (CRC32c right), a packet of the association on a
+/// secondary VIP goes to the endpoint address paired with it, and the
+/// endpoint's packets from or to its other addresses come back from the
+/// paired VIP.
+#[test]
+fn sctp_multihoming_init_ack_rewrite_and_paths() {
+    if !need_root("sctp_multihoming_init_ack_rewrite_and_paths") {
+        return;
+    }
+    fib::with_datapath("sctpmh", MH_RULES, |dp| {
+        use loxilb_tests::fib::{verdict::XDP_PASS, EP2_MAC};
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+        let (c1, c2) = ("192.168.0.2", "192.168.0.3");
+        let (e1, e2) = ("10.0.1.10", "10.0.1.11");
+        let (v1, v2) = ("20.0.0.100", "20.0.0.101");
+        let (ctag, etag) = (0x0c11_e000u32, 0x0e0d_0000u32);
+        // INIT from c1 to the primary VIP, listing both client addresses.
+        let init = SctpFrame::new(
+            c1,
+            v1,
+            SctpPacket::new(5000, 3868, 0).chunk(Chunk::init(ctag, 1, &[ip(c1), ip(c2)])),
+        );
+        let (v, out) = run_xdp(dp, &init.bytes());
+        assert_eq!(v, XDP_REDIRECT, "INIT; counters {:?}", stats(dp));
+        let p = parse_frame(&out).unwrap();
+        assert_eq!((p.src, p.dst), (ip(c1), ip(e1)), "DNAT");
+        assert_eq!(
+            p.sctp.addresses(),
+            vec![ip(c1), ip(c2)],
+            "INIT params untouched"
+        );
+        assert!(p.sctp.crc_ok);
+        // The endpoint's packets to c2 already have their way back.
+        let to_c2 = dp.sessions().unwrap().into_iter().any(|(k, v)| {
+            loxilb_common::ip_from_addr(&k.saddr) == ip(e1)
+                && loxilb_common::ip_from_addr(&k.daddr) == ip(c2)
+                && loxilb_common::ip_from_addr(&v.xsaddr) == ip(v1)
+        });
+        assert!(to_c2, "reply session e1 -> c2 made at the INIT");
+        // INIT-ACK from e1 listing both endpoint addresses.
+        let ack = SctpFrame::new(
+            e1,
+            c1,
+            SctpPacket::new(30868, 5000, ctag).chunk(Chunk::init_ack(
+                etag,
+                1,
+                &[ip(e1), ip(e2)],
+                b"a-state-cookie-of-some-length",
+            )),
+        );
+        let (v, out) = run_xdp(dp, &ack.bytes());
+        assert_eq!(v, XDP_REDIRECT, "INIT-ACK");
+        let p = parse_frame(&out).unwrap();
+        assert_eq!((p.src, p.dst), (ip(v1), ip(c1)));
+        assert_eq!(
+            p.sctp.addresses(),
+            vec![ip(v1), ip(v2)],
+            "the client learns the VIPs, never the endpoint's addresses"
+        );
+        assert!(p.sctp.crc_ok, "CRC32c after the address rewrite");
+        assert_eq!(p.sctp.cookie().unwrap(), b"a-state-cookie-of-some-length");
+        // DATA of the association from c1 to the secondary VIP: to e2.
+        let data = SctpFrame::new(
+            c1,
+            v2,
+            SctpPacket::new(5000, 3868, etag).chunk(Chunk::data(2, 0, 0, 0, b"on path 2")),
+        );
+        expect(
+            dp,
+            "DATA on the secondary VIP",
+            &data,
+            &data
+                .with_addrs(c1, e2)
+                .with_ports(5000, 30868)
+                .routed(LB_TO_EP_MAC, EP2_MAC),
+            XDP_REDIRECT,
+        );
+        // The endpoint answers from e2: seen as v2.
+        let hb = SctpFrame::new(
+            e2,
+            c1,
+            SctpPacket::new(30868, 5000, ctag).chunk(Chunk::heartbeat(b"hb")),
+        );
+        expect(
+            dp,
+            "endpoint's second address, seen as the second VIP",
+            &hb,
+            &hb.with_addrs(v2, c1)
+                .with_ports(3868, 5000)
+                .routed(LB_TO_CLIENT_MAC, CLIENT_MAC),
+            XDP_REDIRECT,
+        );
+        // From e1 to the client's second address: seen as v1 (no neighbour
+        // for c2 in this namespace: translated, then to the stack).
+        let hb2 = SctpFrame::new(
+            e1,
+            c2,
+            SctpPacket::new(30868, 5000, ctag).chunk(Chunk::heartbeat(b"hb2")),
+        );
+        let (v, out) = run_xdp(dp, &hb2.bytes());
+        assert_eq!(v, XDP_PASS);
+        let p = parse_frame(&out).unwrap();
+        assert_eq!((p.src, p.dst), (ip(v1), ip(c2)));
+        assert!(p.sctp.crc_ok);
+        // An unknown tag on a secondary VIP is a new flow like any other.
+        let stray = SctpFrame::new(
+            c1,
+            v2,
+            SctpPacket::new(5001, 3868, 0x5555).chunk(Chunk::data(2, 0, 0, 0, b"?")),
+        );
+        let (v, out) = run_xdp(dp, &stray.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(parse_frame(&out).unwrap().dst, ip(e1));
+    });
+}

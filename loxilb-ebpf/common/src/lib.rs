@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -38,6 +38,11 @@ pub mod map_names {
     pub const EP_STATS: &str = "LB_EP_STATS";
     pub const EP_ACTIVE: &str = "LB_EP_ACTIVE";
     pub const VIPS: &str = "LB_VIPS";
+    /// Every VIP of a rule (SCTP multihoming: primary and secondaries).
+    pub const RULE_VIPS: &str = "LB_RULE_VIPS";
+    /// SCTP associations (multihoming): their endpoint and client
+    /// addresses, by verification tag.
+    pub const SCTP_ASSOC: &str = "LB_SCTP_ASSOC";
     /// Tail-call arrays (refilled with the programs of each load). Pinned
     /// with the rest: the kernel empties a program array when no process
     /// or pin holds it, which would cut an attached program (`--keep`) off
@@ -45,7 +50,7 @@ pub mod map_names {
     pub const JMP_XDP: &str = "LB_JMP_XDP";
     pub const JMP_TC: &str = "LB_JMP_TC";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -59,6 +64,8 @@ pub mod map_names {
         EP_STATS,
         EP_ACTIVE,
         VIPS,
+        RULE_VIPS,
+        SCTP_ASSOC,
         JMP_XDP,
         JMP_TC,
     ];
@@ -70,7 +77,10 @@ pub mod map_names {
 pub const JMP_V6: u32 = 0;
 pub const JMP_NEW4: u32 = 1;
 pub const JMP_NEW6: u32 = 2;
-pub const JMP_SLOTS: u32 = 4;
+/// SCTP INIT / INIT-ACK handling (multihoming), per family.
+pub const JMP_SCTP4: u32 = 3;
+pub const JMP_SCTP6: u32 = 4;
+pub const JMP_SLOTS: u32 = 8;
 
 /// Program names inside the eBPF object.
 pub mod prog_names {
@@ -85,16 +95,25 @@ pub mod prog_names {
     pub const XDP_NEW6: &str = "loxilb_xdp_new6";
     pub const TC_NEW4: &str = "loxilb_tc_new4";
     pub const TC_NEW6: &str = "loxilb_tc_new6";
+    /// SCTP INIT / INIT-ACK programs (tail-called).
+    pub const XDP_SCTP4: &str = "loxilb_xdp_sctp4";
+    pub const XDP_SCTP6: &str = "loxilb_xdp_sctp6";
+    pub const TC_SCTP4: &str = "loxilb_tc_sctp4";
+    pub const TC_SCTP6: &str = "loxilb_tc_sctp6";
     /// What goes in each tail-call array, by slot.
-    pub const XDP_JUMPS: [(u32, &str); 3] = [
+    pub const XDP_JUMPS: [(u32, &str); 5] = [
         (super::JMP_V6, XDP_V6),
         (super::JMP_NEW4, XDP_NEW4),
         (super::JMP_NEW6, XDP_NEW6),
+        (super::JMP_SCTP4, XDP_SCTP4),
+        (super::JMP_SCTP6, XDP_SCTP6),
     ];
-    pub const TC_JUMPS: [(u32, &str); 3] = [
+    pub const TC_JUMPS: [(u32, &str); 5] = [
         (super::JMP_V6, TC_V6),
         (super::JMP_NEW4, TC_NEW4),
         (super::JMP_NEW6, TC_NEW6),
+        (super::JMP_SCTP4, TC_SCTP4),
+        (super::JMP_SCTP6, TC_SCTP6),
     ];
     /// TC egress: translates ICMP errors the node's stack generates about
     /// translated packets (e.g. fragmentation needed on forward).
@@ -394,6 +413,60 @@ pub struct EpVal {
     pub stat_idx: u32,
     pub _pad: u32,
 }
+
+/// Most VIPs one rule has: the primary and up to three secondaries (SCTP
+/// multihoming, kube-loxilb's `loxilb.io/secondaryIPs`).
+pub const MAX_RULE_VIPS: usize = 4;
+
+/// The VIPs of a rule, primary first (`LB_RULE_VIPS`, key: rule id). Every
+/// VIP also has its own `LB_SERVICES` entry with the same rule id; this is
+/// what SCTP's INIT-ACK rewrite tells the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleVips {
+    pub n: u32,
+    pub _pad: u32,
+    pub vips: [Addr; MAX_RULE_VIPS],
+}
+
+/// Key of `LB_SCTP_ASSOC`: an association of a rule, by the verification
+/// tag packets toward one side carry (the tag that side chose).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AssocKey {
+    pub rule_id: u32,
+    /// Network byte order, as in the packet.
+    pub vtag: u32,
+}
+
+/// An SCTP association through the load balancer: its paths, as pairs
+/// (`eps[k]`, `vips[k]`): the endpoint address `eps[k]` is what a client
+/// packet to `vips[k]` goes to, and what the client sees as `vips[k]`.
+/// Pair 0 is the path the association started on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AssocVal {
+    pub eps: [Addr; MAX_RULE_VIPS],
+    pub vips: [Addr; MAX_RULE_VIPS],
+    /// The client's addresses (its INIT's source first, then its address
+    /// parameters).
+    pub clients: [Addr; MAX_RULE_VIPS],
+    /// Endpoint port, service port, client port (network order).
+    pub ep_port: u16,
+    pub vport: u16,
+    pub cport: u16,
+    /// Pairs in use, client addresses known.
+    pub n_pairs: u8,
+    pub n_clients: u8,
+    /// The endpoint's counter index (`EpVal::stat_idx`).
+    pub ep_stat: u32,
+    /// `lb_mode::*` of the rule when the association started.
+    pub mode: u8,
+    pub _pad1: u8,
+    pub _pad2: u16,
+}
+
+pub const MAX_SCTP_ASSOC: u32 = 65_536;
 
 /// Distinct endpoints (over all rules) that have counters.
 pub const MAX_EP_STATS: u32 = 131_072;
@@ -789,6 +862,29 @@ no_implicit_padding!(RuleStats {
     drop_src_range: u64,
     _reserved: [u64; 3],
 });
+no_implicit_padding!(RuleVips {
+    n: u32,
+    _pad: u32,
+    vips: [Addr; MAX_RULE_VIPS]
+});
+no_implicit_padding!(AssocKey {
+    rule_id: u32,
+    vtag: u32
+});
+no_implicit_padding!(AssocVal {
+    eps: [Addr; MAX_RULE_VIPS],
+    vips: [Addr; MAX_RULE_VIPS],
+    clients: [Addr; MAX_RULE_VIPS],
+    ep_port: u16,
+    vport: u16,
+    cport: u16,
+    n_pairs: u8,
+    n_clients: u8,
+    ep_stat: u32,
+    mode: u8,
+    _pad1: u8,
+    _pad2: u16
+});
 no_implicit_padding!(EpStats {
     packets: u64,
     bytes: u64,
@@ -816,6 +912,9 @@ const _: () = assert!(core::mem::offset_of!(CtVal, peer) == 72);
 const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 116);
 const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 136);
 const _: () = assert!(size_of::<GlobalCfg>() == 32);
+const _: () = assert!(size_of::<RuleVips>() == 72);
+const _: () = assert!(size_of::<AssocKey>() == 8);
+const _: () = assert!(size_of::<AssocVal>() == 208);
 
 #[cfg(feature = "user")]
 mod user {
@@ -835,6 +934,9 @@ mod user {
     unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for EpStats {}
+    unsafe impl aya::Pod for RuleVips {}
+    unsafe impl aya::Pod for AssocKey {}
+    unsafe impl aya::Pod for AssocVal {}
 }
 
 #[cfg(test)]
