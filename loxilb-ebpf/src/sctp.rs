@@ -34,7 +34,7 @@ use crate::{
 
 const PARAM_IPV4: u16 = 5;
 const PARAM_IPV6: u16 = 6;
-const MAX_PARAMS: u32 = 8;
+const MAX_PARAMS: u32 = 4;
 /// INIT / INIT-ACK: chunk header (4) + fixed fields (16).
 const INIT_FIXED: usize = 20;
 /// The first chunk starts after the 12-byte common header.
@@ -348,7 +348,7 @@ pub fn on_init_ack(p: &Pkt, end: usize, v: *const CtVal, now: u64) {
         while tries < MAX_RULE_VIPS {
             let next = a._pad2 as usize;
             if next < n_vips && next < MAX_RULE_VIPS {
-                let cand = rv.vips[next & (MAX_RULE_VIPS - 1)];
+                let cand = rv.vips[core::hint::black_box(next) & (MAX_RULE_VIPS - 1)];
                 a._pad2 += 1;
                 if cand != used {
                     vip = cand;
