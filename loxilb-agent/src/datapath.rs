@@ -137,16 +137,16 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF datapath into the kernel failed")?;
-        for name in [
+        // Every program of a hook: its entry points and what its tail-call
+        // array holds.
+        let xdp_progs = [
             prog_names::XDP_MAIN,
-            prog_names::XDP_V6,
-            prog_names::XDP_NEW4,
-            prog_names::XDP_NEW6,
-            prog_names::XDP_SCTP4,
-            prog_names::XDP_SCTP6,
             prog_names::XDP_PASS,
             prog_names::XDP_DECAP,
-        ] {
+        ]
+        .into_iter()
+        .chain(prog_names::XDP_JUMPS.iter().map(|(_, n)| *n));
+        for name in xdp_progs {
             if !wanted(name) {
                 continue;
             }
@@ -157,15 +157,10 @@ impl Datapath {
             p.load()
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
-        for name in [
-            prog_names::TC_MAIN,
-            prog_names::TC_V6,
-            prog_names::TC_NEW4,
-            prog_names::TC_NEW6,
-            prog_names::TC_SCTP4,
-            prog_names::TC_SCTP6,
-            prog_names::TC_EGRESS,
-        ] {
+        let tc_progs = [prog_names::TC_MAIN, prog_names::TC_EGRESS]
+            .into_iter()
+            .chain(prog_names::TC_JUMPS.iter().map(|(_, n)| *n));
+        for name in tc_progs {
             if !wanted(name) {
                 continue;
             }

@@ -156,8 +156,10 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             return Verdict::Pass;
         }
     };
-    // Cheap exit for traffic that touches no VIP and no endpoint.
-    if !maybe_ours(&p.daddr) && !maybe_ours(&p.saddr) {
+    // Cheap exit for traffic that touches no VIP and no endpoint. (Not for
+    // SCTP: a multihomed endpoint's other addresses are learnt from its
+    // INIT-ACK, not configured, so only the session table knows them.)
+    if !maybe_ours(&p.daddr) && !maybe_ours(&p.saddr) && p.proto != loxilb_common::IPPROTO_SCTP {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     }
@@ -375,6 +377,9 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
 /// (`sctp`), then translate and forward as any packet of the session.
 #[inline(always)]
 pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
+    // Entered again at the end of the parameter walk: only translate and
+    // forward. (Read first: the mark is this packet's, whatever follows.)
+    let walked = sctp::walk_done();
     let end = ctx.data_end();
     let p = match parse::parse::<V6, true>(ctx.data(), end) {
         Parsed::Pkt(p) => p,
@@ -393,10 +398,9 @@ pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             xdp: (*v).xdport,
         }
     };
-    if unsafe { (*v).dir } == loxilb_common::ct_dir::FORWARD {
-        sctp::on_init(&p, end, v, now);
-    } else {
-        sctp::on_init_ack(&p, end, v, now);
+    // Else start the walk (returns if there is none to make).
+    if !walked {
+        sctp::begin(ctx, &p, end, v, now);
     }
     translate_and_forward(ctx, &p, &x, v, now)
 }

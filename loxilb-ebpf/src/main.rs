@@ -107,6 +107,22 @@ pub fn loxilb_tc_sctp6(ctx: TcContext) -> i32 {
     ctx::tc_action(lb::process_sctp::<_, true>(&ctx), ifindex)
 }
 
+/// One INIT / INIT-ACK parameter per call, either family (tail-called by
+/// the XDP SCTP programs and by itself).
+#[xdp]
+pub fn loxilb_xdp_sctp_param(ctx: XdpContext) -> u32 {
+    sctp::param_step(&ctx);
+    ctx::xdp_action(ctx::Verdict::Drop)
+}
+
+/// One INIT / INIT-ACK parameter per call (the TC SCTP programs').
+#[classifier]
+pub fn loxilb_tc_sctp_param(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    sctp::param_step(&ctx);
+    ctx::tc_action(ctx::Verdict::Drop, ifindex)
+}
+
 /// TC egress: translates ICMP errors the stack generates about translated
 /// packets; passes everything.
 #[classifier]

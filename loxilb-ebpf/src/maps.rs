@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use loxilb_common::{
     stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg,
-    RuleStats, RuleVips, SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, ADDR_FILTER_WORDS,
-    MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS,
-    MAX_SERVICES, MAX_SRC_RANGES,
+    RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal,
+    ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
+    MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -71,6 +71,11 @@ pub static LB_SCTP_ASSOC: LruHashMap<AssocKey, AssocVal, { MAX_SCTP_ASSOC as usi
 /// Per-CPU scratch for an association record being built.
 #[btf_map]
 pub static LB_SCRATCH_ASSOC: PerCpuArray<AssocVal, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch: an INIT / INIT-ACK's parameter walk between the tail
+/// calls that make it (`sctp`).
+#[btf_map]
+pub static LB_SCRATCH_WALK: PerCpuArray<SctpWalk, 1> = PerCpuArray::new();
 
 /// Per-endpoint counters, indexed by `EpVal::stat_idx`.
 #[btf_map]

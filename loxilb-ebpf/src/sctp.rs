@@ -18,27 +18,39 @@
 //!   (client -> VIP k): found by its verification tag, sent to the endpoint
 //!   address paired with VIP k (`path_endpoint`).
 //!
-//! Bounded everywhere: at most 8 address parameters are looked at, 4
-//! addresses per side kept.
+//! The walk over the chunk's parameters is a chain of tail calls, one
+//! parameter per call (`param_step`): the verifier then checks one
+//! parameter's handling once, instead of every combination of what the
+//! parameters before it were. The walk's state lives in a per-CPU scratch
+//! record (`SctpWalk`) between the calls. Bounded everywhere: at most
+//! `MAX_PARAMS` parameters are looked at, 4 addresses per side kept.
 
 use loxilb_common::{
-    crc32c, ct_dir, AssocKey, AssocVal, CtKey, CtVal, IPPROTO_SCTP, MAX_RULE_VIPS,
+    crc32c, ct_dir, sctp_walk, AssocKey, AssocVal, CtKey, CtVal, SctpWalk, IPPROTO_SCTP, JMP_SCTP4,
+    JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
 };
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
-    maps::{LB_CT, LB_RULE_VIPS, LB_SCRATCH_ASSOC, LB_SCRATCH_CT, LB_SCRATCH_OFF, LB_SCTP_ASSOC},
+    ctx::PktCtx,
+    maps::{LB_CT, LB_RULE_VIPS, LB_SCRATCH_ASSOC, LB_SCRATCH_CT, LB_SCRATCH_WALK, LB_SCTP_ASSOC},
     parse::{ptr_at, sctp_ev, Pkt},
 };
 
 const PARAM_IPV4: u16 = 5;
 const PARAM_IPV6: u16 = 6;
-const MAX_PARAMS: u32 = 4;
+/// Parameters looked at (a tail call each; a packet may make 33 in all).
+const MAX_PARAMS: u8 = 16;
 /// INIT / INIT-ACK: chunk header (4) + fixed fields (16).
 const INIT_FIXED: usize = 20;
 /// The first chunk starts after the 12-byte common header.
 const CHUNK0: usize = 12;
+/// The type an address parameter of the wrong family is given: unknown to
+/// receivers, which skip it (high bits 10: skip, do not report).
+const HIDDEN_PARAM: u16 = 0xbfff;
+/// Parameters are looked at within this many bytes of the SCTP header.
+const WALK_LIMIT: usize = 2048;
 
 /// The packet's verification tag (network order, as loaded).
 #[inline(always)]
@@ -70,13 +82,382 @@ pub fn path_endpoint(rule_id: u32, p: &Pkt, end: usize) -> Option<(&'static [u32
     Some((&a.eps[0], a.ep_port, a.ep_stat))
 }
 
+/// `*dst = *src` between map values, word by word (volatile: a plain copy
+/// becomes a `memmove` call in BPF).
+#[inline(always)]
+unsafe fn copy_words(dst: *mut AssocVal, src: *const AssocVal) {
+    const N: usize = core::mem::size_of::<AssocVal>() / 4;
+    let d = dst as *mut u32;
+    let s = src as *const u32;
+    let mut i = 0;
+    while i < N {
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Start the walk for an INIT or INIT-ACK that has session `v` (called by
+/// the family's SCTP program): set up the association record and the walk
+/// state, then hand over to the parameter program. Returns when there is
+/// nothing to record (not a multihomed rule, no association for an
+/// INIT-ACK) or the parameter program is not loaded: the caller then
+/// translates and forwards the packet as it is.
+#[inline(always)]
+pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64) {
+    let Some(tag) = initiate_tag(p, end) else {
+        return;
+    };
+    let Some(clen) = (unsafe { ptr_at::<[u8; 4]>(p.l4, end, CHUNK0) }) else {
+        return;
+    };
+    let chunk_end = CHUNK0 + u16::from_be_bytes(unsafe { [(*clen)[2], (*clen)[3]] }) as usize;
+    let rule_id = unsafe { (*v).rule_id };
+    let n_vips = match LB_RULE_VIPS.get_ptr(&rule_id) {
+        Some(r) => unsafe { (*r).n },
+        None => 0,
+    };
+    // Only rules with more than one VIP are multihomed.
+    if n_vips < 2 {
+        return;
+    }
+    let (Some(a), Some(w)) = (
+        LB_SCRATCH_ASSOC.get_ptr_mut(0),
+        LB_SCRATCH_WALK.get_ptr_mut(0),
+    ) else {
+        return;
+    };
+    let (a, w) = unsafe {
+        crate::zero_in_place(w);
+        (&mut *a, &mut *w)
+    };
+    let forward = unsafe { (*v).dir } == ct_dir::FORWARD;
+    if forward {
+        if p.sctp & sctp_ev::INIT == 0 {
+            return;
+        }
+        unsafe { crate::zero_in_place(a) };
+        crate::set_addr(&mut a.eps[0], unsafe { &(*v).xdaddr });
+        crate::set_addr(&mut a.vips[0], &p.daddr);
+        crate::set_addr(&mut a.clients[0], &p.saddr);
+        a.ep_port = unsafe { (*v).xdport };
+        a.vport = p.dport;
+        a.cport = p.sport;
+        a.n_pairs = 1;
+        a.n_clients = 1;
+        a.ep_stat = unsafe { (*v).ep_stat };
+        a.mode = unsafe { (*v).mode };
+        w.kind = sctp_walk::INIT;
+    } else {
+        if p.sctp & sctp_ev::INIT_ACK == 0 {
+            return;
+        }
+        // The association the client's INIT recorded, under the client's
+        // tag (this packet's verification tag).
+        let Some(ctag) = vtag(p, end) else {
+            return;
+        };
+        let Some(found) = LB_SCTP_ASSOC.get_ptr(&AssocKey {
+            rule_id,
+            vtag: ctag,
+        }) else {
+            return;
+        };
+        unsafe { copy_words(a, found) };
+        crate::set_addr(&mut w.source, &p.saddr);
+        w.tag_b = ctag;
+        w.kind = sctp_walk::INIT_ACK;
+    }
+    w.tag_a = tag;
+    w.now = now;
+    w.rule_id = rule_id;
+    w.timeout_s = unsafe { (*v).timeout_s };
+    w.mode = unsafe { (*v).mode };
+    w.l4_off = (p.l4 - ctx.data()) as u16;
+    w.off = (CHUNK0 + INIT_FIXED) as u16;
+    w.chunk_end = chunk_end.min(p.l4_len as usize).min(WALK_LIMIT) as u16;
+    w.l4_len = p.l4_len as u16;
+    w.v6 = p.v6 as u8;
+    w.stage = sctp_walk::WALKING;
+    ctx.tail_call(JMP_SCTP_PARAM);
+    // Not loaded: no walk.
+    w.stage = 0;
+}
+
+/// Whether the walk of this packet is over (the SCTP program entered again
+/// by the parameter program); consumes the mark.
+#[inline(always)]
+pub fn walk_done() -> bool {
+    match LB_SCRATCH_WALK.get_ptr_mut(0) {
+        Some(w) => unsafe {
+            if (*w).stage == sctp_walk::DONE {
+                (*w).stage = 0;
+                true
+            } else {
+                false
+            }
+        },
+        None => false,
+    }
+}
+
+/// The parameter program: one parameter of the INIT / INIT-ACK per call,
+/// then itself again; at the end the association is recorded, the reply
+/// sessions made, and the family's SCTP program entered again to translate
+/// and forward. Returns only when a tail call could not be made (or the
+/// program was entered outside a walk): the packet is then dropped.
+#[inline(always)]
+pub fn param_step<C: PktCtx>(ctx: &C) {
+    let (Some(a), Some(w)) = (
+        LB_SCRATCH_ASSOC.get_ptr_mut(0),
+        LB_SCRATCH_WALK.get_ptr_mut(0),
+    ) else {
+        return;
+    };
+    let (a, w) = unsafe { (&mut *a, &mut *w) };
+    if w.stage != sctp_walk::WALKING {
+        return;
+    }
+    if w.idx < MAX_PARAMS && one_param(ctx, a, w) {
+        w.idx += 1;
+        ctx.tail_call(JMP_SCTP_PARAM);
+        w.stage = 0;
+        return;
+    }
+    finish(a, w);
+    w.stage = sctp_walk::DONE;
+    ctx.tail_call(if w.v6 != 0 { JMP_SCTP6 } else { JMP_SCTP4 });
+    w.stage = 0;
+}
+
+/// Look at the parameter at `w.off` and move past it; `false` when there
+/// is none (the chunk ends, or a length is wrong).
+#[inline(always)]
+fn one_param<C: PktCtx>(ctx: &C, a: &mut AssocVal, w: &mut SctpWalk) -> bool {
+    let end = ctx.data_end();
+    // (Offsets masked: the verifier checks packet accesses only at offsets
+    // it knows are below 64 KiB.)
+    let l4 = ctx.data() + (w.l4_off as usize & 0x1ff);
+    let off = w.off as usize & (WALK_LIMIT - 1);
+    let chunk_end = w.chunk_end as usize;
+    if off + 4 > chunk_end {
+        return false;
+    }
+    let Some(h) = (unsafe { ptr_at::<[u8; 4]>(l4, end, off) }) else {
+        return false;
+    };
+    let (t, len) = unsafe {
+        (
+            u16::from_be_bytes([(*h)[0], (*h)[1]]),
+            u16::from_be_bytes([(*h)[2], (*h)[3]]) as usize,
+        )
+    };
+    if len < 4 || off + len > chunk_end {
+        return false;
+    }
+    w.off = (off + ((len + 3) & !3)) as u16;
+    let v6 = if t == PARAM_IPV4 && len == 8 {
+        false
+    } else if t == PARAM_IPV6 && len == 20 {
+        true
+    } else {
+        return true;
+    };
+    let at = off + 4;
+    if v6 == loxilb_common::is_v4(&a.vips[0]) {
+        // An address of the other family than the service's: the other
+        // side could only reach it around the load balancer. Hidden: the
+        // parameter's type becomes one receivers skip without a report
+        // (RFC 9260 3.2.1, high bits 10).
+        let old = unsafe { core::ptr::read_unaligned(h as *const u32) };
+        let mut new = old;
+        unsafe { *(&mut new as *mut u32 as *mut [u8; 2]) = HIDDEN_PARAM.to_be_bytes() };
+        patch_word(l4, end, off, w.l4_len as usize, old, new);
+        return true;
+    }
+    let addr = unsafe {
+        if v6 {
+            match ptr_at::<[u32; 4]>(l4, end, at) {
+                Some(x) => *x,
+                None => return false,
+            }
+        } else {
+            match ptr_at::<u32>(l4, end, at) {
+                Some(x) => loxilb_common::v4_mapped(*x),
+                None => return false,
+            }
+        }
+    };
+    if w.kind == sctp_walk::INIT {
+        let n = a.n_clients as usize;
+        if n < MAX_RULE_VIPS && addr != a.clients[0] {
+            crate::set_addr(&mut a.clients[n & (MAX_RULE_VIPS - 1)], &addr);
+            a.n_clients += 1;
+        }
+        return true;
+    }
+    // INIT-ACK: an endpoint address, shown to the client as a VIP.
+    let vip = if addr == w.source {
+        a.vips[0]
+    } else {
+        let vip = next_vip(a, w);
+        let n = a.n_pairs as usize;
+        if vip != a.vips[0] && n < MAX_RULE_VIPS {
+            crate::set_addr(&mut a.eps[n & (MAX_RULE_VIPS - 1)], &addr);
+            crate::set_addr(&mut a.vips[n & (MAX_RULE_VIPS - 1)], &vip);
+            a.n_pairs += 1;
+        }
+        vip
+    };
+    rewrite_addr(l4, end, at, w.l4_len as usize, v6, &addr, &vip);
+    true
+}
+
+/// The rule's next VIP other than the one the association started on (in
+/// the rule's order); that one again when there are no more.
+#[inline(always)]
+fn next_vip(a: &AssocVal, w: &mut SctpWalk) -> [u32; 4] {
+    let Some(rv) = LB_RULE_VIPS.get_ptr(&w.rule_id) else {
+        return a.vips[0];
+    };
+    let n_vips = unsafe { (*rv).n } as usize;
+    let mut tries = 0;
+    while tries < MAX_RULE_VIPS {
+        let next = w.cursor as usize;
+        if next >= n_vips || next >= MAX_RULE_VIPS {
+            break;
+        }
+        w.cursor += 1;
+        // (black_box: LLVM drops a mask it can prove redundant; the verifier
+        // cannot follow its proof.)
+        let cand = unsafe { (*rv).vips[core::hint::black_box(next) & (MAX_RULE_VIPS - 1)] };
+        if cand != a.vips[0] {
+            return cand;
+        }
+        tries += 1;
+    }
+    a.vips[0]
+}
+
+/// Write `new` over the address at `at` (from the SCTP header at `l4`) and
+/// update the CRC32c for each changed word.
+#[inline(always)]
+fn rewrite_addr(
+    l4: usize,
+    end: usize,
+    at: usize,
+    len: usize,
+    v6: bool,
+    old: &[u32; 4],
+    new: &[u32; 4],
+) {
+    let Some(crc) = (unsafe { ptr_at::<[u8; 4]>(l4, end, 8) }) else {
+        return;
+    };
+    let mut c = crc32c::from_wire(unsafe { *crc });
+    // Constant indexes only (an index computed at run time makes LLVM
+    // address the stack array with an OR, which the verifier refuses).
+    if v6 {
+        c = rewrite_word(l4, end, at, len, old[0], new[0], c);
+        c = rewrite_word(l4, end, at + 4, len, old[1], new[1], c);
+        c = rewrite_word(l4, end, at + 8, len, old[2], new[2], c);
+        c = rewrite_word(l4, end, at + 12, len, old[3], new[3], c);
+    } else {
+        c = rewrite_word(l4, end, at, len, old[3], new[3], c);
+    }
+    unsafe { *crc = crc32c::to_wire(c) };
+}
+
+/// Write one 32-bit word at `o` (from the SCTP header at `l4`) and update
+/// the CRC32c for it.
+#[inline(always)]
+fn patch_word(l4: usize, end: usize, o: usize, len: usize, old: u32, new: u32) {
+    let Some(crc) = (unsafe { ptr_at::<[u8; 4]>(l4, end, 8) }) else {
+        return;
+    };
+    let c = rewrite_word(
+        l4,
+        end,
+        o,
+        len,
+        old,
+        new,
+        crc32c::from_wire(unsafe { *crc }),
+    );
+    unsafe { *crc = crc32c::to_wire(c) };
+}
+
+/// Write one 32-bit word at `o` (from the SCTP header) if it changes, and
+/// return the CRC32c updated for it.
+#[inline(always)]
+fn rewrite_word(l4: usize, end: usize, o: usize, len: usize, a: u32, b: u32, c: u32) -> u32 {
+    if a == b || o + 4 > len {
+        return c;
+    }
+    match unsafe { ptr_at::<u32>(l4, end, o & (WALK_LIMIT - 1)) } {
+        Some(dst) => {
+            unsafe { *dst = b };
+            crc32c::adjust_fast_u32_nb(c, a ^ b, (len - o - 4) as u16)
+        }
+        None => c,
+    }
+}
+
+/// After the walk: record the association (INIT: under the client's tag;
+/// INIT-ACK: under both tags) and make the reply sessions.
+#[inline(always)]
+fn finish(a: &AssocVal, w: &SctpWalk) {
+    let rule_id = w.rule_id;
+    let _ = LB_SCTP_ASSOC.insert(
+        &AssocKey {
+            rule_id,
+            vtag: w.tag_a,
+        },
+        a,
+        0,
+    );
+    if w.kind == sctp_walk::INIT {
+        // The endpoint's packets toward the client's other addresses.
+        let mut i = 1;
+        while i < MAX_RULE_VIPS {
+            if i < a.n_clients as usize {
+                add_reply(a, w, 0, i);
+            }
+            i += 1;
+        }
+        return;
+    }
+    let _ = LB_SCTP_ASSOC.insert(
+        &AssocKey {
+            rule_id,
+            vtag: w.tag_b,
+        },
+        a,
+        0,
+    );
+    // Every (endpoint address, client address) but the ones the INIT made
+    // (pair 0).
+    let mut k = 1;
+    while k < MAX_RULE_VIPS {
+        if k < a.n_pairs as usize {
+            let mut i = 0;
+            while i < MAX_RULE_VIPS {
+                if i < a.n_clients as usize {
+                    add_reply(a, w, k, i);
+                }
+                i += 1;
+            }
+        }
+        k += 1;
+    }
+}
+
 /// A reply session for path pair `k` toward client address `i` of
 /// association `a`: packets `eps[k]:eport -> clients[i]:cport` translated
 /// to `vips[k]:vport -> clients[i]:cport`. Never replaces a live entry.
 /// (A BPF subprogram: verified once per call site, not inlined into every
 /// loop iteration.)
 #[inline(never)]
-fn add_reply(a: &AssocVal, k: usize, i: usize, tmpl: *const CtVal, now: u64) {
+fn add_reply(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
     let k = k & (MAX_RULE_VIPS - 1);
     let i = i & (MAX_RULE_VIPS - 1);
     let (ep, client, vip) = (&a.eps[k], &a.clients[i], &a.vips[k]);
@@ -89,11 +470,11 @@ fn add_reply(a: &AssocVal, k: usize, i: usize, tmpl: *const CtVal, now: u64) {
         crate::set_addr(&mut (*rv).xdaddr, client);
         (*rv).xsport = a.vport;
         (*rv).xdport = a.cport;
-        (*rv).rule_id = (*tmpl).rule_id;
-        (*rv).timeout_s = (*tmpl).timeout_s;
-        (*rv).last_seen_ns = now;
+        (*rv).rule_id = w.rule_id;
+        (*rv).timeout_s = w.timeout_s;
+        (*rv).last_seen_ns = w.now;
         (*rv).dir = ct_dir::REPLY;
-        (*rv).mode = (*tmpl).mode;
+        (*rv).mode = w.mode;
         (*rv).ep_stat = a.ep_stat;
         // (The forward entry of this path is made when the client uses
         // it; until then `peer` names it, as it will be.)
@@ -113,288 +494,4 @@ fn add_reply(a: &AssocVal, k: usize, i: usize, tmpl: *const CtVal, now: u64) {
         _pad2: 0,
     };
     let _ = LB_CT.insert(&key, unsafe { &*rv }, BPF_NOEXIST as u64);
-}
-
-/// `off`, masked to what the parameter walk allows (2 KiB) in a way LLVM
-/// cannot drop as redundant: the verifier checks packet accesses only at
-/// offsets it knows are below 64 KiB, and LLVM's own proof of the bound
-/// does not reach it.
-#[inline(always)]
-fn bounded(off: usize) -> usize {
-    core::hint::black_box(off) & 0x7ff
-}
-
-/// `*dst = *src` between map values, word by word (volatile: a plain copy
-/// becomes a `memmove` call in BPF).
-#[inline(always)]
-unsafe fn copy_words(dst: *mut AssocVal, src: *const AssocVal) {
-    const N: usize = core::mem::size_of::<AssocVal>() / 4;
-    let d = dst as *mut u32;
-    let s = src as *const u32;
-    let mut i = 0;
-    while i < N {
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
-        i += 1;
-    }
-}
-
-/// The type and length of the parameter at `off` (from the SCTP common
-/// header).
-#[inline(always)]
-fn param_at(p: &Pkt, end: usize, off: usize) -> Option<(u16, u16)> {
-    // (Offsets are masked to what the walk allows, so the verifier keeps a
-    // bound on them: it only checks packet pointers with offsets below 64
-    // KiB.)
-    let h = unsafe { ptr_at::<[u8; 4]>(p.l4, end, bounded(off))? };
-    let h = unsafe { &*h };
-    Some((
-        u16::from_be_bytes([h[0], h[1]]),
-        u16::from_be_bytes([h[2], h[3]]),
-    ))
-}
-
-/// Read the address of an address parameter whose value starts at `off`.
-#[inline(always)]
-fn param_addr(p: &Pkt, end: usize, off: usize, v6: bool) -> Option<[u32; 4]> {
-    unsafe {
-        if v6 {
-            let a = ptr_at::<[u32; 4]>(p.l4, end, bounded(off))?;
-            Some(*a)
-        } else {
-            let a = ptr_at::<u32>(p.l4, end, bounded(off))?;
-            Some(loxilb_common::v4_mapped(*a))
-        }
-    }
-}
-
-/// INIT from the client (forward direction, session `v` exists): record
-/// the association and reply sessions toward the client's other
-/// addresses. (A BPF subprogram: its own stack frame.)
-#[inline(never)]
-pub fn on_init(p: &Pkt, end: usize, v: *const CtVal, now: u64) {
-    if p.sctp & sctp_ev::INIT == 0 {
-        return;
-    }
-    let Some(tag) = initiate_tag(p, end) else {
-        return;
-    };
-    let (rule_id, xd, xdp) = unsafe { ((*v).rule_id, (*v).xdaddr, (*v).xdport) };
-    // Only rules with more than one VIP are multihomed.
-    match LB_RULE_VIPS.get_ptr(&rule_id) {
-        Some(r) if unsafe { (*r).n } > 1 => {}
-        _ => return,
-    }
-    let Some(a) = LB_SCRATCH_ASSOC.get_ptr_mut(0) else {
-        return;
-    };
-    let a = unsafe {
-        crate::zero_in_place(a);
-        &mut *a
-    };
-    crate::set_addr(&mut a.eps[0], &xd);
-    crate::set_addr(&mut a.vips[0], &p.daddr);
-    crate::set_addr(&mut a.clients[0], &p.saddr);
-    a.ep_port = xdp;
-    a.vport = p.dport;
-    a.cport = p.sport;
-    a.n_pairs = 1;
-    a.n_clients = 1;
-    a.ep_stat = unsafe { (*v).ep_stat };
-    a.mode = unsafe { (*v).mode };
-    walk_params(p, end, |addr, _| {
-        let n = a.n_clients as usize;
-        if n < MAX_RULE_VIPS && addr != a.clients[0] {
-            crate::set_addr(&mut a.clients[n & (MAX_RULE_VIPS - 1)], &addr);
-            a.n_clients += 1;
-        }
-        None
-    });
-    let _ = LB_SCTP_ASSOC.insert(&AssocKey { rule_id, vtag: tag }, &*a, 0);
-    let mut i = 1;
-    while i < MAX_RULE_VIPS {
-        if i < a.n_clients as usize {
-            add_reply(a, 0, i, v, now);
-        }
-        i += 1;
-    }
-}
-
-/// Walk the address parameters of the INIT / INIT-ACK chunk; `f(addr,
-/// value offset)` may return a replacement address (same family), which
-/// is written and the CRC32c updated for.
-#[inline(always)]
-fn walk_params(p: &Pkt, end: usize, mut f: impl FnMut([u32; 4], usize) -> Option<[u32; 4]>) {
-    let Some(clen) = (unsafe { ptr_at::<[u8; 4]>(p.l4, end, CHUNK0) }) else {
-        return;
-    };
-    let chunk_end = CHUNK0 + u16::from_be_bytes(unsafe { [(*clen)[2], (*clen)[3]] }) as usize;
-    let mut off = CHUNK0 + INIT_FIXED;
-    let mut i = 0;
-    while i < MAX_PARAMS {
-        // Through a per-CPU slot: the verifier then sees one unknown
-        // (bounded) offset at the top of every iteration, whatever the
-        // previous parameters were, instead of one state per combination.
-        if let Some(slot) = LB_SCRATCH_OFF.get_ptr_mut(0) {
-            unsafe {
-                core::ptr::write_volatile(slot, off as u32);
-                off = core::ptr::read_volatile(slot) as usize;
-            }
-        }
-        if off + 4 > chunk_end || off > 1024 {
-            return;
-        }
-        let Some((t, len)) = param_at(p, end, off) else {
-            return;
-        };
-        let len = len as usize;
-        if len < 4 || off + len > chunk_end {
-            return;
-        }
-        if (t == PARAM_IPV4 && len == 8) || (t == PARAM_IPV6 && len == 20) {
-            let v6 = t == PARAM_IPV6;
-            if let Some(addr) = param_addr(p, end, off + 4, v6) {
-                if let Some(new) = f(addr, off + 4) {
-                    rewrite_addr(p, end, off + 4, v6, &addr, &new);
-                }
-            }
-        }
-        off += (len + 3) & !3;
-        i += 1;
-    }
-}
-
-/// Write `new` over the address at `off` (from the SCTP header) and
-/// update the CRC32c for each changed word.
-#[inline(always)]
-fn rewrite_addr(p: &Pkt, end: usize, off: usize, v6: bool, old: &[u32; 4], new: &[u32; 4]) {
-    let Some(crc) = (unsafe { ptr_at::<[u8; 4]>(p.l4, end, 8) }) else {
-        return;
-    };
-    let len = p.l4_len as usize;
-    let mut c = crc32c::from_wire(unsafe { *crc });
-    // Constant indexes only (an index computed at run time makes LLVM
-    // address the stack array with an OR, which the verifier refuses).
-    if v6 {
-        let mut w = 0;
-        while w < 4 {
-            c = rewrite_word(p, end, off + 4 * w, len, old[w], new[w], c);
-            w += 1;
-        }
-    } else {
-        c = rewrite_word(p, end, off, len, old[3], new[3], c);
-    }
-    unsafe { *crc = crc32c::to_wire(c) };
-}
-
-/// Write one 32-bit word at `o` (from the SCTP header) if it changes, and
-/// return the CRC32c updated for it.
-#[inline(always)]
-fn rewrite_word(p: &Pkt, end: usize, o: usize, len: usize, a: u32, b: u32, c: u32) -> u32 {
-    if a == b || o + 4 > len {
-        return c;
-    }
-    match unsafe { ptr_at::<u32>(p.l4, end, bounded(o)) } {
-        Some(dst) => {
-            unsafe { *dst = b };
-            crc32c::adjust_fast_u32_nb(c, a ^ b, (len - o - 4) as u16)
-        }
-        None => c,
-    }
-}
-
-/// INIT-ACK from the endpoint (reply direction, session `v`): rewrite its
-/// address parameters to the rule's VIPs, record the paths, and make the
-/// reply sessions for them. (A BPF subprogram: its own stack frame.)
-#[inline(never)]
-pub fn on_init_ack(p: &Pkt, end: usize, v: *const CtVal, now: u64) {
-    if p.sctp & sctp_ev::INIT_ACK == 0 {
-        return;
-    }
-    let (Some(ctag), Some(etag)) = (vtag(p, end), initiate_tag(p, end)) else {
-        return;
-    };
-    let rule_id = unsafe { (*v).rule_id };
-    let Some(rv) = LB_RULE_VIPS.get_ptr(&rule_id) else {
-        return;
-    };
-    let rv = unsafe { &*rv };
-    let Some(found) = LB_SCTP_ASSOC.get_ptr(&AssocKey {
-        rule_id,
-        vtag: ctag,
-    }) else {
-        return;
-    };
-    let Some(a) = LB_SCRATCH_ASSOC.get_ptr_mut(0) else {
-        return;
-    };
-    let a = unsafe {
-        copy_words(a, found);
-        &mut *a
-    };
-    let source = p.saddr;
-    let used = a.vips[0];
-    let n_vips = rv.n as usize;
-    // The rule's VIPs other than the one in use, in order, go to the
-    // endpoint's other addresses in the order it lists them.
-    // (The cursor lives in the scratch record, not a register, so it does
-    // not split the verifier's states either.)
-    a._pad2 = 0;
-    walk_params(p, end, |addr, _| {
-        if addr == source {
-            return Some(used);
-        }
-        let mut vip = used;
-        let mut tries = 0;
-        while tries < MAX_RULE_VIPS {
-            let next = a._pad2 as usize;
-            if next < n_vips && next < MAX_RULE_VIPS {
-                let cand = rv.vips[core::hint::black_box(next) & (MAX_RULE_VIPS - 1)];
-                a._pad2 += 1;
-                if cand != used {
-                    vip = cand;
-                    break;
-                }
-            }
-            tries += 1;
-        }
-        let n = a.n_pairs as usize;
-        if vip != used && n < MAX_RULE_VIPS {
-            crate::set_addr(&mut a.eps[n & (MAX_RULE_VIPS - 1)], &addr);
-            crate::set_addr(&mut a.vips[n & (MAX_RULE_VIPS - 1)], &vip);
-            a.n_pairs += 1;
-        }
-        // (More endpoint addresses than VIPs: the first VIP again.)
-        Some(vip)
-    });
-    let _ = LB_SCTP_ASSOC.insert(
-        &AssocKey {
-            rule_id,
-            vtag: etag,
-        },
-        &*a,
-        0,
-    );
-    let _ = LB_SCTP_ASSOC.insert(
-        &AssocKey {
-            rule_id,
-            vtag: ctag,
-        },
-        &*a,
-        0,
-    );
-    // Reply sessions: every (endpoint address, client address) but the
-    // ones the INIT made (pair 0).
-    let mut k = 1;
-    while k < MAX_RULE_VIPS {
-        if k < a.n_pairs as usize {
-            let mut i = 0;
-            while i < MAX_RULE_VIPS {
-                if i < a.n_clients as usize {
-                    add_reply(a, k, i, v, now);
-                }
-                i += 1;
-            }
-        }
-        k += 1;
-    }
 }

@@ -10,7 +10,7 @@ use std::{net::IpAddr, time::Duration};
 
 use loxilb_tests::{
     need_root,
-    netns::{sh, Agent, Netns, Scene, Topology, VIP},
+    netns::{Agent, Netns, Scene, Topology, VIP},
     sctp_peers::{need_tools, ClientOpts, SctpClient, SctpServer},
 };
 
@@ -111,21 +111,29 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
     if !need_root(name) || !need_tools(name) {
         return;
     }
-    let v2 = "20.0.0.101";
+    // VIPs in the private range, like the peers' addresses: an SCTP stack
+    // lists in its INIT only the addresses within the scope of the
+    // address it connects to (RFC 9260 5.1.2; usrsctp and Linux leave
+    // private addresses out of an INIT to a public one), and the client's
+    // second address must be listed for the endpoint to use it.
+    let vips = |net: u8| (format!("10.{net}.200.100"), format!("10.{net}.200.101"));
     let e = Scene::new(
         "lxmh",
         1,
         (18080, 15353),
         |_, _| {},
         |t| {
+            let (v1, v2) = vips(t.net);
             format!(
-                "rules:\n  - name: mh\n    vip: {VIP}\n    secondary_vips: [{v2}]\n    port: 3868\n    protocol: sctp\n    endpoints:\n      - {{ ip: {}, port: 3868 }}\n",
+                "rules:\n  - name: mh\n    vip: {v1}\n    secondary_vips: [{v2}]\n    port: 3868\n    protocol: sctp\n    endpoints:\n      - {{ ip: {}, port: 3868 }}\n",
                 t.backend_ip(1)
             )
         },
     );
     let t = &e.t;
     let net = t.net;
+    let (v1, v2) = vips(net);
+    let v2 = v2.as_str();
     // Second links: client c1 <-> lbc2 (10.net.100.0/24), backend b1 <->
     // lbb2 (10.net.101.0/24). The client reaches the secondary VIP over
     // its second link; the backend reaches the client's second address
@@ -151,6 +159,16 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
             "ip",
             "route",
             "add",
+            &format!("{v1}/32"),
+            "via",
+            &format!("10.{net}.0.1"),
+        ])
+        .unwrap();
+    t.client
+        .sh(&[
+            "ip",
+            "route",
+            "add",
             &format!("{v2}/32"),
             "via",
             &format!("10.{net}.100.1"),
@@ -168,7 +186,7 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
         .unwrap();
     let (c1, c2) = (IpAddr::V4(t.client_ip()), ip(&format!("10.{net}.100.2")));
     let (e1, e2) = (IpAddr::V4(t.backend_ip(1)), ip(&format!("10.{net}.101.2")));
-    let (vip1, vip2) = (ip(VIP), ip(v2));
+    let (vip1, vip2) = (ip(&v1), ip(v2));
     // usrsctp sends everything from the address bound last: the primary
     // ones go last.
     let server = SctpServer::spawn(&t.backends[0], &[e2, e1], 3868).expect("SCTP server");
@@ -206,10 +224,11 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
             .wait_fresh_echo(Duration::from_secs(15))
             .unwrap_or_else(|err| {
                 panic!(
-                    "{err}\nclient:\n{}\nserver:\n{}\nsessions:\n{}",
+                    "{err}\nclient:\n{}\nserver:\n{}\nsessions:\n{}\nstats:\n{}",
                     client.peer.transcript(),
                     server.peer.transcript(),
-                    agent.cli("sessions").unwrap_or_default()
+                    agent.cli("sessions").unwrap_or_default(),
+                    agent.cli("stats").unwrap_or_default()
                 )
             });
     }

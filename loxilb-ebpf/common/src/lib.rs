@@ -80,6 +80,10 @@ pub const JMP_NEW6: u32 = 2;
 /// SCTP INIT / INIT-ACK handling (multihoming), per family.
 pub const JMP_SCTP4: u32 = 3;
 pub const JMP_SCTP6: u32 = 4;
+/// One INIT / INIT-ACK parameter per call (the SCTP programs' walk over
+/// the address parameters: a tail call per parameter, so the verifier sees
+/// one parameter at a time), either family.
+pub const JMP_SCTP_PARAM: u32 = 5;
 pub const JMP_SLOTS: u32 = 8;
 
 /// Program names inside the eBPF object.
@@ -100,20 +104,24 @@ pub mod prog_names {
     pub const XDP_SCTP6: &str = "loxilb_xdp_sctp6";
     pub const TC_SCTP4: &str = "loxilb_tc_sctp4";
     pub const TC_SCTP6: &str = "loxilb_tc_sctp6";
+    pub const XDP_SCTP_PARAM: &str = "loxilb_xdp_sctp_param";
+    pub const TC_SCTP_PARAM: &str = "loxilb_tc_sctp_param";
     /// What goes in each tail-call array, by slot.
-    pub const XDP_JUMPS: [(u32, &str); 5] = [
+    pub const XDP_JUMPS: [(u32, &str); 6] = [
         (super::JMP_V6, XDP_V6),
         (super::JMP_NEW4, XDP_NEW4),
         (super::JMP_NEW6, XDP_NEW6),
         (super::JMP_SCTP4, XDP_SCTP4),
         (super::JMP_SCTP6, XDP_SCTP6),
+        (super::JMP_SCTP_PARAM, XDP_SCTP_PARAM),
     ];
-    pub const TC_JUMPS: [(u32, &str); 5] = [
+    pub const TC_JUMPS: [(u32, &str); 6] = [
         (super::JMP_V6, TC_V6),
         (super::JMP_NEW4, TC_NEW4),
         (super::JMP_NEW6, TC_NEW6),
         (super::JMP_SCTP4, TC_SCTP4),
         (super::JMP_SCTP6, TC_SCTP6),
+        (super::JMP_SCTP_PARAM, TC_SCTP_PARAM),
     ];
     /// TC egress: translates ICMP errors the node's stack generates about
     /// translated packets (e.g. fragmentation needed on forward).
@@ -467,6 +475,54 @@ pub struct AssocVal {
 }
 
 pub const MAX_SCTP_ASSOC: u32 = 65_536;
+
+/// `SctpWalk::kind`.
+pub mod sctp_walk {
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+    /// `SctpWalk::stage`: the parameter walk is over; the SCTP program
+    /// being entered again only translates and forwards.
+    pub const DONE: u8 = 2;
+    pub const WALKING: u8 = 1;
+}
+
+/// The state of one INIT / INIT-ACK's parameter walk between the tail
+/// calls that make it (per-CPU scratch, kernel-side only: a packet's tail
+/// calls run on one CPU, start to end).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SctpWalk {
+    /// INIT-ACK: the packet's source (the endpoint address it came from).
+    pub source: Addr,
+    pub now: u64,
+    pub rule_id: u32,
+    /// INIT: the client's initiate tag. INIT-ACK: the endpoint's initiate
+    /// tag (`tag_b`: the client's, the packet's verification tag).
+    pub tag_a: u32,
+    pub tag_b: u32,
+    /// The session's idle timeout (for the reply sessions made).
+    pub timeout_s: u32,
+    /// The SCTP header's offset from the frame start.
+    pub l4_off: u16,
+    /// The next parameter's offset from the SCTP header.
+    pub off: u16,
+    /// End of the INIT / INIT-ACK chunk, from the SCTP header.
+    pub chunk_end: u16,
+    /// Bytes of the SCTP packet (what CRC32c covers).
+    pub l4_len: u16,
+    /// `sctp_walk::INIT` / `INIT_ACK`; `sctp_walk::WALKING` / `DONE`.
+    pub kind: u8,
+    pub stage: u8,
+    /// Parameters looked at so far.
+    pub idx: u8,
+    /// INIT-ACK: the next of the rule's VIPs to hand out.
+    pub cursor: u8,
+    /// An IPv6 packet (which SCTP program to return to).
+    pub v6: u8,
+    /// `lb_mode::*` of the session.
+    pub mode: u8,
+    pub _pad: u16,
+}
 
 /// Distinct endpoints (over all rules) that have counters.
 pub const MAX_EP_STATS: u32 = 131_072;
@@ -885,6 +941,25 @@ no_implicit_padding!(AssocVal {
     _pad1: u8,
     _pad2: u16
 });
+no_implicit_padding!(SctpWalk {
+    source: Addr,
+    now: u64,
+    rule_id: u32,
+    tag_a: u32,
+    tag_b: u32,
+    timeout_s: u32,
+    l4_off: u16,
+    off: u16,
+    chunk_end: u16,
+    l4_len: u16,
+    kind: u8,
+    stage: u8,
+    idx: u8,
+    cursor: u8,
+    v6: u8,
+    mode: u8,
+    _pad: u16
+});
 no_implicit_padding!(EpStats {
     packets: u64,
     bytes: u64,
@@ -913,6 +988,7 @@ const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 116);
 const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 136);
 const _: () = assert!(size_of::<GlobalCfg>() == 32);
 const _: () = assert!(size_of::<RuleVips>() == 72);
+const _: () = assert!(size_of::<SctpWalk>() == 56);
 const _: () = assert!(size_of::<AssocKey>() == 8);
 const _: () = assert!(size_of::<AssocVal>() == 208);
 
