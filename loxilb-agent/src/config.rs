@@ -5,7 +5,7 @@
 //! rules:
 //!   - name: web              # optional; unique
 //!     vip: 20.0.0.100
-//!     secondary_vips: []     # SCTP multihoming: up to 3 more VIPs (sctp, mode default)
+//!     secondary_vips: []     # SCTP multihoming: up to 3 more VIPs (sctp; mode default or fullnat)
 //!     port: 80
 //!     protocol: tcp          # tcp | udp | sctp
 //!     mode: default          # default (DNAT) | onearm | fullnat | dsr | dsr-ipip
@@ -88,6 +88,19 @@ pub enum Mode {
     Dsr,
     /// Direct server return over IPIP.
     DsrIpip,
+}
+
+impl std::fmt::Display for Mode {
+    /// As written in a rule file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Default => "default",
+            Mode::OneArm => "onearm",
+            Mode::FullNat => "fullnat",
+            Mode::Dsr => "dsr",
+            Mode::DsrIpip => "dsr-ipip",
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -618,13 +631,14 @@ fn secondary_vips(
             ),
         ));
     }
-    if mode != Mode::Default {
+    if mode != Mode::Default && mode != Mode::FullNat {
         return Err(err(
             field,
-            "secondary VIPs are served in mode default (DNAT) only for now: the datapath \
-             does SCTP multihoming in default mode first; use mode: default or remove \
-             secondary_vips"
-                .into(),
+            format!(
+                "secondary VIPs are served in mode default (DNAT) and fullnat, not {mode}: \
+                 the datapath rewrites the SCTP address parameters for those two; use mode: \
+                 default or fullnat, or remove secondary_vips"
+            ),
         ));
     }
     if raw.len() > MAX_SECONDARY_VIPS {
@@ -896,13 +910,15 @@ rules:
     fn secondary_vips_parse_for_sctp_default_rules() {
         let r = parse(
             "r.yaml",
-            "rules:\n  - {name: s, vip: 20.0.0.7, secondary_vips: [30.0.0.2, \" 31.0.0.2 \"], port: 38412, protocol: sctp}\n  - {vip: \"fd00::7\", secondary_vips: [\"fd00:1::7\"], port: 38412, protocol: sctp}\n  - {vip: 20.0.0.8, port: 38412, protocol: sctp}\n",
+            "rules:\n  - {name: s, vip: 20.0.0.7, secondary_vips: [30.0.0.2, \" 31.0.0.2 \"], port: 38412, protocol: sctp}\n  - {vip: \"fd00::7\", secondary_vips: [\"fd00:1::7\"], port: 38412, protocol: sctp}\n  - {vip: 20.0.0.8, port: 38412, protocol: sctp}\n  - {vip: 20.0.0.9, secondary_vips: [30.0.0.9], port: 38412, protocol: sctp, mode: fullnat}\n",
         )
         .unwrap();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(r[0].secondary_vips, vec![ip("30.0.0.2"), ip("31.0.0.2")]);
         assert_eq!(r[1].secondary_vips, vec![ip("fd00:1::7")]);
         assert!(r[2].secondary_vips.is_empty());
+        assert_eq!(r[3].secondary_vips, vec![ip("30.0.0.9")]);
+        assert_eq!(r[3].mode, Mode::FullNat);
         // An empty list is no list, whatever the protocol.
         let r = parse(
             "r.yaml",
@@ -931,10 +947,10 @@ rules:
             "rules:\n  - {vip: 20.0.0.1, port: 53, protocol: udp, secondary_vips: [30.0.0.1]}\n",
         );
         assert_eq!(e.field, "rules[0].secondary_vips");
-        let e = sctp("mode: fullnat, secondary_vips: [30.0.0.1]");
+        let e = sctp("mode: onearm, secondary_vips: [30.0.0.1]");
         assert_eq!(e.field, "rules[0].secondary_vips");
         assert!(
-            e.message.contains("mode default") && e.message.contains("use mode: default"),
+            e.message.contains("not onearm") && e.message.contains("use mode: default or fullnat"),
             "{e}"
         );
         let e = sctp("secondary_vips: [30.0.0.1, 30.0.0.2, 30.0.0.3, 30.0.0.4]");

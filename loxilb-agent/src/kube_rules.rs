@@ -54,11 +54,11 @@ fn secondary_vips(r: &LbRule, protocol: Protocol, mode: Mode) -> Result<Vec<IpAd
              (remove loxilb.io/secondaryIPs / poolSelectSecondary)"
         ));
     }
-    if mode != Mode::Default {
+    if mode != Mode::Default && mode != Mode::FullNat {
         return Err(format!(
-            "SCTP multihoming (secondary VIPs {shown}) is done in lbmode default (DNAT) only for \
-             now; set loxilb.io/lbmode: default, or remove loxilb.io/secondaryIPs / \
-             poolSelectSecondary to serve the primary VIP alone"
+            "SCTP multihoming (secondary VIPs {shown}) is done in lbmode default (DNAT) and \
+             fullnat; set loxilb.io/lbmode: default or fullnat, or remove \
+             loxilb.io/secondaryIPs / poolSelectSecondary to serve the primary VIP alone"
         ));
     }
     if list.len() > MAX_SECONDARY_VIPS {
@@ -290,10 +290,13 @@ mod tests {
         r.protocol = KProto::Sctp;
         assert_eq!(to_rule(&r).unwrap().protocol, Protocol::Sctp);
         r.secondary_vips = vec!["20.0.0.2".parse().unwrap()];
-        // (the rule is fullnat)
+        // (the rule is fullnat: multihomed)
+        assert_eq!(to_rule(&r).unwrap().secondary_vips, r.secondary_vips);
+        r.mode = LbMode::OneArm;
         let e = to_rule(&r).unwrap_err();
         assert!(
-            e.reason.contains("multihoming") && e.reason.contains("lbmode default"),
+            e.reason.contains("multihoming")
+                && e.reason.contains("lbmode default (DNAT) and fullnat"),
             "{e}"
         );
         let mut r = rule();
@@ -322,8 +325,12 @@ mod tests {
         assert!(to_rule(&r).unwrap_err().reason.contains("listed twice"));
         r.secondary_vips = vec![r.vip];
         assert!(to_rule(&r).unwrap_err().reason.contains("listed twice"));
-        // Modes other than default.
-        for mode in [LbMode::OneArm, LbMode::FullNat, LbMode::Dsr] {
+        // Fullnat too; not the others.
+        let mut f = r.clone();
+        f.mode = LbMode::FullNat;
+        f.secondary_vips = vec![ip("30.0.0.2")];
+        assert_eq!(to_rule(&f).unwrap().mode, Mode::FullNat);
+        for mode in [LbMode::OneArm, LbMode::Dsr] {
             let mut r = r.clone();
             r.mode = mode;
             r.secondary_vips = vec![ip("30.0.0.2")];
@@ -331,7 +338,10 @@ mod tests {
                 r.endpoints[0].port = 80;
             }
             let e = to_rule(&r).unwrap_err();
-            assert!(e.reason.contains("lbmode default"), "{mode:?}: {e}");
+            assert!(
+                e.reason.contains("lbmode default (DNAT) and fullnat"),
+                "{mode:?}: {e}"
+            );
         }
         // Not SCTP (kube-watch gives secondaries to SCTP rules only, but
         // never install one silently without them).

@@ -26,8 +26,8 @@
 //! `MAX_PARAMS` parameters are looked at, 4 addresses per side kept.
 
 use loxilb_common::{
-    crc32c, ct_dir, sctp_walk, AssocKey, AssocVal, CtKey, CtVal, SctpWalk, IPPROTO_SCTP, JMP_SCTP4,
-    JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
+    crc32c, ct_dir, lb_mode, sctp_walk, AssocKey, AssocVal, CtKey, CtVal, SctpWalk, IPPROTO_SCTP,
+    JMP_SCTP4, JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
 };
 
 use aya_ebpf::bindings::BPF_NOEXIST;
@@ -72,6 +72,13 @@ pub fn path_endpoint(rule_id: u32, p: &Pkt, end: usize) -> Option<(&'static [u32
     let tag = vtag(p, end)?;
     let a = LB_SCTP_ASSOC.get_ptr(&AssocKey { rule_id, vtag: tag })?;
     let a: &'static AssocVal = unsafe { &*a };
+    // (In fullnat the endpoint knows the client by the addresses and port
+    // the association's sessions gave it; a new session would pick others.
+    // Its paths' sessions are all made at the INIT-ACK and kept alive by
+    // heartbeats.)
+    if a.mode != lb_mode::DEFAULT {
+        return None;
+    }
     let mut k = 0;
     while k < MAX_RULE_VIPS {
         if k < a.n_pairs as usize && a.vips[k] == p.daddr {
@@ -96,6 +103,32 @@ unsafe fn copy_words(dst: *mut AssocVal, src: *const AssocVal) {
     }
 }
 
+/// `a.vips`: `first` (the VIP the association starts on), then the rule's
+/// other VIPs in rule order.
+#[inline(always)]
+fn order_vips(a: &mut AssocVal, first: &[u32; 4], rule_id: u32) {
+    crate::set_addr(&mut a.vips[0], first);
+    a.n_vips = 1;
+    let Some(rv) = LB_RULE_VIPS.get_ptr(&rule_id) else {
+        return;
+    };
+    let n = unsafe { (*rv).n } as usize;
+    let mut j = 0;
+    while j < MAX_RULE_VIPS {
+        if j < n {
+            // (black_box: LLVM drops a mask it can prove redundant; the
+            // verifier cannot follow its proof.)
+            let cand = unsafe { &(*rv).vips[core::hint::black_box(j) & (MAX_RULE_VIPS - 1)] };
+            let m = a.n_vips as usize;
+            if cand != first && m < MAX_RULE_VIPS {
+                crate::set_addr(&mut a.vips[m & (MAX_RULE_VIPS - 1)], cand);
+                a.n_vips += 1;
+            }
+        }
+        j += 1;
+    }
+}
+
 /// Start the walk for an INIT or INIT-ACK that has session `v` (called by
 /// the family's SCTP program): set up the association record and the walk
 /// state, then hand over to the parameter program. Returns when there is
@@ -112,13 +145,10 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
     };
     let chunk_end = CHUNK0 + u16::from_be_bytes(unsafe { [(*clen)[2], (*clen)[3]] }) as usize;
     let rule_id = unsafe { (*v).rule_id };
-    let n_vips = match LB_RULE_VIPS.get_ptr(&rule_id) {
-        Some(r) => unsafe { (*r).n },
-        None => 0,
-    };
     // Only rules with more than one VIP are multihomed.
-    if n_vips < 2 {
-        return;
+    match LB_RULE_VIPS.get_ptr(&rule_id) {
+        Some(r) if unsafe { (*r).n } > 1 => {}
+        _ => return,
     }
     let (Some(a), Some(w)) = (
         LB_SCRATCH_ASSOC.get_ptr_mut(0),
@@ -137,15 +167,17 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
         }
         unsafe { crate::zero_in_place(a) };
         crate::set_addr(&mut a.eps[0], unsafe { &(*v).xdaddr });
-        crate::set_addr(&mut a.vips[0], &p.daddr);
         crate::set_addr(&mut a.clients[0], &p.saddr);
+        crate::set_addr(&mut a.xclients[0], unsafe { &(*v).xsaddr });
         a.ep_port = unsafe { (*v).xdport };
         a.vport = p.dport;
         a.cport = p.sport;
+        a.xcport = unsafe { (*v).xsport };
         a.n_pairs = 1;
         a.n_clients = 1;
         a.ep_stat = unsafe { (*v).ep_stat };
         a.mode = unsafe { (*v).mode };
+        order_vips(a, &p.daddr, rule_id);
         w.kind = sctp_walk::INIT;
     } else {
         if p.sctp & sctp_ev::INIT_ACK == 0 {
@@ -268,10 +300,7 @@ fn one_param<C: PktCtx>(ctx: &C, a: &mut AssocVal, w: &mut SctpWalk) -> bool {
         // side could only reach it around the load balancer. Hidden: the
         // parameter's type becomes one receivers skip without a report
         // (RFC 9260 3.2.1, high bits 10).
-        let old = unsafe { core::ptr::read_unaligned(h as *const u32) };
-        let mut new = old;
-        unsafe { *(&mut new as *mut u32 as *mut [u8; 2]) = HIDDEN_PARAM.to_be_bytes() };
-        patch_word(l4, end, off, w.l4_len as usize, old, new);
+        hide_param(l4, end, off, w.l4_len as usize, h);
         return true;
     }
     let addr = unsafe {
@@ -287,55 +316,66 @@ fn one_param<C: PktCtx>(ctx: &C, a: &mut AssocVal, w: &mut SctpWalk) -> bool {
             }
         }
     };
-    if w.kind == sctp_walk::INIT {
-        let n = a.n_clients as usize;
-        if n < MAX_RULE_VIPS && addr != a.clients[0] {
-            crate::set_addr(&mut a.clients[n & (MAX_RULE_VIPS - 1)], &addr);
-            a.n_clients += 1;
+    let new = if w.kind == sctp_walk::INIT {
+        // A client address: shown to the endpoint as `xclients[n]` (itself
+        // in default mode, the n-th VIP in fullnat).
+        if addr == a.clients[0] {
+            Some(a.xclients[0])
+        } else {
+            let n = a.n_clients as usize;
+            let room = if a.mode == lb_mode::FULLNAT {
+                a.n_vips as usize
+            } else {
+                MAX_RULE_VIPS
+            };
+            if n < room && n < MAX_RULE_VIPS {
+                let n = n & (MAX_RULE_VIPS - 1);
+                let x = if a.mode == lb_mode::FULLNAT {
+                    a.vips[n]
+                } else {
+                    addr
+                };
+                crate::set_addr(&mut a.clients[n], &addr);
+                crate::set_addr(&mut a.xclients[n], &x);
+                a.n_clients += 1;
+                Some(x)
+            } else {
+                None
+            }
         }
-        return true;
-    }
-    // INIT-ACK: an endpoint address, shown to the client as a VIP.
-    let vip = if addr == w.source {
-        a.vips[0]
+    } else if addr == w.source {
+        // INIT-ACK: the endpoint address it came from stays paired with
+        // the VIP the association started on; each other one gets the
+        // next VIP.
+        Some(a.vips[0])
     } else {
-        let vip = next_vip(a, w);
-        let n = a.n_pairs as usize;
-        if vip != a.vips[0] && n < MAX_RULE_VIPS {
-            crate::set_addr(&mut a.eps[n & (MAX_RULE_VIPS - 1)], &addr);
-            crate::set_addr(&mut a.vips[n & (MAX_RULE_VIPS - 1)], &vip);
+        let k = a.n_pairs as usize;
+        if k < a.n_vips as usize && k < MAX_RULE_VIPS {
+            let k = k & (MAX_RULE_VIPS - 1);
+            crate::set_addr(&mut a.eps[k], &addr);
             a.n_pairs += 1;
+            Some(a.vips[k])
+        } else {
+            None
         }
-        vip
     };
-    rewrite_addr(l4, end, at, w.l4_len as usize, v6, &addr, &vip);
+    match new {
+        Some(new) => rewrite_addr(l4, end, at, w.l4_len as usize, v6, &addr, &new),
+        // No address of the load balancer to show for it: hidden.
+        None => hide_param(l4, end, off, w.l4_len as usize, h),
+    }
     true
 }
 
-/// The rule's next VIP other than the one the association started on (in
-/// the rule's order); that one again when there are no more.
+/// Give the parameter at `off` (header `h`) a type receivers skip without
+/// a report (RFC 9260 3.2.1: high bits 10), so the other side never sees
+/// its address.
 #[inline(always)]
-fn next_vip(a: &AssocVal, w: &mut SctpWalk) -> [u32; 4] {
-    let Some(rv) = LB_RULE_VIPS.get_ptr(&w.rule_id) else {
-        return a.vips[0];
-    };
-    let n_vips = unsafe { (*rv).n } as usize;
-    let mut tries = 0;
-    while tries < MAX_RULE_VIPS {
-        let next = w.cursor as usize;
-        if next >= n_vips || next >= MAX_RULE_VIPS {
-            break;
-        }
-        w.cursor += 1;
-        // (black_box: LLVM drops a mask it can prove redundant; the verifier
-        // cannot follow its proof.)
-        let cand = unsafe { (*rv).vips[core::hint::black_box(next) & (MAX_RULE_VIPS - 1)] };
-        if cand != a.vips[0] {
-            return cand;
-        }
-        tries += 1;
-    }
-    a.vips[0]
+fn hide_param(l4: usize, end: usize, off: usize, len: usize, h: *mut [u8; 4]) {
+    let old = unsafe { core::ptr::read_unaligned(h as *const u32) };
+    let mut new = old;
+    unsafe { *(&mut new as *mut u32 as *mut [u8; 2]) = HIDDEN_PARAM.to_be_bytes() };
+    patch_word(l4, end, off, len, old, new);
 }
 
 /// Write `new` over the address at `at` (from the SCTP header at `l4`) and
@@ -403,7 +443,7 @@ fn rewrite_word(l4: usize, end: usize, o: usize, len: usize, a: u32, b: u32, c: 
 }
 
 /// After the walk: record the association (INIT: under the client's tag;
-/// INIT-ACK: under both tags) and make the reply sessions.
+/// INIT-ACK: under both tags, and the sessions of every path).
 #[inline(always)]
 fn finish(a: &AssocVal, w: &SctpWalk) {
     let rule_id = w.rule_id;
@@ -416,14 +456,6 @@ fn finish(a: &AssocVal, w: &SctpWalk) {
         0,
     );
     if w.kind == sctp_walk::INIT {
-        // The endpoint's packets toward the client's other addresses.
-        let mut i = 1;
-        while i < MAX_RULE_VIPS {
-            if i < a.n_clients as usize {
-                add_reply(a, w, 0, i);
-            }
-            i += 1;
-        }
         return;
     }
     let _ = LB_SCTP_ASSOC.insert(
@@ -434,15 +466,15 @@ fn finish(a: &AssocVal, w: &SctpWalk) {
         a,
         0,
     );
-    // Every (endpoint address, client address) but the ones the INIT made
-    // (pair 0).
-    let mut k = 1;
+    // Every (endpoint address k, client address i) but the pair the
+    // association started on, which has its sessions.
+    let mut k = 0;
     while k < MAX_RULE_VIPS {
         if k < a.n_pairs as usize {
             let mut i = 0;
             while i < MAX_RULE_VIPS {
-                if i < a.n_clients as usize {
-                    add_reply(a, w, k, i);
+                if i < a.n_clients as usize && (k | i) != 0 {
+                    add_path(a, w, k, i);
                 }
                 i += 1;
             }
@@ -451,47 +483,62 @@ fn finish(a: &AssocVal, w: &SctpWalk) {
     }
 }
 
-/// A reply session for path pair `k` toward client address `i` of
-/// association `a`: packets `eps[k]:eport -> clients[i]:cport` translated
-/// to `vips[k]:vport -> clients[i]:cport`. Never replaces a live entry.
-/// (A BPF subprogram: verified once per call site, not inlined into every
-/// loop iteration.)
+/// The two sessions of path (endpoint address `k`, client address `i`) of
+/// association `a`: the client's packets `clients[i]:cport -> vips[k]:vport`
+/// become `xclients[i]:xcport -> eps[k]:ep_port`, and the endpoint's
+/// packets the other way back. Never replaces a live entry. (A BPF
+/// subprogram: verified once per call site, not inlined into every loop
+/// iteration.)
 #[inline(never)]
-fn add_reply(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
+fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
     let k = k & (MAX_RULE_VIPS - 1);
     let i = i & (MAX_RULE_VIPS - 1);
-    let (ep, client, vip) = (&a.eps[k], &a.clients[i], &a.vips[k]);
-    let Some(rv) = LB_SCRATCH_CT.get_ptr_mut(0) else {
+    let (ep, vip, client, xclient) = (&a.eps[k], &a.vips[k], &a.clients[i], &a.xclients[i]);
+    let (Some(rv), Some(fv)) = (LB_SCRATCH_CT.get_ptr_mut(0), LB_SCRATCH_CT.get_ptr_mut(1)) else {
         return;
     };
-    unsafe {
-        crate::zero_in_place(rv);
-        crate::set_addr(&mut (*rv).xsaddr, vip);
-        crate::set_addr(&mut (*rv).xdaddr, client);
-        (*rv).xsport = a.vport;
-        (*rv).xdport = a.cport;
-        (*rv).rule_id = w.rule_id;
-        (*rv).timeout_s = w.timeout_s;
-        (*rv).last_seen_ns = w.now;
-        (*rv).dir = ct_dir::REPLY;
-        (*rv).mode = w.mode;
-        (*rv).ep_stat = a.ep_stat;
-        // (The forward entry of this path is made when the client uses
-        // it; until then `peer` names it, as it will be.)
-        crate::set_addr(&mut (*rv).peer.saddr, client);
-        crate::set_addr(&mut (*rv).peer.daddr, vip);
-        (*rv).peer.sport = a.cport;
-        (*rv).peer.dport = a.vport;
-        (*rv).peer.proto = IPPROTO_SCTP;
-    }
-    let key = CtKey {
-        saddr: *ep,
-        daddr: *client,
-        sport: a.ep_port,
-        dport: a.cport,
+    let fwd = CtKey {
+        saddr: *client,
+        daddr: *vip,
+        sport: a.cport,
+        dport: a.vport,
         proto: IPPROTO_SCTP,
         _pad1: 0,
         _pad2: 0,
     };
-    let _ = LB_CT.insert(&key, unsafe { &*rv }, BPF_NOEXIST as u64);
+    let rev = CtKey {
+        saddr: *ep,
+        daddr: *xclient,
+        sport: a.ep_port,
+        dport: a.xcport,
+        proto: IPPROTO_SCTP,
+        _pad1: 0,
+        _pad2: 0,
+    };
+    for (val, dir, peer, xs, xd, xsp, xdp) in [
+        (rv, ct_dir::REPLY, &fwd, vip, client, a.vport, a.cport),
+        (fv, ct_dir::FORWARD, &rev, xclient, ep, a.xcport, a.ep_port),
+    ] {
+        unsafe {
+            crate::zero_in_place(val);
+            crate::set_addr(&mut (*val).xsaddr, xs);
+            crate::set_addr(&mut (*val).xdaddr, xd);
+            (*val).xsport = xsp;
+            (*val).xdport = xdp;
+            (*val).rule_id = w.rule_id;
+            (*val).timeout_s = w.timeout_s;
+            (*val).last_seen_ns = w.now;
+            (*val).dir = dir;
+            (*val).mode = w.mode;
+            (*val).ep_stat = a.ep_stat;
+            (*val).peer = *peer;
+        }
+    }
+    // Reply entry first, so a fast reply never finds half a path.
+    if LB_CT
+        .insert(&rev, unsafe { &*rv }, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        let _ = LB_CT.insert(&fwd, unsafe { &*fv }, BPF_NOEXIST as u64);
+    }
 }

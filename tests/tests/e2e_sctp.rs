@@ -111,21 +111,39 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
     if !need_root(name) || !need_tools(name) {
         return;
     }
+    multihoming_failover("lxmh", false);
+}
+
+/// The same in fullnat: the endpoint sees the client as the VIPs (one per
+/// client address) from a port the load balancer chose, and never the
+/// client's addresses; its second path to the client is its second
+/// address to the second VIP.
+#[test]
+fn sctp_multihoming_failover_in_fullnat() {
+    let name = "sctp_multihoming_failover_in_fullnat";
+    if !need_root(name) || !need_tools(name) {
+        return;
+    }
+    multihoming_failover("lxmf", true);
+}
+
+fn multihoming_failover(prefix: &str, fullnat: bool) {
     // VIPs in the private range, like the peers' addresses: an SCTP stack
     // lists in its INIT only the addresses within the scope of the
     // address it connects to (RFC 9260 5.1.2; usrsctp and Linux leave
     // private addresses out of an INIT to a public one), and the client's
     // second address must be listed for the endpoint to use it.
     let vips = |net: u8| (format!("10.{net}.200.100"), format!("10.{net}.200.101"));
+    let mode = if fullnat { "fullnat" } else { "default" };
     let e = Scene::new(
-        "lxmh",
+        prefix,
         1,
         (18080, 15353),
         |_, _| {},
         |t| {
             let (v1, v2) = vips(t.net);
             format!(
-                "rules:\n  - name: mh\n    vip: {v1}\n    secondary_vips: [{v2}]\n    port: 3868\n    protocol: sctp\n    endpoints:\n      - {{ ip: {}, port: 3868 }}\n",
+                "rules:\n  - name: mh\n    vip: {v1}\n    secondary_vips: [{v2}]\n    port: 3868\n    protocol: sctp\n    mode: {mode}\n    endpoints:\n      - {{ ip: {}, port: 3868 }}\n",
                 t.backend_ip(1)
             )
         },
@@ -174,12 +192,20 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
             &format!("10.{net}.100.1"),
         ])
         .unwrap();
+    // The backend's way to the client's second path: in default mode the
+    // client's second address, in fullnat the second VIP (which the
+    // endpoint knows as the client's second address).
+    let second = if fullnat {
+        format!("{v2}/32")
+    } else {
+        format!("10.{net}.100.0/24")
+    };
     t.backends[0]
         .sh(&[
             "ip",
             "route",
             "add",
-            &format!("10.{net}.100.0/24"),
+            &second,
             "via",
             &format!("10.{net}.101.1"),
         ])
@@ -217,6 +243,29 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
     client
         .wait_fresh_echo(Duration::from_secs(5))
         .unwrap_or_else(|err| panic!("{err}\n{}", client.peer.transcript()));
+    // The endpoint sees the client's addresses (default) or the VIPs in
+    // their place (fullnat).
+    let server_peers = server
+        .peer
+        .wait_for(|e| e.is("peers"), Duration::from_secs(5))
+        .unwrap();
+    let mut seen = server_peers.addrs("addrs");
+    seen.sort();
+    if fullnat {
+        assert_eq!(
+            seen,
+            vec![vip1, vip2],
+            "fullnat: the endpoint sees the VIPs only: {}",
+            server_peers.line
+        );
+    } else {
+        assert_eq!(
+            seen,
+            vec![c1, c2],
+            "default: the endpoint sees the client's addresses: {}",
+            server_peers.line
+        );
+    }
     // Cut the client's primary link.
     t.client.sh(&["ip", "link", "set", "c0", "down"]).unwrap();
     for _ in 0..3 {

@@ -284,121 +284,270 @@ rules:
     protocol: sctp
     endpoints:
       - { ip: 10.0.1.10, port: 30868 }
+  - name: mh-full
+    vip: 20.0.0.100
+    secondary_vips: [20.0.0.101]
+    port: 3869
+    protocol: sctp
+    mode: fullnat
+    endpoints:
+      - { ip: 10.0.1.10, port: 30869 }
+  - name: mh6
+    vip: "fd00:20::100"
+    secondary_vips: ["fd00:20::101"]
+    port: 3868
+    protocol: sctp
+    endpoints:
+      - { ip: "fd00:1::10", port: 30868 }
+  - name: mh6-full
+    vip: "fd00:20::100"
+    secondary_vips: ["fd00:20::101"]
+    port: 3869
+    protocol: sctp
+    mode: fullnat
+    endpoints:
+      - { ip: "fd00:1::10", port: 30869 }
 "#;
 
-/// Multihoming in default (DNAT) mode: the INIT-ACK's address parameters
-/// become the rule's VIPs (CRC32c right), a packet of the association on a
-/// secondary VIP goes to the endpoint address paired with it, and the
-/// endpoint's packets from or to its other addresses come back from the
-/// paired VIP.
+/// One multihoming scenario: client addresses c1 (the INIT's source) and
+/// c2, endpoint addresses e1 (the INIT-ACK's source) and e2, VIPs v1 (the
+/// one the association starts on) and v2.
+struct Mh {
+    what: &'static str,
+    /// Through the TC program (else XDP).
+    tc: bool,
+    fullnat: bool,
+    c: [&'static str; 2],
+    e: [&'static str; 2],
+    v: [&'static str; 2],
+    /// An address of the other family, listed by both sides: hidden.
+    other: &'static str,
+    vport: u16,
+    eport: u16,
+}
+
+/// Multihoming, default (DNAT) and fullnat, IPv4 and IPv6: the INIT's
+/// client addresses reach the endpoint as themselves (DNAT) or as the
+/// VIPs (fullnat); the INIT-ACK's endpoint addresses reach the client as
+/// the VIPs; address parameters of the other family are hidden; the CRC32c
+/// is right after every rewrite; every path of the association (client
+/// address x VIP) goes to the endpoint address paired with the VIP, and
+/// back from that VIP.
 #[test]
 fn sctp_multihoming_init_ack_rewrite_and_paths() {
     if !need_root("sctp_multihoming_init_ack_rewrite_and_paths") {
         return;
     }
-    fib::with_datapath("sctpmh", MH_RULES, |dp| {
-        use loxilb_tests::fib::{verdict::XDP_PASS, EP2_MAC};
-        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
-        let (c1, c2) = ("192.168.0.2", "192.168.0.3");
-        let (e1, e2) = ("10.0.1.10", "10.0.1.11");
-        let (v1, v2) = ("20.0.0.100", "20.0.0.101");
-        let (ctag, etag) = (0x0c11_e000u32, 0x0e0d_0000u32);
-        // INIT from c1 to the primary VIP, listing both client addresses.
-        let init = SctpFrame::new(
-            c1,
-            v1,
-            SctpPacket::new(5000, 3868, 0).chunk(Chunk::init(ctag, 1, &[ip(c1), ip(c2)])),
-        );
-        let (v, out) = run_xdp(dp, &init.bytes());
-        assert_eq!(v, XDP_REDIRECT, "INIT; counters {:?}", stats(dp));
-        let p = parse_frame(&out).unwrap();
-        assert_eq!((p.src, p.dst), (ip(c1), ip(e1)), "DNAT");
-        assert_eq!(
-            p.sctp.addresses(),
-            vec![ip(c1), ip(c2)],
-            "INIT params untouched"
-        );
-        assert!(p.sctp.crc_ok);
-        // The endpoint's packets to c2 already have their way back.
-        let to_c2 = dp.sessions().unwrap().into_iter().any(|(k, v)| {
-            loxilb_common::ip_from_addr(&k.saddr) == ip(e1)
-                && loxilb_common::ip_from_addr(&k.daddr) == ip(c2)
-                && loxilb_common::ip_from_addr(&v.xsaddr) == ip(v1)
-        });
-        assert!(to_c2, "reply session e1 -> c2 made at the INIT");
-        // INIT-ACK from e1 listing both endpoint addresses.
-        let ack = SctpFrame::new(
-            e1,
-            c1,
-            SctpPacket::new(30868, 5000, ctag).chunk(Chunk::init_ack(
-                etag,
-                1,
-                &[ip(e1), ip(e2)],
-                b"a-state-cookie-of-some-length",
-            )),
-        );
-        let (v, out) = run_xdp(dp, &ack.bytes());
-        assert_eq!(v, XDP_REDIRECT, "INIT-ACK");
-        let p = parse_frame(&out).unwrap();
-        assert_eq!((p.src, p.dst), (ip(v1), ip(c1)));
-        assert_eq!(
-            p.sctp.addresses(),
-            vec![ip(v1), ip(v2)],
-            "the client learns the VIPs, never the endpoint's addresses"
-        );
-        assert!(p.sctp.crc_ok, "CRC32c after the address rewrite");
-        assert_eq!(p.sctp.cookie().unwrap(), b"a-state-cookie-of-some-length");
-        // DATA of the association from c1 to the secondary VIP: to e2.
-        let data = SctpFrame::new(
-            c1,
-            v2,
-            SctpPacket::new(5000, 3868, etag).chunk(Chunk::data(2, 0, 0, 0, b"on path 2")),
-        );
-        expect(
-            dp,
-            "DATA on the secondary VIP",
-            &data,
-            &data
-                .with_addrs(c1, e2)
-                .with_ports(5000, 30868)
-                .routed(LB_TO_EP_MAC, EP2_MAC),
-            XDP_REDIRECT,
-        );
-        // The endpoint answers from e2: seen as v2.
-        let hb = SctpFrame::new(
-            e2,
-            c1,
-            SctpPacket::new(30868, 5000, ctag).chunk(Chunk::heartbeat(b"hb")),
-        );
-        expect(
-            dp,
-            "endpoint's second address, seen as the second VIP",
-            &hb,
-            &hb.with_addrs(v2, c1)
-                .with_ports(3868, 5000)
-                .routed(LB_TO_CLIENT_MAC, CLIENT_MAC),
-            XDP_REDIRECT,
-        );
-        // From e1 to the client's second address: seen as v1 (no neighbour
-        // for c2 in this namespace: translated, then to the stack).
-        let hb2 = SctpFrame::new(
-            e1,
-            c2,
-            SctpPacket::new(30868, 5000, ctag).chunk(Chunk::heartbeat(b"hb2")),
-        );
-        let (v, out) = run_xdp(dp, &hb2.bytes());
-        assert_eq!(v, XDP_PASS);
-        let p = parse_frame(&out).unwrap();
-        assert_eq!((p.src, p.dst), (ip(v1), ip(c2)));
-        assert!(p.sctp.crc_ok);
-        // An unknown tag on a secondary VIP is a new flow like any other.
-        let stray = SctpFrame::new(
-            c1,
-            v2,
-            SctpPacket::new(5001, 3868, 0x5555).chunk(Chunk::data(2, 0, 0, 0, b"?")),
-        );
-        let (v, out) = run_xdp(dp, &stray.bytes());
-        assert_eq!(v, XDP_REDIRECT);
-        assert_eq!(parse_frame(&out).unwrap().dst, ip(e1));
+    let cases = [
+        Mh {
+            what: "IPv4 default",
+            tc: false,
+            fullnat: false,
+            c: ["192.168.0.2", "192.168.0.3"],
+            e: ["10.0.1.10", "10.0.1.11"],
+            v: ["20.0.0.100", "20.0.0.101"],
+            other: "fd00:99::1",
+            vport: 3868,
+            eport: 30868,
+        },
+        Mh {
+            what: "IPv4 fullnat",
+            tc: false,
+            fullnat: true,
+            c: ["192.168.0.2", "192.168.0.3"],
+            e: ["10.0.1.10", "10.0.1.11"],
+            v: ["20.0.0.100", "20.0.0.101"],
+            other: "fd00:99::1",
+            vport: 3869,
+            eport: 30869,
+        },
+        Mh {
+            what: "IPv6 default",
+            tc: false,
+            fullnat: false,
+            c: ["fd00:c::2", "fd00:c::3"],
+            e: ["fd00:1::10", "fd00:1::11"],
+            v: ["fd00:20::100", "fd00:20::101"],
+            other: "192.0.2.9",
+            vport: 3868,
+            eport: 30868,
+        },
+        Mh {
+            what: "IPv6 fullnat",
+            tc: false,
+            fullnat: true,
+            c: ["fd00:c::2", "fd00:c::3"],
+            e: ["fd00:1::10", "fd00:1::11"],
+            v: ["fd00:20::100", "fd00:20::101"],
+            other: "192.0.2.9",
+            vport: 3869,
+            eport: 30869,
+        },
+        Mh {
+            what: "IPv4 fullnat on TC",
+            tc: true,
+            fullnat: true,
+            c: ["192.168.0.2", "192.168.0.3"],
+            e: ["10.0.1.10", "10.0.1.11"],
+            v: ["20.0.0.100", "20.0.0.101"],
+            other: "fd00:99::1",
+            vport: 3869,
+            eport: 30869,
+        },
+        Mh {
+            what: "IPv6 default on TC",
+            tc: true,
+            fullnat: false,
+            c: ["fd00:c::2", "fd00:c::3"],
+            e: ["fd00:1::10", "fd00:1::11"],
+            v: ["fd00:20::100", "fd00:20::101"],
+            other: "192.0.2.9",
+            vport: 3868,
+            eport: 30868,
+        },
+    ];
+    fib::with_datapath("sctpmh", MH_RULES, move |dp| {
+        for (n, case) in cases.iter().enumerate() {
+            multihoming_case(dp, case, 5000 + n as u16);
+        }
     });
+}
+
+fn multihoming_case(dp: &mut Datapath, m: &Mh, cport: u16) {
+    use loxilb_tests::fib::{
+        verdict::{TC_ACT_OK, XDP_PASS},
+        EP2_MAC,
+    };
+    let what = m.what;
+    let run = |dp: &mut Datapath, f: &SctpFrame| {
+        if m.tc {
+            run_tc(dp, &f.bytes())
+        } else {
+            run_xdp(dp, &f.bytes())
+        }
+    };
+    let (redirect, pass) = if m.tc {
+        (TC_ACT_REDIRECT, TC_ACT_OK)
+    } else {
+        (XDP_REDIRECT, XDP_PASS)
+    };
+    let expect = |dp: &mut Datapath, what: &str, input: &SctpFrame, want: &SctpFrame| {
+        let (v, out) = run(dp, input);
+        assert_eq!(v, redirect, "{what}: verdict; counters {:?}", stats(dp));
+        assert_eq!(out, want.bytes(), "{what}\n{}", diff(&out, &want.bytes()));
+        assert!(frame_crc_ok(&out), "{what}: CRC32c of the output");
+    };
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let [c1, c2] = m.c;
+    let [e1, e2] = m.e;
+    let [v1, v2] = m.v;
+    let (ctag, etag) = (0x0c11_e000u32 + cport as u32, 0x0e0d_0000u32 + cport as u32);
+    // INIT from c1 to the primary VIP, listing both client addresses and
+    // one of the other family.
+    let init = SctpFrame::new(
+        c1,
+        v1,
+        SctpPacket::new(cport, m.vport, 0).chunk(Chunk::init(
+            ctag,
+            1,
+            &[ip(c1), ip(m.other), ip(c2)],
+        )),
+    );
+    let (v, out) = run(dp, &init);
+    assert_eq!(v, redirect, "{what}: INIT; counters {:?}", stats(dp));
+    let p = parse_frame(&out).unwrap();
+    assert!(p.sctp.crc_ok, "{what}: INIT CRC32c");
+    // How the endpoint sees the client: fullnat, as the VIPs, from a port
+    // the load balancer chose.
+    let (x1, x2, xport) = if m.fullnat {
+        (v1, v2, p.sctp.packet.sport)
+    } else {
+        (c1, c2, cport)
+    };
+    assert_eq!((p.src, p.dst), (ip(x1), ip(e1)), "{what}: INIT addresses");
+    assert_eq!(p.sctp.packet.dport, m.eport);
+    assert_eq!(
+        p.sctp.addresses(),
+        vec![ip(x1), ip(x2)],
+        "{what}: the endpoint learns the client's addresses as the load balancer shows them \
+         (the other family's hidden)"
+    );
+    // INIT-ACK from e1 listing both endpoint addresses and one of the
+    // other family.
+    let ack = SctpFrame::new(
+        e1,
+        x1,
+        SctpPacket::new(m.eport, xport, ctag).chunk(Chunk::init_ack(
+            etag,
+            1,
+            &[ip(e1), ip(e2), ip(m.other)],
+            b"a-state-cookie-of-some-length",
+        )),
+    );
+    let (v, out) = run(dp, &ack);
+    assert_eq!(v, redirect, "{what}: INIT-ACK");
+    let p = parse_frame(&out).unwrap();
+    assert_eq!(
+        (p.src, p.dst),
+        (ip(v1), ip(c1)),
+        "{what}: INIT-ACK addresses"
+    );
+    assert_eq!((p.sctp.packet.sport, p.sctp.packet.dport), (m.vport, cport));
+    assert_eq!(
+        p.sctp.addresses(),
+        vec![ip(v1), ip(v2)],
+        "{what}: the client learns the VIPs, never the endpoint's addresses"
+    );
+    assert!(p.sctp.crc_ok, "{what}: CRC32c after the address rewrites");
+    assert_eq!(p.sctp.cookie().unwrap(), b"a-state-cookie-of-some-length");
+    // Every path of the association, both ways.
+    let data = |src: &str, dst: &str, sp: u16, dp_: u16, tag: u32, msg: &[u8]| {
+        SctpFrame::new(
+            src,
+            dst,
+            SctpPacket::new(sp, dp_, tag).chunk(Chunk::data(2, 0, 0, 0, msg)),
+        )
+    };
+    // Client -> VIP k goes to e_k, from the client address as shown.
+    for (c, x, vip, ep, ep_mac) in [
+        (c1, x1, v2, e2, EP2_MAC),
+        (c2, x2, v2, e2, EP2_MAC),
+        (c2, x2, v1, e1, EP1_MAC),
+    ] {
+        let f = data(c, vip, cport, m.vport, etag, b"a path");
+        expect(
+            dp,
+            &format!("{what}: {c} -> {vip}"),
+            &f,
+            &f.with_addrs(x, ep)
+                .with_ports(xport, m.eport)
+                .routed(LB_TO_EP_MAC, ep_mac),
+        );
+    }
+    // Endpoint address k -> the client as shown: from VIP k.
+    for (ep, x, vip, c) in [(e2, x1, v2, c1), (e1, x2, v1, c2), (e2, x2, v2, c2)] {
+        let f = data(ep, x, m.eport, xport, ctag, b"back");
+        let want = f.with_addrs(vip, c).with_ports(m.vport, cport);
+        if c == c1 {
+            expect(
+                dp,
+                &format!("{what}: {ep} -> {x}"),
+                &f,
+                &want.routed(LB_TO_CLIENT_MAC, CLIENT_MAC),
+            );
+        } else {
+            // (No neighbour for c2 here: translated, then to the stack.)
+            let (v, out) = run(dp, &f);
+            assert_eq!(v, pass, "{what}: {ep} -> {x}");
+            let p = parse_frame(&out).unwrap();
+            assert_eq!((p.src, p.dst), (ip(vip), ip(c)), "{what}: {ep} -> {x}");
+            assert_eq!((p.sctp.packet.sport, p.sctp.packet.dport), (m.vport, cport));
+            assert!(p.sctp.crc_ok);
+        }
+    }
+    // An unknown tag on a secondary VIP is a new flow like any other.
+    let stray = data(c1, v2, cport + 100, m.vport, 0x5555, b"?");
+    let (v, out) = run(dp, &stray);
+    assert_eq!(v, redirect, "{what}: stray");
+    assert_eq!(parse_frame(&out).unwrap().dst, ip(e1), "{what}: stray");
 }

@@ -454,24 +454,31 @@ pub struct AssocKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AssocVal {
+    /// Path pairs: endpoint address `eps[k]` is shown to the client as
+    /// `vips[k]`. `vips` is the association's order of the rule's VIPs:
+    /// the one it started on first, then the rule's others in rule order.
     pub eps: [Addr; MAX_RULE_VIPS],
     pub vips: [Addr; MAX_RULE_VIPS],
     /// The client's addresses (its INIT's source first, then its address
-    /// parameters).
+    /// parameters), and how the endpoint sees each: the same in default
+    /// mode; in fullnat the session's source for the first, `vips[i]` for
+    /// the others.
     pub clients: [Addr; MAX_RULE_VIPS],
-    /// Endpoint port, service port, client port (network order).
+    pub xclients: [Addr; MAX_RULE_VIPS],
+    /// Endpoint port, service port, client port, and the client port as
+    /// the endpoint sees it (network order).
     pub ep_port: u16,
     pub vport: u16,
     pub cport: u16,
-    /// Pairs in use, client addresses known.
-    pub n_pairs: u8,
-    pub n_clients: u8,
+    pub xcport: u16,
     /// The endpoint's counter index (`EpVal::stat_idx`).
     pub ep_stat: u32,
+    /// Pairs in use, client addresses known, VIPs in `vips`.
+    pub n_pairs: u8,
+    pub n_clients: u8,
+    pub n_vips: u8,
     /// `lb_mode::*` of the rule when the association started.
     pub mode: u8,
-    pub _pad1: u8,
-    pub _pad2: u16,
 }
 
 pub const MAX_SCTP_ASSOC: u32 = 65_536;
@@ -515,8 +522,7 @@ pub struct SctpWalk {
     pub stage: u8,
     /// Parameters looked at so far.
     pub idx: u8,
-    /// INIT-ACK: the next of the rule's VIPs to hand out.
-    pub cursor: u8,
+    pub _pad1: u8,
     /// An IPv6 packet (which SCTP program to return to).
     pub v6: u8,
     /// `lb_mode::*` of the session.
@@ -931,15 +937,16 @@ no_implicit_padding!(AssocVal {
     eps: [Addr; MAX_RULE_VIPS],
     vips: [Addr; MAX_RULE_VIPS],
     clients: [Addr; MAX_RULE_VIPS],
+    xclients: [Addr; MAX_RULE_VIPS],
     ep_port: u16,
     vport: u16,
     cport: u16,
+    xcport: u16,
+    ep_stat: u32,
     n_pairs: u8,
     n_clients: u8,
-    ep_stat: u32,
-    mode: u8,
-    _pad1: u8,
-    _pad2: u16
+    n_vips: u8,
+    mode: u8
 });
 no_implicit_padding!(SctpWalk {
     source: Addr,
@@ -955,7 +962,7 @@ no_implicit_padding!(SctpWalk {
     kind: u8,
     stage: u8,
     idx: u8,
-    cursor: u8,
+    _pad1: u8,
     v6: u8,
     mode: u8,
     _pad: u16
@@ -990,7 +997,7 @@ const _: () = assert!(size_of::<GlobalCfg>() == 32);
 const _: () = assert!(size_of::<RuleVips>() == 72);
 const _: () = assert!(size_of::<SctpWalk>() == 56);
 const _: () = assert!(size_of::<AssocKey>() == 8);
-const _: () = assert!(size_of::<AssocVal>() == 208);
+const _: () = assert!(size_of::<AssocVal>() == 272);
 
 #[cfg(feature = "user")]
 mod user {
