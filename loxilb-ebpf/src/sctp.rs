@@ -195,6 +195,9 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
             return;
         };
         unsafe { copy_words(a, found) };
+        // The pairs are this INIT-ACK's (a retransmitted one lists the
+        // same addresses again).
+        a.n_pairs = 1;
         crate::set_addr(&mut w.source, &p.saddr);
         w.tag_b = ctag;
         w.kind = sctp_walk::INIT_ACK;

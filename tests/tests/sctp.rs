@@ -500,6 +500,15 @@ fn multihoming_case(dp: &mut Datapath, m: &Mh, cport: u16) {
     );
     assert!(p.sctp.crc_ok, "{what}: CRC32c after the address rewrites");
     assert_eq!(p.sctp.cookie().unwrap(), b"a-state-cookie-of-some-length");
+    // A retransmitted INIT-ACK is rewritten the same way (the pairs are
+    // not made twice).
+    let (v, again) = run(dp, &ack);
+    assert_eq!(v, redirect, "{what}: INIT-ACK again");
+    assert_eq!(
+        parse_frame(&again).unwrap().sctp.addresses(),
+        vec![ip(v1), ip(v2)],
+        "{what}: retransmitted INIT-ACK"
+    );
     // Every path of the association, both ways.
     let data = |src: &str, dst: &str, sp: u16, dp_: u16, tag: u32, msg: &[u8]| {
         SctpFrame::new(
