@@ -178,9 +178,10 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             let ep = unsafe { (*v).dsr_ep };
             return fwd::forward_dsr(ctx, &p, v, now, &ep, mode == lb_mode::DSR_IPIP);
         }
-        if p.sctp & (sctp_ev::INIT | sctp_ev::INIT_ACK) != 0 {
-            // Multihoming bookkeeping and the INIT-ACK rewrite live in
-            // their own program (returns only if it is not loaded).
+        if p.sctp & (sctp_ev::INIT | sctp_ev::INIT_ACK | sctp_ev::CLOSE) != 0 {
+            // Multihoming bookkeeping (the INIT-ACK rewrite, closing every
+            // path of an association) lives in its own program (returns
+            // only if it is not loaded).
             ctx.tail_call(if V6 { JMP_SCTP6 } else { JMP_SCTP4 });
         }
         return translate_and_forward(ctx, &p, &x, v, now);
@@ -372,9 +373,10 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     translate_and_forward(ctx, p, &x, v, now)
 }
 
-/// The SCTP program (tail-called on an INIT or INIT-ACK that has a
-/// session): multihoming bookkeeping and the INIT-ACK's address rewrite
-/// (`sctp`), then translate and forward as any packet of the session.
+/// The SCTP program (tail-called on an INIT, INIT-ACK, ABORT or SHUTDOWN
+/// COMPLETE that has a session): multihoming bookkeeping (`sctp`: the
+/// INIT / INIT-ACK parameter walk, closing every path of an association),
+/// then translate and forward as any packet of the session.
 #[inline(always)]
 pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     // Entered again at the end of the parameter walk: only translate and
@@ -400,7 +402,11 @@ pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     };
     // Else start the walk (returns if there is none to make).
     if !walked {
-        sctp::begin(ctx, &p, end, v, now);
+        if p.sctp & sctp_ev::CLOSE != 0 {
+            sctp::close_paths(&p, end, unsafe { (*v).rule_id });
+        } else {
+            sctp::begin(ctx, &p, end, v, now);
+        }
     }
     translate_and_forward(ctx, &p, &x, v, now)
 }

@@ -26,15 +26,18 @@
 //! `MAX_PARAMS` parameters are looked at, 4 addresses per side kept.
 
 use loxilb_common::{
-    crc32c, ct_dir, lb_mode, sctp_walk, AssocKey, AssocVal, CtKey, CtVal, SctpWalk, IPPROTO_SCTP,
-    JMP_SCTP4, JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
+    crc32c, ct_dir, ct_state, lb_mode, sctp_walk, AssocKey, AssocVal, CtKey, CtVal, SctpWalk,
+    IPPROTO_SCTP, JMP_SCTP4, JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
 };
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
     ctx::PktCtx,
-    maps::{LB_CT, LB_RULE_VIPS, LB_SCRATCH_ASSOC, LB_SCRATCH_CT, LB_SCRATCH_WALK, LB_SCTP_ASSOC},
+    maps::{
+        ep_active_add, LB_CT, LB_RULE_VIPS, LB_SCRATCH_ASSOC, LB_SCRATCH_CT, LB_SCRATCH_WALK,
+        LB_SCTP_ASSOC,
+    },
     parse::{ptr_at, sctp_ev, Pkt},
 };
 
@@ -532,6 +535,9 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
             (*val).timeout_s = w.timeout_s;
             (*val).last_seen_ns = w.now;
             (*val).dir = dir;
+            // (Paths are not sessions of their own on the endpoint: the
+            // association counts once, by the session it started on.)
+            (*val).state = ct_state::RELEASED;
             (*val).mode = w.mode;
             (*val).ep_stat = a.ep_stat;
             (*val).peer = *peer;
@@ -543,5 +549,74 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
         .is_ok()
     {
         let _ = LB_CT.insert(&fwd, unsafe { &*fv }, BPF_NOEXIST as u64);
+    }
+}
+
+/// An ABORT or SHUTDOWN COMPLETE of a multihomed association (the packet's
+/// own session is closed by conntrack): every other path of the
+/// association closes too, as an RST closes a TCP session (10 s to live, a
+/// new INIT on a tuple starts afresh).
+#[inline(always)]
+pub fn close_paths(p: &Pkt, end: usize, rule_id: u32) {
+    let Some(tag) = vtag(p, end) else {
+        return;
+    };
+    let Some(a) = LB_SCTP_ASSOC.get_ptr(&AssocKey { rule_id, vtag: tag }) else {
+        return;
+    };
+    let a = unsafe { &*a };
+    let mut k = 0;
+    while k < MAX_RULE_VIPS {
+        if k < a.n_pairs as usize {
+            let mut i = 0;
+            while i < MAX_RULE_VIPS {
+                if i < a.n_clients as usize {
+                    close_path(a, k, i);
+                }
+                i += 1;
+            }
+        }
+        k += 1;
+    }
+}
+
+/// Close both sessions of path (endpoint address `k`, client address `i`);
+/// the endpoint stops counting the association as active once. (A BPF
+/// subprogram, like `add_path`.)
+#[inline(never)]
+fn close_path(a: &AssocVal, k: usize, i: usize) {
+    let k = k & (MAX_RULE_VIPS - 1);
+    let i = i & (MAX_RULE_VIPS - 1);
+    let fwd = CtKey {
+        saddr: a.clients[i],
+        daddr: a.vips[k],
+        sport: a.cport,
+        dport: a.vport,
+        proto: IPPROTO_SCTP,
+        _pad1: 0,
+        _pad2: 0,
+    };
+    let rev = CtKey {
+        saddr: a.eps[k],
+        daddr: a.xclients[i],
+        sport: a.ep_port,
+        dport: a.xcport,
+        proto: IPPROTO_SCTP,
+        _pad1: 0,
+        _pad2: 0,
+    };
+    let (Some(f), Some(r)) = (LB_CT.get_ptr_mut(&fwd), LB_CT.get_ptr_mut(&rev)) else {
+        return;
+    };
+    unsafe {
+        let st = (*f).state | (*r).state;
+        if st & ct_state::RELEASED == 0 {
+            ep_active_add((*f).ep_stat, -1);
+        }
+        let st = st | ct_state::RST | ct_state::CLOSING | ct_state::RELEASED;
+        for v in [f, r] {
+            (*v).state = st;
+            (*v).timeout_s = loxilb_common::CT_CLOSE_TIMEOUT_S;
+        }
     }
 }

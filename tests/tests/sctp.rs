@@ -559,4 +559,30 @@ fn multihoming_case(dp: &mut Datapath, m: &Mh, cport: u16) {
     let (v, out) = run(dp, &stray);
     assert_eq!(v, redirect, "{what}: stray");
     assert_eq!(parse_frame(&out).unwrap().dst, ip(e1), "{what}: stray");
+    // An ABORT on one path closes every path of the association (as an
+    // RST closes a TCP session); the stray flow stays.
+    let abort = SctpFrame::new(
+        c2,
+        v1,
+        SctpPacket::new(cport, m.vport, etag).chunk(Chunk::abort(false)),
+    );
+    let (v, _) = run(dp, &abort);
+    assert_eq!(v, redirect, "{what}: ABORT");
+    let ours = |k: &loxilb_common::CtKey, x: &loxilb_common::CtVal| {
+        k.proto == loxilb_common::IPPROTO_SCTP
+            && (k.sport == cport.to_be() || x.xdport == cport.to_be())
+    };
+    let all: Vec<_> = dp.sessions().unwrap();
+    let paths: Vec<_> = all.iter().filter(|(k, x)| ours(k, x)).collect();
+    assert_eq!(paths.len(), 2 * 4, "{what}: 4 paths, 2 entries each");
+    for (k, x) in &paths {
+        assert!(
+            x.state & loxilb_common::ct_state::CLOSING != 0,
+            "{what}: path {k:?} still open after the ABORT"
+        );
+    }
+    let stray_open = all.iter().any(|(k, x)| {
+        k.sport == (cport + 100).to_be() && x.state & loxilb_common::ct_state::CLOSING == 0
+    });
+    assert!(stray_open, "{what}: another association is left alone");
 }
