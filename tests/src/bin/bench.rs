@@ -87,6 +87,7 @@ rules:
   - { name: web6, vip: "fd00:20::100", port: 80, protocol: tcp, endpoints: [{ ip: "fd00:1::10", port: 8080 }] }
   - { name: nat64, vip: "fd00:20::100", port: 84, protocol: tcp, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
   - { name: sctp, vip: 20.0.0.100, port: 3868, protocol: sctp, endpoints: [{ ip: 10.0.1.10, port: 30868 }] }
+  - { name: sctp-mh, vip: 20.0.0.100, secondary_vips: [20.0.0.101], port: 3870, protocol: sctp, endpoints: [{ ip: 10.0.1.10, port: 30870 }] }
 "#;
 
 const VIP6: &str = "fd00:20::100";
@@ -304,6 +305,7 @@ enum Extra {
     Est64,
     Reply64,
     Sctp,
+    SctpInitAck,
 }
 
 struct PathBench {
@@ -554,12 +556,64 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
         "SCTP association (rule sctp) {CLIENT}:{CLIENT_PORT} -> {VIP}:3868: to 10.0.1.10:30868, \
          DATA of 32 bytes (CRC32c updated for the ports)"
     ));
+    // A multihomed association (rule sctp-mh): the INIT, then the
+    // endpoint's INIT-ACK listing two addresses, rewritten to the two VIPs
+    // (a walk of tail calls, one per parameter, and a CRC32c update per
+    // rewritten address). Timed: the INIT-ACK, walked and rewritten anew
+    // each call.
+    let init = SctpFrame::new(
+        CLIENT,
+        VIP,
+        SctpPacket::new(CLIENT_PORT, 3870, 0).chunk(Chunk::init(0x3333, 1, &[c])),
+    );
+    check(
+        dp,
+        "multihomed SCTP INIT",
+        main,
+        &init.bytes(),
+        XDP_REDIRECT,
+        &init
+            .with_addrs(CLIENT, "10.0.1.10")
+            .with_ports(CLIENT_PORT, 30870)
+            .routed(LB_TO_EP_MAC, EP1_MAC)
+            .bytes(),
+    )?;
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let cookie = [0x5a; 64];
+    let init_ack = |a: &str, b: &str| {
+        Chunk::init_ack(0x4444, 1, &[ip(a), ip(b)], &cookie)
+    };
+    let ack_mh = SctpFrame::new(
+        "10.0.1.10",
+        CLIENT,
+        SctpPacket::new(30870, CLIENT_PORT, 0x3333).chunk(init_ack("10.0.1.10", "10.0.1.11")),
+    );
+    let want = SctpFrame::new(
+        VIP,
+        CLIENT,
+        SctpPacket::new(3870, CLIENT_PORT, 0x3333).chunk(init_ack(VIP, "20.0.0.101")),
+    )
+    .routed(LB_TO_CLIENT_MAC, CLIENT_MAC);
+    check(
+        dp,
+        "multihomed SCTP INIT-ACK",
+        main,
+        &ack_mh.bytes(),
+        XDP_REDIRECT,
+        &want.bytes(),
+    )?;
+    notes.push(format!(
+        "multihomed SCTP association (rule sctp-mh) {CLIENT}:{CLIENT_PORT} -> {VIP}:3870: \
+         INIT-ACK from 10.0.1.10 listing 10.0.1.10, 10.0.1.11 and a 64-byte cookie: to the \
+         client listing {VIP}, 20.0.0.101"
+    ));
     Ok(vec![
         (Extra::Est6, ack.bytes()),
         (Extra::Reply6, reply.bytes()),
         (Extra::Est64, ack64.bytes()),
         (Extra::Reply64, reply64.bytes()),
         (Extra::Sctp, data.bytes()),
+        (Extra::SctpInitAck, ack_mh.bytes()),
     ])
 }
 
@@ -882,9 +936,11 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     // Kept so a table clear (see NEW_FLOW_BUDGET) can put the flows back.
     let established_entries: Vec<(CtKey, CtVal)> = dp.sessions()?;
     let mode_entries: usize = MODES.iter().map(|m| flows[&m.mode].entries.len()).sum();
-    if established_entries.len() != mode_entries + 6 {
+    // +6 for IPv6, NAT64, SCTP; +4 for the multihomed SCTP association
+    // (its first path and the endpoint's second address's path).
+    if established_entries.len() != mode_entries + 10 {
         bail!(
-            "{} sessions after opening the flows; expected {} (+6 for IPv6, NAT64, SCTP)",
+            "{} sessions after opening the flows; expected {} (+10 for IPv6, NAT64, SCTP)",
             established_entries.len(),
             mode_entries
         );
@@ -937,6 +993,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             Extra::Est64 => ("established (NAT64 6->4)", VIP6, 84),
             Extra::Reply64 => ("reply (NAT64 4->6)", VIP6, 84),
             Extra::Sctp => ("established (SCTP DATA)", VIP, 3868),
+            Extra::SctpInitAck => ("SCTP INIT-ACK, multihomed", VIP, 3870),
         };
         paths.push(PathBench::new(
             Kind::Extra(x),
