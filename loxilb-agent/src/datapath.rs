@@ -22,9 +22,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use loxilb_common::{
-    addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, CtKey,
-    CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SelChunk, SelKey, SrcRangeData,
-    SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
+    addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, AssocKey,
+    AssocVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SelChunk,
+    SelKey, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -516,6 +516,11 @@ impl Datapath {
         read_sessions(self.map(mn::CONNTRACK)?)
     }
 
+    /// SCTP associations of multihomed rules, by (rule, verification tag).
+    pub fn associations(&self) -> Result<Vec<(AssocKey, AssocVal)>> {
+        read_lru(self.map(mn::SCTP_ASSOC)?)
+    }
+
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
         read_stats(self.map(mn::STATS)?)
     }
@@ -692,7 +697,13 @@ fn check_pinned_layout(dir: &Path) -> Result<()> {
 }
 
 fn read_sessions(m: &Map) -> Result<Vec<(CtKey, CtVal)>> {
-    let ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(m)?;
+    read_lru(m)
+}
+
+/// Every entry of an LRU hash map (entries can vanish during the walk:
+/// those are skipped).
+fn read_lru<K: aya::Pod, V: aya::Pod>(m: &Map) -> Result<Vec<(K, V)>> {
+    let ct: HashMap<_, K, V> = HashMap::try_from(m)?;
     let mut v = vec![];
     for kv in ct.iter() {
         match kv {
@@ -782,6 +793,11 @@ impl PinnedMaps {
 
     pub fn sessions(&self) -> Result<Vec<(CtKey, CtVal)>> {
         read_sessions(&self.open_map(mn::CONNTRACK, Map::LruHashMap)?)
+    }
+
+    /// SCTP associations of multihomed rules, by (rule, verification tag).
+    pub fn associations(&self) -> Result<Vec<(AssocKey, AssocVal)>> {
+        read_lru(&self.open_map(mn::SCTP_ASSOC, Map::LruHashMap)?)
     }
 
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {

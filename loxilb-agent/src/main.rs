@@ -148,6 +148,9 @@ enum Cmd {
     Endpoints,
     /// Show the live session table.
     Sessions,
+    /// Show SCTP associations of multihomed rules (client addresses,
+    /// each path's VIP and endpoint address).
+    Associations,
     /// Show BGP neighbours (state, uptime, routes sent).
     Bgp,
     /// Show datapath counters.
@@ -348,6 +351,11 @@ fn main() -> Result<()> {
                 "{}",
                 show::sessions_table(&m.sessions()?, show::monotonic_ns())
             );
+            Ok(())
+        }
+        Cmd::Associations => {
+            let m = PinnedMaps::open(&cli.pin_dir)?;
+            print!("{}", show::associations_table(&m.associations()?));
             Ok(())
         }
         Cmd::Stats => {

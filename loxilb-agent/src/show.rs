@@ -3,8 +3,8 @@
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr};
 
 use loxilb_common::{
-    ct_dir, ct_state, ip_from_addr, Addr, CtKey, CtVal, EpKey, EpStats, EpVal, RuleStats, RuleVips,
-    SvcKey, SvcVal,
+    ct_dir, ct_state, ip_from_addr, lb_mode, Addr, AssocKey, AssocVal, CtKey, CtVal, EpKey,
+    EpStats, EpVal, RuleStats, RuleVips, SvcKey, SvcVal,
 };
 
 fn ip(a: Addr) -> IpAddr {
@@ -174,6 +174,66 @@ pub fn sessions_table(sessions: &[(CtKey, CtVal)], now_ns: u64) -> String {
     out
 }
 
+/// One row per multihomed SCTP association (recorded under each side's
+/// verification tag: shown once, with both tags): the client's addresses
+/// (and, in fullnat, how the endpoint sees them) and each path's VIP and
+/// endpoint address.
+pub fn associations_table(assocs: &[(AssocKey, AssocVal)]) -> String {
+    let mut groups: Vec<(AssocVal, Vec<u32>)> = vec![];
+    for (k, v) in assocs {
+        match groups.iter_mut().find(|(g, _)| g == v) {
+            Some((_, tags)) => tags.push(u32::from_be(k.vtag)),
+            None => groups.push((*v, vec![u32::from_be(k.vtag)])),
+        }
+    }
+    groups.sort_by_key(|(a, _)| (ip(a.vips[0]), u16::from_be(a.vport), ip(a.clients[0])));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<22} {:<8} {:<21} {:<40} PATHS (VIP -> ENDPOINT ADDRESS)",
+        "SERVICE", "MODE", "TAGS", "CLIENT ADDRESSES"
+    );
+    let n = |x: u8| (x as usize).min(loxilb_common::MAX_RULE_VIPS);
+    for (a, mut tags) in groups {
+        tags.sort_unstable();
+        let tags = tags
+            .iter()
+            .map(|t| format!("{t:#010x}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let clients = (0..n(a.n_clients))
+            .map(|i| {
+                let c = hp(a.clients[i], a.cport);
+                if a.xclients[i] != a.clients[i] || a.xcport != a.cport {
+                    format!("{c} (as {})", hp(a.xclients[i], a.xcport))
+                } else {
+                    c
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let paths = (0..n(a.n_pairs))
+            .map(|k| format!("{} -> {}", ip(a.vips[k]), hp(a.eps[k], a.ep_port)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mode = match a.mode {
+            lb_mode::DEFAULT => "default",
+            lb_mode::FULLNAT => "fullnat",
+            _ => "other",
+        };
+        let _ = writeln!(
+            out,
+            "{:<22} {:<8} {:<21} {:<40} {}",
+            hp(a.vips[0], a.vport),
+            mode,
+            tags,
+            clients,
+            paths
+        );
+    }
+    out
+}
+
 pub fn stats_table(stats: &[(&str, u64)]) -> String {
     let mut out = String::new();
     for (n, v) in stats {
@@ -279,6 +339,55 @@ pub fn bgp_table(n: &[crate::bgp::Neighbor]) -> String {
 mod tests {
     use super::*;
     use crate::rules::{tests::MemTable, Rules};
+
+    #[test]
+    fn an_association_is_one_row_with_both_tags_its_clients_and_paths() {
+        let a = |s: &str| loxilb_common::addr_from_ip(s.parse().unwrap());
+        let mut v = AssocVal {
+            n_pairs: 2,
+            n_clients: 2,
+            n_vips: 2,
+            mode: lb_mode::FULLNAT,
+            ep_port: 30868u16.to_be(),
+            vport: 3868u16.to_be(),
+            cport: 5000u16.to_be(),
+            xcport: 40001u16.to_be(),
+            ..Default::default()
+        };
+        v.vips[..2].copy_from_slice(&[a("20.0.0.100"), a("20.0.0.101")]);
+        v.eps[..2].copy_from_slice(&[a("10.0.1.10"), a("10.0.1.11")]);
+        v.clients[..2].copy_from_slice(&[a("192.168.0.2"), a("192.168.0.3")]);
+        v.xclients[..2].copy_from_slice(&[a("20.0.0.100"), a("20.0.0.101")]);
+        let key = |t: u32| AssocKey {
+            rule_id: 1,
+            vtag: t.to_be(),
+        };
+        let out = associations_table(&[(key(0x0e0d), v), (key(0x0c11), v)]);
+        assert_eq!(out.lines().count(), 2, "header and one association:\n{out}");
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.starts_with("20.0.0.100:3868"), "{row}");
+        assert!(
+            row.contains("fullnat") && row.contains("0x00000c11,0x00000e0d"),
+            "{row}"
+        );
+        assert!(
+            row.contains(
+                "192.168.0.2:5000 (as 20.0.0.100:40001), 192.168.0.3:5000 (as 20.0.0.101:40001)"
+            ),
+            "{row}"
+        );
+        assert!(
+            row.contains("20.0.0.100 -> 10.0.1.10:30868, 20.0.0.101 -> 10.0.1.11:30868"),
+            "{row}"
+        );
+        // Default mode: the client as itself.
+        v.mode = lb_mode::DEFAULT;
+        v.xclients = v.clients;
+        v.xcport = v.cport;
+        let out = associations_table(&[(key(1), v)]);
+        assert!(!out.contains("(as "), "{out}");
+        assert!(out.contains("192.168.0.2:5000, 192.168.0.3:5000"), "{out}");
+    }
 
     #[test]
     fn a_multihomed_rule_is_one_row_with_its_secondary_vips() {

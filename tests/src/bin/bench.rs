@@ -580,9 +580,7 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
     )?;
     let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
     let cookie = [0x5a; 64];
-    let init_ack = |a: &str, b: &str| {
-        Chunk::init_ack(0x4444, 1, &[ip(a), ip(b)], &cookie)
-    };
+    let init_ack = |a: &str, b: &str| Chunk::init_ack(0x4444, 1, &[ip(a), ip(b)], &cookie);
     let ack_mh = SctpFrame::new(
         "10.0.1.10",
         CLIENT,
