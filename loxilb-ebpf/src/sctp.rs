@@ -474,18 +474,50 @@ fn finish(a: &AssocVal, w: &SctpWalk) {
     );
     // Every (endpoint address k, client address i) but the pair the
     // association started on, which has its sessions.
+    each_path(a, |k, i| {
+        if (k | i) != 0 {
+            add_path(a, w, k, i);
+        }
+    });
+}
+
+/// `f(k, i)` for every path of `a`: endpoint address `k` x client address
+/// `i` (both < 4).
+#[inline(always)]
+fn each_path(a: &AssocVal, mut f: impl FnMut(usize, usize)) {
     let mut k = 0;
     while k < MAX_RULE_VIPS {
         if k < a.n_pairs as usize {
             let mut i = 0;
             while i < MAX_RULE_VIPS {
-                if i < a.n_clients as usize && (k | i) != 0 {
-                    add_path(a, w, k, i);
+                if i < a.n_clients as usize {
+                    f(k, i);
                 }
                 i += 1;
             }
         }
         k += 1;
+    }
+}
+
+/// The conntrack keys of path (endpoint address `k`, client address `i`),
+/// written in place: the client's packets `clients[i]:cport ->
+/// vips[k]:vport` (`fwd`) and the endpoint's `eps[k]:ep_port ->
+/// xclients[i]:xcport` (`rev`). (`k`, `i` < 4. In place, not returned: a
+/// returned pair costs another 80 bytes of a stack at its limit.)
+#[inline(always)]
+fn path_keys(a: &AssocVal, k: usize, i: usize, fwd: &mut CtKey, rev: &mut CtKey) {
+    for (key, saddr, daddr, sport, dport) in [
+        (fwd, &a.clients[i], &a.vips[k], a.cport, a.vport),
+        (rev, &a.eps[k], &a.xclients[i], a.ep_port, a.xcport),
+    ] {
+        crate::set_addr(&mut key.saddr, saddr);
+        crate::set_addr(&mut key.daddr, daddr);
+        key.sport = sport;
+        key.dport = dport;
+        key.proto = IPPROTO_SCTP;
+        key._pad1 = 0;
+        key._pad2 = 0;
     }
 }
 
@@ -503,24 +535,8 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
     let (Some(rv), Some(fv)) = (LB_SCRATCH_CT.get_ptr_mut(0), LB_SCRATCH_CT.get_ptr_mut(1)) else {
         return;
     };
-    let fwd = CtKey {
-        saddr: *client,
-        daddr: *vip,
-        sport: a.cport,
-        dport: a.vport,
-        proto: IPPROTO_SCTP,
-        _pad1: 0,
-        _pad2: 0,
-    };
-    let rev = CtKey {
-        saddr: *ep,
-        daddr: *xclient,
-        sport: a.ep_port,
-        dport: a.xcport,
-        proto: IPPROTO_SCTP,
-        _pad1: 0,
-        _pad2: 0,
-    };
+    let (mut fwd, mut rev) = (CtKey::default(), CtKey::default());
+    path_keys(a, k, i, &mut fwd, &mut rev);
     for (val, dir, peer, xs, xd, xsp, xdp) in [
         (rv, ct_dir::REPLY, &fwd, vip, client, a.vport, a.cport),
         (fv, ct_dir::FORWARD, &rev, xclient, ep, a.xcport, a.ep_port),
@@ -565,19 +581,7 @@ pub fn close_paths(p: &Pkt, end: usize, rule_id: u32) {
         return;
     };
     let a = unsafe { &*a };
-    let mut k = 0;
-    while k < MAX_RULE_VIPS {
-        if k < a.n_pairs as usize {
-            let mut i = 0;
-            while i < MAX_RULE_VIPS {
-                if i < a.n_clients as usize {
-                    close_path(a, k, i);
-                }
-                i += 1;
-            }
-        }
-        k += 1;
-    }
+    each_path(a, |k, i| close_path(a, k, i));
 }
 
 /// Close both sessions of path (endpoint address `k`, client address `i`);
@@ -585,26 +589,14 @@ pub fn close_paths(p: &Pkt, end: usize, rule_id: u32) {
 /// subprogram, like `add_path`.)
 #[inline(never)]
 fn close_path(a: &AssocVal, k: usize, i: usize) {
-    let k = k & (MAX_RULE_VIPS - 1);
-    let i = i & (MAX_RULE_VIPS - 1);
-    let fwd = CtKey {
-        saddr: a.clients[i],
-        daddr: a.vips[k],
-        sport: a.cport,
-        dport: a.vport,
-        proto: IPPROTO_SCTP,
-        _pad1: 0,
-        _pad2: 0,
-    };
-    let rev = CtKey {
-        saddr: a.eps[k],
-        daddr: a.xclients[i],
-        sport: a.ep_port,
-        dport: a.xcport,
-        proto: IPPROTO_SCTP,
-        _pad1: 0,
-        _pad2: 0,
-    };
+    let (mut fwd, mut rev) = (CtKey::default(), CtKey::default());
+    path_keys(
+        a,
+        k & (MAX_RULE_VIPS - 1),
+        i & (MAX_RULE_VIPS - 1),
+        &mut fwd,
+        &mut rev,
+    );
     let (Some(f), Some(r)) = (LB_CT.get_ptr_mut(&fwd), LB_CT.get_ptr_mut(&rev)) else {
         return;
     };

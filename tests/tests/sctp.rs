@@ -339,78 +339,56 @@ fn sctp_multihoming_init_ack_rewrite_and_paths() {
         return;
     }
     let cases = [
-        Mh {
-            what: "IPv4 default",
-            tc: false,
-            fullnat: false,
-            c: ["192.168.0.2", "192.168.0.3"],
-            e: ["10.0.1.10", "10.0.1.11"],
-            v: ["20.0.0.100", "20.0.0.101"],
-            other: "fd00:99::1",
-            vport: 3868,
-            eport: 30868,
-        },
-        Mh {
-            what: "IPv4 fullnat",
-            tc: false,
-            fullnat: true,
-            c: ["192.168.0.2", "192.168.0.3"],
-            e: ["10.0.1.10", "10.0.1.11"],
-            v: ["20.0.0.100", "20.0.0.101"],
-            other: "fd00:99::1",
-            vport: 3869,
-            eport: 30869,
-        },
-        Mh {
-            what: "IPv6 default",
-            tc: false,
-            fullnat: false,
-            c: ["fd00:c::2", "fd00:c::3"],
-            e: ["fd00:1::10", "fd00:1::11"],
-            v: ["fd00:20::100", "fd00:20::101"],
-            other: "192.0.2.9",
-            vport: 3868,
-            eport: 30868,
-        },
-        Mh {
-            what: "IPv6 fullnat",
-            tc: false,
-            fullnat: true,
-            c: ["fd00:c::2", "fd00:c::3"],
-            e: ["fd00:1::10", "fd00:1::11"],
-            v: ["fd00:20::100", "fd00:20::101"],
-            other: "192.0.2.9",
-            vport: 3869,
-            eport: 30869,
-        },
-        Mh {
-            what: "IPv4 fullnat on TC",
-            tc: true,
-            fullnat: true,
-            c: ["192.168.0.2", "192.168.0.3"],
-            e: ["10.0.1.10", "10.0.1.11"],
-            v: ["20.0.0.100", "20.0.0.101"],
-            other: "fd00:99::1",
-            vport: 3869,
-            eport: 30869,
-        },
-        Mh {
-            what: "IPv6 default on TC",
-            tc: true,
-            fullnat: false,
-            c: ["fd00:c::2", "fd00:c::3"],
-            e: ["fd00:1::10", "fd00:1::11"],
-            v: ["fd00:20::100", "fd00:20::101"],
-            other: "192.0.2.9",
-            vport: 3868,
-            eport: 30868,
-        },
+        Mh::new("IPv4 default", false, false, false),
+        Mh::new("IPv4 fullnat", false, true, false),
+        Mh::new("IPv6 default", true, false, false),
+        Mh::new("IPv6 fullnat", true, true, false),
+        Mh::new("IPv4 fullnat on TC", false, true, true),
+        Mh::new("IPv6 default on TC", true, false, true),
     ];
     fib::with_datapath("sctpmh", MH_RULES, move |dp| {
         for (n, case) in cases.iter().enumerate() {
             multihoming_case(dp, case, 5000 + n as u16);
         }
     });
+}
+
+impl Mh {
+    /// The addresses of the test namespace for the family; the rule of
+    /// `MH_RULES` for the mode.
+    fn new(what: &'static str, v6: bool, fullnat: bool, tc: bool) -> Self {
+        let (c, e, v, other) = if v6 {
+            (
+                ["fd00:c::2", "fd00:c::3"],
+                ["fd00:1::10", "fd00:1::11"],
+                ["fd00:20::100", "fd00:20::101"],
+                "192.0.2.9",
+            )
+        } else {
+            (
+                ["192.168.0.2", "192.168.0.3"],
+                ["10.0.1.10", "10.0.1.11"],
+                ["20.0.0.100", "20.0.0.101"],
+                "fd00:99::1",
+            )
+        };
+        let (vport, eport) = if fullnat {
+            (3869, 30869)
+        } else {
+            (3868, 30868)
+        };
+        Mh {
+            what,
+            tc,
+            fullnat,
+            c,
+            e,
+            v,
+            other,
+            vport,
+            eport,
+        }
+    }
 }
 
 fn multihoming_case(dp: &mut Datapath, m: &Mh, cport: u16) {
