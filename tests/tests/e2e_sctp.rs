@@ -92,7 +92,12 @@ fn extra_link(t: &Topology, ns: &Netns, outer: &str, inner: &str, oa: &str, ia: 
         .unwrap();
     ns.sh(&["ip", "link", "set", tmp, "name", outer]).unwrap();
     for (n, dev, a) in [(ns, outer, oa), (&t.lb, inner, ia)] {
-        n.sh(&["ip", "addr", "add", a, "dev", dev]).unwrap();
+        // (nodad: an IPv6 address usable at once.)
+        let mut add = vec!["ip", "addr", "add", a, "dev", dev];
+        if a.contains(':') {
+            add.push("nodad");
+        }
+        n.sh(&add).unwrap();
         n.sh(&["ip", "link", "set", dev, "up"]).unwrap();
         n.sh(&["ethtool", "-K", dev, "tx", "off", "gro", "on"])
             .unwrap();
@@ -111,7 +116,7 @@ fn sctp_multihoming_failover_through_the_load_balancer() {
     if !need_root(name) || !need_tools(name) {
         return;
     }
-    multihoming_failover("lxmh", false);
+    multihoming_failover("lxmh", false, false);
 }
 
 /// The same in fullnat: the endpoint sees the client as the VIPs (one per
@@ -124,16 +129,38 @@ fn sctp_multihoming_failover_in_fullnat() {
     if !need_root(name) || !need_tools(name) {
         return;
     }
-    multihoming_failover("lxmf", true);
+    multihoming_failover("lxmf", true, false);
 }
 
-fn multihoming_failover(prefix: &str, fullnat: bool) {
-    // VIPs in the private range, like the peers' addresses: an SCTP stack
-    // lists in its INIT only the addresses within the scope of the
-    // address it connects to (RFC 9260 5.1.2; usrsctp and Linux leave
-    // private addresses out of an INIT to a public one), and the client's
-    // second address must be listed for the endpoint to use it.
-    let vips = |net: u8| (format!("10.{net}.200.100"), format!("10.{net}.200.101"));
+/// Both modes again over IPv6: IPv6 address parameters, IPv6 VIPs.
+#[test]
+fn sctp_multihoming_failover_over_ipv6() {
+    let name = "sctp_multihoming_failover_over_ipv6";
+    if !need_root(name) || !need_tools(name) {
+        return;
+    }
+    multihoming_failover("lxm6", false, true);
+    multihoming_failover("lxm7", true, true);
+}
+
+fn multihoming_failover(prefix: &str, fullnat: bool, v6: bool) {
+    // Addresses: `host` on subnet `sub` of the topology's network
+    // (10.net.sub.0/24 or fd00:net:sub::/64), and the prefix lengths.
+    let at = move |net: u8, sub: u8, host: u16| -> String {
+        if v6 {
+            format!("fd00:{net}:{sub}::{host}")
+        } else {
+            format!("10.{net}.{sub}.{host}")
+        }
+    };
+    let (plen, hlen) = if v6 { (64, 128) } else { (24, 32) };
+    // VIPs in the private range (unique local for IPv6), like the peers'
+    // addresses: an SCTP stack lists in its INIT only the addresses within
+    // the scope of the address it connects to (RFC 9260 5.1.2; usrsctp
+    // and Linux leave private addresses out of an INIT to a public one),
+    // and the client's second address must be listed for the endpoint to
+    // use it.
+    let vips = move |net: u8| (at(net, 200, 100), at(net, 200, 101));
     let mode = if fullnat { "fullnat" } else { "default" };
     let e = Scene::new(
         prefix,
@@ -143,76 +170,51 @@ fn multihoming_failover(prefix: &str, fullnat: bool) {
         |t| {
             let (v1, v2) = vips(t.net);
             format!(
-                "rules:\n  - name: mh\n    vip: {v1}\n    secondary_vips: [{v2}]\n    port: 3868\n    protocol: sctp\n    mode: {mode}\n    endpoints:\n      - {{ ip: {}, port: 3868 }}\n",
-                t.backend_ip(1)
+                "rules:\n  - name: mh\n    vip: \"{v1}\"\n    secondary_vips: [\"{v2}\"]\n    port: 3868\n    protocol: sctp\n    mode: {mode}\n    endpoints:\n      - {{ ip: \"{}\", port: 3868 }}\n",
+                at(t.net, 1, 2)
             )
         },
     );
     let t = &e.t;
     let net = t.net;
     let (v1, v2) = vips(net);
-    let v2 = v2.as_str();
-    // Second links: client c1 <-> lbc2 (10.net.100.0/24), backend b1 <->
-    // lbb2 (10.net.101.0/24). The client reaches the secondary VIP over
-    // its second link; the backend reaches the client's second address
-    // over its own.
+    // Second links: client c1 <-> lbc2 (subnet 100), backend b1 <-> lbb2
+    // (subnet 101). The client reaches the secondary VIP over its second
+    // link; the backend reaches the client's second path over its own.
     extra_link(
         t,
         &t.client,
         "c1",
         "lbc2",
-        &format!("10.{net}.100.2/24"),
-        &format!("10.{net}.100.1/24"),
+        &format!("{}/{plen}", at(net, 100, 2)),
+        &format!("{}/{plen}", at(net, 100, 1)),
     );
     extra_link(
         t,
         &t.backends[0],
         "b1",
         "lbb2",
-        &format!("10.{net}.101.2/24"),
-        &format!("10.{net}.101.1/24"),
+        &format!("{}/{plen}", at(net, 101, 2)),
+        &format!("{}/{plen}", at(net, 101, 1)),
     );
-    t.client
-        .sh(&[
-            "ip",
-            "route",
-            "add",
-            &format!("{v1}/32"),
-            "via",
-            &format!("10.{net}.0.1"),
-        ])
-        .unwrap();
-    t.client
-        .sh(&[
-            "ip",
-            "route",
-            "add",
-            &format!("{v2}/32"),
-            "via",
-            &format!("10.{net}.100.1"),
-        ])
-        .unwrap();
+    let route = |ns: &Netns, to: String, via: String| {
+        ns.sh(&["ip", "route", "add", &to, "via", &via]).unwrap();
+    };
+    route(&t.client, format!("{v1}/{hlen}"), at(net, 0, 1));
+    route(&t.client, format!("{v2}/{hlen}"), at(net, 100, 1));
     // The backend's way to the client's second path: in default mode the
     // client's second address, in fullnat the second VIP (which the
     // endpoint knows as the client's second address).
     let second = if fullnat {
-        format!("{v2}/32")
+        format!("{v2}/{hlen}")
     } else {
-        format!("10.{net}.100.0/24")
+        format!("{}/{plen}", at(net, 100, 0))
     };
-    t.backends[0]
-        .sh(&[
-            "ip",
-            "route",
-            "add",
-            &second,
-            "via",
-            &format!("10.{net}.101.1"),
-        ])
-        .unwrap();
-    let (c1, c2) = (IpAddr::V4(t.client_ip()), ip(&format!("10.{net}.100.2")));
-    let (e1, e2) = (IpAddr::V4(t.backend_ip(1)), ip(&format!("10.{net}.101.2")));
-    let (vip1, vip2) = (ip(&v1), ip(v2));
+    route(&t.backends[0], second, at(net, 101, 1));
+    let (c1, c2) = (ip(&at(net, 0, 2)), ip(&at(net, 100, 2)));
+    let (e1, e2) = (ip(&at(net, 1, 2)), ip(&at(net, 101, 2)));
+    let (vip1, vip2) = (ip(&v1), ip(&v2));
+    let v2 = v2.as_str();
     // usrsctp sends everything from the address bound last: the primary
     // ones go last.
     let server = SctpServer::spawn(&t.backends[0], &[e2, e1], 3868).expect("SCTP server");
@@ -300,8 +302,8 @@ fn multihoming_failover(prefix: &str, fullnat: bool) {
     let assocs = agent.cli("associations").unwrap();
     assert_eq!(assocs.lines().count(), 2, "one association:\n{assocs}");
     for path in [
-        format!("{vip1} -> {e1}:3868"),
-        format!("{vip2} -> {e2}:3868"),
+        format!("{vip1} -> {}", std::net::SocketAddr::new(e1, 3868)),
+        format!("{vip2} -> {}", std::net::SocketAddr::new(e2, 3868)),
     ] {
         assert!(assocs.contains(&path), "path {path}:\n{assocs}");
     }
