@@ -838,43 +838,47 @@ impl Rules {
                 inst.rule_vips = list;
             }
         }
-        for a in vips {
-            if inst.secondary.contains(a) {
-                t.delete_service(secondary_key(&inst.key, *a))?;
-                let old = inst.secondary.clone();
-                inst.secondary.retain(|x| x != a);
-                track_secondaries(
-                    &mut self.addrs,
-                    &mut self.owners,
-                    k,
-                    &inst.key,
-                    &old,
-                    &inst.secondary,
-                );
-            }
+        let gone: Vec<Addr> = vips
+            .iter()
+            .filter(|a| inst.secondary.contains(a))
+            .copied()
+            .collect();
+        for a in gone {
+            self.drop_secondary(k, a, t)?;
         }
         Ok(())
     }
 
-    fn remove(&mut self, k: SvcKeyOrd, t: &mut dyn RuleTable, report: &mut Report) -> Result<()> {
+    /// Delete secondary VIP `a` of rule `k` from the datapath and stop
+    /// counting and owning it.
+    fn drop_secondary(&mut self, k: SvcKeyOrd, a: Addr, t: &mut dyn RuleTable) -> Result<()> {
         let Some(inst) = self.installed.get_mut(&k) else {
+            return Ok(());
+        };
+        t.delete_service(secondary_key(&inst.key, a))?;
+        let old = inst.secondary.clone();
+        inst.secondary.retain(|x| *x != a);
+        track_secondaries(
+            &mut self.addrs,
+            &mut self.owners,
+            k,
+            &inst.key,
+            &old,
+            &inst.secondary,
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, k: SvcKeyOrd, t: &mut dyn RuleTable, report: &mut Report) -> Result<()> {
+        let Some(inst) = self.installed.get(&k) else {
             return Ok(());
         };
         // The secondary VIPs first: the rule is gone from the datapath when
         // its primary entry is.
-        while let Some(a) = inst.secondary.last().copied() {
-            t.delete_service(secondary_key(&inst.key, a))?;
-            let old = inst.secondary.clone();
-            inst.secondary.pop();
-            track_secondaries(
-                &mut self.addrs,
-                &mut self.owners,
-                k,
-                &inst.key,
-                &old,
-                &inst.secondary,
-            );
+        for a in inst.secondary.clone().into_iter().rev() {
+            self.drop_secondary(k, a, t)?;
         }
+        let inst = self.installed.get_mut(&k).expect("present");
         if !inst.rule_vips.is_empty() {
             t.delete_rule_vips(inst.rule_id)?;
             inst.rule_vips.clear();
