@@ -402,8 +402,26 @@ pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     };
     // Else start the walk (returns if there is none to make).
     if !walked {
+        let rule_id = unsafe { (*v).rule_id };
+        let old = unsafe { (*v).sctp_tag };
         if p.sctp & sctp_ev::CLOSE != 0 {
-            sctp::close_paths(&p, end, unsafe { (*v).rule_id });
+            if let Some(tag) = sctp::vtag(&p, end) {
+                sctp::close_paths(&p, rule_id, tag);
+            }
+        } else if p.sctp & sctp_ev::INIT != 0 && old != 0 {
+            // An INIT with another tag on a session of an association: a
+            // new association on this tuple. The old one's paths close,
+            // and the packet starts afresh as a new flow (the new-flow
+            // program returns here with a session of its own).
+            match sctp::initiate_tag(&p, end) {
+                Some(tag) if tag != old => {
+                    sctp::close_paths(&p, rule_id, old);
+                    unsafe { conntrack::end_session(&key, v) };
+                    ctx.tail_call(if V6 { JMP_NEW6 } else { JMP_NEW4 });
+                    return Verdict::Drop;
+                }
+                _ => sctp::begin(ctx, &p, end, v, now),
+            }
         } else {
             sctp::begin(ctx, &p, end, v, now);
         }

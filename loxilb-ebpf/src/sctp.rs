@@ -1,22 +1,31 @@
-//! SCTP multihoming (default/DNAT mode): one association over several
-//! paths, each path a (client address, VIP) pair on the client's side and
-//! an (endpoint address, client address) pair on the endpoint's side.
+//! SCTP multihoming (modes default and fullnat): one association over
+//! several paths, each path a (client address, VIP) pair on the client's
+//! side and an (endpoint address, client address as the endpoint sees it)
+//! pair on the endpoint's side.
 //!
-//! - INIT (client -> VIP, the session just created): the association is
-//!   recorded under the client's initiate tag with the client's addresses
-//!   (the INIT's source and address parameters), and the endpoint's
-//!   packets toward each other client address get a reply session
-//!   (endpoint -> that address, shown as coming from the VIP).
-//! - INIT-ACK (endpoint -> client): its address parameters (the endpoint's
-//!   addresses) are rewritten to the rule's VIPs, so the client only ever
-//!   sees the load balancer: the INIT-ACK's own source stays paired with
-//!   the VIP the association started on, each other endpoint address gets
-//!   the next VIP. The pairs are recorded under the endpoint's initiate
-//!   tag too, and reply sessions made for every (endpoint address, client
-//!   address). The CRC32c is updated for each rewritten word.
-//! - Any other packet of the association arriving at any VIP on a new path
-//!   (client -> VIP k): found by its verification tag, sent to the endpoint
-//!   address paired with VIP k (`path_endpoint`).
+//! - INIT (client -> VIP, on its session): the association is recorded
+//!   under the client's initiate tag with the client's addresses (the
+//!   INIT's source and address parameters; in fullnat rewritten to the
+//!   VIPs, which is how the endpoint sees them). Addresses the rule would
+//!   not take a client from, and the load balancer's own, are hidden.
+//! - INIT-ACK (endpoint -> client, on the association's first path): its
+//!   address parameters (the endpoint's addresses) are rewritten to the
+//!   rule's VIPs, so the client only ever sees the load balancer: the
+//!   INIT-ACK's own source stays paired with the VIP the association
+//!   started on, each other endpoint address gets the next VIP. The record
+//!   is stored under the endpoint's initiate tag too, and both sessions of
+//!   every (endpoint address, client address) path made. The CRC32c is
+//!   updated for each rewritten word.
+//! - Default mode: a packet of the association arriving at a VIP on a path
+//!   whose sessions expired (client -> VIP k): found by its verification
+//!   tag, sent to the endpoint address paired with VIP k (`path_endpoint`).
+//! - ABORT / SHUTDOWN COMPLETE on any path close every path and drop the
+//!   records; an INIT with another tag on a session of an association
+//!   starts afresh (`lb::process_sctp`).
+//!
+//! A record is found by a tag, which another session could guess or copy:
+//! every use checks that the packet is on one of the record's paths
+//! (`on_path`), and a record is never replaced by another association's.
 //!
 //! The walk over the chunk's parameters is a chain of tail calls, one
 //! parameter per call (`param_step`): the verifier then checks one
@@ -26,8 +35,8 @@
 //! `MAX_PARAMS` parameters are looked at, 4 addresses per side kept.
 
 use loxilb_common::{
-    crc32c, ct_dir, ct_state, lb_mode, sctp_walk, AssocKey, AssocVal, CtKey, CtVal, SctpWalk,
-    IPPROTO_SCTP, JMP_SCTP4, JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
+    crc32c, ct_dir, ct_state, lb_mode, sctp_walk, svc_flags, AssocKey, AssocVal, CtKey, CtVal,
+    SctpWalk, SvcKey, IPPROTO_SCTP, JMP_SCTP4, JMP_SCTP6, JMP_SCTP_PARAM, MAX_RULE_VIPS,
 };
 
 use aya_ebpf::bindings::BPF_NOEXIST;
@@ -35,12 +44,14 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use crate::{
     ctx::PktCtx,
     maps::{
-        ep_active_add, LB_CT, LB_RULE_VIPS, LB_SCRATCH_ASSOC, LB_SCRATCH_CT, LB_SCRATCH_WALK,
-        LB_SCTP_ASSOC,
+        ep_active_add, src_allowed, LB_CT, LB_RULE_VIPS, LB_SCRATCH_ASSOC, LB_SCRATCH_CT,
+        LB_SCRATCH_WALK, LB_SCTP_ASSOC, LB_SERVICES, LB_VIPS,
     },
-    parse::{ptr_at, sctp_ev, Pkt},
+    parse::{ptr_at, Pkt},
 };
 
+const CHUNK_INIT: u8 = 1;
+const CHUNK_INIT_ACK: u8 = 2;
 const PARAM_IPV4: u16 = 5;
 const PARAM_IPV6: u16 = 6;
 /// Parameters looked at (a tail call each; a packet may make 33 in all).
@@ -63,7 +74,7 @@ pub fn vtag(p: &Pkt, end: usize) -> Option<u32> {
 
 /// The initiate tag of the packet's INIT / INIT-ACK chunk (the first).
 #[inline(always)]
-fn initiate_tag(p: &Pkt, end: usize) -> Option<u32> {
+pub fn initiate_tag(p: &Pkt, end: usize) -> Option<u32> {
     unsafe { ptr_at::<u32>(p.l4, end, CHUNK0 + 4).map(|t| *t) }
 }
 
@@ -82,6 +93,13 @@ pub fn path_endpoint(rule_id: u32, p: &Pkt, end: usize) -> Option<(&'static [u32
     if a.mode != lb_mode::DEFAULT {
         return None;
     }
+    // Only the association's own client, from its own port, to its port
+    // (a tag alone is a guess away).
+    // (Not `on_path`: the new-flow program has no stack to spare for
+    // the call.)
+    if p.sport != a.cport || p.dport != a.vport || !in_list(&a.clients, a.n_clients, &p.saddr) {
+        return None;
+    }
     let mut k = 0;
     while k < MAX_RULE_VIPS {
         if k < a.n_pairs as usize && a.vips[k] == p.daddr {
@@ -90,6 +108,60 @@ pub fn path_endpoint(rule_id: u32, p: &Pkt, end: usize) -> Option<(&'static [u32
         k += 1;
     }
     Some((&a.eps[0], a.ep_port, a.ep_stat))
+}
+
+/// Whether `x` is among the first `n` of `l`.
+#[inline(always)]
+fn in_list(l: &[[u32; 4]; MAX_RULE_VIPS], n: u8, x: &[u32; 4]) -> bool {
+    let mut k = 0;
+    while k < MAX_RULE_VIPS {
+        if k < n as usize && l[k] == *x {
+            return true;
+        }
+        k += 1;
+    }
+    false
+}
+
+/// Whether packet `p` is on a path of association `a`, from either side:
+/// a client address and port to a VIP and the service port, or an
+/// endpoint address and port to the client as the endpoint sees it. (A
+/// record is found by a verification tag; this is what ties it to the
+/// packet's own association. A BPF subprogram: callers are at the stack
+/// limit.)
+#[inline(never)]
+fn on_path(a: &AssocVal, p: &Pkt) -> bool {
+    (p.sport == a.cport
+        && p.dport == a.vport
+        && in_list(&a.clients, a.n_clients, &p.saddr)
+        && in_list(&a.vips, a.n_vips, &p.daddr))
+        || (p.sport == a.ep_port
+            && p.dport == a.xcport
+            && in_list(&a.eps, a.n_pairs, &p.saddr)
+            && in_list(&a.xclients, a.n_clients, &p.daddr))
+}
+
+/// Whether records `x` and `a` are of the association started on the same
+/// first path (the same client address and port to the same VIP and port).
+#[inline(always)]
+fn same_first_path(x: &AssocVal, a: &AssocVal) -> bool {
+    x.clients[0] == a.clients[0]
+        && x.cport == a.cport
+        && x.vips[0] == a.vips[0]
+        && x.vport == a.vport
+}
+
+/// Record `a` under `tag` unless another association holds that tag (an
+/// honest collision of random tags, or a forged one): that record stays.
+#[inline(always)]
+fn record(rule_id: u32, tag: u32, a: &AssocVal) {
+    let key = AssocKey { rule_id, vtag: tag };
+    if let Some(x) = LB_SCTP_ASSOC.get_ptr(&key) {
+        if !same_first_path(unsafe { &*x }, a) {
+            return;
+        }
+    }
+    let _ = LB_SCTP_ASSOC.insert(&key, a, 0);
 }
 
 /// `*dst = *src` between map values, word by word (volatile: a plain copy
@@ -139,13 +211,21 @@ fn order_vips(a: &mut AssocVal, first: &[u32; 4], rule_id: u32) {
 /// INIT-ACK) or the parameter program is not loaded: the caller then
 /// translates and forwards the packet as it is.
 #[inline(always)]
-pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64) {
+pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *mut CtVal, now: u64) {
     let Some(tag) = initiate_tag(p, end) else {
         return;
     };
     let Some(clen) = (unsafe { ptr_at::<[u8; 4]>(p.l4, end, CHUNK0) }) else {
         return;
     };
+    // The walk reads from the first chunk: it must be the INIT / INIT-ACK
+    // (RFC 9260 bundles neither with another chunk).
+    let first = unsafe { (*clen)[0] };
+    // (The walk keeps the SCTP header's offset in 9 bits.)
+    let l4_off = p.l4 - ctx.data();
+    if l4_off > 0x1ff {
+        return;
+    }
     let chunk_end = CHUNK0 + u16::from_be_bytes(unsafe { [(*clen)[2], (*clen)[3]] }) as usize;
     let rule_id = unsafe { (*v).rule_id };
     // Only rules with more than one VIP are multihomed.
@@ -165,9 +245,12 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
     };
     let forward = unsafe { (*v).dir } == ct_dir::FORWARD;
     if forward {
-        if p.sctp & sctp_ev::INIT == 0 {
+        if first != CHUNK_INIT {
             return;
         }
+        // The session belongs to this association from now on (an INIT
+        // with another tag on it starts afresh: see `lb::process_sctp`).
+        unsafe { (*v).sctp_tag = tag };
         unsafe { crate::zero_in_place(a) };
         crate::set_addr(&mut a.eps[0], unsafe { &(*v).xdaddr });
         crate::set_addr(&mut a.clients[0], &p.saddr);
@@ -180,10 +263,20 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
         a.n_clients = 1;
         a.ep_stat = unsafe { (*v).ep_stat };
         a.mode = unsafe { (*v).mode };
+        a.ctag = tag;
         order_vips(a, &p.daddr, rule_id);
         w.kind = sctp_walk::INIT;
+        let svc = SvcKey {
+            addr: p.daddr,
+            port: p.dport,
+            proto: IPPROTO_SCTP,
+            _pad: 0,
+        };
+        if let Some(sv) = LB_SERVICES.get_ptr(&svc) {
+            w.ranges = unsafe { (*sv).flags } & svc_flags::SRC_RANGES;
+        }
     } else {
-        if p.sctp & sctp_ev::INIT_ACK == 0 {
+        if first != CHUNK_INIT_ACK {
             return;
         }
         // The association the client's INIT recorded, under the client's
@@ -197,10 +290,17 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
         }) else {
             return;
         };
+        // Only on the association's own path: a packet bearing the
+        // client's tag on another session (a guess, or a forgery) does not
+        // get to rewrite the record.
+        if !on_path(unsafe { &*found }, p) {
+            return;
+        }
         unsafe { copy_words(a, found) };
         // The pairs are this INIT-ACK's (a retransmitted one lists the
         // same addresses again).
         a.n_pairs = 1;
+        a.etag = tag;
         crate::set_addr(&mut w.source, &p.saddr);
         w.tag_b = ctag;
         w.kind = sctp_walk::INIT_ACK;
@@ -210,7 +310,7 @@ pub fn begin<C: PktCtx>(ctx: &C, p: &Pkt, end: usize, v: *const CtVal, now: u64)
     w.rule_id = rule_id;
     w.timeout_s = unsafe { (*v).timeout_s };
     w.mode = unsafe { (*v).mode };
-    w.l4_off = (p.l4 - ctx.data()) as u16;
+    w.l4_off = l4_off as u16;
     w.off = (CHUNK0 + INIT_FIXED) as u16;
     w.chunk_end = chunk_end.min(p.l4_len as usize).min(WALK_LIMIT) as u16;
     w.l4_len = p.l4_len as u16;
@@ -275,11 +375,13 @@ fn one_param<C: PktCtx>(ctx: &C, a: &mut AssocVal, w: &mut SctpWalk) -> bool {
     // (Offsets masked: the verifier checks packet accesses only at offsets
     // it knows are below 64 KiB.)
     let l4 = ctx.data() + (w.l4_off as usize & 0x1ff);
-    let off = w.off as usize & (WALK_LIMIT - 1);
     let chunk_end = w.chunk_end as usize;
-    if off + 4 > chunk_end {
+    // (Checked before the mask: `chunk_end` is at most `WALK_LIMIT`, so
+    // the mask changes nothing that passes.)
+    if w.off as usize + 4 > chunk_end {
         return false;
     }
+    let off = w.off as usize & (WALK_LIMIT - 1);
     let Some(h) = (unsafe { ptr_at::<[u8; 4]>(l4, end, off) }) else {
         return false;
     };
@@ -328,7 +430,15 @@ fn one_param<C: PktCtx>(ctx: &C, a: &mut AssocVal, w: &mut SctpWalk) -> bool {
         if addr == a.clients[0] {
             Some(a.xclients[0])
         } else {
-            let n = a.n_clients as usize;
+            // Not an address the rule would take a client from, or one of
+            // the load balancer's own: no path for it (hidden).
+            let refused = (w.ranges != 0 && !src_allowed(w.rule_id, &addr))
+                || LB_VIPS.get_ptr(&addr).is_some();
+            let n = if refused {
+                MAX_RULE_VIPS
+            } else {
+                a.n_clients as usize
+            };
             let room = if a.mode == lb_mode::FULLNAT {
                 a.n_vips as usize
             } else {
@@ -452,26 +562,21 @@ fn rewrite_word(l4: usize, end: usize, o: usize, len: usize, a: u32, b: u32, c: 
 /// INIT-ACK: under both tags, and the sessions of every path).
 #[inline(always)]
 fn finish(a: &AssocVal, w: &SctpWalk) {
-    let rule_id = w.rule_id;
-    let _ = LB_SCTP_ASSOC.insert(
-        &AssocKey {
-            rule_id,
-            vtag: w.tag_a,
-        },
-        a,
-        0,
-    );
     if w.kind == sctp_walk::INIT {
+        record(w.rule_id, w.tag_a, a);
         return;
     }
+    // Under the client's tag (the record `begin` checked this packet
+    // against) and the endpoint's.
     let _ = LB_SCTP_ASSOC.insert(
         &AssocKey {
-            rule_id,
+            rule_id: w.rule_id,
             vtag: w.tag_b,
         },
         a,
         0,
     );
+    record(w.rule_id, w.tag_a, a);
     // Every (endpoint address k, client address i) but the pair the
     // association started on, which has its sessions.
     each_path(a, |k, i| {
@@ -554,6 +659,7 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
             // (Paths are not sessions of their own on the endpoint: the
             // association counts once, by the session it started on.)
             (*val).state = ct_state::RELEASED;
+            (*val).sctp_tag = a.ctag;
             (*val).mode = w.mode;
             (*val).ep_stat = a.ep_stat;
             (*val).peer = *peer;
@@ -573,15 +679,25 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
 /// association closes too, as an RST closes a TCP session (10 s to live, a
 /// new INIT on a tuple starts afresh).
 #[inline(always)]
-pub fn close_paths(p: &Pkt, end: usize, rule_id: u32) {
-    let Some(tag) = vtag(p, end) else {
-        return;
-    };
-    let Some(a) = LB_SCTP_ASSOC.get_ptr(&AssocKey { rule_id, vtag: tag }) else {
+pub fn close_paths(p: &Pkt, rule_id: u32, tag: u32) {
+    let key = AssocKey { rule_id, vtag: tag };
+    let Some(a) = LB_SCTP_ASSOC.get_ptr(&key) else {
         return;
     };
     let a = unsafe { &*a };
+    // Only from the association's own paths (a tag alone is a guess away).
+    if !on_path(a, p) {
+        return;
+    }
     each_path(a, |k, i| close_path(a, k, i));
+    // The association is over: its records go (read before the first
+    // removal frees the value).
+    let (ctag, etag) = (a.ctag, a.etag);
+    for t in [ctag, etag] {
+        if t != 0 {
+            let _ = LB_SCTP_ASSOC.remove(&AssocKey { rule_id, vtag: t });
+        }
+    }
 }
 
 /// Close both sessions of path (endpoint address `k`, client address `i`);

@@ -479,6 +479,10 @@ pub struct AssocVal {
     pub n_vips: u8,
     /// `lb_mode::*` of the rule when the association started.
     pub mode: u8,
+    /// The client's and the endpoint's initiate tags (as loaded; the
+    /// endpoint's 0 until its INIT-ACK): the record's keys.
+    pub ctag: u32,
+    pub etag: u32,
 }
 
 pub const MAX_SCTP_ASSOC: u32 = 65_536;
@@ -522,7 +526,8 @@ pub struct SctpWalk {
     pub stage: u8,
     /// Parameters looked at so far.
     pub idx: u8,
-    pub _pad1: u8,
+    /// The rule restricts client sources (`svc_flags::SRC_RANGES`).
+    pub ranges: u8,
     /// An IPv6 packet (which SCTP program to return to).
     pub v6: u8,
     /// `lb_mode::*` of the session.
@@ -595,7 +600,9 @@ pub struct CtVal {
     pub rule_id: u32,
     /// Idle timeout, seconds (from the rule; shortened when TCP closes).
     pub timeout_s: u32,
-    pub _pad0: u32,
+    /// SCTP: the initiate tag of the client's INIT that started the
+    /// association this session belongs to (as loaded); 0 otherwise.
+    pub sctp_tag: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
     /// last packet in this direction.
     pub last_seen_ns: u64,
@@ -873,7 +880,7 @@ no_implicit_padding!(CtVal {
     xdport: u16,
     rule_id: u32,
     timeout_s: u32,
-    _pad0: u32,
+    sctp_tag: u32,
     last_seen_ns: u64,
     packets: u64,
     bytes: u64,
@@ -946,7 +953,9 @@ no_implicit_padding!(AssocVal {
     n_pairs: u8,
     n_clients: u8,
     n_vips: u8,
-    mode: u8
+    mode: u8,
+    ctag: u32,
+    etag: u32
 });
 no_implicit_padding!(SctpWalk {
     source: Addr,
@@ -962,7 +971,7 @@ no_implicit_padding!(SctpWalk {
     kind: u8,
     stage: u8,
     idx: u8,
-    _pad1: u8,
+    ranges: u8,
     v6: u8,
     mode: u8,
     _pad: u16
@@ -997,7 +1006,7 @@ const _: () = assert!(size_of::<GlobalCfg>() == 32);
 const _: () = assert!(size_of::<RuleVips>() == 72);
 const _: () = assert!(size_of::<SctpWalk>() == 56);
 const _: () = assert!(size_of::<AssocKey>() == 8);
-const _: () = assert!(size_of::<AssocVal>() == 272);
+const _: () = assert!(size_of::<AssocVal>() == 280);
 
 #[cfg(feature = "user")]
 mod user {
