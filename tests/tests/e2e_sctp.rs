@@ -214,7 +214,6 @@ fn multihoming_failover(prefix: &str, fullnat: bool, v6: bool) {
     let (c1, c2) = (ip(&at(net, 0, 2)), ip(&at(net, 100, 2)));
     let (e1, e2) = (ip(&at(net, 1, 2)), ip(&at(net, 101, 2)));
     let (vip1, vip2) = (ip(&v1), ip(&v2));
-    let v2 = v2.as_str();
     // usrsctp sends everything from the address bound last: the primary
     // ones go last.
     let server = SctpServer::spawn(&t.backends[0], &[e2, e1], 3868).expect("SCTP server");
@@ -308,10 +307,21 @@ fn multihoming_failover(prefix: &str, fullnat: bool, v6: bool) {
         assert!(assocs.contains(&path), "path {path}:\n{assocs}");
     }
     assert_eq!(assocs.contains(" (as "), fullnat, "{assocs}");
+    // The data after the cut went through the secondary VIP to the
+    // endpoint address paired with it (a new flow would have gone to the
+    // rule's endpoint, e1).
     let sessions = agent.cli("sessions").unwrap();
+    let (sv2, se2) = (
+        std::net::SocketAddr::new(vip2, 3868).to_string(),
+        std::net::SocketAddr::new(e2, 3868).to_string(),
+    );
     assert!(
-        sessions.contains(v2),
-        "a session on the secondary VIP:\n{sessions}"
+        sessions.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // PROTO CLIENT SERVICE ENDPOINT STATE IDLE PKTS-> PKTS<-
+            f.len() == 8 && f[2] == sv2 && f[3] == se2 && f[6].parse::<u64>().is_ok_and(|n| n > 0)
+        }),
+        "packets through the secondary VIP to {se2}:\n{sessions}"
     );
     agent.stop().unwrap();
 }
