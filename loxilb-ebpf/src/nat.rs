@@ -3,7 +3,7 @@
 //! TCP/UDP checksum, whose pseudo-header covers the addresses (IPv6 has no
 //! header checksum). A UDP-over-IPv4 checksum of 0 ("none") stays 0. SCTP
 //! has no pseudo-header: only a port change touches its CRC32c, which is
-//! updated for the changed bytes alone (`crc32c::adjust_fast`).
+//! updated for the changed bytes alone (`crc32c::adjust_fast_u32`).
 
 use loxilb_common::{crc32c, csum, Addr, IPPROTO_SCTP, IPPROTO_TCP};
 
