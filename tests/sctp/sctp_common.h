@@ -115,6 +115,23 @@ static size_t sa_size(const struct sockaddr *sa)
 	return sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 }
 
+/* `out` = the `n` packed addresses at `addrs`, comma-separated. */
+static void join_addrs(const struct sockaddr *addrs, int n, char *out)
+{
+	char one[INET6_ADDRSTRLEN];
+	const unsigned char *p = (const unsigned char *)addrs;
+	int i;
+
+	out[0] = '\0';
+	for (i = 0; i < n; i++) {
+		const struct sockaddr *sa = (const struct sockaddr *)p;
+		if (i > 0)
+			strcat(out, ",");
+		strcat(out, addr_str(sa, one, sizeof(one)));
+		p += sa_size(sa);
+	}
+}
+
 /* Print the peer addresses (`peers`) and local addresses (`locals`) of
  * an association, and its primary path (`primary`). */
 static void print_paths(struct socket *s, sctp_assoc_t id)
@@ -122,36 +139,19 @@ static void print_paths(struct socket *s, sctp_assoc_t id)
 	struct sockaddr *addrs = NULL;
 	char out[MAX_ADDRS * (INET6_ADDRSTRLEN + 1) + 64];
 	char one[INET6_ADDRSTRLEN];
-	int n, i;
-	const unsigned char *p;
+	int n;
 	struct sctp_status st;
 	socklen_t len = sizeof(st);
 
 	n = usrsctp_getpaddrs(s, id, &addrs);
-	out[0] = '\0';
-	p = (const unsigned char *)addrs;
-	for (i = 0; i < n; i++) {
-		const struct sockaddr *sa = (const struct sockaddr *)p;
-		if (i > 0)
-			strcat(out, ",");
-		strcat(out, addr_str(sa, one, sizeof(one)));
-		p += sa_size(sa);
-	}
+	join_addrs(addrs, n, out);
 	if (n > 0)
 		usrsctp_freepaddrs(addrs);
 	emit("peers assoc=%u addrs=%s", (unsigned)id, out);
 
 	addrs = NULL;
 	n = usrsctp_getladdrs(s, id, &addrs);
-	out[0] = '\0';
-	p = (const unsigned char *)addrs;
-	for (i = 0; i < n; i++) {
-		const struct sockaddr *sa = (const struct sockaddr *)p;
-		if (i > 0)
-			strcat(out, ",");
-		strcat(out, addr_str(sa, one, sizeof(one)));
-		p += sa_size(sa);
-	}
+	join_addrs(addrs, n, out);
 	if (n > 0)
 		usrsctp_freeladdrs(addrs);
 	emit("locals assoc=%u addrs=%s", (unsigned)id, out);
