@@ -37,9 +37,13 @@ pub enum ForwardMode {
 /// The forwarding of one device: from its kind, state and XDP features
 /// (`None`: unknown, e.g. a kernel without the `netdev` family).
 pub fn classify(link: &Link, features: Option<u64>, mode: ForwardMode) -> DevFwd {
+    let mut name = [0u8; 16];
+    let n = link.name.len().min(15);
+    name[..n].copy_from_slice(&link.name.as_bytes()[..n]);
     let stack = |why| DevFwd {
         mode: dev_fwd::STACK,
         why,
+        name,
     };
     if mode == ForwardMode::Stack {
         return stack(dev_fwd::WHY_FORCED);
@@ -57,6 +61,7 @@ pub fn classify(link: &Link, features: Option<u64>, mode: ForwardMode) -> DevFwd
         DevFwd {
             mode: dev_fwd::REDIRECT,
             why: dev_fwd::WHY_XMIT_OK,
+            name,
         }
     } else if veth {
         stack(dev_fwd::WHY_VETH_PEER)
@@ -78,6 +83,12 @@ pub fn describe(d: &DevFwd) -> String {
         .copied()
         .unwrap_or("?");
     format!("{how} ({why})")
+}
+
+/// The device name a [`DevFwd`] carries.
+pub fn name_of(d: &DevFwd) -> String {
+    let end = d.name.iter().position(|b| *b == 0).unwrap_or(d.name.len());
+    String::from_utf8_lossy(&d.name[..end]).into_owned()
 }
 
 /// Every device of the namespace, classified.
@@ -245,6 +256,18 @@ mod tests {
             r(classify(&link(None, true), ok, ForwardMode::Stack)),
             (STACK, WHY_FORCED)
         );
+    }
+
+    #[test]
+    fn the_name_travels_with_the_decision() {
+        let mut l = link(None, true);
+        l.name = "a-very-long-device-name".into();
+        assert_eq!(
+            name_of(&classify(&l, None, ForwardMode::Auto)),
+            "a-very-long-dev"
+        );
+        l.name = "eth0".into();
+        assert_eq!(name_of(&classify(&l, None, ForwardMode::Auto)), "eth0");
     }
 
     #[test]

@@ -385,12 +385,7 @@ fn main() -> Result<()> {
         Cmd::Stats => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
             print!("{}", show::stats_table(&m.stats()?));
-            let devs: Vec<_> = m
-                .dev_fwd()?
-                .into_iter()
-                .map(|(i, d)| (i, netlink::ifname(i).unwrap_or_else(|| "?".into()), d))
-                .collect();
-            print!("\n{}", show::devices_table(&devs));
+            print!("\n{}", show::devices_table(&m.dev_fwd()?));
             Ok(())
         }
     }

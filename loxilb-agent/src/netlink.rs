@@ -143,17 +143,6 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-/// The name of device `index`, if it exists.
-pub fn ifname(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    let c = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    Some(c.to_string_lossy().into_owned())
-}
-
 fn addr_message(ifindex: u32, ip: IpAddr) -> AddressMessage {
     let mut m = AddressMessage::default();
     m.header.index = ifindex;

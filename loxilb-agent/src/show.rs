@@ -243,10 +243,11 @@ pub fn stats_table(stats: &[(&str, u64)]) -> String {
 }
 
 /// How translated packets leave through each device (`LB_DEV_FWD`):
-/// `(ifindex, name, forwarding)`.
-pub fn devices_table(devs: &[(u32, String, loxilb_common::DevFwd)]) -> String {
+/// `(ifindex, forwarding)`.
+pub fn devices_table(devs: &[(u32, loxilb_common::DevFwd)]) -> String {
     let mut out = String::from("DEVICE           IFINDEX  FORWARDING\n");
-    for (i, name, d) in devs {
+    for (i, d) in devs {
+        let name = crate::devices::name_of(d);
         let _ = writeln!(out, "{name:<16} {i:<8} {}", crate::devices::describe(d));
     }
     out

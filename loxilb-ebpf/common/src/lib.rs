@@ -769,6 +769,9 @@ pub struct DevFwd {
     pub mode: u32,
     /// Why (`dev_fwd::WHY_*`), for the CLI.
     pub why: u32,
+    /// The device's name (NUL-padded), for the CLI and bpftool: the CLI
+    /// may run in another network namespace than the agent.
+    pub name: [u8; 16],
 }
 
 /// Values of [`DevFwd`]. A device absent from `LB_DEV_FWD` is `STACK`.
@@ -1048,7 +1051,7 @@ no_implicit_padding!(EpStats {
 
 // Compile-time layout checks: kernel and userspace share these bytes.
 const _: () = assert!(size_of::<SvcKey>() == 20);
-const _: () = assert!(size_of::<DevFwd>() == 8);
+const _: () = assert!(size_of::<DevFwd>() == 24);
 const _: () = assert!(size_of::<SvcVal>() == 32);
 const _: () = assert!(size_of::<SelKey>() == 8);
 const _: () = assert!(size_of::<SelChunk>() == 64);
