@@ -307,11 +307,8 @@ impl Datapath {
     /// ([`crate::devices::classify`]) and write the result to
     /// `LB_DEV_FWD`, replacing what it held. Returns the devices and how
     /// translated packets leave through each.
-    pub fn update_devices(
-        &mut self,
-        mode: crate::devices::ForwardMode,
-    ) -> Result<Vec<(crate::netlink::Link, DevFwd)>> {
-        let devs = crate::devices::survey(mode)?;
+    pub fn update_devices(&mut self) -> Result<Vec<(crate::netlink::Link, DevFwd)>> {
+        let devs = crate::devices::survey()?;
         let m: StdHashMap<u32, DevFwd> = devs.iter().map(|(l, d)| (l.index, *d)).collect();
         self.set_dev_fwd(&m)?;
         Ok(devs)
@@ -936,6 +933,13 @@ impl PinnedMaps {
         let m = self.open_map(mn::ENDPOINTS, Map::HashMap)?;
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(&m)?;
         Ok(eps.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The datapath's global configuration.
+    pub fn config(&self) -> Result<GlobalCfg> {
+        let m = self.open_map(mn::CONFIG, Map::Array)?;
+        let a: Array<_, GlobalCfg> = Array::try_from(&m)?;
+        Ok(a.get(&0, 0)?)
     }
 
     /// How translated packets leave through each device, by ifindex.

@@ -35,8 +35,11 @@ pub enum ForwardMode {
 }
 
 /// The forwarding of one device: from its kind, state and XDP features
-/// (`None`: unknown, e.g. a kernel without the `netdev` family).
-pub fn classify(link: &Link, features: Option<u64>, mode: ForwardMode) -> DevFwd {
+/// (`None`: unknown, e.g. a kernel without the `netdev` family). What XDP
+/// can do there, whatever `--forward` says: `--forward=stack` is a global
+/// switch of the datapath (DSR frames, which the stack cannot send, still
+/// use XDP where the device allows).
+pub fn classify(link: &Link, features: Option<u64>) -> DevFwd {
     let mut name = [0u8; 16];
     let n = link.name.len().min(15);
     name[..n].copy_from_slice(&link.name.as_bytes()[..n]);
@@ -45,9 +48,6 @@ pub fn classify(link: &Link, features: Option<u64>, mode: ForwardMode) -> DevFwd
         why,
         name,
     };
-    if mode == ForwardMode::Stack {
-        return stack(dev_fwd::WHY_FORCED);
-    }
     if !link.up || link.loopback {
         return stack(dev_fwd::WHY_DOWN);
     }
@@ -92,7 +92,7 @@ pub fn name_of(d: &DevFwd) -> String {
 }
 
 /// Every device of the namespace, classified.
-pub fn survey(mode: ForwardMode) -> Result<Vec<(Link, DevFwd)>> {
+pub fn survey() -> Result<Vec<(Link, DevFwd)>> {
     let links = netlink::links()?;
     let feats = match netlink::xdp_features() {
         Ok(f) => Some(f),
@@ -107,7 +107,7 @@ pub fn survey(mode: ForwardMode) -> Result<Vec<(Link, DevFwd)>> {
             let f = feats
                 .as_ref()
                 .map(|f| f.get(&l.index).copied().unwrap_or(0));
-            let d = classify(&l, f, mode);
+            let d = classify(&l, f);
             (l, d)
         })
         .collect())
@@ -153,7 +153,7 @@ pub fn log_changes(devs: &[(Link, DevFwd)], prev: &HashMap<u32, DevFwd>) {
 /// Keep `LB_DEV_FWD` (pinned in `pin_dir`) up to date: re-classify on
 /// every link event and XDP feature change, and every 10 s in case a
 /// notice was missed. Runs on its own thread for the agent's lifetime.
-pub fn watch(pin_dir: &Path, mode: ForwardMode, mut known: HashMap<u32, DevFwd>) -> Result<()> {
+pub fn watch(pin_dir: &Path, mut known: HashMap<u32, DevFwd>) -> Result<()> {
     let mut events = netlink::LinkEvents::open()?;
     let path = pin_dir.join(loxilb_common::map_names::DEV_FWD);
     std::thread::Builder::new()
@@ -164,7 +164,7 @@ pub fn watch(pin_dir: &Path, mode: ForwardMode, mut known: HashMap<u32, DevFwd>)
                 std::thread::sleep(Duration::from_millis(50));
                 while events.wait(Duration::from_millis(0)) {}
             }
-            let devs = match survey(mode) {
+            let devs = match survey() {
                 Ok(d) => d,
                 Err(e) => {
                     warn!("cannot list the network devices: {e:#}");
@@ -207,30 +207,23 @@ mod tests {
     fn only_devices_that_take_xdp_frames_get_redirects() {
         let ok = Some(XDP_ACT_NDO_XMIT | 1 | 2);
         let no = Some(1 | 2);
-        let m = ForwardMode::Auto;
         let r = |d: DevFwd| (d.mode, d.why);
         use dev_fwd::*;
+        assert_eq!(r(classify(&link(None, true), ok)), (REDIRECT, WHY_XMIT_OK));
         assert_eq!(
-            r(classify(&link(None, true), ok, m)),
+            r(classify(&link(Some("veth"), true), ok)),
             (REDIRECT, WHY_XMIT_OK)
         );
         assert_eq!(
-            r(classify(&link(Some("veth"), true), ok, m)),
-            (REDIRECT, WHY_XMIT_OK)
-        );
-        assert_eq!(
-            r(classify(&link(Some("veth"), true), no, m)),
+            r(classify(&link(Some("veth"), true), no)),
             (STACK, WHY_VETH_PEER)
         );
-        assert_eq!(r(classify(&link(None, true), no, m)), (STACK, WHY_NO_XMIT));
-        assert_eq!(
-            r(classify(&link(None, true), None, m)),
-            (STACK, WHY_NO_XMIT)
-        );
+        assert_eq!(r(classify(&link(None, true), no)), (STACK, WHY_NO_XMIT));
+        assert_eq!(r(classify(&link(None, true), None)), (STACK, WHY_NO_XMIT));
         // Kinds the stack must handle, whatever their features say (a
         // bond advertises ndo_xdp_xmit when its slaves do).
         assert_eq!(
-            r(classify(&link(Some("bridge"), true), ok, m)),
+            r(classify(&link(Some("bridge"), true), ok)),
             (STACK, WHY_BRIDGE)
         );
         for k in [
@@ -243,31 +236,24 @@ mod tests {
             "team",
         ] {
             assert_eq!(
-                r(classify(&link(Some(k), true), ok, m)),
+                r(classify(&link(Some(k), true), ok)),
                 (STACK, WHY_VIRTUAL),
                 "{k}"
             );
         }
-        assert_eq!(r(classify(&link(None, false), ok, m)), (STACK, WHY_DOWN));
+        assert_eq!(r(classify(&link(None, false), ok)), (STACK, WHY_DOWN));
         let mut lo = link(None, true);
         lo.loopback = true;
-        assert_eq!(r(classify(&lo, ok, m)), (STACK, WHY_DOWN));
-        assert_eq!(
-            r(classify(&link(None, true), ok, ForwardMode::Stack)),
-            (STACK, WHY_FORCED)
-        );
+        assert_eq!(r(classify(&lo, ok)), (STACK, WHY_DOWN));
     }
 
     #[test]
     fn the_name_travels_with_the_decision() {
         let mut l = link(None, true);
         l.name = "a-very-long-device-name".into();
-        assert_eq!(
-            name_of(&classify(&l, None, ForwardMode::Auto)),
-            "a-very-long-dev"
-        );
+        assert_eq!(name_of(&classify(&l, None)), "a-very-long-dev");
         l.name = "eth0".into();
-        assert_eq!(name_of(&classify(&l, None, ForwardMode::Auto)), "eth0");
+        assert_eq!(name_of(&classify(&l, None)), "eth0");
     }
 
     #[test]
@@ -278,11 +264,8 @@ mod tests {
         b.name = "br1".into();
         b.index = 8;
         let devs = vec![
-            (
-                a.clone(),
-                classify(&a, Some(XDP_ACT_NDO_XMIT), ForwardMode::Xdp),
-            ),
-            (b.clone(), classify(&b, Some(0), ForwardMode::Xdp)),
+            (a.clone(), classify(&a, Some(XDP_ACT_NDO_XMIT))),
+            (b.clone(), classify(&b, Some(0))),
         ];
         let ifs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(check_attached(&ifs(&["lb0"]), &devs, ForwardMode::Xdp).is_ok());

@@ -283,7 +283,16 @@ fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
         field: String::new(),
         message: format!("cannot read the routing table (/proc/net/route): {e}"),
     })?;
-    config::check_reachability(&path.display().to_string(), &rules, &routes)?;
+    let file = path.display().to_string();
+    config::check_reachability(&file, &rules, &routes)?;
+    if rules.iter().any(|r| r.mode == config::Mode::Dsr) {
+        let devs = devices::survey().map_err(|e| config::ConfigError {
+            file: file.clone(),
+            field: String::new(),
+            message: format!("cannot list the network devices: {e:#}"),
+        })?;
+        config::check_dsr_forwarding(&file, &rules, &routes, &devs)?;
+    }
     Ok(rules)
 }
 
@@ -385,6 +394,12 @@ fn main() -> Result<()> {
         Cmd::Stats => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
             print!("{}", show::stats_table(&m.stats()?));
+            if m.config()?.flags & loxilb_common::cfg_flags::FORWARD_VIA_STACK != 0 {
+                println!(
+                    "\n--forward=stack: every translated packet goes to the kernel stack \
+                     (DSR frames use XDP where the device below allows)"
+                );
+            }
             print!("\n{}", show::devices_table(&m.dev_fwd()?));
             Ok(())
         }
@@ -470,7 +485,7 @@ fn start_node(
     dp.set_config(cfg)?;
     // Before anything is attached: which devices XDP can transmit
     // through; `--forward=xdp` refuses what it cannot reach.
-    let devs = dp.update_devices(forward)?;
+    let devs = dp.update_devices()?;
     devices::log_changes(&devs, &Default::default());
     devices::check_attached(&a.ifaces, &devs, forward)?;
     let (prober, transitions) = probe::Prober::new(probe::DEFAULT_MAX_IN_FLIGHT);
@@ -503,7 +518,7 @@ fn start_node(
         }
     }
     let known = devs.iter().map(|(l, d)| (l.index, *d)).collect();
-    if let Err(e) = devices::watch(pin_dir, forward, known) {
+    if let Err(e) = devices::watch(pin_dir, known) {
         warn!("cannot watch link events ({e:#}); devices are classified at start only");
     }
     Ok((node, transitions))

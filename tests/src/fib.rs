@@ -155,9 +155,7 @@ pub fn with_datapath_rules(
 /// d0 and d1.
 pub fn load_datapath() -> loxilb_agent::datapath::Datapath {
     let mut dp = loxilb_agent::datapath::Datapath::load(None).expect("load datapath");
-    let devs = dp
-        .update_devices(loxilb_agent::devices::ForwardMode::Auto)
-        .expect("classify devices");
+    let devs = dp.update_devices().expect("classify devices");
     for d in ["d0", "d1"] {
         let (_, f) = devs
             .iter()

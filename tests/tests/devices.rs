@@ -49,7 +49,7 @@ fn devices_are_classified_by_what_xdp_can_transmit_through() {
     // peer has neither GRO nor an XDP program.
     ns.sh(&["ethtool", "-K", "v0p", "gro", "on"]).unwrap();
     ns.sh(&["ethtool", "-K", "v1p", "gro", "off"]).unwrap();
-    let devs = ns.run(|| devices::survey(ForwardMode::Auto).unwrap());
+    let devs = ns.run(|| devices::survey().unwrap());
     let m = |n: &str| {
         let d = by_name(&devs, n);
         (d.mode, d.why)
@@ -63,13 +63,10 @@ fn devices_are_classified_by_what_xdp_can_transmit_through() {
     assert_eq!(m("lo"), (dev_fwd::STACK, dev_fwd::WHY_DOWN));
     // Turning GRO on at v1's peer makes v1 a redirect target.
     ns.sh(&["ethtool", "-K", "v1p", "gro", "on"]).unwrap();
-    let devs = ns.run(|| devices::survey(ForwardMode::Auto).unwrap());
+    let devs = ns.run(|| devices::survey().unwrap());
     assert_eq!(by_name(&devs, "v1").mode, dev_fwd::REDIRECT);
-    // --forward=stack: everything to the stack.
-    let devs = ns.run(|| devices::survey(ForwardMode::Stack).unwrap());
-    assert!(devs.iter().all(|(_, d)| d.why == dev_fwd::WHY_FORCED));
     // --forward=xdp refuses an attached bridge, naming it.
-    let devs = ns.run(|| devices::survey(ForwardMode::Xdp).unwrap());
+    let devs = ns.run(|| devices::survey().unwrap());
     let e = devices::check_attached(&["v0".into(), "br0".into()], &devs, ForwardMode::Xdp)
         .unwrap_err()
         .to_string();
@@ -139,7 +136,7 @@ fn packets_for_a_device_xdp_cannot_reach_go_to_the_stack_untouched() {
     fib::with_datapath_rules("devstack", RULES, |dp, _| {
         // d0 (toward the endpoints) stops taking XDP frames.
         sh(&["ethtool", "-K", "d0p", "gro", "off"]).unwrap();
-        let devs = dp.update_devices(ForwardMode::Auto).unwrap();
+        let devs = dp.update_devices().unwrap();
         assert_eq!(by_name(&devs, "d0").why, dev_fwd::WHY_VETH_PEER);
         let syn = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, SYN);
         let dnat = syn.with("192.168.0.2", 40000, "10.0.1.10", 8080);
@@ -161,7 +158,7 @@ fn packets_for_a_device_xdp_cannot_reach_go_to_the_stack_untouched() {
         assert_eq!(out, routed, "{}", diff(&out, &routed));
         // GRO back on: the next packet of the flow is redirected by XDP.
         sh(&["ethtool", "-K", "d0p", "gro", "on"]).unwrap();
-        let devs = dp.update_devices(ForwardMode::Auto).unwrap();
+        let devs = dp.update_devices().unwrap();
         assert_eq!(by_name(&devs, "d0").mode, dev_fwd::REDIRECT);
         let (v, out) = run_xdp(dp, &syn.bytes());
         assert_eq!(v, verdict::XDP_REDIRECT);

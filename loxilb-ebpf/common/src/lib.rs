@@ -797,10 +797,8 @@ pub mod dev_fwd {
     pub const WHY_VIRTUAL: u32 = 5;
     /// Down or loopback.
     pub const WHY_DOWN: u32 = 6;
-    /// `--forward=stack` (`--forward-via-stack`).
-    pub const WHY_FORCED: u32 = 7;
     /// The CLI's words for `WHY_*`, by value.
-    pub const WHY_NAMES: [&str; 8] = [
+    pub const WHY_NAMES: [&str; 7] = [
         "",
         "takes XDP frames (ndo_xdp_xmit)",
         "veth whose peer has no XDP program and no GRO",
@@ -808,7 +806,6 @@ pub mod dev_fwd {
         "bridge (XDP cannot transmit into it)",
         "virtual device (bond, VLAN, tunnel, ...)",
         "down or loopback",
-        "--forward=stack",
     ];
 }
 
