@@ -219,7 +219,10 @@ impl ServiceWriter {
         self.api(key)
             .patch(
                 &key.name,
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(patch.to_json()),
             )
             .await

@@ -75,8 +75,21 @@ use crate::{
 /// Held on every Service with an allocation, until its addresses are
 /// released and its rules removed.
 pub const FINALIZER: &str = "loxilb.io/loadbalancer";
-/// The field manager of status writes (server-side apply).
+/// The field manager of every write of the agent (the metadata merge
+/// patch, the server-side apply of status, Events, the Lease): what
+/// `metadata.managedFields` names as the owner of the fields it wrote.
+/// (The status of BGPPeerService objects is applied per node,
+/// [`crate::bgp_peers::BgpPeerConfig::field_manager`].)
 pub const FIELD_MANAGER: &str = "loxilb-agent";
+
+/// [`kube::api::PostParams`] of the agent's creates and updates
+/// (field manager [`FIELD_MANAGER`]).
+pub fn post_params() -> kube::api::PostParams {
+    kube::api::PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
 /// Condition: the Service's addresses are allocated and recorded.
 pub const CONDITION_ALLOCATED: &str = "loxilb.io/Allocated";
 /// Condition: the annotations and spec are valid and rules were computed

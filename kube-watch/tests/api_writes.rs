@@ -182,6 +182,11 @@ async fn metadata_patch_is_a_conditional_merge_patch() {
         let (seen, send) = next(&mut handle).await;
         assert_eq!(seen.method, "PATCH");
         assert_eq!(seen.path, "/api/v1/namespaces/default/services/web");
+        assert_eq!(
+            seen.query.get("fieldManager").map(String::as_str),
+            Some("loxilb-agent"),
+            "managedFields name the agent, not `unknown`"
+        );
         assert_eq!(seen.content_type, "application/merge-patch+json");
         assert_eq!(
             seen.body,
@@ -258,6 +263,10 @@ async fn warning_event_names_annotation_value_and_allowed_values() {
             "/apis/events.k8s.io/v1/namespaces/default/events"
         );
         assert_eq!(seen.content_type, "application/json");
+        assert_eq!(
+            seen.query.get("fieldManager").map(String::as_str),
+            Some("loxilb-agent")
+        );
         let b = &seen.body;
         assert_eq!(b["apiVersion"], "events.k8s.io/v1");
         assert_eq!(b["kind"], "Event");

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_rbac, until, FakeApi, Logged, Running};
+use fake_api::{check_field_managers, check_rbac, until, FakeApi, Logged, Running};
 use kube_watch::{
     annotations::LbMode,
     controller::{run, Applied, RuleSink, RunConfig},
@@ -396,6 +396,19 @@ async fn lifecycle_of_services_through_the_controller() {
         "a Service of another class is never touched"
     );
     no_polling(&log);
+    assert_eq!(
+        check_field_managers(&log),
+        [
+            "PATCH services",
+            "PATCH services/status",
+            "POST events",
+            "POST leases",
+            "PUT leases"
+        ]
+        .map(String::from)
+        .into(),
+        "every kind of write the controller makes, each with the field manager"
+    );
     check_rbac(
         &log,
         &[

@@ -533,10 +533,41 @@ impl FakeApi {
     }
 }
 
+/// The field manager the agent's writes must carry (`?fieldManager=`), so
+/// `metadata.managedFields` names it rather than `unknown`.
+pub const FIELD_MANAGER: &str = "loxilb-agent";
+
+/// Every write (any method but GET) names its field manager: the
+/// agent's ([`FIELD_MANAGER`]), or for a BGPPeerService's status the
+/// node's own (`loxilb-agent@<node>`, one list entry per node). Returns
+/// the write kinds seen, as `METHOD resource[/subresource]`.
+pub fn check_field_managers(log: &[Logged]) -> BTreeSet<String> {
+    let mut kinds = BTreeSet::new();
+    for l in log.iter().filter(|l| l.method != "GET") {
+        let (_, resource, ..) = l.rbac();
+        let manager = l.query.get("fieldManager").map(String::as_str);
+        let ok = if resource == "bgppeerservices/status" {
+            // (The query is logged as sent: `@` is `%40`.)
+            manager.is_some_and(|m| m.starts_with("loxilb-agent%40"))
+        } else {
+            manager == Some(FIELD_MANAGER)
+        };
+        assert!(
+            ok,
+            "{} {} {}: field manager {manager:?}, expected {FIELD_MANAGER:?}",
+            l.agent, l.method, l.path
+        );
+        kinds.insert(format!("{} {resource}", l.method));
+    }
+    kinds
+}
+
 /// Every request must be allowed by the manifest's RBAC; every verb the
 /// manifest grants on the API groups `all_used_in` must have been used
-/// (each test names the groups its component is responsible for).
+/// (each test names the groups its component is responsible for). Every
+/// write must name its field manager ([`check_field_managers`]).
 pub fn check_rbac(log: &[Logged], all_used_in: &[&str]) {
+    check_field_managers(log);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest/in-cluster/loxilb.yaml");
     let text = std::fs::read_to_string(path).unwrap();
     let mut cluster: Vec<PolicyRule> = Vec::new();
