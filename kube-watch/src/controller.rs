@@ -98,9 +98,12 @@ pub trait RuleSink: Send {
     /// The rule set changed: `update` says which Services' rules changed
     /// (each with its complete new list) and lends the whole set. Called
     /// only when something changed, or to retry a failed call: the changes
-    /// accumulate until a call succeeds, and the first call after start
-    /// [`RuleUpdate::is_full`]. A batch of Services (the start, a Node
-    /// change) comes as one call.
+    /// accumulate until a call succeeds. The first call after start comes
+    /// once the initial lists of Services, EndpointSlices and Nodes are
+    /// complete and every Service is planned, and is
+    /// [`RuleUpdate::is_full`] (even with no rules at all: the datapath may
+    /// hold rules from before the start). A batch of Services (the start,
+    /// a Node change) comes as one call.
     ///
     /// The default copies the whole set into [`RuleSink::apply`]. A sink
     /// that can update per Service overrides this and touches only the
@@ -112,8 +115,10 @@ pub trait RuleSink: Send {
     }
 
     /// The addresses this node must own (answer ARP/ND for, advertise):
-    /// every VIP while this agent leads, none otherwise. Called when the
-    /// set changes.
+    /// every VIP while this agent leads, none otherwise. Called right after
+    /// the first [`RuleSink::update`] (with no address on a follower: an
+    /// agent restarted as follower drops the VIPs it held before), then
+    /// when the set changes.
     fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()>;
 }
 
@@ -486,10 +491,12 @@ impl<S: RuleSink> Executor<S> {
         self.outcomes.has_pending()
     }
 
-    /// Hand the sink the rule set if it changed, and the owned VIPs if they
-    /// changed.
+    /// Hand the sink the rule set if it changed (the first time in any
+    /// case, full, even when empty: the datapath may hold rules from before
+    /// the start), and the owned VIPs if they changed (the first time in
+    /// any case: a follower's are none, and it may own some from before).
     pub fn sync_sink(&mut self, reconciler: &mut Reconciler) -> Result<(), StepError> {
-        if self.sink_dirty || reconciler.rules_changed() {
+        if !self.sink_synced || self.sink_dirty || reconciler.rules_changed() {
             let update = reconciler.rule_update(!self.sink_synced);
             let r = self.sink.update(&update);
             self.outcomes.record(&update, r.as_ref());
@@ -510,7 +517,8 @@ impl<S: RuleSink> Executor<S> {
 
     /// Whether the sink still owes an update (a retry is due).
     pub fn sink_pending(&self, reconciler: &Reconciler) -> bool {
-        self.sink_dirty
+        !self.sink_synced
+            || self.sink_dirty
             || reconciler.rules_changed()
             || self.vips_sent.as_deref() != Some(&reconciler.owned_vips()[..])
     }

@@ -544,3 +544,150 @@ fn no_polling(log: &[Logged]) {
         );
     }
 }
+
+/// A sink that records each call: `update full|delta: <Service>=<rules>
+/// ...` (every rule with its endpoint count) and `own_vips [..]`.
+#[derive(Clone, Default)]
+struct CallSink {
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl RuleSink for CallSink {
+    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<Applied> {
+        unreachable!("update is overridden")
+    }
+    fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<Applied> {
+        let rules: Vec<String> = u
+            .all()
+            .map(|r| format!("{} ({} endpoints)", r.name, r.endpoints.len()))
+            .collect();
+        self.calls.lock().unwrap().push(format!(
+            "update {}: [{}]",
+            if u.is_full() { "full" } else { "delta" },
+            rules.join(", ")
+        ));
+        Ok(Applied::all())
+    }
+    fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()> {
+        let v: Vec<String> = vips.iter().map(IpAddr::to_string).collect();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("own_vips [{}]", v.join(", ")));
+        Ok(())
+    }
+}
+
+impl CallSink {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+fn start_with<S: RuleSink + 'static>(
+    api: &FakeApi,
+    identity: &str,
+    pools: &str,
+    sink: S,
+) -> Running {
+    let kube = KubeConfig {
+        cidr_pools: parse_cidr_pools(pools).unwrap(),
+        ..KubeConfig::default()
+    };
+    let mut lease = LeaseConfig::new("kube-system", identity);
+    lease.retry_period = Duration::from_millis(200);
+    let mut config = RunConfig::new(kube, lease);
+    // A retry would show as a delay: none is expected.
+    config.retry_min = Duration::from_secs(30);
+    config.retry_max = Duration::from_secs(60);
+    let client = api.client(identity);
+    Running::spawn(move |shutdown| run(client, config, sink, shutdown))
+}
+
+/// The Lease held by another agent for an hour: whoever starts follows.
+fn lease_held_by(holder: &str) -> Value {
+    json!({
+        "metadata": {"namespace": "kube-system", "name": "loxilb-agent"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3600,
+                 "acquireTime": "2026-05-01T10:00:00.000000Z",
+                 "renewTime": "2026-05-01T10:00:00.000000Z", "leaseTransitions": 0},
+    })
+}
+
+/// An EndpointSlice of `svc` with ready pods `10.244.0.<n>` for `n` in
+/// `pods`.
+fn slice(svc: &str, pods: &[u8]) -> Value {
+    let eps: Vec<Value> = pods
+        .iter()
+        .map(|n| json!({"addresses": [format!("10.244.0.{n}")], "nodeName": "n1"}))
+        .collect();
+    json!({
+        "metadata": {"namespace": "default", "name": format!("{svc}-x1"),
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps,
+    })
+}
+
+/// An agent that starts as follower (it may have led before the restart
+/// and still own addresses and rules): its datapath gets nothing until the
+/// initial lists of Services, EndpointSlices and Nodes are complete, then
+/// the whole rule set (even an empty one) and no VIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_gets_the_whole_set_once_listed_then_no_vips() {
+    for with_service in [true, false] {
+        let api = FakeApi::new();
+        api.with(|s| {
+            s.put("leases", lease_held_by("agent-x"));
+            s.put("nodes", node("n1", "10.0.0.1", true));
+            if with_service {
+                // Allocated by the leader, with its pods' addresses.
+                let mut web = service(
+                    "web",
+                    80,
+                    json!({"loxilb.io/usepodnetwork": "yes",
+                           "loxilb.io/allocated": "ips=192.0.2.1;ports=80/tcp"}),
+                );
+                web["metadata"]["finalizers"] = json!(["loxilb.io/loadbalancer"]);
+                s.put("services", web);
+                s.put("endpointslices", slice("web", &[5, 6, 7]));
+            }
+            s.hold_list("endpointslices");
+        });
+        let sink = CallSink::default();
+        let agent = start_with(&api, "agent-b", "defaultPool=192.0.2.0/30", sink.clone());
+        until("Services and Nodes listed, the Lease read", || {
+            let log = log(&api);
+            ["/api/v1/services", "/api/v1/nodes", LEASE]
+                .iter()
+                .all(|p| log.iter().any(|l| l.path == *p))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            sink.calls(),
+            Vec::<String>::new(),
+            "nothing before the EndpointSlices are listed"
+        );
+        api.with(|s| s.release_list("endpointslices"));
+        until("the first update and the VIPs", || sink.calls().len() >= 2).await;
+        let rules = if with_service {
+            "default/web:80/tcp@192.0.2.1 (3 endpoints)"
+        } else {
+            ""
+        };
+        assert_eq!(
+            sink.calls()[..2],
+            [format!("update full: [{rules}]"), "own_vips []".to_string()],
+            "with_service: {with_service}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sink.calls().len(), 2, "{:?}", sink.calls());
+        agent.stop("the controller").await;
+        assert_eq!(lease_holder(&api).as_deref(), Some("agent-x"));
+        check_rbac(&log(&api), &[]);
+    }
+}
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/loxilb-agent";
