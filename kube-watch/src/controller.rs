@@ -255,11 +255,13 @@ impl ServiceWriter {
 }
 
 /// What this node's datapath did with one Service's rules, as far as it
-/// decides whether to tell again: the frontends installed (not their
-/// endpoint counts: endpoints churn), and the refusals.
+/// decides whether to tell again: the frontends installed and whether each
+/// has endpoints (not how many: endpoints churn, but a frontend without
+/// any drops every connection, and an Event saying `0 endpoints` must not
+/// stand once they came), and the refusals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Outcome {
-    /// Every rule installed: their `vip:port/proto`.
+    /// Every rule installed: their [`outcome_of`].
     Programmed(Vec<String>),
     /// Some (or all) not installed: `rule: why` each, and the frontends
     /// that were installed.
@@ -278,6 +280,16 @@ fn frontend(r: &LbRule) -> String {
     )
 }
 
+/// `vip:port/proto`, and ` without endpoints` when `r` has none: what of
+/// an installed rule tells again when it changes.
+fn outcome_of(r: &LbRule) -> String {
+    if r.endpoints.is_empty() {
+        format!("{} without endpoints", frontend(r))
+    } else {
+        frontend(r)
+    }
+}
+
 /// `vip:port/proto -> n endpoints` of `r`.
 fn frontend_with_endpoints(r: &LbRule) -> String {
     let n = r.endpoints.len();
@@ -292,9 +304,11 @@ fn frontend_with_endpoints(r: &LbRule) -> String {
 /// that tell it: a Normal `RuleProgrammed` when a Service's rules are
 /// installed, a Warning `RuleNotProgrammed` when the agent refused one of
 /// them or the datapath update failed. An Event is queued only when a
-/// Service's outcome changed since the last one (a resync, an endpoint
-/// change or a retry with the same result says nothing), and its note
-/// starts with the node's name: every agent reports its own datapath.
+/// Service's outcome changed since the last one: frontends installed or
+/// refused, or a frontend's endpoints going from none to some or back (a
+/// resync, a retry with the same result, or a change of how many
+/// endpoints a frontend has says nothing). Its note starts with the node's
+/// name: every agent reports its own datapath.
 #[derive(Debug)]
 pub struct RuleOutcomes {
     node: String,
@@ -359,13 +373,13 @@ impl RuleOutcomes {
                             ok.iter().map(|r| frontend_with_endpoints(r)).collect();
                         note.push_str(&format!("; programmed: {}", list.join(", ")));
                     }
-                    let installed = ok.iter().map(|r| frontend(r)).collect();
+                    let installed = ok.iter().map(|r| outcome_of(r)).collect();
                     (Outcome::NotProgrammed { refused, installed }, note)
                 }
                 (None, None) => {
                     let list: Vec<String> = rules.iter().map(frontend_with_endpoints).collect();
                     (
-                        Outcome::Programmed(rules.iter().map(frontend).collect()),
+                        Outcome::Programmed(rules.iter().map(outcome_of).collect()),
                         format!("{} programmed", list.join(", ")),
                     )
                 }
