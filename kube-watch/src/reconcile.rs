@@ -102,6 +102,14 @@ pub const CONDITIONS: [&str; 2] = [CONDITION_ALLOCATED, CONDITION_CONFIGURED];
 /// `resourceVersion` is part of the patch, so the API server refuses it
 /// (409 Conflict) when the Service changed since it was read; the watcher
 /// then brings the new version and the Service is planned again.
+///
+/// The precondition stays: the finalizer list is replaced whole (a merge
+/// patch replaces lists), so without it a finalizer another controller
+/// added meanwhile would be lost; and the allocation record, from which a
+/// new leader rebuilds its table, must not overwrite one written meanwhile
+/// (by a leader that took over). The controller plans on the version its
+/// own writes returned ([`crate::controller::Freshest`]), so the
+/// precondition fails only when someone else wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetadataPatch {
     pub resource_version: String,

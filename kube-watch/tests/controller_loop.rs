@@ -584,11 +584,14 @@ impl CallSink {
     }
 }
 
+/// An agent with the sink `sink`, retrying failed Services after
+/// `retry_min` (doubling, at most 4 times that).
 fn start_with<S: RuleSink + 'static>(
     api: &FakeApi,
     identity: &str,
     pools: &str,
     sink: S,
+    retry_min: Duration,
 ) -> Running {
     let kube = KubeConfig {
         cidr_pools: parse_cidr_pools(pools).unwrap(),
@@ -597,9 +600,8 @@ fn start_with<S: RuleSink + 'static>(
     let mut lease = LeaseConfig::new("kube-system", identity);
     lease.retry_period = Duration::from_millis(200);
     let mut config = RunConfig::new(kube, lease);
-    // A retry would show as a delay: none is expected.
-    config.retry_min = Duration::from_secs(30);
-    config.retry_max = Duration::from_secs(60);
+    config.retry_min = retry_min;
+    config.retry_max = retry_min * 4;
     let client = api.client(identity);
     Running::spawn(move |shutdown| run(client, config, sink, shutdown))
 }
@@ -656,7 +658,13 @@ async fn follower_gets_the_whole_set_once_listed_then_no_vips() {
             s.hold_list("endpointslices");
         });
         let sink = CallSink::default();
-        let agent = start_with(&api, "agent-b", "defaultPool=192.0.2.0/30", sink.clone());
+        let agent = start_with(
+            &api,
+            "agent-b",
+            "defaultPool=192.0.2.0/30",
+            sink.clone(),
+            Duration::from_millis(50),
+        );
         until("Services and Nodes listed, the Lease read", || {
             let log = log(&api);
             ["/api/v1/services", "/api/v1/nodes", LEASE]
@@ -691,3 +699,131 @@ async fn follower_gets_the_whole_set_once_listed_then_no_vips() {
 }
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/loxilb-agent";
+
+/// The EndpointSlice comes just after the Service, before the watch brought
+/// the agent's own writes to it (the status write changed its
+/// resourceVersion again): the Service is planned again on the version its
+/// writes returned. No 409, nothing retried (a retry would come only after
+/// 30 s), and the Events tell the endpoints once they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_writes_ahead_of_the_watch_cause_no_conflict() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+    });
+    let dp = Datapath::default();
+    let agent = start_with(
+        &api,
+        "agent-a",
+        "defaultPool=192.0.2.0/30",
+        dp.clone(),
+        Duration::from_secs(30),
+    );
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    api.with(|s| {
+        s.put(
+            "services",
+            service("web", 80, json!({"loxilb.io/usepodnetwork": "yes"})),
+        );
+        s.hold_watch("services");
+    });
+    until("web allocated", || ingress(&api, "web") == ["192.0.2.1"]).await;
+    until("web programmed, no endpoints yet", || {
+        dp.rule_of("web").is_some_and(|r| r.endpoints.is_empty())
+    })
+    .await;
+    let meta_writes = writes_to(&api, "/api/v1/namespaces/default/services/web");
+    api.with(|s| s.put("endpointslices", slice("web", &[5, 6, 7])));
+    until("web programmed with its endpoints", || {
+        dp.rule_of("web").is_some_and(|r| r.endpoints.len() == 3)
+    })
+    .await;
+    api.with(|s| s.release_watch("services"));
+    until("the Events tell the endpoints", || {
+        has_event(&api, "web", "RuleProgrammed", "-> 3 endpoints programmed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.stop("the controller").await;
+    let log = log(&api);
+    let refused: Vec<String> = log
+        .iter()
+        .filter(|l| l.method != "GET" && l.status >= 400)
+        .map(|l| format!("{} {} {}", l.method, l.path, l.status))
+        .collect();
+    assert_eq!(refused, Vec::<String>::new(), "no write refused");
+    assert_eq!(
+        writes_to(&api, "/api/v1/namespaces/default/services/web"),
+        meta_writes,
+        "the record and finalizer are not written again"
+    );
+    let notes: Vec<String> = events(&api, "web")
+        .into_iter()
+        .filter(|(_, r, _)| r == "RuleProgrammed")
+        .map(|(_, _, n)| n)
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "node agent-a: 192.0.2.1:80/tcp -> 0 endpoints programmed",
+            "node agent-a: 192.0.2.1:80/tcp -> 3 endpoints programmed"
+        ]
+    );
+    check_rbac(&log, &[]);
+}
+
+/// A Service deleted before the agent's writes reached it, the watch not
+/// having brought the deletion yet: the 404 drops its work (no retry, no
+/// second write); once the deletion arrives, the next Service gets its
+/// address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_gone_before_its_writes_is_not_retried() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+    });
+    let dp = Datapath::default();
+    // One address; a retry would come after 50 ms.
+    let agent = start_with(
+        &api,
+        "agent-a",
+        "defaultPool=192.0.2.1/32",
+        dp.clone(),
+        Duration::from_millis(50),
+    );
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    const BRIEF: &str = "/api/v1/namespaces/default/services/brief";
+    api.with(|s| {
+        s.put("services", service("brief", 80, json!({})));
+        s.hold_watch("services");
+        s.delete("services", "default", "brief");
+    });
+    until("the write to brief", || writes_to(&api, BRIEF) > 0).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let to_brief: Vec<(String, u16)> = log(&api)
+        .iter()
+        .filter(|l| l.method != "GET" && l.path.starts_with(BRIEF))
+        .map(|l| (l.path.clone(), l.status))
+        .collect();
+    assert_eq!(
+        to_brief,
+        [(BRIEF.to_string(), 404)],
+        "one write, not retried"
+    );
+    // The deletion reaches the watch before the next Service: that one
+    // gets the only address.
+    api.with(|s| {
+        s.put("services", service("next", 80, json!({})));
+        s.release_watch("services");
+    });
+    until("next allocated", || ingress(&api, "next") == ["192.0.2.1"]).await;
+    assert!(dp.rule_of("brief").is_none());
+    agent.stop("the controller").await;
+    check_rbac(&log(&api), &[]);
+}
