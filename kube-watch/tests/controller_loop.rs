@@ -827,3 +827,52 @@ async fn a_service_gone_before_its_writes_is_not_retried() {
     agent.stop("the controller").await;
     check_rbac(&log(&api), &[]);
 }
+
+/// Someone else changes the Service between the version the agent planned
+/// on and its metadata patch: the patch is refused (the precondition that
+/// keeps the finalizer list and the allocation record safe), and the
+/// Service gets its address as soon as the watch brings the new version,
+/// not after the back-off (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_is_planned_again_at_the_watch_event() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+    });
+    let agent = start_with(
+        &api,
+        "agent-a",
+        "defaultPool=192.0.2.0/30",
+        Datapath::default(),
+        Duration::from_secs(30),
+    );
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    const WEB: &str = "/api/v1/namespaces/default/services/web";
+    api.with(|s| {
+        s.put("services", service("web", 80, json!({})));
+        s.hold_watch("services");
+        s.edit("services", "default", "web", |o| {
+            o["metadata"]["labels"] = json!({"team": "a"});
+        });
+    });
+    until("the refused patch", || {
+        log(&api).iter().any(|l| l.path == WEB && l.status == 409)
+    })
+    .await;
+    api.with(|s| s.release_watch("services"));
+    until("web allocated", || ingress(&api, "web") == ["192.0.2.1"]).await;
+    let web = svc_of(&api, "web").unwrap();
+    assert_eq!(
+        web["metadata"]["labels"],
+        json!({"team": "a"}),
+        "the edit kept"
+    );
+    assert_eq!(
+        web["metadata"]["finalizers"],
+        json!(["loxilb.io/loadbalancer"])
+    );
+    agent.stop("the controller").await;
+}
