@@ -486,20 +486,7 @@ impl Datapath {
                 .with_context(|| format!("detaching TC egress from {iface}"))?;
         }
         if let Some(dir) = &self.pin_dir {
-            for n in mn::ALL {
-                let _ = std::fs::remove_file(dir.join(n));
-            }
-            if let Ok(rd) = std::fs::read_dir(dir.join("links")) {
-                for e in rd.flatten() {
-                    // A link left by an earlier --keep run for an interface
-                    // this agent did not take over: detach it too.
-                    if let Ok(l) = PinnedLink::from_pin(e.path()) {
-                        let _ = l.unpin();
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(dir.join("links"));
-            let _ = std::fs::remove_dir(dir);
+            remove_pins(dir);
         }
         Ok(())
     }
@@ -871,6 +858,28 @@ pub fn write_dev_fwd_pinned(path: &Path, devs: &StdHashMap<u32, DevFwd>) -> Resu
     let d = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
     let mut m: HashMap<_, u32, DevFwd> = HashMap::try_from(Map::HashMap(d))?;
     replace_dev_fwd(&mut m, devs)
+}
+
+/// Remove what a datapath pinned in `dir`: every map, and every link (a
+/// program an earlier `--keep` run left attached is detached with its
+/// link). Returns how many links were detached.
+pub fn remove_pins(dir: &Path) -> usize {
+    for n in mn::ALL {
+        let _ = std::fs::remove_file(dir.join(n));
+    }
+    let mut links = 0;
+    if let Ok(rd) = std::fs::read_dir(dir.join("links")) {
+        for e in rd.flatten() {
+            if let Ok(l) = PinnedLink::from_pin(e.path()) {
+                if l.unpin().is_ok() {
+                    links += 1;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir.join("links"));
+    let _ = std::fs::remove_dir(dir);
+    links
 }
 
 /// Read-only access to a running agent's pinned maps (for the CLI).

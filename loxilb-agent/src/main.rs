@@ -162,8 +162,13 @@ enum Cmd {
     Associations,
     /// Show BGP neighbours (state, uptime, routes sent).
     Bgp,
-    /// Show datapath counters.
+    /// Show datapath counters and how translated packets leave through
+    /// each device.
     Stats,
+    /// Remove what an agent left behind (after `--keep`, or a crash):
+    /// detach its programs, unpin its maps, take its VIPs off `lo`. Run
+    /// on a node after uninstalling, with no agent running.
+    Cleanup,
 }
 
 /// kube-loxilb's flags, as it spells them.
@@ -389,6 +394,19 @@ fn main() -> Result<()> {
         Cmd::Associations => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
             print!("{}", show::associations_table(&m.associations()?));
+            Ok(())
+        }
+        Cmd::Cleanup => {
+            let links = loxilb_agent::datapath::remove_pins(&cli.pin_dir);
+            let (lo, held) = lo_vips()?;
+            for v in &held {
+                netlink::del_addr(lo, *v)?;
+            }
+            println!(
+                "detached {links} program link(s), unpinned the maps in {}, removed {} VIP(s) from lo",
+                cli.pin_dir.display(),
+                held.len()
+            );
             Ok(())
         }
         Cmd::Stats => {

@@ -341,3 +341,40 @@ fn agent_mounts_bpffs_in_a_fresh_mount_namespace() {
     assert!(st.success(), "exit status {st}:\n{}", text());
     drop(guard);
 }
+
+/// `loxilb-agent cleanup` removes what an agent run with `--keep` left:
+/// the attached programs, the pinned maps.
+#[test]
+fn cleanup_removes_what_a_kept_agent_left() {
+    if !need_root("cleanup_removes_what_a_kept_agent_left") {
+        return;
+    }
+    let s = site("lxcl", 1, Behind::Bridge);
+    let mut agent = Agent::start(&s.t, &s.cfg, &["--iface", "br1", "--keep"]).expect("agent");
+    let mut c = Conn::open(&s.t.client, vip(80)).expect("TCP through the VIP");
+    c.ask("before").unwrap();
+    agent.stop().unwrap();
+    // Still served with no agent running: the datapath was kept.
+    assert!(c.ask("kept").unwrap().backend.starts_with('b'));
+    let link = s.t.lb.sh(&["ip", "link", "show", "lbc"]).unwrap();
+    assert!(link.contains("xdp"), "{link}");
+    assert!(s.t.pin_dir().exists());
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", s.t.lb.name))
+        .arg(agent_bin())
+        .args(["--pin-dir", s.t.pin_dir().to_str().unwrap(), "cleanup"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("detached"), "{text}");
+    for dev in ["lbc", "br1"] {
+        let link = s.t.lb.sh(&["ip", "link", "show", dev]).unwrap();
+        assert!(!link.contains("xdp"), "{dev} still has XDP: {link}");
+    }
+    assert!(!s.t.pin_dir().exists(), "pins left");
+}
