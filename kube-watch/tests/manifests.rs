@@ -251,6 +251,10 @@ fn daemonset() -> DaemonSet {
 fn kube_config(args: &[String]) -> Result<KubeConfig, String> {
     let mut c = KubeConfig::default();
     for a in args {
+        // The agent's own node switches (checked by the agent's CLI test).
+        if a == "--keep" || a == "--forward-via-stack" {
+            continue;
+        }
         let (name, value) = a
             .split_once('=')
             .ok_or_else(|| format!("{a}: write --flag=value"))?;
@@ -277,7 +281,7 @@ fn kube_config(args: &[String]) -> Result<KubeConfig, String> {
             // The agent's own node flags (checked by the agent's CLI test).
             "--iface" | "--xdp-mode" | "--setBGP" | "--extBGPPeers" | "--listenBGPPort"
             | "--eBGPMultiHop" | "--fullnat-source" | "--snat-ports" | "--health-listen"
-            | "--enableBGPCRDs" | "--setRoles" => {}
+            | "--enableBGPCRDs" | "--setRoles" | "--forward" => {}
             other => return Err(format!("{other}: not a kube flag")),
         }
     }
