@@ -112,6 +112,9 @@ pub const SETTINGS: &[Setting] = &[
     s("setLBHostnameStatus", Kind::Bool),
     s("zone", Kind::Value),
     s("noZoneName", Kind::Bool),
+    s("leaseDuration", Kind::Value),
+    s("leaseRenewDeadline", Kind::Value),
+    s("leaseRetryPeriod", Kind::Value),
 ];
 
 /// The flag that names the file.

@@ -241,6 +241,84 @@ pub fn parse_bool(flag: &'static str, value: &str) -> Result<bool, FlagError> {
     }
 }
 
+/// A duration flag: a number of seconds (`4`, `0.5`) or with a unit
+/// (`500ms`, `4s`, `1m`); above zero, at most an hour.
+pub fn parse_duration(flag: &'static str, value: &str) -> Result<std::time::Duration, FlagError> {
+    let v = value.trim();
+    let (num, scale) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (v, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x * scale <= 3600.0 => {
+            Ok(std::time::Duration::from_secs_f64(x * scale))
+        }
+        _ => Err(err(
+            flag,
+            value,
+            "not a duration; write seconds (4, 0.5) or with a unit (500ms, 4s, 1m), above 0 and at most 1h",
+        )),
+    }
+}
+
+/// The Lease timings from `--leaseDuration`, `--leaseRenewDeadline`,
+/// `--leaseRetryPeriod` (each `None`: its default in `base`): retry <
+/// renew deadline < duration, as client-go requires.
+pub fn lease_timings(
+    base: (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ),
+    duration: Option<&str>,
+    renew: Option<&str>,
+    retry: Option<&str>,
+) -> Result<
+    (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ),
+    FlagError,
+> {
+    let d = duration
+        .map(|v| parse_duration(FLAG_LEASE_DURATION, v))
+        .transpose()?
+        .unwrap_or(base.0);
+    let r = renew
+        .map(|v| parse_duration(FLAG_LEASE_RENEW, v))
+        .transpose()?
+        .unwrap_or(base.1);
+    let p = retry
+        .map(|v| parse_duration(FLAG_LEASE_RETRY, v))
+        .transpose()?
+        .unwrap_or(base.2);
+    if r >= d {
+        return Err(err(
+            FLAG_LEASE_RENEW,
+            &format!("{r:?}"),
+            format!("must be shorter than {FLAG_LEASE_DURATION} ({d:?}): a leader that cannot renew must step down before another agent takes over"),
+        ));
+    }
+    if p >= r {
+        return Err(err(
+            FLAG_LEASE_RETRY,
+            &format!("{p:?}"),
+            format!("must be shorter than {FLAG_LEASE_RENEW} ({r:?}): the leader renews every retry period"),
+        ));
+    }
+    Ok((d, r, p))
+}
+
+pub const FLAG_LEASE_DURATION: &str = "--leaseDuration";
+pub const FLAG_LEASE_RENEW: &str = "--leaseRenewDeadline";
+pub const FLAG_LEASE_RETRY: &str = "--leaseRetryPeriod";
+
 /// `--zone`: the prefix of the status hostname (`<zone>-<ip>`), a DNS
 /// label of lower-case letters, digits and `-` (kube-loxilb's zone name).
 pub fn parse_zone(value: &str) -> Result<String, FlagError> {
@@ -360,6 +438,39 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn lease_timings_are_checked() {
+        use std::time::Duration as D;
+        let base = (D::from_secs(4), D::from_secs(3), D::from_secs(1));
+        assert_eq!(lease_timings(base, None, None, None).unwrap(), base);
+        assert_eq!(
+            lease_timings(base, Some("10"), Some("8s"), Some("500ms")).unwrap(),
+            (D::from_secs(10), D::from_secs(8), D::from_millis(500))
+        );
+        assert_eq!(parse_duration("--x", "1m").unwrap(), D::from_secs(60));
+        assert_eq!(parse_duration("--x", "0.25").unwrap(), D::from_millis(250));
+        for bad in ["0", "-1", "x", "2h", "", "1.5h", "NaN"] {
+            let e = parse_duration(FLAG_LEASE_DURATION, bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("--leaseDuration"), "{e}");
+        }
+        let e = lease_timings(base, Some("3"), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--leaseRenewDeadline") && e.contains("shorter than --leaseDuration"),
+            "{e}"
+        );
+        let e = lease_timings(base, None, None, Some("3"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--leaseRetryPeriod") && e.contains("shorter than --leaseRenewDeadline"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -527,7 +527,7 @@ fn lease_json(holder: Option<&str>, rv: &str, transitions: i32) -> Value {
 #[tokio::test]
 async fn lease_create_then_renew_then_release() {
     let (client, mut handle) = mock_client();
-    let mut el = LeaderElector::new(client, LeaseConfig::new("kube-system", "agent-a"));
+    let mut el = LeaderElector::new(client, client_go_lease("agent-a"));
 
     let (res, ()) = tokio::join!(el.try_acquire_or_renew(t(0)), async {
         let (seen, send) = next(&mut handle).await;
@@ -605,7 +605,7 @@ async fn lease_create_then_renew_then_release() {
 #[tokio::test]
 async fn lease_takeover_after_expiry_and_lost_race() {
     let (client, mut handle) = mock_client();
-    let mut el = LeaderElector::new(client, LeaseConfig::new("kube-system", "agent-b"));
+    let mut el = LeaderElector::new(client, client_go_lease("agent-b"));
     let held = lease_json(Some("agent-a"), "5", 3);
 
     // Held by a, first seen now: wait, no write.
@@ -665,7 +665,7 @@ async fn lease_takeover_after_expiry_and_lost_race() {
 #[tokio::test]
 async fn api_errors_are_errors() {
     let (client, mut handle) = mock_client();
-    let mut el = LeaderElector::new(client, LeaseConfig::new("kube-system", "agent-a"));
+    let mut el = LeaderElector::new(client, client_go_lease("agent-a"));
     let (res, ()) = tokio::join!(el.try_acquire_or_renew(t(0)), async {
         let (_, send) = next(&mut handle).await;
         respond(send, StatusCode::FORBIDDEN, &status(403, "Forbidden"));
@@ -1003,4 +1003,14 @@ async fn rule_events_tell_when_endpoints_come_and_go() {
             "node n1: 192.0.2.1:80/tcp -> 0 endpoints programmed",
         ]
     );
+}
+
+/// client-go's Lease timings (15 s), which these exchanges were recorded
+/// with.
+fn client_go_lease(me: &str) -> LeaseConfig {
+    let mut c = LeaseConfig::new("kube-system", me);
+    c.lease_duration = Duration::from_secs(15);
+    c.renew_deadline = Duration::from_secs(10);
+    c.retry_period = Duration::from_secs(2);
+    c
 }

@@ -210,6 +210,18 @@ struct KubeArgs {
     /// false the hostnames.
     #[arg(long = "noZoneName", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     no_zone_name: Option<String>,
+    /// How long the leader's Lease stays valid without renewal: a killed
+    /// leader is replaced within this plus one retry period (default 4s;
+    /// seconds, or 500ms/4s/1m; whole seconds in the Lease).
+    #[arg(long = "leaseDuration", value_name = "DURATION")]
+    lease_duration: Option<String>,
+    /// A leader that could not renew for this long steps down (default 3s;
+    /// shorter than --leaseDuration).
+    #[arg(long = "leaseRenewDeadline", value_name = "DURATION")]
+    lease_renew_deadline: Option<String>,
+    /// How often the leader renews and the others look (default 1s).
+    #[arg(long = "leaseRetryPeriod", value_name = "DURATION")]
+    lease_retry_period: Option<String>,
     /// YAML file with the same settings as the flags (keys: the flag names
     /// without --); flags given here override it. Read before parsing (see
     /// kube_watch::config_file::expand_args); never set when this runs.
@@ -821,6 +833,16 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         k.no_zone_name.as_deref(),
     )
     .map_err(fe)?;
+    let (d, r, p) = kf::lease_timings(
+        run_config.lease.timings(),
+        k.lease_duration.as_deref(),
+        k.lease_renew_deadline.as_deref(),
+        k.lease_retry_period.as_deref(),
+    )
+    .map_err(fe)?;
+    run_config.lease.lease_duration = d;
+    run_config.lease.renew_deadline = r;
+    run_config.lease.retry_period = p;
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
