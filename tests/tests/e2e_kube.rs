@@ -315,6 +315,10 @@ fn kube_keep_restart_adopts_the_rules_and_an_open_stream_survives() {
         "--keep leaves the maps pinned:\n{}",
         agent.log_text()
     );
+    let link = e.t.lb.sh(&["ip", "link", "show", "lbc"]).unwrap();
+    checks.check(link.contains("xdp"), || {
+        format!("--keep: XDP is no longer attached to lbc after the exit: {link}")
+    });
     // No agent: the pinned datapath keeps serving the stream.
     match c.ask("between") {
         Ok(r) => checks.check(r.backend == b, || {
