@@ -660,6 +660,7 @@ impl Checks {
         }
     }
 
+    #[track_caller]
     pub fn finish(self, test: &str) {
         assert!(
             self.failed.is_empty(),

@@ -392,6 +392,7 @@ fn kube_keep_restart_adopts_the_rules_and_an_open_stream_survives() {
         }),
         Err(err) => checks.check(false, || format!("later the stream broke: {err:#}")),
     }
+    check_rbac(&api.log(), &[]);
     let st = agent2.stop().expect("the restarted agent exits on SIGTERM");
     checks.check(st.success(), || {
         format!(
@@ -523,6 +524,12 @@ fn two_agents_one_lease_only_the_leader_holds_the_vips() {
     checks.check(lo_b.contains(&vip), || {
         format!("the leader node-b lost the VIP: {lo_b:?}")
     });
+    for label in ["node-a#1", "node-b", "node-a#2"] {
+        checks.check(api.requests_from(label) > 0, || {
+            format!("no request logged from {label}")
+        });
+    }
+    check_rbac(&api.log(), &[]);
     checks.check(a2.running() && b.running(), || {
         "an agent exited".to_string()
     });
