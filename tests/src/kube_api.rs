@@ -92,6 +92,7 @@ impl ApiServer {
         rt.spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 let (api, errors, agent) = (api.clone(), errors.clone(), agent.clone());
