@@ -35,7 +35,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
-    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
     runtime::{watcher, WatchStreamExt},
     Api, Client, ResourceExt,
 };
@@ -391,7 +391,7 @@ pub async fn watch_bgp_peers<S: PeerSink>(
             let mut ev = event_object(&spec, &reference(obj), &config.instance, now, 0);
             ev.metadata.name = Some(ev_name.clone());
             ev.metadata.namespace = Some(EVENT_NAMESPACE.into());
-            match events.create(&PostParams::default(), &ev).await {
+            match events.create(&crate::reconcile::post_params(), &ev).await {
                 Ok(_) => {
                     warned.insert(ev_name);
                 }

@@ -75,6 +75,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     s("xdp-mode", Kind::Value),
     s("keep", Kind::Switch),
+    s("forward", Kind::Value),
     s("forward-via-stack", Kind::Switch),
     s("fullnat-source", Kind::Value),
     s("fullnat-source6", Kind::Value),

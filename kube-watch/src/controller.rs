@@ -13,9 +13,16 @@
 //! not heartbeats — a re-list or a leadership change marks every Service);
 //! nothing is planned until all three caches have their initial list. The
 //! dirty Services are planned and carried out as a batch whose rules reach
-//! the datapath as one rule set ([`Executor::set_hold`]). A Service whose
-//! writes failed is planned again after a backoff (1 s doubling to 60 s) or
-//! at its next watch event, whichever is first. What the datapath did with
+//! the datapath as one rule set ([`Executor::set_hold`]). A Service is
+//! planned on the freshest version known ([`Freshest`]: the object the
+//! agent's own last write returned, until the watch brings that version),
+//! so the conditional metadata patch does not fail for the watch's lag. A
+//! Service whose writes failed is planned again after a backoff (1 s
+//! doubling to 60 s) or at its next watch event, whichever is first; a 409
+//! (someone else changed the Service meanwhile: its watch event is on the
+//! way) is logged at debug level only; a 404 (the Service is gone) is not
+//! retried: the Service is planned as deleted at once (rules removed,
+//! addresses released), logged at debug level. What the datapath did with
 //! each Service's rules (installed, refused, the update failed) becomes a
 //! `RuleProgrammed` or `RuleNotProgrammed` Event on the Service, from every
 //! agent for its own node, once per change ([`RuleOutcomes`]).
@@ -24,6 +31,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -98,9 +106,12 @@ pub trait RuleSink: Send {
     /// The rule set changed: `update` says which Services' rules changed
     /// (each with its complete new list) and lends the whole set. Called
     /// only when something changed, or to retry a failed call: the changes
-    /// accumulate until a call succeeds, and the first call after start
-    /// [`RuleUpdate::is_full`]. A batch of Services (the start, a Node
-    /// change) comes as one call.
+    /// accumulate until a call succeeds. The first call after start comes
+    /// once the initial lists of Services, EndpointSlices and Nodes are
+    /// complete and every Service is planned, and is
+    /// [`RuleUpdate::is_full`] (even with no rules at all: the datapath may
+    /// hold rules from before the start). A batch of Services (the start,
+    /// a Node change) comes as one call.
     ///
     /// The default copies the whole set into [`RuleSink::apply`]. A sink
     /// that can update per Service overrides this and touches only the
@@ -112,8 +123,10 @@ pub trait RuleSink: Send {
     }
 
     /// The addresses this node must own (answer ARP/ND for, advertise):
-    /// every VIP while this agent leads, none otherwise. Called when the
-    /// set changes.
+    /// every VIP while this agent leads, none otherwise. Called right after
+    /// the first [`RuleSink::update`] (with no address on a follower: an
+    /// agent restarted as follower drops the VIPs it held before), then
+    /// when the set changes.
     fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()>;
 }
 
@@ -190,6 +203,107 @@ impl std::fmt::Display for StepError {
 
 impl std::error::Error for StepError {}
 
+impl StepError {
+    /// A write refused with 409 Conflict: the Service changed since the
+    /// version the patch was conditional on (its watch event is on the
+    /// way, and plans it again).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StepError::Api(kube::Error::Api(s)) if s.is_conflict())
+    }
+
+    /// A write answered 404 Not Found: the Service is gone.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, StepError::Api(kube::Error::Api(s)) if s.is_not_found())
+    }
+}
+
+/// The freshest version of each Service the controller knows. The watch
+/// cache lags behind the agent's own writes: a Service planned again
+/// before the watch brought them (its EndpointSlice arrived, an address
+/// was released) would be planned on a version older than the one the
+/// writes returned, and its conditional metadata patch would fail with a
+/// 409. So the object a write returned is used until the watch brings that
+/// version (watch events come in `resourceVersion` order: every event
+/// before it is older), and a Service a write found gone (404) is planned
+/// as gone until the watch brings its deletion.
+#[derive(Debug, Default)]
+pub struct Freshest {
+    written: HashMap<ServiceKey, Arc<Service>>,
+    gone: BTreeSet<ServiceKey>,
+}
+
+fn resource_version_of(svc: &Service) -> Option<&str> {
+    svc.metadata.resource_version.as_deref()
+}
+
+impl Freshest {
+    /// A write to `key` returned `svc`; `known`: the version it was
+    /// planned on. A write that changed nothing (same `resourceVersion`:
+    /// no watch event follows) leaves things as they were.
+    pub fn wrote(&mut self, key: &ServiceKey, mut svc: Service, known: Option<&Service>) {
+        let known = self
+            .written
+            .get(key)
+            .map(|s| s.as_ref())
+            .or(known)
+            .and_then(resource_version_of);
+        if resource_version_of(&svc).is_none() || resource_version_of(&svc) == known {
+            return;
+        }
+        slim(&mut svc);
+        self.written.insert(key.clone(), Arc::new(svc));
+    }
+
+    /// A write found `key` gone (404).
+    pub fn gone(&mut self, key: &ServiceKey) {
+        self.written.remove(key);
+        self.gone.insert(key.clone());
+    }
+
+    /// The watch brought `svc` (`deleted`: its deletion).
+    pub fn observed(&mut self, svc: &Service, deleted: bool) {
+        let Some(key) = key_of(svc) else {
+            return;
+        };
+        if deleted {
+            self.written.remove(&key);
+            self.gone.remove(&key);
+        } else if self
+            .written
+            .get(&key)
+            .is_some_and(|w| resource_version_of(w) == resource_version_of(svc))
+        {
+            self.written.remove(&key);
+        }
+    }
+
+    /// The watch listed the Services again: the cache is current.
+    pub fn relisted(&mut self) {
+        self.written.clear();
+        self.gone.clear();
+    }
+
+    /// The version of `key` to plan on, given the cache's (`cached`).
+    pub fn view(&self, key: &ServiceKey, cached: Option<Arc<Service>>) -> Option<Arc<Service>> {
+        if self.gone.contains(key) {
+            return None;
+        }
+        match (self.written.get(key), cached) {
+            (Some(w), Some(_)) => Some(w.clone()),
+            (_, cached) => cached,
+        }
+    }
+
+    /// Services held here (written, not yet seen by the watch; or gone).
+    pub fn len(&self) -> usize {
+        self.written.len() + self.gone.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The writes to Services and their Events: a merge patch of metadata
 /// (verb `patch` on `services`), a server-side apply of status (`patch` on
 /// `services/status`), Event creation.
@@ -211,26 +325,32 @@ impl ServiceWriter {
         Api::namespaced(self.client.clone(), &key.namespace)
     }
 
+    /// The merge patch of metadata (conditional on
+    /// [`MetadataPatch::resource_version`]); returns the Service as
+    /// written.
     pub async fn patch_metadata(
         &self,
         key: &ServiceKey,
         patch: &MetadataPatch,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<Service, kube::Error> {
         self.api(key)
             .patch(
                 &key.name,
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(patch.to_json()),
             )
             .await
-            .map(|_| ())
     }
 
+    /// The server-side apply of status; returns the Service as written.
     pub async fn patch_status(
         &self,
         key: &ServiceKey,
         update: &StatusUpdate,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<Service, kube::Error> {
         self.api(key)
             .patch_status(
                 &key.name,
@@ -238,7 +358,6 @@ impl ServiceWriter {
                 &Patch::Apply(update.to_apply_body(key)),
             )
             .await
-            .map(|_| ())
     }
 
     pub fn events(&self) -> &EventPublisher {
@@ -247,11 +366,13 @@ impl ServiceWriter {
 }
 
 /// What this node's datapath did with one Service's rules, as far as it
-/// decides whether to tell again: the frontends installed (not their
-/// endpoint counts: endpoints churn), and the refusals.
+/// decides whether to tell again: the frontends installed and whether each
+/// has endpoints (not how many: endpoints churn, but a frontend without
+/// any drops every connection, and an Event saying `0 endpoints` must not
+/// stand once they came), and the refusals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Outcome {
-    /// Every rule installed: their `vip:port/proto`.
+    /// Every rule installed: their [`outcome_of`].
     Programmed(Vec<String>),
     /// Some (or all) not installed: `rule: why` each, and the frontends
     /// that were installed.
@@ -270,6 +391,16 @@ fn frontend(r: &LbRule) -> String {
     )
 }
 
+/// `vip:port/proto`, and ` without endpoints` when `r` has none: what of
+/// an installed rule tells again when it changes.
+fn outcome_of(r: &LbRule) -> String {
+    if r.endpoints.is_empty() {
+        format!("{} without endpoints", frontend(r))
+    } else {
+        frontend(r)
+    }
+}
+
 /// `vip:port/proto -> n endpoints` of `r`.
 fn frontend_with_endpoints(r: &LbRule) -> String {
     let n = r.endpoints.len();
@@ -284,9 +415,11 @@ fn frontend_with_endpoints(r: &LbRule) -> String {
 /// that tell it: a Normal `RuleProgrammed` when a Service's rules are
 /// installed, a Warning `RuleNotProgrammed` when the agent refused one of
 /// them or the datapath update failed. An Event is queued only when a
-/// Service's outcome changed since the last one (a resync, an endpoint
-/// change or a retry with the same result says nothing), and its note
-/// starts with the node's name: every agent reports its own datapath.
+/// Service's outcome changed since the last one: frontends installed or
+/// refused, or a frontend's endpoints going from none to some or back (a
+/// resync, a retry with the same result, or a change of how many
+/// endpoints a frontend has says nothing). Its note starts with the node's
+/// name: every agent reports its own datapath.
 #[derive(Debug)]
 pub struct RuleOutcomes {
     node: String,
@@ -351,13 +484,13 @@ impl RuleOutcomes {
                             ok.iter().map(|r| frontend_with_endpoints(r)).collect();
                         note.push_str(&format!("; programmed: {}", list.join(", ")));
                     }
-                    let installed = ok.iter().map(|r| frontend(r)).collect();
+                    let installed = ok.iter().map(|r| outcome_of(r)).collect();
                     (Outcome::NotProgrammed { refused, installed }, note)
                 }
                 (None, None) => {
                     let list: Vec<String> = rules.iter().map(frontend_with_endpoints).collect();
                     (
-                        Outcome::Programmed(rules.iter().map(frontend).collect()),
+                        Outcome::Programmed(rules.iter().map(outcome_of).collect()),
                         format!("{} programmed", list.join(", ")),
                     )
                 }
@@ -418,6 +551,8 @@ pub struct Executor<S> {
     /// What the datapath did with each Service's rules, and the Events
     /// not yet published ([`Executor::publish_rule_events`]).
     outcomes: RuleOutcomes,
+    /// The Services as the writes returned them (or found them gone).
+    freshest: Freshest,
 }
 
 impl<S: RuleSink> Executor<S> {
@@ -432,7 +567,18 @@ impl<S: RuleSink> Executor<S> {
             sink_synced: false,
             vips_sent: None,
             hold: false,
+            freshest: Freshest::default(),
         }
+    }
+
+    /// The freshest version of each Service known from the writes.
+    pub fn freshest(&self) -> &Freshest {
+        &self.freshest
+    }
+
+    /// For the watch events: [`Freshest::observed`], [`Freshest::relisted`].
+    pub fn freshest_mut(&mut self) -> &mut Freshest {
+        &mut self.freshest
     }
 
     /// While held, [`Step::SetRules`] only commits the rules (the sink gets
@@ -483,10 +629,12 @@ impl<S: RuleSink> Executor<S> {
         self.outcomes.has_pending()
     }
 
-    /// Hand the sink the rule set if it changed, and the owned VIPs if they
-    /// changed.
+    /// Hand the sink the rule set if it changed (the first time in any
+    /// case, full, even when empty: the datapath may hold rules from before
+    /// the start), and the owned VIPs if they changed (the first time in
+    /// any case: a follower's are none, and it may own some from before).
     pub fn sync_sink(&mut self, reconciler: &mut Reconciler) -> Result<(), StepError> {
-        if self.sink_dirty || reconciler.rules_changed() {
+        if !self.sink_synced || self.sink_dirty || reconciler.rules_changed() {
             let update = reconciler.rule_update(!self.sink_synced);
             let r = self.sink.update(&update);
             self.outcomes.record(&update, r.as_ref());
@@ -507,13 +655,16 @@ impl<S: RuleSink> Executor<S> {
 
     /// Whether the sink still owes an update (a retry is due).
     pub fn sink_pending(&self, reconciler: &Reconciler) -> bool {
-        self.sink_dirty
+        !self.sink_synced
+            || self.sink_dirty
             || reconciler.rules_changed()
             || self.vips_sent.as_deref() != Some(&reconciler.owned_vips()[..])
     }
 
     /// Carry out `plan` for `key` (`svc`: the Service planned on, for the
-    /// Events): the steps in order, stopping at the first failure; then the
+    /// Events; the objects the writes return replace it in
+    /// [`Executor::freshest`], a 404 marks it gone there): the steps in
+    /// order, stopping at the first failure; then the
     /// Events: Warnings whatever happened, Normal ones (something was done)
     /// only when every step succeeded. Event failures are only logged.
     /// Returns the Services to plan again (`plan.requeue`, and the pending
@@ -530,11 +681,13 @@ impl<S: RuleSink> Executor<S> {
         let mut result = Ok(());
         for step in &plan.steps {
             let r = match step {
-                Step::PatchMetadata(p) => self
-                    .writer
-                    .patch_metadata(key, p)
-                    .await
-                    .map_err(StepError::Api),
+                Step::PatchMetadata(p) => match self.writer.patch_metadata(key, p).await {
+                    Ok(written) => {
+                        self.freshest.wrote(key, written, svc);
+                        Ok(())
+                    }
+                    Err(e) => Err(StepError::Api(e)),
+                },
                 Step::SetRules(rules) => {
                     // Committed only once the datapath has it: a Service
                     // whose rules could not be removed is planned (and its
@@ -552,17 +705,22 @@ impl<S: RuleSink> Executor<S> {
                     }
                     r
                 }
-                Step::PatchStatus(u) => self
-                    .writer
-                    .patch_status(key, u)
-                    .await
-                    .map_err(StepError::Api),
+                Step::PatchStatus(u) => match self.writer.patch_status(key, u).await {
+                    Ok(written) => {
+                        self.freshest.wrote(key, written, svc);
+                        Ok(())
+                    }
+                    Err(e) => Err(StepError::Api(e)),
+                },
                 Step::Release => {
                     requeue.extend(reconciler.release(key));
                     Ok(())
                 }
             };
             if let Err(e) = r {
+                if e.is_gone() {
+                    self.freshest.gone(key);
+                }
                 result = Err(e);
                 break;
             }
@@ -849,7 +1007,14 @@ pub async fn run<S: RuleSink>(
     );
 
     loop {
-        let next_retry = [queue.next_retry(), sink_retry].into_iter().flatten().min();
+        // Services marked to plan again by the last round (pending ones
+        // after a release, one found gone) are planned without waiting for
+        // another event.
+        let next_retry = if ready == [true; 3] && !queue.is_empty() {
+            Some(Instant::now())
+        } else {
+            [queue.next_retry(), sink_retry].into_iter().flatten().min()
+        };
         let wake = async {
             match next_retry {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -858,11 +1023,19 @@ pub async fn run<S: RuleSink>(
         };
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(ev) = svc_stream.next() => match touch(ev, "Service", key_of) {
-                Touch::One(k) => queue.mark(k),
-                Touch::All => all = true,
-                Touch::Ready => { ready[0] = true; all = true; }
-                Touch::Nothing => {}
+            Some(ev) = svc_stream.next() => {
+                match &ev {
+                    Ok(watcher::Event::Apply(s)) => executor.freshest_mut().observed(s, false),
+                    Ok(watcher::Event::Delete(s)) => executor.freshest_mut().observed(s, true),
+                    Ok(watcher::Event::InitDone) => executor.freshest_mut().relisted(),
+                    _ => {}
+                }
+                match touch(ev, "Service", key_of) {
+                    Touch::One(k) => queue.mark(k),
+                    Touch::All => all = true,
+                    Touch::Ready => { ready[0] = true; all = true; }
+                    Touch::Nothing => {}
+                }
             },
             Some(ev) = slice_stream.next() => match touch(ev, "EndpointSlice", slice_service) {
                 Touch::One(k) => queue.mark(k),
@@ -890,7 +1063,14 @@ pub async fn run<S: RuleSink>(
         let want_leader = *leader_rx.borrow();
         if want_leader != reconciler.is_leader() {
             if want_leader {
-                let svcs = services.state();
+                let svcs: Vec<Arc<Service>> = services
+                    .state()
+                    .into_iter()
+                    .filter_map(|s| match key_of(&s) {
+                        Some(k) => executor.freshest().view(&k, Some(s)),
+                        None => Some(s),
+                    })
+                    .collect();
                 let t = reconciler.become_leader(svcs.iter().map(|s| s.as_ref()));
                 info!(
                     adopted = t.adopted,
@@ -923,7 +1103,10 @@ pub async fn run<S: RuleSink>(
             let slices_of = slices_of(&slices.state(), &keys);
             let mut batch = Vec::with_capacity(keys.len());
             for key in keys {
-                let svc = services.get(&ObjectRef::new(&key.name).within(&key.namespace));
+                let svc = executor.freshest().view(
+                    &key,
+                    services.get(&ObjectRef::new(&key.name).within(&key.namespace)),
+                );
                 let slice_list = slices_of.get(&key).map(Vec::as_slice).unwrap_or(&[]);
                 let plan = reconciler.plan(
                     &key,
@@ -961,6 +1144,21 @@ pub async fn run<S: RuleSink>(
                         for k in requeue {
                             queue.mark(k);
                         }
+                    }
+                    Err(e) if e.is_gone() => {
+                        // Nothing to retry: planned again as gone (its
+                        // rules removed, its addresses released).
+                        queue.succeeded(&key);
+                        queue.mark(key.clone());
+                        debug!(service = %key, error = %e, "the Service is gone; its pending writes are dropped");
+                    }
+                    Err(e) if e.is_conflict() => {
+                        // Changed by someone else since the version planned
+                        // on: its watch event plans it again (the retry is
+                        // only a safety net).
+                        let d =
+                            queue.failed(&key, Instant::now(), config.retry_min, config.retry_max);
+                        debug!(service = %key, error = %e, retry_in = ?d, "the Service changed meanwhile; planned again on its new version");
                     }
                     Err(e) => {
                         let d =
@@ -1174,6 +1372,67 @@ mod tests {
         assert_eq!(svc.metadata.managed_fields, None);
         let a = svc.metadata.annotations.unwrap();
         assert_eq!(a.keys().collect::<Vec<_>>(), ["loxilb.io/lbmode"]);
+    }
+
+    fn svc_at(name: &str, rv: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "default", "name": name, "resourceVersion": rv},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn freshest_prefers_own_writes_until_the_watch_brings_them() {
+        let mut f = Freshest::default();
+        let k = ServiceKey::new("default", "web");
+        let cached = |rv: &str| Some(Arc::new(svc_at("web", rv)));
+        let rv = |s: Option<Arc<Service>>| s.and_then(|s| s.metadata.resource_version.clone());
+        // Planned on 5; the metadata write returned 6, the status write 7.
+        f.wrote(&k, svc_at("web", "6"), Some(&svc_at("web", "5")));
+        f.wrote(&k, svc_at("web", "7"), Some(&svc_at("web", "5")));
+        assert_eq!(rv(f.view(&k, cached("5"))).as_deref(), Some("7"));
+        // The watch brings 6 (older): still 7; then 7: the cache is current.
+        f.observed(&svc_at("web", "6"), false);
+        assert_eq!(rv(f.view(&k, cached("6"))).as_deref(), Some("7"));
+        f.observed(&svc_at("web", "7"), false);
+        assert!(f.is_empty());
+        assert_eq!(rv(f.view(&k, cached("7"))).as_deref(), Some("7"));
+        // A write that changed nothing (same version) is not held.
+        f.wrote(&k, svc_at("web", "7"), Some(&svc_at("web", "7")));
+        assert!(f.is_empty());
+        // Not in the cache (never seen or deleted): nothing.
+        f.wrote(&k, svc_at("web", "8"), Some(&svc_at("web", "7")));
+        assert_eq!(f.view(&k, None), None);
+        // A relist makes the cache current.
+        f.relisted();
+        assert!(f.is_empty());
+        // Gone (404): planned as gone until the watch brings the deletion.
+        f.wrote(&k, svc_at("web", "9"), Some(&svc_at("web", "8")));
+        f.gone(&k);
+        assert_eq!(f.view(&k, cached("8")), None);
+        f.observed(&svc_at("web", "8"), false);
+        assert_eq!(f.view(&k, cached("8")), None, "an older event");
+        f.observed(&svc_at("web", "10"), true);
+        assert!(f.is_empty());
+        assert_eq!(rv(f.view(&k, cached("11"))).as_deref(), Some("11"));
+    }
+
+    #[test]
+    fn step_errors_classified() {
+        let api = |code: u16, reason: &str| {
+            StepError::Api(kube::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "status": "Failure", "message": "m", "reason": reason, "code": code,
+                }))
+                .unwrap(),
+            ))
+        };
+        assert!(api(409, "Conflict").is_conflict() && !api(409, "Conflict").is_gone());
+        assert!(api(404, "NotFound").is_gone() && !api(404, "NotFound").is_conflict());
+        let other = api(403, "Forbidden");
+        assert!(!other.is_gone() && !other.is_conflict());
+        let dp = StepError::Datapath(anyhow::anyhow!("no"));
+        assert!(!dp.is_gone() && !dp.is_conflict());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
-use kube::{api::PostParams, Api, Client};
+use kube::{Api, Client};
 
 /// `reportingController` of every Event.
 pub const REPORTING_CONTROLLER: &str = "loxilb.io/loxilb-agent";
@@ -217,7 +217,9 @@ impl EventPublisher {
         let api: Api<Event> = Api::namespaced(self.client.clone(), ns);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let ev = event_object(spec, regarding, &self.instance, now, seq);
-        api.create(&PostParams::default(), &ev).await.map(|_| ())
+        api.create(&crate::reconcile::post_params(), &ev)
+            .await
+            .map(|_| ())
     }
 }
 

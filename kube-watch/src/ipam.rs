@@ -476,7 +476,7 @@ impl fmt::Display for IpamError {
                 };
                 write!(
                     f,
-                    "pool `{pool}` ({range}) is exhausted: {why}; the Service stays pending until an address is released or the pool is enlarged ({flag})"
+                    "pool `{pool}` ({range}) is exhausted: {why}; free an address of the pool (delete a Service that uses it) or enlarge the pool ({flag})"
                 )
             }
             IpamError::InUse { ip, other, ports } => {
@@ -1410,7 +1410,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "pool `defaultPool` (10.0.0.0/30) is exhausted: no address where 80/tcp is free; \
-             the Service stays pending until an address is released or the pool is enlarged (--cidrPools)"
+             free an address of the pool (delete a Service that uses it) or enlarge the pool (--cidrPools)"
         );
         assert!(m.allocation(&key("c")).is_none());
         // Another port still fits.

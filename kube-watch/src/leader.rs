@@ -17,9 +17,11 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::{SignedDuration, Timestamp},
 };
-use kube::{api::PostParams, Api, Client};
+use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+use crate::reconcile::post_params;
 
 /// The Lease the agents share (in the agents' namespace).
 pub const DEFAULT_LEASE_NAME: &str = "loxilb-agent";
@@ -225,7 +227,7 @@ impl LeaderElector {
         self.last = current;
         let written = match action {
             LeaseAction::Wait { .. } => return Ok(false),
-            LeaseAction::Create(lease) => self.api.create(&PostParams::default(), &lease).await,
+            LeaseAction::Create(lease) => self.api.create(&post_params(), &lease).await,
             LeaseAction::Update { lease, takeover } => {
                 if takeover {
                     info!(
@@ -234,9 +236,7 @@ impl LeaderElector {
                         "taking over the leader Lease"
                     );
                 }
-                self.api
-                    .replace(&name, &PostParams::default(), &lease)
-                    .await
+                self.api.replace(&name, &post_params(), &lease).await
             }
         };
         match written {
@@ -261,7 +261,7 @@ impl LeaderElector {
             return Ok(false);
         };
         let name = self.elector.config().name.clone();
-        match self.api.replace(&name, &PostParams::default(), &next).await {
+        match self.api.replace(&name, &post_params(), &next).await {
             Ok(l) => {
                 self.last = Some(l);
                 Ok(true)

@@ -20,26 +20,25 @@
 //! - `manifest/in-cluster/loxilb.yaml` (DaemonSet, RBAC, ServiceAccount),
 //!   validated against the Kubernetes 1.37 schemas (`tests/manifests.rs`,
 //!   `kubernetes-validate` from `scripts/setup.sh`; `LOXILB_REQUIRE_TOOLS=1`
-//!   makes a missing validator a failure).
+//!   makes a missing validator a failure);
+//! - the agent's side lives in `loxilb-agent` (`loxilb-agent kube`): it
+//!   implements [`controller::RuleSink`] over its rule reconciler (and VIP
+//!   ownership), runs the health probes the rules carry, peers BGP from
+//!   [`bgp_peers`], and serves `/healthz` and `/readyz` for the DaemonSet;
+//! - run against a real kube-apiserver (two agents as two nodes, issue 18):
+//!   what it found (409s on the metadata patch while the watch lagged
+//!   behind the agent's own writes, 404s retried, writes without a field
+//!   manager, an Event left saying `0 endpoints`) is fixed, and the
+//!   in-memory API server now reproduces those conditions (a lagging watch,
+//!   no-op writes not stored, a slow initial list, field managers checked).
 //!
 //! Not done:
-//! - `loxilb-agent kube` itself (the agent's side): parse the flags with
-//!   [`flags`], build [`controller::RunConfig::from_env`], implement
-//!   [`controller::RuleSink`] over the agent's rule reconciler (and VIP
-//!   ownership: answering ARP/ND for [`controller::RuleSink::own_vips`]),
-//!   and call [`controller::run`] with `kube::Client::try_default()`; the
-//!   manifest's args then need the datapath flags (interfaces) the
-//!   subcommand takes.
-//! - Never run against a real API server (none can run here): server-side
-//!   apply of status and the `resourceVersion` precondition of the metadata
-//!   merge patch are emulated by the test server as the API server documents
-//!   them.
 //! - The last good annotation values are kept in memory: after an agent
 //!   restart a Service whose annotations are invalid gets no rules until
 //!   they are fixed.
-//! - Health probes (rules carry the probe settings; nothing runs them yet),
-//!   Multus endpoints, BGP, metrics and a readiness endpoint for the
-//!   DaemonSet.
+//! - Multus endpoints (`loxilb.io/multus-nets` is refused with a message),
+//!   the BGP policy CRDs (defined, read, not applied; see [`crds`]), and
+//!   metrics.
 //! - If the agents are uninstalled while Services still carry the
 //!   `loxilb.io/loadbalancer` finalizer, deleting those Services waits for
 //!   it to be removed by hand.
@@ -70,6 +69,9 @@
 //! - [`leader`]: Lease-based leader election (decision pure, I/O apart).
 //! - [`controller`]: watchers, the run loop, the API writes, and the
 //!   [`controller::RuleSink`] seam to the datapath.
+//! - [`crds`]: the custom resources (BGPPeerService and the BGP policy
+//!   kinds) and their CRDs; [`bgp_peers`]: BGP neighbours from
+//!   BGPPeerService objects, with their status and Events.
 
 pub mod annotations;
 pub mod bgp_peers;

@@ -75,8 +75,21 @@ use crate::{
 /// Held on every Service with an allocation, until its addresses are
 /// released and its rules removed.
 pub const FINALIZER: &str = "loxilb.io/loadbalancer";
-/// The field manager of status writes (server-side apply).
+/// The field manager of every write of the agent (the metadata merge
+/// patch, the server-side apply of status, Events, the Lease): what
+/// `metadata.managedFields` names as the owner of the fields it wrote.
+/// (The status of BGPPeerService objects is applied per node,
+/// [`crate::bgp_peers::BgpPeerConfig::field_manager`].)
 pub const FIELD_MANAGER: &str = "loxilb-agent";
+
+/// [`kube::api::PostParams`] of the agent's creates and updates
+/// (field manager [`FIELD_MANAGER`]).
+pub fn post_params() -> kube::api::PostParams {
+    kube::api::PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
 /// Condition: the Service's addresses are allocated and recorded.
 pub const CONDITION_ALLOCATED: &str = "loxilb.io/Allocated";
 /// Condition: the annotations and spec are valid and rules were computed
@@ -89,6 +102,14 @@ pub const CONDITIONS: [&str; 2] = [CONDITION_ALLOCATED, CONDITION_CONFIGURED];
 /// `resourceVersion` is part of the patch, so the API server refuses it
 /// (409 Conflict) when the Service changed since it was read; the watcher
 /// then brings the new version and the Service is planned again.
+///
+/// The precondition stays: the finalizer list is replaced whole (a merge
+/// patch replaces lists), so without it a finalizer another controller
+/// added meanwhile would be lost; and the allocation record, from which a
+/// new leader rebuilds its table, must not overwrite one written meanwhile
+/// (by a leader that took over). The controller plans on the version its
+/// own writes returned ([`crate::controller::Freshest`]), so the
+/// precondition fails only when someone else wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetadataPatch {
     pub resource_version: String,

@@ -182,6 +182,11 @@ async fn metadata_patch_is_a_conditional_merge_patch() {
         let (seen, send) = next(&mut handle).await;
         assert_eq!(seen.method, "PATCH");
         assert_eq!(seen.path, "/api/v1/namespaces/default/services/web");
+        assert_eq!(
+            seen.query.get("fieldManager").map(String::as_str),
+            Some("loxilb-agent"),
+            "managedFields name the agent, not `unknown`"
+        );
         assert_eq!(seen.content_type, "application/merge-patch+json");
         assert_eq!(
             seen.body,
@@ -258,6 +263,10 @@ async fn warning_event_names_annotation_value_and_allowed_values() {
             "/apis/events.k8s.io/v1/namespaces/default/events"
         );
         assert_eq!(seen.content_type, "application/json");
+        assert_eq!(
+            seen.query.get("fieldManager").map(String::as_str),
+            Some("loxilb-agent")
+        );
         let b = &seen.body;
         assert_eq!(b["apiVersion"], "events.k8s.io/v1");
         assert_eq!(b["kind"], "Event");
@@ -947,4 +956,51 @@ async fn rule_events_tell_each_change_of_what_the_datapath_took() {
     r.commit(&key("b"), vec![]);
     ex.sync_sink(&mut r).unwrap();
     rule_events(&mut ex, &mut handle, 0).await;
+}
+
+/// The EndpointSlice comes just after the Service: the Event that said
+/// `0 endpoints` is followed by one with the endpoints; the number of
+/// endpoints changing is not told again, all of them gone is.
+#[tokio::test]
+async fn rule_events_tell_when_endpoints_come_and_go() {
+    let (client, mut handle) = mock_client();
+    let mut ex = Executor::new(
+        ServiceWriter::new(client, "agent-1"),
+        RefusingSink::default(),
+    );
+    ex.set_node_name("n1");
+    let mut r = Reconciler::new(config()).unwrap();
+    r.become_leader([]);
+    let key = ServiceKey::new("default", "c");
+    let mut told = Vec::new();
+    let mut none = planned_rules(&mut r, "c");
+    none[0].endpoints.clear();
+    let three = with_endpoint(with_endpoint(with_endpoint(none.clone(), 1), 2), 3);
+    let four = with_endpoint(three.clone(), 4);
+    for (rules, events) in [
+        (&none, 1),
+        (&none, 0),
+        (&three, 1),
+        (&three, 0),
+        (&four, 0),
+        (&none, 1),
+    ] {
+        r.commit(&key, rules.clone());
+        ex.sync_sink(&mut r).unwrap();
+        for ev in rule_events(&mut ex, &mut handle, events).await {
+            assert_eq!(
+                (&ev["type"], &ev["reason"]),
+                (&json!("Normal"), &json!("RuleProgrammed"))
+            );
+            told.push(ev["note"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        told,
+        [
+            "node n1: 192.0.2.1:80/tcp -> 0 endpoints programmed",
+            "node n1: 192.0.2.1:80/tcp -> 3 endpoints programmed",
+            "node n1: 192.0.2.1:80/tcp -> 0 endpoints programmed",
+        ]
+    );
 }

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_rbac, until, FakeApi, Logged, Running};
+use fake_api::{check_field_managers, check_rbac, until, FakeApi, Logged, Running};
 use kube_watch::{
     bgp_peers::{watch_bgp_peers, BgpPeerConfig, PeerSink, PeerStatusPlain},
     crds::PeerSpecPlain,
@@ -312,6 +312,13 @@ async fn peers_follow_the_objects() {
     assert!(log
         .iter()
         .any(|l| l.path == LIST && l.query.get("watch").map(String::as_str) == Some("true")));
+    assert_eq!(
+        check_field_managers(&log),
+        ["PATCH bgppeerservices/status", "POST events"]
+            .map(String::from)
+            .into(),
+        "every kind of write the BGPPeerService watcher makes, each with its field manager"
+    );
     check_rbac(&log, &["bgppeer.loxilb.io"]);
 }
 

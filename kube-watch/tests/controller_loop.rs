@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_rbac, until, FakeApi, Logged, Running};
+use fake_api::{check_field_managers, check_rbac, until, FakeApi, Logged, Running};
 use kube_watch::{
     annotations::LbMode,
     controller::{run, Applied, RuleSink, RunConfig},
@@ -396,6 +396,19 @@ async fn lifecycle_of_services_through_the_controller() {
         "a Service of another class is never touched"
     );
     no_polling(&log);
+    assert_eq!(
+        check_field_managers(&log),
+        [
+            "PATCH services",
+            "PATCH services/status",
+            "POST events",
+            "POST leases",
+            "PUT leases"
+        ]
+        .map(String::from)
+        .into(),
+        "every kind of write the controller makes, each with the field manager"
+    );
     check_rbac(
         &log,
         &[
@@ -530,4 +543,336 @@ fn no_polling(log: &[Logged]) {
             "{agent} reads no single Service"
         );
     }
+}
+
+/// A sink that records each call: `update full|delta: <Service>=<rules>
+/// ...` (every rule with its endpoint count) and `own_vips [..]`.
+#[derive(Clone, Default)]
+struct CallSink {
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl RuleSink for CallSink {
+    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<Applied> {
+        unreachable!("update is overridden")
+    }
+    fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<Applied> {
+        let rules: Vec<String> = u
+            .all()
+            .map(|r| format!("{} ({} endpoints)", r.name, r.endpoints.len()))
+            .collect();
+        self.calls.lock().unwrap().push(format!(
+            "update {}: [{}]",
+            if u.is_full() { "full" } else { "delta" },
+            rules.join(", ")
+        ));
+        Ok(Applied::all())
+    }
+    fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()> {
+        let v: Vec<String> = vips.iter().map(IpAddr::to_string).collect();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("own_vips [{}]", v.join(", ")));
+        Ok(())
+    }
+}
+
+impl CallSink {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// An agent with the sink `sink`, retrying failed Services after
+/// `retry_min` (doubling, at most 4 times that).
+fn start_with<S: RuleSink + 'static>(
+    api: &FakeApi,
+    identity: &str,
+    pools: &str,
+    sink: S,
+    retry_min: Duration,
+) -> Running {
+    let kube = KubeConfig {
+        cidr_pools: parse_cidr_pools(pools).unwrap(),
+        ..KubeConfig::default()
+    };
+    let mut lease = LeaseConfig::new("kube-system", identity);
+    lease.retry_period = Duration::from_millis(200);
+    let mut config = RunConfig::new(kube, lease);
+    config.retry_min = retry_min;
+    config.retry_max = retry_min * 4;
+    let client = api.client(identity);
+    Running::spawn(move |shutdown| run(client, config, sink, shutdown))
+}
+
+/// The Lease held by another agent for an hour: whoever starts follows.
+fn lease_held_by(holder: &str) -> Value {
+    json!({
+        "metadata": {"namespace": "kube-system", "name": "loxilb-agent"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3600,
+                 "acquireTime": "2026-05-01T10:00:00.000000Z",
+                 "renewTime": "2026-05-01T10:00:00.000000Z", "leaseTransitions": 0},
+    })
+}
+
+/// An EndpointSlice of `svc` with ready pods `10.244.0.<n>` for `n` in
+/// `pods`.
+fn slice(svc: &str, pods: &[u8]) -> Value {
+    let eps: Vec<Value> = pods
+        .iter()
+        .map(|n| json!({"addresses": [format!("10.244.0.{n}")], "nodeName": "n1"}))
+        .collect();
+    json!({
+        "metadata": {"namespace": "default", "name": format!("{svc}-x1"),
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps,
+    })
+}
+
+/// An agent that starts as follower (it may have led before the restart
+/// and still own addresses and rules): its datapath gets nothing until the
+/// initial lists of Services, EndpointSlices and Nodes are complete, then
+/// the whole rule set (even an empty one) and no VIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_gets_the_whole_set_once_listed_then_no_vips() {
+    for with_service in [true, false] {
+        let api = FakeApi::new();
+        api.with(|s| {
+            s.put("leases", lease_held_by("agent-x"));
+            s.put("nodes", node("n1", "10.0.0.1", true));
+            if with_service {
+                // Allocated by the leader, with its pods' addresses.
+                let mut web = service(
+                    "web",
+                    80,
+                    json!({"loxilb.io/usepodnetwork": "yes",
+                           "loxilb.io/allocated": "ips=192.0.2.1;ports=80/tcp"}),
+                );
+                web["metadata"]["finalizers"] = json!(["loxilb.io/loadbalancer"]);
+                s.put("services", web);
+                s.put("endpointslices", slice("web", &[5, 6, 7]));
+            }
+            s.hold_list("endpointslices");
+        });
+        let sink = CallSink::default();
+        let agent = start_with(
+            &api,
+            "agent-b",
+            "defaultPool=192.0.2.0/30",
+            sink.clone(),
+            Duration::from_millis(50),
+        );
+        until("Services and Nodes listed, the Lease read", || {
+            let log = log(&api);
+            ["/api/v1/services", "/api/v1/nodes", LEASE]
+                .iter()
+                .all(|p| log.iter().any(|l| l.path == *p))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            sink.calls(),
+            Vec::<String>::new(),
+            "nothing before the EndpointSlices are listed"
+        );
+        api.with(|s| s.release_list("endpointslices"));
+        until("the first update and the VIPs", || sink.calls().len() >= 2).await;
+        let rules = if with_service {
+            "default/web:80/tcp@192.0.2.1 (3 endpoints)"
+        } else {
+            ""
+        };
+        assert_eq!(
+            sink.calls()[..2],
+            [format!("update full: [{rules}]"), "own_vips []".to_string()],
+            "with_service: {with_service}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sink.calls().len(), 2, "{:?}", sink.calls());
+        agent.stop("the controller").await;
+        assert_eq!(lease_holder(&api).as_deref(), Some("agent-x"));
+        check_rbac(&log(&api), &[]);
+    }
+}
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/loxilb-agent";
+
+/// The EndpointSlice comes just after the Service, before the watch brought
+/// the agent's own writes to it (the status write changed its
+/// resourceVersion again): the Service is planned again on the version its
+/// writes returned. No 409, nothing retried (a retry would come only after
+/// 30 s), and the Events tell the endpoints once they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_writes_ahead_of_the_watch_cause_no_conflict() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+    });
+    let dp = Datapath::default();
+    let agent = start_with(
+        &api,
+        "agent-a",
+        "defaultPool=192.0.2.0/30",
+        dp.clone(),
+        Duration::from_secs(30),
+    );
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    api.with(|s| {
+        s.put(
+            "services",
+            service("web", 80, json!({"loxilb.io/usepodnetwork": "yes"})),
+        );
+        s.hold_watch("services");
+    });
+    until("web allocated", || ingress(&api, "web") == ["192.0.2.1"]).await;
+    until("web programmed, no endpoints yet", || {
+        dp.rule_of("web").is_some_and(|r| r.endpoints.is_empty())
+    })
+    .await;
+    let meta_writes = writes_to(&api, "/api/v1/namespaces/default/services/web");
+    api.with(|s| s.put("endpointslices", slice("web", &[5, 6, 7])));
+    until("web programmed with its endpoints", || {
+        dp.rule_of("web").is_some_and(|r| r.endpoints.len() == 3)
+    })
+    .await;
+    api.with(|s| s.release_watch("services"));
+    until("the Events tell the endpoints", || {
+        has_event(&api, "web", "RuleProgrammed", "-> 3 endpoints programmed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.stop("the controller").await;
+    let log = log(&api);
+    let refused: Vec<String> = log
+        .iter()
+        .filter(|l| l.method != "GET" && l.status >= 400)
+        .map(|l| format!("{} {} {}", l.method, l.path, l.status))
+        .collect();
+    assert_eq!(refused, Vec::<String>::new(), "no write refused");
+    assert_eq!(
+        writes_to(&api, "/api/v1/namespaces/default/services/web"),
+        meta_writes,
+        "the record and finalizer are not written again"
+    );
+    let notes: Vec<String> = events(&api, "web")
+        .into_iter()
+        .filter(|(_, r, _)| r == "RuleProgrammed")
+        .map(|(_, _, n)| n)
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "node agent-a: 192.0.2.1:80/tcp -> 0 endpoints programmed",
+            "node agent-a: 192.0.2.1:80/tcp -> 3 endpoints programmed"
+        ]
+    );
+    check_rbac(&log, &[]);
+}
+
+/// A Service deleted before the agent's writes reached it, the watch not
+/// having brought the deletion yet: the 404 drops its work (no retry, no
+/// second write); once the deletion arrives, the next Service gets its
+/// address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_gone_before_its_writes_is_not_retried() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+    });
+    let dp = Datapath::default();
+    // One address; a retry would come after 50 ms.
+    let agent = start_with(
+        &api,
+        "agent-a",
+        "defaultPool=192.0.2.1/32",
+        dp.clone(),
+        Duration::from_millis(50),
+    );
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    const BRIEF: &str = "/api/v1/namespaces/default/services/brief";
+    api.with(|s| {
+        s.put("services", service("brief", 80, json!({})));
+        s.hold_watch("services");
+        s.delete("services", "default", "brief");
+    });
+    until("the write to brief", || writes_to(&api, BRIEF) > 0).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let to_brief: Vec<(String, u16)> = log(&api)
+        .iter()
+        .filter(|l| l.method != "GET" && l.path.starts_with(BRIEF))
+        .map(|l| (l.path.clone(), l.status))
+        .collect();
+    assert_eq!(
+        to_brief,
+        [(BRIEF.to_string(), 404)],
+        "one write, not retried"
+    );
+    // The deletion reaches the watch before the next Service: that one
+    // gets the only address.
+    api.with(|s| {
+        s.put("services", service("next", 80, json!({})));
+        s.release_watch("services");
+    });
+    until("next allocated", || ingress(&api, "next") == ["192.0.2.1"]).await;
+    assert!(dp.rule_of("brief").is_none());
+    agent.stop("the controller").await;
+    check_rbac(&log(&api), &[]);
+}
+
+/// Someone else changes the Service between the version the agent planned
+/// on and its metadata patch: the patch is refused (the precondition that
+/// keeps the finalizer list and the allocation record safe), and the
+/// Service gets its address as soon as the watch brings the new version,
+/// not after the back-off (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_is_planned_again_at_the_watch_event() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+    });
+    let agent = start_with(
+        &api,
+        "agent-a",
+        "defaultPool=192.0.2.0/30",
+        Datapath::default(),
+        Duration::from_secs(30),
+    );
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    const WEB: &str = "/api/v1/namespaces/default/services/web";
+    api.with(|s| {
+        s.put("services", service("web", 80, json!({})));
+        s.hold_watch("services");
+        s.edit("services", "default", "web", |o| {
+            o["metadata"]["labels"] = json!({"team": "a"});
+        });
+    });
+    until("the refused patch", || {
+        log(&api).iter().any(|l| l.path == WEB && l.status == 409)
+    })
+    .await;
+    api.with(|s| s.release_watch("services"));
+    until("web allocated", || ingress(&api, "web") == ["192.0.2.1"]).await;
+    let web = svc_of(&api, "web").unwrap();
+    assert_eq!(
+        web["metadata"]["labels"],
+        json!({"team": "a"}),
+        "the edit kept"
+    );
+    assert_eq!(
+        web["metadata"]["finalizers"],
+        json!(["loxilb.io/loadbalancer"])
+    );
+    agent.stop("the controller").await;
 }

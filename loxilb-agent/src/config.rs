@@ -718,9 +718,81 @@ pub fn check_reachability(
     Ok(())
 }
 
+/// L2 DSR hands the client's frame, still addressed to the VIP, to the
+/// endpoint's MAC by XDP redirect: the stack cannot send such a frame. So
+/// a `dsr` endpoint must be reached through a device XDP can transmit
+/// through (`devs`: every device and its forwarding, see
+/// [`crate::devices::classify`]).
+pub fn check_dsr_forwarding(
+    file: &str,
+    rules: &[Rule],
+    routes: &[crate::routes::Route],
+    devs: &[(crate::netlink::Link, loxilb_common::DevFwd)],
+) -> Result<(), ConfigError> {
+    for (i, r) in rules.iter().enumerate() {
+        if r.mode != Mode::Dsr {
+            continue;
+        }
+        for (j, e) in r.endpoints.iter().enumerate() {
+            let IpAddr::V4(ip) = e.ip else { continue };
+            let Some(route) = crate::routes::lookup(routes, ip) else {
+                continue; // check_reachability says so
+            };
+            let Some((_, d)) = devs.iter().find(|(l, _)| l.name == route.iface) else {
+                continue;
+            };
+            if d.mode != loxilb_common::dev_fwd::REDIRECT {
+                return Err(ConfigError {
+                    file: file.to_string(),
+                    field: format!("rules[{i}].endpoints[{j}].ip"),
+                    message: format!(
+                        "{ip} is reached through {} ({}); L2 DSR sends the client's frame to the \
+                         endpoint by XDP redirect, which cannot deliver there: use mode dsr-ipip \
+                         or fullnat, or reach the endpoint through a device that takes XDP frames",
+                        route.iface,
+                        crate::devices::describe(d)
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dsr_endpoints_need_a_device_xdp_can_send_through() {
+        let text =
+            "rules:\n  - vip: 20.0.0.1\n    port: 80\n    protocol: tcp\n    mode: dsr\n    \
+                    endpoints: [{ ip: 10.0.1.10, port: 80 }]\n";
+        let rules = parse("r.yaml", text).unwrap();
+        let routes = vec![crate::routes::Route {
+            iface: "br1".into(),
+            dest: "10.0.1.0".parse().unwrap(),
+            mask: "255.255.255.0".parse().unwrap(),
+            gateway: None,
+        }];
+        let link = crate::netlink::Link {
+            index: 3,
+            name: "br1".into(),
+            kind: Some("bridge".into()),
+            up: true,
+            loopback: false,
+        };
+        let bridge = crate::devices::classify(&link, Some(crate::netlink::XDP_ACT_NDO_XMIT));
+        let e = check_dsr_forwarding("r.yaml", &rules, &routes, &[(link.clone(), bridge)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rules[0].endpoints[0].ip"), "{e}");
+        assert!(e.contains("reached through br1 (stack (bridge"), "{e}");
+        let mut veth = link;
+        veth.kind = Some("veth".into());
+        let ok = crate::devices::classify(&veth, Some(crate::netlink::XDP_ACT_NDO_XMIT));
+        assert!(check_dsr_forwarding("r.yaml", &rules, &routes, &[(veth, ok)]).is_ok());
+    }
 
     const GOOD: &str = r#"
 rules:

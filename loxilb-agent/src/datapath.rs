@@ -23,8 +23,8 @@ use aya::{
 use ipnet::IpNet;
 use loxilb_common::{
     addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, AssocKey,
-    AssocVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SelChunk,
-    SelKey, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
+    AssocVal, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips,
+    SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -83,6 +83,68 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
+/// Where bpffs is mounted when none is (see [`ensure_bpffs`]).
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Make sure the pin directory `dir` can live on a BPF filesystem. When
+/// its nearest existing ancestor is not on one and `dir` is under
+/// `/sys/fs/bpf` (a fresh mount namespace: `ip netns exec`, a container
+/// without the host's bpffs), mount a bpffs at `/sys/fs/bpf`, as Cilium
+/// does. Anywhere else, refuse with the command that would mount one.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => break,
+        }
+    }
+    if is_bpffs(existing) {
+        return Ok(());
+    }
+    let root = Path::new(BPFFS_ROOT);
+    if !dir.starts_with(root) {
+        bail!(
+            "the pin directory {} is not on a BPF filesystem; mount one (`mkdir -p {d} && mount -t \
+             bpf bpf {d}`) or use a --pin-dir under {BPFFS_ROOT}",
+            dir.display(),
+            d = dir.display()
+        );
+    }
+    if !root.is_dir() {
+        bail!(
+            "no BPF filesystem at {BPFFS_ROOT} and no such directory to mount one on (is sysfs \
+             mounted at /sys?); mount one (`mount -t bpf bpf {BPFFS_ROOT}`) or pass --pin-dir"
+        );
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype, opts) = (c("bpf"), c(BPFFS_ROOT), c("bpf"), c("mode=0700"));
+    // SAFETY: every pointer is a valid NUL-terminated string for the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            opts.as_ptr() as *const libc::c_void,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!(
+            "no BPF filesystem at {BPFFS_ROOT}, and mounting one failed ({e}); mount it \
+             (`mount -t bpf bpf {BPFFS_ROOT}`; in a container, mount the host's {BPFFS_ROOT}) or \
+             run the agent with CAP_SYS_ADMIN"
+        );
+    }
+    tracing::warn!(
+        "no BPF filesystem was mounted at {BPFFS_ROOT}: mounted one. Its pins live as long as this \
+         mount namespace; for --keep to carry sessions across restarts (a container), mount the \
+         host's {BPFFS_ROOT} instead"
+    );
+    Ok(())
+}
+
 impl Datapath {
     /// Load the datapath. With `pin_dir`, maps are pinned there (and maps
     /// already pinned there are adopted, sessions included); without, the
@@ -103,6 +165,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
             Some(dir) => {
+                ensure_bpffs(dir)?;
                 std::fs::create_dir_all(dir).with_context(|| {
                     format!("cannot create the pin directory {}", dir.display())
                 })?;
@@ -238,6 +301,23 @@ impl Datapath {
     pub fn config(&self) -> Result<GlobalCfg> {
         let a: Array<_, GlobalCfg> = Array::try_from(self.map(mn::CONFIG)?)?;
         Ok(a.get(&0, 0)?)
+    }
+
+    /// Classify every device of this network namespace
+    /// ([`crate::devices::classify`]) and write the result to
+    /// `LB_DEV_FWD`, replacing what it held. Returns the devices and how
+    /// translated packets leave through each.
+    pub fn update_devices(&mut self) -> Result<Vec<(crate::netlink::Link, DevFwd)>> {
+        let devs = crate::devices::survey()?;
+        let m: StdHashMap<u32, DevFwd> = devs.iter().map(|(l, d)| (l.index, *d)).collect();
+        self.set_dev_fwd(&m)?;
+        Ok(devs)
+    }
+
+    /// Write `LB_DEV_FWD`: exactly `devs` (by ifindex).
+    pub fn set_dev_fwd(&mut self, devs: &StdHashMap<u32, DevFwd>) -> Result<()> {
+        let mut m: HashMap<_, u32, DevFwd> = HashMap::try_from(self.map_mut(mn::DEV_FWD)?)?;
+        replace_dev_fwd(&mut m, devs)
     }
 
     /// The XDP program, e.g. for BPF_PROG_TEST_RUN.
@@ -766,6 +846,33 @@ fn read_stats(m: &Map) -> Result<Vec<(&'static str, u64)>> {
     Ok(out)
 }
 
+fn replace_dev_fwd<T: std::borrow::BorrowMut<MapData>>(
+    m: &mut HashMap<T, u32, DevFwd>,
+    devs: &StdHashMap<u32, DevFwd>,
+) -> Result<()> {
+    let stale: Vec<u32> = m
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !devs.contains_key(k))
+        .collect();
+    for k in stale {
+        let _ = m.remove(&k);
+    }
+    for (k, v) in devs {
+        m.insert(k, v, 0)
+            .with_context(|| format!("writing the {} map", mn::DEV_FWD))?;
+    }
+    Ok(())
+}
+
+/// [`Datapath::set_dev_fwd`] on the map pinned at `path` (the agent's
+/// device watcher, on its own thread).
+pub fn write_dev_fwd_pinned(path: &Path, devs: &StdHashMap<u32, DevFwd>) -> Result<()> {
+    let d = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut m: HashMap<_, u32, DevFwd> = HashMap::try_from(Map::HashMap(d))?;
+    replace_dev_fwd(&mut m, devs)
+}
+
 /// Read-only access to a running agent's pinned maps (for the CLI).
 pub struct PinnedMaps {
     dir: PathBuf,
@@ -826,6 +933,22 @@ impl PinnedMaps {
         let m = self.open_map(mn::ENDPOINTS, Map::HashMap)?;
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(&m)?;
         Ok(eps.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The datapath's global configuration.
+    pub fn config(&self) -> Result<GlobalCfg> {
+        let m = self.open_map(mn::CONFIG, Map::Array)?;
+        let a: Array<_, GlobalCfg> = Array::try_from(&m)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    /// How translated packets leave through each device, by ifindex.
+    pub fn dev_fwd(&self) -> Result<Vec<(u32, DevFwd)>> {
+        let m = self.open_map(mn::DEV_FWD, Map::HashMap)?;
+        let v: HashMap<_, u32, DevFwd> = HashMap::try_from(&m)?;
+        let mut out: Vec<(u32, DevFwd)> = v.iter().collect::<Result<_, _>>()?;
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
     }
 
     /// Every VIP of each SCTP rule, primary first, by rule id.

@@ -4,7 +4,9 @@
 pub mod bgp;
 pub mod config;
 pub mod datapath;
+pub mod devices;
 pub mod kube_rules;
+pub mod netlink;
 pub mod node;
 pub mod probe;
 pub mod routes;

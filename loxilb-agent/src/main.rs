@@ -9,6 +9,8 @@ use loxilb_agent::{
     bgp::BgpFlags,
     config,
     datapath::{AttachMode, Datapath, PinnedMaps, DEFAULT_PIN_DIR},
+    devices::{self, ForwardMode},
+    netlink,
     node::{KubeApplied, KubeRules, Node},
     probe,
     rules::Rules,
@@ -47,7 +49,14 @@ struct NodeArgs {
     /// sessions, for the next agent to adopt.
     #[arg(long)]
     keep: bool,
-    /// Hand translated packets to the kernel stack instead of XDP redirect.
+    /// How translated packets leave: `auto` (per egress device, XDP
+    /// redirect where the device takes XDP frames, the kernel stack
+    /// elsewhere: bridges, bonds, VLANs, tunnels, veths whose peer runs no
+    /// XDP), `xdp` (as auto, and refuse to start unless every --iface takes
+    /// XDP redirects), `stack` (always the kernel stack).
+    #[arg(long, value_enum, default_value = "auto")]
+    forward: ForwardMode,
+    /// Same as --forward=stack.
     #[arg(long)]
     forward_via_stack: bool,
     /// Source address of full-NAT sessions (kube-loxilb's `--setRoles`
@@ -239,6 +248,21 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
     Ok(roles)
 }
 
+impl NodeArgs {
+    /// `--forward`, with `--forward-via-stack` as its `stack` (the two
+    /// must not disagree).
+    fn forward_mode(&self) -> Result<ForwardMode> {
+        match (self.forward_via_stack, self.forward) {
+            (false, m) => Ok(m),
+            (true, ForwardMode::Stack | ForwardMode::Auto) => Ok(ForwardMode::Stack),
+            (true, m) => anyhow::bail!(
+                "--forward-via-stack and --forward={} disagree; give one",
+                format!("{m:?}").to_lowercase()
+            ),
+        }
+    }
+}
+
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let bad = || format!("{s:?} is not a port range like 32768-60999 (1..=65535, low <= high)");
     let (a, b) = s.split_once('-').ok_or_else(bad)?;
@@ -259,7 +283,16 @@ fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
         field: String::new(),
         message: format!("cannot read the routing table (/proc/net/route): {e}"),
     })?;
-    config::check_reachability(&path.display().to_string(), &rules, &routes)?;
+    let file = path.display().to_string();
+    config::check_reachability(&file, &rules, &routes)?;
+    if rules.iter().any(|r| r.mode == config::Mode::Dsr) {
+        let devs = devices::survey().map_err(|e| config::ConfigError {
+            file: file.clone(),
+            field: String::new(),
+            message: format!("cannot list the network devices: {e:#}"),
+        })?;
+        config::check_dsr_forwarding(&file, &rules, &routes, &devs)?;
+    }
     Ok(rules)
 }
 
@@ -361,6 +394,13 @@ fn main() -> Result<()> {
         Cmd::Stats => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
             print!("{}", show::stats_table(&m.stats()?));
+            if m.config()?.flags & loxilb_common::cfg_flags::FORWARD_VIA_STACK != 0 {
+                println!(
+                    "\n--forward=stack: every translated packet goes to the kernel stack \
+                     (DSR frames use XDP where the device below allows)"
+                );
+            }
+            print!("\n{}", show::devices_table(&m.dev_fwd()?));
             Ok(())
         }
     }
@@ -393,11 +433,13 @@ fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
 }
 
 /// Load the datapath (adopting pinned state), configure it, install the
-/// first rule set, attach it; BGP and probes ready.
+/// first rule set (`None`: keep the adopted rules as they are, for the
+/// first full Kubernetes sync to diff against), attach it; BGP and probes
+/// ready.
 fn start_node(
     pin_dir: &Path,
     a: &NodeArgs,
-    first: &[config::Rule],
+    first: Option<&[config::Rule]>,
 ) -> Result<(
     Node,
     tokio::sync::mpsc::UnboundedReceiver<probe::Transition>,
@@ -424,8 +466,9 @@ fn start_node(
     } else {
         Rules::adopt(vec![])
     };
+    let forward = a.forward_mode()?;
     let mut cfg = dp.config()?;
-    cfg.flags = if a.forward_via_stack {
+    cfg.flags = if forward == ForwardMode::Stack {
         loxilb_common::cfg_flags::FORWARD_VIA_STACK
     } else {
         0
@@ -440,16 +483,26 @@ fn start_node(
         .unwrap_or([0; 4]);
     (cfg.snat_port_lo, cfg.snat_port_hi) = a.snat_ports;
     dp.set_config(cfg)?;
+    // Before anything is attached: which devices XDP can transmit
+    // through; `--forward=xdp` refuses what it cannot reach.
+    let devs = dp.update_devices()?;
+    devices::log_changes(&devs, &Default::default());
+    devices::check_attached(&a.ifaces, &devs, forward)?;
     let (prober, transitions) = probe::Prober::new(probe::DEFAULT_MAX_IN_FLIGHT);
     let mut node = Node::new(dp, rules, prober, bgp, pin_dir);
-    let rep = node.apply(first)?;
-    info!(
-        added = rep.added.len(),
-        updated = rep.updated.len(),
-        removed = rep.removed.len(),
-        unchanged = rep.unchanged,
-        "rules applied"
-    );
+    match first {
+        Some(first) => {
+            let rep = node.apply(first)?;
+            info!(
+                added = rep.added.len(),
+                updated = rep.updated.len(),
+                removed = rep.removed.len(),
+                unchanged = rep.unchanged,
+                "rules applied"
+            );
+        }
+        None => info!("the adopted rules stay as they are until the first full Kubernetes sync"),
+    }
     host_setup(&a.ifaces);
     for iface in &a.ifaces {
         let r = node.dp.attach(iface, a.xdp_mode).and_then(|used| {
@@ -463,6 +516,10 @@ fn start_node(
             node.shutdown(a.keep)?;
             return Err(e);
         }
+    }
+    let known = devs.iter().map(|(l, d)| (l.index, *d)).collect();
+    if let Err(e) = devices::watch(pin_dir, known) {
+        warn!("cannot watch link events ({e:#}); devices are classified at start only");
     }
     Ok((node, transitions))
 }
@@ -481,7 +538,7 @@ fn exit_note(pin_dir: &Path, keep: bool) {
 async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
     // Validate the rule file before touching the kernel.
     let desired = load_rules(cfg_path)?;
-    let (mut node, mut transitions) = start_node(pin_dir, a, &desired)?;
+    let (mut node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
     if let Some(h) = a.health_listen {
         serve_health(h).await?;
     }
@@ -594,6 +651,8 @@ impl kube_watch::bgp_peers::PeerSink for CrdPeers {
 struct KubeSink {
     node: std::sync::Arc<std::sync::Mutex<Node>>,
     rules: KubeRules,
+    /// `lo`'s ifindex, and the VIPs this agent holds there.
+    lo: u32,
     owned: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
@@ -667,24 +726,37 @@ fn log_kube_applied(done: &KubeApplied) {
 }
 
 impl KubeSink {
+    /// Put the VIPs this node must own on `lo` (marked as the agent's, see
+    /// [`netlink::ADDR_PROTO`]) and take off the others it put there.
+    /// `owned` starts as what `lo` holds marked at start, so an agent
+    /// restarted as a follower (after a crash, say) gives up the VIPs it
+    /// held before.
     fn own(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
         let want: std::collections::BTreeSet<_> = vips.into_iter().collect();
         for v in want.difference(&self.owned) {
-            let plen = if v.is_ipv4() { 32 } else { 128 };
-            let st = std::process::Command::new("ip")
-                .args(["addr", "replace", &format!("{v}/{plen}"), "dev", "lo"])
-                .status()?;
-            anyhow::ensure!(st.success(), "adding VIP {v} to lo failed");
+            netlink::add_addr(self.lo, *v).with_context(|| format!("adding VIP {v} to lo"))?;
+            info!(vip = %v, "VIP added to lo (this node answers ARP/ND for it)");
         }
         for v in self.owned.difference(&want) {
-            let plen = if v.is_ipv4() { 32 } else { 128 };
-            let _ = std::process::Command::new("ip")
-                .args(["addr", "del", &format!("{v}/{plen}"), "dev", "lo"])
-                .status();
+            match netlink::del_addr(self.lo, *v) {
+                Ok(()) => info!(vip = %v, "VIP removed from lo"),
+                Err(e) => warn!(vip = %v, "cannot remove the VIP from lo: {e:#}"),
+            }
         }
         self.owned = want;
         Ok(())
     }
+}
+
+/// The index of `lo` and the VIPs the agent left on it (marked as its
+/// own): what a new agent starts from.
+fn lo_vips() -> Result<(u32, std::collections::BTreeSet<std::net::IpAddr>)> {
+    let lo = netlink::ifindex("lo").context("no `lo` device in this network namespace")?;
+    let held = netlink::marked_addrs(lo)
+        .context("listing the VIPs on lo")?
+        .into_iter()
+        .collect();
+    Ok((lo, held))
 }
 
 async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
@@ -734,15 +806,23 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
-    let (node, mut transitions) = start_node(pin_dir, a, &[])?;
+    let (node, mut transitions) = start_node(pin_dir, a, None)?;
     if let Some(h) = a.health_listen {
         serve_health(h).await?;
     }
     let node = std::sync::Arc::new(std::sync::Mutex::new(node));
+    let (lo, held) = lo_vips()?;
+    if !held.is_empty() {
+        info!(
+            vips = ?held,
+            "VIPs a previous agent left on lo: kept until the first sync says whether this node owns them"
+        );
+    }
     let sink = KubeSink {
         node: node.clone(),
         rules: KubeRules::default(),
-        owned: Default::default(),
+        lo,
+        owned: held,
     };
     let upkeep_node = node.clone();
     let upkeep = tokio::spawn(async move {
@@ -788,12 +868,28 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     };
     info!("serving Kubernetes LoadBalancer Services");
     let r = kube_watch::controller::run(client, run_config, sink, shutdown()).await;
+    // Every task holding the node ends before it is taken back.
     upkeep.abort();
+    let _ = upkeep.await;
     if let Some(t) = peers_task {
         t.abort();
         let _ = t.await;
     }
     exit_note(pin_dir, a.keep);
+    if !a.keep {
+        // Without --keep this node stops serving: it must stop answering
+        // for the VIPs too (with --keep the datapath goes on serving them).
+        match lo_vips() {
+            Ok((lo, held)) => {
+                for v in held {
+                    if let Err(e) = netlink::del_addr(lo, v) {
+                        warn!(vip = %v, "cannot remove the VIP from lo: {e:#}");
+                    }
+                }
+            }
+            Err(e) => warn!("cannot list the VIPs on lo: {e:#}"),
+        }
+    }
     let node = std::sync::Arc::try_unwrap(node)
         .map_err(|_| anyhow::anyhow!("node still in use at exit"))?
         .into_inner()

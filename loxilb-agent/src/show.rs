@@ -237,7 +237,18 @@ pub fn associations_table(assocs: &[(AssocKey, AssocVal)]) -> String {
 pub fn stats_table(stats: &[(&str, u64)]) -> String {
     let mut out = String::new();
     for (n, v) in stats {
-        let _ = writeln!(out, "{n:<18} {v}");
+        let _ = writeln!(out, "{n:<21} {v}");
+    }
+    out
+}
+
+/// How translated packets leave through each device (`LB_DEV_FWD`):
+/// `(ifindex, forwarding)`.
+pub fn devices_table(devs: &[(u32, loxilb_common::DevFwd)]) -> String {
+    let mut out = String::from("DEVICE           IFINDEX  FORWARDING\n");
+    for (i, d) in devs {
+        let name = crate::devices::name_of(d);
+        let _ = writeln!(out, "{name:<16} {i:<8} {}", crate::devices::describe(d));
     }
     out
 }

@@ -34,6 +34,9 @@ pub enum Verdict {
 }
 
 pub trait PktCtx {
+    /// An XDP hook (its redirects need a device that takes XDP frames); a
+    /// TC hook's redirects go through the device's ordinary transmit path.
+    const XDP: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     fn ifindex(&self) -> u32;
@@ -88,6 +91,7 @@ unsafe fn move_eth(src: usize, dst: usize) {
 }
 
 impl PktCtx for XdpContext {
+    const XDP: bool = true;
     #[inline(always)]
     fn to_v4(&self) -> bool {
         let data = self.data();
@@ -159,6 +163,7 @@ impl PktCtx for XdpContext {
 }
 
 impl PktCtx for TcContext {
+    const XDP: bool = false;
     #[inline(always)]
     fn to_v4(&self) -> bool {
         // Removes 20 bytes right after the MAC header.

@@ -3,6 +3,13 @@
 //! destination, forwarding disabled, VLAN-tagged frames). DSR frames go to
 //! the endpoint's MAC untranslated, or IPIP-encapsulated to it.
 //!
+//! XDP can only transmit through devices that take XDP frames: a bridge,
+//! a bond, a VLAN or tunnel device, or a veth whose peer has no XDP
+//! program nor GRO would drop a redirected frame silently. The agent
+//! classifies every device (`LB_DEV_FWD`); a packet whose egress device is
+//! not marked for redirect goes to the stack untouched by the forwarding
+//! step (no MAC or TTL rewrite) and is counted (`fwd_stack_device`).
+//!
 //! The FIB answer (egress interface and both MACs) is cached in the
 //! session's conntrack entry for `NH_CACHE_NS`, so an established flow pays
 //! for one FIB lookup per second instead of one per packet.
@@ -13,11 +20,11 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LOOKUP_SRC},
     helpers::bpf_fib_lookup,
 };
-use loxilb_common::{cfg_flags, csum, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS};
+use loxilb_common::{cfg_flags, csum, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS};
 
 use crate::{
     ctx::{PktCtx, Verdict},
-    maps::{count, LB_CONFIG, LB_SCRATCH_FIB},
+    maps::{count, LB_CONFIG, LB_DEV_FWD, LB_SCRATCH_FIB},
     parse::{ptr_at, Pkt, ETH_HLEN},
 };
 
@@ -139,6 +146,20 @@ fn via_stack(p: &Pkt) -> bool {
     stack || p.vlan
 }
 
+/// Whether this hook can transmit through `ifindex`: always from TC (its
+/// redirect is an ordinary transmit), from XDP only through a device the
+/// agent marked (`LB_DEV_FWD`).
+#[inline(always)]
+fn can_send<C: PktCtx>(ifindex: u32) -> bool {
+    if !C::XDP {
+        return true;
+    }
+    match LB_DEV_FWD.get_ptr(&ifindex) {
+        Some(d) => unsafe { (*d).mode == dev_fwd::REDIRECT },
+        None => false,
+    }
+}
+
 #[inline(always)]
 fn set_macs(eth: *mut [u16; 6], macs: &[u16; 6]) {
     let e = unsafe { &mut *eth };
@@ -242,6 +263,16 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, now: u64) -> Verdict
                     count(stat::FWD_STACK);
                     return Verdict::Pass;
                 }
+                if !can_send::<C>(f.ifindex) {
+                    // Not cached: the next packet asks again, so a device
+                    // that becomes a redirect target is used within a
+                    // packet.
+                    if !ct.is_null() {
+                        (*ct).nh_ifindex = 0;
+                    }
+                    count(stat::FWD_STACK_DEVICE);
+                    return Verdict::Pass;
+                }
                 remember(ct, now, f.ifindex, f.macs);
                 (f.ifindex, f.macs)
             }
@@ -333,6 +364,26 @@ pub fn forward_dsr<C: PktCtx>(
                 count(stat::DROP_DSR_NO_L2);
                 return Verdict::Drop;
             }
+            if !can_send::<C>(f.ifindex) {
+                if ipip {
+                    // Encapsulated toward the endpoint's own address, the
+                    // stack can route it: the outer header is added,
+                    // the MACs stay as they came (addressed to this node).
+                    if !ctx.grow_l3(20) {
+                        return Verdict::Drop;
+                    }
+                    return if write_ipip(ctx, tot_len, tos, &f.src, ep) {
+                        count(stat::FWD_STACK_DEVICE);
+                        Verdict::Pass
+                    } else {
+                        Verdict::Drop
+                    };
+                }
+                // A frame addressed to the VIP cannot be handed to the
+                // stack (it would deliver or route it by the VIP).
+                count(stat::DROP_DSR_NO_REDIRECT);
+                return Verdict::Drop;
+            }
             remember(ct, now, f.ifindex, f.macs);
             if !ct.is_null() {
                 unsafe { (*ct).encap_src = f.src };
@@ -341,40 +392,15 @@ pub fn forward_dsr<C: PktCtx>(
         }
     };
     if ipip {
-        if !ctx.grow_l3(20) {
+        if !ctx.grow_l3(20) || !write_ipip(ctx, tot_len, tos, &outer_src, ep) {
             return Verdict::Drop;
         }
         let data = ctx.data();
         let end = ctx.data_end();
-        let Some(outer) = (unsafe { ptr_at::<[u16; 10]>(data, end, ETH_HLEN) }) else {
+        let Some(eth) = (unsafe { ptr_at::<[u16; 6]>(data, end, 0) }) else {
             return Verdict::Drop;
         };
-        let o = unsafe { &mut *outer };
-        let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
-        let len = (tot_len + 20).to_be_bytes();
-        let s = outer_src[3].to_ne_bytes();
-        let d = ep[3].to_ne_bytes();
-        o[0] = w(0x45, tos);
-        o[1] = w(len[0], len[1]);
-        o[2] = 0; // id
-        o[3] = w(0x40, 0); // DF
-        o[4] = w(64, IPPROTO_IPIP);
-        o[5] = 0;
-        o[6] = w(s[0], s[1]);
-        o[7] = w(s[2], s[3]);
-        o[8] = w(d[0], d[1]);
-        o[9] = w(d[2], d[3]);
-        let mut sum = 0u32;
-        for x in o.iter() {
-            sum += *x as u32;
-        }
-        o[5] = !csum::fold(sum);
-        let Some(eth) = (unsafe { ptr_at::<[u16; 7]>(data, end, 0) }) else {
-            return Verdict::Drop;
-        };
-        let e = unsafe { &mut *eth };
-        e[6] = 0x0800u16.to_be();
-        set_macs(eth as *mut [u16; 6], &macs);
+        set_macs(eth, &macs);
         return out(ctx, ifindex);
     }
     let data = ctx.data();
@@ -383,4 +409,41 @@ pub fn forward_dsr<C: PktCtx>(
     };
     set_macs(eth, &macs);
     out(ctx, ifindex)
+}
+
+/// Write the outer IPv4 header of an IPIP packet (`grow_l3(20)` made room
+/// for it right after the Ethernet header) and set the EtherType to IPv4.
+/// `tot_len`: the inner packet's length.
+#[inline(always)]
+fn write_ipip<C: PktCtx>(ctx: &C, tot_len: u16, tos: u8, src: &Addr, ep: &Addr) -> bool {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    let Some(outer) = (unsafe { ptr_at::<[u16; 10]>(data, end, ETH_HLEN) }) else {
+        return false;
+    };
+    let o = unsafe { &mut *outer };
+    let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
+    let len = (tot_len + 20).to_be_bytes();
+    let s = src[3].to_ne_bytes();
+    let d = ep[3].to_ne_bytes();
+    o[0] = w(0x45, tos);
+    o[1] = w(len[0], len[1]);
+    o[2] = 0; // id
+    o[3] = w(0x40, 0); // DF
+    o[4] = w(64, IPPROTO_IPIP);
+    o[5] = 0;
+    o[6] = w(s[0], s[1]);
+    o[7] = w(s[2], s[3]);
+    o[8] = w(d[0], d[1]);
+    o[9] = w(d[2], d[3]);
+    let mut sum = 0u32;
+    for x in o.iter() {
+        sum += *x as u32;
+    }
+    o[5] = !csum::fold(sum);
+    let Some(eth) = (unsafe { ptr_at::<[u16; 7]>(data, end, 0) }) else {
+        return false;
+    };
+    unsafe { (*eth)[6] = 0x0800u16.to_be() };
+    true
 }

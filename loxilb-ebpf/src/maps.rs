@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpStats, EpVal, GlobalCfg,
-    RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal,
+    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal,
+    GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal,
     ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
     MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
@@ -28,6 +28,11 @@ pub static LB_STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::n
 
 #[btf_map]
 pub static LB_CONFIG: Array<GlobalCfg, 1> = Array::new();
+
+/// How translated packets leave through each device, by ifindex (the
+/// agent classifies every device of the namespace; absent = the stack).
+#[btf_map]
+pub static LB_DEV_FWD: HashMap<u32, DevFwd, 4096> = HashMap::new();
 
 #[btf_map]
 pub static LB_ADDR_FILTER: Array<u64, { ADDR_FILTER_WORDS as usize }> = Array::new();

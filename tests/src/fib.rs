@@ -66,6 +66,10 @@ pub fn fib_netns(name: &str) -> Netns {
         ],
         vec!["ip", "link", "set", "d0p", "up"],
         vec!["ip", "link", "set", "d1p", "up"],
+        // GRO on the peers makes d0 and d1 take XDP frames (a NAPI context
+        // on the receiving end), so the agent marks them for redirect.
+        vec!["ethtool", "-K", "d0p", "gro", "on"],
+        vec!["ethtool", "-K", "d1p", "gro", "on"],
         vec!["ip", "addr", "add", "10.0.1.1/24", "dev", "d0"],
         vec!["ip", "addr", "add", "192.168.0.1/24", "dev", "d1"],
         vec!["ip", "link", "set", "d0", "up"],
@@ -133,7 +137,7 @@ pub fn with_datapath_rules(
     let rules = rules.to_string();
     let r = std::thread::spawn(move || {
         crate::netns::enter(&path).unwrap();
-        let mut dp = loxilb_agent::datapath::Datapath::load(None).expect("load datapath");
+        let mut dp = load_datapath();
         let rules = loxilb_agent::config::parse("test-rules.yaml", &rules).unwrap();
         let mut r = loxilb_agent::rules::Rules::adopt(vec![]);
         r.apply(&rules, &mut dp).unwrap();
@@ -144,6 +148,26 @@ pub fn with_datapath_rules(
     if let Err(e) = r {
         std::panic::resume_unwind(e);
     }
+}
+
+/// Load the datapath in the calling thread's namespace (a [`fib_netns`])
+/// and classify its devices as the agent does, so XDP redirects through
+/// d0 and d1.
+pub fn load_datapath() -> loxilb_agent::datapath::Datapath {
+    let mut dp = loxilb_agent::datapath::Datapath::load(None).expect("load datapath");
+    let devs = dp.update_devices().expect("classify devices");
+    for d in ["d0", "d1"] {
+        let (_, f) = devs
+            .iter()
+            .find(|(l, _)| l.name == d)
+            .unwrap_or_else(|| panic!("{d} not listed"));
+        assert_eq!(
+            f.mode,
+            loxilb_common::dev_fwd::REDIRECT,
+            "{d} must take XDP redirects"
+        );
+    }
+    dp
 }
 
 /// Run the XDP datapath once on `input`: (verdict, output bytes).

@@ -356,8 +356,8 @@ fn pool_exhausted_stays_pending_warns_once_and_gets_a_released_address() {
         warn,
         [
             "pool `defaultPool` (192.0.2.0/30) is exhausted: no address where 80/tcp is free; \
-          the Service stays pending until an address is released or the pool is enlarged \
-          (--cidrPools); the Service stays pending"
+             free an address of the pool (delete a Service that uses it) or enlarge the pool \
+             (--cidrPools); the Service stays pending"
         ]
     );
     assert_eq!(p.events[0].type_, crate::events::EventType::Warning);

@@ -84,6 +84,11 @@ pub struct State {
     /// (rv, kind, type, object)
     history: Vec<(u64, String, String, Value)>,
     watchers: Vec<(String, mpsc::UnboundedSender<Bytes>)>,
+    /// kind -> (the last resourceVersion delivered, the events held back):
+    /// the watch lags ([`State::hold_watch`]).
+    held_watch: BTreeMap<String, (u64, Vec<Bytes>)>,
+    /// Kinds whose list requests wait ([`State::hold_list`]).
+    held_lists: BTreeSet<String>,
     pub log: Vec<Logged>,
 }
 
@@ -170,8 +175,45 @@ impl State {
             "{}\n",
             serde_json::to_string(&json!({"type": type_, "object": obj})).unwrap()
         ));
+        if let Some((_, held)) = self.held_watch.get_mut(kind) {
+            held.push(line);
+            return;
+        }
         self.watchers
             .retain(|(k, tx)| k != kind || tx.unbounded_send(line.clone()).is_ok());
+    }
+
+    /// From now on the watches of `kind` lag: the API server accepts and
+    /// answers writes (with the new resourceVersion) but their events are
+    /// held back until [`State::release_watch`], as when the watch cache
+    /// is behind the writes (an agent's own writes reach it later than
+    /// their responses).
+    pub fn hold_watch(&mut self, kind: &str) {
+        let rv = self.rv;
+        self.held_watch
+            .entry(kind.into())
+            .or_insert_with(|| (rv, Vec::new()));
+    }
+
+    /// Deliver the events held back, in order; the watches follow again.
+    pub fn release_watch(&mut self, kind: &str) {
+        let Some((_, held)) = self.held_watch.remove(kind) else {
+            return;
+        };
+        for line in held {
+            self.watchers
+                .retain(|(k, tx)| k != kind || tx.unbounded_send(line.clone()).is_ok());
+        }
+    }
+
+    /// List requests for `kind` wait until [`State::release_list`] (a
+    /// slow initial list).
+    pub fn hold_list(&mut self, kind: &str) {
+        self.held_lists.insert(kind.into());
+    }
+
+    pub fn release_list(&mut self, kind: &str) {
+        self.held_lists.remove(kind);
     }
 
     /// Create or replace an object (as a user or another controller would).
@@ -250,8 +292,10 @@ impl State {
 
     fn watch(&mut self, kind: &str, since: u64) -> mpsc::UnboundedReceiver<Bytes> {
         let (tx, rx) = mpsc::unbounded();
+        // While held, the events after the hold come at the release.
+        let until = self.held_watch.get(kind).map_or(u64::MAX, |(rv, _)| *rv);
         for (rv, k, t, o) in &self.history {
-            if k == kind && *rv > since {
+            if k == kind && *rv > since && *rv <= until {
                 let line = format!(
                     "{}\n",
                     serde_json::to_string(&json!({"type": t, "object": o})).unwrap()
@@ -273,6 +317,7 @@ impl State {
         let Some(mut obj) = self.get("services", ns, name) else {
             return (StatusCode::NOT_FOUND, status_nf(name));
         };
+        let before = obj.clone();
         if status_subresource {
             // Server-side apply by one field manager: our fields are the
             // ones given; loadBalancer is ours entirely; conditions merge
@@ -299,6 +344,11 @@ impl State {
                 }
             }
             merge(&mut obj, body);
+        }
+        if obj == before {
+            // As the API server does: a write that changes nothing is not
+            // stored (same resourceVersion, no watch event).
+            return (StatusCode::OK, obj);
         }
         self.bump(&mut obj);
         let deleting = obj["metadata"].get("deletionTimestamp").is_some();
@@ -439,9 +489,19 @@ impl FakeApi {
         } else {
             serde_json::from_slice(&bytes).expect("JSON body")
         };
-        let mut st = self.state.lock().unwrap();
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let watch = query.get("watch").map(String::as_str) == Some("true");
+        if method == "GET" && !watch {
+            // A held list waits (the other requests go on).
+            while self.with(|s| {
+                s.held_lists
+                    .iter()
+                    .any(|k| path.ends_with(&format!("/{k}")))
+            }) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        let mut st = self.state.lock().unwrap();
         let kind_of_collection = match parts.as_slice() {
             ["api", "v1", "services"] => Some("services"),
             ["api", "v1", "nodes"] => Some("nodes"),
@@ -533,10 +593,41 @@ impl FakeApi {
     }
 }
 
+/// The field manager the agent's writes must carry (`?fieldManager=`), so
+/// `metadata.managedFields` names it rather than `unknown`.
+pub const FIELD_MANAGER: &str = "loxilb-agent";
+
+/// Every write (any method but GET) names its field manager: the
+/// agent's ([`FIELD_MANAGER`]), or for a BGPPeerService's status the
+/// node's own (`loxilb-agent@<node>`, one list entry per node). Returns
+/// the write kinds seen, as `METHOD resource[/subresource]`.
+pub fn check_field_managers(log: &[Logged]) -> BTreeSet<String> {
+    let mut kinds = BTreeSet::new();
+    for l in log.iter().filter(|l| l.method != "GET") {
+        let (_, resource, ..) = l.rbac();
+        let manager = l.query.get("fieldManager").map(String::as_str);
+        let ok = if resource == "bgppeerservices/status" {
+            // (The query is logged as sent: `@` is `%40`.)
+            manager.is_some_and(|m| m.starts_with("loxilb-agent%40"))
+        } else {
+            manager == Some(FIELD_MANAGER)
+        };
+        assert!(
+            ok,
+            "{} {} {}: field manager {manager:?}, expected {FIELD_MANAGER:?}",
+            l.agent, l.method, l.path
+        );
+        kinds.insert(format!("{} {resource}", l.method));
+    }
+    kinds
+}
+
 /// Every request must be allowed by the manifest's RBAC; every verb the
 /// manifest grants on the API groups `all_used_in` must have been used
-/// (each test names the groups its component is responsible for).
+/// (each test names the groups its component is responsible for). Every
+/// write must name its field manager ([`check_field_managers`]).
 pub fn check_rbac(log: &[Logged], all_used_in: &[&str]) {
+    check_field_managers(log);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest/in-cluster/loxilb.yaml");
     let text = std::fs::read_to_string(path).unwrap();
     let mut cluster: Vec<PolicyRule> = Vec::new();

@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -49,8 +49,12 @@ pub mod map_names {
     /// its IPv6 and new-flow halves.
     pub const JMP_XDP: &str = "LB_JMP_XDP";
     pub const JMP_TC: &str = "LB_JMP_TC";
+    /// How translated packets leave through each device (by ifindex):
+    /// XDP redirect or the kernel stack ([`crate::DevFwd`]), decided by the
+    /// agent from the device's kind and XDP features.
+    pub const DEV_FWD: &str = "LB_DEV_FWD";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -68,6 +72,7 @@ pub mod map_names {
         SCTP_ASSOC,
         JMP_XDP,
         JMP_TC,
+        DEV_FWD,
     ];
 }
 
@@ -690,7 +695,15 @@ pub mod stat {
     pub const DROP_NAT64: u32 = 21;
     /// SCTP with a chunk length under 4 or past the packet: dropped.
     pub const DROP_SCTP_MALFORMED: u32 = 22;
-    pub const COUNT: u32 = 24;
+    /// Translated packets handed to the stack because XDP cannot transmit
+    /// through their egress device (a bridge, bond, VLAN, tunnel, a veth
+    /// whose peer takes no XDP frames, a device the agent has not
+    /// classified): the stack forwards them instead (`LB_DEV_FWD`).
+    pub const FWD_STACK_DEVICE: u32 = 23;
+    /// L2 DSR: the endpoint's device cannot take XDP redirects and the
+    /// stack cannot send a frame addressed to the VIP: dropped.
+    pub const DROP_DSR_NO_REDIRECT: u32 = 24;
+    pub const COUNT: u32 = 26;
 }
 
 /// Human names of the `stat::*` counters, by index.
@@ -718,6 +731,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "pass_ipv6_ext",
     "drop_nat64",
     "drop_sctp_malformed",
+    "fwd_stack_device",
+    "drop_dsr_no_redirect",
     "",
 ];
 
@@ -745,6 +760,54 @@ pub struct GlobalCfg {
 /// Default source-port range of onearm/full-NAT sessions.
 pub const SNAT_PORT_LO: u16 = 32768;
 pub const SNAT_PORT_HI: u16 = 60999;
+
+/// `LB_DEV_FWD` value: how translated packets leave through one device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevFwd {
+    /// `dev_fwd::REDIRECT` or `dev_fwd::STACK`.
+    pub mode: u32,
+    /// Why (`dev_fwd::WHY_*`), for the CLI.
+    pub why: u32,
+    /// The device's name (NUL-padded), for the CLI and bpftool: the CLI
+    /// may run in another network namespace than the agent.
+    pub name: [u8; 16],
+}
+
+/// Values of [`DevFwd`]. A device absent from `LB_DEV_FWD` is `STACK`.
+pub mod dev_fwd {
+    /// Hand the packet to the kernel stack (XDP_PASS, before any rewrite
+    /// of MACs or TTL): the stack routes and transmits it.
+    pub const STACK: u32 = 0;
+    /// XDP redirect (or XDP_TX) delivers through this device.
+    pub const REDIRECT: u32 = 1;
+    /// The device takes XDP frames (its driver has `ndo_xdp_xmit`; a veth
+    /// whose peer runs an XDP program or has GRO on).
+    pub const WHY_XMIT_OK: u32 = 1;
+    /// A veth whose peer has neither an XDP program nor GRO: frames
+    /// redirected into it would be dropped.
+    pub const WHY_VETH_PEER: u32 = 2;
+    /// The driver cannot transmit XDP frames (no `ndo_xdp_xmit`).
+    pub const WHY_NO_XMIT: u32 = 3;
+    /// A Linux bridge: XDP cannot transmit into it (the kernel drops such
+    /// frames silently); the stack forwards through its FDB.
+    pub const WHY_BRIDGE: u32 = 4;
+    /// A bond, VLAN, macvlan/ipvlan, tunnel or other virtual device:
+    /// the stack's path through it is kept.
+    pub const WHY_VIRTUAL: u32 = 5;
+    /// Down or loopback.
+    pub const WHY_DOWN: u32 = 6;
+    /// The CLI's words for `WHY_*`, by value.
+    pub const WHY_NAMES: [&str; 7] = [
+        "",
+        "takes XDP frames (ndo_xdp_xmit)",
+        "veth whose peer has no XDP program and no GRO",
+        "driver cannot transmit XDP frames",
+        "bridge (XDP cannot transmit into it)",
+        "virtual device (bond, VLAN, tunnel, ...)",
+        "down or loopback",
+    ];
+}
 
 pub mod cfg_flags {
     /// Never redirect in XDP; hand translated packets to the stack instead.
@@ -985,6 +1048,7 @@ no_implicit_padding!(EpStats {
 
 // Compile-time layout checks: kernel and userspace share these bytes.
 const _: () = assert!(size_of::<SvcKey>() == 20);
+const _: () = assert!(size_of::<DevFwd>() == 24);
 const _: () = assert!(size_of::<SvcVal>() == 32);
 const _: () = assert!(size_of::<SelKey>() == 8);
 const _: () = assert!(size_of::<SelChunk>() == 64);
@@ -1013,6 +1077,7 @@ mod user {
     use super::*;
     // SAFETY: all of these are repr(C), fully padded plain-old-data.
     unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for DevFwd {}
     unsafe impl aya::Pod for SvcVal {}
     unsafe impl aya::Pod for EpKey {}
     unsafe impl aya::Pod for EpVal {}

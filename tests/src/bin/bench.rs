@@ -867,7 +867,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     }
 
     let t0 = Instant::now();
-    let mut dp = Datapath::load(None).context("loading the datapath")?;
+    let mut dp = loxilb_tests::fib::load_datapath();
     let rules = config::parse("bench.yaml", RULES).map_err(|e| anyhow!("{e}"))?;
     Rules::adopt(vec![])
         .apply(&rules, &mut dp)
