@@ -376,6 +376,7 @@ fn kube_keep_restart_adopts_the_rules_and_an_open_stream_survives() {
             log_field(l, "added").as_deref() == Some("[]")
                 && log_field(l, "updated").as_deref() == Some("[]")
                 && log_field(l, "removed").as_deref() == Some("[]")
+                && log_field(l, "unchanged").is_some_and(|n| n != "0")
         }),
         || {
             format!(
