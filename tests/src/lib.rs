@@ -3,6 +3,7 @@
 
 pub mod bgp_peer;
 pub mod fib;
+pub mod kube_api;
 pub mod netns;
 pub mod packet;
 pub mod probe_peers;

@@ -97,7 +97,7 @@ pub struct FakeApi {
     pub state: Arc<Mutex<State>>,
 }
 
-type RespBody = UnsyncBoxBody<Bytes, Infallible>;
+pub type RespBody = UnsyncBoxBody<Bytes, Infallible>;
 
 fn full(code: StatusCode, v: &Value) -> Response<RespBody> {
     Response::builder()
@@ -464,7 +464,7 @@ impl FakeApi {
         Client::new(svc, "default")
     }
 
-    async fn handle(&self, agent: &str, req: Request<Body>) -> Response<RespBody> {
+    pub async fn handle(&self, agent: &str, req: Request<Body>) -> Response<RespBody> {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let query: BTreeMap<String, String> = req
