@@ -87,7 +87,20 @@ fn wait_vip(api: &ApiServer, agent: &KubeAgent) -> String {
         vip.is_some()
     })
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_text()));
-    vip.unwrap()
+    let vip = vip.unwrap();
+    // The status is written by the leader's plan, the rule reaches this
+    // node's datapath through the sink: wait for both before traffic.
+    wait_until(
+        "the VIP's rule in the datapath",
+        Duration::from_secs(20),
+        || {
+            agent
+                .cli("rules")
+                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_text()));
+    vip
 }
 
 fn vip_addr(vip: &str, port: u16) -> SocketAddr {
@@ -452,7 +465,7 @@ fn two_agents_one_lease_only_the_leader_holds_the_vips() {
         lo_addrs(&ea.t.lb).contains(&vip)
     })
     .unwrap_or_else(|err| panic!("{err}\n{}", a.log_text()));
-    // node-b has tried the Lease a few times (2 s period) as follower.
+    // node-b has tried the Lease a few times (1 s period) as follower.
     wait_until(
         "node-b asked for the Lease twice",
         Duration::from_secs(10),
@@ -472,7 +485,8 @@ fn two_agents_one_lease_only_the_leader_holds_the_vips() {
         });
     }
 
-    // The leader crashes: node-b takes over after the Lease expires (15 s).
+    // The leader crashes: node-b takes over after the Lease expires (by
+    // default within 5 s: a 4 s Lease, looked at every 1 s).
     a.kill();
     let t_kill = Instant::now();
     wait_until(
