@@ -781,6 +781,7 @@ mod tests {
             kind: Some("bridge".into()),
             up: true,
             loopback: false,
+            mac: None,
         };
         let bridge = crate::devices::classify(&link, Some(crate::netlink::XDP_ACT_NDO_XMIT));
         let e = check_dsr_forwarding("r.yaml", &rules, &routes, &[(link.clone(), bridge)])

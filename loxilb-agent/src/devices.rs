@@ -200,6 +200,7 @@ mod tests {
             kind: kind.map(str::to_string),
             up,
             loopback: false,
+            mac: None,
         }
     }
 

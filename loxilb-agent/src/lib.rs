@@ -1,6 +1,7 @@
 //! loxilb-agent: the per-node daemon. Loads and drives the eBPF datapath;
 //! in standalone mode it takes its rules from a YAML file.
 
+pub mod announce;
 pub mod bgp;
 pub mod config;
 pub mod datapath;
@@ -9,6 +10,7 @@ pub mod kube_rules;
 pub mod netlink;
 pub mod node;
 pub mod probe;
+pub mod roles;
 pub mod routes;
 pub mod rules;
 pub mod selection;

@@ -12,7 +12,7 @@ use loxilb_agent::{
     devices::{self, ForwardMode},
     netlink,
     node::{KubeApplied, KubeRules, Node},
-    probe,
+    probe, roles,
     rules::Rules,
     show,
 };
@@ -165,6 +165,9 @@ enum Cmd {
     /// Show datapath counters and how translated packets leave through
     /// each device.
     Stats,
+    /// Show each VIP's role on this node (active: it answers for the VIP;
+    /// backup: another node does) and since when (Kubernetes mode).
+    Roles,
     /// Remove what an agent left behind (after `--keep`, or a crash):
     /// detach its programs, unpin its maps, take its VIPs off `lo`. Run
     /// on a node after uninstalling, with no agent running.
@@ -410,6 +413,17 @@ fn main() -> Result<()> {
         Cmd::Associations => {
             let m = PinnedMaps::open(&cli.pin_dir)?;
             print!("{}", show::associations_table(&m.associations()?));
+            Ok(())
+        }
+        Cmd::Roles => {
+            let m = PinnedMaps::open(&cli.pin_dir)?;
+            let vips: Vec<std::net::IpAddr> = m
+                .services()?
+                .iter()
+                .map(|(k, _)| loxilb_common::ip_from_addr(&k.addr))
+                .collect();
+            let r = roles::Roles::read(&cli.pin_dir);
+            print!("{}", roles::table(&vips, r.as_ref(), roles::now_unix()));
             Ok(())
         }
         Cmd::Cleanup => {
@@ -687,6 +701,11 @@ struct KubeSink {
     rules: KubeRules,
     /// `lo`'s ifindex, and the VIPs this agent holds there.
     lo: u32,
+    /// The attached interfaces: where a VIP taken over is announced.
+    ifaces: Vec<String>,
+    /// Each VIP's role on this node (for `loxilb-agent roles`).
+    roles: roles::Roles,
+    pin_dir: PathBuf,
     owned: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
@@ -767,9 +786,19 @@ impl KubeSink {
     /// held before.
     fn own(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
         let want: std::collections::BTreeSet<_> = vips.into_iter().collect();
+        let mut added = vec![];
         for v in want.difference(&self.owned) {
             netlink::add_addr(self.lo, *v).with_context(|| format!("adding VIP {v} to lo"))?;
             info!(vip = %v, "VIP added to lo (this node answers ARP/ND for it)");
+            added.push(*v);
+        }
+        // Neighbours whose entry names the previous owner switch now.
+        loxilb_agent::announce::announce(self.ifaces.clone(), added);
+        for (v, role) in self.roles.set_owned(&want, roles::now_unix()) {
+            info!(vip = %v, "role: {role:?}");
+        }
+        if let Err(e) = self.roles.publish(&self.pin_dir) {
+            warn!("publishing the VIP roles: {e:#}");
         }
         for v in self.owned.difference(&want) {
             match netlink::del_addr(self.lo, *v) {
@@ -862,10 +891,18 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
             "VIPs a previous agent left on lo: kept until the first sync says whether this node owns them"
         );
     }
+    let mut vip_roles = roles::Roles::new(run_config.node_name.clone());
+    vip_roles.set_owned(&held, roles::now_unix());
+    if let Err(e) = vip_roles.publish(pin_dir) {
+        warn!("publishing the VIP roles: {e:#}");
+    }
     let sink = KubeSink {
         node: node.clone(),
         rules: KubeRules::default(),
         lo,
+        ifaces: a.ifaces.clone(),
+        roles: vip_roles,
+        pin_dir: pin_dir.to_path_buf(),
         owned: held,
     };
     let upkeep_node = node.clone();

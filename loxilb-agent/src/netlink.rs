@@ -90,6 +90,8 @@ pub struct Link {
     pub kind: Option<String>,
     pub up: bool,
     pub loopback: bool,
+    /// The hardware address (6 bytes on Ethernet), if any.
+    pub mac: Option<[u8; 6]>,
 }
 
 fn kind_name(k: &InfoKind) -> String {
@@ -117,10 +119,14 @@ pub fn links() -> Result<Vec<Link>> {
             kind: None,
             up: l.header.flags.contains(&LinkFlag::Up),
             loopback: l.header.flags.contains(&LinkFlag::Loopback),
+            mac: None,
         };
         for a in &l.attributes {
             match a {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Address(a) if a.len() == 6 => {
+                    link.mac = Some([a[0], a[1], a[2], a[3], a[4], a[5]])
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {
@@ -190,6 +196,32 @@ pub fn del_addr(ifindex: u32, ip: IpAddr) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("removing {ip} from device {ifindex}")),
     }
+}
+
+/// The IPv6 link-local addresses of device `ifindex`.
+pub fn link_local6(ifindex: u32) -> Result<Vec<std::net::Ipv6Addr>> {
+    let msgs = route_request(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        NLM_F_DUMP,
+    )
+    .context("listing addresses")?;
+    let mut out = vec![];
+    for m in msgs {
+        let RouteNetlinkMessage::NewAddress(a) = m else {
+            continue;
+        };
+        if a.header.index != ifindex {
+            continue;
+        }
+        for at in &a.attributes {
+            if let AddressAttribute::Address(IpAddr::V6(x)) = at {
+                if x.segments()[0] & 0xffc0 == 0xfe80 {
+                    out.push(*x);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The addresses on device `ifindex` that this agent added (marked with

@@ -211,6 +211,11 @@ fn kube_mode_serves_a_service_and_exits_clean_on_sigterm() {
     }
     let started = Instant::now();
     let e = KubeScene::new("lxk1", 2);
+    // The client learns neighbours from gratuitous ARP (its entry for the
+    // VIP then shows who announced it).
+    e.t.client
+        .sh(&["sysctl", "-qw", "net.ipv4.conf.c0.arp_accept=1"])
+        .unwrap();
     let api = ApiServer::new();
     seed(&api, &[("node-a", "10.10.0.1")], &e.backends());
     let mut agent = KubeAgent::start(&e.t, &api, &KubeAgentSpec::new("node-a", "node-a", POOLS))
@@ -232,6 +237,19 @@ fn kube_mode_serves_a_service_and_exits_clean_on_sigterm() {
     )
     .unwrap_or_else(|err| panic!("{err}\n{}", agent.log_text()));
     assert_eq!(api.lease_holder().as_deref(), Some("node-a"));
+    // Taking the VIP, the node announced it on its interfaces: the client
+    // on lbc's segment has an entry for the VIP with lbc's MAC.
+    let lbc_mac = e.t.lb.sh(&["cat", "/sys/class/net/lbc/address"]).unwrap();
+    wait_until(
+        "the client learnt the VIP from a gratuitous ARP",
+        Duration::from_secs(5),
+        || {
+            e.t.client
+                .sh(&["ip", "neigh", "show", &vip, "dev", "c0"])
+                .is_ok_and(|n| n.contains(lbc_mac.trim()))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err}\n{}", agent.log_text()));
 
     let client_ip = e.t.client_ip();
     let mut seen = BTreeSet::new();
@@ -538,6 +556,20 @@ fn two_agents_one_lease_only_the_leader_holds_the_vips() {
     let lo_b = lo_addrs(&eb.t.lb);
     checks.check(lo_b.contains(&vip), || {
         format!("the leader node-b lost the VIP: {lo_b:?}")
+    });
+    // `loxilb-agent roles` on each node: active where the VIP is held.
+    let role_of = |ag: &KubeAgent| {
+        let t = ag.cli("roles").unwrap_or_default();
+        t.lines()
+            .find(|l| l.split_whitespace().next() == Some(vip.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .unwrap_or_else(|| format!("{vip} not listed in:\n{t}"))
+    };
+    checks.check(role_of(&b) == "active", || {
+        format!("node-b's roles: {}", role_of(&b))
+    });
+    checks.check(role_of(&a2) == "backup", || {
+        format!("node-a#2's roles: {}", role_of(&a2))
     });
     for label in ["node-a#1", "node-b", "node-a#2"] {
         checks.check(api.requests_from(label) > 0, || {
