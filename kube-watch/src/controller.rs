@@ -535,6 +535,60 @@ impl RuleOutcomes {
     }
 }
 
+/// The Events for a change of the VIPs this node owns from `before` to
+/// `after`: on each Service with a VIP taken (`VIPActive`) or given up
+/// (`VIPBackup`), naming the node and the VIPs.
+fn role_events(
+    reconciler: &Reconciler,
+    node: &str,
+    before: &BTreeSet<IpAddr>,
+    after: &BTreeSet<IpAddr>,
+) -> Vec<(ServiceKey, EventSpec)> {
+    let mut out = vec![];
+    for key in reconciler.known_services() {
+        let mut vips: BTreeSet<IpAddr> = BTreeSet::new();
+        for r in reconciler.service_rules(&key) {
+            vips.insert(r.vip);
+            vips.extend(r.secondary_vips.iter().copied());
+        }
+        let list = |f: &dyn Fn(&IpAddr) -> bool| {
+            vips.iter()
+                .filter(|v| f(v))
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+        };
+        let taken = list(&|v| after.contains(v) && !before.contains(v));
+        let given = list(&|v| before.contains(v) && !after.contains(v));
+        if !taken.is_empty() {
+            out.push((
+                key.clone(),
+                EventSpec::normal(
+                    reasons::VIP_ACTIVE,
+                    actions::OWN,
+                    format!(
+                        "node {node} now answers for {} (active; announced by gratuitous ARP / unsolicited NA)",
+                        taken.join(", ")
+                    ),
+                ),
+            ));
+        }
+        if !given.is_empty() {
+            out.push((
+                key.clone(),
+                EventSpec::normal(
+                    reasons::VIP_BACKUP,
+                    actions::OWN,
+                    format!(
+                        "node {node} gave up {} (backup: another node answers for it)",
+                        given.join(", ")
+                    ),
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// Carries plans out: API writes, then the datapath.
 pub struct Executor<S> {
     writer: ServiceWriter,
@@ -553,6 +607,9 @@ pub struct Executor<S> {
     outcomes: RuleOutcomes,
     /// The Services as the writes returned them (or found them gone).
     freshest: Freshest,
+    /// Events on the Services whose VIPs this node took or gave up, not
+    /// yet published.
+    role_events: Vec<(ServiceKey, EventSpec)>,
 }
 
 impl<S: RuleSink> Executor<S> {
@@ -568,6 +625,7 @@ impl<S: RuleSink> Executor<S> {
             vips_sent: None,
             hold: false,
             freshest: Freshest::default(),
+            role_events: Vec::new(),
         }
     }
 
@@ -610,7 +668,9 @@ impl<S: RuleSink> Executor<S> {
         regarding: impl Fn(&ServiceKey) -> Option<ObjectReference>,
         now: Timestamp,
     ) {
-        for (key, ev) in self.outcomes.take() {
+        let mut events = self.outcomes.take();
+        events.append(&mut self.role_events);
+        for (key, ev) in events {
             match ev.type_ {
                 EventType::Warning => warn!(service = %key, "{}: {}", ev.reason, ev.note),
                 EventType::Normal => info!(service = %key, "{}: {}", ev.reason, ev.note),
@@ -626,7 +686,7 @@ impl<S: RuleSink> Executor<S> {
 
     /// Whether Events on rules wait for [`Executor::publish_rule_events`].
     pub fn rule_events_pending(&self) -> bool {
-        self.outcomes.has_pending()
+        self.outcomes.has_pending() || !self.role_events.is_empty()
     }
 
     /// Hand the sink the rule set if it changed (the first time in any
@@ -648,6 +708,14 @@ impl<S: RuleSink> Executor<S> {
             self.sink
                 .own_vips(vips.clone())
                 .map_err(StepError::Datapath)?;
+            let before: BTreeSet<IpAddr> = self.vips_sent.iter().flatten().copied().collect();
+            let after: BTreeSet<IpAddr> = vips.iter().copied().collect();
+            self.role_events.extend(role_events(
+                reconciler,
+                &self.outcomes.node,
+                &before,
+                &after,
+            ));
             self.vips_sent = Some(vips);
         }
         Ok(())
@@ -1202,6 +1270,24 @@ pub async fn run<S: RuleSink>(
         }
     }
 
+    // Stopping: give the VIPs up before the Lease goes (so two nodes never
+    // answer for them), and tell their Services.
+    if !reconciler.owned_vips().is_empty() {
+        reconciler.step_down();
+        if let Err(e) = executor.sync_sink(&mut reconciler) {
+            warn!(error = %e, "giving up the VIPs at exit");
+        }
+        executor
+            .publish_rule_events(
+                |k| {
+                    services
+                        .get(&ObjectRef::new(&k.name).within(&k.namespace))
+                        .map(|s| service_reference(&s))
+                },
+                Timestamp::now(),
+            )
+            .await;
+    }
     let _ = stop_tx.send(());
     elector_task.await.context("leader election task")?;
     info!("controller stopped");

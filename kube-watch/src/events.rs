@@ -58,6 +58,12 @@ pub mod reasons {
     /// This node's datapath could not install (some of) the Service's
     /// rules: refused by the agent, or the map write failed.
     pub const RULE_NOT_PROGRAMMED: &str = "RuleNotProgrammed";
+    /// This node now answers for the Service's VIPs (holds them, announced
+    /// them): it became their active node (Normal).
+    pub const VIP_ACTIVE: &str = "VIPActive";
+    /// This node gave the Service's VIPs up (another node answers for
+    /// them now; this one is a backup) (Normal).
+    pub const VIP_BACKUP: &str = "VIPBackup";
 }
 
 /// Actions (the `action` field).
@@ -68,6 +74,8 @@ pub mod actions {
     pub const ALLOCATE: &str = "Allocate";
     /// Installing its rules into a node's datapath.
     pub const PROGRAM: &str = "Program";
+    /// Taking or giving up its VIPs on a node.
+    pub const OWN: &str = "Own";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -462,6 +462,24 @@ async fn leader_handover_keeps_every_address() {
     .await;
     until("b owns the VIPs", || b.datapath.vips().len() == 1).await;
     assert_eq!((record(&api, "web"), record(&api, "web2")), recorded);
+    // Each Service tells who answers for its VIPs now: agent-a gave them
+    // up as it stopped, agent-b took them.
+    for svc in ["web", "web2"] {
+        until(&format!("{svc}: VIPActive from agent-b"), || {
+            has_event(
+                &api,
+                svc,
+                "VIPActive",
+                "node agent-b now answers for 192.0.2.1",
+            )
+        })
+        .await;
+        assert!(
+            has_event(&api, svc, "VIPBackup", "node agent-a gave up 192.0.2.1"),
+            "{svc}: {:?}",
+            events(&api, svc)
+        );
+    }
     // A new Service gets an address nobody holds.
     api.with(|s| s.put("services", service("web3", 80, json!({}))));
     until("web3 allocated", || record(&api, "web3").is_some()).await;

@@ -957,9 +957,12 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         let _ = t.await;
     }
     exit_note(pin_dir, a.keep);
-    if !a.keep {
-        // Without --keep this node stops serving: it must stop answering
-        // for the VIPs too (with --keep the datapath goes on serving them).
+    {
+        // The controller gave the VIPs up as it stopped (before releasing
+        // the Lease: another node takes them over, and two nodes must
+        // never answer for one VIP); whatever is left marked on lo goes
+        // too, --keep or not (a kept datapath still serves the packets
+        // that arrive; ARP/ND for the VIPs is the new owner's).
         match lo_vips() {
             Ok((lo, held)) => {
                 for v in held {
