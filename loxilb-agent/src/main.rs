@@ -705,6 +705,8 @@ struct KubeSink {
     ifaces: Vec<String>,
     /// Each VIP's role on this node (for `loxilb-agent roles`).
     roles: roles::Roles,
+    /// `--setRoles`: the full-NAT source VIP, owned with the service VIPs.
+    role_vip: Option<std::net::IpAddr>,
     pin_dir: PathBuf,
     owned: std::collections::BTreeSet<std::net::IpAddr>,
 }
@@ -785,7 +787,12 @@ impl KubeSink {
     /// restarted as a follower (after a crash, say) gives up the VIPs it
     /// held before.
     fn own(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
-        let want: std::collections::BTreeSet<_> = vips.into_iter().collect();
+        let mut want: std::collections::BTreeSet<_> = vips.into_iter().collect();
+        // kube-loxilb's --setRoles VIP (the full-NAT source endpoints reply
+        // to) moves with the active role: held with the service VIPs.
+        if let Some(r) = self.role_vip.filter(|_| !want.is_empty()) {
+            want.insert(r);
+        }
         let mut added = vec![];
         for v in want.difference(&self.owned) {
             netlink::add_addr(self.lo, *v).with_context(|| format!("adding VIP {v} to lo"))?;
@@ -825,7 +832,8 @@ fn lo_vips() -> Result<(u32, std::collections::BTreeSet<std::net::IpAddr>)> {
 async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     use kube_watch::flags as kf;
     let mut a = a.clone();
-    if let Some(r) = check_kube_compat(k, &a)? {
+    let role_vip = check_kube_compat(k, &a)?;
+    if let Some(r) = role_vip {
         a.fullnat_source = Some(r);
     }
     let a = &a;
@@ -902,6 +910,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         lo,
         ifaces: a.ifaces.clone(),
         roles: vip_roles,
+        role_vip: role_vip.map(std::net::IpAddr::V4),
         pin_dir: pin_dir.to_path_buf(),
         owned: held,
     };

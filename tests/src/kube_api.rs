@@ -472,27 +472,39 @@ pub const WHOLE_SET: &str = "Kubernetes rules applied (whole set)";
 
 impl KubeAgent {
     pub fn start(t: &Topology, api: &ApiServer, spec: &KubeAgentSpec) -> Result<Self> {
-        let port = api.listen(&t.lb, &spec.label)?;
+        Self::start_in(&t.lb, &t.lb_ifaces(), t.pin_dir(), &t.prefix, api, spec)
+    }
+
+    /// [`KubeAgent::start`] in any namespace `ns`, attached to `ifaces`,
+    /// pinning in `pin`; `prefix` names its temporary files.
+    pub fn start_in(
+        ns: &Netns,
+        ifaces: &[String],
+        pin: PathBuf,
+        prefix: &str,
+        api: &ApiServer,
+        spec: &KubeAgentSpec,
+    ) -> Result<Self> {
+        let port = api.listen(ns, &spec.label)?;
         let safe: String = spec
             .label
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        let kubeconfig = std::env::temp_dir().join(format!("{}-{safe}.kubeconfig", t.prefix));
+        let kubeconfig = std::env::temp_dir().join(format!("{prefix}-{safe}.kubeconfig"));
         write_kubeconfig(&kubeconfig, port)?;
-        let log = std::env::temp_dir().join(format!("{}-{safe}-agent.log", t.prefix));
+        let log = std::env::temp_dir().join(format!("{prefix}-{safe}-agent.log"));
         let logf = std::fs::File::create(&log)?;
-        let pin = t.pin_dir();
         // nsenter, not `ip netns exec`: the latter remounts /sys, which
         // hides the host's bpffs at /sys/fs/bpf.
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", t.lb.name))
+        cmd.arg(format!("--net=/var/run/netns/{}", ns.name))
             .arg(agent_bin())
             .arg("--pin-dir")
             .arg(&pin)
             .arg("kube");
-        for i in t.lb_ifaces() {
-            cmd.args(["--iface", &i]);
+        for i in ifaces {
+            cmd.args(["--iface", i]);
         }
         cmd.arg(format!("--cidrPools={}", spec.pools))
             .arg("--usePodNetwork=true")

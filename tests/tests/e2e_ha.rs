@@ -1,0 +1,265 @@
+//! High availability with real traffic: two load-balancer nodes on the
+//! client's L2 segment and on the backends' segment, one Lease between
+//! them, in full-NAT with kube-loxilb's `--setRoles` VIP as the source the
+//! backends answer to. The leader holds the service VIP and the role VIP,
+//! the follower neither; when the leader's node dies, the follower takes
+//! both over and announces them (gratuitous ARP), and the client's new
+//! connections reach the backends through it, with no change anywhere
+//! else (the client and the backends only ARP).
+//!
+//! ```text
+//!   client 10.30.0.2 ─┐ brc (sw ns)          brb (sw ns) ┌─ backend 10.31.0.21
+//!          lb-a x0 10.30.0.11 ─┤   lb-a x1 10.31.0.11 ──┤─ backend 10.31.0.22
+//!          lb-b x0 10.30.0.12 ─┘   lb-b x1 10.31.0.12 ──┘
+//!   VIPs: 10.30.0.100 (service, from the pool), 10.31.0.100 (--setRoles)
+//! ```
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use loxilb_tests::{
+    kube_api::{
+        endpoint_slice, lo_addrs, node, service, wait_until, ApiServer, KubeAgent, KubeAgentSpec,
+    },
+    need_root,
+    netns::{Conn, Netns, PinDirGuard, Servers},
+};
+
+const POOL: &str = "defaultPool=10.30.0.100-10.30.0.103";
+const ROLE_VIP: &str = "10.31.0.100";
+
+struct Ha {
+    prefix: String,
+    sw: Netns,
+    client: Netns,
+    lbs: Vec<Netns>,
+    _backends: Vec<Netns>,
+    _servers: Vec<Servers>,
+    _pins: Vec<PinDirGuard>,
+}
+
+fn run(ns: &Netns, cmd: &str) {
+    ns.sh(&cmd.split(' ').collect::<Vec<_>>())
+        .unwrap_or_else(|e| panic!("{}: {cmd}: {e:#}", ns.name));
+}
+
+impl Ha {
+    fn new(prefix: &str) -> Ha {
+        let sw = Netns::new(&format!("{prefix}-sw")).unwrap();
+        for c in [
+            "ip link add brc type bridge",
+            "ip link add brb type bridge",
+            "ip link set brc up",
+            "ip link set brb up",
+        ] {
+            run(&sw, c);
+        }
+        // A host `h` with device `dev` at `addr` on bridge `br`.
+        let mut n = 0;
+        let mut plug = |h: &Netns, dev: &str, addr: &str, br: &str| {
+            n += 1;
+            let port = format!("p{n}");
+            let tmp = format!("{prefix}t{n}");
+            run(
+                &sw,
+                &format!("ip link add {port} type veth peer name {tmp}"),
+            );
+            run(&sw, &format!("ip link set {tmp} netns {}", h.name));
+            run(&sw, &format!("ip link set {port} master {br} up"));
+            // GRO on the switch side: the LB nodes' XDP may redirect into
+            // their devices.
+            run(&sw, &format!("ethtool -K {port} gro on tx off"));
+            run(h, &format!("ip link set {tmp} name {dev}"));
+            run(h, &format!("ip addr add {addr}/24 dev {dev}"));
+            run(h, &format!("ip link set {dev} up"));
+            run(h, &format!("ethtool -K {dev} tx off"));
+        };
+        let client = Netns::new(&format!("{prefix}-c")).unwrap();
+        plug(&client, "c0", "10.30.0.2", "brc");
+        let mut lbs = vec![];
+        for (i, who) in ["a", "b"].iter().enumerate() {
+            let lb = Netns::new(&format!("{prefix}-{who}")).unwrap();
+            plug(&lb, "x0", &format!("10.30.0.{}", 11 + i), "brc");
+            plug(&lb, "x1", &format!("10.31.0.{}", 11 + i), "brb");
+            for k in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ] {
+                run(&lb, &format!("sysctl -qw {k}"));
+            }
+            lbs.push(lb);
+        }
+        let mut backends = vec![];
+        let mut servers = vec![];
+        for i in 1..=2 {
+            let b = Netns::new(&format!("{prefix}-e{i}")).unwrap();
+            plug(&b, "e0", &format!("10.31.0.{}", 20 + i), "brb");
+            servers.push(Servers::start(&b, &format!("b{i}"), 8080, 5353).unwrap());
+            backends.push(b);
+        }
+        let pins = ["a", "b"]
+            .iter()
+            .map(|w| PinDirGuard(Self::pin(prefix, w)))
+            .collect();
+        Ha {
+            prefix: prefix.into(),
+            sw,
+            client,
+            lbs,
+            _backends: backends,
+            _servers: servers,
+            _pins: pins,
+        }
+    }
+
+    fn pin(prefix: &str, who: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/loxilb-{prefix}-{who}"))
+    }
+
+    fn start(&self, api: &ApiServer, i: usize, label: &str) -> KubeAgent {
+        let who = ["a", "b"][i];
+        let spec = KubeAgentSpec::new(&format!("node-{who}"), label, POOL)
+            .arg("--setLBMode=2")
+            .arg(&format!("--setRoles={ROLE_VIP}"));
+        KubeAgent::start_in(
+            &self.lbs[i],
+            &["x0".into(), "x1".into()],
+            Self::pin(&self.prefix, who),
+            &self.prefix,
+            api,
+            &spec,
+        )
+        .unwrap_or_else(|e| panic!("agent {label}: {e:#}"))
+    }
+
+    /// The node dies: its links go down (the agent was killed first).
+    fn cut(&self, i: usize) {
+        for d in ["x0", "x1"] {
+            run(&self.lbs[i], &format!("ip link set {d} down"));
+        }
+    }
+}
+
+fn seed(api: &ApiServer) {
+    api.api.with(|s| {
+        s.put("nodes", node("node-a", "10.30.0.11"));
+        s.put("nodes", node("node-b", "10.30.0.12"));
+        s.put("services", service("web", 80));
+        s.put(
+            "endpointslices",
+            endpoint_slice(
+                "web",
+                &[Ipv4Addr::new(10, 31, 0, 21), Ipv4Addr::new(10, 31, 0, 22)],
+            ),
+        );
+    });
+}
+
+/// A request through the VIP: the backend that answered (`b1`/`b2`) and
+/// the source it saw.
+fn ask(client: &Netns, vip: &str) -> anyhow::Result<(String, SocketAddr)> {
+    let to: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let mut c = Conn::open(client, to)?;
+    let r = c.ask("hello")?;
+    Ok((r.backend, r.client))
+}
+
+#[test]
+fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
+    let name = "the_follower_takes_over_the_vips_when_the_leaders_node_dies";
+    if !need_root(name) {
+        return;
+    }
+    let ha = Ha::new("lxha1");
+    let api = ApiServer::new();
+    seed(&api);
+    let mut a = ha.start(&api, 0, "node-a");
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap();
+    let mut b = ha.start(&api, 1, "node-b");
+    let mut vip = String::new();
+    wait_until("web has a VIP", Duration::from_secs(20), || {
+        vip = api.ingress("web").into_iter().next().unwrap_or_default();
+        !vip.is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    for (ag, lb) in [(&a, &ha.lbs[0]), (&b, &ha.lbs[1])] {
+        wait_until("the rule in each datapath", Duration::from_secs(20), || {
+            ag.cli("rules")
+                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", ag.log_text()));
+        let _ = lb;
+    }
+    wait_until("node-a holds both VIPs", Duration::from_secs(10), || {
+        let lo = lo_addrs(&ha.lbs[0]);
+        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    assert!(
+        lo_addrs(&ha.lbs[1]).is_empty(),
+        "the follower holds nothing"
+    );
+
+    // Through node-a: full-NAT, the backends see the role VIP.
+    for _ in 0..4 {
+        let (backend, src) = ask(&ha.client, &vip)
+            .unwrap_or_else(|e| panic!("through node-a: {e:#}\n{}", a.log_text()));
+        assert!(backend.starts_with('b'));
+        assert_eq!(src.ip().to_string(), ROLE_VIP, "the full-NAT source");
+    }
+    let neigh = ha.client.sh(&["ip", "neigh", "show", &vip]).unwrap();
+    let mac_a = ha.lbs[0].sh(&["cat", "/sys/class/net/x0/address"]).unwrap();
+    assert!(
+        neigh.contains(mac_a.trim()),
+        "client reaches the VIP at node-a: {neigh}"
+    );
+
+    // node-a's node dies.
+    a.kill();
+    ha.cut(0);
+    let t0 = Instant::now();
+    wait_until("node-b takes over", Duration::from_secs(20), || {
+        let lo = lo_addrs(&ha.lbs[1]);
+        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
+    let took = t0.elapsed();
+    // New connections reach the backends through node-b: the client and
+    // the backends learnt the new owner from its announcements.
+    let mut served = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok((backend, src)) = ask(&ha.client, &vip) {
+            assert_eq!(src.ip().to_string(), ROLE_VIP);
+            served = Some(backend);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let serving = t0.elapsed();
+    assert!(
+        served.is_some(),
+        "no connection through node-b after the takeover:\n{}",
+        b.log_text()
+    );
+    let neigh = ha.client.sh(&["ip", "neigh", "show", &vip]).unwrap();
+    let mac_b = ha.lbs[1].sh(&["cat", "/sys/class/net/x0/address"]).unwrap();
+    assert!(
+        neigh.contains(mac_b.trim()),
+        "client now at node-b: {neigh}"
+    );
+    let roles = b.cli("roles").unwrap();
+    assert!(roles.contains("active"), "{roles}");
+    eprintln!(
+        "{name}: VIPs on node-b {took:?} after the kill, first connection served {serving:?}"
+    );
+    b.stop().unwrap();
+    drop(ha.sw);
+}
