@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod devices;
 pub mod kube_rules;
+pub mod metrics;
 pub mod netlink;
 pub mod node;
 pub mod probe;

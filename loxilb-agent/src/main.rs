@@ -88,19 +88,22 @@ struct NodeArgs {
     health_listen: Option<std::net::SocketAddr>,
 }
 
-/// A minimal HTTP health endpoint: 200 on /healthz and /readyz while the
-/// agent serves (it only starts once the datapath is attached), 404 else.
-async fn serve_health(addr: std::net::SocketAddr) -> Result<()> {
+/// A minimal HTTP endpoint: 200 on /healthz and /readyz while the agent
+/// serves (it only starts once the datapath is attached), the Prometheus
+/// metrics on /metrics, 404 else.
+async fn serve_health(addr: std::net::SocketAddr, pin_dir: &Path) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--health-listen {addr}: cannot listen"))?;
-    info!("health endpoint on http://{addr}/healthz");
+    info!("health endpoint on http://{addr}/healthz, metrics on http://{addr}/metrics");
+    let pin_dir = pin_dir.to_path_buf();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
                 continue;
             };
+            let pin_dir = pin_dir.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
@@ -112,8 +115,35 @@ async fn serve_health(addr: std::net::SocketAddr) -> Result<()> {
                 let path = req.split_whitespace().nth(1).unwrap_or("");
                 let resp = if path == "/healthz" || path == "/readyz" {
                     "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
+                        .to_string()
+                } else if path == "/metrics" {
+                    // Map reads block: off the async workers.
+                    let r = tokio::task::spawn_blocking(move || {
+                        loxilb_agent::metrics::render(&pin_dir)
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(body)) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text; \
+                             version=1.0.0; charset=utf-8\r\ncontent-length: {}\r\n\
+                             connection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        Ok(Err(e)) => {
+                            let body = format!("cannot read the datapath: {e:#}\n");
+                            format!(
+                                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\n\
+                                 connection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        }
+                        Err(_) => "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\
+                                   connection: close\r\n\r\n"
+                            .to_string(),
+                    }
                 } else {
                     "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_string()
                 };
                 let _ = s.write_all(resp.as_bytes()).await;
             });
@@ -588,7 +618,7 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
     let desired = load_rules(cfg_path)?;
     let (mut node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
     if let Some(h) = a.health_listen {
-        serve_health(h).await?;
+        serve_health(h, pin_dir).await?;
     }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -889,7 +919,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
     let (node, mut transitions) = start_node(pin_dir, a, None)?;
     if let Some(h) = a.health_listen {
-        serve_health(h).await?;
+        serve_health(h, pin_dir).await?;
     }
     let node = std::sync::Arc::new(std::sync::Mutex::new(node));
     let (lo, held) = lo_vips()?;
