@@ -31,6 +31,9 @@ struct Cli {
     /// Where the datapath's maps (and, with --keep, its links) are pinned.
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Output of the show commands: `table` or `json`.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -195,6 +198,12 @@ enum Cmd {
     /// Show datapath counters and how translated packets leave through
     /// each device.
     Stats,
+    /// loxicmd's nouns: `get lb|ep|conntrack|bgpneigh|stats|roles`
+    /// (`-o json` for JSON).
+    Get {
+        #[arg(value_enum)]
+        what: Show,
+    },
     /// Show each VIP's role on this node (active: it answers for the VIP;
     /// backup: another node does) and since when (Kubernetes mode).
     Roles,
@@ -202,6 +211,39 @@ enum Cmd {
     /// detach its programs, unpin its maps, take its VIPs off `lo`. Run
     /// on a node after uninstalling, with no agent running.
     Cleanup,
+}
+
+/// How the show commands print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// What a show command shows (also by loxicmd's nouns, `get <noun>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Show {
+    /// Rules (`loxilb-agent rules`).
+    #[value(name = "lb", alias = "rules")]
+    Rules,
+    /// Endpoints (`loxilb-agent endpoints`).
+    #[value(name = "ep", alias = "endpoints")]
+    Endpoints,
+    /// Sessions (`loxilb-agent sessions`).
+    #[value(name = "conntrack", alias = "ct", alias = "sessions")]
+    Sessions,
+    /// BGP neighbours (`loxilb-agent bgp`).
+    #[value(name = "bgpneigh", alias = "bgp")]
+    Bgp,
+    /// Counters and device forwarding (`loxilb-agent stats`).
+    #[value(name = "stats")]
+    Stats,
+    /// VIP roles (`loxilb-agent roles`).
+    #[value(name = "roles")]
+    Roles,
+    /// Multihomed SCTP associations (`loxilb-agent associations`).
+    #[value(name = "associations")]
+    Associations,
 }
 
 /// kube-loxilb's flags, as it spells them.
@@ -374,16 +416,6 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(run_kube(&cli.pin_dir, &node, &kube))
         }
-        Cmd::Bgp => {
-            let opts = loxilb_agent::bgp::speaker::SpeakerOptions::in_dir(
-                loxilb_agent::node::state_dir(&cli.pin_dir).join("bgp"),
-            );
-            let control = loxilb_agent::bgp::control::Control::new(&opts.socket_path());
-            let n = loxilb_agent::bgp::speaker::query_neighbors(&control)
-                .context("no BGP speaker answers for this agent (is it running with --setBGP?)")?;
-            print!("{}", show::bgp_table(&n));
-            Ok(())
-        }
         Cmd::Decap { ifaces, xdp_mode } => {
             let mut dp = Datapath::load_decap()?;
             for i in &ifaces {
@@ -402,60 +434,14 @@ fn main() -> Result<()> {
             })?;
             dp.shutdown(false)
         }
-        Cmd::Rules => {
-            let m = PinnedMaps::open(&cli.pin_dir)?;
-            print!(
-                "{}",
-                show::rules_table(
-                    &m.services()?,
-                    &m.endpoints()?,
-                    &m.rule_stats()?,
-                    &m.rule_vips()?
-                )
-            );
-            Ok(())
-        }
-        Cmd::Endpoints => {
-            let m = PinnedMaps::open(&cli.pin_dir)?;
-            let eps = m.endpoints()?;
-            let idx: Vec<u32> = eps
-                .values()
-                .map(|e| e.stat_idx)
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let stats = idx.iter().copied().zip(m.ep_stats(&idx)?).collect();
-            let probes = loxilb_agent::node::read_probe_state(&cli.pin_dir).unwrap_or_default();
-            print!(
-                "{}",
-                show::endpoints_table(&m.services()?, &eps, &stats, &probes, &m.rule_vips()?)
-            );
-            Ok(())
-        }
-        Cmd::Sessions => {
-            let m = PinnedMaps::open(&cli.pin_dir)?;
-            print!(
-                "{}",
-                show::sessions_table(&m.sessions()?, show::monotonic_ns())
-            );
-            Ok(())
-        }
-        Cmd::Associations => {
-            let m = PinnedMaps::open(&cli.pin_dir)?;
-            print!("{}", show::associations_table(&m.associations()?));
-            Ok(())
-        }
-        Cmd::Roles => {
-            let m = PinnedMaps::open(&cli.pin_dir)?;
-            let vips: Vec<std::net::IpAddr> = m
-                .services()?
-                .iter()
-                .map(|(k, _)| loxilb_common::ip_from_addr(&k.addr))
-                .collect();
-            let r = roles::Roles::read(&cli.pin_dir);
-            print!("{}", roles::table(&vips, r.as_ref(), roles::now_unix()));
-            Ok(())
-        }
+        Cmd::Rules => show(&cli.pin_dir, Show::Rules, cli.output),
+        Cmd::Endpoints => show(&cli.pin_dir, Show::Endpoints, cli.output),
+        Cmd::Sessions => show(&cli.pin_dir, Show::Sessions, cli.output),
+        Cmd::Associations => show(&cli.pin_dir, Show::Associations, cli.output),
+        Cmd::Bgp => show(&cli.pin_dir, Show::Bgp, cli.output),
+        Cmd::Stats => show(&cli.pin_dir, Show::Stats, cli.output),
+        Cmd::Roles => show(&cli.pin_dir, Show::Roles, cli.output),
+        Cmd::Get { what } => show(&cli.pin_dir, what, cli.output),
         Cmd::Cleanup => {
             let links = loxilb_agent::datapath::remove_pins(&cli.pin_dir);
             let (lo, held) = lo_vips()?;
@@ -469,19 +455,133 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Stats => {
-            let m = PinnedMaps::open(&cli.pin_dir)?;
-            print!("{}", show::stats_table(&m.stats()?));
-            if m.config()?.flags & loxilb_common::cfg_flags::FORWARD_VIA_STACK != 0 {
+    }
+}
+
+/// Print `what` of the agent whose maps are pinned in `pin_dir`.
+fn show(pin_dir: &Path, what: Show, output: Output) -> Result<()> {
+    let json = output == Output::Json;
+    let out = |v: serde_json::Value| -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        Ok(())
+    };
+    if what == Show::Bgp {
+        let opts = loxilb_agent::bgp::speaker::SpeakerOptions::in_dir(
+            loxilb_agent::node::state_dir(pin_dir).join("bgp"),
+        );
+        let control = loxilb_agent::bgp::control::Control::new(&opts.socket_path());
+        let n = loxilb_agent::bgp::speaker::query_neighbors(&control)
+            .context("no BGP speaker answers for this agent (is it running with --setBGP?)")?;
+        if json {
+            return out(serde_json::Value::Array(
+                n.iter()
+                    .map(|x| {
+                        serde_json::json!({
+                            "address": x.address,
+                            "remote_as": x.remote_as,
+                            "local_as": x.local_as,
+                            "state": format!("{:?}", x.state),
+                            "uptime_s": x.uptime.map(|d| d.as_secs()),
+                            "since_unix": x.since,
+                            "routes_sent": x.routes_sent(),
+                            "last_error": x.last_error,
+                        })
+                    })
+                    .collect(),
+            ));
+        }
+        print!("{}", show::bgp_table(&n));
+        return Ok(());
+    }
+    let m = PinnedMaps::open(pin_dir)?;
+    match what {
+        Show::Rules => {
+            let (svcs, eps, st, vips) = (
+                m.services()?,
+                m.endpoints()?,
+                m.rule_stats()?,
+                m.rule_vips()?,
+            );
+            if json {
+                return out(serde_json::to_value(show::rule_rows(
+                    &svcs, &eps, &st, &vips,
+                ))?);
+            }
+            print!("{}", show::rules_table(&svcs, &eps, &st, &vips));
+        }
+        Show::Endpoints => {
+            let eps = m.endpoints()?;
+            let idx: Vec<u32> = eps
+                .values()
+                .map(|e| e.stat_idx)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let stats = idx.iter().copied().zip(m.ep_stats(&idx)?).collect();
+            let probes = loxilb_agent::node::read_probe_state(pin_dir).unwrap_or_default();
+            let (svcs, vips) = (m.services()?, m.rule_vips()?);
+            if json {
+                return out(serde_json::to_value(show::endpoint_rows(
+                    &svcs, &eps, &stats, &probes, &vips,
+                ))?);
+            }
+            print!(
+                "{}",
+                show::endpoints_table(&svcs, &eps, &stats, &probes, &vips)
+            );
+        }
+        Show::Sessions => {
+            let (s, now) = (m.sessions()?, show::monotonic_ns());
+            if json {
+                return out(serde_json::to_value(show::session_rows(&s, now))?);
+            }
+            print!("{}", show::sessions_table(&s, now));
+        }
+        Show::Associations => {
+            if json {
+                anyhow::bail!("associations: no JSON form yet; use the table");
+            }
+            print!("{}", show::associations_table(&m.associations()?));
+        }
+        Show::Stats => {
+            let (stats, devs) = (m.stats()?, m.dev_fwd()?);
+            let stack = m.config()?.flags & loxilb_common::cfg_flags::FORWARD_VIA_STACK != 0;
+            if json {
+                return out(serde_json::json!({
+                    "counters": stats.iter().map(|(n, v)| (n.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                    "forward_via_stack": stack,
+                    "devices": devs.iter().map(|(i, d)| serde_json::json!({
+                        "ifindex": i,
+                        "device": devices::name_of(d),
+                        "xdp_redirect": d.mode == loxilb_common::dev_fwd::REDIRECT,
+                        "why": loxilb_common::dev_fwd::WHY_NAMES.get(d.why as usize).copied().unwrap_or("?"),
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            print!("{}", show::stats_table(&stats));
+            if stack {
                 println!(
                     "\n--forward=stack: every translated packet goes to the kernel stack \
                      (DSR frames use XDP where the device below allows)"
                 );
             }
-            print!("\n{}", show::devices_table(&m.dev_fwd()?));
-            Ok(())
+            print!("\n{}", show::devices_table(&devs));
         }
+        Show::Roles => {
+            let vips: Vec<std::net::IpAddr> = m
+                .services()?
+                .iter()
+                .map(|(k, _)| loxilb_common::ip_from_addr(&k.addr))
+                .collect();
+            let r = roles::Roles::read(pin_dir);
+            if json {
+                return out(serde_json::json!({ "vips": vips, "roles": r }));
+            }
+            print!("{}", roles::table(&vips, r.as_ref(), roles::now_unix()));
+        }
+        Show::Bgp => unreachable!(),
     }
+    Ok(())
 }
 
 /// Kernel settings the datapath relies on: translated packets it hands to
@@ -1087,7 +1187,7 @@ mod tests {
             .get_arguments()
             .chain(cmd.get_arguments())
             .filter_map(|a| a.get_long().map(str::to_string))
-            .filter(|l| !["config", "help", "version"].contains(&l.as_str()))
+            .filter(|l| !["config", "help", "version", "output"].contains(&l.as_str()))
             .collect();
         flags.sort();
         flags.dedup();

@@ -50,6 +50,85 @@ fn by_rule(
         .collect()
 }
 
+/// An endpoint as a rule lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EpRef {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub weight: u16,
+    /// Takes new sessions (not made inactive by a probe).
+    pub active: bool,
+}
+
+/// One rule, as `loxilb-agent rules` shows it (`-o json`: these fields).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RuleRow {
+    pub id: u32,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub mode: &'static str,
+    pub selection: &'static str,
+    pub timeout_s: u32,
+    pub sessions: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+    pub endpoints: Vec<EpRef>,
+    /// SCTP multihoming: the rule's other VIPs.
+    pub secondary_vips: Vec<IpAddr>,
+}
+
+/// Every rule of the maps, one row each.
+pub fn rule_rows(
+    svcs: &[(SvcKey, SvcVal)],
+    eps: &HashMap<EpKey, EpVal>,
+    stats: &HashMap<u32, RuleStats>,
+    rule_vips: &HashMap<u32, RuleVips>,
+) -> Vec<RuleRow> {
+    by_rule(svcs, rule_vips)
+        .into_iter()
+        .map(|(k, v, secondary)| {
+            let st = stats.get(&v.rule_id).copied().unwrap_or_default();
+            RuleRow {
+                id: v.rule_id,
+                vip: ip(k.addr),
+                port: port(k.port),
+                protocol: proto(k.proto),
+                mode: match v.mode {
+                    0 => "default",
+                    1 => "onearm",
+                    2 => "fullnat",
+                    3 => "dsr",
+                    _ => "?",
+                },
+                selection: match v.sel {
+                    0 => "rr",
+                    1 => "hash",
+                    2 => "persist",
+                    3 => "lc",
+                    _ => "?",
+                },
+                timeout_s: v.timeout_s,
+                sessions: st.new_sessions,
+                packets: st.packets,
+                bytes: st.bytes,
+                drops: st.drop_no_endpoint + st.drop_src_range,
+                endpoints: (0..v.ep_count)
+                    .filter_map(|i| eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)))
+                    .map(|e| EpRef {
+                        ip: ip(e.addr),
+                        port: port(e.port),
+                        weight: e.weight,
+                        active: e.flags & loxilb_common::ep_flags::INACTIVE == 0,
+                    })
+                    .collect(),
+                secondary_vips: secondary.iter().map(|a| ip(*a)).collect(),
+            }
+        })
+        .collect()
+}
+
 pub fn rules_table(
     svcs: &[(SvcKey, SvcVal)],
     eps: &HashMap<EpKey, EpVal>,
@@ -62,66 +141,50 @@ pub fn rules_table(
         "{:<5} {:<22} {:<5} {:<8} {:<7} {:<8} {:>9} {:>10} {:>7} ENDPOINTS",
         "ID", "VIP:PORT", "PROTO", "MODE", "SEL", "TIMEOUT", "SESSIONS", "PACKETS", "DROPS"
     );
-    for (k, v, secondary) in by_rule(svcs, rule_vips) {
-        let list: Vec<String> = (0..v.ep_count)
-            .map(|i| match eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) {
-                Some(e) => format!(
+    for r in rule_rows(svcs, eps, stats, rule_vips) {
+        let list: Vec<String> = r
+            .endpoints
+            .iter()
+            .map(|e| {
+                format!(
                     "{}{}{}",
-                    hp(e.addr, e.port),
+                    std::net::SocketAddr::new(e.ip, e.port),
                     if e.weight > 1 {
                         format!("*{}", e.weight)
                     } else {
                         String::new()
                     },
-                    if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
-                        "(inactive)"
-                    } else {
-                        ""
-                    }
-                ),
-                None => "?".into(),
+                    if e.active { "" } else { "(inactive)" }
+                )
             })
             .collect();
-        let st = stats.get(&v.rule_id).copied().unwrap_or_default();
         let _ = writeln!(
             out,
             "{:<5} {:<22} {:<5} {:<8} {:<7} {:<8} {:>9} {:>10} {:>7} {}",
-            v.rule_id,
-            hp(k.addr, k.port),
-            proto(k.proto),
-            match v.mode {
-                0 => "default",
-                1 => "onearm",
-                2 => "fullnat",
-                3 => "dsr",
-                _ => "?",
-            },
-            match v.sel {
-                0 => "rr",
-                1 => "hash",
-                2 => "persist",
-                3 => "lc",
-                _ => "?",
-            },
-            format!("{}s", v.timeout_s),
-            st.new_sessions,
-            st.packets,
-            st.drop_no_endpoint + st.drop_src_range,
+            r.id,
+            std::net::SocketAddr::new(r.vip, r.port).to_string(),
+            r.protocol,
+            r.mode,
+            r.selection,
+            format!("{}s", r.timeout_s),
+            r.sessions,
+            r.packets,
+            r.drops,
             if list.is_empty() {
                 "(none: new connections are dropped)".to_string()
             } else {
                 list.join(", ")
             }
         );
-        if !secondary.is_empty() {
+        if !r.secondary_vips.is_empty() {
             // SCTP multihoming: the rule's other VIPs, under its VIP.
             let _ = writeln!(
                 out,
                 "{:<5} + {} (secondary VIPs)",
                 "",
-                secondary
+                r.secondary_vips
                     .iter()
-                    .map(|a| ip(*a).to_string())
+                    .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -130,45 +193,78 @@ pub fn rules_table(
     out
 }
 
+/// One session (its forward entry joined with its reply entry), as
+/// `loxilb-agent sessions` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SessionRow {
+    pub protocol: String,
+    pub client: std::net::SocketAddr,
+    pub service: std::net::SocketAddr,
+    pub endpoint: std::net::SocketAddr,
+    pub state: &'static str,
+    pub idle_s: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+}
+
+/// Every session, one row each (by protocol, client).
+pub fn session_rows(sessions: &[(CtKey, CtVal)], now_ns: u64) -> Vec<SessionRow> {
+    let by_key: HashMap<CtKey, CtVal> = sessions.iter().copied().collect();
+    let sa = |a: Addr, p: u16| std::net::SocketAddr::new(ip(a), port(p));
+    let mut rows: Vec<_> = sessions
+        .iter()
+        .filter(|(_, v)| v.dir == ct_dir::FORWARD)
+        .collect();
+    rows.sort_by_key(|(k, _)| (k.proto, ip(k.saddr), u16::from_be(k.sport)));
+    rows.into_iter()
+        .map(|(k, v)| {
+            let reply = by_key.get(&v.peer);
+            let state = if v.state & ct_state::RST != 0 {
+                "reset"
+            } else if v.state & ct_state::CLOSING != 0 {
+                "closing"
+            } else if v.state & (ct_state::FIN_FWD | ct_state::FIN_REPLY) != 0 {
+                "fin-wait"
+            } else {
+                "active"
+            };
+            let last = reply
+                .map(|r| r.last_seen_ns.max(v.last_seen_ns))
+                .unwrap_or(v.last_seen_ns);
+            SessionRow {
+                protocol: proto(k.proto),
+                client: sa(k.saddr, k.sport),
+                service: sa(k.daddr, k.dport),
+                endpoint: sa(v.xdaddr, v.xdport),
+                state,
+                idle_s: now_ns.saturating_sub(last) / 1_000_000_000,
+                packets_in: v.packets,
+                packets_out: reply.map(|r| r.packets).unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
 /// One line per session (the forward entry, joined with its reply entry).
 pub fn sessions_table(sessions: &[(CtKey, CtVal)], now_ns: u64) -> String {
-    let by_key: HashMap<CtKey, CtVal> = sessions.iter().copied().collect();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<5} {:<22} {:<22} {:<22} {:<9} {:>6} {:>10} {:>10}",
         "PROTO", "CLIENT", "SERVICE", "ENDPOINT", "STATE", "IDLE", "PKTS->", "PKTS<-"
     );
-    let mut rows: Vec<_> = sessions
-        .iter()
-        .filter(|(_, v)| v.dir == ct_dir::FORWARD)
-        .collect();
-    rows.sort_by_key(|(k, _)| (k.proto, ip(k.saddr), u16::from_be(k.sport)));
-    for (k, v) in rows {
-        let reply = by_key.get(&v.peer);
-        let state = if v.state & ct_state::RST != 0 {
-            "reset"
-        } else if v.state & ct_state::CLOSING != 0 {
-            "closing"
-        } else if v.state & (ct_state::FIN_FWD | ct_state::FIN_REPLY) != 0 {
-            "fin-wait"
-        } else {
-            "active"
-        };
-        let last = reply
-            .map(|r| r.last_seen_ns.max(v.last_seen_ns))
-            .unwrap_or(v.last_seen_ns);
+    for r in session_rows(sessions, now_ns) {
         let _ = writeln!(
             out,
             "{:<5} {:<22} {:<22} {:<22} {:<9} {:>5}s {:>10} {:>10}",
-            proto(k.proto),
-            hp(k.saddr, k.sport),
-            hp(k.daddr, k.dport),
-            hp(v.xdaddr, v.xdport),
-            state,
-            now_ns.saturating_sub(last) / 1_000_000_000,
-            v.packets,
-            reply.map(|r| r.packets).unwrap_or(0),
+            r.protocol,
+            r.client.to_string(),
+            r.service.to_string(),
+            r.endpoint.to_string(),
+            r.state,
+            r.idle_s,
+            r.packets_in,
+            r.packets_out,
         );
     }
     out
@@ -261,6 +357,77 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The last health probe of an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeView {
+    pub state: &'static str,
+    pub latency_us: Option<u64>,
+    #[serde(skip)]
+    pub latency: Option<std::time::Duration>,
+    pub result: String,
+}
+
+/// One endpoint of a rule, as `loxilb-agent endpoints` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointRow {
+    pub rule_id: u32,
+    pub service: String,
+    pub endpoint: std::net::SocketAddr,
+    pub weight: u16,
+    pub state: &'static str,
+    pub active_sessions: u64,
+    pub sessions: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub probe: Option<ProbeView>,
+}
+
+/// Every endpoint of every rule. `stats` holds (counters, active
+/// sessions) by `EpVal::stat_idx`.
+pub fn endpoint_rows(
+    svcs: &[(SvcKey, SvcVal)],
+    eps: &HashMap<EpKey, EpVal>,
+    stats: &HashMap<u32, (EpStats, u64)>,
+    probes: &[crate::probe::TargetStatus],
+    rule_vips: &HashMap<u32, RuleVips>,
+) -> Vec<EndpointRow> {
+    let mut out = vec![];
+    for (k, v, _) in by_rule(svcs, rule_vips) {
+        for i in 0..v.ep_count {
+            let Some(e) = eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) else {
+                continue;
+            };
+            let (st, active) = stats.get(&e.stat_idx).copied().unwrap_or_default();
+            let probe = probes
+                .iter()
+                .find(|p| p.key.addr == ip(e.addr) && p.key.port == port(e.port))
+                .map(|p| ProbeView {
+                    state: p.state(),
+                    latency_us: p.last_latency.map(|d| d.as_micros() as u64),
+                    latency: p.last_latency,
+                    result: p.last_result.clone(),
+                });
+            out.push(EndpointRow {
+                rule_id: v.rule_id,
+                service: format!("{}/{}", hp(k.addr, k.port), proto(k.proto)),
+                endpoint: std::net::SocketAddr::new(ip(e.addr), port(e.port)),
+                weight: e.weight,
+                state: if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
+                    "inactive"
+                } else {
+                    "active"
+                },
+                active_sessions: active,
+                sessions: st.new_sessions,
+                packets: st.packets,
+                bytes: st.bytes,
+                probe,
+            });
+        }
+    }
+    out
+}
+
 /// One line per endpoint of every rule: state, active sessions, counters.
 /// `stats` holds (counters, active sessions) by `EpVal::stat_idx`.
 pub fn endpoints_table(
@@ -276,45 +443,34 @@ pub fn endpoints_table(
         "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  PROBE",
         "RULE", "SERVICE", "ENDPOINT", "WEIGHT", "STATE", "ACTIVE", "SESSIONS", "PACKETS", "BYTES"
     );
-    for (k, v, _) in by_rule(svcs, rule_vips) {
-        for i in 0..v.ep_count {
-            let Some(e) = eps.get(&EpKey::new(v.rule_id, v.ep_bank, i)) else {
-                continue;
-            };
-            let (st, active) = stats.get(&e.stat_idx).copied().unwrap_or_default();
-            let probe = probes
-                .iter()
-                .find(|p| p.key.addr == ip(e.addr) && p.key.port == port(e.port))
-                .map(|p| {
-                    format!(
-                        "{} {} ({})",
-                        p.state(),
-                        p.last_latency
-                            .map(crate::probe::fmt_dur)
-                            .unwrap_or_else(|| "-".into()),
-                        p.last_result
-                    )
-                })
-                .unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                out,
-                "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  {}",
-                v.rule_id,
-                format!("{}/{}", hp(k.addr, k.port), proto(k.proto)),
-                hp(e.addr, e.port),
-                e.weight,
-                if e.flags & loxilb_common::ep_flags::INACTIVE != 0 {
-                    "inactive"
-                } else {
-                    "active"
-                },
-                active,
-                st.new_sessions,
-                st.packets,
-                st.bytes,
-                probe,
-            );
-        }
+    for r in endpoint_rows(svcs, eps, stats, probes, rule_vips) {
+        let probe = r
+            .probe
+            .map(|p| {
+                format!(
+                    "{} {} ({})",
+                    p.state,
+                    p.latency
+                        .map(crate::probe::fmt_dur)
+                        .unwrap_or_else(|| "-".into()),
+                    p.result
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:>6} {:<8} {:>7} {:>9} {:>10} {:>12}  {}",
+            r.rule_id,
+            r.service,
+            r.endpoint.to_string(),
+            r.weight,
+            r.state,
+            r.active_sessions,
+            r.sessions,
+            r.packets,
+            r.bytes,
+            probe,
+        );
     }
     out
 }

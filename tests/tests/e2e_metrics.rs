@@ -11,7 +11,7 @@ use std::{
 
 use loxilb_tests::{
     need_root,
-    netns::{udp_ask, Agent, Conn, Netns, Scene, Topology, VIP},
+    netns::{agent_bin, sh, udp_ask, Agent, Conn, Netns, Scene, Topology, VIP},
 };
 
 fn rules(t: &Topology) -> String {
@@ -176,6 +176,45 @@ fn metrics_count_the_traffic_sent() {
         get(&m, "loxilb_device_xdp_redirect", &[("device", "lbc")]),
         1.0
     );
+    // The CLI's JSON forms (loxicmd's nouns) tell the same.
+    let get = |noun: &str| -> serde_json::Value {
+        let out = sh(&[
+            agent_bin().to_str().unwrap(),
+            "--pin-dir",
+            e.t.pin_dir().to_str().unwrap(),
+            "-o",
+            "json",
+            "get",
+            noun,
+        ])
+        .unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|err| panic!("{noun}: {err}: {out}"))
+    };
+    let lb = get("lb");
+    let web = lb
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["port"] == 80)
+        .expect("the web rule");
+    assert_eq!(web["sessions"], 6);
+    assert_eq!(web["protocol"], "tcp");
+    assert_eq!(web["endpoints"].as_array().unwrap().len(), 2);
+    let ct = get("conntrack");
+    assert_eq!(ct.as_array().unwrap().len(), 10, "{ct}");
+    let ep = get("ep");
+    assert_eq!(
+        ep.as_array().unwrap().len(),
+        4,
+        "2 endpoints of 2 rules: {ep}"
+    );
+    let stats = get("stats");
+    assert_eq!(stats["counters"]["new_session"], 10);
+    assert!(stats["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["device"] == "lbc" && d["xdp_redirect"] == true));
     drop(open);
     // Not a 404 for the probes' paths.
     assert!(scrape_path(&e.t.lb, "/healthz").starts_with("HTTP/1.1 200"));
