@@ -528,6 +528,47 @@ pub struct KubeApplied {
     pub full: bool,
 }
 
+/// What depends on this node for rules of Kubernetes: L2 DSR needs each
+/// endpoint on a directly connected segment behind a device XDP can send
+/// through (the rule file's checks, [`crate::config::check_reachability`]
+/// and [`crate::config::check_dsr_forwarding`]). The routes and devices
+/// are read once per update, and only when a DSR rule is in it.
+struct NodeChecks {
+    seen: Option<(
+        Vec<crate::routes::Route>,
+        Vec<(crate::netlink::Link, loxilb_common::DevFwd)>,
+    )>,
+}
+
+impl NodeChecks {
+    fn new() -> Self {
+        NodeChecks { seen: None }
+    }
+
+    /// Why `x` (from Kubernetes rule `name`) cannot be served here.
+    fn check(&mut self, name: &str, x: &Rule) -> Result<(), Unsupported> {
+        if x.mode != crate::config::Mode::Dsr {
+            return Ok(());
+        }
+        let bad = |reason: String| Unsupported {
+            rule: name.to_string(),
+            reason,
+        };
+        if self.seen.is_none() {
+            let routes = crate::routes::read()
+                .map_err(|e| bad(format!("cannot read the routing table: {e}")))?;
+            let devs = crate::devices::survey()
+                .map_err(|e| bad(format!("cannot list the network devices: {e:#}")))?;
+            self.seen = Some((routes, devs));
+        }
+        let (routes, devs) = self.seen.as_ref().expect("just read");
+        let one = std::slice::from_ref(x);
+        crate::config::check_reachability(name, one, routes)
+            .and_then(|()| crate::config::check_dsr_forwarding(name, one, routes, devs))
+            .map_err(|e| bad(e.message))
+    }
+}
+
 impl KubeRules {
     /// Make `rules` (every rule of every Service) the node's whole rule
     /// set.
@@ -539,8 +580,9 @@ impl KubeRules {
         let mut refused = vec![];
         let mut ok = vec![];
         let mut by_service: HashMap<ServiceKey, Vec<SvcKey>> = HashMap::new();
+        let mut checks = NodeChecks::new();
         for r in rules {
-            match to_rule(r) {
+            match to_rule(r).and_then(|x| checks.check(&r.name, &x).map(|()| x)) {
                 Ok(x) => {
                     by_service
                         .entry(r.service.clone())
@@ -579,13 +621,14 @@ impl KubeRules {
         let mut upserts = vec![];
         let mut removed = vec![];
         let mut next = vec![];
+        let mut checks = NodeChecks::new();
         for (svc, rules) in update.changed() {
             if let Some(old) = self.by_service.get(svc) {
                 removed.extend_from_slice(old);
             }
             let mut keys = vec![];
             for r in rules {
-                match to_rule(r) {
+                match to_rule(r).and_then(|x| checks.check(&r.name, &x).map(|()| x)) {
                     Ok(x) => {
                         keys.push(svc_key(x.vip, x.port, x.protocol));
                         upserts.push(x);
