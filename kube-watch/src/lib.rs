@@ -82,6 +82,7 @@ pub mod events;
 pub mod flags;
 pub mod ipam;
 pub mod leader;
+pub mod multus;
 pub mod reconcile;
 pub mod translate;
 
