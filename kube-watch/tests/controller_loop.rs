@@ -16,7 +16,9 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_field_managers, check_rbac, until, FakeApi, Logged, Running};
+use fake_api::{
+    check_field_managers, check_rbac, check_rbac_except, until, FakeApi, Logged, Running,
+};
 use kube_watch::{
     annotations::LbMode,
     controller::{run, Applied, RuleSink, RunConfig},
@@ -409,7 +411,12 @@ async fn lifecycle_of_services_through_the_controller() {
         .into(),
         "every kind of write the controller makes, each with the field manager"
     );
-    check_rbac(
+    // No Service has loxilb.io/multus-nets: no Pod watch at all.
+    assert!(
+        !log.iter().any(|l| l.path.contains("/pods")),
+        "pods are watched only for Services with loxilb.io/multus-nets"
+    );
+    check_rbac_except(
         &log,
         &[
             "",
@@ -417,6 +424,7 @@ async fn lifecycle_of_services_through_the_controller() {
             "events.k8s.io",
             "coordination.k8s.io",
         ],
+        &["pods"],
     );
 }
 
