@@ -254,6 +254,14 @@ impl State {
         }
     }
 
+    /// How many watches of `kind` are open (their client still reads).
+    pub fn watching(&self, kind: &str) -> usize {
+        self.watchers
+            .iter()
+            .filter(|(k, _, tx)| k == kind && !tx.is_closed())
+            .count()
+    }
+
     /// List requests for `kind` wait until [`State::release_list`] (a
     /// slow initial list).
     pub fn hold_list(&mut self, kind: &str) {
