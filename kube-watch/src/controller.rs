@@ -146,6 +146,11 @@ pub struct RunConfig {
     /// This node's name, in the notes of its `RuleProgrammed` /
     /// `RuleNotProgrammed` Events (every agent reports its own datapath).
     pub node_name: String,
+    /// How long the first plans wait for the Pod list when Services with
+    /// `loxilb.io/multus-nets` exist at start (so the first, whole rule
+    /// set has their endpoints); after it the other Services are planned
+    /// and the multus ones when the list comes.
+    pub pod_list_grace: Duration,
 }
 
 impl RunConfig {
@@ -157,6 +162,7 @@ impl RunConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             status_form: StatusForm::Ip,
+            pod_list_grace: Duration::from_secs(10),
         }
     }
 
@@ -687,6 +693,12 @@ impl<S: RuleSink> Executor<S> {
         }
     }
 
+    /// Queue an Event on `key`, published with the Events on rules
+    /// ([`Executor::publish_rule_events`]).
+    pub fn queue_event(&mut self, key: ServiceKey, event: EventSpec) {
+        self.role_events.push((key, event));
+    }
+
     /// Whether Events on rules wait for [`Executor::publish_rule_events`].
     pub fn rule_events_pending(&self) -> bool {
         self.outcomes.has_pending() || !self.role_events.is_empty()
@@ -1084,11 +1096,6 @@ fn pod_status_of(p: &PartialObjectMeta<Pod>) -> Option<(&str, &str, Option<&str>
     ))
 }
 
-/// How long the first plans wait for the Pod list when Services with
-/// `loxilb.io/multus-nets` exist at start (so the first, whole rule set
-/// has their endpoints); after it they are planned when it comes.
-const POD_LIST_GRACE: Duration = Duration::from_secs(10);
-
 /// Run the controller until `shutdown` completes.
 pub async fn run<S: RuleSink>(
     client: Client,
@@ -1138,6 +1145,9 @@ pub async fn run<S: RuleSink>(
     let mut waiting_for_pods: BTreeSet<ServiceKey> = BTreeSet::new();
     let mut planned_once = false;
     let mut pods_deadline: Option<Instant> = None;
+    // The Pod watch failed since its last complete list (the multus
+    // Services were told).
+    let mut pod_watch_failing = false;
 
     let mut queue = WorkQueue::default();
     let mut node_cache = NodeCache::default();
@@ -1237,6 +1247,7 @@ pub async fn run<S: RuleSink>(
                         }
                     }
                     Ok(watcher::Event::InitDone) => {
+                        pod_watch_failing = false;
                         changed = w.pods.relisted();
                         debug!(pods = w.pods.len(), "Pod list complete");
                         for k in std::mem::take(&mut waiting_for_pods) {
@@ -1257,10 +1268,32 @@ pub async fn run<S: RuleSink>(
                             }
                         }
                     }
-                    Err(e) => warn!(
-                        error = %e,
-                        "Pod watch failed (the Services with {MULTUS_NETS} need the pods' {NETWORK_STATUS}); retrying. If the error says forbidden, grant list and watch on pods to the agent's ClusterRole (manifest/in-cluster/loxilb.yaml)"
-                    ),
+                    Err(e) => {
+                        warn!(
+                            error = %e,
+                            "Pod watch failed (the Services with {MULTUS_NETS} need the pods' {NETWORK_STATUS}); retrying. If the error says forbidden, grant list and watch on pods to the agent's ClusterRole (manifest/in-cluster/loxilb.yaml)"
+                        );
+                        // Told on each multus Service, once per failure
+                        // streak, by the leader: their endpoints do not
+                        // follow the pods until the watch works.
+                        if !pod_watch_failing && reconciler.is_leader() {
+                            pod_watch_failing = true;
+                            let note = format!(
+                                "the Pod watch failed ({e}): the endpoints on {} do not follow the pods' {NETWORK_STATUS} until it works (retrying); if it says forbidden, grant list and watch on pods to the agent's ClusterRole (manifest/in-cluster/loxilb.yaml)",
+                                MULTUS_NETS
+                            );
+                            for k in &multus_services {
+                                executor.queue_event(
+                                    k.clone(),
+                                    EventSpec::warning(
+                                        reasons::POD_WATCH_FAILED,
+                                        actions::CONFIGURE,
+                                        note.clone(),
+                                    ),
+                                );
+                            }
+                        }
+                    }
                 }
                 for (ns, name) in changed {
                     for k in pod_index.services_of(&ns, &name) {
@@ -1293,12 +1326,13 @@ pub async fn run<S: RuleSink>(
         }
         if !planned_once {
             if pod_watch.as_ref().is_some_and(|w| !w.pods.synced()) {
-                let deadline = *pods_deadline.get_or_insert(Instant::now() + POD_LIST_GRACE);
+                let deadline = *pods_deadline.get_or_insert(Instant::now() + config.pod_list_grace);
                 if Instant::now() < deadline {
                     continue;
                 }
                 warn!(
-                    "the Pod list is not complete after {POD_LIST_GRACE:?}: the Services with {MULTUS_NETS} are planned once it is"
+                    "the Pod list is not complete after {:?}: the Services with {MULTUS_NETS} are planned once it is",
+                    config.pod_list_grace
                 );
             }
             planned_once = true;

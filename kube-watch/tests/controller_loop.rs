@@ -1161,3 +1161,86 @@ async fn multus_endpoints_follow_the_pods_network_status() {
     agent.stop().await;
     check_rbac(&log(&api), &["", "discovery.k8s.io"]);
 }
+
+/// Without RBAC on pods (an old ClusterRole) a Service with
+/// `loxilb.io/multus-nets` cannot get its endpoints: the other Services
+/// are served all the same (after a short wait for the Pod list at start),
+/// the multus one gets a `PodWatchFailed` Warning saying what to grant, and
+/// once the pods can be listed it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multus_without_rbac_on_pods_is_told_and_blocks_nothing_else() {
+    let api = FakeApi::new();
+    seed(&api);
+    api.with(|s| {
+        s.forbid("pods");
+        s.put(
+            "services",
+            service("mweb", 81, json!({"loxilb.io/multus-nets": "macvlan1"})),
+        );
+        s.put(
+            "endpointslices",
+            json!({
+                "metadata": {"namespace": "default", "name": "mweb-1",
+                             "labels": {"kubernetes.io/service-name": "mweb"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["10.244.0.5"], "targetRef": {"kind": "Pod", "namespace": "default", "name": "m1"}},
+                ],
+            }),
+        );
+        s.put(
+            "pods",
+            multus_pod(
+                "m1",
+                Some(network_status("macvlan1", &["192.168.50.5"])),
+                "10.244.0.5",
+            ),
+        );
+    });
+    let kube = KubeConfig {
+        cidr_pools: parse_cidr_pools("defaultPool=192.0.2.0/30").unwrap(),
+        ..KubeConfig::default()
+    };
+    let mut lease = LeaseConfig::new("kube-system", "agent-a");
+    lease.retry_period = Duration::from_millis(200);
+    let mut config = RunConfig::new(kube, lease);
+    config.retry_min = Duration::from_millis(50);
+    config.retry_max = Duration::from_millis(500);
+    config.pod_list_grace = Duration::from_millis(300);
+    let dp = Datapath::default();
+    let client = api.client("agent-a");
+    let sink = dp.clone();
+    let agent = Running::spawn(move |shutdown| run(client, config, sink, shutdown));
+
+    until("web served while the pods cannot be listed", || {
+        dp.rule_of("web").is_some()
+    })
+    .await;
+    until("a PodWatchFailed Warning on mweb", || {
+        events(&api, "mweb").iter().any(|(t, r, n)| {
+            t == "Warning"
+                && r == "PodWatchFailed"
+                && n.contains("forbidden")
+                && n.contains("grant list and watch on pods to the agent's ClusterRole")
+        })
+    })
+    .await;
+    assert!(dp.rule_of("mweb").is_none());
+    assert!(events(&api, "web")
+        .iter()
+        .all(|(_, r, _)| r != "PodWatchFailed"));
+
+    api.with(|s| s.allow("pods"));
+    until("mweb served once the pods are listed", || {
+        eps_of(&dp, "mweb") == ["192.168.50.5:8080"]
+    })
+    .await;
+    let told = events(&api, "mweb")
+        .into_iter()
+        .filter(|(_, r, _)| r == "PodWatchFailed")
+        .count();
+    assert_eq!(told, 1, "told once per failure streak");
+    agent.stop("the controller").await;
+    check_rbac(&log(&api), &[]);
+}

@@ -102,6 +102,8 @@ pub struct State {
     held_watch: BTreeMap<String, (u64, Vec<(String, Value)>)>,
     /// Kinds whose list requests wait ([`State::hold_list`]).
     held_lists: BTreeSet<String>,
+    /// Kinds whose list and watch are refused with 403 ([`State::forbid`]).
+    forbidden: BTreeSet<String>,
     pub log: Vec<Logged>,
 }
 
@@ -260,6 +262,16 @@ impl State {
             .iter()
             .filter(|(k, _, tx)| k == kind && !tx.is_closed())
             .count()
+    }
+
+    /// List and watch of `kind` are refused (403 Forbidden, as the API
+    /// server answers without RBAC for them) until [`State::allow`].
+    pub fn forbid(&mut self, kind: &str) {
+        self.forbidden.insert(kind.into());
+    }
+
+    pub fn allow(&mut self, kind: &str) {
+        self.forbidden.remove(kind);
     }
 
     /// List requests for `kind` wait until [`State::release_list`] (a
@@ -585,6 +597,24 @@ impl FakeApi {
         };
         let (code, resp): (StatusCode, Option<Value>) = if let Some(kind) = kind_of_collection {
             assert_eq!(method, "GET");
+            if st.forbidden.contains(kind) {
+                let v = status(
+                    403,
+                    "Forbidden",
+                    &format!("{kind} is forbidden: User \"system:serviceaccount:kube-system:loxilb-agent\" cannot list resource \"{kind}\" in API group \"\" at the cluster scope"),
+                );
+                st.log.push(Logged {
+                    agent: agent.into(),
+                    method,
+                    path,
+                    query,
+                    content_type,
+                    accept,
+                    body,
+                    status: 403,
+                });
+                return full(StatusCode::FORBIDDEN, &v);
+            }
             if watch {
                 let since: u64 = query
                     .get("resourceVersion")
