@@ -11,7 +11,14 @@
 //! event marks that Service, an EndpointSlice event the Service it belongs
 //! to; a Node change that matters to rules — readiness, addresses, labels,
 //! not heartbeats — a re-list or a leadership change marks every Service);
-//! nothing is planned until all three caches have their initial list. The
+//! nothing is planned until all three caches have their initial list.
+//! While a Service of ours has `loxilb.io/multus-nets`, a metadata-only
+//! Pod watch keeps each pod's `k8s.v1.cni.cncf.io/network-status`
+//! ([`crate::multus`]); a pod whose annotation changed marks the multus
+//! Services whose EndpointSlices refer to it (and no other); the multus
+//! Services are planned once the Pod list is complete (the first plans at
+//! start wait for it, at most [`RunConfig::pod_list_grace`]); the watch
+//! stops when no Service has the annotation any more. The
 //! dirty Services are planned and carried out as a batch whose rules reach
 //! the datapath as one rule set ([`Executor::set_hold`]). A Service is
 //! planned on the freshest version known ([`Freshest`]: the object the
