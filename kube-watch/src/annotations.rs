@@ -212,7 +212,9 @@ impl fmt::Display for EpSelect {
 /// tells which.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceAnnotations {
-    /// `multus-nets`: NetworkAttachmentDefinition names (`[namespace/]name`).
+    /// `multus-nets`: NetworkAttachmentDefinition names (`[namespace/]name`,
+    /// no namespace: the Service's): the endpoints are the pods' addresses
+    /// on them ([`crate::multus`]).
     pub multus_nets: Vec<String>,
     /// `poolSelect`: the pool the VIP comes from.
     pub pool_select: Option<String>,

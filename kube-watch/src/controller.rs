@@ -11,7 +11,14 @@
 //! event marks that Service, an EndpointSlice event the Service it belongs
 //! to; a Node change that matters to rules — readiness, addresses, labels,
 //! not heartbeats — a re-list or a leadership change marks every Service);
-//! nothing is planned until all three caches have their initial list. The
+//! nothing is planned until all three caches have their initial list.
+//! While a Service of ours has `loxilb.io/multus-nets`, a metadata-only
+//! Pod watch keeps each pod's `k8s.v1.cni.cncf.io/network-status`
+//! ([`crate::multus`]); a pod whose annotation changed marks the multus
+//! Services whose EndpointSlices refer to it (and no other); the multus
+//! Services are planned once the Pod list is complete (the first plans at
+//! start wait for it, at most [`RunConfig::pod_list_grace`]); the watch
+//! stops when no Service has the annotation any more. The
 //! dirty Services are planned and carried out as a batch whose rules reach
 //! the datapath as one rule set ([`Executor::set_hold`]). A Service is
 //! planned on the freshest version known ([`Freshest`]: the object the
@@ -36,16 +43,17 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::{Stream, StreamExt};
+use futures::{stream::BoxStream, Stream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Node, ObjectReference, Service},
+        core::v1::{Node, ObjectReference, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     jiff::Timestamp,
 };
 use kube::{
     api::{Patch, PatchParams},
+    core::PartialObjectMeta,
     runtime::{
         reflector::{self, ObjectRef, Store},
         watcher, WatchStreamExt,
@@ -61,11 +69,13 @@ use tracing::{debug, info, warn};
 pub use crate::reconcile::RuleUpdate;
 
 use crate::{
+    annotations::keys::MULTUS_NETS,
     events::{actions, reasons, service_reference, EventPublisher, EventSpec, EventType},
     flags::KubeConfig,
     leader::{LeaderElector, LeaseConfig},
+    multus::{referenced_pods, NoPods, PodIndex, PodLookup, PodNetworks, NETWORK_STATUS},
     reconcile::{MetadataPatch, Plan, Reconciler, StatusUpdate, Step, FIELD_MANAGER},
-    translate::{LbRule, StatusForm, SERVICE_NAME_LABEL},
+    translate::{is_managed, LbRule, StatusForm, SERVICE_NAME_LABEL},
     ServiceKey,
 };
 
@@ -143,6 +153,11 @@ pub struct RunConfig {
     /// This node's name, in the notes of its `RuleProgrammed` /
     /// `RuleNotProgrammed` Events (every agent reports its own datapath).
     pub node_name: String,
+    /// How long the first plans wait for the Pod list when Services with
+    /// `loxilb.io/multus-nets` exist at start (so the first, whole rule
+    /// set has their endpoints); after it the other Services are planned
+    /// and the multus ones when the list comes.
+    pub pod_list_grace: Duration,
 }
 
 impl RunConfig {
@@ -154,6 +169,7 @@ impl RunConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             status_form: StatusForm::Ip,
+            pod_list_grace: Duration::from_secs(10),
         }
     }
 
@@ -684,6 +700,12 @@ impl<S: RuleSink> Executor<S> {
         }
     }
 
+    /// Queue an Event on `key`, published with the Events on rules
+    /// ([`Executor::publish_rule_events`]).
+    pub fn queue_event(&mut self, key: ServiceKey, event: EventSpec) {
+        self.role_events.push((key, event));
+    }
+
     /// Whether Events on rules wait for [`Executor::publish_rule_events`].
     pub fn rule_events_pending(&self) -> bool {
         self.outcomes.has_pending() || !self.role_events.is_empty()
@@ -1024,6 +1046,63 @@ pub fn slim<K: kube::Resource>(o: &mut K) {
     }
 }
 
+/// Whether `svc` is a Service of ours (not being deleted) whose endpoints
+/// are on Multus networks: its plans need the pods' network-status.
+pub fn is_multus(svc: &Service, class: &str) -> bool {
+    svc.metadata.deletion_timestamp.is_none()
+        && svc.annotations().contains_key(MULTUS_NETS)
+        && is_managed(svc, class)
+}
+
+type PodEvents = BoxStream<'static, Result<watcher::Event<PartialObjectMeta<Pod>>, watcher::Error>>;
+
+/// The Pod watch, running while some Service has `loxilb.io/multus-nets`:
+/// metadata only (`PartialObjectMeta`: no spec or status comes over the
+/// wire), of which only each pod's [`NETWORK_STATUS`] is kept.
+struct PodWatch {
+    events: PodEvents,
+    pods: PodNetworks,
+}
+
+impl PodWatch {
+    fn start(client: &Client) -> Self {
+        // `Api<PartialObjectMeta<_>>` asks for metadata only.
+        let events = watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .boxed();
+        PodWatch {
+            events,
+            pods: PodNetworks::default(),
+        }
+    }
+}
+
+/// The next event of the Pod watch; never, when there is none.
+async fn next_pod_event(
+    w: &mut Option<PodWatch>,
+) -> Option<Result<watcher::Event<PartialObjectMeta<Pod>>, watcher::Error>> {
+    match w {
+        Some(w) => w.events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `(namespace, name, network-status)` of a pod's metadata.
+fn pod_status_of(p: &PartialObjectMeta<Pod>) -> Option<(&str, &str, Option<&str>)> {
+    Some((
+        p.metadata.namespace.as_deref()?,
+        p.metadata.name.as_deref()?,
+        p.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NETWORK_STATUS))
+            .map(String::as_str),
+    ))
+}
+
 /// Run the controller until `shutdown` completes.
 pub async fn run<S: RuleSink>(
     client: Client,
@@ -1061,6 +1140,22 @@ pub async fn run<S: RuleSink>(
         let _ = stop_rx.await;
     }));
 
+    let class = config.kube.load_balancer_class.clone();
+    // Services with loxilb.io/multus-nets (ours, not being deleted): the
+    // Pod watch runs while there is one.
+    let mut multus_services: BTreeSet<ServiceKey> = BTreeSet::new();
+    let mut pod_watch: Option<PodWatch> = None;
+    // Which pods each multus Service's EndpointSlices refer to: a pod's
+    // change re-plans those Services only.
+    let mut pod_index = PodIndex::default();
+    // Multus Services to plan once the Pod list is complete.
+    let mut waiting_for_pods: BTreeSet<ServiceKey> = BTreeSet::new();
+    let mut planned_once = false;
+    let mut pods_deadline: Option<Instant> = None;
+    // The Pod watch failed since its last complete list (the multus
+    // Services were told).
+    let mut pod_watch_failing = false;
+
     let mut queue = WorkQueue::default();
     let mut node_cache = NodeCache::default();
     let mut ready = [false; 3];
@@ -1078,7 +1173,12 @@ pub async fn run<S: RuleSink>(
         // Services marked to plan again by the last round (pending ones
         // after a release, one found gone) are planned without waiting for
         // another event.
-        let next_retry = if ready == [true; 3] && !queue.is_empty() {
+        // At start, the first plans wait (a while) for the Pod list.
+        let holding_for_pods =
+            !planned_once && pod_watch.as_ref().is_some_and(|w| !w.pods.synced());
+        let next_retry = if ready == [true; 3] && holding_for_pods {
+            pods_deadline
+        } else if ready == [true; 3] && !queue.is_empty() {
             Some(Instant::now())
         } else {
             [queue.next_retry(), sink_retry].into_iter().flatten().min()
@@ -1093,9 +1193,31 @@ pub async fn run<S: RuleSink>(
             _ = &mut shutdown => break,
             Some(ev) = svc_stream.next() => {
                 match &ev {
-                    Ok(watcher::Event::Apply(s)) => executor.freshest_mut().observed(s, false),
-                    Ok(watcher::Event::Delete(s)) => executor.freshest_mut().observed(s, true),
-                    Ok(watcher::Event::InitDone) => executor.freshest_mut().relisted(),
+                    Ok(watcher::Event::Apply(s)) => {
+                        executor.freshest_mut().observed(s, false);
+                        if let Some(k) = key_of(s) {
+                            if is_multus(s, &class) {
+                                multus_services.insert(k);
+                            } else {
+                                multus_services.remove(&k);
+                            }
+                        }
+                    }
+                    Ok(watcher::Event::Delete(s)) => {
+                        executor.freshest_mut().observed(s, true);
+                        if let Some(k) = key_of(s) {
+                            multus_services.remove(&k);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        executor.freshest_mut().relisted();
+                        multus_services = services
+                            .state()
+                            .iter()
+                            .filter(|s| is_multus(s, &class))
+                            .filter_map(|s| key_of(s))
+                            .collect();
+                    }
                     _ => {}
                 }
                 match touch(ev, "Service", key_of) {
@@ -1121,11 +1243,106 @@ pub async fn run<S: RuleSink>(
                 Ok(watcher::Event::InitDone) => { ready[2] = true; all = true; }
                 Err(e) => warn!(error = %e, "Node watch failed; retrying"),
             },
+            Some(ev) = next_pod_event(&mut pod_watch) => {
+                let w = pod_watch.as_mut().expect("an event comes from a running watch");
+                let mut changed: Vec<(String, String)> = Vec::new();
+                match ev {
+                    Ok(watcher::Event::Init) => w.pods.relisting(),
+                    Ok(watcher::Event::InitApply(p)) => {
+                        if let Some((ns, name, st)) = pod_status_of(&p) {
+                            w.pods.apply(ns, name, st);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        pod_watch_failing = false;
+                        changed = w.pods.relisted();
+                        debug!(pods = w.pods.len(), "Pod list complete");
+                        for k in std::mem::take(&mut waiting_for_pods) {
+                            queue.mark(k);
+                        }
+                    }
+                    Ok(watcher::Event::Apply(p)) => {
+                        if let Some((ns, name, st)) = pod_status_of(&p) {
+                            if w.pods.apply(ns, name, st) {
+                                changed.push((ns.to_string(), name.to_string()));
+                            }
+                        }
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        if let Some((ns, name, _)) = pod_status_of(&p) {
+                            if w.pods.delete(ns, name) {
+                                changed.push((ns.to_string(), name.to_string()));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(
+                            error = %e,
+                            "Pod watch failed (the Services with {MULTUS_NETS} need the pods' {NETWORK_STATUS}); retrying. If the error says forbidden, grant list and watch on pods to the agent's ClusterRole (manifest/in-cluster/loxilb.yaml)"
+                        );
+                        // Told on each multus Service, once per failure
+                        // streak, by the leader: their endpoints do not
+                        // follow the pods until the watch works.
+                        if !pod_watch_failing && reconciler.is_leader() {
+                            pod_watch_failing = true;
+                            let note = format!(
+                                "the Pod watch failed ({e}): the endpoints on {} do not follow the pods' {NETWORK_STATUS} until it works (retrying); if it says forbidden, grant list and watch on pods to the agent's ClusterRole (manifest/in-cluster/loxilb.yaml)",
+                                MULTUS_NETS
+                            );
+                            for k in &multus_services {
+                                executor.queue_event(
+                                    k.clone(),
+                                    EventSpec::warning(
+                                        reasons::POD_WATCH_FAILED,
+                                        actions::CONFIGURE,
+                                        note.clone(),
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
+                for (ns, name) in changed {
+                    for k in pod_index.services_of(&ns, &name) {
+                        queue.mark(k);
+                    }
+                }
+            },
             Ok(()) = leader_rx.changed() => all = true,
             _ = wake => {}
         }
+        // The Pod watch runs while a Service of ours has multus-nets.
+        match (&pod_watch, multus_services.is_empty()) {
+            (None, false) => {
+                info!(
+                    services = multus_services.len(),
+                    "watching Pods (metadata only) for the Services with {MULTUS_NETS}"
+                );
+                pod_watch = Some(PodWatch::start(&client));
+            }
+            (Some(_), true) => {
+                info!("no Service has {MULTUS_NETS} any more: Pod watch stopped");
+                pod_watch = None;
+                pod_index = PodIndex::default();
+                waiting_for_pods.clear();
+            }
+            _ => {}
+        }
         if ready != [true; 3] {
             continue;
+        }
+        if !planned_once {
+            if pod_watch.as_ref().is_some_and(|w| !w.pods.synced()) {
+                let deadline = *pods_deadline.get_or_insert(Instant::now() + config.pod_list_grace);
+                if Instant::now() < deadline {
+                    continue;
+                }
+                warn!(
+                    "the Pod list is not complete after {:?}: the Services with {MULTUS_NETS} are planned once it is",
+                    config.pod_list_grace
+                );
+            }
+            planned_once = true;
         }
 
         let want_leader = *leader_rx.borrow();
@@ -1176,12 +1393,31 @@ pub async fn run<S: RuleSink>(
                     services.get(&ObjectRef::new(&key.name).within(&key.namespace)),
                 );
                 let slice_list = slices_of.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-                let plan = reconciler.plan(
+                let multus = svc.as_deref().is_some_and(|s| is_multus(s, &class));
+                let pods: &dyn PodLookup = match &pod_watch {
+                    Some(w) if w.pods.synced() => &w.pods,
+                    _ if multus => {
+                        // Planned when the Pod list is complete.
+                        waiting_for_pods.insert(key);
+                        continue;
+                    }
+                    _ => &NoPods,
+                };
+                let plan = reconciler.plan_with_pods(
                     &key,
                     svc.as_deref(),
                     slice_list,
                     &node_list,
+                    pods,
                     Timestamp::now(),
+                );
+                pod_index.set(
+                    &key,
+                    if multus {
+                        referenced_pods(&key, slice_list)
+                    } else {
+                        BTreeSet::new()
+                    },
                 );
                 for n in &plan.notes {
                     warn!("{n}");

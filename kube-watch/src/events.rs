@@ -41,6 +41,13 @@ pub mod reasons {
     /// The rules are right but the user should know (a node without an
     /// address of the family, probe settings without effect, ...).
     pub const CONFIGURATION_WARNING: &str = "ConfigurationWarning";
+    /// A pod of a Service with `loxilb.io/multus-nets` is not an
+    /// endpoint: its `k8s.v1.cni.cncf.io/network-status` is missing,
+    /// malformed, or has no address on the networks named.
+    pub const MULTUS_ENDPOINT_SKIPPED: &str = "MultusEndpointSkipped";
+    /// The agent cannot watch the pods a Service with
+    /// `loxilb.io/multus-nets` needs (RBAC, API errors).
+    pub const POD_WATCH_FAILED: &str = "PodWatchFailed";
     /// The pool has no address left for the Service's ports.
     pub const POOL_EXHAUSTED: &str = "PoolExhausted";
     /// The Service names a pool that is not configured.

@@ -11,7 +11,9 @@
 //!   finalizer/record/status/Events to write and in which order, which rules
 //!   to hand to the datapath), unit-tested over plain values;
 //! - the I/O: kube-runtime watchers and reflectors on Services,
-//!   EndpointSlices and Nodes, Lease leader election ([`leader`]), merge
+//!   EndpointSlices and Nodes (and a metadata-only Pod watch while a
+//!   Service has `loxilb.io/multus-nets`), Lease leader election
+//!   ([`leader`]), merge
 //!   patch of metadata, server-side apply of status, Event creation
 //!   ([`events`]), the run loop ([`controller::run`]); tested against a
 //!   mocked API server (exact requests, `tests/api_writes.rs`) and an
@@ -36,9 +38,7 @@
 //! - The last good annotation values are kept in memory: after an agent
 //!   restart a Service whose annotations are invalid gets no rules until
 //!   they are fixed.
-//! - Multus endpoints (`loxilb.io/multus-nets` is refused with a message),
-//!   the BGP policy CRDs (defined, read, not applied; see [`crds`]), and
-//!   metrics.
+//! - The BGP policy CRDs (defined, read, not applied; see [`crds`]).
 //! - If the agents are uninstalled while Services still carry the
 //!   `loxilb.io/loadbalancer` finalizer, deleting those Services waits for
 //!   it to be removed by hand.
@@ -63,6 +63,9 @@
 //! - [`translate`]: Service + EndpointSlices + Nodes + allocation -> the
 //!   desired [`translate::LbRule`]s (one per VIP, port and protocol), the
 //!   allocation request for a Service, and the `status.loadBalancer` to write.
+//! - [`multus`]: endpoints on Multus secondary networks
+//!   (`loxilb.io/multus-nets`): the EndpointSlices' ready pods, their
+//!   addresses on those networks from `k8s.v1.cni.cncf.io/network-status`.
 //! - [`reconcile`]: the controller's state and decisions: one Service in, a
 //!   [`reconcile::Plan`] (ordered writes, rules, Events) out. Pure.
 //! - [`events`]: what an Event says and the `events.k8s.io/v1` object.
@@ -82,6 +85,7 @@ pub mod events;
 pub mod flags;
 pub mod ipam;
 pub mod leader;
+pub mod multus;
 pub mod reconcile;
 pub mod translate;
 

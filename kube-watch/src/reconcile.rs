@@ -64,9 +64,10 @@ use crate::{
     events::{actions, reasons, EventSpec},
     flags::KubeConfig,
     ipam::{Allocation, AllocationRecord, Ipam, IpamError, RECORD_ANNOTATION},
+    multus::{NoPods, PodLookup},
     translate::{
         alloc_request, is_managed, load_balancer_status_as, parse_annotations, recorded_allocation,
-        records_from_services, service_key, translate, LbRule, RecordSource, StatusForm,
+        records_from_services, service_key, translate_with_pods, LbRule, RecordSource, StatusForm,
         TranslateError,
     },
     ServiceKey,
@@ -498,6 +499,23 @@ impl Reconciler {
         nodes: &[Node],
         now: Timestamp,
     ) -> Plan {
+        self.plan_with_pods(key, svc, slices, nodes, &NoPods, now)
+    }
+
+    /// [`Reconciler::plan`], with the pods' network-status annotations
+    /// (`pods`) for a Service with `loxilb.io/multus-nets`
+    /// ([`crate::multus`]): its endpoints are the pods' addresses on those
+    /// networks; a pod without them is a Warning Event
+    /// ([`reasons::MULTUS_ENDPOINT_SKIPPED`]), once per problem.
+    pub fn plan_with_pods(
+        &mut self,
+        key: &ServiceKey,
+        svc: Option<&Service>,
+        slices: &[EndpointSlice],
+        nodes: &[Node],
+        pods: &dyn PodLookup,
+        now: Timestamp,
+    ) -> Plan {
         let Some(svc) = svc else {
             return self.gone(key);
         };
@@ -512,9 +530,9 @@ impl Reconciler {
             return self.tear_down(key, svc, deleting);
         }
         if self.leader {
-            self.plan_leader(key, svc, slices, nodes, now)
+            self.plan_leader(key, svc, slices, nodes, pods, now)
         } else {
-            self.plan_follower(key, svc, slices, nodes)
+            self.plan_follower(key, svc, slices, nodes, pods)
         }
     }
 
@@ -614,6 +632,7 @@ impl Reconciler {
         svc: &Service,
         slices: &[EndpointSlice],
         nodes: &[Node],
+        pods: &dyn PodLookup,
     ) -> Plan {
         let mut plan = Plan::default();
         let mut problems = Vec::new();
@@ -631,7 +650,7 @@ impl Reconciler {
         let rules = match recorded_allocation(svc) {
             Ok(Some((rec, RecordSource::Annotation))) => {
                 let alloc = allocation_from_record(key, &rec);
-                match translate(svc, &ann, slices, nodes, &alloc, &self.config) {
+                match translate_with_pods(svc, &ann, slices, nodes, pods, &alloc, &self.config) {
                     Ok(t) => t.rules,
                     Err(e) => {
                         plan.notes.push(format!("{key}: {e}; rules kept"));
@@ -658,6 +677,7 @@ impl Reconciler {
         svc: &Service,
         slices: &[EndpointSlice],
         nodes: &[Node],
+        pods: &dyn PodLookup,
         now: Timestamp,
     ) -> Plan {
         let mut plan = Plan::default();
@@ -719,11 +739,26 @@ impl Reconciler {
                         }
                         Ok(alloc) => {
                             self.tracked.entry(key.clone()).or_default().pending = false;
-                            match translate(svc, &ann, slices, nodes, &alloc, &self.config) {
+                            match translate_with_pods(
+                                svc,
+                                &ann,
+                                slices,
+                                nodes,
+                                pods,
+                                &alloc,
+                                &self.config,
+                            ) {
                                 Ok(t) => {
                                     for w in t.warnings {
                                         warnings.push(EventSpec::warning(
                                             reasons::CONFIGURATION_WARNING,
+                                            actions::CONFIGURE,
+                                            w,
+                                        ));
+                                    }
+                                    for w in t.endpoint_warnings {
+                                        warnings.push(EventSpec::warning(
+                                            reasons::MULTUS_ENDPOINT_SKIPPED,
                                             actions::CONFIGURE,
                                             w,
                                         ));

@@ -26,6 +26,12 @@
 //! counts. An EndpointSlice endpoint is ready when `conditions.ready` is true
 //! or unset (the API's rule); only its first address is used (the API says
 //! the addresses are fungible).
+//!
+//! With `loxilb.io/multus-nets` the endpoints are the addresses the
+//! EndpointSlices' ready pods have on those Multus networks (from each
+//! pod's `k8s.v1.cni.cncf.io/network-status`), with the target port; node
+//! filters and the traffic policy do not apply ([`crate::multus`],
+//! [`translate_with_pods`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -49,6 +55,7 @@ use crate::{
         AllocRequest, Allocation, AllocationRecord, PortKey, SecondaryRequest, DEFAULT_POOL,
         RECORD_ANNOTATION,
     },
+    multus::{self, NoPods, PodLookup},
     IpFamily, Protocol, ServiceKey,
 };
 
@@ -119,6 +126,9 @@ pub struct Translation {
     pub rules: Vec<LbRule>,
     /// Not errors: the rules are right, but the user should know (Events).
     pub warnings: Vec<String>,
+    /// Pods (or EndpointSlice endpoints) that are not endpoints of a
+    /// Service with `loxilb.io/multus-nets`, and why ([`crate::multus`]).
+    pub endpoint_warnings: Vec<String>,
 }
 
 /// Why no rules (or no allocation request) can be computed.
@@ -383,7 +393,6 @@ fn ready_endpoints<'a>(
         IpFamily::V4 => "IPv4",
         IpFamily::V6 => "IPv6",
     };
-    let port_name = port.spec.name.as_deref().unwrap_or("");
     let mut out = Vec::new();
     for slice in slices {
         let ours = slice.metadata.namespace.as_deref() == Some(key.namespace.as_str())
@@ -397,15 +406,7 @@ fn ready_endpoints<'a>(
         if !ours || slice.address_type != want_type {
             continue;
         }
-        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-            let same_name = p.name.as_deref().unwrap_or("") == port_name;
-            let same_proto = Protocol::from_kubernetes(p.protocol.as_deref()) == Ok(port.protocol);
-            (same_name && same_proto)
-                .then_some(p.port)
-                .flatten()
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|n| *n != 0)
-        }) else {
+        let Some(target) = slice_target_port(slice, port) else {
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
@@ -463,11 +464,29 @@ fn node_internal_ip(n: &Node, family: IpFamily) -> Option<IpAddr> {
 /// `loxilb.io/probetype`, else the port's protocol for fullnat and onearm
 /// and ping for default and dsr; timeout 60 s and 2 retries unless
 /// annotated.
+///
+/// A Service with `loxilb.io/multus-nets` gets the pods' addresses on those
+/// networks ([`crate::multus`]); without a pod watch (this function) every
+/// pod is unknown and it has no endpoints: see [`translate_with_pods`].
 pub fn translate(
     svc: &Service,
     ann: &ServiceAnnotations,
     slices: &[EndpointSlice],
     nodes: &[Node],
+    allocation: &Allocation,
+    config: &KubeConfig,
+) -> Result<Translation, TranslateError> {
+    translate_with_pods(svc, ann, slices, nodes, &NoPods, allocation, config)
+}
+
+/// [`translate`], the pods' network-status annotations from `pods` (used
+/// by Services with `loxilb.io/multus-nets` only).
+pub fn translate_with_pods(
+    svc: &Service,
+    ann: &ServiceAnnotations,
+    slices: &[EndpointSlice],
+    nodes: &[Node],
+    pods: &dyn PodLookup,
     allocation: &Allocation,
     config: &KubeConfig,
 ) -> Result<Translation, TranslateError> {
@@ -478,13 +497,6 @@ pub fn translate(
             "allocation",
             allocation.service.to_string(),
             format!("is another Service's; pass the allocation of {key}"),
-        ));
-    }
-    if !ann.multus_nets.is_empty() {
-        return Err(invalid(
-            keys::MULTUS_NETS,
-            ann.multus_nets.join(","),
-            "endpoints on Multus networks are not implemented yet; remove the annotation to use the node or pod network",
         ));
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -516,7 +528,25 @@ pub fn translate(
         ),
     };
 
-    if !pod_network {
+    let multus_nets: Vec<String> = ann
+        .multus_nets
+        .iter()
+        .map(|n| multus::qualify(n, &key.namespace))
+        .collect();
+    let multus = !multus_nets.is_empty();
+    if multus && ann.use_pod_network == Some(false) {
+        return Err(invalid(
+            keys::USE_POD_NETWORK,
+            "no",
+            format!(
+                "contradicts {}: endpoints on Multus networks are pod addresses; remove one of the two annotations",
+                keys::MULTUS_NETS
+            ),
+        ));
+    }
+    let mut endpoint_warnings = BTreeSet::new();
+
+    if !pod_network && !multus {
         if let Some((i, p)) = ports
             .iter()
             .enumerate()
@@ -581,8 +611,18 @@ pub fn translate(
         });
 
         for port in &ports {
-            let ready = ready_endpoints(&key, slices, ep_family, port);
-            let mut endpoints: Vec<Endpoint> = if pod_network {
+            let mut endpoints: Vec<Endpoint> = if multus {
+                multus_endpoints(
+                    &key,
+                    slices,
+                    pods,
+                    &multus_nets,
+                    ep_family,
+                    port,
+                    &mut endpoint_warnings,
+                )
+            } else if pod_network {
+                let ready = ready_endpoints(&key, slices, ep_family, port);
                 ready
                     .iter()
                     .map(|e| Endpoint {
@@ -592,6 +632,7 @@ pub fn translate(
                     })
                     .collect()
             } else {
+                let ready = ready_endpoints(&key, slices, ep_family, port);
                 let node_port = port
                     .spec
                     .node_port
@@ -650,14 +691,99 @@ pub fn translate(
                 endpoints,
                 allowed_sources: allowed_sources.clone(),
                 probe,
-                local_traffic: local && !pod_network,
+                local_traffic: local && !pod_network && !multus,
             });
         }
     }
     Ok(Translation {
         rules,
         warnings: warnings.into_iter().collect(),
+        endpoint_warnings: endpoint_warnings.into_iter().collect(),
     })
+}
+
+/// The target port of Service port `port` in `slice` (same name and
+/// protocol), when it has one.
+fn slice_target_port(slice: &EndpointSlice, port: &Port<'_>) -> Option<u16> {
+    let port_name = port.spec.name.as_deref().unwrap_or("");
+    slice.ports.iter().flatten().find_map(|p| {
+        let same_name = p.name.as_deref().unwrap_or("") == port_name;
+        let same_proto = Protocol::from_kubernetes(p.protocol.as_deref()) == Ok(port.protocol);
+        (same_name && same_proto)
+            .then_some(p.port)
+            .flatten()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0)
+    })
+}
+
+/// Endpoints of one Service port on the Multus networks `nets`
+/// (qualified): for each ready endpoint of the Service's EndpointSlices
+/// (of either address type: the slices only say which pods) that refers to
+/// a Pod, the pod's addresses of `family` on those networks, with the
+/// slice's target port. A pod without them is skipped with a warning; a
+/// pod not known (yet) silently: its arrival re-plans the Service.
+fn multus_endpoints(
+    key: &ServiceKey,
+    slices: &[EndpointSlice],
+    pods: &dyn PodLookup,
+    nets: &[String],
+    family: IpFamily,
+    port: &Port<'_>,
+    warnings: &mut BTreeSet<String>,
+) -> Vec<Endpoint> {
+    let mut seen: BTreeSet<(&str, u16)> = BTreeSet::new();
+    let mut out = Vec::new();
+    for slice in slices {
+        let ours = slice.metadata.namespace.as_deref() == Some(key.namespace.as_str())
+            && slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .map(String::as_str)
+                == Some(key.name.as_str());
+        if !ours {
+            continue;
+        }
+        let Some(target) = slice_target_port(slice, port) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            let Some(pod) = multus::pod_ref(ep) else {
+                warnings.insert(format!(
+                    "endpoint {} of EndpointSlice {}/{} is not an endpoint of {key}: it has no targetRef to a Pod, and with {} the endpoints are the pods' addresses on those networks",
+                    ep.addresses.first().map(String::as_str).unwrap_or("(no address)"),
+                    key.namespace,
+                    slice.metadata.name.as_deref().unwrap_or(""),
+                    keys::MULTUS_NETS,
+                ));
+                continue;
+            };
+            // A dual-stack pod is in the IPv4 and the IPv6 slice.
+            if !seen.insert((pod, target)) {
+                continue;
+            }
+            let Some(status) = pods.network_status(&key.namespace, pod) else {
+                continue;
+            };
+            match multus::pod_addresses(status, &key.namespace, nets, family) {
+                Ok(ips) => out.extend(ips.into_iter().map(|ip| Endpoint {
+                    ip,
+                    port: target,
+                    weight: 1,
+                })),
+                Err(p) => {
+                    warnings.insert(p.describe(key, pod, nets));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn probe_for(
@@ -1596,14 +1722,273 @@ mod tests {
         assert_eq!(t.rules[0].vip, ip("192.168.255.254"));
     }
 
+    /// A slice of `default/web` whose endpoints refer to pods: (pod IP,
+    /// pod name or none, ready).
+    fn pod_slice(
+        addr_type: &str,
+        port: i32,
+        eps: &[(&str, Option<&str>, Option<bool>)],
+    ) -> EndpointSlice {
+        let endpoints: Vec<Value> = eps
+            .iter()
+            .map(|(a, pod, r)| {
+                let mut e = json!({"addresses": [a], "nodeName": "n1"});
+                if let Some(p) = pod {
+                    e["targetRef"] = json!({"kind": "Pod", "namespace": "default", "name": p});
+                }
+                if let Some(r) = r {
+                    e["conditions"] = json!({"ready": r});
+                }
+                e
+            })
+            .collect();
+        let mut sl = slice(addr_type, port, &[]);
+        sl.endpoints = serde_json::from_value(json!(endpoints)).unwrap();
+        sl.metadata.name = Some(format!("web-{}", addr_type.to_lowercase()));
+        sl
+    }
+
+    fn pods(list: &[(&str, Option<Value>)]) -> BTreeMap<(String, String), Option<String>> {
+        list.iter()
+            .map(|(n, v)| {
+                (
+                    ("default".to_string(), n.to_string()),
+                    v.as_ref().map(|v| match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    }),
+                )
+            })
+            .collect()
+    }
+
+    fn run_pods(
+        s: &Service,
+        sl: &[EndpointSlice],
+        p: &dyn PodLookup,
+    ) -> Result<Translation, String> {
+        let c = cfg();
+        let ann = parse_annotations(s)
+            .into_result()
+            .map_err(|e| format!("{e:?}"))?
+            .0;
+        let (req, _) = alloc_request(s, &ann, &c).map_err(|e| e.to_string())?;
+        let alloc = c.ipam().unwrap().ensure(&req).map_err(|e| e.to_string())?;
+        translate_with_pods(s, &ann, sl, &nodes(), p, &alloc, &c).map_err(|e| e.to_string())
+    }
+
+    fn status(nets: &[(&str, &[&str])]) -> Option<Value> {
+        let mut v = vec![
+            json!({"name": "cbr0", "interface": "eth0", "ips": ["10.244.1.99"], "default": true}),
+        ];
+        for (i, (n, ips)) in nets.iter().enumerate() {
+            v.push(json!({"name": n, "interface": format!("net{}", i + 1), "ips": ips}));
+        }
+        Some(json!(v))
+    }
+
     #[test]
-    fn multus_is_refused_not_ignored() {
-        let s = svc_json(json!({}), json!({"loxilb.io/multus-nets": "macvlan1"}));
-        let e = run(&s, &slices(), &nodes(), &cfg()).unwrap_err();
+    fn multus_endpoints_are_the_pods_secondary_addresses() {
+        // No nodePort needed: the endpoints are pod addresses.
+        let s = svc_json(
+            json!({"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
+            json!({"loxilb.io/multus-nets": "macvlan1"}),
+        );
+        let sl = vec![pod_slice(
+            "IPv4",
+            8080,
+            &[
+                ("10.244.1.5", Some("web-1"), Some(true)),
+                ("10.244.1.6", Some("web-2"), None),
+                ("10.244.1.7", Some("web-3"), Some(false)),
+                ("10.244.1.8", Some("web-4"), Some(true)),
+            ],
+        )];
+        let p = pods(&[
+            ("web-1", status(&[("default/macvlan1", &["192.168.50.5"])])),
+            // Several IPs on the network, and an IPv6 one (not this rule's).
+            (
+                "web-2",
+                status(&[(
+                    "default/macvlan1",
+                    &["192.168.50.6", "192.168.50.16", "fd00:50::6"],
+                )]),
+            ),
+            // Not ready: not an endpoint, whatever its networks.
+            ("web-3", status(&[("default/macvlan1", &["192.168.50.7"])])),
+            // web-4: not known yet (no warning; its event re-plans).
+        ]);
+        let t = run_pods(&s, &sl, &p).unwrap();
+        assert_eq!(
+            eps(&t.rules[0]),
+            vec![
+                "192.168.50.5:8080",
+                "192.168.50.6:8080",
+                "192.168.50.16:8080"
+            ]
+        );
+        assert!(!t.rules[0].local_traffic);
+        assert!(t.endpoint_warnings.is_empty(), "{:?}", t.endpoint_warnings);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        // Without a pod lookup nobody is known: no endpoints, no warnings.
+        let t = run_pods(&s, &sl, &NoPods).unwrap();
+        assert!(t.rules[0].endpoints.is_empty());
+        assert!(t.endpoint_warnings.is_empty());
+    }
+
+    #[test]
+    fn multus_pods_without_an_address_are_told() {
+        let s = svc_json(
+            json!({}),
+            json!({"loxilb.io/multus-nets": "macvlan1, other/net2"}),
+        );
+        let sl = vec![pod_slice(
+            "IPv4",
+            8080,
+            &[
+                ("10.244.1.1", Some("good"), None),
+                ("10.244.1.2", Some("missing"), None),
+                ("10.244.1.3", Some("malformed"), None),
+                ("10.244.1.4", Some("elsewhere"), None),
+                ("10.244.1.5", Some("in-other-ns"), None),
+                ("10.244.1.6", None, None),
+            ],
+        )];
+        let p = pods(&[
+            ("good", status(&[("default/macvlan1", &["192.168.50.1"])])),
+            ("missing", None),
+            (
+                "malformed",
+                Some(json!(
+                    "[{\"name\": \"default/macvlan1\", \"ips\": [\"300.1.1.1\"]}]"
+                )),
+            ),
+            (
+                "elsewhere",
+                status(&[("default/macvlan2", &["192.168.51.4"])]),
+            ),
+            // other/net2: named with its namespace in the Service.
+            ("in-other-ns", status(&[("other/net2", &["192.168.52.5"])])),
+        ]);
+        let t = run_pods(&s, &sl, &p).unwrap();
+        assert_eq!(
+            eps(&t.rules[0]),
+            vec!["192.168.50.1:8080", "192.168.52.5:8080"]
+        );
+        let w = &t.endpoint_warnings;
+        assert_eq!(w.len(), 4, "{w:#?}");
+        let has = |pod: &str, part: &str| {
+            w.iter().any(|x| {
+                x.starts_with(&format!(
+                    "pod default/{pod} is not an endpoint of default/web: "
+                )) && x.contains(part)
+            })
+        };
         assert!(
-            e.contains("not implemented yet") && e.contains("loxilb.io/multus-nets"),
+            has(
+                "missing",
+                "has no k8s.v1.cni.cncf.io/network-status annotation"
+            ),
+            "{w:#?}"
+        );
+        assert!(
+            has("malformed", "annotation is malformed: entry 0 (default/macvlan1): \"300.1.1.1\" in `ips` is not an IP address"),
+            "{w:#?}"
+        );
+        assert!(
+            has("elsewhere", "no IPv4 address on default/macvlan1, other/net2 in its k8s.v1.cni.cncf.io/network-status (networks there: cbr0 (IPv4), default/macvlan2 (IPv4))"),
+            "{w:#?}"
+        );
+        assert!(
+            w.iter().any(|x| x.starts_with("endpoint 10.244.1.6 of EndpointSlice default/web-ipv4 is not an endpoint of default/web: it has no targetRef to a Pod")),
+            "{w:#?}"
+        );
+    }
+
+    #[test]
+    fn multus_ipv6_and_dual_stack() {
+        // A dual-stack pod is in both slices: one endpoint per address.
+        let sl = vec![
+            pod_slice("IPv4", 8080, &[("10.244.1.5", Some("web-1"), None)]),
+            pod_slice("IPv6", 8080, &[("fd00:244::5", Some("web-1"), None)]),
+        ];
+        let p = pods(&[(
+            "web-1",
+            status(&[(
+                "default/macvlan1",
+                &["192.168.50.5", "fd00:50::5", "fd00:50::55"],
+            )]),
+        )]);
+        let s = svc_json(
+            json!({"ipFamilies": ["IPv6", "IPv4"]}),
+            json!({"loxilb.io/multus-nets": "default/macvlan1"}),
+        );
+        let t = run_pods(&s, &sl, &p).unwrap();
+        assert_eq!(t.rules[0].vip, ip("3ffe::1"));
+        assert_eq!(
+            eps(&t.rules[0]),
+            vec!["fd00:50::5:8080", "fd00:50::55:8080"]
+        );
+        assert_eq!(eps(&t.rules[1]), vec!["192.168.50.5:8080"]);
+        // IPv6 only, the pod without an IPv6 address on the network: told.
+        let p4 = pods(&[("web-1", status(&[("default/macvlan1", &["192.168.50.5"])]))]);
+        let s = svc_json(
+            json!({"ipFamilies": ["IPv6"]}),
+            json!({"loxilb.io/multus-nets": "macvlan1"}),
+        );
+        let t = run_pods(&s, &sl, &p4).unwrap();
+        assert!(t.rules[0].endpoints.is_empty());
+        assert!(
+            t.endpoint_warnings[0].contains("no IPv6 address on default/macvlan1"),
+            "{:?}",
+            t.endpoint_warnings
+        );
+        // NAT64: IPv6 VIP, the pods' IPv4 secondary addresses.
+        let s = svc_json(
+            json!({}),
+            json!({"loxilb.io/multus-nets": "macvlan1", "loxilb.io/ipam": "nat64"}),
+        );
+        let t = run_pods(&s, &sl, &p4).unwrap();
+        assert_eq!(t.rules[0].vip, ip("3ffe::1"));
+        assert_eq!(eps(&t.rules[0]), vec!["192.168.50.5:8080"]);
+    }
+
+    #[test]
+    fn multus_named_target_ports_and_contradictions() {
+        // Two Service ports; the slice resolved each (named targetPort).
+        let s = svc_json(
+            json!({"ports": [
+                {"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP"},
+                {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+            ]}),
+            json!({"loxilb.io/multus-nets": "macvlan1"}),
+        );
+        let mut sl = pod_slice("IPv4", 8081, &[("10.244.1.5", Some("web-1"), None)]);
+        sl.ports = serde_json::from_value(json!([
+            {"name": "http", "port": 8081, "protocol": "TCP"},
+            {"name": "dns", "port": 5353, "protocol": "UDP"},
+        ]))
+        .unwrap();
+        let p = pods(&[("web-1", status(&[("default/macvlan1", &["192.168.50.5"])]))]);
+        let t = run_pods(&s, &[sl.clone()], &p).unwrap();
+        assert_eq!(eps(&t.rules[0]), vec!["192.168.50.5:8081"]);
+        assert_eq!(eps(&t.rules[1]), vec!["192.168.50.5:5353"]);
+        assert_eq!(referenced_pods_of(&s, &[sl]), vec!["web-1".to_string()]);
+        let s = svc_json(
+            json!({}),
+            json!({"loxilb.io/multus-nets": "macvlan1", "loxilb.io/usepodnetwork": "no"}),
+        );
+        let e = run_pods(&s, &[], &p).unwrap_err();
+        assert!(
+            e.starts_with("loxilb.io/usepodnetwork: \"no\": contradicts loxilb.io/multus-nets"),
             "{e}"
         );
+    }
+
+    fn referenced_pods_of(s: &Service, sl: &[EndpointSlice]) -> Vec<String> {
+        multus::referenced_pods(&service_key(s).unwrap(), sl)
+            .into_iter()
+            .collect()
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::{
     time::Duration,
 };
 
-use fake_api::{check_field_managers, check_rbac, until, FakeApi, Logged, Running};
+use fake_api::{
+    check_field_managers, check_rbac, check_rbac_except, until, FakeApi, Logged, Running,
+};
 use kube_watch::{
     annotations::LbMode,
     controller::{run, Applied, RuleSink, RunConfig},
@@ -409,7 +411,12 @@ async fn lifecycle_of_services_through_the_controller() {
         .into(),
         "every kind of write the controller makes, each with the field manager"
     );
-    check_rbac(
+    // No Service has loxilb.io/multus-nets: no Pod watch at all.
+    assert!(
+        !log.iter().any(|l| l.path.contains("/pods")),
+        "pods are watched only for Services with loxilb.io/multus-nets"
+    );
+    check_rbac_except(
         &log,
         &[
             "",
@@ -417,6 +424,7 @@ async fn lifecycle_of_services_through_the_controller() {
             "events.k8s.io",
             "coordination.k8s.io",
         ],
+        &["pods"],
     );
 }
 
@@ -893,4 +901,346 @@ async fn a_conflict_is_planned_again_at_the_watch_event() {
         json!(["loxilb.io/loadbalancer"])
     );
     agent.stop("the controller").await;
+}
+
+/// `k8s.v1.cni.cncf.io/network-status` of a pod on the cluster network and
+/// on `default/<net>` with `ips`.
+fn network_status(net: &str, ips: &[&str]) -> Value {
+    json!([
+        {"name": "cbr0", "interface": "eth0", "ips": ["10.244.0.99"], "default": true},
+        {"name": format!("default/{net}"), "interface": "net1", "ips": ips},
+    ])
+}
+
+fn multus_pod(name: &str, status: Option<Value>, pod_ip: &str) -> Value {
+    let ann = match status {
+        Some(v) => json!({"k8s.v1.cni.cncf.io/network-status": v.to_string(), "other": "x"}),
+        None => json!({"other": "x"}),
+    };
+    fake_api::pod("default", name, ann, pod_ip)
+}
+
+fn eps_of(dp: &Datapath, svc: &str) -> Vec<String> {
+    dp.rule_of(svc)
+        .map(|r| {
+            r.endpoints
+                .iter()
+                .map(|e| format!("{}:{}", e.ip, e.port))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A Service with `loxilb.io/multus-nets` through the whole controller:
+/// the Pod watch starts (metadata only) because of it, the rules handed to
+/// the datapath carry the pods' addresses on the secondary network (not the
+/// EndpointSlice's pod IPs), a pod's annotation change updates them, a
+/// malformed or missing annotation or a pod elsewhere is a
+/// `MultusEndpointSkipped` Warning naming the pod (once, not at every
+/// event), other changes of a pod and changes of a pod no multus Service
+/// refers to change nothing and tell nothing again, and the Service goes
+/// back to node endpoints when the annotation is removed (the Pod watch
+/// then stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multus_endpoints_follow_the_pods_network_status() {
+    let api = FakeApi::new();
+    api.with(|s| {
+        s.put("nodes", node("n1", "10.0.0.1", true));
+        let mut svc = service("mweb", 80, json!({"loxilb.io/multus-nets": "macvlan1"}));
+        svc["spec"]["ports"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("nodePort");
+        s.put("services", svc);
+        s.put(
+            "endpointslices",
+            json!({
+                "metadata": {"namespace": "default", "name": "mweb-1",
+                             "labels": {"kubernetes.io/service-name": "mweb"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["10.244.0.5"], "targetRef": {"kind": "Pod", "namespace": "default", "name": "m1"}},
+                    {"addresses": ["10.244.0.6"], "targetRef": {"kind": "Pod", "namespace": "default", "name": "m2"}},
+                ],
+            }),
+        );
+        s.put(
+            "pods",
+            multus_pod(
+                "m1",
+                Some(network_status("macvlan1", &["192.168.50.5", "fd00:50::5"])),
+                "10.244.0.5",
+            ),
+        );
+        s.put(
+            "pods",
+            multus_pod(
+                "m2",
+                Some(network_status("macvlan1", &["192.168.50.6"])),
+                "10.244.0.6",
+            ),
+        );
+        s.put("pods", multus_pod("unrelated", None, "10.244.0.7"));
+    });
+    let agent = Agent::start(&api, "agent-a", "defaultPool=192.0.2.0/30");
+    let dp = agent.datapath.clone();
+    until("mweb programmed with the secondary addresses", || {
+        eps_of(&dp, "mweb") == ["192.168.50.5:8080", "192.168.50.6:8080"]
+    })
+    .await;
+    until("mweb status", || ingress(&api, "mweb") == ["192.0.2.1"]).await;
+    assert_eq!(api.with(|s| s.watching("pods")), 1, "one Pod watch");
+    // The first rule set with mweb's rule already had them (the plans
+    // waited for the Pod list).
+    let first = dp
+        .applied
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|set| !set.is_empty())
+        .cloned()
+        .unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].endpoints.len(), 2, "{first:?}");
+
+    // m2 moves to another address on the network.
+    api.with(|s| {
+        s.edit("pods", "default", "m2", |p| {
+            p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"] =
+                json!(network_status("macvlan1", &["192.168.50.66"]).to_string());
+        })
+    });
+    until("m2's new address", || {
+        eps_of(&dp, "mweb") == ["192.168.50.5:8080", "192.168.50.66:8080"]
+    })
+    .await;
+
+    // m2's annotation broken: it leaves, with a Warning naming it.
+    api.with(|s| {
+        s.edit("pods", "default", "m2", |p| {
+            p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"] =
+                json!("[{\"name\": \"default/macvlan1\", \"ips\": [\"192.168.50.666\"]}]");
+        })
+    });
+    until("m2 skipped", || {
+        eps_of(&dp, "mweb") == ["192.168.50.5:8080"]
+    })
+    .await;
+    until("a Warning about m2", || {
+        has_event(
+            &api,
+            "mweb",
+            "MultusEndpointSkipped",
+            "pod default/m2 is not an endpoint of default/mweb: its k8s.v1.cni.cncf.io/network-status annotation is malformed: entry 0 (default/macvlan1): \"192.168.50.666\" in `ips` is not an IP address",
+        )
+    })
+    .await;
+    // Other changes of m2 (labels: the watch brings them) and of a pod no
+    // Service refers to re-plan nothing and tell nothing again.
+    let plans_before = dp.applied.lock().unwrap().len();
+    api.with(|s| {
+        s.edit("pods", "default", "m2", |p| {
+            p["metadata"]["labels"]["touched"] = json!("1");
+        });
+        s.edit("pods", "default", "unrelated", |p| {
+            p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"] =
+                json!(network_status("macvlan1", &["192.168.50.7"]).to_string());
+        });
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let warnings = events(&api, "mweb")
+        .into_iter()
+        .filter(|(_, r, _)| r == "MultusEndpointSkipped")
+        .count();
+    assert_eq!(warnings, 1, "told once: {:#?}", events(&api, "mweb"));
+    assert_eq!(dp.applied.lock().unwrap().len(), plans_before);
+
+    // m2 on another network only, m1's annotation gone: both told, no
+    // endpoint left.
+    api.with(|s| {
+        s.edit("pods", "default", "m2", |p| {
+            p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"] =
+                json!(network_status("macvlan2", &["192.168.51.6"]).to_string());
+        });
+        s.edit("pods", "default", "m1", |p| {
+            p["metadata"]["annotations"]
+                .as_object_mut()
+                .unwrap()
+                .remove("k8s.v1.cni.cncf.io/network-status");
+        });
+    });
+    until("no endpoint left", || {
+        dp.rule_of("mweb").is_some_and(|r| r.endpoints.is_empty())
+    })
+    .await;
+    until("Warnings about m1 and m2", || {
+        has_event(
+            &api,
+            "mweb",
+            "MultusEndpointSkipped",
+            "pod default/m1 is not an endpoint of default/mweb: it has no k8s.v1.cni.cncf.io/network-status annotation",
+        ) && has_event(
+            &api,
+            "mweb",
+            "MultusEndpointSkipped",
+            "pod default/m2 is not an endpoint of default/mweb: no IPv4 address on default/macvlan1 in its k8s.v1.cni.cncf.io/network-status (networks there: cbr0 (IPv4), default/macvlan2 (IPv4))",
+        )
+    })
+    .await;
+
+    // A new pod in the EndpointSlice: the slice re-plans, the pod's address
+    // joins (and the pod index follows the slice).
+    api.with(|s| {
+        s.put(
+            "pods",
+            multus_pod(
+                "m3",
+                Some(network_status("macvlan1", &["192.168.50.8"])),
+                "10.244.0.8",
+            ),
+        );
+        s.edit("endpointslices", "default", "mweb-1", |sl| {
+            sl["endpoints"].as_array_mut().unwrap().push(json!(
+                {"addresses": ["10.244.0.8"], "targetRef": {"kind": "Pod", "namespace": "default", "name": "m3"}}
+            ));
+        });
+    });
+    until("m3 joins", || eps_of(&dp, "mweb") == ["192.168.50.8:8080"]).await;
+    api.with(|s| {
+        s.edit("pods", "default", "m3", |p| {
+            p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"] =
+                json!(network_status("macvlan1", &["192.168.50.9"]).to_string());
+        })
+    });
+    until("m3's new address", || {
+        eps_of(&dp, "mweb") == ["192.168.50.9:8080"]
+    })
+    .await;
+    // A pod deleted: its address leaves.
+    api.with(|s| s.delete_now("pods", "default", "m3"));
+    until("m3 gone", || {
+        dp.rule_of("mweb").is_some_and(|r| r.endpoints.is_empty())
+    })
+    .await;
+
+    // The Pod watch was metadata only.
+    let pod_requests: Vec<Logged> = log(&api)
+        .into_iter()
+        .filter(|l| l.path == "/api/v1/pods")
+        .collect();
+    assert!(
+        pod_requests.len() >= 2,
+        "a list and a watch: {pod_requests:?}"
+    );
+    assert!(
+        pod_requests.iter().all(|l| l.metadata_only()),
+        "metadata only: {:?}",
+        pod_requests.iter().map(|l| &l.accept).collect::<Vec<_>>()
+    );
+    // No Service with the annotation any more: the Pod watch stops (a pod
+    // event then reaches nobody); the Service is served from the node
+    // network again.
+    api.with(|s| {
+        s.edit("services", "default", "mweb", |svc| {
+            svc["metadata"]["annotations"]
+                .as_object_mut()
+                .unwrap()
+                .remove("loxilb.io/multus-nets");
+            svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+        })
+    });
+    until("node endpoints", || {
+        eps_of(&dp, "mweb") == ["10.0.0.1:30080"]
+    })
+    .await;
+    until("the Pod watch closed", || {
+        api.with(|s| s.watching("pods")) == 0
+    })
+    .await;
+    agent.stop().await;
+    check_rbac(&log(&api), &["", "discovery.k8s.io"]);
+}
+
+/// Without RBAC on pods (an old ClusterRole) a Service with
+/// `loxilb.io/multus-nets` cannot get its endpoints: the other Services
+/// are served all the same (after a short wait for the Pod list at start),
+/// the multus one gets a `PodWatchFailed` Warning saying what to grant, and
+/// once the pods can be listed it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multus_without_rbac_on_pods_is_told_and_blocks_nothing_else() {
+    let api = FakeApi::new();
+    seed(&api);
+    api.with(|s| {
+        s.forbid("pods");
+        s.put(
+            "services",
+            service("mweb", 81, json!({"loxilb.io/multus-nets": "macvlan1"})),
+        );
+        s.put(
+            "endpointslices",
+            json!({
+                "metadata": {"namespace": "default", "name": "mweb-1",
+                             "labels": {"kubernetes.io/service-name": "mweb"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["10.244.0.5"], "targetRef": {"kind": "Pod", "namespace": "default", "name": "m1"}},
+                ],
+            }),
+        );
+        s.put(
+            "pods",
+            multus_pod(
+                "m1",
+                Some(network_status("macvlan1", &["192.168.50.5"])),
+                "10.244.0.5",
+            ),
+        );
+    });
+    let kube = KubeConfig {
+        cidr_pools: parse_cidr_pools("defaultPool=192.0.2.0/30").unwrap(),
+        ..KubeConfig::default()
+    };
+    let mut lease = LeaseConfig::new("kube-system", "agent-a");
+    lease.retry_period = Duration::from_millis(200);
+    let mut config = RunConfig::new(kube, lease);
+    config.retry_min = Duration::from_millis(50);
+    config.retry_max = Duration::from_millis(500);
+    config.pod_list_grace = Duration::from_millis(300);
+    let dp = Datapath::default();
+    let client = api.client("agent-a");
+    let sink = dp.clone();
+    let agent = Running::spawn(move |shutdown| run(client, config, sink, shutdown));
+
+    until("web served while the pods cannot be listed", || {
+        dp.rule_of("web").is_some()
+    })
+    .await;
+    until("a PodWatchFailed Warning on mweb", || {
+        events(&api, "mweb").iter().any(|(t, r, n)| {
+            t == "Warning"
+                && r == "PodWatchFailed"
+                && n.contains("forbidden")
+                && n.contains("grant list and watch on pods to the agent's ClusterRole")
+        })
+    })
+    .await;
+    assert!(dp.rule_of("mweb").is_none());
+    assert!(events(&api, "web")
+        .iter()
+        .all(|(_, r, _)| r != "PodWatchFailed"));
+
+    api.with(|s| s.allow("pods"));
+    until("mweb served once the pods are listed", || {
+        eps_of(&dp, "mweb") == ["192.168.50.5:8080"]
+    })
+    .await;
+    let told = events(&api, "mweb")
+        .into_iter()
+        .filter(|(_, r, _)| r == "PodWatchFailed")
+        .count();
+    assert_eq!(told, 1, "told once per failure streak");
+    agent.stop("the controller").await;
+    check_rbac(&log(&api), &[]);
 }

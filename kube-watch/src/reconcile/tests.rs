@@ -899,3 +899,66 @@ fn owned_vips_follow_commits_of_shared_addresses() {
     assert!(owned(&r).is_empty());
     assert!(r.rules().is_empty());
 }
+
+#[test]
+fn multus_pod_problems_are_warned_once_per_change() {
+    use std::collections::BTreeMap;
+    let mut r = leader("192.0.2.0/29");
+    let k = key("web");
+    let s = svc("web", json!({"loxilb.io/multus-nets": "macvlan1"}));
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "default", "name": "web-1",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.244.0.1"], "targetRef": {"kind": "Pod", "name": "a", "namespace": "default"}},
+            {"addresses": ["10.244.0.2"], "targetRef": {"kind": "Pod", "name": "b", "namespace": "default"}},
+        ],
+    }))
+    .unwrap();
+    let slices = [slice];
+    let good = |ip: &str| Some(json!([{"name": "default/macvlan1", "ips": [ip]}]).to_string());
+    let mut pods: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+    pods.insert(("default".into(), "a".into()), good("192.168.50.1"));
+    pods.insert(("default".into(), "b".into()), Some("{oops".into()));
+    let eps = |r: &Reconciler| -> Vec<String> {
+        r.service_rules(&k)[0]
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.ip, e.port))
+            .collect()
+    };
+
+    let p = r.plan_with_pods(&k, Some(&s), &slices, &nodes(), &pods, t0());
+    let warned = events_of(&p, reasons::MULTUS_ENDPOINT_SKIPPED);
+    assert_eq!(warned.len(), 1, "{p:#?}");
+    assert!(
+        warned[0].starts_with("pod default/b is not an endpoint of default/web: its k8s.v1.cni.cncf.io/network-status annotation is malformed: not JSON"),
+        "{}",
+        warned[0]
+    );
+    let s = carry_out(&mut r, &k, &s, &p);
+    assert_eq!(eps(&r), ["192.168.50.1:8080"]);
+    // A resync: nothing to write, nothing to tell.
+    let p = r.plan_with_pods(&k, Some(&s), &slices, &nodes(), &pods, t0());
+    assert!(p.steps.is_empty() && p.events.is_empty(), "{p:#?}");
+    // b fixed: its address joins, no Event.
+    pods.insert(("default".into(), "b".into()), good("192.168.50.2"));
+    let p = r.plan_with_pods(&k, Some(&s), &slices, &nodes(), &pods, t0());
+    assert!(p.events.is_empty(), "{p:#?}");
+    let s = carry_out(&mut r, &k, &s, &p);
+    assert_eq!(eps(&r), ["192.168.50.1:8080", "192.168.50.2:8080"]);
+    // a's annotation changes address; b loses its annotation: told again.
+    pods.insert(("default".into(), "a".into()), good("192.168.50.11"));
+    pods.insert(("default".into(), "b".into()), None);
+    let p = r.plan_with_pods(&k, Some(&s), &slices, &nodes(), &pods, t0());
+    let warned = events_of(&p, reasons::MULTUS_ENDPOINT_SKIPPED);
+    assert_eq!(warned.len(), 1);
+    assert!(
+        warned[0].contains("pod default/b")
+            && warned[0].contains("has no k8s.v1.cni.cncf.io/network-status annotation")
+    );
+    carry_out(&mut r, &k, &s, &p);
+    assert_eq!(eps(&r), ["192.168.50.11:8080"]);
+}

@@ -1,6 +1,8 @@
 //! A small in-memory Kubernetes API server behind `kube::Client::new`: list
 //! and watch (newline-delimited JSON, replayed from the list's
-//! resourceVersion) of Services, EndpointSlices and Nodes; merge patch of a
+//! resourceVersion) of Services, EndpointSlices, Nodes and Pods (Pods also
+//! as metadata only, `PartialObjectMetadata`, when the client asks for it
+//! in `Accept`, as the API server does); merge patch of a
 //! Service (with the resourceVersion precondition the API server applies);
 //! server-side apply of a Service's status (emulated for one field
 //! manager); deletion with finalizers; Leases (get, create, update with
@@ -37,8 +39,18 @@ pub struct Logged {
     pub path: String,
     pub query: BTreeMap<String, String>,
     pub content_type: String,
+    /// The `Accept` header (metadata-only requests say
+    /// `as=PartialObjectMetadata...`).
+    pub accept: String,
     pub body: Value,
     pub status: u16,
+}
+
+impl Logged {
+    /// A list or watch asking for metadata only.
+    pub fn metadata_only(&self) -> bool {
+        self.accept.contains("as=PartialObjectMetadata")
+    }
 }
 
 impl Logged {
@@ -83,12 +95,15 @@ pub struct State {
     objects: BTreeMap<String, BTreeMap<Key, Value>>,
     /// (rv, kind, type, object)
     history: Vec<(u64, String, String, Value)>,
-    watchers: Vec<(String, mpsc::UnboundedSender<Bytes>)>,
+    /// (kind, metadata only, sender)
+    watchers: Vec<(String, bool, mpsc::UnboundedSender<Bytes>)>,
     /// kind -> (the last resourceVersion delivered, the events held back):
     /// the watch lags ([`State::hold_watch`]).
-    held_watch: BTreeMap<String, (u64, Vec<Bytes>)>,
+    held_watch: BTreeMap<String, (u64, Vec<(String, Value)>)>,
     /// Kinds whose list requests wait ([`State::hold_list`]).
     held_lists: BTreeSet<String>,
+    /// Kinds whose list and watch are refused with 403 ([`State::forbid`]).
+    forbidden: BTreeSet<String>,
     pub log: Vec<Logged>,
 }
 
@@ -140,6 +155,40 @@ fn key_of(obj: &Value) -> Key {
     )
 }
 
+/// What the API server sends for an object to a client that asked for
+/// metadata only.
+pub fn partial_metadata(obj: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj["metadata"].clone(),
+    })
+}
+
+/// A pod as the cluster has it: in `namespace`, with the annotations
+/// given (e.g. `k8s.v1.cni.cncf.io/network-status`), running at `ip`.
+pub fn pod(namespace: &str, name: &str, annotations: Value, ip: &str) -> Value {
+    json!({
+        "metadata": {"namespace": namespace, "name": name, "annotations": annotations,
+                     "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "app", "image": "web"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+/// One watch event line.
+fn watch_line(type_: &str, obj: &Value, meta_only: bool) -> Bytes {
+    let obj = if meta_only {
+        partial_metadata(obj)
+    } else {
+        obj.clone()
+    };
+    Bytes::from(format!(
+        "{}\n",
+        serde_json::to_string(&json!({"type": type_, "object": obj})).unwrap()
+    ))
+}
+
 fn api_version(kind: &str) -> &'static str {
     match kind {
         "endpointslices" => "discovery.k8s.io/v1",
@@ -155,6 +204,7 @@ fn kind_name(kind: &str) -> &'static str {
         "services" => "Service",
         "endpointslices" => "EndpointSlice",
         "nodes" => "Node",
+        "pods" => "Pod",
         "leases" => "Lease",
         "events" => "Event",
         "bgppeerservices" => "BGPPeerService",
@@ -171,16 +221,17 @@ impl State {
     fn emit(&mut self, kind: &str, type_: &str, obj: &Value) {
         self.history
             .push((self.rv, kind.into(), type_.into(), obj.clone()));
-        let line = Bytes::from(format!(
-            "{}\n",
-            serde_json::to_string(&json!({"type": type_, "object": obj})).unwrap()
-        ));
         if let Some((_, held)) = self.held_watch.get_mut(kind) {
-            held.push(line);
+            held.push((type_.into(), obj.clone()));
             return;
         }
-        self.watchers
-            .retain(|(k, tx)| k != kind || tx.unbounded_send(line.clone()).is_ok());
+        self.send(kind, type_, obj);
+    }
+
+    fn send(&mut self, kind: &str, type_: &str, obj: &Value) {
+        self.watchers.retain(|(k, meta, tx)| {
+            k != kind || tx.unbounded_send(watch_line(type_, obj, *meta)).is_ok()
+        });
     }
 
     /// From now on the watches of `kind` lag: the API server accepts and
@@ -200,10 +251,27 @@ impl State {
         let Some((_, held)) = self.held_watch.remove(kind) else {
             return;
         };
-        for line in held {
-            self.watchers
-                .retain(|(k, tx)| k != kind || tx.unbounded_send(line.clone()).is_ok());
+        for (type_, obj) in held {
+            self.send(kind, &type_, &obj);
         }
+    }
+
+    /// How many watches of `kind` are open (their client still reads).
+    pub fn watching(&self, kind: &str) -> usize {
+        self.watchers
+            .iter()
+            .filter(|(k, _, tx)| k == kind && !tx.is_closed())
+            .count()
+    }
+
+    /// List and watch of `kind` are refused (403 Forbidden, as the API
+    /// server answers without RBAC for them) until [`State::allow`].
+    pub fn forbid(&mut self, kind: &str) {
+        self.forbidden.insert(kind.into());
+    }
+
+    pub fn allow(&mut self, kind: &str) {
+        self.forbidden.remove(kind);
     }
 
     /// List requests for `kind` wait until [`State::release_list`] (a
@@ -281,7 +349,16 @@ impl State {
         self.emit(kind, "DELETED", &obj);
     }
 
-    fn list(&self, kind: &str) -> Value {
+    fn list(&self, kind: &str, meta_only: bool) -> Value {
+        if meta_only {
+            let items: Vec<Value> = self.all(kind).iter().map(partial_metadata).collect();
+            return json!({
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadataList",
+                "metadata": {"resourceVersion": self.rv.to_string()},
+                "items": items,
+            });
+        }
         json!({
             "apiVersion": api_version(kind),
             "kind": format!("{}List", kind_name(kind)),
@@ -290,20 +367,22 @@ impl State {
         })
     }
 
-    fn watch(&mut self, kind: &str, since: u64) -> mpsc::UnboundedReceiver<Bytes> {
+    /// Delete an object now (no finalizers: pods in these tests).
+    pub fn delete_now(&mut self, kind: &str, ns: &str, name: &str) {
+        let obj = self.get(kind, ns, name).expect("object to delete");
+        self.remove(kind, obj);
+    }
+
+    fn watch(&mut self, kind: &str, since: u64, meta_only: bool) -> mpsc::UnboundedReceiver<Bytes> {
         let (tx, rx) = mpsc::unbounded();
         // While held, the events after the hold come at the release.
         let until = self.held_watch.get(kind).map_or(u64::MAX, |(rv, _)| *rv);
         for (rv, k, t, o) in &self.history {
             if k == kind && *rv > since && *rv <= until {
-                let line = format!(
-                    "{}\n",
-                    serde_json::to_string(&json!({"type": t, "object": o})).unwrap()
-                );
-                tx.unbounded_send(Bytes::from(line)).unwrap();
+                tx.unbounded_send(watch_line(t, o, meta_only)).unwrap();
             }
         }
-        self.watchers.push((kind.into(), tx));
+        self.watchers.push((kind.into(), meta_only, tx));
         rx
     }
 
@@ -483,6 +562,12 @@ impl FakeApi {
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
+        let accept = req
+            .headers()
+            .get("accept")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let meta_only = accept.contains("as=PartialObjectMetadata");
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body: Value = if bytes.is_empty() {
             Value::Null
@@ -505,24 +590,44 @@ impl FakeApi {
         let kind_of_collection = match parts.as_slice() {
             ["api", "v1", "services"] => Some("services"),
             ["api", "v1", "nodes"] => Some("nodes"),
+            ["api", "v1", "pods"] => Some("pods"),
             ["apis", "discovery.k8s.io", "v1", "endpointslices"] => Some("endpointslices"),
             ["apis", "bgppeer.loxilb.io", "v1", "bgppeerservices"] => Some("bgppeerservices"),
             _ => None,
         };
         let (code, resp): (StatusCode, Option<Value>) = if let Some(kind) = kind_of_collection {
             assert_eq!(method, "GET");
-            if watch {
-                let since: u64 = query
-                    .get("resourceVersion")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                let rx = st.watch(kind, since);
+            if st.forbidden.contains(kind) {
+                let v = status(
+                    403,
+                    "Forbidden",
+                    &format!("{kind} is forbidden: User \"system:serviceaccount:kube-system:loxilb-agent\" cannot list resource \"{kind}\" in API group \"\" at the cluster scope"),
+                );
                 st.log.push(Logged {
                     agent: agent.into(),
                     method,
                     path,
                     query,
                     content_type,
+                    accept,
+                    body,
+                    status: 403,
+                });
+                return full(StatusCode::FORBIDDEN, &v);
+            }
+            if watch {
+                let since: u64 = query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let rx = st.watch(kind, since, meta_only);
+                st.log.push(Logged {
+                    agent: agent.into(),
+                    method,
+                    path,
+                    query,
+                    content_type,
+                    accept,
                     body,
                     status: 200,
                 });
@@ -533,7 +638,7 @@ impl FakeApi {
                     .body(StreamBody::new(stream).boxed_unsync())
                     .unwrap();
             }
-            (StatusCode::OK, Some(st.list(kind)))
+            (StatusCode::OK, Some(st.list(kind, meta_only)))
         } else {
             match parts.as_slice() {
                 ["api", "v1", "namespaces", ns, "services", name] => {
@@ -586,6 +691,7 @@ impl FakeApi {
             path,
             query,
             content_type,
+            accept,
             body,
             status: code.as_u16(),
         });
@@ -627,6 +733,13 @@ pub fn check_field_managers(log: &[Logged]) -> BTreeSet<String> {
 /// (each test names the groups its component is responsible for). Every
 /// write must name its field manager ([`check_field_managers`]).
 pub fn check_rbac(log: &[Logged], all_used_in: &[&str]) {
+    check_rbac_except(log, all_used_in, &[]);
+}
+
+/// [`check_rbac`], except that the resources `not_used` (e.g. `pods`,
+/// watched only while a Service has `loxilb.io/multus-nets`) need not have
+/// been used.
+pub fn check_rbac_except(log: &[Logged], all_used_in: &[&str], not_used: &[&str]) {
     check_field_managers(log);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest/in-cluster/loxilb.yaml");
     let text = std::fs::read_to_string(path).unwrap();
@@ -686,7 +799,12 @@ pub fn check_rbac(log: &[Logged], all_used_in: &[&str]) {
                 .flatten()
                 .filter(|g| all_used_in.contains(&g.as_str()))
             {
-                for res in r.resources.iter().flatten() {
+                for res in r
+                    .resources
+                    .iter()
+                    .flatten()
+                    .filter(|res| !not_used.contains(&res.as_str()))
+                {
                     for v in &r.verbs {
                         assert!(
                             used.contains(&(g.clone(), res.clone(), v.clone())),
