@@ -533,11 +533,14 @@ pub struct KubeApplied {
 /// through (the rule file's checks, [`crate::config::check_reachability`]
 /// and [`crate::config::check_dsr_forwarding`]). The routes and devices
 /// are read once per update, and only when a DSR rule is in it.
+/// The routing table and every device's forwarding, as read for checks.
+type NodeView = (
+    Vec<crate::routes::Route>,
+    Vec<(crate::netlink::Link, loxilb_common::DevFwd)>,
+);
+
 struct NodeChecks {
-    seen: Option<(
-        Vec<crate::routes::Route>,
-        Vec<(crate::netlink::Link, loxilb_common::DevFwd)>,
-    )>,
+    seen: Option<NodeView>,
 }
 
 impl NodeChecks {
