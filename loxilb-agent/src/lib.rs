@@ -3,6 +3,7 @@
 
 pub mod bgp;
 pub mod config;
+pub mod ctsync;
 pub mod datapath;
 pub mod devices;
 pub mod kube_rules;
