@@ -49,8 +49,11 @@
 //! be older than `refresh` or a quarter of its idle timeout, whichever is
 //! less. `LB_EP_ACTIVE` (active sessions per endpoint) is not written: the
 //! agent's periodic re-count from conntrack covers the synced sessions.
-//! SCTP multihoming association records (`LB_SCTP_ASSOC`) are not synced
-//! yet: single-homed SCTP sessions are plain conntrack entries and are.
+//!
+//! SCTP multihoming association records (`LB_SCTP_ASSOC`, no clock in
+//! them) are synced the same way: key `(rule_id, vtag)` sent as (rule
+//! identity, vtag), `ep_stat` as the endpoint (address, port), the rest
+//! copied.
 //!
 //! # Transport
 //!
@@ -79,6 +82,8 @@
 //! | 5 | SNAPSHOT_END | entries `u32` | sender |
 //! | 6 | ERROR | UTF-8 text; the connection then ends | both |
 //! | 7 | HEARTBEAT | empty (every 2 s; a receiver hangs up after 15 s of silence) | sender |
+//! | 8 | ASSOC_UPSERT | count `u16` (at most 2048), count × association record | sender |
+//! | 9 | ASSOC_REMOVE | count `u16`, count × association id | sender |
 //!
 //! The sender (the connecting side) sends HELLO; the receiver answers
 //! HELLO, or ERROR (another protocol or layout version, named in the
@@ -98,6 +103,15 @@
 //! endpoint port 2; 163 direction 1; 164 state 1; 165 mode 1; 166 idle
 //! timeout in seconds `u32`; 170 SCTP tag 4; 174 age in ns `u64`; 182
 //! packets `u64`; 190 bytes `u64`.
+//!
+//! An association id (23 bytes): rule VIP 16, rule port 2, rule protocol
+//! 1, verification tag 4. An association record (317 bytes): 0 id (23);
+//! 23 `eps`, 87 `vips`, 151 `clients`, 215 `xclients` (4 addresses
+//! each, 64 bytes); 279 `ep_port`, 281 `vport`, 283 `cport`, 285
+//! `xcport` (2 each); 287 `n_pairs`, 288 `n_clients`, 289 `n_vips`, 290
+//! `mode` (1 each); 291 `ctag` 4; 295 `etag` 4; 299 endpoint address 16;
+//! 315 endpoint port 2. A snapshot sends the associations after the
+//! conntrack entries, before SNAPSHOT_END.
 //!
 //! # Stats
 //!
@@ -202,6 +216,10 @@ pub struct Stats {
     /// Entries found new or changed, and keys found removed, over all scans.
     pub changes: u64,
     pub removals: u64,
+    /// SCTP association records in the last scan; their changes and
+    /// removals over all scans.
+    pub last_scan_assocs: u64,
+    pub assoc_changes: u64,
     pub last_error: Option<String>,
     /// Active: one per configured peer.
     pub peers: Vec<PeerStats>,
@@ -217,6 +235,8 @@ pub struct PeerStats {
     pub connects: u64,
     pub entries_sent: u64,
     pub removes_sent: u64,
+    /// SCTP association records and removals sent (outside snapshots).
+    pub assocs_sent: u64,
     pub snapshots: u64,
     /// Full resyncs because the receiver fell behind.
     pub resyncs: u64,

@@ -2,7 +2,8 @@
 //! (packets through BPF_PROG_TEST_RUN) reach the other over mutual-TLS
 //! TCP on loopback, renumbered to its own rule ids and endpoint counters,
 //! and an established packet through the second node is translated exactly
-//! as the first translated it; ended sessions go on the second too.
+//! as the first translated it; ended sessions go on the second too, and
+//! SCTP association records follow the same way.
 
 use std::{
     collections::HashMap,
@@ -11,12 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use loxilb_agent::ctsync::SessionTable;
 use loxilb_agent::{
     ctsync::{self, Syncer},
     datapath::{remove_pins, Datapath, PinnedMaps},
     rules::RuleTable,
 };
-use loxilb_common::{ct_state, CtKey, CtVal, EpVal, SvcKey};
+use loxilb_common::{ct_state, AssocKey, AssocVal, CtKey, CtVal, EpVal, SvcKey};
 use loxilb_tests::{
     fib::{self, run_xdp, verdict::XDP_REDIRECT},
     need_root,
@@ -398,6 +400,67 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
             .get(&k40000)
             .is_some_and(|v| v.state & ct_state::CLOSING != 0)
     });
+    // SCTP multihoming association records (two keys: the client's and
+    // the endpoint's tag) of the fnat rule follow with B's numbers.
+    let fnat_key = *a_svcs.keys().find(|k| u16::from_be(k.port) == 81).unwrap();
+    let (a_fnat, b_fnat) = (a_svcs[&fnat_key], b_svcs[&fnat_key]);
+    let ep10_8081 = (
+        loxilb_common::addr_from_ip("10.0.1.10".parse().unwrap()),
+        8081u16.to_be(),
+    );
+    let assoc = AssocVal {
+        eps: [ep10_8081.0, [0; 4], [0; 4], [0; 4]],
+        vips: [fnat_key.addr, [0; 4], [0; 4], [0; 4]],
+        ep_port: ep10_8081.1,
+        vport: 81u16.to_be(),
+        ep_stat: a_eps[&(a_fnat, ep10_8081.0, ep10_8081.1)],
+        n_pairs: 1,
+        n_vips: 1,
+        ctag: 0x11,
+        etag: 0x22,
+        ..Default::default()
+    };
+    let mut a_table = ctsync::PinnedTable::open(&a.pin_dir).unwrap();
+    for vtag in [0x11, 0x22] {
+        let k = AssocKey {
+            rule_id: a_fnat,
+            vtag,
+        };
+        a_table.put_assoc(&k, &assoc).unwrap();
+    }
+    let b_assocs = || -> HashMap<AssocKey, AssocVal> {
+        PinnedMaps::open(&b.pin_dir)
+            .unwrap()
+            .associations()
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    wait_for("the associations on B", 10, || b_assocs().len() == 2);
+    let mut want = assoc;
+    want.ep_stat = b_eps[&(b_fnat, ep10_8081.0, ep10_8081.1)];
+    assert_ne!(want.ep_stat, assoc.ep_stat);
+    for vtag in [0x11, 0x22] {
+        let k = AssocKey {
+            rule_id: b_fnat,
+            vtag,
+        };
+        assert_eq!(
+            b_assocs().get(&k),
+            Some(&want),
+            "association {vtag:#x} on B"
+        );
+    }
+    a_table
+        .remove_assoc(&AssocKey {
+            rule_id: a_fnat,
+            vtag: 0x22,
+        })
+        .unwrap();
+    wait_for("the association's removal on B", 10, || {
+        b_assocs().len() == 1
+    });
+
     // The web rule's sessions end on A: they go on B, the others stay.
     let a_web = a_svcs
         .iter()

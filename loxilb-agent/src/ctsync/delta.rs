@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use loxilb_common::CtKey;
 
-use super::wire::{self, Record};
+use super::wire::{self, AssocId, AssocRecord, Record};
 
 /// One exported entry as the sender last scanned it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +161,46 @@ pub fn remove_frames(keys: &[CtKey], max: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Every exported SCTP association entry of the last scan.
+pub type AssocState = HashMap<AssocId, AssocRecord>;
+
+/// The new association state and what changed against `prev`:
+/// (state, new or changed ids, removed ids).
+pub fn diff_assocs(
+    prev: &AssocState,
+    scanned: Vec<AssocRecord>,
+) -> (AssocState, Vec<AssocId>, Vec<AssocId>) {
+    let next: AssocState = scanned.into_iter().map(|r| (r.id(), r)).collect();
+    let upserts = next
+        .iter()
+        .filter(|(id, r)| prev.get(id) != Some(r))
+        .map(|(id, _)| *id)
+        .collect();
+    let removes = prev
+        .keys()
+        .filter(|id| !next.contains_key(id))
+        .copied()
+        .collect();
+    (next, upserts, removes)
+}
+
+/// The ASSOC_UPSERT frames for `ids` of `state`.
+pub fn assoc_frames(ids: &[AssocId], state: &AssocState, max: usize) -> Vec<Vec<u8>> {
+    ids.chunks(max.clamp(1, wire::MAX_ASSOC_BATCH))
+        .map(|c| {
+            let recs: Vec<AssocRecord> = c.iter().filter_map(|id| state.get(id)).copied().collect();
+            wire::encode_assoc_upsert(&recs)
+        })
+        .collect()
+}
+
+/// The ASSOC_REMOVE frames for `ids`.
+pub fn assoc_remove_frames(ids: &[AssocId], max: usize) -> Vec<Vec<u8>> {
+    ids.chunks(max.clamp(1, wire::MAX_ASSOC_BATCH))
+        .map(wire::encode_assoc_remove)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::xlate::{export, tests as x, SenderIndex};
@@ -261,6 +301,23 @@ mod tests {
             }
         }
         assert_eq!(batches(&[], &s, 4), Vec::<Vec<CtKey>>::new());
+    }
+
+    #[test]
+    fn association_changes_and_removals() {
+        let a = wire::tests::sample_assoc();
+        let mut b = a;
+        b.vtag = 9;
+        let (s1, up, rm) = diff_assocs(&AssocState::new(), vec![a, b]);
+        assert_eq!((up.len(), rm.len()), (2, 0));
+        let (s2, up, rm) = diff_assocs(&s1, vec![a, b]);
+        assert_eq!((up.len(), rm.len()), (0, 0));
+        let mut a2 = a;
+        a2.val.etag = 1;
+        let (_, up, rm) = diff_assocs(&s2, vec![a2]);
+        assert_eq!((up, rm), (vec![a.id()], vec![b.id()]));
+        assert_eq!(assoc_frames(&[a.id(), b.id()], &s1, 1).len(), 2);
+        assert_eq!(assoc_remove_frames(&[a.id(), b.id()], 10).len(), 1);
     }
 
     #[test]

@@ -2,19 +2,19 @@
 //! on a [`SessionTable`]: no sockets, no threads.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use loxilb_common::CtKey;
+use loxilb_common::{AssocKey, CtKey};
 use serde::Serialize;
 
 use super::{
-    delta::{self, State},
+    delta::{self, AssocState, State},
     table::SessionTable,
-    wire::Record,
+    wire::{AssocId, AssocRecord, Record},
     xlate::{self, ReceiverIndex, SenderIndex, Skip},
 };
 
@@ -22,11 +22,16 @@ use super::{
 pub struct ScanOut {
     /// The table as exported (what a snapshot sends).
     pub state: Arc<State>,
-    /// The frames of the changes since the previous scan (UPSERTs, then
-    /// REMOVEs), encoded once for every receiver.
+    /// The SCTP association records as exported.
+    pub assocs: Arc<AssocState>,
+    /// The frames of the changes since the previous scan (UPSERTs,
+    /// REMOVEs, then the same for associations), encoded once for every
+    /// receiver.
     pub frames: Vec<Arc<Vec<u8>>>,
     pub upserts: usize,
     pub removes: usize,
+    pub assoc_upserts: usize,
+    pub assoc_removes: usize,
     /// Entries left out: rule or endpoint no longer known on this node.
     pub skipped: usize,
     /// The table's clock at the scan (ages of a later snapshot count
@@ -37,6 +42,9 @@ pub struct ScanOut {
 /// The sender's side: scans the table and works out the changes.
 pub struct Scanner {
     prev: Arc<State>,
+    prev_assocs: Arc<AssocState>,
+    /// The local key of each association of the last scan.
+    assoc_keys: HashMap<AssocId, AssocKey>,
     refresh_ns: u64,
     batch: usize,
 }
@@ -45,6 +53,8 @@ impl Scanner {
     pub fn new(refresh: Duration, batch: usize) -> Self {
         Scanner {
             prev: Arc::new(State::new()),
+            prev_assocs: Arc::new(AssocState::new()),
+            assoc_keys: HashMap::new(),
             refresh_ns: refresh.as_nanos() as u64,
             batch,
         }
@@ -72,6 +82,26 @@ impl Scanner {
             }
         }
         let (state, d) = delta::diff(&self.prev, scanned, self.refresh_ns);
+        // SCTP associations: the same, without ages.
+        let mut assocs = t.assocs()?;
+        let seen: HashSet<AssocKey> = assocs.iter().map(|(k, _)| *k).collect();
+        for k in self.assoc_keys.values().filter(|k| !seen.contains(k)) {
+            if let Some(v) = t.get_assoc(k)? {
+                assocs.push((*k, v));
+            }
+        }
+        let mut assoc_keys = HashMap::with_capacity(assocs.len());
+        let mut exported: Vec<AssocRecord> = Vec::with_capacity(assocs.len());
+        for (k, v) in &assocs {
+            match xlate::export_assoc(k, v, &idx) {
+                Ok(r) => {
+                    assoc_keys.insert(r.id(), *k);
+                    exported.push(r);
+                }
+                Err(_) => skipped += 1,
+            }
+        }
+        let (astate, a_up, a_rm) = delta::diff_assocs(&self.prev_assocs, exported);
         let mut frames: Vec<Arc<Vec<u8>>> =
             delta::upsert_frames(&d.upserts, &state, self.batch, now)
                 .into_iter()
@@ -82,12 +112,23 @@ impl Scanner {
                 .into_iter()
                 .map(Arc::new),
         );
+        frames.extend(
+            delta::assoc_frames(&a_up, &astate, self.batch)
+                .into_iter()
+                .chain(delta::assoc_remove_frames(&a_rm, self.batch))
+                .map(Arc::new),
+        );
         self.prev = Arc::new(state);
+        self.prev_assocs = Arc::new(astate);
+        self.assoc_keys = assoc_keys;
         Ok(ScanOut {
             state: self.prev.clone(),
+            assocs: self.prev_assocs.clone(),
             frames,
             upserts: d.upserts.len(),
             removes: d.removes.len(),
+            assoc_upserts: a_up.len(),
+            assoc_removes: a_rm.len(),
             skipped,
             now_ns: now,
         })
@@ -111,6 +152,11 @@ pub struct ApplyStats {
     pub stale_removed: u64,
     /// Full snapshots applied.
     pub snapshots: u64,
+    /// SCTP association records written, removed, and dropped (rule or
+    /// endpoint unknown here).
+    pub assoc_applied: u64,
+    pub assoc_removed: u64,
+    pub assoc_dropped: u64,
 }
 
 /// How long the receiver trusts its view of its own rules.
@@ -125,6 +171,9 @@ pub struct Applier {
     tracked: HashSet<CtKey>,
     /// During a snapshot: the keys it held so far.
     snapshot: Option<HashSet<CtKey>>,
+    /// The same for SCTP association records.
+    tracked_assoc: HashSet<AssocKey>,
+    snapshot_assoc: Option<HashSet<AssocKey>>,
     pub stats: ApplyStats,
 }
 
@@ -177,8 +226,54 @@ impl Applier {
         Ok(())
     }
 
+    pub fn assoc_upserts(&mut self, t: &mut dyn SessionTable, recs: &[AssocRecord]) -> Result<()> {
+        self.refresh(t, false)?;
+        let mut refreshed = false;
+        for r in recs {
+            let mut out = xlate::import_assoc(r, &self.index);
+            if out.is_err() && !refreshed {
+                self.refresh(t, true)?;
+                refreshed = true;
+                out = xlate::import_assoc(r, &self.index);
+            }
+            match out {
+                Ok((k, v)) => {
+                    t.put_assoc(&k, &v)?;
+                    self.tracked_assoc.insert(k);
+                    if let Some(s) = self.snapshot_assoc.as_mut() {
+                        s.insert(k);
+                    }
+                    self.stats.assoc_applied += 1;
+                }
+                Err(_) => self.stats.assoc_dropped += 1,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn assoc_removes(&mut self, t: &mut dyn SessionTable, ids: &[AssocId]) -> Result<()> {
+        self.refresh(t, false)?;
+        for (rule, vtag) in ids {
+            let Some(rule_id) = self.index.rule_id(rule) else {
+                continue;
+            };
+            let k = AssocKey {
+                rule_id,
+                vtag: *vtag,
+            };
+            t.remove_assoc(&k)?;
+            self.tracked_assoc.remove(&k);
+            if let Some(s) = self.snapshot_assoc.as_mut() {
+                s.remove(&k);
+            }
+            self.stats.assoc_removed += 1;
+        }
+        Ok(())
+    }
+
     pub fn begin_snapshot(&mut self) {
         self.snapshot = Some(HashSet::new());
+        self.snapshot_assoc = Some(HashSet::new());
     }
 
     /// End of a snapshot: entries an earlier sync installed that it did
@@ -197,20 +292,34 @@ impl Applier {
             t.remove(k)?;
             self.tracked.remove(k);
         }
-        self.stats.stale_removed += stale.len() as u64;
+        let held_assoc = self.snapshot_assoc.take().unwrap_or_default();
+        let stale_assoc: Vec<AssocKey> = self
+            .tracked_assoc
+            .iter()
+            .filter(|k| !held_assoc.contains(k))
+            .copied()
+            .collect();
+        for k in &stale_assoc {
+            t.remove_assoc(k)?;
+            self.tracked_assoc.remove(k);
+        }
+        let n = stale.len() + stale_assoc.len();
+        self.stats.stale_removed += n as u64;
         self.stats.snapshots += 1;
-        Ok(stale.len())
+        Ok(n)
     }
 
     /// A snapshot cut short (the connection ended): keep what it wrote.
     pub fn abort_snapshot(&mut self) {
         self.snapshot = None;
+        self.snapshot_assoc = None;
     }
 
     /// This node took over: the synced sessions are now its own.
     pub fn forget(&mut self) {
         self.tracked.clear();
-        self.snapshot = None;
+        self.tracked_assoc.clear();
+        self.abort_snapshot();
     }
 
     pub fn tracked(&self) -> usize {
@@ -395,6 +504,70 @@ mod tests {
         f.1 = Some(s[0].0);
         let out = sc.scan(&mut f).unwrap();
         assert_eq!((out.upserts, out.removes), (0, 0));
+    }
+
+    #[test]
+    fn associations_follow_with_their_own_ids() {
+        let (mut a, mut b) = tables();
+        let v = loxilb_common::AssocVal {
+            eps: [x::a("10.0.1.11"), [0; 4], [0; 4], [0; 4]],
+            ep_port: 8080u16.to_be(),
+            ep_stat: 1,
+            n_pairs: 1,
+            ctag: 5,
+            etag: 6,
+            ..Default::default()
+        };
+        let (kc, ke) = (
+            AssocKey {
+                rule_id: 1,
+                vtag: 5,
+            },
+            AssocKey {
+                rule_id: 1,
+                vtag: 6,
+            },
+        );
+        a.with(|s| {
+            s.assoc.insert(kc, v);
+            s.assoc.insert(ke, v);
+        });
+        let mut sc = Scanner::new(Duration::from_secs(5), 64);
+        let mut ap = Applier::default();
+        let out = sc.scan(&mut a).unwrap();
+        assert_eq!(out.assoc_upserts, 2);
+        for f in &out.frames {
+            match wire::decode(&f[4..]).unwrap() {
+                Msg::AssocUpsert(r) => ap.assoc_upserts(&mut b, &r).unwrap(),
+                m => panic!("{m:?}"),
+            }
+        }
+        // (Built outside the closure: rustc 1.95 miscompiles a struct
+        // update of `AssocVal` captured by it: an ICE.)
+        let mut want = v;
+        want.ep_stat = 6;
+        let got = b.with(|s| {
+            assert_eq!(s.assoc.len(), 2);
+            s.assoc[&AssocKey {
+                rule_id: 2,
+                vtag: 5,
+            }]
+        });
+        assert_eq!(got, want);
+        a.with(|s| s.assoc.remove(&ke));
+        let out = sc.scan(&mut a).unwrap();
+        assert_eq!((out.assoc_upserts, out.assoc_removes), (0, 1));
+        for f in &out.frames {
+            match wire::decode(&f[4..]).unwrap() {
+                Msg::AssocRemove(r) => ap.assoc_removes(&mut b, &r).unwrap(),
+                m => panic!("{m:?}"),
+            }
+        }
+        b.with(|s| assert_eq!(s.assoc.len(), 1));
+        // A snapshot without it drops the other.
+        ap.begin_snapshot();
+        assert_eq!(ap.end_snapshot(&mut b).unwrap(), 1);
+        b.with(|s| assert!(s.assoc.is_empty()));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use super::{
-    delta::{self, State},
+    delta::{self, AssocState, State},
     engine::{Applier, Scanner},
     table::SessionTable,
     tls::Tls,
@@ -65,6 +65,7 @@ pub(super) fn unix_now() -> u64 {
 /// The exported table at one scan, for a snapshot.
 pub(super) struct Snap {
     state: Arc<State>,
+    assocs: Arc<AssocState>,
     now_ns: u64,
     at: Instant,
 }
@@ -79,13 +80,15 @@ pub(super) struct Sub {
     overflow: Arc<AtomicBool>,
 }
 
-/// (records in an UPSERT frame, keys in a REMOVE frame)
-fn frame_counts(f: &[u8]) -> (u64, u64) {
+/// (entries in an UPSERT frame, keys in a REMOVE frame, association
+/// records or ids in an ASSOC_* frame)
+fn frame_counts(f: &[u8]) -> (u64, u64, u64) {
     let n = u16::from_be_bytes([f[5], f[6]]) as u64;
     match f[4] {
-        wire::msg::UPSERT => (n, 0),
-        wire::msg::REMOVE => (0, n),
-        _ => (0, 0),
+        wire::msg::UPSERT => (n, 0, 0),
+        wire::msg::REMOVE => (0, n, 0),
+        wire::msg::ASSOC_UPSERT | wire::msg::ASSOC_REMOVE => (0, 0, n),
+        _ => (0, 0, 0),
     }
 }
 
@@ -135,6 +138,8 @@ pub(super) async fn scanner(ctx: Arc<Ctx>) {
             s.skipped_last_scan = out.skipped as u64;
             s.changes += out.upserts as u64;
             s.removals += out.removes as u64;
+            s.last_scan_assocs = out.assocs.len() as u64;
+            s.assoc_changes += (out.assoc_upserts + out.assoc_removes) as u64;
         });
         let mut subs = ctx.subs.lock().expect("subs lock");
         subs.retain_mut(|s| {
@@ -142,6 +147,7 @@ pub(super) async fn scanner(ctx: Arc<Ctx>) {
                 return w
                     .send(Snap {
                         state: out.state.clone(),
+                        assocs: out.assocs.clone(),
                         now_ns: out.now_ns,
                         at: t0,
                     })
@@ -272,10 +278,11 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
                 f = rx.recv() => match f {
                     Some(f) => {
                         wire::write_frame(&mut wr, &f).await?;
-                        let (u, r) = frame_counts(&f);
+                        let (u, r, a) = frame_counts(&f);
                         ctx.peer(i, |p| {
                             p.entries_sent += u;
                             p.removes_sent += r;
+                            p.assocs_sent += a;
                         });
                     }
                     None if overflow.load(Ordering::SeqCst) => {
@@ -309,6 +316,10 @@ async fn send_snapshot<W: tokio::io::AsyncWrite + Unpin>(
         for f in delta::upsert_frames(&b, &snap.state, ctx.cfg.batch, now) {
             wire::write_frame(wr, &f).await?;
         }
+    }
+    let ids: Vec<_> = snap.assocs.keys().copied().collect();
+    for f in delta::assoc_frames(&ids, &snap.assocs, ctx.cfg.batch) {
+        wire::write_frame(wr, &f).await?;
     }
     wire::write_frame(wr, &wire::encode(&Msg::SnapshotEnd { entries: n })).await?;
     wr.flush().await?;
@@ -466,6 +477,8 @@ async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<()> {
         match msg {
             Msg::Upsert(r) => ap.upserts(t, &r)?,
             Msg::Remove(k) => ap.removes(t, &k)?,
+            Msg::AssocUpsert(r) => ap.assoc_upserts(t, &r)?,
+            Msg::AssocRemove(k) => ap.assoc_removes(t, &k)?,
             Msg::SnapshotBegin { .. } => ap.begin_snapshot(),
             Msg::SnapshotEnd { .. } => {
                 let stale = ap.end_snapshot(t)?;

@@ -10,7 +10,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use loxilb_common::{map_names as mn, CtKey, CtVal, EpKey, EpVal, SvcKey, SvcVal};
+use loxilb_common::{
+    map_names as mn, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpVal, SvcKey, SvcVal,
+};
 
 /// A node's conntrack table and its rules.
 pub trait SessionTable: Send {
@@ -25,6 +27,20 @@ pub trait SessionTable: Send {
     fn endpoints(&mut self) -> Result<Vec<(EpKey, EpVal)>>;
     /// The clock the datapath stamps `last_seen_ns` with.
     fn now_ns(&self) -> u64;
+    /// SCTP multihoming association records (`LB_SCTP_ASSOC`). The
+    /// defaults are a table without any.
+    fn assocs(&mut self) -> Result<Vec<(AssocKey, AssocVal)>> {
+        Ok(vec![])
+    }
+    fn get_assoc(&mut self, _k: &AssocKey) -> Result<Option<AssocVal>> {
+        Ok(None)
+    }
+    fn put_assoc(&mut self, _k: &AssocKey, _v: &AssocVal) -> Result<()> {
+        Ok(())
+    }
+    fn remove_assoc(&mut self, _k: &AssocKey) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The maps a running agent pinned in its pin directory (opened by path:
@@ -34,6 +50,7 @@ pub struct PinnedTable {
     ct: BpfHashMap<MapData, CtKey, CtVal>,
     svcs: BpfHashMap<MapData, SvcKey, SvcVal>,
     eps: BpfHashMap<MapData, EpKey, EpVal>,
+    assoc: BpfHashMap<MapData, AssocKey, AssocVal>,
 }
 
 fn open<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> Result<BpfHashMap<MapData, K, V>> {
@@ -58,6 +75,7 @@ impl PinnedTable {
             ct: open(dir, mn::CONNTRACK)?,
             svcs: open(dir, mn::SERVICES)?,
             eps: open(dir, mn::ENDPOINTS)?,
+            assoc: open(dir, mn::SCTP_ASSOC)?,
         })
     }
 }
@@ -109,6 +127,30 @@ impl SessionTable for PinnedTable {
     fn now_ns(&self) -> u64 {
         crate::show::monotonic_ns()
     }
+    fn assocs(&mut self) -> Result<Vec<(AssocKey, AssocVal)>> {
+        read_all(&self.assoc)
+            .with_context(|| format!("reading {}/{}", self.dir.display(), mn::SCTP_ASSOC))
+    }
+    fn get_assoc(&mut self, k: &AssocKey) -> Result<Option<AssocVal>> {
+        match self.assoc.get(k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn put_assoc(&mut self, k: &AssocKey, v: &AssocVal) -> Result<()> {
+        self.assoc
+            .insert(k, v, 0)
+            .with_context(|| format!("writing {}/{}", self.dir.display(), mn::SCTP_ASSOC))
+    }
+    fn remove_assoc(&mut self, k: &AssocKey) -> Result<()> {
+        match self.assoc.remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| {
+                format!("deleting from {}/{}", self.dir.display(), mn::SCTP_ASSOC)
+            }),
+        }
+    }
 }
 
 /// What a [`MemTable`] holds (shared between clones).
@@ -117,6 +159,7 @@ pub struct MemState {
     pub ct: HashMap<CtKey, CtVal>,
     pub svcs: Vec<(SvcKey, SvcVal)>,
     pub eps: Vec<(EpKey, EpVal)>,
+    pub assoc: HashMap<AssocKey, AssocVal>,
     pub now_ns: u64,
     /// Entries written, over the table's life.
     pub puts: u64,
@@ -163,5 +206,19 @@ impl SessionTable for MemTable {
     }
     fn now_ns(&self) -> u64 {
         self.0.lock().expect("MemTable lock").now_ns
+    }
+    fn assocs(&mut self) -> Result<Vec<(AssocKey, AssocVal)>> {
+        Ok(self.with(|s| s.assoc.iter().map(|(k, v)| (*k, *v)).collect()))
+    }
+    fn get_assoc(&mut self, k: &AssocKey) -> Result<Option<AssocVal>> {
+        Ok(self.with(|s| s.assoc.get(k).copied()))
+    }
+    fn put_assoc(&mut self, k: &AssocKey, v: &AssocVal) -> Result<()> {
+        self.with(|s| s.assoc.insert(*k, *v));
+        Ok(())
+    }
+    fn remove_assoc(&mut self, k: &AssocKey) -> Result<()> {
+        self.with(|s| s.assoc.remove(k));
+        Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! frames, messages and the session record, encoded and decoded by hand.
 
 use anyhow::{bail, Context, Result};
-use loxilb_common::{Addr, CtKey, SvcKey};
+use loxilb_common::{Addr, AssocVal, CtKey, SvcKey, MAX_RULE_VIPS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First bytes of a HELLO.
@@ -17,6 +17,16 @@ pub const MAX_BATCH: usize = 4096;
 pub const KEY_LEN: usize = 37;
 /// Bytes of a [`Record`] on the wire.
 pub const RECORD_LEN: usize = 198;
+/// Bytes of an association's identity ([`AssocId`]) on the wire.
+pub const ASSOC_KEY_LEN: usize = 23;
+/// Bytes of an [`AssocRecord`] on the wire.
+pub const ASSOC_RECORD_LEN: usize = 317;
+/// Most records in one ASSOC_UPSERT or ASSOC_REMOVE message.
+pub const MAX_ASSOC_BATCH: usize = 2048;
+
+// A full batch fits a frame.
+const _: () = assert!(1 + 2 + MAX_BATCH * RECORD_LEN <= MAX_FRAME);
+const _: () = assert!(1 + 2 + MAX_ASSOC_BATCH * ASSOC_RECORD_LEN <= MAX_FRAME);
 
 /// Message types.
 pub mod msg {
@@ -27,6 +37,8 @@ pub mod msg {
     pub const SNAPSHOT_END: u8 = 5;
     pub const ERROR: u8 = 6;
     pub const HEARTBEAT: u8 = 7;
+    pub const ASSOC_UPSERT: u8 = 8;
+    pub const ASSOC_REMOVE: u8 = 9;
 }
 
 /// HELLO roles.
@@ -77,6 +89,30 @@ impl Record {
     }
 }
 
+/// An SCTP association record's identity: its rule's (VIP, port,
+/// protocol) and the verification tag it is found by.
+pub type AssocId = (SvcKey, u32);
+
+/// An SCTP multihoming association record (`LB_SCTP_ASSOC`) as it
+/// travels: the rule by identity, the endpoint counter index as the
+/// endpoint's (address, port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AssocRecord {
+    pub rule: SvcKey,
+    /// As loaded (network order).
+    pub vtag: u32,
+    /// The record, `ep_stat` zero.
+    pub val: AssocVal,
+    pub ep_addr: Addr,
+    pub ep_port: u16,
+}
+
+impl AssocRecord {
+    pub fn id(&self) -> AssocId {
+        (self.rule, self.vtag)
+    }
+}
+
 /// A decoded message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
@@ -87,6 +123,8 @@ pub enum Msg {
     SnapshotEnd { entries: u32 },
     Error(String),
     Heartbeat,
+    AssocUpsert(Vec<AssocRecord>),
+    AssocRemove(Vec<AssocId>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +224,33 @@ impl Out {
         self.be64(r.packets);
         self.be64(r.bytes);
     }
+    fn rule(&mut self, k: &SvcKey) {
+        self.addr(&k.addr);
+        self.raw16(k.port);
+        self.u8(k.proto);
+    }
+    fn assoc(&mut self, r: &AssocRecord) {
+        self.rule(&r.rule);
+        self.raw32(r.vtag);
+        let v = &r.val;
+        for set in [&v.eps, &v.vips, &v.clients, &v.xclients] {
+            for a in set {
+                self.addr(a);
+            }
+        }
+        self.raw16(v.ep_port);
+        self.raw16(v.vport);
+        self.raw16(v.cport);
+        self.raw16(v.xcport);
+        self.u8(v.n_pairs);
+        self.u8(v.n_clients);
+        self.u8(v.n_vips);
+        self.u8(v.mode);
+        self.raw32(v.ctag);
+        self.raw32(v.etag);
+        self.addr(&r.ep_addr);
+        self.raw16(r.ep_port);
+    }
     fn done(mut self) -> Vec<u8> {
         let n = (self.0.len() - 4) as u32;
         self.0[..4].copy_from_slice(&n.to_be_bytes());
@@ -266,6 +331,49 @@ impl In<'_> {
             bytes: self.be64()?,
         })
     }
+    fn rule(&mut self) -> Result<SvcKey> {
+        Ok(SvcKey {
+            addr: self.addr()?,
+            port: self.raw16()?,
+            proto: self.u8()?,
+            _pad: 0,
+        })
+    }
+    fn addrs(&mut self) -> Result<[Addr; MAX_RULE_VIPS]> {
+        let mut out = [[0u32; 4]; MAX_RULE_VIPS];
+        for a in &mut out {
+            *a = self.addr()?;
+        }
+        Ok(out)
+    }
+    fn assoc(&mut self) -> Result<AssocRecord> {
+        let rule = self.rule()?;
+        let vtag = self.raw32()?;
+        let val = AssocVal {
+            eps: self.addrs()?,
+            vips: self.addrs()?,
+            clients: self.addrs()?,
+            xclients: self.addrs()?,
+            ep_port: self.raw16()?,
+            vport: self.raw16()?,
+            cport: self.raw16()?,
+            xcport: self.raw16()?,
+            ep_stat: 0,
+            n_pairs: self.u8()?,
+            n_clients: self.u8()?,
+            n_vips: self.u8()?,
+            mode: self.u8()?,
+            ctag: self.raw32()?,
+            etag: self.raw32()?,
+        };
+        Ok(AssocRecord {
+            rule,
+            vtag,
+            val,
+            ep_addr: self.addr()?,
+            ep_port: self.raw16()?,
+        })
+    }
     fn end(&self) -> Result<()> {
         if !self.0.is_empty() {
             bail!(
@@ -311,7 +419,36 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             o.done()
         }
         Msg::Heartbeat => Out::frame(msg::HEARTBEAT, 0).done(),
+        Msg::AssocUpsert(recs) => encode_assoc_upsert(recs),
+        Msg::AssocRemove(ids) => encode_assoc_remove(ids),
     }
+}
+
+/// An ASSOC_UPSERT frame of `recs` (at most [`MAX_ASSOC_BATCH`]).
+pub fn encode_assoc_upsert(recs: &[AssocRecord]) -> Vec<u8> {
+    assert!(
+        recs.len() <= MAX_ASSOC_BATCH,
+        "batch of {} records",
+        recs.len()
+    );
+    let mut o = Out::frame(msg::ASSOC_UPSERT, 2 + recs.len() * ASSOC_RECORD_LEN);
+    o.be16(recs.len() as u16);
+    for r in recs {
+        o.assoc(r);
+    }
+    o.done()
+}
+
+/// An ASSOC_REMOVE frame of `ids` (at most [`MAX_ASSOC_BATCH`]).
+pub fn encode_assoc_remove(ids: &[AssocId]) -> Vec<u8> {
+    assert!(ids.len() <= MAX_ASSOC_BATCH, "batch of {} ids", ids.len());
+    let mut o = Out::frame(msg::ASSOC_REMOVE, 2 + ids.len() * ASSOC_KEY_LEN);
+    o.be16(ids.len() as u16);
+    for (rule, vtag) in ids {
+        o.rule(rule);
+        o.raw32(*vtag);
+    }
+    o.done()
 }
 
 /// An UPSERT frame of `recs` (at most [`MAX_BATCH`]).
@@ -385,6 +522,24 @@ pub fn decode(body: &[u8]) -> Result<Msg> {
             Msg::Error(t)
         }
         msg::HEARTBEAT => Msg::Heartbeat,
+        msg::ASSOC_UPSERT => {
+            let n = i.be16()? as usize;
+            if n > MAX_ASSOC_BATCH || i.0.len() != n * ASSOC_RECORD_LEN {
+                bail!("ASSOC_UPSERT of {n} records has {} bytes", i.0.len());
+            }
+            Msg::AssocUpsert((0..n).map(|_| i.assoc()).collect::<Result<_>>()?)
+        }
+        msg::ASSOC_REMOVE => {
+            let n = i.be16()? as usize;
+            if n > MAX_ASSOC_BATCH || i.0.len() != n * ASSOC_KEY_LEN {
+                bail!("ASSOC_REMOVE of {n} ids has {} bytes", i.0.len());
+            }
+            Msg::AssocRemove(
+                (0..n)
+                    .map(|_| Ok((i.rule()?, i.raw32()?)))
+                    .collect::<Result<_>>()?,
+            )
+        }
         t => bail!("unknown message type {t}"),
     };
     i.end()?;
@@ -417,7 +572,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> Resu
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use loxilb_common::{addr_from_ip, IPPROTO_TCP};
 
@@ -487,6 +642,56 @@ mod tests {
         assert_eq!(&rec[166..170], &300u32.to_be_bytes());
         assert_eq!(&rec[174..182], &1_234_567_890_123u64.to_be_bytes());
         assert_eq!(&rec[190..198], &[1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    pub(crate) fn sample_assoc() -> AssocRecord {
+        let a = |s: &str| addr_from_ip(s.parse().unwrap());
+        AssocRecord {
+            rule: SvcKey {
+                addr: a("20.0.0.100"),
+                port: 3868u16.to_be(),
+                proto: loxilb_common::IPPROTO_SCTP,
+                _pad: 0,
+            },
+            vtag: 0x0102_0304,
+            val: AssocVal {
+                eps: [a("10.0.1.10"), a("10.0.2.10"), [0; 4], [0; 4]],
+                vips: [a("20.0.0.100"), a("20.0.0.101"), [0; 4], [0; 4]],
+                clients: [a("192.168.0.2"), a("192.168.1.2"), [0; 4], [0; 4]],
+                xclients: [a("192.168.0.2"), a("192.168.1.2"), [0; 4], [0; 4]],
+                ep_port: 3868u16.to_be(),
+                vport: 3868u16.to_be(),
+                cport: 5000u16.to_be(),
+                xcport: 5000u16.to_be(),
+                ep_stat: 0,
+                n_pairs: 2,
+                n_clients: 2,
+                n_vips: 2,
+                mode: 0,
+                ctag: 0x0102_0304,
+                etag: 0x0506_0708,
+            },
+            ep_addr: a("10.0.1.10"),
+            ep_port: 3868u16.to_be(),
+        }
+    }
+
+    #[test]
+    fn assoc_records_round_trip_with_the_documented_size() {
+        let r = sample_assoc();
+        let f = encode_assoc_upsert(&[r, r]);
+        assert_eq!(f.len(), 4 + 1 + 2 + 2 * ASSOC_RECORD_LEN);
+        assert_eq!(decode(&f[4..]).unwrap(), Msg::AssocUpsert(vec![r, r]));
+        let f = encode_assoc_remove(&[r.id()]);
+        assert_eq!(f.len(), 4 + 1 + 2 + ASSOC_KEY_LEN);
+        assert_eq!(decode(&f[4..]).unwrap(), Msg::AssocRemove(vec![r.id()]));
+        // The endpoint identity ends the record.
+        let f = encode_assoc_upsert(&[r]);
+        assert_eq!(
+            &f[7 + 299..7 + 311],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        );
+        assert_eq!(&f[7 + 311..7 + 315], &[10, 0, 1, 10]);
     }
 
     #[test]

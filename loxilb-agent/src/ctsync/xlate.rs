@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
-use loxilb_common::{Addr, CtKey, CtVal, EpKey, EpVal, SvcKey, SvcVal};
+use loxilb_common::{Addr, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpVal, SvcKey, SvcVal};
 
-use super::wire::Record;
+use super::wire::{AssocRecord, Record};
 
 /// Why an entry could not be translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +67,13 @@ impl ReceiverIndex {
                 .map(|(k, v)| ((k.rule_id, v.addr, v.port), v.stat_idx))
                 .collect(),
         }
+    }
+}
+
+impl ReceiverIndex {
+    /// This node's id of the rule `k` identifies.
+    pub fn rule_id(&self, k: &SvcKey) -> Option<u32> {
+        self.rules.get(&norm(k)).copied()
     }
 }
 
@@ -142,6 +149,38 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
             dsr_ep: r.dsr_ep,
             encap_src: [0; 4],
         },
+    ))
+}
+
+/// The record of SCTP association entry (`k`, `v`) as the sender sends it.
+pub fn export_assoc(k: &AssocKey, v: &AssocVal, idx: &SenderIndex) -> Result<AssocRecord, Skip> {
+    let rule = *idx.rules.get(&k.rule_id).ok_or(Skip::NoRule)?;
+    let (ep_addr, ep_port) = *idx
+        .eps
+        .get(&(k.rule_id, v.ep_stat))
+        .ok_or(Skip::NoEndpoint)?;
+    Ok(AssocRecord {
+        rule,
+        vtag: k.vtag,
+        val: AssocVal { ep_stat: 0, ..*v },
+        ep_addr,
+        ep_port,
+    })
+}
+
+/// The association entry the receiver installs for `r`.
+pub fn import_assoc(r: &AssocRecord, idx: &ReceiverIndex) -> Result<(AssocKey, AssocVal), Skip> {
+    let rule_id = *idx.rules.get(&norm(&r.rule)).ok_or(Skip::NoRule)?;
+    let ep_stat = *idx
+        .eps
+        .get(&(rule_id, r.ep_addr, r.ep_port))
+        .ok_or(Skip::NoEndpoint)?;
+    Ok((
+        AssocKey {
+            rule_id,
+            vtag: r.vtag,
+        },
+        AssocVal { ep_stat, ..r.val },
     ))
 }
 
@@ -312,6 +351,49 @@ pub(crate) mod tests {
             &[ep(3, 0, "10.0.1.11", 8080, 1)],
         );
         assert_eq!(import(&rec, &no_ep, 0), Err(Skip::NoEndpoint));
+    }
+
+    #[test]
+    fn associations_are_renumbered_too() {
+        let s = SenderIndex::build(
+            &[svc("20.0.0.100", 80, 1), svc("20.0.0.101", 80, 1)],
+            &[ep(1, 0, "10.0.1.10", 8080, 3)],
+        );
+        let r = ReceiverIndex::build(
+            &[svc("20.0.0.100", 80, 6), svc("20.0.0.101", 80, 6)],
+            &[ep(6, 0, "10.0.1.10", 8080, 11)],
+        );
+        let k = AssocKey {
+            rule_id: 1,
+            vtag: 77,
+        };
+        let v = AssocVal {
+            eps: [a("10.0.1.10"), a("10.0.2.10"), [0; 4], [0; 4]],
+            ep_port: 8080u16.to_be(),
+            ep_stat: 3,
+            n_pairs: 2,
+            ctag: 77,
+            etag: 88,
+            ..Default::default()
+        };
+        let rec = export_assoc(&k, &v, &s).unwrap();
+        assert_eq!(rec.rule.addr, a("20.0.0.100"));
+        let (k2, v2) = import_assoc(&rec, &r).unwrap();
+        assert_eq!(
+            k2,
+            AssocKey {
+                rule_id: 6,
+                vtag: 77
+            }
+        );
+        assert_eq!(v2, AssocVal { ep_stat: 11, ..v });
+        let k = AssocKey {
+            rule_id: 2,
+            vtag: 1,
+        };
+        assert_eq!(export_assoc(&k, &v, &s), Err(Skip::NoRule));
+        let empty = ReceiverIndex::build(&[svc("20.0.0.100", 80, 6)], &[]);
+        assert_eq!(import_assoc(&rec, &empty), Err(Skip::NoEndpoint));
     }
 
     #[test]
