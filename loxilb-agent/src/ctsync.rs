@@ -160,7 +160,10 @@ pub struct Config {
     pub refresh: Duration,
     /// Most entries per message (2..=4096).
     pub batch: usize,
-    /// Batches queued per receiver before it is dropped to a full resync.
+    /// Batches queued per receiver before it is dropped to a full resync
+    /// (a burst of more than `queue` × `batch` changes in one scan also
+    /// resyncs). Batches are shared by all receivers: at most about
+    /// `queue` × `batch` × 198 bytes are held.
     pub queue: usize,
     /// Write [`Stats`] here as JSON every second.
     pub state_file: Option<PathBuf>,
@@ -178,7 +181,7 @@ impl Default for Config {
             interval: Duration::from_millis(250),
             refresh: Duration::from_secs(5),
             batch: 512,
-            queue: 64,
+            queue: 256,
             state_file: None,
             node_name: String::new(),
         }

@@ -519,6 +519,17 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
     });
     let want = 4 + 2 * n as usize;
     let took = wait_for("20,000 sessions on B", 60, || b.sessions().len() == want);
+    // What one read of LB_CT costs (best of five: the machine may be
+    // busy); the kernel's walk covers every bucket of the map.
+    let t_read = (0..5)
+        .map(|_| {
+            let t0 = Instant::now();
+            assert_eq!(a_table.sessions().unwrap().len(), want);
+            t0.elapsed()
+        })
+        .min()
+        .unwrap();
+    eprintln!("reading {want} entries of LB_CT takes {t_read:?}");
     eprintln!(
         "{} entries synced in {took:?} ({:.0} entries/s, scan interval 50 ms)",
         2 * n,
@@ -532,6 +543,12 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
     assert_eq!(a.run(|dp| dp.clear_sessions().unwrap()), want);
     let took = wait_for("their removal on B", 60, || b.sessions().is_empty());
     eprintln!("{want} removals synced in {took:?}");
+    let scans = tx.stats().scans;
+    wait_for("two more scans", 10, || tx.stats().scans >= scans + 2);
+    eprintln!(
+        "A: a scan of the empty table takes {:.1} ms",
+        tx.stats().last_scan_ms
+    );
 
     tx.stop();
     rx.stop();
