@@ -29,7 +29,10 @@
 //! - `rule_id` becomes the rule's identity, its `SvcKey` (VIP, port,
 //!   protocol; the lowest for a rule with several VIPs), mapped back
 //!   through the receiver's `LB_SERVICES`. An entry whose rule the
-//!   receiver lacks is dropped and counted (`dropped_no_rule`).
+//!   receiver lacks is dropped and counted (`dropped_no_rule`); once the
+//!   receiver's rules change after such a drop (the rule arrived later
+//!   than its sessions), it asks the sender for a new snapshot (RESYNC),
+//!   so idle sessions that are not resent on their own are not lost.
 //! - `ep_stat` becomes the endpoint's (address, port), found through the
 //!   sender's `LB_ENDPOINTS` (`EpVal::stat_idx`) and mapped back to the
 //!   receiver's counter index of that endpoint in that rule; dropped and
@@ -84,13 +87,15 @@
 //! | 7 | HEARTBEAT | empty (every 2 s; a receiver hangs up after 15 s of silence) | sender |
 //! | 8 | ASSOC_UPSERT | count `u16` (at most 2048), count × association record | sender |
 //! | 9 | ASSOC_REMOVE | count `u16`, count × association id | sender |
+//! | 10 | RESYNC | empty: send a full snapshot again | receiver |
 //!
 //! The sender (the connecting side) sends HELLO; the receiver answers
 //! HELLO, or ERROR (another protocol or layout version, named in the
 //! text; or it is active itself) and closes. Then SNAPSHOT_BEGIN, UPSERTs,
 //! SNAPSHOT_END, then changes (UPSERT, REMOVE) for as long as the
-//! connection lasts. At SNAPSHOT_END the receiver removes entries an
-//! earlier sync installed that the snapshot did not hold.
+//! connection lasts; after the receiver's RESYNC, another snapshot. At
+//! SNAPSHOT_END the receiver removes entries an earlier sync installed
+//! that the snapshot did not hold.
 //!
 //! A key (37 bytes): source address 16, destination address 16, source
 //! port 2, destination port 2, protocol 1.
@@ -243,6 +248,9 @@ pub struct PeerStats {
     pub snapshots: u64,
     /// Full resyncs because the receiver fell behind.
     pub resyncs: u64,
+    /// Full resyncs the receiver asked for (its rules changed after it
+    /// had dropped entries for want of them).
+    pub resyncs_asked: u64,
     pub last_snapshot_unix: Option<u64>,
     pub last_error: Option<String>,
 }

@@ -152,6 +152,9 @@ pub struct ApplyStats {
     pub stale_removed: u64,
     /// Full snapshots applied.
     pub snapshots: u64,
+    /// Snapshots asked for because this node's rules changed after
+    /// entries were dropped for want of them.
+    pub resyncs_requested: u64,
     /// SCTP association records written, removed, and dropped (rule or
     /// endpoint unknown here).
     pub assoc_applied: u64,
@@ -174,6 +177,10 @@ pub struct Applier {
     /// The same for SCTP association records.
     tracked_assoc: HashSet<AssocKey>,
     snapshot_assoc: Option<HashSet<AssocKey>>,
+    /// Since the first entry dropped after the last snapshot: when, and
+    /// this node's rules then. Once they change (the rule or endpoint
+    /// arrived), the sender is asked for a new snapshot.
+    dropped_since: Option<(Instant, ReceiverIndex)>,
     pub stats: ApplyStats,
 }
 
@@ -207,8 +214,13 @@ impl Applier {
                     self.tracked.insert(k);
                     self.stats.applied += 1;
                 }
-                Err(Skip::NoRule) => self.stats.dropped_no_rule += 1,
-                Err(Skip::NoEndpoint) => self.stats.dropped_no_endpoint += 1,
+                Err(e) => {
+                    match e {
+                        Skip::NoRule => self.stats.dropped_no_rule += 1,
+                        Skip::NoEndpoint => self.stats.dropped_no_endpoint += 1,
+                    }
+                    self.note_drop();
+                }
             }
         }
         Ok(())
@@ -245,7 +257,10 @@ impl Applier {
                     }
                     self.stats.assoc_applied += 1;
                 }
-                Err(_) => self.stats.assoc_dropped += 1,
+                Err(_) => {
+                    self.stats.assoc_dropped += 1;
+                    self.note_drop();
+                }
             }
         }
         Ok(())
@@ -271,7 +286,36 @@ impl Applier {
         Ok(())
     }
 
+    fn note_drop(&mut self) {
+        if self.dropped_since.is_none() {
+            self.dropped_since = Some((Instant::now(), self.index.clone()));
+        }
+    }
+
+    /// Whether to ask the sender for a new snapshot: entries were dropped
+    /// for want of a rule or endpoint, at least `after` ago, and this
+    /// node's rules have changed since (a rule installed after its
+    /// sessions arrived, e.g. the watchers of two nodes at different
+    /// paces). Idle sessions are not resent otherwise.
+    pub fn wants_resync(&mut self, t: &mut dyn SessionTable, after: Duration) -> Result<bool> {
+        let Some((at, _)) = &self.dropped_since else {
+            return Ok(false);
+        };
+        if at.elapsed() < after {
+            return Ok(false);
+        }
+        self.refresh(t, true)?;
+        let (_, then) = self.dropped_since.as_ref().expect("checked");
+        if *then == self.index {
+            return Ok(false);
+        }
+        self.dropped_since = None;
+        self.stats.resyncs_requested += 1;
+        Ok(true)
+    }
+
     pub fn begin_snapshot(&mut self) {
+        self.dropped_since = None;
         self.snapshot = Some(HashSet::new());
         self.snapshot_assoc = Some(HashSet::new());
     }
@@ -448,6 +492,15 @@ mod tests {
         let mut ap = Applier::default();
         apply_frames(&mut ap, &mut b, &sc.scan(&mut a).unwrap().frames);
         assert_eq!(ap.stats.dropped_no_endpoint, 2);
+        // The endpoint arrives here: a resync is wanted (once, and not
+        // before `after`).
+        assert!(!ap.wants_resync(&mut b, Duration::ZERO).unwrap());
+        b.with(|s| s.eps.push(x::ep(2, 0, "10.0.1.10", 8080, 5)));
+        assert!(!ap.wants_resync(&mut b, Duration::from_secs(60)).unwrap());
+        assert!(ap.wants_resync(&mut b, Duration::ZERO).unwrap());
+        assert!(!ap.wants_resync(&mut b, Duration::ZERO).unwrap());
+        assert_eq!(ap.stats.resyncs_requested, 1);
+        b.with(|s| s.eps.retain(|(k, _)| k.rule_id != 2));
         b.with(|s| s.svcs.clear());
         a.with(|s| {
             s.ct.extend(x::session(
@@ -460,7 +513,10 @@ mod tests {
                 now,
             ))
         });
-        // The receiver's view of its rules is refreshed on a miss.
+        // The receiver's view of its rules is refreshed on a miss (a new
+        // applier: this one's view is younger than its 1 s lifetime, and
+        // holds the endpoint it saw last).
+        let mut ap = Applier::default();
         apply_frames(&mut ap, &mut b, &sc.scan(&mut a).unwrap().frames);
         assert_eq!(ap.stats.dropped_no_rule, 2);
         b.with(|s| assert!(s.ct.is_empty()));

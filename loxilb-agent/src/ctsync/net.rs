@@ -35,6 +35,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// ... and a receiver that hears nothing for this long hangs up.
 const RECV_TIMEOUT: Duration = Duration::from_secs(15);
+/// A receiver that dropped entries for want of a rule asks for a new
+/// snapshot once its rules change, at the earliest this long after.
+const RESYNC_AFTER: Duration = Duration::from_secs(1);
 
 /// What every task of one syncer shares.
 pub(super) struct Ctx {
@@ -236,12 +239,15 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
         p.connects += 1;
         p.last_error = None;
     });
-    // The receiver only speaks to refuse: a reader notices that, or the
-    // end of the connection.
+    // The receiver only speaks to refuse or to ask for a resync: a reader
+    // notices that, or the end of the connection.
+    let resync = Arc::new(tokio::sync::Notify::new());
+    let wants = resync.clone();
     let mut reader = AbortOnDrop(tokio::spawn(async move {
         loop {
             match wire::read_msg(&mut rd).await {
                 Ok(Some(Msg::Error(t))) => return anyhow!("the receiver hung up: {t}"),
+                Ok(Some(Msg::Resync)) => wants.notify_one(),
                 Ok(Some(_)) => {}
                 Ok(None) => return anyhow!("the receiver closed the connection"),
                 Err(e) => return e,
@@ -294,6 +300,11 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
                 },
                 _ = hb.tick() => {
                     wire::write_frame(&mut wr, &wire::encode(&Msg::Heartbeat)).await?;
+                }
+                _ = resync.notified() => {
+                    info!("ctsync: receiver {addr} asked for a new snapshot (its rules changed)");
+                    ctx.peer(i, |p| p.resyncs_asked += 1);
+                    break;
                 }
                 e = &mut reader.0 => return Err(e.unwrap_or_else(|e| anyhow!("{e}"))),
             }
@@ -443,10 +454,19 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
             Ok(Ok(None)) => break "the sender closed the connection".into(),
             Ok(Ok(Some(msg))) => msg,
         };
-        if let Err(e) = apply(&ctx, msg).await {
-            let t = format!("{e:#}");
-            let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t.clone()))).await;
-            break t;
+        match apply(&ctx, msg).await {
+            Ok(false) => {}
+            Ok(true) => {
+                info!("ctsync: rules changed since entries from {addr} were dropped: asking for a new snapshot");
+                if let Err(e) = wire::write_frame(&mut wr, &wire::encode(&Msg::Resync)).await {
+                    break format!("{e:#}");
+                }
+            }
+            Err(e) => {
+                let t = format!("{e:#}");
+                let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t.clone()))).await;
+                break t;
+            }
         }
     };
     ctx.applier.lock().expect("applier lock").abort_snapshot();
@@ -465,12 +485,10 @@ async fn became_active(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Apply one message from a sender (on a blocking thread: map writes).
-async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<()> {
-    if matches!(msg, Msg::Heartbeat) {
-        return Ok(());
-    }
+/// Returns whether to ask the sender for a new snapshot.
+async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<bool> {
     let c = ctx.clone();
-    tokio::task::spawn_blocking(move || -> Result<()> {
+    tokio::task::spawn_blocking(move || -> Result<bool> {
         let mut ap = c.applier.lock().expect("applier lock");
         let mut t = c.table.lock().expect("table lock");
         let t: &mut dyn SessionTable = &mut **t;
@@ -489,14 +507,16 @@ async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<()> {
             }
             Msg::Error(t) => bail!("the sender reported: {t}"),
             Msg::Hello(_) => bail!("a second hello"),
+            Msg::Resync => bail!("a resync request, from a sender"),
             Msg::Heartbeat => {}
         }
+        let resync = ap.wants_resync(t, RESYNC_AFTER)?;
         let (st, n) = (ap.stats.clone(), ap.tracked());
         c.stats(|s| {
             s.inbound.apply = st;
             s.inbound.tracked = n as u64;
         });
-        Ok(())
+        Ok(resync)
     })
     .await
     .map_err(|e| anyhow!("applying: {e}"))?

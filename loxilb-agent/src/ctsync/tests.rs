@@ -164,6 +164,36 @@ fn a_slow_receiver_is_resynced_not_buffered() {
 }
 
 #[test]
+fn a_rule_arriving_after_its_sessions_brings_a_resync() {
+    let ca = TestCa::new("ca");
+    let (a, b) = (node(true), node(false));
+    a.with(|s| {
+        s.ct.extend(x::session(
+            "192.168.0.2",
+            1,
+            "20.0.0.100",
+            "10.0.1.10",
+            1,
+            0,
+            0,
+        ))
+    });
+    // B has no rule for 20.0.0.100:80 yet.
+    let web = b.with(|s| {
+        let i = s.svcs.iter().position(|(_, v)| v.rule_id == 2).unwrap();
+        s.svcs.remove(i)
+    });
+    let (tx, rx, _da, _db) = pair(&ca, &ca, &ca, &a, &b, |_| {});
+    wait_for("the drops", 10, || {
+        rx.stats().inbound.apply.dropped_no_rule == 2
+    });
+    b.with(|s| s.svcs.push(web));
+    wait_for("the resync", 10, || b.with(|s| s.ct.len() == 2));
+    assert_eq!(tx.stats().peers[0].resyncs_asked, 1);
+    assert_eq!(rx.stats().inbound.apply.resyncs_requested, 1);
+}
+
+#[test]
 fn a_sender_of_another_ca_is_refused() {
     let ca = TestCa::new("ca");
     let other = TestCa::new("other");

@@ -39,6 +39,7 @@ pub mod msg {
     pub const HEARTBEAT: u8 = 7;
     pub const ASSOC_UPSERT: u8 = 8;
     pub const ASSOC_REMOVE: u8 = 9;
+    pub const RESYNC: u8 = 10;
 }
 
 /// HELLO roles.
@@ -117,14 +118,20 @@ impl AssocRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
     Hello(Hello),
-    SnapshotBegin { entries: u32 },
+    SnapshotBegin {
+        entries: u32,
+    },
     Upsert(Vec<Record>),
     Remove(Vec<CtKey>),
-    SnapshotEnd { entries: u32 },
+    SnapshotEnd {
+        entries: u32,
+    },
     Error(String),
     Heartbeat,
     AssocUpsert(Vec<AssocRecord>),
     AssocRemove(Vec<AssocId>),
+    /// Receiver to sender: send a full snapshot again.
+    Resync,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -421,6 +428,7 @@ pub fn encode(m: &Msg) -> Vec<u8> {
         Msg::Heartbeat => Out::frame(msg::HEARTBEAT, 0).done(),
         Msg::AssocUpsert(recs) => encode_assoc_upsert(recs),
         Msg::AssocRemove(ids) => encode_assoc_remove(ids),
+        Msg::Resync => Out::frame(msg::RESYNC, 0).done(),
     }
 }
 
@@ -522,6 +530,7 @@ pub fn decode(body: &[u8]) -> Result<Msg> {
             Msg::Error(t)
         }
         msg::HEARTBEAT => Msg::Heartbeat,
+        msg::RESYNC => Msg::Resync,
         msg::ASSOC_UPSERT => {
             let n = i.be16()? as usize;
             if n > MAX_ASSOC_BATCH || i.0.len() != n * ASSOC_RECORD_LEN {
@@ -706,6 +715,7 @@ pub(crate) mod tests {
             Msg::Remove(vec![r.key, r.peer]),
             Msg::Error("no".into()),
             Msg::Heartbeat,
+            Msg::Resync,
         ] {
             let f = encode(&m);
             assert_eq!(decode(&f[4..]).unwrap(), m);

@@ -52,7 +52,7 @@ impl SenderIndex {
 
 /// The receiver's view of its rules: identity -> rule id, and (rule id,
 /// endpoint address, port) -> endpoint counter index.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReceiverIndex {
     rules: HashMap<SvcKey, u32>,
     eps: HashMap<(u32, Addr, u16), u32>,
