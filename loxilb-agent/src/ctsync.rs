@@ -147,6 +147,42 @@ pub use engine::ApplyStats;
 pub use table::{MemState, MemTable, PinnedTable, SessionTable};
 pub use tls::{CA_FILE, CERT_FILE, KEY_FILE};
 
+/// The port the sync listens on and dials when none is given.
+pub const DEFAULT_PORT: u16 = 22222;
+
+/// Peers from a comma-separated list of `host[:port]` (IP addresses or
+/// names, resolved now; an IPv6 address with a port in brackets), the
+/// port [`DEFAULT_PORT`] when missing. For a `--ctsync-peers` flag.
+pub fn parse_peers(list: &str) -> Result<Vec<SocketAddr>> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let mut out = vec![];
+    for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Ok(ip) = p.parse::<IpAddr>() {
+            out.push(SocketAddr::new(ip, DEFAULT_PORT));
+            continue;
+        }
+        let with_port = if p.rsplit_once(':').is_some_and(|(h, port)| {
+            !h.is_empty() && port.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']'))
+        }) {
+            p.to_string()
+        } else {
+            format!("{p}:{DEFAULT_PORT}")
+        };
+        let addrs: Vec<SocketAddr> = with_port
+            .to_socket_addrs()
+            .with_context(|| {
+                format!("ctsync peer {p:?}: not an address, or a name that does not resolve")
+            })?
+            .collect();
+        let first = addrs
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("ctsync peer {p:?}: the name resolves to no address"))?;
+        out.push(first);
+    }
+    Ok(out)
+}
+
 /// How the agent runs the sync.
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -392,3 +392,23 @@ fn bad_config_and_files_are_named() {
     );
     assert!(e.contains("cannot listen on 127.0.0.1"), "{e}");
 }
+
+#[test]
+fn peers_from_a_flag() {
+    let p = super::parse_peers("10.0.0.2, 10.0.0.3:9000,[fd00::1]:7000,fd00::2,localhost").unwrap();
+    let want: Vec<std::net::SocketAddr> = [
+        "10.0.0.2:22222",
+        "10.0.0.3:9000",
+        "[fd00::1]:7000",
+        "[fd00::2]:22222",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    assert_eq!(p[..4], want[..]);
+    assert_eq!(p[4].port(), super::DEFAULT_PORT);
+    assert!(p[4].ip().is_loopback());
+    assert!(super::parse_peers("").unwrap().is_empty());
+    let e = format!("{:#}", super::parse_peers("10.0.0.2:99999").unwrap_err());
+    assert!(e.contains("10.0.0.2:99999"), "{e}");
+}
