@@ -51,7 +51,16 @@
 //! change is a newer last packet is resent once its receiver copy would
 //! be older than `refresh` or a quarter of its idle timeout, whichever is
 //! less. `LB_EP_ACTIVE` (active sessions per endpoint) is not written: the
-//! agent's periodic re-count from conntrack covers the synced sessions.
+//! agent's periodic re-count from conntrack (every 10 s) covers the synced
+//! sessions; an agent taking over should re-count at once
+//! (`Datapath::recount_active`), so that `lc` rules see them and closing
+//! them does not take the counts below zero meanwhile.
+//!
+//! A synced full-NAT or onearm session keeps its translated source
+//! (address and port): its reply entry, installed on the backup too,
+//! reserves that source port there. A onearm session's source is the old
+//! node's own address, so its replies reach the new node only if that
+//! address moves with the VIPs.
 //!
 //! SCTP multihoming association records (`LB_SCTP_ASSOC`, no clock in
 //! them) are synced the same way: key `(rule_id, vtag)` sent as (rule
@@ -117,6 +126,15 @@
 //! `mode` (1 each); 291 `ctag` 4; 295 `etag` 4; 299 endpoint address 16;
 //! 315 endpoint port 2. A snapshot sends the associations after the
 //! conntrack entries, before SNAPSHOT_END.
+//!
+//! # Wiring into the agent
+//!
+//! After the datapath is loaded with its pin directory:
+//! `let sync = Syncer::start(pin_dir, Config { listen, peers, tls_dir,
+//! .. })?;` (a backup: listening). When the node gains the VIPs:
+//! `sync.set_active(true)` (before announcing them); when it loses them:
+//! `sync.set_active(false)`. `sync.stats()` or the `state_file` for the
+//! CLI; dropping the `Syncer` (or `sync.stop()`) ends it.
 //!
 //! # Stats
 //!
