@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod bgp;
 pub mod config;
+pub mod ctsync;
 pub mod datapath;
 pub mod devices;
 pub mod kube_rules;

@@ -1,0 +1,532 @@
+//! Conntrack sync between agents (high availability): the active node
+//! streams its session table's changes to the backups, which install them
+//! in their own pinned maps, so that a node taking over the VIPs finds the
+//! established sessions already there.
+//!
+//! # Roles
+//!
+//! One [`Syncer`] per agent, started with [`Syncer::start`] and switched
+//! with [`Syncer::set_active`] as leadership changes:
+//!
+//! - **active** (holds the VIPs): every `interval` it scans `LB_CT`, works
+//!   out what changed since the previous scan (new and changed entries,
+//!   removed keys) and sends it to every peer in `peers`, which it dials.
+//!   A receiver that connects gets a full snapshot first. Each receiver
+//!   has a bounded queue of `queue` batches; a receiver that cannot keep
+//!   up (its queue full) is cut off from the changes and given a new full
+//!   snapshot once it has drained what was queued — never unbounded
+//!   buffering.
+//! - **backup**: listens on `listen`, takes the stream of one or more
+//!   senders, and writes it to its own `LB_CT`. It refuses senders while
+//!   it is active itself. When it becomes active, the entries it received
+//!   are its own sessions.
+//!
+//! # What is translated
+//!
+//! A conntrack entry (one per direction; a session's two entries travel in
+//! the same batch) is sent with its node-local fields replaced:
+//!
+//! - `rule_id` becomes the rule's identity, its `SvcKey` (VIP, port,
+//!   protocol; the lowest for a rule with several VIPs), mapped back
+//!   through the receiver's `LB_SERVICES`. An entry whose rule the
+//!   receiver lacks is dropped and counted (`dropped_no_rule`); once the
+//!   receiver's rules change after such a drop (the rule arrived later
+//!   than its sessions), it asks the sender for a new snapshot (RESYNC),
+//!   so idle sessions that are not resent on their own are not lost.
+//! - `ep_stat` becomes the endpoint's (address, port), found through the
+//!   sender's `LB_ENDPOINTS` (`EpVal::stat_idx`) and mapped back to the
+//!   receiver's counter index of that endpoint in that rule; dropped and
+//!   counted when the receiver's rule has no such endpoint
+//!   (`dropped_no_endpoint`).
+//! - `last_seen_ns` (the sender's CLOCK_MONOTONIC) travels as an age; the
+//!   receiver sets its own now minus the age.
+//! - The cached next hop (`nh_ifindex`, `nh_macs`, `nh_expiry_ns`,
+//!   `encap_src`) is zeroed: the receiver's first packet looks its own
+//!   route up.
+//! - The counters (`packets`, `bytes`) are copied as of the last send
+//!   (they alone never cause a resend).
+//!
+//! Everything else (translated tuple, peer key, direction, TCP state,
+//! mode, timeout, SCTP tag, DSR endpoint) is copied. An entry whose only
+//! change is a newer last packet is resent once its receiver copy would
+//! be older than `refresh` or a quarter of its idle timeout, whichever is
+//! less. `LB_EP_ACTIVE` (active sessions per endpoint) is not written: the
+//! agent's periodic re-count from conntrack (every 10 s) covers the synced
+//! sessions; an agent taking over should re-count at once
+//! (`Datapath::recount_active`), so that `lc` rules see them and closing
+//! them does not take the counts below zero meanwhile.
+//!
+//! A synced full-NAT or onearm session keeps its translated source
+//! (address and port): its reply entry, installed on the backup too,
+//! reserves that source port there. A onearm session's source is the old
+//! node's own address, so its replies reach the new node only if that
+//! address moves with the VIPs.
+//!
+//! SCTP multihoming association records (`LB_SCTP_ASSOC`, no clock in
+//! them) are synced the same way: key `(rule_id, vtag)` sent as (rule
+//! identity, vtag), `ep_stat` as the endpoint (address, port), the rest
+//! copied.
+//!
+//! # Transport
+//!
+//! TCP with mutual TLS 1.2/1.3 (rustls, ring): each side presents the
+//! certificate and key of `tls_dir` (`tls.crt`, `tls.key`, PEM, laid out
+//! like a Kubernetes TLS Secret) and accepts only a peer whose certificate
+//! chains to `tls_dir/ca.crt`. Names are not checked unless
+//! `server_name` is set (then the backups' certificates must carry it).
+//! A plaintext peer, one with no certificate or one of another CA is
+//! refused, logged and counted (`refused_tls`).
+//!
+//! # Wire format (protocol version 1)
+//!
+//! A stream of frames: `length: u32` (big-endian; bytes after this field,
+//! at most 1 MiB), `type: u8`, body. Integers the agent keeps in host
+//! order are sent **big-endian**; addresses, ports and the SCTP tag are
+//! sent as the **network-order bytes** they are in the maps (and on the
+//! wire of the packets). An address is 16 bytes (IPv4 as `::ffff:a.b.c.d`).
+//!
+//! | type | name | body | direction |
+//! |---|---|---|---|
+//! | 1 | HELLO | `"LXCS"`, protocol `u16`, map layout `u32` (`loxilb_common::LAYOUT_VERSION`), role `u8` (1 sender, 2 receiver), name length `u8`, name (UTF-8) | both, first |
+//! | 2 | SNAPSHOT_BEGIN | entries `u32` | sender |
+//! | 3 | UPSERT | count `u16` (at most 4096), count × record | sender |
+//! | 4 | REMOVE | count `u16`, count × key | sender |
+//! | 5 | SNAPSHOT_END | entries `u32` | sender |
+//! | 6 | ERROR | UTF-8 text; the connection then ends | both |
+//! | 7 | HEARTBEAT | empty (every 2 s; a receiver hangs up after 15 s of silence) | sender |
+//! | 8 | ASSOC_UPSERT | count `u16` (at most 2048), count × association record | sender |
+//! | 9 | ASSOC_REMOVE | count `u16`, count × association id | sender |
+//! | 10 | RESYNC | empty: send a full snapshot again | receiver |
+//!
+//! The sender (the connecting side) sends HELLO; the receiver answers
+//! HELLO, or ERROR (another protocol or layout version, named in the
+//! text; or it is active itself) and closes. Then SNAPSHOT_BEGIN, UPSERTs,
+//! SNAPSHOT_END, then changes (UPSERT, REMOVE) for as long as the
+//! connection lasts; after the receiver's RESYNC, another snapshot. At
+//! SNAPSHOT_END the receiver removes entries an earlier sync installed
+//! that the snapshot did not hold.
+//!
+//! A key (37 bytes): source address 16, destination address 16, source
+//! port 2, destination port 2, protocol 1.
+//!
+//! A record (198 bytes), by offset: 0 key; 37 peer key (the other
+//! direction's entry); 74 translated source address 16; 90 translated
+//! destination address 16; 106 translated source port 2; 108 translated
+//! destination port 2; 110 DSR endpoint address 16; 126 rule VIP 16; 142
+//! rule port 2; 144 rule protocol 1; 145 endpoint address 16; 161
+//! endpoint port 2; 163 direction 1; 164 state 1; 165 mode 1; 166 idle
+//! timeout in seconds `u32`; 170 SCTP tag 4; 174 age in ns `u64`; 182
+//! packets `u64`; 190 bytes `u64`.
+//!
+//! An association id (23 bytes): rule VIP 16, rule port 2, rule protocol
+//! 1, verification tag 4. An association record (317 bytes): 0 id (23);
+//! 23 `eps`, 87 `vips`, 151 `clients`, 215 `xclients` (4 addresses
+//! each, 64 bytes); 279 `ep_port`, 281 `vport`, 283 `cport`, 285
+//! `xcport` (2 each); 287 `n_pairs`, 288 `n_clients`, 289 `n_vips`, 290
+//! `mode` (1 each); 291 `ctag` 4; 295 `etag` 4; 299 endpoint address 16;
+//! 315 endpoint port 2. A snapshot sends the associations after the
+//! conntrack entries, before SNAPSHOT_END.
+//!
+//! # Wiring into the agent
+//!
+//! After the datapath is loaded with its pin directory:
+//! `let sync = Syncer::start(pin_dir, Config { listen, peers, tls_dir,
+//! .. })?;` (a backup: listening). When the node gains the VIPs:
+//! `sync.set_active(true)` (before announcing them); when it loses them:
+//! `sync.set_active(false)`. `sync.stats()` or the `state_file` for the
+//! CLI; dropping the `Syncer` (or `sync.stop()`) ends it.
+//!
+//! # Stats
+//!
+//! [`Syncer::stats`] returns a [`Stats`]; with `state_file` set the same
+//! is written there as JSON every second (for a CLI).
+
+mod delta;
+mod engine;
+mod net;
+pub mod table;
+mod tls;
+pub mod wire;
+mod xlate;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use engine::ApplyStats;
+pub use table::{MemState, MemTable, PinnedTable, SessionTable};
+pub use tls::{CA_FILE, CERT_FILE, KEY_FILE};
+
+/// The port the sync listens on and dials when none is given.
+pub const DEFAULT_PORT: u16 = 22222;
+
+/// Peers from a comma-separated list of `host[:port]` (IP addresses or
+/// names, resolved now; an IPv6 address with a port in brackets), the
+/// port [`DEFAULT_PORT`] when missing. For a `--ctsync-peers` flag.
+pub fn parse_peers(list: &str) -> Result<Vec<SocketAddr>> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let mut out = vec![];
+    for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Ok(ip) = p.parse::<IpAddr>() {
+            out.push(SocketAddr::new(ip, DEFAULT_PORT));
+            continue;
+        }
+        let with_port = if p.rsplit_once(':').is_some_and(|(h, port)| {
+            !h.is_empty() && port.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']'))
+        }) {
+            p.to_string()
+        } else {
+            format!("{p}:{DEFAULT_PORT}")
+        };
+        let addrs: Vec<SocketAddr> = with_port
+            .to_socket_addrs()
+            .with_context(|| {
+                format!("ctsync peer {p:?}: not an address, or a name that does not resolve")
+            })?
+            .collect();
+        let first = addrs
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("ctsync peer {p:?}: the name resolves to no address"))?;
+        out.push(first);
+    }
+    Ok(out)
+}
+
+/// How the agent runs the sync.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where a backup accepts senders (`None`: this node never receives).
+    pub listen: Option<SocketAddr>,
+    /// The other agents, dialled while this node is active.
+    pub peers: Vec<SocketAddr>,
+    /// `ca.crt`, `tls.crt`, `tls.key` (PEM).
+    pub tls_dir: PathBuf,
+    /// A name the peers' certificates must carry; `None`: any certificate
+    /// the CA signed.
+    pub server_name: Option<String>,
+    /// How often the active node scans its session table.
+    pub interval: Duration,
+    /// Longest a backup's copy of a live entry lags its last packet.
+    pub refresh: Duration,
+    /// Most entries per message (2..=4096).
+    pub batch: usize,
+    /// Batches queued per receiver before it is dropped to a full resync
+    /// (a burst of more than `queue` × `batch` changes in one scan also
+    /// resyncs). Batches are shared by all receivers: at most about
+    /// `queue` × `batch` × 198 bytes are held.
+    pub queue: usize,
+    /// Write [`Stats`] here as JSON every second.
+    pub state_file: Option<PathBuf>,
+    /// This node's name, sent in the hello (logs of the peers).
+    pub node_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: None,
+            peers: vec![],
+            tls_dir: PathBuf::from("/etc/loxilb/ctsync"),
+            server_name: None,
+            interval: Duration::from_millis(250),
+            refresh: Duration::from_secs(5),
+            batch: 512,
+            queue: 256,
+            state_file: None,
+            node_name: String::new(),
+        }
+    }
+}
+
+impl Config {
+    fn check(&self) -> Result<()> {
+        if self.interval < Duration::from_millis(10) {
+            bail!("the ctsync interval must be at least 10 ms");
+        }
+        if !(2..=wire::MAX_BATCH).contains(&self.batch) {
+            bail!("the ctsync batch must be 2 to {} entries", wire::MAX_BATCH);
+        }
+        if self.queue == 0 {
+            bail!("the ctsync queue must hold at least one batch");
+        }
+        Ok(())
+    }
+}
+
+/// The sync's state and counters (for a CLI).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    /// `active` or `backup`.
+    pub role: String,
+    pub listen: Option<String>,
+    /// Active: scans done, entries in the last, how long it took.
+    pub scans: u64,
+    pub last_scan_entries: u64,
+    pub last_scan_ms: f64,
+    /// Entries of the last scan left out: their rule or endpoint is gone
+    /// from this node's tables.
+    pub skipped_last_scan: u64,
+    /// Entries found new or changed, and keys found removed, over all scans.
+    pub changes: u64,
+    pub removals: u64,
+    /// SCTP association records in the last scan; their changes and
+    /// removals over all scans.
+    pub last_scan_assocs: u64,
+    pub assoc_changes: u64,
+    pub last_error: Option<String>,
+    /// Active: one per configured peer.
+    pub peers: Vec<PeerStats>,
+    /// Backup: what senders sent.
+    pub inbound: InboundStats,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PeerStats {
+    pub addr: String,
+    /// `idle` (backup), `connecting`, `snapshot`, `streaming`, `error`.
+    pub state: String,
+    pub connects: u64,
+    pub entries_sent: u64,
+    pub removes_sent: u64,
+    /// SCTP association records and removals sent (outside snapshots).
+    pub assocs_sent: u64,
+    pub snapshots: u64,
+    /// Full resyncs because the receiver fell behind.
+    pub resyncs: u64,
+    /// Full resyncs the receiver asked for (its rules changed after it
+    /// had dropped entries for want of them).
+    pub resyncs_asked: u64,
+    pub last_snapshot_unix: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InboundStats {
+    /// Senders accepted, and connected now.
+    pub connections: u64,
+    pub connected: u64,
+    /// Refused: TLS (plaintext, no certificate, another CA, ...).
+    pub refused_tls: u64,
+    /// Refused: bad hello (another protocol or layout version, ...).
+    pub refused_hello: u64,
+    /// Refused: this node is the active one.
+    pub refused_active: u64,
+    pub last_refused: Option<String>,
+    pub last_sender: Option<String>,
+    pub last_error: Option<String>,
+    pub last_snapshot_unix: Option<u64>,
+    /// Entries this node holds because a sender sent them.
+    pub tracked: u64,
+    #[serde(flatten)]
+    pub apply: ApplyStats,
+}
+
+/// A running sync (its own thread and runtime). Dropping it stops it.
+pub struct Syncer {
+    active: Option<watch::Sender<bool>>,
+    ctx: Arc<net::Ctx>,
+    local: Option<SocketAddr>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    /// Start on the maps pinned in `pin_dir` (the agent's `--pin-dir`;
+    /// the datapath must be loaded). Starts as a backup (listening when
+    /// `config.listen` is set); call [`Syncer::set_active`] when this node
+    /// holds the VIPs. Fails with the file or address at fault when the
+    /// maps, the certificates or the listening address are unusable.
+    pub fn start(pin_dir: &Path, config: Config) -> Result<Syncer> {
+        let table = PinnedTable::open(pin_dir)
+            .with_context(|| format!("ctsync: the datapath maps in {}", pin_dir.display()))?;
+        Self::start_with_table(Box::new(table), config)
+    }
+
+    /// [`Syncer::start`] on any [`SessionTable`] (tests: [`MemTable`]).
+    pub fn start_with_table(table: Box<dyn SessionTable>, config: Config) -> Result<Syncer> {
+        config.check()?;
+        let tls = tls::Tls::load(&config.tls_dir, config.server_name.as_deref())
+            .context("ctsync: loading the TLS certificates")?;
+        let listener = match config.listen {
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a)
+                    .with_context(|| format!("ctsync: cannot listen on {a}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let local = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let (active_tx, active_rx) = watch::channel(false);
+        let stats = Stats {
+            role: "backup".into(),
+            listen: local.map(|a| a.to_string()),
+            peers: config
+                .peers
+                .iter()
+                .map(|a| PeerStats {
+                    addr: a.to_string(),
+                    state: "idle".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let ctx = Arc::new(net::Ctx {
+            cfg: config,
+            tls,
+            table: Arc::new(Mutex::new(table)),
+            applier: Default::default(),
+            stats: Mutex::new(stats),
+            active: active_rx,
+            subs: Mutex::new(vec![]),
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("ctsync: starting its runtime")?;
+        let c = ctx.clone();
+        let thread = std::thread::Builder::new()
+            .name("ctsync".into())
+            .spawn(move || rt.block_on(run(c, listener)))
+            .context("ctsync: starting its thread")?;
+        Ok(Syncer {
+            active: Some(active_tx),
+            ctx,
+            local,
+            thread: Some(thread),
+        })
+    }
+
+    /// This node now holds the VIPs (`true`: scan and send) or no longer
+    /// does (`false`: receive).
+    pub fn set_active(&self, active: bool) {
+        if let Some(a) = &self.active {
+            a.send_replace(active);
+        }
+    }
+
+    /// The address the listener is bound to (with port 0 in `listen`, the
+    /// one the kernel chose).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.ctx.stats(|s| s.clone())
+    }
+
+    /// Stop (connections close; entries already written stay).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.active.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The syncer's main task: the listener always; the scanner and the
+/// peers while active. Ends when the [`Syncer`] is dropped.
+async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
+    let mut bg = tokio::task::JoinSet::new();
+    if let Some(l) = listener {
+        match tokio::net::TcpListener::from_std(l) {
+            Ok(l) => {
+                bg.spawn(net::listen(ctx.clone(), l));
+            }
+            Err(e) => warn!("ctsync: the listener: {e}"),
+        }
+    }
+    if let Some(path) = ctx.cfg.state_file.clone() {
+        bg.spawn(write_state(ctx.clone(), path));
+    }
+    let mut active = ctx.active.clone();
+    let mut sending: Option<tokio::task::JoinSet<()>> = None;
+    loop {
+        let a = *active.borrow_and_update();
+        if a && sending.is_none() {
+            info!("ctsync: active: sending sessions to {:?}", ctx.cfg.peers);
+            ctx.applier.lock().expect("applier lock").forget();
+            ctx.stats(|s| s.role = "active".into());
+            let mut js = tokio::task::JoinSet::new();
+            js.spawn(net::scanner(ctx.clone()));
+            for (i, p) in ctx.cfg.peers.iter().enumerate() {
+                js.spawn(net::peer(ctx.clone(), i, *p));
+            }
+            sending = Some(js);
+        } else if !a {
+            if let Some(mut js) = sending.take() {
+                info!("ctsync: backup: receiving sessions");
+                js.abort_all();
+                while js.join_next().await.is_some() {}
+                ctx.subs.lock().expect("subs lock").clear();
+            }
+            ctx.stats(|s| {
+                s.role = "backup".into();
+                for p in &mut s.peers {
+                    p.state = "idle".into();
+                }
+            });
+        }
+        if active.changed().await.is_err() {
+            break;
+        }
+    }
+    if let Some(mut js) = sending.take() {
+        js.abort_all();
+    }
+    bg.abort_all();
+}
+
+async fn write_state(ctx: Arc<net::Ctx>, path: PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let json = ctx.stats(|s| serde_json::to_vec_pretty(s));
+        let r = json.map_err(|e| anyhow!(e)).and_then(|j| {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, j)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            if !warned {
+                warn!("ctsync: writing {}: {e:#}", path.display());
+                warned = true;
+            }
+        }
+    }
+}
+
+/// Read the stats a running agent writes to `path` (for the CLI).
+pub fn read_state(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read {}; is the agent running with conntrack sync?",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+#[cfg(test)]
+mod tests;

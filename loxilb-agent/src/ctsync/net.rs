@@ -1,0 +1,523 @@
+//! The tasks: the scanner and one connection per receiver on the active
+//! node; the listener and its connections on a backup.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot, watch},
+    time::timeout,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+
+use super::{
+    delta::{self, AssocState, State},
+    engine::{Applier, Scanner},
+    table::SessionTable,
+    tls::Tls,
+    wire::{self, Hello, Msg},
+    Config, PeerStats, Stats,
+};
+
+/// A connect, TLS handshake or hello must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The sender says something at least this often...
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// ... and a receiver that hears nothing for this long hangs up.
+const RECV_TIMEOUT: Duration = Duration::from_secs(15);
+/// A receiver that dropped entries for want of a rule asks for a new
+/// snapshot once its rules change, at the earliest this long after.
+const RESYNC_AFTER: Duration = Duration::from_secs(1);
+
+/// What every task of one syncer shares.
+pub(super) struct Ctx {
+    pub cfg: Config,
+    pub tls: Tls,
+    pub table: Arc<Mutex<Box<dyn SessionTable>>>,
+    pub applier: Arc<Mutex<Applier>>,
+    pub stats: Mutex<Stats>,
+    pub active: watch::Receiver<bool>,
+    pub subs: Mutex<Vec<Sub>>,
+}
+
+impl Ctx {
+    pub fn stats<T>(&self, f: impl FnOnce(&mut Stats) -> T) -> T {
+        f(&mut self.stats.lock().expect("stats lock"))
+    }
+    fn peer<T>(&self, i: usize, f: impl FnOnce(&mut PeerStats) -> T) -> T {
+        self.stats(|s| f(&mut s.peers[i]))
+    }
+}
+
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The exported table at one scan, for a snapshot.
+pub(super) struct Snap {
+    state: Arc<State>,
+    assocs: Arc<AssocState>,
+    now_ns: u64,
+    at: Instant,
+}
+
+/// One receiver's subscription to the scanner's changes.
+pub(super) struct Sub {
+    tx: mpsc::Sender<Arc<Vec<u8>>>,
+    /// Waiting for its snapshot (handed over at the next scan; the
+    /// changes of later scans follow in `tx`).
+    want: Option<oneshot::Sender<Snap>>,
+    /// Set when its queue was full: it gets a full resync.
+    overflow: Arc<AtomicBool>,
+}
+
+/// (entries in an UPSERT frame, keys in a REMOVE frame, association
+/// records or ids in an ASSOC_* frame)
+fn frame_counts(f: &[u8]) -> (u64, u64, u64) {
+    let n = u16::from_be_bytes([f[5], f[6]]) as u64;
+    match f[4] {
+        wire::msg::UPSERT => (n, 0, 0),
+        wire::msg::REMOVE => (0, n, 0),
+        wire::msg::ASSOC_UPSERT | wire::msg::ASSOC_REMOVE => (0, 0, n),
+        _ => (0, 0, 0),
+    }
+}
+
+/// The active node's scanner: every interval, the changes go to every
+/// subscribed receiver; a receiver whose queue is full is cut off (and
+/// resyncs); a new one is handed the scan as its snapshot.
+pub(super) async fn scanner(ctx: Arc<Ctx>) {
+    let mut sc = Some(Scanner::new(ctx.cfg.refresh, ctx.cfg.batch));
+    let mut tick = tokio::time::interval(ctx.cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_err = String::new();
+    loop {
+        tick.tick().await;
+        let table = ctx.table.clone();
+        let mut s = sc.take().expect("scanner present");
+        let t0 = Instant::now();
+        let (s, r) = match tokio::task::spawn_blocking(move || {
+            let r = s.scan(&mut **table.lock().expect("table lock"));
+            (s, r)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("ctsync: the scan failed: {e}");
+                return;
+            }
+        };
+        sc = Some(s);
+        let out = match r {
+            Ok(o) => o,
+            Err(e) => {
+                let t = format!("{e:#}");
+                if t != last_err {
+                    warn!("ctsync: scanning the session table failed: {t}");
+                }
+                ctx.stats(|s| s.last_error = Some(t.clone()));
+                last_err = t;
+                continue;
+            }
+        };
+        last_err.clear();
+        ctx.stats(|s| {
+            s.scans += 1;
+            s.last_scan_entries = out.state.len() as u64;
+            s.last_scan_ms = t0.elapsed().as_secs_f64() * 1e3;
+            s.skipped_last_scan = out.skipped as u64;
+            s.changes += out.upserts as u64;
+            s.removals += out.removes as u64;
+            s.last_scan_assocs = out.assocs.len() as u64;
+            s.assoc_changes += (out.assoc_upserts + out.assoc_removes) as u64;
+        });
+        let mut subs = ctx.subs.lock().expect("subs lock");
+        subs.retain_mut(|s| {
+            if let Some(w) = s.want.take() {
+                return w
+                    .send(Snap {
+                        state: out.state.clone(),
+                        assocs: out.assocs.clone(),
+                        now_ns: out.now_ns,
+                        at: t0,
+                    })
+                    .is_ok();
+            }
+            for f in &out.frames {
+                match s.tx.try_send(f.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.overflow.store(true, Ordering::SeqCst);
+                        return false;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            true
+        });
+    }
+}
+
+/// The active node's link to one receiver, reconnecting for ever.
+pub(super) async fn peer(ctx: Arc<Ctx>, i: usize, addr: SocketAddr) {
+    let mut backoff = Duration::from_millis(500);
+    let mut last_err = String::new();
+    loop {
+        ctx.peer(i, |p| p.state = "connecting".into());
+        let t0 = Instant::now();
+        let r = peer_session(&ctx, i, addr).await;
+        let e = match r {
+            Ok(()) => "the connection ended".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if e != last_err {
+            warn!("ctsync: receiver {addr}: {e}");
+            last_err = e.clone();
+        }
+        ctx.peer(i, |p| {
+            p.state = "error".into();
+            p.last_error = Some(e);
+        });
+        if t0.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(500);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> {
+    let tcp = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("no TCP connection within {HANDSHAKE_TIMEOUT:?}"))?
+        .context("TCP connect")?;
+    tcp.set_nodelay(true)?;
+    let tls = timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(ctx.tls.client.clone()).connect(ctx.tls.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
+    .context("TLS handshake")?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let hello = Hello::ours(wire::ROLE_SENDER, &ctx.cfg.node_name);
+    wire::write_frame(&mut wr, &wire::encode(&Msg::Hello(hello))).await?;
+    match timeout(HANDSHAKE_TIMEOUT, wire::read_msg(&mut rd))
+        .await
+        .map_err(|_| anyhow!("no hello within {HANDSHAKE_TIMEOUT:?}"))??
+    {
+        Some(Msg::Hello(h)) => h.check(&addr.to_string())?,
+        Some(Msg::Error(t)) => bail!("refused: {t}"),
+        Some(m) => bail!("sent {m:?} instead of a hello"),
+        None => {
+            bail!("closed the connection during the hello (does it trust our certificate's CA?)")
+        }
+    }
+    info!("ctsync: streaming sessions to {addr}");
+    ctx.peer(i, |p| {
+        p.connects += 1;
+        p.last_error = None;
+    });
+    // The receiver only speaks to refuse or to ask for a resync: a reader
+    // notices that, or the end of the connection.
+    let resync = Arc::new(tokio::sync::Notify::new());
+    let wants = resync.clone();
+    let mut reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            match wire::read_msg(&mut rd).await {
+                Ok(Some(Msg::Error(t))) => return anyhow!("the receiver hung up: {t}"),
+                Ok(Some(Msg::Resync)) => wants.notify_one(),
+                Ok(Some(_)) => {}
+                Ok(None) => return anyhow!("the receiver closed the connection"),
+                Err(e) => return e,
+            }
+        }
+    }));
+    let mut hb = tokio::time::interval(HEARTBEAT);
+    loop {
+        // Subscribe; the next scan hands over the snapshot.
+        let (tx, mut rx) = mpsc::channel(ctx.cfg.queue.max(1));
+        let (want, snap) = oneshot::channel();
+        let overflow = Arc::new(AtomicBool::new(false));
+        ctx.subs.lock().expect("subs lock").push(Sub {
+            tx,
+            want: Some(want),
+            overflow: overflow.clone(),
+        });
+        ctx.peer(i, |p| p.state = "snapshot".into());
+        let snap = tokio::select! {
+            s = snap => s.map_err(|_| anyhow!("the scanner stopped"))?,
+            e = &mut reader.0 => return Err(e.unwrap_or_else(|e| anyhow!("{e}"))),
+        };
+        let n = send_snapshot(ctx, &mut wr, &snap).await?;
+        drop(snap);
+        ctx.peer(i, |p| {
+            p.state = "streaming".into();
+            p.snapshots += 1;
+            p.entries_sent += n;
+            p.last_snapshot_unix = Some(unix_now());
+        });
+        debug!("ctsync: sent {addr} a snapshot of {n} entries");
+        loop {
+            tokio::select! {
+                f = rx.recv() => match f {
+                    Some(f) => {
+                        wire::write_frame(&mut wr, &f).await?;
+                        let (u, r, a) = frame_counts(&f);
+                        ctx.peer(i, |p| {
+                            p.entries_sent += u;
+                            p.removes_sent += r;
+                            p.assocs_sent += a;
+                        });
+                    }
+                    None if overflow.load(Ordering::SeqCst) => {
+                        warn!("ctsync: receiver {addr} fell behind ({} batches queued): full resync", ctx.cfg.queue);
+                        ctx.peer(i, |p| p.resyncs += 1);
+                        break;
+                    }
+                    None => bail!("the scanner stopped"),
+                },
+                _ = hb.tick() => {
+                    wire::write_frame(&mut wr, &wire::encode(&Msg::Heartbeat)).await?;
+                }
+                _ = resync.notified() => {
+                    info!("ctsync: receiver {addr} asked for a new snapshot (its rules changed)");
+                    ctx.peer(i, |p| p.resyncs_asked += 1);
+                    break;
+                }
+                e = &mut reader.0 => return Err(e.unwrap_or_else(|e| anyhow!("{e}"))),
+            }
+        }
+    }
+}
+
+/// Write a full snapshot, a batch at a time. Returns the entries sent.
+async fn send_snapshot<W: tokio::io::AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    wr: &mut W,
+    snap: &Snap,
+) -> Result<u64> {
+    let order = delta::snapshot_order(&snap.state);
+    let n = order.len() as u32;
+    wire::write_frame(wr, &wire::encode(&Msg::SnapshotBegin { entries: n })).await?;
+    // Ages on the table's clock, advanced by the time since the scan.
+    let now = snap.now_ns + snap.at.elapsed().as_nanos() as u64;
+    for b in delta::batches(&order, &snap.state, ctx.cfg.batch) {
+        for f in delta::upsert_frames(&b, &snap.state, ctx.cfg.batch, now) {
+            wire::write_frame(wr, &f).await?;
+        }
+    }
+    let ids: Vec<_> = snap.assocs.keys().copied().collect();
+    for f in delta::assoc_frames(&ids, &snap.assocs, ctx.cfg.batch) {
+        wire::write_frame(wr, &f).await?;
+    }
+    wire::write_frame(wr, &wire::encode(&Msg::SnapshotEnd { entries: n })).await?;
+    wr.flush().await?;
+    Ok(n as u64)
+}
+
+/// A backup's listener: every connection is a possible sender.
+pub(super) async fn listen(ctx: Arc<Ctx>, l: TcpListener) {
+    loop {
+        match l.accept().await {
+            Ok((tcp, addr)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(inbound(ctx.clone(), tcp, addr));
+            }
+            Err(e) => {
+                warn!("ctsync: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
+    let tls = match timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(ctx.tls.server.clone()).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!("ctsync: refused {addr}: TLS: {e}");
+            ctx.stats(|s| {
+                s.inbound.refused_tls += 1;
+                s.inbound.last_refused = Some(format!("{addr}: TLS: {e}"));
+            });
+            return;
+        }
+        Err(_) => {
+            warn!("ctsync: refused {addr}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+            ctx.stats(|s| {
+                s.inbound.refused_tls += 1;
+                s.inbound.last_refused = Some(format!("{addr}: no TLS handshake"));
+            });
+            return;
+        }
+    };
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let refuse = |why: String| {
+        warn!("ctsync: refused {addr}: {why}");
+        ctx.stats(|s| {
+            s.inbound.refused_hello += 1;
+            s.inbound.last_refused = Some(format!("{addr}: {why}"));
+        });
+        why
+    };
+    let hello = match timeout(HANDSHAKE_TIMEOUT, wire::read_msg(&mut rd)).await {
+        Ok(Ok(Some(Msg::Hello(h)))) => h,
+        Ok(Ok(Some(m))) => {
+            let t = refuse(format!("sent {m:?} instead of a hello"));
+            let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t))).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            refuse(format!("{e:#}"));
+            return;
+        }
+        Err(_) => {
+            refuse(format!("no hello within {HANDSHAKE_TIMEOUT:?}"));
+            return;
+        }
+    };
+    let is_active = *ctx.active.borrow();
+    let why = match hello.check(&addr.to_string()) {
+        Err(e) => Some(refuse(format!("{e:#}"))),
+        Ok(()) if hello.role != wire::ROLE_SENDER => Some(refuse(format!(
+            "its hello has role {}, not sender",
+            hello.role
+        ))),
+        Ok(()) if is_active => {
+            ctx.stats(|s| s.inbound.refused_active += 1);
+            Some(format!(
+                "{} is the active node: it does not take sessions from another",
+                ctx.cfg.node_name
+            ))
+        }
+        Ok(()) => None,
+    };
+    if let Some(t) = why {
+        let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t))).await;
+        let _ = wr.shutdown().await;
+        return;
+    }
+    let ours = Hello::ours(wire::ROLE_RECEIVER, &ctx.cfg.node_name);
+    if wire::write_frame(&mut wr, &wire::encode(&Msg::Hello(ours)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    info!("ctsync: receiving sessions from {addr} ({:?})", hello.name);
+    ctx.stats(|s| {
+        s.inbound.connections += 1;
+        s.inbound.connected += 1;
+        s.inbound.last_sender = Some(format!("{addr} ({})", hello.name));
+    });
+    let mut active = ctx.active.clone();
+    let end = loop {
+        let m = tokio::select! {
+            m = timeout(RECV_TIMEOUT, wire::read_msg(&mut rd)) => m,
+            _ = became_active(&mut active) => {
+                let t = format!("{} became the active node", ctx.cfg.node_name);
+                let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t.clone()))).await;
+                break t;
+            }
+        };
+        let msg = match m {
+            Err(_) => break format!("nothing heard for {RECV_TIMEOUT:?}"),
+            Ok(Err(e)) => break format!("{e:#}"),
+            Ok(Ok(None)) => break "the sender closed the connection".into(),
+            Ok(Ok(Some(msg))) => msg,
+        };
+        match apply(&ctx, msg).await {
+            Ok(false) => {}
+            Ok(true) => {
+                info!("ctsync: rules changed since entries from {addr} were dropped: asking for a new snapshot");
+                if let Err(e) = wire::write_frame(&mut wr, &wire::encode(&Msg::Resync)).await {
+                    break format!("{e:#}");
+                }
+            }
+            Err(e) => {
+                let t = format!("{e:#}");
+                let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t.clone()))).await;
+                break t;
+            }
+        }
+    };
+    ctx.applier.lock().expect("applier lock").abort_snapshot();
+    ctx.stats(|s| {
+        s.inbound.connected -= 1;
+        s.inbound.last_error = Some(format!("{addr}: {end}"));
+    });
+    info!("ctsync: sender {addr} gone: {end}");
+}
+
+/// Returns once the node is active (never if the syncer is going away).
+async fn became_active(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Apply one message from a sender (on a blocking thread: map writes).
+/// Returns whether to ask the sender for a new snapshot.
+async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<bool> {
+    let c = ctx.clone();
+    tokio::task::spawn_blocking(move || -> Result<bool> {
+        let mut ap = c.applier.lock().expect("applier lock");
+        let mut t = c.table.lock().expect("table lock");
+        let t: &mut dyn SessionTable = &mut **t;
+        match msg {
+            Msg::Upsert(r) => ap.upserts(t, &r)?,
+            Msg::Remove(k) => ap.removes(t, &k)?,
+            Msg::AssocUpsert(r) => ap.assoc_upserts(t, &r)?,
+            Msg::AssocRemove(k) => ap.assoc_removes(t, &k)?,
+            Msg::SnapshotBegin { .. } => ap.begin_snapshot(),
+            Msg::SnapshotEnd { .. } => {
+                let stale = ap.end_snapshot(t)?;
+                if stale > 0 {
+                    info!("ctsync: snapshot applied; {stale} stale synced entries removed");
+                }
+                c.stats(|s| s.inbound.last_snapshot_unix = Some(unix_now()));
+            }
+            Msg::Error(t) => bail!("the sender reported: {t}"),
+            Msg::Hello(_) => bail!("a second hello"),
+            Msg::Resync => bail!("a resync request, from a sender"),
+            Msg::Heartbeat => {}
+        }
+        let resync = ap.wants_resync(t, RESYNC_AFTER)?;
+        let (st, n) = (ap.stats.clone(), ap.tracked());
+        c.stats(|s| {
+            s.inbound.apply = st;
+            s.inbound.tracked = n as u64;
+        });
+        Ok(resync)
+    })
+    .await
+    .map_err(|e| anyhow!("applying: {e}"))?
+}

@@ -1,0 +1,414 @@
+//! Two syncers over loopback TCP with mutual TLS, on in-memory tables.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rustls::pki_types::pem::PemObject;
+use tokio::io::AsyncWriteExt;
+
+use super::{
+    tls::tests::{tempdir::Dir, TestCa},
+    wire::{self, Hello, Msg},
+    xlate::tests as x,
+    Config, MemTable, Syncer,
+};
+
+fn node(sender: bool) -> MemTable {
+    let t = MemTable::default();
+    t.with(|s| {
+        if sender {
+            s.svcs = vec![x::svc("20.0.0.100", 80, 1)];
+            s.eps = vec![
+                x::ep(1, 0, "10.0.1.10", 8080, 0),
+                x::ep(1, 1, "10.0.1.11", 8080, 1),
+            ];
+            s.now_ns = 1_000_000_000_000;
+        } else {
+            s.svcs = vec![x::svc("20.0.0.101", 80, 1), x::svc("20.0.0.100", 80, 2)];
+            s.eps = vec![
+                x::ep(2, 0, "10.0.1.10", 8080, 7),
+                x::ep(2, 1, "10.0.1.11", 8080, 8),
+            ];
+            s.now_ns = 5_000_000_000;
+        }
+    });
+    t
+}
+
+fn cfg(dir: &Dir) -> Config {
+    Config {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        tls_dir: dir.0.clone(),
+        interval: Duration::from_millis(20),
+        node_name: "test".into(),
+        ..Default::default()
+    }
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A backup on `b`, an active sender on `a` dialling it.
+fn pair(
+    ca_a: &TestCa,
+    ca_b: &TestCa,
+    trust_a: &TestCa,
+    a: &MemTable,
+    b: &MemTable,
+    tweak: impl FnOnce(&mut Config),
+) -> (Syncer, Syncer, Dir, Dir) {
+    let db = ca_b.dir(ca_b, "b");
+    let rx = Syncer::start_with_table(Box::new(b.clone()), cfg(&db)).unwrap();
+    let da = ca_a.dir(trust_a, "a");
+    let mut c = cfg(&da);
+    c.listen = None;
+    c.peers = vec![rx.local_addr().unwrap()];
+    tweak(&mut c);
+    let tx = Syncer::start_with_table(Box::new(a.clone()), c).unwrap();
+    tx.set_active(true);
+    (tx, rx, da, db)
+}
+
+#[test]
+fn sessions_stream_to_the_backup_and_follow_changes() {
+    let ca = TestCa::new("ca");
+    let (a, b) = (node(true), node(false));
+    let now = a.now();
+    let s1 = x::session(
+        "192.168.0.2",
+        40000,
+        "20.0.0.100",
+        "10.0.1.11",
+        1,
+        1,
+        now - 1000,
+    );
+    a.with(|s| s.ct.extend(s1));
+    let (tx, rx, _da, _db) = pair(&ca, &ca, &ca, &a, &b, |_| {});
+    wait_for("the snapshot", 10, || b.with(|s| s.ct.len() == 2));
+    b.with(|s| {
+        for (k, _) in s1 {
+            assert_eq!((s.ct[&k].rule_id, s.ct[&k].ep_stat), (2, 8));
+        }
+    });
+    // A new session, then one ending.
+    let s2 = x::session("192.168.0.3", 40000, "20.0.0.100", "10.0.1.10", 1, 0, now);
+    a.with(|s| s.ct.extend(s2));
+    wait_for("the new session", 10, || b.with(|s| s.ct.len() == 4));
+    a.with(|s| {
+        for (k, _) in s1 {
+            s.ct.remove(&k);
+        }
+    });
+    wait_for("the removal", 10, || b.with(|s| s.ct.len() == 2));
+    let st = tx.stats();
+    assert_eq!(st.role, "active");
+    assert_eq!(st.peers[0].state, "streaming");
+    assert_eq!(st.peers[0].snapshots, 1);
+    assert_eq!(st.peers[0].entries_sent, 4);
+    assert_eq!(st.peers[0].removes_sent, 2);
+    let sr = rx.stats();
+    assert_eq!(sr.role, "backup");
+    assert_eq!(sr.inbound.connected, 1);
+    assert_eq!(sr.inbound.apply.applied, 4);
+    assert_eq!(sr.inbound.apply.removed, 2);
+    assert_eq!(sr.inbound.apply.snapshots, 1);
+    // Roles swap: the new active node keeps the sessions, the old one
+    // stops sending.
+    tx.set_active(false);
+    rx.set_active(true);
+    wait_for("the old sender to stop", 10, || {
+        rx.stats().inbound.connected == 0 && tx.stats().peers[0].state == "idle"
+    });
+    b.with(|s| assert_eq!(s.ct.len(), 2));
+}
+
+#[test]
+fn a_slow_receiver_is_resynced_not_buffered() {
+    let ca = TestCa::new("ca");
+    let (a, b) = (node(true), node(false));
+    let (tx, _rx, _da, _db) = pair(&ca, &ca, &ca, &a, &b, |c| {
+        c.batch = 2;
+        c.queue = 1;
+    });
+    wait_for("streaming", 10, || tx.stats().peers[0].state == "streaming");
+    // 20 sessions in one scan: 20 batches for a queue of one.
+    let now = a.now();
+    a.with(|s| {
+        for i in 0..20 {
+            s.ct.extend(x::session(
+                "192.168.0.2",
+                1000 + i,
+                "20.0.0.100",
+                "10.0.1.10",
+                1,
+                0,
+                now,
+            ));
+        }
+    });
+    wait_for("the resync", 10, || b.with(|s| s.ct.len() == 40));
+    let st = tx.stats();
+    assert!(st.peers[0].resyncs >= 1, "{st:?}");
+    assert!(st.peers[0].snapshots >= 2, "{st:?}");
+}
+
+#[test]
+fn a_rule_arriving_after_its_sessions_brings_a_resync() {
+    let ca = TestCa::new("ca");
+    let (a, b) = (node(true), node(false));
+    a.with(|s| {
+        s.ct.extend(x::session(
+            "192.168.0.2",
+            1,
+            "20.0.0.100",
+            "10.0.1.10",
+            1,
+            0,
+            0,
+        ))
+    });
+    // B has no rule for 20.0.0.100:80 yet.
+    let web = b.with(|s| {
+        let i = s.svcs.iter().position(|(_, v)| v.rule_id == 2).unwrap();
+        s.svcs.remove(i)
+    });
+    let (tx, rx, _da, _db) = pair(&ca, &ca, &ca, &a, &b, |_| {});
+    wait_for("the drops", 10, || {
+        rx.stats().inbound.apply.dropped_no_rule == 2
+    });
+    b.with(|s| s.svcs.push(web));
+    wait_for("the resync", 10, || b.with(|s| s.ct.len() == 2));
+    assert_eq!(tx.stats().peers[0].resyncs_asked, 1);
+    assert_eq!(rx.stats().inbound.apply.resyncs_requested, 1);
+}
+
+#[test]
+fn a_sender_of_another_ca_is_refused() {
+    let ca = TestCa::new("ca");
+    let other = TestCa::new("other");
+    let (a, b) = (node(true), node(false));
+    a.with(|s| {
+        s.ct.extend(x::session(
+            "192.168.0.2",
+            1,
+            "20.0.0.100",
+            "10.0.1.10",
+            1,
+            0,
+            0,
+        ))
+    });
+    // Signed by another CA, though it trusts the backup's.
+    let (tx, rx, _da, _db) = pair(&other, &ca, &ca, &a, &b, |_| {});
+    wait_for("the refusal", 10, || rx.stats().inbound.refused_tls >= 1);
+    let e = rx.stats().inbound.last_refused.unwrap();
+    assert!(e.contains("TLS"), "{e}");
+    wait_for("the sender's error", 10, || {
+        tx.stats().peers[0].last_error.is_some()
+    });
+    assert_eq!(tx.stats().peers[0].snapshots, 0);
+    b.with(|s| assert!(s.ct.is_empty()));
+    assert_eq!(rx.stats().inbound.connections, 0);
+}
+
+#[test]
+fn a_backup_of_another_ca_is_not_sent_to() {
+    let ca = TestCa::new("ca");
+    let other = TestCa::new("other");
+    let (a, b) = (node(true), node(false));
+    a.with(|s| {
+        s.ct.extend(x::session(
+            "192.168.0.2",
+            1,
+            "20.0.0.100",
+            "10.0.1.10",
+            1,
+            0,
+            0,
+        ))
+    });
+    // The sender's certificate is fine, but it trusts only `other`.
+    let (tx, rx, _da, _db) = pair(&ca, &ca, &other, &a, &b, |_| {});
+    wait_for("the sender's error", 10, || {
+        tx.stats().peers[0].last_error.is_some()
+    });
+    let e = tx.stats().peers[0].last_error.clone().unwrap();
+    assert!(
+        e.contains("TLS handshake") && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    b.with(|s| assert!(s.ct.is_empty()));
+    assert_eq!(rx.stats().inbound.connections, 0);
+}
+
+/// A raw TLS client of the backup: `cert` None presents no certificate.
+async fn raw_client(
+    addr: std::net::SocketAddr,
+    trust: &TestCa,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(trust.cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("b".try_into().unwrap(), tcp)
+        .await
+}
+
+#[test]
+fn no_certificate_and_plaintext_are_refused() {
+    let ca = TestCa::new("ca");
+    let b = node(false);
+    let db = ca.dir(&ca, "b");
+    let rx = Syncer::start_with_table(Box::new(b.clone()), cfg(&db)).unwrap();
+    let addr = rx.local_addr().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // No client certificate: the handshake (or the first read, TLS
+        // 1.3 reports the refusal after the client's finish) fails.
+        if let Ok(mut s) = raw_client(addr, &ca).await {
+            let hello = wire::encode(&Msg::Hello(Hello::ours(wire::ROLE_SENDER, "x")));
+            let _ = s.write_all(&hello).await;
+            let _ = s.flush().await;
+            let r = wire::read_msg(&mut s).await;
+            assert!(!matches!(r, Ok(Some(Msg::Hello(_)))), "{r:?}");
+        }
+        // Plaintext: a hello without TLS.
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let hello = wire::encode(&Msg::Hello(Hello::ours(wire::ROLE_SENDER, "x")));
+        tcp.write_all(&hello).await.unwrap();
+        let r = wire::read_msg(&mut tcp).await;
+        assert!(!matches!(r, Ok(Some(Msg::Hello(_)))), "{r:?}");
+    });
+    wait_for("two refusals", 10, || rx.stats().inbound.refused_tls >= 2);
+    assert_eq!(rx.stats().inbound.connections, 0);
+}
+
+/// A TLS client with a certificate of `ca`, for speaking the protocol by
+/// hand.
+async fn client_of(
+    dir: &Dir,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let t = super::tls::Tls::load(&dir.0, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(t.client)
+        .connect(t.server_name, tcp)
+        .await
+        .unwrap()
+}
+
+#[test]
+fn version_mismatch_and_an_active_backup_refuse_with_a_reason() {
+    let ca = TestCa::new("ca");
+    let b = node(false);
+    let db = ca.dir(&ca, "b");
+    let rx = Syncer::start_with_table(Box::new(b.clone()), cfg(&db)).unwrap();
+    let addr = rx.local_addr().unwrap();
+    let da = ca.dir(&ca, "a");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = client_of(&da, addr).await;
+        let mut h = Hello::ours(wire::ROLE_SENDER, "old-agent");
+        h.layout = 1;
+        s.write_all(&wire::encode(&Msg::Hello(h))).await.unwrap();
+        match wire::read_msg(&mut s).await.unwrap() {
+            Some(Msg::Error(t)) => {
+                assert!(
+                    t.contains("layout 1") && t.contains("same agent version"),
+                    "{t}"
+                )
+            }
+            m => panic!("{m:?}"),
+        }
+    });
+    assert_eq!(rx.stats().inbound.refused_hello, 1);
+    rx.set_active(true);
+    wait_for("active", 5, || rx.stats().role == "active");
+    rt.block_on(async {
+        let mut s = client_of(&da, addr).await;
+        let h = Hello::ours(wire::ROLE_SENDER, "a");
+        s.write_all(&wire::encode(&Msg::Hello(h))).await.unwrap();
+        match wire::read_msg(&mut s).await.unwrap() {
+            Some(Msg::Error(t)) => assert!(t.contains("is the active node"), "{t}"),
+            m => panic!("{m:?}"),
+        }
+    });
+    assert_eq!(rx.stats().inbound.refused_active, 1);
+}
+
+#[test]
+fn bad_config_and_files_are_named() {
+    let ca = TestCa::new("ca");
+    let d = ca.dir(&ca, "cfg");
+    let mut c = cfg(&d);
+    c.batch = 1;
+    let e = Syncer::start_with_table(Box::new(MemTable::default()), c)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("batch"), "{e}");
+    let mut c = cfg(&d);
+    c.tls_dir = d.0.join("missing");
+    let e = format!(
+        "{:#}",
+        Syncer::start_with_table(Box::new(MemTable::default()), c)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("missing/ca.crt"), "{e}");
+    let rx = Syncer::start_with_table(Box::new(MemTable::default()), cfg(&d)).unwrap();
+    let mut c = cfg(&d);
+    c.listen = rx.local_addr();
+    let e = format!(
+        "{:#}",
+        Syncer::start_with_table(Box::new(MemTable::default()), c)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("cannot listen on 127.0.0.1"), "{e}");
+}
+
+#[test]
+fn peers_from_a_flag() {
+    let p = super::parse_peers("10.0.0.2, 10.0.0.3:9000,[fd00::1]:7000,fd00::2,localhost").unwrap();
+    let want: Vec<std::net::SocketAddr> = [
+        "10.0.0.2:22222",
+        "10.0.0.3:9000",
+        "[fd00::1]:7000",
+        "[fd00::2]:22222",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    assert_eq!(p[..4], want[..]);
+    assert_eq!(p[4].port(), super::DEFAULT_PORT);
+    assert!(p[4].ip().is_loopback());
+    assert!(super::parse_peers("").unwrap().is_empty());
+    let e = format!("{:#}", super::parse_peers("10.0.0.2:99999").unwrap_err());
+    assert!(e.contains("10.0.0.2:99999"), "{e}");
+}

@@ -1,0 +1,252 @@
+//! Mutual TLS between agents: both sides present a certificate signed by
+//! the CA of the directory (`ca.crt`, `tls.crt`, `tls.key`: a Kubernetes
+//! TLS Secret mounted as a volume, with the CA added).
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::WebPkiServerVerifier,
+    crypto::ring,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::WebPkiClientVerifier,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+
+pub const CA_FILE: &str = "ca.crt";
+pub const CERT_FILE: &str = "tls.crt";
+pub const KEY_FILE: &str = "tls.key";
+
+/// The name a client verifies when none is configured (the name check is
+/// then skipped: any certificate of the CA is accepted, as on the server).
+pub const DEFAULT_SERVER_NAME: &str = "loxilb-ctsync";
+
+/// Both sides' TLS configurations, from one directory.
+#[derive(Clone)]
+pub struct Tls {
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+    /// The name the client asks for and (when configured) checks.
+    pub server_name: ServerName<'static>,
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("{}: not a PEM certificate file ({e:?})", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{}: no certificate in it (expected PEM `-----BEGIN CERTIFICATE-----` blocks)",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+        anyhow!(
+            "{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1 expected): {e:?}",
+            path.display()
+        )
+    })
+}
+
+impl Tls {
+    /// Load `dir/ca.crt`, `dir/tls.crt`, `dir/tls.key`. `server_name`:
+    /// the name the peers' certificates must carry; `None` accepts any
+    /// certificate the CA signed.
+    pub fn load(dir: &Path, server_name: Option<&str>) -> Result<Self> {
+        let provider = Arc::new(ring::default_provider());
+        let ca_path = dir.join(CA_FILE);
+        let mut roots = RootCertStore::empty();
+        for c in certs(&ca_path)? {
+            roots
+                .add(c)
+                .map_err(|e| anyhow!("{}: not a usable CA certificate: {e}", ca_path.display()))?;
+        }
+        let roots = Arc::new(roots);
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let chain = certs(&cert_path)?;
+        let key = key(&key_path)?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| anyhow!("{}: {e}", ca_path.display()))?;
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| {
+                anyhow!(
+                    "{} and {} do not make a usable certificate and key: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            })?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| anyhow!("{}: {e}", ca_path.display()))?;
+        let verifier = Arc::new(CaOnly {
+            inner: webpki,
+            check_name: server_name.is_some(),
+        });
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| {
+                anyhow!(
+                    "{} and {} do not make a usable certificate and key: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            })?;
+        let name = server_name.unwrap_or(DEFAULT_SERVER_NAME);
+        let server_name = ServerName::try_from(name.to_string())
+            .map_err(|e| anyhow!("{name:?} is not a valid TLS server name: {e}"))?;
+        Ok(Tls {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            server_name,
+        })
+    }
+}
+
+/// The webpki verifier (chain to the CA, validity dates, key usage), with
+/// the name check optional.
+#[derive(Debug)]
+struct CaOnly {
+    inner: Arc<WebPkiServerVerifier>,
+    check_name: bool,
+}
+
+impl ServerCertVerifier for CaOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    /// A CA and the directories of certificates it signs.
+    pub struct TestCa {
+        pub cert_pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        pub fn new(name: &str) -> Self {
+            let mut p = CertificateParams::new(vec![]).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, name.to_string());
+            let key = KeyPair::generate().unwrap();
+            let cert = p.self_signed(&key).unwrap();
+            TestCa {
+                cert_pem: cert.pem(),
+                issuer: Issuer::new(p, key),
+            }
+        }
+
+        /// A directory with `ca.crt` (of `trust`), and `tls.crt`/`tls.key`
+        /// signed by this CA for `name`.
+        pub fn dir(&self, trust: &TestCa, name: &str) -> tempdir::Dir {
+            let d = tempdir::Dir::new(name);
+            let p = CertificateParams::new(vec![name.to_string()]).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &self.issuer).unwrap();
+            std::fs::write(d.0.join(CA_FILE), &trust.cert_pem).unwrap();
+            std::fs::write(d.0.join(CERT_FILE), cert.pem()).unwrap();
+            std::fs::write(d.0.join(KEY_FILE), key.serialize_pem()).unwrap();
+            d
+        }
+    }
+
+    pub mod tempdir {
+        /// A directory removed on drop.
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new(tag: &str) -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "ctsync-{tag}-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem() {
+        let ca = TestCa::new("ca");
+        let d = ca.dir(&ca, "node-a");
+        assert!(Tls::load(&d.0, None).is_ok());
+        std::fs::write(d.0.join(KEY_FILE), "not a key").unwrap();
+        let e = format!("{:#}", Tls::load(&d.0, None).err().unwrap());
+        assert!(e.contains("tls.key") && e.contains("private key"), "{e}");
+        std::fs::write(d.0.join(CA_FILE), "").unwrap();
+        let e = format!("{:#}", Tls::load(&d.0, None).err().unwrap());
+        assert!(e.contains("ca.crt") && e.contains("no certificate"), "{e}");
+        std::fs::remove_file(d.0.join(CERT_FILE)).unwrap();
+        std::fs::write(d.0.join(CA_FILE), &ca.cert_pem).unwrap();
+        let e = format!("{:#}", Tls::load(&d.0, None).err().unwrap());
+        assert!(e.contains("tls.crt") && e.contains("cannot read"), "{e}");
+        let e = format!("{:#}", Tls::load(&d.0, Some("bad name!")).err().unwrap());
+        assert!(e.contains("tls.crt"), "{e}");
+    }
+}
