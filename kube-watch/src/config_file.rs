@@ -82,6 +82,9 @@ pub const SETTINGS: &[Setting] = &[
     s("snat-ports", Kind::Value),
     s("pin-dir", Kind::Value),
     s("health-listen", Kind::Value),
+    s("ctsync-listen", Kind::Value),
+    s("ctsync-peers", Kind::Value),
+    s("ctsync-tls", Kind::Value),
     // BGP.
     s("setBGP", Kind::Value),
     s("extBGPPeers", Kind::List),

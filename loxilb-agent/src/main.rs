@@ -85,6 +85,23 @@ struct NodeArgs {
     /// Allow eBGP peers several hops away.
     #[arg(long = "eBGPMultiHop", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     ebgp_multihop: Option<String>,
+    /// Conntrack sync (Kubernetes mode): where this node, as a backup,
+    /// accepts the active node's session stream (e.g. 0.0.0.0:22222).
+    #[arg(long = "ctsync-listen", value_name = "ADDR:PORT")]
+    ctsync_listen: Option<std::net::SocketAddr>,
+    /// Conntrack sync: the other agents, `host[:port],...` (port 22222 by
+    /// default), to which this node streams its sessions while it holds
+    /// the VIPs.
+    #[arg(long = "ctsync-peers", value_name = "PEERS")]
+    ctsync_peers: Option<String>,
+    /// Conntrack sync: `ca.crt`, `tls.crt`, `tls.key` (a mounted TLS
+    /// Secret); peers must present a certificate of that CA.
+    #[arg(
+        long = "ctsync-tls",
+        value_name = "DIR",
+        default_value = "/etc/loxilb/ctsync"
+    )]
+    ctsync_tls: PathBuf,
     /// Serve `GET /healthz` and `/readyz` on this address (for the
     /// DaemonSet's liveness and readiness probes); off when absent.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -198,6 +215,9 @@ enum Cmd {
     /// Show datapath counters and how translated packets leave through
     /// each device.
     Stats,
+    /// Conntrack sync state (Kubernetes mode with --ctsync-*): role,
+    /// peers, entries sent/applied/dropped, refusals (JSON).
+    Sync,
     /// loxicmd's nouns: `get lb|ep|conntrack|bgpneigh|stats|roles`
     /// (`-o json` for JSON).
     Get {
@@ -442,6 +462,13 @@ fn main() -> Result<()> {
         Cmd::Stats => show(&cli.pin_dir, Show::Stats, cli.output),
         Cmd::Roles => show(&cli.pin_dir, Show::Roles, cli.output),
         Cmd::Get { what } => show(&cli.pin_dir, what, cli.output),
+        Cmd::Sync => {
+            let p = loxilb_agent::node::state_dir(&cli.pin_dir).join("ctsync.json");
+            let v = loxilb_agent::ctsync::read_state(&p)
+                .with_context(|| format!("no conntrack sync state in {} (is the agent running with --ctsync-listen or --ctsync-peers?)", p.display()))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Cmd::Cleanup => {
             let links = loxilb_agent::datapath::remove_pins(&cli.pin_dir);
             let (lo, held) = lo_vips()?;
@@ -714,6 +741,12 @@ fn exit_note(pin_dir: &Path, keep: bool) {
 }
 
 async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
+    if a.ctsync_listen.is_some() || a.ctsync_peers.is_some() {
+        anyhow::bail!(
+            "--ctsync-listen / --ctsync-peers: conntrack sync follows VIP ownership, which only \
+             `loxilb-agent kube` has (the Lease); remove them from `run`"
+        );
+    }
     // Validate the rule file before touching the kernel.
     let desired = load_rules(cfg_path)?;
     let (mut node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
@@ -827,6 +860,9 @@ impl kube_watch::bgp_peers::PeerSink for CrdPeers {
 /// reconciler (per changed Service, see `KubeRules`); VIPs this node owns
 /// go on `lo` (so it answers ARP for them).
 struct KubeSink {
+    /// Conntrack sync: active (streaming) while this node holds the VIPs.
+    sync: Option<loxilb_agent::ctsync::Syncer>,
+    sync_active: bool,
     node: std::sync::Arc<std::sync::Mutex<Node>>,
     rules: KubeRules,
     /// `lo`'s ifindex, and the VIPs this agent holds there.
@@ -922,6 +958,28 @@ impl KubeSink {
         // to) moves with the active role: held with the service VIPs.
         if let Some(r) = self.role_vip.filter(|_| !want.is_empty()) {
             want.insert(r);
+        }
+        // The sessions streamed to this node become its own before it
+        // answers for the VIPs; a node giving them up starts receiving.
+        let active = !want.is_empty();
+        if let Some(s) = self.sync.as_ref().filter(|_| active != self.sync_active) {
+            s.set_active(active);
+            info!(
+                "conntrack sync: {}",
+                if active {
+                    "active (streaming this node's sessions)"
+                } else {
+                    "backup (receiving)"
+                }
+            );
+            if active {
+                // The synced sessions count on their endpoints (lc) now,
+                // not at the next periodic re-count.
+                if let Err(e) = self.node.lock().expect("node lock").dp.recount_active() {
+                    warn!("re-counting active sessions at takeover: {e:#}");
+                }
+            }
+            self.sync_active = active;
         }
         let mut added = vec![];
         for v in want.difference(&self.owned) {
@@ -1034,7 +1092,33 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     if let Err(e) = vip_roles.publish(pin_dir) {
         warn!("publishing the VIP roles: {e:#}");
     }
+    let sync = if a.ctsync_listen.is_some() || a.ctsync_peers.is_some() {
+        let peers = a
+            .ctsync_peers
+            .as_deref()
+            .map(loxilb_agent::ctsync::parse_peers)
+            .transpose()
+            .context("--ctsync-peers")?
+            .unwrap_or_default();
+        let s = loxilb_agent::ctsync::Syncer::start(
+            pin_dir,
+            loxilb_agent::ctsync::Config {
+                listen: a.ctsync_listen,
+                peers,
+                tls_dir: a.ctsync_tls.clone(),
+                state_file: Some(loxilb_agent::node::state_dir(pin_dir).join("ctsync.json")),
+                node_name: run_config.node_name.clone(),
+                ..Default::default()
+            },
+        )?;
+        info!("conntrack sync on (backup until this node holds the VIPs)");
+        Some(s)
+    } else {
+        None
+    };
     let sink = KubeSink {
+        sync,
+        sync_active: false,
         node: node.clone(),
         rules: KubeRules::default(),
         lo,

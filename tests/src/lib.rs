@@ -2,6 +2,7 @@
 //! that clean up after themselves, real TCP/UDP servers and clients.
 
 pub mod bgp_peer;
+pub mod certs;
 pub mod fib;
 pub mod kube_api;
 pub mod netns;

@@ -408,6 +408,12 @@ impl Conn {
         Ok(Conn { s, buf: vec![] })
     }
 
+    /// How long [`Conn::ask`] waits for the answer (3 s by default).
+    pub fn set_timeout(&mut self, d: Duration) -> Result<()> {
+        self.s.set_read_timeout(Some(d))?;
+        Ok(())
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.s.local_addr().unwrap()
     }

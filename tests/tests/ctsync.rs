@@ -20,6 +20,7 @@ use loxilb_agent::{
 };
 use loxilb_common::{ct_state, AssocKey, AssocVal, CtKey, CtVal, EpVal, SvcKey};
 use loxilb_tests::{
+    certs::Certs,
     fib::{self, run_xdp, verdict::XDP_REDIRECT},
     need_root,
     netns::Netns,
@@ -166,45 +167,6 @@ impl Drop for Node {
             let _ = t.join();
         }
         remove_pins(&self.pin_dir);
-    }
-}
-
-/// A CA and, for each node, a directory like a mounted TLS Secret.
-struct Certs {
-    dirs: Vec<PathBuf>,
-}
-
-impl Certs {
-    fn new(nodes: &[&str]) -> Certs {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let mut p = CertificateParams::new(vec![]).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_pem = p.self_signed(&ca_key).unwrap().pem();
-        let issuer = Issuer::new(p, ca_key);
-        let mut dirs = vec![];
-        for n in nodes {
-            let d = std::env::temp_dir().join(format!("lxct-tls-{n}-{}", std::process::id()));
-            std::fs::create_dir_all(&d).unwrap();
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![n.to_string()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            std::fs::write(d.join(ctsync::CA_FILE), &ca_pem).unwrap();
-            std::fs::write(d.join(ctsync::CERT_FILE), cert.pem()).unwrap();
-            std::fs::write(d.join(ctsync::KEY_FILE), key.serialize_pem()).unwrap();
-            dirs.push(d);
-        }
-        Certs { dirs }
-    }
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        for d in &self.dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
     }
 }
 

@@ -21,6 +21,7 @@ use std::{
 };
 
 use loxilb_tests::{
+    certs::Certs,
     kube_api::{
         endpoint_slice, lo_addrs, node, service, wait_until, ApiServer, KubeAgent, KubeAgentSpec,
     },
@@ -121,10 +122,35 @@ impl Ha {
     }
 
     fn start(&self, api: &ApiServer, i: usize, label: &str) -> KubeAgent {
+        self.start_with(api, i, label, &[])
+    }
+
+    /// With conntrack sync between the two nodes (over the client-side
+    /// segment, mutual TLS with `certs.dirs[i]`).
+    fn start_synced(&self, api: &ApiServer, i: usize, label: &str, certs: &Certs) -> KubeAgent {
+        let me = format!("10.30.0.{}:22222", 11 + i);
+        let peer = format!("10.30.0.{}:22222", 12 - i);
+        let tls = certs.dirs[i].to_str().unwrap().to_string();
+        self.start_with(
+            api,
+            i,
+            label,
+            &[
+                &format!("--ctsync-listen={me}"),
+                &format!("--ctsync-peers={peer}"),
+                &format!("--ctsync-tls={tls}"),
+            ],
+        )
+    }
+
+    fn start_with(&self, api: &ApiServer, i: usize, label: &str, extra: &[&str]) -> KubeAgent {
         let who = ["a", "b"][i];
-        let spec = KubeAgentSpec::new(&format!("node-{who}"), label, POOL)
+        let mut spec = KubeAgentSpec::new(&format!("node-{who}"), label, POOL)
             .arg("--setLBMode=2")
             .arg(&format!("--setRoles={ROLE_VIP}"));
+        for x in extra {
+            spec = spec.arg(x);
+        }
         KubeAgent::start_in(
             &self.lbs[i],
             &["x0".into(), "x1".into()],
@@ -262,4 +288,92 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     );
     b.stop().unwrap();
     drop(ha.sw);
+}
+
+/// With conntrack sync on: a TCP connection opened through the leader
+/// carries on through the follower after the leader's node dies (same
+/// backend, same full-NAT source port, no reset), because the follower
+/// received the session over the mutually authenticated sync stream.
+#[test]
+fn an_established_connection_survives_the_takeover() {
+    let name = "an_established_connection_survives_the_takeover";
+    if !need_root(name) {
+        return;
+    }
+    let ha = Ha::new("lxha2");
+    let certs = Certs::new(&["node-a", "node-b"]);
+    let api = ApiServer::new();
+    seed(&api);
+    let mut a = ha.start_synced(&api, 0, "node-a", &certs);
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap();
+    let mut b = ha.start_synced(&api, 1, "node-b", &certs);
+    let mut vip = String::new();
+    wait_until("web has a VIP", Duration::from_secs(20), || {
+        vip = api.ingress("web").into_iter().next().unwrap_or_default();
+        !vip.is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    for ag in [&a, &b] {
+        wait_until("the rule in each datapath", Duration::from_secs(20), || {
+            ag.cli("rules")
+                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", ag.log_text()));
+    }
+    wait_until("node-a holds the VIPs", Duration::from_secs(10), || {
+        lo_addrs(&ha.lbs[0]).contains(&vip)
+    })
+    .unwrap();
+
+    let to: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let mut c = Conn::open(&ha.client, to).expect("TCP through node-a");
+    let first = c.ask("before").unwrap();
+    assert_eq!(first.client.ip().to_string(), ROLE_VIP);
+    // The session reaches node-b's table over the sync stream.
+    let local = c.local_addr().to_string();
+    wait_until("node-b has the session", Duration::from_secs(10), || {
+        b.cli("sessions").is_ok_and(|t| t.contains(&local))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nnode-a sync: {}\nnode-b sync: {}\n{}",
+            a.cli("sync").unwrap_or_default(),
+            b.cli("sync").unwrap_or_default(),
+            b.log_text()
+        )
+    });
+    let sync_a = a.cli("sync").unwrap();
+    assert!(sync_a.contains("\"active\""), "{sync_a}");
+
+    // node-a's node dies; node-b takes the VIPs over.
+    a.kill();
+    ha.cut(0);
+    let t0 = Instant::now();
+    wait_until("node-b takes over", Duration::from_secs(20), || {
+        let lo = lo_addrs(&ha.lbs[1]);
+        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
+    // The same connection goes on, to the same backend, which sees the
+    // same source (address and port).
+    c.set_timeout(Duration::from_secs(15)).unwrap();
+    let after = c.ask("after").unwrap_or_else(|e| {
+        panic!(
+            "the connection broke at the takeover: {e:#}\n{}",
+            b.log_text()
+        )
+    });
+    assert_eq!(after.backend, first.backend, "same backend");
+    assert_eq!(after.client, first.client, "same full-NAT source and port");
+    assert_eq!(after.echo, "after");
+    eprintln!(
+        "{name}: the connection answered {:?} after the kill",
+        t0.elapsed()
+    );
+    let roles = b.cli("roles").unwrap();
+    assert!(roles.contains("active"), "{roles}");
+    b.stop().unwrap();
 }
