@@ -700,13 +700,23 @@ pub fn check_reachability(
     rules: &[Rule],
     routes: &[crate::routes::Route],
 ) -> Result<(), ConfigError> {
+    check_dsr_endpoints(file, rules, |ip| crate::routes::l2_problem(routes, ip))
+}
+
+/// The first IPv4 endpoint of a `dsr` rule for which `problem` says what
+/// is wrong, as an error naming it.
+fn check_dsr_endpoints(
+    file: &str,
+    rules: &[Rule],
+    problem: impl Fn(std::net::Ipv4Addr) -> Option<String>,
+) -> Result<(), ConfigError> {
     for (i, r) in rules.iter().enumerate() {
         if r.mode != Mode::Dsr {
             continue;
         }
         for (j, e) in r.endpoints.iter().enumerate() {
             let IpAddr::V4(ip) = e.ip else { continue };
-            if let Some(why) = crate::routes::l2_problem(routes, ip) {
+            if let Some(why) = problem(ip) {
                 return Err(ConfigError {
                     file: file.to_string(),
                     field: format!("rules[{i}].endpoints[{j}].ip"),
@@ -729,34 +739,20 @@ pub fn check_dsr_forwarding(
     routes: &[crate::routes::Route],
     devs: &[(crate::netlink::Link, loxilb_common::DevFwd)],
 ) -> Result<(), ConfigError> {
-    for (i, r) in rules.iter().enumerate() {
-        if r.mode != Mode::Dsr {
-            continue;
-        }
-        for (j, e) in r.endpoints.iter().enumerate() {
-            let IpAddr::V4(ip) = e.ip else { continue };
-            let Some(route) = crate::routes::lookup(routes, ip) else {
-                continue; // check_reachability says so
-            };
-            let Some((_, d)) = devs.iter().find(|(l, _)| l.name == route.iface) else {
-                continue;
-            };
-            if d.mode != loxilb_common::dev_fwd::REDIRECT {
-                return Err(ConfigError {
-                    file: file.to_string(),
-                    field: format!("rules[{i}].endpoints[{j}].ip"),
-                    message: format!(
-                        "{ip} is reached through {} ({}); L2 DSR sends the client's frame to the \
-                         endpoint by XDP redirect, which cannot deliver there: use mode dsr-ipip \
-                         or fullnat, or reach the endpoint through a device that takes XDP frames",
-                        route.iface,
-                        crate::devices::describe(d)
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
+    check_dsr_endpoints(file, rules, |ip| {
+        // No route: check_reachability says so.
+        let route = crate::routes::lookup(routes, ip)?;
+        let (_, d) = devs.iter().find(|(l, _)| l.name == route.iface)?;
+        (d.mode != loxilb_common::dev_fwd::REDIRECT).then(|| {
+            format!(
+                "{ip} is reached through {} ({}); L2 DSR sends the client's frame to the \
+                 endpoint by XDP redirect, which cannot deliver there: use mode dsr-ipip \
+                 or fullnat, or reach the endpoint through a device that takes XDP frames",
+                route.iface,
+                crate::devices::describe(d)
+            )
+        })
+    })
 }
 
 #[cfg(test)]

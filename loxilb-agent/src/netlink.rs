@@ -198,21 +198,26 @@ pub fn del_addr(ifindex: u32, ip: IpAddr) -> Result<()> {
     }
 }
 
-/// The IPv6 link-local addresses of device `ifindex`.
-pub fn link_local6(ifindex: u32) -> Result<Vec<std::net::Ipv6Addr>> {
+/// The address messages of device `ifindex`.
+fn addresses(ifindex: u32) -> Result<Vec<AddressMessage>> {
     let msgs = route_request(
         RouteNetlinkMessage::GetAddress(AddressMessage::default()),
         NLM_F_DUMP,
     )
     .context("listing addresses")?;
+    Ok(msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => Some(a),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The IPv6 link-local addresses of device `ifindex`.
+pub fn link_local6(ifindex: u32) -> Result<Vec<std::net::Ipv6Addr>> {
     let mut out = vec![];
-    for m in msgs {
-        let RouteNetlinkMessage::NewAddress(a) = m else {
-            continue;
-        };
-        if a.header.index != ifindex {
-            continue;
-        }
+    for a in addresses(ifindex)? {
         for at in &a.attributes {
             if let AddressAttribute::Address(IpAddr::V6(x)) = at {
                 if x.segments()[0] & 0xffc0 == 0xfe80 {
@@ -227,19 +232,8 @@ pub fn link_local6(ifindex: u32) -> Result<Vec<std::net::Ipv6Addr>> {
 /// The addresses on device `ifindex` that this agent added (marked with
 /// [`ADDR_PROTO`]), of both families.
 pub fn marked_addrs(ifindex: u32) -> Result<Vec<IpAddr>> {
-    let msgs = route_request(
-        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-        NLM_F_DUMP,
-    )
-    .context("listing addresses")?;
     let mut out = vec![];
-    for m in msgs {
-        let RouteNetlinkMessage::NewAddress(a) = m else {
-            continue;
-        };
-        if a.header.index != ifindex {
-            continue;
-        }
+    for a in addresses(ifindex)? {
         let mut ip = None;
         let mut ours = false;
         for at in &a.attributes {

@@ -242,6 +242,14 @@ impl Topology {
         Ok(())
     }
 
+    /// Route `cidr` (e.g. an address pool) from the client via the load
+    /// balancer.
+    pub fn route_from_client(&self, cidr: &str) -> Result<()> {
+        let via = format!("10.{}.0.1", self.net);
+        self.client.sh(&["ip", "route", "add", cidr, "via", &via])?;
+        Ok(())
+    }
+
     pub fn client_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.net, 0, 2)
     }

@@ -185,6 +185,48 @@ fn seed(api: &ApiServer) {
     });
 }
 
+/// Wait until web has a VIP, both datapaths have its rule and node-a
+/// (the leader) holds the service and role VIPs; the VIP.
+fn bring_up(ha: &Ha, api: &ApiServer, a: &KubeAgent, b: &KubeAgent) -> String {
+    let mut vip = String::new();
+    wait_until("web has a VIP", Duration::from_secs(20), || {
+        vip = api.ingress("web").into_iter().next().unwrap_or_default();
+        !vip.is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    for ag in [a, b] {
+        wait_until("the rule in each datapath", Duration::from_secs(20), || {
+            ag.cli("rules")
+                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", ag.log_text()));
+    }
+    wait_until("node-a holds both VIPs", Duration::from_secs(10), || {
+        let lo = lo_addrs(&ha.lbs[0]);
+        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    assert!(
+        lo_addrs(&ha.lbs[1]).is_empty(),
+        "the follower holds nothing"
+    );
+    vip
+}
+
+/// node-a's node dies (the agent killed, its links down); wait until
+/// node-b holds both VIPs. Returns when it died.
+fn fail_over(ha: &Ha, a: &mut KubeAgent, b: &KubeAgent, vip: &str) -> Instant {
+    a.kill();
+    ha.cut(0);
+    let t0 = Instant::now();
+    wait_until("node-b takes over", Duration::from_secs(20), || {
+        let lo = lo_addrs(&ha.lbs[1]);
+        lo.contains(&vip.to_string()) && lo.contains(&ROLE_VIP.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
+    t0
+}
+
 /// A request through the VIP: the backend that answered (`b1`/`b2`) and
 /// the source it saw.
 fn ask(client: &Netns, vip: &str) -> anyhow::Result<(String, SocketAddr)> {
@@ -209,29 +251,7 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     })
     .unwrap();
     let mut b = ha.start(&api, 1, "node-b");
-    let mut vip = String::new();
-    wait_until("web has a VIP", Duration::from_secs(20), || {
-        vip = api.ingress("web").into_iter().next().unwrap_or_default();
-        !vip.is_empty()
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
-    for (ag, lb) in [(&a, &ha.lbs[0]), (&b, &ha.lbs[1])] {
-        wait_until("the rule in each datapath", Duration::from_secs(20), || {
-            ag.cli("rules")
-                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", ag.log_text()));
-        let _ = lb;
-    }
-    wait_until("node-a holds both VIPs", Duration::from_secs(10), || {
-        let lo = lo_addrs(&ha.lbs[0]);
-        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
-    assert!(
-        lo_addrs(&ha.lbs[1]).is_empty(),
-        "the follower holds nothing"
-    );
+    let vip = bring_up(&ha, &api, &a, &b);
 
     // Through node-a: full-NAT, the backends see the role VIP.
     for _ in 0..4 {
@@ -248,14 +268,7 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     );
 
     // node-a's node dies.
-    a.kill();
-    ha.cut(0);
-    let t0 = Instant::now();
-    wait_until("node-b takes over", Duration::from_secs(20), || {
-        let lo = lo_addrs(&ha.lbs[1]);
-        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
+    let t0 = fail_over(&ha, &mut a, &b, &vip);
     let took = t0.elapsed();
     // New connections reach the backends through node-b: the client and
     // the backends learnt the new owner from its announcements.
@@ -310,23 +323,7 @@ fn an_established_connection_survives_the_takeover() {
     })
     .unwrap();
     let mut b = ha.start_synced(&api, 1, "node-b", &certs);
-    let mut vip = String::new();
-    wait_until("web has a VIP", Duration::from_secs(20), || {
-        vip = api.ingress("web").into_iter().next().unwrap_or_default();
-        !vip.is_empty()
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
-    for ag in [&a, &b] {
-        wait_until("the rule in each datapath", Duration::from_secs(20), || {
-            ag.cli("rules")
-                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", ag.log_text()));
-    }
-    wait_until("node-a holds the VIPs", Duration::from_secs(10), || {
-        lo_addrs(&ha.lbs[0]).contains(&vip)
-    })
-    .unwrap();
+    let vip = bring_up(&ha, &api, &a, &b);
 
     let to: SocketAddr = format!("{vip}:80").parse().unwrap();
     let mut c = Conn::open(&ha.client, to).expect("TCP through node-a");
@@ -349,14 +346,7 @@ fn an_established_connection_survives_the_takeover() {
     assert!(sync_a.contains("\"active\""), "{sync_a}");
 
     // node-a's node dies; node-b takes the VIPs over.
-    a.kill();
-    ha.cut(0);
-    let t0 = Instant::now();
-    wait_until("node-b takes over", Duration::from_secs(20), || {
-        let lo = lo_addrs(&ha.lbs[1]);
-        lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
+    let t0 = fail_over(&ha, &mut a, &b, &vip);
     // The same connection goes on, to the same backend, which sees the
     // same source (address and port).
     c.set_timeout(Duration::from_secs(15)).unwrap();

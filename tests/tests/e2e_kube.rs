@@ -36,15 +36,7 @@ struct KubeScene {
 impl KubeScene {
     fn new(prefix: &str, n: usize) -> Self {
         let t = Topology::new(prefix, n).expect("topology");
-        t.client
-            .sh(&[
-                "ip",
-                "route",
-                "add",
-                "20.0.0.0/24",
-                "via",
-                &format!("10.{}.0.1", t.net),
-            ])
+        t.route_from_client("20.0.0.0/24")
             .expect("route to the pool");
         let servers = t
             .backends

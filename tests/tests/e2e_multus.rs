@@ -105,15 +105,7 @@ fn multus_service_reaches_the_backends_on_their_secondary_addresses() {
     }
     let started = Instant::now();
     let t = Topology::new("lxm1", 2).expect("topology");
-    t.client
-        .sh(&[
-            "ip",
-            "route",
-            "add",
-            "20.0.0.0/24",
-            "via",
-            &format!("10.{}.0.1", t.net),
-        ])
+    t.route_from_client("20.0.0.0/24")
         .expect("route to the pool");
     // The secondary network: a second subnet on each backend link (b2 has
     // two addresses there, for the move below).
