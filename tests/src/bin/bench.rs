@@ -408,7 +408,7 @@ struct Outcome {
     paths: Vec<PathBench>,
     notes: Vec<String>,
     /// (object, program, instructions verified, stack per subprogram).
-    progs: Vec<(&'static str, String, Option<u32>, String)>,
+    progs: Vec<ProgStat>,
     /// Lines of the long run with many live sessions.
     soak: Vec<String>,
 }
@@ -989,11 +989,11 @@ fn stack_depths(fd: std::os::fd::BorrowedFd) -> Option<String> {
     ))
 }
 
+/// (object, program, instructions verified, stack per subprogram).
+type ProgStat = (&'static str, String, Option<u32>, String);
+
 /// Instructions verified and stack use of every program of `ebpf`.
-fn prog_stats(
-    obj: &'static str,
-    ebpf: &aya::Ebpf,
-) -> Vec<(&'static str, String, Option<u32>, String)> {
+fn prog_stats(obj: &'static str, ebpf: &aya::Ebpf) -> Vec<ProgStat> {
     use std::os::fd::AsFd;
     let mut v: Vec<_> = ebpf
         .programs()
@@ -1018,7 +1018,7 @@ fn prog_stats(
 
 /// Our object loaded once more (maps shrunk: nothing runs in it) with
 /// every program, XDP and TC, for the verifier's figures.
-fn our_prog_stats() -> Result<Vec<(&'static str, String, Option<u32>, String)>> {
+fn our_prog_stats() -> Result<Vec<ProgStat>> {
     use loxilb_common::map_names as mn;
     let mut loader = aya::EbpfLoader::new();
     for m in [
