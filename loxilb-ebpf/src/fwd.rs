@@ -20,13 +20,11 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LOOKUP_SRC},
     helpers::bpf_fib_lookup,
 };
-use loxilb_common::{
-    cfg_flags, csum, ct_dir, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS,
-};
+use loxilb_common::{cfg_flags, csum, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS};
 
 use crate::{
     ctx::{PktCtx, Verdict},
-    maps::{count, EpNh, LB_CONFIG, LB_DEV_FWD, LB_EP_NH, LB_SCRATCH_FIB},
+    maps::{count, LB_CONFIG, LB_DEV_FWD, LB_SCRATCH_FIB},
     parse::{ptr_at, Pkt, ETH_HLEN},
 };
 
@@ -206,48 +204,6 @@ fn remember(ct: *mut CtVal, now: u64, ifindex: u32, macs: [u16; 6]) {
     }
 }
 
-/// The endpoint's next-hop slot, for a session's forward direction (whose
-/// destination is the endpoint; `dst` is checked against the slot's
-/// address before it is trusted or written).
-#[inline(always)]
-fn ep_slot(ct: *mut CtVal) -> Option<*mut EpNh> {
-    if ct.is_null() {
-        return None;
-    }
-    unsafe {
-        if (*ct).dir != ct_dir::FORWARD {
-            return None;
-        }
-        LB_EP_NH.get_ptr_mut((*ct).ep_stat)
-    }
-}
-
-/// The endpoint's cached next hop, if fresh, for packets to `dst` arriving
-/// on `in_if`; copied into the session's own cache (same expiry).
-#[inline(always)]
-fn from_ep(
-    ct: *mut CtVal,
-    e: *mut EpNh,
-    now: u64,
-    in_if: u32,
-    dst: &Addr,
-) -> Option<(u32, [u16; 6])> {
-    unsafe {
-        if (*e).ifindex == 0
-            || now >= (*e).expiry_ns
-            || (*e).in_ifindex != in_if
-            || (*e).addr != *dst
-        {
-            return None;
-        }
-        let (ifindex, macs, exp) = ((*e).ifindex, (*e).macs, (*e).expiry_ns);
-        (*ct).nh_ifindex = ifindex;
-        (*ct).nh_macs = macs;
-        (*ct).nh_expiry_ns = exp;
-        Some((ifindex, macs))
-    }
-}
-
 /// Forward a translated packet. `ct` is the session entry of this
 /// direction (its next-hop cache), `now` the current coarse monotonic time (ns).
 #[inline(always)]
@@ -299,12 +255,6 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, now: u64) -> Verdict
         let (ifindex, macs) = match cached(ct, now) {
             Some(nh) => nh,
             None => {
-                let slot = ep_slot(ct);
-                if let Some(e) = slot {
-                    if let Some(nh) = from_ep(ct, e, now, ctx.ifindex(), &dst) {
-                        return finish(ctx, p, eth, ttl_p, ttl, nh);
-                    }
-                }
                 let f = fib(ctx, p, tot_len, &src, &dst, 0);
                 if f.rc != RET_SUCCESS {
                     if !ct.is_null() {
@@ -324,33 +274,9 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, now: u64) -> Verdict
                     return Verdict::Pass;
                 }
                 remember(ct, now, f.ifindex, f.macs);
-                if let Some(e) = slot {
-                    crate::set_addr(&mut (*e).addr, &dst);
-                    (*e).in_ifindex = ctx.ifindex();
-                    (*e).ifindex = f.ifindex;
-                    (*e).macs = f.macs;
-                    (*e).expiry_ns = now + NH_CACHE_NS;
-                }
                 (f.ifindex, f.macs)
             }
         };
-        finish(ctx, p, eth, ttl_p, ttl, (ifindex, macs))
-    }
-}
-
-/// TTL / hop limit down, MACs of the next hop, out.
-#[inline(always)]
-fn finish<C: PktCtx>(
-    ctx: &C,
-    p: &Pkt,
-    eth: *mut [u16; 6],
-    ttl_p: *mut [u8; 2],
-    ttl: u8,
-    nh: (u32, [u16; 6]),
-) -> Verdict {
-    let (ifindex, macs) = nh;
-    let end = ctx.data_end();
-    unsafe {
         // Decrement TTL / hop limit as a router does; fix the IPv4 header
         // checksum (IPv6 has none).
         if !p.v6 {

@@ -163,25 +163,6 @@ pub static LB_SCRATCH_AFF: PerCpuArray<AffVal, 1> = PerCpuArray::new();
 #[btf_map]
 pub static LB_SCRATCH_FIB: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
 
-/// The next hop toward an endpoint (`bpf_fib_lookup`'s answer for packets
-/// to its address, arriving on `in_ifindex`), by `EpVal::stat_idx`: a
-/// session whose own cache is empty or stale (every new session) takes it
-/// from here instead of asking the FIB, and asks only when this one is
-/// stale too. Not pinned: a cache, private to each load.
-#[repr(C)]
-pub struct EpNh {
-    pub addr: Addr,
-    pub in_ifindex: u32,
-    /// Egress ifindex (0: nothing cached).
-    pub ifindex: u32,
-    pub macs: [u16; 6],
-    pub _pad: u32,
-    pub expiry_ns: u64,
-}
-
-#[btf_map]
-pub static LB_EP_NH: Array<EpNh, { MAX_EP_STATS as usize }> = Array::new();
-
 #[inline(always)]
 pub fn count(idx: u32) {
     if let Some(p) = LB_STATS.get_ptr_mut(idx) {
