@@ -1,0 +1,320 @@
+//! Reference programs for the benchmark (`tests/src/bin/bench.rs`): the
+//! least an XDP load balancer can do on each path, measured in the same run
+//! as the datapath so each of its figures has a yardstick.
+//!
+//! - `ref_xdp_pass` / `ref_tc_pass`: the floor;
+//! - `ref_xdp_parse_lookup` / `ref_tc_parse_lookup`: Ethernet / IPv4 (IHL
+//!   5, no fragments) / TCP or UDP, one hash lookup of the service key;
+//!   always passes;
+//! - `ref_xdp_dnat`: the same, then a backend picked from the service's
+//!   slice of an array by a flow hash, DNAT of the destination address and
+//!   port with incremental IPv4 and L4 checksum updates (RFC 1624), MAC
+//!   rewrite, `XDP_TX`;
+//! - `ref_xdp_dnat_ct`: `ref_xdp_dnat` behind a conntrack LRU hash keyed
+//!   by the 5-tuple: a hit uses its backend and counts the packet; a miss
+//!   picks a backend and inserts the entry.
+//!
+//! A separate object with maps of its own: the agent never loads or
+//! creates them. The key and value layouts are mirrored by the benchmark,
+//! which fills the maps.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    btf_maps::{Array, HashMap, LruHashMap},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+/// Service key (network order): 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SvcKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Service: its backends are `backends[id .. id + nbackends]`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SvcVal {
+    pub id: u32,
+    pub nbackends: u32,
+}
+
+/// A backend (network order): 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub mac: [u8; 6],
+}
+
+/// Conntrack key, the 5-tuple as received: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CtVal {
+    pub backend: u32,
+    pub pad: u32,
+    pub packets: u64,
+}
+
+#[btf_map]
+static REF_SVC: HashMap<SvcKey, SvcVal, 65536> = HashMap::new();
+#[btf_map]
+static REF_BACKENDS: Array<Backend, 65536> = Array::new();
+#[btf_map]
+static REF_CT: LruHashMap<CtKey, CtVal, 262144> = LruHashMap::new();
+
+const ETH_HLEN: usize = 14;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+struct Pkt {
+    ip: usize,
+    l4: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// Ethernet / IPv4 without options or fragments / TCP or UDP (the whole
+/// L4 header in the frame).
+#[inline(always)]
+fn parse(data: usize, end: usize) -> Option<Pkt> {
+    if data + ETH_HLEN + 20 > end {
+        return None;
+    }
+    unsafe {
+        if *((data + 12) as *const u16) != 0x0800u16.to_be() {
+            return None;
+        }
+        let ip = data + ETH_HLEN;
+        if *(ip as *const u8) != 0x45 {
+            return None;
+        }
+        if *((ip + 6) as *const u16) & 0x3fffu16.to_be() != 0 {
+            return None;
+        }
+        let proto = *((ip + 9) as *const u8);
+        let l4 = ip + 20;
+        let l4_len = if proto == IPPROTO_TCP {
+            20
+        } else if proto == IPPROTO_UDP {
+            8
+        } else {
+            return None;
+        };
+        if l4 + l4_len > end {
+            return None;
+        }
+        Some(Pkt {
+            ip,
+            l4,
+            proto,
+            saddr: *((ip + 12) as *const u32),
+            daddr: *((ip + 16) as *const u32),
+            sport: *(l4 as *const u16),
+            dport: *((l4 + 2) as *const u16),
+        })
+    }
+}
+
+#[inline(always)]
+fn svc_key(p: &Pkt) -> SvcKey {
+    SvcKey {
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        pad: 0,
+    }
+}
+
+/// RFC 1624: checksum `c` after a 16-bit word changed from `old` to `new`.
+#[inline(always)]
+fn csum_replace2(c: u16, old: u16, new: u16) -> u16 {
+    let mut s = (!c as u32) + (!old as u32) + new as u32;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+#[inline(always)]
+fn csum_replace4(c: u16, old: u32, new: u32) -> u16 {
+    let mut s = (!c as u32) + (!(old as u16) as u32) + (!((old >> 16) as u16) as u32);
+    s += (new & 0xffff) + (new >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// DNAT to `b`, MACs rewritten (the old destination MAC becomes the
+/// source), `XDP_TX`.
+#[inline(always)]
+fn dnat(ctx: &XdpContext, p: &Pkt, b: *const Backend) -> u32 {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN > end || p.l4 + 20 > end && p.proto == IPPROTO_TCP || p.l4 + 8 > end {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        let (baddr, bport, bmac) = ((*b).addr, (*b).port, (*b).mac);
+        let ipc = (p.ip + 10) as *mut u16;
+        *ipc = csum_replace4(*ipc, p.daddr, baddr);
+        *((p.ip + 16) as *mut u32) = baddr;
+        let l4c = (p.l4 + if p.proto == IPPROTO_TCP { 16 } else { 6 }) as *mut u16;
+        let mut lc = *l4c;
+        if p.proto == IPPROTO_TCP || lc != 0 {
+            lc = csum_replace4(lc, p.daddr, baddr);
+            lc = csum_replace2(lc, p.dport, bport);
+            if lc == 0 && p.proto == IPPROTO_UDP {
+                lc = 0xffff;
+            }
+            *l4c = lc;
+        }
+        *((p.l4 + 2) as *mut u16) = bport;
+        let eth = data as *mut [u16; 6];
+        (*eth)[3] = (*eth)[0];
+        (*eth)[4] = (*eth)[1];
+        (*eth)[5] = (*eth)[2];
+        (*eth)[0] = u16::from_ne_bytes([bmac[0], bmac[1]]);
+        (*eth)[1] = u16::from_ne_bytes([bmac[2], bmac[3]]);
+        (*eth)[2] = u16::from_ne_bytes([bmac[4], bmac[5]]);
+    }
+    xdp_action::XDP_TX
+}
+
+/// Flow hash of the 5-tuple (a multiply-xorshift mix).
+#[inline(always)]
+fn flow_hash(p: &Pkt) -> u32 {
+    let mut h = p.saddr ^ p.daddr.rotate_left(7) ^ ((p.sport as u32) << 16 | p.dport as u32);
+    h ^= p.proto as u32;
+    h = h.wrapping_mul(0x9e37_79b1);
+    h ^ (h >> 16)
+}
+
+/// The backend slot of `svc` for `p`.
+#[inline(always)]
+fn pick(svc: *const SvcVal, p: &Pkt) -> Option<u32> {
+    let (id, n) = unsafe { ((*svc).id, (*svc).nbackends) };
+    if n == 0 {
+        return None;
+    }
+    Some(id.wrapping_add(flow_hash(p) % n))
+}
+
+#[xdp]
+pub fn ref_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn ref_xdp_parse_lookup(ctx: XdpContext) -> u32 {
+    if let Some(p) = parse(ctx.data(), ctx.data_end()) {
+        if REF_SVC.get_ptr(&svc_key(&p)).is_some() {
+            return xdp_action::XDP_PASS;
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn ref_xdp_dnat(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(slot) = pick(svc, &p) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+        return xdp_action::XDP_DROP;
+    };
+    dnat(&ctx, &p, b)
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = CtKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        pad: [0; 3],
+    };
+    let slot = match REF_CT.get_ptr_mut(&key) {
+        Some(ct) => unsafe {
+            (*ct).packets += 1;
+            (*ct).backend
+        },
+        None => {
+            let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
+                return xdp_action::XDP_PASS;
+            };
+            let Some(slot) = pick(svc, &p) else {
+                return xdp_action::XDP_DROP;
+            };
+            let v = CtVal {
+                backend: slot,
+                pad: 0,
+                packets: 1,
+            };
+            if REF_CT.insert(&key, &v, 0).is_err() {
+                return xdp_action::XDP_DROP;
+            }
+            slot
+        }
+    };
+    let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+        return xdp_action::XDP_DROP;
+    };
+    dnat(&ctx, &p, b)
+}
+
+#[classifier]
+pub fn ref_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn ref_tc_parse_lookup(ctx: TcContext) -> i32 {
+    if let Some(p) = parse(ctx.data(), ctx.data_end()) {
+        if REF_SVC.get_ptr(&svc_key(&p)).is_some() {
+            return TC_ACT_OK;
+        }
+    }
+    TC_ACT_OK
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
