@@ -439,7 +439,12 @@ impl Conn {
                 bail!("no reply to {msg:?}");
             }
             let mut b = [0u8; 1024];
-            let n = self.s.read(&mut b).context("reading the reply")?;
+            let n = match self.s.read(&mut b) {
+                // A read with a timeout returns EINTR after the process
+                // was stopped and continued (signal(7)), handler or not.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.context("reading the reply")?,
+            };
             if n == 0 {
                 bail!("connection closed before a reply to {msg:?}");
             }

@@ -292,17 +292,22 @@ fn agent_mounts_bpffs_in_a_fresh_mount_namespace() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(u32);
+    // Kills the agent if the test fails before it exits (disarmed once it
+    // is reaped: its pid may then belong to another process).
+    struct Kill(Option<u32>);
     impl Drop for Kill {
         fn drop(&mut self) {
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            if let Some(pid) = self.0 {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
         }
     }
-    let guard = Kill(child.id());
+    let mut guard = Kill(Some(child.id()));
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !text().contains("serving;") {
         if let Some(st) = child.try_wait().unwrap() {
+            guard.0 = None;
             panic!("agent exited ({st}):\n{}", text());
         }
         assert!(
@@ -333,13 +338,13 @@ fn agent_mounts_bpffs_in_a_fresh_mount_namespace() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let st = loop {
         if let Some(st) = child.try_wait().unwrap() {
+            guard.0 = None;
             break st;
         }
         assert!(Instant::now() < deadline, "no exit on SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(st.success(), "exit status {st}:\n{}", text());
-    drop(guard);
 }
 
 /// `loxilb-agent cleanup` removes what an agent run with `--keep` left:
