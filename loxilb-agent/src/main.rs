@@ -565,10 +565,11 @@ fn show(pin_dir: &Path, what: Show, output: Output) -> Result<()> {
             print!("{}", show::sessions_table(&s, now));
         }
         Show::Associations => {
+            let a = m.associations()?;
             if json {
-                anyhow::bail!("associations: no JSON form yet; use the table");
+                return out(serde_json::to_value(show::association_rows(&a))?);
             }
-            print!("{}", show::associations_table(&m.associations()?));
+            print!("{}", show::associations_table(&a));
         }
         Show::Stats => {
             let (stats, devs) = (m.stats()?, m.dev_fwd()?);

@@ -270,11 +270,34 @@ pub fn sessions_table(sessions: &[(CtKey, CtVal)], now_ns: u64) -> String {
     out
 }
 
-/// One row per multihomed SCTP association (recorded under each side's
-/// verification tag: shown once, with both tags): the client's addresses
-/// (and, in fullnat, how the endpoint sees them) and each path's VIP and
-/// endpoint address.
-pub fn associations_table(assocs: &[(AssocKey, AssocVal)]) -> String {
+/// A client address of an association, and how the endpoint sees it
+/// (fullnat: a VIP; default: itself).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AssocClient {
+    pub client: std::net::SocketAddr,
+    pub seen_as: std::net::SocketAddr,
+}
+
+/// One path of an association: the VIP and the endpoint address it pairs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AssocPath {
+    pub vip: IpAddr,
+    pub endpoint: std::net::SocketAddr,
+}
+
+/// One multihomed SCTP association, as `loxilb-agent associations` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AssocRow {
+    pub service: std::net::SocketAddr,
+    pub mode: &'static str,
+    /// Both sides' verification tags.
+    pub tags: Vec<u32>,
+    pub clients: Vec<AssocClient>,
+    pub paths: Vec<AssocPath>,
+}
+
+/// Every association once (each is recorded under both sides' tags).
+pub fn association_rows(assocs: &[(AssocKey, AssocVal)]) -> Vec<AssocRow> {
     let mut groups: Vec<(AssocVal, Vec<u32>)> = vec![];
     for (k, v) in assocs {
         match groups.iter_mut().find(|(g, _)| g == v) {
@@ -283,45 +306,78 @@ pub fn associations_table(assocs: &[(AssocKey, AssocVal)]) -> String {
         }
     }
     groups.sort_by_key(|(a, _)| (ip(a.vips[0]), u16::from_be(a.vport), ip(a.clients[0])));
+    let n = |x: u8| (x as usize).min(loxilb_common::MAX_RULE_VIPS);
+    let sa = |a: Addr, p: u16| std::net::SocketAddr::new(ip(a), port(p));
+    groups
+        .into_iter()
+        .map(|(a, mut tags)| {
+            tags.sort_unstable();
+            AssocRow {
+                service: sa(a.vips[0], a.vport),
+                mode: match a.mode {
+                    lb_mode::DEFAULT => "default",
+                    lb_mode::FULLNAT => "fullnat",
+                    _ => "other",
+                },
+                tags,
+                clients: (0..n(a.n_clients))
+                    .map(|i| AssocClient {
+                        client: sa(a.clients[i], a.cport),
+                        seen_as: sa(a.xclients[i], a.xcport),
+                    })
+                    .collect(),
+                paths: (0..n(a.n_pairs))
+                    .map(|k| AssocPath {
+                        vip: ip(a.vips[k]),
+                        endpoint: sa(a.eps[k], a.ep_port),
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// One row per multihomed SCTP association (recorded under each side's
+/// verification tag: shown once, with both tags): the client's addresses
+/// (and, in fullnat, how the endpoint sees them) and each path's VIP and
+/// endpoint address.
+pub fn associations_table(assocs: &[(AssocKey, AssocVal)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<22} {:<8} {:<21} {:<40} PATHS (VIP -> ENDPOINT ADDRESS)",
         "SERVICE", "MODE", "TAGS", "CLIENT ADDRESSES"
     );
-    let n = |x: u8| (x as usize).min(loxilb_common::MAX_RULE_VIPS);
-    for (a, mut tags) in groups {
-        tags.sort_unstable();
-        let tags = tags
+    for r in association_rows(assocs) {
+        let tags = r
+            .tags
             .iter()
             .map(|t| format!("{t:#010x}"))
             .collect::<Vec<_>>()
             .join(",");
-        let clients = (0..n(a.n_clients))
-            .map(|i| {
-                let c = hp(a.clients[i], a.cport);
-                if a.xclients[i] != a.clients[i] || a.xcport != a.cport {
-                    format!("{c} (as {})", hp(a.xclients[i], a.xcport))
+        let clients = r
+            .clients
+            .iter()
+            .map(|c| {
+                if c.seen_as != c.client {
+                    format!("{} (as {})", c.client, c.seen_as)
                 } else {
-                    c
+                    c.client.to_string()
                 }
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let paths = (0..n(a.n_pairs))
-            .map(|k| format!("{} -> {}", ip(a.vips[k]), hp(a.eps[k], a.ep_port)))
+        let paths = r
+            .paths
+            .iter()
+            .map(|p| format!("{} -> {}", p.vip, p.endpoint))
             .collect::<Vec<_>>()
             .join(", ");
-        let mode = match a.mode {
-            lb_mode::DEFAULT => "default",
-            lb_mode::FULLNAT => "fullnat",
-            _ => "other",
-        };
         let _ = writeln!(
             out,
             "{:<22} {:<8} {:<21} {:<40} {}",
-            hp(a.vips[0], a.vport),
-            mode,
+            r.service.to_string(),
+            r.mode,
             tags,
             clients,
             paths
@@ -531,6 +587,13 @@ mod tests {
         };
         let out = associations_table(&[(key(0x0e0d), v), (key(0x0c11), v)]);
         assert_eq!(out.lines().count(), 2, "header and one association:\n{out}");
+        // The JSON form (`-o json`) holds the same, once, both tags.
+        let rows =
+            serde_json::to_value(association_rows(&[(key(0x0e0d), v), (key(0x0c11), v)])).unwrap();
+        assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+        assert_eq!(rows[0]["service"], "20.0.0.100:3868");
+        assert_eq!(rows[0]["tags"], serde_json::json!([0x0c11, 0x0e0d]));
+        assert_eq!(rows[0]["clients"][1]["seen_as"], "20.0.0.101:40001");
         let row = out.lines().nth(1).unwrap();
         assert!(row.starts_with("20.0.0.100:3868"), "{row}");
         assert!(
