@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use fake_api::{FakeApi, Logged};
 
-use crate::netns::{agent_bin, sh, Netns, Topology};
+use crate::netns::{agent_bin, agent_cli, terminate, Netns, Topology};
 
 /// The fake API served over HTTP, on listeners inside network namespaces.
 pub struct ApiServer {
@@ -624,12 +624,7 @@ impl KubeAgent {
 
     /// Run an agent CLI subcommand against this agent's pinned maps.
     pub fn cli(&self, sub: &str) -> Result<String> {
-        sh(&[
-            agent_bin().to_str().unwrap(),
-            "--pin-dir",
-            self.pin_dir.to_str().unwrap(),
-            sub,
-        ])
+        agent_cli(&self.pin_dir, sub)
     }
 
     /// The client's socket, as the session table prints it, is there.
@@ -640,17 +635,8 @@ impl KubeAgent {
 
 impl Drop for KubeAgent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c);
         }
         let _ = std::fs::remove_file(&self.kubeconfig);
     }

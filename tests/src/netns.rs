@@ -612,30 +612,42 @@ impl Agent {
 
     /// Run an agent CLI subcommand against this agent's pinned maps.
     pub fn cli(&self, sub: &str) -> Result<String> {
-        sh(&[
-            agent_bin().to_str().unwrap(),
-            "--pin-dir",
-            self.pin_dir.to_str().unwrap(),
-            sub,
-        ])
+        agent_cli(&self.pin_dir, sub)
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c);
         }
     }
+}
+
+/// SIGTERM, at most 5 s to exit, then SIGKILL; reaped either way (an
+/// agent process a test drops).
+pub fn terminate(mut c: Child) {
+    // nsenter execs the agent: the pid is the agent's.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Run an agent CLI subcommand against the maps pinned in `pin_dir`.
+pub fn agent_cli(pin_dir: &std::path::Path, sub: &str) -> Result<String> {
+    sh(&[
+        agent_bin().to_str().unwrap(),
+        "--pin-dir",
+        pin_dir.to_str().unwrap(),
+        sub,
+    ])
 }
 
 /// Removes a pin directory (links detach, maps go) on drop.
