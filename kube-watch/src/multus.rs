@@ -41,7 +41,7 @@ use std::{
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
-use crate::{translate::SERVICE_NAME_LABEL, IpFamily, ServiceKey};
+use crate::{IpFamily, ServiceKey};
 
 /// The pod annotation Multus writes the attached networks' addresses into.
 pub const NETWORK_STATUS: &str = "k8s.v1.cni.cncf.io/network-status";
@@ -279,14 +279,7 @@ impl PodLookup for BTreeMap<(String, String), Option<String>> {
 pub fn referenced_pods(service: &ServiceKey, slices: &[EndpointSlice]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for s in slices {
-        let ours = s.metadata.namespace.as_deref() == Some(service.namespace.as_str())
-            && s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .map(String::as_str)
-                == Some(service.name.as_str());
-        if !ours {
+        if !crate::translate::slice_of(s, service) {
             continue;
         }
         for ep in s.endpoints.iter().flatten() {

@@ -382,6 +382,19 @@ struct ReadyEndpoint<'a> {
     node: Option<&'a str>,
 }
 
+/// Whether `slice` belongs to Service `key` (its namespace and the
+/// `kubernetes.io/service-name` label).
+pub(crate) fn slice_of(slice: &EndpointSlice, key: &ServiceKey) -> bool {
+    slice.metadata.namespace.as_deref() == Some(key.namespace.as_str())
+        && slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .map(String::as_str)
+            == Some(key.name.as_str())
+}
+
 /// Ready endpoints of one Service port, of one address family.
 fn ready_endpoints<'a>(
     key: &ServiceKey,
@@ -395,15 +408,7 @@ fn ready_endpoints<'a>(
     };
     let mut out = Vec::new();
     for slice in slices {
-        let ours = slice.metadata.namespace.as_deref() == Some(key.namespace.as_str())
-            && slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .map(String::as_str)
-                == Some(key.name.as_str());
-        if !ours || slice.address_type != want_type {
+        if !slice_of(slice, key) || slice.address_type != want_type {
             continue;
         }
         let Some(target) = slice_target_port(slice, port) else {
@@ -735,15 +740,7 @@ fn multus_endpoints(
     let mut seen: BTreeSet<(&str, u16)> = BTreeSet::new();
     let mut out = Vec::new();
     for slice in slices {
-        let ours = slice.metadata.namespace.as_deref() == Some(key.namespace.as_str())
-            && slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .map(String::as_str)
-                == Some(key.name.as_str());
-        if !ours {
+        if !slice_of(slice, key) {
             continue;
         }
         let Some(target) = slice_target_port(slice, port) else {
