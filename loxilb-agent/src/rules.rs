@@ -1338,9 +1338,9 @@ pub mod tests {
         r.apply(&rules(&hash), &mut t).unwrap();
         let s2 = t.svcs[&k];
         assert_eq!(s2.sel, lb_sel::HASH);
-        assert_eq!(s2.table_len, loxilb_common::MAGLEV_M);
+        assert_eq!(s2.table_len, crate::selection::maglev_size(2));
         assert_ne!(s2.ep_bank, s.ep_bank);
-        let want_chunks = loxilb_common::MAGLEV_M.div_ceil(SEL_CHUNK);
+        let want_chunks = s2.table_len.div_ceil(SEL_CHUNK);
         let in_bank = |t: &MemTable, bank: u8| {
             t.chunks
                 .keys()

@@ -6,7 +6,7 @@ use loxilb_tests::fib::verdict::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use loxilb_agent::{config, rules::table_for};
-use loxilb_common::{ep_flags, flow_hash, lb_sel, v4_mapped, EpKey, MAGLEV_M};
+use loxilb_common::{ep_flags, flow_hash, lb_sel, v4_mapped, EpKey};
 use loxilb_tests::{
     fib::{dst_of, run_xdp, with_datapath},
     need_root,
@@ -85,7 +85,7 @@ fn hash_selection_is_maglev_consistent_and_stateless() {
                 80u16.to_be(),
                 6,
             );
-            let e = eps[table[(h % MAGLEV_M) as usize] as usize];
+            let e = eps[table[h as usize % table.len()] as usize];
             assert_eq!(
                 got,
                 (Ipv4Addr::from(e.addr[3].to_ne_bytes()), 8080),

@@ -293,7 +293,8 @@ pub mod svc_flags {
 
 /// Entries per selection-table chunk.
 pub const SEL_CHUNK: u32 = 32;
-/// Maglev lookup-table size for `hash` rules (prime, >= 65,537).
+/// The largest Maglev lookup table (prime) of a `hash` rule; smaller rules
+/// get smaller tables (the agent's `selection::maglev_size`).
 pub const MAGLEV_M: u32 = 65537;
 /// Largest selection table a rule may have.
 pub const MAX_SEL_TABLE: u32 = MAGLEV_M;
