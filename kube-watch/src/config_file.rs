@@ -80,6 +80,8 @@ pub const SETTINGS: &[Setting] = &[
     s("fullnat-source", Kind::Value),
     s("fullnat-source6", Kind::Value),
     s("snat-ports", Kind::Value),
+    s("max-new-flows", Kind::Value),
+    s("new-flow-burst", Kind::Value),
     s("pin-dir", Kind::Value),
     s("health-listen", Kind::Value),
     s("ctsync-listen", Kind::Value),

@@ -281,7 +281,8 @@ fn kube_config(args: &[String]) -> Result<KubeConfig, String> {
             // The agent's own node flags (checked by the agent's CLI test).
             "--iface" | "--xdp-mode" | "--setBGP" | "--extBGPPeers" | "--listenBGPPort"
             | "--eBGPMultiHop" | "--fullnat-source" | "--snat-ports" | "--health-listen"
-            | "--enableBGPCRDs" | "--setRoles" | "--forward" => {}
+            | "--max-new-flows" | "--new-flow-burst" | "--enableBGPCRDs" | "--setRoles"
+            | "--forward" => {}
             other => return Err(format!("{other}: not a kube flag")),
         }
     }

@@ -271,6 +271,8 @@ impl Datapath {
                 snat_port_lo: loxilb_common::SNAT_PORT_LO,
                 snat_port_hi: loxilb_common::SNAT_PORT_HI,
                 fullnat_src6: [0; 4],
+                new_flow_interval_ns: 0,
+                new_flow_burst: 0,
             })?;
         }
         Ok(dp)

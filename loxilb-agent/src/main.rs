@@ -73,6 +73,17 @@ struct NodeArgs {
     /// Source ports given to onearm/full-NAT sessions, `LO-HI`.
     #[arg(long, value_name = "LO-HI", default_value = "32768-60999", value_parser = parse_port_range)]
     snat_ports: (u16, u16),
+    /// New sessions each CPU may make per second (0: no limit). New flows
+    /// beyond it are dropped and counted (`drop_new_flow_rate`), so a flood
+    /// of new flows cannot churn the session table and evict established
+    /// sessions; clients retransmit their SYN.
+    #[arg(long, value_name = "PER_SEC", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100_000_000))]
+    max_new_flows: u32,
+    /// New flows a CPU may take at once above --max-new-flows (default: a
+    /// tenth of a second's worth, at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    new_flow_burst: Option<u32>,
     /// Local AS: announce every VIP over BGP (0 or absent: BGP off).
     #[arg(long = "setBGP", value_name = "AS")]
     set_bgp: Option<String>,
@@ -372,6 +383,22 @@ impl NodeArgs {
                 format!("{m:?}").to_lowercase()
             ),
         }
+    }
+
+    /// `--max-new-flows` / `--new-flow-burst` as the datapath takes them:
+    /// (ns between new flows on one CPU, burst); (0, 0) = no limit.
+    fn new_flow_limit(&self) -> Result<(u32, u32)> {
+        new_flow_limit(self.max_new_flows, self.new_flow_burst)
+    }
+}
+
+fn new_flow_limit(rate: u32, burst: Option<u32>) -> Result<(u32, u32)> {
+    match (rate, burst) {
+        (0, None) => Ok((0, 0)),
+        (0, Some(b)) => anyhow::bail!(
+            "--new-flow-burst={b} needs --max-new-flows (the rate the burst is above)"
+        ),
+        (r, b) => Ok((1_000_000_000 / r, b.unwrap_or((r / 10).max(1)))),
     }
 }
 
@@ -688,6 +715,7 @@ fn start_node(
         .map(|x| loxilb_common::addr_from_ip(x.into()))
         .unwrap_or([0; 4]);
     (cfg.snat_port_lo, cfg.snat_port_hi) = a.snat_ports;
+    (cfg.new_flow_interval_ns, cfg.new_flow_burst) = a.new_flow_limit()?;
     dp.set_config(cfg)?;
     // Before anything is attached: which devices XDP can transmit
     // through; `--forward=xdp` refuses what it cannot reach.
@@ -1209,6 +1237,48 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_flow_limit_flags() {
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(
+                ["loxilb-agent", "run", "-c", "r.yaml", "-i", "eth0"]
+                    .iter()
+                    .chain(extra),
+            )
+        };
+        let limit = |extra: &[&str]| match parse(extra).unwrap().cmd {
+            Cmd::Run { node, .. } => node.new_flow_limit(),
+            _ => unreachable!(),
+        };
+        assert_eq!(limit(&[]).unwrap(), (0, 0), "no limit by default");
+        assert_eq!(
+            limit(&["--max-new-flows", "100000"]).unwrap(),
+            (10_000, 10_000)
+        );
+        assert_eq!(limit(&["--max-new-flows", "5"]).unwrap(), (200_000_000, 1));
+        assert_eq!(
+            limit(&["--max-new-flows", "1000", "--new-flow-burst", "50"]).unwrap(),
+            (1_000_000, 50)
+        );
+        let e = limit(&["--new-flow-burst", "50"]).unwrap_err().to_string();
+        assert!(e.contains("--max-new-flows"), "{e}");
+        for bad in [
+            &["--max-new-flows", "-1"][..],
+            &["--max-new-flows", "many"],
+            &["--max-new-flows", "100000001"],
+            &["--max-new-flows", "10", "--new-flow-burst", "0"],
+        ] {
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"))
+                .to_string();
+            assert!(
+                e.contains(bad[bad.len() - 1]) || e.contains("--"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 
     /// The in-cluster manifest runs a command line this agent accepts.
     #[test]

@@ -220,7 +220,10 @@ mod tests {
         assert_eq!(maglev_size(82), MAGLEV_M);
         assert_eq!(maglev_size(5000), MAGLEV_M);
         for m in MAGLEV_SIZES {
-            assert!((2..m).take_while(|d| d * d <= m).all(|d| m % d != 0), "{m} is prime");
+            assert!(
+                (2..m).take_while(|d| d * d <= m).all(|d| m % d != 0),
+                "{m} is prime"
+            );
         }
     }
 

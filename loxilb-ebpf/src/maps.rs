@@ -136,6 +136,11 @@ pub fn rule_stats(rule_id: u32) -> Option<*mut RuleStats> {
     LB_RULE_STATS.get_ptr_mut(rule_id)
 }
 
+/// The new-flow rate limit's state, per CPU: the theoretical arrival time
+/// (ns, coarse monotonic clock) of the next new flow (see `lb`).
+#[btf_map]
+pub static LB_NEW_FLOW_TAT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
 /// Per-CPU scratch space for building conntrack values (keeps them off the
 /// 512-byte BPF stack). Not pinned: it holds nothing between packets.
 #[btf_map]

@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -704,6 +704,9 @@ pub mod stat {
     /// L2 DSR: the endpoint's device cannot take XDP redirects and the
     /// stack cannot send a frame addressed to the VIP: dropped.
     pub const DROP_DSR_NO_REDIRECT: u32 = 24;
+    /// New flows refused by the new-flow rate limit
+    /// (`GlobalCfg::new_flow_interval_ns`): dropped, no session made.
+    pub const DROP_NEW_FLOW_RATE: u32 = 25;
     pub const COUNT: u32 = 26;
 }
 
@@ -734,7 +737,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_sctp_malformed",
     "fwd_stack_device",
     "drop_dsr_no_redirect",
-    "",
+    "drop_new_flow_rate",
 ];
 
 /// Global configuration (single-entry array `LB_CONFIG`, index 0).
@@ -756,6 +759,13 @@ pub struct GlobalCfg {
     /// Full-NAT source address toward IPv6 endpoints; all zero = the
     /// service VIP.
     pub fullnat_src6: Addr,
+    /// New-flow rate limit, per CPU: at most one new session every
+    /// `new_flow_interval_ns` on average, `new_flow_burst` at once (a
+    /// generic cell rate algorithm over `LB_NEW_FLOW_TAT`); 0 = no limit.
+    /// A flood of new flows then cannot churn the session table faster than
+    /// this, so established sessions are not evicted by it.
+    pub new_flow_interval_ns: u32,
+    pub new_flow_burst: u32,
 }
 
 /// Default source-port range of onearm/full-NAT sessions.
@@ -966,7 +976,9 @@ no_implicit_padding!(GlobalCfg {
     fullnat_src: u32,
     snat_port_lo: u16,
     snat_port_hi: u16,
-    fullnat_src6: Addr
+    fullnat_src6: Addr,
+    new_flow_interval_ns: u32,
+    new_flow_burst: u32
 });
 no_implicit_padding!(SelKey {
     rule_id: u32,
@@ -1067,7 +1079,7 @@ const _: () = assert!(core::mem::offset_of!(CtVal, last_seen_ns) == 48);
 const _: () = assert!(core::mem::offset_of!(CtVal, peer) == 72);
 const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 116);
 const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 136);
-const _: () = assert!(size_of::<GlobalCfg>() == 32);
+const _: () = assert!(size_of::<GlobalCfg>() == 40);
 const _: () = assert!(size_of::<RuleVips>() == 72);
 const _: () = assert!(size_of::<SctpWalk>() == 56);
 const _: () = assert!(size_of::<AssocKey>() == 8);
