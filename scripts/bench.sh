@@ -13,3 +13,9 @@ cargo build -q --release -p loxilb-tests --bin bench
 # Services and 100,000 endpoints in the real maps.
 cargo build -q --release -p loxilb-tests --bin bench_kube
 ./target/release/bench_kube
+# High availability: from SIGKILL of the active agent to its VIPs on the
+# new owner, the client's ARP entry moved and the first new connection
+# served there, p50/p99 over LOXILB_HA_RUNS kills (20 by default).
+LOXILB_REQUIRE_ROOT=1 LOXILB_HA_RUNS="${LOXILB_HA_RUNS:-20}" \
+    cargo test -q -p loxilb-tests --test e2e_ha a_killed_agent -- --nocapture 2>&1 |
+    grep 'takeover after SIGKILL'

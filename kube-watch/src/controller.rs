@@ -1110,6 +1110,18 @@ pub async fn run<S: RuleSink>(
     sink: S,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with_hints(client, config, sink, shutdown, None).await
+}
+
+/// [`run`], with takeover hints: identities of Lease holders found dead
+/// (see [`LeaderElector::with_takeover_hints`]).
+pub async fn run_with_hints<S: RuleSink>(
+    client: Client,
+    config: RunConfig,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+    hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+) -> anyhow::Result<()> {
     let mut reconciler =
         Reconciler::new(config.kube.clone()).context("the configured pools cannot be used")?;
     reconciler.set_status_form(config.status_form.clone());
@@ -1135,7 +1147,10 @@ pub async fn run<S: RuleSink>(
 
     let (leader_tx, mut leader_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let elector = LeaderElector::new(client.clone(), config.lease.clone());
+    let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
+    if let Some(h) = hints {
+        elector = elector.with_takeover_hints(h);
+    }
     let elector_task = tokio::spawn(elector.run(leader_tx, async move {
         let _ = stop_rx.await;
     }));

@@ -18,7 +18,7 @@ use k8s_openapi::{
     jiff::{SignedDuration, Timestamp},
 };
 use kube::{Api, Client};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::reconcile::post_params;
@@ -94,6 +94,9 @@ pub struct Elector {
     config: LeaseConfig,
     /// The last Lease record seen and when (our clock) it was first seen.
     observed: Option<(LeaseSpec, Timestamp)>,
+    /// A holder found dead (its identity, when we were told): its Lease
+    /// is taken over at once rather than after it expires.
+    dead: Option<(String, Timestamp)>,
 }
 
 fn holder(spec: &LeaseSpec) -> Option<&str> {
@@ -105,6 +108,7 @@ impl Elector {
         Elector {
             config,
             observed: None,
+            dead: None,
         }
     }
 
@@ -153,7 +157,7 @@ impl Elector {
                     takeover: false,
                 }
             }
-            Some(h) if !self.expired(&spec, now) => LeaseAction::Wait {
+            Some(h) if !self.expired(&spec, now) && !self.known_dead(h, now) => LeaseAction::Wait {
                 holder: h.to_string(),
             },
             _ => {
@@ -171,6 +175,28 @@ impl Elector {
 
     /// Whether the observed record `spec` has gone unchanged for its
     /// duration, by our clock.
+    /// The agent holding the Lease as `identity` was found dead (its
+    /// process is gone: see `loxilb_agent::ctsync`, "A sender found
+    /// dead"): the next decision takes its Lease over without waiting for
+    /// it to expire. The hint counts for one Lease duration (after that
+    /// expiry decides anyway).
+    pub fn holder_dead(&mut self, identity: &str, now: Timestamp) {
+        if identity != self.config.identity {
+            self.dead = Some((identity.to_string(), now));
+        }
+    }
+
+    fn known_dead(&self, holder: &str, now: Timestamp) -> bool {
+        self.dead.as_ref().is_some_and(|(who, at)| {
+            who == holder
+                && at
+                    .checked_add(SignedDuration::from_secs(
+                        self.config.duration_secs().into(),
+                    ))
+                    .is_ok_and(|end| now < end)
+        })
+    }
+
     fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
         let Some((_, since)) = self.observed.as_ref().filter(|(s, _)| s == spec) else {
             return false;
@@ -215,6 +241,7 @@ pub struct LeaderElector {
     elector: Elector,
     /// The Lease as last read or written.
     last: Option<Lease>,
+    hints: Option<mpsc::UnboundedReceiver<String>>,
 }
 
 impl LeaderElector {
@@ -223,7 +250,16 @@ impl LeaderElector {
             api: Api::namespaced(client, &config.namespace),
             elector: Elector::new(config),
             last: None,
+            hints: None,
         }
+    }
+
+    /// Identities of Lease holders found dead (by the conntrack sync: see
+    /// [`Elector::holder_dead`]): each one starts a round at once, which
+    /// takes the Lease over if that agent holds it.
+    pub fn with_takeover_hints(mut self, hints: mpsc::UnboundedReceiver<String>) -> Self {
+        self.hints = Some(hints);
+        self
     }
 
     pub fn config(&self) -> &LeaseConfig {
@@ -332,6 +368,12 @@ impl LeaderElector {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(cfg.retry_period) => {}
+                Some(dead) = next_hint(&mut self.hints) => {
+                    if !*leader.borrow() {
+                        info!(holder = %dead, "the agent holding the Lease was found dead: taking the Lease over now");
+                        self.elector.holder_dead(&dead, Timestamp::now());
+                    }
+                }
             }
         }
         if *leader.borrow() {
@@ -342,6 +384,21 @@ impl LeaderElector {
                 Err(e) => warn!(error = %e, "could not release the leader Lease"),
             }
         }
+    }
+}
+
+/// The next takeover hint; never, without a hint channel (or once it
+/// closed).
+async fn next_hint(hints: &mut Option<mpsc::UnboundedReceiver<String>>) -> Option<String> {
+    match hints {
+        Some(rx) => match rx.recv().await {
+            Some(h) => Some(h),
+            None => {
+                *hints = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -406,6 +463,46 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    /// A holder found dead loses its Lease at the next decision, not at
+    /// expiry; the hint names one holder (another is waited for), lapses
+    /// after a Lease duration, and never concerns ourselves.
+    #[test]
+    fn a_holder_found_dead_is_taken_over_at_once() {
+        let mut e = Elector::new(cfg("a"));
+        let l = lease(Some("b"), 0, 3);
+        assert!(matches!(e.decide(Some(&l), t(0)), LeaseAction::Wait { .. }));
+        e.holder_dead("c", t(1));
+        assert!(
+            matches!(e.decide(Some(&l), t(1)), LeaseAction::Wait { .. }),
+            "another agent's death changes nothing"
+        );
+        e.holder_dead("b", t(1));
+        let LeaseAction::Update { lease: w, takeover } = e.decide(Some(&l), t(1)) else {
+            panic!("not taken over")
+        };
+        assert!(takeover);
+        let spec = w.spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+        assert_eq!(spec.lease_transitions, Some(4));
+        assert_eq!(
+            w.metadata.resource_version.as_deref(),
+            Some("10"),
+            "written over the version read: a second backup racing conflicts"
+        );
+        // A hint 15 s old (the Lease duration) has lapsed: b, holding
+        // again (a new agent renewed), is waited for.
+        let mut e = Elector::new(cfg("a"));
+        e.holder_dead("b", t(0));
+        let l2 = lease(Some("b"), 20, 3);
+        assert!(matches!(
+            e.decide(Some(&l2), t(20)),
+            LeaseAction::Wait { .. }
+        ));
+        let mut e = Elector::new(cfg("a"));
+        e.holder_dead("a", t(0));
+        assert!(e.dead.is_none(), "never a hint about ourselves");
     }
 
     #[test]

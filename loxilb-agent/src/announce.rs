@@ -24,10 +24,14 @@ use crate::netlink;
 pub const REPEATS: usize = 3;
 pub const GAP: Duration = Duration::from_millis(500);
 
-/// A gratuitous ARP request for `vip` from `mac`: sender and target
-/// protocol address both the VIP, broadcast (what Linux `arping -U` and
-/// keepalived send; receivers update an existing entry, and create one
-/// where `arp_accept` says so).
+/// A gratuitous ARP reply for `vip` from `mac`: sender and target
+/// protocol address both the VIP, broadcast (what Linux `arping -A`
+/// sends; receivers override an existing entry, gratuitous ARP being
+/// exempt from the neighbour lock time, and create one where
+/// `arp_accept` says so). A reply, not a request: a request for the VIP
+/// is answered by every node that still has it on an interface (one whose
+/// agent was killed keeps its VIPs on `lo` until an agent starts there
+/// again), and that answer, coming last, would win.
 pub fn garp(mac: [u8; 6], vip: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(42);
     f.extend_from_slice(&[0xff; 6]);
@@ -37,10 +41,10 @@ pub fn garp(mac: [u8; 6], vip: Ipv4Addr) -> Vec<u8> {
     f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
     f.push(6);
     f.push(4);
-    f.extend_from_slice(&1u16.to_be_bytes()); // request
+    f.extend_from_slice(&2u16.to_be_bytes()); // reply
     f.extend_from_slice(&mac);
     f.extend_from_slice(&vip.octets());
-    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[0xff; 6]);
     f.extend_from_slice(&vip.octets());
     f
 }
@@ -129,12 +133,12 @@ fn send_frame(ifindex: u32, frame: &[u8]) -> Result<()> {
 }
 
 /// The frames that announce `vips` on each of `ifaces` (by name):
-/// (device, ifindex, frame). Devices without a MAC are skipped; an IPv6
+/// (device, ifindex, frame), VIP by VIP in the order given. Devices without a MAC are skipped; an IPv6
 /// VIP is announced from the device's link-local address (from the VIP
 /// itself when it has none).
 pub fn frames(ifaces: &[String], vips: &[IpAddr]) -> Result<Vec<(String, u32, Vec<u8>)>> {
     let links = netlink::links()?;
-    let mut out = vec![];
+    let mut devs = vec![];
     for name in ifaces {
         let Some(l) = links.iter().find(|l| &l.name == name) else {
             continue;
@@ -145,12 +149,18 @@ pub fn frames(ifaces: &[String], vips: &[IpAddr]) -> Result<Vec<(String, u32, Ve
         } else {
             vec![]
         };
-        for v in vips {
+        devs.push((name, l.index, mac, ll));
+    }
+    // In the order of `vips`, each on every device: the caller puts
+    // first what must move first.
+    let mut out = vec![];
+    for v in vips {
+        for (name, index, mac, ll) in &devs {
             let f = match v {
-                IpAddr::V4(a) => garp(mac, *a),
-                IpAddr::V6(a) => unsolicited_na(mac, ll.first().copied().unwrap_or(*a), *a),
+                IpAddr::V4(a) => garp(*mac, *a),
+                IpAddr::V6(a) => unsolicited_na(*mac, ll.first().copied().unwrap_or(*a), *a),
             };
-            out.push((name.clone(), l.index, f));
+            out.push(((*name).clone(), *index, f));
         }
     }
     Ok(out)
@@ -207,10 +217,10 @@ mod tests {
         assert_eq!(&f[..6], &[0xff; 6]);
         assert_eq!(&f[6..12], &MAC);
         assert_eq!(&f[12..14], &[0x08, 0x06]);
-        assert_eq!(&f[14..22], &[0, 1, 0x08, 0, 6, 4, 0, 1]);
+        assert_eq!(&f[14..22], &[0, 1, 0x08, 0, 6, 4, 0, 2], "a reply");
         assert_eq!(&f[22..28], &MAC, "sender MAC");
         assert_eq!(&f[28..32], &[192, 0, 2, 7], "sender IP = VIP");
-        assert_eq!(&f[32..38], &[0; 6]);
+        assert_eq!(&f[32..38], &[0xff; 6]);
         assert_eq!(&f[38..42], &[192, 0, 2, 7], "target IP = VIP");
     }
 

@@ -67,6 +67,27 @@
 //! identity, vtag), `ep_stat` as the endpoint (address, port), the rest
 //! copied.
 //!
+//! # A sender found dead (fast takeover)
+//!
+//! A backup knows its sender's listener port and Lease identity from the
+//! HELLO. When the connection ends without an ERROR (end of stream or a
+//! reset: what the kernel does to a killed process's sockets), it dials
+//! that port once (500 ms at most):
+//!
+//! - **refused** (the node answers, nothing listens): the agent is dead.
+//!   Its identity goes out on [`Syncer::takeover_hints`]; the Kubernetes
+//!   controller takes the leader Lease over at once instead of waiting
+//!   for it to expire (`kube_watch::leader`), and with it the VIPs.
+//! - **accepted**: the agent lives (the connection broke for another
+//!   reason); it will dial again.
+//! - **no answer**: its node or the path to it is down, which a backup
+//!   cannot tell from a partition: nothing is done, the Lease decides
+//!   (takeover after the Lease duration).
+//!
+//! Only proof of death shortens the takeover, so a partition never makes
+//! two active nodes; several backups racing for the Lease are settled by
+//! the API server (one update wins, the others conflict).
+//!
 //! # Transport
 //!
 //! TCP with mutual TLS 1.2/1.3 (rustls, ring): each side presents the
@@ -77,7 +98,7 @@
 //! A plaintext peer, one with no certificate or one of another CA is
 //! refused, logged and counted (`refused_tls`).
 //!
-//! # Wire format (protocol version 1)
+//! # Wire format (protocol version 2)
 //!
 //! A stream of frames: `length: u32` (big-endian; bytes after this field,
 //! at most 1 MiB), `type: u8`, body. Integers the agent keeps in host
@@ -87,7 +108,7 @@
 //!
 //! | type | name | body | direction |
 //! |---|---|---|---|
-//! | 1 | HELLO | `"LXCS"`, protocol `u16`, map layout `u32` (`loxilb_common::LAYOUT_VERSION`), role `u8` (1 sender, 2 receiver), name length `u8`, name (UTF-8) | both, first |
+//! | 1 | HELLO | `"LXCS"`, protocol `u16`, map layout `u32` (`loxilb_common::LAYOUT_VERSION`), role `u8` (1 sender, 2 receiver), name length `u8`, name (UTF-8), listener port `u16` (0: none), Lease identity length `u8`, identity (UTF-8) | both, first |
 //! | 2 | SNAPSHOT_BEGIN | entries `u32` | sender |
 //! | 3 | UPSERT | count `u16` (at most 4096), count × record | sender |
 //! | 4 | REMOVE | count `u16`, count × key | sender |
@@ -158,7 +179,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 pub use engine::ApplyStats;
@@ -228,6 +249,10 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// This node's name, sent in the hello (logs of the peers).
     pub node_name: String,
+    /// This agent's leader-election identity, sent in the hello: a backup
+    /// that finds this agent dead names it in its takeover hint. Empty:
+    /// no hints about this agent.
+    pub identity: String,
 }
 
 impl Default for Config {
@@ -243,6 +268,7 @@ impl Default for Config {
             queue: 256,
             state_file: None,
             node_name: String::new(),
+            identity: String::new(),
         }
     }
 }
@@ -320,6 +346,11 @@ pub struct InboundStats {
     pub refused_hello: u64,
     /// Refused: this node is the active one.
     pub refused_active: u64,
+    /// Senders whose connection ended and whose listener then refused a
+    /// connection: found dead, a takeover hint given (see the module
+    /// documentation); the last one, and when.
+    pub senders_dead: u64,
+    pub last_dead: Option<String>,
     pub last_refused: Option<String>,
     pub last_sender: Option<String>,
     pub last_error: Option<String>,
@@ -333,6 +364,7 @@ pub struct InboundStats {
 /// A running sync (its own thread and runtime). Dropping it stops it.
 pub struct Syncer {
     active: Option<watch::Sender<bool>>,
+    hints: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     ctx: Arc<net::Ctx>,
     local: Option<SocketAddr>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -366,6 +398,7 @@ impl Syncer {
         };
         let local = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (active_tx, active_rx) = watch::channel(false);
+        let (hint_tx, hint_rx) = mpsc::unbounded_channel();
         let stats = Stats {
             role: "backup".into(),
             listen: local.map(|a| a.to_string()),
@@ -388,6 +421,8 @@ impl Syncer {
             stats: Mutex::new(stats),
             active: active_rx,
             subs: Mutex::new(vec![]),
+            listen_port: local.map_or(0, |a| a.port()),
+            dead: hint_tx,
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -400,6 +435,7 @@ impl Syncer {
             .context("ctsync: starting its thread")?;
         Ok(Syncer {
             active: Some(active_tx),
+            hints: Mutex::new(Some(hint_rx)),
             ctx,
             local,
             thread: Some(thread),
@@ -412,6 +448,12 @@ impl Syncer {
         if let Some(a) = &self.active {
             a.send_replace(active);
         }
+    }
+
+    /// The Lease identities of senders found dead (see the module
+    /// documentation), as they are found; `None` after the first call.
+    pub fn takeover_hints(&self) -> Option<mpsc::UnboundedReceiver<String>> {
+        self.hints.lock().expect("hints lock").take()
     }
 
     /// The address the listener is bound to (with port 0 in `listen`, the

@@ -1011,7 +1011,14 @@ impl KubeSink {
             self.sync_active = active;
         }
         let mut added = vec![];
-        for v in want.difference(&self.owned) {
+        // The --setRoles VIP first: the endpoints must answer to this node
+        // before the clients' first packets arrive here, or their replies
+        // go to the old owner (which, killed, may still hold the address).
+        let order = self
+            .role_vip
+            .iter()
+            .chain(want.iter().filter(|v| Some(**v) != self.role_vip));
+        for v in order.filter(|v| want.contains(v) && !self.owned.contains(v)) {
             netlink::add_addr(self.lo, *v).with_context(|| format!("adding VIP {v} to lo"))?;
             info!(vip = %v, "VIP added to lo (this node answers ARP/ND for it)");
             added.push(*v);
@@ -1137,6 +1144,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
                 tls_dir: a.ctsync_tls.clone(),
                 state_file: Some(loxilb_agent::node::state_dir(pin_dir).join("ctsync.json")),
                 node_name: run_config.node_name.clone(),
+                identity: run_config.lease.identity.clone(),
                 ..Default::default()
             },
         )?;
@@ -1145,6 +1153,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     } else {
         None
     };
+    let hints = sync.as_ref().and_then(|s| s.takeover_hints());
     let sink = KubeSink {
         sync,
         sync_active: false,
@@ -1200,7 +1209,8 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         None
     };
     info!("serving Kubernetes LoadBalancer Services");
-    let r = kube_watch::controller::run(client, run_config, sink, shutdown()).await;
+    let r =
+        kube_watch::controller::run_with_hints(client, run_config, sink, shutdown(), hints).await;
     // Every task holding the node ends before it is taken back.
     upkeep.abort();
     let _ = upkeep.await;

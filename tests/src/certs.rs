@@ -20,9 +20,13 @@ impl Certs {
         let ca_key = KeyPair::generate().unwrap();
         let ca_pem = p.self_signed(&ca_key).unwrap().pem();
         let issuer = Issuer::new(p, ca_key);
+        // Unique per set: tests of one process run side by side, and each
+        // set's directories go when it is dropped.
+        static SETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let set = SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut dirs = vec![];
         for n in nodes {
-            let d = std::env::temp_dir().join(format!("lxct-tls-{n}-{}", std::process::id()));
+            let d = std::env::temp_dir().join(format!("lxct-tls-{n}-{}-{set}", std::process::id()));
             std::fs::create_dir_all(&d).unwrap();
             let key = KeyPair::generate().unwrap();
             let cert = CertificateParams::new(vec![n.to_string()])

@@ -128,19 +128,32 @@ impl Ha {
     /// With conntrack sync between the two nodes (over the client-side
     /// segment, mutual TLS with `certs.dirs[i]`).
     fn start_synced(&self, api: &ApiServer, i: usize, label: &str, certs: &Certs) -> KubeAgent {
-        let me = format!("10.30.0.{}:22222", 11 + i);
-        let peer = format!("10.30.0.{}:22222", 12 - i);
-        let tls = certs.dirs[i].to_str().unwrap().to_string();
-        self.start_with(
-            api,
-            i,
-            label,
-            &[
-                &format!("--ctsync-listen={me}"),
-                &format!("--ctsync-peers={peer}"),
-                &format!("--ctsync-tls={tls}"),
-            ],
-        )
+        self.start_synced_with(api, i, label, certs, &[])
+    }
+
+    fn start_synced_with(
+        &self,
+        api: &ApiServer,
+        i: usize,
+        label: &str,
+        certs: &Certs,
+        extra: &[&str],
+    ) -> KubeAgent {
+        let me = format!("--ctsync-listen=10.30.0.{}:22222", 11 + i);
+        let peer = format!("--ctsync-peers=10.30.0.{}:22222", 12 - i);
+        let tls = format!("--ctsync-tls={}", certs.dirs[i].to_str().unwrap());
+        let mut args = vec![me.as_str(), peer.as_str(), tls.as_str()];
+        args.extend_from_slice(extra);
+        self.start_with(api, i, label, &args)
+    }
+
+    /// The MAC of node `i`'s client-side device.
+    fn mac(&self, i: usize) -> String {
+        self.lbs[i]
+            .sh(&["cat", "/sys/class/net/x0/address"])
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     fn start_with(&self, api: &ApiServer, i: usize, label: &str, extra: &[&str]) -> KubeAgent {
@@ -366,4 +379,182 @@ fn an_established_connection_survives_the_takeover() {
     let roles = b.cli("roles").unwrap();
     assert!(roles.contains("active"), "{roles}");
     b.stop().unwrap();
+}
+
+fn log_of(agents: &[Option<KubeAgent>], i: usize) -> String {
+    agents[i].as_ref().map(|a| a.log_text()).unwrap_or_default()
+}
+
+/// p50 and p99 (nearest rank) of `xs`, in ms.
+fn p50_p99(xs: &[Duration]) -> (f64, f64) {
+    let mut v: Vec<f64> = xs.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    v.sort_by(f64::total_cmp);
+    let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    (rank(0.5), rank(0.99))
+}
+
+/// SIGKILL of the active node's agent, its node alive (`--keep`, as the
+/// DaemonSet runs it): the backup's sync connection ends, the dead agent's
+/// sync listener refuses, and the backup takes the Lease and the VIPs
+/// over at once instead of waiting for the Lease to expire. The client's
+/// ARP entry moves to it, an established connection carries on, new ones
+/// are served; the killed agent, restarted, comes back as the backup and
+/// takes the VIPs its predecessor left on `lo` off. Then the other way
+/// round: `LOXILB_HA_RUNS` kills in all (default 2), alternating, with
+/// the times printed (p50/p99: `scripts/bench.sh --ha` runs 20).
+#[test]
+fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
+    let name = "a_killed_agent_is_replaced_at_once_on_proof_of_death";
+    if !need_root(name) {
+        return;
+    }
+    let runs: usize = std::env::var("LOXILB_HA_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+    let ha = Ha::new("lxha3");
+    let certs = Certs::new(&["node-a", "node-b"]);
+    let api = ApiServer::new();
+    seed(&api);
+    let start = |i: usize, label: &str| ha.start_synced_with(&api, i, label, &certs, &["--keep"]);
+    let mut agents = vec![Some(start(0, "node-a"))];
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap();
+    agents.push(Some(start(1, "node-b")));
+    let vip = bring_up(
+        &ha,
+        &api,
+        agents[0].as_ref().unwrap(),
+        agents[1].as_ref().unwrap(),
+    );
+    let to: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let names = ["node-a", "node-b"];
+    let (mut t_vip, mut t_arp, mut t_new) = (vec![], vec![], vec![]);
+    for run in 0..runs {
+        let (l, f) = (run % 2, 1 - run % 2);
+        // An established connection through the leader, synced to the
+        // follower.
+        let mut c = Conn::open(&ha.client, to).unwrap_or_else(|e| {
+            panic!(
+                "run {run}: through {}: {e:#}\n{}",
+                names[l],
+                log_of(&agents, l)
+            )
+        });
+        let first = c.ask("before").unwrap();
+        let local = c.local_addr().to_string();
+        wait_until(
+            "the follower has the session",
+            Duration::from_secs(10),
+            || {
+                agents[f]
+                    .as_ref()
+                    .unwrap()
+                    .cli("sessions")
+                    .is_ok_and(|t| t.contains(&local))
+            },
+        )
+        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
+        let hints_before = log_of(&agents, f)
+            .matches("found dead: taking the Lease over now")
+            .count();
+
+        agents[l].as_mut().unwrap().kill();
+        let t0 = Instant::now();
+        let (mut vip_at, mut arp_at) = (None, None);
+        let mac_f = ha.mac(f);
+        while (vip_at.is_none() || arp_at.is_none()) && t0.elapsed() < Duration::from_secs(10) {
+            if vip_at.is_none() {
+                let lo = lo_addrs(&ha.lbs[f]);
+                if lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string()) {
+                    vip_at = Some(t0.elapsed());
+                }
+            }
+            if arp_at.is_none() {
+                let n = ha
+                    .client
+                    .sh(&["ip", "neigh", "show", &vip])
+                    .unwrap_or_default();
+                if n.contains(&mac_f) {
+                    arp_at = Some(t0.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (Some(vip_at), Some(arp_at)) = (vip_at, arp_at) else {
+            panic!(
+                "run {run}: {} did not take over within 10 s (VIPs {vip_at:?}, client ARP {arp_at:?}):\n{}",
+                names[f],
+                log_of(&agents, f)
+            )
+        };
+        // A new connection, through the new owner.
+        let served = loop {
+            match Conn::open(&ha.client, to).and_then(|mut c| c.ask("new")) {
+                Ok(r) => {
+                    assert_eq!(r.client.ip().to_string(), ROLE_VIP);
+                    break t0.elapsed();
+                }
+                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                    panic!(
+                        "run {run}: no new connection served: {e:#}\n{}",
+                        log_of(&agents, f)
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        // The takeover came from the proof of death, not from expiry.
+        assert_eq!(
+            log_of(&agents, f)
+                .matches("found dead: taking the Lease over now")
+                .count(),
+            hints_before + 1,
+            "run {run}: {} took over without the hint:\n{}",
+            names[f],
+            log_of(&agents, f)
+        );
+        assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
+        // The established connection carries on, same backend and source.
+        c.set_timeout(Duration::from_secs(10)).unwrap();
+        let after = c.ask("after").unwrap_or_else(|e| {
+            panic!(
+                "run {run}: the connection broke: {e:#}\n{}",
+                log_of(&agents, f)
+            )
+        });
+        assert_eq!((after.backend, after.client), (first.backend, first.client));
+        t_vip.push(vip_at);
+        t_arp.push(arp_at);
+        t_new.push(served);
+
+        // The killed agent comes back: a backup, its leftover VIPs gone.
+        agents[l] = Some(start(l, &format!("{}#{}", names[l], run + 2)));
+        wait_until(
+            "the restarted agent gives the VIPs up",
+            Duration::from_secs(15),
+            || lo_addrs(&ha.lbs[l]).is_empty(),
+        )
+        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, l)));
+        assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
+        let lo = lo_addrs(&ha.lbs[f]);
+        assert!(
+            lo.contains(&vip),
+            "run {run}: the owner kept the VIP: {lo:?}"
+        );
+    }
+    let (v50, v99) = p50_p99(&t_vip);
+    let (a50, a99) = p50_p99(&t_arp);
+    let (n50, n99) = p50_p99(&t_new);
+    eprintln!(
+        "{name}: takeover after SIGKILL of the active agent, {runs} runs: VIPs on the new owner \
+         p50 {v50:.0} ms / p99 {v99:.0} ms; client ARP moved p50 {a50:.0} / p99 {a99:.0} ms; \
+         first new connection served p50 {n50:.0} / p99 {n99:.0} ms (goal < 1000 ms)"
+    );
+    for a in agents.iter_mut().flatten() {
+        a.stop().unwrap();
+    }
 }

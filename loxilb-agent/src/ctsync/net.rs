@@ -48,6 +48,10 @@ pub(super) struct Ctx {
     pub stats: Mutex<Stats>,
     pub active: watch::Receiver<bool>,
     pub subs: Mutex<Vec<Sub>>,
+    /// The listener's port (0: none), told to receivers in the hello.
+    pub listen_port: u16,
+    /// Takeover hints: Lease identities of senders found dead.
+    pub dead: mpsc::UnboundedSender<String>,
 }
 
 impl Ctx {
@@ -221,7 +225,8 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
     .map_err(|_| anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
     .context("TLS handshake")?;
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let hello = Hello::ours(wire::ROLE_SENDER, &ctx.cfg.node_name);
+    let hello = Hello::ours(wire::ROLE_SENDER, &ctx.cfg.node_name)
+        .lease(ctx.listen_port, &ctx.cfg.identity);
     wire::write_frame(&mut wr, &wire::encode(&Msg::Hello(hello))).await?;
     match timeout(HANDSHAKE_TIMEOUT, wire::read_msg(&mut rd))
         .await
@@ -361,6 +366,12 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
     .await
     {
         Ok(Ok(s)) => s,
+        // A bare TCP probe (a backup checking this agent lives, see
+        // `probe_sender`) closes before any TLS: not a refusal.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            debug!("ctsync: {addr} closed before TLS (a liveness probe)");
+            return;
+        }
         Ok(Err(e)) => {
             warn!("ctsync: refused {addr}: TLS: {e}");
             ctx.stats(|s| {
@@ -425,7 +436,8 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
         let _ = wr.shutdown().await;
         return;
     }
-    let ours = Hello::ours(wire::ROLE_RECEIVER, &ctx.cfg.node_name);
+    let ours = Hello::ours(wire::ROLE_RECEIVER, &ctx.cfg.node_name)
+        .lease(ctx.listen_port, &ctx.cfg.identity);
     if wire::write_frame(&mut wr, &wire::encode(&Msg::Hello(ours)))
         .await
         .is_err()
@@ -439,6 +451,9 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
         s.inbound.last_sender = Some(format!("{addr} ({})", hello.name));
     });
     let mut active = ctx.active.clone();
+    // Whether the connection just vanished (end of stream, reset): the
+    // sender may be dead, which `probe_sender` finds out.
+    let mut vanished = false;
     let end = loop {
         let m = tokio::select! {
             m = timeout(RECV_TIMEOUT, wire::read_msg(&mut rd)) => m,
@@ -450,8 +465,14 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
         };
         let msg = match m {
             Err(_) => break format!("nothing heard for {RECV_TIMEOUT:?}"),
-            Ok(Err(e)) => break format!("{e:#}"),
-            Ok(Ok(None)) => break "the sender closed the connection".into(),
+            Ok(Err(e)) => {
+                vanished = true;
+                break format!("{e:#}");
+            }
+            Ok(Ok(None)) => {
+                vanished = true;
+                break "the sender closed the connection".into();
+            }
             Ok(Ok(Some(msg))) => msg,
         };
         match apply(&ctx, msg).await {
@@ -475,6 +496,83 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
         s.inbound.last_error = Some(format!("{addr}: {end}"));
     });
     info!("ctsync: sender {addr} gone: {end}");
+    if vanished && !*ctx.active.borrow() {
+        probe_sender(&ctx, &hello, addr).await;
+    }
+}
+
+/// How long a receiver keeps dialling its vanished sender's listener.
+const PROBE_WINDOW: Duration = Duration::from_millis(500);
+/// How long an accepted probe waits: a live agent's listener waits for
+/// the TLS hello, a dying one's resets what it had queued.
+const PROBE_HOLD: Duration = Duration::from_millis(100);
+
+/// The sender's connection vanished: dial its listener. Refused means its
+/// agent is dead (its node answers, nothing listens): a takeover hint
+/// with its Lease identity. An accepted connection that is then reset
+/// (a listener closing as its process exits: the sockets of a killed
+/// process close one by one) is dialled again; one held open means the
+/// agent lives. See the module documentation.
+async fn probe_sender(ctx: &Ctx, hello: &Hello, addr: SocketAddr) {
+    use tokio::io::AsyncReadExt;
+    if hello.listen_port == 0 || hello.identity.is_empty() {
+        return;
+    }
+    let to = SocketAddr::new(addr.ip(), hello.listen_port);
+    let t0 = Instant::now();
+    let why = loop {
+        let left = PROBE_WINDOW.saturating_sub(t0.elapsed());
+        match timeout(left, TcpStream::connect(to)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                warn!(
+                    "ctsync: sender {:?} is dead (its listener {to} refuses): takeover hint for {:?}",
+                    hello.name, hello.identity
+                );
+                ctx.stats(|s| {
+                    s.inbound.senders_dead += 1;
+                    s.inbound.last_dead =
+                        Some(format!("{} ({to}) at {}", hello.identity, unix_now()));
+                });
+                let _ = ctx.dead.send(hello.identity.clone());
+                return;
+            }
+            Ok(Ok(mut probe)) => {
+                let mut b = [0u8; 1];
+                match timeout(PROBE_HOLD, probe.read(&mut b)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    _ => {
+                        info!(
+                            "ctsync: sender {:?} lives (its listener {to} answers): it will connect again",
+                            hello.name
+                        );
+                        return;
+                    }
+                }
+            }
+            // Accepted, then reset as the listener closed: dial again.
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(Err(e)) => break format!("its listener {to}: {e}"),
+            Err(_) => {
+                break format!(
+                    "no answer from {to} within {PROBE_WINDOW:?} (node down or path lost)"
+                )
+            }
+        }
+    };
+    info!(
+        "ctsync: sender {:?}: {why}: the Lease decides a takeover",
+        hello.name
+    );
 }
 
 /// Returns once the node is active (never if the syncer is going away).

@@ -412,3 +412,43 @@ fn peers_from_a_flag() {
     let e = format!("{:#}", super::parse_peers("10.0.0.2:99999").unwrap_err());
     assert!(e.contains("10.0.0.2:99999"), "{e}");
 }
+
+/// A sender whose connection vanishes is dialled back: a listener that
+/// answers (the agent lives, it only stopped sending) gives no hint; one
+/// that refuses (the agent is gone) gives a takeover hint with its Lease
+/// identity, once.
+#[test]
+fn a_sender_found_dead_gives_a_takeover_hint() {
+    let ca = TestCa::new("ca");
+    let (a, b) = (node(true), node(false));
+    let (tx, rx, _da, _db) = pair(&ca, &ca, &ca, &a, &b, |c| {
+        c.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.identity = "agent-a".into();
+    });
+    let mut hints = rx.takeover_hints().expect("hints");
+    assert!(rx.takeover_hints().is_none(), "handed out once");
+    wait_for("streaming", 10, || rx.stats().inbound.connected == 1);
+    // Alive: it steps down (its connections close, its listener stays).
+    tx.set_active(false);
+    wait_for("the sender gone", 10, || rx.stats().inbound.connected == 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(hints.try_recv().is_err(), "no hint for a live agent");
+    assert_eq!(rx.stats().inbound.senders_dead, 0);
+    // Back, then gone for good (its listener closes with it).
+    tx.set_active(true);
+    wait_for("streaming again", 10, || rx.stats().inbound.connected == 1);
+    tx.stop();
+    wait_for("the hint", 10, || rx.stats().inbound.senders_dead == 1);
+    assert_eq!(hints.try_recv().unwrap(), "agent-a");
+    assert!(hints.try_recv().is_err());
+    let st = rx.stats();
+    assert!(
+        st.inbound
+            .last_dead
+            .as_deref()
+            .unwrap()
+            .starts_with("agent-a (127.0.0.1:"),
+        "{:?}",
+        st.inbound.last_dead
+    );
+}

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// First bytes of a HELLO.
 pub const MAGIC: [u8; 4] = *b"LXCS";
 /// Version of this protocol; a peer speaking another one is refused.
-pub const PROTO_VERSION: u16 = 1;
+pub const PROTO_VERSION: u16 = 2;
 /// Largest frame body (type byte included) accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Most records in one UPSERT or REMOVE message.
@@ -140,6 +140,13 @@ pub struct Hello {
     pub layout: u32,
     pub role: u8,
     pub name: String,
+    /// The port this agent's sync listener is bound to (0: none). A
+    /// receiver whose sender vanished dials it to tell a dead agent (the
+    /// port refuses) from a lost path (no answer).
+    pub listen_port: u16,
+    /// The agent's leader-election identity (the Lease holder it writes),
+    /// named in a takeover hint when it is found dead.
+    pub identity: String,
 }
 
 impl Hello {
@@ -149,7 +156,16 @@ impl Hello {
             layout: loxilb_common::LAYOUT_VERSION,
             role,
             name: name.chars().take(255).collect(),
+            listen_port: 0,
+            identity: String::new(),
         }
+    }
+
+    /// With the listener's port and the Lease identity (see the fields).
+    pub fn lease(mut self, listen_port: u16, identity: &str) -> Self {
+        self.listen_port = listen_port;
+        self.identity = identity.chars().take(255).collect();
+        self
     }
 
     /// Refuse a peer of another protocol or map layout version.
@@ -396,7 +412,7 @@ impl In<'_> {
 pub fn encode(m: &Msg) -> Vec<u8> {
     match m {
         Msg::Hello(h) => {
-            let mut o = Out::frame(msg::HELLO, 16 + h.name.len());
+            let mut o = Out::frame(msg::HELLO, 19 + h.name.len() + h.identity.len());
             o.0.extend_from_slice(&MAGIC);
             o.be16(h.proto);
             o.be32(h.layout);
@@ -405,6 +421,11 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             let name = &name[..name.len().min(255)];
             o.u8(name.len() as u8);
             o.0.extend_from_slice(name);
+            o.be16(h.listen_port);
+            let id = h.identity.as_bytes();
+            let id = &id[..id.len().min(255)];
+            o.u8(id.len() as u8);
+            o.0.extend_from_slice(id);
             o.done()
         }
         Msg::SnapshotBegin { entries } => {
@@ -501,11 +522,25 @@ pub fn decode(body: &[u8]) -> Result<Msg> {
             }
             let name = String::from_utf8_lossy(&i.0[..n]).into_owned();
             i.0 = &i.0[n..];
+            // Version 1 ended here: its hello still decodes (and is then
+            // refused by `Hello::check`, which names both versions).
+            let (mut listen_port, mut identity) = (0, String::new());
+            if proto >= 2 {
+                listen_port = i.be16()?;
+                let n = i.u8()? as usize;
+                if i.0.len() < n {
+                    bail!("message truncated");
+                }
+                identity = String::from_utf8_lossy(&i.0[..n]).into_owned();
+                i.0 = &i.0[n..];
+            }
             Msg::Hello(Hello {
                 proto,
                 layout,
                 role,
                 name,
+                listen_port,
+                identity,
             })
         }
         msg::SNAPSHOT_BEGIN => Msg::SnapshotBegin { entries: i.be32()? },
@@ -708,6 +743,7 @@ pub(crate) mod tests {
         let r = sample();
         for m in [
             Msg::Hello(Hello::ours(ROLE_SENDER, "node-a")),
+            Msg::Hello(Hello::ours(ROLE_RECEIVER, "node-b").lease(22222, "loxilb-agent-x7")),
             Msg::SnapshotBegin { entries: 5 },
             Msg::SnapshotEnd { entries: 5 },
             Msg::Upsert(vec![]),
@@ -743,7 +779,7 @@ pub(crate) mod tests {
         h.proto = PROTO_VERSION + 1;
         let e = h.check("10.0.0.2:4789").unwrap_err().to_string();
         assert!(
-            e.contains("protocol 2") && e.contains("10.0.0.2:4789"),
+            e.contains("protocol 3") && e.contains("10.0.0.2:4789"),
             "{e}"
         );
         let mut h = Hello::ours(ROLE_SENDER, "b");
