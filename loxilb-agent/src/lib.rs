@@ -8,6 +8,7 @@ pub mod ctsync;
 pub mod datapath;
 pub mod devices;
 pub mod kube_rules;
+pub mod lovips;
 pub mod metrics;
 pub mod netlink;
 pub mod node;

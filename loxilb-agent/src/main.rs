@@ -894,8 +894,8 @@ struct KubeSink {
     sync_active: bool,
     node: std::sync::Arc<std::sync::Mutex<Node>>,
     rules: KubeRules,
-    /// `lo`'s ifindex, and the VIPs this agent holds there.
-    lo: u32,
+    /// The VIPs this agent holds on `lo` (renewed: see `lovips`).
+    lo: std::sync::Arc<loxilb_agent::lovips::LoVips>,
     /// The attached interfaces: where a VIP taken over is announced.
     ifaces: Vec<String>,
     /// Each VIP's role on this node (for `loxilb-agent roles`).
@@ -1019,7 +1019,9 @@ impl KubeSink {
             .iter()
             .chain(want.iter().filter(|v| Some(**v) != self.role_vip));
         for v in order.filter(|v| want.contains(v) && !self.owned.contains(v)) {
-            netlink::add_addr(self.lo, *v).with_context(|| format!("adding VIP {v} to lo"))?;
+            self.lo
+                .add(*v)
+                .with_context(|| format!("adding VIP {v} to lo"))?;
             info!(vip = %v, "VIP added to lo (this node answers ARP/ND for it)");
             added.push(*v);
         }
@@ -1032,7 +1034,7 @@ impl KubeSink {
             warn!("publishing the VIP roles: {e:#}");
         }
         for v in self.owned.difference(&want) {
-            match netlink::del_addr(self.lo, *v) {
+            match self.lo.remove(*v) {
                 Ok(()) => info!(vip = %v, "VIP removed from lo"),
                 Err(e) => warn!(vip = %v, "cannot remove the VIP from lo: {e:#}"),
             }
@@ -1154,12 +1156,13 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         None
     };
     let hints = sync.as_ref().and_then(|s| s.takeover_hints());
+    let vips_on_lo = std::sync::Arc::new(loxilb_agent::lovips::LoVips::start(lo, held.clone())?);
     let sink = KubeSink {
         sync,
         sync_active: false,
         node: node.clone(),
         rules: KubeRules::default(),
-        lo,
+        lo: vips_on_lo.clone(),
         ifaces: a.ifaces.clone(),
         roles: vip_roles,
         role_vip: role_vip.map(std::net::IpAddr::V4),
@@ -1219,6 +1222,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         let _ = t.await;
     }
     exit_note(pin_dir, a.keep);
+    vips_on_lo.stop();
     {
         // The controller gave the VIPs up as it stopped (before releasing
         // the Lease: another node takes them over, and two nodes must

@@ -168,10 +168,24 @@ fn addr_message(ifindex: u32, ip: IpAddr) -> AddressMessage {
 /// Put `ip` (a host address: /32 or /128) on device `ifindex`, marked as
 /// the agent's ([`ADDR_PROTO`]). Replacing an existing one is fine.
 pub fn add_addr(ifindex: u32, ip: IpAddr) -> Result<()> {
+    add_addr_for(ifindex, ip, None)
+}
+
+/// [`add_addr`], valid for `lifetime` (whole seconds, at least 1) from
+/// now: the kernel removes the address once it passes, unless it is
+/// added again before (which renews it). `None`: forever.
+pub fn add_addr_for(ifindex: u32, ip: IpAddr, lifetime: Option<std::time::Duration>) -> Result<()> {
     let mut m = addr_message(ifindex, ip);
     m.attributes.push(AddressAttribute::Other(
         netlink_packet_utils::nla::DefaultNla::new(IFA_PROTO, vec![ADDR_PROTO]),
     ));
+    if let Some(l) = lifetime {
+        let secs = u32::try_from(l.as_secs().max(1)).unwrap_or(u32::MAX - 1);
+        let mut c = netlink_packet_route::address::CacheInfo::default();
+        c.ifa_preferred = secs;
+        c.ifa_valid = secs;
+        m.attributes.push(AddressAttribute::CacheInfo(c));
+    }
     route_request(
         RouteNetlinkMessage::NewAddress(m),
         NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
