@@ -25,8 +25,8 @@ pub const REPEATS: usize = 3;
 pub const GAP: Duration = Duration::from_millis(500);
 
 /// A gratuitous ARP reply for `vip` from `mac`: sender and target
-/// protocol address both the VIP, broadcast (what Linux `arping -A`
-/// sends; receivers override an existing entry, gratuitous ARP being
+/// protocol address both the VIP, sender and target hardware address both
+/// `mac`, broadcast (what Linux `arping -A` sends; receivers override an existing entry, gratuitous ARP being
 /// exempt from the neighbour lock time, and create one where
 /// `arp_accept` says so). A reply, not a request: a request for the VIP
 /// is answered by every node that still has it on an interface (one whose
@@ -44,7 +44,9 @@ pub fn garp(mac: [u8; 6], vip: Ipv4Addr) -> Vec<u8> {
     f.extend_from_slice(&2u16.to_be_bytes()); // reply
     f.extend_from_slice(&mac);
     f.extend_from_slice(&vip.octets());
-    f.extend_from_slice(&[0xff; 6]);
+    // Linux takes a reply as gratuitous (overriding the lock time) only
+    // when the target hardware address is the sender's too.
+    f.extend_from_slice(&mac);
     f.extend_from_slice(&vip.octets());
     f
 }
@@ -220,7 +222,11 @@ mod tests {
         assert_eq!(&f[14..22], &[0, 1, 0x08, 0, 6, 4, 0, 2], "a reply");
         assert_eq!(&f[22..28], &MAC, "sender MAC");
         assert_eq!(&f[28..32], &[192, 0, 2, 7], "sender IP = VIP");
-        assert_eq!(&f[32..38], &[0xff; 6]);
+        assert_eq!(
+            &f[32..38],
+            &MAC,
+            "target MAC = sender's (Linux: arp_is_garp)"
+        );
         assert_eq!(&f[38..42], &[192, 0, 2, 7], "target IP = VIP");
     }
 

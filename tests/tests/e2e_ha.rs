@@ -27,6 +27,7 @@ use loxilb_tests::{
     },
     need_root,
     netns::{Conn, Netns, PinDirGuard, Servers},
+    sctp_peers::{need_tools, SctpClient, SctpServer},
 };
 
 const POOL: &str = "defaultPool=10.30.0.100-10.30.0.103";
@@ -385,6 +386,32 @@ fn log_of(agents: &[Option<KubeAgent>], i: usize) -> String {
     agents[i].as_ref().map(|a| a.log_text()).unwrap_or_default()
 }
 
+/// An SCTP Service (`diameter`, port 3868) with one endpoint,
+/// 10.31.0.21:3868.
+fn seed_sctp(api: &ApiServer) {
+    api.api.with(|s| {
+        s.put(
+            "services",
+            serde_json::json!({
+                "metadata": {"namespace": "default", "name": "diameter", "generation": 1, "annotations": {}},
+                "spec": {"type": "LoadBalancer", "loadBalancerClass": "loxilb.io/loxilb",
+                         "ports": [{"name": "d", "port": 3868, "targetPort": 3868,
+                                    "nodePort": 30868, "protocol": "SCTP"}]},
+            }),
+        );
+        s.put(
+            "endpointslices",
+            serde_json::json!({
+                "metadata": {"namespace": "default", "name": "diameter-1",
+                             "labels": {"kubernetes.io/service-name": "diameter"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "d", "port": 3868, "protocol": "SCTP"}],
+                "endpoints": [{"addresses": ["10.31.0.21"], "conditions": {"ready": true}}],
+            }),
+        );
+    });
+}
+
 /// p50 and p99 (nearest rank) of `xs`, in ms.
 fn p50_p99(xs: &[Duration]) -> (f64, f64) {
     let mut v: Vec<f64> = xs.iter().map(|d| d.as_secs_f64() * 1e3).collect();
@@ -397,8 +424,9 @@ fn p50_p99(xs: &[Duration]) -> (f64, f64) {
 /// DaemonSet runs it): the backup's sync connection ends, the dead agent's
 /// sync listener refuses, and the backup takes the Lease and the VIPs
 /// over at once instead of waiting for the Lease to expire. The client's
-/// ARP entry moves to it, an established connection carries on, new ones
-/// are served; the VIPs the killed agent left on `lo` expire there (not
+/// ARP entry moves to it, an established TCP connection and an SCTP
+/// association (usrsctp peers; skipped without them) carry on, new
+/// connections are served; the VIPs the killed agent left on `lo` expire there (not
 /// renewed); restarted, it comes back as the backup. Then the other way
 /// round: `LOXILB_HA_RUNS` kills in all (default 2), alternating, with
 /// the times printed (p50/p99: `scripts/bench.sh --ha` runs 20).
@@ -413,10 +441,14 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2)
         .max(1);
+    let sctp = need_tools(name);
     let ha = Ha::new("lxha3");
     let certs = Certs::new(&["node-a", "node-b"]);
     let api = ApiServer::new();
     seed_api(&api);
+    if sctp {
+        seed_sctp(&api);
+    }
     let start = |i: usize, label: &str| ha.start_synced_with(&api, i, label, &certs, &["--keep"]);
     let mut agents = vec![Some(start(0, "node-a"))];
     wait_until("node-a leads", Duration::from_secs(15), || {
@@ -432,6 +464,37 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
     );
     let to: SocketAddr = format!("{vip}:80").parse().unwrap();
     let names = ["node-a", "node-b"];
+    // An SCTP association through the leader (full-NAT), echoing every
+    // 100 ms: it must carry on through every takeover.
+    let assoc = sctp.then(|| {
+        let mut svip = String::new();
+        wait_until("diameter has a VIP", Duration::from_secs(20), || {
+            svip = api
+                .ingress("diameter")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            !svip.is_empty()
+        })
+        .unwrap();
+        wait_until("node-a holds the SCTP VIP", Duration::from_secs(10), || {
+            lo_addrs(&ha.lbs[0]).contains(&svip)
+        })
+        .unwrap();
+        let server = SctpServer::spawn(&ha._backends[0], &["10.31.0.21".parse().unwrap()], 3868)
+            .expect("SCTP server");
+        let client = SctpClient::spawn(
+            &ha.client,
+            &["10.30.0.2".parse().unwrap()],
+            &[svip.parse().unwrap()],
+            3868,
+        )
+        .expect("SCTP client");
+        client
+            .wait_up(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", server.peer.transcript()));
+        (svip, server, client)
+    });
     let (mut t_vip, mut t_arp, mut t_new) = (vec![], vec![], vec![]);
     for run in 0..runs {
         let (l, f) = (run % 2, 1 - run % 2);
@@ -458,6 +521,25 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
             },
         )
         .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
+        if let Some((svip, _, client)) = &assoc {
+            client
+                .wait_fresh_echo(Duration::from_secs(5))
+                .unwrap_or_else(|e| {
+                    panic!("run {run}: SCTP before: {e}\n{}", client.peer.transcript())
+                });
+            wait_until(
+                "the follower has the association",
+                Duration::from_secs(10),
+                || {
+                    agents[f]
+                        .as_ref()
+                        .unwrap()
+                        .cli("sessions")
+                        .is_ok_and(|t| t.contains(&format!("{svip}:3868")))
+                },
+            )
+            .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
+        }
         let hints_before = log_of(&agents, f)
             .matches("found dead: taking the Lease over now")
             .count();
@@ -527,6 +609,19 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
             )
         });
         assert_eq!((after.backend, after.client), (first.backend, first.client));
+        // So does the SCTP association (its sessions and association
+        // record came over the sync stream).
+        if let Some((_, _, client)) = &assoc {
+            client
+                .wait_fresh_echo(Duration::from_secs(10))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "run {run}: the SCTP association broke: {e}\n{}\n{}",
+                        client.peer.transcript(),
+                        log_of(&agents, f)
+                    )
+                });
+        }
         t_vip.push(vip_at);
         t_arp.push(arp_at);
         t_new.push(served);
