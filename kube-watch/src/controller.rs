@@ -1110,6 +1110,19 @@ pub async fn run<S: RuleSink>(
     sink: S,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_observed(client, config, sink, shutdown, |_| {}).await
+}
+
+/// [`run`], handing `observe` the state (allocations, committed rules)
+/// after every round of work: a read-only view for checks (the churn
+/// test compares the allocation table with the Services in the API).
+pub async fn run_observed<S: RuleSink>(
+    client: Client,
+    config: RunConfig,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+    mut observe: impl FnMut(&Reconciler),
+) -> anyhow::Result<()> {
     let mut reconciler =
         Reconciler::new(config.kube.clone()).context("the configured pools cannot be used")?;
     reconciler.set_status_form(config.status_form.clone());
@@ -1504,6 +1517,7 @@ pub async fn run<S: RuleSink>(
                 )
                 .await;
         }
+        observe(&reconciler);
     }
 
     // Stopping: give the VIPs up before the Lease goes (so two nodes never
