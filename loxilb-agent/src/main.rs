@@ -820,18 +820,16 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
         if !reload {
             continue;
         }
-        match load_rules(cfg_path) {
-            Ok(desired) => match node.apply(&desired) {
-                Ok(rep) => info!(
-                    added = ?rep.added,
-                    updated = ?rep.updated,
-                    removed = ?rep.removed,
-                    unchanged = rep.unchanged,
-                    sessions_flushed = rep.sessions_flushed,
-                    "reload applied"
-                ),
-                Err(e) => error!("reload failed while writing the maps: {e:#}"),
-            },
+        match config::reload(|| load_rules(cfg_path), |desired| node.apply(desired)) {
+            Ok(Ok(rep)) => info!(
+                added = ?rep.added,
+                updated = ?rep.updated,
+                removed = ?rep.removed,
+                unchanged = rep.unchanged,
+                sessions_flushed = rep.sessions_flushed,
+                "reload applied"
+            ),
+            Ok(Err(e)) => error!("reload failed while writing the maps: {e:#}"),
             Err(e) => warn!("{e}; the rules already running are unchanged"),
         }
     }
