@@ -20,6 +20,12 @@ use kube_watch::{
 };
 use proptest::prelude::*;
 
+const ANNOTATION_CASES: u32 = 2500;
+const POOL_CASES: u32 = 800;
+const SCALAR_CASES: u32 = 800;
+const LEASE_CASES: u32 = 400;
+const CONFIG_CASES: u32 = 500;
+
 /// `PROPTEST_CASES` when set, else `default`.
 fn cases(default: u32) -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")
@@ -30,6 +36,24 @@ fn cases(default: u32) -> ProptestConfig {
         cases: n,
         failure_persistence: None,
         ..ProptestConfig::default()
+    }
+}
+
+/// Per test: cases run, inputs tried, inputs refused; a summary line once
+/// its last case ran (`-- --nocapture` shows it).
+fn tally(test: &'static str, of: u32, inputs: usize, refused: usize) {
+    static T: std::sync::Mutex<BTreeMap<&'static str, (u32, usize, usize)>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut t = T.lock().unwrap();
+    let e = t.entry(test).or_default();
+    e.0 += 1;
+    e.1 += inputs;
+    e.2 += refused;
+    if e.0 == of {
+        println!(
+            "bad input: {test}: {} cases, {} inputs, {} refused, 0 panics",
+            e.0, e.1, e.2
+        );
     }
 }
 
@@ -342,13 +366,14 @@ fn quoted(value: &str) -> String {
 }
 
 proptest! {
-    #![proptest_config(cases(2500))]
+    #![proptest_config(cases(ANNOTATION_CASES))]
 
     #[test]
     fn annotations_refuse_exactly_the_bad_values_and_name_them(entries in annotation_map()) {
         let map: BTreeMap<String, String> =
             entries.iter().map(|(k, v)| (k.clone(), v.text.clone())).collect();
         let parsed = annotations::parse(&map);
+        tally("annotations", cases(ANNOTATION_CASES).cases, map.len(), parsed.errors.len());
         // Which annotations must be refused: the invalid values, and both
         // kinds of secondary addresses given at once.
         let mut want: BTreeSet<&str> = entries
@@ -475,7 +500,7 @@ fn pool_item(v6: bool, one_family: bool) -> BoxedStrategy<(String, bool)> {
 }
 
 proptest! {
-    #![proptest_config(cases(800))]
+    #![proptest_config(cases(POOL_CASES))]
 
     #[test]
     fn pool_flags_refuse_bad_items_and_name_flag_and_value(
@@ -483,6 +508,7 @@ proptest! {
         items6 in prop::collection::vec(pool_item(true, true), 1..3),
         secondary in prop::collection::vec(prop_oneof![pool_item(false, false), pool_item(true, false)], 1..3),
     ) {
+        let mut refused = 0;
         for (flag, items, parse) in [
             ("--cidrPools", &items, flags::parse_cidr_pools as fn(&str) -> _),
             ("--cidr6Pools", &items6, flags::parse_cidr6_pools),
@@ -501,6 +527,7 @@ proptest! {
                     prop_assert_eq!(names.len(), pools.len(), "unique names");
                 }
                 Err(e) => {
+                    refused += 1;
                     prop_assert_eq!(e.flag, flag);
                     prop_assert_eq!(&e.value, &value);
                     let text = e.to_string();
@@ -516,12 +543,13 @@ proptest! {
                 }
             }
         }
+        tally("pool flags", cases(POOL_CASES).cases, 3, refused);
     }
 
 }
 
 proptest! {
-    #![proptest_config(cases(800))]
+    #![proptest_config(cases(SCALAR_CASES))]
 
     #[test]
     #[allow(clippy::type_complexity)]
@@ -581,12 +609,14 @@ proptest! {
         check(flags::parse_load_balancer_class(&class.0).map(|_| ()), "--loadBalancerClass", &class.0, class.1)?;
         // A duration's bound is checked after the unit: 3,600,000 ms is 1 h.
         check(flags::parse_duration("--leaseDuration", &dur.0).map(|_| ()), "--leaseDuration", &dur.0, dur.1)?;
+        let refused = [mode.1, b.1, zone.1, class.1, dur.1].iter().filter(|ok| !**ok).count();
+        tally("scalar flags", cases(SCALAR_CASES).cases, 5, refused);
     }
 
 }
 
 proptest! {
-    #![proptest_config(cases(400))]
+    #![proptest_config(cases(LEASE_CASES))]
 
     #[test]
     fn lease_timings_and_status_form_name_the_flag_at_fault(
@@ -602,7 +632,15 @@ proptest! {
             std::time::Duration::from_secs(3),
             std::time::Duration::from_secs(1),
         );
-        match flags::lease_timings(base, d.as_deref(), r.as_deref(), p.as_deref()) {
+        let timings = flags::lease_timings(base, d.as_deref(), r.as_deref(), p.as_deref());
+        let form = flags::status_form(hostname.as_deref(), zone.as_deref(), no_zone.as_deref());
+        tally(
+            "lease and status flags",
+            cases(LEASE_CASES).cases,
+            2,
+            usize::from(timings.is_err()) + usize::from(form.is_err()),
+        );
+        match timings {
             Ok((d2, r2, p2)) => prop_assert!(p2 < r2 && r2 < d2, "{:?}", (d2, r2, p2)),
             Err(e) => {
                 prop_assert!(
@@ -623,7 +661,7 @@ proptest! {
                 );
             }
         }
-        match flags::status_form(hostname.as_deref(), zone.as_deref(), no_zone.as_deref()) {
+        match form {
             Ok(_) => {}
             Err(e) => {
                 let given = match e.flag {
@@ -670,7 +708,7 @@ fn setting_value() -> impl Strategy<Value = (String, String)> {
 }
 
 proptest! {
-    #![proptest_config(cases(500))]
+    #![proptest_config(cases(CONFIG_CASES))]
 
     #[test]
     fn config_files_refuse_with_file_key_and_value(
@@ -681,7 +719,9 @@ proptest! {
         if let Some(g) = &garbage {
             text.push_str(g);
         }
-        match ConfigFile::parse("kube.yaml", &text) {
+        let parsed = ConfigFile::parse("kube.yaml", &text);
+        tally("--config files", cases(CONFIG_CASES).cases, 1, usize::from(parsed.is_err()));
+        match parsed {
             Ok(f) => {
                 // Every accepted value is one a flag takes as it is.
                 for (s, values) in &f.values {

@@ -11,7 +11,7 @@
 //! `PROPTEST_CASES` sets each test's case count; by default 3,000 files
 //! and 500 reload sequences.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
 use ipnet::IpNet;
@@ -22,6 +22,9 @@ use loxilb_agent::{
 use loxilb_common::{Addr, EpKey, EpVal, RuleVips, SelChunk, SelKey, SvcKey, SvcVal};
 use proptest::prelude::*;
 
+const FILE_CASES: u32 = 3000;
+const RELOAD_CASES: u32 = 500;
+
 fn cases(default: u32) -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")
         .ok()
@@ -31,6 +34,24 @@ fn cases(default: u32) -> ProptestConfig {
         cases: n,
         failure_persistence: None,
         ..ProptestConfig::default()
+    }
+}
+
+/// Per test: cases run, inputs tried, inputs refused; a summary line once
+/// its last case ran (`-- --nocapture` shows it).
+fn tally(test: &'static str, of: u32, inputs: usize, refused: usize) {
+    static T: std::sync::Mutex<BTreeMap<&'static str, (u32, usize, usize)>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut t = T.lock().unwrap();
+    let e = t.entry(test).or_default();
+    e.0 += 1;
+    e.1 += inputs;
+    e.2 += refused;
+    if e.0 == of {
+        println!(
+            "bad input: {test}: {} cases, {} inputs, {} refused, 0 panics",
+            e.0, e.1, e.2
+        );
     }
 }
 
@@ -413,7 +434,7 @@ fn mutate(rules: &mut [RuleText], m: &Mutation) -> (String, String) {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(cases(FILE_CASES))]
 
     #[test]
     fn rule_files_accept_the_valid_and_name_field_and_value_of_the_bad(
@@ -436,6 +457,7 @@ proptest! {
             Ok(r) => return Err(TestCaseError::fail(format!("{m:?} accepted: {r:?}\n{text}"))),
             Err(e) => e,
         };
+        tally("rule files", cases(FILE_CASES).cases, 2, 1);
         let msg = e.to_string();
         prop_assert!(msg.starts_with("r.yaml: "), "{}", msg);
         if field.is_empty() {
@@ -567,7 +589,7 @@ fn reload(text: &str, rules: &mut Rules, table: &mut Table) -> Result<(), Config
 }
 
 proptest! {
-    #![proptest_config(cases(500))]
+    #![proptest_config(cases(RELOAD_CASES))]
 
     #[test]
     fn a_bad_reload_keeps_the_rules_running_and_the_next_good_one_applies(
@@ -586,6 +608,7 @@ proptest! {
         mutate(&mut bad, &m);
         let e = reload(&render(&bad), &mut rules, &mut table);
         prop_assert!(e.is_err(), "{:?} accepted", m);
+        tally("rule file reloads", cases(RELOAD_CASES).cases, 3, 1);
         prop_assert_eq!(table.writes, writes, "a refused file writes nothing");
         prop_assert_eq!(installed(&rules), before);
         prop_assert_eq!(&table.svcs, &svcs);
