@@ -1110,7 +1110,7 @@ pub async fn run<S: RuleSink>(
     sink: S,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    run_with_hints(client, config, sink, shutdown, None).await
+    run_with(client, config, sink, shutdown, None, |_| {}).await
 }
 
 /// [`run`], with takeover hints: identities of Lease holders found dead
@@ -1121,6 +1121,30 @@ pub async fn run_with_hints<S: RuleSink>(
     sink: S,
     shutdown: impl Future<Output = ()>,
     hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+) -> anyhow::Result<()> {
+    run_with(client, config, sink, shutdown, hints, |_| {}).await
+}
+
+/// [`run`], handing `observe` the state (allocations, committed rules)
+/// after every round of work: a read-only view for checks (the churn
+/// test compares the allocation table with the Services in the API).
+pub async fn run_observed<S: RuleSink>(
+    client: Client,
+    config: RunConfig,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+    observe: impl FnMut(&Reconciler),
+) -> anyhow::Result<()> {
+    run_with(client, config, sink, shutdown, None, observe).await
+}
+
+async fn run_with<S: RuleSink>(
+    client: Client,
+    config: RunConfig,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+    hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    mut observe: impl FnMut(&Reconciler),
 ) -> anyhow::Result<()> {
     let mut reconciler =
         Reconciler::new(config.kube.clone()).context("the configured pools cannot be used")?;
@@ -1519,6 +1543,7 @@ pub async fn run_with_hints<S: RuleSink>(
                 )
                 .await;
         }
+        observe(&reconciler);
     }
 
     // Stopping: give the VIPs up before the Lease goes (so two nodes never

@@ -804,7 +804,10 @@ impl Reconciler {
             finalizers: None,
             record: None,
         };
-        if want_record.is_some() && want_record.as_deref() != observed_record {
+        // A record without an allocation (left by a tear-down whose patch
+        // lost a race, or not adopted at a takeover) is removed: followers
+        // program it and the next leader would adopt it.
+        if want_record.as_deref() != observed_record {
             patch.record = Some(want_record.clone());
         }
         if current.is_some() && !has_finalizer {
@@ -841,7 +844,20 @@ impl Reconciler {
             }
         }
 
-        // 2. The rules.
+        // 2. The rules. Without new ones the committed ones stay, but only
+        //    for what the allocation holds: an allocation changed by an
+        //    earlier plan whose writes failed, then kept by a failed
+        //    `ensure`, no longer holds the ports of the rules committed
+        //    before it (and another Service may be given them).
+        let rules = rules.or_else(|| {
+            let committed = self.service_rules(key);
+            let held: Vec<LbRule> = committed
+                .iter()
+                .filter(|r| current.as_ref().is_some_and(|a| holds(a, r)))
+                .cloned()
+                .collect();
+            (held.len() != committed.len()).then_some(held)
+        });
         if let Some(rules) = rules {
             if self.service_rules(key) != rules.as_slice() {
                 plan.steps.push(Step::SetRules(rules));
@@ -888,6 +904,13 @@ impl Reconciler {
         tracked.reported = now_set;
         plan
     }
+}
+
+/// Whether `a` holds the address and the (port, protocol) of rule `r`.
+fn holds(a: &Allocation, r: &LbRule) -> bool {
+    a.vips.iter().any(|v| v.ip == r.vip)
+        && a.ports
+            .contains(&crate::ipam::PortKey::new(r.port, r.protocol))
 }
 
 /// Addresses of a record, for messages: `192.0.2.1` or `192.0.2.1, 2001:db8::1

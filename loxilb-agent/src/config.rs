@@ -194,24 +194,59 @@ struct RawFile {
     rules: Vec<RawRule>,
 }
 
+/// An optional key: `None` when absent, `Some(None)` when given without
+/// a value (`mode:` or `mode: ~`), which [`given`] refuses rather than
+/// read as absent (a default the user did not ask for).
+type Opt<T> = Option<Option<T>>;
+
+fn present<'de, D, T>(d: D) -> Result<Opt<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The value of an optional key; a key without a value is an error.
+fn given<T>(
+    err: &dyn Fn(String, String) -> ConfigError,
+    field: String,
+    v: Opt<T>,
+) -> Result<Option<T>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(None) => Err(err(
+            field,
+            "has no value; give one or remove the key (for its default)".into(),
+        )),
+        Some(Some(x)) => Ok(Some(x)),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    name: Opt<String>,
     vip: String,
     #[serde(default)]
     secondary_vips: Vec<String>,
     port: serde_yaml::Value,
     protocol: String,
-    mode: Option<String>,
-    selection: Option<String>,
-    timeout: Option<serde_yaml::Value>,
-    persist_timeout: Option<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    mode: Opt<String>,
+    #[serde(default, deserialize_with = "present")]
+    selection: Opt<String>,
+    #[serde(default, deserialize_with = "present")]
+    timeout: Opt<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    persist_timeout: Opt<serde_yaml::Value>,
     #[serde(default)]
     source_ranges: Vec<String>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
-    probe: Option<RawProbe>,
+    #[serde(default, deserialize_with = "present")]
+    probe: Opt<RawProbe>,
 }
 
 #[derive(Deserialize)]
@@ -219,14 +254,20 @@ struct RawRule {
 struct RawProbe {
     #[serde(rename = "type")]
     kind: String,
-    port: Option<serde_yaml::Value>,
-    request: Option<String>,
-    response: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    port: Opt<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    request: Opt<String>,
+    #[serde(default, deserialize_with = "present")]
+    response: Opt<String>,
     /// seconds
-    timeout: Option<serde_yaml::Value>,
-    retries: Option<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    timeout: Opt<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    retries: Opt<serde_yaml::Value>,
     /// seconds
-    interval: Option<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    interval: Opt<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -234,7 +275,8 @@ struct RawProbe {
 struct RawEndpoint {
     ip: String,
     port: serde_yaml::Value,
-    weight: Option<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "present")]
+    weight: Opt<serde_yaml::Value>,
 }
 
 /// Read and validate a rule file.
@@ -329,7 +371,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                 ))
             }
         };
-        let mode = match r.mode.as_deref().map(str::trim) {
+        let raw_mode = given(&err, f("mode"), r.mode)?;
+        let mode = match raw_mode.as_deref().map(str::trim) {
             None | Some("default") => Mode::Default,
             Some("onearm") => Mode::OneArm,
             Some("fullnat") => Mode::FullNat,
@@ -341,26 +384,33 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                     format!("{m:?} is not supported by this load balancer; use default, onearm, fullnat, dsr or dsr-ipip"),
                 ))
             }
-            Some(m) => {
+            Some(_) => {
                 return Err(err(
                     f("mode"),
-                    format!("{m:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip"),
+                    format!(
+                        "{:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip",
+                        raw_mode.unwrap_or_default()
+                    ),
                 ))
             }
         };
-        let selection = match r.selection.as_deref().map(str::trim) {
+        let raw_selection = given(&err, f("selection"), r.selection)?;
+        let selection = match raw_selection.as_deref().map(str::trim) {
             None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
             Some("hash") => Selection::Hash,
             Some("persist") => Selection::Persist,
             Some("lc") => Selection::LeastConn,
-            Some(s) => {
+            Some(_) => {
                 return Err(err(
                     f("selection"),
-                    format!("{s:?} is not a selection; use rr, hash, persist or lc"),
+                    format!(
+                        "{:?} is not a selection; use rr, hash, persist or lc",
+                        raw_selection.unwrap_or_default()
+                    ),
                 ))
             }
         };
-        let timeout_s = match &r.timeout {
+        let timeout_s = match &given(&err, f("timeout"), r.timeout)? {
             None => DEFAULT_TIMEOUT_S,
             Some(v) => int_in(
                 &err,
@@ -371,7 +421,10 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                 "an idle timeout in seconds",
             )? as u32,
         };
-        let persist_timeout_s = match (&r.persist_timeout, selection) {
+        let persist_timeout_s = match (
+            &given(&err, f("persist_timeout"), r.persist_timeout)?,
+            selection,
+        ) {
             (None, _) => DEFAULT_PERSIST_TIMEOUT_S,
             (Some(v), Selection::Persist) => int_in(
                 &err,
@@ -416,7 +469,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         }
         source_ranges.sort();
         source_ranges.dedup();
-        let name = match r.name {
+        let name = match given(&err, f("name"), r.name)? {
             Some(n) if n.trim().is_empty() => {
                 return Err(err(f("name"), "must not be empty".into()))
             }
@@ -517,7 +570,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                 ));
             }
             let port = int_in(&err, g("port"), &e.port, 1, 65535, "a port")? as u16;
-            let weight = match &e.weight {
+            let weight = match &given(&err, g("weight"), e.weight)? {
                 None => 1,
                 Some(v) => int_in(&err, g("weight"), v, 1, 65535, "a weight")? as u16,
             };
@@ -539,7 +592,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             }
             endpoints.push(Endpoint { ip, port, weight });
         }
-        let probe = match &r.probe {
+        let probe = match given(&err, f("probe"), r.probe)? {
             None => None,
             Some(p) => {
                 let pf = |n: &str| format!("rules[{i}].probe.{n}");
@@ -553,11 +606,11 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                     )
                 })?;
                 let mut spec = crate::probe::ProbeSpec::new(kind);
-                if let Some(v) = &p.port {
+                if let Some(v) = &given(&err, pf("port"), p.port)? {
                     spec.port = Some(int_in(&err, pf("port"), v, 1, 65535, "a port")? as u16);
                 }
-                spec.request = p.request.clone();
-                spec.response = p.response.clone();
+                spec.request = given(&err, pf("request"), p.request)?;
+                spec.response = given(&err, pf("response"), p.response)?;
                 let secs =
                     |v: &serde_yaml::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
                         match v.as_f64() {
@@ -570,13 +623,13 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
                             )),
                         }
                     };
-                if let Some(v) = &p.timeout {
+                if let Some(v) = &given(&err, pf("timeout"), p.timeout)? {
                     spec.timeout = secs(v, "timeout")?;
                 }
-                if let Some(v) = &p.interval {
+                if let Some(v) = &given(&err, pf("interval"), p.interval)? {
                     spec.interval = secs(v, "interval")?;
                 }
-                if let Some(v) = &p.retries {
+                if let Some(v) = &given(&err, pf("retries"), p.retries)? {
                     spec.retries = int_in(&err, pf("retries"), v, 0, 100, "a retry count")? as u32;
                 }
                 spec.validate()
@@ -605,6 +658,20 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         });
     }
     Ok(rules)
+}
+
+/// One reload of the rule file (`loxilb-agent run`: SIGHUP, or the file
+/// changed): `load` reads and checks the whole file; only rules that pass
+/// every check reach `apply`. A bad file is refused as a whole, with its
+/// error, and nothing is applied: the rules already running stay as they
+/// are. `Ok` holds what `apply` returned (a failed map write is not a
+/// problem of the file).
+pub fn reload<T>(
+    load: impl FnOnce() -> Result<Vec<Rule>, ConfigError>,
+    apply: impl FnOnce(&[Rule]) -> T,
+) -> Result<T, ConfigError> {
+    let rules = load()?;
+    Ok(apply(&rules))
 }
 
 /// The secondary VIPs of rule `i` (`raw`), checked against its primary
@@ -959,6 +1026,34 @@ rules:
             "rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 1.1.1.1, port: 1, weight: 0}]}\n",
         );
         assert_eq!(e.field, "rules[0].endpoints[0].weight");
+    }
+
+    /// Found by the rule-file property test: `mode:` with no value (or
+    /// `~`) was read as absent, the default silently taking its place.
+    #[test]
+    fn a_key_without_a_value_is_refused_not_defaulted() {
+        for (extra, field) in [
+            ("mode: ~", "rules[0].mode"),
+            ("mode: null", "rules[0].mode"),
+            ("selection: null", "rules[0].selection"),
+            ("timeout: ~", "rules[0].timeout"),
+            ("name: ~", "rules[0].name"),
+            ("probe: ~", "rules[0].probe"),
+            ("probe: {type: http, timeout: ~}", "rules[0].probe.timeout"),
+            (
+                "endpoints: [{ip: 10.0.0.1, port: 1, weight: ~}]",
+                "rules[0].endpoints[0].weight",
+            ),
+        ] {
+            let e = bad(&format!(
+                "rules:\n  - {{vip: 20.0.0.1, port: 80, protocol: tcp, {extra}}}\n"
+            ));
+            assert_eq!(e.field, field, "{extra}: {e}");
+            assert!(e.message.contains("has no value"), "{e}");
+        }
+        // A key left empty in block style.
+        let e = bad("rules:\n  - vip: 20.0.0.1\n    port: 80\n    protocol: tcp\n    mode:\n");
+        assert_eq!(e.field, "rules[0].mode", "{e}");
     }
 
     #[test]

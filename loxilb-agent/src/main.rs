@@ -820,18 +820,16 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
         if !reload {
             continue;
         }
-        match load_rules(cfg_path) {
-            Ok(desired) => match node.apply(&desired) {
-                Ok(rep) => info!(
-                    added = ?rep.added,
-                    updated = ?rep.updated,
-                    removed = ?rep.removed,
-                    unchanged = rep.unchanged,
-                    sessions_flushed = rep.sessions_flushed,
-                    "reload applied"
-                ),
-                Err(e) => error!("reload failed while writing the maps: {e:#}"),
-            },
+        match config::reload(|| load_rules(cfg_path), |desired| node.apply(desired)) {
+            Ok(Ok(rep)) => info!(
+                added = ?rep.added,
+                updated = ?rep.updated,
+                removed = ?rep.removed,
+                unchanged = rep.unchanged,
+                sessions_flushed = rep.sessions_flushed,
+                "reload applied"
+            ),
+            Ok(Err(e)) => error!("reload failed while writing the maps: {e:#}"),
             Err(e) => warn!("{e}; the rules already running are unchanged"),
         }
     }
@@ -1055,14 +1053,33 @@ fn lo_vips() -> Result<(u32, std::collections::BTreeSet<std::net::IpAddr>)> {
     Ok((lo, held))
 }
 
-async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
+/// Every check of the `kube` command's flags that needs neither the
+/// cluster nor the kernel, in one place, before anything starts: the
+/// node's flags (with kube-loxilb's `--setRoles` as the full-NAT source)
+/// and the controller's configuration, whose lease identity and node name
+/// come from `env` (see [`kube_watch::controller::RunConfig::from_env`]).
+fn kube_settings(
+    a: &NodeArgs,
+    k: &KubeArgs,
+    env: impl FnOnce(kube_watch::flags::KubeConfig) -> Result<kube_watch::controller::RunConfig, String>,
+) -> Result<(NodeArgs, kube_watch::controller::RunConfig)> {
     use kube_watch::flags as kf;
     let mut a = a.clone();
     let role_vip = check_kube_compat(k, &a)?;
     if let Some(r) = role_vip {
         a.fullnat_source = Some(r);
     }
-    let a = &a;
+    // The node's own checks (run again when it starts), before the cluster.
+    BgpFlags::parse(
+        a.set_bgp.as_deref(),
+        a.ext_bgp_peers.as_deref(),
+        a.listen_bgp_port.as_deref(),
+        a.ebgp_multihop.as_deref(),
+    )
+    .and_then(|f| f.setup())
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    a.forward_mode()?;
+    a.new_flow_limit()?;
     let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
     let kube = kf::KubeConfig {
         cidr_pools: k
@@ -1092,8 +1109,9 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         use_pod_network: kf::parse_bool("--usePodNetwork", &k.use_pod_network).map_err(fe)?,
         monitor: kf::parse_bool("--monitor", &k.monitor).map_err(fe)?,
     };
-    let mut run_config =
-        kube_watch::controller::RunConfig::from_env(kube).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Pools of different flags must not overlap either.
+    kube.ipam().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut run_config = env(kube).map_err(|e| anyhow::anyhow!("{e}"))?;
     run_config.status_form = kf::status_form(
         k.set_lb_hostname_status.as_deref(),
         k.zone.as_deref(),
@@ -1110,6 +1128,16 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     run_config.lease.lease_duration = d;
     run_config.lease.renew_deadline = r;
     run_config.lease.retry_period = p;
+    Ok((a, run_config))
+}
+
+async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
+    use kube_watch::flags as kf;
+    let (a, run_config) = kube_settings(a, k, kube_watch::controller::RunConfig::from_env)?;
+    // `--setRoles`: the full-NAT source VIP, owned with the service VIPs.
+    let role_vip = k.set_roles.as_ref().and(a.fullnat_source);
+    let a = &a;
+    let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
@@ -1393,6 +1421,207 @@ mod tests {
         assert_eq!(kube.set_unique_ip, "true");
         assert_eq!(kube.set_lb_hostname_status.as_deref(), Some("true"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `kube` flag sets (proptest): valid flags, at most one of them with
+    /// a bad value. A valid set passes every check that needs neither the
+    /// cluster nor the kernel ([`kube_settings`]); a bad value is refused,
+    /// by clap or by those checks, naming the flag and the value.
+    mod kube_flags {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// (flag, valid values, bad values).
+        const FLAGS: &[(&str, &[&str], &[&str])] = &[
+            (
+                "--setLBMode",
+                &["0", "1", "2", "3"],
+                &["4", "5", "9", "x", "-1", ""],
+            ),
+            (
+                "--setUniqueIP",
+                &["true", "false", "1", "F"],
+                &["yes", "2", "on", ""],
+            ),
+            ("--usePodNetwork", &["true", "false"], &["no", "ja", "tRUE"]),
+            ("--monitor", &["true", "false"], &["enabled", " "]),
+            (
+                "--loadBalancerClass",
+                &["loxilb.io/loxilb", "example.com/lb", "lb"],
+                &["a/b/c", "-x", "/x", "x/"],
+            ),
+            (
+                "--cidrPools",
+                &[
+                    "defaultPool=192.0.2.0/24",
+                    "192.0.2.0/28,p2=198.51.100.10-198.51.100.20",
+                    "",
+                ],
+                &[
+                    "defaultPool=192.0.2.0/33",
+                    "p=10.0.0.1",
+                    "p=fd00::/64",
+                    "a=10.0.0.0/8,a=11.0.0.0/8",
+                    "-p=10.0.0.0/8",
+                    "x=10.0.0.0/8,y=10.1.0.0/16",
+                ],
+            ),
+            (
+                "--cidr6Pools",
+                &["defaultPool=fd00::/120"],
+                &["x=10.0.0.0/24", "fd00::1", "p=fd00::/129"],
+            ),
+            (
+                "--externalSecondaryCIDRs",
+                &["sec=203.0.113.0/24"],
+                &["sec=203.0.113.0/24,sec=fd00:1::/64", "s=x"],
+            ),
+            (
+                "--setRoles",
+                &["10.0.0.9"],
+                &["nope", "fd00::1", "10.0.0.300"],
+            ),
+            (
+                "--leaseDuration",
+                &["10s", "20", "1m"],
+                &["0", "2h", "abc", "-3s", "2s"],
+            ),
+            (
+                "--snat-ports",
+                &["40000-50000", "1-65535"],
+                &["0-10", "9-1", "1-70000", "x"],
+            ),
+            (
+                "--max-new-flows",
+                &["0", "1000"],
+                &["-1", "many", "100000001"],
+            ),
+            (
+                "--xdp-mode",
+                &["auto", "native", "generic"],
+                &["fast", "AUTO", ""],
+            ),
+            ("--forward", &["auto", "xdp", "stack"], &["kernel", "both"]),
+            (
+                "--fullnat-source",
+                &["10.0.0.9"],
+                &["300.1.1.1", "fd00::1", "x"],
+            ),
+            (
+                "--setBGP",
+                &["65001", "0"],
+                &["AS65001", "-1", "4294967296"],
+            ),
+            (
+                "--health-listen",
+                &["127.0.0.1:9000", "[::1]:9000"],
+                &["9000", "localhost:9000"],
+            ),
+            ("--zone", &["llb"], &["Zone_A", "-z"]),
+        ];
+
+        fn flag_set() -> impl Strategy<Value = (Vec<(usize, String)>, Option<usize>)> {
+            let n = FLAGS.len();
+            (
+                prop::sample::subsequence((0..n).collect::<Vec<_>>(), 0..=n),
+                any::<prop::sample::Index>(),
+                any::<prop::sample::Index>(),
+                any::<bool>(),
+            )
+                .prop_flat_map(move |(picked, pick, bad, mutate)| {
+                    let values: Vec<BoxedStrategy<(usize, String)>> = picked
+                        .iter()
+                        .map(|&i| {
+                            prop::sample::select(FLAGS[i].1)
+                                .prop_map(move |v| (i, v.to_string()))
+                                .boxed()
+                        })
+                        .collect();
+                    let mutated = (mutate && !picked.is_empty()).then(|| pick.index(picked.len()));
+                    (values, Just(mutated), Just(bad))
+                })
+                .prop_map(|(mut values, mutated, bad)| {
+                    if let Some(m) = mutated {
+                        let i = values[m].0;
+                        values[m].1 = bad.get(FLAGS[i].2).to_string();
+                    }
+                    (values, mutated)
+                })
+        }
+
+        fn env(
+            kube: kube_watch::flags::KubeConfig,
+        ) -> Result<kube_watch::controller::RunConfig, String> {
+            Ok(kube_watch::controller::RunConfig::new(
+                kube,
+                kube_watch::leader::LeaseConfig::new("kube-system", "agent-a"),
+            ))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn kube_flag_sets_accept_the_valid_and_name_the_bad((flags, mutated) in flag_set()) {
+                let mut args = vec!["loxilb-agent".to_string(), "kube".into(), "--iface=eth0".into()];
+                // --zone names status hostnames: only with them on.
+                if flags.iter().any(|(i, _)| FLAGS[*i].0 == "--zone") {
+                    args.push("--setLBHostnameStatus=true".into());
+                }
+                args.extend(flags.iter().map(|(i, v)| format!("{}={v}", FLAGS[*i].0)));
+                let result = Cli::try_parse_from(&args)
+                    .map_err(|e| e.to_string())
+                    .and_then(|cli| match cli.cmd {
+                        Cmd::Kube { node, kube } => kube_settings(&node, &kube, env)
+                            .map(|_| ())
+                            .map_err(|e| format!("{e:#}")),
+                        _ => unreachable!(),
+                    });
+                {
+                    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+                    static N: AtomicUsize = AtomicUsize::new(0);
+                    static REFUSED: AtomicUsize = AtomicUsize::new(0);
+                    let n = N.fetch_add(1, Relaxed) + 1;
+                    let r = REFUSED.fetch_add(usize::from(result.is_err()), Relaxed)
+                        + usize::from(result.is_err());
+                    let of = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+                    if n == of {
+                        println!("bad input: kube flag sets: {n} cases, {n} inputs, {r} refused, 0 panics");
+                    }
+                }
+                match (mutated, result) {
+                    (None, Ok(())) => {}
+                    (None, Err(e)) => {
+                        // Valid values may still contradict each other.
+                        let has = |f: &str| flags.iter().any(|(i, _)| FLAGS[*i].0 == f);
+                        let explained = (has("--setRoles") && has("--fullnat-source") && e.contains("disagree"))
+                            || (e.contains("overlap"))
+                            || (has("--forward") && e.contains("--forward"));
+                        prop_assert!(explained, "valid flags {:?} refused: {}", args, e);
+                    }
+                    (Some(m), Ok(())) => {
+                        let (i, v) = &flags[m];
+                        // Some "bad" values are bad only with others
+                        // (a lease of 2s against the 3s renew deadline).
+                        prop_assert!(false, "{}={:?} accepted ({:?})", FLAGS[*i].0, v, args);
+                    }
+                    (Some(m), Err(e)) => {
+                        let (i, v) = &flags[m];
+                        let flag = FLAGS[*i].0;
+                        // Refused: for this flag, or another one it breaks
+                        // (--setRoles against --fullnat-source, BGP flags).
+                        let names_it = e.contains(flag) && (v.trim().is_empty() || e.contains(v.trim()));
+                        let other = (flag == "--setRoles" || flag == "--fullnat-source") && e.contains("disagree")
+                            || e.contains("overlap");
+                        prop_assert!(names_it || other, "{}={:?}: {}", flag, v, e);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

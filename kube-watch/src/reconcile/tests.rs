@@ -414,6 +414,97 @@ fn pool_exhausted_stays_pending_warns_once_and_gets_a_released_address() {
     assert_eq!(ca.last_transition_time, Time(at(12)), "status flipped");
 }
 
+/// Found by the churn test: a Service made ClusterIP released its address,
+/// but the patch removing its record lost a race (409) with the user
+/// making it a LoadBalancer again; the pool was full by then. The stale
+/// record must go: followers program rules from it, and a new leader
+/// would adopt it (an address held by another Service by then).
+#[test]
+fn a_record_without_an_allocation_is_removed() {
+    let mut r = leader("192.0.2.0/30");
+    let (_, a) = converge(&mut r, &svc("a", json!({})), &nodes(), t0());
+    assert_eq!(ingress(&a), ["192.0.2.1"]);
+    // a is no longer ours: released (its record patch is then refused).
+    let mut cluster_ip = a.clone();
+    cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+    let p = r.plan(&key("a"), Some(&cluster_ip), &[], &nodes(), at(1));
+    assert!(p.steps.contains(&Step::Release), "{p:#?}");
+    r.release(&key("a"));
+    // The pool fills up meanwhile.
+    converge(&mut r, &svc("b", json!({})), &nodes(), at(2));
+    converge(&mut r, &svc("c", json!({})), &nodes(), at(2));
+    // a, a LoadBalancer again, still carries its old record.
+    let p = r.plan(&key("a"), Some(&a), &[], &nodes(), at(3));
+    assert_eq!(events_of(&p, reasons::POOL_EXHAUSTED).len(), 1, "{p:#?}");
+    assert!(r.ipam().allocation(&key("a")).is_none());
+    let Some(Step::PatchMetadata(m)) = p.steps.first() else {
+        panic!("no metadata patch: {p:#?}")
+    };
+    assert_eq!(m.record, Some(None), "the stale record is removed");
+    let a = carry_out(&mut r, &key("a"), &a, &p);
+    assert!(record_text(&a).is_none() && ingress(&a).is_empty());
+    // Nothing more once it is gone.
+    let p = r.plan(&key("a"), Some(&a), &[], &nodes(), at(4));
+    assert!(
+        !p.steps.iter().any(|s| matches!(s, Step::PatchMetadata(_))),
+        "{p:#?}"
+    );
+}
+
+/// Found by the churn test: a port change is allocated when planned, but
+/// the plan's writes fail (409: the user edited again), so the rules for
+/// the old port stay committed. The old port is free again on that
+/// address and another Service gets it; the user's next edit cannot be
+/// allocated (kept). The rules of the old port must go: two Services
+/// would otherwise be programmed on one address, port and protocol.
+#[test]
+fn rules_for_ports_no_longer_allocated_are_removed() {
+    let with_ports = |name: &str, ports: &[u16]| {
+        let mut s = svc(name, json!({}));
+        s.spec.as_mut().unwrap().ports = Some(
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    serde_json::from_value(json!({"name": format!("p{i}"), "port": p,
+                        "targetPort": 8080, "nodePort": 30000 + i, "protocol": "TCP"}))
+                    .unwrap()
+                })
+                .collect(),
+        );
+        s
+    };
+    let mut r = leader("192.0.2.0/30");
+    let (_, a) = converge(&mut r, &with_ports("a", &[80]), &nodes(), t0());
+    assert_eq!(ingress(&a), ["192.0.2.1"]);
+    // 80 -> 443: allocated, but none of the plan's writes happen.
+    let mut a443 = a.clone();
+    a443.spec = with_ports("a", &[443]).spec;
+    let p = r.plan(&key("a"), Some(&a443), &[], &nodes(), at(1));
+    assert!(
+        matches!(p.steps.first(), Some(Step::PatchMetadata(_))),
+        "{p:#?}"
+    );
+    assert_eq!(r.service_rules(&key("a"))[0].port, 80, "not carried out");
+    // b gets 192.0.2.1 for 80, free there now.
+    let (_, b) = converge(&mut r, &with_ports("b", &[80]), &nodes(), at(2));
+    assert_eq!(ingress(&b), ["192.0.2.1"]);
+    // a asks for 443 and 80: 80 is b's on a's address; a keeps 443 only.
+    let mut both = a.clone();
+    both.spec = with_ports("a", &[443, 80]).spec;
+    let p = r.plan(&key("a"), Some(&both), &[], &nodes(), at(3));
+    assert_eq!(events_of(&p, reasons::ADDRESS_IN_USE).len(), 1, "{p:#?}");
+    assert!(p.steps.contains(&Step::SetRules(vec![])), "{p:#?}");
+    carry_out(&mut r, &key("a"), &both, &p);
+    let on_80: Vec<String> = r
+        .rules()
+        .iter()
+        .filter(|x| x.port == 80)
+        .map(|x| x.name.clone())
+        .collect();
+    assert_eq!(on_80, ["default/b:80/tcp@192.0.2.1"]);
+}
+
 #[test]
 fn invalid_annotation_warns_and_keeps_the_last_good_configuration() {
     let mut r = leader("192.0.2.0/29");
