@@ -34,6 +34,11 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/loxilb";
 
+/// How long past its idle timeout a session must be before
+/// [`Datapath::expire_idle`] removes it (the datapath's coarse clock and
+/// a packet in flight are never raced).
+pub const EXPIRY_GRACE_NS: u64 = 2_000_000_000;
+
 /// How to attach XDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -620,12 +625,44 @@ impl Datapath {
         read_ep_stats(self.map(mn::EP_STATS)?, self.map(mn::EP_ACTIVE)?, idx)
     }
 
+    /// Remove the sessions that expired: both entries (the session's two
+    /// directions) idle past their timeout by [`EXPIRY_GRACE_NS`], as of
+    /// CLOCK_MONOTONIC `now_ns` (the datapath's clock). The datapath treats
+    /// such entries as gone already; without this they stay in the table
+    /// until the LRU needs their room. Returns (removed, the live ones).
+    pub fn expire_idle(&mut self, now_ns: u64) -> Result<(usize, Vec<(CtKey, CtVal)>)> {
+        let all = self.sessions()?;
+        let idle = |v: &CtVal| {
+            now_ns.saturating_sub(v.last_seen_ns)
+                > v.timeout_s as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
+        };
+        let by_key: StdHashMap<CtKey, CtVal> = all.iter().copied().collect();
+        let (gone, live): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|(_, v)| idle(v) && by_key.get(&v.peer).is_none_or(idle));
+        let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
+        let mut removed = 0;
+        for (k, _) in &gone {
+            // A key a packet removed or renewed meanwhile: fine either way.
+            if ct.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok((removed, live))
+    }
+
     /// Re-count active sessions per endpoint from conntrack and write the
     /// counts (corrects the drift left by sessions the LRU evicted).
     /// Returns how many endpoint slots changed.
     pub fn recount_active(&mut self) -> Result<usize> {
+        let s = self.sessions()?;
+        self.recount_active_from(&s)
+    }
+
+    /// [`Datapath::recount_active`] from a walk of the table already made.
+    pub fn recount_active_from(&mut self, sessions: &[(CtKey, CtVal)]) -> Result<usize> {
         let mut counts: StdHashMap<u32, u64> = StdHashMap::new();
-        for (_, v) in self.sessions()? {
+        for (_, v) in sessions {
             if v.dir == loxilb_common::ct_dir::FORWARD
                 && v.state & loxilb_common::ct_state::RELEASED == 0
             {

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 use kube_watch::{controller::RuleUpdate, ServiceKey};
 use loxilb_common::SvcKey;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     bgp::{speaker::SpeakerOptions, BgpSetup, BgpSpeaker},
@@ -388,8 +388,18 @@ impl Node {
 
     /// Periodic upkeep.
     pub fn tick(&mut self) {
-        if let Err(e) = self.dp.recount_active() {
-            warn!("re-counting active sessions failed: {e:#}");
+        // One walk of the session table: expired sessions go, the rest are
+        // counted per endpoint.
+        match self.dp.expire_idle(crate::show::monotonic_ns()) {
+            Ok((removed, live)) => {
+                if removed > 0 {
+                    debug!(removed, live = live.len(), "expired sessions removed");
+                }
+                if let Err(e) = self.dp.recount_active_from(&live) {
+                    warn!("re-counting active sessions failed: {e:#}");
+                }
+            }
+            Err(e) => warn!("walking the session table failed: {e:#}"),
         }
         self.nudge_neighbours();
         self.sync_bgp();

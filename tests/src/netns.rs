@@ -416,6 +416,11 @@ impl Conn {
         Ok(Conn { s, buf: vec![] })
     }
 
+    /// A connection already made (e.g. from a thread inside a namespace).
+    pub fn from_stream(s: TcpStream) -> Self {
+        Conn { s, buf: vec![] }
+    }
+
     /// How long [`Conn::ask`] waits for the answer (3 s by default).
     pub fn set_timeout(&mut self, d: Duration) -> Result<()> {
         self.s.set_read_timeout(Some(d))?;
@@ -549,6 +554,11 @@ impl Agent {
         };
         a.wait_for_log("serving;", Duration::from_secs(20))?;
         Ok(a)
+    }
+
+    /// The agent's process id (None once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// This agent's output.
