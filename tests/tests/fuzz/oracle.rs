@@ -314,6 +314,18 @@ pub fn view_ip(quote: &[u8]) -> Option<View<'_>> {
     from_lax_net(quote, p.net?, true)
 }
 
+/// The upper layer of a quoted packet is all that was quoted after its
+/// headers: a quote's length field is the original packet's, which may
+/// say less than was quoted (or more); the ports are read where they
+/// stand, as receivers of ICMP errors (and Linux's conntrack) do.
+fn quoted_rest<'a>(frame: &'a [u8], l4: &'a [u8], quoted: bool) -> &'a [u8] {
+    if quoted {
+        &frame[off(frame, l4)..]
+    } else {
+        l4
+    }
+}
+
 fn from_lax_net<'a>(frame: &'a [u8], net: LaxNetSlice<'a>, quoted: bool) -> Option<View<'a>> {
     match net {
         LaxNetSlice::Ipv4(s) => {
@@ -332,7 +344,7 @@ fn from_lax_net<'a>(frame: &'a [u8], net: LaxNetSlice<'a>, quoted: bool) -> Opti
                 fragmented: pl.fragmented,
                 incomplete: pl.incomplete,
                 quoted,
-                l4: pl.payload,
+                l4: quoted_rest(frame, pl.payload, quoted),
                 packet: &frame[l3..end],
             })
         }
@@ -376,7 +388,7 @@ fn from_lax_net<'a>(frame: &'a [u8], net: LaxNetSlice<'a>, quoted: bool) -> Opti
                 fragmented,
                 incomplete: pl.incomplete,
                 quoted,
-                l4,
+                l4: quoted_rest(frame, l4, quoted),
                 packet: &frame[l3..end],
             })
         }
@@ -413,7 +425,19 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// Record (or record again) a session: the newest session with a
+    /// tuple is the one the tuple means (a session that ended gave its
+    /// source port back; a new one may take it, and the first may come back
+    /// with the same port later, its flow hashing to the same probe).
     fn add(&mut self, s: Session) {
+        let f = (s.proto, s.client, s.cport, s.vip, s.vport);
+        if let Some(&i) = self.by_fwd.get(&f) {
+            if self.list[i] == s {
+                self.by_reply
+                    .insert((s.proto, s.ep, s.eport, s.xsrc, s.xsport), i);
+                return;
+            }
+        }
         let i = self.list.len();
         self.by_reply
             .insert((s.proto, s.ep, s.eport, s.xsrc, s.xsport), i);
@@ -550,13 +574,7 @@ impl Oracle {
                 match self.forward(r, input, out, &inv, &outv, sp, dp, verdict) {
                     Ok(s) => {
                         if let Some(s) = s {
-                            if self
-                                .sessions
-                                .fwd((s.proto, s.client, s.cport, s.vip, s.vport))
-                                != Some(&s)
-                            {
-                                self.sessions.add(s);
-                            }
+                            self.sessions.add(s);
                         }
                         return Ok(Why::Forward(r.name));
                     }
@@ -1126,6 +1144,37 @@ fn the_oracle_accepts_right_translations_and_refuses_wrong_ones() {
     let mut t = good.clone();
     t.ttl += 1;
     refused(&mut o, "TTL", &i, XDP_REDIRECT, &t.bytes(), "TTL");
+    // A full-NAT source port given to one client, then (that session
+    // over) another, then the first again: a reply means the last.
+    let mut o = Oracle::new(rules());
+    for cport in [1219u16, 58360, 1219] {
+        let f = Frame::tcp("192.168.0.2", cport, "20.0.0.100", 82, SYN);
+        let x = f
+            .with("20.0.0.100", 40043, "10.0.1.10", 8082)
+            .routed(LB_TO_EP_MAC, EP1_MAC);
+        assert_eq!(
+            o.check(&f.bytes(), XDP_REDIRECT, &x.bytes()),
+            Ok(Why::Forward("fullnat"))
+        );
+    }
+    let r = Frame::tcp("10.0.1.10", 8082, "20.0.0.100", 40043, ACK);
+    let to = |cport| {
+        r.with("20.0.0.100", 82, "192.168.0.2", cport)
+            .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+            .bytes()
+    };
+    assert_eq!(
+        o.check(&r.bytes(), XDP_REDIRECT, &to(1219)),
+        Ok(Why::Reply(TCP))
+    );
+    refused(
+        &mut o,
+        "old owner",
+        &r.bytes(),
+        XDP_REDIRECT,
+        &to(58360),
+        "want",
+    );
     // Sent out unchanged; MACs not the load balancer's.
     refused(&mut o, "unchanged", &i, XDP_REDIRECT, &i, "unchanged");
     let mut m = g.clone();
