@@ -5,7 +5,8 @@
 //! One datapath, loaded with a rule of every mode (default, onearm,
 //! fullnat, dsr, dsr-ipip; IPv4, IPv6 and NAT64; TCP, UDP and SCTP), takes
 //! the whole sequence, so sessions made by earlier packets are there for
-//! the replies and ICMP errors of later ones.
+//! the replies and ICMP errors of later ones. Every fourth packet goes
+//! through the TC program instead of XDP (same maps, same sessions).
 //!
 //! CI runs 50,000 packets with a fixed seed; `scripts/fuzz.sh` runs a
 //! million (`LOXILB_FUZZ_PACKETS`, `LOXILB_FUZZ_SEED`). A failure prints
@@ -64,6 +65,58 @@ where
     Ok((r.return_value, out))
 }
 
+/// Every TC_SHARE-th packet goes through the TC program instead of XDP.
+const TC_SHARE: u64 = 4;
+
+/// Whether BPF_PROG_TEST_RUN runs a TC program on the frame: the kernel
+/// refuses (EINVAL) an IPv4 or IPv6 frame too short for the IP header
+/// (bpf_prog_test_run_skb pulls it before the program runs), which then
+/// goes through XDP.
+fn skb_test_run_takes(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        Some([0x08, 0x00]) => frame.len() >= 14 + 20,
+        Some([0x86, 0xdd]) => frame.len() >= 14 + 40,
+        Some(_) => true,
+        None => false,
+    }
+}
+
+/// A TC verdict as the XDP verdict of the same meaning: OK is PASS, SHOT
+/// is DROP, REDIRECT is REDIRECT — or TX when it goes back out where it
+/// came from (an echo reply, the MACs swapped; a frame forwarded to the
+/// client may have the MACs of its input swapped too). Anything else stays out
+/// of the XDP range (property 5).
+fn tc_as_xdp(v: u32, input: &[u8], out: &[u8]) -> u32 {
+    use fib::verdict::*;
+    const TC_ACT_SHOT: u32 = 2;
+    match v {
+        TC_ACT_OK => XDP_PASS,
+        TC_ACT_SHOT => XDP_DROP,
+        TC_ACT_REDIRECT
+            if out.len() >= 12
+                && out[0..6] == input[6..12]
+                && out[6..12] == input[0..6]
+                && is_echo_reply(out) =>
+        {
+            XDP_TX
+        }
+        TC_ACT_REDIRECT => XDP_REDIRECT,
+        v => 1000 + v,
+    }
+}
+
+fn is_echo_reply(frame: &[u8]) -> bool {
+    fuzz::oracle::view(frame).is_some_and(|v| {
+        v.l4.first() == Some(&if v.v6 { 129 } else { 0 })
+            && v.proto
+                == if v.v6 {
+                    fuzz::oracle::ICMP6
+                } else {
+                    fuzz::oracle::ICMP
+                }
+    })
+}
+
 fn verdict_name(v: u32) -> String {
     use fib::verdict::*;
     match v {
@@ -95,9 +148,6 @@ fn fuzzed_frames_through_the_datapath_satisfy_the_oracle() {
     let rules = rules();
     let file = yaml(&rules);
     fib::with_datapath("fuzz", &file, move |dp| {
-        let prog = dp
-            .xdp_program(loxilb_common::prog_names::XDP_MAIN)
-            .expect("the XDP program");
         let mut gen = Gen::new(seed, rules.clone());
         let mut oracle = Oracle::new(rules);
         let mut verdicts: BTreeMap<String, u64> = BTreeMap::new();
@@ -114,15 +164,30 @@ fn fuzzed_frames_through_the_datapath_satisfy_the_oracle() {
             if !muts.is_empty() {
                 mutated += 1;
             }
+            // One packet in TC_SHARE through the TC program (its verdict
+            // read as the XDP one it stands for).
+            let tc = i % TC_SHARE == TC_SHARE - 1 && skb_test_run_takes(&input);
             let fail = |what: String, v: Option<u32>, out: &[u8]| {
                 format!(
-                    "seed {seed:#x} packet {i} ({kind:?}, mutations {muts:?}): {what}\n  verdict {}\n  input  {}\n  output {}",
+                    "seed {seed:#x} packet {i} ({kind:?}, mutations {muts:?}, {}): {what}\n  verdict {}\n  input  {}\n  output {}",
+                    if tc { "TC" } else { "XDP" },
                     v.map(verdict_name).unwrap_or_else(|| "-".into()),
                     to_hex(&input),
                     to_hex(out)
                 )
             };
-            let (v, out) = match test_run(prog, &input) {
+            let r = if tc {
+                test_run(dp.tc_program().expect("the TC program"), &input)
+                    .map(|(v, out)| (tc_as_xdp(v, &input, &out), out))
+            } else {
+                test_run(
+                    dp.xdp_program(loxilb_common::prog_names::XDP_MAIN)
+                        .expect("the XDP program"),
+                    &input,
+                )
+            };
+            let hook = if tc { "TC" } else { "XDP" };
+            let (v, out) = match r {
                 Ok(r) => r,
                 Err(e) => {
                     failures.push(fail(
@@ -136,7 +201,9 @@ fn fuzzed_frames_through_the_datapath_satisfy_the_oracle() {
                     continue;
                 }
             };
-            *verdicts.entry(verdict_name(v)).or_default() += 1;
+            *verdicts
+                .entry(format!("{hook} {}", verdict_name(v)))
+                .or_default() += 1;
             match oracle.check(&input, v, &out) {
                 Ok(why) => {
                     let w = match why {
