@@ -16,6 +16,9 @@ use super::rng::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
+    /// A valid frame to a rule (or an echo request), cut at one offset:
+    /// the run starts with every offset of one such frame per rule.
+    Truncated,
     Forward,
     Reply,
     Echo,
@@ -27,6 +30,8 @@ pub enum Kind {
 pub struct Gen {
     pub rng: Rng,
     rules: Vec<Rule>,
+    /// (frame, next offset to cut it at) of the truncation sweep.
+    sweep: Vec<(Vec<u8>, usize)>,
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -38,14 +43,62 @@ const CLIENT6: &str = "fd00:c::2";
 
 impl Gen {
     pub fn new(seed: u64, rules: Vec<Rule>) -> Self {
-        Gen {
+        let mut g = Gen {
             rng: Rng::new(seed),
             rules,
+            sweep: vec![],
+        };
+        // One short valid frame per rule, and echo requests, each to be
+        // cut at every offset from the end of the Ethernet header on.
+        let mut frames = vec![];
+        for r in g.rules.clone() {
+            let c = ip(if r.vip.is_ipv6() { CLIENT6 } else { CLIENT4 });
+            let f = loop {
+                let f = g.l4(r.proto, c, 1000, r.vip, r.port, false);
+                if f.len() <= 200 {
+                    break f;
+                }
+            };
+            frames.push(f);
         }
+        frames.push(icmp_frame(
+            CLIENT4,
+            "20.0.0.100",
+            64,
+            8,
+            0,
+            [0, 1, 0, 1],
+            b"ping",
+        ));
+        frames.push(icmp6_frame(
+            CLIENT6,
+            "fd00:20::100",
+            64,
+            128,
+            0,
+            [0, 1, 0, 1],
+            b"ping",
+        ));
+        g.sweep = frames.into_iter().rev().map(|f| (f, 14)).collect();
+        g
+    }
+
+    /// Frames of the truncation sweep still to come.
+    fn next_cut(&mut self) -> Option<Vec<u8>> {
+        let (f, at) = self.sweep.last_mut()?;
+        let cut = f[..*at].to_vec();
+        *at += 1;
+        if *at >= f.len() {
+            self.sweep.pop();
+        }
+        Some(cut)
     }
 
     /// The next frame, what it was made as, and the mutations applied.
     pub fn packet(&mut self, sessions: &[Session]) -> (Kind, Vec<u8>, Vec<&'static str>) {
+        if let Some(b) = self.next_cut() {
+            return (Kind::Truncated, b, vec!["truncated"]);
+        }
         let mut kind = match self.rng.below(100) {
             0..35 => Kind::Forward,
             35..57 => Kind::Reply,
@@ -70,6 +123,7 @@ impl Gen {
             }
             Kind::Other => self.other(),
             Kind::Garbage => return (kind, self.garbage(), vec![]),
+            Kind::Truncated => unreachable!("only the sweep cuts frames this way"),
         };
         let mut muts = vec![];
         // Structure first (checksums still right after these) ...
