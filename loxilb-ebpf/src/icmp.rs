@@ -24,6 +24,15 @@ fn w(a: u8, b: u8) -> u16 {
     u16::from_ne_bytes([a, b])
 }
 
+/// Whether `len` bytes at `at` lie inside the IP packet ending at
+/// `ip_end`. (Checked after the frame bounds checks, never instead of
+/// them: `ip_end` is within the frame, and a check against it placed first
+/// lets LLVM drop the later one the verifier needs.)
+#[inline(always)]
+fn within(at: usize, len: usize, ip_end: usize) -> bool {
+    at + len <= ip_end
+}
+
 /// Swap the destination and source MACs (a reply goes back the way the
 /// request came).
 #[inline(always)]
@@ -46,6 +55,11 @@ pub fn echo_reply(data: usize, end: usize, p: &Icmp) -> bool {
             return false;
         };
         let ih = &mut *ih;
+        // The 8-byte header inside the IP packet (its total length may
+        // end before the frame does: the rest is padding).
+        if !within(p.l4, 8, p.ip_end) {
+            return false;
+        }
         if ih[0] != ECHO_REQUEST || ih[1] != 0 || LB_VIPS.get_ptr(&v4_mapped(p.daddr)).is_none() {
             return false;
         }
@@ -117,6 +131,10 @@ pub fn translate_error(end: usize, p: &Icmp) -> bool {
         let Some(ports) = ptr_at::<[u16; 2]>(inner_ip + ihl, end, 0) else {
             return false;
         };
+        // The quoted header and ports inside the IP packet.
+        if !within(inner_ip + ihl, 4, p.ip_end) {
+            return false;
+        }
         let ports = &mut *ports;
         let ins = u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]);
         let ind = u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]);
@@ -206,6 +224,9 @@ pub fn echo_reply6(data: usize, end: usize, p: &Icmp6) -> bool {
             return false;
         };
         let ih = &mut *ih;
+        if !within(p.l4, 8, p.ip_end) {
+            return false;
+        }
         if ih[0] != ICMP6_ECHO_REQUEST || ih[1] != 0 || LB_VIPS.get_ptr(&p.daddr).is_none() {
             return false;
         }
@@ -266,7 +287,15 @@ pub fn translate_error6(end: usize, p: &Icmp6) -> bool {
         let Some(ports) = ptr_at::<[u16; 2]>(inner_ip, end, 40) else {
             return false;
         };
+        // The quoted header and ports inside the IPv6 packet, and an IPv6
+        // header indeed.
+        if !within(inner_ip + 40, 4, p.ip_end) {
+            return false;
+        }
         let inner = &mut *inner;
+        if inner[0].to_ne_bytes()[0] >> 4 != 6 {
+            return false;
+        }
         let nh = inner[1].to_ne_bytes()[2];
         if nh != IPPROTO_TCP && nh != IPPROTO_UDP {
             return false;

@@ -66,6 +66,9 @@ pub struct Icmp {
     pub ip: usize,
     /// Start of the ICMP header.
     pub l4: usize,
+    /// End of the IP packet by its total length (at most the frame's end:
+    /// what lies past it is padding, not ICMP).
+    pub ip_end: usize,
     pub saddr: u32,
     pub daddr: u32,
     pub vlan: bool,
@@ -76,6 +79,9 @@ pub struct Icmp6 {
     pub ip: usize,
     /// Start of the ICMPv6 header.
     pub l4: usize,
+    /// End of the IPv6 packet by its payload length (at most the frame's
+    /// end).
+    pub ip_end: usize,
     pub saddr: Addr,
     pub daddr: Addr,
     pub vlan: bool,
@@ -172,12 +178,13 @@ pub fn parse<const V6: bool, const LAUNDER: bool>(data: usize, end: usize) -> Pa
         let l4 = ip + ihl;
         if l4_proto == IPPROTO_ICMP {
             // The ICMP header is bounds-checked where it is read, against
-            // the frame's end. (Checking it here against the total length
+            // the frame's end, then against `ip_end`. (Checking it here against the total length
             // lets LLVM prove that later check redundant and drop it, and
             // the verifier cannot follow that proof.)
             return Parsed::Icmp(Icmp {
                 ip,
                 l4,
+                ip_end: ip + tot_len,
                 saddr,
                 daddr,
                 vlan,
@@ -335,6 +342,7 @@ fn parse6(ip: usize, end: usize, vlan: bool, launder: bool) -> Parsed {
             return Parsed::Icmp6(Icmp6 {
                 ip,
                 l4: ip + (off & 0x3fff),
+                ip_end: ip + 40 + plen,
                 saddr: [h[2], h[3], h[4], h[5]],
                 daddr: [h[6], h[7], h[8], h[9]],
                 vlan,

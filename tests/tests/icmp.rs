@@ -14,7 +14,7 @@ use loxilb_tests::{
     fib::{run_xdp, with_datapath, CLIENT_MAC, LB_TO_CLIENT_MAC},
     need_root,
     netns::{Agent, PinDirGuard, Servers, Topology, VIP},
-    packet::{csum_ok, diff, icmp_frame, quote, Frame, SYN},
+    packet::{csum_ok, diff, icmp6_frame, icmp_frame, quote, quote6, Frame, SYN},
 };
 
 const RULES: &str = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8080}]}\n  - {vip: 20.0.0.100, port: 53, protocol: udp, mode: fullnat, endpoints: [{ip: 10.0.1.10, port: 5353}]}\n";
@@ -176,6 +176,114 @@ fn icmp_errors_about_translated_packets_are_translated_back() {
         assert_eq!(run_xdp(dp, &err), (XDP_PASS, err));
         let stats: HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
         assert_eq!(stats["icmp_err_xlated"], 2);
+    });
+}
+
+/// Found by the packet fuzzer (tests/tests/fuzz.rs): ICMP read past the
+/// IP packet's own length (into the frame's padding) was answered or
+/// translated, and an ICMPv6 error quoting something that is not an IPv6
+/// header was translated. Each passes untouched now, next to the same
+/// frame with its lengths right, which is still handled.
+#[test]
+fn icmp_past_the_ip_length_and_quotes_not_ipv6_pass_untouched() {
+    if !need_root("icmp_past_the_ip_length_and_quotes_not_ipv6_pass_untouched") {
+        return;
+    }
+    let rules = RULES.to_string()
+        + "  - {vip: \"fd00:20::100\", port: 80, protocol: tcp, endpoints: [{ip: \"fd00:1::10\", port: 8080}]}\n";
+    with_datapath("icmplen", &rules, |dp| {
+        // IPv4 total length / IPv6 payload length set to `len`, the frame
+        // unchanged (the rest is padding); the checksum over what the
+        // length covers.
+        let cut4 = |f: &[u8], len: usize| {
+            let mut b = f.to_vec();
+            b[16..18].copy_from_slice(&(len as u16).to_be_bytes());
+            b[24..26].fill(0);
+            let c = loxilb_common::csum::checksum_be(&b[14..34]);
+            b[24..26].copy_from_slice(&c.to_be_bytes());
+            b
+        };
+        let cut6 = |f: &[u8], plen: usize| {
+            let mut b = f.to_vec();
+            b[18..20].copy_from_slice(&(plen as u16).to_be_bytes());
+            b
+        };
+        // Echo requests whose ICMP header the IP length cuts.
+        let req = icmp_frame("192.168.0.2", "20.0.0.100", 64, 8, 0, [0, 1, 0, 1], b"ping");
+        let short = cut4(&req, 20 + 6);
+        assert_eq!(
+            run_xdp(dp, &short),
+            (XDP_PASS, short),
+            "IPv4 echo of 6 bytes"
+        );
+        assert_eq!(run_xdp(dp, &req).0, XDP_TX, "the whole echo is answered");
+        let req6 = icmp6_frame(
+            "fd00:c::2",
+            "fd00:20::100",
+            64,
+            128,
+            0,
+            [0, 1, 0, 1],
+            b"ping",
+        );
+        let short6 = cut6(&req6, 7);
+        assert_eq!(
+            run_xdp(dp, &short6),
+            (XDP_PASS, short6),
+            "ICMPv6 echo of 7 bytes"
+        );
+        assert_eq!(run_xdp(dp, &req6).0, XDP_TX);
+
+        // Errors about a translated packet whose quote the IP length cuts
+        // (before the quoted ports).
+        let (v, sent) = run_xdp(
+            dp,
+            &Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, SYN).bytes(),
+        );
+        assert_eq!(v, XDP_REDIRECT);
+        let err = icmp_frame(
+            "10.0.1.254",
+            "192.168.0.2",
+            64,
+            3,
+            4,
+            [0, 0, 5, 0x14],
+            &quote(&sent),
+        );
+        let cut = cut4(&err, 20 + 8 + 20 + 2);
+        assert_eq!(run_xdp(dp, &cut), (XDP_PASS, cut), "IPv4 quote cut");
+        assert_eq!(
+            run_xdp(dp, &err).0,
+            XDP_REDIRECT,
+            "the whole error is translated"
+        );
+        let (v, sent6) = run_xdp(
+            dp,
+            &Frame::tcp("fd00:c::2", 40000, "fd00:20::100", 80, SYN).bytes(),
+        );
+        assert_eq!(v, XDP_REDIRECT);
+        let err6 = icmp6_frame(
+            "fd00:1::fe",
+            "fd00:c::2",
+            64,
+            2,
+            0,
+            [0, 0, 5, 0],
+            &quote6(&sent6),
+        );
+        let cut = cut6(&err6, 8 + 40 + 2);
+        assert_eq!(run_xdp(dp, &cut), (XDP_PASS, cut), "IPv6 quote cut");
+        // The quoted header's version nibble is not 6.
+        let mut bad = err6.clone();
+        bad[14 + 40 + 8] = 0x80;
+        assert_eq!(run_xdp(dp, &bad), (XDP_PASS, bad), "quote of version 8");
+        assert_eq!(run_xdp(dp, &err6).0, XDP_REDIRECT);
+        let stats: HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        assert_eq!(
+            (stats["icmp_echo_replied"], stats["icmp_err_xlated"]),
+            (2, 2),
+            "only the whole frames were handled"
+        );
     });
 }
 
