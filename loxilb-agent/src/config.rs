@@ -759,9 +759,10 @@ fn secondary_vips(
 }
 
 /// Check what the rule file cannot know by itself: every endpoint of an L2
-/// DSR rule must be on a segment this node is directly attached to. (IPv4:
-/// the agent reads `/proc/net/route`; an IPv6 endpoint behind a router is
-/// caught by the datapath, which drops and counts `drop_dsr_no_l2`.)
+/// DSR rule (IPv4 or IPv6) must be on a segment this node is directly
+/// attached to, by the node's routing table (read over rtnetlink; should
+/// the route change later, the datapath drops and counts
+/// `drop_dsr_no_l2`).
 pub fn check_reachability(
     file: &str,
     rules: &[Rule],
@@ -770,20 +771,19 @@ pub fn check_reachability(
     check_dsr_endpoints(file, rules, |ip| crate::routes::l2_problem(routes, ip))
 }
 
-/// The first IPv4 endpoint of a `dsr` rule for which `problem` says what
-/// is wrong, as an error naming it.
+/// The first endpoint of a `dsr` rule for which `problem` says what is
+/// wrong, as an error naming it.
 fn check_dsr_endpoints(
     file: &str,
     rules: &[Rule],
-    problem: impl Fn(std::net::Ipv4Addr) -> Option<String>,
+    problem: impl Fn(IpAddr) -> Option<String>,
 ) -> Result<(), ConfigError> {
     for (i, r) in rules.iter().enumerate() {
         if r.mode != Mode::Dsr {
             continue;
         }
         for (j, e) in r.endpoints.iter().enumerate() {
-            let IpAddr::V4(ip) = e.ip else { continue };
-            if let Some(why) = problem(ip) {
+            if let Some(why) = problem(e.ip) {
                 return Err(ConfigError {
                     file: file.to_string(),
                     field: format!("rules[{i}].endpoints[{j}].ip"),
@@ -835,7 +835,7 @@ mod tests {
         let routes = vec![crate::routes::Route {
             iface: "br1".into(),
             dest: "10.0.1.0".parse().unwrap(),
-            mask: "255.255.255.0".parse().unwrap(),
+            prefix_len: 24,
             gateway: None,
         }];
         let link = crate::netlink::Link {

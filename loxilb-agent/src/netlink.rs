@@ -18,6 +18,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_packet_utils::nla::Nla as _;
@@ -210,6 +211,77 @@ pub fn del_addr(ifindex: u32, ip: IpAddr) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("removing {ip} from device {ifindex}")),
     }
+}
+
+/// One unicast route of the main table, both families.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dest: IpAddr,
+    pub prefix_len: u8,
+    /// `None` when directly connected.
+    pub gateway: Option<IpAddr>,
+    /// The output device's index (the first next hop's, for a multipath
+    /// route).
+    pub oif: u32,
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
+        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
+        _ => None,
+    }
+}
+
+/// The unicast routes of the main table (IPv4 and IPv6), from the kernel.
+pub fn routes() -> Result<Vec<RouteEntry>> {
+    let msgs = route_request(
+        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        NLM_F_DUMP,
+    )
+    .context("listing routes")?;
+    let mut out = vec![];
+    for m in msgs {
+        let RouteNetlinkMessage::NewRoute(r) = m else {
+            continue;
+        };
+        let mut table = r.header.table as u32;
+        let (mut dest, mut gateway, mut oif) = (None, None, 0);
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Destination(d) => dest = route_addr(d),
+                RouteAttribute::Gateway(g) => gateway = route_addr(g),
+                RouteAttribute::Oif(i) => oif = *i,
+                RouteAttribute::MultiPath(hops) => {
+                    if let Some(h) = hops.first() {
+                        oif = h.interface_index;
+                        gateway = h.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => route_addr(g),
+                            _ => None,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if table != RouteHeader::RT_TABLE_MAIN as u32 || r.header.kind != RouteType::Unicast {
+            continue;
+        }
+        let dest = match (dest, r.header.address_family) {
+            (Some(d), _) => d,
+            (None, AddressFamily::Inet) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            (None, AddressFamily::Inet6) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => continue,
+        };
+        out.push(RouteEntry {
+            dest,
+            prefix_len: r.header.destination_prefix_length,
+            gateway,
+            oif,
+        });
+    }
+    Ok(out)
 }
 
 /// The address messages of device `ifindex`.

@@ -1,70 +1,69 @@
-//! The node's IPv4 routing table as the kernel shows it in
-//! `/proc/net/route` (of the agent's network namespace): enough to tell
-//! whether an endpoint is on a directly connected segment, which L2 DSR
-//! needs.
+//! The node's routing table (main table, IPv4 and IPv6, read over
+//! rtnetlink in the agent's network namespace): enough to tell whether an
+//! endpoint is on a directly connected segment, which L2 DSR needs.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
+
+use anyhow::Result;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub iface: String,
-    pub dest: Ipv4Addr,
-    pub mask: Ipv4Addr,
+    pub dest: IpAddr,
+    pub prefix_len: u8,
     /// None when directly connected.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
 }
 
-const RTF_UP: u32 = 0x1;
-const RTF_GATEWAY: u32 = 0x2;
-
-fn hex_addr(s: &str) -> Option<Ipv4Addr> {
-    // The kernel prints the raw (network-order) u32 with %08X.
-    u32::from_str_radix(s, 16)
-        .ok()
-        .map(|v| Ipv4Addr::from(v.to_ne_bytes()))
+impl Route {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.dest, ip) {
+            (IpAddr::V4(d), IpAddr::V4(a)) => {
+                let n = self.prefix_len.min(32) as u32;
+                let mask = if n == 0 { 0 } else { u32::MAX << (32 - n) };
+                u32::from(d) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(d), IpAddr::V6(a)) => {
+                let n = self.prefix_len.min(128) as u32;
+                let mask = if n == 0 { 0 } else { u128::MAX << (128 - n) };
+                u128::from(d) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
-/// Parse the text of `/proc/net/route`.
-pub fn parse(text: &str) -> Vec<Route> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 8 {
-                return None;
-            }
-            let flags = u32::from_str_radix(f[3], 16).ok()?;
-            if flags & RTF_UP == 0 {
-                return None;
-            }
-            Some(Route {
-                iface: f[0].to_string(),
-                dest: hex_addr(f[1])?,
-                gateway: if flags & RTF_GATEWAY != 0 {
-                    hex_addr(f[2])
-                } else {
-                    None
-                },
-                mask: hex_addr(f[7])?,
-            })
+/// The main table's unicast routes of both families, each with its
+/// device's name.
+pub fn read() -> Result<Vec<Route>> {
+    let links = crate::netlink::links()?;
+    let name = |i: u32| {
+        links
+            .iter()
+            .find(|l| l.index == i)
+            .map_or_else(|| format!("ifindex {i}"), |l| l.name.clone())
+    };
+    Ok(crate::netlink::routes()?
+        .into_iter()
+        .map(|r| Route {
+            iface: name(r.oif),
+            dest: r.dest,
+            prefix_len: r.prefix_len,
+            gateway: r.gateway,
         })
-        .collect()
+        .collect())
 }
 
-pub fn read() -> std::io::Result<Vec<Route>> {
-    Ok(parse(&std::fs::read_to_string("/proc/net/route")?))
-}
-
-/// The most specific route to `dst`.
-pub fn lookup(routes: &[Route], dst: Ipv4Addr) -> Option<&Route> {
+/// The most specific route to `dst` (of its family).
+pub fn lookup(routes: &[Route], dst: IpAddr) -> Option<&Route> {
     routes
         .iter()
-        .filter(|r| u32::from(dst) & u32::from(r.mask) == u32::from(r.dest) & u32::from(r.mask))
-        .max_by_key(|r| u32::from(r.mask).count_ones())
+        .filter(|r| r.contains(dst))
+        .max_by_key(|r| r.prefix_len)
 }
 
 /// Why `ep` cannot take L2 DSR traffic from this node, if it cannot.
-pub fn l2_problem(routes: &[Route], ep: Ipv4Addr) -> Option<String> {
+pub fn l2_problem(routes: &[Route], ep: IpAddr) -> Option<String> {
     match lookup(routes, ep) {
         None => Some(format!("no route to {ep} from this node")),
         Some(Route {
@@ -84,45 +83,102 @@ pub fn l2_problem(routes: &[Route], ep: Ipv4Addr) -> Option<String> {
 mod tests {
     use super::*;
 
-    const TABLE: &str =
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
-eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-eth1\t00000A0A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
-eth1\t00050A0A\t01000A0A\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0
-";
+    fn r(iface: &str, dest: &str, len: u8, gw: Option<&str>) -> Route {
+        Route {
+            iface: iface.into(),
+            dest: dest.parse().unwrap(),
+            prefix_len: len,
+            gateway: gw.map(|g| g.parse().unwrap()),
+        }
+    }
+
+    fn table() -> Vec<Route> {
+        vec![
+            r("eth0", "0.0.0.0", 0, Some("192.168.1.1")),
+            r("eth0", "192.168.1.0", 24, None),
+            r("eth1", "10.10.0.0", 16, None),
+            r("eth1", "10.10.5.0", 24, Some("10.10.0.1")),
+            r("eth0", "::", 0, Some("fe80::1")),
+            r("eth1", "fd00:1::", 64, None),
+            r("eth1", "fd00:1::8:0", 112, Some("fd00:1::1")),
+        ]
+    }
 
     #[test]
-    fn parses_and_matches_longest_prefix() {
-        let r = parse(TABLE);
-        assert_eq!(r.len(), 4);
-        assert_eq!(r[0].gateway, Some("192.168.1.1".parse().unwrap()));
-        assert_eq!(r[1].dest, "192.168.1.0".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(r[1].mask, "255.255.255.0".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(
-            lookup(&r, "10.10.3.4".parse().unwrap()).unwrap().iface,
-            "eth1"
-        );
-        assert_eq!(
-            lookup(&r, "10.10.5.4".parse().unwrap()).unwrap().gateway,
-            Some("10.10.0.1".parse().unwrap())
-        );
+    fn matches_longest_prefix_per_family() {
+        let t = table();
+        let at = |ip: &str| lookup(&t, ip.parse().unwrap()).unwrap();
+        assert_eq!(at("10.10.3.4").iface, "eth1");
+        assert_eq!(at("10.10.5.4").gateway, Some("10.10.0.1".parse().unwrap()));
+        assert_eq!(at("8.8.8.8").prefix_len, 0);
+        assert_eq!(at("fd00:1::20").prefix_len, 64);
+        assert_eq!(at("fd00:1::8:20").prefix_len, 112);
+        assert_eq!(at("2001:db8::1").gateway, Some("fe80::1".parse().unwrap()));
+        let v4_only = &t[..4];
+        assert!(lookup(v4_only, "fd00:1::20".parse().unwrap()).is_none());
     }
 
     #[test]
     fn l2_adjacency() {
-        let r = parse(TABLE);
-        assert_eq!(l2_problem(&r, "192.168.1.20".parse().unwrap()), None);
-        assert_eq!(l2_problem(&r, "10.10.9.9".parse().unwrap()), None);
-        let e = l2_problem(&r, "10.10.5.9".parse().unwrap()).unwrap();
-        assert!(
-            e.contains("router 10.10.0.1") && e.contains("dsr-ipip"),
-            "{e}"
-        );
-        let e = l2_problem(&r, "8.8.8.8".parse().unwrap()).unwrap();
-        assert!(e.contains("192.168.1.1"), "default route is a router: {e}");
-        assert!(l2_problem(&parse(""), "1.1.1.1".parse().unwrap())
+        let t = table();
+        let p = |ip: &str| l2_problem(&t, ip.parse().unwrap());
+        assert_eq!(p("192.168.1.20"), None);
+        assert_eq!(p("10.10.9.9"), None);
+        assert_eq!(p("fd00:1::20"), None);
+        let e = p("10.10.5.9").unwrap();
+        assert!(e.contains("router 10.10.0.1") && e.contains("dsr-ipip"), "{e}");
+        let e = p("fd00:1::8:9").unwrap();
+        assert!(e.contains("router fd00:1::1"), "{e}");
+        assert!(p("8.8.8.8").unwrap().contains("192.168.1.1"));
+        assert!(l2_problem(&[], "1.1.1.1".parse().unwrap())
             .unwrap()
             .contains("no route"));
+    }
+
+    /// The kernel's own table, read over rtnetlink: in a new network
+    /// namespace, the routes of addresses and gateways added there.
+    #[test]
+    fn reads_both_families_from_the_kernel() {
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("LOXILB_REQUIRE_ROOT").is_none(),
+                "LOXILB_REQUIRE_ROOT is set but this test does not run as root"
+            );
+            eprintln!("skipped: needs root (a network namespace of its own)");
+            return;
+        }
+        let got = std::thread::spawn(|| -> Result<Vec<Route>> {
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                anyhow::bail!("unshare: {}", std::io::Error::last_os_error());
+            }
+            let sh = |c: &str| {
+                let st = std::process::Command::new("sh").args(["-c", c]).status()?;
+                anyhow::ensure!(st.success(), "{c}: {st}");
+                Ok(())
+            };
+            sh("ip link add v0 type veth peer name v1")?;
+            sh("ip link set v0 up && ip link set v1 up")?;
+            sh("ip addr add 10.77.0.1/24 dev v0")?;
+            sh("ip -6 addr add fd77::1/64 dev v0 nodad")?;
+            sh("ip route add 10.78.0.0/16 via 10.77.0.254")?;
+            sh("ip -6 route add fd78::/48 via fd77::fe")?;
+            read()
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let find = |d: &str, l: u8| got.iter().find(|r| r.dest == d.parse::<IpAddr>().unwrap() && r.prefix_len == l);
+        assert_eq!(find("10.77.0.0", 24).map(|r| r.gateway), Some(None), "{got:?}");
+        assert_eq!(
+            find("10.78.0.0", 16).and_then(|r| r.gateway),
+            Some("10.77.0.254".parse().unwrap()),
+            "{got:?}"
+        );
+        assert_eq!(find("fd77::", 64).map(|r| r.iface.as_str()), Some("v0"), "{got:?}");
+        assert_eq!(
+            find("fd78::", 48).and_then(|r| r.gateway),
+            Some("fd77::fe".parse().unwrap()),
+            "{got:?}"
+        );
     }
 }
