@@ -138,6 +138,11 @@ pub trait RuleSink: Send {
     /// agent restarted as follower drops the VIPs it held before), then
     /// when the set changes.
     fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()>;
+
+    /// Every Node's `InternalIP` addresses (by Node name), at start and
+    /// whenever they change: the agent's conntrack sync peers when they
+    /// are discovered (`--ctsync-peers=nodes`). Ignored by default.
+    fn node_addresses(&mut self, _nodes: Vec<(String, IpAddr)>) {}
 }
 
 /// Everything [`run`] needs besides the client and the sink.
@@ -666,6 +671,10 @@ impl<S: RuleSink> Executor<S> {
         self.hold = hold;
     }
 
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
     pub fn sink(&self) -> &S {
         &self.sink
     }
@@ -939,6 +948,20 @@ impl NodeCache {
     pub fn clear(&mut self) {
         self.seen.clear();
     }
+
+    /// Every known Node's `InternalIP` addresses, by Node name.
+    pub fn internal_ips(&self) -> Vec<(String, IpAddr)> {
+        self.seen
+            .iter()
+            .flat_map(|(name, fp)| {
+                fp.addresses
+                    .iter()
+                    .filter(|(t, _)| t == "InternalIP")
+                    .filter_map(|(_, a)| a.parse().ok())
+                    .map(|a| (name.clone(), a))
+            })
+            .collect()
+    }
 }
 
 fn key_of(svc: &Service) -> Option<ServiceKey> {
@@ -1197,6 +1220,7 @@ async fn run_with<S: RuleSink>(
 
     let mut queue = WorkQueue::default();
     let mut node_cache = NodeCache::default();
+    let mut node_ips: Option<Vec<(String, IpAddr)>> = None;
     let mut ready = [false; 3];
     let mut all = false;
     let mut sink_retry: Option<Instant> = None;
@@ -1349,6 +1373,15 @@ async fn run_with<S: RuleSink>(
             },
             Ok(()) = leader_rx.changed() => all = true,
             _ = wake => {}
+        }
+        // The Nodes' addresses go to the sink once the list is complete
+        // and whenever they change (conntrack sync peers).
+        if ready[2] {
+            let ips = node_cache.internal_ips();
+            if node_ips.as_ref() != Some(&ips) {
+                executor.sink_mut().node_addresses(ips.clone());
+                node_ips = Some(ips);
+            }
         }
         // The Pod watch runs while a Service of ours has multus-nets.
         match (&pod_watch, multus_services.is_empty()) {

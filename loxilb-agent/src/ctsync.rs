@@ -364,6 +364,7 @@ pub struct InboundStats {
 /// A running sync (its own thread and runtime). Dropping it stops it.
 pub struct Syncer {
     active: Option<watch::Sender<bool>>,
+    peers: watch::Sender<Vec<SocketAddr>>,
     hints: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     ctx: Arc<net::Ctx>,
     local: Option<SocketAddr>,
@@ -399,18 +400,11 @@ impl Syncer {
         let local = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (active_tx, active_rx) = watch::channel(false);
         let (hint_tx, hint_rx) = mpsc::unbounded_channel();
+        let (peers_tx, peers_rx) = watch::channel(peers_but_self(&config.peers, local));
         let stats = Stats {
             role: "backup".into(),
             listen: local.map(|a| a.to_string()),
-            peers: config
-                .peers
-                .iter()
-                .map(|a| PeerStats {
-                    addr: a.to_string(),
-                    state: "idle".into(),
-                    ..Default::default()
-                })
-                .collect(),
+            peers: peer_stats(&[], &peers_but_self(&config.peers, local)),
             ..Default::default()
         };
         let ctx = Arc::new(net::Ctx {
@@ -423,6 +417,7 @@ impl Syncer {
             subs: Mutex::new(vec![]),
             listen_port: local.map_or(0, |a| a.port()),
             dead: hint_tx,
+            peers: peers_rx,
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -435,6 +430,7 @@ impl Syncer {
             .context("ctsync: starting its thread")?;
         Ok(Syncer {
             active: Some(active_tx),
+            peers: peers_tx,
             hints: Mutex::new(Some(hint_rx)),
             ctx,
             local,
@@ -448,6 +444,22 @@ impl Syncer {
         if let Some(a) = &self.active {
             a.send_replace(active);
         }
+    }
+
+    /// Dial these peers while active (replacing the configured ones; this
+    /// node's own listening address is left out, so one list serves every
+    /// node). Connections to peers no longer listed close; new ones are
+    /// dialled at once when active.
+    pub fn set_peers(&self, peers: Vec<SocketAddr>) {
+        let want = peers_but_self(&peers, self.local);
+        self.peers.send_if_modified(|p| {
+            let changed = *p != want;
+            if changed {
+                info!("ctsync: peers now {want:?}");
+                *p = want;
+            }
+            changed
+        });
     }
 
     /// The Lease identities of senders found dead (see the module
@@ -485,6 +497,38 @@ impl Drop for Syncer {
     }
 }
 
+/// The running peer tasks, by address.
+type Peers = std::collections::HashMap<SocketAddr, tokio::task::AbortHandle>;
+
+/// `peers` without this node's own listening address, each once.
+fn peers_but_self(peers: &[SocketAddr], local: Option<SocketAddr>) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = vec![];
+    for p in peers {
+        if Some(*p) != local && !out.contains(p) {
+            out.push(*p);
+        }
+    }
+    out
+}
+
+/// The counters of `peers`, kept from `old` for peers still listed.
+fn peer_stats(old: &[PeerStats], peers: &[SocketAddr]) -> Vec<PeerStats> {
+    peers
+        .iter()
+        .map(|a| {
+            let addr = a.to_string();
+            old.iter()
+                .find(|p| p.addr == addr)
+                .cloned()
+                .unwrap_or(PeerStats {
+                    addr,
+                    state: "idle".into(),
+                    ..Default::default()
+                })
+        })
+        .collect()
+}
+
 /// The syncer's main task: the listener always; the scanner and the
 /// peers while active. Ends when the [`Syncer`] is dropped.
 async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
@@ -501,23 +545,41 @@ async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
         bg.spawn(write_state(ctx.clone(), path));
     }
     let mut active = ctx.active.clone();
-    let mut sending: Option<tokio::task::JoinSet<()>> = None;
+    let mut peers_rx = ctx.peers.clone();
+    // While active: the scanner, and one task per peer.
+    let mut sending: Option<(tokio::task::JoinSet<()>, Peers)> = None;
     loop {
         let a = *active.borrow_and_update();
-        if a && sending.is_none() {
-            info!("ctsync: active: sending sessions to {:?}", ctx.cfg.peers);
-            ctx.applier.lock().expect("applier lock").forget();
-            ctx.stats(|s| s.role = "active".into());
-            let mut js = tokio::task::JoinSet::new();
-            js.spawn(net::scanner(ctx.clone()));
-            for (i, p) in ctx.cfg.peers.iter().enumerate() {
-                js.spawn(net::peer(ctx.clone(), i, *p));
+        let want = peers_rx.borrow_and_update().clone();
+        ctx.stats(|s| s.peers = peer_stats(&s.peers, &want));
+        if a {
+            let (_, running) = sending.get_or_insert_with(|| {
+                info!("ctsync: active: sending sessions to {want:?}");
+                ctx.applier.lock().expect("applier lock").forget();
+                ctx.stats(|s| s.role = "active".into());
+                let mut js = tokio::task::JoinSet::new();
+                js.spawn(net::scanner(ctx.clone()));
+                (js, Peers::default())
+            });
+            running.retain(|p, h| {
+                let keep = want.contains(p);
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+            for p in &want {
+                if !running.contains_key(p) {
+                    running.insert(*p, tokio::spawn(net::peer(ctx.clone(), *p)).abort_handle());
+                }
             }
-            sending = Some(js);
-        } else if !a {
-            if let Some(mut js) = sending.take() {
+        } else {
+            if let Some((mut js, running)) = sending.take() {
                 info!("ctsync: backup: receiving sessions");
                 js.abort_all();
+                for h in running.values() {
+                    h.abort();
+                }
                 while js.join_next().await.is_some() {}
                 ctx.subs.lock().expect("subs lock").clear();
             }
@@ -528,12 +590,16 @@ async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
                 }
             });
         }
-        if active.changed().await.is_err() {
-            break;
+        tokio::select! {
+            r = active.changed() => if r.is_err() { break },
+            r = peers_rx.changed() => if r.is_err() { break },
         }
     }
-    if let Some(mut js) = sending.take() {
+    if let Some((mut js, running)) = sending.take() {
         js.abort_all();
+        for h in running.values() {
+            h.abort();
+        }
     }
     bg.abort_all();
 }

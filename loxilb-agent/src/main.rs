@@ -102,8 +102,10 @@ struct NodeArgs {
     ctsync_listen: Option<std::net::SocketAddr>,
     /// Conntrack sync: the other agents, `host[:port],...` (port 22222 by
     /// default), to which this node streams its sessions while it holds
-    /// the VIPs.
-    #[arg(long = "ctsync-peers", value_name = "PEERS")]
+    /// the VIPs; or `nodes`: every Node's InternalIP at the port of
+    /// --ctsync-listen, following the Nodes as they come and go. This
+    /// node's own address is left out, so one setting serves a DaemonSet.
+    #[arg(long = "ctsync-peers", value_name = "PEERS|nodes")]
     ctsync_peers: Option<String>,
     /// Conntrack sync: `ca.crt`, `tls.crt`, `tls.key` (a mounted TLS
     /// Secret); peers must present a certificate of that CA.
@@ -420,7 +422,7 @@ fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
     let routes = loxilb_agent::routes::read().map_err(|e| config::ConfigError {
         file: path.display().to_string(),
         field: String::new(),
-        message: format!("cannot read the routing table (/proc/net/route): {e}"),
+        message: format!("cannot read the routing table (rtnetlink): {e:#}"),
     })?;
     let file = path.display().to_string();
     config::check_reachability(&file, &rules, &routes)?;
@@ -889,6 +891,10 @@ impl kube_watch::bgp_peers::PeerSink for CrdPeers {
 struct KubeSink {
     /// Conntrack sync: active (streaming) while this node holds the VIPs.
     sync: Option<loxilb_agent::ctsync::Syncer>,
+    /// `--ctsync-peers=nodes`: the sync peers are the other Nodes'
+    /// InternalIPs at this port.
+    discover_port: Option<u16>,
+    node_name: String,
     sync_active: bool,
     node: std::sync::Arc<std::sync::Mutex<Node>>,
     rules: KubeRules,
@@ -932,6 +938,26 @@ impl kube_watch::controller::RuleSink for KubeSink {
     fn own_vips(&mut self, vips: Vec<std::net::IpAddr>) -> Result<()> {
         self.own(vips)
     }
+
+    fn node_addresses(&mut self, nodes: Vec<(String, std::net::IpAddr)>) {
+        if let (Some(port), Some(sync)) = (self.discover_port, self.sync.as_ref()) {
+            sync.set_peers(discovered_peers(&nodes, &self.node_name, port));
+        }
+    }
+}
+
+/// The conntrack sync peers `--ctsync-peers=nodes` finds: every other
+/// Node's InternalIP at `port`.
+fn discovered_peers(
+    nodes: &[(String, std::net::IpAddr)],
+    me: &str,
+    port: u16,
+) -> Vec<std::net::SocketAddr> {
+    nodes
+        .iter()
+        .filter(|(n, _)| n != me)
+        .map(|(_, ip)| std::net::SocketAddr::new(*ip, port))
+        .collect()
 }
 
 /// The refusals of `done`, for the controller's Events.
@@ -1158,10 +1184,20 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     if let Err(e) = vip_roles.publish(pin_dir) {
         warn!("publishing the VIP roles: {e:#}");
     }
+    // `--ctsync-peers=nodes`: the peers are the Nodes' addresses at this
+    // port (see KubeSink::node_addresses).
+    let discover_port = match (a.ctsync_peers.as_deref(), a.ctsync_listen) {
+        (Some("nodes"), Some(l)) => Some(l.port()),
+        (Some("nodes"), None) => anyhow::bail!(
+            "--ctsync-peers=nodes needs --ctsync-listen (its port is where the other nodes listen)"
+        ),
+        _ => None,
+    };
     let sync = if a.ctsync_listen.is_some() || a.ctsync_peers.is_some() {
         let peers = a
             .ctsync_peers
             .as_deref()
+            .filter(|p| *p != "nodes")
             .map(loxilb_agent::ctsync::parse_peers)
             .transpose()
             .context("--ctsync-peers")?
@@ -1186,6 +1222,8 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     let hints = sync.as_ref().and_then(|s| s.takeover_hints());
     let vips_on_lo = std::sync::Arc::new(loxilb_agent::lovips::LoVips::start(lo, held.clone())?);
     let sink = KubeSink {
+        discover_port,
+        node_name: run_config.node_name.clone(),
         sync,
         sync_active: false,
         node: node.clone(),
@@ -1320,6 +1358,23 @@ mod tests {
                 "{bad:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn ctsync_peers_discovered_from_the_nodes_leave_this_node_out() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let nodes = vec![
+            ("node-a".to_string(), ip("10.0.0.11")),
+            ("node-b".to_string(), ip("10.0.0.12")),
+            ("node-c".to_string(), ip("fd00::13")),
+        ];
+        assert_eq!(
+            discovered_peers(&nodes, "node-b", 22222),
+            vec![
+                "10.0.0.11:22222".parse().unwrap(),
+                "[fd00::13]:22222".parse().unwrap()
+            ]
+        );
     }
 
     /// The in-cluster manifest runs a command line this agent accepts.

@@ -126,7 +126,10 @@ mod tests {
         assert_eq!(p("10.10.9.9"), None);
         assert_eq!(p("fd00:1::20"), None);
         let e = p("10.10.5.9").unwrap();
-        assert!(e.contains("router 10.10.0.1") && e.contains("dsr-ipip"), "{e}");
+        assert!(
+            e.contains("router 10.10.0.1") && e.contains("dsr-ipip"),
+            "{e}"
+        );
         let e = p("fd00:1::8:9").unwrap();
         assert!(e.contains("router fd00:1::1"), "{e}");
         assert!(p("8.8.8.8").unwrap().contains("192.168.1.1"));
@@ -167,14 +170,25 @@ mod tests {
         .join()
         .unwrap()
         .unwrap();
-        let find = |d: &str, l: u8| got.iter().find(|r| r.dest == d.parse::<IpAddr>().unwrap() && r.prefix_len == l);
-        assert_eq!(find("10.77.0.0", 24).map(|r| r.gateway), Some(None), "{got:?}");
+        let find = |d: &str, l: u8| {
+            got.iter()
+                .find(|r| r.dest == d.parse::<IpAddr>().unwrap() && r.prefix_len == l)
+        };
+        assert_eq!(
+            find("10.77.0.0", 24).map(|r| r.gateway),
+            Some(None),
+            "{got:?}"
+        );
         assert_eq!(
             find("10.78.0.0", 16).and_then(|r| r.gateway),
             Some("10.77.0.254".parse().unwrap()),
             "{got:?}"
         );
-        assert_eq!(find("fd77::", 64).map(|r| r.iface.as_str()), Some("v0"), "{got:?}");
+        assert_eq!(
+            find("fd77::", 64).map(|r| r.iface.as_str()),
+            Some("v0"),
+            "{got:?}"
+        );
         assert_eq!(
             find("fd78::", 48).and_then(|r| r.gateway),
             Some("fd77::fe".parse().unwrap()),

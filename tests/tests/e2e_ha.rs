@@ -127,7 +127,8 @@ impl Ha {
     }
 
     /// With conntrack sync between the two nodes (over the client-side
-    /// segment, mutual TLS with `certs.dirs[i]`).
+    /// segment, mutual TLS with `certs.dirs[i]`, the peer found from the
+    /// Node objects).
     fn start_synced(&self, api: &ApiServer, i: usize, label: &str, certs: &Certs) -> KubeAgent {
         self.start_synced_with(api, i, label, certs, &[])
     }
@@ -140,8 +141,10 @@ impl Ha {
         certs: &Certs,
         extra: &[&str],
     ) -> KubeAgent {
+        // The peers: the other Node's InternalIP (the API's Node objects)
+        // at the listener's port.
         let me = format!("--ctsync-listen=10.30.0.{}:22222", 11 + i);
-        let peer = format!("--ctsync-peers=10.30.0.{}:22222", 12 - i);
+        let peer = "--ctsync-peers=nodes".to_string();
         let tls = format!("--ctsync-tls={}", certs.dirs[i].to_str().unwrap());
         let mut args = vec![me.as_str(), peer.as_str(), tls.as_str()];
         args.extend_from_slice(extra);

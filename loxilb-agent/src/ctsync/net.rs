@@ -52,14 +52,22 @@ pub(super) struct Ctx {
     pub listen_port: u16,
     /// Takeover hints: Lease identities of senders found dead.
     pub dead: mpsc::UnboundedSender<String>,
+    /// The peers dialled while active (see `Syncer::set_peers`).
+    pub peers: watch::Receiver<Vec<SocketAddr>>,
 }
 
 impl Ctx {
     pub fn stats<T>(&self, f: impl FnOnce(&mut Stats) -> T) -> T {
         f(&mut self.stats.lock().expect("stats lock"))
     }
-    fn peer<T>(&self, i: usize, f: impl FnOnce(&mut PeerStats) -> T) -> T {
-        self.stats(|s| f(&mut s.peers[i]))
+    /// The counters of peer `addr` (a scratch entry once it left the
+    /// peer list).
+    fn peer<T>(&self, addr: SocketAddr, f: impl FnOnce(&mut PeerStats) -> T) -> T {
+        let key = addr.to_string();
+        self.stats(|s| match s.peers.iter_mut().find(|p| p.addr == key) {
+            Some(p) => f(p),
+            None => f(&mut PeerStats::default()),
+        })
     }
 }
 
@@ -176,13 +184,13 @@ pub(super) async fn scanner(ctx: Arc<Ctx>) {
 }
 
 /// The active node's link to one receiver, reconnecting for ever.
-pub(super) async fn peer(ctx: Arc<Ctx>, i: usize, addr: SocketAddr) {
+pub(super) async fn peer(ctx: Arc<Ctx>, addr: SocketAddr) {
     let mut backoff = Duration::from_millis(500);
     let mut last_err = String::new();
     loop {
-        ctx.peer(i, |p| p.state = "connecting".into());
+        ctx.peer(addr, |p| p.state = "connecting".into());
         let t0 = Instant::now();
-        let r = peer_session(&ctx, i, addr).await;
+        let r = peer_session(&ctx, addr).await;
         let e = match r {
             Ok(()) => "the connection ended".to_string(),
             Err(e) => format!("{e:#}"),
@@ -191,7 +199,7 @@ pub(super) async fn peer(ctx: Arc<Ctx>, i: usize, addr: SocketAddr) {
             warn!("ctsync: receiver {addr}: {e}");
             last_err = e.clone();
         }
-        ctx.peer(i, |p| {
+        ctx.peer(addr, |p| {
             p.state = "error".into();
             p.last_error = Some(e);
         });
@@ -211,7 +219,7 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> {
+async fn peer_session(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     let tcp = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("no TCP connection within {HANDSHAKE_TIMEOUT:?}"))?
@@ -240,7 +248,7 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
         }
     }
     info!("ctsync: streaming sessions to {addr}");
-    ctx.peer(i, |p| {
+    ctx.peer(addr, |p| {
         p.connects += 1;
         p.last_error = None;
     });
@@ -270,14 +278,14 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
             want: Some(want),
             overflow: overflow.clone(),
         });
-        ctx.peer(i, |p| p.state = "snapshot".into());
+        ctx.peer(addr, |p| p.state = "snapshot".into());
         let snap = tokio::select! {
             s = snap => s.map_err(|_| anyhow!("the scanner stopped"))?,
             e = &mut reader.0 => return Err(e.unwrap_or_else(|e| anyhow!("{e}"))),
         };
         let n = send_snapshot(ctx, &mut wr, &snap).await?;
         drop(snap);
-        ctx.peer(i, |p| {
+        ctx.peer(addr, |p| {
             p.state = "streaming".into();
             p.snapshots += 1;
             p.entries_sent += n;
@@ -290,7 +298,7 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
                     Some(f) => {
                         wire::write_frame(&mut wr, &f).await?;
                         let (u, r, a) = frame_counts(&f);
-                        ctx.peer(i, |p| {
+                        ctx.peer(addr, |p| {
                             p.entries_sent += u;
                             p.removes_sent += r;
                             p.assocs_sent += a;
@@ -298,7 +306,7 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
                     }
                     None if overflow.load(Ordering::SeqCst) => {
                         warn!("ctsync: receiver {addr} fell behind ({} batches queued): full resync", ctx.cfg.queue);
-                        ctx.peer(i, |p| p.resyncs += 1);
+                        ctx.peer(addr, |p| p.resyncs += 1);
                         break;
                     }
                     None => bail!("the scanner stopped"),
@@ -308,7 +316,7 @@ async fn peer_session(ctx: &Arc<Ctx>, i: usize, addr: SocketAddr) -> Result<()> 
                 }
                 _ = resync.notified() => {
                     info!("ctsync: receiver {addr} asked for a new snapshot (its rules changed)");
-                    ctx.peer(i, |p| p.resyncs_asked += 1);
+                    ctx.peer(addr, |p| p.resyncs_asked += 1);
                     break;
                 }
                 e = &mut reader.0 => return Err(e.unwrap_or_else(|e| anyhow!("{e}"))),

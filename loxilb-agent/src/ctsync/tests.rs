@@ -452,3 +452,34 @@ fn a_sender_found_dead_gives_a_takeover_hint() {
         st.inbound.last_dead
     );
 }
+
+/// Peers set while running: the active node dials the new one at once,
+/// leaves itself out, and hangs up on a peer no longer listed.
+#[test]
+fn peers_follow_set_peers_and_leave_this_node_out() {
+    let ca = TestCa::new("ca");
+    let (a, b) = (node(true), node(false));
+    let (tx, rx, _da, _db) = pair(&ca, &ca, &ca, &a, &b, |c| {
+        c.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.peers = vec![];
+    });
+    wait_for("active", 10, || tx.stats().role == "active");
+    assert!(tx.stats().peers.is_empty());
+    let me = tx.local_addr().unwrap();
+    tx.set_peers(vec![me, rx.local_addr().unwrap(), me]);
+    wait_for("streaming to the new peer", 10, || {
+        rx.stats().inbound.connected == 1
+    });
+    let st = tx.stats();
+    assert_eq!(
+        st.peers.len(),
+        1,
+        "itself left out, listed once: {:?}",
+        st.peers
+    );
+    assert_eq!(st.peers[0].addr, rx.local_addr().unwrap().to_string());
+    assert_eq!(st.inbound.refused_active, 0, "never dialled itself");
+    tx.set_peers(vec![]);
+    wait_for("the peer dropped", 10, || rx.stats().inbound.connected == 0);
+    assert!(tx.stats().peers.is_empty());
+}
