@@ -453,21 +453,23 @@ fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
 /// node: L2 DSR endpoints directly connected, through a device XDP can
 /// send through.
 fn check_on_node(file: &str, rules: &[config::Rule]) -> Result<(), config::ConfigError> {
+    // Only L2 DSR rules need anything of the host (an API request is one
+    // rule: no routing table read for the others).
+    if !rules.iter().any(|r| r.mode == config::Mode::Dsr) {
+        return Ok(());
+    }
     let routes = loxilb_agent::routes::read().map_err(|e| config::ConfigError {
         file: file.to_string(),
         field: String::new(),
         message: format!("cannot read the routing table (/proc/net/route): {e}"),
     })?;
     config::check_reachability(file, rules, &routes)?;
-    if rules.iter().any(|r| r.mode == config::Mode::Dsr) {
-        let devs = devices::survey().map_err(|e| config::ConfigError {
-            file: file.to_string(),
-            field: String::new(),
-            message: format!("cannot list the network devices: {e:#}"),
-        })?;
-        config::check_dsr_forwarding(file, rules, &routes, &devs)?;
-    }
-    Ok(())
+    let devs = devices::survey().map_err(|e| config::ConfigError {
+        file: file.to_string(),
+        field: String::new(),
+        message: format!("cannot list the network devices: {e:#}"),
+    })?;
+    config::check_dsr_forwarding(file, rules, &routes, &devs)
 }
 
 fn main() -> Result<()> {

@@ -970,3 +970,46 @@ fn a_rule_file_conflicting_with_api_rules_is_refused_naming_both() {
     api.set_file(vec![]).unwrap();
     assert_eq!(api.union().len(), 1);
 }
+
+#[test]
+fn the_node_checks_of_the_rule_file_apply_to_api_rules() {
+    // The agent passes its L2 DSR reachability check (main.rs
+    // check_on_node); here one that refuses every dsr endpoint.
+    let inst = Arc::new(Mutex::new(Installed::default()));
+    let mut api = Api::new(
+        Box::new(MemSink(inst.clone())),
+        Box::new(|rules: &[Rule]| config::check_reachability("request", rules, &[]).map(|_| ())),
+        Store::in_memory(),
+        vec![],
+        false,
+        "rules.yaml",
+        vec![],
+    )
+    .unwrap();
+    let mut dsr = web(80, "d", &[("10.0.1.10", 80)]);
+    dsr["serviceArguments"]["mode"] = json!(3);
+    let (st, v) = post(&mut api, &dsr);
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["fields"], json!(["endpoints[0].endpointIP"]), "{v}");
+    assert!(inst.lock().unwrap().rules.is_empty());
+    // DSR's own rule-file check: the endpoint listens on the service port.
+    let (st, v) = post(
+        &mut Api::new(
+            Box::new(MemSink(inst.clone())),
+            Box::new(|_: &[Rule]| Ok(())),
+            Store::in_memory(),
+            vec![],
+            false,
+            "rules.yaml",
+            vec![],
+        )
+        .unwrap(),
+        &{
+            let mut r = web(80, "d", &[("10.0.1.10", 8080)]);
+            r["serviceArguments"]["mode"] = json!(3);
+            r
+        },
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["fields"], json!(["endpoints[0].targetPort"]), "{v}");
+}
