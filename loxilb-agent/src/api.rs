@@ -500,11 +500,17 @@ impl Api {
     /// API rules: 409 naming both.
     fn conflicts(&self, rule: &Rule, service: &str) -> Result<(), ApiError> {
         let own = key_of(rule);
-        for k in rule_keys(rule) {
+        for (j, k) in rule_keys(rule).enumerate() {
+            // The primary VIP, or the secondary one at j - 1.
+            let field = if j == 0 {
+                "serviceArguments.externalIP".to_string()
+            } else {
+                format!("secondaryIPs[{}].secondaryIP", j - 1)
+            };
             if let Some(name) = self.file_keys.get(&k) {
                 return Err(ApiError::new(
                     409,
-                    "serviceArguments.externalIP",
+                    field,
                     format!(
                         "{} is served by rule {name:?} of the rule file {}, which the API does \
                          not change: remove it from the file first, or use another VIP or port",
@@ -517,7 +523,7 @@ impl Api {
                 Some(p) if *p != own => {
                     return Err(ApiError::new(
                         409,
-                        "secondaryIPs",
+                        field,
                         format!(
                             "{} is served by the API rule {:?}: a VIP, port and protocol serve \
                              one rule; delete that rule first",

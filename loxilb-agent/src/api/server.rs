@@ -287,7 +287,11 @@ pub async fn serve(l: tokio::net::TcpListener, cfg: ApiListen, api: Arc<Mutex<Ap
         let _ = sock.set_nodelay(true);
         let (api, auth, acceptor) = (api.clone(), auth.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let http = hyper::server::conn::http1::Builder::new();
+            // A client that does not send its request head in time is
+            // dropped (a slow client cannot hold connections open).
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
             match acceptor {
                 None => {
                     let svc = hyper::service::service_fn(move |r| {

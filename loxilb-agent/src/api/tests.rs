@@ -1013,3 +1013,39 @@ fn the_node_checks_of_the_rule_file_apply_to_api_rules() {
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["fields"], json!(["endpoints[0].targetPort"]), "{v}");
 }
+
+#[test]
+fn a_secondary_vip_taken_by_another_rule_is_a_conflict_at_its_path() {
+    let (mut api, inst) = api_with(Store::in_memory(), vec![], FILE_RULES);
+    let sctp = |vip: &str, secondary: &[&str], name: &str| {
+        json!({
+            "serviceArguments": {"externalIP": vip, "port": 38412, "protocol": "sctp",
+                                 "mode": 2, "name": name},
+            "secondaryIPs": secondary.iter().map(|a| json!({"secondaryIP": a})).collect::<Vec<_>>(),
+            "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 38412}],
+        })
+    };
+    assert_eq!(
+        post(&mut api, &sctp("20.0.0.1", &["20.0.0.2"], "amf")).0,
+        200
+    );
+    let before = (api.list(), inst.lock().unwrap().rules.clone());
+    let (st, v) = post(
+        &mut api,
+        &sctp("20.0.0.3", &["20.0.0.4", "20.0.0.2"], "amf2"),
+    );
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["fields"], json!(["secondaryIPs[1].secondaryIP"]), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("20.0.0.2:38412/sctp is served by the API rule \"amf@20.0.0.1:38412/sctp\""),
+        "{v}"
+    );
+    // Its primary VIP being another rule's secondary one.
+    let (st, v) = post(&mut api, &sctp("20.0.0.2", &[], "amf3"));
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["fields"], json!(["serviceArguments.externalIP"]), "{v}");
+    assert_eq!((api.list(), inst.lock().unwrap().rules.clone()), before);
+}
