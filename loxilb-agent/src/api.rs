@@ -32,7 +32,8 @@
 //! cannot opt in or out). `oper` is kube-loxilb's: 0 create or replace, 1
 //! attach the listed endpoints to the rule, 2 detach them. `managed` is
 //! stored and shown. Endpoint `state` and `counter` are output only
-//! (ignored on input). Field names are those of kube-loxilb's client
+//! (ignored on input); a list shows `state`: `active`, or `inactive`
+//! while the endpoint's health probe finds it down. Field names are those of kube-loxilb's client
 //! (`BGP`, `Monitor`; loxilb's `bgp`, `monitor` are accepted too); an
 //! unknown field is refused.
 //!
@@ -69,7 +70,7 @@ pub mod store;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
@@ -342,6 +343,8 @@ pub trait Sink: Send {
     fn apply(&mut self, upserts: &[Rule], removed: &[Rule]) -> anyhow::Result<()>;
     /// The live sessions (`loxilb-agent sessions`).
     fn sessions(&mut self) -> anyhow::Result<Vec<crate::show::SessionRow>>;
+    /// The endpoints health probes found down: (rule name, IP, port).
+    fn endpoints_down(&mut self) -> HashSet<(String, IpAddr, u16)>;
 }
 
 /// The API's view of the agent's rules: those created through it (by key,
@@ -950,10 +953,33 @@ impl Api {
     }
 
     /// Every rule, loxilb's shape: the rule file's (`managed: false`),
-    /// then the API's as stored.
-    pub fn list(&self) -> Value {
-        let mut out: Vec<LbRule> = self.file.iter().map(from_rule).collect();
-        out.extend(self.rules.values().map(|(r, _)| r.clone()));
+    /// then the API's as stored; each endpoint's `state` is `inactive`
+    /// while its health probe finds it down, else `active`.
+    pub fn list(&mut self) -> Value {
+        let down = self.sink.endpoints_down();
+        let with_state = |mut out: LbRule, r: &Rule| {
+            // One output endpoint per rule endpoint, in order.
+            for (o, e) in out.endpoints.iter_mut().zip(&r.endpoints) {
+                let key = (r.name.clone(), e.ip, e.port);
+                o.state = if down.contains(&key) {
+                    "inactive"
+                } else {
+                    "active"
+                }
+                .into();
+            }
+            out
+        };
+        let mut out: Vec<LbRule> = self
+            .file
+            .iter()
+            .map(|r| with_state(from_rule(r), r))
+            .collect();
+        out.extend(
+            self.rules
+                .values()
+                .map(|(req, r)| with_state(req.clone(), r)),
+        );
         json!({ "lbAttr": out })
     }
 

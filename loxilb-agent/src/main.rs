@@ -812,7 +812,7 @@ type SharedNode = std::sync::Arc<std::sync::Mutex<Option<Node>>>;
 /// API rules go to the node's reconciler as changes (the path of the
 /// Kubernetes mode's per-Service updates: same rule ids, endpoints,
 /// probes, counters as a whole-set apply).
-struct NodeSink(SharedNode);
+struct NodeSink(SharedNode, PathBuf);
 
 impl loxilb_agent::api::Sink for NodeSink {
     fn apply(&mut self, upserts: &[config::Rule], removed: &[config::Rule]) -> Result<()> {
@@ -837,6 +837,17 @@ impl loxilb_agent::api::Sink for NodeSink {
             &node.dp.sessions()?,
             show::monotonic_ns(),
         ))
+    }
+
+    fn endpoints_down(&mut self) -> std::collections::HashSet<(String, std::net::IpAddr, u16)> {
+        // What the node publishes for `loxilb-agent endpoints`; none
+        // before the first probe.
+        loxilb_agent::node::read_probe_state(&self.1)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| !t.up)
+            .map(|t| (t.key.rule, t.key.addr, t.key.port))
+            .collect()
     }
 }
 
@@ -874,7 +885,7 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
             let (store, stored) = api::store::Store::open(&state_dir)?;
             let n = stored.len();
             let api = api::Api::new(
-                Box::new(NodeSink(shared.clone())),
+                Box::new(NodeSink(shared.clone(), pin_dir.to_path_buf())),
                 Box::new(|rules: &[config::Rule]| check_on_node("request", rules)),
                 store,
                 stored,

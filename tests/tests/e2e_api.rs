@@ -251,6 +251,53 @@ fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
     drop(open);
     let (_, all) = api.call("GET", &format!("{LB}/all"), "", None);
     assert_eq!(all["lbAttr"].as_array().unwrap().len(), 1, "{all}");
+    // A probed rule whose endpoint is closed: listed inactive.
+    let mut probed = rule(&s.t, "default_probed:llb-inst0", VIP, &[2]);
+    probed["serviceArguments"]["port"] = json!(81);
+    probed["endpoints"][0]["targetPort"] = json!(9);
+    for (k, v) in [
+        ("Monitor", json!(true)),
+        ("probetype", json!("tcp")),
+        ("probeRetries", json!(1)),
+        ("probeTimeout", json!(1)),
+    ] {
+        probed["serviceArguments"][k] = v;
+    }
+    assert_eq!(
+        api.call("POST", LB, &probed.to_string(), Some(TOKEN)).0,
+        200
+    );
+    let states = |all: &Value| -> Vec<String> {
+        all["lbAttr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["endpoints"][0]["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+    eventually(
+        "the closed endpoint is listed inactive",
+        Duration::from_secs(15),
+        || {
+            let (_, all) = api.call("GET", &format!("{LB}/all"), "", None);
+            let st = states(&all);
+            if st == ["active", "inactive"] {
+                Ok(())
+            } else {
+                Err(format!("{st:?}"))
+            }
+        },
+    );
+    assert_eq!(
+        api.call(
+            "DELETE",
+            &format!("{LB}/externalipaddress/{VIP}/port/81/protocol/tcp"),
+            "",
+            Some(TOKEN)
+        )
+        .0,
+        200
+    );
 
     // Restart: the API rule comes back from the state directory.
     agent.stop().unwrap();
@@ -285,7 +332,10 @@ fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
         .unwrap();
     assert!(agent.log_text().contains("\"file-web\" of the rule file"));
     assert_eq!(backends_reached(&s, 6).len(), 2);
-    std::fs::write(&s.cfg, "rules: []\n").unwrap();
+    // A good reload installs the file's rules with the API's: the API
+    // rule stays.
+    agent.reload(&s.cfg, "rules: []\n");
+    assert_eq!(backends_reached(&s, 6).len(), 2);
 
     // Deleted by name: the VIP no longer answers.
     assert_eq!(

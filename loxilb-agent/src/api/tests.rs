@@ -19,6 +19,7 @@ struct Installed {
     rules: BTreeMap<String, Rule>,
     calls: usize,
     fail: bool,
+    down: std::collections::HashSet<(String, IpAddr, u16)>,
 }
 
 struct MemSink(Arc<Mutex<Installed>>);
@@ -50,6 +51,10 @@ impl Sink for MemSink {
             packets_in: 3,
             packets_out: 2,
         }])
+    }
+
+    fn endpoints_down(&mut self) -> std::collections::HashSet<(String, IpAddr, u16)> {
+        self.0.lock().unwrap().down.clone()
     }
 }
 
@@ -197,6 +202,12 @@ async fn every_endpoint_answers_as_recorded() {
     let r443 = web(443, "default_web:llb-inst0", &[("10.0.1.10", 8443)]);
     assert_eq!(s.write("POST", LB, &r443.to_string()).await, (200, OK()));
     // GET all: the file's rule, then the API's as stored.
+    // The 443 endpoint's probe finds it down.
+    s.inst.lock().unwrap().down.insert((
+        "default_web:llb-inst0@20.0.0.1:443/tcp".into(),
+        "10.0.1.10".parse().unwrap(),
+        8443,
+    ));
     let all = s.all().await;
     assert_eq!(
         all,
@@ -204,15 +215,15 @@ async fn every_endpoint_answers_as_recorded() {
             {"serviceArguments": {"externalIP": "20.0.0.9", "port": 80, "protocol": "tcp",
               "sel": 0, "mode": 0, "BGP": false, "Monitor": false, "inactiveTimeOut": 1800,
               "managed": false, "name": "file-web"},
-             "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 8080, "weight": 1}]},
+             "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 8080, "weight": 1, "state": "active"}]},
             {"serviceArguments": {"externalIP": "20.0.0.1", "port": 80, "protocol": "tcp",
               "sel": 0, "mode": 2, "BGP": false, "Monitor": false, "inactiveTimeOut": 0,
               "managed": true, "name": "default_web:llb-inst0"},
-             "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 8080, "weight": 1}]},
+             "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 8080, "weight": 1, "state": "active"}]},
             {"serviceArguments": {"externalIP": "20.0.0.1", "port": 443, "protocol": "tcp",
               "sel": 0, "mode": 2, "BGP": false, "Monitor": false, "inactiveTimeOut": 0,
               "managed": true, "name": "default_web:llb-inst0"},
-             "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 8443, "weight": 1}]},
+             "endpoints": [{"endpointIP": "10.0.1.10", "targetPort": 8443, "weight": 1, "state": "inactive"}]},
         ]})
     );
     // Update: endpoints replaced, a probe, hash selection.
@@ -859,7 +870,7 @@ fn api_rules_persist_and_come_back() {
     // A new agent: the same rules, the same union.
     let (store, stored) = Store::open(&dir).unwrap();
     assert_eq!(stored.len(), 2);
-    let (api, inst) = api_with(store, stored, FILE_RULES);
+    let (mut api, inst) = api_with(store, stored, FILE_RULES);
     assert_eq!(api.list(), listed);
     assert_eq!(api.union(), union);
     assert_eq!(api.union()[2].timeout_s, 60);
@@ -933,7 +944,7 @@ fn the_journal_is_compacted_as_it_grows() {
     drop(api);
     let (store, stored) = Store::open(&dir).unwrap();
     assert_eq!(stored.len(), 300);
-    let (api, _) = api_with(store, stored, FILE_RULES);
+    let (mut api, _) = api_with(store, stored, FILE_RULES);
     assert_eq!(api.list(), listed);
     let _ = std::fs::remove_dir_all(&dir);
 }
