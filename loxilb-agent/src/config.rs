@@ -55,6 +55,15 @@ impl Protocol {
             Protocol::Sctp => loxilb_common::IPPROTO_SCTP,
         }
     }
+    /// `tcp`, `udp`, `sctp` (any case, surrounding blanks ignored).
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "sctp" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
     pub fn from_number(n: u8) -> Option<Self> {
         match n {
             loxilb_common::IPPROTO_TCP => Some(Protocol::Tcp),
@@ -340,6 +349,28 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             err(String::new(), format!("{e}{loc}"))
         })?
     };
+    check_raw(file, raw)
+}
+
+/// Rules given as a YAML value of the rule file's shape (`{rules: [...]}`,
+/// built by another front end, the REST API): every check of [`parse`],
+/// errors naming `file` and the rule file's field paths.
+pub fn parse_value(file: &str, v: serde_yaml::Value) -> Result<Vec<Rule>, ConfigError> {
+    let raw: RawFile = serde_yaml::from_value(v).map_err(|e| ConfigError {
+        file: file.to_string(),
+        field: String::new(),
+        message: e.to_string(),
+    })?;
+    check_raw(file, raw)
+}
+
+/// Every check of the rule file, on its parsed form.
+fn check_raw(file: &str, raw: RawFile) -> Result<Vec<Rule>, ConfigError> {
+    let err = |field: String, message: String| ConfigError {
+        file: file.to_string(),
+        field,
+        message,
+    };
     let mut rules = Vec::with_capacity(raw.rules.len());
     // (VIP, port, protocol) -> which rule defines it, and how.
     let mut seen_keys: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
@@ -360,16 +391,11 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         }
         let port = int_in(&err, f("port"), &r.port, 1, 65535, "a port")? as u16;
         let rule_port = port;
-        let protocol = match r.protocol.trim().to_ascii_lowercase().as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            "sctp" => Protocol::Sctp,
-            _ => {
-                return Err(err(
-                    f("protocol"),
-                    format!("{:?} is not supported; use tcp, udp or sctp", r.protocol),
-                ))
-            }
+        let Some(protocol) = Protocol::from_name(&r.protocol) else {
+            return Err(err(
+                f("protocol"),
+                format!("{:?} is not supported; use tcp, udp or sctp", r.protocol),
+            ));
         };
         let raw_mode = given(&err, f("mode"), r.mode)?;
         let mode = match raw_mode.as_deref().map(str::trim) {

@@ -184,6 +184,8 @@ use tracing::{info, warn};
 
 pub use engine::ApplyStats;
 pub use table::{MemState, MemTable, PinnedTable, SessionTable};
+/// PEM loading, shared with the REST API's listener.
+pub(crate) use tls::{certs as read_pem_certs, key as read_pem_key};
 pub use tls::{CA_FILE, CERT_FILE, KEY_FILE};
 
 /// The port the sync listens on and dials when none is given.

@@ -2,6 +2,7 @@
 //! in standalone mode it takes its rules from a YAML file.
 
 pub mod announce;
+pub mod api;
 pub mod bgp;
 pub mod config;
 pub mod ctsync;

@@ -121,6 +121,29 @@ struct NodeArgs {
     health_listen: Option<std::net::SocketAddr>,
 }
 
+/// The REST API of `run` (loxilb's `/netlox/v1`, what kube-loxilb and
+/// loxicmd speak; see `loxilb_agent::api`).
+#[derive(clap::Args, Clone)]
+struct ApiArgs {
+    /// Serve the REST API on this address (loxilb's port is 11111); off
+    /// when absent. Rules created through it persist in the state
+    /// directory and are served with the rule file's.
+    #[arg(long, value_name = "ADDR:PORT")]
+    api_listen: Option<std::net::SocketAddr>,
+    /// TLS for the API: `tls.crt` and `tls.key`; with `ca.crt`, clients
+    /// presenting a certificate of that CA may write.
+    #[arg(long, value_name = "DIR")]
+    api_tls: Option<PathBuf>,
+    /// A file holding the token that lets a client write
+    /// (`Authorization: Bearer <token>`).
+    #[arg(long, value_name = "PATH")]
+    api_token_file: Option<PathBuf>,
+    /// Let clients write without credentials (and allow the API over
+    /// plain HTTP, without --api-tls).
+    #[arg(long)]
+    insecure_api: bool,
+}
+
 /// A minimal HTTP endpoint: 200 on /healthz and /readyz while the agent
 /// serves (it only starts once the datapath is attached), the Prometheus
 /// metrics on /metrics, 404 else.
@@ -196,6 +219,8 @@ enum Cmd {
         /// Rule file (YAML). Re-read on change and on SIGHUP.
         #[arg(long, short = 'c')]
         config: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Kubernetes mode: serve the LoadBalancer Services of our class (in
     /// cluster: the DaemonSet in manifest/in-cluster runs this).
@@ -349,11 +374,7 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
     if let Some(v) = &k.enable_bgp_crds {
         let on = kube_watch::flags::parse_bool("--enableBGPCRDs", v)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let bgp_on = a
-            .set_bgp
-            .as_deref()
-            .is_some_and(|s| s.trim() != "0" && !s.trim().is_empty());
-        if on && !bgp_on {
+        if on && !a.bgp_on() {
             anyhow::bail!(
                 "--enableBGPCRDs: BGP peers from BGPPeerService objects need BGP on; give --setBGP=<AS>"
             );
@@ -374,6 +395,13 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
 }
 
 impl NodeArgs {
+    /// Whether `--setBGP` turns BGP on (an AS other than 0).
+    fn bgp_on(&self) -> bool {
+        self.set_bgp
+            .as_deref()
+            .is_some_and(|s| s.trim() != "0" && !s.trim().is_empty())
+    }
+
     /// `--forward`, with `--forward-via-stack` as its `stack` (the two
     /// must not disagree).
     fn forward_mode(&self) -> Result<ForwardMode> {
@@ -419,22 +447,31 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 /// on this node: L2 DSR endpoints must be directly connected).
 fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
     let rules = config::load(path)?;
+    check_on_node(&path.display().to_string(), &rules)?;
+    Ok(rules)
+}
+
+/// What rules (of `file`: the rule file, or an API request) need of this
+/// node: L2 DSR endpoints directly connected, through a device XDP can
+/// send through.
+fn check_on_node(file: &str, rules: &[config::Rule]) -> Result<(), config::ConfigError> {
+    // Only L2 DSR rules need anything of the host (an API request is one
+    // rule: no routing table read for the others).
+    if !rules.iter().any(|r| r.mode == config::Mode::Dsr) {
+        return Ok(());
+    }
     let routes = loxilb_agent::routes::read().map_err(|e| config::ConfigError {
-        file: path.display().to_string(),
+        file: file.to_string(),
         field: String::new(),
         message: format!("cannot read the routing table (rtnetlink): {e:#}"),
     })?;
-    let file = path.display().to_string();
-    config::check_reachability(&file, &rules, &routes)?;
-    if rules.iter().any(|r| r.mode == config::Mode::Dsr) {
-        let devs = devices::survey().map_err(|e| config::ConfigError {
-            file: file.clone(),
-            field: String::new(),
-            message: format!("cannot list the network devices: {e:#}"),
-        })?;
-        config::check_dsr_forwarding(&file, &rules, &routes, &devs)?;
-    }
-    Ok(rules)
+    config::check_reachability(file, rules, &routes)?;
+    let devs = devices::survey().map_err(|e| config::ConfigError {
+        file: file.to_string(),
+        field: String::new(),
+        message: format!("cannot list the network devices: {e:#}"),
+    })?;
+    config::check_dsr_forwarding(file, rules, &routes, &devs)
 }
 
 fn main() -> Result<()> {
@@ -452,11 +489,11 @@ fn main() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cli = Cli::parse_from(args);
     match cli.cmd {
-        Cmd::Run { node, config } => {
+        Cmd::Run { node, config, api } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(&cli.pin_dir, &node, &config))
+            rt.block_on(run(&cli.pin_dir, &node, &config, &api))
         }
         Cmd::Kube { node, kube } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -771,18 +808,117 @@ fn exit_note(pin_dir: &Path, keep: bool) {
     }
 }
 
-async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
+/// The node as `run` shares it with the REST API; `None` once stopping.
+type SharedNode = std::sync::Arc<std::sync::Mutex<Option<Node>>>;
+
+/// API rules go to the node's reconciler as changes (the path of the
+/// Kubernetes mode's per-Service updates: same rule ids, endpoints,
+/// probes, counters as a whole-set apply).
+struct NodeSink(SharedNode, PathBuf);
+
+impl loxilb_agent::api::Sink for NodeSink {
+    fn apply(&mut self, upserts: &[config::Rule], removed: &[config::Rule]) -> Result<()> {
+        let mut g = self.0.lock().expect("node lock");
+        let node = g
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the agent is stopping"))?;
+        let keys: Vec<_> = removed
+            .iter()
+            .map(|r| loxilb_agent::rules::svc_key(r.vip, r.port, r.protocol))
+            .collect();
+        node.apply_changes(upserts, &keys)?;
+        Ok(())
+    }
+
+    fn sessions(&mut self) -> Result<Vec<show::SessionRow>> {
+        let g = self.0.lock().expect("node lock");
+        let node = g
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the agent is stopping"))?;
+        Ok(show::session_rows(
+            &node.dp.sessions()?,
+            show::monotonic_ns(),
+        ))
+    }
+
+    fn endpoints_down(&mut self) -> std::collections::HashSet<(String, std::net::IpAddr, u16)> {
+        // What the node publishes for `loxilb-agent endpoints`; none
+        // before the first probe.
+        loxilb_agent::node::read_probe_state(&self.1)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| !t.up)
+            .map(|t| (t.key.rule, t.key.addr, t.key.port))
+            .collect()
+    }
+}
+
+async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) -> Result<()> {
+    use loxilb_agent::api;
     if a.ctsync_listen.is_some() || a.ctsync_peers.is_some() {
         anyhow::bail!(
             "--ctsync-listen / --ctsync-peers: conntrack sync follows VIP ownership, which only \
              `loxilb-agent kube` has (the Lease); remove them from `run`"
         );
     }
+    let listen = api::server::ApiListen::from_flags(
+        api_args.api_listen,
+        api_args.api_tls.as_deref(),
+        api_args.api_token_file.as_deref(),
+        api_args.insecure_api,
+    )?;
     // Validate the rule file before touching the kernel.
-    let desired = load_rules(cfg_path)?;
-    let (mut node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
+    let file_rules = load_rules(cfg_path)?;
+    let shared: SharedNode = Default::default();
+    let state_dir = loxilb_agent::node::state_dir(pin_dir);
+    let api = match &listen {
+        None => {
+            let snap = state_dir.join(api::store::SNAPSHOT);
+            if snap.exists() {
+                warn!(
+                    "{} holds rules created through the REST API; they are not served without \
+                     --api-listen",
+                    snap.display()
+                );
+            }
+            None
+        }
+        Some(_) => {
+            let (store, stored) = api::store::Store::open(&state_dir)?;
+            let n = stored.len();
+            let api = api::Api::new(
+                Box::new(NodeSink(shared.clone(), pin_dir.to_path_buf())),
+                Box::new(|rules: &[config::Rule]| check_on_node("request", rules)),
+                store,
+                stored,
+                a.bgp_on(),
+                &cfg_path.display().to_string(),
+                file_rules.clone(),
+            )?;
+            info!(
+                "{n} rule(s) created through the REST API restored from {}",
+                state_dir.display()
+            );
+            Some(std::sync::Arc::new(std::sync::Mutex::new(api)))
+        }
+    };
+    let desired = match &api {
+        Some(api) => api.lock().expect("API lock").union(),
+        None => file_rules,
+    };
+    let (node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
+    *shared.lock().expect("node lock") = Some(node);
+    // Every use of the node below: through the lock, the API's too.
+    let with_node = |f: &mut dyn FnMut(&mut Node)| {
+        if let Some(n) = shared.lock().expect("node lock").as_mut() {
+            f(n)
+        }
+    };
     if let Some(h) = a.health_listen {
         serve_health(h, pin_dir).await?;
+    }
+    if let (Some(l), Some(api)) = (listen, &api) {
+        api::server::start(l, api.clone()).await?;
     }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -814,16 +950,31 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
                     }
                 }
             }
-            _ = upkeep.tick() => { node.tick(); false }
-            Some(t) = transitions.recv() => { node.on_transition(t); false }
+            _ = upkeep.tick() => { with_node(&mut |n| n.tick()); false }
+            Some(t) = transitions.recv() => { with_node(&mut |n| n.on_transition(t.clone())); false }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
         if !reload {
             continue;
         }
-        match config::reload(|| load_rules(cfg_path), |desired| node.apply(desired)) {
-            Ok(Ok(rep)) => info!(
+        // The file's rules with the API's (which they must not conflict
+        // with), applied as one set.
+        let apply = |file: &[config::Rule]| -> Result<Result<loxilb_agent::rules::Report>, String> {
+            let desired = match &api {
+                Some(api) => {
+                    let mut api = api.lock().expect("API lock");
+                    api.set_file(file.to_vec()).map_err(|e| e.message)?;
+                    api.union()
+                }
+                None => file.to_vec(),
+            };
+            let mut g = shared.lock().expect("node lock");
+            let node = g.as_mut().expect("the node runs until the loop ends");
+            Ok(node.apply(&desired))
+        };
+        match config::reload(|| load_rules(cfg_path), apply) {
+            Ok(Ok(Ok(rep))) => info!(
                 added = ?rep.added,
                 updated = ?rep.updated,
                 removed = ?rep.removed,
@@ -831,11 +982,17 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path) -> Result<()> {
                 sessions_flushed = rep.sessions_flushed,
                 "reload applied"
             ),
-            Ok(Err(e)) => error!("reload failed while writing the maps: {e:#}"),
+            Ok(Ok(Err(e))) => error!("reload failed while writing the maps: {e:#}"),
+            Ok(Err(conflict)) => warn!("{conflict}; the rules already running are unchanged"),
             Err(e) => warn!("{e}; the rules already running are unchanged"),
         }
     }
     exit_note(pin_dir, a.keep);
+    let node = shared
+        .lock()
+        .expect("node lock")
+        .take()
+        .expect("the node runs until the loop ends");
     node.shutdown(a.keep)
 }
 

@@ -435,6 +435,11 @@ impl Node {
     /// Announce exactly the installed VIPs (starting the speaker on first
     /// use); failures are logged and retried on the next tick.
     fn sync_bgp(&mut self) {
+        // Without BGP there is nothing to tell (and copying every VIP
+        // would make each rule change cost as much as all rules).
+        if self.bgp.is_none() && self.bgp_setup.is_none() {
+            return;
+        }
         let vips = self.announce.clone();
         if let Some(s) = self.bgp.as_mut() {
             if let Err(e) = s.set_vips(vips) {

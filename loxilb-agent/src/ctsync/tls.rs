@@ -32,7 +32,7 @@ pub struct Tls {
     pub server_name: ServerName<'static>,
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<_, _>>()
@@ -46,7 +46,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
         anyhow!(
