@@ -1161,7 +1161,9 @@ pub async fn run_observed<S: RuleSink>(
     run_with(client, config, sink, shutdown, None, observe).await
 }
 
-async fn run_with<S: RuleSink>(
+/// [`run`] with both: takeover hints ([`run_with_hints`]) and an observer
+/// of the state after each round ([`run_observed`]).
+pub async fn run_with<S: RuleSink>(
     client: Client,
     config: RunConfig,
     sink: S,

@@ -520,6 +520,19 @@ impl fmt::Display for RebuildProblem {
     }
 }
 
+/// One pool's occupancy ([`Ipam::pool_usage`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub name: String,
+    pub family: IpFamily,
+    /// From `--externalSecondaryCIDRs`.
+    pub secondary: bool,
+    /// Addresses it hands out.
+    pub size: u128,
+    /// Of those, held by a Service.
+    pub used: u64,
+}
+
 #[derive(Clone, Debug)]
 struct Pool {
     name: String,
@@ -744,6 +757,26 @@ impl Ipam {
     }
 
     /// Every allocation, by Service.
+    /// Each pool's size and the addresses of it in use (held by at least
+    /// one Service), in the order the flags list them.
+    pub fn pool_usage(&self) -> Vec<PoolUsage> {
+        let used: BTreeSet<IpAddr> = self
+            .allocations
+            .values()
+            .flat_map(|a| a.all_ips())
+            .collect();
+        self.pools
+            .iter()
+            .map(|p| PoolUsage {
+                name: p.name.clone(),
+                family: p.family,
+                secondary: p.secondary,
+                size: p.last.saturating_sub(p.first).saturating_add(1),
+                used: used.iter().filter(|ip| p.holds(**ip)).count() as u64,
+            })
+            .collect()
+    }
+
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
         self.allocations.values()
     }
@@ -1289,6 +1322,26 @@ mod tests {
 
     fn vip(a: &Allocation) -> IpAddr {
         a.vips[0].ip
+    }
+
+    #[test]
+    fn pool_usage_counts_addresses_held() {
+        let mut t = ipam(IpamMode::Shared, "10.0.0.0/29");
+        let u = t.pool_usage();
+        assert_eq!(
+            (u[0].name.as_str(), u[0].size, u[0].used),
+            (DEFAULT_POOL, 6, 0)
+        );
+        t.ensure(&req("a", &[80])).unwrap();
+        // Shared: b's port 81 fits a's address, still one address used.
+        t.ensure(&req("b", &[81])).unwrap();
+        assert_eq!(t.pool_usage()[0].used, 1);
+        let mut x = ipam(IpamMode::Exclusive, "10.0.0.0/29");
+        x.ensure(&req("a", &[80])).unwrap();
+        x.ensure(&req("b", &[81])).unwrap();
+        assert_eq!(x.pool_usage()[0].used, 2);
+        x.release(&key("a"));
+        assert_eq!(x.pool_usage()[0].used, 1);
     }
 
     #[test]

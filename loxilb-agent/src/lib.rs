@@ -9,6 +9,7 @@ pub mod ctsync;
 pub mod datapath;
 pub mod devices;
 pub mod kube_rules;
+pub mod kube_state;
 pub mod lovips;
 pub mod metrics;
 pub mod netlink;

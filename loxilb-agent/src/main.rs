@@ -1103,6 +1103,29 @@ impl kube_watch::controller::RuleSink for KubeSink {
     }
 }
 
+/// What the metrics endpoint shows of the controller.
+fn kube_state_of(rec: &kube_watch::reconcile::Reconciler) -> loxilb_agent::kube_state::KubeState {
+    loxilb_agent::kube_state::KubeState {
+        leader: rec.is_leader(),
+        services: rec.known_services().len() as u64,
+        pools: rec
+            .ipam()
+            .pool_usage()
+            .into_iter()
+            .map(|p| loxilb_agent::kube_state::PoolState {
+                name: p.name,
+                family: match p.family {
+                    kube_watch::IpFamily::V4 => "ipv4".into(),
+                    kube_watch::IpFamily::V6 => "ipv6".into(),
+                },
+                secondary: p.secondary,
+                size: u64::try_from(p.size).unwrap_or(u64::MAX),
+                used: p.used,
+            })
+            .collect(),
+    }
+}
+
 /// The conntrack sync peers `--ctsync-peers=nodes` finds: every other
 /// Node's InternalIP at `port`.
 fn discovered_peers(
@@ -1435,8 +1458,21 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         None
     };
     info!("serving Kubernetes LoadBalancer Services");
-    let r =
-        kube_watch::controller::run_with_hints(client, run_config, sink, shutdown(), hints).await;
+    // The controller's figures for the metrics endpoint, published when
+    // they change.
+    let mut last_state: Option<loxilb_agent::kube_state::KubeState> = None;
+    let state_dir = pin_dir.to_path_buf();
+    let observe = move |rec: &kube_watch::reconcile::Reconciler| {
+        let now = kube_state_of(rec);
+        if last_state.as_ref() != Some(&now) {
+            if let Err(e) = now.publish(&state_dir) {
+                warn!("publishing the controller's state: {e:#}");
+            }
+            last_state = Some(now);
+        }
+    };
+    let r = kube_watch::controller::run_with(client, run_config, sink, shutdown(), hints, observe)
+        .await;
     // Every task holding the node ends before it is taken back.
     upkeep.abort();
     let _ = upkeep.await;

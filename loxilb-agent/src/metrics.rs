@@ -16,6 +16,9 @@
 //! | `loxilb_conntrack_entries`, `loxilb_conntrack_capacity` | gauge | | session entries (one per direction) in use, and the table's size |
 //! | `loxilb_vip_active` | gauge | `vip` | 1 where this node answers for the VIP (Kubernetes mode) |
 //! | `loxilb_device_xdp_redirect` | gauge | `device` | 1 where translated packets leave by XDP redirect, 0 where by the stack |
+//! | `loxilb_kube_leader` | gauge | | 1 while this agent holds the leader Lease (allocates addresses, writes status) (Kubernetes mode) |
+//! | `loxilb_kube_services` | gauge | | Services of the agent's class the controller knows |
+//! | `loxilb_ipam_pool_addresses`, `loxilb_ipam_pool_used` | gauge | `pool`, `family`, `secondary` | addresses a pool hands out, and those held by a Service (as the leader's allocation table says; a follower reports its last view) |
 
 use std::{collections::HashMap, net::SocketAddr, path::Path};
 
@@ -249,7 +252,84 @@ pub fn render(pin_dir: &Path) -> Result<String> {
         .set((d.mode == loxilb_common::dev_fwd::REDIRECT) as i64);
     }
 
+    if let Some(k) = crate::kube_state::KubeState::read(pin_dir) {
+        register_kube(&mut reg, &k);
+    }
+
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolL {
+    pool: String,
+    family: String,
+    secondary: String,
+}
+
+/// The Kubernetes controller's figures ([`crate::kube_state`]).
+fn register_kube(reg: &mut Registry, k: &crate::kube_state::KubeState) {
+    let leader = Gauge::<i64>::default();
+    leader.set(k.leader as i64);
+    reg.register(
+        "kube_leader",
+        "1 while this agent holds the leader Lease (allocates addresses, writes status)",
+        leader,
+    );
+    let services = Gauge::<i64>::default();
+    services.set(k.services as i64);
+    reg.register(
+        "kube_services",
+        "Services of the agent's class the controller knows",
+        services,
+    );
+    let size = gauge::<PoolL>(reg, "ipam_pool_addresses", "Addresses the pool hands out");
+    let used = gauge::<PoolL>(
+        reg,
+        "ipam_pool_used",
+        "Addresses of the pool held by at least one Service",
+    );
+    for p in &k.pools {
+        let l = PoolL {
+            pool: p.name.clone(),
+            family: p.family.clone(),
+            secondary: p.secondary.to_string(),
+        };
+        size.get_or_create(&l)
+            .set(i64::try_from(p.size).unwrap_or(i64::MAX));
+        used.get_or_create(&l).set(p.used as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_figures_are_encoded() {
+        let k = crate::kube_state::KubeState {
+            leader: true,
+            services: 3,
+            pools: vec![crate::kube_state::PoolState {
+                name: "defaultPool".into(),
+                family: "ipv4".into(),
+                secondary: false,
+                size: 254,
+                used: 2,
+            }],
+        };
+        let mut reg = Registry::with_prefix("loxilb");
+        register_kube(&mut reg, &k);
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        for want in [
+            "loxilb_kube_leader 1",
+            "loxilb_kube_services 3",
+            "loxilb_ipam_pool_addresses{pool=\"defaultPool\",family=\"ipv4\",secondary=\"false\"} 254",
+            "loxilb_ipam_pool_used{pool=\"defaultPool\",family=\"ipv4\",secondary=\"false\"} 2",
+        ] {
+            assert!(out.contains(want), "{want} missing from:\n{out}");
+        }
+    }
 }

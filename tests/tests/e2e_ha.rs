@@ -123,7 +123,32 @@ impl Ha {
     }
 
     fn start(&self, api: &ApiServer, i: usize, label: &str) -> KubeAgent {
-        self.start_with(api, i, label, &[])
+        self.start_with(api, i, label, &["--health-listen=127.0.0.1:19436"])
+    }
+
+    /// The value of an unlabelled sample, or of the first sample of
+    /// `name` whose line holds `with`, in node `i`'s `/metrics`.
+    fn metric(&self, i: usize, name: &str, with: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let body = self.lbs[i].run(|| {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:19436").ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        })?;
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| {
+                (l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+                    && l.contains(with)
+            })?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// With conntrack sync between the two nodes (over the client-side
@@ -284,6 +309,22 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
         "client reaches the VIP at node-a: {neigh}"
     );
 
+    // The metrics say who leads and how full the pool is (4 addresses,
+    // one held).
+    wait_until(
+        "the controller's figures published",
+        Duration::from_secs(10),
+        || {
+            ha.metric(0, "loxilb_kube_leader", "") == Some(1.0)
+                && ha.metric(1, "loxilb_kube_leader", "") == Some(0.0)
+        },
+    )
+    .unwrap();
+    let pool = "pool=\"defaultPool\"";
+    assert_eq!(ha.metric(0, "loxilb_ipam_pool_addresses", pool), Some(4.0));
+    assert_eq!(ha.metric(0, "loxilb_ipam_pool_used", pool), Some(1.0));
+    assert_eq!(ha.metric(0, "loxilb_kube_services", ""), Some(1.0));
+
     // node-a's node dies.
     let t0 = fail_over(&ha, &mut a, &b, &vip);
     let took = t0.elapsed();
@@ -313,6 +354,11 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     );
     let roles = b.cli("roles").unwrap();
     assert!(roles.contains("active"), "{roles}");
+    wait_until("node-b reports leading", Duration::from_secs(10), || {
+        ha.metric(1, "loxilb_kube_leader", "") == Some(1.0)
+    })
+    .unwrap();
+    assert_eq!(ha.metric(1, "loxilb_ipam_pool_used", pool), Some(1.0));
     eprintln!(
         "{name}: VIPs on node-b {took:?} after the kill, first connection served {serving:?}"
     );
