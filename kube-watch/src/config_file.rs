@@ -114,6 +114,8 @@ pub const SETTINGS: &[Setting] = &[
     s("monitor", Kind::Bool),
     s("setRoles", Kind::Value),
     s("loxiURL", Kind::List),
+    s("loxiCA", Kind::Value),
+    s("loxiTokenFile", Kind::Value),
     s("setLBHostnameStatus", Kind::Bool),
     s("zone", Kind::Value),
     s("noZoneName", Kind::Bool),

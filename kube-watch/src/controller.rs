@@ -143,6 +143,12 @@ pub trait RuleSink: Send {
     /// whenever they change: the agent's conntrack sync peers when they
     /// are discovered (`--ctsync-peers=nodes`). Ignored by default.
     fn node_addresses(&mut self, _nodes: Vec<(String, IpAddr)>) {}
+
+    /// Whether this agent leads (holds the Lease), when that changes
+    /// (first call: it leads; none while it never did). A sink that
+    /// programs shared remote datapaths (`kube --loxiURL`) does so only
+    /// while leading. Ignored by default.
+    fn leading(&mut self, _leader: bool) {}
 }
 
 /// Everything [`run`] needs besides the client and the sink.
@@ -750,6 +756,11 @@ impl<S: RuleSink> Executor<S> {
             self.vips_sent = Some(vips);
         }
         Ok(())
+    }
+
+    /// Tell the sink whether this agent leads ([`RuleSink::leading`]).
+    pub fn sink_leading(&mut self, leader: bool) {
+        self.sink.leading(leader);
     }
 
     /// Whether the sink still owes an update (a retry is due).
@@ -1442,6 +1453,7 @@ pub async fn run_with<S: RuleSink>(
                 reconciler.step_down();
                 info!("following: no more allocations, status or Events from this agent");
             }
+            executor.sink_leading(want_leader);
             all = true;
         }
         if std::mem::take(&mut all) {

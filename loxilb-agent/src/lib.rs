@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod node;
 pub mod probe;
+pub mod remote;
 pub mod roles;
 pub mod routes;
 pub mod rules;

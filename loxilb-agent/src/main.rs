@@ -42,8 +42,9 @@ struct Cli {
 /// interfaces and knobs, and BGP.
 #[derive(clap::Args, Clone)]
 struct NodeArgs {
-    /// Interface to attach the XDP datapath to (repeat for several).
-    #[arg(long = "iface", short = 'i', required = true)]
+    /// Interface to attach the XDP datapath to (repeat for several;
+    /// required, except in `kube --loxiURL` mode, which has no datapath).
+    #[arg(long = "iface", short = 'i')]
     ifaces: Vec<String>,
     /// XDP attach mode: auto (native if the driver can, else generic), native, generic.
     #[arg(long, default_value = "auto")]
@@ -326,9 +327,21 @@ struct KubeArgs {
     /// kube-loxilb's full-NAT source VIP (same as --fullnat-source).
     #[arg(long = "setRoles", value_name = "IPV4")]
     set_roles: Option<String>,
-    /// kube-loxilb's datapath URL: meaningless here (refused with a reason).
-    #[arg(long = "loxiURL", value_name = "URL")]
+    /// External mode: program these remote agents (`loxilb-agent run
+    /// --api-listen`) or loxilb through their REST API instead of a
+    /// datapath on this node, `http(s)://host[:port],...` (port 11111 by
+    /// default). Every URL gets every rule; only the leader programs them.
+    /// No `--iface`: nothing is attached here and no VIP goes on `lo`.
+    #[arg(long = "loxiURL", value_name = "URLS")]
     loxi_url: Option<String>,
+    /// External mode: PEM CA certificate(s) the https `--loxiURL` remotes'
+    /// certificates must chain to (needed for https).
+    #[arg(long = "loxiCA", value_name = "FILE")]
+    loxi_ca: Option<PathBuf>,
+    /// External mode: a file holding the token the remotes take for
+    /// writes (their `--api-token-file`), sent as `Authorization: Bearer`.
+    #[arg(long = "loxiTokenFile", value_name = "FILE")]
+    loxi_token_file: Option<PathBuf>,
     /// kube-loxilb's BGP CRD switch.
     #[arg(long = "enableBGPCRDs", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     enable_bgp_crds: Option<String>,
@@ -365,11 +378,29 @@ struct KubeArgs {
 /// kube-loxilb flags that do not carry over as they are: an error that
 /// says why, or their meaning here.
 fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4Addr>> {
-    if let Some(u) = &k.loxi_url {
-        anyhow::bail!(
-            "--loxiURL={u}: this agent is the datapath (there is no separate loxilb to reach); \
-             remove the flag"
-        );
+    match &k.loxi_url {
+        Some(u) => {
+            loxilb_agent::remote::parse_urls(u).map_err(|e| anyhow::anyhow!("{e}"))?;
+            check_external(k, a)?;
+        }
+        None => {
+            for (flag, given) in [
+                ("--loxiCA", k.loxi_ca.is_some()),
+                ("--loxiTokenFile", k.loxi_token_file.is_some()),
+            ] {
+                if given {
+                    anyhow::bail!(
+                        "{flag} is for the remotes of --loxiURL; give --loxiURL or remove it"
+                    );
+                }
+            }
+            if a.ifaces.is_empty() {
+                anyhow::bail!(
+                    "--iface is required: the interface(s) to attach the XDP datapath to (or \
+                     --loxiURL to program remote load balancers instead)"
+                );
+            }
+        }
     }
     if let Some(v) = &k.enable_bgp_crds {
         let on = kube_watch::flags::parse_bool("--enableBGPCRDs", v)
@@ -392,6 +423,39 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
         }
     }
     Ok(roles)
+}
+
+/// External mode (`--loxiURL`) has no datapath here: the flags of the
+/// node's own datapath, BGP speaker, conntrack sync and endpoint are
+/// refused, naming them.
+fn check_external(k: &KubeArgs, a: &NodeArgs) -> Result<()> {
+    let given = [
+        ("--iface", !a.ifaces.is_empty()),
+        ("--keep", a.keep),
+        ("--fullnat-source", a.fullnat_source.is_some()),
+        ("--fullnat-source6", a.fullnat_source6.is_some()),
+        ("--new-flow-burst", a.new_flow_burst.is_some()),
+        ("--max-new-flows", a.max_new_flows != 0),
+        ("--forward-via-stack", a.forward_via_stack),
+        ("--extBGPPeers", a.ext_bgp_peers.is_some()),
+        ("--listenBGPPort", a.listen_bgp_port.is_some()),
+        ("--eBGPMultiHop", a.ebgp_multihop.is_some()),
+        ("--ctsync-listen", a.ctsync_listen.is_some()),
+        ("--ctsync-peers", a.ctsync_peers.is_some()),
+        ("--health-listen", a.health_listen.is_some()),
+        ("--setRoles", k.set_roles.is_some()),
+        ("--enableBGPCRDs", k.enable_bgp_crds.is_some()),
+    ];
+    let bad: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "{}: with --loxiURL this agent has no datapath, BGP speaker or conntrack sync of its \
+             own (the remote load balancers do; configure them there); remove {}",
+            bad.join(", "),
+            if bad.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(())
 }
 
 impl NodeArgs {
@@ -855,6 +919,9 @@ impl loxilb_agent::api::Sink for NodeSink {
 
 async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) -> Result<()> {
     use loxilb_agent::api;
+    if a.ifaces.is_empty() {
+        anyhow::bail!("--iface is required: the interface(s) to attach the XDP datapath to");
+    }
     if a.ctsync_listen.is_some() || a.ctsync_peers.is_some() {
         anyhow::bail!(
             "--ctsync-listen / --ctsync-peers: conntrack sync follows VIP ownership, which only \
@@ -1340,6 +1407,9 @@ fn kube_settings(
 async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     use kube_watch::flags as kf;
     let (a, run_config) = kube_settings(a, k, kube_watch::controller::RunConfig::from_env)?;
+    if let Some(urls) = &k.loxi_url {
+        return run_kube_external(urls, &a, k, run_config).await;
+    }
     // `--setRoles`: the full-NAT source VIP, owned with the service VIPs.
     let role_vip = k.set_roles.as_ref().and(a.fullnat_source);
     let a = &a;
@@ -1507,6 +1577,55 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     r
 }
 
+/// `kube --loxiURL`: the controller programs remote load balancers
+/// through their REST API (see `loxilb_agent::remote`); nothing is loaded
+/// or attached here.
+async fn run_kube_external(
+    urls: &str,
+    a: &NodeArgs,
+    k: &KubeArgs,
+    run_config: kube_watch::controller::RunConfig,
+) -> Result<()> {
+    let remotes = loxilb_agent::remote::parse_urls(urls).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let token = match &k.loxi_token_file {
+        None => None,
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("--loxiTokenFile {}: cannot read", p.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() {
+                anyhow::bail!(
+                    "--loxiTokenFile {}: empty (give the remotes' --api-token-file token)",
+                    p.display()
+                );
+            }
+            Some(t)
+        }
+    };
+    let sink = loxilb_agent::remote::RemoteSink::start(
+        remotes.clone(),
+        loxilb_agent::remote::Options {
+            ca_file: k.loxi_ca.clone(),
+            token,
+            bgp: a.bgp_on(),
+            ..Default::default()
+        },
+    )?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
+    let shutdown = async {
+        let mut term = signal(SignalKind::terminate()).expect("signal");
+        let mut int = signal(SignalKind::interrupt()).expect("signal");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    };
+    info!(
+        remotes = ?remotes.iter().map(|r| r.url.as_str()).collect::<Vec<_>>(),
+        "serving Kubernetes LoadBalancer Services through remote load balancers (external mode)"
+    );
+    kube_watch::controller::run(client, run_config, sink, shutdown).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1611,10 +1730,40 @@ mod tests {
         );
         let e = parse(&["--setRoles=nope"]).unwrap_err().to_string();
         assert!(e.contains("--setRoles=nope"), "{e}");
-        let e = parse(&["--loxiURL=http://1.2.3.4:11111"])
+        assert!(
+            parse(&["--loxiURL=http://1.2.3.4:11111"]).is_err(),
+            "--iface with it"
+        );
+        let e = parse(&["--loxiURL=1.2.3.4:11111"]).unwrap_err().to_string();
+        assert!(e.contains("scheme"), "{e}");
+        let e = parse(&["--loxiCA=/ca.pem"]).unwrap_err().to_string();
+        assert!(e.contains("--loxiURL"), "{e}");
+        let external = |extra: &[&str]| {
+            let mut v = vec!["loxilb-agent", "kube", "--loxiURL=http://1.2.3.4:11111"];
+            v.extend_from_slice(extra);
+            match Cli::try_parse_from(v).unwrap().cmd {
+                Cmd::Kube { node, kube } => check_kube_compat(&kube, &node),
+                _ => unreachable!(),
+            }
+        };
+        assert!(external(&[]).is_ok());
+        assert!(external(&["--setBGP=65001", "--loxiCA=/ca.pem"]).is_ok());
+        let e = external(&["--iface=eth0", "--ctsync-peers=nodes"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("this agent is the datapath"), "{e}");
+        assert!(
+            e.contains("--iface, --ctsync-peers") && e.contains("no datapath"),
+            "{e}"
+        );
+        let e = Cli::try_parse_from(["loxilb-agent", "kube"])
+            .map(|c| match c.cmd {
+                Cmd::Kube { node, kube } => check_kube_compat(&kube, &node),
+                _ => unreachable!(),
+            })
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--iface is required"), "{e}");
         let e = parse(&["--enableBGPCRDs"]).unwrap_err().to_string();
         assert!(e.contains("--setBGP"), "{e}");
         assert!(parse(&["--enableBGPCRDs", "--setBGP=65001"]).is_ok());
