@@ -513,9 +513,11 @@ fn two_agents_one_lease_only_the_leader_holds_the_vips() {
     // Nothing cleans up after a killed agent, but its VIP was added with a
     // lifetime it no longer renews: the kernel takes it off its lo within
     // about 3-4 s of the kill (loxilb_agent::lovips).
-    wait_until("the killed leader's VIP expires", Duration::from_secs(8), || {
-        !lo_addrs(&ea.t.lb).contains(&vip)
-    })
+    wait_until(
+        "the killed leader's VIP expires",
+        Duration::from_secs(8),
+        || !lo_addrs(&ea.t.lb).contains(&vip),
+    )
     .unwrap_or_else(|e| panic!("{e}: {:?}", lo_addrs(&ea.t.lb)));
     assert!(
         t_kill.elapsed() >= loxilb_agent::lovips::LIFETIME - Duration::from_secs(1),
