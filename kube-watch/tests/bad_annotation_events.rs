@@ -8,6 +8,8 @@
 //! `PROPTEST_CASES` sets the case count (default 500).
 
 mod fake_api;
+#[allow(dead_code)] // tally: the other property tests'
+mod prop_support;
 
 use std::time::{Duration, Instant};
 
@@ -18,24 +20,13 @@ use kube_watch::{
     leader::LeaseConfig,
     translate::LbRule,
 };
+use prop_support::{cases, quoted};
 use proptest::{
     prelude::*,
     test_runner::{TestCaseError, TestRunner},
 };
 use serde_json::json;
 use std::sync::{Arc, Mutex};
-
-fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases: n,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 #[derive(Clone, Default)]
 struct Sink {
@@ -131,15 +122,6 @@ fn bad_annotation() -> impl Strategy<Value = (&'static str, String)> {
             prop_oneof![Just("yes".to_string()), Just("enabled".to_string())]
         ),
     ]
-}
-
-/// How a problem quotes a value (its first 64 characters).
-fn quoted(value: &str) -> String {
-    let mut v: String = value.chars().take(64).collect();
-    if value.chars().count() > 64 {
-        v.push_str("...");
-    }
-    format!("{v:?}")
 }
 
 fn notes(api: &FakeApi, reason: &str) -> Vec<String> {

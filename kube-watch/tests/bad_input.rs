@@ -11,6 +11,8 @@
 //! defaults below (with `tests/bad_annotation_events.rs` and the agent's
 //! `tests/bad_rule_files.rs` and flag tests) total 10,000.
 
+mod prop_support;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube_watch::{
@@ -18,6 +20,7 @@ use kube_watch::{
     config_file::ConfigFile,
     flags,
 };
+use prop_support::{cases, quoted, tally};
 use proptest::prelude::*;
 
 const ANNOTATION_CASES: u32 = 2500;
@@ -25,37 +28,6 @@ const POOL_CASES: u32 = 800;
 const SCALAR_CASES: u32 = 800;
 const LEASE_CASES: u32 = 400;
 const CONFIG_CASES: u32 = 500;
-
-/// `PROPTEST_CASES` when set, else `default`.
-fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases: n,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-/// Per test: cases run, inputs tried, inputs refused; a summary line once
-/// its last case ran (`-- --nocapture` shows it).
-fn tally(test: &'static str, of: u32, inputs: usize, refused: usize) {
-    static T: std::sync::Mutex<BTreeMap<&'static str, (u32, usize, usize)>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    let mut t = T.lock().unwrap();
-    let e = t.entry(test).or_default();
-    e.0 += 1;
-    e.1 += inputs;
-    e.2 += refused;
-    if e.0 == of {
-        println!(
-            "bad input: {test}: {} cases, {} inputs, {} refused, 0 panics",
-            e.0, e.1, e.2
-        );
-    }
-}
 
 /// Text nobody types on purpose: empty, blanks, huge, control characters,
 /// other scripts, typographic quotes, numbers of the wrong kind.
@@ -354,15 +326,6 @@ fn annotation_map() -> impl Strategy<Value = Vec<(String, Value)>> {
         a.extend(b);
         a
     })
-}
-
-/// How a problem quotes the value (the first 64 characters).
-fn quoted(value: &str) -> String {
-    let mut v: String = value.chars().take(64).collect();
-    if value.chars().count() > 64 {
-        v.push_str("...");
-    }
-    format!("{v:?}")
 }
 
 proptest! {

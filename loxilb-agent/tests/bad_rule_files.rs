@@ -11,7 +11,12 @@
 //! `PROPTEST_CASES` sets each test's case count; by default 3,000 files
 //! and 500 reload sequences.
 
-use std::collections::{BTreeMap, HashMap};
+// One copy of the property-test helpers, kube-watch's.
+#[allow(dead_code)] // quoted: the annotation tests'
+#[path = "../../kube-watch/tests/prop_support/mod.rs"]
+mod prop_support;
+
+use std::collections::HashMap;
 
 use anyhow::Result;
 use ipnet::IpNet;
@@ -20,40 +25,11 @@ use loxilb_agent::{
     rules::{Installed, RuleTable, Rules},
 };
 use loxilb_common::{Addr, EpKey, EpVal, RuleVips, SelChunk, SelKey, SvcKey, SvcVal};
+use prop_support::{cases, tally};
 use proptest::prelude::*;
 
 const FILE_CASES: u32 = 3000;
 const RELOAD_CASES: u32 = 500;
-
-fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases: n,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-/// Per test: cases run, inputs tried, inputs refused; a summary line once
-/// its last case ran (`-- --nocapture` shows it).
-fn tally(test: &'static str, of: u32, inputs: usize, refused: usize) {
-    static T: std::sync::Mutex<BTreeMap<&'static str, (u32, usize, usize)>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    let mut t = T.lock().unwrap();
-    let e = t.entry(test).or_default();
-    e.0 += 1;
-    e.1 += inputs;
-    e.2 += refused;
-    if e.0 == of {
-        println!(
-            "bad input: {test}: {} cases, {} inputs, {} refused, 0 panics",
-            e.0, e.1, e.2
-        );
-    }
-}
 
 /// One rule, as its YAML fields (values already YAML text).
 #[derive(Clone, Debug)]
