@@ -636,10 +636,12 @@ impl Datapath {
             now_ns.saturating_sub(v.last_seen_ns)
                 > v.timeout_s as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
         };
-        let by_key: StdHashMap<CtKey, CtVal> = all.iter().copied().collect();
-        let (gone, live): (Vec<_>, Vec<_>) = all
-            .into_iter()
-            .partition(|(_, v)| idle(v) && by_key.get(&v.peer).is_none_or(idle));
+        // Each entry's idleness by key (not a second copy of the values:
+        // the table holds up to MAX_CT_ENTRIES of them).
+        let idle_by_key: StdHashMap<CtKey, bool> = all.iter().map(|(k, v)| (*k, idle(v))).collect();
+        let (gone, live): (Vec<_>, Vec<_>) = all.into_iter().partition(|(k, v)| {
+            idle_by_key[k] && idle_by_key.get(&v.peer).copied().unwrap_or(true)
+        });
         let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         let mut removed = 0;
         for (k, _) in &gone {
