@@ -92,6 +92,7 @@ pub const SETTINGS: &[Setting] = &[
     s("extBGPPeers", Kind::List),
     s("listenBGPPort", Kind::Value),
     s("eBGPMultiHop", Kind::Bool),
+    s("bgp-backup-path", Kind::Value),
     s("enableBGPCRDs", Kind::Bool),
     // Kubernetes.
     s("cidrPools", Kind::List),

@@ -97,6 +97,13 @@ struct NodeArgs {
     /// Allow eBGP peers several hops away.
     #[arg(long = "eBGPMultiHop", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     ebgp_multihop: Option<String>,
+    /// Kubernetes mode with BGP: how a node announces the VIPs another
+    /// node holds (`loxilb-agent roles`): `prepend[:N]` (default
+    /// prepend:3; eBGP peers get the local AS N more times, iBGP peers
+    /// LOCAL_PREF 50), `withdraw` (not announced), `ecmp` (announced like
+    /// the active node's: routers spread flows over all nodes).
+    #[arg(long = "bgp-backup-path", value_name = "prepend[:N]|withdraw|ecmp")]
+    bgp_backup_path: Option<loxilb_agent::bgp::BackupPath>,
     /// Conntrack sync (Kubernetes mode): where this node, as a backup,
     /// accepts the active node's session stream (e.g. 0.0.0.0:22222).
     #[arg(long = "ctsync-listen", value_name = "ADDR:PORT")]
@@ -440,6 +447,7 @@ fn check_external(k: &KubeArgs, a: &NodeArgs) -> Result<()> {
         ("--extBGPPeers", a.ext_bgp_peers.is_some()),
         ("--listenBGPPort", a.listen_bgp_port.is_some()),
         ("--eBGPMultiHop", a.ebgp_multihop.is_some()),
+        ("--bgp-backup-path", a.bgp_backup_path.is_some()),
         ("--ctsync-listen", a.ctsync_listen.is_some()),
         ("--ctsync-peers", a.ctsync_peers.is_some()),
         ("--health-listen", a.health_listen.is_some()),
@@ -768,6 +776,27 @@ fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// The BGP speaker's setup from the flags (`None`: BGP off); every BGP
+/// flag checked, none ignored.
+fn bgp_setup(a: &NodeArgs) -> Result<Option<loxilb_agent::bgp::BgpSetup>> {
+    let mut setup = BgpFlags::parse(
+        a.set_bgp.as_deref(),
+        a.ext_bgp_peers.as_deref(),
+        a.listen_bgp_port.as_deref(),
+        a.ebgp_multihop.as_deref(),
+    )
+    .and_then(|f| f.setup())
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match (setup.as_mut(), a.bgp_backup_path) {
+        (Some(s), Some(b)) => s.config.backup = b,
+        (None, Some(_)) => anyhow::bail!(
+            "--bgp-backup-path: BGP is off; give --setBGP=<local AS> to use it, or remove the flag"
+        ),
+        _ => {}
+    }
+    Ok(setup)
+}
+
 /// Load the datapath (adopting pinned state), configure it, install the
 /// first rule set (`None`: keep the adopted rules as they are, for the
 /// first full Kubernetes sync to diff against), attach it; BGP and probes
@@ -781,14 +810,7 @@ fn start_node(
     tokio::sync::mpsc::UnboundedReceiver<probe::Transition>,
 )> {
     // Strict BGP flags before touching the kernel.
-    let bgp = BgpFlags::parse(
-        a.set_bgp.as_deref(),
-        a.ext_bgp_peers.as_deref(),
-        a.listen_bgp_port.as_deref(),
-        a.ebgp_multihop.as_deref(),
-    )
-    .and_then(|f| f.setup())
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bgp = bgp_setup(a)?;
     let mut dp = Datapath::load(Some(pin_dir))?;
     let rules = if dp.adopted() {
         let installed = dp.read_installed()?;
@@ -926,6 +948,12 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
         anyhow::bail!(
             "--ctsync-listen / --ctsync-peers: conntrack sync follows VIP ownership, which only \
              `loxilb-agent kube` has (the Lease); remove them from `run`"
+        );
+    }
+    if a.bgp_backup_path.is_some() {
+        anyhow::bail!(
+            "--bgp-backup-path: `run` has no VIP roles (every VIP is announced as active); \
+             only `loxilb-agent kube` has backups (the Lease); remove the flag"
         );
     }
     let listen = api::server::ApiListen::from_flags(
@@ -1298,6 +1326,11 @@ impl KubeSink {
         }
         // Neighbours whose entry names the previous owner switch now.
         loxilb_agent::announce::announce(self.ifaces.clone(), added);
+        // Routers too: the active path is this node's now (or no longer).
+        self.node
+            .lock()
+            .expect("node lock")
+            .set_owned_vips(Some(want.clone()));
         for (v, role) in self.roles.set_owned(&want, roles::now_unix()) {
             info!(vip = %v, "role: {role:?}");
         }
@@ -1343,14 +1376,7 @@ fn kube_settings(
         a.fullnat_source = Some(r);
     }
     // The node's own checks (run again when it starts), before the cluster.
-    BgpFlags::parse(
-        a.set_bgp.as_deref(),
-        a.ext_bgp_peers.as_deref(),
-        a.listen_bgp_port.as_deref(),
-        a.ebgp_multihop.as_deref(),
-    )
-    .and_then(|f| f.setup())
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    bgp_setup(&a)?;
     a.forward_mode()?;
     a.new_flow_limit()?;
     let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
@@ -1431,6 +1457,11 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     }
     let mut vip_roles = roles::Roles::new(run_config.node_name.clone());
     vip_roles.set_owned(&held, roles::now_unix());
+    // BGP follows the roles: until this node holds a VIP it announces it
+    // as a backup (--bgp-backup-path).
+    node.lock()
+        .expect("node lock")
+        .set_owned_vips(Some(held.clone()));
     if let Err(e) = vip_roles.publish(pin_dir) {
         warn!("publishing the VIP roles: {e:#}");
     }
@@ -1769,6 +1800,63 @@ mod tests {
         assert!(parse(&["--enableBGPCRDs", "--setBGP=65001"]).is_ok());
         assert!(parse(&["--enableBGPCRDs=false"]).is_ok());
         assert!(parse(&["--setRoles=10.0.0.9", "--fullnat-source=10.0.0.8"]).is_err());
+    }
+
+    /// `--bgp-backup-path`: typed values, refused where it would do
+    /// nothing (BGP off, `run` without roles, external mode).
+    #[test]
+    fn bgp_backup_path_flag() {
+        use loxilb_agent::bgp::BackupPath;
+        let kube = |extra: &[&str]| {
+            let mut v = vec!["loxilb-agent", "kube", "--iface=eth0"];
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v).map(|c| match c.cmd {
+                Cmd::Kube { node, .. } => node,
+                _ => unreachable!(),
+            })
+        };
+        let setup = |extra: &[&str]| bgp_setup(&kube(extra).unwrap());
+        let backup = |extra: &[&str]| setup(extra).unwrap().unwrap().config.backup;
+        assert_eq!(backup(&["--setBGP=65001"]), BackupPath::Prepend(3));
+        assert_eq!(
+            backup(&["--setBGP=65001", "--bgp-backup-path=prepend:5"]),
+            BackupPath::Prepend(5)
+        );
+        assert_eq!(
+            backup(&["--setBGP=65001", "--bgp-backup-path=withdraw"]),
+            BackupPath::Withdraw
+        );
+        assert_eq!(
+            backup(&["--setBGP=65001", "--bgp-backup-path=ecmp"]),
+            BackupPath::Ecmp
+        );
+        let e = kube(&["--setBGP=65001", "--bgp-backup-path=prepend:99"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--bgp-backup-path") && e.contains("prepend:99"),
+            "{e}"
+        );
+        let e = setup(&["--bgp-backup-path=withdraw"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--bgp-backup-path") && e.contains("--setBGP"),
+            "{e}"
+        );
+        let ext = Cli::try_parse_from([
+            "loxilb-agent",
+            "kube",
+            "--loxiURL=http://1.2.3.4:11111",
+            "--bgp-backup-path=ecmp",
+        ])
+        .unwrap();
+        let Cmd::Kube { node, kube } = ext.cmd else {
+            unreachable!()
+        };
+        let e = check_kube_compat(&kube, &node).unwrap_err().to_string();
+        assert!(e.contains("--bgp-backup-path"), "{e}");
     }
 
     /// The config file's keys are exactly the `kube` command's flags.

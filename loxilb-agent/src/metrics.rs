@@ -16,6 +16,8 @@
 //! | `loxilb_conntrack_entries`, `loxilb_conntrack_capacity` | gauge | | session entries (one per direction) in use, and the table's size |
 //! | `loxilb_vip_active` | gauge | `vip` | 1 where this node answers for the VIP (Kubernetes mode) |
 //! | `loxilb_device_xdp_redirect` | gauge | `device` | 1 where translated packets leave by XDP redirect, 0 where by the stack |
+//! | `loxilb_bgp_session_up` | gauge | `peer`, `remote_as` | 1 while the BGP session with the peer is established, 0 when not (`--setBGP`) |
+//! | `loxilb_bgp_routes_sent` | gauge | `peer`, `remote_as` | routes (VIPs) announced to the peer on its session |
 //! | `loxilb_kube_leader` | gauge | | 1 while this agent holds the leader Lease (allocates addresses, writes status) (Kubernetes mode) |
 //! | `loxilb_kube_services` | gauge | | Services of the agent's class the controller knows |
 //! | `loxilb_ipam_pool_addresses`, `loxilb_ipam_pool_used` | gauge | `pool`, `family`, `secondary` | addresses a pool hands out, and those held by a Service (as the leader's allocation table says; a follower reports its last view) |
@@ -63,6 +65,12 @@ struct EpL {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VipL {
     vip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerL {
+    peer: String,
+    remote_as: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -255,6 +263,16 @@ pub fn render(pin_dir: &Path) -> Result<String> {
     if let Some(k) = crate::kube_state::KubeState::read(pin_dir) {
         register_kube(&mut reg, &k);
     }
+    // The BGP speaker, asked over its control socket as `loxilb-agent
+    // bgp` does (nothing when BGP is off or BIRD is between restarts).
+    let bird =
+        crate::bgp::speaker::SpeakerOptions::in_dir(crate::node::state_dir(pin_dir).join("bgp"));
+    if bird.socket_path().exists() {
+        let control = crate::bgp::control::Control::new(&bird.socket_path());
+        if let Ok(n) = crate::bgp::speaker::query_neighbors(&control) {
+            register_bgp(&mut reg, &n);
+        }
+    }
 
     let mut out = String::new();
     encode(&mut out, &reg)?;
@@ -266,6 +284,24 @@ struct PoolL {
     pool: String,
     family: String,
     secondary: String,
+}
+
+/// Each BGP session's state and the routes sent on it.
+fn register_bgp(reg: &mut Registry, neighbors: &[crate::bgp::Neighbor]) {
+    let up = gauge::<PeerL>(
+        reg,
+        "bgp_session_up",
+        "1 while the BGP session with the peer is established, 0 when not",
+    );
+    let sent = gauge::<PeerL>(reg, "bgp_routes_sent", "Routes announced to the peer");
+    for n in neighbors {
+        let l = PeerL {
+            peer: n.address.to_string(),
+            remote_as: n.remote_as.map(|a| a.to_string()).unwrap_or_default(),
+        };
+        up.get_or_create(&l).set(n.is_established() as i64);
+        sent.get_or_create(&l).set(i64::from(n.routes_sent()));
+    }
 }
 
 /// The Kubernetes controller's figures ([`crate::kube_state`]).

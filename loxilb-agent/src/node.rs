@@ -29,6 +29,10 @@ pub struct Node {
     /// ask, by key (so a changed or removed rule undoes its count).
     announce_refs: HashMap<IpAddr, u32>,
     announcing: HashMap<SvcKey, Vec<IpAddr>>,
+    /// With VIP roles (Kubernetes mode): the VIPs this node is active
+    /// for; every other announced VIP is announced as a backup
+    /// ([`crate::bgp::BackupPath`]). `None`: no roles, every VIP active.
+    owned: Option<BTreeSet<IpAddr>>,
     /// Names of the rules with health-probe targets.
     probed: BTreeSet<String>,
     pub dp: Datapath,
@@ -162,6 +166,7 @@ impl Node {
             announce: BTreeSet::new(),
             announce_refs: HashMap::new(),
             announcing: HashMap::new(),
+            owned: None,
             probed: BTreeSet::new(),
             dp,
             rules,
@@ -194,6 +199,26 @@ impl Node {
     /// The VIPs this node announces over BGP now.
     pub fn announced(&self) -> &BTreeSet<IpAddr> {
         &self.announce
+    }
+
+    /// VIP roles: `Some(owned)` makes this node announce the VIPs in
+    /// `owned` as their active node and the others as a backup (a worse
+    /// path, none, or the same: `--bgp-backup-path`); `None` announces
+    /// every VIP as active (no roles, the standalone agent). Applied to the
+    /// speaker at once: routers move a VIP's traffic with its role.
+    pub fn set_owned_vips(&mut self, owned: Option<BTreeSet<IpAddr>>) {
+        if self.owned != owned {
+            self.owned = owned;
+            self.sync_bgp();
+        }
+    }
+
+    /// Of the announced VIPs, those announced as a backup.
+    pub fn backup_vips(&self) -> BTreeSet<IpAddr> {
+        match &self.owned {
+            Some(owned) => self.announce.difference(owned).copied().collect(),
+            None => BTreeSet::new(),
+        }
     }
 
     /// Count a rule (key `k`) as asking for the announcement of its VIPs
@@ -441,9 +466,18 @@ impl Node {
             return;
         }
         let vips = self.announce.clone();
+        let backup = self.backup_vips();
         if let Some(s) = self.bgp.as_mut() {
-            if let Err(e) = s.set_vips(vips) {
-                warn!("BGP: announcing the VIPs failed: {e:#}");
+            match s.set_announced(vips, backup) {
+                Ok(c) => {
+                    for v in &c.to_active {
+                        info!(vip = %v, "BGP: announced as the active node");
+                    }
+                    for v in &c.to_backup {
+                        info!(vip = %v, backup = %s.config().backup, "BGP: announced as a backup");
+                    }
+                }
+                Err(e) => warn!("BGP: announcing the VIPs failed: {e:#}"),
             }
             return;
         }
@@ -454,7 +488,9 @@ impl Node {
             setup.config,
             SpeakerOptions::in_dir(&self.bgp_dir),
             setup.peers,
-            vips,
+            // The active VIPs only: the backup ones follow with their
+            // worse path (never announced as active, not even briefly).
+            vips.difference(&backup).copied(),
         ) {
             Ok(s) => {
                 info!(
@@ -462,6 +498,9 @@ impl Node {
                     self.bgp_dir.display()
                 );
                 self.bgp = Some(s);
+                if !backup.is_empty() {
+                    self.sync_bgp();
+                }
             }
             Err(e) => warn!("BGP speaker did not start: {e:#}; retrying"),
         }

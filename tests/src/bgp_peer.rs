@@ -61,6 +61,8 @@ pub struct RibRoute {
     pub local_pref: Option<u32>,
     /// The speaker it came from.
     pub neighbor: Option<IpAddr>,
+    /// gobgpd's best path for the prefix.
+    pub best: bool,
 }
 
 /// A running gobgpd in a namespace.
@@ -285,6 +287,7 @@ pub fn parse_rib(json: &str) -> Result<Vec<RibRoute>> {
                 next_hop: None,
                 as_path: vec![],
                 local_pref: None,
+                best: p.get("best").and_then(Value::as_bool).unwrap_or(false),
                 neighbor: p
                     .get("neighbor-ip")
                     .and_then(Value::as_str)
@@ -439,6 +442,7 @@ mod tests {
                 as_path: vec![65001],
                 local_pref: None,
                 neighbor: Some("10.77.0.1".parse().unwrap()),
+                best: true,
             }]
         );
         let v6 = r#"{"2001:db8::100/128":[{"attrs":[{"type":5,"value":100},{"type":14,"nexthop":"fd77::1","afi":2,"safi":1}],"neighbor-ip":"10.77.0.1"}]}"#;
@@ -446,6 +450,7 @@ mod tests {
         assert_eq!(r[0].next_hop, Some("fd77::1".parse().unwrap()));
         assert_eq!(r[0].local_pref, Some(100));
         assert!(r[0].as_path.is_empty());
+        assert!(!r[0].best);
         assert!(parse_rib("{}").unwrap().is_empty());
         assert!(parse_rib("null").unwrap().is_empty());
     }

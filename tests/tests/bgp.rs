@@ -15,8 +15,8 @@ use std::{
 };
 
 use loxilb_agent::bgp::{
-    control::Control, query_exported, query_neighbors, BgpConfig, BgpFlags, BgpSpeaker, BgpState,
-    Neighbor, Peer, SpeakerOptions, Timers,
+    control::Control, query_exported, query_neighbors, BackupPath, BgpConfig, BgpFlags, BgpSpeaker,
+    BgpState, Neighbor, Peer, SpeakerOptions, Timers,
 };
 use loxilb_tests::{
     bgp_peer::{eventually, veth, DirGuard, GobgpNeighbor, GobgpPeer, Listen, RibRoute},
@@ -363,6 +363,112 @@ fn ibgp_next_hop_self_and_ipv6_session() {
     assert_eq!(r.neighbor, Some(ip("fd00:2::1")));
     // the IPv4 VIP over the IPv6 session, next hop = LB's IPv4 on the link
     wait_route(&g2, "20.0.0.100/32", "10.2.0.1");
+}
+
+/// VIP roles: a VIP this node serves as a backup goes to an eBGP peer with
+/// the local AS prepended (3 more times by default) and to an iBGP peer
+/// with LOCAL_PREF 50 (a prepended own AS would be a loop there); when the
+/// role flips the route is re-announced with the active path, in place
+/// (no withdrawal, no session reset). `withdraw` takes backups off the
+/// wire, `ecmp` announces them like active ones.
+#[test]
+fn backup_vips_announced_with_a_worse_path_and_flipped_in_place() {
+    if !have_daemons("backup_vips_announced_with_a_worse_path_and_flipped_in_place") {
+        return;
+    }
+    let lab = lab("lxb7", 2);
+    let ebgp = GobgpPeer::start(
+        &lab.peers[0],
+        65002,
+        Ipv4Addr::new(10, 1, 0, 2),
+        Listen::Port(179),
+        &[GobgpNeighbor::new("10.1.0.1", 65001)],
+    )
+    .unwrap();
+    let ibgp = GobgpPeer::start(
+        &lab.peers[1],
+        65001,
+        Ipv4Addr::new(10, 2, 0, 2),
+        Listen::Port(179),
+        &[GobgpNeighbor::new("10.2.0.1", 65001)],
+    )
+    .unwrap();
+    let mut config = quick(BgpConfig::new(65001));
+    config.router_id = Some(Ipv4Addr::new(10, 1, 0, 1));
+    let mut s = lab.speaker(
+        config,
+        vec![
+            Peer::new(ip("10.1.0.2"), 65002),
+            Peer::new(ip("10.2.0.2"), 65001),
+        ],
+        &[VIP4],
+    );
+    wait_established(&s, "10.1.0.2");
+    wait_established(&s, "10.2.0.2");
+    let path_of = |g: &GobgpPeer, prefix: &str, want: &dyn Fn(&RibRoute) -> bool| {
+        eventually(&format!("{prefix} as wanted in the peer's RIB"), T, || {
+            let routes = g.routes().map_err(|e| e.to_string())?;
+            match find(&routes, prefix) {
+                Some(r) if want(r) => Ok(r.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+    };
+    // 20.0.0.100 active, 20.0.0.101 backup.
+    let uptime = neighbor(&s, "10.1.0.2").since;
+    let c = s.set_announced([ip(VIP4), ip(VIP4B)], [ip(VIP4B)]).unwrap();
+    assert_eq!(c.added, vec![ip(VIP4B)]);
+    path_of(&ebgp, "20.0.0.100/32", &|r| r.as_path == [65001]);
+    path_of(&ebgp, "20.0.0.101/32", &|r| r.as_path == [65001; 4]);
+    path_of(&ibgp, "20.0.0.100/32", &|r| r.local_pref == Some(100));
+    let r = path_of(&ibgp, "20.0.0.101/32", &|r| r.local_pref == Some(50));
+    assert!(r.as_path.is_empty(), "no own AS toward iBGP: {r:?}");
+    assert_eq!(
+        s.backup_vips().iter().copied().collect::<Vec<_>>(),
+        [ip(VIP4B)]
+    );
+
+    // The roles swap.
+    let c = s.set_announced([ip(VIP4), ip(VIP4B)], [ip(VIP4)]).unwrap();
+    assert_eq!(
+        (c.to_backup, c.to_active),
+        (vec![ip(VIP4)], vec![ip(VIP4B)])
+    );
+    path_of(&ebgp, "20.0.0.101/32", &|r| r.as_path == [65001]);
+    path_of(&ebgp, "20.0.0.100/32", &|r| r.as_path == [65001; 4]);
+    path_of(&ibgp, "20.0.0.101/32", &|r| r.local_pref == Some(100));
+    path_of(&ibgp, "20.0.0.100/32", &|r| r.local_pref == Some(50));
+    assert_eq!(neighbor(&s, "10.1.0.2").since, uptime, "no session reset");
+    drop(s);
+
+    // withdraw: the backup VIP is not announced; ecmp: as an active one.
+    for (mode, backup_path) in [
+        (BackupPath::Withdraw, None),
+        (BackupPath::Ecmp, Some(vec![65001])),
+    ] {
+        let mut config = quick(BgpConfig::new(65001));
+        config.backup = mode;
+        let mut s = lab.speaker(config, vec![Peer::new(ip("10.1.0.2"), 65002)], &[]);
+        s.set_announced([ip(VIP4), ip(VIP4B)], [ip(VIP4B)]).unwrap();
+        wait_established(&s, "10.1.0.2");
+        path_of(&ebgp, "20.0.0.100/32", &|r| r.as_path == [65001]);
+        match &backup_path {
+            None => {
+                // Settled: the active VIP is there; the backup one must not be.
+                std::thread::sleep(Duration::from_secs(1));
+                let routes = ebgp.routes().unwrap();
+                assert!(
+                    find(&routes, "20.0.0.101/32").is_none(),
+                    "{mode}: {routes:?}"
+                );
+            }
+            Some(p) => {
+                path_of(&ebgp, "20.0.0.101/32", &|r| &r.as_path == p);
+            }
+        }
+        drop(s);
+        wait_no_route(&ebgp, "20.0.0.100/32");
+    }
 }
 
 /// The peer daemon crashes and comes back: the session is re-established

@@ -21,6 +21,7 @@ use std::{
 };
 
 use loxilb_tests::{
+    bgp_peer::{GobgpNeighbor, GobgpPeer, Listen, RibRoute},
     certs::Certs,
     kube_api::{
         endpoint_slice, lo_addrs, node, service, wait_until, ApiServer, KubeAgent, KubeAgentSpec,
@@ -364,6 +365,118 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     );
     b.stop().unwrap();
     drop(ha.sw);
+}
+
+/// With BGP: a router (GoBGP, on the client's segment) peers with both
+/// nodes. The active node announces the VIP as it is, the backup with its
+/// AS prepended (`--bgp-backup-path`, default prepend:3), so the router's
+/// best path is the active node's; when the active agent is killed, its
+/// BIRD goes with it (its session drops, its path is withdrawn) and the
+/// new owner re-announces the VIP with the short path; the restarted
+/// agent comes back as a backup, with the long path, and the router keeps
+/// the new owner's.
+#[test]
+fn bgp_routers_prefer_the_active_node_and_follow_the_takeover() {
+    let name = "bgp_routers_prefer_the_active_node_and_follow_the_takeover";
+    if !need_root(name) {
+        return;
+    }
+    let ha = Ha::new("lxha5");
+    let router = GobgpPeer::start(
+        &ha.client,
+        65100,
+        Ipv4Addr::new(10, 30, 0, 2),
+        Listen::Port(179),
+        &[
+            GobgpNeighbor::new("10.30.0.11", 65001),
+            GobgpNeighbor::new("10.30.0.12", 65001),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{name}: gobgpd: {e:#}"));
+    let api = ApiServer::new();
+    seed_api(&api);
+    let bgp = [
+        "--setBGP=65001",
+        "--extBGPPeers=10.30.0.2:65100",
+        "--health-listen=127.0.0.1:19436",
+    ];
+    let mut a = ha.start_with(&api, 0, "node-a", &bgp);
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap();
+    let b = ha.start_with(&api, 1, "node-b", &bgp);
+    let vip = bring_up(&ha, &api, &a, &b);
+    let prefix = format!("{vip}/32");
+    let node_a: std::net::IpAddr = "10.30.0.11".parse().unwrap();
+    let node_b: std::net::IpAddr = "10.30.0.12".parse().unwrap();
+    // The router's paths for the VIP: (from, AS path, best).
+    let paths = || -> Vec<RibRoute> {
+        router
+            .routes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.prefix == prefix)
+            .collect()
+    };
+    let show = |what: &str, a: &KubeAgent, b: &KubeAgent| {
+        format!(
+            "{what}: router's paths {:?}\n--- node-a\n{}\n--- node-b\n{}",
+            paths(),
+            a.log_text(),
+            b.log_text()
+        )
+    };
+    let path_is = |from: std::net::IpAddr, as_path: &[u32], best: bool| {
+        let ps = paths();
+        ps.iter()
+            .any(|r| r.neighbor == Some(from) && r.as_path == as_path && r.best == best)
+    };
+    let short = [65001];
+    let long = [65001; 4];
+    wait_until(
+        "the router has both paths, node-a's best",
+        Duration::from_secs(30),
+        || path_is(node_a, &short, true) && path_is(node_b, &long, false),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", show("before", &a, &b)));
+    // The sessions in the metrics: up, one route (the VIP) sent by each.
+    for i in 0..2 {
+        assert_eq!(
+            ha.metric(i, "loxilb_bgp_session_up", "10.30.0.2"),
+            Some(1.0)
+        );
+        assert_eq!(ha.metric(i, "loxilb_bgp_routes_sent", "65100"), Some(1.0));
+    }
+
+    // The active agent dies.
+    a.kill();
+    let t0 = Instant::now();
+    wait_until(
+        "node-b's path is the router's best and short",
+        Duration::from_secs(30),
+        || {
+            let ps = paths();
+            ps.len() == 1 && path_is(node_b, &short, true)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", show("after the kill", &a, &b)));
+    let moved = t0.elapsed();
+    assert!(lo_addrs(&ha.lbs[1]).contains(&vip), "node-b holds the VIP");
+
+    // node-a comes back: as a backup, with the long path.
+    let a2 = ha.start_with(&api, 0, "node-a2", &bgp);
+    wait_until(
+        "node-a back as a backup, the router keeps node-b's path",
+        Duration::from_secs(30),
+        || path_is(node_b, &short, true) && path_is(node_a, &long, false),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", show("after the restart", &a2, &b)));
+    assert!(
+        !lo_addrs(&ha.lbs[0]).contains(&vip),
+        "the restarted node-a does not hold the VIP"
+    );
+    eprintln!("{name}: router's best path on node-b {moved:?} after the kill");
 }
 
 /// With conntrack sync on: a TCP connection opened through the leader

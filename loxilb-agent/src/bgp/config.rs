@@ -69,6 +69,76 @@ impl Timers {
     }
 }
 
+/// How a node announces the VIPs it serves as a backup (rules installed,
+/// sessions synced, but another node holds the VIP: `loxilb-agent roles`),
+/// `--bgp-backup-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupPath {
+    /// Announced with a worse path, so routers send the VIP's traffic to
+    /// the active node while its session is up and to a backup the moment
+    /// it goes: to eBGP peers with the local AS prepended this many extra
+    /// times (1..=[`MAX_PREPEND`]), to iBGP peers (where a prepended own AS
+    /// would be a loop) with LOCAL_PREF [`BACKUP_LOCAL_PREF`] instead of 100.
+    Prepend(u8),
+    /// Not announced at all: routers learn the VIP from the active node
+    /// only (a takeover waits for the new owner's announcement).
+    Withdraw,
+    /// Announced like the active node's: routers spread flows over every
+    /// node by ECMP (active-active; conntrack sync carries sessions).
+    Ecmp,
+}
+
+/// The default: three extra copies of the local AS (loxilb's own backups
+/// are likewise announced with a longer AS path).
+pub const DEFAULT_BACKUP_PREPEND: u8 = 3;
+pub const MAX_PREPEND: u8 = 10;
+/// The LOCAL_PREF of a backup's announcement to iBGP peers (BIRD's
+/// default, the active node's, is 100).
+pub const BACKUP_LOCAL_PREF: u32 = 50;
+
+impl Default for BackupPath {
+    fn default() -> Self {
+        BackupPath::Prepend(DEFAULT_BACKUP_PREPEND)
+    }
+}
+
+impl std::fmt::Display for BackupPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackupPath::Prepend(n) => write!(f, "prepend:{n}"),
+            BackupPath::Withdraw => f.write_str("withdraw"),
+            BackupPath::Ecmp => f.write_str("ecmp"),
+        }
+    }
+}
+
+impl std::str::FromStr for BackupPath {
+    type Err = String;
+    /// `prepend`, `prepend:N` (1..=10), `withdraw`, `ecmp`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let what = || {
+            format!(
+                "{s:?}: expected prepend[:N] (N = 1..={MAX_PREPEND} extra copies of the local AS; \
+                 default prepend:{DEFAULT_BACKUP_PREPEND}), withdraw (backups do not announce) or \
+                 ecmp (backups announce like the active node)"
+            )
+        };
+        match s {
+            "prepend" => Ok(BackupPath::default()),
+            "withdraw" => Ok(BackupPath::Withdraw),
+            "ecmp" => Ok(BackupPath::Ecmp),
+            _ => {
+                let n = s
+                    .strip_prefix("prepend:")
+                    .and_then(|n| n.parse::<u8>().ok())
+                    .filter(|n| (1..=MAX_PREPEND).contains(n))
+                    .ok_or_else(what)?;
+                Ok(BackupPath::Prepend(n))
+            }
+        }
+    }
+}
+
 /// What stays fixed while the speaker runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BgpConfig {
@@ -89,6 +159,8 @@ pub struct BgpConfig {
     /// link when the session is IPv4). A multihop IPv4 session has no link,
     /// so IPv6 VIPs need this set to be announced over it.
     pub next_hop_v6: Option<Ipv6Addr>,
+    /// How the VIPs this node serves as a backup are announced.
+    pub backup: BackupPath,
 }
 
 impl BgpConfig {
@@ -100,6 +172,7 @@ impl BgpConfig {
             timers: Timers::default(),
             next_hop_v4: None,
             next_hop_v6: None,
+            backup: BackupPath::default(),
         }
     }
 
@@ -113,6 +186,13 @@ impl BgpConfig {
         if let Some(id) = self.router_id {
             if id.is_unspecified() {
                 return Err("router id 0.0.0.0 is not valid".into());
+            }
+        }
+        if let BackupPath::Prepend(n) = self.backup {
+            if !(1..=MAX_PREPEND).contains(&n) {
+                return Err(format!(
+                    "backup path prepend {n}: must be 1..={MAX_PREPEND}"
+                ));
             }
         }
         self.timers.validate()
@@ -177,23 +257,51 @@ pub fn protocol_name(addr: IpAddr) -> String {
     }
 }
 
-/// The static protocols that hold the VIP routes.
+/// The static protocols that hold the VIP routes: those this node is
+/// active for, and those it serves as a backup.
 pub const VIPS4: &str = "vips4";
 pub const VIPS6: &str = "vips6";
+pub const BACKUP4: &str = "backup4";
+pub const BACKUP6: &str = "backup6";
+
+/// A peer's export filter for one family: the active VIPs as they are,
+/// the backup VIPs with a worse path (see [`BackupPath`]).
+fn export_filter(cfg: &BgpConfig, p: &Peer, active: &str, backup: &str) -> String {
+    let worse = match cfg.backup {
+        BackupPath::Prepend(_) if p.remote_as == cfg.local_as => {
+            format!("bgp_local_pref = {BACKUP_LOCAL_PREF}; ")
+        }
+        BackupPath::Prepend(n) => {
+            format!("bgp_path.prepend({}); ", cfg.local_as).repeat(n as usize)
+        }
+        // Nothing is in the backup protocol then (see `render`).
+        BackupPath::Withdraw | BackupPath::Ecmp => String::new(),
+    };
+    format!(
+        "export filter {{ if proto = \"{active}\" then accept; \
+         if proto = \"{backup}\" then {{ {worse}accept; }} reject; }};"
+    )
+}
 
 /// The whole BIRD configuration for this state.
 ///
 /// - No `protocol kernel`: the VIP routes live only in BIRD's tables, to be
 ///   exported to BGP; nothing is ever written to the node's FIB (the
 ///   datapath owns the VIPs). Nothing is imported from peers.
-/// - VIPs are `blackhole` routes of two static protocols; a VIP change
-///   only changes those (BIRD reconfigures static protocols route by
-///   route), so no session is reset.
+/// - VIPs are `blackhole` routes of static protocols (active and backup,
+///   per family); a VIP change only changes those (BIRD reconfigures
+///   static protocols route by route), so no session is reset. `backup`
+///   (a subset of `vips`) are announced as [`BgpConfig::backup`] says.
 /// - One `protocol bgp` per peer; BIRD restarts only the sessions whose
 ///   block changed.
 /// - Times are printed as Unix seconds (`timeformat ... "%s"`) for the
 ///   parsers.
-pub fn render(cfg: &BgpConfig, peers: &BTreeMap<IpAddr, Peer>, vips: &BTreeSet<IpAddr>) -> String {
+pub fn render(
+    cfg: &BgpConfig,
+    peers: &BTreeMap<IpAddr, Peer>,
+    vips: &BTreeSet<IpAddr>,
+    backup: &BTreeSet<IpAddr>,
+) -> String {
     let mut s = String::new();
     let w = &mut s;
     let _ = writeln!(
@@ -218,16 +326,27 @@ pub fn render(cfg: &BgpConfig, peers: &BTreeMap<IpAddr, Peer>, vips: &BTreeSet<I
     let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "# The active VIPs. No kernel protocol: never installed in the FIB."
+        "# The VIPs: active, then backup ({}). No kernel protocol: never installed in the FIB.",
+        cfg.backup
     );
-    for (name, v6) in [(VIPS4, false), (VIPS6, true)] {
+    let as_backup = |v: &IpAddr| backup.contains(v) && cfg.backup != BackupPath::Ecmp;
+    for (name, v6, in_backup) in [
+        (VIPS4, false, false),
+        (VIPS6, true, false),
+        (BACKUP4, false, true),
+        (BACKUP6, true, true),
+    ] {
         let _ = writeln!(w, "protocol static {name} {{");
         let _ = writeln!(
             w,
             "  {} {{ import all; export none; }};",
             if v6 { "ipv6" } else { "ipv4" }
         );
-        for vip in vips.iter().filter(|v| v.is_ipv6() == v6) {
+        let mine = vips
+            .iter()
+            .filter(|v| v.is_ipv6() == v6 && as_backup(v) == in_backup)
+            .filter(|_| !(in_backup && cfg.backup == BackupPath::Withdraw));
+        for vip in mine {
             let len = if v6 { 128 } else { 32 };
             let _ = writeln!(w, "  route {vip}/{len} blackhole;");
         }
@@ -278,11 +397,13 @@ pub fn render(cfg: &BgpConfig, peers: &BTreeMap<IpAddr, Peer>, vips: &BTreeSet<I
         // `export table on` keeps the Adj-RIB-Out: what was really sent.
         let _ = writeln!(
             w,
-            "  ipv4 {{ import none; export where proto = \"{VIPS4}\"; {nh4} export table on; }};"
+            "  ipv4 {{ import none; {} {nh4} export table on; }};",
+            export_filter(cfg, p, VIPS4, BACKUP4)
         );
         let _ = writeln!(
             w,
-            "  ipv6 {{ import none; export where proto = \"{VIPS6}\"; {nh6} export table on; }};"
+            "  ipv6 {{ import none; {} {nh6} export table on; }};",
+            export_filter(cfg, p, VIPS6, BACKUP6)
         );
         let _ = writeln!(w, "}}");
     }
@@ -364,7 +485,28 @@ mod tests {
         let vips: BTreeSet<IpAddr> = [ip("20.0.0.100"), ip("20.0.0.101"), ip("2001:db8::100")]
             .into_iter()
             .collect();
-        render(&cfg, &peers, &vips)
+        render(&cfg, &peers, &vips, &BTreeSet::new())
+    }
+
+    /// The sample's state with 20.0.0.101 and 2001:db8::100 served as a
+    /// backup, announced as `backup` says.
+    fn sample_backup(backup: BackupPath) -> String {
+        let mut cfg = BgpConfig::new(65001);
+        cfg.backup = backup;
+        let mut peers = BTreeMap::new();
+        for p in [
+            Peer::new(ip("10.0.0.2"), 65002),
+            Peer::new(ip("fd00::2"), 65001),
+        ] {
+            peers.insert(p.address, p);
+        }
+        let vips: BTreeSet<IpAddr> = [ip("20.0.0.100"), ip("20.0.0.101"), ip("2001:db8::100")]
+            .into_iter()
+            .collect();
+        let backup = [ip("20.0.0.101"), ip("2001:db8::100")]
+            .into_iter()
+            .collect();
+        render(&cfg, &peers, &vips, &backup)
     }
 
     #[test]
@@ -381,8 +523,9 @@ mod tests {
             "protocol bgp peer6_fd00_0_0_0_0_0_0_2 {\n  description \"iBGP fd00::2 AS 65001\";",
             "connect delay time 1; connect retry time 5;",
             "error wait time 2, 60;",
-            "ipv4 { import none; export where proto = \"vips4\"; next hop self; export table on; };",
-            "ipv6 { import none; export where proto = \"vips6\"; next hop address fd00::1; export table on; };",
+            "ipv4 { import none; export filter { if proto = \"vips4\" then accept; if proto = \"backup4\" then { bgp_path.prepend(65001); bgp_path.prepend(65001); bgp_path.prepend(65001); accept; } reject; }; next hop self; export table on; };",
+            "next hop address fd00::1; export table on; };",
+            "protocol static backup4 {\n  ipv4 { import all; export none; };\n}",
         ] {
             assert!(c.contains(want), "missing {want:?} in:\n{c}");
         }
@@ -394,9 +537,70 @@ mod tests {
         assert_eq!(c, sample());
     }
 
+    /// Backup VIPs sit in the backup protocols; eBGP peers get them with
+    /// the local AS prepended, iBGP peers with a lower LOCAL_PREF;
+    /// `withdraw` leaves them out, `ecmp` announces them as active.
+    #[test]
+    fn render_backup_paths() {
+        let c = sample_backup(BackupPath::Prepend(2));
+        for want in [
+            "protocol static vips4 {\n  ipv4 { import all; export none; };\n  route 20.0.0.100/32 blackhole;\n}",
+            "protocol static vips6 {\n  ipv6 { import all; export none; };\n}",
+            "protocol static backup4 {\n  ipv4 { import all; export none; };\n  route 20.0.0.101/32 blackhole;\n}",
+            "protocol static backup6 {\n  ipv6 { import all; export none; };\n  route 2001:db8::100/128 blackhole;\n}",
+            // eBGP: two extra copies of the AS
+            "if proto = \"backup4\" then { bgp_path.prepend(65001); bgp_path.prepend(65001); accept; }",
+            // iBGP: lower LOCAL_PREF, no own AS in the path
+            "if proto = \"backup6\" then { bgp_local_pref = 50; accept; }",
+        ] {
+            assert!(c.contains(want), "missing {want:?} in:\n{c}");
+        }
+        let ibgp = &c[c.find("iBGP fd00::2").unwrap()..];
+        assert!(!ibgp.contains("prepend"), "{ibgp}");
+        let w = sample_backup(BackupPath::Withdraw);
+        assert_eq!(w.matches("route ").count(), 1, "{w}");
+        assert!(w.contains("route 20.0.0.100/32"), "{w}");
+        let e = sample_backup(BackupPath::Ecmp);
+        assert_eq!(e.matches("route ").count(), 3, "{e}");
+        assert!(
+            e.contains("protocol static backup4 {\n  ipv4 { import all; export none; };\n}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn backup_path_flag_values() {
+        assert_eq!("prepend".parse(), Ok(BackupPath::Prepend(3)));
+        assert_eq!("prepend:7".parse(), Ok(BackupPath::Prepend(7)));
+        assert_eq!("withdraw".parse(), Ok(BackupPath::Withdraw));
+        assert_eq!("ecmp".parse(), Ok(BackupPath::Ecmp));
+        for bad in ["", "prepend:0", "prepend:11", "prepend:x", "Prepend", "med"] {
+            let e = bad.parse::<BackupPath>().unwrap_err();
+            assert!(
+                e.contains(&format!("{bad:?}")) && e.contains("withdraw"),
+                "{e}"
+            );
+        }
+        for b in [
+            BackupPath::Prepend(4),
+            BackupPath::Withdraw,
+            BackupPath::Ecmp,
+        ] {
+            assert_eq!(b.to_string().parse(), Ok(b));
+        }
+        let mut c = BgpConfig::new(65001);
+        c.backup = BackupPath::Prepend(0);
+        assert!(c.validate().unwrap_err().contains("prepend 0"));
+    }
+
     #[test]
     fn render_empty_state() {
-        let c = render(&BgpConfig::new(65001), &BTreeMap::new(), &BTreeSet::new());
+        let c = render(
+            &BgpConfig::new(65001),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
         assert!(!c.contains("router id"));
         assert!(!c.contains("protocol bgp"));
         assert!(!c.contains("route "));
@@ -421,7 +625,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         for (i, text) in [
             sample(),
-            render(&BgpConfig::new(65001), &BTreeMap::new(), &BTreeSet::new()),
+            sample_backup(BackupPath::Prepend(3)),
+            sample_backup(BackupPath::Withdraw),
+            sample_backup(BackupPath::Ecmp),
+            render(
+                &BgpConfig::new(65001),
+                &BTreeMap::new(),
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+            ),
         ]
         .iter()
         .enumerate()

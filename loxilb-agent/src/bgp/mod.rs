@@ -46,8 +46,10 @@
 //!
 //! # What BIRD is told
 //!
-//! ([`config::render`]) VIPs are `blackhole` routes of two `protocol
-//! static` (IPv4, IPv6), exported only to BGP; there is no `protocol
+//! ([`config::render`]) VIPs are `blackhole` routes of `protocol static`
+//! blocks (IPv4, IPv6; the VIPs this node is active for, and those it
+//! serves as a backup, which each peer's export filter announces with a
+//! worse path: [`config::BackupPath`]), exported only to BGP; there is no `protocol
 //! kernel`, so nothing reaches the node's FIB; nothing is imported from
 //! peers. One `protocol bgp` per peer: `local port <listen port> as <AS>`,
 //! `neighbor <IP> port <P> as <AS>` (iBGP when the AS is ours), `multihop
@@ -80,7 +82,7 @@ pub mod flags;
 pub mod show;
 pub mod speaker;
 
-pub use config::{BgpConfig, Peer, Timers};
+pub use config::{BackupPath, BgpConfig, Peer, Timers};
 pub use flags::{BgpFlags, BgpSetup, FlagError};
 pub use show::{BgpState, Neighbor};
 pub use speaker::{

@@ -75,11 +75,17 @@ impl SpeakerOptions {
 pub struct VipChange {
     pub added: Vec<IpAddr>,
     pub removed: Vec<IpAddr>,
+    /// Announced before and after, now as a backup / now as active.
+    pub to_backup: Vec<IpAddr>,
+    pub to_active: Vec<IpAddr>,
 }
 
 impl VipChange {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.to_backup.is_empty()
+            && self.to_active.is_empty()
     }
 }
 
@@ -149,6 +155,9 @@ pub struct BgpSpeaker {
     opts: SpeakerOptions,
     peers: BTreeMap<IpAddr, Peer>,
     vips: BTreeSet<IpAddr>,
+    /// Of `vips`, those this node serves as a backup (announced as
+    /// [`BgpConfig::backup`] says).
+    backup: BTreeSet<IpAddr>,
     control: Control,
     daemon: Option<Daemon>,
     /// The last apply failed: the next call applies even without a change.
@@ -199,6 +208,7 @@ impl BgpSpeaker {
             opts,
             peers,
             vips,
+            backup: BTreeSet::new(),
             daemon: None,
             dirty: false,
         };
@@ -223,6 +233,10 @@ impl BgpSpeaker {
     pub fn vips(&self) -> &BTreeSet<IpAddr> {
         &self.vips
     }
+    /// The announced VIPs this node serves as a backup.
+    pub fn backup_vips(&self) -> &BTreeSet<IpAddr> {
+        &self.backup
+    }
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
         self.peers.values()
     }
@@ -237,20 +251,46 @@ impl BgpSpeaker {
     /// No session is reset. On error the desired set is kept and applied by
     /// the next call or by [`BgpSpeaker::resync`].
     pub fn set_vips(&mut self, vips: impl IntoIterator<Item = IpAddr>) -> Result<VipChange> {
+        self.set_announced(vips, [])
+    }
+
+    /// Announce exactly `vips`, those of them in `backup` as a backup
+    /// (with a worse path, or not at all: [`BgpConfig::backup`]), the rest
+    /// as active. A VIP moving between the two is re-announced with its
+    /// new path; no session is reset.
+    pub fn set_announced(
+        &mut self,
+        vips: impl IntoIterator<Item = IpAddr>,
+        backup: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<VipChange> {
         let new: BTreeSet<IpAddr> = vips.into_iter().collect();
         for v in &new {
             check_vip(*v)?;
         }
+        let backup: BTreeSet<IpAddr> = backup.into_iter().filter(|v| new.contains(v)).collect();
+        let kept = || new.intersection(&self.vips);
         let change = VipChange {
             added: new.difference(&self.vips).copied().collect(),
             removed: self.vips.difference(&new).copied().collect(),
+            to_backup: kept()
+                .filter(|v| backup.contains(v) && !self.backup.contains(v))
+                .copied()
+                .collect(),
+            to_active: kept()
+                .filter(|v| !backup.contains(v) && self.backup.contains(v))
+                .copied()
+                .collect(),
         };
         if change.is_empty() && !self.dirty {
             return Ok(change);
         }
         self.vips = new;
+        self.backup = backup;
         self.apply()?;
-        debug!("BGP VIPs: +{:?} -{:?}", change.added, change.removed);
+        debug!(
+            "BGP VIPs: +{:?} -{:?}, now backup {:?}, now active {:?}",
+            change.added, change.removed, change.to_backup, change.to_active
+        );
         Ok(change)
     }
 
@@ -309,7 +349,7 @@ impl BgpSpeaker {
     }
 
     fn write_config(&self) -> Result<()> {
-        let text = render(&self.config, &self.peers, &self.vips);
+        let text = render(&self.config, &self.peers, &self.vips, &self.backup);
         let conf = self.opts.config_path();
         let tmp = self.opts.run_dir.join("bird.conf.new");
         std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
