@@ -96,7 +96,11 @@
 //! chains to `tls_dir/ca.crt`. Names are not checked unless
 //! `server_name` is set (then the backups' certificates must carry it).
 //! A plaintext peer, one with no certificate or one of another CA is
-//! refused, logged and counted (`refused_tls`).
+//! refused, logged and counted (`refused_tls`). The certificates are
+//! reloaded when the directory's files change (a rotated Secret): new
+//! connections use the new ones, established ones keep theirs; a change
+//! that does not load is logged and the previous certificates stay in use
+//! (`tls_reloads` counts the reloads).
 //!
 //! # Wire format (protocol version 2)
 //!
@@ -311,6 +315,8 @@ pub struct Stats {
     pub last_scan_assocs: u64,
     pub assoc_changes: u64,
     pub last_error: Option<String>,
+    /// Times the TLS certificates were reloaded after their files changed.
+    pub tls_reloads: u64,
     /// Active: one per configured peer.
     pub peers: Vec<PeerStats>,
     /// Backup: what senders sent.
@@ -388,7 +394,7 @@ impl Syncer {
     /// [`Syncer::start`] on any [`SessionTable`] (tests: [`MemTable`]).
     pub fn start_with_table(table: Box<dyn SessionTable>, config: Config) -> Result<Syncer> {
         config.check()?;
-        let tls = tls::Tls::load(&config.tls_dir, config.server_name.as_deref())
+        let tls = tls::TlsSource::load(&config.tls_dir, config.server_name.as_deref())
             .context("ctsync: loading the TLS certificates")?;
         let listener = match config.listen {
             Some(a) => {
@@ -411,7 +417,7 @@ impl Syncer {
         };
         let ctx = Arc::new(net::Ctx {
             cfg: config,
-            tls,
+            tls: Arc::new(tls),
             table: Arc::new(Mutex::new(table)),
             applier: Default::default(),
             stats: Mutex::new(stats),
@@ -477,7 +483,11 @@ impl Syncer {
     }
 
     pub fn stats(&self) -> Stats {
-        self.ctx.stats(|s| s.clone())
+        let reloads = self.ctx.tls.reloads();
+        self.ctx.stats(|s| {
+            s.tls_reloads = reloads;
+            s.clone()
+        })
     }
 
     /// Stop (connections close; entries already written stay).
@@ -611,7 +621,11 @@ async fn write_state(ctx: Arc<net::Ctx>, path: PathBuf) {
     let mut warned = false;
     loop {
         tick.tick().await;
-        let json = ctx.stats(|s| serde_json::to_vec_pretty(s));
+        let reloads = ctx.tls.reloads();
+        let json = ctx.stats(|s| {
+            s.tls_reloads = reloads;
+            serde_json::to_vec_pretty(s)
+        });
         let r = json.map_err(|e| anyhow!(e)).and_then(|j| {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, j)?;

@@ -24,7 +24,7 @@ use super::{
     delta::{self, AssocState, State},
     engine::{Applier, Scanner},
     table::SessionTable,
-    tls::Tls,
+    tls::TlsSource,
     wire::{self, Hello, Msg},
     Config, PeerStats, Stats,
 };
@@ -42,7 +42,7 @@ const RESYNC_AFTER: Duration = Duration::from_secs(1);
 /// What every task of one syncer shares.
 pub(super) struct Ctx {
     pub cfg: Config,
-    pub tls: Tls,
+    pub tls: Arc<TlsSource>,
     pub table: Arc<Mutex<Box<dyn SessionTable>>>,
     pub applier: Arc<Mutex<Applier>>,
     pub stats: Mutex<Stats>,
@@ -225,10 +225,10 @@ async fn peer_session(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<()> {
         .map_err(|_| anyhow!("no TCP connection within {HANDSHAKE_TIMEOUT:?}"))?
         .context("TCP connect")?;
     tcp.set_nodelay(true)?;
-    let tls = timeout(
-        HANDSHAKE_TIMEOUT,
-        TlsConnector::from(ctx.tls.client.clone()).connect(ctx.tls.server_name.clone(), tcp),
-    )
+    let tls = timeout(HANDSHAKE_TIMEOUT, {
+        let t = ctx.tls.current();
+        TlsConnector::from(t.client).connect(t.server_name, tcp)
+    })
     .await
     .map_err(|_| anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
     .context("TLS handshake")?;
@@ -369,7 +369,7 @@ pub(super) async fn listen(ctx: Arc<Ctx>, l: TcpListener) {
 async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
     let tls = match timeout(
         HANDSHAKE_TIMEOUT,
-        TlsAcceptor::from(ctx.tls.server.clone()).accept(tcp),
+        TlsAcceptor::from(ctx.tls.current().server).accept(tcp),
     )
     .await
     {

@@ -483,3 +483,65 @@ fn peers_follow_set_peers_and_leave_this_node_out() {
     wait_for("the peer dropped", 10, || rx.stats().inbound.connected == 0);
     assert!(tx.stats().peers.is_empty());
 }
+
+/// A rotated Secret: the backup's `ca.crt` changes on disk to trust the
+/// sender's new CA; the next connection uses it without a restart (the
+/// sender, refused before, now streams). A later change that does not
+/// load (a broken key) keeps the working certificates in use.
+#[test]
+fn certificates_are_reloaded_when_their_files_change() {
+    let ca = TestCa::new("ca");
+    let other = TestCa::new("other");
+    let (a, b) = (node(true), node(false));
+    a.with(|s| {
+        s.ct.extend(x::session(
+            "192.168.0.2",
+            1,
+            "20.0.0.100",
+            "10.0.1.10",
+            1,
+            0,
+            0,
+        ))
+    });
+    // The sender's certificate is of `other`; the backup trusts `ca` only.
+    let (tx, rx, da, db) = pair(&other, &ca, &ca, &a, &b, |_| {});
+    wait_for("the refusal", 10, || rx.stats().inbound.refused_tls >= 1);
+    assert_eq!(rx.stats().tls_reloads, 0);
+    // The backup's CA bundle now holds both CAs.
+    std::fs::write(
+        db.0.join(super::CA_FILE),
+        format!("{}{}", ca.cert_pem, other.cert_pem),
+    )
+    .unwrap();
+    wait_for("the snapshot after the reload", 20, || {
+        b.with(|s| s.ct.len() == 2)
+    });
+    assert_eq!(rx.stats().tls_reloads, 1);
+    assert_eq!(tx.stats().peers[0].snapshots, 1);
+    // A half-written key: refused once, the loaded certificates kept.
+    let key = std::fs::read(db.0.join(super::KEY_FILE)).unwrap();
+    std::fs::write(db.0.join(super::KEY_FILE), &key[..key.len() / 2]).unwrap();
+    let addr = rx.local_addr().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Handshakes still succeed with the certificates loaded before.
+        for _ in 0..2 {
+            let mut s = client_of(&da, addr).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    assert_eq!(rx.stats().tls_reloads, 1, "the broken key was not loaded");
+    // Whole again: loads at the next connection.
+    std::fs::write(db.0.join(super::KEY_FILE), &key).unwrap();
+    rt.block_on(async {
+        let mut s = client_of(&da, addr).await;
+        let _ = s.shutdown().await;
+    });
+    // The file equals the one loaded before the break: nothing to reload.
+    assert_eq!(rx.stats().tls_reloads, 1);
+    b.with(|s| assert_eq!(s.ct.len(), 2));
+}

@@ -2,7 +2,10 @@
 //! the CA of the directory (`ca.crt`, `tls.crt`, `tls.key`: a Kubernetes
 //! TLS Secret mounted as a volume, with the CA added).
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::{
@@ -116,6 +119,98 @@ impl Tls {
             client: Arc::new(client),
             server_name,
         })
+    }
+}
+
+/// The certificates of a directory, reloaded when its files change: a
+/// mounted Kubernetes Secret is updated in place (an atomic symlink swap)
+/// when cert-manager or an operator rotates it. Each new connection, in
+/// or out, asks for [`TlsSource::current`]: it compares the three files'
+/// contents with those last loaded (a few KiB, read per connection, and
+/// connections are long-lived) and loads them again when they differ.
+/// Connections already up keep the certificates they were made with. A
+/// change that does not load (a half-written key, a certificate of
+/// another key) is logged once and the previous certificates stay in use
+/// until the files are whole again.
+pub struct TlsSource {
+    dir: PathBuf,
+    server_name: Option<String>,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    /// The files' contents the current [`Tls`] was made from.
+    files: Vec<u8>,
+    tls: Tls,
+    /// The contents of a change that failed to load (warned once).
+    refused: Option<Vec<u8>>,
+    reloads: u64,
+}
+
+/// `ca.crt`, `tls.crt` and `tls.key` of `dir`, one after the other.
+fn contents(dir: &Path) -> std::io::Result<Vec<u8>> {
+    let mut all = vec![];
+    for f in [CA_FILE, CERT_FILE, KEY_FILE] {
+        let b = std::fs::read(dir.join(f))?;
+        all.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        all.extend_from_slice(&b);
+    }
+    Ok(all)
+}
+
+impl TlsSource {
+    /// Load the directory now (errors name the file at fault).
+    pub fn load(dir: &Path, server_name: Option<&str>) -> Result<Self> {
+        let files = contents(dir).unwrap_or_default();
+        let tls = Tls::load(dir, server_name)?;
+        Ok(TlsSource {
+            dir: dir.to_path_buf(),
+            server_name: server_name.map(str::to_string),
+            state: Mutex::new(Loaded {
+                files,
+                tls,
+                refused: None,
+                reloads: 0,
+            }),
+        })
+    }
+
+    /// The certificates to use for a new connection: the directory's,
+    /// reloaded if the files changed since the last load.
+    pub fn current(&self) -> Tls {
+        let mut st = self.state.lock().expect("tls lock");
+        let Ok(now) = contents(&self.dir) else {
+            // A file missing for a moment (mid-rotation): keep what works.
+            return st.tls.clone();
+        };
+        if now != st.files && st.refused.as_ref() != Some(&now) {
+            match Tls::load(&self.dir, self.server_name.as_deref()) {
+                Ok(t) => {
+                    st.tls = t;
+                    st.files = now;
+                    st.refused = None;
+                    st.reloads += 1;
+                    tracing::info!(
+                        "ctsync: certificates in {} changed: reloaded (new connections use them)",
+                        self.dir.display()
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "ctsync: certificates in {} changed but do not load ({e:#}); \
+                         the previous ones stay in use until the files are whole",
+                        self.dir.display()
+                    );
+                    st.refused = Some(now);
+                }
+            }
+        }
+        st.tls.clone()
+    }
+
+    /// How often the certificates were reloaded since start.
+    pub fn reloads(&self) -> u64 {
+        self.state.lock().expect("tls lock").reloads
     }
 }
 
