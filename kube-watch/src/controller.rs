@@ -1470,6 +1470,8 @@ pub async fn run_with<S: RuleSink>(
         let now = Instant::now();
         let keys = queue.take(now);
         if !keys.is_empty() {
+            let started = Instant::now();
+            let (mut done, mut conflicts, mut errors) = (0u64, 0u64, 0u64);
             let node_list: Vec<Node> = nodes.state().iter().map(|n| (**n).clone()).collect();
             let slices_of = slices_of(&slices.state(), &keys);
             let mut batch = Vec::with_capacity(keys.len());
@@ -1530,12 +1532,14 @@ pub async fn run_with<S: RuleSink>(
                     .await
                 {
                     Ok(requeue) => {
+                        done += 1;
                         queue.succeeded(&key);
                         for k in requeue {
                             queue.mark(k);
                         }
                     }
                     Err(e) if e.is_gone() => {
+                        done += 1;
                         // Nothing to retry: planned again as gone (its
                         // rules removed, its addresses released).
                         queue.succeeded(&key);
@@ -1543,6 +1547,8 @@ pub async fn run_with<S: RuleSink>(
                         debug!(service = %key, error = %e, "the Service is gone; its pending writes are dropped");
                     }
                     Err(e) if e.is_conflict() => {
+                        done += 1;
+                        conflicts += 1;
                         // Changed by someone else since the version planned
                         // on: its watch event plans it again (the retry is
                         // only a safety net).
@@ -1551,6 +1557,8 @@ pub async fn run_with<S: RuleSink>(
                         debug!(service = %key, error = %e, retry_in = ?d, "the Service changed meanwhile; planned again on its new version");
                     }
                     Err(e) => {
+                        done += 1;
+                        errors += 1;
                         let d =
                             queue.failed(&key, Instant::now(), config.retry_min, config.retry_max);
                         warn!(service = %key, error = %e, retry_in = ?d, "plan not completed");
@@ -1558,6 +1566,11 @@ pub async fn run_with<S: RuleSink>(
                 }
             }
             executor.set_hold(false);
+            let st = reconciler.stats_mut();
+            st.reconciles += done;
+            st.conflicts += conflicts;
+            st.errors += errors;
+            st.seconds += started.elapsed().as_secs_f64();
             sink_retry = None;
         }
         if executor.sink_pending(&reconciler) && sink_retry.is_none_or(|t| t <= Instant::now()) {
@@ -1567,6 +1580,7 @@ pub async fn run_with<S: RuleSink>(
                     sink_failures = 0;
                 }
                 Err(e) => {
+                    reconciler.stats_mut().sink_errors += 1;
                     let d = config
                         .retry_min
                         .checked_mul(1 << sink_failures.min(16))

@@ -255,6 +255,23 @@ pub struct Reconciler {
     /// every rule.
     vip_refs: BTreeMap<IpAddr, u32>,
     status_form: StatusForm,
+    stats: ReconcileStats,
+}
+
+/// The controller's work since start, for the metrics: counts only grow.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReconcileStats {
+    /// Services planned and carried out (one reconcile each).
+    pub reconciles: u64,
+    /// Of those, ended by an API write refused because the Service changed
+    /// meanwhile (planned again on its new version).
+    pub conflicts: u64,
+    /// Of those, ended by any other error (retried with back-off).
+    pub errors: u64,
+    /// Wall time spent planning and carrying them out, in seconds.
+    pub seconds: f64,
+    /// Datapath updates (rules handed to the node) that failed.
+    pub sink_errors: u64,
 }
 
 /// What the datapath is handed when the committed rules change: which
@@ -334,6 +351,7 @@ impl Reconciler {
             changed: BTreeSet::new(),
             vip_refs: BTreeMap::new(),
             status_form: StatusForm::Ip,
+            stats: ReconcileStats::default(),
         })
     }
 
@@ -353,6 +371,15 @@ impl Reconciler {
 
     pub fn is_leader(&self) -> bool {
         self.leader
+    }
+
+    /// What the controller did since start ([`ReconcileStats`]).
+    pub fn stats(&self) -> &ReconcileStats {
+        &self.stats
+    }
+
+    pub fn stats_mut(&mut self) -> &mut ReconcileStats {
+        &mut self.stats
     }
 
     /// The allocation table (meaningful while leader).

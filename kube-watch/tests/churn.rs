@@ -101,6 +101,7 @@ impl RuleSink for Sink {
 struct Observed {
     allocations: Arc<Mutex<Vec<Allocation>>>,
     rounds: Arc<Mutex<u64>>,
+    stats: Arc<Mutex<kube_watch::reconcile::ReconcileStats>>,
 }
 
 fn svc_name(i: usize) -> String {
@@ -616,6 +617,7 @@ async fn churn_of_services_and_endpoint_slices_leaks_nothing() {
         run_observed(client, config, s, shutdown, move |r| {
             *o.allocations.lock().unwrap() = r.ipam().allocations().cloned().collect();
             *o.rounds.lock().unwrap() += 1;
+            *o.stats.lock().unwrap() = r.stats().clone();
         })
     });
     fake_api::until("agent-a leads", || {
@@ -669,18 +671,33 @@ async fn churn_of_services_and_endpoint_slices_leaks_nothing() {
     }
     let elapsed = started.elapsed();
     let rounds = *obs.rounds.lock().unwrap();
+    let stats = obs.stats.lock().unwrap().clone();
     agent.stop("the controller").await;
     println!(
         "churn: {ops} ops ({} creates, {} updates, {} deletes) on {SERVICES} Services and their \
          EndpointSlices, seed {seed}; {checks} checks: 0 leaked IPs, 0 double allocations, 0 \
          stale rules, every live Service's rules match its endpoints (up to {most_live} live, \
          {most_pending} waiting for an address, {most_stuck} keeping theirs for their previous \
-         ports); {rounds} controller rounds; {:.1} s",
+         ports); {rounds} controller rounds, {} reconciles ({} conflicts, {} errors, {} datapath \
+         errors, {:.2} s in them); {:.1} s",
         counts.creates,
         counts.updates,
         counts.deletes,
+        stats.reconciles,
+        stats.conflicts,
+        stats.errors,
+        stats.sink_errors,
+        stats.seconds,
         elapsed.as_secs_f64()
     );
     assert_eq!(counts.creates + counts.updates + counts.deletes, ops);
     assert!(checks >= ops / every, "{checks} checks");
+    // Every operation touches a Service: each was reconciled at least
+    // once (bursts share a reconcile), and the in-memory API and the sink
+    // never fail.
+    assert!(
+        stats.reconciles >= ops / 10 && stats.seconds > 0.0,
+        "{stats:?}"
+    );
+    assert_eq!((stats.errors, stats.sink_errors), (0, 0), "{stats:?}");
 }

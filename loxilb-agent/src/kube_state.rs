@@ -1,6 +1,7 @@
 //! What the Kubernetes controller last reported: whether this agent leads
 //! (allocates addresses, writes status), how full each address pool is,
-//! and how many Services it knows. Published in the agent's state directory
+//! how many Services it knows, and how many reconciles it ran, how long
+//! they took and how many failed. Published in the agent's state directory
 //! (`kube.json`) when it changes, read by the metrics endpoint.
 
 use std::path::Path;
@@ -22,12 +23,25 @@ pub struct PoolState {
     pub used: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct KubeState {
     pub leader: bool,
     pub pools: Vec<PoolState>,
     /// Services of our class the controller knows.
     pub services: u64,
+    /// The controller's work since start (counts only grow).
+    #[serde(default)]
+    pub reconcile: ReconcileCounts,
+}
+
+/// `kube_watch::reconcile::ReconcileStats`, as published.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReconcileCounts {
+    pub reconciles: u64,
+    pub conflicts: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub sink_errors: u64,
 }
 
 const FILE: &str = "kube.json";

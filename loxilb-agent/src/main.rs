@@ -1200,7 +1200,15 @@ impl kube_watch::controller::RuleSink for KubeSink {
 
 /// What the metrics endpoint shows of the controller.
 fn kube_state_of(rec: &kube_watch::reconcile::Reconciler) -> loxilb_agent::kube_state::KubeState {
+    let st = rec.stats();
     loxilb_agent::kube_state::KubeState {
+        reconcile: loxilb_agent::kube_state::ReconcileCounts {
+            reconciles: st.reconciles,
+            conflicts: st.conflicts,
+            errors: st.errors,
+            seconds: st.seconds,
+            sink_errors: st.sink_errors,
+        },
         leader: rec.is_leader(),
         services: rec.known_services().len() as u64,
         pools: rec
@@ -1563,6 +1571,8 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     // they change.
     let mut last_state: Option<loxilb_agent::kube_state::KubeState> = None;
     let state_dir = pin_dir.to_path_buf();
+    // (Each round changes the reconcile counts: a write of a few hundred
+    // bytes per round of API work, which costs far more.)
     let observe = move |rec: &kube_watch::reconcile::Reconciler| {
         let now = kube_state_of(rec);
         if last_state.as_ref() != Some(&now) {

@@ -19,6 +19,8 @@
 //! | `loxilb_bgp_session_up` | gauge | `peer`, `remote_as` | 1 while the BGP session with the peer is established, 0 when not (`--setBGP`) |
 //! | `loxilb_bgp_routes_sent` | gauge | `peer`, `remote_as` | routes (VIPs) announced to the peer on its session |
 //! | `loxilb_kube_leader` | gauge | | 1 while this agent holds the leader Lease (allocates addresses, writes status) (Kubernetes mode) |
+//! | `loxilb_kube_reconciles_total`, `loxilb_kube_reconcile_seconds_total` | counter | | Services reconciled (planned and carried out) and the time spent on them |
+//! | `loxilb_kube_reconcile_errors_total` | counter | `kind` (`conflict`, `error`, `datapath`) | reconciles that failed |
 //! | `loxilb_kube_services` | gauge | | Services of the agent's class the controller knows |
 //! | `loxilb_ipam_pool_addresses`, `loxilb_ipam_pool_used` | gauge | `pool`, `family`, `secondary` | addresses a pool hands out, and those held by a Service (as the leader's allocation table says; a follower reports its last view) |
 
@@ -336,6 +338,39 @@ fn register_kube(reg: &mut Registry, k: &crate::kube_state::KubeState) {
             .set(i64::try_from(p.size).unwrap_or(i64::MAX));
         used.get_or_create(&l).set(p.used as i64);
     }
+    let r = &k.reconcile;
+    let reconciles = Counter::<u64>::default();
+    reconciles.inc_by(r.reconciles);
+    reg.register(
+        "kube_reconciles",
+        "Services planned and carried out by the controller",
+        reconciles,
+    );
+    let errors = counter::<KindL>(
+        reg,
+        "kube_reconcile_errors",
+        "Reconciles that failed: conflict (the Service changed meanwhile), error (retried with \
+         back-off), datapath (rules not taken by the node)",
+    );
+    for (kind, n) in [
+        ("conflict", r.conflicts),
+        ("error", r.errors),
+        ("datapath", r.sink_errors),
+    ] {
+        errors.get_or_create(&KindL { kind: kind.into() }).inc_by(n);
+    }
+    let seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    seconds.inc_by(r.seconds);
+    reg.register(
+        "kube_reconcile_seconds",
+        "Time the controller spent planning and carrying out reconciles",
+        seconds,
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindL {
+    kind: String,
 }
 
 #[cfg(test)]
@@ -354,6 +389,13 @@ mod tests {
                 size: 254,
                 used: 2,
             }],
+            reconcile: crate::kube_state::ReconcileCounts {
+                reconciles: 7,
+                conflicts: 1,
+                errors: 2,
+                seconds: 0.25,
+                sink_errors: 0,
+            },
         };
         let mut reg = Registry::with_prefix("loxilb");
         register_kube(&mut reg, &k);
@@ -364,6 +406,11 @@ mod tests {
             "loxilb_kube_services 3",
             "loxilb_ipam_pool_addresses{pool=\"defaultPool\",family=\"ipv4\",secondary=\"false\"} 254",
             "loxilb_ipam_pool_used{pool=\"defaultPool\",family=\"ipv4\",secondary=\"false\"} 2",
+            "loxilb_kube_reconciles_total 7",
+            "loxilb_kube_reconcile_errors_total{kind=\"conflict\"} 1",
+            "loxilb_kube_reconcile_errors_total{kind=\"error\"} 2",
+            "loxilb_kube_reconcile_errors_total{kind=\"datapath\"} 0",
+            "loxilb_kube_reconcile_seconds_total 0.25",
         ] {
             assert!(out.contains(want), "{want} missing from:\n{out}");
         }

@@ -325,6 +325,17 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     assert_eq!(ha.metric(0, "loxilb_ipam_pool_addresses", pool), Some(4.0));
     assert_eq!(ha.metric(0, "loxilb_ipam_pool_used", pool), Some(1.0));
     assert_eq!(ha.metric(0, "loxilb_kube_services", ""), Some(1.0));
+    // The leader reconciled web (at least once), without failures.
+    assert!(ha
+        .metric(0, "loxilb_kube_reconciles_total", "")
+        .is_some_and(|n| n >= 1.0));
+    assert!(ha
+        .metric(0, "loxilb_kube_reconcile_seconds_total", "")
+        .is_some_and(|s| s > 0.0));
+    assert_eq!(
+        ha.metric(0, "loxilb_kube_reconcile_errors_total", "kind=\"error\""),
+        Some(0.0)
+    );
 
     // node-a's node dies.
     let t0 = fail_over(&ha, &mut a, &b, &vip);
