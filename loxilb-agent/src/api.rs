@@ -345,6 +345,23 @@ pub trait Sink: Send {
     fn sessions(&mut self) -> anyhow::Result<Vec<crate::show::SessionRow>>;
     /// The endpoints health probes found down: (rule name, IP, port).
     fn endpoints_down(&mut self) -> HashSet<(String, IpAddr, u16)>;
+    /// The cluster role kube-loxilb gave this agent (`POST
+    /// /config/cistate`): `true` MASTER (every VIP announced as active),
+    /// `false` BACKUP (announced as a backup: `--bgp-backup-path`).
+    fn set_master(&mut self, master: bool) -> anyhow::Result<()>;
+}
+
+/// kube-loxilb's `POST /config/cistate` body (loxilb's `CIStatusMod`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiState {
+    pub instance: String,
+    /// `MASTER` or `BACKUP`.
+    pub state: String,
+    /// The instance's VIP (kube-loxilb's `--setRoles` value); kept and
+    /// reported, `0.0.0.0` when none.
+    #[serde(default)]
+    pub vip: String,
 }
 
 /// The API's view of the agent's rules: those created through it (by key,
@@ -361,6 +378,8 @@ pub struct Api {
     store: store::Store,
     /// Whether the agent announces VIPs over BGP (`--setBGP`).
     bgp: bool,
+    /// The cluster instances' states kube-loxilb posted, by instance.
+    cistate: BTreeMap<String, CiState>,
 }
 
 /// The agent's own name of an API rule.
@@ -397,6 +416,7 @@ impl Api {
             node_check,
             store,
             bgp,
+            cistate: BTreeMap::new(),
         };
         for (i, req) in stored.into_iter().enumerate() {
             let rule = api.check(&req).map_err(|e| {
@@ -1072,16 +1092,80 @@ impl Api {
                 Ok(ok())
             }
             (Method::GET, ["config", "conntrack", "all"]) => self.conntrack(),
+            (Method::POST, ["config", "cistate"]) => {
+                let req = parse_json::<CiState>(body)?;
+                self.post_cistate(req)?;
+                Ok(ok())
+            }
+            (Method::GET, ["config", "cistate", "all"]) => Ok(json!({
+                "Attr": self
+                    .cistate
+                    .values()
+                    .map(|c| json!({
+                        "instance": c.instance,
+                        "state": c.state,
+                        "sync": 0,
+                        "vip": c.vip,
+                    }))
+                    .collect::<Vec<_>>()
+            })),
             (_, ["status"])
             | (_, ["config", "loadbalancer"])
             | (_, ["config", "loadbalancer", "all"])
             | (_, ["config", "conntrack", "all"])
+            | (_, ["config", "cistate"])
+            | (_, ["config", "cistate", "all"])
             | (_, ["config", "loadbalancer", "name", _])
             | (_, ["config", "loadbalancer", "externalipaddress", _, "port", _, "protocol", _]) => {
                 Err(not_allowed(method, path))
             }
             _ => Err(ApiError::new(404, "", format!("no such path {path:?}"))),
         }
+    }
+}
+
+impl Api {
+    /// kube-loxilb's role for this agent: MASTER announces every VIP as
+    /// the active node, BACKUP with the worse path of `--bgp-backup-path`
+    /// (the role matters only with BGP: ARP/ND for the VIPs is not this
+    /// agent's in `run`). Several instances: MASTER if any is.
+    fn post_cistate(&mut self, mut req: CiState) -> Result<(), ApiError> {
+        if req.instance.is_empty() {
+            return Err(ApiError::new(
+                400,
+                "instance",
+                "an instance name is required",
+            ));
+        }
+        req.state = req.state.to_ascii_uppercase();
+        if !["MASTER", "BACKUP"].contains(&req.state.as_str()) {
+            return Err(ApiError::new(
+                400,
+                "state",
+                format!(
+                    "{:?} is not a state this agent takes: MASTER or BACKUP",
+                    req.state
+                ),
+            ));
+        }
+        if req.vip.is_empty() {
+            req.vip = "0.0.0.0".into();
+        }
+        if req.vip.parse::<IpAddr>().is_err() {
+            return Err(ApiError::new(
+                400,
+                "vip",
+                format!("{:?} is not an IP address", req.vip),
+            ));
+        }
+        let mut next = self.cistate.clone();
+        next.insert(req.instance.clone(), req);
+        let master = next.values().any(|c| c.state == "MASTER");
+        self.sink
+            .set_master(master)
+            .map_err(|e| ApiError::new(500, "", format!("the role was not applied: {e:#}")))?;
+        self.cistate = next;
+        Ok(())
     }
 }
 

@@ -927,6 +927,20 @@ impl loxilb_agent::api::Sink for NodeSink {
         ))
     }
 
+    fn set_master(&mut self, master: bool) -> Result<()> {
+        let mut g = self.0.lock().expect("node lock");
+        let node = g
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the agent is stopping"))?;
+        info!(
+            "cluster role from the API (cistate): {}",
+            if master { "MASTER" } else { "BACKUP" }
+        );
+        // MASTER: no roles, every VIP active; BACKUP: this node owns none.
+        node.set_owned_vips((!master).then(Default::default));
+        Ok(())
+    }
+
     fn endpoints_down(&mut self) -> std::collections::HashSet<(String, std::net::IpAddr, u16)> {
         // What the node publishes for `loxilb-agent endpoints`; none
         // before the first probe.
@@ -950,10 +964,11 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
              `loxilb-agent kube` has (the Lease); remove them from `run`"
         );
     }
-    if a.bgp_backup_path.is_some() {
+    if a.bgp_backup_path.is_some() && api_args.api_listen.is_none() {
         anyhow::bail!(
-            "--bgp-backup-path: `run` has no VIP roles (every VIP is announced as active); \
-             only `loxilb-agent kube` has backups (the Lease); remove the flag"
+            "--bgp-backup-path: `run` without --api-listen has no VIP roles (every VIP is \
+             announced as active; kube-loxilb sets MASTER/BACKUP through the API's \
+             /config/cistate); give --api-listen or remove the flag"
         );
     }
     let listen = api::server::ApiListen::from_flags(

@@ -132,10 +132,21 @@ fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
         &[GobgpNeighbor::new("10.99.0.1", 65001)],
     )
     .unwrap();
+    // With the REST API, as kube-loxilb's `--setRoles` drives a remote
+    // loxilb: its cistate makes this agent MASTER or BACKUP.
     let mut agent = Agent::start(
         &s.t,
         &s.cfg,
-        &["--setBGP", "65001", "--extBGPPeers", "10.99.0.2:65002"],
+        &[
+            "--setBGP",
+            "65001",
+            "--extBGPPeers",
+            "10.99.0.2:65002",
+            "--api-listen",
+            "127.0.0.1:11111",
+            "--insecure-api",
+            "--bgp-backup-path=prepend:2",
+        ],
     )
     .expect("agent");
     let have = |want: &[&str]| {
@@ -162,6 +173,40 @@ fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
         bgp.contains("10.99.0.2") && bgp.contains("65002") && bgp.contains("Established"),
         "{bgp}"
     );
+    // BACKUP: the VIPs go out with the AS twice more; MASTER: as before.
+    let cistate = |state: &str| {
+        let body = format!(r#"{{"instance":"llb-inst0","state":"{state}","vip":"0.0.0.0"}}"#);
+        s.t.lb.run(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("127.0.0.1:11111").unwrap();
+            write!(
+                c,
+                "POST /netlox/v1/config/cistate HTTP/1.1\r\nhost: x\r\ncontent-type: \
+                 application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        })
+    };
+    let path_len = |want: usize| {
+        let routes = g.routes().map_err(|e| e.to_string())?;
+        if routes.len() == 2 && routes.iter().all(|r| r.as_path == vec![65001; want]) {
+            Ok(())
+        } else {
+            Err(format!("{routes:?}"))
+        }
+    };
+    cistate("BACKUP");
+    eventually("announced as a backup", Duration::from_secs(15), || {
+        path_len(3)
+    });
+    cistate("MASTER");
+    eventually("announced as the master", Duration::from_secs(15), || {
+        path_len(1)
+    });
     // Remove one VIP's rule: withdrawn.
     agent.reload(&s.cfg, &rules(&s.t, &[1], false, &[VIP]));
     eventually(

@@ -20,6 +20,7 @@ struct Installed {
     calls: usize,
     fail: bool,
     down: std::collections::HashSet<(String, IpAddr, u16)>,
+    master: Option<bool>,
 }
 
 struct MemSink(Arc<Mutex<Installed>>);
@@ -55,6 +56,15 @@ impl Sink for MemSink {
 
     fn endpoints_down(&mut self) -> std::collections::HashSet<(String, IpAddr, u16)> {
         self.0.lock().unwrap().down.clone()
+    }
+
+    fn set_master(&mut self, master: bool) -> anyhow::Result<()> {
+        let mut i = self.0.lock().unwrap();
+        if i.fail {
+            anyhow::bail!("the node is stopping");
+        }
+        i.master = Some(master);
+        Ok(())
     }
 }
 
@@ -1059,4 +1069,60 @@ fn a_secondary_vip_taken_by_another_rule_is_a_conflict_at_its_path() {
     assert_eq!(st, 409, "{v}");
     assert_eq!(v["fields"], json!(["serviceArguments.externalIP"]), "{v}");
     assert_eq!((api.list(), inst.lock().unwrap().rules.clone()), before);
+}
+
+/// kube-loxilb's `--setRoles` calls: `POST /config/cistate` sets the
+/// agent's role (the node is told MASTER / BACKUP), `GET
+/// /config/cistate/all` reports it in loxilb's shape; bad bodies are
+/// refused naming the field, and change nothing.
+#[test]
+fn cistate_sets_the_role_and_reads_back() {
+    let (mut api, inst) = api_with(Store::in_memory(), vec![], FILE_RULES);
+    const CI: &str = "/netlox/v1/config/cistate";
+    let send = |api: &mut Api, body: &str| api.handle(&http::Method::POST, CI, body.as_bytes());
+    let get = |api: &mut Api| api.handle(&http::Method::GET, &format!("{CI}/all"), b"").1;
+    assert_eq!(get(&mut api), json!({ "Attr": [] }));
+    assert_eq!(inst.lock().unwrap().master, None, "no role until told");
+    let (code, body) = send(
+        &mut api,
+        r#"{"instance":"llb-inst0","state":"BACKUP","vip":"10.31.0.100"}"#,
+    );
+    assert_eq!((code, body), (200, json!({ "result": "Success" })));
+    assert_eq!(inst.lock().unwrap().master, Some(false));
+    assert_eq!(
+        get(&mut api),
+        json!({ "Attr": [{ "instance": "llb-inst0", "state": "BACKUP", "sync": 0, "vip": "10.31.0.100" }] })
+    );
+    assert_eq!(
+        send(&mut api, r#"{"instance":"llb-inst0","state":"MASTER"}"#).0,
+        200
+    );
+    assert_eq!(inst.lock().unwrap().master, Some(true));
+    assert_eq!(get(&mut api)["Attr"][0]["vip"], "0.0.0.0");
+    for (body, field) in [
+        (r#"{"instance":"llb-inst0","state":"FAULT"}"#, "state"),
+        (r#"{"instance":"","state":"BACKUP"}"#, "instance"),
+        (r#"{"instance":"x","state":"BACKUP","vip":"ten"}"#, "vip"),
+        (r#"{"instance":"x","state":"BACKUP","extra":1}"#, "extra"),
+        (r#"{"instance":"x"}"#, ""),
+    ] {
+        let (code, e) = send(&mut api, body);
+        assert_eq!(code, 400, "{body}: {e}");
+        if !field.is_empty() {
+            assert!(e.to_string().contains(field), "{body}: {e}");
+        }
+        assert_eq!(
+            inst.lock().unwrap().master,
+            Some(true),
+            "{body} changed the role"
+        );
+    }
+    assert_eq!(api.handle(&http::Method::DELETE, CI, b"").0, 405);
+    // The node refuses: 500, the state reported is the one in force.
+    inst.lock().unwrap().fail = true;
+    assert_eq!(
+        send(&mut api, r#"{"instance":"llb-inst0","state":"BACKUP"}"#).0,
+        500
+    );
+    assert_eq!(get(&mut api)["Attr"][0]["state"], "MASTER");
 }

@@ -31,6 +31,9 @@ impl api::Sink for NoDatapath {
     fn endpoints_down(&mut self) -> HashSet<(String, IpAddr, u16)> {
         HashSet::new()
     }
+    fn set_master(&mut self, _: bool) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 const FILE_RULES: &str = "rules:\n  - name: file-web\n    vip: 20.0.0.9\n    port: 80\n    protocol: tcp\n    endpoints: [{ ip: 10.0.1.10, port: 8080 }]\n";
