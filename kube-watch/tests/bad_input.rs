@@ -713,7 +713,11 @@ proptest! {
                         || v.starts_with('[') || v.starts_with('{')
                         || e.message.contains(&format!("`{plain}`"))
                         || e.message.contains(&format!("{plain:?}"))
-                        || e.message.contains(plain);
+                        || e.message.contains(plain)
+                        // A quoted YAML scalar is named as it decodes
+                        // (`"\""` is the one-character value `"`).
+                        || serde_yaml::from_str::<String>(&v)
+                            .is_ok_and(|d| e.message.contains(&format!("`{d}`")));
                     prop_assert!(v_ok, "value {:?} not named: {}", v, shown);
                 }
             }
