@@ -1583,11 +1583,11 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     };
     info!("serving Kubernetes LoadBalancer Services");
     // The controller's figures for the metrics endpoint, published when
-    // they change.
+    // they change (the reconcile counts change with every round that
+    // reconciled a Service: a write of a few hundred bytes beside that
+    // round's API calls).
     let mut last_state: Option<loxilb_agent::kube_state::KubeState> = None;
     let state_dir = pin_dir.to_path_buf();
-    // (Each round changes the reconcile counts: a write of a few hundred
-    // bytes per round of API work, which costs far more.)
     let observe = move |rec: &kube_watch::reconcile::Reconciler| {
         let now = kube_state_of(rec);
         if last_state.as_ref() != Some(&now) {
@@ -1828,7 +1828,8 @@ mod tests {
     }
 
     /// `--bgp-backup-path`: typed values, refused where it would do
-    /// nothing (BGP off, `run` without roles, external mode).
+    /// nothing (BGP off, external mode; `run` without `--api-listen` is
+    /// refused in `run` itself, not covered here).
     #[test]
     fn bgp_backup_path_flag() {
         use loxilb_agent::bgp::BackupPath;

@@ -94,6 +94,20 @@ fn lab(prefix: &str, n: usize) -> Lab {
 }
 
 impl Lab {
+    /// GoBGP of AS `asn` on peer `i` (0-based), listening on 179, its one
+    /// neighbour the speaker's address on that link (AS 65001).
+    fn router(&self, i: usize, asn: u32) -> GobgpPeer {
+        let n = i as u8 + 1;
+        GobgpPeer::start(
+            &self.peers[i],
+            asn,
+            Ipv4Addr::new(10, n, 0, 2),
+            Listen::Port(179),
+            &[GobgpNeighbor::new(&format!("10.{n}.0.1"), 65001)],
+        )
+        .unwrap()
+    }
+
     /// Start the speaker inside the LB namespace (BIRD inherits it).
     fn speaker(&self, config: BgpConfig, peers: Vec<Peer>, vips: &[&str]) -> BgpSpeaker {
         let opts = SpeakerOptions::in_dir(&self.dir.0);
@@ -125,14 +139,26 @@ fn find<'a>(routes: &'a [RibRoute], prefix: &str) -> Option<&'a RibRoute> {
     routes.iter().find(|r| r.prefix == prefix)
 }
 
-/// Wait until `peer` has `prefix` (from `from`) with next hop `nh`.
-fn wait_route(peer: &GobgpPeer, prefix: &str, nh: &str) -> RibRoute {
-    eventually(&format!("{prefix} via {nh} in the peer's RIB"), T, || {
+/// Wait until `peer` has a path for `prefix` that is as `want`ed.
+fn wait_path(
+    peer: &GobgpPeer,
+    prefix: &str,
+    what: &str,
+    want: impl Fn(&RibRoute) -> bool,
+) -> RibRoute {
+    eventually(&format!("{prefix} {what} in the peer's RIB"), T, || {
         let routes = peer.routes().map_err(|e| e.to_string())?;
         match find(&routes, prefix) {
-            Some(r) if r.next_hop == Some(ip(nh)) => Ok(r.clone()),
+            Some(r) if want(r) => Ok(r.clone()),
             _ => Err(format!("{routes:?}")),
         }
+    })
+}
+
+/// Wait until `peer` has `prefix` with next hop `nh`.
+fn wait_route(peer: &GobgpPeer, prefix: &str, nh: &str) -> RibRoute {
+    wait_path(peer, prefix, &format!("via {nh}"), |r| {
+        r.next_hop == Some(ip(nh))
     })
 }
 
@@ -167,22 +193,8 @@ fn ebgp_from_flags_announce_withdraw_and_runtime_peer() {
         return;
     }
     let lab = lab("lxb1", 2);
-    let mut g1 = GobgpPeer::start(
-        &lab.peers[0],
-        65002,
-        Ipv4Addr::new(10, 1, 0, 2),
-        Listen::Port(179),
-        &[GobgpNeighbor::new("10.1.0.1", 65001)],
-    )
-    .unwrap();
-    let g2 = GobgpPeer::start(
-        &lab.peers[1],
-        65003,
-        Ipv4Addr::new(10, 2, 0, 2),
-        Listen::Port(179),
-        &[GobgpNeighbor::new("10.2.0.1", 65001)],
-    )
-    .unwrap();
+    let mut g1 = lab.router(0, 65002);
+    let g2 = lab.router(1, 65003);
 
     let setup = BgpFlags::parse(Some("65001"), Some("10.1.0.2:65002"), None, None)
         .unwrap()
@@ -320,14 +332,7 @@ fn ibgp_next_hop_self_and_ipv6_session() {
         return;
     }
     let lab = lab("lxb2", 2);
-    let g1 = GobgpPeer::start(
-        &lab.peers[0],
-        65001,
-        Ipv4Addr::new(10, 1, 0, 2),
-        Listen::Port(179),
-        &[GobgpNeighbor::new("10.1.0.1", 65001)],
-    )
-    .unwrap();
+    let g1 = lab.router(0, 65001);
     let g2 = GobgpPeer::start(
         &lab.peers[1],
         65002,
@@ -377,22 +382,8 @@ fn backup_vips_announced_with_a_worse_path_and_flipped_in_place() {
         return;
     }
     let lab = lab("lxb7", 2);
-    let ebgp = GobgpPeer::start(
-        &lab.peers[0],
-        65002,
-        Ipv4Addr::new(10, 1, 0, 2),
-        Listen::Port(179),
-        &[GobgpNeighbor::new("10.1.0.1", 65001)],
-    )
-    .unwrap();
-    let ibgp = GobgpPeer::start(
-        &lab.peers[1],
-        65001,
-        Ipv4Addr::new(10, 2, 0, 2),
-        Listen::Port(179),
-        &[GobgpNeighbor::new("10.2.0.1", 65001)],
-    )
-    .unwrap();
+    let ebgp = lab.router(0, 65002);
+    let ibgp = lab.router(1, 65001);
     let mut config = quick(BgpConfig::new(65001));
     config.router_id = Some(Ipv4Addr::new(10, 1, 0, 1));
     let mut s = lab.speaker(
@@ -406,13 +397,7 @@ fn backup_vips_announced_with_a_worse_path_and_flipped_in_place() {
     wait_established(&s, "10.1.0.2");
     wait_established(&s, "10.2.0.2");
     let path_of = |g: &GobgpPeer, prefix: &str, want: &dyn Fn(&RibRoute) -> bool| {
-        eventually(&format!("{prefix} as wanted in the peer's RIB"), T, || {
-            let routes = g.routes().map_err(|e| e.to_string())?;
-            match find(&routes, prefix) {
-                Some(r) if want(r) => Ok(r.clone()),
-                other => Err(format!("{other:?}")),
-            }
-        })
+        wait_path(g, prefix, "as wanted", want)
     };
     // 20.0.0.100 active, 20.0.0.101 backup.
     let uptime = neighbor(&s, "10.1.0.2").since;
@@ -480,14 +465,7 @@ fn session_recovers_from_peer_restart_and_bird_crash() {
         return;
     }
     let lab = lab("lxb3", 1);
-    let mut g = GobgpPeer::start(
-        &lab.peers[0],
-        65002,
-        Ipv4Addr::new(10, 1, 0, 2),
-        Listen::Port(179),
-        &[GobgpNeighbor::new("10.1.0.1", 65001)],
-    )
-    .unwrap();
+    let mut g = lab.router(0, 65002);
     let mut config = quick(BgpConfig::new(65001));
     config.router_id = Some(Ipv4Addr::new(10, 1, 0, 1));
     let s = lab.speaker(

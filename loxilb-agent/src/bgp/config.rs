@@ -88,8 +88,7 @@ pub enum BackupPath {
     Ecmp,
 }
 
-/// The default: three extra copies of the local AS (loxilb's own backups
-/// are likewise announced with a longer AS path).
+/// The default: three extra copies of the local AS.
 pub const DEFAULT_BACKUP_PREPEND: u8 = 3;
 pub const MAX_PREPEND: u8 = 10;
 /// The LOCAL_PREF of a backup's announcement to iBGP peers (BIRD's

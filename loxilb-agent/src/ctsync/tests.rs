@@ -37,6 +37,24 @@ fn node(sender: bool) -> MemTable {
     t
 }
 
+/// A sender (`a`) with one session (both directions) through
+/// 20.0.0.100:80, and a backup (`b`) with none.
+fn one_session() -> (MemTable, MemTable) {
+    let (a, b) = (node(true), node(false));
+    a.with(|s| {
+        s.ct.extend(x::session(
+            "192.168.0.2",
+            1,
+            "20.0.0.100",
+            "10.0.1.10",
+            1,
+            0,
+            0,
+        ))
+    });
+    (a, b)
+}
+
 fn cfg(dir: &Dir) -> Config {
     Config {
         listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -166,18 +184,7 @@ fn a_slow_receiver_is_resynced_not_buffered() {
 #[test]
 fn a_rule_arriving_after_its_sessions_brings_a_resync() {
     let ca = TestCa::new("ca");
-    let (a, b) = (node(true), node(false));
-    a.with(|s| {
-        s.ct.extend(x::session(
-            "192.168.0.2",
-            1,
-            "20.0.0.100",
-            "10.0.1.10",
-            1,
-            0,
-            0,
-        ))
-    });
+    let (a, b) = one_session();
     // B has no rule for 20.0.0.100:80 yet.
     let web = b.with(|s| {
         let i = s.svcs.iter().position(|(_, v)| v.rule_id == 2).unwrap();
@@ -197,18 +204,7 @@ fn a_rule_arriving_after_its_sessions_brings_a_resync() {
 fn a_sender_of_another_ca_is_refused() {
     let ca = TestCa::new("ca");
     let other = TestCa::new("other");
-    let (a, b) = (node(true), node(false));
-    a.with(|s| {
-        s.ct.extend(x::session(
-            "192.168.0.2",
-            1,
-            "20.0.0.100",
-            "10.0.1.10",
-            1,
-            0,
-            0,
-        ))
-    });
+    let (a, b) = one_session();
     // Signed by another CA, though it trusts the backup's.
     let (tx, rx, _da, _db) = pair(&other, &ca, &ca, &a, &b, |_| {});
     wait_for("the refusal", 10, || rx.stats().inbound.refused_tls >= 1);
@@ -226,18 +222,7 @@ fn a_sender_of_another_ca_is_refused() {
 fn a_backup_of_another_ca_is_not_sent_to() {
     let ca = TestCa::new("ca");
     let other = TestCa::new("other");
-    let (a, b) = (node(true), node(false));
-    a.with(|s| {
-        s.ct.extend(x::session(
-            "192.168.0.2",
-            1,
-            "20.0.0.100",
-            "10.0.1.10",
-            1,
-            0,
-            0,
-        ))
-    });
+    let (a, b) = one_session();
     // The sender's certificate is fine, but it trusts only `other`.
     let (tx, rx, _da, _db) = pair(&ca, &ca, &other, &a, &b, |_| {});
     wait_for("the sender's error", 10, || {
@@ -492,18 +477,7 @@ fn peers_follow_set_peers_and_leave_this_node_out() {
 fn certificates_are_reloaded_when_their_files_change() {
     let ca = TestCa::new("ca");
     let other = TestCa::new("other");
-    let (a, b) = (node(true), node(false));
-    a.with(|s| {
-        s.ct.extend(x::session(
-            "192.168.0.2",
-            1,
-            "20.0.0.100",
-            "10.0.1.10",
-            1,
-            0,
-            0,
-        ))
-    });
+    let (a, b) = one_session();
     // The sender's certificate is of `other`; the backup trusts `ca` only.
     let (tx, rx, da, db) = pair(&other, &ca, &ca, &a, &b, |_| {});
     wait_for("the refusal", 10, || rx.stats().inbound.refused_tls >= 1);
