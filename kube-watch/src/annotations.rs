@@ -93,12 +93,12 @@ const KUBE_LOXILB_ONLY: [&str; 15] = [
 
 /// Idle timeout bounds (seconds): the rule model's.
 pub use loxilb_model::MAX_TIMEOUT_S;
-/// Probe timeout bounds (seconds).
-pub const MAX_PROBE_TIMEOUT_S: u32 = 3600;
-/// Probe retries bound.
-pub const MAX_PROBE_RETRIES: u32 = 100;
-/// Longest `probereq` / `proberesp` accepted (bytes).
-pub const MAX_PROBE_TEXT: usize = 1024;
+/// Probe timeout bounds (seconds): the rule model's.
+pub const MAX_PROBE_TIMEOUT_S: u32 = loxilb_model::probe::MAX_TIMEOUT.as_secs() as u32;
+/// Probe retries bound: the rule model's.
+pub const MAX_PROBE_RETRIES: u32 = loxilb_model::probe::MAX_RETRIES;
+/// Longest `probereq` / `proberesp` accepted (bytes): the rule model's.
+pub const MAX_PROBE_TEXT: usize = loxilb_model::probe::MAX_TEXT;
 
 /// Which VIP family a Service gets and how it reaches its endpoints
 /// (`loxilb.io/ipam`).

@@ -69,10 +69,10 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Idle timeout without `loxilb.io/timeout` (the rule model's).
 pub const DEFAULT_TIMEOUT_S: u32 = loxilb_model::DEFAULT_TIMEOUT_S;
-/// Probe timeout without `loxilb.io/probetimeout`.
-pub const DEFAULT_PROBE_TIMEOUT_S: u32 = 60;
-/// Probe retries without `loxilb.io/proberetries`.
-pub const DEFAULT_PROBE_RETRIES: u32 = 2;
+/// Probe timeout without `loxilb.io/probetimeout` (the rule model's).
+pub const DEFAULT_PROBE_TIMEOUT_S: u32 = loxilb_model::probe::DEFAULT_TIMEOUT.as_secs() as u32;
+/// Probe retries without `loxilb.io/proberetries` (the rule model's).
+pub const DEFAULT_PROBE_RETRIES: u32 = loxilb_model::probe::DEFAULT_RETRIES;
 
 /// One desired load-balancer rule of a Service: one (VIP, port, protocol).
 #[derive(Clone, Debug, PartialEq, Eq)]

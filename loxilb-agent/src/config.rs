@@ -1,5 +1,9 @@
 //! The standalone rule file: parsed strictly, validated completely, and
-//! every error names the file, the field and the value.
+//! every error names the file, the field and the value. Each rule is read
+//! into the rule model ([`loxilb_model::Rule`]) and checked by its one
+//! capability check ([`loxilb_model::supported`], the check Kubernetes
+//! rules and REST API rules pass too), then against the rules before it
+//! (a VIP, port and protocol, and a name, serve one rule).
 //!
 //! ```yaml
 //! rules:
