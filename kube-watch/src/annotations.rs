@@ -23,6 +23,8 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use loxilb_model::{Mode, ProbeKind, Selection};
+
 use crate::ipam::{MAX_SECONDARY_IPS, RECORD_ANNOTATION};
 
 /// The prefix of every annotation handled here.
@@ -89,44 +91,14 @@ const KUBE_LOXILB_ONLY: [&str; 15] = [
     "loxilb.io/num-secondary-networks",
 ];
 
-/// Idle timeout bounds (seconds); the same range the agent's rule file accepts.
-pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
-/// Probe timeout bounds (seconds).
-pub const MAX_PROBE_TIMEOUT_S: u32 = 3600;
-/// Probe retries bound.
-pub const MAX_PROBE_RETRIES: u32 = 100;
-/// Longest `probereq` / `proberesp` accepted (bytes).
-pub const MAX_PROBE_TEXT: usize = 1024;
-
-/// How the load balancer rewrites packets (`loxilb.io/lbmode`, `--setLBMode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LbMode {
-    /// DNAT only; the client's source address is kept.
-    Default,
-    /// Source rewritten to the load balancer's interface address.
-    OneArm,
-    /// Source rewritten to the VIP.
-    FullNat,
-    /// Direct server return: the endpoint answers the client directly.
-    Dsr,
-}
-
-impl LbMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LbMode::Default => "default",
-            LbMode::OneArm => "onearm",
-            LbMode::FullNat => "fullnat",
-            LbMode::Dsr => "dsr",
-        }
-    }
-}
-
-impl fmt::Display for LbMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Idle timeout bounds (seconds): the rule model's.
+pub use loxilb_model::MAX_TIMEOUT_S;
+/// Probe timeout bounds (seconds): the rule model's.
+pub const MAX_PROBE_TIMEOUT_S: u32 = loxilb_model::probe::MAX_TIMEOUT.as_secs() as u32;
+/// Probe retries bound: the rule model's.
+pub const MAX_PROBE_RETRIES: u32 = loxilb_model::probe::MAX_RETRIES;
+/// Longest `probereq` / `proberesp` accepted (bytes): the rule model's.
+pub const MAX_PROBE_TEXT: usize = loxilb_model::probe::MAX_TEXT;
 
 /// Which VIP family a Service gets and how it reaches its endpoints
 /// (`loxilb.io/ipam`).
@@ -138,73 +110,6 @@ pub enum IpamFamily {
     Ipv6,
     /// IPv6 VIP, IPv4 endpoints: NAT64 (`ipv6to4`, `nat64`).
     Ipv6To4,
-}
-
-/// Endpoint health probe kind (`loxilb.io/probetype`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ProbeType {
-    /// Probing explicitly off.
-    None,
-    Ping,
-    Udp,
-    Tcp,
-    Http,
-    Https,
-    Sctp,
-}
-
-impl ProbeType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProbeType::None => "none",
-            ProbeType::Ping => "ping",
-            ProbeType::Udp => "udp",
-            ProbeType::Tcp => "tcp",
-            ProbeType::Http => "http",
-            ProbeType::Https => "https",
-            ProbeType::Sctp => "sctp",
-        }
-    }
-
-    /// Whether `probeport`, `probereq` and `proberesp` mean anything.
-    pub fn uses_port(self) -> bool {
-        !matches!(self, ProbeType::None | ProbeType::Ping)
-    }
-}
-
-impl fmt::Display for ProbeType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Endpoint selection (`loxilb.io/epselect`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EpSelect {
-    RoundRobin,
-    /// Hash of the flow.
-    Hash,
-    /// Persistent per client source address.
-    Persist,
-    /// Least connections.
-    LeastConnections,
-}
-
-impl EpSelect {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EpSelect::RoundRobin => "rr",
-            EpSelect::Hash => "hash",
-            EpSelect::Persist => "persist",
-            EpSelect::LeastConnections => "lc",
-        }
-    }
-}
-
-impl fmt::Display for EpSelect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Every `loxilb.io/*` annotation that parsed. `None` / empty means "not
@@ -227,18 +132,18 @@ pub struct ServiceAnnotations {
     /// `liveness`: probe the endpoints (overrides `--monitor`).
     pub liveness: Option<bool>,
     /// `lbmode` (overrides `--setLBMode`).
-    pub lb_mode: Option<LbMode>,
+    pub lb_mode: Option<Mode>,
     /// `ipam`.
     pub ipam: Option<IpamFamily>,
     /// `timeout`: session idle timeout, seconds.
     pub timeout_s: Option<u32>,
-    pub probe_type: Option<ProbeType>,
+    pub probe_type: Option<ProbeKind>,
     pub probe_port: Option<u16>,
     pub probe_req: Option<String>,
     pub probe_resp: Option<String>,
     pub probe_timeout_s: Option<u32>,
     pub probe_retries: Option<u32>,
-    pub ep_select: Option<EpSelect>,
+    pub ep_select: Option<Selection>,
     /// `usepodnetwork` (overrides `--usePodNetwork`).
     pub use_pod_network: Option<bool>,
 }
@@ -476,13 +381,13 @@ pub fn parse_yes_no(raw: &str) -> Result<bool, String> {
     }
 }
 
-pub fn parse_lb_mode(raw: &str) -> Result<LbMode, String> {
+pub fn parse_lb_mode(raw: &str) -> Result<Mode, String> {
     const ALLOWED: &str = "allowed values: default, onearm, fullnat, dsr";
     match keyword(raw).as_str() {
-        "default" => Ok(LbMode::Default),
-        "onearm" => Ok(LbMode::OneArm),
-        "fullnat" => Ok(LbMode::FullNat),
-        "dsr" => Ok(LbMode::Dsr),
+        "default" => Ok(Mode::Default),
+        "onearm" => Ok(Mode::OneArm),
+        "fullnat" => Ok(Mode::FullNat),
+        "dsr" => Ok(Mode::Dsr),
         m @ ("fullproxy" | "hostonearm") => Err(format!(
             "mode {m} is not supported by this load balancer; {ALLOWED}"
         )),
@@ -501,28 +406,28 @@ pub fn parse_ipam(raw: &str) -> Result<IpamFamily, String> {
     }
 }
 
-pub fn parse_probe_type(raw: &str) -> Result<ProbeType, String> {
+pub fn parse_probe_type(raw: &str) -> Result<ProbeKind, String> {
     const ALLOWED: &str = "allowed values: none, ping, udp, tcp, http, https, sctp";
     match keyword(raw).as_str() {
-        "none" => Ok(ProbeType::None),
-        "ping" => Ok(ProbeType::Ping),
-        "udp" => Ok(ProbeType::Udp),
-        "tcp" => Ok(ProbeType::Tcp),
-        "http" => Ok(ProbeType::Http),
-        "https" => Ok(ProbeType::Https),
-        "sctp" => Ok(ProbeType::Sctp),
+        "none" => Ok(ProbeKind::None),
+        "ping" => Ok(ProbeKind::Ping),
+        "udp" => Ok(ProbeKind::Udp),
+        "tcp" => Ok(ProbeKind::Tcp),
+        "http" => Ok(ProbeKind::Http),
+        "https" => Ok(ProbeKind::Https),
+        "sctp" => Ok(ProbeKind::Sctp),
         "icmp" => Err(format!("use ping for ICMP echo probes; {ALLOWED}")),
         _ => Err(ALLOWED.into()),
     }
 }
 
-pub fn parse_ep_select(raw: &str) -> Result<EpSelect, String> {
+pub fn parse_ep_select(raw: &str) -> Result<Selection, String> {
     const ALLOWED: &str = "allowed values: rr (or roundrobin), hash, persist, lc";
     match keyword(raw).as_str() {
-        "rr" | "roundrobin" => Ok(EpSelect::RoundRobin),
-        "hash" => Ok(EpSelect::Hash),
-        "persist" => Ok(EpSelect::Persist),
-        "lc" => Ok(EpSelect::LeastConnections),
+        "rr" | "roundrobin" => Ok(Selection::RoundRobin),
+        "hash" => Ok(Selection::Hash),
+        "persist" => Ok(Selection::Persist),
+        "lc" => Ok(Selection::LeastConn),
         s @ ("n2" | "n2det" | "n3") => Err(format!(
             "{s} (GTP-specific selection) is not supported by this load balancer; {ALLOWED}"
         )),
@@ -731,16 +636,16 @@ mod tests {
         assert!(v.secondary_ips.is_empty());
         assert_eq!(v.static_ip, Some("192.168.255.254".parse().unwrap()));
         assert_eq!(v.liveness, Some(true));
-        assert_eq!(v.lb_mode, Some(LbMode::FullNat));
+        assert_eq!(v.lb_mode, Some(Mode::FullNat));
         assert_eq!(v.ipam, Some(IpamFamily::Ipv6To4));
         assert_eq!(v.timeout_s, Some(60));
-        assert_eq!(v.probe_type, Some(ProbeType::Tcp));
+        assert_eq!(v.probe_type, Some(ProbeKind::Tcp));
         assert_eq!(v.probe_port, Some(3000));
         assert_eq!(v.probe_req.as_deref(), Some("health"));
         assert_eq!(v.probe_resp.as_deref(), Some("ok"));
         assert_eq!(v.probe_timeout_s, Some(10));
         assert_eq!(v.probe_retries, Some(3));
-        assert_eq!(v.ep_select, Some(EpSelect::Hash));
+        assert_eq!(v.ep_select, Some(Selection::Hash));
         assert_eq!(v.use_pod_network, Some(false));
     }
 
@@ -753,17 +658,17 @@ mod tests {
         ]);
         assert!(r.errors.is_empty());
         assert_eq!(r.values.liveness, Some(true));
-        assert_eq!(r.values.lb_mode, Some(LbMode::FullNat));
-        assert_eq!(r.values.ep_select, Some(EpSelect::RoundRobin));
+        assert_eq!(r.values.lb_mode, Some(Mode::FullNat));
+        assert_eq!(r.values.ep_select, Some(Selection::RoundRobin));
     }
 
     #[test]
     fn lbmode_values() {
         for (s, m) in [
-            ("default", LbMode::Default),
-            ("onearm", LbMode::OneArm),
-            ("fullnat", LbMode::FullNat),
-            ("dsr", LbMode::Dsr),
+            ("default", Mode::Default),
+            ("onearm", Mode::OneArm),
+            ("fullnat", Mode::FullNat),
+            ("dsr", Mode::Dsr),
         ] {
             assert_eq!(parse_lb_mode(s), Ok(m));
             assert_eq!(m.to_string(), s);
@@ -832,11 +737,11 @@ mod tests {
     #[test]
     fn epselect_values() {
         for (s, m) in [
-            ("rr", EpSelect::RoundRobin),
-            ("roundrobin", EpSelect::RoundRobin),
-            ("hash", EpSelect::Hash),
-            ("persist", EpSelect::Persist),
-            ("lc", EpSelect::LeastConnections),
+            ("rr", Selection::RoundRobin),
+            ("roundrobin", Selection::RoundRobin),
+            ("hash", Selection::Hash),
+            ("persist", Selection::Persist),
+            ("lc", Selection::LeastConn),
         ] {
             assert_eq!(parse_ep_select(s), Ok(m));
         }

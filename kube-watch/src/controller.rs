@@ -71,11 +71,11 @@ pub use crate::reconcile::RuleUpdate;
 use crate::{
     annotations::keys::MULTUS_NETS,
     events::{actions, reasons, service_reference, EventPublisher, EventSpec, EventType},
-    flags::KubeConfig,
+    flags::{KubeConfig, StatusForm},
     leader::{LeaderElector, LeaseConfig},
     multus::{referenced_pods, NoPods, PodIndex, PodLookup, PodNetworks, NETWORK_STATUS},
     reconcile::{MetadataPatch, Plan, Reconciler, StatusUpdate, Step, FIELD_MANAGER},
-    translate::{is_managed, LbRule, StatusForm, SERVICE_NAME_LABEL},
+    translate::{is_managed, ServiceRule, SERVICE_NAME_LABEL},
     ServiceKey,
 };
 
@@ -83,7 +83,7 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
     pub service: ServiceKey,
-    /// The rule's name ([`LbRule::name`]).
+    /// The rule's name ([`loxilb_model::Rule::name`]).
     pub rule: String,
     pub reason: String,
 }
@@ -111,7 +111,7 @@ pub trait RuleSink: Send {
     /// failed). An error is retried. Returns the rules not installed: the
     /// controller raises a Warning Event on their Services (and a Normal
     /// one on the others), see [`RuleOutcomes`].
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied>;
+    fn apply(&mut self, rules: Vec<ServiceRule>) -> anyhow::Result<Applied>;
 
     /// The rule set changed: `update` says which Services' rules changed
     /// (each with its complete new list) and lends the whole set. Called
@@ -410,18 +410,18 @@ enum Outcome {
 }
 
 /// `vip:port/proto` of `r`.
-fn frontend(r: &LbRule) -> String {
+fn frontend(r: &ServiceRule) -> String {
     format!(
         "{}/{}",
-        std::net::SocketAddr::new(r.vip, r.port),
-        r.protocol.as_str()
+        std::net::SocketAddr::new(r.rule.vip, r.rule.port),
+        r.rule.protocol.as_str()
     )
 }
 
 /// `vip:port/proto`, and ` without endpoints` when `r` has none: what of
 /// an installed rule tells again when it changes.
-fn outcome_of(r: &LbRule) -> String {
-    if r.endpoints.is_empty() {
+fn outcome_of(r: &ServiceRule) -> String {
+    if r.rule.endpoints.is_empty() {
         format!("{} without endpoints", frontend(r))
     } else {
         frontend(r)
@@ -429,8 +429,8 @@ fn outcome_of(r: &LbRule) -> String {
 }
 
 /// `vip:port/proto -> n endpoints` of `r`.
-fn frontend_with_endpoints(r: &LbRule) -> String {
-    let n = r.endpoints.len();
+fn frontend_with_endpoints(r: &ServiceRule) -> String {
+    let n = r.rule.endpoints.len();
     format!(
         "{} -> {n} endpoint{}",
         frontend(r),
@@ -481,7 +481,7 @@ impl RuleOutcomes {
             .err()
             .map(|e| format!("datapath update failed: {e:#}"));
         let mut seen = BTreeSet::new();
-        let one = |this: &mut Self, key: &ServiceKey, rules: &[LbRule]| {
+        let one = |this: &mut Self, key: &ServiceKey, rules: &[ServiceRule]| {
             if rules.is_empty() {
                 this.last.remove(key);
                 this.pending.remove(key);
@@ -501,9 +501,9 @@ impl RuleOutcomes {
                         .iter()
                         .map(|r| format!("{}: {}", r.rule, r.reason))
                         .collect();
-                    let ok: Vec<&LbRule> = rules
+                    let ok: Vec<&ServiceRule> = rules
                         .iter()
-                        .filter(|r| !out.contains(r.name.as_str()))
+                        .filter(|r| !out.contains(r.rule.name.as_str()))
                         .collect();
                     let mut note = format!("not programmed: {}", refused.join("; "));
                     if !ok.is_empty() {
@@ -575,8 +575,8 @@ fn role_events(
     for key in reconciler.known_services() {
         let mut vips: BTreeSet<IpAddr> = BTreeSet::new();
         for r in reconciler.service_rules(&key) {
-            vips.insert(r.vip);
-            vips.extend(r.secondary_vips.iter().copied());
+            vips.insert(r.rule.vip);
+            vips.extend(r.rule.secondary_vips.iter().copied());
         }
         let list = |f: &dyn Fn(&IpAddr) -> bool| {
             vips.iter()
@@ -1700,21 +1700,14 @@ mod tests {
         assert!(!c.remove(&n));
     }
 
-    fn rule(svc: &str, vip: &str, port: u16) -> LbRule {
-        LbRule {
+    fn rule(svc: &str, vip: &str, port: u16) -> ServiceRule {
+        let mut rule =
+            loxilb_model::Rule::new(vip.parse().unwrap(), port, loxilb_model::Protocol::Tcp);
+        rule.name = format!("default/{svc}:{port}/tcp@{vip}");
+        rule.timeout_s = 0;
+        ServiceRule {
             service: ServiceKey::new("default", svc),
-            name: format!("default/{svc}:{port}/tcp@{vip}"),
-            vip: vip.parse().unwrap(),
-            secondary_vips: vec![],
-            port,
-            protocol: crate::Protocol::Tcp,
-            mode: crate::annotations::LbMode::Default,
-            selection: crate::annotations::EpSelect::RoundRobin,
-            timeout_s: 0,
-            endpoints: vec![],
-            allowed_sources: None,
-            probe: None,
-            local_traffic: false,
+            rule,
         }
     }
 

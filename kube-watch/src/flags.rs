@@ -18,14 +18,14 @@
 use std::{fmt, net::IpAddr};
 
 use ipnet::IpNet;
+use loxilb_model::Mode;
 
 use crate::{
-    annotations::{parse_pool_name, LbMode},
+    annotations::parse_pool_name,
     ipam::{
         Ipam, IpamError, IpamMode, PoolRange, PoolSpec, DEFAULT_POOL, FLAG_SECONDARY, FLAG_V4,
         FLAG_V6,
     },
-    translate::StatusForm,
 };
 
 pub const FLAG_LB_MODE: &str = "--setLBMode";
@@ -77,7 +77,7 @@ pub struct KubeConfig {
     /// `--externalSecondaryCIDRs`: pools for SCTP secondary addresses.
     pub secondary_pools: Vec<PoolSpec>,
     /// `--setLBMode`: the mode of Services without `loxilb.io/lbmode`.
-    pub lb_mode: LbMode,
+    pub lb_mode: Mode,
     /// `--setUniqueIP`: exclusive addresses.
     pub unique_ip: bool,
     /// `--loadBalancerClass`: the Services handled.
@@ -94,7 +94,7 @@ impl Default for KubeConfig {
             cidr_pools: Vec::new(),
             cidr6_pools: Vec::new(),
             secondary_pools: Vec::new(),
-            lb_mode: LbMode::Default,
+            lb_mode: Mode::Default,
             unique_ip: false,
             load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.to_string(),
             use_pod_network: false,
@@ -210,13 +210,13 @@ fn parse_range(spec: &str) -> Result<PoolRange, String> {
 }
 
 /// `--setLBMode`: 0 default, 1 onearm, 2 fullnat, 3 dsr.
-pub fn parse_lb_mode(value: &str) -> Result<LbMode, FlagError> {
+pub fn parse_lb_mode(value: &str) -> Result<Mode, FlagError> {
     const ALLOWED: &str = "allowed values: 0 (default), 1 (onearm), 2 (fullnat), 3 (dsr)";
     match value.trim() {
-        "0" => Ok(LbMode::Default),
-        "1" => Ok(LbMode::OneArm),
-        "2" => Ok(LbMode::FullNat),
-        "3" => Ok(LbMode::Dsr),
+        "0" => Ok(Mode::Default),
+        "1" => Ok(Mode::OneArm),
+        "2" => Ok(Mode::FullNat),
+        "3" => Ok(Mode::Dsr),
         "4" => Err(err(
             FLAG_LB_MODE,
             value,
@@ -340,6 +340,21 @@ pub fn parse_zone(value: &str) -> Result<String, FlagError> {
             ),
         ))
     }
+}
+
+/// How `status.loadBalancer.ingress` names each VIP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StatusForm {
+    /// `ip: <vip>`, `ipMode: VIP` (the default).
+    #[default]
+    Ip,
+    /// kube-loxilb's form, for drop-in compatibility with tools that read
+    /// it: `hostname: <zone>-<vip>` ([`crate::translate::status_hostname`]) and no `ip` (the
+    /// API allows `ipMode` only with `ip`, so it is not set). Without an
+    /// `ip`, kube-proxy does not short-cut the VIP inside the cluster:
+    /// in-cluster clients go through the load balancer too, as with
+    /// kube-loxilb.
+    Hostname { zone: String },
 }
 
 /// How the status names the VIPs, from `--setLBHostnameStatus`, `--zone`
@@ -477,7 +492,7 @@ mod tests {
     fn defaults() {
         let c = KubeConfig::default();
         assert_eq!(c.load_balancer_class, "loxilb.io/loxilb");
-        assert_eq!(c.lb_mode, LbMode::Default);
+        assert_eq!(c.lb_mode, Mode::Default);
         assert!(c.cidr_pools.is_empty() && c.cidr6_pools.is_empty());
         assert!(!c.unique_ip && !c.use_pod_network && !c.monitor);
         assert_eq!(c.ipam_mode(), IpamMode::Shared);
@@ -570,10 +585,10 @@ mod tests {
 
     #[test]
     fn lb_mode() {
-        assert_eq!(parse_lb_mode("0"), Ok(LbMode::Default));
-        assert_eq!(parse_lb_mode("1"), Ok(LbMode::OneArm));
-        assert_eq!(parse_lb_mode("2"), Ok(LbMode::FullNat));
-        assert_eq!(parse_lb_mode("3"), Ok(LbMode::Dsr));
+        assert_eq!(parse_lb_mode("0"), Ok(Mode::Default));
+        assert_eq!(parse_lb_mode("1"), Ok(Mode::OneArm));
+        assert_eq!(parse_lb_mode("2"), Ok(Mode::FullNat));
+        assert_eq!(parse_lb_mode("3"), Ok(Mode::Dsr));
         let e = parse_lb_mode("4").unwrap_err();
         assert!(e
             .message

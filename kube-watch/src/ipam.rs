@@ -66,8 +66,9 @@ use std::{
 };
 
 use ipnet::IpNet;
+use loxilb_model::Protocol;
 
-use crate::{IpFamily, Protocol, ServiceKey};
+use crate::{IpFamily, ServiceKey};
 
 /// The Service annotation holding the allocation record.
 pub const RECORD_ANNOTATION: &str = "loxilb.io/allocated";

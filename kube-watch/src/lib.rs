@@ -61,7 +61,8 @@
 //!   release and reuse, and the allocation record written on each Service
 //!   (`loxilb.io/allocated`) from which a new leader rebuilds the table.
 //! - [`translate`]: Service + EndpointSlices + Nodes + allocation -> the
-//!   desired [`translate::LbRule`]s (one per VIP, port and protocol), the
+//!   desired [`translate::ServiceRule`]s (model rules, one per VIP, port
+//!   and protocol, checked by [`translate::ServiceRule::supported`]), the
 //!   allocation request for a Service, and the `status.loadBalancer` to write.
 //! - [`multus`]: endpoints on Multus secondary networks
 //!   (`loxilb.io/multus-nets`): the EndpointSlices' ready pods, their
@@ -113,44 +114,6 @@ impl fmt::Display for ServiceKey {
     }
 }
 
-/// The L4 protocols a Service port can have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    /// Lower-case name, as in rule files and allocation records.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-
-    /// The Kubernetes spelling (`TCP`, `UDP`, `SCTP`); `None` (field
-    /// unset) is TCP, as the API defaults it.
-    pub fn from_kubernetes(value: Option<&str>) -> Result<Self, String> {
-        match value {
-            None | Some("TCP") => Ok(Protocol::Tcp),
-            Some("UDP") => Ok(Protocol::Udp),
-            Some("SCTP") => Ok(Protocol::Sctp),
-            Some(other) => Err(format!(
-                "protocol `{other}` is not supported (allowed: TCP, UDP, SCTP)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// An IP address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IpFamily {
@@ -181,19 +144,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn protocol_from_kubernetes() {
-        assert_eq!(Protocol::from_kubernetes(None), Ok(Protocol::Tcp));
-        assert_eq!(Protocol::from_kubernetes(Some("TCP")), Ok(Protocol::Tcp));
-        assert_eq!(Protocol::from_kubernetes(Some("UDP")), Ok(Protocol::Udp));
-        assert_eq!(Protocol::from_kubernetes(Some("SCTP")), Ok(Protocol::Sctp));
-        let e = Protocol::from_kubernetes(Some("tcp")).unwrap_err();
-        assert!(e.contains("`tcp`") && e.contains("TCP, UDP, SCTP"), "{e}");
-    }
-
-    #[test]
     fn display_forms() {
         assert_eq!(ServiceKey::new("ns", "web").to_string(), "ns/web");
-        assert_eq!(Protocol::Sctp.to_string(), "sctp");
         assert_eq!(IpFamily::of(&"::1".parse().unwrap()), IpFamily::V6);
         assert_eq!(IpFamily::V4.to_string(), "IPv4");
     }

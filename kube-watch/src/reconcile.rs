@@ -62,12 +62,12 @@ use serde_json::{json, Value};
 use crate::{
     annotations::ServiceAnnotations,
     events::{actions, reasons, EventSpec},
-    flags::KubeConfig,
+    flags::{KubeConfig, StatusForm},
     ipam::{Allocation, AllocationRecord, Ipam, IpamError, RECORD_ANNOTATION},
     multus::{NoPods, PodLookup},
     translate::{
         alloc_request, is_managed, load_balancer_status_as, parse_annotations, recorded_allocation,
-        records_from_services, service_key, translate_with_pods, LbRule, RecordSource, StatusForm,
+        records_from_services, service_key, translate_with_pods, RecordSource, ServiceRule,
         TranslateError,
     },
     ServiceKey,
@@ -182,7 +182,7 @@ pub enum Step {
     /// This Service's rules are now these (empty: it has none); hand the
     /// node's whole rule set to the datapath. Committed with
     /// [`Reconciler::commit`].
-    SetRules(Vec<LbRule>),
+    SetRules(Vec<ServiceRule>),
     /// Write the status.
     PatchStatus(StatusUpdate),
     /// Release the Service's addresses (after its rules left the datapath):
@@ -246,7 +246,7 @@ pub struct Reconciler {
     ipam: Ipam,
     leader: bool,
     tracked: BTreeMap<ServiceKey, Tracked>,
-    rules: BTreeMap<ServiceKey, Vec<LbRule>>,
+    rules: BTreeMap<ServiceKey, Vec<ServiceRule>>,
     /// Services whose committed rules changed since the datapath last took
     /// them ([`Reconciler::rules_synced`]).
     changed: BTreeSet<ServiceKey>,
@@ -279,7 +279,7 @@ pub struct ReconcileStats {
 /// copy of the 10,000 other Services' rules).
 #[derive(Clone, Copy, Debug)]
 pub struct RuleUpdate<'a> {
-    rules: &'a BTreeMap<ServiceKey, Vec<LbRule>>,
+    rules: &'a BTreeMap<ServiceKey, Vec<ServiceRule>>,
     changed: &'a BTreeSet<ServiceKey>,
     full: bool,
 }
@@ -295,7 +295,7 @@ impl<'a> RuleUpdate<'a> {
 
     /// Each Service whose rules changed, with its complete new rule list
     /// (empty: it has no rules any more), by Service.
-    pub fn changed(&self) -> impl Iterator<Item = (&'a ServiceKey, &'a [LbRule])> + 'a {
+    pub fn changed(&self) -> impl Iterator<Item = (&'a ServiceKey, &'a [ServiceRule])> + 'a {
         let rules = self.rules;
         self.changed
             .iter()
@@ -303,12 +303,12 @@ impl<'a> RuleUpdate<'a> {
     }
 
     /// Every Service with committed rules, with its rules.
-    pub fn services(&self) -> impl Iterator<Item = (&'a ServiceKey, &'a [LbRule])> + 'a {
+    pub fn services(&self) -> impl Iterator<Item = (&'a ServiceKey, &'a [ServiceRule])> + 'a {
         self.rules.iter().map(|(k, v)| (k, v.as_slice()))
     }
 
     /// Every committed rule, by Service.
-    pub fn all(&self) -> impl Iterator<Item = &'a LbRule> + 'a {
+    pub fn all(&self) -> impl Iterator<Item = &'a ServiceRule> + 'a {
         self.rules.values().flatten()
     }
 
@@ -323,9 +323,9 @@ impl<'a> RuleUpdate<'a> {
 }
 
 /// Count (or uncount) the addresses of `rules` in `refs`.
-fn count_vips(refs: &mut BTreeMap<IpAddr, u32>, rules: &[LbRule], up: bool) {
+fn count_vips(refs: &mut BTreeMap<IpAddr, u32>, rules: &[ServiceRule], up: bool) {
     for r in rules {
-        for a in std::iter::once(r.vip).chain(r.secondary_vips.iter().copied()) {
+        for a in std::iter::once(r.rule.vip).chain(r.rule.secondary_vips.iter().copied()) {
             if up {
                 *refs.entry(a).or_insert(0) += 1;
             } else if let Some(c) = refs.get_mut(&a) {
@@ -432,7 +432,7 @@ impl Reconciler {
 
     /// Every committed rule, by Service (a copy; [`Reconciler::rule_update`]
     /// lends them).
-    pub fn rules(&self) -> Vec<LbRule> {
+    pub fn rules(&self) -> Vec<ServiceRule> {
         self.rules.values().flatten().cloned().collect()
     }
 
@@ -458,7 +458,7 @@ impl Reconciler {
     }
 
     /// The committed rules of one Service.
-    pub fn service_rules(&self, key: &ServiceKey) -> &[LbRule] {
+    pub fn service_rules(&self, key: &ServiceKey) -> &[ServiceRule] {
         self.rules.get(key).map(Vec::as_slice).unwrap_or(&[])
     }
 
@@ -489,7 +489,7 @@ impl Reconciler {
     }
 
     /// Make `rules` the committed rules of `key`; `true` when they changed.
-    pub fn commit(&mut self, key: &ServiceKey, mut rules: Vec<LbRule>) -> bool {
+    pub fn commit(&mut self, key: &ServiceKey, mut rules: Vec<ServiceRule>) -> bool {
         if self
             .rules
             .get(key)
@@ -501,8 +501,8 @@ impl Reconciler {
         // the translation left (10,000 Services hold these).
         rules.shrink_to_fit();
         for r in &mut rules {
-            r.endpoints.shrink_to_fit();
-            r.name.shrink_to_fit();
+            r.rule.endpoints.shrink_to_fit();
+            r.rule.name.shrink_to_fit();
         }
         count_vips(&mut self.vip_refs, &rules, true);
         let old = if rules.is_empty() {
@@ -878,7 +878,7 @@ impl Reconciler {
         //    before it (and another Service may be given them).
         let rules = rules.or_else(|| {
             let committed = self.service_rules(key);
-            let held: Vec<LbRule> = committed
+            let held: Vec<ServiceRule> = committed
                 .iter()
                 .filter(|r| current.as_ref().is_some_and(|a| holds(a, r)))
                 .cloned()
@@ -934,10 +934,10 @@ impl Reconciler {
 }
 
 /// Whether `a` holds the address and the (port, protocol) of rule `r`.
-fn holds(a: &Allocation, r: &LbRule) -> bool {
-    a.vips.iter().any(|v| v.ip == r.vip)
+fn holds(a: &Allocation, r: &ServiceRule) -> bool {
+    a.vips.iter().any(|v| v.ip == r.rule.vip)
         && a.ports
-            .contains(&crate::ipam::PortKey::new(r.port, r.protocol))
+            .contains(&crate::ipam::PortKey::new(r.rule.port, r.rule.protocol))
 }
 
 /// Addresses of a record, for messages: `192.0.2.1` or `192.0.2.1, 2001:db8::1

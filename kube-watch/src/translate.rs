@@ -45,85 +45,109 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use loxilb_model::{
+    Endpoint, Limit, Mode, ProbeKind, ProbeSpec, Protocol, Rule, Selection, Unsupported,
+    DEFAULT_PERSIST_TIMEOUT_S,
+};
+
 use crate::{
     annotations::{
-        keys, parse as parse_annotation_map, EpSelect, IpamFamily, LbMode, ParsedAnnotations,
-        ProbeType, ServiceAnnotations,
+        keys, parse as parse_annotation_map, IpamFamily, ParsedAnnotations, ServiceAnnotations,
     },
-    flags::KubeConfig,
+    flags::{KubeConfig, StatusForm},
     ipam::{
         AllocRequest, Allocation, AllocationRecord, PortKey, SecondaryRequest, DEFAULT_POOL,
         RECORD_ANNOTATION,
     },
     multus::{self, NoPods, PodLookup},
-    IpFamily, Protocol, ServiceKey,
+    IpFamily, ServiceKey,
 };
 
 /// Nodes with this label (any value) never receive load-balancer traffic.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Idle timeout without `loxilb.io/timeout`.
-pub const DEFAULT_TIMEOUT_S: u32 = 1800;
-/// Probe timeout without `loxilb.io/probetimeout`.
-pub const DEFAULT_PROBE_TIMEOUT_S: u32 = 60;
-/// Probe retries without `loxilb.io/proberetries`.
-pub const DEFAULT_PROBE_RETRIES: u32 = 2;
+/// Idle timeout without `loxilb.io/timeout` (the rule model's).
+pub const DEFAULT_TIMEOUT_S: u32 = loxilb_model::DEFAULT_TIMEOUT_S;
+/// Probe timeout without `loxilb.io/probetimeout` (the rule model's).
+pub const DEFAULT_PROBE_TIMEOUT_S: u32 = loxilb_model::probe::DEFAULT_TIMEOUT.as_secs() as u32;
+/// Probe retries without `loxilb.io/proberetries` (the rule model's).
+pub const DEFAULT_PROBE_RETRIES: u32 = loxilb_model::probe::DEFAULT_RETRIES;
 
-/// One backend of a rule.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Endpoint {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub weight: u16,
-}
-
-/// Endpoint health probing of a rule.
+/// One desired load-balancer rule of a Service: one (VIP, port, protocol).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Probe {
-    /// Never [`ProbeType::None`] (that is `LbRule::probe == None`).
-    pub kind: ProbeType,
-    /// `None`: each endpoint's own port (also for ping, which has none).
-    pub port: Option<u16>,
-    pub request: Option<String>,
-    pub response: Option<String>,
-    pub timeout_s: u32,
-    pub retries: u32,
-}
-
-/// One desired load-balancer rule: one (VIP, port, protocol).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LbRule {
+pub struct ServiceRule {
     pub service: ServiceKey,
-    /// `namespace/name:port/protocol@vip`, unique per rule.
-    pub name: String,
-    pub vip: IpAddr,
-    /// SCTP multi-homing addresses of the VIP's family (SCTP rules only).
-    pub secondary_vips: Vec<IpAddr>,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub mode: LbMode,
-    pub selection: EpSelect,
-    pub timeout_s: u32,
-    /// Sorted, without duplicates; may be empty (the rule then drops).
-    pub endpoints: Vec<Endpoint>,
-    /// `None`: any source. `Some(list)`: only these prefixes (of the VIP's
-    /// family) from `spec.loadBalancerSourceRanges` — possibly none, when
-    /// the Service lists prefixes of the other family only.
-    pub allowed_sources: Option<Vec<IpNet>>,
-    /// `None`: endpoints are not probed.
-    pub probe: Option<Probe>,
-    /// `externalTrafficPolicy: Local` with node endpoints: only nodes that
-    /// are endpoints (have a ready local pod) should attract the traffic,
-    /// so only they announce the VIP over BGP.
-    pub local_traffic: bool,
+    /// Named `namespace/name:port/protocol@vip`, unique per rule. Its
+    /// endpoints are sorted, without duplicates, and may be none (the
+    /// rule then drops). `source_ranges` are those of
+    /// `spec.loadBalancerSourceRanges` of the VIP's family; when the
+    /// Service lists prefixes of the other family only, the unspecified
+    /// address (nobody). `announce_local_only`: `externalTrafficPolicy:
+    /// Local` with node endpoints (only nodes that are endpoints, with a
+    /// ready local pod, should attract the traffic, so only they announce
+    /// the VIP over BGP).
+    pub rule: Rule,
+}
+
+impl ServiceRule {
+    /// Whether this load balancer can serve the rule
+    /// ([`loxilb_model::supported`]); a refusal says why, with what to do
+    /// in a Service's terms ([`refusal`]).
+    pub fn supported(&self) -> Result<(), String> {
+        loxilb_model::supported(&self.rule).map_err(|e| refusal(&e))
+    }
+}
+
+/// A refusal of the rule model, its remedy worded for a Service's owner
+/// (annotations and Service fields, not rule-file fields).
+pub fn refusal(e: &Unsupported) -> String {
+    const SECONDARY: &str = "loxilb.io/secondaryIPs / poolSelectSecondary";
+    let remedy = match e.limit {
+        Limit::SecondaryVipsProtocol => {
+            format!("remove {SECONDARY} (secondary VIPs are for SCTP ports)")
+        }
+        Limit::SecondaryVipsMode => format!(
+            "set {}: default or fullnat, or remove {SECONDARY} to serve the primary VIP alone",
+            keys::LB_MODE
+        ),
+        Limit::SecondaryVipsCount | Limit::SecondaryVipFamily | Limit::SecondaryVipRepeated => {
+            format!("list each address once, of the VIP's family, in {SECONDARY}")
+        }
+        Limit::SourceRangeFamily | Limit::SourceRangeHostBits => {
+            "fix spec.loadBalancerSourceRanges".into()
+        }
+        Limit::Nat46 => format!("use an IPv6 VIP: ipFamilies or {}", keys::IPAM),
+        Limit::EndpointFamilies => format!(
+            "a rule balances one family: choose it with ipFamilies or {}",
+            keys::IPAM
+        ),
+        Limit::Nat64Dsr => format!(
+            "use another {} (default, onearm or fullnat), or an IPv4 VIP",
+            keys::LB_MODE
+        ),
+        Limit::Nat64Sctp => format!("serve SCTP without NAT64 ({}: ipv4 or ipv6)", keys::IPAM),
+        Limit::DsrPort => format!(
+            "use the pod network ({}: \"yes\"), or another {}",
+            keys::USE_POD_NETWORK,
+            keys::LB_MODE
+        ),
+        Limit::Timeout => format!("fix {}", keys::TIMEOUT),
+        Limit::Probe => "fix the loxilb.io/probe* annotations".into(),
+        Limit::Address
+        | Limit::EndpointCount
+        | Limit::EndpointRepeated
+        | Limit::EndpointWeight
+        | Limit::DsrIpipIpv6 => e.remedy.clone(),
+    };
+    e.message_with(&remedy)
 }
 
 /// The rules of one Service and what the user should be told.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
     /// Ordered by VIP (family order), then Service port order.
-    pub rules: Vec<LbRule>,
+    pub rules: Vec<ServiceRule>,
     /// Not errors: the rules are right, but the user should know (Events).
     pub warnings: Vec<String>,
     /// Pods (or EndpointSlice endpoints) that are not endpoints of a
@@ -280,7 +304,7 @@ fn ports(svc: &Service) -> Result<Vec<Port<'_>>, TranslateError> {
                         "not a port (1..=65535)",
                     )
                 })?;
-            let protocol = Protocol::from_kubernetes(p.protocol.as_deref()).map_err(|m| {
+            let protocol = protocol_from_kubernetes(p.protocol.as_deref()).map_err(|m| {
                 invalid(
                     format!("spec.ports[{i}].protocol"),
                     p.protocol.clone().unwrap_or_default(),
@@ -510,7 +534,7 @@ pub fn translate_with_pods(
     let families = vip_families(svc, ann)?;
     let ports = ports(svc)?;
     let mode = ann.lb_mode.unwrap_or(config.lb_mode);
-    let selection = ann.ep_select.unwrap_or(EpSelect::RoundRobin);
+    let selection = ann.ep_select.unwrap_or(Selection::RoundRobin);
     let timeout_s = ann.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
     let pod_network = ann.use_pod_network.unwrap_or(config.use_pod_network);
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
@@ -605,15 +629,7 @@ pub fn translate_with_pods(
             .map(|a| a.ip)
             .filter(|ip| IpFamily::of(ip) == family)
             .collect();
-        let allowed_sources = sources.as_ref().map(|list| {
-            list.iter()
-                .copied()
-                .filter(|n| match n {
-                    IpNet::V4(_) => family == IpFamily::V4,
-                    IpNet::V6(_) => family == IpFamily::V6,
-                })
-                .collect::<Vec<_>>()
-        });
+        let source_ranges = source_ranges(sources.as_deref(), family);
 
         for port in &ports {
             let mut endpoints: Vec<Endpoint> = if multus {
@@ -679,24 +695,27 @@ pub fn translate_with_pods(
             endpoints.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
 
             let probe = probe_for(ann, mode, port.protocol, monitor, &mut warnings);
-            rules.push(LbRule {
+            rules.push(ServiceRule {
                 service: key.clone(),
-                name: format!("{key}:{}/{}@{vip}", port.port, port.protocol),
-                vip,
-                secondary_vips: if port.protocol == Protocol::Sctp {
-                    secondary.clone()
-                } else {
-                    Vec::new()
+                rule: Rule {
+                    name: format!("{key}:{}/{}@{vip}", port.port, port.protocol),
+                    vip,
+                    secondary_vips: if port.protocol == Protocol::Sctp {
+                        secondary.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    port: port.port,
+                    protocol: port.protocol,
+                    mode,
+                    selection,
+                    timeout_s,
+                    persist_timeout_s: DEFAULT_PERSIST_TIMEOUT_S,
+                    source_ranges: source_ranges.clone(),
+                    endpoints,
+                    probe,
+                    announce_local_only: local && !pod_network && !multus,
                 },
-                port: port.port,
-                protocol: port.protocol,
-                mode,
-                selection,
-                timeout_s,
-                endpoints,
-                allowed_sources: allowed_sources.clone(),
-                probe,
-                local_traffic: local && !pod_network && !multus,
             });
         }
     }
@@ -707,13 +726,55 @@ pub fn translate_with_pods(
     })
 }
 
+/// The rule's source ranges of `family` from the Service's
+/// `loadBalancerSourceRanges` (`None`: not given, every client): sorted,
+/// without duplicates. Prefixes of the other family only: the
+/// unspecified address, a source no packet carries (nobody, not
+/// everybody).
+fn source_ranges(sources: Option<&[IpNet]>, family: IpFamily) -> Vec<IpNet> {
+    let Some(list) = sources else {
+        return vec![];
+    };
+    let mut v: Vec<IpNet> = list
+        .iter()
+        .copied()
+        .filter(|n| IpFamily::of(&n.addr()) == family)
+        .collect();
+    if v.is_empty() {
+        v.push(
+            match family {
+                IpFamily::V4 => "0.0.0.0/32",
+                IpFamily::V6 => "::/128",
+            }
+            .parse()
+            .expect("valid"),
+        );
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A Service port's protocol, in its Kubernetes spelling (`TCP`, `UDP`,
+/// `SCTP`); `None` (field unset) is TCP, as the API defaults it.
+pub fn protocol_from_kubernetes(value: Option<&str>) -> Result<Protocol, String> {
+    match value {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(format!(
+            "protocol `{other}` is not supported (allowed: TCP, UDP, SCTP)"
+        )),
+    }
+}
+
 /// The target port of Service port `port` in `slice` (same name and
 /// protocol), when it has one.
 fn slice_target_port(slice: &EndpointSlice, port: &Port<'_>) -> Option<u16> {
     let port_name = port.spec.name.as_deref().unwrap_or("");
     slice.ports.iter().flatten().find_map(|p| {
         let same_name = p.name.as_deref().unwrap_or("") == port_name;
-        let same_proto = Protocol::from_kubernetes(p.protocol.as_deref()) == Ok(port.protocol);
+        let same_proto = protocol_from_kubernetes(p.protocol.as_deref()) == Ok(port.protocol);
         (same_name && same_proto)
             .then_some(p.port)
             .flatten()
@@ -785,23 +846,23 @@ fn multus_endpoints(
 
 fn probe_for(
     ann: &ServiceAnnotations,
-    mode: LbMode,
+    mode: Mode,
     protocol: Protocol,
     monitor: bool,
     warnings: &mut BTreeSet<String>,
-) -> Option<Probe> {
+) -> Option<ProbeSpec> {
     if !monitor {
         return None;
     }
     let kind = ann.probe_type.unwrap_or(match mode {
-        LbMode::FullNat | LbMode::OneArm => match protocol {
-            Protocol::Tcp => ProbeType::Tcp,
-            Protocol::Udp => ProbeType::Udp,
-            Protocol::Sctp => ProbeType::Sctp,
+        Mode::FullNat | Mode::OneArm => match protocol {
+            Protocol::Tcp => ProbeKind::Tcp,
+            Protocol::Udp => ProbeKind::Udp,
+            Protocol::Sctp => ProbeKind::Sctp,
         },
-        LbMode::Default | LbMode::Dsr => ProbeType::Ping,
+        Mode::Default | Mode::Dsr | Mode::DsrIpip => ProbeKind::Ping,
     });
-    if kind == ProbeType::None {
+    if kind == ProbeKind::None {
         return None;
     }
     let params = ann.probe_port.is_some() || ann.probe_req.is_some() || ann.probe_resp.is_some();
@@ -815,13 +876,17 @@ fn probe_for(
         ));
     }
     let uses = kind.uses_port();
-    Some(Probe {
-        kind,
+    let timeout_s = ann
+        .probe_timeout_s
+        .unwrap_or(DEFAULT_PROBE_TIMEOUT_S)
+        .max(1);
+    Some(ProbeSpec {
         port: ann.probe_port.filter(|_| uses),
         request: ann.probe_req.clone().filter(|_| uses),
         response: ann.probe_resp.clone().filter(|_| uses),
-        timeout_s: ann.probe_timeout_s.unwrap_or(DEFAULT_PROBE_TIMEOUT_S),
+        timeout: std::time::Duration::from_secs(timeout_s.into()),
         retries: ann.probe_retries.unwrap_or(DEFAULT_PROBE_RETRIES),
+        ..ProbeSpec::new(kind)
     })
 }
 
@@ -840,22 +905,7 @@ pub fn load_balancer_status(allocation: &Allocation) -> LoadBalancerStatus {
     load_balancer_status_as(allocation, &StatusForm::Ip)
 }
 
-/// How `status.loadBalancer.ingress` names each VIP.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum StatusForm {
-    /// `ip: <vip>`, `ipMode: VIP` (the default).
-    #[default]
-    Ip,
-    /// kube-loxilb's form, for drop-in compatibility with tools that read
-    /// it: `hostname: <zone>-<vip>` ([`status_hostname`]) and no `ip` (the
-    /// API allows `ipMode` only with `ip`, so it is not set). Without an
-    /// `ip`, kube-proxy does not short-cut the VIP inside the cluster:
-    /// in-cluster clients go through the load balancer too, as with
-    /// kube-loxilb.
-    Hostname { zone: String },
-}
-
-/// kube-loxilb's status hostname of a VIP: `<zone>-<ip>`
+/// kube-loxilb's status hostname of a VIP ([`StatusForm::Hostname`]): `<zone>-<ip>`
 /// (`llb-192.168.80.20`); an IPv6 address has its colons written as dashes
 /// (`llb-2001-db8--5`), in full when the short form would end with a dash
 /// (`2001:db8::` is `llb-2001-db8-0-0-0-0-0-0`: a hostname cannot end with
@@ -1163,8 +1213,9 @@ mod tests {
         translate(s, &ann, sl, ns, &alloc, c).map_err(|e| e.to_string())
     }
 
-    fn eps(rule: &LbRule) -> Vec<String> {
-        rule.endpoints
+    fn eps(rule: &ServiceRule) -> Vec<String> {
+        rule.rule
+            .endpoints
             .iter()
             .map(|e| format!("{}:{}", e.ip, e.port))
             .collect()
@@ -1206,19 +1257,19 @@ mod tests {
         let t = run(&svc(json!({})), &slices(), &nodes(), &cfg()).unwrap();
         assert_eq!(t.rules.len(), 1);
         let r = &t.rules[0];
-        assert_eq!(r.name, "default/web:80/tcp@20.0.0.1");
+        assert_eq!(r.rule.name, "default/web:80/tcp@20.0.0.1");
         assert_eq!(r.service, ServiceKey::new("default", "web"));
-        assert_eq!(r.vip, ip("20.0.0.1"));
-        assert_eq!((r.port, r.protocol), (80, Protocol::Tcp));
-        assert_eq!(r.mode, LbMode::Default);
-        assert_eq!(r.selection, EpSelect::RoundRobin);
-        assert_eq!(r.timeout_s, 1800);
+        assert_eq!(r.rule.vip, ip("20.0.0.1"));
+        assert_eq!((r.rule.port, r.rule.protocol), (80, Protocol::Tcp));
+        assert_eq!(r.rule.mode, Mode::Default);
+        assert_eq!(r.rule.selection, Selection::RoundRobin);
+        assert_eq!(r.rule.timeout_s, 1800);
         // n3 NotReady, n4 excluded by label; Cluster policy: n2 stays.
         assert_eq!(eps(r), vec!["10.0.0.1:30080", "10.0.0.2:30080"]);
-        assert!(r.endpoints.iter().all(|e| e.weight == 1));
-        assert_eq!(r.allowed_sources, None);
-        assert_eq!(r.probe, None);
-        assert!(r.secondary_vips.is_empty());
+        assert!(r.rule.endpoints.iter().all(|e| e.weight == 1));
+        assert!(r.rule.source_ranges.is_empty());
+        assert_eq!(r.rule.probe, None);
+        assert!(r.rule.secondary_vips.is_empty());
         assert!(t.warnings.is_empty(), "{:?}", t.warnings);
     }
 
@@ -1227,19 +1278,20 @@ mod tests {
         let s = svc(json!({"externalTrafficPolicy": "Local"}));
         let t = run(&s, &slices(), &nodes(), &cfg()).unwrap();
         assert!(
-            t.rules.iter().all(|r| r.local_traffic),
+            t.rules.iter().all(|r| r.rule.announce_local_only),
             "ETP Local marks the rules local-traffic"
         );
         let cluster = run(&svc(json!({})), &slices(), &nodes(), &cfg()).unwrap();
-        assert!(cluster.rules.iter().all(|r| !r.local_traffic));
+        assert!(cluster.rules.iter().all(|r| !r.rule.announce_local_only));
         // n1 has ready pods; n2's pod is not ready; n3's node is NotReady.
         assert_eq!(eps(&t.rules[0]), vec!["10.0.0.1:30080"]);
         // No ready endpoint anywhere: a rule without endpoints.
         let t = run(&s, &[], &nodes(), &cfg()).unwrap();
-        assert!(t.rules[0].endpoints.is_empty());
+        assert!(t.rules[0].rule.endpoints.is_empty());
         // A local ready pod on an excluded node does not bring it back.
         let sl = vec![slice("IPv4", 8080, &[("10.244.4.1", "n4", Some(true))])];
         assert!(run(&s, &sl, &nodes(), &cfg()).unwrap().rules[0]
+            .rule
             .endpoints
             .is_empty());
     }
@@ -1266,7 +1318,7 @@ mod tests {
             &cfg(),
         )
         .unwrap();
-        assert!(t.rules[0].endpoints.is_empty());
+        assert!(t.rules[0].rule.endpoints.is_empty());
         assert_eq!(
             t.warnings,
             vec!["node e has no IPv4 InternalIP; it is not an endpoint of default/web"]
@@ -1308,6 +1360,7 @@ mod tests {
         };
         assert_eq!(
             run(&svc(json!({})), &slices(), &nodes(), &c).unwrap().rules[0]
+                .rule
                 .endpoints
                 .len(),
             2
@@ -1326,6 +1379,7 @@ mod tests {
         );
         assert_eq!(
             run(&s, &slices(), &nodes(), &c).unwrap().rules[0]
+                .rule
                 .endpoints
                 .len(),
             2
@@ -1368,7 +1422,7 @@ mod tests {
         let keys: Vec<(u16, Protocol, u16)> = t
             .rules
             .iter()
-            .map(|r| (r.port, r.protocol, r.endpoints[0].port))
+            .map(|r| (r.rule.port, r.rule.protocol, r.rule.endpoints[0].port))
             .collect();
         assert_eq!(
             keys,
@@ -1407,21 +1461,23 @@ mod tests {
         );
         let r = &run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0];
         assert_eq!(
-            (r.mode, r.selection, r.timeout_s),
-            (LbMode::Dsr, EpSelect::Persist, 60)
+            (r.rule.mode, r.rule.selection, r.rule.timeout_s),
+            (Mode::Dsr, Selection::Persist, 60)
         );
         let c = KubeConfig {
-            lb_mode: LbMode::FullNat,
+            lb_mode: Mode::FullNat,
             ..cfg()
         };
         assert_eq!(
-            run(&svc(json!({})), &slices(), &nodes(), &c).unwrap().rules[0].mode,
-            LbMode::FullNat
+            run(&svc(json!({})), &slices(), &nodes(), &c).unwrap().rules[0]
+                .rule
+                .mode,
+            Mode::FullNat
         );
         let s = svc_json(json!({}), json!({"loxilb.io/lbmode": "onearm"}));
         assert_eq!(
-            run(&s, &slices(), &nodes(), &c).unwrap().rules[0].mode,
-            LbMode::OneArm
+            run(&s, &slices(), &nodes(), &c).unwrap().rules[0].rule.mode,
+            Mode::OneArm
         );
     }
 
@@ -1432,24 +1488,23 @@ mod tests {
             run(&svc(json!({})), &slices(), &nodes(), &cfg())
                 .unwrap()
                 .rules[0]
+                .rule
                 .probe,
             None
         );
         // liveness on, default mode: ping, 60 s, 2 retries.
         let s = svc_json(json!({}), json!({"loxilb.io/liveness": "yes"}));
         let p = run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0]
+            .rule
             .probe
             .clone()
             .unwrap();
         assert_eq!(
             p,
-            Probe {
-                kind: ProbeType::Ping,
-                port: None,
-                request: None,
-                response: None,
-                timeout_s: 60,
-                retries: 2
+            ProbeSpec {
+                timeout: std::time::Duration::from_secs(60),
+                retries: 2,
+                ..ProbeSpec::new(ProbeKind::Ping)
             }
         );
         // fullnat via --monitor: the port's protocol, per rule.
@@ -1465,17 +1520,22 @@ mod tests {
             json!({"loxilb.io/lbmode": "fullnat"}),
         );
         let t = run(&s, &slices(), &nodes(), &c).unwrap();
-        assert_eq!(t.rules[0].probe.as_ref().unwrap().kind, ProbeType::Tcp);
-        assert_eq!(t.rules[1].probe.as_ref().unwrap().kind, ProbeType::Sctp);
+        assert_eq!(t.rules[0].rule.probe.as_ref().unwrap().kind, ProbeKind::Tcp);
+        assert_eq!(
+            t.rules[1].rule.probe.as_ref().unwrap().kind,
+            ProbeKind::Sctp
+        );
         // liveness: no overrides --monitor; probetype none turns it off.
         let s = svc_json(json!({}), json!({"loxilb.io/liveness": "no"}));
         assert_eq!(
-            run(&s, &slices(), &nodes(), &c).unwrap().rules[0].probe,
+            run(&s, &slices(), &nodes(), &c).unwrap().rules[0]
+                .rule
+                .probe,
             None
         );
         let s = svc_json(json!({}), json!({"loxilb.io/probetype": "none"}));
         let t = run(&s, &slices(), &nodes(), &c).unwrap();
-        assert_eq!(t.rules[0].probe, None);
+        assert_eq!(t.rules[0].rule.probe, None);
         assert!(t.warnings.is_empty());
     }
 
@@ -1488,24 +1548,25 @@ mod tests {
                    "loxilb.io/probetimeout": "10", "loxilb.io/proberetries": "3"}),
         );
         let p = run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0]
+            .rule
             .probe
             .clone()
             .unwrap();
         assert_eq!(
             p,
-            Probe {
-                kind: ProbeType::Http,
+            ProbeSpec {
                 port: Some(3000),
                 request: Some("/health".into()),
                 response: Some("ok".into()),
-                timeout_s: 10,
-                retries: 3
+                timeout: std::time::Duration::from_secs(10),
+                retries: 3,
+                ..ProbeSpec::new(ProbeKind::Http)
             }
         );
         // Probe annotations without liveness or --monitor: warned.
         let s = svc_json(json!({}), json!({"loxilb.io/probetype": "tcp"}));
         let t = run(&s, &slices(), &nodes(), &cfg()).unwrap();
-        assert_eq!(t.rules[0].probe, None);
+        assert_eq!(t.rules[0].rule.probe, None);
         assert!(
             t.warnings[0].contains("not probed") && t.warnings[0].contains("--monitor"),
             "{:?}",
@@ -1517,36 +1578,191 @@ mod tests {
             json!({"loxilb.io/liveness": "yes", "loxilb.io/probeport": "81"}),
         );
         let t = run(&s, &slices(), &nodes(), &cfg()).unwrap();
-        let p = t.rules[0].probe.as_ref().unwrap();
-        assert_eq!((p.kind, p.port), (ProbeType::Ping, None));
+        let p = t.rules[0].rule.probe.as_ref().unwrap();
+        assert_eq!((p.kind, p.port), (ProbeKind::Ping, None));
         assert_eq!(t.warnings.len(), 1);
         assert!(t.warnings[0].contains("the probe is ping (the default for lbmode default)"));
     }
 
     #[test]
-    fn source_ranges() {
+    fn source_ranges_of_the_vips_family_or_nobody() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(source_ranges(None, IpFamily::V6).is_empty(), "every client");
+        let given = [
+            net("10.0.0.0/8"),
+            net("2001:db8:77::/48"),
+            net("10.0.0.0/8"),
+        ];
+        assert_eq!(
+            source_ranges(Some(&given), IpFamily::V4),
+            vec![net("10.0.0.0/8")]
+        );
+        assert_eq!(
+            source_ranges(Some(&given), IpFamily::V6),
+            vec![net("2001:db8:77::/48")]
+        );
+        assert_eq!(
+            source_ranges(Some(&given[..1]), IpFamily::V6),
+            vec![net("::/128")],
+            "only the other family's: nobody"
+        );
+    }
+
+    /// A rule as translate makes them: fullnat, lc, one node endpoint.
+    fn service_rule() -> ServiceRule {
+        let mut rule = Rule::new(ip("20.0.0.1"), 80, Protocol::Tcp);
+        rule.name = "default/web:80/tcp@20.0.0.1".into();
+        rule.mode = Mode::FullNat;
+        rule.selection = Selection::LeastConn;
+        rule.endpoints = vec![Endpoint {
+            ip: ip("10.0.0.5"),
+            port: 30080,
+            weight: 2,
+        }];
+        ServiceRule {
+            service: ServiceKey::new("default", "web"),
+            rule,
+        }
+    }
+
+    /// What the datapath cannot do is refused, saying why and what to
+    /// change on the Service.
+    #[test]
+    fn refuses_what_the_datapath_cannot_do_and_says_why() {
+        service_rule().supported().unwrap();
+        let mut r = service_rule();
+        r.rule.endpoints[0].ip = ip("2001:db8::5");
+        let e = r.supported().unwrap_err();
+        assert!(
+            e.contains("NAT46") && e.contains("2001:db8::5") && e.contains("loxilb.io/ipam"),
+            "{e}"
+        );
+        let mut r = service_rule();
+        r.rule.vip = ip("2001:db8::1");
+        r.rule.endpoints = vec![
+            Endpoint {
+                ip: ip("2001:db8::5"),
+                port: 1,
+                weight: 1,
+            },
+            Endpoint {
+                ip: ip("10.0.0.6"),
+                port: 1,
+                weight: 1,
+            },
+        ];
+        let e = r.supported().unwrap_err();
+        assert!(
+            e.contains("different families") && e.contains("ipFamilies"),
+            "{e}"
+        );
+        let mut r = service_rule();
+        r.rule.vip = ip("2001:db8::1");
+        r.rule.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        r.rule.endpoints.clear();
+        let e = r.supported().unwrap_err();
+        assert!(e.contains("IPv4 on an IPv6 rule"), "{e}");
+        let mut r = service_rule();
+        r.rule.mode = Mode::Dsr;
+        let e = r.supported().unwrap_err();
+        assert!(
+            e.contains("service port 80") && e.contains("loxilb.io/usepodnetwork"),
+            "{e}"
+        );
+        // NAT64: not in DSR, not for SCTP.
+        let mut r = service_rule();
+        r.rule.vip = ip("2001:db8::1");
+        r.supported().unwrap();
+        r.rule.mode = Mode::Dsr;
+        r.rule.endpoints[0].port = 80;
+        let e = r.supported().unwrap_err();
+        assert!(
+            e.contains("NAT64") && e.contains("another loxilb.io/lbmode"),
+            "{e}"
+        );
+        r.rule.mode = Mode::Default;
+        r.rule.protocol = Protocol::Sctp;
+        let e = r.supported().unwrap_err();
+        assert!(e.contains("SCTP is not translated"), "{e}");
+        // A bad probe setting (tcp sends no request).
+        let mut r = service_rule();
+        let mut p = ProbeSpec::new(ProbeKind::Tcp);
+        p.request = Some("/health".into());
+        r.rule.probe = Some(p);
+        let e = r.supported().unwrap_err();
+        assert!(
+            e.contains("probe request") && e.contains("loxilb.io/probe"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sctp_secondary_vips_in_default_and_fullnat_mode_only() {
+        let mut r = service_rule();
+        r.rule.protocol = Protocol::Sctp;
+        r.rule.mode = Mode::Default;
+        r.rule.secondary_vips = vec![ip("30.0.0.2"), ip("31.0.0.2")];
+        r.supported().unwrap();
+        r.rule.mode = Mode::FullNat;
+        r.supported().unwrap();
+        for mode in [Mode::OneArm, Mode::Dsr] {
+            let mut r = r.clone();
+            r.rule.mode = mode;
+            r.rule.endpoints[0].port = 80;
+            let e = r.supported().unwrap_err();
+            assert!(
+                e.contains("multihoming")
+                    && e.contains("mode default (DNAT) and fullnat")
+                    && e.contains("set loxilb.io/lbmode: default or fullnat"),
+                "{mode:?}: {e}"
+            );
+        }
+        // More than the datapath holds; another family; a repeat.
+        r.rule.secondary_vips = (1..=4).map(|i| ip(&format!("30.0.0.{i}"))).collect();
+        assert!(r.supported().unwrap_err().contains("at most 3"));
+        r.rule.secondary_vips = vec![ip("2001:db8::2")];
+        assert!(r.supported().unwrap_err().contains("one family"));
+        r.rule.secondary_vips = vec![ip("30.0.0.2"), ip("30.0.0.2")];
+        assert!(r.supported().unwrap_err().contains("listed twice"));
+        r.rule.secondary_vips = vec![r.rule.vip];
+        assert!(r.supported().unwrap_err().contains("listed twice"));
+        // Not SCTP (translate gives secondaries to SCTP rules only, but
+        // one is never installed silently without them).
+        r.rule.protocol = Protocol::Tcp;
+        r.rule.secondary_vips = vec![ip("30.0.0.2")];
+        let e = r.supported().unwrap_err();
+        assert!(
+            e.contains("only SCTP") && e.contains("remove loxilb.io/secondaryIPs"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges() {
         let s = svc(
             json!({"loadBalancerSourceRanges": ["192.0.2.1/24", " 198.51.100.0/25", "2001:db8::/32"]}),
         );
         let r = &run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0];
         assert_eq!(
-            r.allowed_sources,
-            Some(vec![
-                "192.0.2.0/24".parse().unwrap(),
+            r.rule.source_ranges,
+            vec![
+                "192.0.2.0/24".parse::<IpNet>().unwrap(),
                 "198.51.100.0/25".parse().unwrap()
-            ])
+            ]
         );
         // Only IPv6 prefixes for an IPv4 VIP: nobody, not everybody.
         let s = svc(json!({"loadBalancerSourceRanges": ["2001:db8::/32"]}));
         assert_eq!(
-            run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0].allowed_sources,
-            Some(vec![])
+            run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0]
+                .rule
+                .source_ranges,
+            vec!["0.0.0.0/32".parse::<IpNet>().unwrap()]
         );
         let s = svc(json!({"loadBalancerSourceRanges": []}));
-        assert_eq!(
-            run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0].allowed_sources,
-            None
-        );
+        assert!(run(&s, &slices(), &nodes(), &cfg()).unwrap().rules[0]
+            .rule
+            .source_ranges
+            .is_empty());
         let s = svc(json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "everyone"]}));
         let e = run(&s, &slices(), &nodes(), &cfg()).unwrap_err();
         assert!(
@@ -1564,9 +1780,9 @@ mod tests {
         let s = svc(json!({"ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "PreferDualStack"}));
         let t = run(&s, &sl, &nodes(), &cfg()).unwrap();
         assert_eq!(t.rules.len(), 2);
-        assert_eq!(t.rules[0].vip, ip("3ffe::1"));
+        assert_eq!(t.rules[0].rule.vip, ip("3ffe::1"));
         assert_eq!(eps(&t.rules[0]), vec!["fd00::1:30080", "fd00::2:30080"]);
-        assert_eq!(t.rules[1].vip, ip("20.0.0.1"));
+        assert_eq!(t.rules[1].rule.vip, ip("20.0.0.1"));
         assert_eq!(eps(&t.rules[1]), vec!["10.0.0.1:30080", "10.0.0.2:30080"]);
         // Pod network, IPv6 only.
         let s = svc_json(
@@ -1592,7 +1808,7 @@ mod tests {
     fn nat64_uses_ipv4_endpoints_behind_an_ipv6_vip() {
         let s = svc_json(json!({}), json!({"loxilb.io/ipam": "nat64"}));
         let t = run(&s, &slices(), &nodes(), &cfg()).unwrap();
-        assert_eq!(t.rules[0].vip, ip("3ffe::1"));
+        assert_eq!(t.rules[0].rule.vip, ip("3ffe::1"));
         assert_eq!(eps(&t.rules[0]), vec!["10.0.0.1:30080", "10.0.0.2:30080"]);
         // ipv6 (nat66): IPv6 node addresses; n4 (excluded) and n3 (not
         // ready) are skipped before their missing IPv6 address matters.
@@ -1624,8 +1840,8 @@ mod tests {
             json!({"loxilb.io/poolSelectSecondary": "sec"}),
         );
         let t = run(&s, &slices(), &nodes(), &c).unwrap();
-        assert!(t.rules[0].secondary_vips.is_empty(), "TCP rule");
-        assert_eq!(t.rules[1].secondary_vips, vec![ip("30.0.0.1")]);
+        assert!(t.rules[0].rule.secondary_vips.is_empty(), "TCP rule");
+        assert_eq!(t.rules[1].rule.secondary_vips, vec![ip("30.0.0.1")]);
 
         let s = svc_json(
             json!({}),
@@ -1716,7 +1932,7 @@ mod tests {
         // Outside every pool: allocated and recorded as such.
         let s = svc_json(json!({}), json!({"loxilb.io/staticIP": "192.168.255.254"}));
         let t = run(&s, &slices(), &nodes(), &c).unwrap();
-        assert_eq!(t.rules[0].vip, ip("192.168.255.254"));
+        assert_eq!(t.rules[0].rule.vip, ip("192.168.255.254"));
     }
 
     /// A slice of `default/web` whose endpoints refer to pods: (pod IP,
@@ -1824,12 +2040,12 @@ mod tests {
                 "192.168.50.16:8080"
             ]
         );
-        assert!(!t.rules[0].local_traffic);
+        assert!(!t.rules[0].rule.announce_local_only);
         assert!(t.endpoint_warnings.is_empty(), "{:?}", t.endpoint_warnings);
         assert!(t.warnings.is_empty(), "{:?}", t.warnings);
         // Without a pod lookup nobody is known: no endpoints, no warnings.
         let t = run_pods(&s, &sl, &NoPods).unwrap();
-        assert!(t.rules[0].endpoints.is_empty());
+        assert!(t.rules[0].rule.endpoints.is_empty());
         assert!(t.endpoint_warnings.is_empty());
     }
 
@@ -1921,7 +2137,7 @@ mod tests {
             json!({"loxilb.io/multus-nets": "default/macvlan1"}),
         );
         let t = run_pods(&s, &sl, &p).unwrap();
-        assert_eq!(t.rules[0].vip, ip("3ffe::1"));
+        assert_eq!(t.rules[0].rule.vip, ip("3ffe::1"));
         assert_eq!(
             eps(&t.rules[0]),
             vec!["fd00:50::5:8080", "fd00:50::55:8080"]
@@ -1934,7 +2150,7 @@ mod tests {
             json!({"loxilb.io/multus-nets": "macvlan1"}),
         );
         let t = run_pods(&s, &sl, &p4).unwrap();
-        assert!(t.rules[0].endpoints.is_empty());
+        assert!(t.rules[0].rule.endpoints.is_empty());
         assert!(
             t.endpoint_warnings[0].contains("no IPv6 address on default/macvlan1"),
             "{:?}",
@@ -1946,7 +2162,7 @@ mod tests {
             json!({"loxilb.io/multus-nets": "macvlan1", "loxilb.io/ipam": "nat64"}),
         );
         let t = run_pods(&s, &sl, &p4).unwrap();
-        assert_eq!(t.rules[0].vip, ip("3ffe::1"));
+        assert_eq!(t.rules[0].rule.vip, ip("3ffe::1"));
         assert_eq!(eps(&t.rules[0]), vec!["192.168.50.5:8080"]);
     }
 

@@ -21,9 +21,10 @@ use kube_watch::{
     flags::{parse_cidr_pools, KubeConfig},
     leader::{LeaderElector, LeaseConfig},
     reconcile::{Reconciler, Step},
-    translate::{Endpoint, LbRule},
+    translate::ServiceRule,
     ServiceKey,
 };
+use loxilb_model::Endpoint;
 use serde_json::{json, Value};
 use tower_test::mock::{self, Handle, SendResponse};
 
@@ -145,11 +146,11 @@ struct LogSink {
 }
 
 impl RuleSink for LogSink {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, rules: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         if *self.fail.lock().unwrap() {
             anyhow::bail!("datapath refused");
         }
-        let names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
+        let names: Vec<String> = rules.iter().map(|r| r.rule.name.clone()).collect();
         self.log
             .lock()
             .unwrap()
@@ -706,7 +707,7 @@ struct DeltaSink {
 }
 
 impl RuleSink for DeltaSink {
-    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, _: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         unreachable!("update is overridden")
     }
     fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<Applied> {
@@ -729,7 +730,7 @@ impl RuleSink for DeltaSink {
 }
 
 /// The rules `svc`'s plan would set.
-fn planned_rules(r: &mut Reconciler, name: &str) -> Vec<LbRule> {
+fn planned_rules(r: &mut Reconciler, name: &str) -> Vec<ServiceRule> {
     let svc = service(name, json!({}));
     let key = ServiceKey::new("default", name);
     r.plan(&key, Some(&svc), &[], &nodes(), t(0))
@@ -791,7 +792,7 @@ struct RefusingSink {
 }
 
 impl RuleSink for RefusingSink {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, rules: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         if *self.fail.lock().unwrap() {
             anyhow::bail!("writing the service map: no space left");
         }
@@ -803,7 +804,7 @@ impl RuleSink for RefusingSink {
                     let (svc, why) = refuse.as_ref()?;
                     (r.service.name == *svc).then(|| Refused {
                         service: r.service.clone(),
-                        rule: r.name.clone(),
+                        rule: r.rule.name.clone(),
                         reason: why.clone(),
                     })
                 })
@@ -858,14 +859,14 @@ async fn rule_events<S: RuleSink>(
     rules
 }
 
-fn with_endpoint(mut rules: Vec<LbRule>, last_octet: u8) -> Vec<LbRule> {
+fn with_endpoint(mut rules: Vec<ServiceRule>, last_octet: u8) -> Vec<ServiceRule> {
     for r in &mut rules {
-        r.endpoints.push(Endpoint {
+        r.rule.endpoints.push(Endpoint {
             ip: IpAddr::from([10, 1, 0, last_octet]),
             port: 8080,
             weight: 1,
         });
-        r.endpoints.sort();
+        r.rule.endpoints.sort();
     }
     rules
 }
@@ -917,7 +918,7 @@ async fn rule_events_tell_each_change_of_what_the_datapath_took() {
         evs[0]["note"],
         format!(
             "node n1: not programmed: {}: SCTP multihoming is not done",
-            b[0].name
+            b[0].rule.name
         )
     );
     let b = with_endpoint(b, 1);
@@ -984,7 +985,7 @@ async fn rule_events_tell_when_endpoints_come_and_go() {
     let key = ServiceKey::new("default", "c");
     let mut told = Vec::new();
     let mut none = planned_rules(&mut r, "c");
-    none[0].endpoints.clear();
+    none[0].rule.endpoints.clear();
     let three = with_endpoint(with_endpoint(with_endpoint(none.clone(), 1), 2), 3);
     let four = with_endpoint(three.clone(), 4);
     for (rules, events) in [

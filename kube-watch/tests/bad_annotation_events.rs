@@ -18,7 +18,7 @@ use kube_watch::{
     controller::{run, Applied, RuleSink, RunConfig},
     flags::{parse_cidr_pools, KubeConfig},
     leader::LeaseConfig,
-    translate::LbRule,
+    translate::ServiceRule,
 };
 use prop_support::{cases, quoted};
 use proptest::{
@@ -30,11 +30,11 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Default)]
 struct Sink {
-    rules: Arc<Mutex<Vec<LbRule>>>,
+    rules: Arc<Mutex<Vec<ServiceRule>>>,
 }
 
 impl RuleSink for Sink {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, rules: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         *self.rules.lock().unwrap() = rules;
         Ok(Applied::all())
     }
@@ -44,7 +44,7 @@ impl RuleSink for Sink {
 }
 
 impl Sink {
-    fn web(&self) -> Option<LbRule> {
+    fn web(&self) -> Option<ServiceRule> {
         self.rules
             .lock()
             .unwrap()
@@ -211,7 +211,7 @@ fn a_bad_annotation_yields_an_event_and_keeps_the_rule() {
         agent
     });
     let good = sink.web().unwrap();
-    assert_eq!(good.endpoints.len(), 2);
+    assert_eq!(good.rule.endpoints.len(), 2);
 
     let mut runner = TestRunner::new(cases(500));
     let result = runner.run(&bad_annotation(), |(key, value)| {

@@ -35,7 +35,7 @@ use kube_watch::{
     flags::{parse_cidr_pools, KubeConfig},
     ipam::Allocation,
     leader::LeaseConfig,
-    translate::LbRule,
+    translate::ServiceRule,
 };
 use serde_json::{json, Value};
 
@@ -81,12 +81,12 @@ impl Rng {
 /// The datapath: the rule set last applied.
 #[derive(Clone, Default)]
 struct Sink {
-    rules: Arc<Mutex<Vec<LbRule>>>,
+    rules: Arc<Mutex<Vec<ServiceRule>>>,
     vips: Arc<Mutex<Vec<IpAddr>>>,
 }
 
 impl RuleSink for Sink {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, rules: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         *self.rules.lock().unwrap() = rules;
         Ok(Applied::all())
     }
@@ -474,12 +474,12 @@ fn check(api: &FakeApi, sink: &Sink, obs: &Observed) -> Result<Found, String> {
     }
 
     // The sink: rules of live, allocated Services only, and exactly theirs.
-    let mut rules_of: BTreeMap<String, Vec<&LbRule>> = BTreeMap::new();
+    let mut rules_of: BTreeMap<String, Vec<&ServiceRule>> = BTreeMap::new();
     for r in &rules {
         if r.service.namespace != NS || !by_service.contains_key(&r.service.name) {
             return Err(format!(
                 "stale rule {} for {}, which is not a live allocated Service of ours",
-                r.name, r.service
+                r.rule.name, r.service
             ));
         }
         rules_of.entry(r.service.name.clone()).or_default().push(r);
@@ -494,11 +494,11 @@ fn check(api: &FakeApi, sink: &Sink, obs: &Observed) -> Result<Found, String> {
                 let held = a
                     .ports
                     .iter()
-                    .any(|p| p.port == r.port && p.protocol == r.protocol);
-                if r.vip != vip || !held {
+                    .any(|p| p.port == r.rule.port && p.protocol == r.rule.protocol);
+                if r.rule.vip != vip || !held {
                     return Err(format!(
                         "{name}: rule {} is not for its allocation {a:?}",
-                        r.name
+                        r.rule.name
                     ));
                 }
             }
@@ -526,8 +526,12 @@ fn check(api: &FakeApi, sink: &Sink, obs: &Observed) -> Result<Found, String> {
             .into_iter()
             .flatten()
             .map(|r| {
-                let eps: Vec<(IpAddr, u16)> = r.endpoints.iter().map(|e| (e.ip, e.port)).collect();
-                format!("{}:{}/{} {} {eps:?}", r.vip, r.port, r.protocol, r.mode)
+                let eps: Vec<(IpAddr, u16)> =
+                    r.rule.endpoints.iter().map(|e| (e.ip, e.port)).collect();
+                format!(
+                    "{}:{}/{} {} {eps:?}",
+                    r.rule.vip, r.rule.port, r.rule.protocol, r.rule.mode
+                )
             })
             .collect();
         want.sort();
@@ -536,7 +540,7 @@ fn check(api: &FakeApi, sink: &Sink, obs: &Observed) -> Result<Found, String> {
             return Err(format!("{name}: rules {have:?}, expected {want:?}"));
         }
     }
-    let rule_vips: BTreeSet<IpAddr> = rules.iter().map(|r| r.vip).collect();
+    let rule_vips: BTreeSet<IpAddr> = rules.iter().map(|r| r.rule.vip).collect();
     if owned != rule_vips {
         return Err(format!(
             "owned VIPs {owned:?}, the rules' VIPs {rule_vips:?}"

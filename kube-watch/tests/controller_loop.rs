@@ -20,24 +20,24 @@ use fake_api::{
     check_field_managers, check_rbac, check_rbac_except, until, FakeApi, Logged, Running,
 };
 use kube_watch::{
-    annotations::LbMode,
     controller::{run, Applied, RuleSink, RunConfig},
     flags::{parse_cidr_pools, KubeConfig},
     leader::LeaseConfig,
-    translate::LbRule,
+    translate::ServiceRule,
 };
+use loxilb_model::Mode;
 use serde_json::{json, Value};
 
 #[derive(Clone, Default)]
 struct Datapath {
-    rules: Arc<Mutex<Vec<LbRule>>>,
+    rules: Arc<Mutex<Vec<ServiceRule>>>,
     vips: Arc<Mutex<Vec<IpAddr>>>,
     /// Every rule set applied, in order.
-    applied: Arc<Mutex<Vec<Vec<LbRule>>>>,
+    applied: Arc<Mutex<Vec<Vec<ServiceRule>>>>,
 }
 
 impl RuleSink for Datapath {
-    fn apply(&mut self, rules: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, rules: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         *self.rules.lock().unwrap() = rules.clone();
         self.applied.lock().unwrap().push(rules);
         Ok(Applied::all())
@@ -49,10 +49,10 @@ impl RuleSink for Datapath {
 }
 
 impl Datapath {
-    fn rules(&self) -> Vec<LbRule> {
+    fn rules(&self) -> Vec<ServiceRule> {
         self.rules.lock().unwrap().clone()
     }
-    fn rule_of(&self, svc: &str) -> Option<LbRule> {
+    fn rule_of(&self, svc: &str) -> Option<ServiceRule> {
         self.rules().into_iter().find(|r| r.service.name == svc)
     }
     fn vips(&self) -> Vec<String> {
@@ -223,8 +223,9 @@ async fn lifecycle_of_services_through_the_controller() {
         Some("ips=192.0.2.1;ports=80/tcp")
     );
     let rule = dp.rule_of("web").unwrap();
-    assert_eq!(rule.vip.to_string(), "192.0.2.1");
+    assert_eq!(rule.rule.vip.to_string(), "192.0.2.1");
     let eps: Vec<String> = rule
+        .rule
         .endpoints
         .iter()
         .map(|e| format!("{}:{}", e.ip, e.port))
@@ -276,13 +277,14 @@ async fn lifecycle_of_services_through_the_controller() {
         })
     });
     until("web in fullnat", || {
-        dp.rule_of("web").is_some_and(|r| r.mode == LbMode::FullNat)
+        dp.rule_of("web")
+            .is_some_and(|r| r.rule.mode == Mode::FullNat)
     })
     .await;
     let r = dp.rule_of("web").unwrap();
     assert_eq!(
-        (r.name.as_str(), r.vip.to_string()),
-        (rule.name.as_str(), "192.0.2.1".into())
+        (r.rule.name.as_str(), r.rule.vip.to_string()),
+        (rule.rule.name.as_str(), "192.0.2.1".into())
     );
     assert_eq!(
         writes_to(&api, "/api/v1/namespaces/default/services/web"),
@@ -322,8 +324,8 @@ async fn lifecycle_of_services_through_the_controller() {
     })
     .await;
     assert_eq!(
-        dp.rule_of("web").unwrap().mode,
-        LbMode::FullNat,
+        dp.rule_of("web").unwrap().rule.mode,
+        Mode::FullNat,
         "last good rule kept"
     );
     let warnings_before = events(&api, "web").len();
@@ -332,10 +334,11 @@ async fn lifecycle_of_services_through_the_controller() {
     // and the known problem is not reported again.
     api.with(|s| s.put("nodes", node("n2", "10.0.0.2", false)));
     until("n2 out", || {
-        dp.rule_of("web").is_some_and(|r| r.endpoints.len() == 1)
+        dp.rule_of("web")
+            .is_some_and(|r| r.rule.endpoints.len() == 1)
     })
     .await;
-    assert_eq!(dp.rule_of("web").unwrap().mode, LbMode::FullNat);
+    assert_eq!(dp.rule_of("web").unwrap().rule.mode, Mode::FullNat);
     assert_eq!(
         events(&api, "web").len(),
         warnings_before,
@@ -349,7 +352,8 @@ async fn lifecycle_of_services_through_the_controller() {
         })
     });
     until("web back to default", || {
-        dp.rule_of("web").is_some_and(|r| r.mode == LbMode::Default)
+        dp.rule_of("web")
+            .is_some_and(|r| r.rule.mode == Mode::Default)
     })
     .await;
     until("Configured=True", || {
@@ -449,8 +453,8 @@ async fn leader_handover_keeps_every_address() {
     until("b has the rules", || {
         let mut x = b.datapath.rules();
         let mut y = a.datapath.rules();
-        x.sort_by(|p, q| p.name.cmp(&q.name));
-        y.sort_by(|p, q| p.name.cmp(&q.name));
+        x.sort_by(|p, q| p.rule.name.cmp(&q.rule.name));
+        y.sort_by(|p, q| p.rule.name.cmp(&q.rule.name));
         x.len() == 2 && x == y
     })
     .await;
@@ -579,13 +583,13 @@ struct CallSink {
 }
 
 impl RuleSink for CallSink {
-    fn apply(&mut self, _: Vec<LbRule>) -> anyhow::Result<Applied> {
+    fn apply(&mut self, _: Vec<ServiceRule>) -> anyhow::Result<Applied> {
         unreachable!("update is overridden")
     }
     fn update(&mut self, u: &kube_watch::controller::RuleUpdate<'_>) -> anyhow::Result<Applied> {
         let rules: Vec<String> = u
             .all()
-            .map(|r| format!("{} ({} endpoints)", r.name, r.endpoints.len()))
+            .map(|r| format!("{} ({} endpoints)", r.rule.name, r.rule.endpoints.len()))
             .collect();
         self.calls.lock().unwrap().push(format!(
             "update {}: [{}]",
@@ -758,13 +762,15 @@ async fn own_writes_ahead_of_the_watch_cause_no_conflict() {
     });
     until("web allocated", || ingress(&api, "web") == ["192.0.2.1"]).await;
     until("web programmed, no endpoints yet", || {
-        dp.rule_of("web").is_some_and(|r| r.endpoints.is_empty())
+        dp.rule_of("web")
+            .is_some_and(|r| r.rule.endpoints.is_empty())
     })
     .await;
     let meta_writes = writes_to(&api, "/api/v1/namespaces/default/services/web");
     api.with(|s| s.put("endpointslices", slice("web", &[5, 6, 7])));
     until("web programmed with its endpoints", || {
-        dp.rule_of("web").is_some_and(|r| r.endpoints.len() == 3)
+        dp.rule_of("web")
+            .is_some_and(|r| r.rule.endpoints.len() == 3)
     })
     .await;
     api.with(|s| s.release_watch("services"));
@@ -923,7 +929,8 @@ fn multus_pod(name: &str, status: Option<Value>, pod_ip: &str) -> Value {
 fn eps_of(dp: &Datapath, svc: &str) -> Vec<String> {
     dp.rule_of(svc)
         .map(|r| {
-            r.endpoints
+            r.rule
+                .endpoints
                 .iter()
                 .map(|e| format!("{}:{}", e.ip, e.port))
                 .collect()
@@ -1002,7 +1009,7 @@ async fn multus_endpoints_follow_the_pods_network_status() {
         .cloned()
         .unwrap();
     assert_eq!(first.len(), 1, "{first:?}");
-    assert_eq!(first[0].endpoints.len(), 2, "{first:?}");
+    assert_eq!(first[0].rule.endpoints.len(), 2, "{first:?}");
 
     // m2 moves to another address on the network.
     api.with(|s| {
@@ -1071,7 +1078,8 @@ async fn multus_endpoints_follow_the_pods_network_status() {
         });
     });
     until("no endpoint left", || {
-        dp.rule_of("mweb").is_some_and(|r| r.endpoints.is_empty())
+        dp.rule_of("mweb")
+            .is_some_and(|r| r.rule.endpoints.is_empty())
     })
     .await;
     until("Warnings about m1 and m2", || {
@@ -1120,7 +1128,8 @@ async fn multus_endpoints_follow_the_pods_network_status() {
     // A pod deleted: its address leaves.
     api.with(|s| s.delete_now("pods", "default", "m3"));
     until("m3 gone", || {
-        dp.rule_of("mweb").is_some_and(|r| r.endpoints.is_empty())
+        dp.rule_of("mweb")
+            .is_some_and(|r| r.rule.endpoints.is_empty())
     })
     .await;
 

@@ -18,8 +18,9 @@
 //! `{name}@{ip}:{port}/{proto}` (or `{ip}:{port}/{proto}` without a name),
 //! unique, as `loxilb-agent rules` shows it.
 //!
-//! Values map onto the agent's rule model (`config::Rule`) and go through
-//! the very checks of the rule file ([`config::parse_value`]): loxilb's
+//! Values map onto the rule model (`loxilb_model::Rule`) and go through
+//! the very checks of the rule file ([`config::parse_value`], which ends
+//! with the rule model's [`loxilb_model::supported`]): loxilb's
 //! `sel` 0 rr, 1 hash, 3 persist, 4 lc (2 priority, 5 n2, 6 n3 are
 //! refused); `mode` 0 default (DNAT), 1 onearm, 2 fullnat, 3 dsr (4
 //! fullproxy, 5 hostonearm refused); `Monitor: true` probes the endpoints
@@ -74,10 +75,11 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use loxilb_model::{Mode, Protocol, Rule, Selection};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{self, ConfigError, Mode, Protocol, Rule, Selection};
+use crate::config::{self, ConfigError};
 
 pub const BASE: &str = "/netlox/v1";
 /// Request bodies above this are refused (413).

@@ -1,5 +1,9 @@
 //! The standalone rule file: parsed strictly, validated completely, and
-//! every error names the file, the field and the value.
+//! every error names the file, the field and the value. Each rule is read
+//! into the rule model ([`loxilb_model::Rule`]) and checked by its one
+//! capability check ([`loxilb_model::supported`], the check Kubernetes
+//! rules and REST API rules pass too), then against the rules before it
+//! (a VIP, port and protocol, and a name, serve one rule).
 //!
 //! ```yaml
 //! rules:
@@ -32,149 +36,11 @@ use std::{
     path::Path,
 };
 
+use loxilb_model::{
+    Endpoint, Mode, ProbeKind, ProbeSpec, Protocol, Rule, Selection, DEFAULT_PERSIST_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S,
+};
 use serde::Deserialize;
-
-pub const DEFAULT_TIMEOUT_S: u32 = 1800;
-/// Secondary VIPs a rule may have (the datapath holds
-/// `loxilb_common::MAX_RULE_VIPS` VIPs per rule, the primary included).
-pub const MAX_SECONDARY_VIPS: usize = loxilb_common::MAX_RULE_VIPS - 1;
-pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => loxilb_common::IPPROTO_TCP,
-            Protocol::Udp => loxilb_common::IPPROTO_UDP,
-            Protocol::Sctp => loxilb_common::IPPROTO_SCTP,
-        }
-    }
-    /// `tcp`, `udp`, `sctp` (any case, surrounding blanks ignored).
-    pub fn from_name(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            "sctp" => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-    pub fn from_number(n: u8) -> Option<Self> {
-        match n {
-            loxilb_common::IPPROTO_TCP => Some(Protocol::Tcp),
-            loxilb_common::IPPROTO_UDP => Some(Protocol::Udp),
-            loxilb_common::IPPROTO_SCTP => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// DNAT: destination rewritten to the endpoint, client source IP kept.
-    Default,
-    /// Source rewritten to the node's own address toward the endpoint.
-    OneArm,
-    /// Source rewritten to the full-NAT source (`--fullnat-source`, else
-    /// the VIP).
-    FullNat,
-    /// Direct server return on L2 (endpoint holds the VIP, replies directly).
-    Dsr,
-    /// Direct server return over IPIP.
-    DsrIpip,
-}
-
-impl std::fmt::Display for Mode {
-    /// As written in a rule file.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Default => "default",
-            Mode::OneArm => "onearm",
-            Mode::FullNat => "fullnat",
-            Mode::Dsr => "dsr",
-            Mode::DsrIpip => "dsr-ipip",
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Selection {
-    /// Weighted round-robin.
-    RoundRobin,
-    /// Consistent hashing of the 5-tuple (Maglev).
-    Hash,
-    /// Source-IP affinity, new clients round-robin.
-    Persist,
-    /// Least active sessions (power of two choices).
-    LeastConn,
-}
-
-pub const DEFAULT_PERSIST_TIMEOUT_S: u32 = 10800;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub weight: u16,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rule {
-    pub name: String,
-    /// IPv4 or IPv6. An IPv6 VIP with IPv4 endpoints is a NAT64 rule.
-    pub vip: IpAddr,
-    /// SCTP multihoming: the rule's other VIPs (at most
-    /// [`MAX_SECONDARY_VIPS`], the family of `vip`, distinct), in the order
-    /// given. Each is served like `vip` (same port, endpoints and rule).
-    pub secondary_vips: Vec<IpAddr>,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub mode: Mode,
-    pub selection: Selection,
-    pub timeout_s: u32,
-    pub persist_timeout_s: u32,
-    /// Allowed client prefixes; empty = every client.
-    /// Of the VIP's family.
-    pub source_ranges: Vec<ipnet::IpNet>,
-    pub endpoints: Vec<Endpoint>,
-    /// Endpoint health probing; None: endpoints are not probed.
-    pub probe: Option<crate::probe::ProbeSpec>,
-    /// Announce the VIP over BGP only from nodes that are endpoints of the
-    /// rule (Kubernetes `externalTrafficPolicy: Local`); false: every node
-    /// serving the rule announces it.
-    pub announce_local_only: bool,
-}
-
-/// Whether `ip` can be a VIP or an endpoint.
-fn usable(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
-        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some()),
-    }
-}
-
-fn family(ip: IpAddr) -> &'static str {
-    if ip.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
-    }
-}
 
 /// A config error: which file, which field, what was wrong, what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,7 +230,9 @@ pub fn parse_value(file: &str, v: serde_yaml::Value) -> Result<Vec<Rule>, Config
     check_raw(file, raw)
 }
 
-/// Every check of the rule file, on its parsed form.
+/// Every check of the rule file, on its parsed form: each rule read into
+/// the rule model, checked by [`loxilb_model::supported`], then against
+/// the rules before it.
 fn check_raw(file: &str, raw: RawFile) -> Result<Vec<Rule>, ConfigError> {
     let err = |field: String, message: String| ConfigError {
         file: file.to_string(),
@@ -376,135 +244,21 @@ fn check_raw(file: &str, raw: RawFile) -> Result<Vec<Rule>, ConfigError> {
     let mut seen_keys: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
     let mut seen_names = HashSet::new();
     for (i, r) in raw.rules.into_iter().enumerate() {
-        let f = |name: &str| format!("rules[{i}].{name}");
-        let vip: IpAddr = r.vip.trim().parse().map_err(|_| {
-            err(
-                f("vip"),
-                format!(
-                    "{:?} is not an IP address (like 20.0.0.1 or 2001:db8::1)",
-                    r.vip
-                ),
-            )
-        })?;
-        if !usable(vip) {
-            return Err(err(f("vip"), format!("{vip} cannot be a service address")));
+        let mut rule = read_rule(&err, i, r)?;
+        loxilb_model::supported(&rule)
+            .map_err(|e| err(format!("rules[{i}].{}", e.field), e.message()))?;
+        rule.source_ranges.sort();
+        rule.source_ranges.dedup();
+        if rule
+            .probe
+            .as_ref()
+            .is_some_and(|p| p.kind == ProbeKind::None)
+        {
+            rule.probe = None;
         }
-        let port = int_in(&err, f("port"), &r.port, 1, 65535, "a port")? as u16;
-        let rule_port = port;
-        let Some(protocol) = Protocol::from_name(&r.protocol) else {
-            return Err(err(
-                f("protocol"),
-                format!("{:?} is not supported; use tcp, udp or sctp", r.protocol),
-            ));
-        };
-        let raw_mode = given(&err, f("mode"), r.mode)?;
-        let mode = match raw_mode.as_deref().map(str::trim) {
-            None | Some("default") => Mode::Default,
-            Some("onearm") => Mode::OneArm,
-            Some("fullnat") => Mode::FullNat,
-            Some("dsr") => Mode::Dsr,
-            Some("dsr-ipip") => Mode::DsrIpip,
-            Some(m @ ("fullproxy" | "hostonearm")) => {
-                return Err(err(
-                    f("mode"),
-                    format!("{m:?} is not supported by this load balancer; use default, onearm, fullnat, dsr or dsr-ipip"),
-                ))
-            }
-            Some(_) => {
-                return Err(err(
-                    f("mode"),
-                    format!(
-                        "{:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip",
-                        raw_mode.unwrap_or_default()
-                    ),
-                ))
-            }
-        };
-        let raw_selection = given(&err, f("selection"), r.selection)?;
-        let selection = match raw_selection.as_deref().map(str::trim) {
-            None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
-            Some("hash") => Selection::Hash,
-            Some("persist") => Selection::Persist,
-            Some("lc") => Selection::LeastConn,
-            Some(_) => {
-                return Err(err(
-                    f("selection"),
-                    format!(
-                        "{:?} is not a selection; use rr, hash, persist or lc",
-                        raw_selection.unwrap_or_default()
-                    ),
-                ))
-            }
-        };
-        let timeout_s = match &given(&err, f("timeout"), r.timeout)? {
-            None => DEFAULT_TIMEOUT_S,
-            Some(v) => int_in(
-                &err,
-                f("timeout"),
-                v,
-                1,
-                MAX_TIMEOUT_S as u64,
-                "an idle timeout in seconds",
-            )? as u32,
-        };
-        let persist_timeout_s = match (
-            &given(&err, f("persist_timeout"), r.persist_timeout)?,
-            selection,
-        ) {
-            (None, _) => DEFAULT_PERSIST_TIMEOUT_S,
-            (Some(v), Selection::Persist) => int_in(
-                &err,
-                f("persist_timeout"),
-                v,
-                1,
-                MAX_TIMEOUT_S as u64,
-                "an affinity timeout in seconds",
-            )? as u32,
-            (Some(_), _) => {
-                return Err(err(
-                    f("persist_timeout"),
-                    "only applies to selection: persist".into(),
-                ))
-            }
-        };
-        let mut source_ranges = Vec::with_capacity(r.source_ranges.len());
-        for (j, cidr) in r.source_ranges.iter().enumerate() {
-            let net: ipnet::IpNet = cidr.trim().parse().map_err(|_| {
-                err(
-                    format!("rules[{i}].source_ranges[{j}]"),
-                    format!("{cidr:?} is not an IP prefix (like 192.168.0.0/16 or 2001:db8::/32)"),
-                )
-            })?;
-            if net.addr().is_ipv4() != vip.is_ipv4() {
-                return Err(err(
-                    format!("rules[{i}].source_ranges[{j}]"),
-                    format!(
-                        "{cidr:?} can never match a client of {vip}: clients of an {} service are {} addresses",
-                        family(vip),
-                        family(vip)
-                    ),
-                ));
-            }
-            if net.trunc() != net {
-                return Err(err(
-                    format!("rules[{i}].source_ranges[{j}]"),
-                    format!("{cidr:?} has host bits set; did you mean {}?", net.trunc()),
-                ));
-            }
-            source_ranges.push(net);
-        }
-        source_ranges.sort();
-        source_ranges.dedup();
-        let name = match given(&err, f("name"), r.name)? {
-            Some(n) if n.trim().is_empty() => {
-                return Err(err(f("name"), "must not be empty".into()))
-            }
-            Some(n) => n,
-            None => format!("{}/{protocol}", std::net::SocketAddr::new(vip, port)),
-        };
-        let secondary_vips = secondary_vips(&err, i, &r.secondary_vips, vip, protocol, mode)?;
-        let keys = std::iter::once((f("vip"), vip, "VIP")).chain(
-            secondary_vips.iter().enumerate().map(|(j, a)| {
+        let (name, port, protocol) = (&rule.name, rule.port, rule.protocol);
+        let keys = std::iter::once((format!("rules[{i}].vip"), rule.vip, "VIP")).chain(
+            rule.secondary_vips.iter().enumerate().map(|(j, a)| {
                 (
                     format!("rules[{i}].secondary_vips[{j}]"),
                     *a,
@@ -526,164 +280,177 @@ fn check_raw(file: &str, raw: RawFile) -> Result<Vec<Rule>, ConfigError> {
             }
         }
         if !seen_names.insert(name.clone()) {
-            return Err(err(f("name"), format!("{name:?} is used by another rule")));
-        }
-        if r.endpoints.len() > loxilb_common::MAX_EPS_PER_RULE as usize {
             return Err(err(
-                f("endpoints"),
-                format!(
-                    "{} endpoints; at most {} per rule",
-                    r.endpoints.len(),
-                    loxilb_common::MAX_EPS_PER_RULE
-                ),
+                format!("rules[{i}].name"),
+                format!("{name:?} is used by another rule"),
             ));
         }
-        let mut endpoints = Vec::with_capacity(r.endpoints.len());
-        let mut seen_eps = HashSet::new();
-        for (j, e) in r.endpoints.into_iter().enumerate() {
-            let g = |name: &str| format!("rules[{i}].endpoints[{j}].{name}");
-            let ip: IpAddr =
-                e.ip.trim()
-                    .parse()
-                    .map_err(|_| err(g("ip"), format!("{:?} is not an IP address", e.ip)))?;
-            if !usable(ip) {
-                return Err(err(g("ip"), format!("{ip} cannot be an endpoint")));
-            }
-            if vip.is_ipv4() && ip.is_ipv6() {
-                return Err(err(
-                    g("ip"),
-                    format!(
-                        "{ip}: an IPv4 service cannot have IPv6 endpoints (NAT46 is not \
-                         supported); give the service an IPv6 VIP"
-                    ),
-                ));
-            }
-            if let Some(first) = endpoints.first().map(|e: &Endpoint| e.ip) {
-                if first.is_ipv4() != ip.is_ipv4() {
-                    return Err(err(
-                        g("ip"),
-                        format!(
-                            "{ip}: every endpoint of a rule has one family, and {first} is {}; \
-                             split the rule",
-                            family(first)
-                        ),
-                    ));
-                }
-            }
-            if vip.is_ipv6() && ip.is_ipv4() && matches!(mode, Mode::Dsr | Mode::DsrIpip) {
-                return Err(err(
-                    g("ip"),
-                    format!(
-                        "{ip}: an IPv6 service with IPv4 endpoints is translated (NAT64), which \
-                         dsr modes never do; use default, onearm or fullnat"
-                    ),
-                ));
-            }
-            if vip.is_ipv6() && ip.is_ipv4() && protocol == Protocol::Sctp {
-                return Err(err(
-                    g("ip"),
-                    format!(
-                        "{ip}: SCTP is not translated between IPv6 and IPv4 (its INIT \
-                         carries addresses); give the service an IPv4 VIP or the endpoint an \
-                         IPv6 address"
-                    ),
-                ));
-            }
-            if vip.is_ipv6() && mode == Mode::DsrIpip {
-                return Err(err(
-                    f("mode"),
-                    "dsr-ipip carries IPv4 only; use dsr (L2) for an IPv6 service".into(),
-                ));
-            }
-            let port = int_in(&err, g("port"), &e.port, 1, 65535, "a port")? as u16;
-            let weight = match &given(&err, g("weight"), e.weight)? {
-                None => 1,
-                Some(v) => int_in(&err, g("weight"), v, 1, 65535, "a weight")? as u16,
-            };
-            if !seen_eps.insert((ip, port)) {
-                return Err(err(
-                    g("ip"),
-                    format!("{ip}:{port} is listed twice in this rule"),
-                ));
-            }
-            if matches!(mode, Mode::Dsr | Mode::DsrIpip) && port != rule_port {
-                return Err(err(
-                    g("port"),
-                    format!(
-                        "{port}: in {} mode the packet reaches the endpoint untranslated, so the \
-                         endpoint must listen on the service port {rule_port}",
-                        if mode == Mode::Dsr { "dsr" } else { "dsr-ipip" }
-                    ),
-                ));
-            }
-            endpoints.push(Endpoint { ip, port, weight });
-        }
-        let probe = match given(&err, f("probe"), r.probe)? {
-            None => None,
-            Some(p) => {
-                let pf = |n: &str| format!("rules[{i}].probe.{n}");
-                let kind: crate::probe::ProbeKind = p.kind.trim().parse().map_err(|_| {
-                    err(
-                        pf("type"),
-                        format!(
-                            "{:?} is not a probe type; use none, ping, tcp, udp, http, https or sctp",
-                            p.kind
-                        ),
-                    )
-                })?;
-                let mut spec = crate::probe::ProbeSpec::new(kind);
-                if let Some(v) = &given(&err, pf("port"), p.port)? {
-                    spec.port = Some(int_in(&err, pf("port"), v, 1, 65535, "a port")? as u16);
-                }
-                spec.request = given(&err, pf("request"), p.request)?;
-                spec.response = given(&err, pf("response"), p.response)?;
-                let secs =
-                    |v: &serde_yaml::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
-                        match v.as_f64() {
-                            Some(x) if x > 0.0 && x <= 86400.0 => {
-                                Ok(std::time::Duration::from_secs_f64(x))
-                            }
-                            _ => Err(err(
-                                pf(n),
-                                format!("{} is not a duration in seconds (like 5 or 0.5)", show(v)),
-                            )),
-                        }
-                    };
-                if let Some(v) = &given(&err, pf("timeout"), p.timeout)? {
-                    spec.timeout = secs(v, "timeout")?;
-                }
-                if let Some(v) = &given(&err, pf("interval"), p.interval)? {
-                    spec.interval = secs(v, "interval")?;
-                }
-                if let Some(v) = &given(&err, pf("retries"), p.retries)? {
-                    spec.retries = int_in(&err, pf("retries"), v, 0, 100, "a retry count")? as u32;
-                }
-                spec.validate()
-                    .map_err(|e| err(format!("rules[{i}].probe"), e.to_string()))?;
-                if kind == crate::probe::ProbeKind::None {
-                    None
-                } else {
-                    Some(spec)
-                }
-            }
-        };
-        rules.push(Rule {
-            name,
-            vip,
-            secondary_vips,
-            port,
-            protocol,
-            mode,
-            selection,
-            timeout_s,
-            persist_timeout_s,
-            source_ranges,
-            endpoints,
-            probe,
-            announce_local_only: false,
-        });
+        rules.push(rule);
     }
     Ok(rules)
+}
+
+/// Rule `i` of the file (`r`) read into the rule model: every value
+/// parsed, nothing yet checked against what the load balancer can do.
+fn read_rule(
+    err: &dyn Fn(String, String) -> ConfigError,
+    i: usize,
+    r: RawRule,
+) -> Result<Rule, ConfigError> {
+    let f = |name: &str| format!("rules[{i}].{name}");
+    let ip = |field: String, text: &str, like: &str| {
+        text.trim()
+            .parse::<IpAddr>()
+            .map_err(|_| err(field, format!("{text:?} is not an IP address{like}")))
+    };
+    let vip = ip(f("vip"), &r.vip, " (like 20.0.0.1 or 2001:db8::1)")?;
+    let port = int_in(err, f("port"), &r.port, 1, 65535, "a port")? as u16;
+    let Some(protocol) = Protocol::from_name(&r.protocol) else {
+        return Err(err(
+            f("protocol"),
+            format!("{:?} is not supported; use tcp, udp or sctp", r.protocol),
+        ));
+    };
+    let mut rule = Rule::new(vip, port, protocol);
+    let raw_mode = given(err, f("mode"), r.mode)?;
+    rule.mode = match raw_mode.as_deref().map(str::trim) {
+        None | Some("default") => Mode::Default,
+        Some("onearm") => Mode::OneArm,
+        Some("fullnat") => Mode::FullNat,
+        Some("dsr") => Mode::Dsr,
+        Some("dsr-ipip") => Mode::DsrIpip,
+        Some(m @ ("fullproxy" | "hostonearm")) => {
+            return Err(err(
+                f("mode"),
+                format!("{m:?} is not supported by this load balancer; use default, onearm, fullnat, dsr or dsr-ipip"),
+            ))
+        }
+        Some(_) => {
+            return Err(err(
+                f("mode"),
+                format!(
+                    "{:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip",
+                    raw_mode.unwrap_or_default()
+                ),
+            ))
+        }
+    };
+    let raw_selection = given(err, f("selection"), r.selection)?;
+    rule.selection = match raw_selection.as_deref().map(str::trim) {
+        None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
+        Some("hash") => Selection::Hash,
+        Some("persist") => Selection::Persist,
+        Some("lc") => Selection::LeastConn,
+        Some(_) => {
+            return Err(err(
+                f("selection"),
+                format!(
+                    "{:?} is not a selection; use rr, hash, persist or lc",
+                    raw_selection.unwrap_or_default()
+                ),
+            ))
+        }
+    };
+    rule.timeout_s = match &given(err, f("timeout"), r.timeout)? {
+        None => DEFAULT_TIMEOUT_S,
+        Some(v) => int_in(
+            err,
+            f("timeout"),
+            v,
+            1,
+            MAX_TIMEOUT_S as u64,
+            "an idle timeout in seconds",
+        )? as u32,
+    };
+    rule.persist_timeout_s = match (
+        &given(err, f("persist_timeout"), r.persist_timeout)?,
+        rule.selection,
+    ) {
+        (None, _) => DEFAULT_PERSIST_TIMEOUT_S,
+        (Some(v), Selection::Persist) => int_in(
+            err,
+            f("persist_timeout"),
+            v,
+            1,
+            MAX_TIMEOUT_S as u64,
+            "an affinity timeout in seconds",
+        )? as u32,
+        (Some(_), _) => {
+            return Err(err(
+                f("persist_timeout"),
+                "only applies to selection: persist".into(),
+            ))
+        }
+    };
+    for (j, cidr) in r.source_ranges.iter().enumerate() {
+        let net: ipnet::IpNet = cidr.trim().parse().map_err(|_| {
+            err(
+                format!("rules[{i}].source_ranges[{j}]"),
+                format!("{cidr:?} is not an IP prefix (like 192.168.0.0/16 or 2001:db8::/32)"),
+            )
+        })?;
+        rule.source_ranges.push(net);
+    }
+    match given(err, f("name"), r.name)? {
+        Some(n) if n.trim().is_empty() => return Err(err(f("name"), "must not be empty".into())),
+        Some(n) => rule.name = n,
+        None => {}
+    }
+    for (j, text) in r.secondary_vips.iter().enumerate() {
+        rule.secondary_vips.push(ip(
+            format!("rules[{i}].secondary_vips[{j}]"),
+            text,
+            " (like 30.0.0.1 or 2001:db8:1::1)",
+        )?);
+    }
+    for (j, e) in r.endpoints.into_iter().enumerate() {
+        let g = |name: &str| format!("rules[{i}].endpoints[{j}].{name}");
+        let ip = ip(g("ip"), &e.ip, "")?;
+        let port = int_in(err, g("port"), &e.port, 1, 65535, "a port")? as u16;
+        let weight = match &given(err, g("weight"), e.weight)? {
+            None => 1,
+            Some(v) => int_in(err, g("weight"), v, 1, 65535, "a weight")? as u16,
+        };
+        rule.endpoints.push(Endpoint { ip, port, weight });
+    }
+    if let Some(p) = given(err, f("probe"), r.probe)? {
+        let pf = |n: &str| format!("rules[{i}].probe.{n}");
+        let kind: ProbeKind = p.kind.trim().parse().map_err(|_| {
+            err(
+                pf("type"),
+                format!(
+                    "{:?} is not a probe type; use none, ping, tcp, udp, http, https or sctp",
+                    p.kind
+                ),
+            )
+        })?;
+        let mut spec = ProbeSpec::new(kind);
+        if let Some(v) = &given(err, pf("port"), p.port)? {
+            spec.port = Some(int_in(err, pf("port"), v, 1, 65535, "a port")? as u16);
+        }
+        spec.request = given(err, pf("request"), p.request)?;
+        spec.response = given(err, pf("response"), p.response)?;
+        let secs = |v: &serde_yaml::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
+            match v.as_f64() {
+                Some(x) if x > 0.0 && x <= 86400.0 => Ok(std::time::Duration::from_secs_f64(x)),
+                _ => Err(err(
+                    pf(n),
+                    format!("{} is not a duration in seconds (like 5 or 0.5)", show(v)),
+                )),
+            }
+        };
+        if let Some(v) = &given(err, pf("timeout"), p.timeout)? {
+            spec.timeout = secs(v, "timeout")?;
+        }
+        if let Some(v) = &given(err, pf("interval"), p.interval)? {
+            spec.interval = secs(v, "interval")?;
+        }
+        if let Some(v) = &given(err, pf("retries"), p.retries)? {
+            spec.retries = int_in(err, pf("retries"), v, 0, 100, "a retry count")? as u32;
+        }
+        rule.probe = Some(spec);
+    }
+    Ok(rule)
 }
 
 /// One reload of the rule file (`loxilb-agent run`: SIGHUP, or the file
@@ -698,90 +465,6 @@ pub fn reload<T>(
 ) -> Result<T, ConfigError> {
     let rules = load()?;
     Ok(apply(&rules))
-}
-
-/// The secondary VIPs of rule `i` (`raw`), checked against its primary
-/// `vip`, protocol and mode.
-fn secondary_vips(
-    err: &dyn Fn(String, String) -> ConfigError,
-    i: usize,
-    raw: &[String],
-    vip: IpAddr,
-    protocol: Protocol,
-    mode: Mode,
-) -> Result<Vec<IpAddr>, ConfigError> {
-    let field = format!("rules[{i}].secondary_vips");
-    if raw.is_empty() {
-        return Ok(vec![]);
-    }
-    if protocol != Protocol::Sctp {
-        return Err(err(
-            field,
-            format!(
-                "only SCTP rules can have secondary VIPs (an SCTP association is multihomed; a \
-                 {protocol} connection has one address per side): use protocol: sctp, or \
-                 remove secondary_vips and give the other addresses rules of their own"
-            ),
-        ));
-    }
-    if mode != Mode::Default && mode != Mode::FullNat {
-        return Err(err(
-            field,
-            format!(
-                "secondary VIPs are served in mode default (DNAT) and fullnat, not {mode}: \
-                 the datapath rewrites the SCTP address parameters for those two; use mode: \
-                 default or fullnat, or remove secondary_vips"
-            ),
-        ));
-    }
-    if raw.len() > MAX_SECONDARY_VIPS {
-        return Err(err(
-            field,
-            format!(
-                "{} secondary VIPs; a rule has at most {MAX_SECONDARY_VIPS} (the datapath \
-                 holds {} addresses per association path set): remove some",
-                raw.len(),
-                loxilb_common::MAX_RULE_VIPS
-            ),
-        ));
-    }
-    let mut out: Vec<IpAddr> = Vec::with_capacity(raw.len());
-    for (j, text) in raw.iter().enumerate() {
-        let g = format!("rules[{i}].secondary_vips[{j}]");
-        let a: IpAddr = text.trim().parse().map_err(|_| {
-            err(
-                g.clone(),
-                format!("{text:?} is not an IP address (like 30.0.0.1 or 2001:db8:1::1)"),
-            )
-        })?;
-        if !usable(a) {
-            return Err(err(g, format!("{a} cannot be a service address")));
-        }
-        if a.is_ipv4() != vip.is_ipv4() {
-            return Err(err(
-                g,
-                format!(
-                    "{a} is {} but the VIP {vip} is {}: every VIP of a rule has the VIP's family",
-                    family(a),
-                    family(vip)
-                ),
-            ));
-        }
-        if a == vip {
-            return Err(err(
-                g,
-                format!("{a} is the rule's VIP itself; list only the other addresses"),
-            ));
-        }
-        if out.contains(&a) {
-            return Err(err(
-                g,
-                format!("{a} is listed twice; list each address once"),
-            ));
-        }
-        out.push(a);
-    }
-    Ok(out)
 }
 
 /// Check what the rule file cannot know by itself: every endpoint of an L2

@@ -556,7 +556,7 @@ impl Datapath {
                 name: format!(
                     "{}/{}",
                     std::net::SocketAddr::new(ip_from_addr(&k.addr), u16::from_be(k.port)),
-                    crate::config::Protocol::from_number(k.proto)
+                    loxilb_model::Protocol::from_number(k.proto)
                         .map(|p| p.to_string())
                         .unwrap_or_else(|| k.proto.to_string())
                 ),

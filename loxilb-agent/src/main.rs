@@ -517,7 +517,7 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 
 /// Load and fully check the rule file (syntax, values, and what depends
 /// on this node: L2 DSR endpoints must be directly connected).
-fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
+fn load_rules(path: &Path) -> Result<Vec<loxilb_model::Rule>, config::ConfigError> {
     let rules = config::load(path)?;
     check_on_node(&path.display().to_string(), &rules)?;
     Ok(rules)
@@ -526,10 +526,10 @@ fn load_rules(path: &Path) -> Result<Vec<config::Rule>, config::ConfigError> {
 /// What rules (of `file`: the rule file, or an API request) need of this
 /// node: L2 DSR endpoints directly connected, through a device XDP can
 /// send through.
-fn check_on_node(file: &str, rules: &[config::Rule]) -> Result<(), config::ConfigError> {
+fn check_on_node(file: &str, rules: &[loxilb_model::Rule]) -> Result<(), config::ConfigError> {
     // Only L2 DSR rules need anything of the host (an API request is one
     // rule: no routing table read for the others).
-    if !rules.iter().any(|r| r.mode == config::Mode::Dsr) {
+    if !rules.iter().any(|r| r.mode == loxilb_model::Mode::Dsr) {
         return Ok(());
     }
     let routes = loxilb_agent::routes::read().map_err(|e| config::ConfigError {
@@ -804,7 +804,7 @@ fn bgp_setup(a: &NodeArgs) -> Result<Option<loxilb_agent::bgp::BgpSetup>> {
 fn start_node(
     pin_dir: &Path,
     a: &NodeArgs,
-    first: Option<&[config::Rule]>,
+    first: Option<&[loxilb_model::Rule]>,
 ) -> Result<(
     Node,
     tokio::sync::mpsc::UnboundedReceiver<probe::Transition>,
@@ -903,7 +903,11 @@ type SharedNode = std::sync::Arc<std::sync::Mutex<Option<Node>>>;
 struct NodeSink(SharedNode, PathBuf);
 
 impl loxilb_agent::api::Sink for NodeSink {
-    fn apply(&mut self, upserts: &[config::Rule], removed: &[config::Rule]) -> Result<()> {
+    fn apply(
+        &mut self,
+        upserts: &[loxilb_model::Rule],
+        removed: &[loxilb_model::Rule],
+    ) -> Result<()> {
         let mut g = self.0.lock().expect("node lock");
         let node = g
             .as_mut()
@@ -998,7 +1002,7 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
             let n = stored.len();
             let api = api::Api::new(
                 Box::new(NodeSink(shared.clone(), pin_dir.to_path_buf())),
-                Box::new(|rules: &[config::Rule]| check_on_node("request", rules)),
+                Box::new(|rules: &[loxilb_model::Rule]| check_on_node("request", rules)),
                 store,
                 stored,
                 a.bgp_on(),
@@ -1070,19 +1074,20 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
         }
         // The file's rules with the API's (which they must not conflict
         // with), applied as one set.
-        let apply = |file: &[config::Rule]| -> Result<Result<loxilb_agent::rules::Report>, String> {
-            let desired = match &api {
-                Some(api) => {
-                    let mut api = api.lock().expect("API lock");
-                    api.set_file(file.to_vec()).map_err(|e| e.message)?;
-                    api.union()
-                }
-                None => file.to_vec(),
+        let apply =
+            |file: &[loxilb_model::Rule]| -> Result<Result<loxilb_agent::rules::Report>, String> {
+                let desired = match &api {
+                    Some(api) => {
+                        let mut api = api.lock().expect("API lock");
+                        api.set_file(file.to_vec()).map_err(|e| e.message)?;
+                        api.union()
+                    }
+                    None => file.to_vec(),
+                };
+                let mut g = shared.lock().expect("node lock");
+                let node = g.as_mut().expect("the node runs until the loop ends");
+                Ok(node.apply(&desired))
             };
-            let mut g = shared.lock().expect("node lock");
-            let node = g.as_mut().expect("the node runs until the loop ends");
-            Ok(node.apply(&desired))
-        };
         match config::reload(|| load_rules(cfg_path), apply) {
             Ok(Ok(Ok(rep))) => info!(
                 added = ?rep.added,
@@ -1180,7 +1185,7 @@ struct KubeSink {
 impl kube_watch::controller::RuleSink for KubeSink {
     fn apply(
         &mut self,
-        rules: Vec<kube_watch::translate::LbRule>,
+        rules: Vec<kube_watch::translate::ServiceRule>,
     ) -> Result<kube_watch::controller::Applied> {
         let mut node = self.node.lock().expect("node lock");
         let done = self.rules.full(&mut node, rules.iter())?;

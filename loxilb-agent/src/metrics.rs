@@ -163,7 +163,7 @@ pub fn render(pin_dir: &Path) -> Result<String> {
     for (k, v) in &svcs {
         let vip = ip_from_addr(&k.addr);
         let port = u16::from_be(k.port);
-        let protocol = crate::config::Protocol::from_number(k.proto)
+        let protocol = loxilb_model::Protocol::from_number(k.proto)
             .map(|p| p.to_string())
             .unwrap_or_else(|| k.proto.to_string());
         let service = format!("{}/{protocol}", SocketAddr::new(vip, port));

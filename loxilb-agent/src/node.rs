@@ -11,11 +11,11 @@ use std::{
 use anyhow::{Context, Result};
 use kube_watch::{controller::RuleUpdate, ServiceKey};
 use loxilb_common::SvcKey;
+use loxilb_model::{Mode, Rule};
 use tracing::{debug, info, warn};
 
 use crate::{
     bgp::{speaker::SpeakerOptions, BgpSetup, BgpSpeaker},
-    config::Rule,
     datapath::Datapath,
     kube_rules::{to_rule, Unsupported},
     probe::{Prober, Target, TargetKey, TargetStatus, Transition},
@@ -604,7 +604,7 @@ impl NodeChecks {
 
     /// Why `x` (from Kubernetes rule `name`) cannot be served here.
     fn check(&mut self, name: &str, x: &Rule) -> Result<(), Unsupported> {
-        if x.mode != crate::config::Mode::Dsr {
+        if x.mode != Mode::Dsr {
             return Ok(());
         }
         let bad = |reason: String| Unsupported {
@@ -632,14 +632,14 @@ impl KubeRules {
     pub fn full<'a>(
         &mut self,
         node: &mut Node,
-        rules: impl Iterator<Item = &'a kube_watch::translate::LbRule>,
+        rules: impl Iterator<Item = &'a kube_watch::translate::ServiceRule>,
     ) -> Result<KubeApplied> {
         let mut refused = vec![];
         let mut ok = vec![];
         let mut by_service: HashMap<ServiceKey, Vec<SvcKey>> = HashMap::new();
         let mut checks = NodeChecks::new();
         for r in rules {
-            match to_rule(r).and_then(|x| checks.check(&r.name, &x).map(|()| x)) {
+            match to_rule(r).and_then(|x| checks.check(&r.rule.name, &x).map(|()| x)) {
                 Ok(x) => {
                     by_service
                         .entry(r.service.clone())
@@ -685,7 +685,7 @@ impl KubeRules {
             }
             let mut keys = vec![];
             for r in rules {
-                match to_rule(r).and_then(|x| checks.check(&r.name, &x).map(|()| x)) {
+                match to_rule(r).and_then(|x| checks.check(&r.rule.name, &x).map(|()| x)) {
                     Ok(x) => {
                         keys.push(svc_key(x.vip, x.port, x.protocol));
                         upserts.push(x);

@@ -46,15 +46,15 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use kube_watch::{
     controller::{Applied, Refused, RuleSink},
-    translate::LbRule as KubeRule,
-    Protocol as KProto, ServiceKey,
+    translate::ServiceRule as KubeRule,
+    ServiceKey,
 };
+use loxilb_model::Protocol;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
     api::{self, Key},
-    config::Protocol,
     kube_rules,
 };
 
@@ -176,14 +176,6 @@ impl Default for Options {
 /// ports).
 pub fn remote_name(s: &ServiceKey) -> String {
     format!("{}_{}", s.namespace, s.name)
-}
-
-fn protocol(p: KProto) -> Protocol {
-    match p {
-        KProto::Tcp => Protocol::Tcp,
-        KProto::Udp => Protocol::Udp,
-        KProto::Sctp => Protocol::Sctp,
-    }
 }
 
 /// The request body for `r` (POST `/netlox/v1/config/loadbalancer`), or
@@ -719,15 +711,16 @@ impl RuleSink for RemoteSink {
         let mut want = BTreeMap::new();
         self.names.clear();
         for r in &rules {
-            let k = (r.vip, r.port, protocol(r.protocol));
+            let k = (r.rule.vip, r.rule.port, r.rule.protocol);
             match to_api(r, self.opts.bgp) {
                 Ok(a) => {
                     want.insert(k, a);
-                    self.names.insert(k, (r.service.clone(), r.name.clone()));
+                    self.names
+                        .insert(k, (r.service.clone(), r.rule.name.clone()));
                 }
                 Err(e) => applied.refused.push(Refused {
                     service: r.service.clone(),
-                    rule: r.name.clone(),
+                    rule: r.rule.name.clone(),
                     reason: e.reason,
                 }),
             }

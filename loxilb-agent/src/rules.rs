@@ -14,9 +14,17 @@ use loxilb_common::{
     SEL_CHUNK,
 };
 
-use crate::{
-    config::{Mode, Protocol, Rule, Selection},
-    selection,
+use loxilb_model::{Endpoint, Mode, Protocol, Rule, Selection};
+
+use crate::selection;
+
+// The rule model's limits and protocol numbers are the datapath's.
+const _: () = {
+    assert!(loxilb_model::MAX_RULE_VIPS == loxilb_common::MAX_RULE_VIPS);
+    assert!(loxilb_model::MAX_ENDPOINTS == loxilb_common::MAX_EPS_PER_RULE as usize);
+    assert!(Protocol::Tcp.number() == loxilb_common::IPPROTO_TCP);
+    assert!(Protocol::Udp.number() == loxilb_common::IPPROTO_UDP);
+    assert!(Protocol::Sctp.number() == loxilb_common::IPPROTO_SCTP);
 };
 
 /// The maps the reconciler writes; implemented by the real datapath and by
@@ -118,7 +126,7 @@ pub fn rule_vips_val(vips: &[Addr]) -> RuleVips {
     v
 }
 
-pub fn ep_val(e: &crate::config::Endpoint) -> EpVal {
+pub fn ep_val(e: &Endpoint) -> EpVal {
     EpVal {
         addr: addr_from_ip(e.ip),
         port: e.port.to_be(),
@@ -1831,7 +1839,7 @@ pub mod tests {
                     format!("20.0.0.{}", 1 + rng.below(3)).parse().unwrap()
                 };
                 let nat64 = v6 && rng.chance(3);
-                let mut endpoints: Vec<config::Endpoint> = vec![];
+                let mut endpoints: Vec<Endpoint> = vec![];
                 for _ in 0..rng.below(6) {
                     let ip: IpAddr = if rng.chance(8) {
                         vip
@@ -1844,7 +1852,7 @@ pub mod tests {
                     if endpoints.iter().any(|e| e.ip == ip && e.port == port) {
                         continue;
                     }
-                    endpoints.push(config::Endpoint {
+                    endpoints.push(Endpoint {
                         ip,
                         port,
                         weight: 1 + rng.below(3) as u16,
@@ -1903,7 +1911,7 @@ pub mod tests {
                         ][rng.below(3) as usize]
                     },
                     timeout_s: [60, 1800][rng.below(2) as usize],
-                    persist_timeout_s: config::DEFAULT_PERSIST_TIMEOUT_S,
+                    persist_timeout_s: loxilb_model::DEFAULT_PERSIST_TIMEOUT_S,
                     source_ranges,
                     endpoints,
                     probe: None,

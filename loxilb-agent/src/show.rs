@@ -21,7 +21,7 @@ fn port(p: u16) -> u16 {
 }
 
 fn proto(p: u8) -> String {
-    crate::config::Protocol::from_number(p)
+    loxilb_model::Protocol::from_number(p)
         .map(|p| p.to_string())
         .unwrap_or_else(|| p.to_string())
 }

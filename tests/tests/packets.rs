@@ -337,7 +337,7 @@ fn tcp_fin_and_rst_shorten_the_session() {
             .1;
         assert_eq!(
             fwd.timeout_s,
-            loxilb_agent::config::DEFAULT_TIMEOUT_S,
+            loxilb_model::DEFAULT_TIMEOUT_S,
             "one FIN is not a close"
         );
         let ep = loxilb_common::ip_from_addr(&fwd.xdaddr).to_string();

@@ -1,10 +1,10 @@
 use super::*;
 use crate::{
-    annotations::LbMode,
     ipam::{PoolRange, PoolSpec, DEFAULT_POOL},
     IpFamily,
 };
 use k8s_openapi::jiff::SignedDuration;
+use loxilb_model::{Mode, Protocol, Rule};
 use serde_json::json;
 
 fn t0() -> Timestamp {
@@ -213,9 +213,10 @@ fn leader_records_then_programs_then_writes_status() {
         panic!("{:?}", plan.steps[1])
     };
     assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0].vip, ip("192.0.2.1"));
-    assert_eq!(rules[0].name, "default/web:80/tcp@192.0.2.1");
+    assert_eq!(rules[0].rule.vip, ip("192.0.2.1"));
+    assert_eq!(rules[0].rule.name, "default/web:80/tcp@192.0.2.1");
     let eps: Vec<String> = rules[0]
+        .rule
         .endpoints
         .iter()
         .map(|e| format!("{}:{}", e.ip, e.port))
@@ -339,8 +340,8 @@ fn follower_writes_nothing_and_uses_the_record() {
     let Step::SetRules(rules) = &p.steps[0] else {
         panic!()
     };
-    assert_eq!(rules[0].endpoints.len(), 1);
-    assert_eq!(rules[0].vip, ip("192.0.2.1"));
+    assert_eq!(rules[0].rule.endpoints.len(), 1);
+    assert_eq!(rules[0].rule.vip, ip("192.0.2.1"));
 }
 
 #[test]
@@ -485,7 +486,11 @@ fn rules_for_ports_no_longer_allocated_are_removed() {
         matches!(p.steps.first(), Some(Step::PatchMetadata(_))),
         "{p:#?}"
     );
-    assert_eq!(r.service_rules(&key("a"))[0].port, 80, "not carried out");
+    assert_eq!(
+        r.service_rules(&key("a"))[0].rule.port,
+        80,
+        "not carried out"
+    );
     // b gets 192.0.2.1 for 80, free there now.
     let (_, b) = converge(&mut r, &with_ports("b", &[80]), &nodes(), at(2));
     assert_eq!(ingress(&b), ["192.0.2.1"]);
@@ -499,8 +504,8 @@ fn rules_for_ports_no_longer_allocated_are_removed() {
     let on_80: Vec<String> = r
         .rules()
         .iter()
-        .filter(|x| x.port == 80)
-        .map(|x| x.name.clone())
+        .filter(|x| x.rule.port == 80)
+        .map(|x| x.rule.name.clone())
         .collect();
     assert_eq!(on_80, ["default/b:80/tcp@192.0.2.1"]);
 }
@@ -515,7 +520,7 @@ fn invalid_annotation_warns_and_keeps_the_last_good_configuration() {
         t0(),
     );
     let good = r.rules();
-    assert_eq!(good[0].mode, LbMode::FullNat);
+    assert_eq!(good[0].rule.mode, Mode::FullNat);
 
     let mut bad = s.clone();
     bad.metadata
@@ -555,8 +560,8 @@ fn invalid_annotation_warns_and_keeps_the_last_good_configuration() {
     let Step::SetRules(rules) = &p.steps[0] else {
         panic!("{p:#?}")
     };
-    assert_eq!(rules[0].mode, LbMode::FullNat);
-    assert_eq!(rules[0].endpoints.len(), 1);
+    assert_eq!(rules[0].rule.mode, Mode::FullNat);
+    assert_eq!(rules[0].rule.endpoints.len(), 1);
 }
 
 #[test]
@@ -602,7 +607,7 @@ fn editing_an_annotation_updates_the_rule_in_place() {
     let mut r = leader("192.0.2.0/29");
     let (_, s) = converge(&mut r, &svc("web", json!({})), &nodes(), t0());
     let before = r.rules();
-    assert_eq!(before[0].mode, LbMode::Default);
+    assert_eq!(before[0].rule.mode, Mode::Default);
     let mut edited = s.clone();
     let ann = edited.metadata.annotations.as_mut().unwrap();
     ann.insert("loxilb.io/lbmode".into(), "fullnat".into());
@@ -614,10 +619,10 @@ fn editing_an_annotation_updates_the_rule_in_place() {
         panic!()
     };
     assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0].name, before[0].name, "same rule");
-    assert_eq!(rules[0].vip, before[0].vip, "same address");
-    assert_eq!(rules[0].mode, LbMode::FullNat);
-    assert_eq!(rules[0].timeout_s, 60);
+    assert_eq!(rules[0].rule.name, before[0].rule.name, "same rule");
+    assert_eq!(rules[0].rule.vip, before[0].rule.vip, "same address");
+    assert_eq!(rules[0].rule.mode, Mode::FullNat);
+    assert_eq!(rules[0].rule.timeout_s, 60);
 }
 
 #[test]
@@ -843,7 +848,10 @@ fn record_on_an_unreadable_service_is_reallocated() {
 /// record annotation, or a migration from kube-loxilb).
 #[test]
 fn status_hostname_form() {
-    use crate::translate::{load_balancer_status_as, status_hostname, StatusForm};
+    use crate::{
+        flags::StatusForm,
+        translate::{load_balancer_status_as, status_hostname},
+    };
     let host = |z: &str| StatusForm::Hostname { zone: z.into() };
     let lb = |form: &StatusForm, vips: &[&str], ports: &[u16]| {
         let a = Allocation {
@@ -861,7 +869,7 @@ fn status_hostname_form() {
             }],
             ports: ports
                 .iter()
-                .map(|p| crate::ipam::PortKey::new(*p, crate::Protocol::Tcp))
+                .map(|p| crate::ipam::PortKey::new(*p, Protocol::Tcp))
                 .collect(),
         };
         serde_json::to_value(load_balancer_status_as(&a, form)).unwrap()
@@ -955,20 +963,15 @@ fn status_hostname_form() {
 #[test]
 fn owned_vips_follow_commits_of_shared_addresses() {
     let mut r = leader("192.0.2.0/29");
-    let rule = |svc: &str, vip: &str, port: u16, secondary: &[&str]| LbRule {
-        service: key(svc),
-        name: format!("default/{svc}:{port}/tcp@{vip}"),
-        vip: ip(vip),
-        secondary_vips: secondary.iter().map(|s| ip(s)).collect(),
-        port,
-        protocol: crate::Protocol::Tcp,
-        mode: LbMode::Default,
-        selection: crate::annotations::EpSelect::RoundRobin,
-        timeout_s: 60,
-        endpoints: vec![],
-        allowed_sources: None,
-        probe: None,
-        local_traffic: false,
+    let rule = |svc: &str, vip: &str, port: u16, secondary: &[&str]| {
+        let mut rule = Rule::new(ip(vip), port, Protocol::Tcp);
+        rule.name = format!("default/{svc}:{port}/tcp@{vip}");
+        rule.secondary_vips = secondary.iter().map(|s| ip(s)).collect();
+        rule.timeout_s = 60;
+        ServiceRule {
+            service: key(svc),
+            rule,
+        }
     };
     let owned = |r: &Reconciler| r.owned_vips();
     assert!(r.commit(
@@ -1015,6 +1018,7 @@ fn multus_pod_problems_are_warned_once_per_change() {
     pods.insert(("default".into(), "b".into()), Some("{oops".into()));
     let eps = |r: &Reconciler| -> Vec<String> {
         r.service_rules(&k)[0]
+            .rule
             .endpoints
             .iter()
             .map(|e| format!("{}:{}", e.ip, e.port))

@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Key, LbRule};
-use crate::config::Protocol;
+use loxilb_model::Protocol;
 
 pub const SNAPSHOT: &str = "api-rules.json";
 pub const JOURNAL: &str = "api-rules.journal";

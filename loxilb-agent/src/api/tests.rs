@@ -204,7 +204,7 @@ async fn every_endpoint_answers_as_recorded() {
         let r = &i.rules["default_web:llb-inst0@20.0.0.1:80/tcp"];
         assert_eq!(r.mode, Mode::FullNat);
         assert_eq!(r.selection, Selection::RoundRobin);
-        assert_eq!(r.timeout_s, config::DEFAULT_TIMEOUT_S);
+        assert_eq!(r.timeout_s, loxilb_model::DEFAULT_TIMEOUT_S);
         assert_eq!(r.endpoints.len(), 1);
         assert!(r.probe.is_none());
     }

@@ -30,10 +30,10 @@
 //! `max_in_flight`. IPv6 endpoints work for `tcp`, `udp`, `http`, `https`;
 //! `ping` and `sctp` are IPv4 only for now (refused with an error).
 //!
-//! kube-watch's `translate::Probe` maps one to one: `kind` by name
-//! (`ProbeKind::from_str(kind.as_str())`), `port`, `request`, `response`,
-//! `timeout` = `timeout_s` seconds, `retries`; `interval` is this module's
-//! (default 10 s).
+//! A probe's settings ([`ProbeSpec`], [`ProbeKind`], their checks) are
+//! the rule model's (`loxilb_model::probe`): a rule carries them whichever
+//! front end made it (rule file, REST API, Kubernetes annotations); this
+//! module probes.
 //!
 //! Schedule and state machine:
 //!
@@ -71,7 +71,6 @@ use std::{
     hash::{Hash, Hasher},
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    str::FromStr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -90,250 +89,19 @@ use tokio::{
 /// CRC32c (SCTP's checksum): the one implementation, shared with the datapath.
 pub use loxilb_common::crc32c::crc32c;
 
-/// Per-probe deadline without `probetimeout` (kube-loxilb's default).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Consecutive failures that make an endpoint down, without `proberetries`.
-pub const DEFAULT_RETRIES: u32 = 2;
-/// Time between the starts of two probes of one target (loxilb checks its
-/// endpoints every 10 s).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+use loxilb_model::probe::quote;
+pub use loxilb_model::probe::{
+    fmt_dur, ProbeError, ProbeKind, ProbeSpec, DEFAULT_INTERVAL, DEFAULT_RETRIES, DEFAULT_TIMEOUT,
+    MAX_INTERVAL, MAX_RETRIES, MAX_TEXT, MAX_TIMEOUT, MIN_DURATION,
+};
+
 /// Probes in flight at once, over all targets, when the agent has no reason
 /// to choose another bound.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
-/// Shortest timeout / interval accepted.
-pub const MIN_DURATION: Duration = Duration::from_millis(10);
-/// Longest timeout accepted (the bound of `loxilb.io/probetimeout`).
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Longest interval accepted.
-pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-/// Largest `retries` accepted (the bound of `loxilb.io/proberetries`).
-pub const MAX_RETRIES: u32 = 100;
-/// Longest `request` / `response` accepted, bytes.
-pub const MAX_TEXT: usize = 1024;
 /// Jitter applied to every interval, percent either way.
 pub const JITTER_PERCENT: u64 = 10;
 /// Longest a `udp` probe without `response` waits for an ICMP error.
 pub const UDP_QUIET_MAX: Duration = Duration::from_secs(1);
-
-/// What a probe does (`loxilb.io/probetype`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeKind {
-    /// Not probed: always up.
-    None,
-    Ping,
-    Tcp,
-    Udp,
-    Http,
-    Https,
-    Sctp,
-}
-
-impl ProbeKind {
-    pub const ALL: [ProbeKind; 7] = [
-        ProbeKind::None,
-        ProbeKind::Ping,
-        ProbeKind::Tcp,
-        ProbeKind::Udp,
-        ProbeKind::Http,
-        ProbeKind::Https,
-        ProbeKind::Sctp,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProbeKind::None => "none",
-            ProbeKind::Ping => "ping",
-            ProbeKind::Tcp => "tcp",
-            ProbeKind::Udp => "udp",
-            ProbeKind::Http => "http",
-            ProbeKind::Https => "https",
-            ProbeKind::Sctp => "sctp",
-        }
-    }
-
-    /// Whether the probe goes to a port (all but `none` and `ping`).
-    pub fn uses_port(self) -> bool {
-        !matches!(self, ProbeKind::None | ProbeKind::Ping)
-    }
-
-    /// Whether `request` / `response` mean anything.
-    pub fn uses_text(self) -> bool {
-        matches!(self, ProbeKind::Udp | ProbeKind::Http | ProbeKind::Https)
-    }
-}
-
-impl fmt::Display for ProbeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ProbeKind {
-    type Err = ProbeError;
-    fn from_str(s: &str) -> Result<Self, ProbeError> {
-        ProbeKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| ProbeError {
-                target: None,
-                field: "type",
-                value: s.to_string(),
-                message: "unknown probe type; allowed: none, ping, tcp, udp, http, https, sctp"
-                    .into(),
-            })
-    }
-}
-
-/// How one endpoint is probed.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ProbeSpec {
-    pub kind: ProbeKind,
-    /// Port to probe; `None`: the endpoint's own port. Not for `none`/`ping`.
-    pub port: Option<u16>,
-    /// `udp`: the datagram sent (else an empty one); `http(s)`: the path
-    /// (`GET /<request>`). Not for `tcp`, `sctp`, `ping`, `none`.
-    pub request: Option<String>,
-    /// `udp`: the reply must contain it; `http(s)`: the body must contain
-    /// it. Not for `tcp`, `sctp`, `ping`, `none`.
-    pub response: Option<String>,
-    /// Deadline of one probe.
-    pub timeout: Duration,
-    /// Consecutive failures that make the endpoint down (0 behaves as 1).
-    pub retries: u32,
-    /// Time between the starts of two probes (±[`JITTER_PERCENT`]).
-    pub interval: Duration,
-}
-
-impl ProbeSpec {
-    /// A spec of `kind` with the defaults (timeout 60 s, retries 2,
-    /// interval 10 s, the endpoint's port, no request/response).
-    pub fn new(kind: ProbeKind) -> Self {
-        ProbeSpec {
-            kind,
-            port: None,
-            request: None,
-            response: None,
-            timeout: DEFAULT_TIMEOUT,
-            retries: DEFAULT_RETRIES,
-            interval: DEFAULT_INTERVAL,
-        }
-    }
-
-    /// Check every setting; the error names the field, the value and what
-    /// is allowed.
-    pub fn validate(&self) -> Result<(), ProbeError> {
-        let err = |field: &'static str, value: String, message: String| {
-            Err(ProbeError {
-                target: None,
-                field,
-                value,
-                message,
-            })
-        };
-        let k = self.kind;
-        if let Some(p) = self.port {
-            if !k.uses_port() {
-                return err(
-                    "port",
-                    p.to_string(),
-                    format!(
-                        "a {k} probe has no port (only tcp, udp, http, https and sctp probes do)"
-                    ),
-                );
-            }
-            if p == 0 {
-                return err("port", "0".into(), "not a port (1..=65535)".into());
-            }
-        }
-        for (field, v) in [("request", &self.request), ("response", &self.response)] {
-            let Some(v) = v else { continue };
-            if !k.uses_text() {
-                return err(
-                    field,
-                    quote(v),
-                    format!(
-                        "a {k} probe sends no request and reads no response (only udp, http and https probes do)"
-                    ),
-                );
-            }
-            if v.is_empty() {
-                return err(field, "\"\"".into(), "empty; omit it for none".into());
-            }
-            if v.len() > MAX_TEXT {
-                return err(
-                    field,
-                    format!("{} bytes", v.len()),
-                    format!("longer than {MAX_TEXT} bytes"),
-                );
-            }
-        }
-        if let (ProbeKind::Http | ProbeKind::Https, Some(r)) = (k, &self.request) {
-            if let Some(c) = r.chars().find(|c| !c.is_ascii_graphic()) {
-                return err(
-                    "request",
-                    quote(r),
-                    format!(
-                        "{c:?} cannot be in an HTTP path (allowed: visible ASCII, no spaces; percent-encode the rest)"
-                    ),
-                );
-            }
-        }
-        for (field, v, max) in [
-            ("timeout", self.timeout, MAX_TIMEOUT),
-            ("interval", self.interval, MAX_INTERVAL),
-        ] {
-            if v < MIN_DURATION || v > max {
-                return err(
-                    field,
-                    fmt_dur(v),
-                    format!(
-                        "out of range ({}..={})",
-                        fmt_dur(MIN_DURATION),
-                        fmt_dur(max)
-                    ),
-                );
-            }
-        }
-        if self.retries > MAX_RETRIES {
-            return err(
-                "retries",
-                self.retries.to_string(),
-                format!("out of range (0..={MAX_RETRIES})"),
-            );
-        }
-        Ok(())
-    }
-
-    /// Failures in a row that make a target down.
-    pub fn failures_to_down(&self) -> u32 {
-        self.retries.max(1)
-    }
-}
-
-/// A bad probe setting: names the target (when known), the field and the
-/// value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeError {
-    /// `rule <rule> endpoint <addr>:<port>`, when the error is about one target.
-    pub target: Option<String>,
-    /// `type`, `port`, `request`, `response`, `timeout`, `retries`,
-    /// `interval`, `address` or `target`.
-    pub field: &'static str,
-    pub value: String,
-    pub message: String,
-}
-
-impl fmt::Display for ProbeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(t) = &self.target {
-            write!(f, "{t}: ")?;
-        }
-        write!(f, "probe {} {}: {}", self.field, self.value, self.message)
-    }
-}
-
-impl std::error::Error for ProbeError {}
 
 /// One probed endpoint of one rule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -933,34 +701,6 @@ impl Rng {
     fn jittered(&mut self, d: Duration) -> Duration {
         let spread = d * (2 * JITTER_PERCENT as u32) / 100;
         d - spread / 2 + self.below(spread)
-    }
-}
-
-/// Readable duration: `200ms`, `60s`, `1.5s`.
-pub fn fmt_dur(d: Duration) -> String {
-    if d.as_millis() < 1000 || !d.subsec_millis().is_multiple_of(100) {
-        if d.subsec_nanos().is_multiple_of(1_000_000) {
-            format!("{}ms", d.as_millis())
-        } else {
-            format!("{:?}", d)
-        }
-    } else if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
-}
-
-fn quote(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.len() <= MAX {
-        format!("{s:?}")
-    } else {
-        let mut end = MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{:?}...", &s[..end])
     }
 }
 

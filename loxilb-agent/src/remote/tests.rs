@@ -6,16 +6,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use kube_watch::{
-    annotations::{EpSelect, LbMode, ProbeType},
-    translate::Probe,
-};
+use loxilb_model::{Endpoint, Mode, ProbeKind, ProbeSpec, Rule, Selection};
 use serde_json::json;
 
 use super::*;
 use crate::{
     api::{server, store::Store, Api},
-    config::{self, Rule},
+    config,
 };
 
 /// The "datapath" of the API under test: nothing to do.
@@ -78,31 +75,27 @@ fn closed_port() -> String {
 }
 
 fn kube_rule(svc: &str, vip: &str, port: u16) -> KubeRule {
+    let mut rule = Rule::new(vip.parse().unwrap(), port, Protocol::Tcp);
+    rule.name = format!("default/{svc}:{port}/tcp@{vip}");
+    rule.mode = Mode::FullNat;
+    rule.selection = Selection::LeastConn;
+    rule.timeout_s = 60;
+    rule.endpoints = vec![
+        Endpoint {
+            ip: "10.0.0.5".parse().unwrap(),
+            port: 30080,
+            weight: 2,
+        },
+        Endpoint {
+            ip: "10.0.0.6".parse().unwrap(),
+            port: 30080,
+            weight: 1,
+        },
+    ];
+    rule.source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
     KubeRule {
         service: ServiceKey::new("default", svc),
-        name: format!("default/{svc}:{port}/tcp@{vip}"),
-        vip: vip.parse().unwrap(),
-        secondary_vips: vec![],
-        port,
-        protocol: KProto::Tcp,
-        mode: LbMode::FullNat,
-        selection: EpSelect::LeastConnections,
-        timeout_s: 60,
-        endpoints: vec![
-            kube_watch::translate::Endpoint {
-                ip: "10.0.0.5".parse().unwrap(),
-                port: 30080,
-                weight: 2,
-            },
-            kube_watch::translate::Endpoint {
-                ip: "10.0.0.6".parse().unwrap(),
-                port: 30080,
-                weight: 1,
-            },
-        ],
-        allowed_sources: Some(vec!["192.168.0.0/16".parse().unwrap()]),
-        probe: None,
-        local_traffic: false,
+        rule,
     }
 }
 
@@ -152,13 +145,13 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn a_kube_rule_maps_to_loxilbs_json() {
     let mut r = kube_rule("web", "20.0.0.1", 80);
-    r.probe = Some(Probe {
-        kind: ProbeType::Http,
+    r.rule.probe = Some(ProbeSpec {
         port: Some(8080),
         request: Some("/healthz".into()),
         response: Some("ok".into()),
-        timeout_s: 3,
+        timeout: Duration::from_secs(3),
         retries: 2,
+        ..ProbeSpec::new(ProbeKind::Http)
     });
     let v = serde_json::to_value(to_api(&r, true).unwrap()).unwrap();
     assert_eq!(
@@ -191,7 +184,7 @@ fn a_kube_rule_maps_to_loxilbs_json() {
     );
     // What this datapath cannot do is refused before anything is sent.
     let mut dsr = kube_rule("dsr", "20.0.0.2", 80);
-    dsr.mode = LbMode::Dsr;
+    dsr.rule.mode = Mode::Dsr;
     let e = to_api(&dsr, false).unwrap_err();
     assert!(e.reason.contains("service port 80"), "{}", e.reason);
 }
@@ -262,12 +255,12 @@ async fn rules_are_posted_deleted_refused_and_resynced_after_a_restart() {
     // reaches the controller, on that rule only.
     let clash = kube_rule("clash", "20.0.0.9", 80);
     let mut web2 = web.clone();
-    web2.endpoints.truncate(1);
+    web2.rule.endpoints.truncate(1);
     let a = sink
         .apply(vec![web2.clone(), db.clone(), clash.clone()])
         .unwrap();
     assert_eq!(a.refused.len(), 1, "{a:?}");
-    assert_eq!(a.refused[0].rule, clash.name);
+    assert_eq!(a.refused[0].rule, clash.rule.name);
     assert_eq!(a.refused[0].service, clash.service);
     assert!(
         a.refused[0].reason.contains(&url)

@@ -9,7 +9,7 @@
 //! 1. alloc: `translate::parse_annotations`, `alloc_request`,
 //!    `Ipam::ensure` (the leader's allocation);
 //! 2. translate: `kube_watch::translate::translate` (Service +
-//!    EndpointSlice + Nodes -> `LbRule`s);
+//!    EndpointSlice + Nodes -> `ServiceRule`s);
 //! 3. commit: the rules committed into a real
 //!    `kube_watch::reconcile::Reconciler` (`Reconciler::commit`);
 //! 4. sink: what the controller's `Executor::sync_sink` hands the agent and
@@ -324,7 +324,7 @@ impl Controller {
         )?;
         let t2 = Instant::now();
         ensure!(
-            tr.rules.len() == 1 && tr.rules[0].endpoints.len() == EPS_PER_SERVICE as usize,
+            tr.rules.len() == 1 && tr.rules[0].rule.endpoints.len() == EPS_PER_SERVICE as usize,
             "{}: expected 1 rule with {EPS_PER_SERVICE} endpoints, got {:?}",
             req.service,
             tr.rules
@@ -702,7 +702,7 @@ fn run(o: &Opts) -> Result<()> {
         .rec
         .rule_update(false)
         .all()
-        .map(|r| r.vip)
+        .map(|r| r.rule.vip)
         .max()
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     println!("  (highest VIP allocated: {vip})");
