@@ -436,6 +436,17 @@ impl Api {
         }
         api.set_file(file)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        for c in api.store.roles()? {
+            let c = checked_role(c).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: a stored cluster role is refused: {}; remove the file (kube-loxilb \
+                     sets the role again)",
+                    api.store.describe_roles(),
+                    e.message
+                )
+            })?;
+            api.cistate.insert(c.instance.clone(), c);
+        }
         Ok(api)
     }
 
@@ -1131,44 +1142,78 @@ impl Api {
     /// the active node, BACKUP with the worse path of `--bgp-backup-path`
     /// (the role matters only with BGP: ARP/ND for the VIPs is not this
     /// agent's in `run`). Several instances: MASTER if any is.
-    fn post_cistate(&mut self, mut req: CiState) -> Result<(), ApiError> {
-        if req.instance.is_empty() {
-            return Err(ApiError::new(
-                400,
-                "instance",
-                "an instance name is required",
-            ));
-        }
-        req.state = req.state.to_ascii_uppercase();
-        if !["MASTER", "BACKUP"].contains(&req.state.as_str()) {
-            return Err(ApiError::new(
-                400,
-                "state",
-                format!(
-                    "{:?} is not a state this agent takes: MASTER or BACKUP",
-                    req.state
-                ),
-            ));
-        }
-        if req.vip.is_empty() {
-            req.vip = "0.0.0.0".into();
-        }
-        if req.vip.parse::<IpAddr>().is_err() {
-            return Err(ApiError::new(
-                400,
-                "vip",
-                format!("{:?} is not an IP address", req.vip),
-            ));
-        }
+    fn post_cistate(&mut self, req: CiState) -> Result<(), ApiError> {
+        let req = checked_role(req)?;
         let mut next = self.cistate.clone();
         next.insert(req.instance.clone(), req);
         let master = next.values().any(|c| c.state == "MASTER");
+        let was = self.cistate.values().any(|c| c.state == "MASTER");
         self.sink
             .set_master(master)
             .map_err(|e| ApiError::new(500, "", format!("the role was not applied: {e:#}")))?;
+        if let Err(e) = self.store.save_roles(next.values()) {
+            if let Err(u) = self.sink.set_master(was) {
+                tracing::error!("the cluster role could not be stored nor undone: {u:#}");
+            }
+            return Err(ApiError::new(
+                500,
+                "",
+                format!("the role was not stored (and is undone): {e:#}"),
+            ));
+        }
         self.cistate = next;
         Ok(())
     }
+
+    /// Apply the cluster roles restored from the state directory (none
+    /// stored: nothing; the agent's default stands until kube-loxilb posts
+    /// one).
+    pub fn restore_role(&mut self) -> anyhow::Result<()> {
+        if self.cistate.is_empty() {
+            return Ok(());
+        }
+        let master = self.cistate.values().any(|c| c.state == "MASTER");
+        tracing::info!(
+            "cluster role restored from {}: {}",
+            self.store.describe_roles(),
+            if master { "MASTER" } else { "BACKUP" }
+        );
+        self.sink.set_master(master)
+    }
+}
+
+/// A cluster role as this agent takes it: an instance name, MASTER or
+/// BACKUP (any case), an IP address as the VIP (`0.0.0.0` when none).
+fn checked_role(mut req: CiState) -> Result<CiState, ApiError> {
+    if req.instance.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "instance",
+            "an instance name is required",
+        ));
+    }
+    req.state = req.state.to_ascii_uppercase();
+    if !["MASTER", "BACKUP"].contains(&req.state.as_str()) {
+        return Err(ApiError::new(
+            400,
+            "state",
+            format!(
+                "{:?} is not a state this agent takes: MASTER or BACKUP",
+                req.state
+            ),
+        ));
+    }
+    if req.vip.is_empty() {
+        req.vip = "0.0.0.0".into();
+    }
+    if req.vip.parse::<IpAddr>().is_err() {
+        return Err(ApiError::new(
+            400,
+            "vip",
+            format!("{:?} is not an IP address", req.vip),
+        ));
+    }
+    Ok(req)
 }
 
 fn not_allowed(method: &http::Method, path: &str) -> ApiError {

@@ -331,7 +331,9 @@ struct KubeArgs {
     use_pod_network: String,
     #[arg(long = "monitor", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     monitor: String,
-    /// kube-loxilb's full-NAT source VIP (same as --fullnat-source).
+    /// kube-loxilb's full-NAT source VIP (same as --fullnat-source), owned
+    /// with the service VIPs; with --loxiURL: arbitrate the remotes'
+    /// MASTER / BACKUP roles, this VIP sent with them (0.0.0.0: none).
     #[arg(long = "setRoles", value_name = "IPV4")]
     set_roles: Option<String>,
     /// External mode: program these remote agents (`loxilb-agent run
@@ -451,7 +453,6 @@ fn check_external(k: &KubeArgs, a: &NodeArgs) -> Result<()> {
         ("--ctsync-listen", a.ctsync_listen.is_some()),
         ("--ctsync-peers", a.ctsync_peers.is_some()),
         ("--health-listen", a.health_listen.is_some()),
-        ("--setRoles", k.set_roles.is_some()),
         ("--enableBGPCRDs", k.enable_bgp_crds.is_some()),
     ];
     let bad: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
@@ -1022,6 +1023,10 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
     };
     let (node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
     *shared.lock().expect("node lock") = Some(node);
+    if let Some(api) = &api {
+        // The role kube-loxilb gave before a restart, until it posts one.
+        api.lock().expect("API lock").restore_role()?;
+    }
     // Every use of the node below: through the lock, the API's too.
     let with_node = |f: &mut dyn FnMut(&mut Node)| {
         if let Some(n) = shared.lock().expect("node lock").as_mut() {
@@ -1648,6 +1653,9 @@ async fn run_kube_external(
     run_config: kube_watch::controller::RunConfig,
 ) -> Result<()> {
     let remotes = loxilb_agent::remote::parse_urls(urls).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // `--setRoles=<VIP>` (kube_settings made it the full-NAT source): the
+    // remotes' MASTER / BACKUP roles are arbitrated here.
+    let roles = a.fullnat_source.filter(|_| k.set_roles.is_some());
     let token = match &k.loxi_token_file {
         None => None,
         Some(p) => {
@@ -1669,6 +1677,7 @@ async fn run_kube_external(
             ca_file: k.loxi_ca.clone(),
             token,
             bgp: a.bgp_on(),
+            roles,
             ..Default::default()
         },
     )?;
@@ -1809,6 +1818,11 @@ mod tests {
         };
         assert!(external(&[]).is_ok());
         assert!(external(&["--setBGP=65001", "--loxiCA=/ca.pem"]).is_ok());
+        // --setRoles arbitrates the remotes' roles there.
+        assert_eq!(
+            external(&["--setRoles=0.0.0.0"]).unwrap(),
+            Some(std::net::Ipv4Addr::UNSPECIFIED)
+        );
         let e = external(&["--iface=eth0", "--ctsync-peers=nodes"])
             .unwrap_err()
             .to_string();

@@ -25,6 +25,21 @@
 //! Only the leader programs the remotes ([`RuleSink::leading`]); the
 //! other agents keep the desired set, to take over at once.
 //!
+//! `--setRoles=<VIP>` ([`Options::roles`]): the leader also arbitrates
+//! the remotes' cluster roles as kube-loxilb does. Every `role_interval`
+//! (2 s) it reads each remote's `GET /netlox/v1/config/cistate/all`
+//! (within `role_timeout`, 1 s: no answer counts as down); one live remote
+//! is MASTER, the others BACKUP, told with `POST /config/cistate
+//! {"instance": "default", "state", "vip"}` whenever what a remote reports
+//! differs (a restarted remote, a new leader, a promotion). The MASTER is
+//! sticky: the current one stays while it answers; at start (or on a new
+//! leader) a remote already reporting MASTER is kept; otherwise the first
+//! live remote in `--loxiURL` order is promoted. A MASTER that this agent
+//! cannot reach but that still runs (a partition between the two) is not
+//! reachable to demote: it stays MASTER on its side until it answers
+//! again and is told BACKUP, as with kube-loxilb. [`RemoteSink::roles`]
+//! reports each remote's role.
+//!
 //! Rules carry kube-loxilb's name (`namespace_service`, shared by a
 //! Service's ports) and `managed: true`; `BGP` is `--setBGP` (the remote
 //! announces the VIPs). The mapping is the one of the agent's own
@@ -33,7 +48,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -155,6 +170,14 @@ pub struct Options {
     /// How long an update waits for the remotes that are up (to report
     /// their refusals).
     pub wait: Duration,
+    /// `--setRoles=<VIP>`: arbitrate the remotes' MASTER / BACKUP roles
+    /// (the VIP is sent with them; `0.0.0.0` for none).
+    pub roles: Option<Ipv4Addr>,
+    /// How often the roles are checked (kube-loxilb: 2 s).
+    pub role_interval: Duration,
+    /// A role check's timeout; no answer within it counts as down
+    /// (kube-loxilb: 1 s).
+    pub role_timeout: Duration,
 }
 
 impl Default for Options {
@@ -168,6 +191,9 @@ impl Default for Options {
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             wait: Duration::from_secs(10),
+            roles: None,
+            role_interval: Duration::from_secs(2),
+            role_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -621,6 +647,167 @@ impl Worker {
     }
 }
 
+/// The instance kube-loxilb's roles are set on (loxilb's default one).
+pub const ROLE_INSTANCE: &str = "default";
+
+/// A remote's cluster role, as the arbiter last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteRole {
+    pub url: String,
+    /// `MASTER` or `BACKUP` as the remote reported it after the check
+    /// (told so if it differed); `None`: down (no answer in time).
+    pub state: Option<String>,
+    /// When `state` last changed.
+    pub since: Instant,
+}
+
+/// `--setRoles`: keeps one live remote MASTER and the others BACKUP.
+struct Arbiter {
+    clients: Vec<Client>,
+    vip: Ipv4Addr,
+    interval: Duration,
+    /// The remote (index) made MASTER; `None` until the first check of a
+    /// leader.
+    master: Option<usize>,
+    report: watch::Sender<Vec<RemoteRole>>,
+}
+
+impl Arbiter {
+    async fn run(mut self, mut desired: watch::Receiver<Desired>) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = desired.changed() => if r.is_err() { return },
+            }
+            if !desired.borrow_and_update().leading {
+                // The leader arbitrates; a new one starts from what the
+                // remotes report.
+                self.master = None;
+                continue;
+            }
+            self.round().await;
+        }
+    }
+
+    /// What a remote reports for [`ROLE_INSTANCE`]: `Ok(None)` when it
+    /// holds no role yet; `Err` when it does not answer as it should.
+    async fn read(c: &mut Client) -> Result<Option<String>> {
+        let (st, body) = c
+            .call(http::Method::GET, "/config/cistate/all", None)
+            .await?;
+        if st != 200 {
+            anyhow::bail!("reading its role: {st} {}", message_of(&body));
+        }
+        #[derive(serde::Deserialize)]
+        struct All {
+            #[serde(rename = "Attr", default)]
+            attr: Option<Vec<One>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct One {
+            #[serde(default)]
+            instance: String,
+            #[serde(default)]
+            state: String,
+        }
+        let all: All = serde_json::from_slice(&body).context("reading its role: bad JSON")?;
+        Ok(all
+            .attr
+            .unwrap_or_default()
+            .into_iter()
+            .find(|o| o.instance == ROLE_INSTANCE)
+            .map(|o| o.state.to_ascii_uppercase()))
+    }
+
+    async fn tell(c: &mut Client, state: &str, vip: Ipv4Addr) -> Result<()> {
+        let body =
+            serde_json::json!({"instance": ROLE_INSTANCE, "state": state, "vip": vip.to_string()});
+        let (st, resp) = c
+            .call(
+                http::Method::POST,
+                "/config/cistate",
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?;
+        if !(200..300).contains(&st) {
+            anyhow::bail!("setting its role {state}: {st} {}", message_of(&resp));
+        }
+        Ok(())
+    }
+
+    /// One check of every remote, and the roles set where they differ.
+    async fn round(&mut self) {
+        let seen: Vec<Result<Option<String>>> =
+            futures::future::join_all(self.clients.iter_mut().map(Self::read)).await;
+        let live = |i: usize| seen[i].is_ok();
+        let master = match self.master {
+            Some(m) if live(m) => Some(m),
+            _ => {
+                // Keep a remote that already is MASTER (a new leader, a
+                // restart of this agent); else the first live one.
+                let reported =
+                    (0..seen.len()).find(|&i| matches!(&seen[i], Ok(Some(s)) if s == "MASTER"));
+                let pick = reported.or_else(|| (0..seen.len()).find(|&i| live(i)));
+                if pick != self.master {
+                    match pick {
+                        Some(i) => info!(
+                            remote = %self.clients[i].remote.url,
+                            previous = ?self.master.map(|m| self.clients[m].remote.url.clone()),
+                            "--setRoles: MASTER"
+                        ),
+                        None => warn!("--setRoles: no remote answers; no MASTER"),
+                    }
+                }
+                pick
+            }
+        };
+        self.master = master;
+        let mut now: Vec<Option<String>> = Vec::with_capacity(seen.len());
+        for (i, r) in seen.into_iter().enumerate() {
+            let c = &mut self.clients[i];
+            let state = match r {
+                Err(e) => {
+                    debug!(remote = %c.remote.url, "role check: {e:#}");
+                    None
+                }
+                Ok(have) => {
+                    let want = if Some(i) == master {
+                        "MASTER"
+                    } else {
+                        "BACKUP"
+                    };
+                    if have.as_deref() == Some(want) {
+                        Some(want.to_string())
+                    } else {
+                        match Self::tell(c, want, self.vip).await {
+                            Ok(()) => {
+                                info!(remote = %c.remote.url, was = ?have, "--setRoles: told {want}");
+                                Some(want.to_string())
+                            }
+                            Err(e) => {
+                                warn!(remote = %c.remote.url, "{e:#}; retried in the next check");
+                                have
+                            }
+                        }
+                    }
+                }
+            };
+            now.push(state);
+        }
+        let t = Instant::now();
+        self.report.send_modify(|rep| {
+            for (r, s) in rep.iter_mut().zip(now) {
+                if r.state != s {
+                    r.state = s;
+                    r.since = t;
+                }
+            }
+        });
+    }
+}
+
 /// The controller's [`RuleSink`] over remote agents.
 pub struct RemoteSink {
     desired: watch::Sender<Desired>,
@@ -629,6 +816,8 @@ pub struct RemoteSink {
     names: BTreeMap<Key, (ServiceKey, String)>,
     opts: Arc<Options>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The arbiter's report (`--setRoles`; empty without).
+    roles: watch::Receiver<Vec<RemoteRole>>,
 }
 
 impl Drop for RemoteSink {
@@ -666,17 +855,60 @@ impl RemoteSink {
                 status: tx,
             });
         }
-        let tasks = workers
+        let (roles_tx, roles) = watch::channel(vec![]);
+        let arbiter = match opts.roles {
+            None => None,
+            Some(vip) => {
+                let t = Instant::now();
+                roles_tx.send_replace(
+                    workers
+                        .iter()
+                        .map(|w| RemoteRole {
+                            url: w.client.remote.url.clone(),
+                            state: None,
+                            since: t,
+                        })
+                        .collect(),
+                );
+                // Its own connections, with the role check's timeout.
+                let role_opts = Options {
+                    request_timeout: opts.role_timeout,
+                    ..(*opts).clone()
+                };
+                let clients = workers
+                    .iter()
+                    .map(|w| Client::new(w.client.remote.clone(), tls.clone(), &role_opts))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Arbiter {
+                    clients,
+                    vip,
+                    interval: opts.role_interval,
+                    master: None,
+                    report: roles_tx,
+                })
+            }
+        };
+        let mut tasks: Vec<_> = workers
             .into_iter()
             .map(|w| tokio::spawn(w.run(rx.clone())))
             .collect();
+        if let Some(a) = arbiter {
+            tasks.push(tokio::spawn(a.run(rx.clone())));
+        }
         Ok(RemoteSink {
             desired,
             status,
             names: BTreeMap::new(),
             opts,
             tasks,
+            roles,
         })
+    }
+
+    /// Each remote's role as the arbiter last saw it (`--setRoles`; empty
+    /// without it or before the first check of a leader).
+    pub fn roles(&self) -> Vec<RemoteRole> {
+        self.roles.borrow().clone()
     }
 
     /// Wait (up to `opts.wait`) until every remote carried out `gen` or is

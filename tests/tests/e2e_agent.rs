@@ -134,21 +134,17 @@ fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
     .unwrap();
     // With the REST API, as kube-loxilb's `--setRoles` drives a remote
     // loxilb: its cistate makes this agent MASTER or BACKUP.
-    let mut agent = Agent::start(
-        &s.t,
-        &s.cfg,
-        &[
-            "--setBGP",
-            "65001",
-            "--extBGPPeers",
-            "10.99.0.2:65002",
-            "--api-listen",
-            "127.0.0.1:11111",
-            "--insecure-api",
-            "--bgp-backup-path=prepend:2",
-        ],
-    )
-    .expect("agent");
+    let args = [
+        "--setBGP",
+        "65001",
+        "--extBGPPeers",
+        "10.99.0.2:65002",
+        "--api-listen",
+        "127.0.0.1:11111",
+        "--insecure-api",
+        "--bgp-backup-path=prepend:2",
+    ];
+    let mut agent = Agent::start(&s.t, &s.cfg, &args).expect("agent");
     let have = |want: &[&str]| {
         let routes = g.routes().map_err(|e| e.to_string())?;
         let got: BTreeSet<String> = routes.iter().map(|r| r.prefix.clone()).collect();
@@ -207,6 +203,27 @@ fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
     eventually("announced as the master", Duration::from_secs(15), || {
         path_len(1)
     });
+    // The role survives a restart of the agent (kube-loxilb posts it only
+    // when it changes): BACKUP again after the restart.
+    cistate("BACKUP");
+    eventually("a backup again", Duration::from_secs(15), || path_len(3));
+    agent.stop().unwrap();
+    eventually("withdrawn while stopped", Duration::from_secs(15), || {
+        have(&[])
+    });
+    let mut agent = Agent::start(&s.t, &s.cfg, &args).expect("agent again");
+    eventually(
+        "announced as a backup after the restart",
+        Duration::from_secs(30),
+        || path_len(3),
+    );
+    assert!(
+        agent.log_text().contains("cluster role restored"),
+        "{}",
+        agent.log_text()
+    );
+    cistate("MASTER");
+    eventually("the master again", Duration::from_secs(15), || path_len(1));
     // Remove one VIP's rule: withdrawn.
     agent.reload(&s.cfg, &rules(&s.t, &[1], false, &[VIP]));
     eventually(

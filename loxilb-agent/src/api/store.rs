@@ -9,6 +9,11 @@
 //!   (`{"put": <rule>}` / `{"del": {"externalIP", "port", "protocol"}}`),
 //!   appended before the change is acknowledged.
 //!
+//! - [`CISTATE`], the cluster roles kube-loxilb posted (`POST
+//!   /config/cistate`), `{"Attr": [...]}` (the shape of `GET
+//!   /config/cistate/all`), replaced whole like the snapshot at each
+//!   change: a restarted agent keeps announcing as the role it was given.
+//!
 //! A change costs one appended line, not a rewrite of every rule; when the
 //! journal outgrows the rule set (and 1,000 lines) the snapshot is
 //! rewritten and the journal emptied. Replaying is idempotent (a put
@@ -29,11 +34,12 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{Key, LbRule};
+use super::{CiState, Key, LbRule};
 use loxilb_model::Protocol;
 
 pub const SNAPSHOT: &str = "api-rules.json";
 pub const JOURNAL: &str = "api-rules.journal";
+pub const CISTATE: &str = "cistate.json";
 /// The journal is compacted beyond this many lines (and the rule count).
 const MIN_COMPACT: usize = 1000;
 
@@ -41,6 +47,26 @@ const MIN_COMPACT: usize = 1000;
 struct Snapshot {
     #[serde(rename = "lbAttr")]
     rules: Vec<LbRule>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Roles {
+    #[serde(rename = "Attr")]
+    roles: Vec<CiState>,
+}
+
+/// Replace `path` by `body`: a temporary file beside it, synced, renamed.
+fn write_whole(path: &Path, body: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -234,19 +260,11 @@ impl Store {
         let Some(dir) = self.dir.clone() else {
             return Ok(());
         };
-        let snap = dir.join(SNAPSHOT);
-        let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
         let body = serde_json::to_vec(&Snapshot {
             rules: rules.cloned().collect(),
         })
         .context("encoding the API rules")?;
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &snap)
-        };
-        write().with_context(|| format!("cannot write {}", snap.display()))?;
+        write_whole(&dir.join(SNAPSHOT), &body)?;
         let j = OpenOptions::new()
             .create(true)
             .write(true)
@@ -262,5 +280,49 @@ impl Store {
         );
         self.lines = 0;
         Ok(())
+    }
+}
+
+impl Store {
+    /// The cluster roles stored by [`Store::save_roles`] (none stored:
+    /// empty).
+    pub fn roles(&self) -> Result<Vec<CiState>> {
+        let Some(dir) = &self.dir else {
+            return Ok(vec![]);
+        };
+        let path = dir.join(CISTATE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(serde_json::from_slice::<Roles>(&b)
+                .with_context(|| {
+                    format!(
+                        "{}: not the cluster roles this agent writes; remove it (kube-loxilb \
+                         sets them again)",
+                        path.display()
+                    )
+                })?
+                .roles),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => bail!("cannot read {}: {e}", path.display()),
+        }
+    }
+
+    /// The roles' file, for messages.
+    pub fn describe_roles(&self) -> String {
+        match &self.dir {
+            Some(d) => d.join(CISTATE).display().to_string(),
+            None => "the cluster roles (in memory)".into(),
+        }
+    }
+
+    /// Store the cluster roles (the file replaced whole).
+    pub fn save_roles<'a>(&self, roles: impl Iterator<Item = &'a CiState>) -> Result<()> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let body = serde_json::to_vec(&Roles {
+            roles: roles.cloned().collect(),
+        })
+        .context("encoding the cluster roles")?;
+        write_whole(&dir.join(CISTATE), &body)
     }
 }

@@ -1126,3 +1126,81 @@ fn cistate_sets_the_role_and_reads_back() {
     );
     assert_eq!(get(&mut api)["Attr"][0]["state"], "MASTER");
 }
+
+/// The role kube-loxilb posted survives an agent restart: stored in the
+/// state directory, reported again, and applied to the node by
+/// `restore_role` (nothing stored: the node is not told anything). A
+/// role that cannot be stored is undone on the node (500); a stored file
+/// that is not ours stops the start, naming it.
+#[test]
+fn cistate_persists_across_a_restart() {
+    const CI: &str = "/netlox/v1/config/cistate";
+    let dir = temp_dir("cistate");
+    let (store, stored) = Store::open(&dir).unwrap();
+    let (mut api, inst) = api_with(store, stored, FILE_RULES);
+    api.restore_role().unwrap();
+    assert_eq!(inst.lock().unwrap().master, None, "nothing stored");
+    let (code, _) = api.handle(
+        &http::Method::POST,
+        CI,
+        br#"{"instance":"default","state":"BACKUP","vip":"10.0.0.9"}"#,
+    );
+    assert_eq!(code, 200);
+    let listed = api.handle(&http::Method::GET, &format!("{CI}/all"), b"").1;
+    drop(api);
+
+    let (store, stored) = Store::open(&dir).unwrap();
+    let (mut api, inst) = api_with(store, stored, FILE_RULES);
+    assert_eq!(
+        api.handle(&http::Method::GET, &format!("{CI}/all"), b"").1,
+        listed
+    );
+    assert_eq!(
+        inst.lock().unwrap().master,
+        None,
+        "Api::new installs nothing"
+    );
+    api.restore_role().unwrap();
+    assert_eq!(inst.lock().unwrap().master, Some(false), "BACKUP restored");
+
+    // The file cannot be written (a directory in its place): 500, the node
+    // is back at its role, the reported role unchanged.
+    std::fs::remove_file(dir.join(store::CISTATE)).unwrap();
+    std::fs::create_dir(dir.join(format!("{}.tmp", store::CISTATE))).unwrap();
+    let (code, e) = api.handle(
+        &http::Method::POST,
+        CI,
+        br#"{"instance":"default","state":"MASTER"}"#,
+    );
+    assert_eq!(code, 500, "{e}");
+    assert!(e.to_string().contains("not stored"), "{e}");
+    assert_eq!(inst.lock().unwrap().master, Some(false), "undone");
+    assert_eq!(
+        api.handle(&http::Method::GET, &format!("{CI}/all"), b"").1,
+        listed
+    );
+    drop(api);
+    std::fs::remove_dir(dir.join(format!("{}.tmp", store::CISTATE))).unwrap();
+
+    // Not our file: the start is refused, naming it.
+    std::fs::write(
+        dir.join(store::CISTATE),
+        br#"{"Attr":[{"instance":"x","state":"FAULT","vip":""}]}"#,
+    )
+    .unwrap();
+    let (store, stored) = Store::open(&dir).unwrap();
+    let e = Api::new(
+        Box::new(MemSink(Default::default())),
+        Box::new(|_: &[Rule]| Ok(())),
+        store,
+        stored,
+        false,
+        "rules.yaml",
+        config::parse("rules.yaml", FILE_RULES).unwrap(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("cistate.json") && e.contains("FAULT"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -398,3 +398,140 @@ async fn https_with_a_ca_and_a_token() {
     assert_eq!(held(&api).len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TCP forwarder to a remote that can be cut (connection refused, open
+/// connections dropped) and started again on the same port: a remote that
+/// dies and comes back.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(to: &str, at: Option<std::net::SocketAddr>) -> Proxy {
+        let to: std::net::SocketAddr = to.trim_start_matches("http://").parse().unwrap();
+        let l = tokio::net::TcpListener::bind(at.unwrap_or("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                });
+                t.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Proxy { addr, tasks }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The role `api` holds for the default instance, and its VIP.
+fn role(api: &Arc<Mutex<Api>>) -> Option<(String, String)> {
+    let (st, v) =
+        api.lock()
+            .unwrap()
+            .handle(&http::Method::GET, "/netlox/v1/config/cistate/all", b"");
+    assert_eq!(st, 200, "{v}");
+    v["Attr"].as_array().unwrap().iter().find_map(|a| {
+        (a["instance"] == ROLE_INSTANCE).then(|| {
+            (
+                a["state"].as_str().unwrap().to_string(),
+                a["vip"].as_str().unwrap().to_string(),
+            )
+        })
+    })
+}
+
+fn is(api: &Arc<Mutex<Api>>, state: &str) -> bool {
+    role(api).is_some_and(|(s, _)| s == state)
+}
+
+fn with_roles() -> Options {
+    Options {
+        roles: Some("10.0.0.9".parse().unwrap()),
+        role_interval: Duration::from_millis(100),
+        role_timeout: Duration::from_millis(500),
+        ..fast()
+    }
+}
+
+/// `--setRoles` in external mode: one live remote MASTER, the others
+/// BACKUP; a restarted remote is told again; the MASTER's death promotes
+/// the next; the old one comes back as BACKUP; a new leader keeps the
+/// MASTER the remotes report instead of flipping to the first URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_roles_keeps_one_live_master() {
+    let (url_a, api_a) = serve(insecure()).await;
+    let (url_b, api_b) = serve(insecure()).await;
+    let pa = Proxy::start(&url_a, None).await;
+    let urls = format!("{},{url_b}", pa.url());
+    let mut sink = RemoteSink::start(parse_urls(&urls).unwrap(), with_roles()).unwrap();
+
+    // A follower sets no roles.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!((role(&api_a), role(&api_b)), (None, None));
+    assert!(sink.roles().iter().all(|r| r.state.is_none()));
+
+    sink.leading(true);
+    eventually("A MASTER, B BACKUP", || {
+        is(&api_a, "MASTER") && is(&api_b, "BACKUP")
+    })
+    .await;
+    assert_eq!(role(&api_a).unwrap().1, "10.0.0.9", "the --setRoles VIP");
+    eventually("the report", || {
+        sink.roles()
+            .iter()
+            .map(|r| r.state.clone())
+            .collect::<Vec<_>>()
+            == [Some("MASTER".to_string()), Some("BACKUP".to_string())]
+    })
+    .await;
+    assert_eq!(sink.roles()[0].url, pa.url());
+
+    // B restarts without its state: told BACKUP again.
+    *api_b.lock().unwrap() = fresh_api();
+    assert_eq!(role(&api_b), None);
+    eventually("B BACKUP again", || is(&api_b, "BACKUP")).await;
+
+    // The MASTER dies: B is promoted, A reported down.
+    pa.kill();
+    let t = Instant::now();
+    eventually("B promoted", || is(&api_b, "MASTER")).await;
+    eprintln!("promoted {:?} after the MASTER's death", t.elapsed());
+    eventually("A down in the report", || sink.roles()[0].state.is_none()).await;
+
+    // A comes back, still MASTER on its side: told BACKUP; B stays.
+    assert!(is(&api_a, "MASTER"));
+    let pa2 = Proxy::start(&url_a, Some(pa.addr)).await;
+    eventually("A demoted", || is(&api_a, "BACKUP")).await;
+    assert!(is(&api_b, "MASTER"));
+
+    // A new leader (this agent restarted) keeps B, though A comes first.
+    drop(sink);
+    let mut sink = RemoteSink::start(parse_urls(&urls).unwrap(), with_roles()).unwrap();
+    sink.leading(true);
+    eventually("the new leader's report", || {
+        sink.roles().iter().all(|r| r.state.is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(is(&api_a, "BACKUP") && is(&api_b, "MASTER"));
+    assert_eq!(sink.roles()[1].state.as_deref(), Some("MASTER"));
+    pa2.kill();
+}
