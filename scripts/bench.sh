@@ -19,3 +19,8 @@ cargo build -q --release -p loxilb-tests --bin bench_kube
 LOXILB_REQUIRE_ROOT=1 LOXILB_HA_RUNS="${LOXILB_HA_RUNS:-20}" \
     cargo test -q -p loxilb-tests --test e2e_ha a_killed_agent -- --nocapture 2>&1 |
     grep 'takeover after SIGKILL'
+# The same after the active node dies (links cut, agent killed: only the
+# Lease's expiry decides), with the sub-second Lease timings.
+LOXILB_REQUIRE_ROOT=1 LOXILB_HA_RUNS="${LOXILB_HA_RUNS:-20}" \
+    cargo test -q -p loxilb-tests --test e2e_ha a_dead_node -- --nocapture 2>&1 |
+    grep 'takeover after the active node died'

@@ -26,6 +26,12 @@ use crate::reconcile::post_params;
 /// The Lease the agents share (in the agents' namespace).
 pub const DEFAULT_LEASE_NAME: &str = "loxilb-agent";
 
+/// The Lease's duration to the millisecond, written by the holder next to
+/// `leaseDurationSeconds` (whole seconds, rounded up, what other readers
+/// go by): with a sub-second `--leaseDuration` the agents' expiry is the
+/// exact one.
+pub const DURATION_MS_ANNOTATION: &str = "loxilb.io/lease-duration-ms";
+
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(4);
 pub const DEFAULT_RENEW_DEADLINE: Duration = Duration::from_secs(3);
 pub const DEFAULT_RETRY_PERIOD: Duration = Duration::from_secs(1);
@@ -103,6 +109,45 @@ fn holder(spec: &LeaseSpec) -> Option<&str> {
     spec.holder_identity.as_deref().filter(|h| !h.is_empty())
 }
 
+/// How long the Lease record stays valid: our annotation's milliseconds
+/// when a holder of ours wrote it, else `leaseDurationSeconds`; `None`
+/// when it says neither (our own configured duration then).
+fn duration_of(lease: &Lease, spec: &LeaseSpec) -> Option<Duration> {
+    let ms = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DURATION_MS_ANNOTATION))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0);
+    match ms {
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => spec
+            .lease_duration_seconds
+            .filter(|&s| s > 0)
+            .map(|s| Duration::from_secs(s as u64)),
+    }
+}
+
+/// How long a round of the election may take: a leader's ends at its
+/// renew deadline (counted from the start of its last successful round),
+/// so it steps down on time even when the API server hangs; a follower's
+/// is the renew deadline.
+pub fn round_budget(
+    leading: bool,
+    last_renew: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+    renew_deadline: Duration,
+) -> Duration {
+    match (leading, last_renew) {
+        (true, Some(t)) => (t + renew_deadline)
+            .saturating_duration_since(now)
+            .min(renew_deadline),
+        (true, None) => Duration::ZERO,
+        (false, _) => renew_deadline,
+    }
+}
+
 impl Elector {
     pub fn new(config: LeaseConfig) -> Self {
         Elector {
@@ -131,6 +176,7 @@ impl Elector {
                 metadata: ObjectMeta {
                     name: Some(self.config.name.clone()),
                     namespace: Some(self.config.namespace.clone()),
+                    annotations: Some(self.duration_annotation(None)),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {
@@ -145,7 +191,10 @@ impl Elector {
         };
         let spec = lease.spec.clone().unwrap_or_default();
         self.observe(&spec, now);
+        let duration = duration_of(lease, &spec);
         let mut next = lease.clone();
+        next.metadata.annotations =
+            Some(self.duration_annotation(lease.metadata.annotations.clone()));
         let mut new_spec = spec.clone();
         new_spec.renew_time = Some(MicroTime(now));
         new_spec.lease_duration_seconds = Some(self.config.duration_secs());
@@ -157,9 +206,11 @@ impl Elector {
                     takeover: false,
                 }
             }
-            Some(h) if !self.expired(&spec, now) && !self.known_dead(h, now) => LeaseAction::Wait {
-                holder: h.to_string(),
-            },
+            Some(h) if !self.expired(&spec, duration, now) && !self.known_dead(h, now) => {
+                LeaseAction::Wait {
+                    holder: h.to_string(),
+                }
+            }
             _ => {
                 new_spec.holder_identity = Some(me);
                 new_spec.acquire_time = Some(MicroTime(now));
@@ -197,16 +248,26 @@ impl Elector {
         })
     }
 
-    fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
+    fn expired(&self, spec: &LeaseSpec, duration: Option<Duration>, now: Timestamp) -> bool {
         let Some((_, since)) = self.observed.as_ref().filter(|(s, _)| s == spec) else {
             return false;
         };
-        let secs = spec
-            .lease_duration_seconds
-            .unwrap_or(self.config.duration_secs());
-        since
-            .checked_add(SignedDuration::from_secs(secs.into()))
-            .is_ok_and(|end| now >= end)
+        let d = duration.unwrap_or(self.config.lease_duration);
+        let d = SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+        since.checked_add(d).is_ok_and(|end| now >= end)
+    }
+
+    /// `annotations` with ours set to our Lease duration.
+    fn duration_annotation(
+        &self,
+        annotations: Option<std::collections::BTreeMap<String, String>>,
+    ) -> std::collections::BTreeMap<String, String> {
+        let mut a = annotations.unwrap_or_default();
+        a.insert(
+            DURATION_MS_ANNOTATION.to_string(),
+            self.config.lease_duration.as_millis().to_string(),
+        );
+        a
     }
 
     /// The Lease that gives up our hold (no holder, expired at once), or
@@ -331,20 +392,22 @@ impl LeaderElector {
         tokio::pin!(shutdown);
         loop {
             let is_leader = *leader.borrow();
-            // A request that hangs must not keep a leader past its deadline.
-            let round = tokio::time::timeout(
-                cfg.renew_deadline,
-                self.try_acquire_or_renew(Timestamp::now()),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(kube::Error::Service(
-                    format!("no answer within {:?}", cfg.renew_deadline).into(),
-                ))
-            });
+            // A request that hangs must not keep a leader past its
+            // deadline: the round ends there.
+            let started = tokio::time::Instant::now();
+            let budget = round_budget(is_leader, last_renew, started, cfg.renew_deadline);
+            let round = tokio::time::timeout(budget, self.try_acquire_or_renew(Timestamp::now()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(kube::Error::Service(
+                        format!("no answer within {budget:?}").into(),
+                    ))
+                });
             match round {
                 Ok(true) => {
-                    last_renew = Some(tokio::time::Instant::now());
+                    // From the start of the round: the record others see
+                    // was written after it (a conservative deadline).
+                    last_renew = Some(started);
                     if !is_leader {
                         info!(identity = %cfg.identity, lease = %cfg.name, "became leader");
                         leader.send_replace(true);
@@ -365,9 +428,20 @@ impl LeaderElector {
                     }
                 }
             }
+            // A leader's next round comes no later than its deadline.
+            let pause = if *leader.borrow() {
+                cfg.retry_period.min(round_budget(
+                    true,
+                    last_renew,
+                    tokio::time::Instant::now(),
+                    cfg.renew_deadline,
+                ))
+            } else {
+                cfg.retry_period
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep(cfg.retry_period) => {}
+                _ = tokio::time::sleep(pause) => {}
                 Some(dead) = next_hint(&mut self.hints) => {
                     if !*leader.borrow() {
                         info!(holder = %dead, "the agent holding the Lease was found dead: taking the Lease over now");
@@ -444,6 +518,96 @@ mod tests {
             e.decide(Some(&l), t(5)),
             LeaseAction::Update { takeover: true, .. }
         ));
+    }
+
+    fn ms(ms: i64) -> Timestamp {
+        t(0).checked_add(SignedDuration::from_millis(ms)).unwrap()
+    }
+
+    /// A sub-second `--leaseDuration`: written to the millisecond in our
+    /// annotation (the seconds field rounded up for other readers) and
+    /// honoured by the other agents; a Lease without it goes by its
+    /// seconds.
+    #[test]
+    fn a_sub_second_lease_expires_to_the_millisecond() {
+        let mut c = LeaseConfig::new("kube-system", "b");
+        c.lease_duration = Duration::from_millis(600);
+        c.renew_deadline = Duration::from_millis(400);
+        c.retry_period = Duration::from_millis(100);
+        let mut holder = Elector::new(LeaseConfig {
+            identity: "a".into(),
+            ..c.clone()
+        });
+        let LeaseAction::Create(mut l) = holder.decide(None, ms(0)) else {
+            panic!("create")
+        };
+        let ann =
+            |l: &Lease| l.metadata.annotations.as_ref().unwrap()[DURATION_MS_ANNOTATION].clone();
+        assert_eq!(ann(&l), "600");
+        assert_eq!(l.spec.as_ref().unwrap().lease_duration_seconds, Some(1));
+        // Renewals keep it (and other annotations).
+        l.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("other".into(), "x".into());
+        let LeaseAction::Update { lease: r, takeover } = holder.decide(Some(&l), ms(100)) else {
+            panic!("renew")
+        };
+        assert!(!takeover);
+        assert_eq!(ann(&r), "600");
+        assert_eq!(r.metadata.annotations.as_ref().unwrap()["other"], "x");
+        // Another agent: waits 600 ms from first seeing the record, then
+        // takes over (not the 1 s of the seconds field).
+        let mut other = Elector::new(c);
+        assert!(matches!(
+            other.decide(Some(&r), ms(150)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            other.decide(Some(&r), ms(700)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            other.decide(Some(&r), ms(750)),
+            LeaseAction::Update { takeover: true, .. }
+        ));
+        // Without our annotation: the seconds field (1 s).
+        let mut plain = r.clone();
+        plain.metadata.annotations = None;
+        let mut other = Elector::new(LeaseConfig::new("kube-system", "c"));
+        assert!(matches!(
+            other.decide(Some(&plain), ms(0)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            other.decide(Some(&plain), ms(900)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            other.decide(Some(&plain), ms(1000)),
+            LeaseAction::Update { takeover: true, .. }
+        ));
+    }
+
+    /// A leader's round ends at its renew deadline, counted from the start
+    /// of its last successful round: it steps down on time even when the
+    /// API server hangs.
+    #[test]
+    fn a_leaders_round_ends_at_its_deadline() {
+        let now = tokio::time::Instant::now();
+        let d = Duration::from_millis(400);
+        let ago = |ms: u64| Some(now - Duration::from_millis(ms));
+        assert_eq!(round_budget(false, ago(5000), now, d), d);
+        assert_eq!(round_budget(false, None, now, d), d);
+        assert_eq!(round_budget(true, ago(0), now, d), d);
+        assert_eq!(
+            round_budget(true, ago(100), now, d),
+            Duration::from_millis(300)
+        );
+        assert_eq!(round_budget(true, ago(400), now, d), Duration::ZERO);
+        assert_eq!(round_budget(true, ago(900), now, d), Duration::ZERO);
+        assert_eq!(round_budget(true, None, now, d), Duration::ZERO);
     }
 
     fn lease(holder: Option<&str>, renew: i64, transitions: i32) -> Lease {

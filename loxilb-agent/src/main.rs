@@ -367,7 +367,10 @@ struct KubeArgs {
     no_zone_name: Option<String>,
     /// How long the leader's Lease stays valid without renewal: a killed
     /// leader is replaced within this plus one retry period (default 4s;
-    /// seconds, or 500ms/4s/1m; whole seconds in the Lease).
+    /// seconds, or 500ms/4s/1m; the Lease's seconds field rounded up, the
+    /// exact value in its loxilb.io/lease-duration-ms annotation, which the
+    /// agents go by: e.g. 600ms with 400ms / 100ms below for a sub-second
+    /// takeover after a node dies).
     #[arg(long = "leaseDuration", value_name = "DURATION")]
     lease_duration: Option<String>,
     /// A leader that could not renew for this long steps down (default 3s;

@@ -211,6 +211,13 @@ impl Ha {
             run(&self.lbs[i], &format!("ip link set {d} down"));
         }
     }
+
+    /// The node's links up again.
+    fn uncut(&self, i: usize) {
+        for d in ["x0", "x1"] {
+            run(&self.lbs[i], &format!("ip link set {d} up"));
+        }
+    }
 }
 
 fn seed_api(api: &ApiServer) {
@@ -837,6 +844,187 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
         "{name}: takeover after SIGKILL of the active agent, {runs} runs: VIPs on the new owner \
          p50 {v50:.0} ms / p99 {v99:.0} ms; client ARP moved p50 {a50:.0} / p99 {a99:.0} ms; \
          first new connection served p50 {n50:.0} / p99 {n99:.0} ms (goal < 1000 ms)"
+    );
+    for a in agents.iter_mut().flatten() {
+        a.stop().unwrap();
+    }
+}
+
+/// The Lease timings of a sub-second takeover after a node dies.
+const FAST_LEASE: [&str; 3] = [
+    "--leaseDuration=600ms",
+    "--leaseRenewDeadline=400ms",
+    "--leaseRetryPeriod=100ms",
+];
+
+/// The active node dies (its links cut, then its agent killed: no goodbye,
+/// no refused dial, nothing proves the death), with the sub-second Lease
+/// timings of `FAST_LEASE`: the backup takes the Lease at its expiry
+/// (600 ms after it last saw it renewed) and with it the VIPs; the
+/// client's ARP entry moves, an established TCP connection (synced)
+/// carries on, new connections are served. The dead node comes back
+/// (links up once its VIPs expired, agent restarted): a backup. Then the
+/// other way round; `LOXILB_HA_RUNS` deaths in all (default 2), times
+/// printed (p50/p99: `scripts/bench.sh` runs 20).
+#[test]
+fn a_dead_node_is_replaced_within_a_sub_second_lease() {
+    let name = "a_dead_node_is_replaced_within_a_sub_second_lease";
+    if !need_root(name) {
+        return;
+    }
+    let runs: usize = std::env::var("LOXILB_HA_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+    let ha = Ha::new("lxha5");
+    let certs = Certs::new(&["node-a", "node-b"]);
+    let api = ApiServer::new();
+    seed_api(&api);
+    let mut extra = vec!["--keep"];
+    extra.extend(FAST_LEASE);
+    let start = |i: usize, label: &str| ha.start_synced_with(&api, i, label, &certs, &extra);
+    let mut agents = vec![Some(start(0, "node-a"))];
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap();
+    agents.push(Some(start(1, "node-b")));
+    let vip = bring_up(
+        &ha,
+        &api,
+        agents[0].as_ref().unwrap(),
+        agents[1].as_ref().unwrap(),
+    );
+    let to: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let names = ["node-a", "node-b"];
+    let (mut t_vip, mut t_arp, mut t_new) = (vec![], vec![], vec![]);
+    for run in 0..runs {
+        let (l, f) = (run % 2, 1 - run % 2);
+        let mut c = Conn::open(&ha.client, to)
+            .unwrap_or_else(|e| panic!("run {run}: through {}: {e:#}", names[l]));
+        let first = c.ask("before").unwrap();
+        let local = c.local_addr().to_string();
+        wait_until(
+            "the follower has the session",
+            Duration::from_secs(10),
+            || {
+                agents[f]
+                    .as_ref()
+                    .unwrap()
+                    .cli("sessions")
+                    .is_ok_and(|t| t.contains(&local))
+            },
+        )
+        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
+        let hints_before = log_of(&agents, f)
+            .matches("found dead: taking the Lease over now")
+            .count();
+
+        ha.cut(l);
+        let t0 = Instant::now();
+        agents[l].as_mut().unwrap().kill();
+        let (mut vip_at, mut arp_at) = (None, None);
+        let mac_f = ha.mac(f);
+        while (vip_at.is_none() || arp_at.is_none()) && t0.elapsed() < Duration::from_secs(10) {
+            if vip_at.is_none() {
+                let lo = lo_addrs(&ha.lbs[f]);
+                if lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string()) {
+                    vip_at = Some(t0.elapsed());
+                }
+            }
+            if arp_at.is_none() {
+                let n = ha
+                    .client
+                    .sh(&["ip", "neigh", "show", &vip])
+                    .unwrap_or_default();
+                if n.contains(&mac_f) {
+                    arp_at = Some(t0.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (Some(vip_at), Some(arp_at)) = (vip_at, arp_at) else {
+            panic!(
+                "run {run}: {} did not take over within 10 s (VIPs {vip_at:?}, client ARP {arp_at:?}):\n{}",
+                names[f],
+                log_of(&agents, f)
+            )
+        };
+        let served = loop {
+            match Conn::open(&ha.client, to).and_then(|mut c| c.ask("new")) {
+                Ok(r) => {
+                    assert_eq!(r.client.ip().to_string(), ROLE_VIP);
+                    break t0.elapsed();
+                }
+                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                    panic!(
+                        "run {run}: no new connection served: {e:#}\n{}",
+                        log_of(&agents, f)
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        // By the Lease's expiry: nothing proved the death.
+        assert_eq!(
+            log_of(&agents, f)
+                .matches("found dead: taking the Lease over now")
+                .count(),
+            hints_before,
+            "run {run}: a death hint with the node's links down:\n{}",
+            log_of(&agents, f)
+        );
+        assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
+        c.set_timeout(Duration::from_secs(10)).unwrap();
+        let after = c.ask("after").unwrap_or_else(|e| {
+            panic!(
+                "run {run}: the connection broke: {e:#}\n{}",
+                log_of(&agents, f)
+            )
+        });
+        assert_eq!((after.backend, after.client), (first.backend, first.client));
+        t_vip.push(vip_at);
+        t_arp.push(arp_at);
+        t_new.push(served);
+
+        // The dead node comes back once its VIPs expired (a node that
+        // reboots has none): links up, agent restarted, a backup.
+        wait_until(
+            "the dead node's VIPs expire",
+            Duration::from_secs(8),
+            || lo_addrs(&ha.lbs[l]).is_empty(),
+        )
+        .unwrap_or_else(|e| panic!("run {run}: {e}: {:?}", lo_addrs(&ha.lbs[l])));
+        ha.uncut(l);
+        agents[l] = Some(start(l, &format!("{}#{}", names[l], run + 2)));
+        wait_until(
+            "the restarted agent has the rule",
+            Duration::from_secs(15),
+            || {
+                agents[l]
+                    .as_ref()
+                    .unwrap()
+                    .cli("rules")
+                    .is_ok_and(|r| r.contains(&format!("{vip}:80")))
+            },
+        )
+        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, l)));
+        assert!(lo_addrs(&ha.lbs[l]).is_empty(), "run {run}: a backup");
+        assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
+        assert!(
+            lo_addrs(&ha.lbs[f]).contains(&vip),
+            "run {run}: the owner kept the VIP"
+        );
+    }
+    let (v50, v99) = p50_p99(&t_vip);
+    let (a50, a99) = p50_p99(&t_arp);
+    let (n50, n99) = p50_p99(&t_new);
+    eprintln!(
+        "{name}: takeover after the active node died (links cut, agent killed; Lease 600 ms / \
+         400 ms / 100 ms), {runs} runs: VIPs on the new owner p50 {v50:.0} ms / p99 {v99:.0} ms; \
+         client ARP moved p50 {a50:.0} / p99 {a99:.0} ms; first new connection served p50 \
+         {n50:.0} / p99 {n99:.0} ms (goal < 1000 ms)"
     );
     for a in agents.iter_mut().flatten() {
         a.stop().unwrap();
