@@ -347,6 +347,11 @@ pub trait Sink: Send {
     fn sessions(&mut self) -> anyhow::Result<Vec<crate::show::SessionRow>>;
     /// The endpoints health probes found down: (rule name, IP, port).
     fn endpoints_down(&mut self) -> HashSet<(String, IpAddr, u16)>;
+    /// Every health-probe target and its state (`GET /config/endpoint/all`).
+    fn probes(&mut self) -> Vec<crate::probe::TargetStatus>;
+    /// The BGP sessions (`GET /config/bgp/neigh/all`); `Ok(None)`: BGP is
+    /// off.
+    fn bgp_neighbors(&mut self) -> anyhow::Result<Option<Vec<crate::bgp::Neighbor>>>;
     /// The cluster role kube-loxilb gave this agent (`POST
     /// /config/cistate`): `true` MASTER (every VIP announced as active),
     /// `false` BACKUP (announced as a backup: `--bgp-backup-path`).
@@ -1051,6 +1056,87 @@ impl Api {
         Ok(json!({ "ctAttr": ct }))
     }
 
+    /// loxicmd's `get ep` (loxilb's `EndPointState`): one entry per probed
+    /// endpoint of every rule. `hostName` is the endpoint's address,
+    /// `description` names the rule and port; `probeType` in loxilb's
+    /// words (`icmp`, `connect-tcp`, `connect-udp`, `connect-sctp`,
+    /// `http`, `https`, `none`); `probeDuration` the interval in seconds;
+    /// `currState` `ok` or `nok`. This agent keeps the last probe's time
+    /// only: `lastDelay` (ours) has it, `minDelay` / `avgDelay` /
+    /// `maxDelay` are empty. Ours too: `lastResult`, `probed`.
+    fn endpoints(&mut self) -> Value {
+        let specs: HashMap<&str, &loxilb_model::ProbeSpec> = self
+            .file
+            .iter()
+            .chain(self.rules.values().map(|(_, r)| r))
+            .filter_map(|r| Some((r.name.as_str(), r.probe.as_ref()?)))
+            .collect();
+        let mut rows = self.sink.probes();
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        let attr: Vec<Value> = rows
+            .iter()
+            .map(|t| {
+                let spec = specs.get(t.key.rule.as_str());
+                let kind = match t.kind {
+                    loxilb_model::ProbeKind::None => "none",
+                    loxilb_model::ProbeKind::Ping => "icmp",
+                    loxilb_model::ProbeKind::Tcp => "connect-tcp",
+                    loxilb_model::ProbeKind::Udp => "connect-udp",
+                    loxilb_model::ProbeKind::Sctp => "connect-sctp",
+                    loxilb_model::ProbeKind::Http => "http",
+                    loxilb_model::ProbeKind::Https => "https",
+                };
+                json!({
+                    "hostName": t.key.addr.to_string(),
+                    "description": format!("rule {} port {}", t.key.rule, t.key.port),
+                    "inactiveReTries": spec.map_or(0, |s| s.retries),
+                    "probeType": kind,
+                    "probeReq": spec.and_then(|s| s.request.clone()).unwrap_or_default(),
+                    "probeResp": spec.and_then(|s| s.response.clone()).unwrap_or_default(),
+                    "probeDuration": spec.map_or(0, |s| s.interval.as_secs()),
+                    "probePort": t.probe_addr.port(),
+                    "minDelay": "",
+                    "avgDelay": "",
+                    "maxDelay": "",
+                    "lastDelay": t
+                        .last_latency
+                        .map(|d| format!("{:.3}ms", d.as_secs_f64() * 1e3))
+                        .unwrap_or_default(),
+                    "currState": if t.up { "ok" } else { "nok" },
+                    "lastResult": t.last_result,
+                    "probed": t.probed,
+                })
+            })
+            .collect();
+        json!({ "Attr": attr })
+    }
+
+    /// loxicmd's `get bgpneighbor` (loxilb's `BGPNeighborEntry`):
+    /// `ipAddress`, `remoteAs`, `state` (BIRD's word for it, lower case:
+    /// `established`, `active`, `connect`, ...), `updowntime` (how long
+    /// Established, `h:mm:ss`; empty otherwise). BGP off: an empty list.
+    fn bgp_neighbors(&mut self) -> Result<Value, ApiError> {
+        let n = self.sink.bgp_neighbors().map_err(|e| {
+            ApiError::new(503, "", format!("the BGP speaker does not answer: {e:#}"))
+        })?;
+        let attr: Vec<Value> = n
+            .unwrap_or_default()
+            .iter()
+            .map(|x| {
+                json!({
+                    "ipAddress": x.address.to_string(),
+                    "remoteAs": x.remote_as.unwrap_or(0),
+                    "state": x.state.to_string().to_ascii_lowercase(),
+                    "updowntime": x.uptime.map(|d| {
+                        let s = d.as_secs();
+                        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+                    }).unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(json!({ "bgpNeiAttr": attr }))
+    }
+
     /// One request (already authorized): status and JSON body.
     pub fn handle(&mut self, method: &http::Method, path: &str, body: &[u8]) -> (u16, Value) {
         match self.route(method, path, body) {
@@ -1105,6 +1191,8 @@ impl Api {
                 Ok(ok())
             }
             (Method::GET, ["config", "conntrack", "all"]) => self.conntrack(),
+            (Method::GET, ["config", "endpoint", "all"]) => Ok(self.endpoints()),
+            (Method::GET, ["config", "bgp", "neigh", "all"]) => self.bgp_neighbors(),
             (Method::POST, ["config", "cistate"]) => {
                 let req = parse_json::<CiState>(body)?;
                 self.post_cistate(req)?;
@@ -1126,6 +1214,8 @@ impl Api {
             | (_, ["config", "loadbalancer"])
             | (_, ["config", "loadbalancer", "all"])
             | (_, ["config", "conntrack", "all"])
+            | (_, ["config", "endpoint", "all"])
+            | (_, ["config", "bgp", "neigh", "all"])
             | (_, ["config", "cistate"])
             | (_, ["config", "cistate", "all"])
             | (_, ["config", "loadbalancer", "name", _])

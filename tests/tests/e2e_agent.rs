@@ -187,6 +187,26 @@ fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
             assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         })
     };
+    // loxicmd's `get bgpneighbor` through the API: the router's session.
+    let neighbors = s.t.lb.run(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:11111").unwrap();
+        write!(
+            c,
+            "GET /netlox/v1/config/bgp/neigh/all HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(
+        neighbors.starts_with("HTTP/1.1 200")
+            && neighbors.contains(r#""ipAddress":"10.99.0.2""#)
+            && neighbors.contains(r#""remoteAs":65002"#)
+            && neighbors.contains(r#""state":"established""#),
+        "{neighbors}"
+    );
     let path_len = |want: usize| {
         let routes = g.routes().map_err(|e| e.to_string())?;
         if routes.len() == 2 && routes.iter().all(|r| r.as_path == vec![65001; want]) {

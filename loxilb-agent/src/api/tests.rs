@@ -21,6 +21,9 @@ struct Installed {
     fail: bool,
     down: std::collections::HashSet<(String, IpAddr, u16)>,
     master: Option<bool>,
+    probes: Vec<crate::probe::TargetStatus>,
+    /// `None`: BGP off; `Some(Err)`: the speaker does not answer.
+    bgp: Option<Result<Vec<crate::bgp::Neighbor>, String>>,
 }
 
 struct MemSink(Arc<Mutex<Installed>>);
@@ -56,6 +59,18 @@ impl Sink for MemSink {
 
     fn endpoints_down(&mut self) -> std::collections::HashSet<(String, IpAddr, u16)> {
         self.0.lock().unwrap().down.clone()
+    }
+
+    fn probes(&mut self) -> Vec<crate::probe::TargetStatus> {
+        self.0.lock().unwrap().probes.clone()
+    }
+
+    fn bgp_neighbors(&mut self) -> anyhow::Result<Option<Vec<crate::bgp::Neighbor>>> {
+        match self.0.lock().unwrap().bgp.clone() {
+            None => Ok(None),
+            Some(Ok(n)) => Ok(Some(n)),
+            Some(Err(e)) => Err(anyhow::anyhow!(e)),
+        }
     }
 
     fn set_master(&mut self, master: bool) -> anyhow::Result<()> {
@@ -1203,4 +1218,104 @@ fn cistate_persists_across_a_restart() {
     .to_string();
     assert!(e.contains("cistate.json") && e.contains("FAULT"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// loxicmd's `get ep` and `get bgpneighbor`: `GET /config/endpoint/all`
+/// (loxilb's `EndPointState`, from the probe states and the rule's probe)
+/// and `GET /config/bgp/neigh/all` (`BGPNeighborEntry`); BGP off: an empty
+/// list; the speaker not answering: 503 with why; other methods: 405.
+#[test]
+fn endpoint_and_bgp_neighbor_lists() {
+    use crate::{
+        bgp::{BgpState, Neighbor},
+        probe::{TargetKey, TargetStatus},
+    };
+    let file = "rules:\n  - name: probed\n    vip: 20.0.0.9\n    port: 80\n    protocol: tcp\n    endpoints: [{ ip: 10.0.1.10, port: 8080 }, { ip: 10.0.1.11, port: 8080 }]\n    probe: {type: http, port: 8081, request: healthz, response: ok, timeout: 0.5, retries: 3, interval: 2}\n";
+    let (mut api, inst) = api_with(Store::in_memory(), vec![], file);
+    let get = |api: &mut Api, path: &str| api.handle(&http::Method::GET, path, b"");
+    const EP: &str = "/netlox/v1/config/endpoint/all";
+    const NEI: &str = "/netlox/v1/config/bgp/neigh/all";
+    assert_eq!(get(&mut api, EP), (200, json!({ "Attr": [] })));
+    let target = |ip: &str, up: bool, latency_us: Option<u64>, result: &str| TargetStatus {
+        key: TargetKey::new("probed", ip.parse().unwrap(), 8080),
+        kind: loxilb_model::ProbeKind::Http,
+        probe_addr: format!("{ip}:8081").parse().unwrap(),
+        up,
+        probed: true,
+        last_result: result.into(),
+        last_ok: Some(up),
+        last_latency: latency_us.map(std::time::Duration::from_micros),
+        consecutive_failures: if up { 0 } else { 3 },
+        probes: 9,
+        failures: if up { 0 } else { 3 },
+        last_probe: None,
+        last_change: None,
+    };
+    inst.lock().unwrap().probes = vec![
+        target("10.0.1.11", false, None, "connection refused"),
+        target("10.0.1.10", true, Some(1250), "HTTP 200"),
+    ];
+    assert_eq!(
+        get(&mut api, EP),
+        (
+            200,
+            json!({ "Attr": [
+                {"hostName": "10.0.1.10", "description": "rule probed port 8080",
+                 "inactiveReTries": 3, "probeType": "http", "probeReq": "healthz",
+                 "probeResp": "ok", "probeDuration": 2, "probePort": 8081,
+                 "minDelay": "", "avgDelay": "", "maxDelay": "", "lastDelay": "1.250ms",
+                 "currState": "ok", "lastResult": "HTTP 200", "probed": true},
+                {"hostName": "10.0.1.11", "description": "rule probed port 8080",
+                 "inactiveReTries": 3, "probeType": "http", "probeReq": "healthz",
+                 "probeResp": "ok", "probeDuration": 2, "probePort": 8081,
+                 "minDelay": "", "avgDelay": "", "maxDelay": "", "lastDelay": "",
+                 "currState": "nok", "lastResult": "connection refused", "probed": true},
+            ]})
+        )
+    );
+
+    assert_eq!(get(&mut api, NEI), (200, json!({ "bgpNeiAttr": [] })));
+    let neighbor = |ip: &str, state: BgpState, up_s: Option<u64>| Neighbor {
+        name: format!("peer_{ip}"),
+        address: ip.parse().unwrap(),
+        remote_as: Some(65002),
+        local_as: Some(65001),
+        state,
+        uptime: up_s.map(std::time::Duration::from_secs),
+        since: None,
+        internal: Some(false),
+        multihop: false,
+        source_address: None,
+        router_id: None,
+        hold_time: None,
+        keepalive: None,
+        last_error: None,
+        info: String::new(),
+        channels: vec![],
+    };
+    inst.lock().unwrap().bgp = Some(Ok(vec![
+        neighbor("10.99.0.2", BgpState::Established, Some(3725)),
+        neighbor("10.99.0.3", BgpState::Active, None),
+    ]));
+    assert_eq!(
+        get(&mut api, NEI),
+        (
+            200,
+            json!({ "bgpNeiAttr": [
+                {"ipAddress": "10.99.0.2", "remoteAs": 65002, "state": "established", "updowntime": "1:02:05"},
+                {"ipAddress": "10.99.0.3", "remoteAs": 65002, "state": "active", "updowntime": ""},
+            ]})
+        )
+    );
+    inst.lock().unwrap().bgp = Some(Err("connection refused".into()));
+    let (code, e) = get(&mut api, NEI);
+    assert_eq!(code, 503, "{e}");
+    assert!(e.to_string().contains("connection refused"), "{e}");
+    for path in [EP, NEI] {
+        assert_eq!(
+            api.handle(&http::Method::POST, path, b"{}").0,
+            405,
+            "{path}"
+        );
+    }
 }

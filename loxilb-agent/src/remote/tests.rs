@@ -31,6 +31,12 @@ impl api::Sink for NoDatapath {
     fn set_master(&mut self, _: bool) -> anyhow::Result<()> {
         Ok(())
     }
+    fn probes(&mut self) -> Vec<crate::probe::TargetStatus> {
+        vec![]
+    }
+    fn bgp_neighbors(&mut self) -> anyhow::Result<Option<Vec<crate::bgp::Neighbor>>> {
+        Ok(None)
+    }
 }
 
 const FILE_RULES: &str = "rules:\n  - name: file-web\n    vip: 20.0.0.9\n    port: 80\n    protocol: tcp\n    endpoints: [{ ip: 10.0.1.10, port: 8080 }]\n";
