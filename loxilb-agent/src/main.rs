@@ -1552,7 +1552,11 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         None
     };
     let hints = sync.as_ref().and_then(|s| s.takeover_hints());
-    let vips_on_lo = std::sync::Arc::new(loxilb_agent::lovips::LoVips::start(lo, held.clone())?);
+    let vips_on_lo = std::sync::Arc::new(loxilb_agent::lovips::LoVips::start(
+        lo,
+        held.clone(),
+        loxilb_agent::lovips::lifetime_for(run_config.lease.lease_duration),
+    )?);
     let sink = KubeSink {
         discover_port,
         node_name: run_config.node_name.clone(),
