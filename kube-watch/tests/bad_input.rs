@@ -54,6 +54,24 @@ fn junk() -> impl Strategy<Value = String> {
     ]
 }
 
+/// [`junk`] that is not one of `words` (any case, spaces around) by
+/// chance: `[a-z]{1,12}` makes `rr` or `lc` now and then.
+fn junk_except(words: &'static [&'static str]) -> impl Strategy<Value = String> {
+    junk().prop_filter("a valid keyword after all", move |s| {
+        !words.iter().any(|w| s.trim().eq_ignore_ascii_case(w))
+    })
+}
+
+/// [`junk`] that is not a number in `lo..=hi` by chance (`\PC{1,20}`
+/// makes `7` now and then).
+fn junk_except_number(lo: u64, hi: u64) -> impl Strategy<Value = String> {
+    junk().prop_filter("a valid number after all", move |s| {
+        !s.trim()
+            .parse::<i128>()
+            .is_ok_and(|n| (i128::from(lo)..=i128::from(hi)).contains(&n))
+    })
+}
+
 /// A keyword written as users do: any ASCII case, spaces around.
 fn spelled(words: &'static [&'static str]) -> impl Strategy<Value = String> {
     (
@@ -185,7 +203,7 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
             valid(spelled(&["default", "onearm", "fullnat", "dsr"])),
             invalid(prop_oneof![
                 spelled(&["fullproxy", "hostonearm", "nat", "dnat", "dsr-ipip"]),
-                junk()
+                junk_except(&["default", "onearm", "fullnat", "dsr"])
             ]),
         ]
         .boxed(),
@@ -195,25 +213,34 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
             ])),
             invalid(prop_oneof![
                 spelled(&["ipv5", "dual", "nat46", "v4"]),
-                junk()
+                junk_except(&["ipv4", "ip", "ip4", "ipv6", "ip6", "nat66", "ipv6to4", "nat64"])
             ]),
         ]
         .boxed(),
         keys::TIMEOUT => prop_oneof![
             valid(number_in(1, 604_800)),
-            invalid(prop_oneof![number_outside(1, 604_800), junk()]),
+            invalid(prop_oneof![
+                number_outside(1, 604_800),
+                junk_except_number(1, 604_800)
+            ]),
         ]
         .boxed(),
         keys::PROBE_TYPE => prop_oneof![
             valid(spelled(&[
                 "none", "ping", "udp", "tcp", "http", "https", "sctp"
             ])),
-            invalid(prop_oneof![spelled(&["icmp", "grpc", "http2"]), junk()]),
+            invalid(prop_oneof![
+                spelled(&["icmp", "grpc", "http2"]),
+                junk_except(&["none", "ping", "udp", "tcp", "http", "https", "sctp"])
+            ]),
         ]
         .boxed(),
         keys::PROBE_PORT => prop_oneof![
             valid(number_in(1, 65535)),
-            invalid(prop_oneof![number_outside(1, 65535), junk()]),
+            invalid(prop_oneof![
+                number_outside(1, 65535),
+                junk_except_number(1, 65535)
+            ]),
         ]
         .boxed(),
         keys::PROBE_REQ | keys::PROBE_RESP => prop_oneof![
@@ -227,24 +254,33 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
         .boxed(),
         keys::PROBE_TIMEOUT => prop_oneof![
             valid(number_in(1, 3600)),
-            invalid(prop_oneof![number_outside(1, 3600), junk()]),
+            invalid(prop_oneof![
+                number_outside(1, 3600),
+                junk_except_number(1, 3600)
+            ]),
         ]
         .boxed(),
         keys::PROBE_RETRIES => prop_oneof![
             valid(number_in(0, 100)),
-            invalid(prop_oneof![number_outside(0, 100), junk()]),
+            invalid(prop_oneof![
+                number_outside(0, 100),
+                junk_except_number(0, 100)
+            ]),
         ]
         .boxed(),
         keys::EP_SELECT => prop_oneof![
             valid(spelled(&["rr", "roundrobin", "hash", "persist", "lc"])),
-            invalid(prop_oneof![spelled(&["n2", "n3", "random", "wrr"]), junk()]),
+            invalid(prop_oneof![
+                spelled(&["n2", "n3", "random", "wrr"]),
+                junk_except(&["rr", "roundrobin", "hash", "persist", "lc"])
+            ]),
         ]
         .boxed(),
         keys::LIVENESS | keys::USE_POD_NETWORK => prop_oneof![
             valid(yes_no()),
             invalid(prop_oneof![
                 spelled(&["true", "false", "on", "off", "y", "n", "1", "0"]),
-                junk()
+                junk_except(&["yes", "no"])
             ]),
         ]
         .boxed(),

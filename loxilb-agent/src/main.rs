@@ -976,8 +976,8 @@ impl loxilb_agent::api::Sink for NodeSink {
     }
 }
 
-async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) -> Result<()> {
-    use loxilb_agent::api;
+/// `run`'s refusals of flags that mean nothing there.
+fn check_run_flags(a: &NodeArgs, api_args: &ApiArgs) -> Result<()> {
     if a.ifaces.is_empty() {
         anyhow::bail!("--iface is required: the interface(s) to attach the XDP datapath to");
     }
@@ -994,6 +994,12 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
              /config/cistate); give --api-listen or remove the flag"
         );
     }
+    Ok(())
+}
+
+async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) -> Result<()> {
+    use loxilb_agent::api;
+    check_run_flags(a, api_args)?;
     let listen = api::server::ApiListen::from_flags(
         api_args.api_listen,
         api_args.api_tls.as_deref(),
@@ -1869,8 +1875,7 @@ mod tests {
     }
 
     /// `--bgp-backup-path`: typed values, refused where it would do
-    /// nothing (BGP off, external mode; `run` without `--api-listen` is
-    /// refused in `run` itself, not covered here).
+    /// nothing (BGP off, external mode, `run` without `--api-listen`).
     #[test]
     fn bgp_backup_path_flag() {
         use loxilb_agent::bgp::BackupPath;
@@ -1924,6 +1929,27 @@ mod tests {
         };
         let e = check_kube_compat(&kube, &node).unwrap_err().to_string();
         assert!(e.contains("--bgp-backup-path"), "{e}");
+        let run = |extra: &[&str]| {
+            let mut v = vec!["loxilb-agent", "run", "-c", "r.yaml", "-i", "eth0"];
+            v.extend_from_slice(extra);
+            match Cli::try_parse_from(v).unwrap().cmd {
+                Cmd::Run { node, api, .. } => check_run_flags(&node, &api),
+                _ => unreachable!(),
+            }
+        };
+        let e = run(&["--setBGP=65001", "--bgp-backup-path=withdraw"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--bgp-backup-path") && e.contains("--api-listen"),
+            "{e}"
+        );
+        assert!(run(&[
+            "--setBGP=65001",
+            "--bgp-backup-path=withdraw",
+            "--api-listen=127.0.0.1:11111"
+        ])
+        .is_ok());
     }
 
     /// The config file's keys are exactly the `kube` command's flags.
