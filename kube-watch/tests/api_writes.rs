@@ -546,7 +546,8 @@ async fn lease_create_then_renew_then_release() {
         assert_eq!(
             seen.body,
             json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                   "metadata": {"name": "loxilb-agent", "namespace": "kube-system"},
+                   "metadata": {"name": "loxilb-agent", "namespace": "kube-system",
+                                "annotations": {"loxilb.io/lease-duration-ms": "15000"}},
                    "spec": {"holderIdentity": "agent-a", "leaseDurationSeconds": 15,
                             "acquireTime": "2026-05-01T10:00:00.000000Z",
                             "renewTime": "2026-05-01T10:00:00.000000Z",
@@ -583,6 +584,10 @@ async fn lease_create_then_renew_then_release() {
             "kept on renewal"
         );
         assert_eq!(seen.body["spec"]["leaseTransitions"], 0);
+        assert_eq!(
+            seen.body["metadata"]["annotations"]["loxilb.io/lease-duration-ms"], "15000",
+            "the exact duration on every write"
+        );
         let mut renewed = seen.body.clone();
         renewed["metadata"]["resourceVersion"] = json!("2");
         respond(send, StatusCode::OK, &renewed);

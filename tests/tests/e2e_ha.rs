@@ -27,7 +27,7 @@ use loxilb_tests::{
         endpoint_slice, lo_addrs, node, service, wait_until, ApiServer, KubeAgent, KubeAgentSpec,
     },
     need_root,
-    netns::{Conn, Netns, PinDirGuard, Servers},
+    netns::{Conn, Netns, PinDirGuard, Reply, Servers},
     sctp_peers::{need_tools, SctpClient, SctpServer},
 };
 
@@ -600,6 +600,148 @@ fn p50_p99(xs: &[Duration]) -> (f64, f64) {
     (rank(0.5), rank(0.99))
 }
 
+/// An established TCP connection through the leader (node `l`), synced
+/// to the follower (`f`): the connection and its first answer.
+fn synced_connection(
+    ha: &Ha,
+    agents: &[Option<KubeAgent>],
+    (l, f): (usize, usize),
+    to: SocketAddr,
+    run: usize,
+) -> (Conn, Reply) {
+    let mut c = Conn::open(&ha.client, to)
+        .unwrap_or_else(|e| panic!("run {run}: through node {l}: {e:#}\n{}", log_of(agents, l)));
+    let first = c.ask("before").unwrap();
+    let local = c.local_addr().to_string();
+    wait_until(
+        "the follower has the session",
+        Duration::from_secs(10),
+        || {
+            agents[f]
+                .as_ref()
+                .unwrap()
+                .cli("sessions")
+                .is_ok_and(|t| t.contains(&local))
+        },
+    )
+    .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(agents, f)));
+    (c, first)
+}
+
+/// Times from `t0` (the failure) until node `f` holds the service and
+/// role VIPs, the client's ARP entry for the VIP names `f`, and a new
+/// connection is served through it (full-NAT from the role VIP).
+fn watch_takeover(
+    ha: &Ha,
+    agents: &[Option<KubeAgent>],
+    f: usize,
+    vip: &str,
+    t0: Instant,
+    run: usize,
+) -> [Duration; 3] {
+    let to: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let (mut vip_at, mut arp_at) = (None, None);
+    let mac_f = ha.mac(f);
+    while (vip_at.is_none() || arp_at.is_none()) && t0.elapsed() < Duration::from_secs(10) {
+        if vip_at.is_none() {
+            let lo = lo_addrs(&ha.lbs[f]);
+            if lo.contains(&vip.to_string()) && lo.contains(&ROLE_VIP.to_string()) {
+                vip_at = Some(t0.elapsed());
+            }
+        }
+        if arp_at.is_none() {
+            let n = ha
+                .client
+                .sh(&["ip", "neigh", "show", vip])
+                .unwrap_or_default();
+            if n.contains(&mac_f) {
+                arp_at = Some(t0.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (Some(vip_at), Some(arp_at)) = (vip_at, arp_at) else {
+        panic!(
+            "run {run}: node {f} did not take over within 10 s (VIPs {vip_at:?}, client ARP {arp_at:?}):\n{}",
+            log_of(agents, f)
+        )
+    };
+    let served = loop {
+        match Conn::open(&ha.client, to).and_then(|mut c| c.ask("new")) {
+            Ok(r) => {
+                assert_eq!(r.client.ip().to_string(), ROLE_VIP);
+                break t0.elapsed();
+            }
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                panic!(
+                    "run {run}: no new connection served: {e:#}\n{}",
+                    log_of(agents, f)
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    [vip_at, arp_at, served]
+}
+
+/// The established connection carries on through the new owner `f`:
+/// same backend, same source as `first`.
+fn carries_on(c: &mut Conn, first: &Reply, agents: &[Option<KubeAgent>], f: usize, run: usize) {
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    let after = c.ask("after").unwrap_or_else(|e| {
+        panic!(
+            "run {run}: the connection broke: {e:#}\n{}",
+            log_of(agents, f)
+        )
+    });
+    assert_eq!(
+        (&after.backend, after.client),
+        (&first.backend, first.client)
+    );
+}
+
+/// Node `l`'s agent was started again (`agents[l]`): it gets the rule and
+/// stays a backup; `f` keeps the Lease and the VIP.
+fn back_as_backup(
+    ha: &Ha,
+    api: &ApiServer,
+    agents: &[Option<KubeAgent>],
+    (l, f): (usize, usize),
+    vip: &str,
+    run: usize,
+) {
+    wait_until(
+        "the restarted agent has the rule",
+        Duration::from_secs(15),
+        || {
+            agents[l]
+                .as_ref()
+                .unwrap()
+                .cli("rules")
+                .is_ok_and(|r| r.contains(&format!("{vip}:80")))
+        },
+    )
+    .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(agents, l)));
+    assert!(lo_addrs(&ha.lbs[l]).is_empty(), "run {run}: a backup");
+    assert_eq!(api.lease_holder().as_deref(), Some(["node-a", "node-b"][f]));
+    let lo = lo_addrs(&ha.lbs[f]);
+    assert!(
+        lo.contains(&vip.to_string()),
+        "run {run}: the owner kept the VIP: {lo:?}"
+    );
+}
+
+/// p50 / p99 of each of the three times of [`watch_takeover`], in ms.
+fn takeover_figures(times: &[[Duration; 3]]) -> String {
+    let col = |i: usize| p50_p99(&times.iter().map(|t| t[i]).collect::<Vec<_>>());
+    let ((v50, v99), (a50, a99), (n50, n99)) = (col(0), col(1), col(2));
+    format!(
+        "VIPs on the new owner p50 {v50:.0} ms / p99 {v99:.0} ms; client ARP moved p50 {a50:.0} \
+         / p99 {a99:.0} ms; first new connection served p50 {n50:.0} / p99 {n99:.0} ms (goal < \
+         1000 ms)"
+    )
+}
+
 /// SIGKILL of the active node's agent, its node alive (`--keep`, as the
 /// DaemonSet runs it): the backup's sync connection ends, the dead agent's
 /// sync listener refuses, and the backup takes the Lease and the VIPs
@@ -675,32 +817,12 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
             .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", server.peer.transcript()));
         (svip, server, client)
     });
-    let (mut t_vip, mut t_arp, mut t_new) = (vec![], vec![], vec![]);
+    let mut times = vec![];
     for run in 0..runs {
         let (l, f) = (run % 2, 1 - run % 2);
         // An established connection through the leader, synced to the
         // follower.
-        let mut c = Conn::open(&ha.client, to).unwrap_or_else(|e| {
-            panic!(
-                "run {run}: through {}: {e:#}\n{}",
-                names[l],
-                log_of(&agents, l)
-            )
-        });
-        let first = c.ask("before").unwrap();
-        let local = c.local_addr().to_string();
-        wait_until(
-            "the follower has the session",
-            Duration::from_secs(10),
-            || {
-                agents[f]
-                    .as_ref()
-                    .unwrap()
-                    .cli("sessions")
-                    .is_ok_and(|t| t.contains(&local))
-            },
-        )
-        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
+        let (mut c, first) = synced_connection(&ha, &agents, (l, f), to, run);
         if let Some((svip, _, client)) = &assoc {
             client
                 .wait_fresh_echo(Duration::from_secs(5))
@@ -726,49 +848,7 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
 
         agents[l].as_mut().unwrap().kill();
         let t0 = Instant::now();
-        let (mut vip_at, mut arp_at) = (None, None);
-        let mac_f = ha.mac(f);
-        while (vip_at.is_none() || arp_at.is_none()) && t0.elapsed() < Duration::from_secs(10) {
-            if vip_at.is_none() {
-                let lo = lo_addrs(&ha.lbs[f]);
-                if lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string()) {
-                    vip_at = Some(t0.elapsed());
-                }
-            }
-            if arp_at.is_none() {
-                let n = ha
-                    .client
-                    .sh(&["ip", "neigh", "show", &vip])
-                    .unwrap_or_default();
-                if n.contains(&mac_f) {
-                    arp_at = Some(t0.elapsed());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let (Some(vip_at), Some(arp_at)) = (vip_at, arp_at) else {
-            panic!(
-                "run {run}: {} did not take over within 10 s (VIPs {vip_at:?}, client ARP {arp_at:?}):\n{}",
-                names[f],
-                log_of(&agents, f)
-            )
-        };
-        // A new connection, through the new owner.
-        let served = loop {
-            match Conn::open(&ha.client, to).and_then(|mut c| c.ask("new")) {
-                Ok(r) => {
-                    assert_eq!(r.client.ip().to_string(), ROLE_VIP);
-                    break t0.elapsed();
-                }
-                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
-                    panic!(
-                        "run {run}: no new connection served: {e:#}\n{}",
-                        log_of(&agents, f)
-                    )
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
+        let t = watch_takeover(&ha, &agents, f, &vip, t0, run);
         // The takeover came from the proof of death, not from expiry.
         assert_eq!(
             log_of(&agents, f)
@@ -781,14 +861,7 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
         );
         assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
         // The established connection carries on, same backend and source.
-        c.set_timeout(Duration::from_secs(10)).unwrap();
-        let after = c.ask("after").unwrap_or_else(|e| {
-            panic!(
-                "run {run}: the connection broke: {e:#}\n{}",
-                log_of(&agents, f)
-            )
-        });
-        assert_eq!((after.backend, after.client), (first.backend, first.client));
+        carries_on(&mut c, &first, &agents, f, run);
         // So does the SCTP association (its sessions and association
         // record came over the sync stream).
         if let Some((_, _, client)) = &assoc {
@@ -802,9 +875,7 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
                     )
                 });
         }
-        t_vip.push(vip_at);
-        t_arp.push(arp_at);
-        t_new.push(served);
+        times.push(t);
 
         // Its VIPs leave its node's lo on their own (not renewed), the
         // new owner keeps them.
@@ -817,33 +888,11 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
         assert!(lo_addrs(&ha.lbs[f]).contains(&vip));
         // The killed agent comes back: a backup.
         agents[l] = Some(start(l, &format!("{}#{}", names[l], run + 2)));
-        wait_until(
-            "the restarted agent has the rule",
-            Duration::from_secs(15),
-            || {
-                agents[l]
-                    .as_ref()
-                    .unwrap()
-                    .cli("rules")
-                    .is_ok_and(|r| r.contains(&format!("{vip}:80")))
-            },
-        )
-        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, l)));
-        assert!(lo_addrs(&ha.lbs[l]).is_empty(), "run {run}: a backup");
-        assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
-        let lo = lo_addrs(&ha.lbs[f]);
-        assert!(
-            lo.contains(&vip),
-            "run {run}: the owner kept the VIP: {lo:?}"
-        );
+        back_as_backup(&ha, &api, &agents, (l, f), &vip, run);
     }
-    let (v50, v99) = p50_p99(&t_vip);
-    let (a50, a99) = p50_p99(&t_arp);
-    let (n50, n99) = p50_p99(&t_new);
     eprintln!(
-        "{name}: takeover after SIGKILL of the active agent, {runs} runs: VIPs on the new owner \
-         p50 {v50:.0} ms / p99 {v99:.0} ms; client ARP moved p50 {a50:.0} / p99 {a99:.0} ms; \
-         first new connection served p50 {n50:.0} / p99 {n99:.0} ms (goal < 1000 ms)"
+        "{name}: takeover after SIGKILL of the active agent, {runs} runs: {}",
+        takeover_figures(&times)
     );
     for a in agents.iter_mut().flatten() {
         a.stop().unwrap();
@@ -898,25 +947,10 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
     );
     let to: SocketAddr = format!("{vip}:80").parse().unwrap();
     let names = ["node-a", "node-b"];
-    let (mut t_vip, mut t_arp, mut t_new, mut t_gone) = (vec![], vec![], vec![], vec![]);
+    let (mut times, mut t_gone) = (vec![], vec![]);
     for run in 0..runs {
         let (l, f) = (run % 2, 1 - run % 2);
-        let mut c = Conn::open(&ha.client, to)
-            .unwrap_or_else(|e| panic!("run {run}: through {}: {e:#}", names[l]));
-        let first = c.ask("before").unwrap();
-        let local = c.local_addr().to_string();
-        wait_until(
-            "the follower has the session",
-            Duration::from_secs(10),
-            || {
-                agents[f]
-                    .as_ref()
-                    .unwrap()
-                    .cli("sessions")
-                    .is_ok_and(|t| t.contains(&local))
-            },
-        )
-        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
+        let (mut c, first) = synced_connection(&ha, &agents, (l, f), to, run);
         let hints_before = log_of(&agents, f)
             .matches("found dead: taking the Lease over now")
             .count();
@@ -924,48 +958,7 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
         ha.cut(l);
         let t0 = Instant::now();
         agents[l].as_mut().unwrap().kill();
-        let (mut vip_at, mut arp_at) = (None, None);
-        let mac_f = ha.mac(f);
-        while (vip_at.is_none() || arp_at.is_none()) && t0.elapsed() < Duration::from_secs(10) {
-            if vip_at.is_none() {
-                let lo = lo_addrs(&ha.lbs[f]);
-                if lo.contains(&vip) && lo.contains(&ROLE_VIP.to_string()) {
-                    vip_at = Some(t0.elapsed());
-                }
-            }
-            if arp_at.is_none() {
-                let n = ha
-                    .client
-                    .sh(&["ip", "neigh", "show", &vip])
-                    .unwrap_or_default();
-                if n.contains(&mac_f) {
-                    arp_at = Some(t0.elapsed());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let (Some(vip_at), Some(arp_at)) = (vip_at, arp_at) else {
-            panic!(
-                "run {run}: {} did not take over within 10 s (VIPs {vip_at:?}, client ARP {arp_at:?}):\n{}",
-                names[f],
-                log_of(&agents, f)
-            )
-        };
-        let served = loop {
-            match Conn::open(&ha.client, to).and_then(|mut c| c.ask("new")) {
-                Ok(r) => {
-                    assert_eq!(r.client.ip().to_string(), ROLE_VIP);
-                    break t0.elapsed();
-                }
-                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
-                    panic!(
-                        "run {run}: no new connection served: {e:#}\n{}",
-                        log_of(&agents, f)
-                    )
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
+        let t = watch_takeover(&ha, &agents, f, &vip, t0, run);
         // By the Lease's expiry: nothing proved the death.
         assert_eq!(
             log_of(&agents, f)
@@ -976,17 +969,8 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
             log_of(&agents, f)
         );
         assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
-        c.set_timeout(Duration::from_secs(10)).unwrap();
-        let after = c.ask("after").unwrap_or_else(|e| {
-            panic!(
-                "run {run}: the connection broke: {e:#}\n{}",
-                log_of(&agents, f)
-            )
-        });
-        assert_eq!((after.backend, after.client), (first.backend, first.client));
-        t_vip.push(vip_at);
-        t_arp.push(arp_at);
-        t_new.push(served);
+        carries_on(&mut c, &first, &agents, f, run);
+        times.push(t);
 
         // The dead node comes back once its VIPs expired (a node that
         // reboots has none): links up, agent restarted, a backup.
@@ -1001,35 +985,14 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
         t_gone.push(t0.elapsed());
         ha.uncut(l);
         agents[l] = Some(start(l, &format!("{}#{}", names[l], run + 2)));
-        wait_until(
-            "the restarted agent has the rule",
-            Duration::from_secs(15),
-            || {
-                agents[l]
-                    .as_ref()
-                    .unwrap()
-                    .cli("rules")
-                    .is_ok_and(|r| r.contains(&format!("{vip}:80")))
-            },
-        )
-        .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, l)));
-        assert!(lo_addrs(&ha.lbs[l]).is_empty(), "run {run}: a backup");
-        assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
-        assert!(
-            lo_addrs(&ha.lbs[f]).contains(&vip),
-            "run {run}: the owner kept the VIP"
-        );
+        back_as_backup(&ha, &api, &agents, (l, f), &vip, run);
     }
-    let (v50, v99) = p50_p99(&t_vip);
-    let (a50, a99) = p50_p99(&t_arp);
-    let (n50, n99) = p50_p99(&t_new);
     let (g50, g99) = p50_p99(&t_gone);
     eprintln!(
         "{name}: takeover after the active node died (links cut, agent killed; Lease 600 ms / \
-         400 ms / 100 ms), {runs} runs: VIPs on the new owner p50 {v50:.0} ms / p99 {v99:.0} ms; \
-         client ARP moved p50 {a50:.0} / p99 {a99:.0} ms; first new connection served p50 \
-         {n50:.0} / p99 {n99:.0} ms (goal < 1000 ms); the dead agent's VIPs left its lo p50 \
-         {g50:.0} / p99 {g99:.0} ms"
+         400 ms / 100 ms), {runs} runs: {}; the dead agent's VIPs left its lo p50 {g50:.0} / p99 \
+         {g99:.0} ms",
+        takeover_figures(&times)
     );
     for a in agents.iter_mut().flatten() {
         a.stop().unwrap();
