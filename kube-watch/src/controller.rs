@@ -212,23 +212,15 @@ impl RunConfig {
     }
 }
 
-/// A failed step of a plan.
-#[derive(Debug)]
+/// A failed step of a plan. The cause is part of the message (no
+/// `source()`), so a `{:#}` chain does not print it twice.
+#[derive(Debug, thiserror::Error)]
 pub enum StepError {
+    #[error("API write failed: {0}")]
     Api(kube::Error),
+    #[error("datapath update failed: {0:#}")]
     Datapath(anyhow::Error),
 }
-
-impl std::fmt::Display for StepError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StepError::Api(e) => write!(f, "API write failed: {e}"),
-            StepError::Datapath(e) => write!(f, "datapath update failed: {e:#}"),
-        }
-    }
-}
-
-impl std::error::Error for StepError {}
 
 impl StepError {
     /// A write refused with 409 Conflict: the Service changed since the
