@@ -130,7 +130,11 @@ pub const CONFIG_FLAG: &str = "--config";
 
 /// A config file that cannot be used. Says which file, which key, which
 /// value, and what to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The message depends on whether there is a key, which thiserror's
+/// `#[error(...)]` cannot say for a struct (its `fmt = ...` form is for
+/// enums only), so `Display` is written out below; `Error` is derived.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigFileError {
     pub file: String,
     /// The key (empty: the file as a whole).
@@ -147,8 +151,6 @@ impl fmt::Display for ConfigFileError {
         }
     }
 }
-
-impl std::error::Error for ConfigFileError {}
 
 /// The settings of a file, in [`SETTINGS`] order, as flag values.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -64,7 +64,7 @@ use tokio::{
     sync::{oneshot, watch},
     time::Instant,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use crate::reconcile::RuleUpdate;
 
@@ -212,23 +212,15 @@ impl RunConfig {
     }
 }
 
-/// A failed step of a plan.
-#[derive(Debug)]
+/// A failed step of a plan. The cause is part of the message (no
+/// `source()`), so a `{:#}` chain does not print it twice.
+#[derive(Debug, thiserror::Error)]
 pub enum StepError {
+    #[error("API write failed: {0}")]
     Api(kube::Error),
+    #[error("datapath update failed: {0:#}")]
     Datapath(anyhow::Error),
 }
-
-impl std::fmt::Display for StepError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StepError::Api(e) => write!(f, "API write failed: {e}"),
-            StepError::Datapath(e) => write!(f, "datapath update failed: {e:#}"),
-        }
-    }
-}
-
-impl std::error::Error for StepError {}
 
 impl StepError {
     /// A write refused with 409 Conflict: the Service changed since the
@@ -1476,6 +1468,11 @@ pub async fn run_with<S: RuleSink>(
             let slices_of = slices_of(&slices.state(), &keys);
             let mut batch = Vec::with_capacity(keys.len());
             for key in keys {
+                // One span per Service and round, over its planning here
+                // and its plan's execution below: every line logged for it
+                // (plan notes, Events, the datapath's) names the Service.
+                let span = info_span!("reconcile", service = %key);
+                let _entered = span.clone().entered();
                 let svc = executor.freshest().view(
                     &key,
                     services.get(&ObjectRef::new(&key.name).within(&key.namespace)),
@@ -1510,18 +1507,20 @@ pub async fn run_with<S: RuleSink>(
                 for n in &plan.notes {
                     warn!("{n}");
                 }
-                batch.push((key, svc, plan));
+                batch.push((key, svc, plan, span));
             }
             // The plans whose later writes wait for the datapath go last,
             // when every other rule of the batch is committed: the sink
             // then gets whole rule sets only.
-            batch.sort_by_key(|(_, _, p)| p.waits_for_datapath());
+            batch.sort_by_key(|(_, _, p, _)| p.waits_for_datapath());
             executor.set_hold(true);
-            for (key, svc, plan) in batch {
+            for (key, svc, plan, span) in batch {
                 if !plan.steps.is_empty() {
-                    debug!(service = %key, steps = plan.steps.len(), "carrying out plan");
+                    span.in_scope(
+                        || debug!(service = %key, steps = plan.steps.len(), "carrying out plan"),
+                    );
                 }
-                match executor
+                let result = executor
                     .execute(
                         &mut reconciler,
                         &key,
@@ -1529,8 +1528,12 @@ pub async fn run_with<S: RuleSink>(
                         &plan,
                         Timestamp::now(),
                     )
-                    .await
-                {
+                    .instrument(span.clone())
+                    .await;
+                // No await below: the span is entered on this thread only
+                // while the outcome is logged.
+                let _entered = span.entered();
+                match result {
                     Ok(requeue) => {
                         done += 1;
                         queue.succeeded(&key);

@@ -20,7 +20,7 @@
 //! must still be readable, so it can be reported ([`PeerSpecError`]) and
 //! skipped instead of breaking the watch of every other object.
 
-use std::{fmt, net::IpAddr};
+use std::net::IpAddr;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResource;
@@ -347,21 +347,14 @@ pub struct PeerSpecPlain {
 }
 
 /// A spec field that cannot be used: which field, its value, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {value:?}: {message}")]
 pub struct PeerSpecError {
     /// The field's path, e.g. `spec.remoteAs`.
     pub field: &'static str,
     pub value: String,
     pub message: String,
 }
-
-impl fmt::Display for PeerSpecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {:?}: {}", self.field, self.value, self.message)
-    }
-}
-
-impl std::error::Error for PeerSpecError {}
 
 pub const FIELD_IP: &str = "spec.ipAddress";
 pub const FIELD_AS: &str = "spec.remoteAs";

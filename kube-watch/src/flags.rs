@@ -15,7 +15,7 @@
 //! - Pools may not overlap (checked here within one flag, and across flags
 //!   by [`KubeConfig::ipam`]).
 
-use std::{fmt, net::IpAddr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use loxilb_model::Mode;
@@ -44,20 +44,13 @@ pub const DEFAULT_ZONE: &str = "llb";
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "loxilb.io/loxilb";
 
 /// A flag value that cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} {value:?}: {message}")]
 pub struct FlagError {
     pub flag: &'static str,
     pub value: String,
     pub message: String,
 }
-
-impl fmt::Display for FlagError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:?}: {}", self.flag, self.value, self.message)
-    }
-}
-
-impl std::error::Error for FlagError {}
 
 fn err(flag: &'static str, value: &str, message: impl Into<String>) -> FlagError {
     FlagError {

@@ -395,16 +395,19 @@ impl AllocationRecord {
 }
 
 /// Why an allocation cannot be made. Every message says what to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IpamError {
     /// The pools are misconfigured (start-up).
+    #[error("{0}")]
     Config(String),
     /// The request itself is contradictory.
+    #[error("{service}: {message}")]
     BadRequest {
         service: ServiceKey,
         message: String,
     },
     /// No pool with that name (and family).
+    #[error(fmt = fmt_unknown_pool)]
     UnknownPool {
         pool: String,
         family: IpFamily,
@@ -412,6 +415,7 @@ pub enum IpamError {
         known: Vec<String>,
     },
     /// No address of the pool is free for these ports.
+    #[error(fmt = fmt_exhausted)]
     Exhausted {
         pool: String,
         range: String,
@@ -420,6 +424,7 @@ pub enum IpamError {
         mode: IpamMode,
     },
     /// The address is used by another Service.
+    #[error(fmt = fmt_in_use)]
     InUse {
         ip: IpAddr,
         /// The Service already using it.
@@ -428,81 +433,80 @@ pub enum IpamError {
         ports: Vec<PortKey>,
     },
     /// [`Ipam::adopt`] for a Service that already has an allocation.
+    #[error("{0} already has an allocation; release it before adopting a recorded one")]
     AlreadyAllocated(ServiceKey),
 }
 
-impl fmt::Display for IpamError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IpamError::Config(m) => f.write_str(m),
-            IpamError::BadRequest { service, message } => write!(f, "{service}: {message}"),
-            IpamError::UnknownPool {
-                pool,
-                family,
-                secondary,
-                known,
-            } => {
-                let (what, flag) = if *secondary {
-                    ("secondary pool".to_string(), FLAG_SECONDARY)
-                } else if *family == IpFamily::V4 {
-                    (format!("{family} pool"), FLAG_V4)
-                } else {
-                    (format!("{family} pool"), FLAG_V6)
-                };
-                let known = if known.is_empty() {
-                    "none are defined".to_string()
-                } else {
-                    format!("defined: {}", known.join(", "))
-                };
-                write!(
-                    f,
-                    "no {what} named `{pool}` ({known}); define it with {flag} or select another with loxilb.io/poolSelect{}",
-                    if *secondary { "Secondary" } else { "" }
-                )
-            }
-            IpamError::Exhausted {
-                pool,
-                range,
-                flag,
-                ports,
-                mode,
-            } => {
-                let why = match mode {
-                    IpamMode::Shared => format!(
-                        "no address where {} {} free",
-                        port_list(ports),
-                        if ports.len() == 1 { "is" } else { "are" }
-                    ),
-                    IpamMode::Exclusive => "no unused address (--setUniqueIP)".to_string(),
-                };
-                write!(
-                    f,
-                    "pool `{pool}` ({range}) is exhausted: {why}; free an address of the pool (delete a Service that uses it) or enlarge the pool ({flag})"
-                )
-            }
-            IpamError::InUse { ip, other, ports } => {
-                if ports.is_empty() {
-                    write!(
-                        f,
-                        "{ip} is held by {other} and --setUniqueIP gives each Service its own address; request another address"
-                    )
-                } else {
-                    write!(
-                        f,
-                        "{ip} is already used by {other} for {}; Services share an address only on different (port, protocol) pairs: change the port or request another address",
-                        port_list(ports)
-                    )
-                }
-            }
-            IpamError::AlreadyAllocated(s) => write!(
-                f,
-                "{s} already has an allocation; release it before adopting a recorded one"
-            ),
-        }
-    }
+/// [`IpamError::UnknownPool`]'s message.
+fn fmt_unknown_pool(
+    pool: &str,
+    family: &IpFamily,
+    secondary: &bool,
+    known: &[String],
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    let (what, flag) = if *secondary {
+        ("secondary pool".to_string(), FLAG_SECONDARY)
+    } else if *family == IpFamily::V4 {
+        (format!("{family} pool"), FLAG_V4)
+    } else {
+        (format!("{family} pool"), FLAG_V6)
+    };
+    let known = if known.is_empty() {
+        "none are defined".to_string()
+    } else {
+        format!("defined: {}", known.join(", "))
+    };
+    write!(
+        f,
+        "no {what} named `{pool}` ({known}); define it with {flag} or select another with loxilb.io/poolSelect{}",
+        if *secondary { "Secondary" } else { "" }
+    )
 }
 
-impl std::error::Error for IpamError {}
+/// [`IpamError::Exhausted`]'s message.
+fn fmt_exhausted(
+    pool: &str,
+    range: &str,
+    flag: &str,
+    ports: &[PortKey],
+    mode: &IpamMode,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    let why = match mode {
+        IpamMode::Shared => format!(
+            "no address where {} {} free",
+            port_list(ports),
+            if ports.len() == 1 { "is" } else { "are" }
+        ),
+        IpamMode::Exclusive => "no unused address (--setUniqueIP)".to_string(),
+    };
+    write!(
+        f,
+        "pool `{pool}` ({range}) is exhausted: {why}; free an address of the pool (delete a Service that uses it) or enlarge the pool ({flag})"
+    )
+}
+
+/// [`IpamError::InUse`]'s message.
+fn fmt_in_use(
+    ip: &IpAddr,
+    other: &ServiceKey,
+    ports: &[PortKey],
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    if ports.is_empty() {
+        write!(
+            f,
+            "{ip} is held by {other} and --setUniqueIP gives each Service its own address; request another address"
+        )
+    } else {
+        write!(
+            f,
+            "{ip} is already used by {other} for {}; Services share an address only on different (port, protocol) pairs: change the port or request another address",
+            port_list(ports)
+        )
+    }
+}
 
 /// A recorded allocation [`Ipam::rebuild`] did not adopt.
 #[derive(Clone, Debug, PartialEq, Eq)]

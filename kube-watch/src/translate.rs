@@ -35,7 +35,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::IpAddr,
 };
 
@@ -156,34 +155,19 @@ pub struct Translation {
 }
 
 /// Why no rules (or no allocation request) can be computed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
     /// Not a Service this load balancer handles; not an error to report.
+    #[error("not handled by this load balancer: {0}")]
     NotManaged(String),
     /// A field of the Service (or the allocation given) cannot be used.
+    #[error("{field}: {value:?}: {message}")]
     Invalid {
         field: String,
         value: String,
         message: String,
     },
 }
-
-impl fmt::Display for TranslateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TranslateError::NotManaged(why) => {
-                write!(f, "not handled by this load balancer: {why}")
-            }
-            TranslateError::Invalid {
-                field,
-                value,
-                message,
-            } => write!(f, "{field}: {value:?}: {message}"),
-        }
-    }
-}
-
-impl std::error::Error for TranslateError {}
 
 fn invalid(
     field: impl Into<String>,

@@ -43,7 +43,11 @@ use loxilb_model::{
 use serde::Deserialize;
 
 /// A config error: which file, which field, what was wrong, what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The message depends on whether there is a field, which thiserror's
+/// `#[error(...)]` cannot say for a struct (its `fmt = ...` form is for
+/// enums only), so `Display` is written out below; `Error` is derived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     pub file: String,
     pub field: String,
@@ -59,8 +63,6 @@ impl fmt::Display for ConfigError {
         }
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,16 +9,11 @@ use kube_watch::translate::ServiceRule;
 use loxilb_model::Rule;
 
 /// Why a Kubernetes rule cannot be installed by this datapath.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{rule}: {reason}")]
 pub struct Unsupported {
     pub rule: String,
     pub reason: String,
-}
-
-impl std::fmt::Display for Unsupported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.rule, self.reason)
-    }
 }
 
 /// The rule of `r` to install, or why it cannot be installed.

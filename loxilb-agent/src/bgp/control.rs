@@ -8,7 +8,6 @@
 //! Lines starting with `+` are asynchronous notices and are skipped.
 
 use std::{
-    fmt,
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
@@ -48,35 +47,24 @@ impl Reply {
     }
 }
 
-#[derive(Debug)]
+/// The I/O error is part of the message (no `source()`), so a `{:#}`
+/// chain does not print it twice.
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Cannot connect, read or write (daemon not running, timeout).
+    #[error("BIRD control socket {path}: {1}", path = .0.display())]
     Io(PathBuf, std::io::Error),
     /// Something that is not BIRD's reply protocol.
+    #[error("BIRD control protocol: {0}")]
     Protocol(String),
     /// BIRD answered with an error code.
+    #[error("BIRD refused `{command}` ({code}): {message}")]
     Bird {
         command: String,
         code: u16,
         message: String,
     },
 }
-
-impl fmt::Display for ControlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ControlError::Io(p, e) => write!(f, "BIRD control socket {}: {e}", p.display()),
-            ControlError::Protocol(m) => write!(f, "BIRD control protocol: {m}"),
-            ControlError::Bird {
-                command,
-                code,
-                message,
-            } => write!(f, "BIRD refused `{command}` ({code}): {message}"),
-        }
-    }
-}
-
-impl std::error::Error for ControlError {}
 
 /// What one raw line is.
 #[derive(Debug, PartialEq, Eq)]

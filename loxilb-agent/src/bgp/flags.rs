@@ -30,7 +30,14 @@ pub const FLAG_MULTIHOP: &str = "--eBGPMultiHop";
 pub const AS_TRANS: u32 = 23456;
 
 /// A flag value that is not acceptable: which flag, the value, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Not kube-watch's `flags::FlagError`, although the fields are the same:
+/// this one writes `--flag="value"` and leaves out an empty value, that
+/// one writes `--flag "value"`. The message depends on whether there is a
+/// value, which thiserror's `#[error(...)]` cannot say for a struct (its
+/// `fmt = ...` form is for enums only), so `Display` is written out below;
+/// `Error` is derived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct FlagError {
     pub flag: &'static str,
     pub value: String,
@@ -46,8 +53,6 @@ impl fmt::Display for FlagError {
         }
     }
 }
-
-impl std::error::Error for FlagError {}
 
 fn err(flag: &'static str, value: &str, message: impl Into<String>) -> FlagError {
     FlagError {
