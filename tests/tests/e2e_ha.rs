@@ -263,6 +263,40 @@ fn bring_up(ha: &Ha, api: &ApiServer, a: &KubeAgent, b: &KubeAgent) -> String {
     vip
 }
 
+/// node-a's agent started (`start(0)`) and leading, then node-b's
+/// (`start(1)`), and the web VIP up on node-a ([`bring_up`]): the two
+/// agents and the VIP.
+fn lead_then_follow(
+    ha: &Ha,
+    api: &ApiServer,
+    start: impl Fn(usize) -> KubeAgent,
+) -> (KubeAgent, KubeAgent, String) {
+    let a = start(0);
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    let b = start(1);
+    let vip = bring_up(ha, api, &a, &b);
+    (a, b, vip)
+}
+
+/// `LOXILB_HA_RUNS` (default 2, at least 1): the takeovers of a timing test.
+fn ha_runs() -> usize {
+    std::env::var("LOXILB_HA_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1)
+}
+
+/// How often node `i`'s agents took the Lease over on a proof of death.
+fn death_hints(agents: &[Option<KubeAgent>], i: usize) -> usize {
+    log_of(agents, i)
+        .matches("found dead: taking the Lease over now")
+        .count()
+}
+
 /// node-a's node dies (the agent killed, its links down); wait until
 /// node-b holds both VIPs. Returns when it died.
 fn fail_over(ha: &Ha, a: &mut KubeAgent, b: &KubeAgent, vip: &str) -> Instant {
@@ -295,13 +329,8 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
     let ha = Ha::new("lxha1");
     let api = ApiServer::new();
     seed_api(&api);
-    let mut a = ha.start(&api, 0, "node-a");
-    wait_until("node-a leads", Duration::from_secs(15), || {
-        api.lease_holder().as_deref() == Some("node-a")
-    })
-    .unwrap();
-    let mut b = ha.start(&api, 1, "node-b");
-    let vip = bring_up(&ha, &api, &a, &b);
+    let (mut a, mut b, vip) =
+        lead_then_follow(&ha, &api, |i| ha.start(&api, i, ["node-a", "node-b"][i]));
 
     // Through node-a: full-NAT, the backends see the role VIP.
     for _ in 0..4 {
@@ -418,13 +447,9 @@ fn bgp_routers_prefer_the_active_node_and_follow_the_takeover() {
         "--extBGPPeers=10.30.0.2:65100",
         "--health-listen=127.0.0.1:19436",
     ];
-    let mut a = ha.start_with(&api, 0, "node-a", &bgp);
-    wait_until("node-a leads", Duration::from_secs(15), || {
-        api.lease_holder().as_deref() == Some("node-a")
-    })
-    .unwrap();
-    let b = ha.start_with(&api, 1, "node-b", &bgp);
-    let vip = bring_up(&ha, &api, &a, &b);
+    let (mut a, b, vip) = lead_then_follow(&ha, &api, |i| {
+        ha.start_with(&api, i, ["node-a", "node-b"][i], &bgp)
+    });
     let prefix = format!("{vip}/32");
     let node_a: std::net::IpAddr = "10.30.0.11".parse().unwrap();
     let node_b: std::net::IpAddr = "10.30.0.12".parse().unwrap();
@@ -511,13 +536,9 @@ fn an_established_connection_survives_the_takeover() {
     let certs = Certs::new(&["node-a", "node-b"]);
     let api = ApiServer::new();
     seed_api(&api);
-    let mut a = ha.start_synced(&api, 0, "node-a", &certs);
-    wait_until("node-a leads", Duration::from_secs(15), || {
-        api.lease_holder().as_deref() == Some("node-a")
-    })
-    .unwrap();
-    let mut b = ha.start_synced(&api, 1, "node-b", &certs);
-    let vip = bring_up(&ha, &api, &a, &b);
+    let (mut a, mut b, vip) = lead_then_follow(&ha, &api, |i| {
+        ha.start_synced(&api, i, ["node-a", "node-b"][i], &certs)
+    });
 
     let to: SocketAddr = format!("{vip}:80").parse().unwrap();
     let mut c = Conn::open(&ha.client, to).expect("TCP through node-a");
@@ -758,11 +779,7 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
     if !need_root(name) {
         return;
     }
-    let runs: usize = std::env::var("LOXILB_HA_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
-        .max(1);
+    let runs = ha_runs();
     let sctp = need_tools(name);
     let ha = Ha::new("lxha3");
     let certs = Certs::new(&["node-a", "node-b"]);
@@ -772,18 +789,8 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
         seed_sctp(&api);
     }
     let start = |i: usize, label: &str| ha.start_synced_with(&api, i, label, &certs, &["--keep"]);
-    let mut agents = vec![Some(start(0, "node-a"))];
-    wait_until("node-a leads", Duration::from_secs(15), || {
-        api.lease_holder().as_deref() == Some("node-a")
-    })
-    .unwrap();
-    agents.push(Some(start(1, "node-b")));
-    let vip = bring_up(
-        &ha,
-        &api,
-        agents[0].as_ref().unwrap(),
-        agents[1].as_ref().unwrap(),
-    );
+    let (a, b, vip) = lead_then_follow(&ha, &api, |i| start(i, ["node-a", "node-b"][i]));
+    let mut agents = vec![Some(a), Some(b)];
     let to: SocketAddr = format!("{vip}:80").parse().unwrap();
     let names = ["node-a", "node-b"];
     // An SCTP association through the leader (full-NAT), echoing every
@@ -842,18 +849,14 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
             )
             .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", log_of(&agents, f)));
         }
-        let hints_before = log_of(&agents, f)
-            .matches("found dead: taking the Lease over now")
-            .count();
+        let hints_before = death_hints(&agents, f);
 
         agents[l].as_mut().unwrap().kill();
         let t0 = Instant::now();
         let t = watch_takeover(&ha, &agents, f, &vip, t0, run);
         // The takeover came from the proof of death, not from expiry.
         assert_eq!(
-            log_of(&agents, f)
-                .matches("found dead: taking the Lease over now")
-                .count(),
+            death_hints(&agents, f),
             hints_before + 1,
             "run {run}: {} took over without the hint:\n{}",
             names[f],
@@ -921,11 +924,7 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
     if !need_root(name) {
         return;
     }
-    let runs: usize = std::env::var("LOXILB_HA_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
-        .max(1);
+    let runs = ha_runs();
     let ha = Ha::new("lxha5");
     let certs = Certs::new(&["node-a", "node-b"]);
     let api = ApiServer::new();
@@ -933,27 +932,15 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
     let mut extra = vec!["--keep"];
     extra.extend(FAST_LEASE);
     let start = |i: usize, label: &str| ha.start_synced_with(&api, i, label, &certs, &extra);
-    let mut agents = vec![Some(start(0, "node-a"))];
-    wait_until("node-a leads", Duration::from_secs(15), || {
-        api.lease_holder().as_deref() == Some("node-a")
-    })
-    .unwrap();
-    agents.push(Some(start(1, "node-b")));
-    let vip = bring_up(
-        &ha,
-        &api,
-        agents[0].as_ref().unwrap(),
-        agents[1].as_ref().unwrap(),
-    );
+    let (a, b, vip) = lead_then_follow(&ha, &api, |i| start(i, ["node-a", "node-b"][i]));
+    let mut agents = vec![Some(a), Some(b)];
     let to: SocketAddr = format!("{vip}:80").parse().unwrap();
     let names = ["node-a", "node-b"];
     let (mut times, mut t_gone) = (vec![], vec![]);
     for run in 0..runs {
         let (l, f) = (run % 2, 1 - run % 2);
         let (mut c, first) = synced_connection(&ha, &agents, (l, f), to, run);
-        let hints_before = log_of(&agents, f)
-            .matches("found dead: taking the Lease over now")
-            .count();
+        let hints_before = death_hints(&agents, f);
 
         ha.cut(l);
         let t0 = Instant::now();
@@ -961,9 +948,7 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
         let t = watch_takeover(&ha, &agents, f, &vip, t0, run);
         // By the Lease's expiry: nothing proved the death.
         assert_eq!(
-            log_of(&agents, f)
-                .matches("found dead: taking the Lease over now")
-                .count(),
+            death_hints(&agents, f),
             hints_before,
             "run {run}: a death hint with the node's links down:\n{}",
             log_of(&agents, f)
