@@ -349,9 +349,9 @@ pub trait Sink: Send {
     fn endpoints_down(&mut self) -> HashSet<(String, IpAddr, u16)>;
     /// Every health-probe target and its state (`GET /config/endpoint/all`).
     fn probes(&mut self) -> Vec<crate::probe::TargetStatus>;
-    /// The BGP sessions (`GET /config/bgp/neigh/all`); `Ok(None)`: BGP is
-    /// off.
-    fn bgp_neighbors(&mut self) -> anyhow::Result<Option<Vec<crate::bgp::Neighbor>>>;
+    /// The BGP sessions (`GET /config/bgp/neigh/all`; asked only with BGP
+    /// on).
+    fn bgp_neighbors(&mut self) -> anyhow::Result<Vec<crate::bgp::Neighbor>>;
     /// The cluster role kube-loxilb gave this agent (`POST
     /// /config/cistate`): `true` MASTER (every VIP announced as active),
     /// `false` BACKUP (announced as a backup: `--bgp-backup-path`).
@@ -1116,11 +1116,13 @@ impl Api {
     /// `established`, `active`, `connect`, ...), `updowntime` (how long
     /// Established, `h:mm:ss`; empty otherwise). BGP off: an empty list.
     fn bgp_neighbors(&mut self) -> Result<Value, ApiError> {
+        if !self.bgp {
+            return Ok(json!({ "bgpNeiAttr": [] }));
+        }
         let n = self.sink.bgp_neighbors().map_err(|e| {
             ApiError::new(503, "", format!("the BGP speaker does not answer: {e:#}"))
         })?;
         let attr: Vec<Value> = n
-            .unwrap_or_default()
             .iter()
             .map(|x| {
                 json!({

@@ -953,15 +953,11 @@ impl loxilb_agent::api::Sink for NodeSink {
         loxilb_agent::node::read_probe_state(&self.1).unwrap_or_default()
     }
 
-    fn bgp_neighbors(&mut self) -> Result<Option<Vec<loxilb_agent::bgp::Neighbor>>> {
+    fn bgp_neighbors(&mut self) -> Result<Vec<loxilb_agent::bgp::Neighbor>> {
         let dir = loxilb_agent::node::state_dir(&self.1).join("bgp");
         let opts = loxilb_agent::bgp::speaker::SpeakerOptions::in_dir(dir);
-        if !opts.socket_path().exists() {
-            // No speaker: BGP is off (--setBGP not given).
-            return Ok(None);
-        }
         let control = loxilb_agent::bgp::control::Control::new(&opts.socket_path());
-        Ok(Some(loxilb_agent::bgp::speaker::query_neighbors(&control)?))
+        loxilb_agent::bgp::speaker::query_neighbors(&control)
     }
 
     fn endpoints_down(&mut self) -> std::collections::HashSet<(String, std::net::IpAddr, u16)> {

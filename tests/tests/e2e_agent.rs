@@ -170,36 +170,30 @@ fn bgp_announces_the_vips_of_the_rule_file_and_withdraws_removed_ones() {
         "{bgp}"
     );
     // BACKUP: the VIPs go out with the AS twice more; MASTER: as before.
-    let cistate = |state: &str| {
-        let body = format!(r#"{{"instance":"llb-inst0","state":"{state}","vip":"0.0.0.0"}}"#);
+    // One request to the agent's API (in the LB's namespace): the whole
+    // response.
+    let api = |method: &str, path: &str, body: &str| {
+        let req = format!(
+            "{method} /netlox/v1{path} HTTP/1.1\r\nhost: x\r\ncontent-type: \
+             application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
         s.t.lb.run(move || {
             use std::io::{Read, Write};
             let mut c = std::net::TcpStream::connect("127.0.0.1:11111").unwrap();
-            write!(
-                c,
-                "POST /netlox/v1/config/cistate HTTP/1.1\r\nhost: x\r\ncontent-type: \
-                 application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
+            c.write_all(req.as_bytes()).unwrap();
             let mut out = String::new();
             c.read_to_string(&mut out).unwrap();
-            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            out
         })
     };
+    let cistate = |state: &str| {
+        let body = format!(r#"{{"instance":"llb-inst0","state":"{state}","vip":"0.0.0.0"}}"#);
+        let out = api("POST", "/config/cistate", &body);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    };
     // loxicmd's `get bgpneighbor` through the API: the router's session.
-    let neighbors = s.t.lb.run(|| {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect("127.0.0.1:11111").unwrap();
-        write!(
-            c,
-            "GET /netlox/v1/config/bgp/neigh/all HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).unwrap();
-        out
-    });
+    let neighbors = api("GET", "/config/bgp/neigh/all", "");
     assert!(
         neighbors.starts_with("HTTP/1.1 200")
             && neighbors.contains(r#""ipAddress":"10.99.0.2""#)

@@ -22,8 +22,11 @@ struct Installed {
     down: std::collections::HashSet<(String, IpAddr, u16)>,
     master: Option<bool>,
     probes: Vec<crate::probe::TargetStatus>,
-    /// `None`: BGP off; `Some(Err)`: the speaker does not answer.
+    /// The BGP sessions, or why the speaker does not answer (`None`: no
+    /// speaker at all).
     bgp: Option<Result<Vec<crate::bgp::Neighbor>, String>>,
+    /// How often the sessions were asked for.
+    bgp_asked: usize,
 }
 
 struct MemSink(Arc<Mutex<Installed>>);
@@ -65,11 +68,12 @@ impl Sink for MemSink {
         self.0.lock().unwrap().probes.clone()
     }
 
-    fn bgp_neighbors(&mut self) -> anyhow::Result<Option<Vec<crate::bgp::Neighbor>>> {
-        match self.0.lock().unwrap().bgp.clone() {
-            None => Ok(None),
-            Some(Ok(n)) => Ok(Some(n)),
-            Some(Err(e)) => Err(anyhow::anyhow!(e)),
+    fn bgp_neighbors(&mut self) -> anyhow::Result<Vec<crate::bgp::Neighbor>> {
+        let mut i = self.0.lock().unwrap();
+        i.bgp_asked += 1;
+        match i.bgp.clone() {
+            None => anyhow::bail!("no speaker socket"),
+            Some(r) => r.map_err(|e| anyhow::anyhow!(e)),
         }
     }
 
@@ -871,6 +875,24 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
     d
 }
 
+/// Why an API over the store in `dir`, with rule file `file`, refuses to
+/// start.
+fn start_refused(dir: &std::path::Path, file: &str) -> String {
+    let (store, stored) = Store::open(dir).unwrap();
+    Api::new(
+        Box::new(MemSink(Default::default())),
+        Box::new(|_: &[Rule]| Ok(())),
+        store,
+        stored,
+        false,
+        "rules.yaml",
+        config::parse("rules.yaml", file).unwrap(),
+    )
+    .err()
+    .unwrap()
+    .to_string()
+}
+
 fn post(api: &mut Api, v: &Value) -> (u16, Value) {
     api.handle(&http::Method::POST, LB, v.to_string().as_bytes())
 }
@@ -909,20 +931,8 @@ fn api_rules_persist_and_come_back() {
     drop(api);
     // A rule file that now conflicts with a stored rule: the start is
     // refused, naming both.
-    let (store, stored) = Store::open(&dir).unwrap();
     let clash = "rules:\n  - name: mine\n    vip: 20.0.0.1\n    port: 80\n    protocol: tcp\n";
-    let e = Api::new(
-        Box::new(MemSink(Default::default())),
-        Box::new(|_: &[Rule]| Ok(())),
-        store,
-        stored,
-        false,
-        "rules.yaml",
-        config::parse("rules.yaml", clash).unwrap(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = start_refused(&dir, clash);
     assert!(
         e.contains("\"mine\" of the rule file rules.yaml") && e.contains("\"s@20.0.0.1:80/tcp\""),
         "{e}"
@@ -1203,19 +1213,7 @@ fn cistate_persists_across_a_restart() {
         br#"{"Attr":[{"instance":"x","state":"FAULT","vip":""}]}"#,
     )
     .unwrap();
-    let (store, stored) = Store::open(&dir).unwrap();
-    let e = Api::new(
-        Box::new(MemSink(Default::default())),
-        Box::new(|_: &[Rule]| Ok(())),
-        store,
-        stored,
-        false,
-        "rules.yaml",
-        config::parse("rules.yaml", FILE_RULES).unwrap(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = start_refused(&dir, FILE_RULES);
     assert!(e.contains("cistate.json") && e.contains("FAULT"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1274,7 +1272,23 @@ fn endpoint_and_bgp_neighbor_lists() {
         )
     );
 
+    // BGP off (no --setBGP): an empty list; the sink is not asked.
     assert_eq!(get(&mut api, NEI), (200, json!({ "bgpNeiAttr": [] })));
+    assert_eq!(inst.lock().unwrap().bgp_asked, 0);
+    let inst = Arc::new(Mutex::new(Installed::default()));
+    let mut api = Api::new(
+        Box::new(MemSink(inst.clone())),
+        Box::new(|_: &[Rule]| Ok(())),
+        Store::in_memory(),
+        vec![],
+        true,
+        "rules.yaml",
+        config::parse("rules.yaml", file).unwrap(),
+    )
+    .unwrap();
+    // BGP on and no speaker answering: 503, not an empty list.
+    assert_eq!(get(&mut api, NEI).0, 503);
+    assert_eq!(inst.lock().unwrap().bgp_asked, 1);
     let neighbor = |ip: &str, state: BgpState, up_s: Option<u64>| Neighbor {
         name: format!("peer_{ip}"),
         address: ip.parse().unwrap(),

@@ -34,8 +34,8 @@ impl api::Sink for NoDatapath {
     fn probes(&mut self) -> Vec<crate::probe::TargetStatus> {
         vec![]
     }
-    fn bgp_neighbors(&mut self) -> anyhow::Result<Option<Vec<crate::bgp::Neighbor>>> {
-        Ok(None)
+    fn bgp_neighbors(&mut self) -> anyhow::Result<Vec<crate::bgp::Neighbor>> {
+        anyhow::bail!("no BGP here")
     }
 }
 
