@@ -1211,7 +1211,7 @@ impl kube_watch::controller::RuleSink for KubeSink {
         rules: Vec<kube_watch::translate::ServiceRule>,
     ) -> Result<kube_watch::controller::Applied> {
         let mut node = self.node.lock().expect("node lock");
-        let done = self.rules.full(&mut node, rules.iter())?;
+        let done = self.rules.full(&mut *node, rules.iter())?;
         log_kube_applied(&done);
         Ok(applied(done))
     }
@@ -1225,7 +1225,7 @@ impl kube_watch::controller::RuleSink for KubeSink {
         update: &kube_watch::controller::RuleUpdate<'_>,
     ) -> Result<kube_watch::controller::Applied> {
         let mut node = self.node.lock().expect("node lock");
-        let done = self.rules.update(&mut node, update)?;
+        let done = self.rules.update(&mut *node, update)?;
         log_kube_applied(&done);
         Ok(applied(done))
     }
