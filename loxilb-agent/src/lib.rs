@@ -14,6 +14,7 @@ pub mod lovips;
 pub mod metrics;
 pub mod netlink;
 pub mod node;
+pub mod owner;
 pub mod probe;
 pub mod remote;
 pub mod roles;

@@ -12,7 +12,7 @@ use loxilb_agent::{
     devices::{self, ForwardMode},
     netlink,
     node::{KubeApplied, KubeRules, Node},
-    probe, roles,
+    owner, probe, roles,
     rules::Rules,
     show,
 };
@@ -898,13 +898,24 @@ fn exit_note(pin_dir: &Path, keep: bool) {
     }
 }
 
-/// The node as `run` shares it with the REST API; `None` once stopping.
-type SharedNode = std::sync::Arc<std::sync::Mutex<Option<Node>>>;
+/// The node, reached through the thread that owns it (see
+/// `loxilb_agent::owner`: no shared lock, no node work on the runtime's
+/// threads); `Gone` ("the agent is stopping") once it stopped.
+type NodeHandle = owner::Handle<Node>;
+
+/// Start the thread owning `node`; jobs sent to `inbox`'s handles run
+/// there, in order (the periodic upkeep and the probe results are sent
+/// as jobs too).
+fn own_node(inbox: owner::Inbox<Node>, node: Node) -> Result<owner::Owner<Node>> {
+    inbox
+        .spawn("loxilb-node", node)
+        .context("starting the node's thread")
+}
 
 /// API rules go to the node's reconciler as changes (the path of the
 /// Kubernetes mode's per-Service updates: same rule ids, endpoints,
 /// probes, counters as a whole-set apply).
-struct NodeSink(SharedNode, PathBuf);
+struct NodeSink(NodeHandle, PathBuf);
 
 impl loxilb_agent::api::Sink for NodeSink {
     fn apply(
@@ -912,40 +923,30 @@ impl loxilb_agent::api::Sink for NodeSink {
         upserts: &[loxilb_model::Rule],
         removed: &[loxilb_model::Rule],
     ) -> Result<()> {
-        let mut g = self.0.lock().expect("node lock");
-        let node = g
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("the agent is stopping"))?;
         let keys: Vec<_> = removed
             .iter()
             .map(|r| loxilb_agent::rules::svc_key(r.vip, r.port, r.protocol))
             .collect();
-        node.apply_changes(upserts, &keys)?;
+        let upserts = upserts.to_vec();
+        self.0
+            .call_blocking(move |node| node.apply_changes(&upserts, &keys))??;
         Ok(())
     }
 
     fn sessions(&mut self) -> Result<Vec<show::SessionRow>> {
-        let g = self.0.lock().expect("node lock");
-        let node = g
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("the agent is stopping"))?;
-        Ok(show::session_rows(
-            &node.dp.sessions()?,
-            show::monotonic_ns(),
-        ))
+        let sessions = self.0.call_blocking(|node| node.dp.sessions())??;
+        Ok(show::session_rows(&sessions, show::monotonic_ns()))
     }
 
     fn set_master(&mut self, master: bool) -> Result<()> {
-        let mut g = self.0.lock().expect("node lock");
-        let node = g
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("the agent is stopping"))?;
-        info!(
-            "cluster role from the API (cistate): {}",
-            if master { "MASTER" } else { "BACKUP" }
-        );
-        // MASTER: no roles, every VIP active; BACKUP: this node owns none.
-        node.set_owned_vips((!master).then(Default::default));
+        self.0.call_blocking(move |node| {
+            info!(
+                "cluster role from the API (cistate): {}",
+                if master { "MASTER" } else { "BACKUP" }
+            );
+            // MASTER: no roles, every VIP active; BACKUP: this node owns none.
+            node.set_owned_vips((!master).then(Default::default));
+        })?;
         Ok(())
     }
 
@@ -1004,7 +1005,10 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
     )?;
     // Validate the rule file before touching the kernel.
     let file_rules = load_rules(cfg_path)?;
-    let shared: SharedNode = Default::default();
+    // The API's sink needs the node's handle before the node exists (its
+    // rules are part of the node's first set); nothing is sent to it
+    // before the node's thread starts.
+    let (node, inbox) = owner::channel::<Node>();
     let state_dir = loxilb_agent::node::state_dir(pin_dir);
     let api = match &listen {
         None => {
@@ -1022,7 +1026,7 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
             let (store, stored) = api::store::Store::open(&state_dir)?;
             let n = stored.len();
             let api = api::Api::new(
-                Box::new(NodeSink(shared.clone(), pin_dir.to_path_buf())),
+                Box::new(NodeSink(node.clone(), pin_dir.to_path_buf())),
                 Box::new(|rules: &[loxilb_model::Rule]| check_on_node("request", rules)),
                 store,
                 stored,
@@ -1041,18 +1045,13 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
         Some(api) => api.lock().expect("API lock").union(),
         None => file_rules,
     };
-    let (node, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
-    *shared.lock().expect("node lock") = Some(node);
+    let (started, mut transitions) = start_node(pin_dir, a, Some(&desired))?;
+    // Every use of the node below goes through its thread, the API's too.
+    let owner = own_node(inbox, started)?;
     if let Some(api) = &api {
         // The role kube-loxilb gave before a restart, until it posts one.
         api.lock().expect("API lock").restore_role()?;
     }
-    // Every use of the node below: through the lock, the API's too.
-    let with_node = |f: &mut dyn FnMut(&mut Node)| {
-        if let Some(n) = shared.lock().expect("node lock").as_mut() {
-            f(n)
-        }
-    };
     if let Some(h) = a.health_listen {
         serve_health(h, pin_dir).await?;
     }
@@ -1089,8 +1088,9 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
                     }
                 }
             }
-            _ = upkeep.tick() => { with_node(&mut |n| n.tick()); false }
-            Some(t) = transitions.recv() => { with_node(&mut |n| n.on_transition(t.clone())); false }
+            // Queued for the node's thread (an error only once it stopped).
+            _ = upkeep.tick() => { let _ = node.send(Node::tick); false }
+            Some(t) = transitions.recv() => { let _ = node.send(move |n| n.on_transition(t)); false }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
@@ -1099,21 +1099,25 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
         }
         // The file's rules with the API's (which they must not conflict
         // with), applied as one set.
-        let apply =
-            |file: &[loxilb_model::Rule]| -> Result<Result<loxilb_agent::rules::Report>, String> {
-                let desired = match &api {
-                    Some(api) => {
-                        let mut api = api.lock().expect("API lock");
-                        api.set_file(file.to_vec()).map_err(|e| e.message)?;
-                        api.union()
-                    }
-                    None => file.to_vec(),
-                };
-                let mut g = shared.lock().expect("node lock");
-                let node = g.as_mut().expect("the node runs until the loop ends");
-                Ok(node.apply(&desired))
-            };
-        match config::reload(|| load_rules(cfg_path), apply) {
+        let merge = |file: &[loxilb_model::Rule]| -> Result<Vec<loxilb_model::Rule>, String> {
+            match &api {
+                Some(api) => {
+                    let mut api = api.lock().expect("API lock");
+                    api.set_file(file.to_vec()).map_err(|e| e.message)?;
+                    Ok(api.union())
+                }
+                None => Ok(file.to_vec()),
+            }
+        };
+        let applied = match config::reload(|| load_rules(cfg_path), merge) {
+            Ok(Ok(desired)) => Ok(Ok(node
+                .call(move |n| n.apply(&desired))
+                .await
+                .expect("the node runs until the loop ends"))),
+            Ok(Err(conflict)) => Ok(Err(conflict)),
+            Err(e) => Err(e),
+        };
+        match applied {
             Ok(Ok(Ok(rep))) => info!(
                 added = ?rep.added,
                 updated = ?rep.updated,
@@ -1128,17 +1132,13 @@ async fn run(pin_dir: &Path, a: &NodeArgs, cfg_path: &Path, api_args: &ApiArgs) 
         }
     }
     exit_note(pin_dir, a.keep);
-    let node = shared
-        .lock()
-        .expect("node lock")
-        .take()
-        .expect("the node runs until the loop ends");
-    node.shutdown(a.keep)
+    // Jobs sent from now on (the API's) get "the agent is stopping".
+    owner.stop().shutdown(a.keep)
 }
 
 /// BGPPeerService objects -> the speaker's peers (with the flag peers).
 struct CrdPeers {
-    node: std::sync::Arc<std::sync::Mutex<Node>>,
+    node: NodeHandle,
     flag_peers: Vec<loxilb_agent::bgp::Peer>,
     multihop_ttl: Option<u8>,
 }
@@ -1158,14 +1158,13 @@ impl kube_watch::bgp_peers::PeerSink for CrdPeers {
             all.retain(|f| f.address != x.address);
             all.push(x);
         }
-        self.node.lock().expect("node lock").set_bgp_peers(all)
+        self.node.call_blocking(move |n| n.set_bgp_peers(all))?
     }
 
     fn status(&mut self) -> Vec<(std::net::IpAddr, kube_watch::bgp_peers::PeerStatusPlain)> {
         self.node
-            .lock()
-            .expect("node lock")
-            .bgp_neighbors()
+            .call_blocking(|n| n.bgp_neighbors())
+            .unwrap_or_default()
             .into_iter()
             .map(|n| {
                 (
@@ -1193,7 +1192,7 @@ struct KubeSink {
     discover_port: Option<u16>,
     node_name: String,
     sync_active: bool,
-    node: std::sync::Arc<std::sync::Mutex<Node>>,
+    node: NodeHandle,
     rules: KubeRules,
     /// The VIPs this agent holds on `lo` (renewed: see `lovips`).
     lo: std::sync::Arc<loxilb_agent::lovips::LoVips>,
@@ -1212,8 +1211,7 @@ impl kube_watch::controller::RuleSink for KubeSink {
         &mut self,
         rules: Vec<kube_watch::translate::ServiceRule>,
     ) -> Result<kube_watch::controller::Applied> {
-        let mut node = self.node.lock().expect("node lock");
-        let done = self.rules.full(&mut node, rules.iter())?;
+        let done = self.rules.full(&mut self.node, rules.iter())?;
         log_kube_applied(&done);
         Ok(applied(done))
     }
@@ -1226,8 +1224,7 @@ impl kube_watch::controller::RuleSink for KubeSink {
         &mut self,
         update: &kube_watch::controller::RuleUpdate<'_>,
     ) -> Result<kube_watch::controller::Applied> {
-        let mut node = self.node.lock().expect("node lock");
-        let done = self.rules.update(&mut node, update)?;
+        let done = self.rules.update(&mut self.node, update)?;
         log_kube_applied(&done);
         Ok(applied(done))
     }
@@ -1356,7 +1353,7 @@ impl KubeSink {
             if active {
                 // The synced sessions count on their endpoints (lc) now,
                 // not at the next periodic re-count.
-                if let Err(e) = self.node.lock().expect("node lock").dp.recount_active() {
+                if let Ok(Err(e)) = self.node.call_blocking(|n| n.dp.recount_active()) {
                     warn!("re-counting active sessions at takeover: {e:#}");
                 }
             }
@@ -1380,10 +1377,9 @@ impl KubeSink {
         // Neighbours whose entry names the previous owner switch now.
         loxilb_agent::announce::announce(self.ifaces.clone(), added);
         // Routers too: the active path is this node's now (or no longer).
+        let owned = want.clone();
         self.node
-            .lock()
-            .expect("node lock")
-            .set_owned_vips(Some(want.clone()));
+            .call_blocking(move |n| n.set_owned_vips(Some(owned)))?;
         for (v, role) in self.roles.set_owned(&want, roles::now_unix()) {
             info!(vip = %v, "role: {role:?}");
         }
@@ -1496,11 +1492,10 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
-    let (node, mut transitions) = start_node(pin_dir, a, None)?;
+    let (mut started, mut transitions) = start_node(pin_dir, a, None)?;
     if let Some(h) = a.health_listen {
         serve_health(h, pin_dir).await?;
     }
-    let node = std::sync::Arc::new(std::sync::Mutex::new(node));
     let (lo, held) = lo_vips()?;
     if !held.is_empty() {
         info!(
@@ -1512,9 +1507,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     vip_roles.set_owned(&held, roles::now_unix());
     // BGP follows the roles: until this node holds a VIP it announces it
     // as a backup (--bgp-backup-path).
-    node.lock()
-        .expect("node lock")
-        .set_owned_vips(Some(held.clone()));
+    started.set_owned_vips(Some(held.clone()));
     if let Err(e) = vip_roles.publish(pin_dir) {
         warn!("publishing the VIP roles: {e:#}");
     }
@@ -1559,6 +1552,9 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         held.clone(),
         loxilb_agent::lovips::lifetime_for(run_config.lease.lease_duration),
     )?);
+    // From here on the node is reached through its thread only.
+    let (node, inbox) = owner::channel::<Node>();
+    let owner = own_node(inbox, started)?;
     let sink = KubeSink {
         discover_port,
         node_name: run_config.node_name.clone(),
@@ -1577,10 +1573,11 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     let upkeep = tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(10));
         loop {
-            tokio::select! {
-                _ = t.tick() => upkeep_node.lock().expect("node lock").tick(),
-                Some(tr) = transitions.recv() => upkeep_node.lock().expect("node lock").on_transition(tr),
-            }
+            // Queued for the node's thread: this task never waits for it.
+            let _ = tokio::select! {
+                _ = t.tick() => upkeep_node.send(Node::tick),
+                Some(tr) = transitions.recv() => upkeep_node.send(move |n| n.on_transition(tr)),
+            };
         }
     });
     let shutdown = || async {
@@ -1593,7 +1590,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         None => false,
     };
     let peers_task = if crds_on {
-        let setup = node.lock().expect("node lock").bgp_setup().cloned();
+        let setup = node.call(|n| n.bgp_setup().cloned()).await?;
         let sink = CrdPeers {
             node: node.clone(),
             multihop_ttl: setup
@@ -1633,7 +1630,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     };
     let r = kube_watch::controller::run_with(client, run_config, sink, shutdown(), hints, observe)
         .await;
-    // Every task holding the node ends before it is taken back.
+    // The tasks sending to the node end before it is taken back.
     upkeep.abort();
     let _ = upkeep.await;
     if let Some(t) = peers_task {
@@ -1659,11 +1656,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
             Err(e) => warn!("cannot list the VIPs on lo: {e:#}"),
         }
     }
-    let node = std::sync::Arc::try_unwrap(node)
-        .map_err(|_| anyhow::anyhow!("node still in use at exit"))?
-        .into_inner()
-        .expect("node lock");
-    node.shutdown(a.keep)?;
+    owner.stop().shutdown(a.keep)?;
     r
 }
 

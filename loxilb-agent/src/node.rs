@@ -557,6 +557,38 @@ impl Node {
     }
 }
 
+/// Where [`KubeRules`] installs the rules it converted: a [`Node`], or
+/// the thread owning one ([`crate::owner::Handle`]; the agent's). The
+/// conversion and the node's checks stay with the caller; only the
+/// finished rules travel.
+pub trait RuleTarget {
+    /// [`Node::apply`].
+    fn apply_rules(&mut self, rules: Vec<Rule>) -> Result<Report>;
+    /// [`Node::apply_changes`].
+    fn apply_rule_changes(&mut self, upserts: Vec<Rule>, removed: Vec<SvcKey>) -> Result<Report>;
+}
+
+impl RuleTarget for Node {
+    fn apply_rules(&mut self, rules: Vec<Rule>) -> Result<Report> {
+        self.apply(&rules)
+    }
+
+    fn apply_rule_changes(&mut self, upserts: Vec<Rule>, removed: Vec<SvcKey>) -> Result<Report> {
+        self.apply_changes(&upserts, &removed)
+    }
+}
+
+/// On the owner thread, the caller waiting ([`crate::owner::Handle::call_blocking`]).
+impl RuleTarget for crate::owner::Handle<Node> {
+    fn apply_rules(&mut self, rules: Vec<Rule>) -> Result<Report> {
+        self.call_blocking(move |n| n.apply(&rules))?
+    }
+
+    fn apply_rule_changes(&mut self, upserts: Vec<Rule>, removed: Vec<SvcKey>) -> Result<Report> {
+        self.call_blocking(move |n| n.apply_changes(&upserts, &removed))?
+    }
+}
+
 /// The Kubernetes controller's rule updates ([`RuleUpdate`]) to a node's
 /// rules: the whole set through [`Node::apply`] when the update is full
 /// (the first after start, when the maps may hold rules from before), else
@@ -631,7 +663,7 @@ impl KubeRules {
     /// set.
     pub fn full<'a>(
         &mut self,
-        node: &mut Node,
+        node: &mut impl RuleTarget,
         rules: impl Iterator<Item = &'a kube_watch::translate::ServiceRule>,
     ) -> Result<KubeApplied> {
         let mut refused = vec![];
@@ -650,8 +682,8 @@ impl KubeRules {
                 Err(e) => refused.push((r.service.clone(), e)),
             }
         }
-        let report = node.apply(&ok);
-        drop(ok);
+        // The rules go (and are freed) with the call.
+        let report = node.apply_rules(ok);
         if report.is_ok() {
             self.by_service = by_service
                 .into_iter()
@@ -670,7 +702,11 @@ impl KubeRules {
     /// Make `node`'s rules follow `update`. On error nothing is
     /// remembered as done: the controller retries with the changes
     /// accumulated since the last success.
-    pub fn update(&mut self, node: &mut Node, update: &RuleUpdate<'_>) -> Result<KubeApplied> {
+    pub fn update(
+        &mut self,
+        node: &mut impl RuleTarget,
+        update: &RuleUpdate<'_>,
+    ) -> Result<KubeApplied> {
         if update.is_full() {
             return self.full(node, update.all());
         }
@@ -695,7 +731,7 @@ impl KubeRules {
             }
             next.push((svc, keys));
         }
-        let report = node.apply_changes(&upserts, &removed)?;
+        let report = node.apply_rule_changes(upserts, removed)?;
         for (svc, keys) in next {
             if keys.is_empty() {
                 self.by_service.remove(svc);
