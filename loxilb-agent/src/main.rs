@@ -1185,13 +1185,12 @@ impl kube_watch::bgp_peers::PeerSink for CrdPeers {
 /// reconciler (per changed Service, see `KubeRules`); VIPs this node owns
 /// go on `lo` (so it answers ARP for them).
 struct KubeSink {
-    /// Conntrack sync: active (streaming) while this node holds the VIPs.
+    /// Conntrack sync: streams the sessions of the VIPs this node holds.
     sync: Option<loxilb_agent::ctsync::Syncer>,
     /// `--ctsync-peers=nodes`: the sync peers are the other Nodes'
     /// InternalIPs at this port.
     discover_port: Option<u16>,
     node_name: String,
-    sync_active: bool,
     node: NodeHandle,
     rules: KubeRules,
     /// The VIPs this agent holds on `lo` (renewed: see `lovips`).
@@ -1338,26 +1337,21 @@ impl KubeSink {
             want.insert(r);
         }
         // The sessions streamed to this node become its own before it
-        // answers for the VIPs; a node giving them up starts receiving.
-        let active = !want.is_empty();
-        if let Some(s) = self.sync.as_ref().filter(|_| active != self.sync_active) {
-            s.set_active(active);
-            info!(
-                "conntrack sync: {}",
-                if active {
-                    "active (streaming this node's sessions)"
-                } else {
-                    "backup (receiving)"
-                }
-            );
-            if active {
+        // answers for the VIPs; it streams theirs from now on, and takes
+        // every other VIP's from its owner.
+        let gained = want.iter().any(|v| !self.owned.contains(v));
+        if let Some(s) = self.sync.as_ref() {
+            s.set_owned(loxilb_agent::ctsync::Owned::Vips(want.clone()));
+            if gained {
+                info!("conntrack sync: streaming the sessions of {want:?}");
                 // The synced sessions count on their endpoints (lc) now,
                 // not at the next periodic re-count.
                 if let Ok(Err(e)) = self.node.call_blocking(|n| n.dp.recount_active()) {
                     warn!("re-counting active sessions at takeover: {e:#}");
                 }
+            } else if want.is_empty() && !self.owned.is_empty() {
+                info!("conntrack sync: backup (receiving)");
             }
-            self.sync_active = active;
         }
         let mut added = vec![];
         // The --setRoles VIP first: the endpoints must answer to this node
@@ -1559,7 +1553,6 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         discover_port,
         node_name: run_config.node_name.clone(),
         sync,
-        sync_active: false,
         node: node.clone(),
         rules: KubeRules::default(),
         lo: vips_on_lo.clone(),
