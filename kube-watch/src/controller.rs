@@ -1129,6 +1129,20 @@ fn pod_status_of(p: &PartialObjectMeta<Pod>) -> Option<(&str, &str, Option<&str>
     ))
 }
 
+/// The owner groups' next change (the pools this agent holds now);
+/// never without owner groups.
+async fn groups_changed(
+    groups: &mut Option<crate::groups::OwnerGroups>,
+) -> Option<BTreeSet<String>> {
+    match groups {
+        Some(g) => match g.held.changed().await {
+            Ok(()) => Some(g.held.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Run the controller until `shutdown` completes.
 pub async fn run<S: RuleSink>(
     client: Client,
@@ -1200,6 +1214,34 @@ pub async fn run_with<S: RuleSink>(
     let (leader_tx, mut leader_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
+    // --vipOwners=pool: one election per pool besides the leader's.
+    let pools = reconciler.owner_groups();
+    let mut groups = if pools.is_empty() {
+        None
+    } else {
+        info!(?pools, "VIP owners: one Lease per pool");
+        Some(
+            crate::groups::OwnerGroups::start(client.clone(), &config.lease, &pools)
+                .map_err(|e| anyhow::anyhow!("--vipOwners=pool: {e}"))?,
+        )
+    };
+    let hints = match (hints, &groups) {
+        // A dead agent's pools are taken over at once too.
+        (Some(mut h), Some(g)) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let to_groups = g.hinter();
+            tokio::spawn(async move {
+                while let Some(dead) = h.recv().await {
+                    to_groups(&dead);
+                    if tx.send(dead).is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(rx)
+        }
+        (h, _) => h,
+    };
     if let Some(h) = hints {
         elector = elector.with_takeover_hints(h);
     }
@@ -1377,6 +1419,7 @@ pub async fn run_with<S: RuleSink>(
                 }
             },
             Ok(()) = leader_rx.changed() => all = true,
+            Some(held) = groups_changed(&mut groups) => reconciler.set_owner_groups(held),
             _ = wake => {}
         }
         // The Nodes' addresses go to the sink once the list is complete
@@ -1610,10 +1653,11 @@ pub async fn run_with<S: RuleSink>(
         observe(&reconciler);
     }
 
-    // Stopping: give the VIPs up before the Lease goes (so two nodes never
+    // Stopping: give the VIPs up before the Leases go (so two nodes never
     // answer for them), and tell their Services.
     if !reconciler.owned_vips().is_empty() {
         reconciler.step_down();
+        reconciler.set_owner_groups(BTreeSet::new());
         if let Err(e) = executor.sync_sink(&mut reconciler) {
             warn!(error = %e, "giving up the VIPs at exit");
         }
@@ -1627,6 +1671,9 @@ pub async fn run_with<S: RuleSink>(
                 Timestamp::now(),
             )
             .await;
+    }
+    if let Some(g) = groups.take() {
+        g.stop().await;
     }
     let _ = stop_tx.send(());
     elector_task.await.context("leader election task")?;

@@ -79,6 +79,37 @@ pub struct KubeConfig {
     pub use_pod_network: bool,
     /// `--monitor`: probe endpoints of every Service.
     pub monitor: bool,
+    /// `--vipOwners`: who answers for the VIPs.
+    pub vip_owners: VipOwners,
+}
+
+/// Who answers for each VIP on the wire (holds it on `lo`, announces it,
+/// streams its sessions), `--vipOwners`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VipOwners {
+    /// `leader`: the agent holding the leader Lease owns every VIP.
+    #[default]
+    Leader,
+    /// `pool`: one Lease per address pool (`--cidrPools`, `--cidr6Pools`),
+    /// its holder owns the VIPs of that pool; the agents spread the pools
+    /// among themselves. Addresses outside every pool follow the leader.
+    Pool,
+}
+
+/// The `--vipOwners` flag.
+pub const FLAG_VIP_OWNERS: &str = "--vipOwners";
+
+/// `--vipOwners`: `leader` or `pool`.
+pub fn parse_vip_owners(value: &str) -> Result<VipOwners, FlagError> {
+    match value.trim() {
+        "leader" => Ok(VipOwners::Leader),
+        "pool" => Ok(VipOwners::Pool),
+        _ => Err(err(
+            FLAG_VIP_OWNERS,
+            value,
+            "expected `leader` (the leader Lease's holder owns every VIP) or `pool` (one Lease per address pool: the pools are spread over the agents)",
+        )),
+    }
 }
 
 impl Default for KubeConfig {
@@ -92,6 +123,7 @@ impl Default for KubeConfig {
             load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.to_string(),
             use_pod_network: false,
             monitor: false,
+            vip_owners: VipOwners::Leader,
         }
     }
 }
@@ -103,6 +135,18 @@ impl KubeConfig {
         } else {
             IpamMode::Shared
         }
+    }
+
+    /// The names of the VIP pools (`--cidrPools`, `--cidr6Pools`), each
+    /// once, sorted: the owner groups of `--vipOwners=pool`.
+    pub fn pool_names(&self) -> Vec<String> {
+        let names: std::collections::BTreeSet<&str> = self
+            .cidr_pools
+            .iter()
+            .chain(&self.cidr6_pools)
+            .map(|p| p.name.as_str())
+            .collect();
+        names.into_iter().map(String::from).collect()
     }
 
     /// An empty allocation table over the configured pools (checks that no

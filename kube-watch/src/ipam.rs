@@ -100,6 +100,12 @@ impl PoolRange {
         }
     }
 
+    /// Whether `ip` is in the range (network and broadcast included).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (lo, hi) = self.span();
+        IpFamily::of(&ip) == self.family() && (lo..=hi).contains(&to_u128(ip))
+    }
+
     /// First and last address of the whole range (network to broadcast).
     fn span(&self) -> (u128, u128) {
         match self {

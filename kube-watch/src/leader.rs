@@ -103,6 +103,14 @@ pub struct Elector {
     /// A holder found dead (its identity, when we were told): its Lease
     /// is taken over at once rather than after it expires.
     dead: Option<(String, Timestamp)>,
+    /// How long the Lease must have been free (missing, released, expired
+    /// or its holder dead) before we take it: owner groups spread over the
+    /// agents by having an agent that holds more wait longer.
+    acquire_delay: Duration,
+    /// Since when (our clock) we have seen it free.
+    free_since: Option<Timestamp>,
+    /// After we gave it up for another agent to take: not before then.
+    not_before: Option<Timestamp>,
 }
 
 fn holder(spec: &LeaseSpec) -> Option<&str> {
@@ -154,7 +162,36 @@ impl Elector {
             config,
             observed: None,
             dead: None,
+            acquire_delay: Duration::ZERO,
+            free_since: None,
+            not_before: None,
         }
+    }
+
+    /// Leave the Lease to the others until `until` (we gave it up so that
+    /// another agent takes it).
+    pub fn hold_off(&mut self, until: Timestamp) {
+        self.not_before = Some(until);
+    }
+
+    /// Take a free Lease only once it has been free for `delay` (see
+    /// `acquire_delay`); zero: at once.
+    pub fn set_acquire_delay(&mut self, delay: Duration) {
+        self.acquire_delay = delay;
+    }
+
+    /// The Lease is free at `now`: whether to hold back (waiting out the
+    /// acquire delay).
+    fn hold_back(&mut self, now: Timestamp) -> bool {
+        if self.not_before.is_some_and(|t| now < t) {
+            return true;
+        }
+        if self.acquire_delay.is_zero() {
+            return false;
+        }
+        let since = *self.free_since.get_or_insert(now);
+        let d = SignedDuration::try_from(self.acquire_delay).unwrap_or(SignedDuration::MAX);
+        since.checked_add(d).is_ok_and(|end| now < end)
     }
 
     pub fn config(&self) -> &LeaseConfig {
@@ -172,6 +209,12 @@ impl Elector {
     pub fn decide(&mut self, current: Option<&Lease>, now: Timestamp) -> LeaseAction {
         let me = self.config.identity.clone();
         let Some(lease) = current else {
+            if self.hold_back(now) {
+                return LeaseAction::Wait {
+                    holder: String::new(),
+                };
+            }
+            self.free_since = None;
             return LeaseAction::Create(Lease {
                 metadata: ObjectMeta {
                     name: Some(self.config.name.clone()),
@@ -200,6 +243,7 @@ impl Elector {
         new_spec.lease_duration_seconds = Some(self.config.duration_secs());
         match holder(&spec) {
             Some(h) if h == me => {
+                self.free_since = None;
                 next.spec = Some(new_spec);
                 LeaseAction::Update {
                     lease: next,
@@ -207,11 +251,16 @@ impl Elector {
                 }
             }
             Some(h) if !self.expired(&spec, duration, now) && !self.known_dead(h, now) => {
+                self.free_since = None;
                 LeaseAction::Wait {
                     holder: h.to_string(),
                 }
             }
+            h if self.hold_back(now) => LeaseAction::Wait {
+                holder: h.unwrap_or_default().to_string(),
+            },
             _ => {
+                self.free_since = None;
                 new_spec.holder_identity = Some(me);
                 new_spec.acquire_time = Some(MicroTime(now));
                 new_spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
@@ -303,7 +352,16 @@ pub struct LeaderElector {
     /// The Lease as last read or written.
     last: Option<Lease>,
     hints: Option<mpsc::UnboundedReceiver<String>>,
+    /// The acquire delay before each round (see
+    /// [`Elector::set_acquire_delay`]).
+    acquire_delay: Option<AcquireDelay>,
+    /// Requests to give the Lease up to another agent, each with how long
+    /// to leave it to the others.
+    give_up: Option<mpsc::UnboundedReceiver<Duration>>,
 }
+
+/// The acquire delay of a round, asked before each one.
+pub type AcquireDelay = std::sync::Arc<dyn Fn() -> Duration + Send + Sync>;
 
 impl LeaderElector {
     pub fn new(client: Client, config: LeaseConfig) -> Self {
@@ -312,6 +370,8 @@ impl LeaderElector {
             elector: Elector::new(config),
             last: None,
             hints: None,
+            acquire_delay: None,
+            give_up: None,
         }
     }
 
@@ -320,6 +380,22 @@ impl LeaderElector {
     /// takes the Lease over if that agent holds it.
     pub fn with_takeover_hints(mut self, hints: mpsc::UnboundedReceiver<String>) -> Self {
         self.hints = Some(hints);
+        self
+    }
+
+    /// Take a free Lease only after it has been free for `delay()` (asked
+    /// before each round): see [`Elector::set_acquire_delay`].
+    pub fn with_acquire_delay(mut self, delay: AcquireDelay) -> Self {
+        self.acquire_delay = Some(delay);
+        self
+    }
+
+    /// Give the Lease up when asked (rebalancing owner groups): stop
+    /// leading, wait a moment for what it guarded to stop (the VIPs leave
+    /// this node), release it, and leave it to the others for the
+    /// duration asked.
+    pub fn with_give_up_requests(mut self, requests: mpsc::UnboundedReceiver<Duration>) -> Self {
+        self.give_up = Some(requests);
         self
     }
 
@@ -336,6 +412,9 @@ impl LeaderElector {
             Err(kube::Error::Api(s)) if s.is_not_found() => None,
             Err(e) => return Err(e),
         };
+        if let Some(d) = &self.acquire_delay {
+            self.elector.set_acquire_delay(d());
+        }
         let action = self.elector.decide(current.as_ref(), now);
         self.last = current;
         let written = match action {
@@ -448,6 +527,25 @@ impl LeaderElector {
                         self.elector.holder_dead(&dead, Timestamp::now());
                     }
                 }
+                Some(hold) = next_hint(&mut self.give_up) => {
+                    if *leader.borrow() {
+                        info!(lease = %cfg.name, "giving the Lease up for another agent to take");
+                        leader.send_replace(false);
+                        // What the Lease guards goes first (two holders
+                        // never act at once); the others take it at
+                        // their next round anyway.
+                        tokio::time::sleep(cfg.retry_period.min(Duration::from_millis(500))).await;
+                        match self.release(Timestamp::now()).await {
+                            Ok(_) => {}
+                            Err(e) => warn!(error = %e, "could not release the Lease (it expires instead)"),
+                        }
+                        let until = Timestamp::now()
+                            .checked_add(SignedDuration::try_from(hold).unwrap_or(SignedDuration::MAX))
+                            .unwrap_or(Timestamp::MAX);
+                        self.elector.hold_off(until);
+                        last_renew = None;
+                    }
+                }
             }
         }
         if *leader.borrow() {
@@ -463,7 +561,7 @@ impl LeaderElector {
 
 /// The next takeover hint; never, without a hint channel (or once it
 /// closed).
-async fn next_hint(hints: &mut Option<mpsc::UnboundedReceiver<String>>) -> Option<String> {
+async fn next_hint<T>(hints: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
     match hints {
         Some(rx) => match rx.recv().await {
             Some(h) => Some(h),
@@ -754,5 +852,53 @@ mod tests {
         assert_eq!(s.lease_duration_seconds, Some(1));
         assert_eq!(s.lease_transitions, Some(2));
         assert!(e.release(&lease(Some("b"), 0, 2), t(5)).is_none());
+    }
+
+    /// With an acquire delay (owner groups: one retry period per group
+    /// held), a free Lease is taken only once it has been free that long;
+    /// one held by someone else in between starts the wait again, and
+    /// renewing our own is never delayed.
+    #[test]
+    fn an_acquire_delay_holds_back_a_free_lease() {
+        let mut e = Elector::new(cfg("b"));
+        e.set_acquire_delay(Duration::from_secs(4));
+        let missing = |e: &mut Elector, at| matches!(e.decide(None, t(at)), LeaseAction::Create(_));
+        assert!(!missing(&mut e, 0));
+        assert!(!missing(&mut e, 3));
+        assert!(missing(&mut e, 4));
+        // Released at 10: free from then.
+        let released = lease(None, 10, 1);
+        assert_eq!(
+            e.decide(Some(&released), t(10)),
+            LeaseAction::Wait {
+                holder: String::new()
+            }
+        );
+        // Someone took it meanwhile (and holds it, unexpired): the wait
+        // starts over once it is free again.
+        assert!(matches!(
+            e.decide(Some(&lease(Some("c"), 12, 2)), t(12)),
+            LeaseAction::Wait { .. }
+        ));
+        let released = lease(None, 13, 3);
+        assert!(matches!(
+            e.decide(Some(&released), t(14)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            e.decide(Some(&released), t(18)),
+            LeaseAction::Update { takeover: true, .. }
+        ));
+        // Our own is renewed at once.
+        assert!(matches!(
+            e.decide(Some(&lease(Some("b"), 18, 3)), t(19)),
+            LeaseAction::Update {
+                takeover: false,
+                ..
+            }
+        ));
+        // Zero: at once.
+        e.set_acquire_delay(Duration::ZERO);
+        assert!(missing(&mut e, 30));
     }
 }

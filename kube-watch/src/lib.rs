@@ -84,6 +84,7 @@ pub mod controller;
 pub mod crds;
 pub mod events;
 pub mod flags;
+pub mod groups;
 pub mod ipam;
 pub mod leader;
 pub mod multus;

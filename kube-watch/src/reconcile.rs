@@ -254,6 +254,9 @@ pub struct Reconciler {
     /// many rules use it: [`Reconciler::owned_vips`] without a pass over
     /// every rule.
     vip_refs: BTreeMap<IpAddr, u32>,
+    /// `--vipOwners=pool`: the pools whose Lease this agent holds (it owns
+    /// their VIPs); `None`: the leader owns every VIP.
+    owner_groups: Option<BTreeSet<String>>,
     status_form: StatusForm,
     stats: ReconcileStats,
 }
@@ -342,6 +345,7 @@ impl Reconciler {
     /// A follower with an empty table over the configured pools.
     pub fn new(config: KubeConfig) -> Result<Self, IpamError> {
         let ipam = config.ipam()?;
+        let owner_groups = (config.vip_owners == crate::flags::VipOwners::Pool).then(BTreeSet::new);
         Ok(Reconciler {
             config,
             ipam,
@@ -350,6 +354,7 @@ impl Reconciler {
             rules: BTreeMap::new(),
             changed: BTreeSet::new(),
             vip_refs: BTreeMap::new(),
+            owner_groups,
             status_form: StatusForm::Ip,
             stats: ReconcileStats::default(),
         })
@@ -463,12 +468,58 @@ impl Reconciler {
     }
 
     /// The addresses this node must own: every VIP (and SCTP secondary
-    /// address) of the committed rules while leader, none otherwise.
+    /// address) of the committed rules while leader, none otherwise. With
+    /// owner groups (`--vipOwners=pool`): the VIPs of the pools whose
+    /// Lease this agent holds, with their rules' secondary addresses (a
+    /// rule's addresses stay together), and while leader those outside
+    /// every pool.
     pub fn owned_vips(&self) -> Vec<IpAddr> {
-        if !self.leader {
+        let Some(held) = &self.owner_groups else {
+            if !self.leader {
+                return Vec::new();
+            }
+            return self.vip_refs.keys().copied().collect();
+        };
+        let mut out = BTreeSet::new();
+        for r in self.rules.values().flatten() {
+            let owned = match self.owner_group_of(r.rule.vip) {
+                Some(g) => held.contains(g),
+                None => self.leader,
+            };
+            if owned {
+                out.insert(r.rule.vip);
+                out.extend(r.rule.secondary_vips.iter().copied());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// The owner groups (`--vipOwners=pool`): every pool's name, once;
+    /// empty without owner groups.
+    pub fn owner_groups(&self) -> Vec<String> {
+        if self.owner_groups.is_none() {
             return Vec::new();
         }
-        self.vip_refs.keys().copied().collect()
+        self.config.pool_names()
+    }
+
+    /// This agent now holds the Leases of these owner groups (ignored
+    /// without owner groups).
+    pub fn set_owner_groups(&mut self, held: BTreeSet<String>) {
+        if let Some(g) = &mut self.owner_groups {
+            *g = held;
+        }
+    }
+
+    /// The owner group of a VIP: the pool it is in; `None` outside every
+    /// pool (a static address: the leader owns it).
+    fn owner_group_of(&self, vip: IpAddr) -> Option<&str> {
+        self.config
+            .cidr_pools
+            .iter()
+            .chain(&self.config.cidr6_pools)
+            .find(|p| p.range.contains(vip))
+            .map(|p| p.name.as_str())
     }
 
     /// Every Service with state here (rules, last good values, pending).

@@ -1,25 +1,37 @@
-//! Conntrack sync between agents (high availability): the active node
-//! streams its session table's changes to the backups, which install them
-//! in their own pinned maps, so that a node taking over the VIPs finds the
-//! established sessions already there.
+//! Conntrack sync between agents (high availability): each node streams
+//! the session table changes of the VIPs it owns to the other nodes (the
+//! backups of those VIPs), which install them in their own pinned maps,
+//! so that a node taking over a VIP finds its established sessions
+//! already there.
 //!
 //! # Roles
 //!
-//! One [`Syncer`] per agent, started with [`Syncer::start`] and switched
-//! with [`Syncer::set_active`] as leadership changes:
+//! One [`Syncer`] per agent, started with [`Syncer::start`] and told
+//! which VIPs this node owns with [`Syncer::set_owned`] as ownership
+//! changes ([`Syncer::set_active`]: all or none). A session belongs to
+//! its rule's VIP (the lowest of a rule with several); every node is the
+//! sender of the VIPs it owns and a receiver of all the others, so nodes
+//! that own different VIPs (per-Service or per-pool owner groups) stream
+//! to each other at the same time:
 //!
-//! - **active** (holds the VIPs): every `interval` it scans `LB_CT`, works
-//!   out what changed since the previous scan (new and changed entries,
-//!   removed keys) and sends it to every peer in `peers`, which it dials.
-//!   A receiver that connects gets a full snapshot first. Each receiver
-//!   has a bounded queue of `queue` batches; a receiver that cannot keep
-//!   up (its queue full) is cut off from the changes and given a new full
-//!   snapshot once it has drained what was queued — never unbounded
-//!   buffering.
-//! - **backup**: listens on `listen`, takes the stream of one or more
-//!   senders, and writes it to its own `LB_CT`. It refuses senders while
-//!   it is active itself. When it becomes active, the entries it received
-//!   are its own sessions.
+//! - **sending** (owns at least one VIP): every `interval` it scans
+//!   `LB_CT`, keeps the entries of its VIPs, works out what changed since
+//!   the previous scan (new and changed entries, removed keys) and sends
+//!   it to every peer in `peers`, which it dials. A receiver that
+//!   connects gets a full snapshot first. Each receiver has a bounded
+//!   queue of `queue` batches; a receiver that cannot keep up (its queue
+//!   full) is cut off from the changes and given a new full snapshot once
+//!   it has drained what was queued — never unbounded buffering. The
+//!   sessions of a VIP it gives up leave its stream without a REMOVE
+//!   (their new owner streams them now).
+//! - **receiving** (always, on `listen`): takes the streams of any number
+//!   of senders and writes them to its own `LB_CT`, except the entries of
+//!   VIPs it owns itself (counted `ignored_owned`: a sender that has not
+//!   yet heard it lost the VIP). Each entry is tracked as its sender's:
+//!   a sender's snapshot and REMOVEs touch only the entries it sent
+//!   (a REMOVE of another's entry is counted `ignored_removes`). When
+//!   this node takes a VIP, the entries it received for it become its
+//!   own sessions: no sender touches them again.
 //!
 //! # What is translated
 //!
@@ -125,7 +137,7 @@
 //!
 //! The sender (the connecting side) sends HELLO; the receiver answers
 //! HELLO, or ERROR (another protocol or layout version, named in the
-//! text; or it is active itself) and closes. Then SNAPSHOT_BEGIN, UPSERTs,
+//! text) and closes. Then SNAPSHOT_BEGIN, UPSERTs,
 //! SNAPSHOT_END, then changes (UPSERT, REMOVE) for as long as the
 //! connection lasts; after the receiver's RESYNC, another snapshot. At
 //! SNAPSHOT_END the receiver removes entries an earlier sync installed
@@ -156,9 +168,9 @@
 //!
 //! After the datapath is loaded with its pin directory:
 //! `let sync = Syncer::start(pin_dir, Config { listen, peers, tls_dir,
-//! .. })?;` (a backup: listening). When the node gains the VIPs:
-//! `sync.set_active(true)` (before announcing them); when it loses them:
-//! `sync.set_active(false)`. `sync.stats()` or the `state_file` for the
+//! .. })?;` (a backup: listening). Whenever the VIPs this node owns
+//! change: `sync.set_owned(Owned::Vips(vips))`, before announcing the
+//! VIPs it gains. `sync.stats()` or the `state_file` for the
 //! CLI; dropping the `Syncer` (or `sync.stop()`) ends it.
 //!
 //! # Stats
@@ -186,7 +198,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-pub use engine::ApplyStats;
+pub use engine::{ApplyStats, Owned};
 pub use table::{MemState, MemTable, PinnedTable, SessionTable};
 /// PEM loading, shared with the REST API's listener.
 pub(crate) use tls::{certs as read_pem_certs, key as read_pem_key};
@@ -233,14 +245,14 @@ pub fn parse_peers(list: &str) -> Result<Vec<SocketAddr>> {
 pub struct Config {
     /// Where a backup accepts senders (`None`: this node never receives).
     pub listen: Option<SocketAddr>,
-    /// The other agents, dialled while this node is active.
+    /// The other agents, dialled while this node owns VIPs.
     pub peers: Vec<SocketAddr>,
     /// `ca.crt`, `tls.crt`, `tls.key` (PEM).
     pub tls_dir: PathBuf,
     /// A name the peers' certificates must carry; `None`: any certificate
     /// the CA signed.
     pub server_name: Option<String>,
-    /// How often the active node scans its session table.
+    /// How often a node owning VIPs scans its session table.
     pub interval: Duration,
     /// Longest a backup's copy of a live entry lags its last packet.
     pub refresh: Duration,
@@ -297,8 +309,12 @@ impl Config {
 /// The sync's state and counters (for a CLI).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
-    /// `active` or `backup`.
+    /// `active` (owns VIPs: streams their sessions; a backup for the
+    /// others) or `backup` (owns none).
     pub role: String,
+    /// The VIPs whose sessions this node streams: `all`, `none` or a
+    /// comma-separated list.
+    pub owned: String,
     pub listen: Option<String>,
     /// Active: scans done, entries in the last, how long it took.
     pub scans: u64,
@@ -307,6 +323,9 @@ pub struct Stats {
     /// Entries of the last scan left out: their rule or endpoint is gone
     /// from this node's tables.
     pub skipped_last_scan: u64,
+    /// Entries of the last scan not streamed: their VIP is another
+    /// node's (synced from it, or left from before a VIP moved).
+    pub not_owned_last_scan: u64,
     /// Entries found new or changed, and keys found removed, over all scans.
     pub changes: u64,
     pub removals: u64,
@@ -352,8 +371,6 @@ pub struct InboundStats {
     pub refused_tls: u64,
     /// Refused: bad hello (another protocol or layout version, ...).
     pub refused_hello: u64,
-    /// Refused: this node is the active one.
-    pub refused_active: u64,
     /// Senders whose connection ended and whose listener then refused a
     /// connection: found dead, a takeover hint given (see the module
     /// documentation); the last one, and when.
@@ -371,7 +388,7 @@ pub struct InboundStats {
 
 /// A running sync (its own thread and runtime). Dropping it stops it.
 pub struct Syncer {
-    active: Option<watch::Sender<bool>>,
+    owned: Option<watch::Sender<Owned>>,
     peers: watch::Sender<Vec<SocketAddr>>,
     hints: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     ctx: Arc<net::Ctx>,
@@ -382,8 +399,8 @@ pub struct Syncer {
 impl Syncer {
     /// Start on the maps pinned in `pin_dir` (the agent's `--pin-dir`;
     /// the datapath must be loaded). Starts as a backup (listening when
-    /// `config.listen` is set); call [`Syncer::set_active`] when this node
-    /// holds the VIPs. Fails with the file or address at fault when the
+    /// `config.listen` is set); call [`Syncer::set_owned`] (or
+    /// [`Syncer::set_active`]) when this node holds VIPs. Fails with the file or address at fault when the
     /// maps, the certificates or the listening address are unusable.
     pub fn start(pin_dir: &Path, config: Config) -> Result<Syncer> {
         let table = PinnedTable::open(pin_dir)
@@ -406,11 +423,12 @@ impl Syncer {
             None => None,
         };
         let local = listener.as_ref().map(|l| l.local_addr()).transpose()?;
-        let (active_tx, active_rx) = watch::channel(false);
+        let (owned_tx, owned_rx) = watch::channel(Owned::None);
         let (hint_tx, hint_rx) = mpsc::unbounded_channel();
         let (peers_tx, peers_rx) = watch::channel(peers_but_self(&config.peers, local));
         let stats = Stats {
             role: "backup".into(),
+            owned: Owned::None.describe(),
             listen: local.map(|a| a.to_string()),
             peers: peer_stats(&[], &peers_but_self(&config.peers, local)),
             ..Default::default()
@@ -421,7 +439,7 @@ impl Syncer {
             table: Arc::new(Mutex::new(table)),
             applier: Default::default(),
             stats: Mutex::new(stats),
-            active: active_rx,
+            owned: owned_rx,
             subs: Mutex::new(vec![]),
             listen_port: local.map_or(0, |a| a.port()),
             dead: hint_tx,
@@ -437,7 +455,7 @@ impl Syncer {
             .spawn(move || rt.block_on(run(c, listener)))
             .context("ctsync: starting its thread")?;
         Ok(Syncer {
-            active: Some(active_tx),
+            owned: Some(owned_tx),
             peers: peers_tx,
             hints: Mutex::new(Some(hint_rx)),
             ctx,
@@ -446,18 +464,38 @@ impl Syncer {
         })
     }
 
-    /// This node now holds the VIPs (`true`: scan and send) or no longer
-    /// does (`false`: receive).
+    /// This node now holds every VIP (`true`: scan and send every
+    /// session, take none) or none (`false`: only receive).
     pub fn set_active(&self, active: bool) {
-        if let Some(a) = &self.active {
-            a.send_replace(active);
+        self.set_owned(if active { Owned::All } else { Owned::None });
+    }
+
+    /// This node now holds the VIPs of `owned`: it streams their sessions
+    /// to the peers, and takes the sessions of every other VIP from their
+    /// owners. The synced sessions of a VIP it takes are its own from now
+    /// on; the sessions of a VIP it gives up stay (the new owner streams
+    /// them here).
+    pub fn set_owned(&self, owned: Owned) {
+        // At once, not at the sync thread's next turn: from here on no
+        // sender's record overwrites a session of these VIPs.
+        self.ctx
+            .applier
+            .lock()
+            .expect("applier lock")
+            .set_owned(&owned);
+        if let Some(a) = &self.owned {
+            a.send_if_modified(|o| {
+                let changed = *o != owned;
+                *o = owned;
+                changed
+            });
         }
     }
 
-    /// Dial these peers while active (replacing the configured ones; this
-    /// node's own listening address is left out, so one list serves every
-    /// node). Connections to peers no longer listed close; new ones are
-    /// dialled at once when active.
+    /// Dial these peers while owning VIPs (replacing the configured ones;
+    /// this node's own listening address is left out, so one list serves
+    /// every node). Connections to peers no longer listed close; new ones
+    /// are dialled at once when owning VIPs.
     pub fn set_peers(&self, peers: Vec<SocketAddr>) {
         let want = peers_but_self(&peers, self.local);
         self.peers.send_if_modified(|p| {
@@ -496,7 +534,7 @@ impl Syncer {
     }
 
     fn shutdown(&mut self) {
-        self.active.take();
+        self.owned.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -542,7 +580,7 @@ fn peer_stats(old: &[PeerStats], peers: &[SocketAddr]) -> Vec<PeerStats> {
 }
 
 /// The syncer's main task: the listener always; the scanner and the
-/// peers while active. Ends when the [`Syncer`] is dropped.
+/// peers while this node owns VIPs. Ends when the [`Syncer`] is dropped.
 async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
     let mut bg = tokio::task::JoinSet::new();
     if let Some(l) = listener {
@@ -556,18 +594,23 @@ async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
     if let Some(path) = ctx.cfg.state_file.clone() {
         bg.spawn(write_state(ctx.clone(), path));
     }
-    let mut active = ctx.active.clone();
+    let mut owned = ctx.owned.clone();
     let mut peers_rx = ctx.peers.clone();
-    // While active: the scanner, and one task per peer.
+    // While this node owns VIPs: the scanner, and one task per peer.
     let mut sending: Option<(tokio::task::JoinSet<()>, Peers)> = None;
     loop {
-        let a = *active.borrow_and_update();
+        let o = owned.borrow_and_update().clone();
         let want = peers_rx.borrow_and_update().clone();
-        ctx.stats(|s| s.peers = peer_stats(&s.peers, &want));
-        if a {
+        ctx.stats(|s| {
+            s.peers = peer_stats(&s.peers, &want);
+            s.owned = o.describe();
+        });
+        if o.any() {
             let (_, running) = sending.get_or_insert_with(|| {
-                info!("ctsync: active: sending sessions to {want:?}");
-                ctx.applier.lock().expect("applier lock").forget();
+                info!(
+                    "ctsync: active for {}: sending their sessions to {want:?}",
+                    o.describe()
+                );
                 ctx.stats(|s| s.role = "active".into());
                 let mut js = tokio::task::JoinSet::new();
                 js.spawn(net::scanner(ctx.clone()));
@@ -603,7 +646,7 @@ async fn run(ctx: Arc<net::Ctx>, listener: Option<std::net::TcpListener>) {
             });
         }
         tokio::select! {
-            r = active.changed() => if r.is_err() { break },
+            r = owned.changed() => if r.is_err() { break },
             r = peers_rx.changed() => if r.is_err() { break },
         }
     }

@@ -336,6 +336,15 @@ struct KubeArgs {
     /// MASTER / BACKUP roles, this VIP sent with them (0.0.0.0: none).
     #[arg(long = "setRoles", value_name = "IPV4")]
     set_roles: Option<String>,
+    /// Who answers for the VIPs: `leader` (the leader Lease's holder owns
+    /// every VIP) or `pool` (one Lease per address pool, spread over the
+    /// agents; not with --setRoles or --loxiURL).
+    #[arg(
+        long = "vipOwners",
+        value_name = "leader|pool",
+        default_value = "leader"
+    )]
+    vip_owners: String,
     /// External mode: program these remote agents (`loxilb-agent run
     /// --api-listen`) or loxilb through their REST API instead of a
     /// datapath on this node, `http(s)://host[:port],...` (port 11111 by
@@ -394,6 +403,12 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
         Some(u) => {
             loxilb_agent::remote::parse_urls(u).map_err(|e| anyhow::anyhow!("{e}"))?;
             check_external(k, a)?;
+            if k.vip_owners.trim() == "pool" {
+                anyhow::bail!(
+                    "--vipOwners=pool with --loxiURL: the remotes' roles are one MASTER and \
+                     BACKUPs (--setRoles), not per pool; remove --vipOwners"
+                );
+            }
         }
         None => {
             for (flag, given) in [
@@ -1185,13 +1200,12 @@ impl kube_watch::bgp_peers::PeerSink for CrdPeers {
 /// reconciler (per changed Service, see `KubeRules`); VIPs this node owns
 /// go on `lo` (so it answers ARP for them).
 struct KubeSink {
-    /// Conntrack sync: active (streaming) while this node holds the VIPs.
+    /// Conntrack sync: streams the sessions of the VIPs this node holds.
     sync: Option<loxilb_agent::ctsync::Syncer>,
     /// `--ctsync-peers=nodes`: the sync peers are the other Nodes'
     /// InternalIPs at this port.
     discover_port: Option<u16>,
     node_name: String,
-    sync_active: bool,
     node: NodeHandle,
     rules: KubeRules,
     /// The VIPs this agent holds on `lo` (renewed: see `lovips`).
@@ -1338,26 +1352,21 @@ impl KubeSink {
             want.insert(r);
         }
         // The sessions streamed to this node become its own before it
-        // answers for the VIPs; a node giving them up starts receiving.
-        let active = !want.is_empty();
-        if let Some(s) = self.sync.as_ref().filter(|_| active != self.sync_active) {
-            s.set_active(active);
-            info!(
-                "conntrack sync: {}",
-                if active {
-                    "active (streaming this node's sessions)"
-                } else {
-                    "backup (receiving)"
-                }
-            );
-            if active {
+        // answers for the VIPs; it streams theirs from now on, and takes
+        // every other VIP's from its owner.
+        let gained = want.iter().any(|v| !self.owned.contains(v));
+        if let Some(s) = self.sync.as_ref() {
+            s.set_owned(loxilb_agent::ctsync::Owned::Vips(want.clone()));
+            if gained {
+                info!("conntrack sync: streaming the sessions of {want:?}");
                 // The synced sessions count on their endpoints (lc) now,
                 // not at the next periodic re-count.
                 if let Ok(Err(e)) = self.node.call_blocking(|n| n.dp.recount_active()) {
                     warn!("re-counting active sessions at takeover: {e:#}");
                 }
+            } else if want.is_empty() && !self.owned.is_empty() {
+                info!("conntrack sync: backup (receiving)");
             }
-            self.sync_active = active;
         }
         let mut added = vec![];
         // The --setRoles VIP first: the endpoints must answer to this node
@@ -1456,10 +1465,31 @@ fn kube_settings(
         load_balancer_class: kf::parse_load_balancer_class(&k.load_balancer_class).map_err(fe)?,
         use_pod_network: kf::parse_bool("--usePodNetwork", &k.use_pod_network).map_err(fe)?,
         monitor: kf::parse_bool("--monitor", &k.monitor).map_err(fe)?,
+        vip_owners: kf::parse_vip_owners(&k.vip_owners).map_err(fe)?,
     };
+    if kube.vip_owners == kf::VipOwners::Pool {
+        if let Some(r) = role_vip {
+            anyhow::bail!(
+                "--vipOwners=pool with --setRoles={r}: the full-NAT source VIP has one owner, \
+                 the pools several; use --vipOwners=leader, or drop --setRoles (with \
+                 --fullnat-source set to each node's own address)"
+            );
+        }
+        if kube.cidr_pools.is_empty() && kube.cidr6_pools.is_empty() {
+            anyhow::bail!(
+                "--vipOwners=pool needs address pools (--cidrPools / --cidr6Pools): \
+                 each pool gets its own owner"
+            );
+        }
+    }
     // Pools of different flags must not overlap either.
     kube.ipam().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut run_config = env(kube).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if run_config.kube.vip_owners == kf::VipOwners::Pool {
+        let pools = run_config.kube.pool_names();
+        kube_watch::groups::lease_names(&run_config.lease.name, &pools)
+            .map_err(|e| anyhow::anyhow!("--vipOwners=pool: {e}"))?;
+    }
     run_config.status_form = kf::status_form(
         k.set_lb_hostname_status.as_deref(),
         k.zone.as_deref(),
@@ -1559,7 +1589,6 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         discover_port,
         node_name: run_config.node_name.clone(),
         sync,
-        sync_active: false,
         node: node.clone(),
         rules: KubeRules::default(),
         lo: vips_on_lo.clone(),

@@ -1057,3 +1057,53 @@ fn multus_pod_problems_are_warned_once_per_change() {
     carry_out(&mut r, &k, &s, &p);
     assert_eq!(eps(&r), ["192.168.50.11:8080"]);
 }
+
+/// `--vipOwners=pool`: a node owns the VIPs of the pools whose Lease it
+/// holds, and while leader those outside every pool; without a pool's
+/// Lease, none of its VIPs.
+#[test]
+fn owner_groups_own_the_vips_of_their_pools() {
+    let mut c = config("192.0.2.0/29");
+    c.cidr_pools.push(PoolSpec {
+        name: "b".into(),
+        range: PoolRange::Cidr("198.51.100.0/29".parse().unwrap()),
+    });
+    c.vip_owners = crate::flags::VipOwners::Pool;
+    let mut r = Reconciler::new(c).unwrap();
+    r.become_leader([]);
+    assert_eq!(r.owner_groups(), ["b", DEFAULT_POOL], "sorted");
+    converge(&mut r, &svc("a", json!({})), &nodes(), t0());
+    converge(
+        &mut r,
+        &svc("b", json!({"loxilb.io/poolSelect": "b"})),
+        &nodes(),
+        t0(),
+    );
+    converge(
+        &mut r,
+        &svc("s", json!({"loxilb.io/staticIP": "203.0.113.5"})),
+        &nodes(),
+        t0(),
+    );
+    let (va, vb, vs) = (ip("192.0.2.1"), ip("198.51.100.1"), ip("203.0.113.5"));
+    assert_eq!(r.rules().len(), 3);
+    assert_eq!(
+        r.owned_vips(),
+        [vs],
+        "no pool held: the leader's static one"
+    );
+    r.set_owner_groups(["b".to_string()].into());
+    assert_eq!(r.owned_vips(), [vb, vs]);
+    r.set_owner_groups([DEFAULT_POOL.to_string(), "b".to_string()].into());
+    assert_eq!(r.owned_vips(), [va, vb, vs]);
+    r.step_down();
+    assert_eq!(r.owned_vips(), [va, vb], "a follower keeps its pools");
+    r.set_owner_groups(BTreeSet::new());
+    assert!(r.owned_vips().is_empty());
+    // Without owner groups the set is ignored: the leader owns all.
+    let mut l = leader("192.0.2.0/29");
+    converge(&mut l, &svc("a", json!({})), &nodes(), t0());
+    l.set_owner_groups(BTreeSet::new());
+    assert_eq!(l.owned_vips(), [va]);
+    assert!(l.owner_groups().is_empty());
+}

@@ -2,13 +2,14 @@
 //! on a [`SessionTable`]: no sockets, no threads.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use loxilb_common::{AssocKey, CtKey};
+use loxilb_common::{ip_from_addr, AssocKey, CtKey, SvcKey};
 use serde::Serialize;
 
 use super::{
@@ -17,6 +18,61 @@ use super::{
     wire::{AssocId, AssocRecord, Record},
     xlate::{self, ReceiverIndex, SenderIndex, Skip},
 };
+
+/// The VIPs whose sessions this node streams (it answers for them) and
+/// does not take from another node; the sessions of every other VIP it
+/// takes from their owners. A session belongs to its rule's identity VIP
+/// (the lowest of a rule with several).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Owned {
+    /// A backup for every VIP: streams nothing.
+    #[default]
+    None,
+    /// The only active node (one owner for every VIP): streams every
+    /// session, takes none.
+    All,
+    /// Active for these VIPs, a backup for the others.
+    Vips(BTreeSet<IpAddr>),
+}
+
+impl Owned {
+    /// Whether this node owns `vip`.
+    pub fn contains(&self, vip: IpAddr) -> bool {
+        match self {
+            Owned::None => false,
+            Owned::All => true,
+            Owned::Vips(v) => v.contains(&vip),
+        }
+    }
+
+    /// Whether this node owns the rule identified by `rule`.
+    pub fn rule(&self, rule: &SvcKey) -> bool {
+        self.contains(ip_from_addr(&rule.addr))
+    }
+
+    /// Whether this node owns any VIP (and so streams sessions).
+    pub fn any(&self) -> bool {
+        match self {
+            Owned::None => false,
+            Owned::All => true,
+            Owned::Vips(v) => !v.is_empty(),
+        }
+    }
+
+    /// For logs and the state file: `all`, `none`, or the VIPs.
+    pub fn describe(&self) -> String {
+        match self {
+            Owned::None => "none".into(),
+            Owned::All => "all".into(),
+            Owned::Vips(v) if v.is_empty() => "none".into(),
+            Owned::Vips(v) => v
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
 
 /// One scan's outcome.
 pub struct ScanOut {
@@ -34,6 +90,8 @@ pub struct ScanOut {
     pub assoc_removes: usize,
     /// Entries left out: rule or endpoint no longer known on this node.
     pub skipped: usize,
+    /// Entries of VIPs this node does not own (their owner streams them).
+    pub not_owned: usize,
     /// The table's clock at the scan (ages of a later snapshot count
     /// from it).
     pub now_ns: u64,
@@ -47,6 +105,8 @@ pub struct Scanner {
     assoc_keys: HashMap<AssocId, AssocKey>,
     refresh_ns: u64,
     batch: usize,
+    /// The VIPs of the last scan.
+    owned: Owned,
 }
 
 impl Scanner {
@@ -57,10 +117,33 @@ impl Scanner {
             assoc_keys: HashMap::new(),
             refresh_ns: refresh.as_nanos() as u64,
             batch,
+            owned: Owned::All,
         }
     }
 
-    pub fn scan(&mut self, t: &mut dyn SessionTable) -> Result<ScanOut> {
+    /// Scan the sessions of the VIPs in `owned`. Those of a VIP given up
+    /// since the last scan leave the stream without a REMOVE (their new
+    /// owner streams them now, and the receivers keep them); those of a
+    /// VIP taken appear as new.
+    pub fn scan(&mut self, t: &mut dyn SessionTable, owned: &Owned) -> Result<ScanOut> {
+        if *owned != self.owned {
+            self.prev = Arc::new(
+                self.prev
+                    .iter()
+                    .filter(|(_, e)| owned.rule(&e.rec.rule))
+                    .map(|(k, e)| (*k, *e))
+                    .collect(),
+            );
+            self.prev_assocs = Arc::new(
+                self.prev_assocs
+                    .iter()
+                    .filter(|((rule, _), _)| owned.rule(rule))
+                    .map(|(id, r)| (*id, *r))
+                    .collect(),
+            );
+            self.assoc_keys.retain(|(rule, _), _| owned.rule(rule));
+            self.owned = owned.clone();
+        }
         let idx = SenderIndex::build(&t.services()?, &t.endpoints()?);
         let now = t.now_ns();
         let mut sessions = t.sessions()?;
@@ -73,11 +156,12 @@ impl Scanner {
                 sessions.push((*k, v));
             }
         }
-        let mut skipped = 0;
+        let (mut skipped, mut not_owned) = (0, 0);
         let mut scanned = Vec::with_capacity(sessions.len());
         for (k, v) in &sessions {
             match xlate::export(k, v, &idx) {
-                Ok(r) => scanned.push((r, v.last_seen_ns)),
+                Ok(r) if owned.rule(&r.rule) => scanned.push((r, v.last_seen_ns)),
+                Ok(_) => not_owned += 1,
                 Err(_) => skipped += 1,
             }
         }
@@ -94,10 +178,11 @@ impl Scanner {
         let mut exported: Vec<AssocRecord> = Vec::with_capacity(assocs.len());
         for (k, v) in &assocs {
             match xlate::export_assoc(k, v, &idx) {
-                Ok(r) => {
+                Ok(r) if owned.rule(&r.rule) => {
                     assoc_keys.insert(r.id(), *k);
                     exported.push(r);
                 }
+                Ok(_) => not_owned += 1,
                 Err(_) => skipped += 1,
             }
         }
@@ -130,6 +215,7 @@ impl Scanner {
             assoc_upserts: a_up.len(),
             assoc_removes: a_rm.len(),
             skipped,
+            not_owned,
             now_ns: now,
         })
     }
@@ -160,27 +246,46 @@ pub struct ApplyStats {
     pub assoc_applied: u64,
     pub assoc_removed: u64,
     pub assoc_dropped: u64,
+    /// Entries and association records not written because this node
+    /// owns their VIP (a sender that has not yet heard it lost it).
+    pub ignored_owned: u64,
+    /// REMOVEs of an entry another sender installed here, or none did
+    /// (its VIP moved; the sender was not told yet): ignored.
+    pub ignored_removes: u64,
 }
 
 /// How long the receiver trusts its view of its own rules.
 const INDEX_TTL: Duration = Duration::from_secs(1);
 
-/// The receiver's side: installs records in the session table.
+/// Who installed a synced entry here: the sender's node name, and the
+/// entry's VIP (an entry of a VIP this node takes over becomes its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Origin {
+    sender: Arc<str>,
+    vip: IpAddr,
+}
+
+/// The receiver's side: installs records in the session table. Several
+/// senders may stream at once (each owns some VIPs): each one's entries
+/// are tracked as its own, so that its snapshots and REMOVEs touch only
+/// them, and none of them touches the sessions of a VIP this node owns.
 #[derive(Default)]
 pub struct Applier {
     index: ReceiverIndex,
     index_at: Option<Instant>,
+    /// The VIPs this node owns: their records are not written.
+    owned: Owned,
     /// Keys this node holds because a sender sent them.
-    tracked: HashSet<CtKey>,
-    /// During a snapshot: the keys it held so far.
-    snapshot: Option<HashSet<CtKey>>,
+    tracked: HashMap<CtKey, Origin>,
+    /// Per sender during its snapshot: the keys it held so far.
+    snapshot: HashMap<Arc<str>, HashSet<CtKey>>,
     /// The same for SCTP association records.
-    tracked_assoc: HashSet<AssocKey>,
-    snapshot_assoc: Option<HashSet<AssocKey>>,
-    /// Since the first entry dropped after the last snapshot: when, and
-    /// this node's rules then. Once they change (the rule or endpoint
-    /// arrived), the sender is asked for a new snapshot.
-    dropped_since: Option<(Instant, ReceiverIndex)>,
+    tracked_assoc: HashMap<AssocKey, Origin>,
+    snapshot_assoc: HashMap<Arc<str>, HashSet<AssocKey>>,
+    /// Per sender, since the first entry dropped after its last
+    /// snapshot: when, and this node's rules then. Once they change (the
+    /// rule or endpoint arrived), the sender is asked for a new snapshot.
+    dropped_since: HashMap<Arc<str>, (Instant, ReceiverIndex)>,
     pub stats: ApplyStats,
 }
 
@@ -193,11 +298,17 @@ impl Applier {
         Ok(())
     }
 
-    pub fn upserts(&mut self, t: &mut dyn SessionTable, recs: &[Record]) -> Result<()> {
+    /// Install `recs` from `from` (a sender's node name).
+    pub fn upserts(&mut self, t: &mut dyn SessionTable, from: &str, recs: &[Record]) -> Result<()> {
         self.refresh(t, false)?;
+        let from: Arc<str> = from.into();
         let now = t.now_ns();
         let mut refreshed = false;
         for r in recs {
+            if self.owned.rule(&r.rule) {
+                self.stats.ignored_owned += 1;
+                continue;
+            }
             let mut out = xlate::import(r, &self.index, now);
             if out.is_err() && !refreshed {
                 // A rule may have just been installed here: look again.
@@ -205,13 +316,20 @@ impl Applier {
                 refreshed = true;
                 out = xlate::import(r, &self.index, now);
             }
-            if let Some(s) = self.snapshot.as_mut() {
+            if let Some(s) = self.snapshot.get_mut(&from) {
                 s.insert(r.key);
             }
             match out {
                 Ok((k, v)) => {
                     t.put(&k, &v)?;
-                    self.tracked.insert(k);
+                    let vip = ip_from_addr(&r.rule.addr);
+                    self.tracked.insert(
+                        k,
+                        Origin {
+                            sender: from.clone(),
+                            vip,
+                        },
+                    );
                     self.stats.applied += 1;
                 }
                 Err(e) => {
@@ -219,18 +337,23 @@ impl Applier {
                         Skip::NoRule => self.stats.dropped_no_rule += 1,
                         Skip::NoEndpoint => self.stats.dropped_no_endpoint += 1,
                     }
-                    self.note_drop();
+                    self.note_drop(&from);
                 }
             }
         }
         Ok(())
     }
 
-    pub fn removes(&mut self, t: &mut dyn SessionTable, keys: &[CtKey]) -> Result<()> {
+    /// Remove `keys` on `from`'s word: only the entries `from` installed.
+    pub fn removes(&mut self, t: &mut dyn SessionTable, from: &str, keys: &[CtKey]) -> Result<()> {
         for k in keys {
+            if self.tracked.get(k).is_none_or(|o| *o.sender != *from) {
+                self.stats.ignored_removes += 1;
+                continue;
+            }
             t.remove(k)?;
             self.tracked.remove(k);
-            if let Some(s) = self.snapshot.as_mut() {
+            if let Some(s) = self.snapshot.get_mut(from) {
                 s.remove(k);
             }
             self.stats.removed += 1;
@@ -238,10 +361,20 @@ impl Applier {
         Ok(())
     }
 
-    pub fn assoc_upserts(&mut self, t: &mut dyn SessionTable, recs: &[AssocRecord]) -> Result<()> {
+    pub fn assoc_upserts(
+        &mut self,
+        t: &mut dyn SessionTable,
+        from: &str,
+        recs: &[AssocRecord],
+    ) -> Result<()> {
         self.refresh(t, false)?;
+        let from: Arc<str> = from.into();
         let mut refreshed = false;
         for r in recs {
+            if self.owned.rule(&r.rule) {
+                self.stats.ignored_owned += 1;
+                continue;
+            }
             let mut out = xlate::import_assoc(r, &self.index);
             if out.is_err() && !refreshed {
                 self.refresh(t, true)?;
@@ -251,22 +384,34 @@ impl Applier {
             match out {
                 Ok((k, v)) => {
                     t.put_assoc(&k, &v)?;
-                    self.tracked_assoc.insert(k);
-                    if let Some(s) = self.snapshot_assoc.as_mut() {
+                    let vip = ip_from_addr(&r.rule.addr);
+                    self.tracked_assoc.insert(
+                        k,
+                        Origin {
+                            sender: from.clone(),
+                            vip,
+                        },
+                    );
+                    if let Some(s) = self.snapshot_assoc.get_mut(&from) {
                         s.insert(k);
                     }
                     self.stats.assoc_applied += 1;
                 }
                 Err(_) => {
                     self.stats.assoc_dropped += 1;
-                    self.note_drop();
+                    self.note_drop(&from);
                 }
             }
         }
         Ok(())
     }
 
-    pub fn assoc_removes(&mut self, t: &mut dyn SessionTable, ids: &[AssocId]) -> Result<()> {
+    pub fn assoc_removes(
+        &mut self,
+        t: &mut dyn SessionTable,
+        from: &str,
+        ids: &[AssocId],
+    ) -> Result<()> {
         self.refresh(t, false)?;
         for (rule, vtag) in ids {
             let Some(rule_id) = self.index.rule_id(rule) else {
@@ -276,9 +421,17 @@ impl Applier {
                 rule_id,
                 vtag: *vtag,
             };
+            if self
+                .tracked_assoc
+                .get(&k)
+                .is_none_or(|o| *o.sender != *from)
+            {
+                self.stats.ignored_removes += 1;
+                continue;
+            }
             t.remove_assoc(&k)?;
             self.tracked_assoc.remove(&k);
-            if let Some(s) = self.snapshot_assoc.as_mut() {
+            if let Some(s) = self.snapshot_assoc.get_mut(from) {
                 s.remove(&k);
             }
             self.stats.assoc_removed += 1;
@@ -286,62 +439,69 @@ impl Applier {
         Ok(())
     }
 
-    fn note_drop(&mut self) {
-        if self.dropped_since.is_none() {
-            self.dropped_since = Some((Instant::now(), self.index.clone()));
+    fn note_drop(&mut self, from: &Arc<str>) {
+        if !self.dropped_since.contains_key(from) {
+            self.dropped_since
+                .insert(from.clone(), (Instant::now(), self.index.clone()));
         }
     }
 
-    /// Whether to ask the sender for a new snapshot: entries were dropped
-    /// for want of a rule or endpoint, at least `after` ago, and this
-    /// node's rules have changed since (a rule installed after its
+    /// Whether to ask `from` for a new snapshot: entries it sent were
+    /// dropped for want of a rule or endpoint, at least `after` ago, and
+    /// this node's rules have changed since (a rule installed after its
     /// sessions arrived, e.g. the watchers of two nodes at different
     /// paces). Idle sessions are not resent otherwise.
-    pub fn wants_resync(&mut self, t: &mut dyn SessionTable, after: Duration) -> Result<bool> {
-        let Some((at, _)) = &self.dropped_since else {
+    pub fn wants_resync(
+        &mut self,
+        t: &mut dyn SessionTable,
+        from: &str,
+        after: Duration,
+    ) -> Result<bool> {
+        let Some((at, _)) = self.dropped_since.get(from) else {
             return Ok(false);
         };
         if at.elapsed() < after {
             return Ok(false);
         }
         self.refresh(t, true)?;
-        let (_, then) = self.dropped_since.as_ref().expect("checked");
+        let (_, then) = &self.dropped_since[from];
         if *then == self.index {
             return Ok(false);
         }
-        self.dropped_since = None;
+        self.dropped_since.remove(from);
         self.stats.resyncs_requested += 1;
         Ok(true)
     }
 
-    pub fn begin_snapshot(&mut self) {
-        self.dropped_since = None;
-        self.snapshot = Some(HashSet::new());
-        self.snapshot_assoc = Some(HashSet::new());
+    pub fn begin_snapshot(&mut self, from: &str) {
+        self.dropped_since.remove(from);
+        self.snapshot.insert(from.into(), HashSet::new());
+        self.snapshot_assoc.insert(from.into(), HashSet::new());
     }
 
-    /// End of a snapshot: entries an earlier sync installed that it did
-    /// not hold are gone on the sender; remove them. Returns how many.
-    pub fn end_snapshot(&mut self, t: &mut dyn SessionTable) -> Result<usize> {
-        let Some(held) = self.snapshot.take() else {
+    /// End of `from`'s snapshot: entries it installed earlier that the
+    /// snapshot did not hold are gone there; remove them. Returns how
+    /// many.
+    pub fn end_snapshot(&mut self, t: &mut dyn SessionTable, from: &str) -> Result<usize> {
+        let Some(held) = self.snapshot.remove(from) else {
             return Ok(0);
         };
         let stale: Vec<CtKey> = self
             .tracked
             .iter()
-            .filter(|k| !held.contains(k))
-            .copied()
+            .filter(|(k, o)| *o.sender == *from && !held.contains(k))
+            .map(|(k, _)| *k)
             .collect();
         for k in &stale {
             t.remove(k)?;
             self.tracked.remove(k);
         }
-        let held_assoc = self.snapshot_assoc.take().unwrap_or_default();
+        let held_assoc = self.snapshot_assoc.remove(from).unwrap_or_default();
         let stale_assoc: Vec<AssocKey> = self
             .tracked_assoc
             .iter()
-            .filter(|k| !held_assoc.contains(k))
-            .copied()
+            .filter(|(k, o)| *o.sender == *from && !held_assoc.contains(k))
+            .map(|(k, _)| *k)
             .collect();
         for k in &stale_assoc {
             t.remove_assoc(k)?;
@@ -353,17 +513,20 @@ impl Applier {
         Ok(n)
     }
 
-    /// A snapshot cut short (the connection ended): keep what it wrote.
-    pub fn abort_snapshot(&mut self) {
-        self.snapshot = None;
-        self.snapshot_assoc = None;
+    /// `from`'s snapshot cut short (the connection ended): keep what it
+    /// wrote.
+    pub fn abort_snapshot(&mut self, from: &str) {
+        self.snapshot.remove(from);
+        self.snapshot_assoc.remove(from);
     }
 
-    /// This node took over: the synced sessions are now its own.
-    pub fn forget(&mut self) {
-        self.tracked.clear();
-        self.tracked_assoc.clear();
-        self.abort_snapshot();
+    /// This node owns `owned` now: the synced sessions of those VIPs are
+    /// its own (no sender's snapshot or REMOVE touches them any more), and
+    /// their records are no longer written.
+    pub fn set_owned(&mut self, owned: &Owned) {
+        self.tracked.retain(|_, o| !owned.contains(o.vip));
+        self.tracked_assoc.retain(|_, o| !owned.contains(o.vip));
+        self.owned = owned.clone();
     }
 
     pub fn tracked(&self) -> usize {
@@ -408,8 +571,8 @@ mod tests {
     fn apply_frames(ap: &mut Applier, b: &mut MemTable, frames: &[Arc<Vec<u8>>]) {
         for f in frames {
             match wire::decode(&f[4..]).unwrap() {
-                Msg::Upsert(r) => ap.upserts(b, &r).unwrap(),
-                Msg::Remove(k) => ap.removes(b, &k).unwrap(),
+                Msg::Upsert(r) => ap.upserts(b, "a", &r).unwrap(),
+                Msg::Remove(k) => ap.removes(b, "a", &k).unwrap(),
                 m => panic!("unexpected {m:?}"),
             }
         }
@@ -436,7 +599,7 @@ mod tests {
             s.ct.extend(s1.iter().chain(&s2).chain(&orphan[..1]).copied())
         });
         let mut sc = Scanner::new(Duration::from_secs(5), 64);
-        let out = sc.scan(&mut a).unwrap();
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
         assert_eq!((out.upserts, out.removes, out.skipped), (4, 0, 1));
         let mut ap = Applier::default();
         apply_frames(&mut ap, &mut b, &out.frames);
@@ -458,14 +621,14 @@ mod tests {
             }
         });
         // Nothing changed: nothing sent.
-        assert!(sc.scan(&mut a).unwrap().frames.is_empty());
+        assert!(sc.scan(&mut a, &Owned::All).unwrap().frames.is_empty());
         // s1 ends on the sender: gone on the receiver too.
         a.with(|s| {
             for (k, _) in s1 {
                 s.ct.remove(&k);
             }
         });
-        let out = sc.scan(&mut a).unwrap();
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
         assert_eq!((out.upserts, out.removes), (0, 2));
         apply_frames(&mut ap, &mut b, &out.frames);
         b.with(|s| assert_eq!(s.ct.len(), 2));
@@ -490,15 +653,21 @@ mod tests {
         b.with(|s| s.eps.retain(|(k, _)| k.rule_id != 2));
         let mut sc = Scanner::new(Duration::from_secs(5), 64);
         let mut ap = Applier::default();
-        apply_frames(&mut ap, &mut b, &sc.scan(&mut a).unwrap().frames);
+        apply_frames(
+            &mut ap,
+            &mut b,
+            &sc.scan(&mut a, &Owned::All).unwrap().frames,
+        );
         assert_eq!(ap.stats.dropped_no_endpoint, 2);
         // The endpoint arrives here: a resync is wanted (once, and not
         // before `after`).
-        assert!(!ap.wants_resync(&mut b, Duration::ZERO).unwrap());
+        assert!(!ap.wants_resync(&mut b, "a", Duration::ZERO).unwrap());
         b.with(|s| s.eps.push(x::ep(2, 0, "10.0.1.10", 8080, 5)));
-        assert!(!ap.wants_resync(&mut b, Duration::from_secs(60)).unwrap());
-        assert!(ap.wants_resync(&mut b, Duration::ZERO).unwrap());
-        assert!(!ap.wants_resync(&mut b, Duration::ZERO).unwrap());
+        assert!(!ap
+            .wants_resync(&mut b, "a", Duration::from_secs(60))
+            .unwrap());
+        assert!(ap.wants_resync(&mut b, "a", Duration::ZERO).unwrap());
+        assert!(!ap.wants_resync(&mut b, "a", Duration::ZERO).unwrap());
         assert_eq!(ap.stats.resyncs_requested, 1);
         b.with(|s| s.eps.retain(|(k, _)| k.rule_id != 2));
         b.with(|s| s.svcs.clear());
@@ -517,7 +686,11 @@ mod tests {
         // applier: this one's view is younger than its 1 s lifetime, and
         // holds the endpoint it saw last).
         let mut ap = Applier::default();
-        apply_frames(&mut ap, &mut b, &sc.scan(&mut a).unwrap().frames);
+        apply_frames(
+            &mut ap,
+            &mut b,
+            &sc.scan(&mut a, &Owned::All).unwrap().frames,
+        );
         assert_eq!(ap.stats.dropped_no_rule, 2);
         b.with(|s| assert!(s.ct.is_empty()));
     }
@@ -556,9 +729,9 @@ mod tests {
         a.with(|st| st.ct.extend(s));
         let mut f = Flaky(a, None);
         let mut sc = Scanner::new(Duration::from_secs(5), 64);
-        sc.scan(&mut f).unwrap();
+        sc.scan(&mut f, &Owned::All).unwrap();
         f.1 = Some(s[0].0);
-        let out = sc.scan(&mut f).unwrap();
+        let out = sc.scan(&mut f, &Owned::All).unwrap();
         assert_eq!((out.upserts, out.removes), (0, 0));
     }
 
@@ -590,11 +763,11 @@ mod tests {
         });
         let mut sc = Scanner::new(Duration::from_secs(5), 64);
         let mut ap = Applier::default();
-        let out = sc.scan(&mut a).unwrap();
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
         assert_eq!(out.assoc_upserts, 2);
         for f in &out.frames {
             match wire::decode(&f[4..]).unwrap() {
-                Msg::AssocUpsert(r) => ap.assoc_upserts(&mut b, &r).unwrap(),
+                Msg::AssocUpsert(r) => ap.assoc_upserts(&mut b, "a", &r).unwrap(),
                 m => panic!("{m:?}"),
             }
         }
@@ -611,18 +784,18 @@ mod tests {
         });
         assert_eq!(got, want);
         a.with(|s| s.assoc.remove(&ke));
-        let out = sc.scan(&mut a).unwrap();
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
         assert_eq!((out.assoc_upserts, out.assoc_removes), (0, 1));
         for f in &out.frames {
             match wire::decode(&f[4..]).unwrap() {
-                Msg::AssocRemove(r) => ap.assoc_removes(&mut b, &r).unwrap(),
+                Msg::AssocRemove(r) => ap.assoc_removes(&mut b, "a", &r).unwrap(),
                 m => panic!("{m:?}"),
             }
         }
         b.with(|s| assert_eq!(s.assoc.len(), 1));
         // A snapshot without it drops the other.
-        ap.begin_snapshot();
-        assert_eq!(ap.end_snapshot(&mut b).unwrap(), 1);
+        ap.begin_snapshot("a");
+        assert_eq!(ap.end_snapshot(&mut b, "a").unwrap(), 1);
         b.with(|s| assert!(s.assoc.is_empty()));
     }
 
@@ -637,7 +810,11 @@ mod tests {
         b.with(|s| s.ct.extend(local));
         let mut ap = Applier::default();
         let mut sc = Scanner::new(Duration::from_secs(5), 64);
-        apply_frames(&mut ap, &mut b, &sc.scan(&mut a).unwrap().frames);
+        apply_frames(
+            &mut ap,
+            &mut b,
+            &sc.scan(&mut a, &Owned::All).unwrap().frames,
+        );
         // Disconnected; s1 ends meanwhile; a new sender snapshot holds s2.
         a.with(|s| {
             for (k, _) in s1 {
@@ -645,20 +822,133 @@ mod tests {
             }
         });
         let mut sc = Scanner::new(Duration::from_secs(5), 3);
-        let st = sc.scan(&mut a).unwrap().state;
-        ap.begin_snapshot();
+        let st = sc.scan(&mut a, &Owned::All).unwrap().state;
+        ap.begin_snapshot("a");
         let order = delta::snapshot_order(&st);
         for f in delta::upsert_frames(&order, &st, 3, now) {
             let Msg::Upsert(r) = wire::decode(&f[4..]).unwrap() else {
                 panic!()
             };
-            ap.upserts(&mut b, &r).unwrap();
+            ap.upserts(&mut b, "a", &r).unwrap();
         }
-        assert_eq!(ap.end_snapshot(&mut b).unwrap(), 2);
+        assert_eq!(ap.end_snapshot(&mut b, "a").unwrap(), 2);
         b.with(|s| {
             assert_eq!(s.ct.len(), 4, "s2 and the local session");
             assert!(s.ct.contains_key(&local[0].0) && s.ct.contains_key(&s2[1].0));
         });
         assert_eq!(ap.stats.snapshots, 1);
+    }
+
+    fn vips(v: &[&str]) -> Owned {
+        Owned::Vips(v.iter().map(|a| a.parse().unwrap()).collect())
+    }
+
+    /// Two rules (20.0.0.100 rule 1, 20.0.0.101 rule 3) on one node.
+    fn two_rules(t: &MemTable) {
+        t.with(|s| {
+            s.svcs.push(x::svc("20.0.0.101", 80, 3));
+            s.eps.push(x::ep(3, 0, "10.0.1.10", 8080, 9));
+        });
+    }
+
+    #[test]
+    fn a_scan_streams_the_owned_vips_only_and_a_vip_given_up_is_not_removed() {
+        let (mut a, _) = tables();
+        two_rules(&a);
+        let now = a.now_ns();
+        let s100 = x::session("192.168.0.2", 1, "20.0.0.100", "10.0.1.10", 1, 0, now);
+        let s101 = x::session("192.168.0.3", 1, "20.0.0.101", "10.0.1.10", 3, 9, now);
+        a.with(|s| s.ct.extend(s100.iter().chain(&s101).copied()));
+        let mut sc = Scanner::new(Duration::from_secs(5), 64);
+        let out = sc.scan(&mut a, &vips(&["20.0.0.100"])).unwrap();
+        assert_eq!((out.upserts, out.removes, out.not_owned), (2, 0, 2));
+        assert!(out.state.contains_key(&s100[0].0) && !out.state.contains_key(&s101[0].0));
+        // 20.0.0.101 taken too: its sessions appear as new.
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
+        assert_eq!((out.upserts, out.removes, out.not_owned), (2, 0, 0));
+        // 20.0.0.100 given up: no REMOVE (its new owner has them), and
+        // its sessions leave the snapshot.
+        let out = sc.scan(&mut a, &vips(&["20.0.0.101"])).unwrap();
+        assert_eq!((out.upserts, out.removes, out.not_owned), (0, 0, 2));
+        assert_eq!(out.state.len(), 2);
+        assert!(out.state.contains_key(&s101[1].0));
+        // ... and one of its sessions ending is not this node's to tell.
+        a.with(|s| {
+            for (k, _) in s100 {
+                s.ct.remove(&k);
+            }
+        });
+        let out = sc.scan(&mut a, &vips(&["20.0.0.101"])).unwrap();
+        assert_eq!((out.upserts, out.removes), (0, 0));
+        assert!(sc.scan(&mut a, &Owned::None).unwrap().state.is_empty());
+    }
+
+    #[test]
+    fn two_senders_touch_only_their_own_entries_and_never_an_owned_vip() {
+        let (_, mut b) = tables();
+        b.with(|s| {
+            s.svcs.push(x::svc("20.0.0.102", 80, 3));
+            s.eps.push(x::ep(3, 0, "10.0.1.10", 8080, 9));
+        });
+        let now = b.now_ns();
+        // What two senders stream: their sessions as records.
+        let recs = |vip: &str, client: &str| -> Vec<Record> {
+            let (mut t, _) = tables();
+            t.with(|s| {
+                s.svcs = vec![x::svc(vip, 80, 1)];
+                s.ct.extend(x::session(client, 1, vip, "10.0.1.10", 1, 0, now));
+            });
+            let out = Scanner::new(Duration::from_secs(5), 64)
+                .scan(&mut t, &Owned::All)
+                .unwrap();
+            out.state.values().map(|e| e.rec).collect()
+        };
+        let (ra, rb) = (
+            recs("20.0.0.100", "192.168.0.2"),
+            recs("20.0.0.102", "192.168.0.3"),
+        );
+        let mut ap = Applier::default();
+        ap.upserts(&mut b, "a", &ra).unwrap();
+        ap.upserts(&mut b, "b", &rb).unwrap();
+        b.with(|s| assert_eq!(s.ct.len(), 4));
+        // Snapshots of the two interleave; a's holds nothing: only a's
+        // entries go.
+        ap.begin_snapshot("a");
+        ap.begin_snapshot("b");
+        ap.upserts(&mut b, "b", &rb).unwrap();
+        assert_eq!(ap.end_snapshot(&mut b, "a").unwrap(), 2);
+        assert_eq!(ap.end_snapshot(&mut b, "b").unwrap(), 0);
+        b.with(|s| {
+            assert_eq!(s.ct.len(), 2);
+            assert!(rb.iter().all(|r| s.ct.contains_key(&r.key)));
+        });
+        // a's REMOVE of b's entries: ignored.
+        let keys: Vec<CtKey> = rb.iter().map(|r| r.key).collect();
+        ap.removes(&mut b, "a", &keys).unwrap();
+        assert_eq!(ap.stats.ignored_removes, 2);
+        b.with(|s| assert_eq!(s.ct.len(), 2));
+        // This node takes 20.0.0.102: b's entries are its own now (b's
+        // snapshot no longer removes them) and b's records are not written.
+        ap.set_owned(&vips(&["20.0.0.102"]));
+        assert_eq!(ap.tracked(), 0);
+        ap.begin_snapshot("b");
+        assert_eq!(ap.end_snapshot(&mut b, "b").unwrap(), 0);
+        ap.removes(&mut b, "b", &keys).unwrap();
+        b.with(|s| assert_eq!(s.ct.len(), 2, "owned sessions stay"));
+        let mut changed = rb.clone();
+        for r in &mut changed {
+            r.ep_port = 1;
+        }
+        ap.upserts(&mut b, "b", &changed).unwrap();
+        assert_eq!(ap.stats.ignored_owned, 2);
+        b.with(|s| {
+            assert!(
+                rb.iter().all(|r| s.ct[&r.key].ep_stat == 9),
+                "not overwritten"
+            )
+        });
+        // a's, of a VIP this node does not own, are written again.
+        ap.upserts(&mut b, "a", &ra).unwrap();
+        b.with(|s| assert_eq!(s.ct.len(), 4));
     }
 }

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     delta::{self, AssocState, State},
-    engine::{Applier, Scanner},
+    engine::{Applier, Owned, Scanner},
     table::SessionTable,
     tls::TlsSource,
     wire::{self, Hello, Msg},
@@ -46,7 +46,8 @@ pub(super) struct Ctx {
     pub table: Arc<Mutex<Box<dyn SessionTable>>>,
     pub applier: Arc<Mutex<Applier>>,
     pub stats: Mutex<Stats>,
-    pub active: watch::Receiver<bool>,
+    /// The VIPs this node owns (see `Syncer::set_owned`).
+    pub owned: watch::Receiver<Owned>,
     pub subs: Mutex<Vec<Sub>>,
     /// The listener's port (0: none), told to receivers in the hello.
     pub listen_port: u16,
@@ -119,9 +120,10 @@ pub(super) async fn scanner(ctx: Arc<Ctx>) {
         tick.tick().await;
         let table = ctx.table.clone();
         let mut s = sc.take().expect("scanner present");
+        let owned = ctx.owned.borrow().clone();
         let t0 = Instant::now();
         let (s, r) = match tokio::task::spawn_blocking(move || {
-            let r = s.scan(&mut **table.lock().expect("table lock"));
+            let r = s.scan(&mut **table.lock().expect("table lock"), &owned);
             (s, r)
         })
         .await
@@ -151,6 +153,7 @@ pub(super) async fn scanner(ctx: Arc<Ctx>) {
             s.last_scan_entries = out.state.len() as u64;
             s.last_scan_ms = t0.elapsed().as_secs_f64() * 1e3;
             s.skipped_last_scan = out.skipped as u64;
+            s.not_owned_last_scan = out.not_owned as u64;
             s.changes += out.upserts as u64;
             s.removals += out.removes as u64;
             s.last_scan_assocs = out.assocs.len() as u64;
@@ -423,20 +426,12 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
             return;
         }
     };
-    let is_active = *ctx.active.borrow();
     let why = match hello.check(&addr.to_string()) {
         Err(e) => Some(refuse(format!("{e:#}"))),
         Ok(()) if hello.role != wire::ROLE_SENDER => Some(refuse(format!(
             "its hello has role {}, not sender",
             hello.role
         ))),
-        Ok(()) if is_active => {
-            ctx.stats(|s| s.inbound.refused_active += 1);
-            Some(format!(
-                "{} is the active node: it does not take sessions from another",
-                ctx.cfg.node_name
-            ))
-        }
         Ok(()) => None,
     };
     if let Some(t) = why {
@@ -458,19 +453,13 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
         s.inbound.connected += 1;
         s.inbound.last_sender = Some(format!("{addr} ({})", hello.name));
     });
-    let mut active = ctx.active.clone();
     // Whether the connection just vanished (end of stream, reset): the
     // sender may be dead, which `probe_sender` finds out.
     let mut vanished = false;
     let end = loop {
-        let m = tokio::select! {
-            m = timeout(RECV_TIMEOUT, wire::read_msg(&mut rd)) => m,
-            _ = became_active(&mut active) => {
-                let t = format!("{} became the active node", ctx.cfg.node_name);
-                let _ = wire::write_frame(&mut wr, &wire::encode(&Msg::Error(t.clone()))).await;
-                break t;
-            }
-        };
+        // A sender keeps streaming while this node owns VIPs too: their
+        // records are not written (see `Applier::set_owned`).
+        let m = timeout(RECV_TIMEOUT, wire::read_msg(&mut rd)).await;
         let msg = match m {
             Err(_) => break format!("nothing heard for {RECV_TIMEOUT:?}"),
             Ok(Err(e)) => {
@@ -483,7 +472,7 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
             }
             Ok(Ok(Some(msg))) => msg,
         };
-        match apply(&ctx, msg).await {
+        match apply(&ctx, &hello.name, msg).await {
             Ok(false) => {}
             Ok(true) => {
                 info!("ctsync: rules changed since entries from {addr} were dropped: asking for a new snapshot");
@@ -498,13 +487,16 @@ async fn inbound(ctx: Arc<Ctx>, tcp: TcpStream, addr: SocketAddr) {
             }
         }
     };
-    ctx.applier.lock().expect("applier lock").abort_snapshot();
+    ctx.applier
+        .lock()
+        .expect("applier lock")
+        .abort_snapshot(&hello.name);
     ctx.stats(|s| {
         s.inbound.connected -= 1;
         s.inbound.last_error = Some(format!("{addr}: {end}"));
     });
     info!("ctsync: sender {addr} gone: {end}");
-    if vanished && !*ctx.active.borrow() {
+    if vanished && *ctx.owned.borrow() != Owned::All {
         probe_sender(&ctx, &hello, addr).await;
     }
 }
@@ -583,29 +575,23 @@ async fn probe_sender(ctx: &Ctx, hello: &Hello, addr: SocketAddr) {
     );
 }
 
-/// Returns once the node is active (never if the syncer is going away).
-async fn became_active(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|a| *a).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Apply one message from a sender (on a blocking thread: map writes).
 /// Returns whether to ask the sender for a new snapshot.
-async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<bool> {
+async fn apply(ctx: &Arc<Ctx>, from: &str, msg: Msg) -> Result<bool> {
     let c = ctx.clone();
+    let from = from.to_string();
     tokio::task::spawn_blocking(move || -> Result<bool> {
         let mut ap = c.applier.lock().expect("applier lock");
         let mut t = c.table.lock().expect("table lock");
         let t: &mut dyn SessionTable = &mut **t;
         match msg {
-            Msg::Upsert(r) => ap.upserts(t, &r)?,
-            Msg::Remove(k) => ap.removes(t, &k)?,
-            Msg::AssocUpsert(r) => ap.assoc_upserts(t, &r)?,
-            Msg::AssocRemove(k) => ap.assoc_removes(t, &k)?,
-            Msg::SnapshotBegin { .. } => ap.begin_snapshot(),
+            Msg::Upsert(r) => ap.upserts(t, &from, &r)?,
+            Msg::Remove(k) => ap.removes(t, &from, &k)?,
+            Msg::AssocUpsert(r) => ap.assoc_upserts(t, &from, &r)?,
+            Msg::AssocRemove(k) => ap.assoc_removes(t, &from, &k)?,
+            Msg::SnapshotBegin { .. } => ap.begin_snapshot(&from),
             Msg::SnapshotEnd { .. } => {
-                let stale = ap.end_snapshot(t)?;
+                let stale = ap.end_snapshot(t, &from)?;
                 if stale > 0 {
                     info!("ctsync: snapshot applied; {stale} stale synced entries removed");
                 }
@@ -616,7 +602,7 @@ async fn apply(ctx: &Arc<Ctx>, msg: Msg) -> Result<bool> {
             Msg::Resync => bail!("a resync request, from a sender"),
             Msg::Heartbeat => {}
         }
-        let resync = ap.wants_resync(t, RESYNC_AFTER)?;
+        let resync = ap.wants_resync(t, &from, RESYNC_AFTER)?;
         let (st, n) = (ap.stats.clone(), ap.tracked());
         c.stats(|s| {
             s.inbound.apply = st;

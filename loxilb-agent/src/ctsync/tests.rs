@@ -306,7 +306,7 @@ async fn client_of(
 }
 
 #[test]
-fn version_mismatch_and_an_active_backup_refuse_with_a_reason() {
+fn a_version_mismatch_is_refused_with_a_reason() {
     let ca = TestCa::new("ca");
     let b = node(false);
     let db = ca.dir(&ca, "b");
@@ -333,18 +333,84 @@ fn version_mismatch_and_an_active_backup_refuse_with_a_reason() {
         }
     });
     assert_eq!(rx.stats().inbound.refused_hello, 1);
-    rx.set_active(true);
-    wait_for("active", 5, || rx.stats().role == "active");
-    rt.block_on(async {
-        let mut s = client_of(&da, addr).await;
-        let h = Hello::ours(wire::ROLE_SENDER, "a");
-        s.write_all(&wire::encode(&Msg::Hello(h))).await.unwrap();
-        match wire::read_msg(&mut s).await.unwrap() {
-            Some(Msg::Error(t)) => assert!(t.contains("is the active node"), "{t}"),
-            m => panic!("{m:?}"),
+}
+
+/// Two nodes, each the owner of one VIP (per-Service owner groups): each
+/// streams its own VIP's sessions to the other and takes the other's;
+/// neither overwrites a session of a VIP it owns. When one VIP moves,
+/// its new owner streams its sessions, the old owner keeps them (as
+/// synced), and their ends follow from the new owner.
+#[test]
+fn two_owners_stream_to_each_other_and_a_vip_moves() {
+    let ca = TestCa::new("ca");
+    let table = |now| {
+        let t = MemTable::default();
+        t.with(|s| {
+            s.svcs = vec![x::svc("20.0.0.100", 80, 1), x::svc("20.0.0.101", 80, 2)];
+            s.eps = vec![
+                x::ep(1, 0, "10.0.1.10", 8080, 0),
+                x::ep(2, 0, "10.0.1.10", 8080, 1),
+            ];
+            s.now_ns = now;
+        });
+        t
+    };
+    let (a, b) = (table(1_000_000_000_000), table(5_000_000_000));
+    let sa = x::session("192.168.0.2", 1, "20.0.0.100", "10.0.1.10", 1, 0, 0);
+    let sb = x::session("192.168.0.3", 1, "20.0.0.101", "10.0.1.10", 2, 1, 0);
+    a.with(|s| s.ct.extend(sa));
+    b.with(|s| s.ct.extend(sb));
+    let (da, db) = (ca.dir(&ca, "a"), ca.dir(&ca, "b"));
+    let start = |t: &MemTable, d: &Dir, name: &str| {
+        let mut c = cfg(d);
+        c.node_name = name.into();
+        Syncer::start_with_table(Box::new(t.clone()), c).unwrap()
+    };
+    let (na, nb) = (start(&a, &da, "a"), start(&b, &db, "b"));
+    na.set_peers(vec![nb.local_addr().unwrap()]);
+    nb.set_peers(vec![na.local_addr().unwrap()]);
+    let vips = |v: &[&str]| super::Owned::Vips(v.iter().map(|a| a.parse().unwrap()).collect());
+    na.set_owned(vips(&["20.0.0.100"]));
+    nb.set_owned(vips(&["20.0.0.101"]));
+    wait_for("both sessions on both nodes", 10, || {
+        a.with(|s| s.ct.len() == 4) && b.with(|s| s.ct.len() == 4)
+    });
+    for t in [&a, &b] {
+        t.with(|s| {
+            for (k, _) in sa.iter().chain(&sb) {
+                assert!(s.ct.contains_key(k));
+            }
+        });
+    }
+    let (st_a, st_b) = (na.stats(), nb.stats());
+    assert_eq!(
+        (st_a.role.as_str(), st_a.owned.as_str()),
+        ("active", "20.0.0.100")
+    );
+    assert_eq!(st_b.owned, "20.0.0.101");
+    assert_eq!(
+        (st_a.inbound.apply.applied, st_b.inbound.apply.applied),
+        (2, 2)
+    );
+    assert_eq!(st_a.inbound.tracked, 2, "b's session, synced");
+    // 20.0.0.100 moves to b: b streams it (the copy it took from a), a
+    // keeps it and follows b's word on it.
+    na.set_owned(vips(&[]));
+    nb.set_owned(vips(&["20.0.0.100", "20.0.0.101"]));
+    wait_for("a takes both from b", 10, || {
+        na.stats().inbound.tracked == 4
+    });
+    assert_eq!(na.stats().role, "backup");
+    b.with(|s| {
+        for (k, _) in sa {
+            s.ct.remove(&k);
         }
     });
-    assert_eq!(rx.stats().inbound.refused_active, 1);
+    wait_for("the end of a's old session followed from b", 10, || {
+        a.with(|s| s.ct.len() == 2)
+    });
+    a.with(|s| assert!(sb.iter().all(|(k, _)| s.ct.contains_key(k))));
+    assert_eq!(nb.stats().inbound.apply.ignored_owned, 0);
 }
 
 #[test]
@@ -463,7 +529,7 @@ fn peers_follow_set_peers_and_leave_this_node_out() {
         st.peers
     );
     assert_eq!(st.peers[0].addr, rx.local_addr().unwrap().to_string());
-    assert_eq!(st.inbound.refused_active, 0, "never dialled itself");
+    assert_eq!(st.inbound.connections, 0, "never dialled itself");
     tx.set_peers(vec![]);
     wait_for("the peer dropped", 10, || rx.stats().inbound.connected == 0);
     assert!(tx.stats().peers.is_empty());
