@@ -687,7 +687,7 @@ impl Api {
                 ),
             )
         })?;
-        use serde_yaml::{Mapping, Value as Y};
+        use serde_norway::{Mapping, Value as Y};
         let mut m = Mapping::new();
         let mut put = |k: &str, v: Y| {
             m.insert(Y::from(k), v);

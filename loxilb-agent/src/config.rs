@@ -108,16 +108,16 @@ struct RawRule {
     vip: String,
     #[serde(default)]
     secondary_vips: Vec<String>,
-    port: serde_yaml::Value,
+    port: serde_norway::Value,
     protocol: String,
     #[serde(default, deserialize_with = "present")]
     mode: Opt<String>,
     #[serde(default, deserialize_with = "present")]
     selection: Opt<String>,
     #[serde(default, deserialize_with = "present")]
-    timeout: Opt<serde_yaml::Value>,
+    timeout: Opt<serde_norway::Value>,
     #[serde(default, deserialize_with = "present")]
-    persist_timeout: Opt<serde_yaml::Value>,
+    persist_timeout: Opt<serde_norway::Value>,
     #[serde(default)]
     source_ranges: Vec<String>,
     #[serde(default)]
@@ -132,28 +132,28 @@ struct RawProbe {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default, deserialize_with = "present")]
-    port: Opt<serde_yaml::Value>,
+    port: Opt<serde_norway::Value>,
     #[serde(default, deserialize_with = "present")]
     request: Opt<String>,
     #[serde(default, deserialize_with = "present")]
     response: Opt<String>,
     /// seconds
     #[serde(default, deserialize_with = "present")]
-    timeout: Opt<serde_yaml::Value>,
+    timeout: Opt<serde_norway::Value>,
     #[serde(default, deserialize_with = "present")]
-    retries: Opt<serde_yaml::Value>,
+    retries: Opt<serde_norway::Value>,
     /// seconds
     #[serde(default, deserialize_with = "present")]
-    interval: Opt<serde_yaml::Value>,
+    interval: Opt<serde_norway::Value>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEndpoint {
     ip: String,
-    port: serde_yaml::Value,
+    port: serde_norway::Value,
     #[serde(default, deserialize_with = "present")]
-    weight: Opt<serde_yaml::Value>,
+    weight: Opt<serde_norway::Value>,
 }
 
 /// Read and validate a rule file.
@@ -167,10 +167,10 @@ pub fn load(path: &Path) -> Result<Vec<Rule>, ConfigError> {
     parse(&file, &text)
 }
 
-fn show(v: &serde_yaml::Value) -> String {
+fn show(v: &serde_norway::Value) -> String {
     match v {
-        serde_yaml::Value::String(s) => format!("{s:?}"),
-        other => serde_yaml::to_string(other)
+        serde_norway::Value::String(s) => format!("{s:?}"),
+        other => serde_norway::to_string(other)
             .unwrap_or_default()
             .trim()
             .to_string(),
@@ -180,7 +180,7 @@ fn show(v: &serde_yaml::Value) -> String {
 fn int_in(
     err: &dyn Fn(String, String) -> ConfigError,
     field: String,
-    v: &serde_yaml::Value,
+    v: &serde_norway::Value,
     min: u64,
     max: u64,
     what: &str,
@@ -209,7 +209,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
             "the file is empty; to remove every rule, write `rules: []`".to_string(),
         ));
     } else {
-        serde_yaml::from_str(text).map_err(|e| {
+        serde_norway::from_str(text).map_err(|e| {
             let loc = e
                 .location()
                 .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
@@ -223,8 +223,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
 /// Rules given as a YAML value of the rule file's shape (`{rules: [...]}`,
 /// built by another front end, the REST API): every check of [`parse`],
 /// errors naming `file` and the rule file's field paths.
-pub fn parse_value(file: &str, v: serde_yaml::Value) -> Result<Vec<Rule>, ConfigError> {
-    let raw: RawFile = serde_yaml::from_value(v).map_err(|e| ConfigError {
+pub fn parse_value(file: &str, v: serde_norway::Value) -> Result<Vec<Rule>, ConfigError> {
+    let raw: RawFile = serde_norway::from_value(v).map_err(|e| ConfigError {
         file: file.to_string(),
         field: String::new(),
         message: e.to_string(),
@@ -432,7 +432,7 @@ fn read_rule(
         }
         spec.request = given(err, pf("request"), p.request)?;
         spec.response = given(err, pf("response"), p.response)?;
-        let secs = |v: &serde_yaml::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
+        let secs = |v: &serde_norway::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
             match v.as_f64() {
                 Some(x) if x > 0.0 && x <= 86400.0 => Ok(std::time::Duration::from_secs_f64(x)),
                 _ => Err(err(
