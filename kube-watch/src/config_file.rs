@@ -24,7 +24,7 @@
 
 use std::{ffi::OsString, fmt, path::Path};
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::flags;
 
@@ -181,7 +181,7 @@ impl ConfigFile {
             key: key.to_string(),
             message,
         };
-        let doc: Value = serde_yaml::from_str(text)
+        let doc: Value = serde_norway::from_str(text)
             .map_err(|e| fail("", format!("not valid YAML ({e}); fix the syntax")))?;
         let map = match doc {
             Value::Mapping(m) => m,
@@ -283,7 +283,7 @@ fn scalar_text(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::Null => "null".into(),
-        _ => serde_yaml::to_string(v)
+        _ => serde_norway::to_string(v)
             .unwrap_or_default()
             .trim()
             .to_string(),

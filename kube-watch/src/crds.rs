@@ -480,26 +480,26 @@ pub fn render_crds() -> Vec<(String, String)> {
         .map(|crd| {
             let name = crd.metadata.name.clone().expect("a CRD has a name");
             let json = serde_json::to_value(&crd).expect("a CRD serializes");
-            let yaml = serde_yaml::to_string(&sorted_yaml(&json)).expect("YAML serializes");
+            let yaml = serde_norway::to_string(&sorted_yaml(&json)).expect("YAML serializes");
             (format!("{name}.yaml"), format!("{GENERATED_HEADER}{yaml}"))
         })
         .collect()
 }
 
 /// `v` as YAML with every mapping's keys sorted.
-fn sorted_yaml(v: &serde_json::Value) -> serde_yaml::Value {
+fn sorted_yaml(v: &serde_json::Value) -> serde_norway::Value {
     use serde_json::Value as J;
-    use serde_yaml::Value as Y;
+    use serde_norway::Value as Y;
     match v {
         J::Null => Y::Null,
         J::Bool(b) => Y::Bool(*b),
-        J::Number(n) => serde_yaml::to_value(n).expect("a number"),
+        J::Number(n) => serde_norway::to_value(n).expect("a number"),
         J::String(s) => Y::String(s.clone()),
         J::Array(a) => Y::Sequence(a.iter().map(sorted_yaml).collect()),
         J::Object(o) => {
             let mut keys: Vec<&String> = o.keys().collect();
             keys.sort();
-            let mut m = serde_yaml::Mapping::new();
+            let mut m = serde_norway::Mapping::new();
             for k in keys {
                 m.insert(Y::String(k.clone()), sorted_yaml(&o[k]));
             }

@@ -752,7 +752,7 @@ proptest! {
                         || e.message.contains(plain)
                         // A quoted YAML scalar is named as it decodes
                         // (`"\""` is the one-character value `"`).
-                        || serde_yaml::from_str::<String>(&v)
+                        || serde_norway::from_str::<String>(&v)
                             .is_ok_and(|d| e.message.contains(&format!("`{d}`")));
                     prop_assert!(v_ok, "value {:?} not named: {}", v, shown);
                 }

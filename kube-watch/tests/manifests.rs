@@ -128,11 +128,11 @@ fn kubernetes_manifests() -> Vec<PathBuf> {
 }
 
 /// The YAML documents of a file (empty documents dropped).
-fn documents(path: &Path) -> Vec<serde_yaml::Value> {
+fn documents(path: &Path) -> Vec<serde_norway::Value> {
     let text = fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|d| {
-            serde_yaml::Value::deserialize(d)
+            serde_norway::Value::deserialize(d)
                 .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()))
         })
         .filter(|v| !v.is_null())
@@ -244,7 +244,7 @@ fn daemonset() -> DaemonSet {
         .into_iter()
         .find(|d| d.get("kind").and_then(|k| k.as_str()) == Some("DaemonSet"))
         .expect("a DaemonSet");
-    serde_yaml::from_value(doc).expect("a DaemonSet k8s-openapi reads")
+    serde_norway::from_value(doc).expect("a DaemonSet k8s-openapi reads")
 }
 
 /// Parse `--name=value` arguments with the core's flag parsers.
@@ -364,7 +364,7 @@ fn daemonset_has_what_the_agent_needs() {
         .into_iter()
         .find(|d| d.get("kind").and_then(|k| k.as_str()) == Some("ServiceAccount"))
         .unwrap();
-    let sa: ServiceAccount = serde_yaml::from_value(sa_doc).unwrap();
+    let sa: ServiceAccount = serde_norway::from_value(sa_doc).unwrap();
     assert_eq!(pod.service_account_name, sa.metadata.name);
     assert_eq!(sa.metadata.namespace.as_deref(), Some("kube-system"));
 }

@@ -687,10 +687,10 @@ impl Api {
                 ),
             )
         })?;
-        use serde_yaml::{Mapping, Value as Y};
-        let mut m = Mapping::new();
-        let mut put = |k: &str, v: Y| {
-            m.insert(Y::from(k), v);
+        // The rule in the rule file's shape ([`config::parse_value`]).
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            m.insert(k.to_string(), v);
         };
         // The key, for the name: parsed leniently here, checked below.
         let proto = s.protocol.trim().to_ascii_lowercase();
@@ -702,53 +702,38 @@ impl Api {
             _ => s.name.clone(),
         };
         if !name.is_empty() {
-            put("name", Y::from(name));
+            put("name", json!(name));
         }
-        put("vip", Y::from(s.external_ip.clone()));
-        put("port", Y::from(s.port));
-        put("protocol", Y::from(s.protocol.clone()));
-        put("mode", Y::from(*mode));
-        put("selection", Y::from(*sel));
+        put("vip", json!(s.external_ip));
+        put("port", json!(s.port));
+        put("protocol", json!(s.protocol));
+        put("mode", json!(mode));
+        put("selection", json!(sel));
         if s.inactive_timeout != 0 {
-            put("timeout", Y::from(s.inactive_timeout));
+            put("timeout", json!(s.inactive_timeout));
         }
         if !req.secondary_ips.is_empty() {
-            put(
-                "secondary_vips",
-                Y::Sequence(
-                    req.secondary_ips
-                        .iter()
-                        .map(|x| Y::from(x.secondary_ip.clone()))
-                        .collect(),
-                ),
-            );
+            let ips: Vec<&str> = req
+                .secondary_ips
+                .iter()
+                .map(|x| x.secondary_ip.as_str())
+                .collect();
+            put("secondary_vips", json!(ips));
         }
         if !req.allowed_sources.is_empty() {
-            put(
-                "source_ranges",
-                Y::Sequence(
-                    req.allowed_sources
-                        .iter()
-                        .map(|x| Y::from(x.prefix.clone()))
-                        .collect(),
-                ),
-            );
+            let prefixes: Vec<&str> = req
+                .allowed_sources
+                .iter()
+                .map(|x| x.prefix.as_str())
+                .collect();
+            put("source_ranges", json!(prefixes));
         }
-        put(
-            "endpoints",
-            Y::Sequence(
-                req.endpoints
-                    .iter()
-                    .map(|e| {
-                        let mut em = Mapping::new();
-                        em.insert("ip".into(), Y::from(e.endpoint_ip.clone()));
-                        em.insert("port".into(), Y::from(e.target_port));
-                        em.insert("weight".into(), Y::from(e.weight));
-                        Y::Mapping(em)
-                    })
-                    .collect(),
-            ),
-        );
+        let endpoints: Vec<serde_json::Value> = req
+            .endpoints
+            .iter()
+            .map(|e| json!({"ip": e.endpoint_ip, "port": e.target_port, "weight": e.weight}))
+            .collect();
+        put("endpoints", json!(endpoints));
         let probetype = s.probetype.trim();
         if s.monitor {
             let kind = match (probetype, proto.as_str()) {
@@ -757,24 +742,24 @@ impl Api {
                 ("", _) => "tcp",
                 (t, _) => t,
             };
-            let mut pm = Mapping::new();
-            pm.insert("type".into(), Y::from(kind));
+            let mut pm = serde_json::Map::new();
+            pm.insert("type".into(), json!(kind));
             if s.probeport != 0 {
-                pm.insert("port".into(), Y::from(s.probeport));
+                pm.insert("port".into(), json!(s.probeport));
             }
             if !s.probereq.is_empty() {
-                pm.insert("request".into(), Y::from(s.probereq.clone()));
+                pm.insert("request".into(), json!(s.probereq));
             }
             if !s.proberesp.is_empty() {
-                pm.insert("response".into(), Y::from(s.proberesp.clone()));
+                pm.insert("response".into(), json!(s.proberesp));
             }
             if s.probe_timeout != 0 {
-                pm.insert("timeout".into(), Y::from(s.probe_timeout));
+                pm.insert("timeout".into(), json!(s.probe_timeout));
             }
             if s.probe_retries != 0 {
-                pm.insert("retries".into(), Y::from(s.probe_retries));
+                pm.insert("retries".into(), json!(s.probe_retries));
             }
-            put("probe", Y::Mapping(pm));
+            put("probe", serde_json::Value::Object(pm));
         } else if !probetype.is_empty() && probetype != "none" {
             return bad(
                 "Monitor",
@@ -784,11 +769,7 @@ impl Api {
                 ),
             );
         }
-        let mut file = Mapping::new();
-        file.insert(
-            "rules".into(),
-            Y::Sequence(vec![Y::Mapping(std::mem::take(&mut m))]),
-        );
+        let file = json!({ "rules": [m] });
         let map_err = |e: ConfigError| {
             let field = api_field(&e.field);
             let message = match field.as_str() {
@@ -798,7 +779,7 @@ impl Api {
             };
             ApiError::bad(&field, message)
         };
-        let mut rules = config::parse_value("request", Y::Mapping(file)).map_err(map_err)?;
+        let mut rules = config::parse_value("request", file).map_err(map_err)?;
         (self.node_check)(&rules).map_err(map_err)?;
         Ok(rules.remove(0))
     }
@@ -1338,9 +1319,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         // Broken JSON has no field to blame; a bad value does.
         let path = match e.inner().classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => String::new(),
-            _ => e.path().to_string(),
+            _ => config::field_path(e.path()),
         };
-        let path = if path == "." { String::new() } else { path };
         ApiError::bad(&path, format!("bad request body: {}", e.inner()))
     })?;
     // Nothing after the value.

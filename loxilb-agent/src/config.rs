@@ -1,5 +1,9 @@
 //! The standalone rule file: parsed strictly, validated completely, and
-//! every error names the file, the field and the value. Each rule is read
+//! every error names the file, the field and the value. The file is read
+//! by typed serde (each field a type of its own that reads its value or
+//! refuses it, saying what is allowed; unknown keys refused), through
+//! [`serde_path_to_error`] for the field's path (`rules[2].endpoints[0].port`)
+//! and serde_norway for the line. Each rule is read
 //! into the rule model ([`loxilb_model::Rule`]) and checked by its one
 //! capability check ([`loxilb_model::supported`], the check Kubernetes
 //! rules and REST API rules pass too), then against the rules before it
@@ -32,15 +36,17 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
+    marker::PhantomData,
     net::IpAddr,
     path::Path,
+    time::Duration,
 };
 
 use loxilb_model::{
     Endpoint, Mode, ProbeKind, ProbeSpec, Protocol, Rule, Selection, DEFAULT_PERSIST_TIMEOUT_S,
     DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S,
 };
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
 
 /// A config error: which file, which field, what was wrong, what to do.
 ///
@@ -64,96 +70,348 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The file: a list of rules, nothing else.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a rule file: a mapping with a `rules` list (`rules: []` for none)"
+)]
 struct RawFile {
     #[serde(default)]
     rules: Vec<RawRule>,
 }
 
-/// An optional key: `None` when absent, `Some(None)` when given without
-/// a value (`mode:` or `mode: ~`), which [`given`] refuses rather than
-/// read as absent (a default the user did not ask for).
-type Opt<T> = Option<Option<T>>;
-
-fn present<'de, D, T>(d: D) -> Result<Opt<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
+/// One rule as written: each field of its own type, which reads the value
+/// into the rule model's or refuses it with the value as given and what
+/// is allowed (the field's path is added by [`serde_path_to_error`]).
+/// Optional keys are read with [`not_null`]: a key given without a value
+/// is an error, not its default.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a rule: a mapping with vip, port, protocol and optional settings"
+)]
+struct RawRule {
+    #[serde(default, deserialize_with = "not_null")]
+    name: Option<Name>,
+    vip: Ip,
+    #[serde(default)]
+    secondary_vips: Vec<Ip>,
+    port: Port,
+    protocol: ProtocolName,
+    #[serde(default, deserialize_with = "not_null")]
+    mode: Option<ModeName>,
+    #[serde(default, deserialize_with = "not_null")]
+    selection: Option<SelectionName>,
+    #[serde(default, deserialize_with = "not_null")]
+    timeout: Option<IdleTimeout>,
+    #[serde(default, deserialize_with = "not_null")]
+    persist_timeout: Option<AffinityTimeout>,
+    #[serde(default)]
+    source_ranges: Vec<Prefix>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default, deserialize_with = "not_null")]
+    probe: Option<RawProbe>,
 }
 
-/// The value of an optional key; a key without a value is an error.
-fn given<T>(
-    err: &dyn Fn(String, String) -> ConfigError,
-    field: String,
-    v: Opt<T>,
-) -> Result<Option<T>, ConfigError> {
-    match v {
-        None => Ok(None),
-        Some(None) => Err(err(
-            field,
-            "has no value; give one or remove the key (for its default)".into(),
-        )),
-        Some(Some(x)) => Ok(Some(x)),
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a probe: a mapping with type and optional settings"
+)]
+struct RawProbe {
+    #[serde(rename = "type")]
+    kind: ProbeType,
+    #[serde(default, deserialize_with = "not_null")]
+    port: Option<Port>,
+    #[serde(default, deserialize_with = "not_null")]
+    request: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    response: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    timeout: Option<ProbeSeconds>,
+    #[serde(default, deserialize_with = "not_null")]
+    retries: Option<Retries>,
+    #[serde(default, deserialize_with = "not_null")]
+    interval: Option<ProbeSeconds>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an endpoint: a mapping with ip, port and optional weight"
+)]
+struct RawEndpoint {
+    ip: Ip,
+    port: Port,
+    #[serde(default, deserialize_with = "not_null")]
+    weight: Option<Weight>,
+}
+
+/// An optional key's value; a key without one (`mode:`, `mode: ~`) is
+/// refused rather than read as absent (a default the user did not ask
+/// for). The error comes from inside the deserializer's call, so it names
+/// this key's path and line.
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Given<T>(PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Given<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a value")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Option<T>, E> {
+            Err(E::custom(
+                "has no value; give one or remove the key (for its default)",
+            ))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Option<T>, E> {
+            self.visit_none()
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+            T::deserialize(d).map(Some)
+        }
+    }
+    d.deserialize_option(Given(PhantomData))
+}
+
+/// A field written as text (any YAML scalar, as written: `name: 007` is
+/// "007", `name: no` is "no"), read by `read`, which says what is wrong
+/// with a value it refuses.
+fn text<'de, D, T>(d: D, read: fn(&str) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Text<T>(fn(&str) -> Result<T, String>);
+    impl<'de, T> de::Visitor<'de> for Text<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            (self.0)(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(Text(read))
+}
+
+/// Text fields: each reads its text into the rule model's value.
+macro_rules! text_field {
+    ($(#[$m:meta])* $name:ident($t:ty), |$s:ident| $read:expr) => {
+        $(#[$m])*
+        struct $name($t);
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                text(d, |$s: &str| -> Result<$name, String> { $read.map($name) })
+            }
+        }
+    };
+}
+
+text_field!(
+    /// An address: a VIP, a secondary VIP, an endpoint's.
+    Ip(IpAddr),
+    |s| s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address (like 20.0.0.1 or 2001:db8::1)"))
+);
+text_field!(
+    /// A rule's name: any text but blank.
+    Name(String),
+    |s| if s.trim().is_empty() {
+        Err("must not be empty".to_string())
+    } else {
+        Ok(s.to_string())
+    }
+);
+text_field!(ProtocolName(Protocol), |s| Protocol::from_name(s)
+    .ok_or_else(|| format!(
+        "{s:?} is not supported; use tcp, udp or sctp"
+    )));
+text_field!(ModeName(Mode), |s| match s.trim() {
+    "default" => Ok(Mode::Default),
+    "onearm" => Ok(Mode::OneArm),
+    "fullnat" => Ok(Mode::FullNat),
+    "dsr" => Ok(Mode::Dsr),
+    "dsr-ipip" => Ok(Mode::DsrIpip),
+    m @ ("fullproxy" | "hostonearm") => Err(format!(
+        "{m:?} is not supported by this load balancer; use default, onearm, fullnat, dsr \
+             or dsr-ipip"
+    )),
+    _ => Err(format!(
+        "{s:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip"
+    )),
+});
+text_field!(SelectionName(Selection), |s| match s.trim() {
+    "rr" | "roundrobin" => Ok(Selection::RoundRobin),
+    "hash" => Ok(Selection::Hash),
+    "persist" => Ok(Selection::Persist),
+    "lc" => Ok(Selection::LeastConn),
+    _ => Err(format!(
+        "{s:?} is not a selection; use rr, hash, persist or lc"
+    )),
+});
+text_field!(
+    /// An allowed client prefix (host bits are refused later, by
+    /// [`loxilb_model::supported`], which names the network meant).
+    Prefix(ipnet::IpNet),
+    |s| s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an IP prefix (like 192.168.0.0/16 or 2001:db8::/32)")
+    })
+);
+text_field!(ProbeType(ProbeKind), |s| s.trim().parse().map_err(|_| {
+    format!("{s:?} is not a probe type; use none, ping, tcp, udp, http, https or sctp")
+}));
+
+/// A number as YAML gave it, for the number fields to check.
+enum Num {
+    Int(i128),
+    Float(f64),
+    /// Not a number: how to show it (text quoted).
+    Other(String),
+}
+
+impl Num {
+    /// The value as given, for an error.
+    fn shown(&self) -> String {
+        match self {
+            Num::Int(n) => n.to_string(),
+            // As YAML writes it (`1000.0`, `.inf`), not as Rust does.
+            Num::Float(x) if x.is_nan() => ".nan".into(),
+            Num::Float(x) if x.is_infinite() => if *x > 0.0 { ".inf" } else { "-.inf" }.into(),
+            Num::Float(x) => format!("{x:?}"),
+            Num::Other(s) => s.clone(),
+        }
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    #[serde(default, deserialize_with = "present")]
-    name: Opt<String>,
-    vip: String,
-    #[serde(default)]
-    secondary_vips: Vec<String>,
-    port: serde_yaml::Value,
-    protocol: String,
-    #[serde(default, deserialize_with = "present")]
-    mode: Opt<String>,
-    #[serde(default, deserialize_with = "present")]
-    selection: Opt<String>,
-    #[serde(default, deserialize_with = "present")]
-    timeout: Opt<serde_yaml::Value>,
-    #[serde(default, deserialize_with = "present")]
-    persist_timeout: Opt<serde_yaml::Value>,
-    #[serde(default)]
-    source_ranges: Vec<String>,
-    #[serde(default)]
-    endpoints: Vec<RawEndpoint>,
-    #[serde(default, deserialize_with = "present")]
-    probe: Opt<RawProbe>,
+/// A number field: any scalar is handed to `read` (which refuses what is
+/// not its kind of number, saying so); lists and mappings are refused as
+/// not `expecting`.
+fn number<'de, D, T>(
+    d: D,
+    expecting: &str,
+    read: impl FnOnce(Num) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Number<'a, F> {
+        expecting: &'a str,
+        read: F,
+    }
+    impl<F> Number<'_, F> {
+        fn read<T, E: de::Error>(self, n: Num) -> Result<T, E>
+        where
+            F: FnOnce(Num) -> Result<T, String>,
+        {
+            (self.read)(n).map_err(E::custom)
+        }
+    }
+    impl<'de, T, F: FnOnce(Num) -> Result<T, String>> de::Visitor<'de> for Number<'_, F> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+            self.read(Num::Int(n.into()))
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+            self.read(Num::Int(n.into()))
+        }
+        fn visit_u128<E: de::Error>(self, n: u128) -> Result<T, E> {
+            self.read(i128::try_from(n).map_or_else(|_| Num::Other(n.to_string()), Num::Int))
+        }
+        fn visit_i128<E: de::Error>(self, n: i128) -> Result<T, E> {
+            self.read(Num::Int(n))
+        }
+        fn visit_f64<E: de::Error>(self, x: f64) -> Result<T, E> {
+            self.read(Num::Float(x))
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<T, E> {
+            self.read(Num::Other(b.to_string()))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            self.read(Num::Other(format!("{s:?}")))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+            self.read(Num::Other("null".into()))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<T, E> {
+            self.visit_unit()
+        }
+    }
+    d.deserialize_any(Number { expecting, read })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProbe {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default, deserialize_with = "present")]
-    port: Opt<serde_yaml::Value>,
-    #[serde(default, deserialize_with = "present")]
-    request: Opt<String>,
-    #[serde(default, deserialize_with = "present")]
-    response: Opt<String>,
-    /// seconds
-    #[serde(default, deserialize_with = "present")]
-    timeout: Opt<serde_yaml::Value>,
-    #[serde(default, deserialize_with = "present")]
-    retries: Opt<serde_yaml::Value>,
-    /// seconds
-    #[serde(default, deserialize_with = "present")]
-    interval: Opt<serde_yaml::Value>,
+/// An integer field: `what`, from `min` to `max`. YAML 1.2's integers
+/// (`80`, `+80`, `0x50`, `0o120`), as the YAML parser reads them; not
+/// `80.0`, `1e3`, `"80"`, or `080` (a string in YAML 1.2, an octal number
+/// in 1.1: refused as neither).
+fn int_in<'de, D: Deserializer<'de>>(
+    d: D,
+    min: u64,
+    max: u64,
+    what: &str,
+) -> Result<u64, D::Error> {
+    let expecting = format!("{what} (an integer {min}..={max})");
+    number(d, &expecting, |n| match n {
+        Num::Int(i) if (i128::from(min)..=i128::from(max)).contains(&i) => Ok(i as u64),
+        other => Err(format!("{} is not {expecting}", other.shown())),
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEndpoint {
-    ip: String,
-    port: serde_yaml::Value,
-    #[serde(default, deserialize_with = "present")]
-    weight: Opt<serde_yaml::Value>,
+/// Integer fields: each a number of the rule model's, in its range.
+macro_rules! int_field {
+    ($(#[$m:meta])* $name:ident($t:ty): $min:expr, $max:expr, $what:literal) => {
+        $(#[$m])*
+        struct $name($t);
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                // `$max` fits `$t`.
+                int_in(d, $min, $max, $what).map(|n| $name(n as $t))
+            }
+        }
+    };
+}
+
+int_field!(Port(u16): 1, 65535, "a port");
+int_field!(
+    /// seconds
+    IdleTimeout(u32): 1, MAX_TIMEOUT_S as u64, "an idle timeout in seconds"
+);
+int_field!(
+    /// seconds
+    AffinityTimeout(u32): 1, MAX_TIMEOUT_S as u64, "an affinity timeout in seconds"
+);
+int_field!(Weight(u16): 1, 65535, "a weight");
+int_field!(Retries(u32): 0, 100, "a retry count");
+
+/// A probe's timeout or interval: seconds, fractions allowed, up to a day.
+struct ProbeSeconds(Duration);
+
+impl<'de> Deserialize<'de> for ProbeSeconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const EXPECTING: &str =
+            "a duration in seconds, more than 0 and at most 86400 (like 5 or 0.5)";
+        number(d, EXPECTING, |n| {
+            let x = match n {
+                Num::Int(i) => i as f64,
+                Num::Float(x) => x,
+                Num::Other(_) => f64::NAN,
+            };
+            if x > 0.0 && x <= 86400.0 {
+                Ok(ProbeSeconds(Duration::from_secs_f64(x)))
+            } else {
+                Err(format!("{} is not {EXPECTING}", n.shown()))
+            }
+        })
+    }
 }
 
 /// Read and validate a rule file.
@@ -167,67 +425,89 @@ pub fn load(path: &Path) -> Result<Vec<Rule>, ConfigError> {
     parse(&file, &text)
 }
 
-fn show(v: &serde_yaml::Value) -> String {
-    match v {
-        serde_yaml::Value::String(s) => format!("{s:?}"),
-        other => serde_yaml::to_string(other)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+/// The path of the value a typed read refused, as the rule file's fields
+/// and the REST API's are named (`rules[2].endpoints[0].port`,
+/// `endpoints[1].targetPort`); empty for the document as a whole.
+pub fn field_path(path: &serde_path_to_error::Path) -> String {
+    let p = path.to_string();
+    if p == "." {
+        String::new()
+    } else {
+        p
     }
 }
 
-fn int_in(
-    err: &dyn Fn(String, String) -> ConfigError,
-    field: String,
-    v: &serde_yaml::Value,
-    min: u64,
-    max: u64,
-    what: &str,
-) -> Result<u64, ConfigError> {
-    match v.as_u64() {
-        Some(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(err(
-            field,
-            format!("{} is not {what} (an integer {min}..={max})", show(v)),
-        )),
+/// A refusal of the YAML parser or of a field's type as a [`ConfigError`]:
+/// the field's path, the message (the value as given and what is
+/// allowed) and where in the file. serde_norway puts its own path (that
+/// of the value, or of the mapping around it for a missing, unknown or
+/// empty key) before the message and the place after it: they are taken
+/// off, the path [`serde_path_to_error`] found going in `field`, the
+/// place put after the message.
+fn yaml_error(file: &str, e: serde_path_to_error::Error<serde_norway::Error>) -> ConfigError {
+    let path = field_path(e.path());
+    let e = e.into_inner();
+    let mut message = e.to_string();
+    if let Some(l) = e.location() {
+        let (line, column) = (l.line(), l.column());
+        match message.strip_suffix(&format!(" at line {line} column {column}")) {
+            Some(m) => message = format!("{m} (line {line}, column {column})"),
+            // The parser's own errors say where, in their words.
+            None if message.contains(" at line ") => {}
+            None => message = format!("{message} (line {line}, column {column})"),
+        }
+    }
+    // `path` or a mapping around it (`rules[0]` of `rules[0].mode`); a
+    // key that is not text (`?`) or a broken document has no field to
+    // blame, and its message says where.
+    let around = |p: &str| {
+        path == p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|r| r.starts_with(['.', '[']))
+    };
+    let named = message
+        .split_once(": ")
+        .filter(|(p, _)| !path.is_empty() && !path.contains('?') && around(p))
+        .map(|(_, m)| m.to_string());
+    let field = match named {
+        Some(m) => {
+            message = m;
+            path
+        }
+        None => String::new(),
+    };
+    ConfigError {
+        file: file.to_string(),
+        field,
+        message,
     }
 }
 
 /// Parse and validate rule-file text; `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
-    let err = |field: String, message: String| ConfigError {
-        file: file.to_string(),
-        field,
-        message,
-    };
     // An empty file is far more often an editor or a copy caught halfway
     // than a wish to delete every rule: refuse it (`rules: []` says so).
-    let raw: RawFile = if text.trim().is_empty() {
-        return Err(err(
-            String::new(),
-            "the file is empty; to remove every rule, write `rules: []`".to_string(),
-        ));
-    } else {
-        serde_yaml::from_str(text).map_err(|e| {
-            let loc = e
-                .location()
-                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
-                .unwrap_or_default();
-            err(String::new(), format!("{e}{loc}"))
-        })?
-    };
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            file: file.to_string(),
+            field: String::new(),
+            message: "the file is empty; to remove every rule, write `rules: []`".to_string(),
+        });
+    }
+    let raw: RawFile = serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text))
+        .map_err(|e| yaml_error(file, e))?;
     check_raw(file, raw)
 }
 
-/// Rules given as a YAML value of the rule file's shape (`{rules: [...]}`,
-/// built by another front end, the REST API): every check of [`parse`],
-/// errors naming `file` and the rule file's field paths.
-pub fn parse_value(file: &str, v: serde_yaml::Value) -> Result<Vec<Rule>, ConfigError> {
-    let raw: RawFile = serde_yaml::from_value(v).map_err(|e| ConfigError {
+/// Rules given as a JSON value of the rule file's shape (`{"rules":
+/// [...]}`, built by another front end, the REST API): every check of
+/// [`parse`], errors naming `file` and the rule file's field paths.
+pub fn parse_value(file: &str, v: serde_json::Value) -> Result<Vec<Rule>, ConfigError> {
+    let raw: RawFile = serde_path_to_error::deserialize(v).map_err(|e| ConfigError {
         file: file.to_string(),
-        field: String::new(),
-        message: e.to_string(),
+        field: field_path(e.path()),
+        message: e.into_inner().to_string(),
     })?;
     check_raw(file, raw)
 }
@@ -292,163 +572,57 @@ fn check_raw(file: &str, raw: RawFile) -> Result<Vec<Rule>, ConfigError> {
     Ok(rules)
 }
 
-/// Rule `i` of the file (`r`) read into the rule model: every value
-/// parsed, nothing yet checked against what the load balancer can do.
+/// Rule `i` of the file (`r`, every value already read by its type) as
+/// the rule model's rule: defaults filled in, nothing yet checked against
+/// what the load balancer can do.
 fn read_rule(
     err: &dyn Fn(String, String) -> ConfigError,
     i: usize,
     r: RawRule,
 ) -> Result<Rule, ConfigError> {
-    let f = |name: &str| format!("rules[{i}].{name}");
-    let ip = |field: String, text: &str, like: &str| {
-        text.trim()
-            .parse::<IpAddr>()
-            .map_err(|_| err(field, format!("{text:?} is not an IP address{like}")))
-    };
-    let vip = ip(f("vip"), &r.vip, " (like 20.0.0.1 or 2001:db8::1)")?;
-    let port = int_in(err, f("port"), &r.port, 1, 65535, "a port")? as u16;
-    let Some(protocol) = Protocol::from_name(&r.protocol) else {
-        return Err(err(
-            f("protocol"),
-            format!("{:?} is not supported; use tcp, udp or sctp", r.protocol),
-        ));
-    };
-    let mut rule = Rule::new(vip, port, protocol);
-    let raw_mode = given(err, f("mode"), r.mode)?;
-    rule.mode = match raw_mode.as_deref().map(str::trim) {
-        None | Some("default") => Mode::Default,
-        Some("onearm") => Mode::OneArm,
-        Some("fullnat") => Mode::FullNat,
-        Some("dsr") => Mode::Dsr,
-        Some("dsr-ipip") => Mode::DsrIpip,
-        Some(m @ ("fullproxy" | "hostonearm")) => {
-            return Err(err(
-                f("mode"),
-                format!("{m:?} is not supported by this load balancer; use default, onearm, fullnat, dsr or dsr-ipip"),
-            ))
-        }
-        Some(_) => {
-            return Err(err(
-                f("mode"),
-                format!(
-                    "{:?} is not a mode; use default, onearm, fullnat, dsr or dsr-ipip",
-                    raw_mode.unwrap_or_default()
-                ),
-            ))
-        }
-    };
-    let raw_selection = given(err, f("selection"), r.selection)?;
-    rule.selection = match raw_selection.as_deref().map(str::trim) {
-        None | Some("rr") | Some("roundrobin") => Selection::RoundRobin,
-        Some("hash") => Selection::Hash,
-        Some("persist") => Selection::Persist,
-        Some("lc") => Selection::LeastConn,
-        Some(_) => {
-            return Err(err(
-                f("selection"),
-                format!(
-                    "{:?} is not a selection; use rr, hash, persist or lc",
-                    raw_selection.unwrap_or_default()
-                ),
-            ))
-        }
-    };
-    rule.timeout_s = match &given(err, f("timeout"), r.timeout)? {
-        None => DEFAULT_TIMEOUT_S,
-        Some(v) => int_in(
-            err,
-            f("timeout"),
-            v,
-            1,
-            MAX_TIMEOUT_S as u64,
-            "an idle timeout in seconds",
-        )? as u32,
-    };
-    rule.persist_timeout_s = match (
-        &given(err, f("persist_timeout"), r.persist_timeout)?,
-        rule.selection,
-    ) {
+    let mut rule = Rule::new(r.vip.0, r.port.0, r.protocol.0);
+    rule.mode = r.mode.map_or(Mode::Default, |m| m.0);
+    rule.selection = r.selection.map_or(Selection::RoundRobin, |s| s.0);
+    rule.timeout_s = r.timeout.map_or(DEFAULT_TIMEOUT_S, |t| t.0);
+    rule.persist_timeout_s = match (r.persist_timeout, rule.selection) {
         (None, _) => DEFAULT_PERSIST_TIMEOUT_S,
-        (Some(v), Selection::Persist) => int_in(
-            err,
-            f("persist_timeout"),
-            v,
-            1,
-            MAX_TIMEOUT_S as u64,
-            "an affinity timeout in seconds",
-        )? as u32,
+        (Some(t), Selection::Persist) => t.0,
         (Some(_), _) => {
             return Err(err(
-                f("persist_timeout"),
+                format!("rules[{i}].persist_timeout"),
                 "only applies to selection: persist".into(),
             ))
         }
     };
-    for (j, cidr) in r.source_ranges.iter().enumerate() {
-        let net: ipnet::IpNet = cidr.trim().parse().map_err(|_| {
-            err(
-                format!("rules[{i}].source_ranges[{j}]"),
-                format!("{cidr:?} is not an IP prefix (like 192.168.0.0/16 or 2001:db8::/32)"),
-            )
-        })?;
-        rule.source_ranges.push(net);
+    rule.source_ranges = r.source_ranges.into_iter().map(|p| p.0).collect();
+    if let Some(n) = r.name {
+        rule.name = n.0;
     }
-    match given(err, f("name"), r.name)? {
-        Some(n) if n.trim().is_empty() => return Err(err(f("name"), "must not be empty".into())),
-        Some(n) => rule.name = n,
-        None => {}
-    }
-    for (j, text) in r.secondary_vips.iter().enumerate() {
-        rule.secondary_vips.push(ip(
-            format!("rules[{i}].secondary_vips[{j}]"),
-            text,
-            " (like 30.0.0.1 or 2001:db8:1::1)",
-        )?);
-    }
-    for (j, e) in r.endpoints.into_iter().enumerate() {
-        let g = |name: &str| format!("rules[{i}].endpoints[{j}].{name}");
-        let ip = ip(g("ip"), &e.ip, "")?;
-        let port = int_in(err, g("port"), &e.port, 1, 65535, "a port")? as u16;
-        let weight = match &given(err, g("weight"), e.weight)? {
-            None => 1,
-            Some(v) => int_in(err, g("weight"), v, 1, 65535, "a weight")? as u16,
-        };
-        rule.endpoints.push(Endpoint { ip, port, weight });
-    }
-    if let Some(p) = given(err, f("probe"), r.probe)? {
-        let pf = |n: &str| format!("rules[{i}].probe.{n}");
-        let kind: ProbeKind = p.kind.trim().parse().map_err(|_| {
-            err(
-                pf("type"),
-                format!(
-                    "{:?} is not a probe type; use none, ping, tcp, udp, http, https or sctp",
-                    p.kind
-                ),
-            )
-        })?;
-        let mut spec = ProbeSpec::new(kind);
-        if let Some(v) = &given(err, pf("port"), p.port)? {
-            spec.port = Some(int_in(err, pf("port"), v, 1, 65535, "a port")? as u16);
+    rule.secondary_vips = r.secondary_vips.into_iter().map(|a| a.0).collect();
+    rule.endpoints = r
+        .endpoints
+        .into_iter()
+        .map(|e| Endpoint {
+            ip: e.ip.0,
+            port: e.port.0,
+            weight: e.weight.map_or(1, |w| w.0),
+        })
+        .collect();
+    if let Some(p) = r.probe {
+        let mut spec = ProbeSpec::new(p.kind.0);
+        if let Some(port) = p.port {
+            spec.port = Some(port.0);
         }
-        spec.request = given(err, pf("request"), p.request)?;
-        spec.response = given(err, pf("response"), p.response)?;
-        let secs = |v: &serde_yaml::Value, n: &str| -> Result<std::time::Duration, ConfigError> {
-            match v.as_f64() {
-                Some(x) if x > 0.0 && x <= 86400.0 => Ok(std::time::Duration::from_secs_f64(x)),
-                _ => Err(err(
-                    pf(n),
-                    format!("{} is not a duration in seconds (like 5 or 0.5)", show(v)),
-                )),
-            }
-        };
-        if let Some(v) = &given(err, pf("timeout"), p.timeout)? {
-            spec.timeout = secs(v, "timeout")?;
+        spec.request = p.request;
+        spec.response = p.response;
+        if let Some(t) = p.timeout {
+            spec.timeout = t.0;
         }
-        if let Some(v) = &given(err, pf("interval"), p.interval)? {
-            spec.interval = secs(v, "interval")?;
+        if let Some(t) = p.interval {
+            spec.interval = t.0;
         }
-        if let Some(v) = &given(err, pf("retries"), p.retries)? {
-            spec.retries = int_in(err, pf("retries"), v, 0, 100, "a retry count")? as u32;
+        if let Some(n) = p.retries {
+            spec.retries = n.0;
         }
         rule.probe = Some(spec);
     }
@@ -871,6 +1045,234 @@ rules:
         assert!(e.message.contains("as its secondary VIP"), "{e}");
         // Another port or protocol is another service.
         parse("r.yaml", "rules:\n  - {name: a, vip: 20.0.0.1, port: 9, protocol: sctp, secondary_vips: [30.0.0.1]}\n  - {name: b, vip: 30.0.0.1, port: 10, protocol: sctp}\n  - {name: c, vip: 30.0.0.1, port: 9, protocol: tcp}\n").unwrap();
+    }
+
+    /// YAML 1.1 and 1.2 read some scalars differently; the rule file
+    /// reads them as serde_yaml 0.9 did (YAML 1.2's core schema): `yes`,
+    /// `no`, `on` are text, `0x10` and `0o10` integers, `010` text (an
+    /// octal number in 1.1: refused rather than guessed), `1e3` a float,
+    /// `~` no value.
+    #[test]
+    fn yaml_1_1_and_1_2_scalars_read_as_yaml_1_2() {
+        let rule = |extra: &str| {
+            parse(
+                "r.yaml",
+                &format!("rules:\n  - {{vip: 20.0.0.1, port: 80, protocol: tcp, {extra}}}\n"),
+            )
+        };
+        for (word, name) in [
+            ("yes", "yes"),
+            ("no", "no"),
+            ("on", "on"),
+            ("007", "007"),
+            ("0x10", "0x10"),
+            ("true", "true"),
+        ] {
+            assert_eq!(rule(&format!("name: {word}")).unwrap()[0].name, name);
+        }
+        let port = |v: &str| {
+            parse(
+                "r.yaml",
+                &format!("rules:\n  - {{vip: 20.0.0.1, port: {v}, protocol: tcp}}\n"),
+            )
+        };
+        for (v, want) in [("0x10", 16), ("0o10", 8), ("+80", 80), ("!!int '80'", 80)] {
+            assert_eq!(port(v).unwrap()[0].port, want, "{v}");
+        }
+        for (v, shown) in [
+            ("010", "\"010\""),
+            ("1e3", "1000.0"),
+            ("80.0", "80.0"),
+            ("'80'", "\"80\""),
+            ("yes", "\"yes\""),
+            ("true", "true"),
+            ("~", "null"),
+            (".inf", ".inf"),
+            ("8_0", "\"8_0\""),
+        ] {
+            let e = port(v).unwrap_err();
+            assert_eq!(e.field, "rules[0].port", "{v}: {e}");
+            assert!(
+                e.message
+                    .starts_with(&format!("{shown} is not a port (an integer 1..=65535)")),
+                "{v}: {e}"
+            );
+        }
+        // Seconds of a probe: integers and fractions, `1e3` among them.
+        let r = rule("probe: {type: tcp, timeout: 1e3, interval: 0x10}").unwrap();
+        let p = r[0].probe.as_ref().unwrap();
+        assert_eq!(p.timeout, std::time::Duration::from_secs(1000));
+        assert_eq!(p.interval, std::time::Duration::from_secs(16));
+        // Words are not switches: `mode: on` is no mode.
+        let e = rule("mode: on").unwrap_err();
+        assert_eq!(e.field, "rules[0].mode");
+        assert!(e.message.starts_with("\"on\" is not a mode"), "{e}");
+        let e = rule("mode: ~").unwrap_err();
+        assert!(e.message.contains("has no value"), "{e}");
+    }
+
+    /// Every field's bad value: the error names the field's path, the
+    /// value as given, what is allowed, and the line.
+    #[test]
+    fn each_field_refuses_a_bad_value_naming_path_value_and_what_is_allowed() {
+        for (extra, field, says) in [
+            (
+                "vip: 20.0.0.256",
+                "rules[0].vip",
+                "\"20.0.0.256\" is not an IP address (like",
+            ),
+            (
+                "secondary_vips: [30.0.0.1, x]",
+                "rules[0].secondary_vips[1]",
+                "\"x\" is not an IP address",
+            ),
+            (
+                "port: 0",
+                "rules[0].port",
+                "0 is not a port (an integer 1..=65535)",
+            ),
+            (
+                "protocol: icmp",
+                "rules[0].protocol",
+                "\"icmp\" is not supported; use tcp, udp or sctp",
+            ),
+            ("name: ' '", "rules[0].name", "must not be empty"),
+            (
+                "mode: nat",
+                "rules[0].mode",
+                "\"nat\" is not a mode; use default, onearm",
+            ),
+            (
+                "selection: wrr",
+                "rules[0].selection",
+                "\"wrr\" is not a selection; use rr, hash",
+            ),
+            (
+                "timeout: 604801",
+                "rules[0].timeout",
+                "604801 is not an idle timeout in seconds (an integer 1..=604800)",
+            ),
+            (
+                "selection: persist, persist_timeout: -1",
+                "rules[0].persist_timeout",
+                "-1 is not an affinity timeout in seconds (an integer 1..=604800)",
+            ),
+            (
+                "source_ranges: [10.0.0.0/8, 10.0.0.0/33]",
+                "rules[0].source_ranges[1]",
+                "\"10.0.0.0/33\" is not an IP prefix (like",
+            ),
+            (
+                "endpoints: [{ip: 10.0.0.1, port: 1}, {ip: 10.0.0.2, port: 1.5}]",
+                "rules[0].endpoints[1].port",
+                "1.5 is not a port (an integer 1..=65535)",
+            ),
+            (
+                "endpoints: [{ip: '10.0.0.x', port: 1}]",
+                "rules[0].endpoints[0].ip",
+                "\"10.0.0.x\" is not an IP address",
+            ),
+            (
+                "endpoints: [{ip: 10.0.0.1, port: 1, weight: 65536}]",
+                "rules[0].endpoints[0].weight",
+                "65536 is not a weight (an integer 1..=65535)",
+            ),
+            (
+                "probe: {type: grpc}",
+                "rules[0].probe.type",
+                "\"grpc\" is not a probe type; use none, ping",
+            ),
+            (
+                "probe: {type: tcp, port: '80'}",
+                "rules[0].probe.port",
+                "\"80\" is not a port (an integer 1..=65535)",
+            ),
+            (
+                "probe: {type: tcp, timeout: 0}",
+                "rules[0].probe.timeout",
+                "0 is not a duration in seconds, more than 0 and at most 86400",
+            ),
+            (
+                "probe: {type: tcp, interval: 86401}",
+                "rules[0].probe.interval",
+                "86401 is not a duration in seconds",
+            ),
+            (
+                "probe: {type: tcp, retries: 101}",
+                "rules[0].probe.retries",
+                "101 is not a retry count (an integer 0..=100)",
+            ),
+            (
+                "probe: {type: http, request: [a]}",
+                "rules[0].probe.request",
+                "invalid type: sequence, expected a string",
+            ),
+            (
+                "endpoints: [{ip: 10.0.0.1}]",
+                "rules[0].endpoints[0]",
+                "missing field `port`",
+            ),
+            (
+                "endpoints: {ip: 10.0.0.1}",
+                "rules[0].endpoints",
+                "invalid type: map, expected a sequence",
+            ),
+            (
+                "probe: tcp",
+                "rules[0].probe",
+                "invalid type: string \"tcp\", expected a probe: a mapping with type",
+            ),
+            (
+                "probe: {type: tcp, every: 5}",
+                "rules[0].probe.every",
+                "unknown field `every`, expected one of",
+            ),
+        ] {
+            // The base rule less the key the case sets.
+            let base: Vec<&str> = ["vip: 20.0.0.1", "port: 80", "protocol: tcp"]
+                .into_iter()
+                .filter(|kv| !extra.starts_with(&kv[..kv.find(':').unwrap() + 1]))
+                .collect();
+            let e = bad(&format!("rules:\n  - {{{}, {extra}}}\n", base.join(", ")));
+            assert_eq!(e.field, field, "{extra}: {e}");
+            assert!(e.message.starts_with(says), "{extra}: {e}");
+            assert!(e.message.contains("(line 2, column "), "{extra}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("r.yaml: {field}: {says}")),
+                "{e}"
+            );
+        }
+        // Deeper in the file: the right rule, the right line.
+        let e = bad("rules:\n  - {vip: 20.0.0.1, port: 80, protocol: tcp}\n  - vip: 20.0.0.2\n    port: 80\n    protocol: tcp\n    endpoints:\n      - ip: 10.0.0.1\n        port: 99999\n");
+        assert_eq!(e.field, "rules[1].endpoints[0].port");
+        assert_eq!(
+            e.message,
+            "99999 is not a port (an integer 1..=65535) (line 8, column 15)"
+        );
+        // A broken document has no field: the parser says where.
+        let e = bad("rules: [{vip: 20.0.0.1, port: 80\n");
+        assert_eq!(e.field, "");
+        assert!(e.message.contains("line"), "{e}");
+    }
+
+    /// The REST API's rules (a JSON value of the file's shape) pass the
+    /// same typed reading: its errors name the same paths, without lines.
+    #[test]
+    fn parse_value_reads_as_the_file_does() {
+        let v = serde_json::json!({"rules": [{"vip": "20.0.0.1", "port": 80, "protocol": "tcp",
+            "endpoints": [{"ip": "10.0.0.1", "port": 8080, "weight": 2}],
+            "probe": {"type": "tcp", "timeout": 3}}]});
+        let r = parse_value("request", v).unwrap();
+        assert_eq!(r[0].endpoints[0].weight, 2);
+        let v = serde_json::json!({"rules": [{"vip": "20.0.0.1", "port": 80, "protocol": "tcp",
+            "endpoints": [{"ip": "10.0.0.1", "port": 0}]}]});
+        let e = parse_value("request", v).unwrap_err();
+        assert_eq!(e.field, "rules[0].endpoints[0].port");
+        assert_eq!(e.message, "0 is not a port (an integer 1..=65535)");
+        let v = serde_json::json!({"rules": [{"vip": "20.0.0.1", "port": 80, "protocol": "tcp", "mode": "nat"}]});
+        let e = parse_value("request", v).unwrap_err();
+        assert_eq!(e.to_string(), "request: rules[0].mode: \"nat\" is not a mode; use default, onearm, fullnat, dsr or dsr-ipip");
     }
 
     #[test]

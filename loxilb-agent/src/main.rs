@@ -1813,8 +1813,8 @@ mod tests {
             "/../manifest/in-cluster/loxilb.yaml"
         );
         let text = std::fs::read_to_string(path).unwrap();
-        let ds = serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        let ds = serde_norway::Deserializer::from_str(&text)
+            .map(|d| serde_norway::Value::deserialize(d).unwrap())
             .find(|d| d["kind"] == "DaemonSet")
             .expect("a DaemonSet");
         let args: Vec<String> = ds["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -342,8 +342,8 @@ fn set(fields: &mut Vec<(String, String)>, key: &str, value: String) {
 /// and the text the message must contain.
 fn mutate(rules: &mut [RuleText], m: &Mutation) -> (String, String) {
     // The value as the parser reads it (YAML quotes and escapes undone).
-    let unquote = |v: &str| match serde_yaml::from_str::<serde_yaml::Value>(v) {
-        Ok(serde_yaml::Value::String(s)) => s,
+    let unquote = |v: &str| match serde_norway::from_str::<serde_norway::Value>(v) {
+        Ok(serde_norway::Value::String(s)) => s,
         _ => v.to_string(),
     };
     match m {

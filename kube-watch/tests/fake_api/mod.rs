@@ -745,15 +745,15 @@ pub fn check_rbac_except(log: &[Logged], all_used_in: &[&str], not_used: &[&str]
     let text = std::fs::read_to_string(path).unwrap();
     let mut cluster: Vec<PolicyRule> = Vec::new();
     let mut namespaced: Vec<(String, PolicyRule)> = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc).unwrap();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let v = serde_norway::Value::deserialize(doc).unwrap();
         match v.get("kind").and_then(|k| k.as_str()) {
             Some("ClusterRole") => {
-                let r: ClusterRole = serde_yaml::from_value(v).unwrap();
+                let r: ClusterRole = serde_norway::from_value(v).unwrap();
                 cluster.extend(r.rules.unwrap_or_default());
             }
             Some("Role") => {
-                let r: Role = serde_yaml::from_value(v).unwrap();
+                let r: Role = serde_norway::from_value(v).unwrap();
                 let ns = r.metadata.namespace.clone().unwrap();
                 namespaced.extend(
                     r.rules

@@ -254,12 +254,12 @@ async fn probe_down_after_retries_up_after_one_success() {
 
     // The state crosses to the CLI process serialized.
     let snap = p.snapshot();
-    let text = serde_yaml::to_string(&snap).unwrap();
+    let text = serde_norway::to_string(&snap).unwrap();
     assert!(
         text.contains("kind: tcp") && text.contains("rule: web"),
         "{text}"
     );
-    let back: Vec<TargetStatus> = serde_yaml::from_str(&text).unwrap();
+    let back: Vec<TargetStatus> = serde_norway::from_str(&text).unwrap();
     assert_eq!(back, snap);
 }
 
