@@ -1592,15 +1592,13 @@ pub async fn run_with<S: RuleSink>(
                         // Changed by someone else since the version planned
                         // on: its watch event plans it again (the retry is
                         // only a safety net).
-                        let d =
-                            queue.failed(&key, Instant::now());
+                        let d = queue.failed(&key, Instant::now());
                         debug!(service = %key, error = %e, retry_in = ?d, "the Service changed meanwhile; planned again on its new version");
                     }
                     Err(e) => {
                         done += 1;
                         errors += 1;
-                        let d =
-                            queue.failed(&key, Instant::now());
+                        let d = queue.failed(&key, Instant::now());
                         warn!(service = %key, error = %e, retry_in = ?d, "plan not completed");
                     }
                 }
