@@ -25,7 +25,7 @@
 //! agent's own last write returned, until the watch brings that version),
 //! so the conditional metadata patch does not fail for the watch's lag. A
 //! Service whose writes failed is planned again after a backoff (1 s
-//! doubling to 60 s) or at its next watch event, whichever is first; a 409
+//! doubling to 60 s: [`retry_backoff`], kube-runtime's) or at its next watch event, whichever is first; a 409
 //! (someone else changed the Service meanwhile: its watch event is on the
 //! way) is logged at debug level only; a 404 (the Service is gone) is not
 //! retried: the Service is planned as deleted at once (rules removed,
@@ -56,7 +56,9 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{
         reflector::{self, ObjectRef, Store},
-        watcher, WatchStreamExt,
+        utils::Backoff as _,
+        watcher::{self, watcher, ExponentialBackoff},
+        WatchStreamExt,
     },
     Api, Client, ResourceExt,
 };
@@ -846,14 +848,50 @@ impl<S: RuleSink> Executor<S> {
     }
 }
 
+/// The retry schedule of a failed Service (and of a failed datapath
+/// update): kube-runtime's exponential backoff (the one its watchers use,
+/// built on `backon`), `min` doubling to at most `max`, never giving up,
+/// without jitter (the retries of a batch stay a batch).
+pub fn retry_backoff(min: Duration, max: Duration) -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .without_max_times()
+        .into()
+}
+
 /// Services to plan, and the retries due.
-#[derive(Debug, Default)]
+///
+/// The batching is why this is not kube-runtime's `Controller` (whose
+/// scheduler and backoff would fit): the `Controller` calls `reconcile`
+/// for one object at a time, concurrently, and the datapath takes the rule
+/// set whole ([`Executor::set_hold`]: the dirty Services of a round, 500
+/// at a start, are planned and reach the datapath as one rule set, so a
+/// start or a re-list costs one map update, not one per Service, and no
+/// Service's rules are dropped for a moment because another was planned
+/// first). Its `reconcile` also sees one object kind; a plan here needs
+/// the Service, its EndpointSlices, the Nodes and (Multus) the pods, and
+/// a Node change marks every Service. What is kube-runtime's here: the
+/// watchers and reflectors, and each key's backoff ([`retry_backoff`]).
 pub struct WorkQueue {
     dirty: BTreeSet<ServiceKey>,
-    retry: BTreeMap<ServiceKey, (Instant, u32)>,
+    retry: BTreeMap<ServiceKey, (Instant, ExponentialBackoff)>,
+    min: Duration,
+    max: Duration,
 }
 
 impl WorkQueue {
+    /// Failed Services are retried after `min`, doubling to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        WorkQueue {
+            dirty: BTreeSet::new(),
+            retry: BTreeMap::new(),
+            min,
+            max,
+        }
+    }
+
     pub fn mark(&mut self, key: ServiceKey) {
         self.dirty.insert(key);
     }
@@ -874,17 +912,16 @@ impl WorkQueue {
         std::mem::take(&mut self.dirty).into_iter().collect()
     }
 
-    /// `key` failed: retry after `min * 2^(failures-1)`, at most `max`.
-    pub fn failed(
-        &mut self,
-        key: &ServiceKey,
-        now: Instant,
-        min: Duration,
-        max: Duration,
-    ) -> Duration {
-        let n = self.retry.get(key).map_or(0, |(_, n)| *n);
-        let delay = min.checked_mul(1u32 << n.min(16)).unwrap_or(max).min(max);
-        self.retry.insert(key.clone(), (now + delay, n + 1));
+    /// `key` failed: retry after `min * 2^(failures-1)`, at most `max`
+    /// (the next step of its [`retry_backoff`]).
+    pub fn failed(&mut self, key: &ServiceKey, now: Instant) -> Duration {
+        let (min, max) = (self.min, self.max);
+        let (at, backoff) = self
+            .retry
+            .entry(key.clone())
+            .or_insert_with(|| (now, retry_backoff(min, max)));
+        let delay = backoff.next().unwrap_or(max);
+        *at = now + delay;
         delay
     }
 
@@ -1265,13 +1302,13 @@ pub async fn run_with<S: RuleSink>(
     // Services were told).
     let mut pod_watch_failing = false;
 
-    let mut queue = WorkQueue::default();
+    let mut queue = WorkQueue::new(config.retry_min, config.retry_max);
     let mut node_cache = NodeCache::default();
     let mut node_ips: Option<Vec<(String, IpAddr)>> = None;
     let mut ready = [false; 3];
     let mut all = false;
     let mut sink_retry: Option<Instant> = None;
-    let mut sink_failures = 0u32;
+    let mut sink_backoff = retry_backoff(config.retry_min, config.retry_max);
     let mut shutdown = std::pin::pin!(shutdown);
     info!(
         class = %config.kube.load_balancer_class,
@@ -1598,15 +1635,13 @@ pub async fn run_with<S: RuleSink>(
                         // Changed by someone else since the version planned
                         // on: its watch event plans it again (the retry is
                         // only a safety net).
-                        let d =
-                            queue.failed(&key, Instant::now(), config.retry_min, config.retry_max);
+                        let d = queue.failed(&key, Instant::now());
                         debug!(service = %key, error = %e, retry_in = ?d, "the Service changed meanwhile; planned again on its new version");
                     }
                     Err(e) => {
                         done += 1;
                         errors += 1;
-                        let d =
-                            queue.failed(&key, Instant::now(), config.retry_min, config.retry_max);
+                        let d = queue.failed(&key, Instant::now());
                         warn!(service = %key, error = %e, retry_in = ?d, "plan not completed");
                     }
                 }
@@ -1623,16 +1658,11 @@ pub async fn run_with<S: RuleSink>(
             match executor.sync_sink(&mut reconciler) {
                 Ok(()) => {
                     sink_retry = None;
-                    sink_failures = 0;
+                    sink_backoff.reset();
                 }
                 Err(e) => {
                     reconciler.stats_mut().sink_errors += 1;
-                    let d = config
-                        .retry_min
-                        .checked_mul(1 << sink_failures.min(16))
-                        .unwrap_or(config.retry_max)
-                        .min(config.retry_max);
-                    sink_failures += 1;
+                    let d = sink_backoff.next().unwrap_or(config.retry_max);
                     sink_retry = Some(Instant::now() + d);
                     warn!(error = %e, retry_in = ?d, "datapath not updated");
                 }
@@ -1903,21 +1933,24 @@ mod tests {
 
     #[test]
     fn work_queue_backoff() {
-        let mut q = WorkQueue::default();
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        let mut q = WorkQueue::new(min, max);
         let k = ServiceKey::new("default", "web");
         let t = Instant::now();
-        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!(q.failed(&k, t, min, max), Duration::from_secs(1));
-        assert_eq!(q.failed(&k, t, min, max), Duration::from_secs(2));
-        assert_eq!(q.failed(&k, t, min, max), Duration::from_secs(4));
+        assert_eq!(q.failed(&k, t), Duration::from_secs(1));
+        assert_eq!(q.failed(&k, t), Duration::from_secs(2));
+        assert_eq!(q.failed(&k, t), Duration::from_secs(4));
         for _ in 0..10 {
-            q.failed(&k, t, min, max);
+            q.failed(&k, t);
         }
-        assert_eq!(q.failed(&k, t, min, max), max);
+        assert_eq!(q.failed(&k, t), max);
         assert!(q.take(t).is_empty(), "not due yet");
         assert_eq!(q.take(t + max), vec![k.clone()]);
         q.succeeded(&k);
         assert_eq!(q.next_retry(), None);
+        // Success starts the schedule over.
+        assert_eq!(q.failed(&k, t), min);
+        q.succeeded(&k);
         q.mark(k.clone());
         q.mark(k.clone());
         assert_eq!(q.take(t), vec![k]);

@@ -9,6 +9,25 @@
 //! whether its own datapath took a Service's rules ([`reasons::RULE_PROGRAMMED`],
 //! [`reasons::RULE_NOT_PROGRAMMED`], note prefixed with the node's name), once
 //! per change of that outcome ([`crate::controller::RuleOutcomes`]).
+//!
+//! # Why not kube-runtime's `Recorder`
+//!
+//! `kube::runtime::events::Recorder` (kube 5.0) creates the same
+//! `events.k8s.io/v1` objects, and aggregates repeats into a series (a
+//! merge patch of the first Event's `series`). Its key for "a repeat" is
+//! type, reason, action, reporter and object, **not the note**, and the
+//! patch sends the first Event again with a new count. Here one reason
+//! carries different notes: two bad annotations are two
+//! `InvalidAnnotation` Events, and `RuleProgrammed` is told again when a
+//! Service's endpoints go from none to some. Through the `Recorder` the
+//! second would show as "x2" of the first note, hiding which annotation
+//! is wrong and bringing back the `0 endpoints` Event found on a real API
+//! server (issue 18). Its writes also name no field manager (every write
+//! here names [`crate::reconcile::FIELD_MANAGER`], which the in-memory
+//! API server of the tests checks). The deduplication it would bring is
+//! done earlier and by content: [`crate::reconcile::Reconciler`] raises a
+//! Warning once per problem and [`crate::controller::RuleOutcomes`] an
+//! outcome once per change, so repeats are not sent at all.
 
 use std::{
     fmt,

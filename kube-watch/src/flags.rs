@@ -1,9 +1,11 @@
 //! The Kubernetes-related agent flags, parsed strictly from strings.
 //!
 //! Each `parse_*` function takes the flag's value and returns a typed value
-//! or a [`FlagError`] naming the flag, the value and what is allowed; they
-//! have the shape clap's `value_parser` takes (`Fn(&str) -> Result<T, E>`),
-//! so the agent's CLI can use them as they are. [`KubeConfig`] is the typed
+//! or a [`FlagError`] naming the flag, the value and what is allowed. The
+//! agent's CLI (`loxilb-agent kube`) uses them as clap `value_parser`s
+//! through [`for_clap`], so a bad value is refused by clap at startup;
+//! the flags that are checked together ([`lease_timings_of`],
+//! [`status_form_of`]) take the typed values. [`KubeConfig`] is the typed
 //! result with the defaults.
 //!
 //! Differences from kube-loxilb, on purpose:
@@ -50,6 +52,14 @@ pub struct FlagError {
     pub flag: &'static str,
     pub value: String,
     pub message: String,
+}
+
+/// A `parse_*` result for clap's `value_parser`: the error is only what is
+/// wrong and what is allowed, since clap's own message names the flag and
+/// the value (`invalid value '7' for '--setLBMode <0-3>': allowed values:
+/// 0 (default), ...`).
+pub fn for_clap<T>(r: Result<T, FlagError>) -> Result<T, String> {
+    r.map_err(|e| e.message)
 }
 
 fn err(flag: &'static str, value: &str, message: impl Into<String>) -> FlagError {
@@ -323,18 +333,41 @@ pub fn lease_timings(
     ),
     FlagError,
 > {
-    let d = duration
-        .map(|v| parse_duration(FLAG_LEASE_DURATION, v))
-        .transpose()?
-        .unwrap_or(base.0);
-    let r = renew
-        .map(|v| parse_duration(FLAG_LEASE_RENEW, v))
-        .transpose()?
-        .unwrap_or(base.1);
-    let p = retry
-        .map(|v| parse_duration(FLAG_LEASE_RETRY, v))
-        .transpose()?
-        .unwrap_or(base.2);
+    lease_timings_of(
+        base,
+        duration
+            .map(|v| parse_duration(FLAG_LEASE_DURATION, v))
+            .transpose()?,
+        renew
+            .map(|v| parse_duration(FLAG_LEASE_RENEW, v))
+            .transpose()?,
+        retry
+            .map(|v| parse_duration(FLAG_LEASE_RETRY, v))
+            .transpose()?,
+    )
+}
+
+/// [`lease_timings`] of values already parsed ([`parse_duration`]).
+pub fn lease_timings_of(
+    base: (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ),
+    duration: Option<std::time::Duration>,
+    renew: Option<std::time::Duration>,
+    retry: Option<std::time::Duration>,
+) -> Result<
+    (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ),
+    FlagError,
+> {
+    let d = duration.unwrap_or(base.0);
+    let r = renew.unwrap_or(base.1);
+    let p = retry.unwrap_or(base.2);
     if r >= d {
         return Err(err(
             FLAG_LEASE_RENEW,
@@ -414,15 +447,23 @@ pub fn status_form(
         .map(|v| parse_bool(FLAG_NO_ZONE_NAME, v))
         .transpose()?;
     let zone = zone.map(parse_zone).transpose()?;
+    status_form_of(hostname, zone, no_zone)
+}
+
+/// [`status_form`] of values already parsed ([`parse_bool`],
+/// [`parse_zone`]).
+pub fn status_form_of(
+    hostname: Option<bool>,
+    zone: Option<String>,
+    no_zone: Option<bool>,
+) -> Result<StatusForm, FlagError> {
     let on = match (hostname, no_zone) {
         (Some(h), Some(n)) if h == n => {
-            let v = set_hostname.unwrap_or_default();
             return Err(err(
                 FLAG_LB_HOSTNAME_STATUS,
-                v,
+                &h.to_string(),
                 format!(
-                    "contradicts {FLAG_NO_ZONE_NAME}={}: {}; give only one of the two",
-                    no_zone_name.unwrap_or_default(),
+                    "contradicts {FLAG_NO_ZONE_NAME}={n}: {}; give only one of the two",
                     if h {
                         "one asks for hostnames <zone>-<ip> in the status, the other for plain IPs"
                     } else {

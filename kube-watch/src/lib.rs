@@ -15,7 +15,8 @@
 //!   Service has `loxilb.io/multus-nets`), Lease leader election
 //!   ([`leader`]), merge
 //!   patch of metadata, server-side apply of status, Event creation
-//!   ([`events`]), the run loop ([`controller::run`]); tested against a
+//!   ([`events`]), the run loop ([`controller::run`]) with kube-runtime's
+//!   exponential backoff for retries; tested against a
 //!   mocked API server (exact requests, `tests/api_writes.rs`) and an
 //!   in-memory API server driving the whole loop (`tests/controller_loop.rs`,
 //!   which also checks every request against the manifest's RBAC);
@@ -51,8 +52,11 @@
 //!   caller can keep the Service's last good rules and raise a Warning Event.
 //! - [`flags`]: the Kubernetes-related agent flags (`--cidrPools`,
 //!   `--cidr6Pools`, `--externalSecondaryCIDRs`, `--setLBMode`,
-//!   `--setUniqueIP`, `--loadBalancerClass`, `--usePodNetwork`, `--monitor`)
-//!   as string parsers and a typed [`flags::KubeConfig`].
+//!   `--setUniqueIP`, `--loadBalancerClass`, `--usePodNetwork`, `--monitor`,
+//!   the Lease timings, the status form and `--zone`): strict parsers that
+//!   the agent's CLI uses as clap `value_parser`s ([`flags::for_clap`]),
+//!   so a bad value is refused at startup, and a typed
+//!   [`flags::KubeConfig`].
 //! - [`config_file`]: `loxilb-agent kube --config <file>`: the flags'
 //!   settings in YAML, checked strictly, turned into flags that the command
 //!   line overrides.

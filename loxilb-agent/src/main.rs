@@ -86,17 +86,18 @@ struct NodeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     new_flow_burst: Option<u32>,
     /// Local AS: announce every VIP over BGP (0 or absent: BGP off).
-    #[arg(long = "setBGP", value_name = "AS")]
-    set_bgp: Option<String>,
+    #[arg(long = "setBGP", value_name = "AS", value_parser = kube_flag::set_bgp)]
+    set_bgp: Option<u32>,
     /// BGP peers, `IP:AS[:PORT],...` (IPv6 peers in brackets).
-    #[arg(long = "extBGPPeers", value_name = "PEERS")]
-    ext_bgp_peers: Option<String>,
+    #[arg(long = "extBGPPeers", value_name = "PEERS", value_parser = kube_flag::ext_bgp_peers)]
+    ext_bgp_peers: Option<kube_flag::Peers>,
     /// Port BGP peers connect to (default 179).
-    #[arg(long = "listenBGPPort", value_name = "PORT")]
-    listen_bgp_port: Option<String>,
+    #[arg(long = "listenBGPPort", value_name = "PORT", value_parser = kube_flag::listen_bgp_port)]
+    listen_bgp_port: Option<u16>,
     /// Allow eBGP peers several hops away.
-    #[arg(long = "eBGPMultiHop", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    ebgp_multihop: Option<String>,
+    #[arg(long = "eBGPMultiHop", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::ebgp_multihop)]
+    ebgp_multihop: Option<bool>,
     /// Kubernetes mode with BGP: how a node announces the VIPs another
     /// node holds (`loxilb-agent roles`): `prepend[:N]` (default
     /// prepend:3; eBGP peers get the local AS N more times, iBGP peers
@@ -312,39 +313,110 @@ enum Show {
     Associations,
 }
 
-/// kube-loxilb's flags, as it spells them.
+/// The value parsers of kube-loxilb's flags: kube-watch's (and the BGP
+/// module's) strict parsers, so clap refuses a bad value at startup. Its
+/// message names the flag and the value; the parser's says what is wrong
+/// and what is allowed: `invalid value '7' for '--setLBMode <0-3>':
+/// allowed values: 0 (default), 1 (onearm), 2 (fullnat), 3 (dsr)`.
+mod kube_flag {
+    use kube_watch::{flags as kf, ipam::PoolSpec};
+    use loxilb_agent::bgp::flags as bf;
+
+    fn bgp<T>(r: Result<T, bf::FlagError>) -> Result<T, String> {
+        r.map_err(|e| e.message)
+    }
+
+    /// `--cidrPools`, `--cidr6Pools`, `--externalSecondaryCIDRs`.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Pools(pub Vec<PoolSpec>);
+
+    pub fn cidr_pools(v: &str) -> Result<Pools, String> {
+        kf::for_clap(kf::parse_cidr_pools(v)).map(Pools)
+    }
+    pub fn cidr6_pools(v: &str) -> Result<Pools, String> {
+        kf::for_clap(kf::parse_cidr6_pools(v)).map(Pools)
+    }
+    pub fn secondary_cidrs(v: &str) -> Result<Pools, String> {
+        kf::for_clap(kf::parse_secondary_cidrs(v)).map(Pools)
+    }
+    pub fn lb_mode(v: &str) -> Result<loxilb_model::Mode, String> {
+        kf::for_clap(kf::parse_lb_mode(v))
+    }
+    /// Go's boolean spellings (`--setUniqueIP=false`, `=1`, `=T`, ...).
+    pub fn boolean(v: &str) -> Result<bool, String> {
+        kf::for_clap(kf::parse_bool("", v))
+    }
+    pub fn load_balancer_class(v: &str) -> Result<String, String> {
+        kf::for_clap(kf::parse_load_balancer_class(v))
+    }
+    pub fn zone(v: &str) -> Result<String, String> {
+        kf::for_clap(kf::parse_zone(v))
+    }
+    pub fn lease_duration(v: &str) -> Result<std::time::Duration, String> {
+        kf::for_clap(kf::parse_duration(kf::FLAG_LEASE_DURATION, v))
+    }
+    /// `--vipOwners`: `leader` or `pool`.
+    pub fn vip_owners(v: &str) -> Result<kf::VipOwners, String> {
+        kf::for_clap(kf::parse_vip_owners(v))
+    }
+    /// `--setRoles`: the full-NAT source VIP.
+    pub fn role_vip(v: &str) -> Result<std::net::Ipv4Addr, String> {
+        v.trim()
+            .parse()
+            .map_err(|_| "not an IPv4 address (the full-NAT source VIP, e.g. 10.0.0.9)".to_string())
+    }
+    pub fn set_bgp(v: &str) -> Result<u32, String> {
+        bgp(bf::parse_set_bgp(v))
+    }
+    /// `--extBGPPeers`.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Peers(pub Vec<bf::PeerSpec>);
+
+    pub fn ext_bgp_peers(v: &str) -> Result<Peers, String> {
+        bgp(bf::parse_ext_bgp_peers(v)).map(Peers)
+    }
+    pub fn listen_bgp_port(v: &str) -> Result<u16, String> {
+        bgp(bf::parse_listen_port(v))
+    }
+    pub fn ebgp_multihop(v: &str) -> Result<bool, String> {
+        bgp(bf::parse_go_bool(v))
+    }
+}
+
+/// kube-loxilb's flags, as it spells them, typed: each value is parsed by
+/// clap ([`kube_flag`]); what is checked across flags is in
+/// [`kube_settings`].
 #[derive(clap::Args, Clone)]
 struct KubeArgs {
-    #[arg(long = "cidrPools", value_name = "POOLS")]
-    cidr_pools: Option<String>,
-    #[arg(long = "cidr6Pools", value_name = "POOLS")]
-    cidr6_pools: Option<String>,
-    #[arg(long = "externalSecondaryCIDRs", value_name = "POOLS")]
-    external_secondary_cidrs: Option<String>,
-    #[arg(long = "setLBMode", value_name = "0-3", default_value = "0")]
-    set_lb_mode: String,
-    #[arg(long = "setUniqueIP", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
-    set_unique_ip: String,
-    #[arg(long = "loadBalancerClass", default_value = "loxilb.io/loxilb")]
+    #[arg(long = "cidrPools", value_name = "POOLS", value_parser = kube_flag::cidr_pools)]
+    cidr_pools: Option<kube_flag::Pools>,
+    #[arg(long = "cidr6Pools", value_name = "POOLS", value_parser = kube_flag::cidr6_pools)]
+    cidr6_pools: Option<kube_flag::Pools>,
+    #[arg(long = "externalSecondaryCIDRs", value_name = "POOLS", value_parser = kube_flag::secondary_cidrs)]
+    external_secondary_cidrs: Option<kube_flag::Pools>,
+    #[arg(long = "setLBMode", value_name = "0-3", default_value = "0", value_parser = kube_flag::lb_mode)]
+    set_lb_mode: loxilb_model::Mode,
+    #[arg(long = "setUniqueIP", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::boolean)]
+    set_unique_ip: bool,
+    #[arg(long = "loadBalancerClass", value_name = "CLASS", default_value = "loxilb.io/loxilb", value_parser = kube_flag::load_balancer_class)]
     load_balancer_class: String,
-    #[arg(long = "usePodNetwork", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
-    use_pod_network: String,
-    #[arg(long = "monitor", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
-    monitor: String,
+    #[arg(long = "usePodNetwork", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::boolean)]
+    use_pod_network: bool,
+    #[arg(long = "monitor", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::boolean)]
+    monitor: bool,
     /// kube-loxilb's full-NAT source VIP (same as --fullnat-source), owned
     /// with the service VIPs; with --loxiURL: arbitrate the remotes'
     /// MASTER / BACKUP roles, this VIP sent with them (0.0.0.0: none).
-    #[arg(long = "setRoles", value_name = "IPV4")]
-    set_roles: Option<String>,
+    #[arg(long = "setRoles", value_name = "IPV4", value_parser = kube_flag::role_vip)]
+    set_roles: Option<std::net::Ipv4Addr>,
     /// Who answers for the VIPs: `leader` (the leader Lease's holder owns
     /// every VIP) or `pool` (one Lease per address pool, spread over the
     /// agents; not with --setRoles or --loxiURL).
-    #[arg(
-        long = "vipOwners",
-        value_name = "leader|pool",
-        default_value = "leader"
-    )]
-    vip_owners: String,
+    #[arg(long = "vipOwners", value_name = "leader|pool", default_value = "leader", value_parser = kube_flag::vip_owners)]
+    vip_owners: kube_watch::flags::VipOwners,
     /// External mode: program these remote agents (`loxilb-agent run
     /// --api-listen`) or loxilb through their REST API instead of a
     /// datapath on this node, `http(s)://host[:port],...` (port 11111 by
@@ -361,34 +433,37 @@ struct KubeArgs {
     #[arg(long = "loxiTokenFile", value_name = "FILE")]
     loxi_token_file: Option<PathBuf>,
     /// kube-loxilb's BGP CRD switch.
-    #[arg(long = "enableBGPCRDs", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    enable_bgp_crds: Option<String>,
+    #[arg(long = "enableBGPCRDs", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::boolean)]
+    enable_bgp_crds: Option<bool>,
     /// Write kube-loxilb's status form: `hostname: <zone>-<ip>` instead of
     /// `ip: <ip>` (drop-in compatibility with tools reading it).
-    #[arg(long = "setLBHostnameStatus", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    set_lb_hostname_status: Option<String>,
+    #[arg(long = "setLBHostnameStatus", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::boolean)]
+    set_lb_hostname_status: Option<bool>,
     /// The hostname prefix of --setLBHostnameStatus (kube-loxilb's zone; default llb).
-    #[arg(long = "zone", value_name = "NAME")]
+    #[arg(long = "zone", value_name = "NAME", value_parser = kube_flag::zone)]
     zone: Option<String>,
     /// kube-loxilb's switch: true writes plain IPs (this agent's default),
     /// false the hostnames.
-    #[arg(long = "noZoneName", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    no_zone_name: Option<String>,
+    #[arg(long = "noZoneName", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = kube_flag::boolean)]
+    no_zone_name: Option<bool>,
     /// How long the leader's Lease stays valid without renewal: a killed
     /// leader is replaced within this plus one retry period (default 4s;
     /// seconds, or 500ms/4s/1m; the Lease's seconds field rounded up, the
     /// exact value in its loxilb.io/lease-duration-ms annotation, which the
     /// agents go by: e.g. 600ms with 400ms / 100ms below for a sub-second
     /// takeover after a node dies).
-    #[arg(long = "leaseDuration", value_name = "DURATION")]
-    lease_duration: Option<String>,
+    #[arg(long = "leaseDuration", value_name = "DURATION", value_parser = kube_flag::lease_duration)]
+    lease_duration: Option<std::time::Duration>,
     /// A leader that could not renew for this long steps down (default 3s;
     /// shorter than --leaseDuration).
-    #[arg(long = "leaseRenewDeadline", value_name = "DURATION")]
-    lease_renew_deadline: Option<String>,
+    #[arg(long = "leaseRenewDeadline", value_name = "DURATION", value_parser = kube_flag::lease_duration)]
+    lease_renew_deadline: Option<std::time::Duration>,
     /// How often the leader renews and the others look (default 1s).
-    #[arg(long = "leaseRetryPeriod", value_name = "DURATION")]
-    lease_retry_period: Option<String>,
+    #[arg(long = "leaseRetryPeriod", value_name = "DURATION", value_parser = kube_flag::lease_duration)]
+    lease_retry_period: Option<std::time::Duration>,
     /// YAML file with the same settings as the flags (keys: the flag names
     /// without --); flags given here override it. Read before parsing (see
     /// kube_watch::config_file::expand_args); never set when this runs.
@@ -403,7 +478,7 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
         Some(u) => {
             loxilb_agent::remote::parse_urls(u).map_err(|e| anyhow::anyhow!("{e}"))?;
             check_external(k, a)?;
-            if k.vip_owners.trim() == "pool" {
+            if k.vip_owners == kube_watch::flags::VipOwners::Pool {
                 anyhow::bail!(
                     "--vipOwners=pool with --loxiURL: the remotes' roles are one MASTER and \
                      BACKUPs (--setRoles), not per pool; remove --vipOwners"
@@ -429,21 +504,12 @@ fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4
             }
         }
     }
-    if let Some(v) = &k.enable_bgp_crds {
-        let on = kube_watch::flags::parse_bool("--enableBGPCRDs", v)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if on && !a.bgp_on() {
-            anyhow::bail!(
-                "--enableBGPCRDs: BGP peers from BGPPeerService objects need BGP on; give --setBGP=<AS>"
-            );
-        }
+    if k.enable_bgp_crds == Some(true) && !a.bgp_on() {
+        anyhow::bail!(
+            "--enableBGPCRDs: BGP peers from BGPPeerService objects need BGP on; give --setBGP=<AS>"
+        );
     }
-    let roles = match &k.set_roles {
-        None => None,
-        Some(v) => Some(v.trim().parse::<std::net::Ipv4Addr>().map_err(|_| {
-            anyhow::anyhow!("--setRoles={v}: not an IPv4 address (the full-NAT source VIP)")
-        })?),
-    };
+    let roles = k.set_roles;
     if let (Some(r), Some(f)) = (roles, a.fullnat_source) {
         if r != f {
             anyhow::bail!("--setRoles={r} and --fullnat-source={f} disagree; give one");
@@ -488,9 +554,7 @@ fn check_external(k: &KubeArgs, a: &NodeArgs) -> Result<()> {
 impl NodeArgs {
     /// Whether `--setBGP` turns BGP on (an AS other than 0).
     fn bgp_on(&self) -> bool {
-        self.set_bgp
-            .as_deref()
-            .is_some_and(|s| s.trim() != "0" && !s.trim().is_empty())
+        self.set_bgp.is_some_and(|n| n != 0)
     }
 
     /// `--forward`, with `--forward-via-stack` as its `stack` (the two
@@ -798,13 +862,13 @@ fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
 /// The BGP speaker's setup from the flags (`None`: BGP off); every BGP
 /// flag checked, none ignored.
 fn bgp_setup(a: &NodeArgs) -> Result<Option<loxilb_agent::bgp::BgpSetup>> {
-    let mut setup = BgpFlags::parse(
-        a.set_bgp.as_deref(),
-        a.ext_bgp_peers.as_deref(),
-        a.listen_bgp_port.as_deref(),
-        a.ebgp_multihop.as_deref(),
-    )
-    .and_then(|f| f.setup())
+    let mut setup = BgpFlags {
+        set_bgp: a.set_bgp,
+        ext_bgp_peers: a.ext_bgp_peers.clone().map(|p| p.0),
+        listen_bgp_port: a.listen_bgp_port,
+        ebgp_multihop: a.ebgp_multihop,
+    }
+    .setup()
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     match (setup.as_mut(), a.bgp_backup_path) {
         (Some(s), Some(b)) => s.config.backup = b,
@@ -1438,34 +1502,17 @@ fn kube_settings(
     a.forward_mode()?;
     a.new_flow_limit()?;
     let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
+    let pools = |p: &Option<kube_flag::Pools>| p.clone().unwrap_or_default().0;
     let kube = kf::KubeConfig {
-        cidr_pools: k
-            .cidr_pools
-            .as_deref()
-            .map(kf::parse_cidr_pools)
-            .transpose()
-            .map_err(fe)?
-            .unwrap_or_default(),
-        cidr6_pools: k
-            .cidr6_pools
-            .as_deref()
-            .map(kf::parse_cidr6_pools)
-            .transpose()
-            .map_err(fe)?
-            .unwrap_or_default(),
-        secondary_pools: k
-            .external_secondary_cidrs
-            .as_deref()
-            .map(kf::parse_secondary_cidrs)
-            .transpose()
-            .map_err(fe)?
-            .unwrap_or_default(),
-        lb_mode: kf::parse_lb_mode(&k.set_lb_mode).map_err(fe)?,
-        unique_ip: kf::parse_bool("--setUniqueIP", &k.set_unique_ip).map_err(fe)?,
-        load_balancer_class: kf::parse_load_balancer_class(&k.load_balancer_class).map_err(fe)?,
-        use_pod_network: kf::parse_bool("--usePodNetwork", &k.use_pod_network).map_err(fe)?,
-        monitor: kf::parse_bool("--monitor", &k.monitor).map_err(fe)?,
-        vip_owners: kf::parse_vip_owners(&k.vip_owners).map_err(fe)?,
+        cidr_pools: pools(&k.cidr_pools),
+        cidr6_pools: pools(&k.cidr6_pools),
+        secondary_pools: pools(&k.external_secondary_cidrs),
+        lb_mode: k.set_lb_mode,
+        unique_ip: k.set_unique_ip,
+        load_balancer_class: k.load_balancer_class.clone(),
+        use_pod_network: k.use_pod_network,
+        monitor: k.monitor,
+        vip_owners: k.vip_owners,
     };
     if kube.vip_owners == kf::VipOwners::Pool {
         if let Some(r) = role_vip {
@@ -1490,17 +1537,13 @@ fn kube_settings(
         kube_watch::groups::lease_names(&run_config.lease.name, &pools)
             .map_err(|e| anyhow::anyhow!("--vipOwners=pool: {e}"))?;
     }
-    run_config.status_form = kf::status_form(
-        k.set_lb_hostname_status.as_deref(),
-        k.zone.as_deref(),
-        k.no_zone_name.as_deref(),
-    )
-    .map_err(fe)?;
-    let (d, r, p) = kf::lease_timings(
+    run_config.status_form =
+        kf::status_form_of(k.set_lb_hostname_status, k.zone.clone(), k.no_zone_name).map_err(fe)?;
+    let (d, r, p) = kf::lease_timings_of(
         run_config.lease.timings(),
-        k.lease_duration.as_deref(),
-        k.lease_renew_deadline.as_deref(),
-        k.lease_retry_period.as_deref(),
+        k.lease_duration,
+        k.lease_renew_deadline,
+        k.lease_retry_period,
     )
     .map_err(fe)?;
     run_config.lease.lease_duration = d;
@@ -1510,7 +1553,6 @@ fn kube_settings(
 }
 
 async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
-    use kube_watch::flags as kf;
     let (a, run_config) = kube_settings(a, k, kube_watch::controller::RunConfig::from_env)?;
     if let Some(urls) = &k.loxi_url {
         return run_kube_external(urls, &a, k, run_config).await;
@@ -1518,7 +1560,6 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     // `--setRoles`: the full-NAT source VIP, owned with the service VIPs.
     let role_vip = k.set_roles.as_ref().and(a.fullnat_source);
     let a = &a;
-    let fe = |e: kf::FlagError| anyhow::anyhow!("{e}");
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (in cluster: the service account; outside: KUBECONFIG)")?;
@@ -1614,10 +1655,7 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
         let mut int = signal(SignalKind::interrupt()).expect("signal");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     };
-    let crds_on = match &k.enable_bgp_crds {
-        Some(v) => kf::parse_bool("--enableBGPCRDs", v).map_err(fe)?,
-        None => false,
-    };
+    let crds_on = k.enable_bgp_crds == Some(true);
     let peers_task = if crds_on {
         let setup = node.call(|n| n.bgp_setup().cloned()).await?;
         let sink = CrdPeers {
@@ -1844,8 +1882,14 @@ mod tests {
             parse(&["--setRoles=10.0.0.9"]).unwrap(),
             Some("10.0.0.9".parse().unwrap())
         );
-        let e = parse(&["--setRoles=nope"]).unwrap_err().to_string();
-        assert!(e.contains("--setRoles=nope"), "{e}");
+        let e = Cli::try_parse_from(["loxilb-agent", "kube", "--iface=eth0", "--setRoles=nope"])
+            .err()
+            .expect("--setRoles=nope accepted")
+            .to_string();
+        assert!(
+            e.contains("'nope'") && e.contains("--setRoles") && e.contains("not an IPv4 address"),
+            "{e}"
+        );
         assert!(
             parse(&["--loxiURL=http://1.2.3.4:11111"]).is_err(),
             "--iface with it"
@@ -1890,6 +1934,116 @@ mod tests {
         assert!(parse(&["--enableBGPCRDs", "--setBGP=65001"]).is_ok());
         assert!(parse(&["--enableBGPCRDs=false"]).is_ok());
         assert!(parse(&["--setRoles=10.0.0.9", "--fullnat-source=10.0.0.8"]).is_err());
+    }
+
+    /// kube-loxilb's flags are typed by clap, in the forms kube-loxilb's
+    /// manifests write (`--setBGP=65100`, `--enableBGPCRDs=true`, a bare
+    /// boolean flag, Go's boolean spellings), and a bad value is refused
+    /// by clap naming the flag, the value and what is allowed.
+    #[test]
+    fn kube_loxilb_flags_are_typed_by_clap() {
+        let kube = |extra: &[&str]| {
+            let mut v = vec!["loxilb-agent", "kube", "--iface=eth0"];
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v).map(|c| match c.cmd {
+                Cmd::Kube { node, kube } => (node, kube),
+                _ => unreachable!(),
+            })
+        };
+        let (node, k) = kube(&[]).unwrap();
+        assert_eq!(k.set_lb_mode, loxilb_model::Mode::Default);
+        assert!(!k.set_unique_ip && !k.use_pod_network && !k.monitor);
+        assert_eq!(k.load_balancer_class, "loxilb.io/loxilb");
+        assert_eq!(k.enable_bgp_crds, None);
+        assert_eq!(node.set_bgp, None);
+        let (node, k) = kube(&[
+            "--setBGP=65100",
+            "--extBGPPeers=10.0.0.2:65101,[fd00::2]:65102:1790",
+            "--listenBGPPort=1179",
+            "--eBGPMultiHop",
+            "--enableBGPCRDs=true",
+            "--setLBMode=2",
+            "--setUniqueIP",
+            "--usePodNetwork=F",
+            "--monitor=1",
+            "--cidrPools=defaultPool=192.0.2.0/24",
+            "--cidr6Pools=defaultPool=fd00::/120",
+            "--setRoles=10.0.0.9",
+            "--leaseDuration=600ms",
+            "--setLBHostnameStatus",
+            "--zone=az1",
+        ])
+        .unwrap();
+        assert_eq!(node.set_bgp, Some(65100));
+        assert!(node.bgp_on());
+        assert_eq!(node.ext_bgp_peers.as_ref().unwrap().0.len(), 2);
+        assert_eq!(node.listen_bgp_port, Some(1179));
+        assert_eq!(node.ebgp_multihop, Some(true));
+        assert_eq!(k.enable_bgp_crds, Some(true));
+        assert_eq!(k.set_lb_mode, loxilb_model::Mode::FullNat);
+        assert!(k.set_unique_ip && !k.use_pod_network && k.monitor);
+        assert_eq!(k.cidr_pools.as_ref().unwrap().0.len(), 1);
+        assert_eq!(k.cidr6_pools.as_ref().unwrap().0.len(), 1);
+        assert_eq!(k.set_roles, Some("10.0.0.9".parse().unwrap()));
+        assert_eq!(
+            k.lease_duration,
+            Some(std::time::Duration::from_millis(600))
+        );
+        assert_eq!(k.set_lb_hostname_status, Some(true));
+        assert_eq!(k.zone.as_deref(), Some("az1"));
+        // A bare boolean before another flag, and the value as a separate
+        // argument (kube-loxilb: `--setUniqueIP false` is not Go's form,
+        // but was accepted here and still is).
+        let (_, k) = kube(&["--enableBGPCRDs", "--setUniqueIP", "false"]).unwrap();
+        assert_eq!(k.enable_bgp_crds, Some(true));
+        assert!(!k.set_unique_ip);
+        let (node, _) = kube(&["--setBGP=0"]).unwrap();
+        assert!(!node.bgp_on(), "--setBGP=0: BGP off");
+        for (bad, value, says) in [
+            (
+                &["--setLBMode=7"][..],
+                "'7'",
+                "allowed values: 0 (default), 1 (onearm)",
+            ),
+            (&["--setLBMode=4"], "'4'", "4 (fullproxy) is not supported"),
+            (
+                &["--setUniqueIP=yes"],
+                "'yes'",
+                "allowed values: true, false",
+            ),
+            (
+                &["--enableBGPCRDs=ja"],
+                "'ja'",
+                "allowed values: true, false",
+            ),
+            (&["--setBGP=AS65001"], "'AS65001'", "not an AS number"),
+            (
+                &["--extBGPPeers=1.2.3.4"],
+                "'1.2.3.4'",
+                "expected IP:AS[:PORT]",
+            ),
+            (&["--listenBGPPort=0"], "'0'", "1..=65535"),
+            (&["--eBGPMultiHop=maybe"], "'maybe'", "true or false"),
+            (
+                &["--cidrPools=p=10.0.0.1"],
+                "'p=10.0.0.1'",
+                "single address",
+            ),
+            (&["--leaseDuration=2h"], "'2h'", "at most 1h"),
+            (&["--zone=Zone_A"], "'Zone_A'", "not a zone name"),
+            (&["--loadBalancerClass=a/b/c"], "'a/b/c'", "label-style key"),
+            (&["--setRoles=fd00::1"], "'fd00::1'", "not an IPv4 address"),
+        ] {
+            let e = kube(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"))
+                .to_string();
+            let flag = bad[0].split('=').next().unwrap();
+            assert!(
+                e.contains(flag) && e.contains(value) && e.contains(says),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     /// `--bgp-backup-path`: typed values, refused where it would do
@@ -2013,9 +2167,13 @@ mod tests {
         };
         assert_eq!(node.ifaces, ["eth9"]);
         assert!(node.keep);
-        assert_eq!(kube.set_lb_mode, "2", "the flag overrides the file");
-        assert_eq!(kube.set_unique_ip, "true");
-        assert_eq!(kube.set_lb_hostname_status.as_deref(), Some("true"));
+        assert_eq!(
+            kube.set_lb_mode,
+            loxilb_model::Mode::FullNat,
+            "the flag overrides the file"
+        );
+        assert!(kube.set_unique_ip);
+        assert_eq!(kube.set_lb_hostname_status, Some(true));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
