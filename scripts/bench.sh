@@ -17,10 +17,10 @@ cargo build -q --release -p loxilb-tests --bin bench_kube
 # new owner, the client's ARP entry moved and the first new connection
 # served there, p50/p99 over LOXILB_HA_RUNS kills (20 by default).
 LOXILB_REQUIRE_ROOT=1 LOXILB_HA_RUNS="${LOXILB_HA_RUNS:-20}" \
-    cargo test -q -p loxilb-tests --test e2e_ha a_killed_agent -- --nocapture 2>&1 |
+    cargo test -q -p loxilb-tests --test all e2e_ha::a_killed_agent -- --nocapture 2>&1 |
     grep 'takeover after SIGKILL'
 # The same after the active node dies (links cut, agent killed: only the
 # Lease's expiry decides), with the sub-second Lease timings.
 LOXILB_REQUIRE_ROOT=1 LOXILB_HA_RUNS="${LOXILB_HA_RUNS:-20}" \
-    cargo test -q -p loxilb-tests --test e2e_ha a_dead_node -- --nocapture 2>&1 |
+    cargo test -q -p loxilb-tests --test all e2e_ha::a_dead_node -- --nocapture 2>&1 |
     grep 'takeover after the active node died'

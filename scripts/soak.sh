@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build -q -p loxilb-agent
 LOXILB_REQUIRE_ROOT=1 LOXILB_SOAK_SECS="${LOXILB_SOAK_SECS:-600}" \
-    cargo test -q -p loxilb-tests --test soak -- --nocapture
+    cargo test -q -p loxilb-tests --test all -- --nocapture soak::

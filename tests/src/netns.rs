@@ -2,6 +2,7 @@
 //! up after themselves (also when a test panics: everything is a guard).
 
 use std::{
+    collections::BTreeSet,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
@@ -44,13 +45,32 @@ pub struct Netns {
     pub name: String,
 }
 
+/// The namespace names live in this process. All integration tests are
+/// one binary whose tests run in parallel threads, and [`Netns::new`]
+/// deletes a leftover namespace of the same name first: a name two tests
+/// share would pull one test's namespace from under the other. So a name
+/// in use is refused, naming the fix.
+static LIVE: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 impl Netns {
     pub fn new(name: &str) -> Result<Self> {
-        let _ = sh(&["ip", "netns", "del", name]);
-        sh(&["ip", "netns", "add", name])?;
+        if !LIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string())
+        {
+            bail!(
+                "network namespace {name} is in use by another test of this process: give each \
+                 test a namespace prefix of its own (the pin directory, logs and state are named \
+                 after it too)"
+            );
+        }
         let ns = Netns {
             name: name.to_string(),
         };
+        let _ = sh(&["ip", "netns", "del", name]);
+        sh(&["ip", "netns", "add", name])?;
         ns.sh(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -87,6 +107,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh(&["ip", "netns", "del", &self.name]);
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
     }
 }
 
@@ -712,6 +735,44 @@ impl Scene {
     /// The VIP at `port`.
     pub fn vip(port: u16) -> SocketAddr {
         format!("{VIP}:{port}").parse().unwrap()
+    }
+
+    /// The backends that answered `n` new TCP connections from the client
+    /// to `vip` (connections that fail are not counted).
+    pub fn backends_reached(&self, vip: SocketAddr, n: usize) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        for i in 0..n {
+            if let Ok(mut c) = Conn::open(&self.t.client, vip) {
+                if let Ok(r) = c.ask(&format!("p{i}")) {
+                    seen.insert(r.backend);
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// The agent's state directory (where API rules persist), emptied when
+/// made and removed on drop, so no run leaves rules to the next.
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    /// The state directory of an agent pinning in `t`'s pin directory.
+    pub fn of(t: &Topology) -> Self {
+        let d = StateDir(loxilb_agent::node::state_dir(&t.pin_dir()));
+        d.clear();
+        d
+    }
+
+    /// Remove it (and the rules in it) now.
+    pub fn clear(&self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 

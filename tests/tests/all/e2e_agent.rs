@@ -24,18 +24,6 @@ fn rules(t: &Topology, backends: &[usize], probe: bool, vips: &[&str]) -> String
     out
 }
 
-fn backends_reached(s: &Scene, n: usize) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for i in 0..n {
-        if let Ok(mut c) = Conn::open(&s.t.client, Scene::vip(80)) {
-            if let Ok(r) = c.ask(&format!("p{i}")) {
-                seen.insert(r.backend);
-            }
-        }
-    }
-    seen
-}
-
 #[test]
 fn health_probes_take_a_dead_backend_out_and_bring_it_back() {
     if !need_root("health_probes_take_a_dead_backend_out_and_bring_it_back") {
@@ -49,7 +37,7 @@ fn health_probes_take_a_dead_backend_out_and_bring_it_back() {
         |t| rules(t, &[1, 2], true, &[VIP]),
     );
     let mut agent = Agent::start(&s.t, &s.cfg, &[]).expect("agent");
-    assert_eq!(backends_reached(&s, 6).len(), 2);
+    assert_eq!(s.backends_reached(Scene::vip(80), 6).len(), 2);
     // Backend 2's own servers stop: the probes notice within
     // interval x retries, and new connections only reach backend 1.
     let b2 = &s.t.backends[1];
@@ -72,7 +60,7 @@ fn health_probes_take_a_dead_backend_out_and_bring_it_back() {
     agent
         .wait_for_log("endpoint down", Duration::from_secs(5))
         .expect("the probe marks the endpoint down");
-    let seen = backends_reached(&s, 8);
+    let seen = s.backends_reached(Scene::vip(80), 8);
     assert_eq!(
         seen,
         BTreeSet::from(["b1".to_string()]),
@@ -90,7 +78,7 @@ fn health_probes_take_a_dead_backend_out_and_bring_it_back() {
         .wait_for_log("endpoint up", Duration::from_secs(5))
         .expect("the probe marks the endpoint up");
     let seen = eventually("backend 2 serves again", Duration::from_secs(5), || {
-        let s2 = backends_reached(&s, 6);
+        let s2 = s.backends_reached(Scene::vip(80), 6);
         if s2.len() == 2 {
             Ok(s2)
         } else {

@@ -6,6 +6,7 @@ use loxilb_tests::fib::verdict::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use std::collections::{HashMap, HashSet};
 
 use loxilb_common::{prog_names, GlobalCfg};
+use loxilb_tests::tables::expect_frame;
 use loxilb_tests::{
     fib::{
         dst_of, run_prog, run_xdp, with_datapath, with_datapath_rules, CLIENT_MAC, EP1_MAC,
@@ -49,7 +50,7 @@ fn snat_round_trip(dp: &mut loxilb_agent::datapath::Datapath, snat_src: &str, sp
             .with(snat_src, port, "10.0.1.10", ep_port)
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes();
-        assert_eq!(out, want, "{proto} forward bytes\n{}", diff(&out, &want));
+        expect_frame(&format!("{proto} forward bytes"), &out, &want);
         // The endpoint answers the translated source.
         let r = if proto == "tcp" {
             Frame::tcp("10.0.1.10", ep_port, snat_src, port, SYN | ACK)
@@ -62,7 +63,7 @@ fn snat_round_trip(dp: &mut loxilb_agent::datapath::Datapath, snat_src: &str, sp
             .with("20.0.0.100", vport, "192.168.0.2", sport)
             .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
             .bytes();
-        assert_eq!(out, want, "{proto} reply bytes\n{}", diff(&out, &want));
+        expect_frame(&format!("{proto} reply bytes"), &out, &want);
     }
 }
 
@@ -210,7 +211,7 @@ fn dsr_ipip_encapsulates_and_the_decapsulator_restores_the_packet() {
             let (v, out) = run_xdp(dp, &f.bytes());
             assert_eq!(v, XDP_REDIRECT);
             let want = ipip_wrap(&f.bytes(), "10.0.1.1", "10.0.1.10", LB_TO_EP_MAC, EP1_MAC);
-            assert_eq!(out, want, "{}", diff(&out, &want));
+            expect_frame("IPIP-encapsulated", &out, &want);
             // What the endpoint's decapsulator makes of it: the original
             // packet, as the endpoint's stack must see it.
             let (v, inner) = run_prog(dp, prog_names::XDP_DECAP, &out);
@@ -218,7 +219,7 @@ fn dsr_ipip_encapsulates_and_the_decapsulator_restores_the_packet() {
             let mut orig = f.bytes();
             orig[0..6].copy_from_slice(&EP1_MAC);
             orig[6..12].copy_from_slice(&LB_TO_EP_MAC);
-            assert_eq!(inner, orig, "{}", diff(&inner, &orig));
+            expect_frame("decapsulated", &inner, &orig);
         }
         // Non-IPIP traffic passes the decapsulator untouched.
         let plain = Frame::tcp("192.168.0.2", 1, "10.0.1.10", 2, SYN).bytes();

@@ -13,20 +13,18 @@
 //! the seed and the packet's index (the run replays with the same seed and
 //! `LOXILB_FUZZ_PACKETS=index+1`) and the input and output in hex.
 
-mod fuzz {
-    pub mod gen;
-    pub mod oracle;
-    pub mod rng;
-}
+pub mod gen;
+pub mod oracle;
+pub mod rng;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use aya::programs::{TestRun, TestRunOptions, TestRunResult};
-use fuzz::{
+use self::{
     gen::Gen,
     oracle::{rules, to_hex, yaml, Oracle, Why, SCTP, TCP, UDP},
 };
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use loxilb_tests::{fib, need_root};
 
 const CI_PACKETS: u64 = 50_000;
@@ -106,14 +104,9 @@ fn tc_as_xdp(v: u32, input: &[u8], out: &[u8]) -> u32 {
 }
 
 fn is_echo_reply(frame: &[u8]) -> bool {
-    fuzz::oracle::view(frame).is_some_and(|v| {
+    oracle::view(frame).is_some_and(|v| {
         v.l4.first() == Some(&if v.v6 { 129 } else { 0 })
-            && v.proto
-                == if v.v6 {
-                    fuzz::oracle::ICMP6
-                } else {
-                    fuzz::oracle::ICMP
-                }
+            && v.proto == if v.v6 { oracle::ICMP6 } else { oracle::ICMP }
     })
 }
 
@@ -255,7 +248,7 @@ fn fuzzed_frames_through_the_datapath_satisfy_the_oracle() {
             .map(|w| w.to_string())
             .collect();
         want.extend(
-            fuzz::oracle::rules()
+            oracle::rules()
                 .iter()
                 .map(|r| format!("Forward {}", r.name)),
         );

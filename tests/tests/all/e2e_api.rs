@@ -8,7 +8,6 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,7 +16,7 @@ use loxilb_tests::{
     bgp_peer::eventually,
     certs::Certs,
     need_root,
-    netns::{Agent, Conn, Scene, Topology, VIP},
+    netns::{Agent, Conn, Scene, StateDir, Topology, VIP},
 };
 use serde_json::{json, Value};
 
@@ -136,36 +135,6 @@ fn rule(t: &Topology, name: &str, vip: &str, backends: &[usize]) -> Value {
     })
 }
 
-fn backends_reached(s: &Scene, n: usize) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for i in 0..n {
-        if let Ok(mut c) = Conn::open(&s.t.client, Scene::vip(80)) {
-            if let Ok(r) = c.ask(&format!("p{i}")) {
-                seen.insert(r.backend);
-            }
-        }
-    }
-    seen
-}
-
-/// The agent's state directory (where API rules persist), removed on
-/// drop so no run leaves rules to the next.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn of(t: &Topology) -> Self {
-        let d = loxilb_agent::node::state_dir(&t.pin_dir());
-        let _ = std::fs::remove_dir_all(&d);
-        StateDir(d)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
     if !need_root("a_rule_created_over_the_api_carries_traffic_persists_and_goes") {
@@ -220,7 +189,7 @@ fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
         (200, json!({"result": "Success"}))
     );
     let seen = eventually("both backends serve", Duration::from_secs(5), || {
-        let b = backends_reached(&s, 6);
+        let b = s.backends_reached(Scene::vip(80), 6);
         if b.len() == 2 {
             Ok(b)
         } else {
@@ -311,7 +280,7 @@ fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
             Duration::from_secs(5),
         )
         .unwrap();
-    assert_eq!(backends_reached(&s, 6).len(), 2);
+    assert_eq!(s.backends_reached(Scene::vip(80), 6).len(), 2);
     let (_, again) = api.call("GET", &format!("{LB}/all"), "", None);
     assert_eq!(again, all);
 
@@ -331,11 +300,11 @@ fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
         )
         .unwrap();
     assert!(agent.log_text().contains("\"file-web\" of the rule file"));
-    assert_eq!(backends_reached(&s, 6).len(), 2);
+    assert_eq!(s.backends_reached(Scene::vip(80), 6).len(), 2);
     // A good reload installs the file's rules with the API's: the API
     // rule stays.
     agent.reload(&s.cfg, "rules: []\n");
-    assert_eq!(backends_reached(&s, 6).len(), 2);
+    assert_eq!(s.backends_reached(Scene::vip(80), 6).len(), 2);
 
     // Deleted by name: the VIP no longer answers.
     assert_eq!(
@@ -376,9 +345,9 @@ fn a_rule_created_over_the_api_carries_traffic_persists_and_goes() {
             Duration::from_secs(5),
         )
         .unwrap();
-    assert!(backends_reached(&s, 2).is_empty());
+    assert!(s.backends_reached(Scene::vip(80), 2).is_empty());
     assert_eq!(api.call("POST", LB, &web, Some(TOKEN)).0, 200);
-    assert_eq!(backends_reached(&s, 6).len(), 2);
+    assert_eq!(s.backends_reached(Scene::vip(80), 6).len(), 2);
     assert_eq!(
         api.call(
             "DELETE",

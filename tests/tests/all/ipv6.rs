@@ -2,14 +2,13 @@
 //! applies, both directions, extension headers walked (and the ones that
 //! are not), malformed headers, source ranges, selection; on XDP and TC.
 
-use std::collections::HashMap;
-
 use loxilb_agent::datapath::Datapath;
 use loxilb_tests::fib::verdict::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use loxilb_tests::{
     fib::{self, run_tc, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
-    packet::{diff, icmp6_csum_ok, icmp6_frame, quote6, Frame, ACK, SYN},
+    packet::{icmp6_csum_ok, icmp6_frame, quote6, Frame, ACK, SYN},
+    tables::{check_malformed, check_with, expect_frame, stats, Case},
 };
 
 const VIP: &str = "fd00:20::100";
@@ -79,42 +78,6 @@ rules:
     endpoints:
       - { ip: 10.0.1.10, port: 8080 }
 "#;
-
-struct Case {
-    name: &'static str,
-    input: Vec<u8>,
-    expected: Vec<u8>,
-    verdict: u32,
-}
-
-fn check_with(
-    dp: &mut Datapath,
-    cases: Vec<Case>,
-    run: fn(&mut Datapath, &[u8]) -> (u32, Vec<u8>),
-) {
-    let mut failures = vec![];
-    for c in cases {
-        let (v, out) = run(dp, &c.input);
-        if v != c.verdict || out != c.expected {
-            failures.push(format!(
-                "case {:?}: verdict {v} (want {})\n{}",
-                c.name,
-                c.verdict,
-                diff(&out, &c.expected)
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{}\ncounters: {:?}",
-        failures.join("\n"),
-        stats(dp)
-    );
-}
-
-fn stats(dp: &Datapath) -> HashMap<&'static str, u64> {
-    dp.stats().unwrap().into_iter().collect()
-}
 
 /// An options extension header of 8 + 8n bytes without its next-header
 /// byte (the builder adds it): length n, one PadN option filling the rest.
@@ -286,7 +249,7 @@ fn nat66_fullnat_onearm_and_dsr() {
             .with(VIP, sport, EP1, 8080)
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes();
-        assert_eq!(out, want, "fullnat SYN\n{}", diff(&out, &want));
+        expect_frame("fullnat SYN", &out, &want);
         let reply = Frame::tcp(EP1, 8080, VIP, sport, SYN | ACK);
         let (v, out) = run_xdp(dp, &reply.bytes());
         let want = reply
@@ -294,7 +257,7 @@ fn nat66_fullnat_onearm_and_dsr() {
             .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
             .bytes();
         assert_eq!(v, XDP_REDIRECT);
-        assert_eq!(out, want, "fullnat reply\n{}", diff(&out, &want));
+        expect_frame("fullnat reply", &out, &want);
 
         // onearm: source becomes the node's own address toward the endpoint.
         let syn = Frame::tcp(CLIENT, 42001, VIP, 81, SYN);
@@ -305,7 +268,7 @@ fn nat66_fullnat_onearm_and_dsr() {
             .with("fd00:1::1", sport, EP1, 8080)
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes();
-        assert_eq!(out, want, "onearm SYN\n{}", diff(&out, &want));
+        expect_frame("onearm SYN", &out, &want);
 
         // L2 DSR: untranslated, only the MACs change, hop limit untouched.
         let syn = Frame::tcp(CLIENT, 42002, VIP, 83, SYN);
@@ -314,7 +277,7 @@ fn nat66_fullnat_onearm_and_dsr() {
         want.src_mac = LB_TO_EP_MAC;
         want.dst_mac = EP2_MAC;
         assert_eq!(v, XDP_REDIRECT);
-        assert_eq!(out, want.bytes(), "dsr\n{}", diff(&out, &want.bytes()));
+        expect_frame("dsr", &out, &want.bytes());
     });
 }
 
@@ -425,7 +388,7 @@ fn malformed_ipv6_passed_untouched_and_counted() {
         cases.push(("IPv4 version under the IPv6 ethertype", ver));
         let n = cases.len() as u64;
         let before = stats(dp)["pass_malformed"];
-        check_with(
+        check_malformed(
             dp,
             cases
                 .into_iter()
@@ -515,7 +478,7 @@ fn nat64_both_ways(
     let want = as_v4(&syn, "10.0.1.1", sport, "10.0.1.10", 8080)
         .routed(LB_TO_EP_MAC, EP1_MAC)
         .bytes();
-    assert_eq!(out, want, "IPv6 SYN -> IPv4\n{}", diff(&out, &want));
+    expect_frame("IPv6 SYN -> IPv4", &out, &want);
     // The reply, IPv4 from the endpoint, becomes IPv6 from the VIP.
     let mut reply = Frame::tcp("10.0.1.10", 8080, "10.0.1.1", sport, SYN | ACK);
     reply.tos = 0x10;
@@ -524,7 +487,7 @@ fn nat64_both_ways(
         .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
         .bytes();
     assert_eq!(v, fwd, "NAT64 reply verdict");
-    assert_eq!(out, want, "IPv4 reply -> IPv6\n{}", diff(&out, &want));
+    expect_frame("IPv4 reply -> IPv6", &out, &want);
     // A large segment: DF set on the IPv4 side.
     let mut big = Frame::tcp(CLIENT, cport, VIP, 84, ACK);
     big.payload = vec![0x5a; 1300];
@@ -533,7 +496,7 @@ fn nat64_both_ways(
         .routed(LB_TO_EP_MAC, EP1_MAC)
         .bytes();
     assert_eq!(v, fwd);
-    assert_eq!(out, want, "large segment\n{}", diff(&out, &want));
+    expect_frame("large segment", &out, &want);
 }
 
 #[test]
@@ -561,14 +524,14 @@ fn nat64_udp_and_what_is_not_translated() {
         let want = as_v4(&q, "10.0.1.1", sport, "10.0.1.10", 5353)
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes();
-        assert_eq!(out, want, "UDP query\n{}", diff(&out, &want));
+        expect_frame("UDP query", &out, &want);
         let a = Frame::udp("10.0.1.10", 5353, "10.0.1.1", sport);
         let (v, out) = run_xdp(dp, &a.bytes());
         let want = as_v6(&a, VIP, 54, CLIENT, 47000)
             .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
             .bytes();
         assert_eq!(v, XDP_REDIRECT);
-        assert_eq!(out, want, "UDP answer\n{}", diff(&out, &want));
+        expect_frame("UDP answer", &out, &want);
         // Not translated: dropped and counted.
         let mut nock = Frame::udp("10.0.1.10", 5353, "10.0.1.1", sport);
         nock.l4 = loxilb_tests::packet::L4::Udp {
@@ -628,7 +591,7 @@ fn icmpv6_echo_answered_errors_translated_nd_passed() {
         want[6..12].copy_from_slice(&req[0..6]);
         let (v, out) = run_xdp(dp, &req);
         assert_eq!(v, XDP_TX);
-        assert_eq!(out, want, "echo reply\n{}", diff(&out, &want));
+        expect_frame("echo reply", &out, &want);
         // Echo to another address, and neighbour solicitation: untouched.
         let other = icmp6_frame(CLIENT, "fd00:20::200", 64, 128, 0, [0; 4], b"x");
         assert_eq!(run_xdp(dp, &other), (XDP_PASS, other));

@@ -6,7 +6,8 @@ use loxilb_tests::fib::verdict::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS,
 use loxilb_tests::{
     fib::{self, run_tc, run_xdp, CLIENT_MAC, EP1_MAC, EP2_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
-    packet::{diff, Frame, ACK, FIN, L4, RST, SYN},
+    packet::{Frame, ACK, FIN, L4, RST, SYN},
+    tables::{check, check_malformed, check_random, expect_frame, Case},
 };
 
 const RULES: &str = r#"
@@ -30,29 +31,6 @@ rules:
     protocol: tcp
     endpoints: []
 "#;
-
-struct Case {
-    name: &'static str,
-    input: Vec<u8>,
-    expected: Vec<u8>,
-    verdict: u32,
-}
-
-fn check(dp: &mut Datapath, cases: Vec<Case>) {
-    let mut failures = vec![];
-    for c in cases {
-        let (v, out) = run_xdp(dp, &c.input);
-        if v != c.verdict || out != c.expected {
-            failures.push(format!(
-                "case {:?}: verdict {v} (want {})\n{}",
-                c.name,
-                c.verdict,
-                diff(&out, &c.expected)
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
 
 fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
     fib::with_datapath(tag, RULES, f)
@@ -172,7 +150,7 @@ fn fragments_truncated_and_garbage_pass_untouched() {
         bad_ihl[14] = 0x44; // IHL 4 (< 20 bytes)
         let mut bad_len = full.clone();
         bad_len[16] = 0x05; // total length beyond the frame
-        let mut cases = vec![
+        let cases = vec![
             Case {
                 name: "first fragment",
                 input: mf.bytes(),
@@ -185,6 +163,9 @@ fn fragments_truncated_and_garbage_pass_untouched() {
                 expected: later.bytes(),
                 verdict: XDP_PASS,
             },
+        ];
+        check(dp, cases);
+        let cases = vec![
             Case {
                 name: "IP header cut",
                 input: full[..30].to_vec(),
@@ -216,7 +197,9 @@ fn fragments_truncated_and_garbage_pass_untouched() {
                 verdict: XDP_PASS,
             },
         ];
+        check_malformed(dp, cases, run_xdp);
         // Garbage: random bytes behind an IPv4 ethertype and at random.
+        let mut cases = vec![];
         let mut seed = 0x1234_5678_9abc_def0u64;
         let mut rnd = || {
             seed ^= seed << 13;
@@ -242,7 +225,7 @@ fn fragments_truncated_and_garbage_pass_untouched() {
                 verdict: XDP_PASS,
             });
         }
-        check(dp, cases);
+        check_random(dp, cases, run_xdp);
         assert!(
             dp.sessions().unwrap().is_empty(),
             "garbage created sessions"
@@ -312,7 +295,7 @@ fn udp_checksums_zero_stays_zero_and_tc_path() {
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes();
         assert_eq!(v, TC_ACT_REDIRECT, "tc verdict");
-        assert_eq!(out, want, "{}", diff(&out, &want));
+        expect_frame("TC DNAT", &out, &want);
         let other = Frame::tcp("192.168.0.2", 41000, "20.0.0.222", 80, SYN).bytes();
         let (v, out) = run_tc(dp, &other);
         assert_eq!((v, out), (TC_ACT_OK, other));

@@ -71,6 +71,8 @@ fn soak_new_connections_a_long_one_and_reloads_every_second() {
     if !need_root(name) {
         return;
     }
+    // Runs alone: see `loxilb_tests::exclusive`.
+    let _alone = loxilb_tests::exclusive(name);
     let secs: u64 = std::env::var("LOXILB_SOAK_SECS")
         .ok()
         .and_then(|v| v.parse().ok())

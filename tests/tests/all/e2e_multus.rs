@@ -104,7 +104,7 @@ fn multus_service_reaches_the_backends_on_their_secondary_addresses() {
         return;
     }
     let started = Instant::now();
-    let t = Topology::new("lxm1", 2).expect("topology");
+    let t = Topology::new("lxmu1", 2).expect("topology");
     t.route_from_client("20.0.0.0/24")
         .expect("route to the pool");
     // The secondary network: a second subnet on each backend link (b2 has

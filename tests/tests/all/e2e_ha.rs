@@ -925,7 +925,7 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
         return;
     }
     let runs = ha_runs();
-    let ha = Ha::new("lxha5");
+    let ha = Ha::new("lxha6");
     let certs = Certs::new(&["node-a", "node-b"]);
     let api = ApiServer::new();
     seed_api(&api);

@@ -19,12 +19,13 @@ use loxilb_agent::{
     rules::RuleTable,
 };
 use loxilb_common::{ct_state, AssocKey, AssocVal, CtKey, CtVal, EpVal, SvcKey};
+use loxilb_tests::tables::expect_frame;
 use loxilb_tests::{
     certs::Certs,
     fib::{self, run_xdp, verdict::XDP_REDIRECT},
     need_root,
     netns::Netns,
-    packet::{diff, Frame, ACK, RST, SYN},
+    packet::{Frame, ACK, RST, SYN},
 };
 
 /// Node A's rules.
@@ -334,7 +335,7 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
     for (i, f) in est.iter().enumerate() {
         let (v, out) = b.xdp(f.bytes());
         assert_eq!(v, on_a[i].0, "B: verdict of established packet {i}");
-        assert_eq!(out, on_a[i].1, "B: packet {i}\n{}", diff(&out, &on_a[i].1));
+        expect_frame(&format!("B: packet {i}"), &out, &on_a[i].1);
     }
     // ... and counts them on its own endpoint counters.
     let b_web = b_svcs[&a_svcs

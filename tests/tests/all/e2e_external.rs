@@ -8,7 +8,6 @@
 //! touched.
 
 use std::{
-    collections::BTreeSet,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
@@ -17,7 +16,7 @@ use std::{
 use loxilb_tests::{
     kube_api::{endpoint_slice, node, service, wait_until, ApiServer, KubeAgent, KubeAgentSpec},
     need_root,
-    netns::{Agent, Conn, Netns, Scene},
+    netns::{Agent, Netns, Scene, StateDir},
 };
 use serde_json::Value;
 
@@ -70,33 +69,6 @@ fn remote_rules(ns: &Netns) -> Option<Vec<(String, String, bool)>> {
     )
 }
 
-fn backends_reached(s: &Scene, vip: SocketAddr, n: usize) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for i in 0..n {
-        if let Ok(mut c) = Conn::open(&s.t.client, vip) {
-            if let Ok(r) = c.ask(&format!("p{i}")) {
-                seen.insert(r.backend);
-            }
-        }
-    }
-    seen
-}
-
-/// Removes the remote's state directory (its API rules) now and on drop.
-struct StateDir(std::path::PathBuf);
-
-impl StateDir {
-    fn clear(&self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        self.clear();
-    }
-}
-
 #[test]
 fn a_kube_agent_programs_a_remote_agent_over_its_rest_api() {
     if !need_root("a_kube_agent_programs_a_remote_agent_over_its_rest_api") {
@@ -117,7 +89,7 @@ fn a_kube_agent_programs_a_remote_agent_over_its_rest_api() {
     );
     s.t.route_from_client("20.0.0.0/24")
         .expect("route to the pool");
-    let state = StateDir(loxilb_agent::node::state_dir(&s.t.pin_dir()));
+    let state = StateDir::of(&s.t);
     state.clear();
     let remote_args = ["--api-listen", API, "--insecure-api"];
     let mut remote = Agent::start(&s.t, &s.cfg, &remote_args).expect("remote agent");
@@ -183,7 +155,7 @@ fn a_kube_agent_programs_a_remote_agent_over_its_rest_api() {
     wait_until(
         "both backends through the VIP",
         Duration::from_secs(10),
-        || backends_reached(&s, vip_addr, 6).len() == 2,
+        || s.backends_reached(vip_addr, 6).len() == 2,
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&remote)));
 
@@ -198,7 +170,7 @@ fn a_kube_agent_programs_a_remote_agent_over_its_rest_api() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&remote)));
     wait_until("traffic after the re-sync", Duration::from_secs(10), || {
-        backends_reached(&s, vip_addr, 6).len() == 2
+        s.backends_reached(vip_addr, 6).len() == 2
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&remote)));
     assert!(
@@ -214,7 +186,7 @@ fn a_kube_agent_programs_a_remote_agent_over_its_rest_api() {
     wait_until(
         "traffic after the restart with state",
         Duration::from_secs(10),
-        || backends_reached(&s, vip_addr, 6).len() == 2,
+        || s.backends_reached(vip_addr, 6).len() == 2,
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&remote)));
 
@@ -232,7 +204,7 @@ fn a_kube_agent_programs_a_remote_agent_over_its_rest_api() {
         false
     )));
     wait_until("the VIP stops answering", Duration::from_secs(10), || {
-        backends_reached(&s, vip_addr, 2).is_empty()
+        s.backends_reached(vip_addr, 2).is_empty()
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&remote)));
     drop(kube);

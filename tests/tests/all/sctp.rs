@@ -4,14 +4,12 @@
 //! addresses change); ABORT and SHUTDOWN COMPLETE end the session;
 //! malformed chunk lengths are dropped and counted.
 
-use std::collections::HashMap;
-
 use loxilb_agent::datapath::Datapath;
 use loxilb_tests::fib::verdict::{TC_ACT_REDIRECT, XDP_DROP, XDP_REDIRECT};
+use loxilb_tests::tables::{expect_frame, stats};
 use loxilb_tests::{
     fib::{self, run_tc, run_xdp, CLIENT_MAC, EP1_MAC, LB_TO_CLIENT_MAC, LB_TO_EP_MAC},
     need_root,
-    packet::diff,
     sctp_packet::{frame_crc_ok, parse_frame, Chunk, SctpFrame, SctpPacket},
 };
 
@@ -48,17 +46,13 @@ const CLIENT: &str = "192.168.0.2";
 const VIP: &str = "20.0.0.100";
 const EP: &str = "10.0.1.10";
 
-fn stats(dp: &Datapath) -> HashMap<&'static str, u64> {
-    dp.stats().unwrap().into_iter().collect()
-}
-
 /// Run `input` and compare with `want` byte for byte; the output's CRC32c
 /// must verify on its own too (the expected frame is built independently,
 /// with its CRC computed over the whole packet).
 fn expect(dp: &mut Datapath, what: &str, input: &SctpFrame, want: &SctpFrame, verdict: u32) {
     let (v, out) = run_xdp(dp, &input.bytes());
     assert_eq!(v, verdict, "{what}: verdict; counters {:?}", stats(dp));
-    assert_eq!(out, want.bytes(), "{what}\n{}", diff(&out, &want.bytes()));
+    expect_frame(what, &out, &want.bytes());
     assert!(frame_crc_ok(&out), "{what}: CRC32c of the output");
 }
 
@@ -143,7 +137,7 @@ fn sctp_dnat_association_with_port_rewrite_and_crc() {
             .with_ports(5000, 30868)
             .routed(LB_TO_EP_MAC, EP1_MAC)
             .bytes();
-        assert_eq!(out, want, "TC heartbeat\n{}", diff(&out, &want));
+        expect_frame("TC heartbeat", &out, &want);
         // ABORT ends the session: a new INIT on the tuple starts afresh.
         let abort = SctpFrame::new(
             CLIENT,
@@ -412,7 +406,7 @@ fn multihoming_case(dp: &mut Datapath, m: &Mh, cport: u16) {
     let expect = |dp: &mut Datapath, what: &str, input: &SctpFrame, want: &SctpFrame| {
         let (v, out) = run(dp, input);
         assert_eq!(v, redirect, "{what}: verdict; counters {:?}", stats(dp));
-        assert_eq!(out, want.bytes(), "{what}\n{}", diff(&out, &want.bytes()));
+        expect_frame(what, &out, &want.bytes());
         assert!(frame_crc_ok(&out), "{what}: CRC32c of the output");
     };
     let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
@@ -679,7 +673,7 @@ fn sctp_multihoming_bad_parameters_stop_the_walk() {
             // parameters.)
             let (v, out) = run_xdp(dp, &ack.bytes());
             assert_eq!(v, XDP_REDIRECT, "{what}: verdict; counters {:?}", stats(dp));
-            assert_eq!(out, want.bytes(), "{what}\n{}", diff(&out, &want.bytes()));
+            expect_frame(what, &out, &want.bytes());
             // Ethernet 14 + IPv4 20: the SCTP packet.
             assert!(
                 loxilb_common::crc32c::sctp_checksum_ok(&out[34..]),
