@@ -114,6 +114,7 @@ pub const SETTINGS: &[Setting] = &[
     s("usePodNetwork", Kind::Bool),
     s("monitor", Kind::Bool),
     s("setRoles", Kind::Value),
+    s("vipOwners", Kind::Value),
     s("loxiURL", Kind::List),
     s("loxiCA", Kind::Value),
     s("loxiTokenFile", Kind::Value),

@@ -2312,6 +2312,47 @@ mod tests {
             ))
         }
 
+        /// `--vipOwners`: `leader` or `pool`; `pool` needs pools and
+        /// refuses `--setRoles` (one source VIP, several owners).
+        #[test]
+        fn vip_owners_pool_needs_pools_and_no_role_vip() {
+            let settle = |extra: &[&str]| -> Result<kube_watch::flags::KubeConfig, String> {
+                let mut args = vec!["loxilb-agent", "kube", "--iface=eth0"];
+                args.extend_from_slice(extra);
+                let cli = Cli::try_parse_from(&args).map_err(|e| e.to_string())?;
+                match cli.cmd {
+                    Cmd::Kube { node, kube } => kube_settings(&node, &kube, env)
+                        .map(|(_, c)| c.kube)
+                        .map_err(|e| format!("{e:#}")),
+                    _ => unreachable!(),
+                }
+            };
+            let pool = "--cidrPools=a=10.0.0.0/29,b=10.0.1.0/29";
+            assert_eq!(
+                settle(&[pool]).unwrap().vip_owners,
+                kube_watch::flags::VipOwners::Leader
+            );
+            assert_eq!(
+                settle(&[pool, "--vipOwners=pool"]).unwrap().vip_owners,
+                kube_watch::flags::VipOwners::Pool
+            );
+            let e = settle(&[pool, "--vipOwners=pools"]).unwrap_err();
+            assert!(e.contains("--vipOwners") && e.contains("`leader`"), "{e}");
+            let e = settle(&["--vipOwners=pool"]).unwrap_err();
+            assert!(e.contains("needs address pools"), "{e}");
+            let e = settle(&[pool, "--vipOwners=pool", "--setRoles=10.9.0.1"]).unwrap_err();
+            assert!(
+                e.contains("--setRoles=10.9.0.1") && e.contains("one owner"),
+                "{e}"
+            );
+            let e = settle(&[
+                "--cidrPools=Pool_A=10.0.0.0/29,pool-a=10.0.1.0/29",
+                "--vipOwners=pool",
+            ])
+            .unwrap_err();
+            assert!(e.contains("would share the owner Lease"), "{e}");
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig {
                 cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
