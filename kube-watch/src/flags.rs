@@ -313,26 +313,22 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<std::time::Dura
     }
 }
 
+/// (lease duration, renew deadline, retry period).
+pub type LeaseTimings = (
+    std::time::Duration,
+    std::time::Duration,
+    std::time::Duration,
+);
+
 /// The Lease timings from `--leaseDuration`, `--leaseRenewDeadline`,
 /// `--leaseRetryPeriod` (each `None`: its default in `base`): retry <
 /// renew deadline < duration, as client-go requires.
 pub fn lease_timings(
-    base: (
-        std::time::Duration,
-        std::time::Duration,
-        std::time::Duration,
-    ),
+    base: LeaseTimings,
     duration: Option<&str>,
     renew: Option<&str>,
     retry: Option<&str>,
-) -> Result<
-    (
-        std::time::Duration,
-        std::time::Duration,
-        std::time::Duration,
-    ),
-    FlagError,
-> {
+) -> Result<LeaseTimings, FlagError> {
     lease_timings_of(
         base,
         duration
@@ -349,22 +345,11 @@ pub fn lease_timings(
 
 /// [`lease_timings`] of values already parsed ([`parse_duration`]).
 pub fn lease_timings_of(
-    base: (
-        std::time::Duration,
-        std::time::Duration,
-        std::time::Duration,
-    ),
+    base: LeaseTimings,
     duration: Option<std::time::Duration>,
     renew: Option<std::time::Duration>,
     retry: Option<std::time::Duration>,
-) -> Result<
-    (
-        std::time::Duration,
-        std::time::Duration,
-        std::time::Duration,
-    ),
-    FlagError,
-> {
+) -> Result<LeaseTimings, FlagError> {
     let d = duration.unwrap_or(base.0);
     let r = renew.unwrap_or(base.1);
     let p = retry.unwrap_or(base.2);
