@@ -33,6 +33,8 @@ use loxilb_tests::{
 
 const POOL: &str = "defaultPool=10.30.0.100-10.30.0.103";
 const ROLE_VIP: &str = "10.31.0.100";
+/// Two pools of two addresses each (`--vipOwners=pool`).
+const POOLS: &str = "p1=10.30.0.100-10.30.0.101,p2=10.30.0.102-10.30.0.103";
 
 struct Ha {
     prefix: String,
@@ -194,13 +196,29 @@ impl Ha {
         for x in extra {
             spec = spec.arg(x);
         }
+        self.launch(api, i, label, &spec)
+    }
+
+    /// `--vipOwners=pool` over [`POOLS`], full-NAT from each node's own
+    /// backend-side address (no `--setRoles`).
+    fn start_pools(&self, api: &ApiServer, i: usize, label: &str) -> KubeAgent {
+        let who = ["a", "b"][i];
+        let spec = KubeAgentSpec::new(&format!("node-{who}"), label, POOLS)
+            .arg("--setLBMode=2")
+            .arg("--vipOwners=pool")
+            .arg(&format!("--fullnat-source=10.31.0.{}", 11 + i));
+        self.launch(api, i, label, &spec)
+    }
+
+    fn launch(&self, api: &ApiServer, i: usize, label: &str, spec: &KubeAgentSpec) -> KubeAgent {
+        let who = ["a", "b"][i];
         KubeAgent::start_in(
             &self.lbs[i],
             &["x0".into(), "x1".into()],
             Self::pin(&self.prefix, who),
             &self.prefix,
             api,
-            &spec,
+            spec,
         )
         .unwrap_or_else(|e| panic!("agent {label}: {e:#}"))
     }
@@ -1088,4 +1106,95 @@ fn no_vip_on_two_nodes_after_random_kills_and_restarts() {
     for a in agents.iter_mut().flatten() {
         a.stop().unwrap();
     }
+}
+
+/// `--vipOwners=pool`: two pools, two agents. The pools spread one per
+/// node (the first agent takes both, then gives one up once the second
+/// beats in the members Lease), each pool's VIP is on exactly one node
+/// and serves; when one node dies, the other owns and serves both.
+#[test]
+fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
+    let name = "pools_spread_over_the_nodes_and_follow_a_dead_owner";
+    if !need_root(name) {
+        return;
+    }
+    let ha = Ha::new("lxha7");
+    let api = ApiServer::new();
+    api.api.with(|s| {
+        s.put("nodes", node("node-a", "10.30.0.11"));
+        s.put("nodes", node("node-b", "10.30.0.12"));
+        for (svc, port, pool) in [("web", 80, "p1"), ("web2", 81, "p2")] {
+            let mut v = service(svc, port);
+            v["metadata"]["annotations"]["loxilb.io/poolSelect"] = pool.into();
+            s.put("services", v);
+            s.put(
+                "endpointslices",
+                endpoint_slice(
+                    svc,
+                    &[Ipv4Addr::new(10, 31, 0, 21), Ipv4Addr::new(10, 31, 0, 22)],
+                ),
+            );
+        }
+    });
+    let mut a = ha.start_pools(&api, 0, "node-a");
+    wait_until("node-a leads", Duration::from_secs(15), || {
+        api.lease_holder().as_deref() == Some("node-a")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    let b = ha.start_pools(&api, 1, "node-b");
+    let mut vips = vec![];
+    for svc in ["web", "web2"] {
+        let mut vip = String::new();
+        wait_until("a VIP", Duration::from_secs(20), || {
+            vip = api.ingress(svc).into_iter().next().unwrap_or_default();
+            !vip.is_empty()
+        })
+        .unwrap_or_else(|e| panic!("{svc}: {e}\n{}", a.log_text()));
+        vips.push(vip);
+    }
+    assert!(vips[0].starts_with("10.30.0.10"), "{vips:?}");
+    let owners = |vip: &str| -> Vec<usize> {
+        (0..2)
+            .filter(|i| lo_addrs(&ha.lbs[*i]).contains(&vip.to_string()))
+            .collect()
+    };
+    wait_until("one pool on each node", Duration::from_secs(40), || {
+        let (o1, o2) = (owners(&vips[0]), owners(&vips[1]));
+        o1.len() == 1 && o2.len() == 1 && o1 != o2
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: web on {:?}, web2 on {:?}\n{}\n{}",
+            owners(&vips[0]),
+            owners(&vips[1]),
+            a.log_text(),
+            b.log_text()
+        )
+    });
+    for (vip, port) in [(&vips[0], 80), (&vips[1], 81)] {
+        let to: SocketAddr = format!("{vip}:{port}").parse().unwrap();
+        let mut c = Conn::open(&ha.client, to)
+            .unwrap_or_else(|e| panic!("{vip}: {e:#}\n{}\n{}", a.log_text(), b.log_text()));
+        assert_eq!(c.ask("hi").unwrap().echo, "hi");
+    }
+    // node-a's node dies: node-b owns both pools.
+    a.kill();
+    ha.cut(0);
+    wait_until("node-b owns both pools", Duration::from_secs(20), || {
+        owners(&vips[0]) == [1] && owners(&vips[1]) == [1]
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
+    for (vip, port) in [(&vips[0], 80), (&vips[1], 81)] {
+        let to: SocketAddr = format!("{vip}:{port}").parse().unwrap();
+        let mut served = false;
+        wait_until("served through node-b", Duration::from_secs(10), || {
+            served = Conn::open(&ha.client, to)
+                .and_then(|mut c| c.ask("again"))
+                .is_ok_and(|r| r.echo == "again");
+            served
+        })
+        .unwrap_or_else(|e| panic!("{vip}: {e}\n{}", b.log_text()));
+    }
+    let log = b.log_text();
+    assert!(log.contains("owner of the pool's VIPs"), "{log}");
 }
