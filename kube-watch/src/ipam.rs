@@ -100,12 +100,6 @@ impl PoolRange {
         }
     }
 
-    /// Whether `ip` is in the range (network and broadcast included).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let (lo, hi) = self.span();
-        IpFamily::of(&ip) == self.family() && (lo..=hi).contains(&to_u128(ip))
-    }
-
     /// First and last address of the whole range (network to broadcast).
     fn span(&self) -> (u128, u128) {
         match self {
@@ -1067,12 +1061,17 @@ impl Ipam {
     fn allocated(&self, ip: IpAddr) -> AllocatedIp {
         AllocatedIp {
             ip,
-            pool: self
-                .pools
-                .iter()
-                .find(|p| p.holds(ip))
-                .map(|p| p.name.clone()),
+            pool: self.pool_of(ip, true).map(String::from),
         }
+    }
+
+    /// The name of the pool that hands `ip` out (`secondary`: secondary
+    /// pools too); `None` outside every pool (a static address).
+    pub fn pool_of(&self, ip: IpAddr, secondary: bool) -> Option<&str> {
+        self.pools
+            .iter()
+            .find(|p| (secondary || !p.secondary) && p.holds(ip))
+            .map(|p| p.name.as_str())
     }
 
     /// The first user of `users` (other than `service`) that `ports` collide

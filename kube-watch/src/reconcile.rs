@@ -506,7 +506,8 @@ impl Reconciler {
         };
         let mut out = BTreeSet::new();
         for r in self.rules.values().flatten() {
-            let owned = match self.owner_group_of(r.rule.vip) {
+            // A rule's group: the (primary) pool of its VIP.
+            let owned = match self.ipam.pool_of(r.rule.vip, false) {
                 Some(g) => held.contains(g),
                 None => self.leader,
             };
@@ -533,17 +534,6 @@ impl Reconciler {
         if let Some(g) = &mut self.owner_groups {
             *g = held;
         }
-    }
-
-    /// The owner group of a VIP: the pool it is in; `None` outside every
-    /// pool (a static address: the leader owns it).
-    fn owner_group_of(&self, vip: IpAddr) -> Option<&str> {
-        self.config
-            .cidr_pools
-            .iter()
-            .chain(&self.config.cidr6_pools)
-            .find(|p| p.range.contains(vip))
-            .map(|p| p.name.as_str())
     }
 
     /// Every Service with state here (rules, last good values, pending).
