@@ -13,8 +13,16 @@ use std::{
     process::Command,
 };
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ServiceAccount};
-use kube_watch::flags::{self, KubeConfig};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::ServiceAccount,
+    rbac::v1::{PolicyRule, Role},
+};
+use kube_watch::{
+    flags::{self, KubeConfig, VipOwners},
+    groups,
+    leader::DEFAULT_LEASE_NAME,
+};
 use serde::Deserialize;
 
 /// The version `scripts/setup.sh` installs.
@@ -278,6 +286,7 @@ fn kube_config(args: &[String]) -> Result<KubeConfig, String> {
             flags::FLAG_MONITOR => {
                 c.monitor = flags::parse_bool(flags::FLAG_MONITOR, value).map_err(e)?
             }
+            flags::FLAG_VIP_OWNERS => c.vip_owners = flags::parse_vip_owners(value).map_err(e)?,
             // The agent's own node flags (checked by the agent's CLI test).
             "--iface" | "--xdp-mode" | "--setBGP" | "--extBGPPeers" | "--listenBGPPort"
             | "--eBGPMultiHop" | "--fullnat-source" | "--snat-ports" | "--health-listen"
@@ -367,4 +376,87 @@ fn daemonset_has_what_the_agent_needs() {
     let sa: ServiceAccount = serde_norway::from_value(sa_doc).unwrap();
     assert_eq!(pod.service_account_name, sa.metadata.name);
     assert_eq!(sa.metadata.namespace.as_deref(), Some("kube-system"));
+}
+
+/// The rules of the manifest's Roles in `namespace`.
+fn role_rules(namespace: &str) -> Vec<PolicyRule> {
+    documents(&repo_root().join("manifest/in-cluster/loxilb.yaml"))
+        .into_iter()
+        .filter(|d| d.get("kind").and_then(|k| k.as_str()) == Some("Role"))
+        .map(|d| serde_norway::from_value::<Role>(d).expect("a Role k8s-openapi reads"))
+        .filter(|r| r.metadata.namespace.as_deref() == Some(namespace))
+        .flat_map(|r| r.rules.unwrap_or_default())
+        .collect()
+}
+
+/// Whether `rules` grant `verb` on the Lease `name` (`None`: a verb on no
+/// particular name, like create).
+fn grants_lease(rules: &[PolicyRule], verb: &str, name: Option<&str>) -> bool {
+    rules.iter().any(|r| {
+        r.api_groups
+            .iter()
+            .flatten()
+            .any(|g| g == "coordination.k8s.io")
+            && r.resources.iter().flatten().any(|x| x == "leases")
+            && r.verbs.iter().any(|v| v == verb)
+            && match (&r.resource_names, name) {
+                (None, _) => true,
+                (Some(names), Some(n)) => names.iter().any(|x| x == n),
+                (Some(_), None) => false,
+            }
+    })
+}
+
+/// The Leases the agents elect with (in the DaemonSet's namespace, where
+/// `POD_NAMESPACE` points the Lease): the leader's, and with
+/// `--vipOwners=pool` (as the manifest runs or with the flag added) the
+/// members Lease and one per pool of the manifest's `--cidrPools` /
+/// `--cidr6Pools`, named as the agent names them (`kube_watch::groups`).
+/// The Role grants create on Leases (it cannot name them) and get and
+/// update on each of those names.
+#[test]
+fn the_role_grants_every_lease_the_agent_elects_with() {
+    let ds = daemonset();
+    let namespace = ds.metadata.namespace.clone().unwrap();
+    let args = ds.spec.template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let mut config = kube_config(&args[1..]).unwrap();
+    let as_run = config.vip_owners;
+    // The pool-mode names, whether or not the manifest turns it on.
+    config.vip_owners = VipOwners::Pool;
+    let pools = config.pool_names();
+    assert!(!pools.is_empty(), "the manifest has pools");
+    let mut names = vec![DEFAULT_LEASE_NAME.to_string()];
+    names.push(groups::members_lease_name(DEFAULT_LEASE_NAME));
+    names.extend(groups::lease_names(DEFAULT_LEASE_NAME, &pools).unwrap());
+    assert!(
+        names.contains(&"loxilb-agent-pool-defaultpool".to_string()),
+        "{names:?}"
+    );
+    let rules = role_rules(&namespace);
+    assert!(
+        grants_lease(&rules, "create", None),
+        "create on leases in {namespace} (new Leases have no name to grant yet)"
+    );
+    for n in &names {
+        for verb in ["get", "update"] {
+            assert!(
+                grants_lease(&rules, verb, Some(n)),
+                "the Role in {namespace} does not grant {verb} on the Lease {n:?} \
+                 (the agent runs as {as_run:?}; pool mode needs {names:?})"
+            );
+        }
+    }
+    // The check does fail: a pool the manifest does not have, another
+    // namespace, a verb the agent does not need.
+    let other = groups::lease_name(DEFAULT_LEASE_NAME, "pool2");
+    assert!(!grants_lease(&rules, "get", Some(&other)));
+    assert!(!grants_lease(
+        &role_rules("default"),
+        "get",
+        Some(DEFAULT_LEASE_NAME)
+    ));
+    assert!(!grants_lease(&rules, "delete", Some(DEFAULT_LEASE_NAME)));
 }
