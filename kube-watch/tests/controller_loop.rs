@@ -21,7 +21,8 @@ use fake_api::{
 };
 use kube_watch::{
     controller::{run, Applied, RuleSink, RunConfig},
-    flags::{parse_cidr_pools, KubeConfig},
+    flags::{parse_cidr_pools, KubeConfig, VipOwners},
+    groups,
     leader::LeaseConfig,
     translate::ServiceRule,
 };
@@ -72,8 +73,13 @@ struct Agent {
 
 impl Agent {
     fn start(api: &FakeApi, identity: &str, pools: &str) -> Agent {
+        Self::start_as(api, identity, pools, VipOwners::Leader)
+    }
+
+    fn start_as(api: &FakeApi, identity: &str, pools: &str, vip_owners: VipOwners) -> Agent {
         let kube = KubeConfig {
             cidr_pools: parse_cidr_pools(pools).unwrap(),
+            vip_owners,
             ..KubeConfig::default()
         };
         let mut lease = LeaseConfig::new("kube-system", identity);
@@ -729,6 +735,115 @@ async fn follower_gets_the_whole_set_once_listed_then_no_vips() {
 }
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/loxilb-agent";
+
+/// The `--cidrPools` value of `manifest/in-cluster/loxilb.yaml`'s
+/// DaemonSet.
+fn manifest_cidr_pools() -> String {
+    use serde::Deserialize;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest/in-cluster/loxilb.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let ds = serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str()?.strip_prefix("--cidrPools="))
+        .map(String::from)
+        .next()
+        .expect("the manifest sets --cidrPools")
+}
+
+/// `--vipOwners=pool` with the manifest's own pools: the pool's Lease has
+/// one holder, which owns the pool's VIP (the other agent none); both
+/// agents beat in the members Lease; when the holder stops (releasing its
+/// Leases) the other one owns the VIP. Every request, to the leader's,
+/// the members and the pool's Lease, is granted by the manifest's Role,
+/// and every Lease verb it grants was used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_owners_elect_with_leases_the_manifest_grants() {
+    let api = FakeApi::new();
+    seed(&api);
+    let pools = manifest_cidr_pools();
+    let lease_of = |name: &str| api.with(|s| s.get("leases", "kube-system", name));
+    let holder_of = |name: &str| {
+        lease_of(name)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+            .filter(|h| !h.is_empty())
+    };
+    let pool_names = KubeConfig {
+        cidr_pools: parse_cidr_pools(&pools).unwrap(),
+        ..KubeConfig::default()
+    }
+    .pool_names();
+    let pool_leases = groups::lease_names("loxilb-agent", &pool_names).unwrap();
+    assert_eq!(pool_leases, ["loxilb-agent-pool-defaultpool"]);
+    let members = groups::members_lease_name("loxilb-agent");
+    let a = Agent::start_as(&api, "agent-a", &pools, VipOwners::Pool);
+    until("agent-a leads", || {
+        lease_holder(&api).as_deref() == Some("agent-a")
+    })
+    .await;
+    let b = Agent::start_as(&api, "agent-b", &pools, VipOwners::Pool);
+    until("web allocated", || ingress(&api, "web").len() == 1).await;
+    let vip = ingress(&api, "web")[0].clone();
+    let agents = [("agent-a", &a), ("agent-b", &b)];
+    let mut owner = String::new();
+    until(
+        "the pool's holder owns its VIP, the other agent none",
+        || {
+            let Some(h) = holder_of(&pool_leases[0]) else {
+                return false;
+            };
+            owner = h;
+            agents.iter().all(|(id, ag)| {
+                let v = ag.datapath.vips();
+                if *id == owner {
+                    v == [vip.clone()]
+                } else {
+                    v.is_empty()
+                }
+            })
+        },
+    )
+    .await;
+    until("both agents beat in the members Lease", || {
+        lease_of(&members)
+            .and_then(|l| {
+                l["metadata"]["annotations"][groups::MEMBERS_ANNOTATION]
+                    .as_str()
+                    .map(String::from)
+            })
+            .is_some_and(|m| m.contains("\"agent-a\"") && m.contains("\"agent-b\""))
+    })
+    .await;
+    // The holder stops: the other agent takes the pool's Lease and owns
+    // the VIP.
+    let (gone, stays, other) = if owner == "agent-a" {
+        (a, b, "agent-b")
+    } else {
+        (b, a, "agent-a")
+    };
+    gone.stop().await;
+    until("the other agent owns the VIP", || {
+        holder_of(&pool_leases[0]).as_deref() == Some(other)
+            && stays.datapath.vips() == [vip.clone()]
+    })
+    .await;
+    stays.stop().await;
+    let log = log(&api);
+    for name in pool_leases.iter().chain([&members]) {
+        assert!(
+            log.iter()
+                .any(|l| l.method == "PUT" && l.path.ends_with(&format!("/leases/{name}"))),
+            "{name} written"
+        );
+    }
+    check_rbac(&log, &["coordination.k8s.io"]);
+}
 
 /// The EndpointSlice comes just after the Service, before the watch brought
 /// the agent's own writes to it (the status write changed its
