@@ -499,7 +499,11 @@ impl LeaderElector {
                     }
                 }
                 Err(e) => {
-                    warn!(error = %e, "leader election: Lease not read or written");
+                    if matches!(&e, kube::Error::Api(s) if s.code == 403) {
+                        warn!(lease = %cfg.name, error = %e, "leader election: access to the Lease forbidden; the agent's Role must grant get and update on this Lease's name (see manifest/in-cluster/loxilb.yaml)");
+                    } else {
+                        warn!(lease = %cfg.name, error = %e, "leader election: Lease not read or written");
+                    }
                     let overdue = last_renew.is_none_or(|t| t.elapsed() >= cfg.renew_deadline);
                     if is_leader && overdue {
                         warn!(identity = %cfg.identity, "could not renew the leader Lease in time; stepping down");
