@@ -17,7 +17,12 @@
 //!   beats a counter of its own in one shared Lease, `<lease>-members`
 //!   (annotation [`MEMBERS_ANNOTATION`], a JSON map identity → counter,
 //!   written every half Lease duration); an agent is live while its
-//!   counter moves (by the reader's clock, as for the Leases). An agent
+//!   counter moves (by the reader's clock, as for the Leases), except
+//!   that one whose pool Lease we took over (expired, or its holder found
+//!   dead) is not live until its counter moves again: otherwise its last
+//!   beats would keep it live for a while after its death, and the agent
+//!   that just took its pools over would give one of them up again with
+//!   no one left to take it. An agent
 //!   holding more than its share, ⌈groups / live agents⌉, gives one group
 //!   up (at most one per two Lease durations): it stops owning the VIPs,
 //!   releases the Lease, and leaves it to the others for a Lease duration
@@ -66,6 +71,12 @@ pub fn members_lease_name(base: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Members {
     seen: BTreeMap<String, (u64, Instant)>,
+    /// Agents presumed dead (one of our groups took its Lease over from
+    /// them), each with the counter first read after that: not live until
+    /// their counter moves from it. (A last beat written just before the
+    /// agent died may be read once after the takeover; it is not a sign
+    /// of life.)
+    presumed_dead: BTreeMap<String, Option<u64>>,
 }
 
 impl Members {
@@ -79,15 +90,32 @@ impl Members {
                     self.seen.insert(id.clone(), (*n, now));
                 }
             }
+            match self.presumed_dead.get_mut(id) {
+                Some(first @ None) => *first = Some(*n),
+                Some(Some(first)) if first != n => {
+                    self.presumed_dead.remove(id);
+                }
+                _ => {}
+            }
         }
         self.seen.retain(|id, _| beats.contains_key(id));
+        self.presumed_dead.retain(|id, _| beats.contains_key(id));
     }
 
-    /// The identities whose counter moved within `window` of `now`.
+    /// A Lease of `identity` was taken over (it expired, or the agent
+    /// was found dead): not live until its counter moves again.
+    pub fn presume_dead(&mut self, identity: &str) {
+        self.presumed_dead.insert(identity.to_string(), None);
+    }
+
+    /// The identities whose counter moved within `window` of `now` (and
+    /// not presumed dead since).
     pub fn live(&self, now: Instant, window: Duration) -> BTreeSet<String> {
         self.seen
             .iter()
-            .filter(|(_, (_, at))| now.saturating_duration_since(*at) < window)
+            .filter(|(id, (_, at))| {
+                now.saturating_duration_since(*at) < window && !self.presumed_dead.contains_key(*id)
+            })
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -196,6 +224,7 @@ impl OwnerGroups {
         let mut tasks = tokio::task::JoinSet::new();
         let mut hints = Vec::with_capacity(pools.len());
         let mut give_up = BTreeMap::new();
+        let (took_tx, took_rx) = mpsc::unbounded_channel();
         for (pool, name) in pools.iter().zip(names) {
             let config = LeaseConfig {
                 name,
@@ -210,6 +239,7 @@ impl OwnerGroups {
             let elector = LeaderElector::new(client.clone(), config)
                 .with_takeover_hints(hint_rx)
                 .with_give_up_requests(give_rx)
+                .with_takeover_reports(took_tx.clone())
                 .with_acquire_delay(Arc::new(move || {
                     period * c.load(Ordering::SeqCst).min(u32::MAX as usize) as u32
                 }));
@@ -256,7 +286,13 @@ impl OwnerGroups {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        tasks.spawn(rebalance(api, base.clone(), held.clone(), give_up, stopped));
+        tasks.spawn(rebalance(
+            api,
+            base.clone(),
+            held.clone(),
+            (give_up, took_rx),
+            stopped,
+        ));
         Ok(OwnerGroups {
             held,
             hints,
@@ -292,12 +328,16 @@ impl OwnerGroups {
 
 /// Beat this agent's counter in the members Lease and, from everyone's,
 /// give a group up when holding more than the share (see the module
-/// documentation). Ends with `stopped`.
+/// documentation); the agents whose Leases our groups took over (`took`)
+/// do not count as live until they beat again. Ends with `stopped`.
 async fn rebalance(
     api: Api<Lease>,
     base: LeaseConfig,
     held: watch::Receiver<BTreeSet<String>>,
-    give_up: BTreeMap<String, mpsc::UnboundedSender<Duration>>,
+    (give_up, mut took): (
+        BTreeMap<String, mpsc::UnboundedSender<Duration>>,
+        mpsc::UnboundedReceiver<String>,
+    ),
     stopped: impl std::future::Future<Output = ()>,
 ) {
     let name = members_lease_name(&base.name);
@@ -326,6 +366,10 @@ async fn rebalance(
                 continue;
             }
         };
+        while let Ok(dead) = took.try_recv() {
+            debug!(identity = %dead, "a Lease taken over from it: not live until it beats again");
+            members.presume_dead(&dead);
+        }
         members.observe(&beats, now);
         let live = members.live(now, window);
         if last_give_up.is_some_and(|t| t.elapsed() < window) {
@@ -454,6 +498,38 @@ mod tests {
         assert_eq!(m.live(s(10), w).len(), 2);
         m.observe(&beats(&[("a", 4)]), s(11));
         assert_eq!(m.live(s(11), w), ["a".to_string()].into());
+    }
+
+    #[test]
+    fn an_agent_whose_lease_was_taken_over_is_live_only_once_it_beats_again() {
+        let t0 = Instant::now();
+        let s = |x: u64| t0 + Duration::from_secs(x);
+        let w = Duration::from_secs(8);
+        let beats = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        let both = BTreeSet::from(["a".to_string(), "b".to_string()]);
+        let a_only = BTreeSet::from(["a".to_string()]);
+        let mut m = Members::default();
+        m.observe(&beats(&[("a", 1), ("b", 7)]), s(0));
+        assert_eq!(m.live(s(0), w), both);
+        // b's pool Lease taken over: b is not live, though its counter
+        // moved within the window...
+        m.presume_dead("b");
+        assert_eq!(m.live(s(1), w), a_only);
+        // ... nor when a beat it wrote before dying is read afterwards.
+        m.observe(&beats(&[("a", 2), ("b", 8)]), s(2));
+        assert_eq!(m.live(s(2), w), a_only);
+        m.observe(&beats(&[("a", 3), ("b", 8)]), s(3));
+        assert_eq!(m.live(s(3), w), a_only);
+        // b beats again: live.
+        m.observe(&beats(&[("a", 4), ("b", 9)]), s(4));
+        assert_eq!(m.live(s(4), w), both);
+        // Presumed dead, then gone from the Lease: forgotten.
+        m.presume_dead("b");
+        m.observe(&beats(&[("a", 5)]), s(5));
+        m.observe(&beats(&[("a", 6), ("b", 1)]), s(6));
+        assert_eq!(m.live(s(6), w), both, "a new b is live at once");
     }
 
     #[test]

@@ -358,6 +358,9 @@ pub struct LeaderElector {
     /// Requests to give the Lease up to another agent, each with how long
     /// to leave it to the others.
     give_up: Option<mpsc::UnboundedReceiver<Duration>>,
+    /// Where to tell the identity of a holder whose Lease we took over
+    /// (expired, or its holder found dead).
+    takeovers: Option<mpsc::UnboundedSender<String>>,
 }
 
 /// The acquire delay of a round, asked before each one.
@@ -372,7 +375,16 @@ impl LeaderElector {
             hints: None,
             acquire_delay: None,
             give_up: None,
+            takeovers: None,
         }
+    }
+
+    /// Tell `reports` the identity of every other agent whose Lease this
+    /// election took over (it expired, or its holder was found dead: the
+    /// holder is presumed dead), not of a Lease that was free.
+    pub fn with_takeover_reports(mut self, reports: mpsc::UnboundedSender<String>) -> Self {
+        self.takeovers = Some(reports);
+        self
     }
 
     /// Identities of Lease holders found dead (by the conntrack sync: see
@@ -416,12 +428,20 @@ impl LeaderElector {
             self.elector.set_acquire_delay(d());
         }
         let action = self.elector.decide(current.as_ref(), now);
+        let previous = current
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(holder)
+            .filter(|h| *h != self.elector.config().identity)
+            .map(String::from);
         self.last = current;
+        let mut took_from = None;
         let written = match action {
             LeaseAction::Wait { .. } => return Ok(false),
             LeaseAction::Create(lease) => self.api.create(&post_params(), &lease).await,
             LeaseAction::Update { lease, takeover } => {
                 if takeover {
+                    took_from = previous;
                     info!(
                         lease = %name,
                         previous = ?self.last.as_ref().and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.clone()),
@@ -435,6 +455,9 @@ impl LeaderElector {
             Ok(lease) => {
                 self.elector.written(&lease, now);
                 self.last = Some(lease);
+                if let (Some(tx), Some(h)) = (&self.takeovers, took_from) {
+                    let _ = tx.send(h);
+                }
                 Ok(true)
             }
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => Ok(false),

@@ -611,7 +611,8 @@ async fn lease_create_then_renew_then_release() {
 #[tokio::test]
 async fn lease_takeover_after_expiry_and_lost_race() {
     let (client, mut handle) = mock_client();
-    let mut el = LeaderElector::new(client, client_go_lease("agent-b"));
+    let (took, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let mut el = LeaderElector::new(client, client_go_lease("agent-b")).with_takeover_reports(took);
     let held = lease_json(Some("agent-a"), "5", 3);
 
     // Held by a, first seen now: wait, no write.
@@ -649,6 +650,7 @@ async fn lease_takeover_after_expiry_and_lost_race() {
         !res.unwrap(),
         "a lost race is not an error and not leadership"
     );
+    assert!(reports.try_recv().is_err(), "a lost race took nothing over");
     // The winner's record is new: wait again.
     let (res, ()) = tokio::join!(el.try_acquire_or_renew(t(16)), async {
         let (_, send) = next(&mut handle).await;
@@ -666,6 +668,48 @@ async fn lease_takeover_after_expiry_and_lost_race() {
         respond(send, StatusCode::OK, &seen.body);
     });
     assert!(res.unwrap());
+    assert!(
+        reports.try_recv().is_err(),
+        "a released Lease was taken from nobody"
+    );
+}
+
+/// A Lease taken over from its holder once it expired: the holder's
+/// identity is reported (presumed dead); renewing our own is not.
+#[tokio::test]
+async fn a_lease_taken_over_from_its_holder_is_reported() {
+    let (client, mut handle) = mock_client();
+    let (took, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let mut el = LeaderElector::new(client, client_go_lease("agent-b")).with_takeover_reports(took);
+    let held = lease_json(Some("agent-a"), "5", 3);
+    let (res, ()) = tokio::join!(el.try_acquire_or_renew(t(0)), async {
+        let (_, send) = next(&mut handle).await;
+        respond(send, StatusCode::OK, &held);
+    });
+    assert!(!res.unwrap());
+    assert!(reports.try_recv().is_err(), "waiting takes nothing over");
+    let mut ours = Value::Null;
+    let (res, ()) = tokio::join!(el.try_acquire_or_renew(t(15)), async {
+        let (_, send) = next(&mut handle).await;
+        respond(send, StatusCode::OK, &held);
+        let (seen, send) = next(&mut handle).await;
+        assert_eq!(seen.method, "PUT");
+        assert_eq!(seen.body["spec"]["holderIdentity"], "agent-b");
+        ours = seen.body.clone();
+        ours["metadata"]["resourceVersion"] = json!("6");
+        respond(send, StatusCode::OK, &ours);
+    });
+    assert!(res.unwrap());
+    assert_eq!(reports.try_recv().ok().as_deref(), Some("agent-a"));
+    let (res, ()) = tokio::join!(el.try_acquire_or_renew(t(16)), async {
+        let (_, send) = next(&mut handle).await;
+        respond(send, StatusCode::OK, &ours);
+        let (seen, send) = next(&mut handle).await;
+        assert_eq!(seen.method, "PUT");
+        respond(send, StatusCode::OK, &seen.body);
+    });
+    assert!(res.unwrap());
+    assert!(reports.try_recv().is_err(), "a renewal is no takeover");
 }
 
 #[tokio::test]
