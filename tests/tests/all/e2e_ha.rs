@@ -169,14 +169,22 @@ impl Ha {
         certs: &Certs,
         extra: &[&str],
     ) -> KubeAgent {
-        // The peers: the other Node's InternalIP (the API's Node objects)
-        // at the listener's port.
-        let me = format!("--ctsync-listen=10.30.0.{}:22222", 11 + i);
-        let peer = "--ctsync-peers=nodes".to_string();
-        let tls = format!("--ctsync-tls={}", certs.dirs[i].to_str().unwrap());
-        let mut args = vec![me.as_str(), peer.as_str(), tls.as_str()];
+        let sync = Self::sync_args(i, certs);
+        let mut args: Vec<&str> = sync.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
         self.start_with(api, i, label, &args)
+    }
+
+    /// Conntrack sync between the two nodes for node `i`: its listener on
+    /// the client-side segment, the peers the other Node's InternalIP (the
+    /// API's Node objects) at the listener's port, mutual TLS with
+    /// `certs.dirs[i]`.
+    fn sync_args(i: usize, certs: &Certs) -> [String; 3] {
+        [
+            format!("--ctsync-listen=10.30.0.{}:22222", 11 + i),
+            "--ctsync-peers=nodes".to_string(),
+            format!("--ctsync-tls={}", certs.dirs[i].to_str().unwrap()),
+        ]
     }
 
     /// The MAC of node `i`'s client-side device.
@@ -202,12 +210,41 @@ impl Ha {
     /// `--vipOwners=pool` over [`POOLS`], full-NAT from each node's own
     /// backend-side address (no `--setRoles`).
     fn start_pools(&self, api: &ApiServer, i: usize, label: &str) -> KubeAgent {
+        let source = format!("--fullnat-source=10.31.0.{}", 11 + i);
+        self.start_pools_with(api, i, label, &[&source])
+    }
+
+    /// `--vipOwners=pool` over [`POOLS`] in full-NAT, with `extra`
+    /// arguments (without `--fullnat-source` the source is the VIP).
+    fn start_pools_with(
+        &self,
+        api: &ApiServer,
+        i: usize,
+        label: &str,
+        extra: &[&str],
+    ) -> KubeAgent {
         let who = ["a", "b"][i];
-        let spec = KubeAgentSpec::new(&format!("node-{who}"), label, POOLS)
+        let mut spec = KubeAgentSpec::new(&format!("node-{who}"), label, POOLS)
             .arg("--setLBMode=2")
-            .arg("--vipOwners=pool")
-            .arg(&format!("--fullnat-source=10.31.0.{}", 11 + i));
+            .arg("--vipOwners=pool");
+        for x in extra {
+            spec = spec.arg(x);
+        }
         self.launch(api, i, label, &spec)
+    }
+
+    /// The nodes holding `vip` on `lo`.
+    fn owners(&self, vip: &str) -> Vec<usize> {
+        (0..2)
+            .filter(|i| lo_addrs(&self.lbs[*i]).contains(&vip.to_string()))
+            .collect()
+    }
+
+    /// The client's neighbour entry for `ip` (`ip neigh show`).
+    fn client_neigh(&self, ip: &str) -> String {
+        self.client
+            .sh(&["ip", "neigh", "show", ip])
+            .unwrap_or_default()
     }
 
     fn launch(&self, api: &ApiServer, i: usize, label: &str, spec: &KubeAgentSpec) -> KubeAgent {
@@ -1108,18 +1145,9 @@ fn no_vip_on_two_nodes_after_random_kills_and_restarts() {
     }
 }
 
-/// `--vipOwners=pool`: two pools, two agents. The pools spread one per
-/// node (the first agent takes both, then gives one up once the second
-/// beats in the members Lease), each pool's VIP is on exactly one node
-/// and serves; when one node dies, the other owns and serves both.
-#[test]
-fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
-    let name = "pools_spread_over_the_nodes_and_follow_a_dead_owner";
-    if !need_root(name) {
-        return;
-    }
-    let ha = Ha::new("lxha7");
-    let api = ApiServer::new();
+/// Two Services for `--vipOwners=pool`: web (port 80) from pool p1, web2
+/// (port 81) from p2, both with the two backends.
+fn seed_pools(api: &ApiServer) {
     api.api.with(|s| {
         s.put("nodes", node("node-a", "10.30.0.11"));
         s.put("nodes", node("node-b", "10.30.0.12"));
@@ -1136,12 +1164,23 @@ fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
             );
         }
     });
-    let mut a = ha.start_pools(&api, 0, "node-a");
+}
+
+/// node-a's agent started (`start(0)`) and leading, then node-b's; once
+/// web and web2 have their VIPs ([`seed_pools`]), wait until each pool is
+/// on exactly one node and the two on different nodes (the first agent
+/// took both, then gave one up). The agents and the VIPs (web's, web2's).
+fn pools_spread(
+    ha: &Ha,
+    api: &ApiServer,
+    start: impl Fn(usize) -> KubeAgent,
+) -> (KubeAgent, KubeAgent, Vec<String>) {
+    let a = start(0);
     wait_until("node-a leads", Duration::from_secs(15), || {
         api.lease_holder().as_deref() == Some("node-a")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
-    let b = ha.start_pools(&api, 1, "node-b");
+    let b = start(1);
     let mut vips = vec![];
     for svc in ["web", "web2"] {
         let mut vip = String::new();
@@ -1153,24 +1192,39 @@ fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
         vips.push(vip);
     }
     assert!(vips[0].starts_with("10.30.0.10"), "{vips:?}");
-    let owners = |vip: &str| -> Vec<usize> {
-        (0..2)
-            .filter(|i| lo_addrs(&ha.lbs[*i]).contains(&vip.to_string()))
-            .collect()
-    };
     wait_until("one pool on each node", Duration::from_secs(40), || {
-        let (o1, o2) = (owners(&vips[0]), owners(&vips[1]));
+        let (o1, o2) = (ha.owners(&vips[0]), ha.owners(&vips[1]));
         o1.len() == 1 && o2.len() == 1 && o1 != o2
     })
     .unwrap_or_else(|e| {
         panic!(
             "{e}: web on {:?}, web2 on {:?}\n{}\n{}",
-            owners(&vips[0]),
-            owners(&vips[1]),
+            ha.owners(&vips[0]),
+            ha.owners(&vips[1]),
             a.log_text(),
             b.log_text()
         )
     });
+    (a, b, vips)
+}
+
+/// `--vipOwners=pool`: two pools, two agents. The pools spread one per
+/// node (the first agent takes both, then gives one up once the second
+/// beats in the members Lease), each pool's VIP is on exactly one node
+/// and serves; when one node dies, the other owns and serves both.
+#[test]
+fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
+    let name = "pools_spread_over_the_nodes_and_follow_a_dead_owner";
+    if !need_root(name) {
+        return;
+    }
+    let ha = Ha::new("lxha7");
+    let api = ApiServer::new();
+    seed_pools(&api);
+    let (mut a, b, vips) = pools_spread(&ha, &api, |i| {
+        ha.start_pools(&api, i, ["node-a", "node-b"][i])
+    });
+    let owners = |vip: &str| ha.owners(vip);
     for (vip, port) in [(&vips[0], 80), (&vips[1], 81)] {
         let to: SocketAddr = format!("{vip}:{port}").parse().unwrap();
         let mut c = Conn::open(&ha.client, to)
@@ -1197,4 +1251,126 @@ fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
     }
     let log = b.log_text();
     assert!(log.contains("owner of the pool's VIPs"), "{log}");
+}
+
+/// `--vipOwners=pool` with conntrack sync, full-NAT with no
+/// `--fullnat-source`: the source the backends see is the VIP itself,
+/// which moves with its pool (the backends reach the pools' addresses on
+/// their own segment, where the owner answers ARP for them). SIGKILL of
+/// the agent owning web's pool (its node alive, `--keep`, as the
+/// DaemonSet runs it): the other node takes the pool over, the client's
+/// neighbour entry for web's VIP moves to that node's MAC, a TCP
+/// connection established through web's VIP before the kill carries on
+/// (same backend, same source address and port: the session came over
+/// the sync stream), new connections are served; the survivor's own pool
+/// (web2) is not disturbed, its established connection carries on too;
+/// the survivor keeps both pools from then on (it does not take the dead
+/// agent for a live one and give a pool up to it).
+#[test]
+fn a_dead_pool_owners_vip_moves_with_its_neighbour_entry_and_sessions() {
+    let name = "a_dead_pool_owners_vip_moves_with_its_neighbour_entry_and_sessions";
+    if !need_root(name) {
+        return;
+    }
+    let ha = Ha::new("lxha8");
+    // The pools' addresses are on the backends' link: their replies to a
+    // VIP go to whichever node answers ARP for it.
+    for b in &ha._backends {
+        run(b, "ip route add 10.30.0.100/30 dev e0");
+    }
+    let certs = Certs::new(&["node-a", "node-b"]);
+    let api = ApiServer::new();
+    seed_pools(&api);
+    let start = |i: usize, label: &str| {
+        let sync = Ha::sync_args(i, &certs);
+        let mut extra: Vec<&str> = sync.iter().map(String::as_str).collect();
+        extra.push("--keep");
+        ha.start_pools_with(&api, i, label, &extra)
+    };
+    let (a, b, vips) = pools_spread(&ha, &api, |i| start(i, ["node-a", "node-b"][i]));
+    let mut agents = vec![Some(a), Some(b)];
+    // l owns web's pool (p1) and dies; f owns web2's (p2) and survives.
+    let l = ha.owners(&vips[0])[0];
+    let f = 1 - l;
+    let web: SocketAddr = format!("{}:80", vips[0]).parse().unwrap();
+    let web2: SocketAddr = format!("{}:81", vips[1]).parse().unwrap();
+
+    // Established connections through both VIPs, each synced to the other
+    // node; full-NAT from the VIP.
+    let (mut c, first) = synced_connection(&ha, &agents, (l, f), web, 0);
+    assert_eq!(
+        first.client.ip().to_string(),
+        vips[0],
+        "the full-NAT source"
+    );
+    let (mut c2, first2) = synced_connection(&ha, &agents, (f, l), web2, 0);
+    assert_eq!(first2.client.ip().to_string(), vips[1]);
+    let (mac_l, mac_f) = (ha.mac(l), ha.mac(f));
+    let neigh = ha.client_neigh(&vips[0]);
+    assert!(neigh.contains(&mac_l), "web's VIP at node {l}: {neigh}");
+    let neigh = ha.client_neigh(&vips[1]);
+    assert!(neigh.contains(&mac_f), "web2's VIP at node {f}: {neigh}");
+
+    agents[l].as_mut().unwrap().kill();
+    let t0 = Instant::now();
+    wait_until(
+        "the survivor holds web's VIP and the client's neighbour entry names it",
+        Duration::from_secs(15),
+        || ha.owners(&vips[0]).contains(&f) && ha.client_neigh(&vips[0]).contains(&mac_f),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: web's VIP on {:?}, client: {}\n{}",
+            ha.owners(&vips[0]),
+            ha.client_neigh(&vips[0]),
+            log_of(&agents, f)
+        )
+    });
+    let moved = t0.elapsed();
+    // The established connection through the moved VIP carries on: same
+    // backend, same source (the VIP and the port of the synced session).
+    carries_on(&mut c, &first, &agents, f, 0);
+    let carried = t0.elapsed();
+    // New connections through it are served by the survivor.
+    wait_until(
+        "a new connection through web",
+        Duration::from_secs(10),
+        || {
+            Conn::open(&ha.client, web)
+                .and_then(|mut n| n.ask("new"))
+                .is_ok_and(|r| r.client.ip().to_string() == vips[0] && r.echo == "new")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_of(&agents, f)));
+    // The survivor's own pool did not move.
+    assert_eq!(ha.owners(&vips[1]), [f], "web2 stays on node {f}");
+    assert!(ha.client_neigh(&vips[1]).contains(&mac_f));
+    carries_on(&mut c2, &first2, &agents, f, 0);
+    // The survivor keeps both pools, without a gap, for as long as the
+    // dead agent's last beats in the members Lease are recent (two Lease
+    // durations): they are no sign of life once its Lease was taken over,
+    // so the survivor does not give the pool up again for it.
+    while t0.elapsed() < Duration::from_secs(9) {
+        let (o1, o2) = (ha.owners(&vips[0]), ha.owners(&vips[1]));
+        assert!(
+            o1.contains(&f) && o2 == [f],
+            "{:?} after the kill: web's VIP on {o1:?}, web2's on {o2:?}\n{}",
+            t0.elapsed(),
+            log_of(&agents, f)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The killed agent's VIP leaves its node's lo on its own (not
+    // renewed): then the survivor alone holds both.
+    wait_until(
+        "the killed agent's VIP expires",
+        Duration::from_secs(8),
+        || ha.owners(&vips[0]) == [f] && ha.owners(&vips[1]) == [f],
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", lo_addrs(&ha.lbs[l])));
+    eprintln!(
+        "{name}: after SIGKILL of the pool's owner, VIP and client neighbour entry on the \
+         survivor {moved:?}, established connection answered {carried:?}"
+    );
+    agents[f].as_mut().unwrap().stop().unwrap();
 }
