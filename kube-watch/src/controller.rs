@@ -725,6 +725,20 @@ impl<S: RuleSink> Executor<S> {
     /// the start), and the owned VIPs if they changed (the first time in
     /// any case: a follower's are none, and it may own some from before).
     pub fn sync_sink(&mut self, reconciler: &mut Reconciler) -> Result<(), StepError> {
+        let vips = reconciler.owned_vips();
+        self.sync_sink_owning(reconciler, vips)
+    }
+
+    /// [`Executor::sync_sink`] with the owned VIPs computed already
+    /// (`vips`: [`Reconciler::owned_vips`] of `reconciler` as it is; with
+    /// owner groups that is a pass over every rule, which the controller
+    /// loop makes once for [`Executor::sink_pending`] and this).
+    pub fn sync_sink_owning(
+        &mut self,
+        reconciler: &mut Reconciler,
+        vips: Vec<IpAddr>,
+    ) -> Result<(), StepError> {
+        debug_assert_eq!(vips, reconciler.owned_vips(), "stale owned VIPs");
         if !self.sink_synced || self.sink_dirty || reconciler.rules_changed() {
             let update = reconciler.rule_update(!self.sink_synced);
             let r = self.sink.update(&update);
@@ -734,7 +748,6 @@ impl<S: RuleSink> Executor<S> {
             self.sink_synced = true;
             self.sink_dirty = false;
         }
-        let vips = reconciler.owned_vips();
         if self.vips_sent.as_ref() != Some(&vips) {
             self.sink
                 .own_vips(vips.clone())
@@ -757,12 +770,13 @@ impl<S: RuleSink> Executor<S> {
         self.sink.leading(leader);
     }
 
-    /// Whether the sink still owes an update (a retry is due).
-    pub fn sink_pending(&self, reconciler: &Reconciler) -> bool {
+    /// Whether the sink still owes an update (a retry is due); `vips`:
+    /// [`Reconciler::owned_vips`] of `reconciler` as it is.
+    pub fn sink_pending(&self, reconciler: &Reconciler, vips: &[IpAddr]) -> bool {
         !self.sink_synced
             || self.sink_dirty
             || reconciler.rules_changed()
-            || self.vips_sent.as_deref() != Some(&reconciler.owned_vips()[..])
+            || self.vips_sent.as_deref() != Some(vips)
     }
 
     /// Carry out `plan` for `key` (`svc`: the Service planned on, for the
@@ -1654,8 +1668,13 @@ pub async fn run_with<S: RuleSink>(
             st.seconds += started.elapsed().as_secs_f64();
             sink_retry = None;
         }
-        if executor.sink_pending(&reconciler) && sink_retry.is_none_or(|t| t <= Instant::now()) {
-            match executor.sync_sink(&mut reconciler) {
+        // The owned VIPs once per round (with owner groups a pass over
+        // every rule), for the check and the update.
+        let vips = reconciler.owned_vips();
+        if executor.sink_pending(&reconciler, &vips)
+            && sink_retry.is_none_or(|t| t <= Instant::now())
+        {
+            match executor.sync_sink_owning(&mut reconciler, vips) {
                 Ok(()) => {
                     sink_retry = None;
                     sink_backoff.reset();

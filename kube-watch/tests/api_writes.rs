@@ -18,7 +18,7 @@ use kube::{client::Body, Client};
 use kube_watch::{
     controller::{Applied, Executor, Refused, RuleSink, ServiceWriter},
     events::{actions, reasons, service_reference, EventPublisher, EventSpec},
-    flags::{parse_cidr_pools, KubeConfig},
+    flags::{parse_cidr_pools, KubeConfig, VipOwners},
     leader::{LeaderElector, LeaseConfig},
     reconcile::{Reconciler, Step},
     translate::ServiceRule,
@@ -753,6 +753,8 @@ type Call = (bool, Vec<String>, usize);
 struct DeltaSink {
     calls: Arc<Mutex<Vec<Call>>>,
     fail: Arc<Mutex<bool>>,
+    /// The owned VIPs of every `own_vips` call.
+    vips: Arc<Mutex<Vec<Vec<IpAddr>>>>,
 }
 
 impl RuleSink for DeltaSink {
@@ -773,14 +775,20 @@ impl RuleSink for DeltaSink {
             .push((u.is_full(), changed, u.all().count()));
         Ok(Applied::all())
     }
-    fn own_vips(&mut self, _: Vec<IpAddr>) -> anyhow::Result<()> {
+    fn own_vips(&mut self, vips: Vec<IpAddr>) -> anyhow::Result<()> {
+        self.vips.lock().unwrap().push(vips);
         Ok(())
     }
 }
 
 /// The rules `svc`'s plan would set.
 fn planned_rules(r: &mut Reconciler, name: &str) -> Vec<ServiceRule> {
-    let svc = service(name, json!({}));
+    planned_rules_with(r, name, json!({}))
+}
+
+/// [`planned_rules`] of a Service with `annotations`.
+fn planned_rules_with(r: &mut Reconciler, name: &str, annotations: Value) -> Vec<ServiceRule> {
+    let svc = service(name, annotations);
     let key = ServiceKey::new("default", name);
     r.plan(&key, Some(&svc), &[], &nodes(), t(0))
         .steps
@@ -790,6 +798,51 @@ fn planned_rules(r: &mut Reconciler, name: &str) -> Vec<ServiceRule> {
             _ => None,
         })
         .expect("rules planned")
+}
+
+/// `--vipOwners=pool`, as the controller loop does it: the owned VIPs
+/// computed once per round for both [`Executor::sink_pending`] and
+/// [`Executor::sync_sink_owning`]; the sink gets the VIPs of the pools
+/// held each time they change, and nothing is pending after.
+#[tokio::test]
+async fn owner_groups_vips_reach_the_sink_as_the_held_pools_change() {
+    let (client, _handle) = mock_client();
+    let sink = DeltaSink::default();
+    let mut ex = Executor::new(ServiceWriter::new(client, "agent-1"), sink.clone());
+    let mut c = config();
+    c.cidr_pools = parse_cidr_pools("p1=192.0.2.0/29,p2=198.51.100.0/29").unwrap();
+    c.vip_owners = VipOwners::Pool;
+    let mut r = Reconciler::new(c).unwrap();
+    r.become_leader([]);
+    for (n, pool) in [("a", "p1"), ("b", "p2")] {
+        let rules = planned_rules_with(&mut r, n, json!({"loxilb.io/poolSelect": pool}));
+        r.commit(&ServiceKey::new("default", n), rules);
+    }
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let (va, vb) = (ip("192.0.2.1"), ip("198.51.100.1"));
+    let round = |ex: &mut Executor<DeltaSink>, r: &mut Reconciler| {
+        let vips = r.owned_vips();
+        let pending = ex.sink_pending(r, &vips);
+        if pending {
+            ex.sync_sink_owning(r, vips).unwrap();
+        }
+        assert!(!ex.sink_pending(r, &r.owned_vips()), "nothing left");
+        pending
+    };
+    assert!(round(&mut ex, &mut r), "the first round hands everything");
+    assert!(!round(&mut ex, &mut r), "nothing changed");
+    r.set_owner_groups(["p2".to_string()].into());
+    assert!(round(&mut ex, &mut r));
+    r.set_owner_groups(["p1".to_string(), "p2".to_string()].into());
+    assert!(round(&mut ex, &mut r));
+    assert!(!round(&mut ex, &mut r));
+    r.set_owner_groups(Default::default());
+    assert!(round(&mut ex, &mut r));
+    assert_eq!(
+        *sink.vips.lock().unwrap(),
+        [vec![], vec![vb], vec![va, vb], vec![]]
+    );
+    assert_eq!(sink.calls.lock().unwrap().len(), 1, "the rules once");
 }
 
 #[tokio::test]
@@ -815,12 +868,12 @@ async fn sink_gets_the_whole_set_first_then_only_changed_services() {
     *sink.fail.lock().unwrap() = true;
     r.commit(&key("a"), vec![]);
     assert!(ex.sync_sink(&mut r).is_err());
-    assert!(ex.sink_pending(&r));
+    assert!(ex.sink_pending(&r, &r.owned_vips()));
     let rules = planned_rules(&mut r, "d");
     r.commit(&key("d"), rules);
     *sink.fail.lock().unwrap() = false;
     ex.sync_sink(&mut r).unwrap();
-    assert!(!ex.sink_pending(&r));
+    assert!(!ex.sink_pending(&r, &r.owned_vips()));
     assert_eq!(
         *sink.calls.lock().unwrap(),
         [
