@@ -355,6 +355,13 @@ mod kube_flag {
     pub fn lease_duration(v: &str) -> Result<std::time::Duration, String> {
         kf::for_clap(kf::parse_duration(kf::FLAG_LEASE_DURATION, v))
     }
+    /// `--loxiURL`: the remote load balancers of external mode.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Remotes(pub Vec<loxilb_agent::remote::Remote>);
+
+    pub fn loxi_urls(v: &str) -> Result<Remotes, String> {
+        loxilb_agent::remote::parse_urls(v).map(Remotes)
+    }
     /// `--vipOwners`: `leader` or `pool`.
     pub fn vip_owners(v: &str) -> Result<kf::VipOwners, String> {
         kf::for_clap(kf::parse_vip_owners(v))
@@ -422,8 +429,8 @@ struct KubeArgs {
     /// datapath on this node, `http(s)://host[:port],...` (port 11111 by
     /// default). Every URL gets every rule; only the leader programs them.
     /// No `--iface`: nothing is attached here and no VIP goes on `lo`.
-    #[arg(long = "loxiURL", value_name = "URLS")]
-    loxi_url: Option<String>,
+    #[arg(long = "loxiURL", value_name = "URLS", value_parser = kube_flag::loxi_urls)]
+    loxi_url: Option<kube_flag::Remotes>,
     /// External mode: PEM CA certificate(s) the https `--loxiURL` remotes'
     /// certificates must chain to (needed for https).
     #[arg(long = "loxiCA", value_name = "FILE")]
@@ -475,8 +482,7 @@ struct KubeArgs {
 /// says why, or their meaning here.
 fn check_kube_compat(k: &KubeArgs, a: &NodeArgs) -> Result<Option<std::net::Ipv4Addr>> {
     match &k.loxi_url {
-        Some(u) => {
-            loxilb_agent::remote::parse_urls(u).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Some(_) => {
             check_external(k, a)?;
             if k.vip_owners == kube_watch::flags::VipOwners::Pool {
                 anyhow::bail!(
@@ -1554,8 +1560,8 @@ fn kube_settings(
 
 async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
     let (a, run_config) = kube_settings(a, k, kube_watch::controller::RunConfig::from_env)?;
-    if let Some(urls) = &k.loxi_url {
-        return run_kube_external(urls, &a, k, run_config).await;
+    if let Some(kube_flag::Remotes(remotes)) = &k.loxi_url {
+        return run_kube_external(remotes.clone(), &a, k, run_config).await;
     }
     // `--setRoles`: the full-NAT source VIP, owned with the service VIPs.
     let role_vip = k.set_roles.as_ref().and(a.fullnat_source);
@@ -1731,12 +1737,11 @@ async fn run_kube(pin_dir: &Path, a: &NodeArgs, k: &KubeArgs) -> Result<()> {
 /// through their REST API (see `loxilb_agent::remote`); nothing is loaded
 /// or attached here.
 async fn run_kube_external(
-    urls: &str,
+    remotes: Vec<loxilb_agent::remote::Remote>,
     a: &NodeArgs,
     k: &KubeArgs,
     run_config: kube_watch::controller::RunConfig,
 ) -> Result<()> {
-    let remotes = loxilb_agent::remote::parse_urls(urls).map_err(|e| anyhow::anyhow!("{e}"))?;
     // `--setRoles=<VIP>` (kube_settings made it the full-NAT source): the
     // remotes' MASTER / BACKUP roles are arbitrated here.
     let roles = a.fullnat_source.filter(|_| k.set_roles.is_some());
@@ -1894,8 +1899,21 @@ mod tests {
             parse(&["--loxiURL=http://1.2.3.4:11111"]).is_err(),
             "--iface with it"
         );
-        let e = parse(&["--loxiURL=1.2.3.4:11111"]).unwrap_err().to_string();
-        assert!(e.contains("scheme"), "{e}");
+        // Typed by clap: a bad URL is refused while parsing, with the flag,
+        // the value and what is wrong.
+        for (url, why) in [
+            ("1.2.3.4:11111", "has no scheme"),
+            ("ftp://10.0.0.5", "neither http nor https"),
+        ] {
+            let e = Cli::try_parse_from(["loxilb-agent", "kube", &format!("--loxiURL={url}")])
+                .err()
+                .unwrap_or_else(|| panic!("--loxiURL={url} accepted"))
+                .to_string();
+            assert!(
+                e.contains("--loxiURL") && e.contains(&format!("'{url}'")) && e.contains(why),
+                "{e}"
+            );
+        }
         let e = parse(&["--loxiCA=/ca.pem"]).unwrap_err().to_string();
         assert!(e.contains("--loxiURL"), "{e}");
         let external = |extra: &[&str]| {

@@ -98,19 +98,17 @@ impl Remote {
 }
 
 /// `--loxiURL`: comma-separated `http(s)://host[:port]` (port 11111 by
-/// default), no path.
+/// default), no path. The error says what is wrong and what to give, not
+/// the flag (clap's message names it: `invalid value '...' for
+/// '--loxiURL <URLS>': ...`).
 pub fn parse_urls(list: &str) -> Result<Vec<Remote>, String> {
     let mut out: Vec<Remote> = vec![];
     for item in list.split(',').map(str::trim) {
         if item.is_empty() {
-            return Err(format!(
-                "--loxiURL={list}: an empty entry; give http(s)://host:port[,...]"
-            ));
+            return Err("an empty entry; give http(s)://host:port[,...]".to_string());
         }
         let bad = |why: &str| {
-            format!(
-                "--loxiURL: {item:?} {why}; give http(s)://host:port (e.g. http://10.0.0.5:11111)"
-            )
+            format!("{item:?} {why}; give http(s)://host:port (e.g. http://10.0.0.5:11111)")
         };
         let uri: http::Uri = item.parse().map_err(|_| bad("is not a URL"))?;
         let https = match uri.scheme_str() {
@@ -144,7 +142,7 @@ pub fn parse_urls(list: &str) -> Result<Vec<Remote>, String> {
             port,
         };
         if out.iter().any(|o| o.host == r.host && o.port == r.port) {
-            return Err(format!("--loxiURL: {item:?} is given twice"));
+            return Err(format!("{item:?} is given twice"));
         }
         out.push(r);
     }
