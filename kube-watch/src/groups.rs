@@ -290,7 +290,8 @@ impl OwnerGroups {
             api,
             base.clone(),
             held.clone(),
-            (give_up, took_rx),
+            give_up,
+            took_rx,
             stopped,
         ));
         Ok(OwnerGroups {
@@ -334,10 +335,8 @@ async fn rebalance(
     api: Api<Lease>,
     base: LeaseConfig,
     held: watch::Receiver<BTreeSet<String>>,
-    (give_up, mut took): (
-        BTreeMap<String, mpsc::UnboundedSender<Duration>>,
-        mpsc::UnboundedReceiver<String>,
-    ),
+    give_up: BTreeMap<String, mpsc::UnboundedSender<Duration>>,
+    mut took: mpsc::UnboundedReceiver<String>,
     stopped: impl std::future::Future<Output = ()>,
 ) {
     let name = members_lease_name(&base.name);

@@ -442,11 +442,7 @@ impl LeaderElector {
             LeaseAction::Update { lease, takeover } => {
                 if takeover {
                     took_from = previous;
-                    info!(
-                        lease = %name,
-                        previous = ?self.last.as_ref().and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.clone()),
-                        "taking over the leader Lease"
-                    );
+                    info!(lease = %name, previous = ?took_from, "taking over the leader Lease");
                 }
                 self.api.replace(&name, &post_params(), &lease).await
             }

@@ -394,7 +394,7 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
         assert!(backend.starts_with('b'));
         assert_eq!(src.ip().to_string(), ROLE_VIP, "the full-NAT source");
     }
-    let neigh = ha.client.sh(&["ip", "neigh", "show", &vip]).unwrap();
+    let neigh = ha.client_neigh(&vip);
     let mac_a = ha.lbs[0].sh(&["cat", "/sys/class/net/x0/address"]).unwrap();
     assert!(
         neigh.contains(mac_a.trim()),
@@ -449,7 +449,7 @@ fn the_follower_takes_over_the_vips_when_the_leaders_node_dies() {
         "no connection through node-b after the takeover:\n{}",
         b.log_text()
     );
-    let neigh = ha.client.sh(&["ip", "neigh", "show", &vip]).unwrap();
+    let neigh = ha.client_neigh(&vip);
     let mac_b = ha.lbs[1].sh(&["cat", "/sys/class/net/x0/address"]).unwrap();
     assert!(
         neigh.contains(mac_b.trim()),
@@ -725,14 +725,8 @@ fn watch_takeover(
                 vip_at = Some(t0.elapsed());
             }
         }
-        if arp_at.is_none() {
-            let n = ha
-                .client
-                .sh(&["ip", "neigh", "show", vip])
-                .unwrap_or_default();
-            if n.contains(&mac_f) {
-                arp_at = Some(t0.elapsed());
-            }
+        if arp_at.is_none() && ha.client_neigh(vip).contains(&mac_f) {
+            arp_at = Some(t0.elapsed());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -1224,7 +1218,6 @@ fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
     let (mut a, b, vips) = pools_spread(&ha, &api, |i| {
         ha.start_pools(&api, i, ["node-a", "node-b"][i])
     });
-    let owners = |vip: &str| ha.owners(vip);
     for (vip, port) in [(&vips[0], 80), (&vips[1], 81)] {
         let to: SocketAddr = format!("{vip}:{port}").parse().unwrap();
         let mut c = Conn::open(&ha.client, to)
@@ -1235,7 +1228,7 @@ fn pools_spread_over_the_nodes_and_follow_a_dead_owner() {
     a.kill();
     ha.cut(0);
     wait_until("node-b owns both pools", Duration::from_secs(20), || {
-        owners(&vips[0]) == [1] && owners(&vips[1]) == [1]
+        ha.owners(&vips[0]) == [1] && ha.owners(&vips[1]) == [1]
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", b.log_text()));
     for (vip, port) in [(&vips[0], 80), (&vips[1], 81)] {
