@@ -490,9 +490,19 @@ pub fn query_exported(control: &Control, peer: IpAddr) -> Result<Vec<IpNet>> {
     Ok(routes)
 }
 
+/// How long a start waits for the run directory's lock before it gives up.
+/// A lock just released can still be held for a moment: a process forked
+/// by another thread of ours keeps a copy of the descriptor (close-on-exec)
+/// until it execs, and the lock lives while any copy does.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// One speaker per run directory: an exclusive `flock` on `lock` in it,
 /// released by the kernel when the holder exits however it exits.
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    lock_dir_within(dir, LOCK_WAIT)
+}
+
+fn lock_dir_within(dir: &std::path::Path, wait: Duration) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let path = dir.join("lock");
     let f = std::fs::OpenOptions::new()
@@ -501,15 +511,21 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let deadline = Instant::now() + wait;
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+        if Instant::now() >= deadline {
             bail!(
-                "BGP run directory {} is in use by another running speaker",
-                dir.display()
+                "BGP run directory {} is in use by another running speaker \
+                 (its lock was held for {} ms): stop it or give this one another directory",
+                dir.display(),
+                wait.as_millis()
             );
         }
-        return Err(e).with_context(|| format!("locking {}", path.display()));
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(f)
 }
@@ -911,8 +927,16 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("in use by another"), "{e}");
-        drop(held);
-        assert!(lock_dir(&dir).is_ok(), "released with its holder");
+        // A holder that lets go while a start waits: the start gets it.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        assert!(
+            lock_dir_within(&dir, Duration::from_secs(5)).is_ok(),
+            "released with its holder"
+        );
+        t.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
