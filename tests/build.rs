@@ -14,6 +14,8 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .context("workspace path is not UTF-8")?
         .to_owned();
+    // The references take the datapath's conntrack key and value sizes.
+    println!("cargo:rerun-if-changed={root}/../common/src");
     aya_build::build_ebpf(
         [Package {
             name: "loxilb-ebpf-ref",

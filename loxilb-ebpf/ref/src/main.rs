@@ -13,6 +13,12 @@
 //! - `ref_xdp_dnat_ct`: `ref_xdp_dnat` behind a conntrack LRU hash keyed
 //!   by the 5-tuple: a hit uses its backend and counts the packet; a miss
 //!   picks a backend and inserts the entry.
+//! - `ref_xdp_dnat_ct_shape1` / `ref_xdp_dnat_ct_shape2`: `ref_xdp_dnat_ct`
+//!   with the datapath's conntrack entry shape (the size of its key and
+//!   value, its table size) instead of the minimal one, making one insert
+//!   per new flow or two (a forward and a reply entry, as the datapath
+//!   does): what the entry's size and the second insert cost, apart from
+//!   everything else a new flow does.
 //!
 //! A separate object with maps of its own: the agent never loads or
 //! creates them. The key and value layouts are mirrored by the benchmark,
@@ -292,6 +298,116 @@ pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     dnat(&ctx, &p, b)
+}
+
+/// A key of the datapath's conntrack key size (the tuple in IPv4-mapped
+/// 16-byte addresses, as the datapath keeps IPv4).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ShapeKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad1: u8,
+    pub pad2: u16,
+}
+const _: () = assert!(size_of::<ShapeKey>() == size_of::<loxilb_common::CtKey>());
+
+const SHAPE_REST: usize = (size_of::<loxilb_common::CtVal>() - 16) / 8;
+
+/// A value of the datapath's conntrack value size.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ShapeVal {
+    pub backend: u32,
+    pub pad: u32,
+    pub packets: u64,
+    pub rest: [u64; SHAPE_REST],
+}
+const _: () = assert!(size_of::<ShapeVal>() == size_of::<loxilb_common::CtVal>());
+
+#[btf_map]
+static REF_CT_SHAPE: LruHashMap<ShapeKey, ShapeVal, { loxilb_common::MAX_CT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[inline(always)]
+fn mapped(a: u32) -> [u32; 4] {
+    [0, 0, 0xffffu32.to_be(), a]
+}
+
+/// `ref_xdp_dnat_ct` over `REF_CT_SHAPE`; `TWO`: a reply entry (keyed by
+/// the backend's reply tuple) is inserted before the forward one.
+#[inline(always)]
+fn dnat_ct_shape<const TWO: bool>(ctx: &XdpContext) -> u32 {
+    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = ShapeKey {
+        saddr: mapped(p.saddr),
+        daddr: mapped(p.daddr),
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        pad1: 0,
+        pad2: 0,
+    };
+    let slot = match REF_CT_SHAPE.get_ptr_mut(&key) {
+        Some(ct) => unsafe {
+            (*ct).packets += 1;
+            (*ct).backend
+        },
+        None => {
+            let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
+                return xdp_action::XDP_PASS;
+            };
+            let Some(slot) = pick(svc, &p) else {
+                return xdp_action::XDP_DROP;
+            };
+            let v = ShapeVal {
+                backend: slot,
+                pad: 0,
+                packets: 1,
+                rest: [0; SHAPE_REST],
+            };
+            if TWO {
+                let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+                    return xdp_action::XDP_DROP;
+                };
+                let rev = ShapeKey {
+                    saddr: mapped(unsafe { (*b).addr }),
+                    daddr: key.saddr,
+                    sport: unsafe { (*b).port },
+                    dport: p.sport,
+                    proto: p.proto,
+                    pad1: 0,
+                    pad2: 0,
+                };
+                if REF_CT_SHAPE.insert(&rev, &v, 0).is_err() {
+                    return xdp_action::XDP_DROP;
+                }
+            }
+            if REF_CT_SHAPE.insert(&key, &v, 0).is_err() {
+                return xdp_action::XDP_DROP;
+            }
+            slot
+        }
+    };
+    let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+        return xdp_action::XDP_DROP;
+    };
+    dnat(ctx, &p, b)
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_ct_shape1(ctx: XdpContext) -> u32 {
+    dnat_ct_shape::<false>(&ctx)
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_ct_shape2(ctx: XdpContext) -> u32 {
+    dnat_ct_shape::<true>(&ctx)
 }
 
 #[classifier]

@@ -134,11 +134,13 @@ const TARGET_DSR_IPIP_NS: f64 = 75.0;
 /// The reference programs (loxilb-ebpf/ref), built by this crate's build.rs:
 /// the least each path can cost, timed in the same run as the datapath.
 static REF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loxilb-ref"));
-const REF_XDP_PROGS: [&str; 4] = [
+const REF_XDP_PROGS: [&str; 6] = [
     "ref_xdp_pass",
     "ref_xdp_parse_lookup",
     "ref_xdp_dnat",
     "ref_xdp_dnat_ct",
+    "ref_xdp_dnat_ct_shape1",
+    "ref_xdp_dnat_ct_shape2",
 ];
 const REF_TC_PROGS: [&str; 2] = ["ref_tc_pass", "ref_tc_parse_lookup"];
 /// Entries of the reference conntrack LRU (as in loxilb-ebpf/ref); its
@@ -341,6 +343,11 @@ enum RefKind {
     DnatCtHit,
     /// `ref_xdp_dnat_ct`, a miss: every call a new tuple.
     DnatCtMiss,
+    /// `ref_xdp_dnat_ct_shape1`: the miss with the datapath's conntrack
+    /// entry shape (key and value sizes, table size), one insert.
+    ShapeMiss1,
+    /// `ref_xdp_dnat_ct_shape2`: the same with a reply entry inserted too.
+    ShapeMiss2,
 }
 
 /// Which object a path's program is in.
@@ -800,19 +807,25 @@ impl Refs {
             .try_into()?)
     }
 
-    /// Empty the reference conntrack (between rounds of its miss path).
+    /// Empty the reference conntrack tables (between rounds of their miss
+    /// paths).
     fn clear_ct(&mut self) -> Result<usize> {
-        let mut ct: aya::maps::HashMap<_, RefCtKey, RefCtVal> = aya::maps::HashMap::try_from(
-            self.ebpf
-                .map_mut("REF_CT")
-                .ok_or_else(|| anyhow!("no REF_CT"))?,
-        )?;
-        let keys: Vec<RefCtKey> = ct.keys().collect::<Result<_, _>>()?;
-        for k in &keys {
-            let _ = ct.remove(k);
-        }
-        Ok(keys.len())
+        let mut n = clear_map::<RefCtKey, RefCtVal>(&mut self.ebpf, "REF_CT")?;
+        // Of the datapath's key and value sizes (see loxilb-ebpf/ref).
+        n += clear_map::<CtKey, CtVal>(&mut self.ebpf, "REF_CT_SHAPE")?;
+        Ok(n)
     }
+}
+
+/// Remove every entry of the hash map `name` of `ebpf`.
+fn clear_map<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &str) -> Result<usize> {
+    let mut m: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(ebpf.map_mut(name).ok_or_else(|| anyhow!("no {name}"))?)?;
+    let keys: Vec<K> = m.keys().collect::<Result<_, _>>()?;
+    for k in &keys {
+        let _ = m.remove(k);
+    }
+    Ok(keys.len())
 }
 
 /// The IPv4 header checksum and the TCP checksum of an untagged
@@ -1454,6 +1467,22 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             None,
         ),
         PathBench::new(
+            Kind::Ref(RefKind::ShapeMiss1),
+            "ref: our entry, 1 insert",
+            "ref_xdp_dnat_ct_shape1",
+            loxilb_tests::fib::verdict::XDP_TX,
+            vec![],
+            None,
+        ),
+        PathBench::new(
+            Kind::Ref(RefKind::ShapeMiss2),
+            "ref: our entry, 2 inserts",
+            "ref_xdp_dnat_ct_shape2",
+            loxilb_tests::fib::verdict::XDP_TX,
+            vec![],
+            None,
+        ),
+        PathBench::new(
             Kind::NonService,
             "non-service",
             prog_names::XDP_MAIN,
@@ -1522,7 +1551,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         let what = p.label;
         let out = if timed { Some(&mut p.samples) } else { None };
         let r = match p.kind {
-            Kind::Ref(RefKind::DnatCtMiss) => {
+            Kind::Ref(RefKind::DnatCtMiss | RefKind::ShapeMiss1 | RefKind::ShapeMiss2) => {
                 if ref_live + n > REF_CT_ENTRIES / 2 {
                     refs.clear_ct()?;
                     ref_live = 0;
@@ -2022,6 +2051,7 @@ fn print_results(out: &Outcome) {
                         RefKind::Dnat => "dnat",
                         RefKind::DnatCtHit => "ct hit",
                         RefKind::DnatCtMiss => "ct miss",
+                        RefKind::ShapeMiss1 | RefKind::ShapeMiss2 => "ct miss, our entry",
                     },
                     rm - floor
                 ),
@@ -2048,6 +2078,25 @@ fn print_results(out: &Outcome) {
         "(ns per packet; \"over fl\" = path median - floor median; \"ref\" = the matching \
          reference program's median over the floor; \"x ref\" = path median / reference median)"
     );
+    let over_of = |k: Kind| over.get(&k).copied();
+    if let (Some(rr), Some(miss), Some(s1), Some(s2)) = (
+        over_of(Kind::NewFlow(NewKind::Rr)),
+        over_of(Kind::Ref(RefKind::DnatCtMiss)),
+        over_of(Kind::Ref(RefKind::ShapeMiss1)),
+        over_of(Kind::Ref(RefKind::ShapeMiss2)),
+    ) {
+        println!(
+            "new flow (rr) {rr:+.0} over the floor = reference miss {miss:+.0} | our entry's \
+             shape ({} B key, {} B value, {} entries) {:+.0} | a second insert {:+.0} | the rest \
+             of our new-flow path {:+.0}",
+            std::mem::size_of::<CtKey>(),
+            std::mem::size_of::<CtVal>(),
+            MAX_CT_ENTRIES,
+            s1 - miss,
+            s2 - s1,
+            rr - s2
+        );
+    }
     if let Some(p) = out
         .paths
         .iter()
