@@ -640,7 +640,10 @@ impl Datapath {
         // the table holds up to MAX_CT_ENTRIES of them).
         let idle_by_key: StdHashMap<CtKey, bool> = all.iter().map(|(k, v)| (*k, idle(v))).collect();
         let (gone, live): (Vec<_>, Vec<_>) = all.into_iter().partition(|(k, v)| {
-            idle_by_key[k] && idle_by_key.get(&v.peer).copied().unwrap_or(true)
+            idle_by_key[k]
+                && k.peer(v)
+                    .and_then(|p| idle_by_key.get(&p).copied())
+                    .unwrap_or(true)
         });
         let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         let mut removed = 0;

@@ -218,7 +218,7 @@ pub fn session_rows(sessions: &[(CtKey, CtVal)], now_ns: u64) -> Vec<SessionRow>
     rows.sort_by_key(|(k, _)| (k.proto, ip(k.saddr), u16::from_be(k.sport)));
     rows.into_iter()
         .map(|(k, v)| {
-            let reply = by_key.get(&v.peer);
+            let reply = k.peer(v).and_then(|p| by_key.get(&p));
             let state = if v.state & ct_state::RST != 0 {
                 "reset"
             } else if v.state & ct_state::CLOSING != 0 {

@@ -8,7 +8,7 @@ use loxilb_common::{
 };
 
 use crate::{
-    maps::{count, ep_active_add, ep_stats, LB_CT, LB_SCRATCH_CT},
+    maps::{count, ep_active_add, ep_stats, LB_CT, LB_SCRATCH_CT, LB_SCRATCH_KEY},
     parse::{ptr_at, sctp_ev, Pkt},
 };
 
@@ -88,7 +88,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
     unsafe {
         let closing = (*v).state & ct_state::CLOSING != 0;
         let new_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if (closing && new_syn) || over(v, now) {
+        if (closing && new_syn) || over(key, v, now) {
             end_session(key, v);
             count(stat::CT_EXPIRED);
             return Ct::Miss;
@@ -101,7 +101,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
             (*es).bytes += p.l3_len as u64;
         }
         if flags & (TCP_FIN | TCP_RST) != 0 {
-            tcp_close(v, flags);
+            tcp_close(key, v, flags);
         }
         Ct::Hit {
             x: Xlate {
@@ -115,11 +115,33 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
     }
 }
 
+/// The key of the other direction of the session `key` -> `v` (as
+/// `CtKey::peer`: the translated tuple reversed; `None` for DSR), written
+/// to per-CPU scratch, valid until the next call.
+#[inline(always)]
+fn peer_of(key: &CtKey, v: *const CtVal) -> Option<*const CtKey> {
+    let v = unsafe { &*v };
+    if !v.has_peer() {
+        return None;
+    }
+    let s = LB_SCRATCH_KEY.get_ptr_mut(0)?;
+    unsafe {
+        crate::set_addr(&mut (*s).saddr, &v.xdaddr);
+        crate::set_addr(&mut (*s).daddr, &v.xsaddr);
+        (*s).sport = v.xdport;
+        (*s).dport = v.xsport;
+        (*s).proto = key.proto;
+        (*s)._pad1 = 0;
+        (*s)._pad2 = 0;
+    }
+    Some(s)
+}
+
 /// Idle past its timeout in both directions (a one-way flow refreshes only
 /// its own direction).
 #[inline(always)]
-unsafe fn over(v: *const CtVal, now: u64) -> bool {
-    unsafe { idle(v, now) && peer_idle(v, now) }
+unsafe fn over(key: &CtKey, v: *const CtVal, now: u64) -> bool {
+    unsafe { idle(v, now) && peer_idle(key, v, now) }
 }
 
 /// Remove the session `key` (entry `v`) and its reply entry; its endpoint
@@ -130,8 +152,9 @@ pub unsafe fn end_session(key: &CtKey, v: *const CtVal) {
         if (*v).state & ct_state::RELEASED == 0 {
             ep_active_add((*v).ep_stat, -1);
         }
-        let peer = (*v).peer;
-        let _ = LB_CT.remove(&peer);
+        if let Some(peer) = peer_of(key, v) {
+            let _ = LB_CT.remove(&*peer);
+        }
         let _ = LB_CT.remove(key);
     }
 }
@@ -139,19 +162,24 @@ pub unsafe fn end_session(key: &CtKey, v: *const CtVal) {
 /// A one-way flow refreshes only its own direction; the session is idle only
 /// when both directions are.
 #[inline(always)]
-unsafe fn peer_idle(v: *const CtVal, now: u64) -> bool {
-    let peer = unsafe { (*v).peer };
-    match LB_CT.get_ptr(&peer) {
+unsafe fn peer_idle(key: &CtKey, v: *const CtVal, now: u64) -> bool {
+    let Some(peer) = peer_of(key, v) else {
+        return true;
+    };
+    match LB_CT.get_ptr(unsafe { &*peer }) {
         Some(pv) => idle(pv, now),
         None => true,
     }
 }
 
 #[inline(never)]
-fn tcp_close(v: *mut CtVal, flags: u8) {
+fn tcp_close(key: &CtKey, v: *mut CtVal, flags: u8) {
     unsafe {
-        let peer_key = (*v).peer;
-        let Some(pv) = LB_CT.get_ptr_mut(&peer_key) else {
+        let pv = match peer_of(key, v) {
+            Some(peer) => LB_CT.get_ptr_mut(&*peer),
+            None => None,
+        };
+        let Some(pv) = pv else {
             // No reply entry (DSR: we see one direction only): a FIN or an
             // RST from the client closes the session.
             if (*v).state & ct_state::RELEASED == 0 {
@@ -223,7 +251,7 @@ fn reclaim(key: &CtKey, now: u64) -> bool {
         return true;
     };
     unsafe {
-        if !over(v, now) {
+        if !over(key, v, now) {
             return false;
         }
         end_session(key, v);
@@ -264,7 +292,6 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*rv).rule_id = n.rule_id;
         (*rv).timeout_s = n.timeout_s;
         (*rv).last_seen_ns = n.now;
-        (*rv).peer = *fwd;
         (*rv).dir = ct_dir::REPLY;
         (*rv).mode = n.mode;
         (*rv).ep_stat = n.ep_stat;
@@ -321,9 +348,6 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*fv).last_seen_ns = n.now;
         (*fv).packets = 1;
         (*fv).bytes = n.l3_len as u64;
-        if !n.dsr {
-            (*fv).peer = rev;
-        }
         (*fv).dir = ct_dir::FORWARD;
         (*fv).mode = n.mode;
         (*fv).ep_stat = n.ep_stat;

@@ -146,6 +146,12 @@ pub static LB_NEW_FLOW_TAT: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map]
 pub static LB_SCRATCH_CT: PerCpuArray<CtVal, 2> = PerCpuArray::new();
 
+/// Per-CPU scratch for the key of a session's other direction, derived
+/// from its entry (`conntrack::peer_of`): 40 bytes the new-flow programs'
+/// full stacks have no room for. Not pinned.
+#[btf_map]
+pub static LB_SCRATCH_KEY: PerCpuArray<CtKey, 1> = PerCpuArray::new();
+
 /// Per-CPU scratch the IPv6 parser passes its L4 offset through (see
 /// `parse::parse6`).
 #[btf_map]

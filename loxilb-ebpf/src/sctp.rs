@@ -642,9 +642,10 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
     };
     let (mut fwd, mut rev) = (CtKey::default(), CtKey::default());
     path_keys(a, k, i, &mut fwd, &mut rev);
-    for (val, dir, peer, xs, xd, xsp, xdp) in [
-        (rv, ct_dir::REPLY, &fwd, vip, client, a.vport, a.cport),
-        (fv, ct_dir::FORWARD, &rev, xclient, ep, a.xcport, a.ep_port),
+    // Each entry's translated tuple, reversed, is the other's key.
+    for (val, dir, xs, xd, xsp, xdp) in [
+        (rv, ct_dir::REPLY, vip, client, a.vport, a.cport),
+        (fv, ct_dir::FORWARD, xclient, ep, a.xcport, a.ep_port),
     ] {
         unsafe {
             crate::zero_in_place(val);
@@ -662,7 +663,6 @@ fn add_path(a: &AssocVal, w: &SctpWalk, k: usize, i: usize) {
             (*val).sctp_tag = a.ctag;
             (*val).mode = w.mode;
             (*val).ep_stat = a.ep_stat;
-            (*val).peer = *peer;
         }
     }
     // Reply entry first, so a fast reply never finds half a path.

@@ -612,8 +612,8 @@ mod tests {
                 assert_eq!((got.rule_id, got.ep_stat), (2, 6));
                 assert_eq!(got.last_seen_ns, bnow - 3_000);
                 assert_eq!(
-                    (got.xdaddr, got.xdport, got.peer),
-                    (v.xdaddr, v.xdport, v.peer)
+                    (got.xdaddr, got.xdport, k.peer(&got)),
+                    (v.xdaddr, v.xdport, k.peer(&v))
                 );
             }
             for (k, _) in s2 {

@@ -91,11 +91,8 @@ pub fn export(k: &CtKey, v: &CtVal, idx: &SenderIndex) -> Result<Record, Skip> {
             _pad2: 0,
             ..*k
         },
-        peer: CtKey {
-            _pad1: 0,
-            _pad2: 0,
-            ..v.peer
-        },
+        // All zero for DSR sessions (no reply entry).
+        peer: k.peer(v).unwrap_or_default(),
         xsaddr: v.xsaddr,
         xdaddr: v.xdaddr,
         xsport: v.xsport,
@@ -137,7 +134,6 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
             last_seen_ns: now_ns.saturating_sub(r.age_ns),
             packets: r.packets,
             bytes: r.bytes,
-            peer: r.peer,
             dir: r.dir,
             state: r.state,
             mode: r.mode,
@@ -270,7 +266,6 @@ pub(crate) mod tests {
                     xdaddr: a(epa),
                     xsport: cport.to_be(),
                     xdport: 8080u16.to_be(),
-                    peer: rk,
                     dir: ct_dir::FORWARD,
                     ..base
                 },
@@ -282,7 +277,6 @@ pub(crate) mod tests {
                     xdaddr: a(client),
                     xsport: 80u16.to_be(),
                     xdport: cport.to_be(),
-                    peer: fk,
                     dir: ct_dir::REPLY,
                     ..base
                 },

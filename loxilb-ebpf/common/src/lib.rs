@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -615,8 +615,6 @@ pub struct CtVal {
     /// Packets and bytes seen in this direction (approximate under races).
     pub packets: u64,
     pub bytes: u64,
-    /// Key of the entry for the other direction.
-    pub peer: CtKey,
     /// `ct_dir::*`.
     pub dir: u8,
     /// `ct_state::*`.
@@ -638,6 +636,40 @@ pub struct CtVal {
     pub dsr_ep: Addr,
     /// IPIP DSR: the outer source address (cached with the next hop).
     pub encap_src: Addr,
+}
+
+impl CtKey {
+    /// Key of the entry for the other direction of the session whose entry
+    /// `v` this key holds: the translated tuple, reversed (a reply comes
+    /// from where the packet was sent, to where it was sent from). `None`
+    /// for DSR sessions, which have no reply entry. Derived, not stored:
+    /// the value stays small, and the session table's insert cost grows
+    /// with the element's size.
+    #[inline(always)]
+    pub fn peer(&self, v: &CtVal) -> Option<CtKey> {
+        if !v.has_peer() {
+            return None;
+        }
+        Some(CtKey {
+            saddr: v.xdaddr,
+            daddr: v.xsaddr,
+            sport: v.xdport,
+            dport: v.xsport,
+            proto: self.proto,
+            _pad1: 0,
+            _pad2: 0,
+        })
+    }
+}
+
+impl CtVal {
+    /// Whether the session has an entry for the other direction (all but
+    /// DSR); its key is `CtKey::peer` (the datapath derives it the same
+    /// way, into per-CPU scratch rather than onto its stack).
+    #[inline(always)]
+    pub const fn has_peer(&self) -> bool {
+        self.mode != lb_mode::DSR && self.mode != lb_mode::DSR_IPIP
+    }
 }
 
 /// How long a session trusts its cached next hop before asking the FIB
@@ -958,7 +990,6 @@ no_implicit_padding!(CtVal {
     last_seen_ns: u64,
     packets: u64,
     bytes: u64,
-    peer: CtKey,
     dir: u8,
     state: u8,
     mode: u8,
@@ -1074,11 +1105,10 @@ const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 32);
 const _: () = assert!(size_of::<CtKey>() == 40);
-const _: () = assert!(size_of::<CtVal>() == 176);
+const _: () = assert!(size_of::<CtVal>() == 136);
 const _: () = assert!(core::mem::offset_of!(CtVal, last_seen_ns) == 48);
-const _: () = assert!(core::mem::offset_of!(CtVal, peer) == 72);
-const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 116);
-const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 136);
+const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 76);
+const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 96);
 const _: () = assert!(size_of::<GlobalCfg>() == 40);
 const _: () = assert!(size_of::<RuleVips>() == 72);
 const _: () = assert!(size_of::<SctpWalk>() == 56);
@@ -1121,6 +1151,43 @@ mod tests {
         assert_eq!(b.slot, 1 << EP_BANK_SHIFT);
         // index is masked into its bank, never spills into the other one
         assert_eq!(EpKey::new(7, 0, MAX_EPS_PER_RULE).slot, 0);
+    }
+
+    #[test]
+    fn each_entrys_reply_key_is_its_translation_reversed() {
+        // Full-NAT: client 192.168.0.2:40000 -> VIP 20.0.0.1:80 becomes
+        // 20.0.0.1:33000 -> endpoint 10.0.1.10:8080, and back.
+        let (client, vip, ep) = (
+            v4_mapped(u32::from_be_bytes([192, 168, 0, 2]).to_be()),
+            v4_mapped(u32::from_be_bytes([20, 0, 0, 1]).to_be()),
+            v4_mapped(u32::from_be_bytes([10, 0, 1, 10]).to_be()),
+        );
+        let key = |saddr, daddr, sport: u16, dport: u16| CtKey {
+            saddr,
+            daddr,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        let x = |xsaddr, xdaddr, xsport: u16, xdport: u16, mode| CtVal {
+            xsaddr,
+            xdaddr,
+            xsport: xsport.to_be(),
+            xdport: xdport.to_be(),
+            mode,
+            ..Default::default()
+        };
+        let fwd = key(client, vip, 40000, 80);
+        let rev = key(ep, vip, 8080, 33000);
+        let fv = x(vip, ep, 33000, 8080, lb_mode::FULLNAT);
+        let rv = x(vip, client, 80, 40000, lb_mode::FULLNAT);
+        assert_eq!(fwd.peer(&fv), Some(rev));
+        assert_eq!(rev.peer(&rv), Some(fwd));
+        // DSR: one entry, no reply key.
+        for mode in [lb_mode::DSR, lb_mode::DSR_IPIP] {
+            assert_eq!(fwd.peer(&x(client, vip, 40000, 80, mode)), None);
+        }
     }
 
     #[test]

@@ -314,8 +314,8 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
         }
         assert_eq!((vb.nh_ifindex, vb.nh_expiry_ns), (0, 0));
         assert_eq!(
-            (vb.xsaddr, vb.xdaddr, vb.xsport, vb.xdport, vb.peer, vb.dir, vb.mode),
-            (va.xsaddr, va.xdaddr, va.xsport, va.xdport, va.peer, va.dir, va.mode),
+            (vb.xsaddr, vb.xdaddr, vb.xsport, vb.xdport, vb.dir, vb.mode),
+            (va.xsaddr, va.xdaddr, va.xsport, va.xdport, va.dir, va.mode),
             "{k:?}: translation"
         );
         // The age carried over: B's last packet is A's (one clock here).
@@ -447,14 +447,12 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
         .find(|(k, _)| u16::from_be(k.sport) == 40003)
         .unwrap()
         .1;
-    let (fk, rk) = (
-        *a_ct
-            .iter()
-            .find(|(k, _)| u16::from_be(k.sport) == 40003)
-            .unwrap()
-            .0,
-        fwd.peer,
-    );
+    let fk = *a_ct
+        .iter()
+        .find(|(k, _)| u16::from_be(k.sport) == 40003)
+        .unwrap()
+        .0;
+    let rk = fk.peer(&fwd).expect("a full-NAT session has a reply entry");
     let rev = a_ct[&rk];
     a.run(move |dp| {
         let now = loxilb_agent::show::monotonic_ns();
@@ -466,13 +464,11 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
             r.dport = port;
             let v = CtVal {
                 xsport: port,
-                peer: r,
                 last_seen_ns: now,
                 ..fwd
             };
             let rv = CtVal {
                 xdport: port,
-                peer: k,
                 last_seen_ns: now,
                 ..rev
             };
