@@ -235,7 +235,8 @@ pub fn session_rows(sessions: &[(CtKey, CtVal)], now_ns: u64) -> Vec<SessionRow>
                 protocol: proto(k.proto),
                 client: sa(k.saddr, k.sport),
                 service: sa(k.daddr, k.dport),
-                endpoint: sa(v.xdaddr, v.xdport),
+                // A DSR session is not translated: its endpoint is apart.
+                endpoint: sa(if v.has_peer() { v.xdaddr } else { v.dsr_ep }, v.xdport),
                 state,
                 idle_s: now_ns.saturating_sub(last) / 1_000_000_000,
                 packets_in: v.packets,
@@ -562,6 +563,55 @@ pub fn bgp_table(n: &[crate::bgp::Neighbor]) -> String {
 mod tests {
     use super::*;
     use crate::rules::{tests::MemTable, Rules};
+
+    #[test]
+    fn a_session_row_names_the_endpoint_in_every_mode() {
+        let a = |s: &str| {
+            loxilb_common::v4_mapped(u32::from(s.parse::<std::net::Ipv4Addr>().unwrap()).to_be())
+        };
+        let key = CtKey {
+            saddr: a("192.168.0.2"),
+            daddr: a("20.0.0.1"),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        let ep = "10.0.1.10:80".parse().unwrap();
+        // DNAT: the translated destination; its reply entry joined.
+        let fwd = CtVal {
+            xsaddr: key.saddr,
+            xdaddr: a("10.0.1.10"),
+            xsport: key.sport,
+            xdport: key.dport,
+            packets: 3,
+            ..Default::default()
+        };
+        let rk = key.peer(&fwd).unwrap();
+        let rev = CtVal {
+            dir: ct_dir::REPLY,
+            packets: 2,
+            ..Default::default()
+        };
+        let rows = session_rows(&[(key, fwd), (rk, rev)], 0);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].endpoint, rows[0].packets_in, rows[0].packets_out),
+            (ep, 3, 2)
+        );
+        // DSR: untranslated, the endpoint kept apart; no reply entry.
+        let dsr = CtVal {
+            xsaddr: key.saddr,
+            xdaddr: key.daddr,
+            xsport: key.sport,
+            xdport: key.dport,
+            mode: lb_mode::DSR,
+            dsr_ep: a("10.0.1.10"),
+            ..Default::default()
+        };
+        let rows = session_rows(&[(key, dsr)], 0);
+        assert_eq!((rows[0].endpoint, rows[0].packets_out), (ep, 0));
+    }
 
     #[test]
     fn an_association_is_one_row_with_both_tags_its_clients_and_paths() {
