@@ -528,12 +528,13 @@ async fn probe_sender(ctx: &Ctx, hello: &Hello, addr: SocketAddr) {
                     "ctsync: sender {:?} is dead (its listener {to} refuses): takeover hint for {:?}",
                     hello.name, hello.identity
                 );
+                // The hint first: whoever sees the count sees the hint.
+                let _ = ctx.dead.send(hello.identity.clone());
                 ctx.stats(|s| {
                     s.inbound.senders_dead += 1;
                     s.inbound.last_dead =
                         Some(format!("{} ({to}) at {}", hello.identity, unix_now()));
                 });
-                let _ = ctx.dead.send(hello.identity.clone());
                 return;
             }
             Ok(Ok(mut probe)) => {
