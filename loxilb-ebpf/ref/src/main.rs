@@ -85,7 +85,9 @@ static REF_SVC: HashMap<SvcKey, SvcVal, 65536> = HashMap::new();
 #[btf_map]
 static REF_BACKENDS: Array<Backend, 65536> = Array::new();
 #[btf_map]
-static REF_CT: LruHashMap<CtKey, CtVal, 262144> = LruHashMap::new();
+static REF_CT: LruHashMap<CtKey, CtVal, REF_CT_ENTRIES> = LruHashMap::new();
+/// (Mirrored by the benchmark's `REF_CT_ENTRIES`.)
+const REF_CT_ENTRIES: usize = 262_144;
 
 const ETH_HLEN: usize = 14;
 const IPPROTO_TCP: u8 = 6;
@@ -258,24 +260,60 @@ pub fn ref_xdp_dnat(ctx: XdpContext) -> u32 {
     dnat(&ctx, &p, b)
 }
 
-#[xdp]
-pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
+/// What the conntrack references need of their key type: the key of a
+/// tuple, the value for a backend, the hit's accounting.
+trait Entry: Copy {
+    type Val: Copy;
+    fn of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self;
+    fn val(backend: u32) -> Self::Val;
+    /// Count a packet on the entry; its backend.
+    unsafe fn hit(v: *mut Self::Val) -> u32;
+}
+
+impl Entry for CtKey {
+    type Val = CtVal;
+    #[inline(always)]
+    fn of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+    #[inline(always)]
+    fn val(backend: u32) -> CtVal {
+        CtVal {
+            backend,
+            pad: 0,
+            packets: 1,
+        }
+    }
+    #[inline(always)]
+    unsafe fn hit(v: *mut CtVal) -> u32 {
+        unsafe {
+            (*v).packets += 1;
+            (*v).backend
+        }
+    }
+}
+
+/// `ref_xdp_dnat` behind the conntrack LRU `ct`: a hit takes the entry's
+/// backend, a miss picks one and inserts the entry; `TWO`: a reply entry
+/// (keyed by the backend's reply tuple) is inserted before it.
+#[inline(always)]
+fn dnat_ct<K: Entry, const M: usize, const TWO: bool>(
+    ctx: &XdpContext,
+    ct: &LruHashMap<K, K::Val, M>,
+) -> u32 {
     let Some(p) = parse(ctx.data(), ctx.data_end()) else {
         return xdp_action::XDP_PASS;
     };
-    let key = CtKey {
-        saddr: p.saddr,
-        daddr: p.daddr,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        pad: [0; 3],
-    };
-    let slot = match REF_CT.get_ptr_mut(&key) {
-        Some(ct) => unsafe {
-            (*ct).packets += 1;
-            (*ct).backend
-        },
+    let key = K::of(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let slot = match ct.get_ptr_mut(&key) {
+        Some(v) => unsafe { K::hit(v) },
         None => {
             let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
                 return xdp_action::XDP_PASS;
@@ -283,12 +321,17 @@ pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
             let Some(slot) = pick(svc, &p) else {
                 return xdp_action::XDP_DROP;
             };
-            let v = CtVal {
-                backend: slot,
-                pad: 0,
-                packets: 1,
-            };
-            if REF_CT.insert(&key, &v, 0).is_err() {
+            let v = K::val(slot);
+            if TWO {
+                let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+                    return xdp_action::XDP_DROP;
+                };
+                let rev = unsafe { K::of((*b).addr, p.saddr, (*b).port, p.sport, p.proto) };
+                if ct.insert(&rev, &v, 0).is_err() {
+                    return xdp_action::XDP_DROP;
+                }
+            }
+            if ct.insert(&key, &v, 0).is_err() {
                 return xdp_action::XDP_DROP;
             }
             slot
@@ -297,7 +340,12 @@ pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
     let Some(b) = REF_BACKENDS.get_ptr(slot) else {
         return xdp_action::XDP_DROP;
     };
-    dnat(&ctx, &p, b)
+    dnat(ctx, &p, b)
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
+    dnat_ct::<CtKey, REF_CT_ENTRIES, false>(&ctx, &REF_CT)
 }
 
 /// A key of the datapath's conntrack key size (the tuple in IPv4-mapped
@@ -337,77 +385,46 @@ fn mapped(a: u32) -> [u32; 4] {
     [0, 0, 0xffffu32.to_be(), a]
 }
 
-/// `ref_xdp_dnat_ct` over `REF_CT_SHAPE`; `TWO`: a reply entry (keyed by
-/// the backend's reply tuple) is inserted before the forward one.
-#[inline(always)]
-fn dnat_ct_shape<const TWO: bool>(ctx: &XdpContext) -> u32 {
-    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
-        return xdp_action::XDP_PASS;
-    };
-    let key = ShapeKey {
-        saddr: mapped(p.saddr),
-        daddr: mapped(p.daddr),
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        pad1: 0,
-        pad2: 0,
-    };
-    let slot = match REF_CT_SHAPE.get_ptr_mut(&key) {
-        Some(ct) => unsafe {
-            (*ct).packets += 1;
-            (*ct).backend
-        },
-        None => {
-            let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
-                return xdp_action::XDP_PASS;
-            };
-            let Some(slot) = pick(svc, &p) else {
-                return xdp_action::XDP_DROP;
-            };
-            let v = ShapeVal {
-                backend: slot,
-                pad: 0,
-                packets: 1,
-                rest: [0; SHAPE_REST],
-            };
-            if TWO {
-                let Some(b) = REF_BACKENDS.get_ptr(slot) else {
-                    return xdp_action::XDP_DROP;
-                };
-                let rev = ShapeKey {
-                    saddr: mapped(unsafe { (*b).addr }),
-                    daddr: key.saddr,
-                    sport: unsafe { (*b).port },
-                    dport: p.sport,
-                    proto: p.proto,
-                    pad1: 0,
-                    pad2: 0,
-                };
-                if REF_CT_SHAPE.insert(&rev, &v, 0).is_err() {
-                    return xdp_action::XDP_DROP;
-                }
-            }
-            if REF_CT_SHAPE.insert(&key, &v, 0).is_err() {
-                return xdp_action::XDP_DROP;
-            }
-            slot
+impl Entry for ShapeKey {
+    type Val = ShapeVal;
+    #[inline(always)]
+    fn of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        ShapeKey {
+            saddr: mapped(saddr),
+            daddr: mapped(daddr),
+            sport,
+            dport,
+            proto,
+            pad1: 0,
+            pad2: 0,
         }
-    };
-    let Some(b) = REF_BACKENDS.get_ptr(slot) else {
-        return xdp_action::XDP_DROP;
-    };
-    dnat(ctx, &p, b)
+    }
+    #[inline(always)]
+    fn val(backend: u32) -> ShapeVal {
+        ShapeVal {
+            backend,
+            pad: 0,
+            packets: 1,
+            rest: [0; SHAPE_REST],
+        }
+    }
+    #[inline(always)]
+    unsafe fn hit(v: *mut ShapeVal) -> u32 {
+        unsafe {
+            (*v).packets += 1;
+            (*v).backend
+        }
+    }
 }
 
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape1(ctx: XdpContext) -> u32 {
-    dnat_ct_shape::<false>(&ctx)
+    dnat_ct::<ShapeKey, { loxilb_common::MAX_CT_ENTRIES as usize }, false>(&ctx, &REF_CT_SHAPE)
 }
 
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape2(ctx: XdpContext) -> u32 {
-    dnat_ct_shape::<true>(&ctx)
+    dnat_ct::<ShapeKey, { loxilb_common::MAX_CT_ENTRIES as usize }, true>(&ctx, &REF_CT_SHAPE)
 }
 
 #[classifier]
