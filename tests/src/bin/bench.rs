@@ -40,7 +40,10 @@
 //! DNAT flow's ACK) and a miss (a new tuple every call). Each of our rows
 //! is printed against its matching reference: established and reply paths
 //! against the conntrack hit, new flows against the miss, non-service
-//! against parse + lookup.
+//! against parse + lookup. `ref_xdp_dnat_ct_shape1` / `_shape2` make the
+//! miss with the datapath's conntrack entry shape, one insert and two; a
+//! line after the table splits the rr new-flow cost with them (reference
+//! miss | entry shape | second insert | the rest of our path).
 //!
 //! Then: the instructions the verifier processed and the stack of every
 //! program, ours and the references'; the new-flow rate; and a long run
