@@ -26,6 +26,10 @@
 #![no_std]
 #![no_main]
 
+// The datapath's own conntrack key (the tuple in IPv4-mapped 16-byte
+// addresses), for the references with its entry shape.
+use loxilb_common::CtKey as DpKey;
+
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
     btf_maps::{Array, HashMap, LruHashMap},
@@ -348,21 +352,6 @@ pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
     dnat_ct::<CtKey, REF_CT_ENTRIES, false>(&ctx, &REF_CT)
 }
 
-/// A key of the datapath's conntrack key size (the tuple in IPv4-mapped
-/// 16-byte addresses, as the datapath keeps IPv4).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ShapeKey {
-    pub saddr: [u32; 4],
-    pub daddr: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub pad1: u8,
-    pub pad2: u16,
-}
-const _: () = assert!(size_of::<ShapeKey>() == size_of::<loxilb_common::CtKey>());
-
 const SHAPE_REST: usize = (size_of::<loxilb_common::CtVal>() - 16) / 8;
 
 /// A value of the datapath's conntrack value size.
@@ -377,26 +366,21 @@ pub struct ShapeVal {
 const _: () = assert!(size_of::<ShapeVal>() == size_of::<loxilb_common::CtVal>());
 
 #[btf_map]
-static REF_CT_SHAPE: LruHashMap<ShapeKey, ShapeVal, { loxilb_common::MAX_CT_ENTRIES as usize }> =
+static REF_CT_SHAPE: LruHashMap<DpKey, ShapeVal, { loxilb_common::MAX_CT_ENTRIES as usize }> =
     LruHashMap::new();
 
-#[inline(always)]
-fn mapped(a: u32) -> [u32; 4] {
-    [0, 0, 0xffffu32.to_be(), a]
-}
-
-impl Entry for ShapeKey {
+impl Entry for DpKey {
     type Val = ShapeVal;
     #[inline(always)]
     fn of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
-        ShapeKey {
-            saddr: mapped(saddr),
-            daddr: mapped(daddr),
+        DpKey {
+            saddr: loxilb_common::v4_mapped(saddr),
+            daddr: loxilb_common::v4_mapped(daddr),
             sport,
             dport,
             proto,
-            pad1: 0,
-            pad2: 0,
+            _pad1: 0,
+            _pad2: 0,
         }
     }
     #[inline(always)]
@@ -419,12 +403,12 @@ impl Entry for ShapeKey {
 
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape1(ctx: XdpContext) -> u32 {
-    dnat_ct::<ShapeKey, { loxilb_common::MAX_CT_ENTRIES as usize }, false>(&ctx, &REF_CT_SHAPE)
+    dnat_ct::<DpKey, { loxilb_common::MAX_CT_ENTRIES as usize }, false>(&ctx, &REF_CT_SHAPE)
 }
 
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape2(ctx: XdpContext) -> u32 {
-    dnat_ct::<ShapeKey, { loxilb_common::MAX_CT_ENTRIES as usize }, true>(&ctx, &REF_CT_SHAPE)
+    dnat_ct::<DpKey, { loxilb_common::MAX_CT_ENTRIES as usize }, true>(&ctx, &REF_CT_SHAPE)
 }
 
 #[classifier]
