@@ -310,6 +310,35 @@ impl Datapath {
         Ok(a.get(&0, 0)?)
     }
 
+    /// Let new sessions use the next hop cached per endpoint
+    /// (`cfg_flags::EP_NH_CACHE`), or stop them. Returns whether it
+    /// changed.
+    pub fn set_ep_nh_cache(&mut self, on: bool) -> Result<bool> {
+        let mut cfg = self.config()?;
+        let was = cfg.flags & loxilb_common::cfg_flags::EP_NH_CACHE != 0;
+        if was == on {
+            return Ok(false);
+        }
+        cfg.flags ^= loxilb_common::cfg_flags::EP_NH_CACHE;
+        self.set_config(cfg)?;
+        Ok(true)
+    }
+
+    /// Check the node's routing ([`crate::netlink::routing_plain`]) and
+    /// set `cfg_flags::EP_NH_CACHE` to match, logging a change.
+    pub fn check_routing(&mut self) -> Result<()> {
+        let why = crate::netlink::routing_plain()?;
+        if self.set_ep_nh_cache(why.is_none())? {
+            match why {
+                None => tracing::info!("routing is plain: new sessions use the next hop kept per endpoint"),
+                Some(w) => tracing::info!(
+                    "{w}: every new session asks the FIB for its next hop (none is kept per endpoint)"
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// Classify every device of this network namespace
     /// ([`crate::devices::classify`]) and write the result to
     /// `LB_DEV_FWD`, replacing what it held. Returns the devices and how
@@ -607,6 +636,19 @@ impl Datapath {
     pub fn endpoints(&self) -> Result<StdHashMap<EpKey, EpVal>> {
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
         Ok(eps.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The next hop kept toward endpoint slot `idx` (`EpVal::stat_idx`).
+    pub fn ep_nh(&self, idx: u32) -> Result<loxilb_common::EpNh> {
+        let a: Array<_, loxilb_common::EpNh> = Array::try_from(self.map(mn::EP_NH)?)?;
+        Ok(a.get(&idx, 0)?)
+    }
+
+    /// Write the next hop kept toward endpoint slot `idx` (tests).
+    pub fn set_ep_nh(&mut self, idx: u32, nh: loxilb_common::EpNh) -> Result<()> {
+        let mut a: Array<_, loxilb_common::EpNh> = Array::try_from(self.map_mut(mn::EP_NH)?)?;
+        a.set(idx, nh, 0)?;
+        Ok(())
     }
 
     /// Every VIP of each SCTP rule, primary first, by rule id.

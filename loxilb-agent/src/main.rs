@@ -931,6 +931,9 @@ fn start_node(
     (cfg.snat_port_lo, cfg.snat_port_hi) = a.snat_ports;
     (cfg.new_flow_interval_ns, cfg.new_flow_burst) = a.new_flow_limit()?;
     dp.set_config(cfg)?;
+    if let Err(e) = dp.check_routing() {
+        warn!("reading the node's routing failed (rechecked every 10 s): {e:#}");
+    }
     // Before anything is attached: which devices XDP can transmit
     // through; `--forward=xdp` refuses what it cannot reach.
     let devs = dp.update_devices()?;

@@ -19,6 +19,7 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
+    rule::{RuleAttribute, RuleMessage},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_packet_utils::nla::Nla as _;
@@ -282,6 +283,100 @@ pub fn routes() -> Result<Vec<RouteEntry>> {
         });
     }
     Ok(out)
+}
+
+/// Whether the FIB's answer toward an address depends on that address
+/// alone (and the device a packet came in on): `None` if so, else why not.
+/// The datapath then keeps one next hop per endpoint for new sessions
+/// (`cfg_flags::EP_NH_CACHE`). Not plain: a policy rule other than the
+/// kernel's defaults (local, main, default), a multipath route or one
+/// through a nexthop object (ECMP picks a path per flow), a
+/// source-specific IPv6 route, a route by TOS.
+pub fn routing_plain() -> Result<Option<String>> {
+    let rules = route_request(
+        RouteNetlinkMessage::GetRule(RuleMessage::default()),
+        NLM_F_DUMP,
+    )
+    .context("listing policy rules")?;
+    let rules: Vec<RuleMessage> = rules
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRule(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    if let Some(why) = rules_not_plain(&rules) {
+        return Ok(Some(why));
+    }
+    let routes = route_request(
+        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        NLM_F_DUMP,
+    )
+    .context("listing routes")?;
+    Ok(routes.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewRoute(r) => route_not_plain(r),
+        _ => None,
+    }))
+}
+
+/// `RTA_NH_ID`: the route's next hops are a nexthop object (maybe a group).
+const RTA_NH_ID: u16 = 30;
+
+/// Why one route makes the routing not plain (see [`routing_plain`]).
+fn route_not_plain(r: &RouteMessage) -> Option<String> {
+    let dest = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => route_addr(d),
+        _ => None,
+    });
+    let what = || {
+        format!(
+            "{}/{}",
+            dest.map(|d| d.to_string())
+                .unwrap_or_else(|| "default".into()),
+            r.header.destination_prefix_length
+        )
+    };
+    if r.header.source_prefix_length != 0 {
+        return Some(format!("route {} is source-specific", what()));
+    }
+    if r.header.tos != 0 {
+        return Some(format!("route {} is by TOS", what()));
+    }
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::MultiPath(h) if h.len() > 1 => {
+                return Some(format!("route {} has {} next hops", what(), h.len()))
+            }
+            a if a.kind() == RTA_NH_ID => {
+                return Some(format!("route {} goes through a nexthop object", what()))
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Why the policy rules make the routing not plain: any rule but the
+/// kernel's defaults (priority 0 to table local, 32766 to main, 32767 to
+/// default), with no selector.
+fn rules_not_plain(rules: &[RuleMessage]) -> Option<String> {
+    const DEFAULTS: [(u32, u32); 3] = [(0, 255), (32766, 254), (32767, 253)];
+    rules.iter().find_map(|r| {
+        let mut prio = 0;
+        let mut table = r.header.table as u32;
+        let mut selector = r.header.src_len != 0 || r.header.dst_len != 0 || r.header.tos != 0;
+        for a in &r.attributes {
+            match a {
+                RuleAttribute::Priority(p) => prio = *p,
+                RuleAttribute::Table(t) => table = *t,
+                RuleAttribute::Protocol(_) | RuleAttribute::SuppressPrefixLen(_) => {}
+                RuleAttribute::SuppressIfGroup(_) => {}
+                _ => selector = true,
+            }
+        }
+        (selector || !DEFAULTS.contains(&(prio, table)))
+            .then(|| format!("policy rule {prio} (table {table}) is not one of the defaults"))
+    })
 }
 
 /// The address messages of device `ifindex`.
@@ -589,5 +684,63 @@ mod tests {
         let mut bad = nla(1, b"abcd");
         bad[0] = 200;
         assert!(nlas(&bad).is_empty());
+    }
+
+    fn rule(prio: u32, table: u32, extra: Vec<RuleAttribute>) -> RuleMessage {
+        let mut r = RuleMessage::default();
+        r.attributes = vec![RuleAttribute::Priority(prio), RuleAttribute::Table(table)];
+        r.attributes.extend(extra);
+        r
+    }
+
+    #[test]
+    fn only_the_default_rules_are_plain() {
+        let defaults = vec![
+            rule(0, 255, vec![]),
+            rule(32766, 254, vec![]),
+            rule(32767, 253, vec![]),
+        ];
+        assert_eq!(rules_not_plain(&defaults), None);
+        let mut more = defaults.clone();
+        more.push(rule(100, 100, vec![]));
+        assert!(rules_not_plain(&more)
+            .unwrap()
+            .contains("policy rule 100 (table 100)"));
+        // A default priority and table with a selector is not the default.
+        let from = vec![rule(32766, 254, vec![RuleAttribute::FwMark(1)])];
+        assert!(rules_not_plain(&from).is_some());
+        let mut src = rule(32766, 254, vec![]);
+        src.header.src_len = 24;
+        assert!(rules_not_plain(&[src]).is_some());
+    }
+
+    #[test]
+    fn multipath_source_specific_and_tos_routes_are_not_plain() {
+        use netlink_packet_route::route::RouteNextHop;
+        let mut r = RouteMessage::default();
+        r.header.destination_prefix_length = 24;
+        r.attributes = vec![RouteAttribute::Destination(RouteAddress::Inet(
+            "10.1.0.0".parse().unwrap(),
+        ))];
+        assert_eq!(route_not_plain(&r), None);
+        let mut one = r.clone();
+        one.attributes
+            .push(RouteAttribute::MultiPath(vec![RouteNextHop::default()]));
+        assert_eq!(route_not_plain(&one), None, "one next hop");
+        let mut ecmp = r.clone();
+        ecmp.attributes.push(RouteAttribute::MultiPath(vec![
+            RouteNextHop::default(),
+            RouteNextHop::default(),
+        ]));
+        assert_eq!(
+            route_not_plain(&ecmp).as_deref(),
+            Some("route 10.1.0.0/24 has 2 next hops")
+        );
+        let mut from = r.clone();
+        from.header.source_prefix_length = 64;
+        assert!(route_not_plain(&from).unwrap().contains("source-specific"));
+        let mut tos = r;
+        tos.header.tos = 0x10;
+        assert!(route_not_plain(&tos).unwrap().contains("TOS"));
     }
 }

@@ -293,6 +293,9 @@ impl Node {
                 self.announce_rule(svc_key(r.vip, r.port, r.protocol), rule_vips(r));
             }
         }
+        if let Err(e) = self.dp.check_routing() {
+            warn!("reading the node's routing failed: {e:#}");
+        }
         self.nudge_neighbours();
         self.sync_bgp();
         self.publish_probe_state();
@@ -425,6 +428,9 @@ impl Node {
                 }
             }
             Err(e) => warn!("walking the session table failed: {e:#}"),
+        }
+        if let Err(e) = self.dp.check_routing() {
+            warn!("reading the node's routing failed: {e:#}");
         }
         self.nudge_neighbours();
         self.sync_bgp();

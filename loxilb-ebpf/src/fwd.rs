@@ -12,7 +12,10 @@
 //!
 //! The FIB answer (egress interface and both MACs) is cached in the
 //! session's conntrack entry for `NH_CACHE_NS`, so an established flow pays
-//! for one FIB lookup per second instead of one per packet.
+//! for one FIB lookup per second instead of one per packet. When the agent
+//! found the node's routing plain (`cfg_flags::EP_NH_CACHE`), the answer
+//! toward an endpoint is also kept per endpoint (`LB_EP_NH`), so the first
+//! packet of a new session to it pays for no FIB lookup either.
 
 use core::mem::size_of;
 
@@ -20,11 +23,13 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LOOKUP_SRC},
     helpers::bpf_fib_lookup,
 };
-use loxilb_common::{cfg_flags, csum, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS};
+use loxilb_common::{
+    cfg_flags, csum, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, EpNh, NH_CACHE_NS,
+};
 
 use crate::{
     ctx::{PktCtx, Verdict},
-    maps::{count, LB_CONFIG, LB_DEV_FWD, LB_SCRATCH_FIB},
+    maps::{count, LB_CONFIG, LB_DEV_FWD, LB_EP_NH, LB_SCRATCH_FIB},
     parse::{ptr_at, Pkt, ETH_HLEN},
 };
 
@@ -138,12 +143,13 @@ pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr) -> Option<Addr> {
 }
 
 #[inline(always)]
-fn via_stack(p: &Pkt) -> bool {
-    let stack = match LB_CONFIG.get_ptr(0) {
-        Some(c) => unsafe { (*c).flags & cfg_flags::FORWARD_VIA_STACK != 0 },
-        None => false,
-    };
-    stack || p.vlan
+/// The agent's `cfg_flags`.
+#[inline(always)]
+fn cfg() -> u32 {
+    match LB_CONFIG.get_ptr(0) {
+        Some(c) => unsafe { (*c).flags },
+        None => 0,
+    }
 }
 
 /// Whether this hook can transmit through `ifindex`: always from TC (its
@@ -204,11 +210,82 @@ fn remember(ct: *mut CtVal, now: u64, ifindex: u32, macs: [u16; 6]) {
     }
 }
 
-/// Forward a translated packet. `ct` is the session entry of this
-/// direction (its next-hop cache), `now` the current coarse monotonic time (ns).
+/// The next hop cached toward endpoint slot `ep` for a packet to `dst`
+/// of `tot_len` bytes arriving on `in_ifindex`, if it may be used (see
+/// `EpNh`).
 #[inline(always)]
-pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, now: u64) -> Verdict {
-    if via_stack(p) {
+fn ep_cached(
+    ep: u32,
+    dst: &Addr,
+    in_ifindex: u32,
+    tot_len: u16,
+    now: u64,
+) -> Option<(u32, [u16; 6])> {
+    let e = LB_EP_NH.get_ptr(ep)?;
+    unsafe {
+        if (*e).ifindex != 0
+            && now < (*e).expiry_ns
+            && (*e).in_ifindex == in_ifindex
+            && tot_len <= (*e).max_len
+            && (*e).dst == *dst
+        {
+            Some(((*e).ifindex, (*e).macs))
+        } else {
+            None
+        }
+    }
+}
+
+/// Keep the FIB's answer toward endpoint slot `ep` (see `EpNh`).
+#[inline(always)]
+fn ep_remember(
+    ep: u32,
+    dst: &Addr,
+    in_ifindex: u32,
+    tot_len: u16,
+    now: u64,
+    ifindex: u32,
+    macs: [u16; 6],
+) {
+    let Some(e) = LB_EP_NH.get_ptr_mut(ep) else {
+        return;
+    };
+    unsafe {
+        // A fresh answer for the same address, device and next hop only
+        // raises the length known to fit.
+        let same = (*e).ifindex == ifindex
+            && now < (*e).expiry_ns
+            && (*e).in_ifindex == in_ifindex
+            && (*e).dst == *dst
+            && (*e).macs == macs;
+        let max_len = if same && (*e).max_len > tot_len {
+            (*e).max_len
+        } else {
+            tot_len
+        };
+        *e = EpNh {
+            dst: *dst,
+            ifindex,
+            in_ifindex,
+            macs,
+            max_len,
+            _pad: 0,
+            expiry_ns: now + NH_CACHE_NS,
+        };
+    }
+}
+
+/// No endpoint slot: [`forward`] uses and fills no per-endpoint next hop.
+pub const NO_EP: u32 = u32::MAX;
+
+/// Forward a translated packet. `ct` is the session entry of this
+/// direction (its next-hop cache), `ep` the endpoint slot of a new
+/// session's first packet toward its endpoint (its per-endpoint next-hop
+/// cache; else `NO_EP`), `now` the current coarse monotonic time (ns).
+#[inline(always)]
+pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -> Verdict {
+    let flags = cfg();
+    if flags & cfg_flags::FORWARD_VIA_STACK != 0 || p.vlan {
         count(stat::FWD_STACK);
         return Verdict::Pass;
     }
@@ -252,30 +329,44 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, now: u64) -> Verdict
             count(stat::PASS_TTL);
             return Verdict::Pass;
         }
+        let per_ep = ep != NO_EP && flags & cfg_flags::EP_NH_CACHE != 0;
         let (ifindex, macs) = match cached(ct, now) {
             Some(nh) => nh,
-            None => {
-                let f = fib(ctx, p, tot_len, &src, &dst, 0);
-                if f.rc != RET_SUCCESS {
-                    if !ct.is_null() {
-                        (*ct).nh_ifindex = 0;
-                    }
-                    count(stat::FWD_STACK);
-                    return Verdict::Pass;
+            None => match if per_ep {
+                ep_cached(ep, &dst, ctx.ifindex(), tot_len, now)
+            } else {
+                None
+            } {
+                Some((ifindex, macs)) => {
+                    remember(ct, now, ifindex, macs);
+                    (ifindex, macs)
                 }
-                if !can_send::<C>(f.ifindex) {
-                    // Not cached: the next packet asks again, so a device
-                    // that becomes a redirect target is used within a
-                    // packet.
-                    if !ct.is_null() {
-                        (*ct).nh_ifindex = 0;
+                None => {
+                    let f = fib(ctx, p, tot_len, &src, &dst, 0);
+                    if f.rc != RET_SUCCESS {
+                        if !ct.is_null() {
+                            (*ct).nh_ifindex = 0;
+                        }
+                        count(stat::FWD_STACK);
+                        return Verdict::Pass;
                     }
-                    count(stat::FWD_STACK_DEVICE);
-                    return Verdict::Pass;
+                    if !can_send::<C>(f.ifindex) {
+                        // Not cached: the next packet asks again, so a device
+                        // that becomes a redirect target is used within a
+                        // packet.
+                        if !ct.is_null() {
+                            (*ct).nh_ifindex = 0;
+                        }
+                        count(stat::FWD_STACK_DEVICE);
+                        return Verdict::Pass;
+                    }
+                    remember(ct, now, f.ifindex, f.macs);
+                    if per_ep {
+                        ep_remember(ep, &dst, ctx.ifindex(), tot_len, now, f.ifindex, f.macs);
+                    }
+                    (f.ifindex, f.macs)
                 }
-                remember(ct, now, f.ifindex, f.macs);
-                (f.ifindex, f.macs)
-            }
+            },
         };
         // Decrement TTL / hop limit as a router does; fix the IPv4 header
         // checksum (IPv6 has none).

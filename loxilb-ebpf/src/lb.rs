@@ -63,7 +63,7 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
         sctp: 0,
         l4_len: 0,
     };
-    fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
+    fwd::forward(ctx, &p, core::ptr::null_mut(), fwd::NO_EP, 0)
 }
 
 /// ICMPv6 arriving on an interface: echo to a VIP answered, errors about
@@ -93,7 +93,7 @@ fn icmp6_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp6) -> Verdict {
         sctp: 0,
         l4_len: 0,
     };
-    fwd::forward(ctx, &p, core::ptr::null_mut(), 0)
+    fwd::forward(ctx, &p, core::ptr::null_mut(), fwd::NO_EP, 0)
 }
 
 /// The egress side (TC): only ICMP errors the node itself generates about
@@ -184,7 +184,7 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             // only if it is not loaded).
             ctx.tail_call(if V6 { JMP_SCTP6 } else { JMP_SCTP4 });
         }
-        return translate_and_forward(ctx, &p, &x, v, now);
+        return translate_and_forward(ctx, &p, &x, v, fwd::NO_EP, now);
     }
     // No live session: the new-flow program takes it from here.
     ctx.tail_call(if V6 { JMP_NEW6 } else { JMP_NEW4 });
@@ -402,7 +402,7 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     if p.sctp & sctp_ev::INIT != 0 {
         ctx.tail_call(if p.v6 { JMP_SCTP6 } else { JMP_SCTP4 });
     }
-    translate_and_forward(ctx, p, &x, v, now)
+    translate_and_forward(ctx, p, &x, v, ep_stat, now)
 }
 
 /// The SCTP program (tail-called on an INIT, INIT-ACK, ABORT or SHUTDOWN
@@ -458,16 +458,18 @@ pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             sctp::begin(ctx, &p, end, v, now);
         }
     }
-    translate_and_forward(ctx, &p, &x, v, now)
+    translate_and_forward(ctx, &p, &x, v, fwd::NO_EP, now)
 }
 
-/// Rewrite `p` to `x` (across families for NAT64 sessions) and forward it.
+/// Rewrite `p` to `x` (across families for NAT64 sessions) and forward it
+/// (`ep`: see [`fwd::forward`]).
 #[inline(always)]
 fn translate_and_forward<C: PktCtx>(
     ctx: &C,
     p: &parse::Pkt,
     x: &Xlate,
     v: *mut loxilb_common::CtVal,
+    ep: u32,
     now: u64,
 ) -> Verdict {
     if p.v6 == is_v4(&x.xd) {
@@ -477,12 +479,12 @@ fn translate_and_forward<C: PktCtx>(
             nat64::to_v6(ctx, p, x)
         };
         return match q {
-            Some(q) => fwd::forward(ctx, &q, v, now),
+            Some(q) => fwd::forward(ctx, &q, v, ep, now),
             None => Verdict::Drop,
         };
     }
     if !nat::rewrite(p, ctx.data_end(), x) {
         return Verdict::Pass;
     }
-    fwd::forward(ctx, p, v, now)
+    fwd::forward(ctx, p, v, ep, now)
 }

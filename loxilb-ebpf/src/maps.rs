@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal,
-    GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal,
-    ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
+    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, DevFwd, EpKey, EpNh, EpStats,
+    EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData, SvcKey,
+    SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
     MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
@@ -91,6 +91,11 @@ pub static LB_EP_STATS: PerCpuArray<EpStats, { MAX_EP_STATS as usize }> = PerCpu
 /// of sessions that vanished by LRU eviction).
 #[btf_map]
 pub static LB_EP_ACTIVE: Array<u64, { MAX_EP_STATS as usize }> = Array::new();
+
+/// The next hop toward each endpoint, indexed by `EpVal::stat_idx`, for
+/// a new session's first packet (see `loxilb_common::EpNh`).
+#[btf_map]
+pub static LB_EP_NH: Array<EpNh, { MAX_EP_STATS as usize }> = Array::new();
 
 #[inline(always)]
 pub fn ep_active_add(idx: u32, delta: i64) {

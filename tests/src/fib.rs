@@ -152,9 +152,15 @@ pub fn with_datapath_rules(
 
 /// Load the datapath in the calling thread's namespace (a [`fib_netns`])
 /// and classify its devices as the agent does, so XDP redirects through
-/// d0 and d1.
+/// d0 and d1; the namespace's routing is plain, so new sessions use the
+/// next hop kept per endpoint, as the agent sets it.
 pub fn load_datapath() -> loxilb_agent::datapath::Datapath {
     let mut dp = loxilb_agent::datapath::Datapath::load(None).expect("load datapath");
+    dp.check_routing().expect("read the namespace's routing");
+    assert!(
+        dp.config().unwrap().flags & loxilb_common::cfg_flags::EP_NH_CACHE != 0,
+        "a new namespace's routing is plain"
+    );
     let devs = dp.update_devices().expect("classify devices");
     for d in ["d0", "d1"] {
         let (_, f) = devs

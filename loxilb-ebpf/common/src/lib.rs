@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -53,8 +53,11 @@ pub mod map_names {
     /// XDP redirect or the kernel stack ([`crate::DevFwd`]), decided by the
     /// agent from the device's kind and XDP features.
     pub const DEV_FWD: &str = "LB_DEV_FWD";
+    /// The next hop toward each endpoint (by its `EpVal::stat_idx`), for a
+    /// new session's first packet ([`crate::EpNh`]).
+    pub const EP_NH: &str = "LB_EP_NH";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -73,6 +76,7 @@ pub mod map_names {
         JMP_XDP,
         JMP_TC,
         DEV_FWD,
+        EP_NH,
     ];
 }
 
@@ -676,6 +680,33 @@ impl CtVal {
 /// again: a route or neighbour change reaches live sessions within this.
 pub const NH_CACHE_NS: u64 = 1_000_000_000;
 
+/// `LB_EP_NH` value: the FIB's answer toward one endpoint, written by the
+/// datapath when a packet toward it needed a FIB lookup and read by the
+/// first packet of a new session to that endpoint, which then skips the
+/// lookup (a session's later packets use the next hop cached in its own
+/// entry). Used only when the agent found the node's routing plain
+/// (`cfg_flags::EP_NH_CACHE`: the FIB's answer depends on the destination
+/// alone), and only for a packet toward the same address, arriving on the
+/// same device, no longer than the one the FIB checked, within
+/// `NH_CACHE_NS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpNh {
+    /// The address looked up (the endpoint's; a slot reused for another
+    /// endpoint does not match).
+    pub dst: Addr,
+    /// Egress device (0: empty).
+    pub ifindex: u32,
+    /// The device the packet that filled it arrived on.
+    pub in_ifindex: u32,
+    /// [dst MAC, src MAC] as 16-bit words.
+    pub macs: [u16; 6],
+    /// The longest packet (IP total length) the FIB said fits.
+    pub max_len: u16,
+    pub _pad: u16,
+    pub expiry_ns: u64,
+}
+
 /// Global datapath counters: index into the per-CPU `LB_STATS` array.
 pub mod stat {
     /// Packets seen by the program.
@@ -855,6 +886,10 @@ pub mod dev_fwd {
 pub mod cfg_flags {
     /// Never redirect in XDP; hand translated packets to the stack instead.
     pub const FORWARD_VIA_STACK: u32 = 1;
+    /// The node's routing is plain (the agent checks: no policy rules but
+    /// the defaults, no multipath or source-specific routes): a new
+    /// session may use the next hop cached per endpoint (`LB_EP_NH`).
+    pub const EP_NH_CACHE: u32 = 2;
 }
 
 /// Cheap pre-filter: one bit per hashed address, set by the agent for every
@@ -1083,6 +1118,15 @@ no_implicit_padding!(SctpWalk {
     mode: u8,
     _pad: u16
 });
+no_implicit_padding!(EpNh {
+    dst: Addr,
+    ifindex: u32,
+    in_ifindex: u32,
+    macs: [u16; 6],
+    max_len: u16,
+    _pad: u16,
+    expiry_ns: u64
+});
 no_implicit_padding!(EpStats {
     packets: u64,
     bytes: u64,
@@ -1101,6 +1145,7 @@ const _: () = assert!(size_of::<AffVal>() == 32);
 const _: () = assert!(size_of::<SrcRangeData>() == 20);
 const _: () = assert!(size_of::<RuleStats>() == 64);
 const _: () = assert!(size_of::<EpStats>() == 32);
+const _: () = assert!(size_of::<EpNh>() == 48);
 const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 32);
@@ -1134,6 +1179,7 @@ mod user {
     unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for EpStats {}
+    unsafe impl aya::Pod for EpNh {}
     unsafe impl aya::Pod for RuleVips {}
     unsafe impl aya::Pod for AssocKey {}
     unsafe impl aya::Pod for AssocVal {}

@@ -34,6 +34,7 @@ mod fuzz;
 mod icmp;
 mod ipv6;
 mod modes;
+mod nexthop;
 mod packets;
 mod probes;
 mod sctp;

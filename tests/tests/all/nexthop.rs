@@ -1,0 +1,191 @@
+//! The next hop kept per endpoint (`LB_EP_NH`), through BPF_PROG_TEST_RUN:
+//! a new session's first packet fills it from the FIB and the next new
+//! session to that endpoint takes it from there (no FIB lookup) — but only
+//! for the same address, the same ingress device, a packet no longer than
+//! the one the FIB checked, before it expires, and while the agent finds
+//! the node's routing plain (a policy rule turns it off).
+
+use loxilb_common::{cfg_flags, v4_mapped, EpNh};
+use loxilb_tests::fib::verdict::XDP_REDIRECT;
+use loxilb_tests::{
+    fib::{run_xdp, with_datapath, EP1_MAC, LB_TO_EP_MAC},
+    need_root,
+    netns::sh,
+    packet::{Frame, SYN},
+};
+
+const RULE: &str = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8080}]}\n";
+
+/// A MAC no neighbour has: a frame sent to it took the kept next hop.
+const KEPT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x99];
+
+fn words(dst: [u8; 6], src: [u8; 6]) -> [u16; 6] {
+    let w = |m: [u8; 6], i: usize| u16::from_ne_bytes([m[2 * i], m[2 * i + 1]]);
+    [
+        w(dst, 0),
+        w(dst, 1),
+        w(dst, 2),
+        w(src, 0),
+        w(src, 1),
+        w(src, 2),
+    ]
+}
+
+fn ep_addr(ip: [u8; 4]) -> loxilb_common::Addr {
+    v4_mapped(u32::from_ne_bytes(ip))
+}
+
+/// A new session's SYN from client port `sport` (`pad` more payload
+/// bytes): the destination MAC it leaves with.
+fn new_flow_mac(dp: &mut loxilb_agent::datapath::Datapath, sport: u16, pad: usize) -> [u8; 6] {
+    let mut f = Frame::tcp("192.168.0.2", sport, "20.0.0.100", 80, SYN);
+    f.payload.extend(std::iter::repeat_n(b'x', pad));
+    let (v, out) = run_xdp(dp, &f.bytes());
+    assert_eq!(v, XDP_REDIRECT, "port {sport}");
+    out[0..6].try_into().unwrap()
+}
+
+#[test]
+fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
+    if !need_root("a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may") {
+        return;
+    }
+    with_datapath("epnh", RULE, |dp| {
+        let idx = dp.endpoints().unwrap().values().next().unwrap().stat_idx;
+        assert_eq!(dp.ep_nh(idx).unwrap(), EpNh::default(), "empty at first");
+        // The first new session asks the FIB and keeps its answer.
+        assert_eq!(new_flow_mac(dp, 40000, 0), EP1_MAC);
+        let filled = dp.ep_nh(idx).unwrap();
+        assert_eq!(filled.dst, ep_addr([10, 0, 1, 10]));
+        assert_eq!(filled.macs, words(EP1_MAC, LB_TO_EP_MAC));
+        assert_ne!(filled.ifindex, 0);
+        // IPv4 20 + TCP 20 + "hello".
+        assert_eq!(filled.max_len, 45);
+        assert!(filled.expiry_ns > 0);
+
+        // The kept entry is what the next new session uses: one with a
+        // MAC no neighbour has shows it was not asked again.
+        let kept = EpNh {
+            macs: words(KEPT_MAC, LB_TO_EP_MAC),
+            expiry_ns: u64::MAX,
+            ..filled
+        };
+        dp.set_ep_nh(idx, kept).unwrap();
+        assert_eq!(
+            new_flow_mac(dp, 40001, 0),
+            KEPT_MAC,
+            "taken from the kept next hop"
+        );
+
+        // Not for a longer packet than the FIB checked: asked again, and
+        // the answer kept with the longer length.
+        assert_eq!(new_flow_mac(dp, 40002, 100), EP1_MAC, "a longer packet");
+        let again = dp.ep_nh(idx).unwrap();
+        assert_eq!(
+            (again.macs, again.max_len),
+            (words(EP1_MAC, LB_TO_EP_MAC), 145)
+        );
+        // ... and a shorter one then fits the same answer.
+        dp.set_ep_nh(
+            idx,
+            EpNh {
+                max_len: 145,
+                ..kept
+            },
+        )
+        .unwrap();
+        assert_eq!(new_flow_mac(dp, 40003, 50), KEPT_MAC, "a shorter packet");
+
+        // Not for another address (the slot was reused), another ingress
+        // device, nor once it expired.
+        for (why, bad) in [
+            (
+                "another endpoint's",
+                EpNh {
+                    dst: ep_addr([10, 0, 1, 99]),
+                    ..kept
+                },
+            ),
+            (
+                "another device's",
+                EpNh {
+                    in_ifindex: kept.in_ifindex + 1000,
+                    ..kept
+                },
+            ),
+            (
+                "expired",
+                EpNh {
+                    expiry_ns: 1,
+                    ..kept
+                },
+            ),
+        ] {
+            dp.set_ep_nh(idx, bad).unwrap();
+            assert_eq!(new_flow_mac(dp, 40010, 0), EP1_MAC, "{why} entry taken");
+            assert_eq!(
+                dp.ep_nh(idx).unwrap().macs,
+                words(EP1_MAC, LB_TO_EP_MAC),
+                "{why} entry: the FIB's answer kept instead"
+            );
+            // The next new session to it can take the answer kept.
+            let mut c = dp.ep_nh(idx).unwrap();
+            c.macs = words(KEPT_MAC, LB_TO_EP_MAC);
+            dp.set_ep_nh(idx, c).unwrap();
+            assert_eq!(
+                new_flow_mac(dp, 40011, 0),
+                KEPT_MAC,
+                "after the {why} entry"
+            );
+            // (the two sessions end, so the ports can be used again)
+            dp.clear_sessions().unwrap();
+        }
+
+        // A policy rule: the FIB's answer may depend on more than the
+        // destination, so the agent turns the kept next hops off and every
+        // new session asks the FIB.
+        sh(&[
+            "ip",
+            "rule",
+            "add",
+            "from",
+            "192.168.0.0/24",
+            "table",
+            "100",
+            "priority",
+            "100",
+        ])
+        .unwrap();
+        dp.check_routing().unwrap();
+        assert_eq!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
+        dp.set_ep_nh(idx, kept).unwrap();
+        assert_eq!(new_flow_mac(dp, 40020, 0), EP1_MAC, "with a policy rule");
+        assert_eq!(dp.ep_nh(idx).unwrap(), kept, "nothing kept meanwhile");
+        sh(&["ip", "rule", "del", "priority", "100"]).unwrap();
+        dp.check_routing().unwrap();
+        assert_ne!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
+        assert_eq!(new_flow_mac(dp, 40021, 0), KEPT_MAC, "the rule gone");
+
+        // A multipath route: off too.
+        sh(&[
+            "ip",
+            "route",
+            "add",
+            "10.9.0.0/24",
+            "nexthop",
+            "via",
+            "10.0.1.10",
+            "nexthop",
+            "via",
+            "10.0.1.11",
+        ])
+        .unwrap();
+        dp.check_routing().unwrap();
+        assert_eq!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
+        assert_eq!(
+            new_flow_mac(dp, 40030, 0),
+            EP1_MAC,
+            "with a multipath route"
+        );
+    });
+}
