@@ -15,7 +15,10 @@
 //! for one FIB lookup per second instead of one per packet. When the agent
 //! found the node's routing plain (`cfg_flags::EP_NH_CACHE`), the answer
 //! toward an endpoint is also kept per endpoint (`LB_EP_NH`), so the first
-//! packet of a new session to it pays for no FIB lookup either.
+//! packet of a new session to it pays for no FIB lookup either (nor for
+//! reading its new entry back to cache it there: the session's next packet
+//! caches it from the endpoint's), and a session toward it refreshes its
+//! own from there.
 
 use core::mem::size_of;
 
@@ -24,7 +27,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
 };
 use loxilb_common::{
-    cfg_flags, csum, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, EpNh, NH_CACHE_NS,
+    cfg_flags, csum, ct_dir, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, EpNh, NH_CACHE_NS,
 };
 
 use crate::{
@@ -275,13 +278,35 @@ fn ep_remember(
     }
 }
 
+/// The endpoint slot whose kept next hop [`forward`] may use and fill
+/// (written to `slot`), if the agent allows it: `ep`, or `ct`'s for
+/// `SESSION_EP`.
+#[inline(always)]
+fn ep_slot(ct: *const CtVal, ep: u32, flags: u32, slot: &mut u32) -> bool {
+    if flags & cfg_flags::EP_NH_CACHE == 0 || ep == NO_EP {
+        return false;
+    }
+    *slot = if ep != SESSION_EP {
+        ep
+    } else if !ct.is_null() && unsafe { (*ct).dir } == ct_dir::FORWARD {
+        unsafe { (*ct).ep_stat }
+    } else {
+        return false;
+    };
+    true
+}
+
 /// No endpoint slot: [`forward`] uses and fills no per-endpoint next hop.
 pub const NO_EP: u32 = u32::MAX;
+/// The endpoint slot of the session `ct`, if it is the forward entry (a
+/// packet toward the endpoint).
+pub const SESSION_EP: u32 = u32::MAX - 1;
 
 /// Forward a translated packet. `ct` is the session entry of this
-/// direction (its next-hop cache), `ep` the endpoint slot of a new
-/// session's first packet toward its endpoint (its per-endpoint next-hop
-/// cache; else `NO_EP`), `now` the current coarse monotonic time (ns).
+/// direction (its next-hop cache; null for a new session's first packet:
+/// the session's next packet fills it), `ep` the endpoint slot whose kept next hop may be used
+/// when `ct` has none (`SESSION_EP`: `ct`'s own; `NO_EP`: none), `now`
+/// the current coarse monotonic time (ns).
 #[inline(always)]
 pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -> Verdict {
     let flags = cfg();
@@ -329,11 +354,11 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
             count(stat::PASS_TTL);
             return Verdict::Pass;
         }
-        let per_ep = ep != NO_EP && flags & cfg_flags::EP_NH_CACHE != 0;
+        let mut per_ep = NO_EP;
         let (ifindex, macs) = match cached(ct, now) {
             Some(nh) => nh,
-            None => match if per_ep {
-                ep_cached(ep, &dst, ctx.ifindex(), tot_len, now)
+            None => match if ep_slot(ct, ep, flags, &mut per_ep) {
+                ep_cached(per_ep, &dst, ctx.ifindex(), tot_len, now)
             } else {
                 None
             } {
@@ -361,8 +386,8 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
                         return Verdict::Pass;
                     }
                     remember(ct, now, f.ifindex, f.macs);
-                    if per_ep {
-                        ep_remember(ep, &dst, ctx.ifindex(), tot_len, now, f.ifindex, f.macs);
+                    if per_ep != NO_EP {
+                        ep_remember(per_ep, &dst, ctx.ifindex(), tot_len, now, f.ifindex, f.macs);
                     }
                     (f.ifindex, f.macs)
                 }

@@ -184,7 +184,7 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             // only if it is not loaded).
             ctx.tail_call(if V6 { JMP_SCTP6 } else { JMP_SCTP4 });
         }
-        return translate_and_forward(ctx, &p, &x, v, fwd::NO_EP, now);
+        return translate_and_forward(ctx, &p, &x, v, fwd::SESSION_EP, now);
     }
     // No live session: the new-flow program takes it from here.
     ctx.tail_call(if V6 { JMP_NEW6 } else { JMP_NEW4 });
@@ -390,8 +390,8 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
             (*rs).bytes += p.l3_len as u64;
         }
     }
-    let v = LB_CT.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
     if dsr {
+        let v = LB_CT.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
         let verdict = fwd::forward_dsr(ctx, p, v, now, ep_addr, mode == lb_mode::DSR_IPIP);
         if verdict == Verdict::Drop && !v.is_null() {
             // The endpoint cannot be reached this way: no session.
@@ -402,7 +402,10 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     if p.sctp & sctp_ev::INIT != 0 {
         ctx.tail_call(if p.v6 { JMP_SCTP6 } else { JMP_SCTP4 });
     }
-    translate_and_forward(ctx, p, &x, v, ep_stat, now)
+    // The new entry is not read back to cache the next hop in it: the
+    // session's next packet does that (from the next hop kept per
+    // endpoint, or with a FIB lookup when the routing is not plain).
+    translate_and_forward(ctx, p, &x, core::ptr::null_mut(), ep_stat, now)
 }
 
 /// The SCTP program (tail-called on an INIT, INIT-ACK, ABORT or SHUTDOWN

@@ -3,7 +3,8 @@
 //! session to that endpoint takes it from there (no FIB lookup) — but only
 //! for the same address, the same ingress device, a packet no longer than
 //! the one the FIB checked, before it expires, and while the agent finds
-//! the node's routing plain (a policy rule turns it off).
+//! the node's routing plain (a policy rule turns it off). A session's
+//! second packet caches it in the session's own entry.
 
 use loxilb_common::{cfg_flags, v4_mapped, EpNh};
 use loxilb_tests::fib::verdict::XDP_REDIRECT;
@@ -11,7 +12,7 @@ use loxilb_tests::{
     fib::{run_xdp, with_datapath, EP1_MAC, LB_TO_EP_MAC},
     need_root,
     netns::sh,
-    packet::{Frame, SYN},
+    packet::{Frame, ACK, SYN},
 };
 
 const RULE: &str = "rules:\n  - {vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{ip: 10.0.1.10, port: 8080}]}\n";
@@ -42,6 +43,15 @@ fn new_flow_mac(dp: &mut loxilb_agent::datapath::Datapath, sport: u16, pad: usiz
     f.payload.extend(std::iter::repeat_n(b'x', pad));
     let (v, out) = run_xdp(dp, &f.bytes());
     assert_eq!(v, XDP_REDIRECT, "port {sport}");
+    out[0..6].try_into().unwrap()
+}
+
+/// An ACK of the session from client port `sport`: the destination MAC it
+/// leaves with.
+fn ack_mac(dp: &mut loxilb_agent::datapath::Datapath, sport: u16) -> [u8; 6] {
+    let f = Frame::tcp("192.168.0.2", sport, "20.0.0.100", 80, ACK);
+    let (v, out) = run_xdp(dp, &f.bytes());
+    assert_eq!(v, XDP_REDIRECT, "ACK from port {sport}");
     out[0..6].try_into().unwrap()
 }
 
@@ -76,6 +86,14 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
             KEPT_MAC,
             "taken from the kept next hop"
         );
+        // The session's next packet finds no next hop in its own entry
+        // (the first was not read back to store one): it takes the kept
+        // one too and caches it in the entry, where the packets after it
+        // find it whatever the kept one becomes.
+        assert_eq!(ack_mac(dp, 40001), KEPT_MAC, "the session's second packet");
+        dp.set_ep_nh(idx, EpNh::default()).unwrap();
+        assert_eq!(ack_mac(dp, 40001), KEPT_MAC, "cached in the session");
+        dp.set_ep_nh(idx, kept).unwrap();
 
         // Not for a longer packet than the FIB checked: asked again, and
         // the answer kept with the longer length.
@@ -160,6 +178,11 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
         assert_eq!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
         dp.set_ep_nh(idx, kept).unwrap();
         assert_eq!(new_flow_mac(dp, 40020, 0), EP1_MAC, "with a policy rule");
+        assert_eq!(
+            ack_mac(dp, 40020),
+            EP1_MAC,
+            "its second packet asks the FIB too"
+        );
         assert_eq!(dp.ep_nh(idx).unwrap(), kept, "nothing kept meanwhile");
         sh(&["ip", "rule", "del", "priority", "100"]).unwrap();
         dp.check_routing().unwrap();
