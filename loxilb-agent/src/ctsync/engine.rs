@@ -162,7 +162,17 @@ impl Scanner {
             match xlate::export(k, v, &idx) {
                 Ok(r) if owned.rule(&r.rule) => scanned.push((r, v.last_seen_ns)),
                 Ok(_) => not_owned += 1,
-                Err(_) => skipped += 1,
+                Err(_) => {
+                    skipped += 1;
+                    // A live session that cannot be exported this time
+                    // (its rule or endpoint changed under the walk, which
+                    // reads the rules apart from the sessions) is not gone:
+                    // it keeps its last record, and receivers are not told
+                    // to remove it.
+                    if let Some(e) = self.prev.get(k) {
+                        scanned.push((e.rec, e.last_seen_ns));
+                    }
+                }
             }
         }
         let (state, d) = delta::diff(&self.prev, scanned, self.refresh_ns);
@@ -633,6 +643,35 @@ mod tests {
         apply_frames(&mut ap, &mut b, &out.frames);
         b.with(|s| assert_eq!(s.ct.len(), 2));
         assert_eq!(ap.tracked(), 2);
+    }
+
+    #[test]
+    fn a_session_the_sender_cannot_export_for_a_while_is_not_removed() {
+        let (mut a, mut b) = tables();
+        let now = a.now_ns();
+        let s1 = x::session("192.168.0.2", 40000, "20.0.0.100", "10.0.1.11", 1, 1, now);
+        a.with(|s| s.ct.extend(s1.iter().copied()));
+        let mut sc = Scanner::new(Duration::from_secs(5), 64);
+        let mut ap = Applier::default();
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
+        apply_frames(&mut ap, &mut b, &out.frames);
+        b.with(|s| assert_eq!(s.ct.len(), 2));
+        // The sender's endpoint record is being rewritten while it scans:
+        // the session cannot be exported, but it is still there.
+        let eps = a.with(|s| std::mem::take(&mut s.eps));
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
+        assert_eq!((out.upserts, out.removes, out.skipped), (0, 0, 2));
+        assert_eq!(out.state.len(), 2, "kept in the snapshot state");
+        apply_frames(&mut ap, &mut b, &out.frames);
+        b.with(|s| assert_eq!(s.ct.len(), 2, "the receiver keeps it"));
+        // Back: nothing to send; gone for good: removed.
+        a.with(|s| s.eps = eps);
+        assert!(sc.scan(&mut a, &Owned::All).unwrap().frames.is_empty());
+        a.with(|s| s.ct.clear());
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
+        assert_eq!((out.upserts, out.removes), (0, 2));
+        apply_frames(&mut ap, &mut b, &out.frames);
+        b.with(|s| assert!(s.ct.is_empty()));
     }
 
     #[test]

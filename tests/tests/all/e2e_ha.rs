@@ -759,8 +759,17 @@ fn watch_takeover(
 fn carries_on(c: &mut Conn, first: &Reply, agents: &[Option<KubeAgent>], f: usize, run: usize) {
     c.set_timeout(Duration::from_secs(10)).unwrap();
     let after = c.ask("after").unwrap_or_else(|e| {
+        // What the new owner's datapath had and did, for the failure's cause.
+        let cli = |sub: &str| {
+            agents[f]
+                .as_ref()
+                .map(|a| a.cli(sub).unwrap_or_else(|e| format!("{e:#}")))
+                .unwrap_or_default()
+        };
         panic!(
-            "run {run}: the connection broke: {e:#}\n{}",
+            "run {run}: the connection broke: {e:#}\nnode {f}'s sessions:\n{}\nnode {f}'s counters:\n{}\n{}",
+            cli("sessions"),
+            cli("stats"),
             log_of(agents, f)
         )
     });
