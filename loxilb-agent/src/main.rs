@@ -800,11 +800,14 @@ fn show(pin_dir: &Path, what: Show, output: Output) -> Result<()> {
         }
         Show::Stats => {
             let (stats, devs) = (m.stats()?, m.dev_fwd()?);
-            let stack = m.config()?.flags & loxilb_common::cfg_flags::FORWARD_VIA_STACK != 0;
+            let flags = m.config()?.flags;
+            let stack = flags & loxilb_common::cfg_flags::FORWARD_VIA_STACK != 0;
+            let ep_nh = flags & loxilb_common::cfg_flags::EP_NH_CACHE != 0;
             if json {
                 return out(serde_json::json!({
                     "counters": stats.iter().map(|(n, v)| (n.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                     "forward_via_stack": stack,
+                    "next_hop_per_endpoint": ep_nh,
                     "devices": devs.iter().map(|(i, d)| serde_json::json!({
                         "ifindex": i,
                         "device": devices::name_of(d),
@@ -814,6 +817,14 @@ fn show(pin_dir: &Path, what: Show, output: Output) -> Result<()> {
                 }));
             }
             print!("{}", show::stats_table(&stats));
+            println!(
+                "\nnext hop kept per endpoint for new sessions: {}",
+                if ep_nh {
+                    "on (the node's routing is plain)"
+                } else {
+                    "off (policy rules, multipath, source-specific or TOS routes: every new session asks the FIB)"
+                }
+            );
             if stack {
                 println!(
                     "\n--forward=stack: every translated packet goes to the kernel stack \

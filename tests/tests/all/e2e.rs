@@ -97,6 +97,12 @@ fn tcp_and_udp_balanced_over_all_backends_client_ip_kept() {
     };
     assert!(get("new_session") >= 22, "{stats}");
     assert!(get("fwd_redirect") > 0, "XDP redirect never used:\n{stats}");
+    // The agent found the namespace's routing plain: new sessions take
+    // the next hop kept per endpoint.
+    assert!(
+        stats.contains("next hop kept per endpoint for new sessions: on"),
+        "{stats}"
+    );
     let rules = agent.cli("rules").unwrap();
     assert!(
         rules.contains("20.0.0.100:80") && rules.contains("tcp"),
