@@ -181,12 +181,15 @@ impl Elector {
     }
 
     /// The Lease is free at `now`: whether to hold back (waiting out the
-    /// acquire delay).
-    fn hold_back(&mut self, now: Timestamp) -> bool {
+    /// acquire delay). A Lease whose holder was found `dead` is taken
+    /// without the delay: the delay spreads owner groups over live agents,
+    /// and the one that finds an owner dead should take its VIPs at once
+    /// (rebalancing moves them on later if it then holds too many).
+    fn hold_back(&mut self, now: Timestamp, dead: bool) -> bool {
         if self.not_before.is_some_and(|t| now < t) {
             return true;
         }
-        if self.acquire_delay.is_zero() {
+        if dead || self.acquire_delay.is_zero() {
             return false;
         }
         let since = *self.free_since.get_or_insert(now);
@@ -209,7 +212,7 @@ impl Elector {
     pub fn decide(&mut self, current: Option<&Lease>, now: Timestamp) -> LeaseAction {
         let me = self.config.identity.clone();
         let Some(lease) = current else {
-            if self.hold_back(now) {
+            if self.hold_back(now, false) {
                 return LeaseAction::Wait {
                     holder: String::new(),
                 };
@@ -256,9 +259,11 @@ impl Elector {
                     holder: h.to_string(),
                 }
             }
-            h if self.hold_back(now) => LeaseAction::Wait {
-                holder: h.unwrap_or_default().to_string(),
-            },
+            h if self.hold_back(now, h.is_some_and(|h| self.known_dead(h, now))) => {
+                LeaseAction::Wait {
+                    holder: h.unwrap_or_default().to_string(),
+                }
+            }
             _ => {
                 self.free_since = None;
                 new_spec.holder_identity = Some(me);
@@ -923,5 +928,49 @@ mod tests {
         // Zero: at once.
         e.set_acquire_delay(Duration::ZERO);
         assert!(missing(&mut e, 30));
+    }
+
+    /// A Lease whose holder was found dead is taken at once even with an
+    /// acquire delay (the agent that found it dead takes its VIPs; the
+    /// rebalancing moves them later if it then holds too many); a hold-off
+    /// after giving the Lease up is still kept.
+    #[test]
+    fn a_dead_holders_lease_is_taken_without_the_acquire_delay() {
+        let mut e = Elector::new(cfg("b"));
+        e.set_acquire_delay(Duration::from_secs(4));
+        let held = lease(Some("a"), 10, 1);
+        assert!(matches!(
+            e.decide(Some(&held), t(10)),
+            LeaseAction::Wait { .. }
+        ));
+        // Expired but not known dead: the delay holds.
+        assert!(matches!(
+            e.decide(Some(&held), t(26)),
+            LeaseAction::Wait { .. }
+        ));
+        let mut e = Elector::new(cfg("b"));
+        e.set_acquire_delay(Duration::from_secs(4));
+        assert!(matches!(
+            e.decide(Some(&held), t(10)),
+            LeaseAction::Wait { .. }
+        ));
+        e.holder_dead("a", t(11));
+        assert!(matches!(
+            e.decide(Some(&held), t(11)),
+            LeaseAction::Update { takeover: true, .. }
+        ));
+        // Holding off (we gave it up a moment ago) wins over the hint.
+        let mut e = Elector::new(cfg("b"));
+        e.set_acquire_delay(Duration::from_secs(4));
+        e.hold_off(t(20));
+        e.holder_dead("a", t(11));
+        assert!(matches!(
+            e.decide(Some(&held), t(11)),
+            LeaseAction::Wait { .. }
+        ));
+        assert!(matches!(
+            e.decide(Some(&held), t(20)),
+            LeaseAction::Update { takeover: true, .. }
+        ));
     }
 }
