@@ -23,7 +23,7 @@ use aya::{
 use ipnet::IpNet;
 use loxilb_common::{
     addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, AssocKey,
-    AssocVal, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips,
+    AssocVal, Clock, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips,
     SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
 };
 
@@ -76,6 +76,9 @@ pub struct Datapath {
     attached: Vec<Attached>,
     /// TC egress attachments (ICMP error translation).
     egress: Vec<(String, aya::programs::tc::SchedClassifierLinkId)>,
+    /// The datapath's clock as last calibrated (None: it calls
+    /// `bpf_ktime_get_coarse_ns()` per packet).
+    clock: Option<crate::clock::Fit>,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -211,6 +214,7 @@ impl Datapath {
             prog_names::XDP_MAIN,
             prog_names::XDP_PASS,
             prog_names::XDP_DECAP,
+            prog_names::XDP_CLOCK,
         ]
         .into_iter()
         .chain(prog_names::XDP_JUMPS.iter().map(|(_, n)| *n));
@@ -267,7 +271,22 @@ impl Datapath {
             adopted,
             attached: vec![],
             egress: vec![],
+            clock: None,
         };
+        if wanted(prog_names::XDP_CLOCK) {
+            // Not fatal: uncalibrated, the datapath asks the kernel's coarse
+            // clock on every packet (correct, ~10-30 ns slower).
+            match dp.calibrate_clock() {
+                Ok(f) => tracing::debug!(
+                    hz = f.hz,
+                    "datapath clock: the jiffies counter, calibrated against CLOCK_MONOTONIC_COARSE"
+                ),
+                Err(e) => tracing::warn!(
+                    "the datapath clock could not be calibrated ({e:#}); the datapath reads \
+                     the kernel's coarse clock on every packet instead, which is slower"
+                ),
+            }
+        }
         if !adopted {
             dp.set_config(GlobalCfg {
                 layout_version: LAYOUT_VERSION,
@@ -297,6 +316,106 @@ impl Datapath {
         self.ebpf
             .map(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    /// One reading of the kernel's clocks, taken in one tick by the
+    /// `loxilb_clock` program.
+    fn clock_sample(&mut self) -> Result<crate::clock::Sample> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let input = [0u8; 64];
+        let r = self
+            .xdp_program(prog_names::XDP_CLOCK)?
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                ..Default::default()
+            })
+            .context("running loxilb_clock with BPF_PROG_TEST_RUN")?;
+        const XDP_PASS: u32 = 2;
+        if r.return_value != XDP_PASS {
+            bail!("loxilb_clock found the jiffies counter moving on every try");
+        }
+        let a: Array<_, Clock> = Array::try_from(self.map(mn::CLOCK)?)?;
+        let c = a.get(&0, 0)?;
+        Ok(crate::clock::Sample {
+            jiffies: c.sample_jiffies,
+            coarse_ns: c.sample_coarse_ns,
+        })
+    }
+
+    /// Fit the datapath's clock (`loxilb_common::Clock`) to the kernel's
+    /// coarse monotonic clock over 8 ticks (32 ms at 250 Hz) and install
+    /// it. Done by every load; [`Self::check_clock`] keeps it right.
+    pub fn calibrate_clock(&mut self) -> Result<crate::clock::Fit> {
+        let first = self.clock_sample()?;
+        let mut samples = vec![first];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while samples
+            .last()
+            .is_some_and(|s| s.jiffies.wrapping_sub(first.jiffies) < 8)
+        {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the jiffies counter moved {} times in 1 s",
+                    samples
+                        .last()
+                        .map_or(0, |s| s.jiffies.wrapping_sub(first.jiffies))
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let s = self.clock_sample()?;
+            if samples.last().is_some_and(|l| l.jiffies != s.jiffies) {
+                samples.push(s);
+            }
+        }
+        let f = crate::clock::fit(&samples).map_err(|e| anyhow!(e))?;
+        self.set_clock(f)?;
+        Ok(f)
+    }
+
+    /// Install a fitted clock (as [`Self::calibrate_clock`] does; tests
+    /// install wrong ones to see them found).
+    pub fn set_clock(&mut self, f: crate::clock::Fit) -> Result<()> {
+        let mut a: Array<_, Clock> = Array::try_from(self.map_mut(mn::CLOCK)?)?;
+        a.set(
+            0,
+            Clock {
+                ns_per_jiffy: f.ns_per_jiffy,
+                offset_ns: f.offset_ns,
+                ..Default::default()
+            },
+            0,
+        )?;
+        self.clock = Some(f);
+        Ok(())
+    }
+
+    /// The datapath's clock as calibrated (None: not calibrated; it asks
+    /// the kernel's coarse clock on every packet).
+    pub fn clock(&self) -> Option<crate::clock::Fit> {
+        self.clock
+    }
+
+    /// Compare the datapath's clock with the kernel's coarse clock (one
+    /// sample) and calibrate again if they are more than two ticks apart
+    /// (or it never was). Returns the gap found, ns, if it was mended.
+    /// Run on every upkeep tick.
+    pub fn check_clock(&mut self) -> Result<Option<u64>> {
+        if self.ebpf.program(prog_names::XDP_CLOCK).is_none() {
+            return Ok(None);
+        }
+        let gap = match self.clock {
+            Some(f) => {
+                let s = self.clock_sample()?;
+                let gap = f.error_ns(s);
+                if gap <= 2 * f.ns_per_jiffy {
+                    return Ok(None);
+                }
+                gap
+            }
+            None => u64::MAX,
+        };
+        self.calibrate_clock()?;
+        Ok(Some(gap))
     }
 
     pub fn set_config(&mut self, cfg: GlobalCfg) -> Result<()> {

@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod api;
 pub mod bgp;
+pub mod clock;
 pub mod config;
 pub mod ctsync;
 pub mod datapath;

@@ -296,6 +296,17 @@ impl Node {
         if let Err(e) = self.dp.check_routing() {
             warn!("reading the node's routing failed: {e:#}");
         }
+        match self.dp.check_clock() {
+            Ok(Some(gap)) if gap != u64::MAX => {
+                warn!(
+                    gap_ns = gap,
+                    "the datapath clock had drifted from the kernel's; calibrated again"
+                )
+            }
+            Ok(Some(_)) => info!("the datapath clock is calibrated now"),
+            Ok(None) => {}
+            Err(e) => warn!("checking the datapath clock failed: {e:#}"),
+        }
         self.nudge_neighbours();
         self.sync_bgp();
         self.publish_probe_state();

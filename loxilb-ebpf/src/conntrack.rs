@@ -1,14 +1,17 @@
 //! Connection tracking: one LRU entry per direction, idle timeout per rule,
 //! TCP FIN/RST shortening the session's life.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+};
 use loxilb_common::{
     ct_dir, ct_state, flow_hash, mix32, stat, Addr, CtKey, CtVal, CT_CLOSE_TIMEOUT_S, IPPROTO_SCTP,
     IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{count, ep_active_add, ep_stats, LB_CT, LB_SCRATCH_CT, LB_SCRATCH_KEY},
+    maps::{count, ep_active_add, ep_stats, LB_CLOCK, LB_CT, LB_SCRATCH_CT, LB_SCRATCH_KEY},
     parse::{ptr_at, sctp_ev, Pkt},
 };
 
@@ -33,9 +36,17 @@ pub fn key_of(p: &Pkt) -> CtKey {
 
 /// CLOCK_MONOTONIC at tick resolution (a few ms): plenty for idle
 /// timeouts in seconds, and it reads no clock hardware (a precise
-/// `bpf_ktime_get_ns` costs ~100 ns per packet in a VM).
+/// `bpf_ktime_get_ns` costs ~100 ns per packet in a VM). From the jiffies
+/// counter once the agent has calibrated `LB_CLOCK` (one inlined load
+/// instead of a helper call: see `loxilb_common::Clock`).
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    if let Some(c) = LB_CLOCK.get_ptr(0) {
+        let c = unsafe { &*c };
+        if c.ns_per_jiffy != 0 {
+            return c.at(unsafe { bpf_jiffies64() });
+        }
+    }
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 

@@ -196,6 +196,35 @@ pub fn loxilb_decap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Calibration of the datapath's clock (see `loxilb_common::Clock`):
+/// `bpf_jiffies64()` and `bpf_ktime_get_coarse_ns()` read within one tick
+/// (the jiffies read again after the clock, until it has not moved),
+/// written to `LB_CLOCK`. Run by the agent with `BPF_PROG_TEST_RUN`;
+/// returns XDP_PASS with a sample written, XDP_ABORTED without.
+#[xdp]
+pub fn loxilb_clock(_ctx: XdpContext) -> u32 {
+    let Some(c) = maps::LB_CLOCK.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let mut i = 0;
+    while i < 4 {
+        let (j, ns, j2) = unsafe {
+            let j = aya_ebpf::helpers::bpf_jiffies64();
+            let ns = aya_ebpf::helpers::bpf_ktime_get_coarse_ns();
+            (j, ns, aya_ebpf::helpers::bpf_jiffies64())
+        };
+        if j == j2 {
+            unsafe {
+                (*c).sample_jiffies = j;
+                (*c).sample_coarse_ns = ns;
+            }
+            return xdp_action::XDP_PASS;
+        }
+        i += 1;
+    }
+    xdp_action::XDP_ABORTED
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

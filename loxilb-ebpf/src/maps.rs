@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, CtKey, CtVal, DevFwd, EpKey, EpNh, EpStats,
-    EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData, SvcKey,
-    SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
-    MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpKey, EpNh,
+    EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData,
+    SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS,
+    MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -28,6 +28,10 @@ pub static LB_STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::n
 
 #[btf_map]
 pub static LB_CONFIG: Array<GlobalCfg, 1> = Array::new();
+
+/// The datapath's clock (`loxilb_common::Clock`; not pinned).
+#[btf_map]
+pub static LB_CLOCK: Array<Clock, 1> = Array::new();
 
 /// How translated packets leave through each device, by ifindex (the
 /// agent classifies every device of the namespace; absent = the stack).

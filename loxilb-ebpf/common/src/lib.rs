@@ -56,6 +56,9 @@ pub mod map_names {
     /// The next hop toward each endpoint (by its `EpVal::stat_idx`), for a
     /// new session's first packet ([`crate::EpNh`]).
     pub const EP_NH: &str = "LB_EP_NH";
+    /// The datapath's clock ([`crate::Clock`]): not pinned, calibrated by
+    /// the agent after every load (its programs are the ones reading it).
+    pub const CLOCK: &str = "LB_CLOCK";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
     pub const ALL: [&str; 19] = [
         SERVICES,
@@ -137,6 +140,10 @@ pub mod prog_names {
     pub const TC_EGRESS: &str = "loxilb_tc_egress";
     pub const XDP_PASS: &str = "loxilb_xdp_pass";
     pub const XDP_DECAP: &str = "loxilb_decap";
+    /// Reads the kernel's clocks into `LB_CLOCK` (run by the agent through
+    /// `BPF_PROG_TEST_RUN` to calibrate the datapath's clock; never
+    /// attached).
+    pub const XDP_CLOCK: &str = "loxilb_clock";
 }
 
 /// Map capacities.
@@ -831,6 +838,42 @@ pub struct GlobalCfg {
     pub new_flow_burst: u32,
 }
 
+/// `LB_CLOCK` value: how the datapath tells the time.
+///
+/// Every time the datapath keeps (a session's last packet, next-hop and
+/// affinity expiry, the new-flow rate limit) is `CLOCK_MONOTONIC` in ns at
+/// tick resolution, as `bpf_ktime_get_coarse_ns()` returns it and as the
+/// agent compares it. That helper is a call (~10-30 ns per packet, half of
+/// it the return's speculation barrier on some CPUs); the jiffies counter is
+/// one load (`bpf_jiffies64()` is inlined by the JIT) and advances on the
+/// same tick. So the datapath reads `jiffies * ns_per_jiffy + offset_ns`
+/// (wrapping), with both factors fitted by the agent against the coarse
+/// clock after every load and checked on every upkeep tick; while
+/// `ns_per_jiffy` is 0 (not calibrated) it calls the helper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    /// Nanoseconds per jiffy (the kernel's `TICK_NSEC`); 0 = use
+    /// `bpf_ktime_get_coarse_ns()`.
+    pub ns_per_jiffy: u64,
+    /// `CLOCK_MONOTONIC - jiffies * ns_per_jiffy` (wrapping).
+    pub offset_ns: u64,
+    /// Written by `loxilb_clock`: `bpf_jiffies64()` and
+    /// `bpf_ktime_get_coarse_ns()` read in the same tick.
+    pub sample_jiffies: u64,
+    pub sample_coarse_ns: u64,
+}
+
+impl Clock {
+    /// The datapath's time at `jiffies` (calibrated clocks only).
+    #[inline(always)]
+    pub const fn at(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.ns_per_jiffy)
+            .wrapping_add(self.offset_ns)
+    }
+}
+
 /// Default source-port range of onearm/full-NAT sessions.
 pub const SNAT_PORT_LO: u16 = 32768;
 pub const SNAT_PORT_HI: u16 = 60999;
@@ -1136,6 +1179,7 @@ no_implicit_padding!(EpStats {
 
 // Compile-time layout checks: kernel and userspace share these bytes.
 const _: () = assert!(size_of::<SvcKey>() == 20);
+const _: () = assert!(size_of::<Clock>() == 32);
 const _: () = assert!(size_of::<DevFwd>() == 24);
 const _: () = assert!(size_of::<SvcVal>() == 32);
 const _: () = assert!(size_of::<SelKey>() == 8);
@@ -1165,6 +1209,7 @@ mod user {
     use super::*;
     // SAFETY: all of these are repr(C), fully padded plain-old-data.
     unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for Clock {}
     unsafe impl aya::Pod for DevFwd {}
     unsafe impl aya::Pod for SvcVal {}
     unsafe impl aya::Pod for EpKey {}

@@ -353,6 +353,71 @@ fn tcp_fin_and_rst_shorten_the_session() {
     });
 }
 
+/// CLOCK_MONOTONIC_COARSE, the clock the datapath keeps.
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn the_datapath_clock_is_the_jiffies_counter_fitted_to_the_coarse_clock() {
+    if !need_root("the_datapath_clock_is_the_jiffies_counter_fitted_to_the_coarse_clock") {
+        return;
+    }
+    with_datapath("clock", |dp| {
+        let fit = dp.clock().expect("the load calibrates the datapath clock");
+        assert_eq!(fit.ns_per_jiffy, loxilb_agent::clock::tick_ns(fit.hz));
+        let tick = fit.ns_per_jiffy;
+        let last_seen = |dp: &mut loxilb_agent::datapath::Datapath, sport: u16| {
+            let before = coarse_ns();
+            let syn = Frame::tcp("192.168.0.2", sport, "20.0.0.100", 80, SYN);
+            assert_eq!(run_xdp(dp, &syn.bytes()).0, XDP_REDIRECT);
+            let after = coarse_ns();
+            let s = dp.sessions().unwrap();
+            let (_, v) = s
+                .iter()
+                .find(|(k, _)| u16::from_be(k.sport) == sport)
+                .expect("the SYN made a session");
+            (before, v.last_seen_ns, after)
+        };
+        // The session's time is the coarse clock's, within two ticks.
+        let (before, seen, after) = last_seen(dp, 44000);
+        assert!(
+            seen + 2 * tick >= before && seen <= after + 2 * tick,
+            "last seen {seen} ns, coarse clock {before}..{after} ns"
+        );
+        // The datapath reads the fitted clock, not the kernel's: a fit one
+        // second off shows in the next session ...
+        let off = loxilb_agent::clock::Fit {
+            offset_ns: fit.offset_ns.wrapping_add(1_000_000_000),
+            ..fit
+        };
+        dp.set_clock(off).unwrap();
+        let (before, seen, after) = last_seen(dp, 44001);
+        assert!(
+            seen >= before + 1_000_000_000 - 2 * tick && seen <= after + 1_000_000_000 + 2 * tick,
+            "last seen {seen} ns, coarse clock {before}..{after} ns: the datapath should read \
+             the fitted clock, a second ahead"
+        );
+        // ... and the upkeep's check finds it and fits it again.
+        let gap = dp.check_clock().unwrap().expect("a second off is mended");
+        assert!(
+            gap.abs_diff(1_000_000_000) <= 2 * tick,
+            "gap found: {gap} ns"
+        );
+        assert_eq!(dp.check_clock().unwrap(), None, "in step again");
+        let (before, seen, after) = last_seen(dp, 44002);
+        assert!(
+            seen + 2 * tick >= before && seen <= after + 2 * tick,
+            "last seen {seen} ns, coarse clock {before}..{after} ns"
+        );
+    });
+}
+
 #[test]
 fn idle_session_expires_and_is_replaced() {
     if !need_root("idle_session_expires_and_is_replaced") {
