@@ -97,8 +97,13 @@ impl ApiServer {
                 };
                 let (api, errors, agent) = (api.clone(), errors.clone(), agent.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_conn(&api, &agent, s, &errors).await {
-                        errors.lock().unwrap().push(format!("{agent}: {e:#}"));
+                    match serve_conn(&api, &agent, s, &errors).await {
+                        // A client killed with unread data on its socket
+                        // (a watch event in flight) resets the connection:
+                        // its going away, not an error of the API.
+                        Err(e) if peer_went_away(&e) => {}
+                        Err(e) => errors.lock().unwrap().push(format!("{agent}: {e:#}")),
+                        Ok(()) => {}
                     }
                 });
             }
@@ -157,6 +162,20 @@ impl Drop for ApiServer {
             rt.shutdown_background();
         }
     }
+}
+
+/// The connection was reset or cut by the peer (a killed agent).
+fn peer_went_away(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        })
+    })
 }
 
 /// Serve HTTP/1.1 requests on one connection until the peer closes it.
