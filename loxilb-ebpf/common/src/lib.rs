@@ -620,7 +620,7 @@ pub struct CtVal {
     /// SCTP: the initiate tag of the client's INIT that started the
     /// association this session belongs to (as loaded); 0 otherwise.
     pub sctp_tag: u32,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
+    /// CLOCK_MONOTONIC at tick resolution (the datapath clock: see [`Clock`]) of the
     /// last packet in this direction.
     pub last_seen_ns: u64,
     /// Packets and bytes seen in this direction (approximate under races).
@@ -640,7 +640,7 @@ pub struct CtVal {
     pub nh_macs: [u16; 6],
     /// The endpoint's counter index (`EpVal::stat_idx`).
     pub ep_stat: u32,
-    /// ... and when it must be looked up again (`bpf_ktime_get_coarse_ns`).
+    /// ... and when it must be looked up again (the datapath clock, [`Clock`]).
     pub nh_expiry_ns: u64,
     /// DSR sessions: the endpoint the frame goes to (the packet itself is
     /// not translated). All zero otherwise.
