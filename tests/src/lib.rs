@@ -13,6 +13,17 @@ pub mod sctp_packet;
 pub mod sctp_peers;
 pub mod tables;
 
+/// Coarse monotonic time (CLOCK_MONOTONIC_COARSE), the clock the
+/// datapath stamps sessions with (see `loxilb_common::Clock`).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Root tests call this first. Without root they skip with a clear
 /// message, unless LOXILB_REQUIRE_ROOT=1 (CI), where a skip is a failure.
 ///

@@ -1075,17 +1075,6 @@ fn src_port(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[34], frame[35]])
 }
 
-/// Coarse monotonic time, the clock the datapath stamps sessions with
-/// (`bpf_ktime_get_coarse_ns` reads CLOCK_MONOTONIC_COARSE).
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// One call must give verdict `want_v` and exactly the bytes `want`.
 fn check(
     dp: &mut Datapath,
@@ -1585,7 +1574,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
                 {
                     dp.clear_sessions()?;
                     // Stamped now, so none of them looks idle when it is put back.
-                    let now = coarse_now_ns();
+                    let now = loxilb_tests::coarse_now_ns();
                     for (k, v) in &established_entries {
                         dp.insert_session(
                             *k,
@@ -1790,7 +1779,7 @@ fn soak(
 ) -> Result<Vec<String>> {
     let mut lines = vec![];
     dp.clear_sessions()?;
-    let now = coarse_now_ns();
+    let now = loxilb_tests::coarse_now_ns();
     for (k, v) in established {
         dp.insert_session(
             *k,

@@ -353,16 +353,6 @@ fn tcp_fin_and_rst_shorten_the_session() {
     });
 }
 
-/// CLOCK_MONOTONIC_COARSE, the clock the datapath keeps.
-fn coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[test]
 fn the_datapath_clock_is_the_jiffies_counter_fitted_to_the_coarse_clock() {
     if !need_root("the_datapath_clock_is_the_jiffies_counter_fitted_to_the_coarse_clock") {
@@ -373,10 +363,10 @@ fn the_datapath_clock_is_the_jiffies_counter_fitted_to_the_coarse_clock() {
         assert_eq!(fit.ns_per_jiffy, loxilb_agent::clock::tick_ns(fit.hz));
         let tick = fit.ns_per_jiffy;
         let last_seen = |dp: &mut loxilb_agent::datapath::Datapath, sport: u16| {
-            let before = coarse_ns();
+            let before = loxilb_tests::coarse_now_ns();
             let syn = Frame::tcp("192.168.0.2", sport, "20.0.0.100", 80, SYN);
             assert_eq!(run_xdp(dp, &syn.bytes()).0, XDP_REDIRECT);
-            let after = coarse_ns();
+            let after = loxilb_tests::coarse_now_ns();
             let s = dp.sessions().unwrap();
             let (_, v) = s
                 .iter()
