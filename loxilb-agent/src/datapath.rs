@@ -79,7 +79,13 @@ pub struct Datapath {
     /// The datapath's clock as last calibrated (None: it calls
     /// `bpf_ktime_get_coarse_ns()` per packet).
     clock: Option<crate::clock::Fit>,
+    /// When a calibration last failed ([`Self::check_clock`] waits
+    /// `CLOCK_RETRY` before the next try).
+    clock_failed: Option<std::time::Instant>,
 }
+
+/// How long [`Datapath::check_clock`] waits after a failed calibration.
+const CLOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn is_bpffs(path: &Path) -> bool {
     // BPF_FS_MAGIC
@@ -272,6 +278,7 @@ impl Datapath {
             attached: vec![],
             egress: vec![],
             clock: None,
+            clock_failed: None,
         };
         if wanted(prog_names::XDP_CLOCK) {
             // Not fatal: uncalibrated, the datapath asks the kernel's coarse
@@ -346,6 +353,23 @@ impl Datapath {
     /// coarse monotonic clock over 8 ticks (32 ms at 250 Hz) and install
     /// it. Done by every load; [`Self::check_clock`] keeps it right.
     pub fn calibrate_clock(&mut self) -> Result<crate::clock::Fit> {
+        let r = self.fit_clock();
+        self.clock_failed = r.is_err().then(std::time::Instant::now);
+        if r.is_err() && self.clock.is_some() {
+            // A fit found wrong and not mended: back to the helper.
+            if let Ok(mut a) = self
+                .map_mut(mn::CLOCK)
+                .and_then(|m| Ok(Array::<_, Clock>::try_from(m)?))
+            {
+                if a.set(0, Clock::default(), 0).is_ok() {
+                    self.clock = None;
+                }
+            }
+        }
+        r
+    }
+
+    fn fit_clock(&mut self) -> Result<crate::clock::Fit> {
         let first = self.clock_sample()?;
         let mut samples = vec![first];
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
@@ -397,10 +421,13 @@ impl Datapath {
 
     /// Compare the datapath's clock with the kernel's coarse clock (one
     /// sample) and calibrate again if they are more than two ticks apart
-    /// (or it never was). Returns the gap found, ns, if it was mended.
+    /// (or it never was: then at most once a minute). Returns the gap
+    /// found, ns (`u64::MAX`: not calibrated before), if it was mended.
     /// Run on every upkeep tick.
     pub fn check_clock(&mut self) -> Result<Option<u64>> {
-        if self.ebpf.program(prog_names::XDP_CLOCK).is_none() {
+        if self.ebpf.program(prog_names::XDP_CLOCK).is_none()
+            || self.clock_failed.is_some_and(|t| t.elapsed() < CLOCK_RETRY)
+        {
             return Ok(None);
         }
         let gap = match self.clock {
