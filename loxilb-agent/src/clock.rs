@@ -26,10 +26,19 @@ pub struct Fit {
 }
 
 impl Fit {
+    /// The `LB_CLOCK` value that makes the datapath read this clock.
+    pub fn clock(&self) -> loxilb_common::Clock {
+        loxilb_common::Clock {
+            ns_per_jiffy: self.ns_per_jiffy,
+            offset_ns: self.offset_ns,
+            ..Default::default()
+        }
+    }
+
+    /// The time the datapath reads at `jiffies` (`Clock::at`, the one
+    /// formula it uses).
     pub fn at(&self, jiffies: u64) -> u64 {
-        jiffies
-            .wrapping_mul(self.ns_per_jiffy)
-            .wrapping_add(self.offset_ns)
+        self.clock().at(jiffies)
     }
 
     /// How far the fitted clock is from `s`'s coarse clock, ns.

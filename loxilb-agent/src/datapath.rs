@@ -355,16 +355,9 @@ impl Datapath {
     pub fn calibrate_clock(&mut self) -> Result<crate::clock::Fit> {
         let r = self.fit_clock();
         self.clock_failed = r.is_err().then(std::time::Instant::now);
-        if r.is_err() && self.clock.is_some() {
+        if r.is_err() && self.clock.is_some() && self.write_clock(Clock::default()).is_ok() {
             // A fit found wrong and not mended: back to the helper.
-            if let Ok(mut a) = self
-                .map_mut(mn::CLOCK)
-                .and_then(|m| Ok(Array::<_, Clock>::try_from(m)?))
-            {
-                if a.set(0, Clock::default(), 0).is_ok() {
-                    self.clock = None;
-                }
-            }
+            self.clock = None;
         }
         r
     }
@@ -399,17 +392,14 @@ impl Datapath {
     /// Install a fitted clock (as [`Self::calibrate_clock`] does; tests
     /// install wrong ones to see them found).
     pub fn set_clock(&mut self, f: crate::clock::Fit) -> Result<()> {
-        let mut a: Array<_, Clock> = Array::try_from(self.map_mut(mn::CLOCK)?)?;
-        a.set(
-            0,
-            Clock {
-                ns_per_jiffy: f.ns_per_jiffy,
-                offset_ns: f.offset_ns,
-                ..Default::default()
-            },
-            0,
-        )?;
+        self.write_clock(f.clock())?;
         self.clock = Some(f);
+        Ok(())
+    }
+
+    fn write_clock(&mut self, c: Clock) -> Result<()> {
+        let mut a: Array<_, Clock> = Array::try_from(self.map_mut(mn::CLOCK)?)?;
+        a.set(0, c, 0)?;
         Ok(())
     }
 
