@@ -871,7 +871,8 @@ impl Datapath {
         Ok(changed)
     }
 
-    /// Set an endpoint's flags (e.g. `ep_flags::INACTIVE`) in place.
+    /// Set an endpoint's flags (e.g. `ep_flags::INACTIVE`) in place, in
+    /// its rule's bank and in its slot.
     pub fn set_endpoint_flags(&mut self, key: EpKey, flags: u32) -> Result<()> {
         let mut m: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map_mut(mn::ENDPOINTS)?)?;
         let mut v = m
@@ -879,6 +880,15 @@ impl Datapath {
             .with_context(|| format!("no endpoint {key:?}"))?;
         v.flags = flags;
         m.insert(key, v, 0)?;
+        self.put_ep_slot(v.stat_idx, v)
+    }
+
+    /// Write endpoint slot `idx` of `LB_EP_SLOTS` (what the selection
+    /// table's entries point at).
+    fn put_ep_slot(&mut self, idx: u32, val: EpVal) -> Result<()> {
+        let mut a: Array<_, EpVal> = Array::try_from(self.map_mut(mn::EP_SLOTS)?)?;
+        a.set(idx, val, 0)
+            .with_context(|| format!("writing slot {idx} of the {} map", mn::EP_SLOTS))?;
         Ok(())
     }
 
@@ -1215,7 +1225,8 @@ impl RuleTable for Datapath {
         hash_del::<SvcKey, SvcVal>(self, mn::SERVICES, key)
     }
     fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()> {
-        hash_put(self, mn::ENDPOINTS, key, val)
+        hash_put(self, mn::ENDPOINTS, key, val)?;
+        self.put_ep_slot(val.stat_idx, val)
     }
     fn delete_endpoint(&mut self, key: EpKey) -> Result<()> {
         hash_del::<EpKey, EpVal>(self, mn::ENDPOINTS, key)
@@ -1251,6 +1262,13 @@ impl RuleTable for Datapath {
         let mut a: Array<_, u64> = Array::try_from(self.map_mut(mn::EP_ACTIVE)?)?;
         a.set(idx, 0, 0)?;
         Ok(())
+    }
+    fn retire_ep_slot(&mut self, idx: u32) -> Result<()> {
+        let empty = EpVal {
+            flags: loxilb_common::ep_flags::INACTIVE,
+            ..Default::default()
+        };
+        self.put_ep_slot(idx, empty)
     }
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()> {
         let mut a: PerCpuArray<_, RuleStats> =

@@ -50,6 +50,10 @@ pub trait RuleTable {
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()>;
     /// Zero an endpoint counter slot (before it is given to an endpoint).
     fn reset_ep_stats(&mut self, idx: u32) -> Result<()>;
+    /// Mark endpoint slot `idx` empty (`LB_EP_SLOTS`): its endpoint left
+    /// its rule, so a `persist` client remembered there goes elsewhere.
+    /// (`put_endpoint` fills the slot of the endpoint it writes.)
+    fn retire_ep_slot(&mut self, idx: u32) -> Result<()>;
     /// Remove every session (and client affinity) of `rule_id`; returns
     /// how many conntrack entries went.
     fn flush_sessions(&mut self, rule_id: u32) -> Result<usize>;
@@ -133,7 +137,7 @@ pub fn ep_val(e: &Endpoint) -> EpVal {
         weight: e.weight,
         flags: 0,
         stat_idx: 0,
-        _pad: 0,
+        rule_id: 0,
     }
 }
 
@@ -218,6 +222,20 @@ impl StatSlots {
     fn release(&mut self, slots: Vec<u32>) {
         self.free.extend(slots);
     }
+}
+
+/// Mark the slots of endpoints that left their rule empty, every one even
+/// if one write fails (the first error is returned).
+fn retire_slots(t: &mut dyn RuleTable, slots: &[u32]) -> Result<()> {
+    let mut first = Ok(());
+    for i in slots {
+        if let Err(e) = t.retire_ep_slot(*i) {
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
 }
 
 /// Rule ids: the lowest free one is given out first.
@@ -900,8 +918,10 @@ impl Rules {
         let mut slots: Vec<u32> = inst.eps.iter().map(|e| e.stat_idx).collect();
         slots.sort_unstable();
         slots.dedup();
+        let retired = retire_slots(t, &slots);
         self.slots.release(slots);
         report.removed.push(inst.name.clone());
+        retired?;
         for bank in 0..2u8 {
             for idx in 0..inst.bank_len[bank as usize] {
                 t.delete_endpoint(EpKey::new(inst.rule_id, bank, idx))?;
@@ -955,7 +975,9 @@ impl Rules {
                     return Err(e);
                 }
                 self.addrs.eps(&old_eps, &inst.eps);
+                let retired = retire_slots(t, &gone);
                 self.slots.release(gone);
+                retired?;
                 inst.name = r.name.clone();
                 report.updated.push(r.name.clone());
             }
@@ -1038,6 +1060,10 @@ fn install(
     reachable: &mut bool,
 ) -> Result<()> {
     let rule_id = inst.rule_id;
+    let mut w = w;
+    for e in w.eps.iter_mut() {
+        e.rule_id = rule_id;
+    }
     // Endpoints.
     for (i, e) in w.eps.iter().enumerate() {
         t.put_endpoint(EpKey::new(rule_id, bank, i as u32), *e)?;
@@ -1050,8 +1076,12 @@ fn install(
     let table = table_for(w.sel, &w.eps);
     let n_chunks = table.len().div_ceil(SEL_CHUNK as usize) as u32;
     for (c, part) in table.chunks(SEL_CHUNK as usize).enumerate() {
+        // The table holds positions in the bank; the datapath reads the
+        // endpoint's slot.
         let mut chunk = SelChunk::default();
-        chunk.ep[..part.len()].copy_from_slice(part);
+        for (slot, i) in chunk.ep.iter_mut().zip(part) {
+            *slot = w.eps[*i as usize].stat_idx;
+        }
         t.put_sel_chunk(SelKey::new(rule_id, bank, c as u32), chunk)?;
     }
     for c in n_chunks..inst.chunks[bank as usize] {
@@ -1138,6 +1168,8 @@ pub mod tests {
     pub struct MemTable {
         pub svcs: HashMap<SvcKey, SvcVal>,
         pub eps: HashMap<EpKey, EpVal>,
+        /// `LB_EP_SLOTS`: the endpoint in each slot.
+        pub slots: HashMap<u32, EpVal>,
         pub filter: HashMap<u32, u64>,
         pub chunks: HashMap<SelKey, SelChunk>,
         pub ranges: std::collections::HashSet<(u32, IpNet)>,
@@ -1171,6 +1203,7 @@ pub mod tests {
         fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()> {
             self.writes += 1;
             self.eps.insert(key, val);
+            self.slots.insert(val.stat_idx, val);
             Ok(())
         }
         fn delete_endpoint(&mut self, key: EpKey) -> Result<()> {
@@ -1227,6 +1260,16 @@ pub mod tests {
         }
         fn reset_ep_stats(&mut self, idx: u32) -> Result<()> {
             self.ep_resets.push(idx);
+            Ok(())
+        }
+        fn retire_ep_slot(&mut self, idx: u32) -> Result<()> {
+            self.slots.insert(
+                idx,
+                EpVal {
+                    flags: loxilb_common::ep_flags::INACTIVE,
+                    ..Default::default()
+                },
+            );
             Ok(())
         }
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
@@ -1322,6 +1365,69 @@ pub mod tests {
     }
 
     #[test]
+    fn selection_entries_are_endpoint_slots_and_departed_endpoints_retire_theirs() {
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let b = svc_key("20.0.0.1".parse().unwrap(), 53, Protocol::Udp);
+        let a = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        let slots_of = |t: &MemTable, k: SvcKey| -> Vec<u32> {
+            let s = t.svcs[&k];
+            let c = t.chunks[&SelKey::new(s.rule_id, s.ep_bank, 0)];
+            let mut v = c.ep[..s.table_len as usize].to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        // Every entry of each table is the slot of one of the rule's own
+        // endpoints, and that slot holds the endpoint, tagged with the rule
+        // (not its position in the bank).
+        for k in [a, b] {
+            let eps = active_eps(&t, k);
+            let want: BTreeSet<u32> = eps.iter().map(|e| e.stat_idx).collect();
+            assert_eq!(slots_of(&t, k), want.iter().copied().collect::<Vec<_>>());
+            for e in &eps {
+                assert_eq!(t.slots[&e.stat_idx], *e);
+                assert_eq!(e.rule_id, t.svcs[&k].rule_id);
+            }
+        }
+        let b_slot = active_eps(&t, b)[0].stat_idx;
+        let moved = [a, b]
+            .iter()
+            .flat_map(|k| active_eps(&t, *k).into_iter().enumerate())
+            .any(|(pos, e)| e.stat_idx != pos as u32);
+        assert!(
+            moved,
+            "two rules' endpoints cannot all have slot = position"
+        );
+        // An endpoint leaving its rule empties its slot; the one staying
+        // keeps its slot and its entry.
+        let one = "rules:
+  - {name: a, vip: 20.0.0.1, port: 80, protocol: tcp, endpoints: [{ip: 10.0.0.2, port: 8080}]}
+  - {name: b, vip: 20.0.0.1, port: 53, protocol: udp, endpoints: [{ip: 10.0.0.3, port: 53}]}
+";
+        let before = active_eps(&t, a);
+        r.apply(&rules(one), &mut t).unwrap();
+        let (gone, kept) = (before[0], before[1]);
+        assert_eq!(active_eps(&t, a)[0].stat_idx, kept.stat_idx);
+        assert_eq!(slots_of(&t, a), vec![kept.stat_idx]);
+        assert_eq!(t.slots[&kept.stat_idx].addr, kept.addr);
+        let empty = t.slots[&gone.stat_idx];
+        assert_eq!(empty.addr, [0; 4]);
+        assert_ne!(empty.flags & loxilb_common::ep_flags::INACTIVE, 0);
+        // Liveness changes reach the slot too.
+        r.set_endpoint_state(&mut t, "a", "10.0.0.2".parse().unwrap(), 8080, false)
+            .unwrap();
+        assert_ne!(
+            t.slots[&kept.stat_idx].flags & loxilb_common::ep_flags::INACTIVE,
+            0
+        );
+        // A removed rule's slots are emptied as well.
+        r.apply(&rules("rules: []\n"), &mut t).unwrap();
+        assert_eq!(t.slots[&b_slot].addr, [0; 4]);
+    }
+
+    #[test]
     fn selection_tables_and_source_ranges_follow_the_rule() {
         let mut t = MemTable::default();
         let mut r = Rules::adopt(vec![]);
@@ -1332,7 +1438,11 @@ pub mod tests {
         assert_eq!(s.table_len, 4, "weights 3:1 give a 4-entry sequence");
         assert_eq!(s.flags & svc_flags::SRC_RANGES, svc_flags::SRC_RANGES);
         let c = t.chunks[&SelKey::new(s.rule_id, s.ep_bank, 0)];
-        assert_eq!(c.ep[..4].iter().filter(|e| **e == 0).count(), 3);
+        let first = t.eps[&EpKey::new(s.rule_id, s.ep_bank, 0)];
+        assert_eq!(
+            c.ep[..4].iter().filter(|e| **e == first.stat_idx).count(),
+            3
+        );
         assert!(t
             .ranges
             .contains(&(s.rule_id, "10.0.0.0/8".parse().unwrap())));
@@ -2203,6 +2313,10 @@ pub mod tests {
         fn reset_ep_stats(&mut self, idx: u32) -> Result<()> {
             self.step()?;
             self.inner.reset_ep_stats(idx)
+        }
+        fn retire_ep_slot(&mut self, idx: u32) -> Result<()> {
+            self.step()?;
+            self.inner.retire_ep_slot(idx)
         }
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
             self.step()?;

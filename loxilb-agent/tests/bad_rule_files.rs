@@ -544,6 +544,10 @@ impl RuleTable for Table {
         self.writes += 1;
         Ok(())
     }
+    fn retire_ep_slot(&mut self, _: u32) -> Result<()> {
+        self.writes += 1;
+        Ok(())
+    }
     fn flush_sessions(&mut self, _: u32) -> Result<usize> {
         self.writes += 1;
         Ok(0)

@@ -17,6 +17,8 @@ use loxilb_common::{
 #[btf_map]
 pub static LB_SERVICES: HashMap<SvcKey, SvcVal, { MAX_SERVICES as usize }> = HashMap::new();
 
+/// Each rule's endpoint banks, in order: the agent's record (read back
+/// when it adopts pinned maps); the datapath reads `LB_EP_SLOTS`.
 #[btf_map]
 pub static LB_ENDPOINTS: HashMap<EpKey, EpVal, { MAX_ENDPOINT_SLOTS as usize }> = HashMap::new();
 
@@ -100,6 +102,13 @@ pub static LB_EP_ACTIVE: Array<u64, { MAX_EP_STATS as usize }> = Array::new();
 /// a new session's first packet (see `loxilb_common::EpNh`).
 #[btf_map]
 pub static LB_EP_NH: Array<EpNh, { MAX_EP_STATS as usize }> = Array::new();
+
+/// Each endpoint by its slot (`EpVal::stat_idx`), written by the agent with
+/// the rule's endpoint bank (`LB_ENDPOINTS`, its record of each bank in
+/// order); the selection table's entries are these slots, so picking an
+/// endpoint costs an array read, not a hash lookup.
+#[btf_map]
+pub static LB_EP_SLOTS: Array<EpVal, { MAX_EP_STATS as usize }> = Array::new();
 
 #[inline(always)]
 pub fn ep_active_add(idx: u32, delta: i64) {

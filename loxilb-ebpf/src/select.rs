@@ -5,30 +5,30 @@
 //! session expiry). Inactive endpoints are skipped by probing the next
 //! table slots, a bounded number of times.
 
-use loxilb_common::{ep_flags, flow_hash, lb_sel, AffKey, EpKey, EpVal, SelKey, SvcVal, SEL_CHUNK};
+use loxilb_common::{ep_flags, flow_hash, lb_sel, AffKey, EpVal, SelKey, SvcVal, SEL_CHUNK};
 
 use crate::{
-    maps::{ep_active, LB_AFFINITY, LB_ENDPOINTS, LB_SCRATCH_AFF, LB_SEL_TABLE},
+    maps::{ep_active, LB_AFFINITY, LB_EP_SLOTS, LB_SCRATCH_AFF, LB_SEL_TABLE},
     parse::Pkt,
 };
 
 const MAX_TRIES: u32 = 16;
 const NS: u64 = 1_000_000_000;
 
-/// Endpoint index at `slot` of the rule's table.
+/// The endpoint slot (`EpVal::stat_idx`) at `pos` of the rule's table.
 #[inline(always)]
-fn table_at(rule: u32, bank: u8, slot: u32) -> Option<u32> {
-    let chunk = LB_SEL_TABLE.get_ptr(SelKey::new(rule, bank, slot / SEL_CHUNK))?;
-    let i = (slot % SEL_CHUNK) as usize;
-    unsafe { Some((*chunk).ep[i & (SEL_CHUNK as usize - 1)] as u32) }
+fn table_at(rule: u32, bank: u8, pos: u32) -> Option<u32> {
+    let chunk = LB_SEL_TABLE.get_ptr(SelKey::new(rule, bank, pos / SEL_CHUNK))?;
+    let i = (pos % SEL_CHUNK) as usize;
+    unsafe { Some((*chunk).ep[i & (SEL_CHUNK as usize - 1)]) }
 }
 
-/// The active endpoint at `idx`: a pointer into the endpoint map (valid
-/// for the rest of the program run; no 32-byte copy on the small BPF
-/// stack).
+/// The active endpoint in `slot`: a pointer into `LB_EP_SLOTS` (an array
+/// read the verifier inlines; valid for the rest of the program run, no
+/// 32-byte copy on the small BPF stack).
 #[inline(always)]
-fn endpoint(rule: u32, bank: u8, idx: u32) -> Option<&'static EpVal> {
-    let ep = LB_ENDPOINTS.get_ptr(EpKey::new(rule, bank, idx))?;
+fn endpoint(slot: u32) -> Option<&'static EpVal> {
+    let ep = LB_EP_SLOTS.get_ptr(slot)?;
     let ep = unsafe { &*ep };
     if ep.flags & ep_flags::INACTIVE != 0 {
         return None;
@@ -66,8 +66,8 @@ pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
             cur % len
         };
         let b_slot = flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto) % len;
-        let a = table_at(rule, bank, a_slot).and_then(|i| endpoint(rule, bank, i));
-        let b = table_at(rule, bank, b_slot).and_then(|i| endpoint(rule, bank, i));
+        let a = table_at(rule, bank, a_slot).and_then(endpoint);
+        let b = table_at(rule, bank, b_slot).and_then(endpoint);
         match (a, b) {
             (Some(a), Some(b)) => {
                 return Some(if ep_active(b.stat_idx) < ep_active(a.stat_idx) {
@@ -94,9 +94,10 @@ pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
                 };
                 if fresh {
                     let (idx, addr, port) = unsafe { ((*a).ep_idx, (*a).ep_addr, (*a).ep_port) };
-                    if let Some(ep) = endpoint(rule, bank, idx) {
-                        // Still the same endpoint at that index, and active.
-                        if ep.addr == addr && ep.port == port {
+                    if let Some(ep) = endpoint(idx) {
+                        // Still the same endpoint of this rule in that
+                        // slot, and active.
+                        if ep.rule_id == rule && ep.addr == addr && ep.port == port {
                             unsafe { (*a).last_seen_ns = now };
                             return Some(ep);
                         }
@@ -114,7 +115,7 @@ pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
     while i < MAX_TRIES {
         let slot = (start + i) % len;
         if let Some(idx) = table_at(rule, bank, slot) {
-            if let Some(ep) = endpoint(rule, bank, idx) {
+            if let Some(ep) = endpoint(idx) {
                 if sel == lb_sel::PERSIST {
                     // Built in per-CPU scratch, off the stack.
                     if let Some(v) = LB_SCRATCH_AFF.get_ptr_mut(0) {

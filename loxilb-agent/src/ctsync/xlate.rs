@@ -214,6 +214,7 @@ pub(crate) mod tests {
                 port: port.to_be(),
                 weight: 1,
                 stat_idx,
+                rule_id,
                 ..Default::default()
             },
         )

@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -56,11 +56,14 @@ pub mod map_names {
     /// The next hop toward each endpoint (by its `EpVal::stat_idx`), for a
     /// new session's first packet ([`crate::EpNh`]).
     pub const EP_NH: &str = "LB_EP_NH";
+    /// Each endpoint by its slot (`EpVal::stat_idx`): what the selection
+    /// table's entries point at ([`crate::SelChunk`]).
+    pub const EP_SLOTS: &str = "LB_EP_SLOTS";
     /// The datapath's clock ([`crate::Clock`]): not pinned, calibrated by
     /// the agent after every load (its programs are the ones reading it).
     pub const CLOCK: &str = "LB_CLOCK";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -80,6 +83,7 @@ pub mod map_names {
         JMP_TC,
         DEV_FWD,
         EP_NH,
+        EP_SLOTS,
     ];
 }
 
@@ -328,12 +332,14 @@ impl SelKey {
     }
 }
 
-/// `SEL_CHUNK` consecutive entries of a selection table: endpoint indexes
-/// into the rule's active endpoint bank.
+/// `SEL_CHUNK` consecutive entries of a selection table: endpoint slots
+/// (`EpVal::stat_idx`), each an index into `LB_EP_SLOTS`, so the datapath
+/// reaches the endpoint with an array read rather than a second hash
+/// lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SelChunk {
-    pub ep: [u16; SEL_CHUNK as usize],
+    pub ep: [u32; SEL_CHUNK as usize],
 }
 
 /// Key of the source-IP affinity map (`persist`).
@@ -353,6 +359,7 @@ pub struct AffVal {
     pub ep_addr: Addr,
     pub ep_port: u16,
     pub _pad1: u16,
+    /// The endpoint's slot (`EpVal::stat_idx`).
     pub ep_idx: u32,
     /// Coarse monotonic ns of the last new session that used it.
     pub last_seen_ns: u64,
@@ -433,10 +440,14 @@ pub struct EpVal {
     pub weight: u16,
     /// `ep_flags::*`.
     pub flags: u32,
-    /// Index of this endpoint's counters in `LB_EP_STATS` / `LB_EP_ACTIVE`
-    /// (allocated by the agent, stable while the endpoint exists).
+    /// The endpoint's slot: the index of its counters in `LB_EP_STATS` /
+    /// `LB_EP_ACTIVE`, of its next hop in `LB_EP_NH` and of itself in
+    /// `LB_EP_SLOTS` (allocated by the agent, one per (rule, endpoint),
+    /// stable while the endpoint stays in its rule).
     pub stat_idx: u32,
-    pub _pad: u32,
+    /// The rule the endpoint belongs to (a `persist` client's remembered
+    /// slot is used only while it still holds an endpoint of that rule).
+    pub rule_id: u32,
 }
 
 /// Most VIPs one rule has: the primary and up to three secondaries (SCTP
@@ -1046,7 +1057,7 @@ no_implicit_padding!(EpVal {
     weight: u16,
     flags: u32,
     stat_idx: u32,
-    _pad: u32
+    rule_id: u32
 });
 no_implicit_padding!(CtKey {
     saddr: Addr,
@@ -1183,7 +1194,7 @@ const _: () = assert!(size_of::<Clock>() == 32);
 const _: () = assert!(size_of::<DevFwd>() == 24);
 const _: () = assert!(size_of::<SvcVal>() == 32);
 const _: () = assert!(size_of::<SelKey>() == 8);
-const _: () = assert!(size_of::<SelChunk>() == 64);
+const _: () = assert!(size_of::<SelChunk>() == 128);
 const _: () = assert!(size_of::<AffKey>() == 20);
 const _: () = assert!(size_of::<AffVal>() == 32);
 const _: () = assert!(size_of::<SrcRangeData>() == 20);

@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use loxilb_agent::{config, rules::table_for};
 use loxilb_common::{ep_flags, flow_hash, lb_sel, v4_mapped, EpKey};
 use loxilb_tests::{
-    fib::{dst_of, run_xdp, with_datapath},
+    fib::{dst_of, run_xdp, with_datapath, with_datapath_rules},
     need_root,
     packet::{Frame, ACK, SYN},
 };
@@ -132,6 +132,41 @@ fn persist_keeps_a_client_on_its_endpoint_beyond_session_expiry() {
         let a1 = pick(dp, &syn("192.168.0.2", 30020, 80));
         assert_ne!(a1, a0, "affinity should have expired");
         assert_eq!(pick(dp, &syn("192.168.0.2", 30021, 80)), a1, "new affinity");
+    });
+}
+
+#[test]
+fn persist_sends_a_client_elsewhere_once_its_endpoint_leaves_the_rule() {
+    if !need_root("persist_sends_a_client_elsewhere_once_its_endpoint_leaves_the_rule") {
+        return;
+    }
+    let rule = |eps: &str| {
+        format!("rules:\n  - {{vip: 20.0.0.100, port: 80, protocol: tcp, selection: persist, persist_timeout: 600, endpoints: [{eps}]}}\n")
+    };
+    let all = rule(
+        "{ip: 10.0.1.10, port: 8080}, {ip: 10.0.1.11, port: 8080}, {ip: 10.0.1.12, port: 8080}",
+    );
+    with_datapath_rules("persist-gone", &all, move |dp, r| {
+        let a0 = pick(dp, &syn("192.168.0.2", 30000, 80));
+        assert_eq!(pick(dp, &syn("192.168.0.2", 30001, 80)), a0);
+        // The client's endpoint leaves the rule (the other two stay, in new
+        // positions of the bank): its remembered slot is emptied, so the
+        // client is balanced again, to an endpoint the rule still has.
+        let keep: Vec<String> = ["10.0.1.10", "10.0.1.11", "10.0.1.12"]
+            .iter()
+            .filter(|ip| **ip != a0.0.to_string())
+            .map(|ip| format!("{{ip: {ip}, port: 8080}}"))
+            .collect();
+        let rules = config::parse("t.yaml", &rule(&keep.join(", "))).unwrap();
+        r.apply(&rules, dp).unwrap();
+        dp.clear_sessions().unwrap();
+        let a1 = pick(dp, &syn("192.168.0.2", 30010, 80));
+        assert_ne!(a1, a0, "sent to an endpoint that left the rule");
+        assert!(keep.iter().any(|k| k.contains(&a1.0.to_string())), "{a1:?}");
+        // ... and it sticks to its new endpoint.
+        for p in 30011..30016 {
+            assert_eq!(pick(dp, &syn("192.168.0.2", p, 80)), a1);
+        }
     });
 }
 
