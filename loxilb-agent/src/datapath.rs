@@ -24,7 +24,7 @@ use ipnet::IpNet;
 use loxilb_common::{
     addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, AssocKey,
     AssocVal, Clock, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips,
-    SelChunk, SelKey, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
+    SelChunk, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -667,7 +667,6 @@ impl Datapath {
     pub fn read_installed(&self) -> Result<Vec<Installed>> {
         let svcs: HashMap<_, SvcKey, SvcVal> = HashMap::try_from(self.map(mn::SERVICES)?)?;
         let eps: HashMap<_, EpKey, EpVal> = HashMap::try_from(self.map(mn::ENDPOINTS)?)?;
-        let chunks: HashMap<_, SelKey, SelChunk> = HashMap::try_from(self.map(mn::SEL_TABLE)?)?;
         let ranges: LpmTrie<_, SrcRangeData, u32> = LpmTrie::try_from(self.map(mn::SRC_RANGES)?)?;
         let mut all_ranges: Vec<(u32, IpNet)> = vec![];
         for k in ranges.keys() {
@@ -697,14 +696,13 @@ impl Datapath {
                 Err(_) => vec![],
             };
             let (k, v, secondary, consistent) = primary_and_secondaries(&mut entries, &listed);
+            // The live bank's table run (the idle bank's chunks are free
+            // space from now on).
+            let live = v.ep_bank as usize & 1;
+            let mut sel_base = [0u32; 2];
             let mut n_chunks = [0u32; 2];
-            for bank in 0..2u8 {
-                let mut n = 0;
-                while chunks.get(&SelKey::new(v.rule_id, bank, n), 0).is_ok() {
-                    n += 1;
-                }
-                n_chunks[bank as usize] = n;
-            }
+            sel_base[live] = v.sel_base;
+            n_chunks[live] = v.table_len.div_ceil(loxilb_common::SEL_CHUNK);
             let mut bank_len = [0u32; 2];
             for bank in 0..2u8 {
                 let mut n = 0;
@@ -740,6 +738,7 @@ impl Datapath {
                 eps: list,
                 bank_len,
                 table_len: v.table_len,
+                sel_base,
                 chunks: n_chunks,
                 src_ranges: all_ranges
                     .iter()
@@ -1231,11 +1230,14 @@ impl RuleTable for Datapath {
     fn delete_endpoint(&mut self, key: EpKey) -> Result<()> {
         hash_del::<EpKey, EpVal>(self, mn::ENDPOINTS, key)
     }
-    fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()> {
-        hash_put(self, mn::SEL_TABLE, key, val)
+    fn put_sel_chunk(&mut self, index: u32, val: SelChunk) -> Result<()> {
+        let mut a: Array<_, SelChunk> = Array::try_from(self.map_mut(mn::SEL_TABLE)?)?;
+        a.set(index, val, 0)
+            .with_context(|| format!("writing chunk {index} of the {} map", mn::SEL_TABLE))?;
+        Ok(())
     }
-    fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
-        hash_del::<SelKey, SelChunk>(self, mn::SEL_TABLE, key)
+    fn delete_sel_chunk(&mut self, index: u32) -> Result<()> {
+        self.put_sel_chunk(index, SelChunk::default())
     }
     fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
         let mut m: LpmTrie<_, SrcRangeData, u32> =

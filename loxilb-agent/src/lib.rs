@@ -21,5 +21,6 @@ pub mod remote;
 pub mod roles;
 pub mod routes;
 pub mod rules;
+pub mod sel_space;
 pub mod selection;
 pub mod show;

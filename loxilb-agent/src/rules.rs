@@ -10,13 +10,13 @@ use anyhow::{bail, Result};
 use ipnet::IpNet;
 use loxilb_common::{
     addr_filter_bit, addr_fold, addr_from_ip, ip_from_addr, lb_mode, lb_sel, svc_flags, Addr,
-    EpKey, EpVal, RuleVips, SelChunk, SelKey, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_RULE_VIPS,
-    SEL_CHUNK,
+    EpKey, EpVal, RuleVips, SelChunk, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_RULE_VIPS,
+    MAX_SEL_CHUNKS, SEL_CHUNK,
 };
 
 use loxilb_model::{Endpoint, Mode, Protocol, Rule, Selection};
 
-use crate::selection;
+use crate::{sel_space::SelSpace, selection};
 
 // The rule model's limits and protocol numbers are the datapath's.
 const _: () = {
@@ -34,8 +34,10 @@ pub trait RuleTable {
     fn delete_service(&mut self, key: SvcKey) -> Result<()>;
     fn put_endpoint(&mut self, key: EpKey, val: EpVal) -> Result<()>;
     fn delete_endpoint(&mut self, key: EpKey) -> Result<()>;
-    fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()>;
-    fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()>;
+    /// Write chunk `index` of `LB_SEL_TABLE`.
+    fn put_sel_chunk(&mut self, index: u32, val: SelChunk) -> Result<()>;
+    /// Clear chunk `index` (its run was given back).
+    fn delete_sel_chunk(&mut self, index: u32) -> Result<()>;
     fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()>;
     fn delete_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()>;
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<()>;
@@ -86,7 +88,10 @@ pub struct Installed {
     /// Endpoint entries present in each bank (the idle one may hold stale ones).
     pub bank_len: [u32; 2],
     pub table_len: u32,
-    /// Selection-table chunks present in each bank.
+    /// Each bank's selection table: the first chunk of its run in
+    /// `LB_SEL_TABLE` and the run's length (0: no table; the idle bank of
+    /// an adopted rule has none).
+    pub sel_base: [u32; 2],
     pub chunks: [u32; 2],
     pub src_ranges: BTreeSet<IpNet>,
 }
@@ -235,6 +240,44 @@ fn retire_slots(t: &mut dyn RuleTable, slots: &[u32]) -> Result<()> {
             }
         }
     }
+    first
+}
+
+/// The selection-table space with the runs of adopted rules taken. A run
+/// that overlaps another or lies outside the map (maps not written by this
+/// agent) is not taken: its bank is recorded as having no table, so the
+/// rule's next change places it anew.
+fn adopt_runs(installed: &mut BTreeMap<SvcKeyOrd, Installed>) -> SelSpace {
+    let mut sel = SelSpace::new(MAX_SEL_CHUNKS);
+    for (k, i) in installed.iter_mut() {
+        for b in 0..2 {
+            if i.chunks[b] == 0 {
+                continue;
+            }
+            if let Err(e) = sel.take(i.sel_base[b], i.chunks[b]) {
+                tracing::warn!(
+                    "rule {k}: selection table of bank {b}: {e}; placed anew on its next change"
+                );
+                i.chunks[b] = 0;
+            }
+        }
+    }
+    sel
+}
+
+/// Clear the run of `n` chunks from `base` and give it back (also when a
+/// clear fails: its stale chunks are rewritten before the run serves
+/// again; the first error is returned).
+fn free_run(t: &mut dyn RuleTable, sel: &mut SelSpace, base: u32, n: u32) -> Result<()> {
+    let mut first = Ok(());
+    for c in base..base + n {
+        if let Err(e) = t.delete_sel_chunk(c) {
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    sel.release(base, n);
     first
 }
 
@@ -532,6 +575,8 @@ pub struct Rules {
     addrs: AddrRefs,
     slots: StatSlots,
     ids: RuleIds,
+    /// Where the selection tables are in `LB_SEL_TABLE`.
+    sel: SelSpace,
 }
 
 impl Default for Rules {
@@ -602,10 +647,11 @@ impl Rules {
             free: (0..next).filter(|i| !used.contains(i)).collect(),
             next,
         };
-        let installed: BTreeMap<SvcKeyOrd, Installed> = installed
+        let mut installed: BTreeMap<SvcKeyOrd, Installed> = installed
             .into_iter()
             .map(|i| (SvcKeyOrd::from(i.key), i))
             .collect();
+        let sel = adopt_runs(&mut installed);
         let owners = installed
             .iter()
             .flat_map(|(k, i)| {
@@ -620,6 +666,7 @@ impl Rules {
             installed,
             owners,
             slots,
+            sel,
         }
     }
 
@@ -921,13 +968,15 @@ impl Rules {
         let retired = retire_slots(t, &slots);
         self.slots.release(slots);
         report.removed.push(inst.name.clone());
+        // Both tables' runs go back first, so a failed write below leaks
+        // no selection-table space.
+        let freed = free_run(t, &mut self.sel, inst.sel_base[0], inst.chunks[0]);
+        let freed = freed.and(free_run(t, &mut self.sel, inst.sel_base[1], inst.chunks[1]));
         retired?;
+        freed?;
         for bank in 0..2u8 {
             for idx in 0..inst.bank_len[bank as usize] {
                 t.delete_endpoint(EpKey::new(inst.rule_id, bank, idx))?;
-            }
-            for c in 0..inst.chunks[bank as usize] {
-                t.delete_sel_chunk(SelKey::new(inst.rule_id, bank, c))?;
             }
         }
         for net in &inst.src_ranges {
@@ -959,7 +1008,7 @@ impl Rules {
                 let (gone, fresh) = self.slots.assign(t, &inst.eps, &mut w.eps)?;
                 let old_eps = inst.eps.clone();
                 let old_secondary = inst.secondary.clone();
-                let installed = install(t, inst, bank, w, &mut false);
+                let installed = install(t, &mut self.sel, inst, bank, w, &mut false);
                 // The secondary entries now in the map, also after a
                 // failed write.
                 track_secondaries(
@@ -1001,6 +1050,7 @@ impl Rules {
                     eps: vec![],
                     bank_len: [0, 0],
                     table_len: 0,
+                    sel_base: [0, 0],
                     chunks: [0, 0],
                     src_ranges: BTreeSet::new(),
                 };
@@ -1012,7 +1062,7 @@ impl Rules {
                     }
                 };
                 let mut reachable = false;
-                if let Err(e) = install(t, &mut inst, 0, w, &mut reachable) {
+                if let Err(e) = install(t, &mut self.sel, &mut inst, 0, w, &mut reachable) {
                     self.slots.release(fresh);
                     if reachable {
                         // A service entry (a secondary VIP's) or the VIP
@@ -1029,6 +1079,7 @@ impl Rules {
                         // unreachable (no service entry points at them) and
                         // are overwritten when the id is used again.
                         self.ids.release(rule_id);
+                        let _ = free_run(t, &mut self.sel, inst.sel_base[0], inst.chunks[0]);
                     }
                     return Err(e);
                 }
@@ -1054,6 +1105,7 @@ impl Rules {
 /// (entries only the rule's record can clean up) is written.
 fn install(
     t: &mut dyn RuleTable,
+    sel: &mut SelSpace,
     inst: &mut Installed,
     bank: u8,
     w: Want,
@@ -1073,8 +1125,19 @@ fn install(
     }
     inst.bank_len[bank as usize] = w.eps.len() as u32;
     // Selection table.
+    // Selection table: the bank's run of chunks, placed anew when its
+    // length changes.
     let table = table_for(w.sel, &w.eps);
     let n_chunks = table.len().div_ceil(SEL_CHUNK as usize) as u32;
+    let b = bank as usize;
+    if n_chunks != inst.chunks[b] {
+        let (old_base, old_n) = (inst.sel_base[b], inst.chunks[b]);
+        inst.chunks[b] = 0;
+        free_run(t, sel, old_base, old_n)?;
+        inst.sel_base[b] = sel.alloc(n_chunks)?;
+        inst.chunks[b] = n_chunks;
+    }
+    let base = inst.sel_base[b];
     for (c, part) in table.chunks(SEL_CHUNK as usize).enumerate() {
         // The table holds positions in the bank; the datapath reads the
         // endpoint's slot.
@@ -1082,12 +1145,8 @@ fn install(
         for (slot, i) in chunk.ep.iter_mut().zip(part) {
             *slot = w.eps[*i as usize].stat_idx;
         }
-        t.put_sel_chunk(SelKey::new(rule_id, bank, c as u32), chunk)?;
+        t.put_sel_chunk(base + c as u32, chunk)?;
     }
-    for c in n_chunks..inst.chunks[bank as usize] {
-        t.delete_sel_chunk(SelKey::new(rule_id, bank, c))?;
-    }
-    inst.chunks[bank as usize] = n_chunks;
     // Source ranges: add new ones before the flip, drop old ones after.
     for net in w.src_ranges.difference(&inst.src_ranges) {
         t.put_src_range(rule_id, *net)?;
@@ -1108,7 +1167,7 @@ fn install(
         flags,
         table_len: table.len() as u32,
         persist_timeout_s: w.persist_timeout_s,
-        _pad: 0,
+        sel_base: base,
     };
     let (kept, added): (Vec<Addr>, Vec<Addr>) =
         w.secondary.iter().partition(|a| inst.secondary.contains(a));
@@ -1171,7 +1230,8 @@ pub mod tests {
         /// `LB_EP_SLOTS`: the endpoint in each slot.
         pub slots: HashMap<u32, EpVal>,
         pub filter: HashMap<u32, u64>,
-        pub chunks: HashMap<SelKey, SelChunk>,
+        /// `LB_SEL_TABLE`: the chunks written (cleared ones removed).
+        pub chunks: HashMap<u32, SelChunk>,
         pub ranges: std::collections::HashSet<(u32, IpNet)>,
         pub flushed: Vec<u32>,
         pub ep_resets: Vec<u32>,
@@ -1215,14 +1275,14 @@ pub mod tests {
             self.filter.insert(index, word);
             Ok(())
         }
-        fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()> {
+        fn put_sel_chunk(&mut self, index: u32, val: SelChunk) -> Result<()> {
             self.writes += 1;
-            self.chunks.insert(key, val);
+            self.chunks.insert(index, val);
             Ok(())
         }
-        fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
+        fn delete_sel_chunk(&mut self, index: u32) -> Result<()> {
             self.writes += 1;
-            self.chunks.remove(&key);
+            self.chunks.remove(&index);
             Ok(())
         }
         fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
@@ -1373,7 +1433,7 @@ pub mod tests {
         let a = svc_key("20.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
         let slots_of = |t: &MemTable, k: SvcKey| -> Vec<u32> {
             let s = t.svcs[&k];
-            let c = t.chunks[&SelKey::new(s.rule_id, s.ep_bank, 0)];
+            let c = t.chunks[&s.sel_base];
             let mut v = c.ep[..s.table_len as usize].to_vec();
             v.sort_unstable();
             v.dedup();
@@ -1437,7 +1497,7 @@ pub mod tests {
         let s = t.svcs[&k];
         assert_eq!(s.table_len, 4, "weights 3:1 give a 4-entry sequence");
         assert_eq!(s.flags & svc_flags::SRC_RANGES, svc_flags::SRC_RANGES);
-        let c = t.chunks[&SelKey::new(s.rule_id, s.ep_bank, 0)];
+        let c = t.chunks[&s.sel_base];
         let first = t.eps[&EpKey::new(s.rule_id, s.ep_bank, 0)];
         assert_eq!(
             c.ep[..4].iter().filter(|e| **e == first.stat_idx).count(),
@@ -1459,25 +1519,39 @@ pub mod tests {
         assert_eq!(s2.table_len, crate::selection::maglev_size(2));
         assert_ne!(s2.ep_bank, s.ep_bank);
         let want_chunks = s2.table_len.div_ceil(SEL_CHUNK);
-        let in_bank = |t: &MemTable, bank: u8| {
-            t.chunks
-                .keys()
-                .filter(|c| c.rule_id == s.rule_id && (c.chunk >> 24) as u8 == bank)
+        let run = |t: &MemTable, s: &SvcVal| {
+            (s.sel_base..s.sel_base + s.table_len.div_ceil(SEL_CHUNK))
+                .filter(|c| t.chunks.contains_key(c))
                 .count() as u32
         };
-        assert_eq!(in_bank(&t, s2.ep_bank), want_chunks);
+        assert_eq!(run(&t, &s2), want_chunks);
+        assert_eq!(
+            t.chunks.len() as u32,
+            want_chunks + 1,
+            "the idle bank keeps its one-chunk table"
+        );
         assert_eq!(t.ranges.len(), 1);
         assert!(t
             .ranges
             .contains(&(s.rule_id, "192.168.0.0/16".parse().unwrap())));
 
-        // Back to rr without ranges: the old bank is reused and trimmed.
+        // Back to rr without ranges: the old bank's run is reused in place.
         let plain = rr.replace("source_ranges: [10.0.0.0/8], ", "");
         r.apply(&rules(&plain), &mut t).unwrap();
         let s3 = t.svcs[&k];
         assert_eq!(s3.flags & svc_flags::SRC_RANGES, 0);
         assert!(t.ranges.is_empty());
-        assert_eq!(in_bank(&t, s3.ep_bank), 1);
+        assert_eq!((s3.ep_bank, s3.sel_base), (s.ep_bank, s.sel_base));
+        assert_eq!(run(&t, &s3), 1);
+        // Another rr table: the bank that held the Maglev table gets a run
+        // of the new length, and the Maglev table's chunks are cleared.
+        let three = plain.replace("weight: 3}", "weight: 2}");
+        r.apply(&rules(&three), &mut t).unwrap();
+        let s4 = t.svcs[&k];
+        assert_eq!(s4.ep_bank, s2.ep_bank);
+        assert_eq!(s4.table_len, 3);
+        assert_eq!(run(&t, &s4), 1);
+        assert_eq!(t.chunks.len(), 2, "stale Maglev chunks left");
 
         // Removal takes every chunk of both banks.
         r.apply(&[], &mut t).unwrap();
@@ -2270,13 +2344,13 @@ pub mod tests {
             self.step()?;
             self.inner.delete_endpoint(key)
         }
-        fn put_sel_chunk(&mut self, key: SelKey, val: SelChunk) -> Result<()> {
+        fn put_sel_chunk(&mut self, index: u32, val: SelChunk) -> Result<()> {
             self.step()?;
-            self.inner.put_sel_chunk(key, val)
+            self.inner.put_sel_chunk(index, val)
         }
-        fn delete_sel_chunk(&mut self, key: SelKey) -> Result<()> {
+        fn delete_sel_chunk(&mut self, index: u32) -> Result<()> {
             self.step()?;
-            self.inner.delete_sel_chunk(key)
+            self.inner.delete_sel_chunk(index)
         }
         fn put_src_range(&mut self, rule_id: u32, net: IpNet) -> Result<()> {
             self.step()?;

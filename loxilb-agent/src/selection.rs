@@ -69,8 +69,8 @@ fn fnv1a(data: &[u8], seed: u64) -> u64 {
 /// smallest with at least `MAGLEV_SLOTS_PER_EP` slots per endpoint (twice
 /// the paper's bound for shares within about 1 % of each other; with 100,
 /// removing one of 10 endpoints moved 12 % of flows rather than 10 %): a
-/// rule with a few endpoints gets 1,021 slots (32 map chunks, 2 KiB, which stay in
-/// the CPU's cache) instead of 65,537 (2,049 chunks, 128 KiB, one of them
+/// rule with a few endpoints gets 1,021 slots (32 map chunks, 4 KiB, which stay in
+/// the CPU's cache) instead of 65,537 (2,049 chunks, 256 KiB, one of them
 /// cold for almost every new flow).
 pub const MAGLEV_SIZES: [u32; 4] = [1021, 4093, 16381, MAGLEV_M];
 /// Slots per endpoint a Maglev table has at least (up to `MAGLEV_M`).

@@ -24,7 +24,7 @@ use loxilb_agent::{
     config::{self, ConfigError},
     rules::{Installed, RuleTable, Rules},
 };
-use loxilb_common::{Addr, EpKey, EpVal, RuleVips, SelChunk, SelKey, SvcKey, SvcVal};
+use loxilb_common::{Addr, EpKey, EpVal, RuleVips, SelChunk, SvcKey, SvcVal};
 use prop_support::{cases, tally};
 use proptest::prelude::*;
 
@@ -500,11 +500,11 @@ impl RuleTable for Table {
         self.eps.remove(&key);
         Ok(())
     }
-    fn put_sel_chunk(&mut self, _: SelKey, _: SelChunk) -> Result<()> {
+    fn put_sel_chunk(&mut self, _: u32, _: SelChunk) -> Result<()> {
         self.writes += 1;
         Ok(())
     }
-    fn delete_sel_chunk(&mut self, _: SelKey) -> Result<()> {
+    fn delete_sel_chunk(&mut self, _: u32) -> Result<()> {
         self.writes += 1;
         Ok(())
     }

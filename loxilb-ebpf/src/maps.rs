@@ -3,15 +3,14 @@
 //! `bpftool map dump` prints named fields.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use loxilb_common::{
     stat, Addr, AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpKey, EpNh,
-    EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SelKey, SrcRangeData,
-    SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS,
-    MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SrcRangeData, SvcKey,
+    SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
+    MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -43,15 +42,11 @@ pub static LB_DEV_FWD: HashMap<u32, DevFwd, 4096> = HashMap::new();
 #[btf_map]
 pub static LB_ADDR_FILTER: Array<u64, { ADDR_FILTER_WORDS as usize }> = Array::new();
 
-/// Selection tables (rr sequence / Maglev table), in chunks; allocated on
-/// use, since most rules have small tables.
+/// Selection tables (rr sequence / Maglev table), in chunks: each (rule,
+/// bank) holds a run of consecutive chunks from `SvcVal::sel_base`,
+/// placed by the agent (`sel_space`).
 #[btf_map]
-pub static LB_SEL_TABLE: HashMap<
-    SelKey,
-    SelChunk,
-    { MAX_SEL_CHUNKS as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static LB_SEL_TABLE: Array<SelChunk, { MAX_SEL_CHUNKS as usize }> = Array::new();
 
 /// Source-IP affinity of `persist` rules.
 #[btf_map]

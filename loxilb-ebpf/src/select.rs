@@ -5,7 +5,7 @@
 //! session expiry). Inactive endpoints are skipped by probing the next
 //! table slots, a bounded number of times.
 
-use loxilb_common::{ep_flags, flow_hash, lb_sel, AffKey, EpVal, SelKey, SvcVal, SEL_CHUNK};
+use loxilb_common::{ep_flags, flow_hash, lb_sel, AffKey, EpVal, SvcVal, SEL_CHUNK};
 
 use crate::{
     maps::{ep_active, LB_AFFINITY, LB_EP_SLOTS, LB_SCRATCH_AFF, LB_SEL_TABLE},
@@ -15,10 +15,11 @@ use crate::{
 const MAX_TRIES: u32 = 16;
 const NS: u64 = 1_000_000_000;
 
-/// The endpoint slot (`EpVal::stat_idx`) at `pos` of the rule's table.
+/// The endpoint slot (`EpVal::stat_idx`) at `pos` of the table starting
+/// at chunk `base` (an array read, inlined by the verifier).
 #[inline(always)]
-fn table_at(rule: u32, bank: u8, pos: u32) -> Option<u32> {
-    let chunk = LB_SEL_TABLE.get_ptr(SelKey::new(rule, bank, pos / SEL_CHUNK))?;
+fn table_at(base: u32, pos: u32) -> Option<u32> {
+    let chunk = LB_SEL_TABLE.get_ptr(base.wrapping_add(pos / SEL_CHUNK))?;
     let i = (pos % SEL_CHUNK) as usize;
     unsafe { Some((*chunk).ep[i & (SEL_CHUNK as usize - 1)]) }
 }
@@ -40,10 +41,10 @@ fn endpoint(slot: u32) -> Option<&'static EpVal> {
 /// endpoint could be found.
 #[inline(always)]
 pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
-    let (rule, bank, n, len, sel) = unsafe {
+    let (rule, base, n, len, sel) = unsafe {
         (
             (*svc).rule_id,
-            (*svc).ep_bank,
+            (*svc).sel_base,
             (*svc).ep_count,
             (*svc).table_len,
             (*svc).sel,
@@ -66,8 +67,8 @@ pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
             cur % len
         };
         let b_slot = flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto) % len;
-        let a = table_at(rule, bank, a_slot).and_then(endpoint);
-        let b = table_at(rule, bank, b_slot).and_then(endpoint);
+        let a = table_at(base, a_slot).and_then(endpoint);
+        let b = table_at(base, b_slot).and_then(endpoint);
         match (a, b) {
             (Some(a), Some(b)) => {
                 return Some(if ep_active(b.stat_idx) < ep_active(a.stat_idx) {
@@ -114,7 +115,7 @@ pub fn select(svc: *mut SvcVal, p: &Pkt, now: u64) -> Option<&'static EpVal> {
     let mut i = 0;
     while i < MAX_TRIES {
         let slot = (start + i) % len;
-        if let Some(idx) = table_at(rule, bank, slot) {
+        if let Some(idx) = table_at(base, slot) {
             if let Some(ep) = endpoint(idx) {
                 if sel == lb_sel::PERSIST {
                     // Built in per-CPU scratch, off the stack.

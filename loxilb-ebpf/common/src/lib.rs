@@ -297,7 +297,9 @@ pub struct SvcVal {
     pub table_len: u32,
     /// Source-IP affinity lifetime for `persist`, seconds.
     pub persist_timeout_s: u32,
-    pub _pad: u32,
+    /// Where the live selection table starts in `LB_SEL_TABLE` (a chunk
+    /// index: entry `pos` is in chunk `sel_base + pos / SEL_CHUNK`).
+    pub sel_base: u32,
 }
 
 /// `SvcVal::flags` bits.
@@ -313,24 +315,6 @@ pub const SEL_CHUNK: u32 = 32;
 pub const MAGLEV_M: u32 = 65537;
 /// Largest selection table a rule may have.
 pub const MAX_SEL_TABLE: u32 = MAGLEV_M;
-
-/// Key of the selection-table map: (rule, bank << 24 | chunk index).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SelKey {
-    pub rule_id: u32,
-    pub chunk: u32,
-}
-
-impl SelKey {
-    #[inline(always)]
-    pub const fn new(rule_id: u32, bank: u8, chunk: u32) -> Self {
-        Self {
-            rule_id,
-            chunk: ((bank as u32) << 24) | (chunk & 0x00ff_ffff),
-        }
-    }
-}
 
 /// `SEL_CHUNK` consecutive entries of a selection table: endpoint slots
 /// (`EpVal::stat_idx`), each an index into `LB_EP_SLOTS`, so the datapath
@@ -1045,7 +1029,7 @@ no_implicit_padding!(SvcVal {
     flags: u8,
     table_len: u32,
     persist_timeout_s: u32,
-    _pad: u32,
+    sel_base: u32,
 });
 no_implicit_padding!(EpKey {
     rule_id: u32,
@@ -1099,10 +1083,6 @@ no_implicit_padding!(GlobalCfg {
     fullnat_src6: Addr,
     new_flow_interval_ns: u32,
     new_flow_burst: u32
-});
-no_implicit_padding!(SelKey {
-    rule_id: u32,
-    chunk: u32
 });
 no_implicit_padding!(AffKey {
     rule_id: u32,
@@ -1193,7 +1173,6 @@ const _: () = assert!(size_of::<SvcKey>() == 20);
 const _: () = assert!(size_of::<Clock>() == 32);
 const _: () = assert!(size_of::<DevFwd>() == 24);
 const _: () = assert!(size_of::<SvcVal>() == 32);
-const _: () = assert!(size_of::<SelKey>() == 8);
 const _: () = assert!(size_of::<SelChunk>() == 128);
 const _: () = assert!(size_of::<AffKey>() == 20);
 const _: () = assert!(size_of::<AffVal>() == 32);
@@ -1228,7 +1207,6 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtVal {}
     unsafe impl aya::Pod for GlobalCfg {}
-    unsafe impl aya::Pod for SelKey {}
     unsafe impl aya::Pod for SelChunk {}
     unsafe impl aya::Pod for AffKey {}
     unsafe impl aya::Pod for AffVal {}

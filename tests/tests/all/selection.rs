@@ -171,6 +171,62 @@ fn persist_sends_a_client_elsewhere_once_its_endpoint_leaves_the_rule() {
 }
 
 #[test]
+fn tables_placed_after_adopting_the_maps_leave_live_tables_alone() {
+    if !need_root("tables_placed_after_adopting_the_maps_leave_live_tables_alone") {
+        return;
+    }
+    // Two rules, each with endpoints of its own.
+    let rule = |port: u16, sel: &str, eps: &[&str]| {
+        let eps: Vec<String> = eps
+            .iter()
+            .map(|ip| format!("{{ip: {ip}, port: 8080}}"))
+            .collect();
+        format!(
+            "  - {{vip: 20.0.0.100, port: {port}, protocol: tcp, selection: {sel}, endpoints: [{}]}}\n",
+            eps.join(", ")
+        )
+    };
+    let a_eps = ["10.0.1.10", "10.0.1.11"];
+    let b_eps = ["10.0.1.12", "10.0.1.13"];
+    let c_eps = ["10.0.1.20", "10.0.1.21", "10.0.1.22"];
+    let first = format!(
+        "rules:\n{}{}",
+        rule(80, "rr", &a_eps),
+        rule(81, "hash", &b_eps)
+    );
+    with_datapath_rules("adopt-tables", &first, move |dp, _| {
+        let check = |dp: &mut loxilb_agent::datapath::Datapath, port: u16, eps: &[&str], n: u16| {
+            for i in 0..n {
+                let (ip, _) = pick(dp, &syn("192.168.0.2", 20000 + port * 100 + i, port));
+                assert!(
+                    eps.contains(&ip.to_string().as_str()),
+                    "port {port} went to {ip}"
+                );
+            }
+        };
+        check(dp, 80, &a_eps, 8);
+        check(dp, 81, &b_eps, 8);
+        // A restart: a new reconciler adopts what the maps hold (the live
+        // tables only), then rule a changes its table's length and a new
+        // hash rule needs a large table. Neither may land on b's.
+        let mut r = loxilb_agent::rules::Rules::adopt(dp.read_installed().unwrap());
+        let a2 = ["10.0.1.10", "10.0.1.11", "10.0.1.14"];
+        let next = format!(
+            "rules:\n{}{}{}",
+            rule(80, "rr", &a2),
+            rule(81, "hash", &b_eps),
+            rule(82, "hash", &c_eps)
+        );
+        r.apply(&config::parse("t.yaml", &next).unwrap(), dp)
+            .unwrap();
+        dp.clear_sessions().unwrap();
+        check(dp, 80, &a2, 12);
+        check(dp, 81, &b_eps, 16);
+        check(dp, 82, &c_eps, 16);
+    });
+}
+
+#[test]
 fn source_ranges_admit_listed_clients_only() {
     if !need_root("source_ranges_admit_listed_clients_only") {
         return;
