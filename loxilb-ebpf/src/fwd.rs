@@ -27,7 +27,8 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
 };
 use loxilb_common::{
-    cfg_flags, csum, ct_dir, dev_fwd, is_v4, stat, v4_mapped, Addr, CtVal, EpNh, NH_CACHE_NS,
+    cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, stat, v4_mapped, Addr, CtVal, EpNh,
+    NH_CACHE_NS,
 };
 
 use crate::{
@@ -215,7 +216,7 @@ fn remember(ct: *mut CtVal, now: u64, ifindex: u32, macs: [u16; 6]) {
 
 /// The next hop cached toward endpoint slot `ep` for a packet to `dst`
 /// of `tot_len` bytes arriving on `in_ifindex`, if it may be used (see
-/// `EpNh`).
+/// `EpNh`), and it has the flags `need` (`ep_nh_flags::*`).
 #[inline(always)]
 fn ep_cached(
     ep: u32,
@@ -223,6 +224,7 @@ fn ep_cached(
     in_ifindex: u32,
     tot_len: u16,
     now: u64,
+    need: u16,
 ) -> Option<(u32, [u16; 6])> {
     let e = LB_EP_NH.get_ptr(ep)?;
     unsafe {
@@ -230,6 +232,7 @@ fn ep_cached(
             && now < (*e).expiry_ns
             && (*e).in_ifindex == in_ifindex
             && tot_len <= (*e).max_len
+            && (*e).flags & need == need
             && (*e).dst == *dst
         {
             Some(((*e).ifindex, (*e).macs))
@@ -239,28 +242,26 @@ fn ep_cached(
     }
 }
 
-/// Keep the FIB's answer toward endpoint slot `ep` (see `EpNh`).
+/// Keep the FIB's answer `f` toward endpoint slot `ep` (see `EpNh`).
 #[inline(always)]
-fn ep_remember(
-    ep: u32,
-    dst: &Addr,
-    in_ifindex: u32,
-    tot_len: u16,
-    now: u64,
-    ifindex: u32,
-    macs: [u16; 6],
-) {
+fn ep_remember(ep: u32, dst: &Addr, in_ifindex: u32, tot_len: u16, now: u64, f: &Fib) {
     let Some(e) = LB_EP_NH.get_ptr_mut(ep) else {
         return;
+    };
+    let flags = if f.nexthop == *dst {
+        ep_nh_flags::DIRECT
+    } else {
+        0
     };
     unsafe {
         // A fresh answer for the same address, device and next hop only
         // raises the length known to fit.
-        let same = (*e).ifindex == ifindex
+        let same = (*e).ifindex == f.ifindex
             && now < (*e).expiry_ns
             && (*e).in_ifindex == in_ifindex
             && (*e).dst == *dst
-            && (*e).macs == macs;
+            && (*e).macs == f.macs
+            && (*e).flags == flags;
         let max_len = if same && (*e).max_len > tot_len {
             (*e).max_len
         } else {
@@ -268,11 +269,11 @@ fn ep_remember(
         };
         *e = EpNh {
             dst: *dst,
-            ifindex,
+            ifindex: f.ifindex,
             in_ifindex,
-            macs,
+            macs: f.macs,
             max_len,
-            _pad: 0,
+            flags,
             expiry_ns: now + NH_CACHE_NS,
         };
     }
@@ -358,7 +359,7 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
         let (ifindex, macs) = match cached(ct, now) {
             Some(nh) => nh,
             None => match if ep_slot(ct, ep, flags, &mut per_ep) {
-                ep_cached(per_ep, &dst, ctx.ifindex(), tot_len, now)
+                ep_cached(per_ep, &dst, ctx.ifindex(), tot_len, now, 0)
             } else {
                 None
             } {
@@ -387,7 +388,7 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
                     }
                     remember(ct, now, f.ifindex, f.macs);
                     if per_ep != NO_EP {
-                        ep_remember(per_ep, &dst, ctx.ifindex(), tot_len, now, f.ifindex, f.macs);
+                        ep_remember(per_ep, &dst, ctx.ifindex(), tot_len, now, &f);
                     }
                     (f.ifindex, f.macs)
                 }
@@ -416,12 +417,15 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
 /// DSR: send the frame, untranslated, to endpoint `ep`: on its L2 segment
 /// (destination MAC rewritten; the endpoint must be directly connected), or
 /// IPIP-encapsulated to it (`ipip`). The TTL is left alone: to the
-/// endpoint, the load balancer is not a router hop.
+/// endpoint, the load balancer is not a router hop. `ct` and `slot` as for
+/// [`forward`] (an L2 frame takes the next hop kept for its endpoint only
+/// when that is the endpoint itself).
 #[inline(always)]
 pub fn forward_dsr<C: PktCtx>(
     ctx: &C,
     p: &Pkt,
     ct: *mut CtVal,
+    slot: u32,
     now: u64,
     ep: &Addr,
     ipip: bool,
@@ -447,8 +451,22 @@ pub fn forward_dsr<C: PktCtx>(
     };
     let tos = h[1];
     // (`cached` is None for a null `ct`.)
-    let (ifindex, macs, outer_src) = match cached(ct, now) {
-        Some((i, m)) => (i, m, unsafe { (*ct).encap_src }),
+    let mut per_ep = NO_EP;
+    let kept = match cached(ct, now) {
+        Some((i, m)) => Some((i, m, unsafe { (*ct).encap_src })),
+        None if !ipip && ep_slot(ct, slot, cfg(), &mut per_ep) => {
+            match ep_cached(per_ep, ep, ctx.ifindex(), tot_len, now, ep_nh_flags::DIRECT) {
+                Some((i, m)) => {
+                    remember(ct, now, i, m);
+                    Some((i, m, [0; 4]))
+                }
+                None => None,
+            }
+        }
+        None => None,
+    };
+    let (ifindex, macs, outer_src) = match kept {
+        Some(nh) => nh,
         None => {
             let extra = if ipip { 20 } else { 0 };
             let f = fib(
@@ -503,6 +521,9 @@ pub fn forward_dsr<C: PktCtx>(
             remember(ct, now, f.ifindex, f.macs);
             if !ct.is_null() {
                 unsafe { (*ct).encap_src = f.src };
+            }
+            if per_ep != NO_EP {
+                ep_remember(per_ep, ep, ctx.ifindex(), tot_len, now, &f);
             }
             (f.ifindex, f.macs, f.src)
         }

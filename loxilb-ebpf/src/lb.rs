@@ -176,7 +176,15 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
         let mode = unsafe { (*v).mode };
         if mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP {
             let ep = unsafe { (*v).dsr_ep };
-            return fwd::forward_dsr(ctx, &p, v, now, &ep, mode == lb_mode::DSR_IPIP);
+            return fwd::forward_dsr(
+                ctx,
+                &p,
+                v,
+                fwd::SESSION_EP,
+                now,
+                &ep,
+                mode == lb_mode::DSR_IPIP,
+            );
         }
         if p.sctp & (sctp_ev::INIT | sctp_ev::INIT_ACK | sctp_ev::CLOSE) != 0 {
             // Multihoming bookkeeping (the INIT-ACK rewrite, closing every
@@ -391,11 +399,15 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         }
     }
     if dsr {
-        let v = LB_CT.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
-        let verdict = fwd::forward_dsr(ctx, p, v, now, ep_addr, mode == lb_mode::DSR_IPIP);
-        if verdict == Verdict::Drop && !v.is_null() {
+        // As for the NAT modes, the new entry is not read back to cache the
+        // next hop in it: the session's next packet does that.
+        let ipip = mode == lb_mode::DSR_IPIP;
+        let verdict = fwd::forward_dsr(ctx, p, core::ptr::null_mut(), ep_stat, now, ep_addr, ipip);
+        if verdict == Verdict::Drop {
             // The endpoint cannot be reached this way: no session.
-            unsafe { conntrack::end_session(key, v) };
+            if let Some(v) = LB_CT.get_ptr_mut(key) {
+                unsafe { conntrack::end_session(key, v) };
+            }
         }
         return verdict;
     }

@@ -705,8 +705,17 @@ pub struct EpNh {
     pub macs: [u16; 6],
     /// The longest packet (IP total length) the FIB said fits.
     pub max_len: u16,
-    pub _pad: u16,
+    /// `ep_nh_flags::*`.
+    pub flags: u16,
     pub expiry_ns: u64,
+}
+
+/// `EpNh::flags` bits.
+pub mod ep_nh_flags {
+    /// The next hop is the endpoint itself (it is on the segment of
+    /// `EpNh::ifindex`): what an L2 DSR frame, still addressed to the VIP,
+    /// needs.
+    pub const DIRECT: u16 = 1;
 }
 
 /// Global datapath counters: index into the per-CPU `LB_STATS` array.
@@ -1158,7 +1167,7 @@ no_implicit_padding!(EpNh {
     in_ifindex: u32,
     macs: [u16; 6],
     max_len: u16,
-    _pad: u16,
+    flags: u16,
     expiry_ns: u64
 });
 no_implicit_padding!(EpStats {

@@ -4,9 +4,10 @@
 //! for the same address, the same ingress device, a packet no longer than
 //! the one the FIB checked, before it expires, and while the agent finds
 //! the node's routing plain (a policy rule turns it off). A session's
-//! second packet caches it in the session's own entry.
+//! second packet caches it in the session's own entry. L2 DSR uses it too,
+//! when the next hop kept is the endpoint itself.
 
-use loxilb_common::{cfg_flags, v4_mapped, EpNh};
+use loxilb_common::{cfg_flags, ep_nh_flags, v4_mapped, EpNh};
 use loxilb_tests::fib::verdict::XDP_REDIRECT;
 use loxilb_tests::{
     fib::{run_xdp, with_datapath, EP1_MAC, LB_TO_EP_MAC},
@@ -71,6 +72,11 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
         assert_ne!(filled.ifindex, 0);
         // IPv4 20 + TCP 20 + "hello".
         assert_eq!(filled.max_len, 45);
+        assert_eq!(
+            filled.flags,
+            ep_nh_flags::DIRECT,
+            "on the endpoint's segment"
+        );
         assert!(filled.expiry_ns > 0);
 
         // The kept entry is what the next new session uses: one with a
@@ -209,6 +215,74 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
             new_flow_mac(dp, 40030, 0),
             EP1_MAC,
             "with a multipath route"
+        );
+    });
+}
+
+const DSR_RULE: &str = "rules:\n  - {vip: 20.0.0.100, port: 83, protocol: tcp, mode: dsr, endpoints: [{ip: 10.0.1.10, port: 83}]}\n";
+
+/// A DSR session's packet from client port `sport` (`flags`): the
+/// destination MAC it leaves with (the frame otherwise untouched).
+fn dsr_mac(dp: &mut loxilb_agent::datapath::Datapath, sport: u16, flags: u8) -> [u8; 6] {
+    let f = Frame::tcp("192.168.0.2", sport, "20.0.0.100", 83, flags);
+    let (v, out) = run_xdp(dp, &f.bytes());
+    assert_eq!(v, XDP_REDIRECT, "DSR, port {sport}");
+    assert_eq!(out[14..], f.bytes()[14..], "DSR leaves the IP packet alone");
+    out[0..6].try_into().unwrap()
+}
+
+#[test]
+fn a_new_dsr_session_takes_the_next_hop_kept_for_its_endpoint_only_when_it_is_the_endpoint() {
+    if !need_root(
+        "a_new_dsr_session_takes_the_next_hop_kept_for_its_endpoint_only_when_it_is_the_endpoint",
+    ) {
+        return;
+    }
+    with_datapath("epnh-dsr", DSR_RULE, |dp| {
+        let idx = dp.endpoints().unwrap().values().next().unwrap().stat_idx;
+        assert_eq!(dp.ep_nh(idx).unwrap(), EpNh::default(), "empty at first");
+        // The first new session asks the FIB and keeps its answer: the
+        // endpoint itself, on its segment.
+        assert_eq!(dsr_mac(dp, 41000, SYN), EP1_MAC);
+        let filled = dp.ep_nh(idx).unwrap();
+        assert_eq!(filled.dst, ep_addr([10, 0, 1, 10]));
+        assert_eq!(filled.macs, words(EP1_MAC, LB_TO_EP_MAC));
+        assert_eq!(filled.flags, ep_nh_flags::DIRECT);
+        // The next new session takes it (a MAC no neighbour has shows the
+        // FIB was not asked), and so does the session's second packet,
+        // which caches it in the session.
+        let kept = EpNh {
+            macs: words(KEPT_MAC, LB_TO_EP_MAC),
+            expiry_ns: u64::MAX,
+            ..filled
+        };
+        dp.set_ep_nh(idx, kept).unwrap();
+        assert_eq!(
+            dsr_mac(dp, 41001, SYN),
+            KEPT_MAC,
+            "taken from the kept next hop"
+        );
+        assert_eq!(
+            dsr_mac(dp, 41001, ACK),
+            KEPT_MAC,
+            "the session's second packet"
+        );
+        dp.set_ep_nh(idx, EpNh::default()).unwrap();
+        assert_eq!(dsr_mac(dp, 41001, ACK), KEPT_MAC, "cached in the session");
+        // A next hop that is not the endpoint (a router on the way, as a NAT
+        // session toward it may have kept) is not taken: the frame, still
+        // addressed to the VIP, would go to the router. The FIB is asked,
+        // and its answer kept.
+        dp.set_ep_nh(idx, EpNh { flags: 0, ..kept }).unwrap();
+        assert_eq!(
+            dsr_mac(dp, 41002, SYN),
+            EP1_MAC,
+            "a next hop not the endpoint"
+        );
+        let again = dp.ep_nh(idx).unwrap();
+        assert_eq!(
+            (again.macs, again.flags),
+            (words(EP1_MAC, LB_TO_EP_MAC), ep_nh_flags::DIRECT)
         );
     });
 }
