@@ -37,6 +37,16 @@ fn ep_addr(ip: [u8; 4]) -> loxilb_common::Addr {
     v4_mapped(u32::from_ne_bytes(ip))
 }
 
+/// The FIB's answer `filled` with a MAC no neighbour has, never expiring:
+/// a frame that leaves with it took the kept next hop.
+fn kept_from(filled: EpNh) -> EpNh {
+    EpNh {
+        macs: words(KEPT_MAC, LB_TO_EP_MAC),
+        expiry_ns: u64::MAX,
+        ..filled
+    }
+}
+
 /// A new session's SYN from client port `sport` (`pad` more payload
 /// bytes): the destination MAC it leaves with.
 fn new_flow_mac(dp: &mut loxilb_agent::datapath::Datapath, sport: u16, pad: usize) -> [u8; 6] {
@@ -81,11 +91,7 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
 
         // The kept entry is what the next new session uses: one with a
         // MAC no neighbour has shows it was not asked again.
-        let kept = EpNh {
-            macs: words(KEPT_MAC, LB_TO_EP_MAC),
-            expiry_ns: u64::MAX,
-            ..filled
-        };
+        let kept = kept_from(filled);
         dp.set_ep_nh(idx, kept).unwrap();
         assert_eq!(
             new_flow_mac(dp, 40001, 0),
@@ -251,11 +257,7 @@ fn a_new_dsr_session_takes_the_next_hop_kept_for_its_endpoint_only_when_it_is_th
         // The next new session takes it (a MAC no neighbour has shows the
         // FIB was not asked), and so does the session's second packet,
         // which caches it in the session.
-        let kept = EpNh {
-            macs: words(KEPT_MAC, LB_TO_EP_MAC),
-            expiry_ns: u64::MAX,
-            ..filled
-        };
+        let kept = kept_from(filled);
         dp.set_ep_nh(idx, kept).unwrap();
         assert_eq!(
             dsr_mac(dp, 41001, SYN),
