@@ -288,3 +288,93 @@ fn a_new_dsr_session_takes_the_next_hop_kept_for_its_endpoint_only_when_it_is_th
         );
     });
 }
+
+const SRC_RULES: &str = "rules:
+  - {vip: 20.0.0.100, port: 81, protocol: tcp, mode: onearm, endpoints: [{ip: 10.0.1.10, port: 8080}]}
+  - {vip: 20.0.0.100, port: 84, protocol: tcp, mode: dsr-ipip, endpoints: [{ip: 10.0.1.10, port: 84}]}
+";
+
+/// A new session's SYN to VIP port `port` from client port `sport`: its
+/// destination MAC and the IPv4 source address it leaves with (the
+/// translated one for onearm, the outer one for IPIP).
+fn src_and_mac(
+    dp: &mut loxilb_agent::datapath::Datapath,
+    port: u16,
+    sport: u16,
+) -> ([u8; 6], [u8; 4]) {
+    let f = Frame::tcp("192.168.0.2", sport, "20.0.0.100", port, SYN);
+    let (v, out) = run_xdp(dp, &f.bytes());
+    assert_eq!(v, XDP_REDIRECT, "port {port}, client port {sport}");
+    (
+        out[0..6].try_into().unwrap(),
+        out[26..30].try_into().unwrap(),
+    )
+}
+
+#[test]
+fn the_source_address_toward_an_endpoint_is_kept_with_its_next_hop() {
+    if !need_root("the_source_address_toward_an_endpoint_is_kept_with_its_next_hop") {
+        return;
+    }
+    with_datapath("epnh-src", SRC_RULES, |dp| {
+        let slot_of = |dp: &loxilb_agent::datapath::Datapath, port: u16| {
+            let svc = dp
+                .services()
+                .unwrap()
+                .into_iter()
+                .find(|(k, _)| u16::from_be(k.port) == port)
+                .unwrap()
+                .1;
+            dp.endpoints().unwrap()[&loxilb_common::EpKey::new(svc.rule_id, svc.ep_bank, 0)]
+                .stat_idx
+        };
+        let node = [10, 0, 1, 1];
+        let other = [10, 0, 1, 7];
+        for (what, port, first_sport) in [("onearm", 81, 42000), ("dsr-ipip", 84, 43000)] {
+            let idx = slot_of(dp, port);
+            // The first new session asks the FIB, which gives the node's
+            // address on the endpoints' segment, and keeps it.
+            assert_eq!(
+                src_and_mac(dp, port, first_sport),
+                (EP1_MAC, node),
+                "{what}"
+            );
+            let filled = dp.ep_nh(idx).unwrap();
+            assert_ne!(filled.flags & ep_nh_flags::SRC, 0, "{what}: source kept");
+            assert_eq!(filled.src, ep_addr(node), "{what}");
+            // The next new session takes the source (and the next hop) kept:
+            // an address the FIB would not give shows it was not asked.
+            let kept = EpNh {
+                src: ep_addr(other),
+                ..kept_from(filled)
+            };
+            dp.set_ep_nh(idx, kept).unwrap();
+            assert_eq!(
+                src_and_mac(dp, port, first_sport + 1),
+                (KEPT_MAC, other),
+                "{what}: taken from the kept entry"
+            );
+            // With no source known, the FIB is asked again and its source
+            // kept.
+            dp.set_ep_nh(
+                idx,
+                EpNh {
+                    flags: kept.flags & !ep_nh_flags::SRC,
+                    ..kept
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                src_and_mac(dp, port, first_sport + 2).1,
+                node,
+                "{what}: no source kept"
+            );
+            let again = dp.ep_nh(idx).unwrap();
+            assert_eq!(
+                (again.flags & ep_nh_flags::SRC, again.src),
+                (ep_nh_flags::SRC, ep_addr(node)),
+                "{what}"
+            );
+        }
+    });
+}
