@@ -27,7 +27,8 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
 };
 use loxilb_common::{
-    cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, stat, v4_mapped, Addr, CtVal, NH_CACHE_NS,
+    cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, stat, v4_mapped, Addr, CtVal, EpNh,
+    NH_CACHE_NS,
 };
 
 use crate::{
@@ -129,36 +130,15 @@ pub fn fib<C: PktCtx>(ctx: &C, p: &Pkt, tot_len: u16, src: &Addr, dst: &Addr, fl
     }
 }
 
-/// The node's own address toward `ep` (the onearm and NAT64 source), if
-/// it has a route: the one kept for endpoint slot `slot` (`LB_EP_NH`, when
-/// the agent allows it), else the FIB's, then kept there.
+/// The node's own address toward `ep` (onearm source), if it has a route.
 #[inline(always)]
-pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr, slot: u32, now: u64) -> Option<Addr> {
-    let mut per_ep = NO_EP;
-    if ep_slot(core::ptr::null(), slot, cfg(), &mut per_ep) {
-        if let Some(e) = LB_EP_NH.get_ptr(per_ep) {
-            unsafe {
-                if (*e).flags & ep_nh_flags::SRC != 0
-                    && now < (*e).expiry_ns
-                    && (*e).in_ifindex == ctx.ifindex()
-                    && (*e).dst == *ep
-                {
-                    return Some((*e).src);
-                }
-            }
-        }
-    }
+pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr) -> Option<Addr> {
     let f = fib(ctx, p, 0, &[0; 4], ep, BPF_FIB_LOOKUP_SRC);
     let has_src = if is_v4(&f.src) {
         f.src[3] != 0
     } else {
         f.src != [0; 4]
     };
-    if f.rc == RET_SUCCESS && has_src && per_ep != NO_EP {
-        // (Asked with no length: the next hop it keeps serves packets only
-        // once a lookup with their length confirms it.)
-        ep_remember(per_ep, ep, ctx.ifindex(), 0, now, &f, true);
-    }
     if (f.rc == RET_SUCCESS || f.rc == RET_NO_NEIGH) && has_src {
         Some(f.src)
     } else {
@@ -166,6 +146,7 @@ pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr, slot: u32, now: u64) -
     }
 }
 
+#[inline(always)]
 /// The agent's `cfg_flags`.
 #[inline(always)]
 fn cfg() -> u32 {
@@ -235,8 +216,7 @@ fn remember(ct: *mut CtVal, now: u64, ifindex: u32, macs: [u16; 6]) {
 
 /// The next hop cached toward endpoint slot `ep` for a packet to `dst`
 /// of `tot_len` bytes arriving on `in_ifindex`, if it may be used (see
-/// `EpNh`) and has the flags `need` (`ep_nh_flags::*`): (egress device,
-/// MACs, the node's source address toward `dst` when `SRC` was needed).
+/// `EpNh`), and it has the flags `need` (`ep_nh_flags::*`).
 #[inline(always)]
 fn ep_cached(
     ep: u32,
@@ -245,7 +225,7 @@ fn ep_cached(
     tot_len: u16,
     now: u64,
     need: u16,
-) -> Option<(u32, [u16; 6], Addr)> {
+) -> Option<(u32, [u16; 6])> {
     let e = LB_EP_NH.get_ptr(ep)?;
     unsafe {
         if (*e).ifindex != 0
@@ -255,31 +235,20 @@ fn ep_cached(
             && (*e).flags & need == need
             && (*e).dst == *dst
         {
-            Some(((*e).ifindex, (*e).macs, (*e).src))
+            Some(((*e).ifindex, (*e).macs))
         } else {
             None
         }
     }
 }
 
-/// Keep the FIB's answer `f` toward endpoint slot `ep` (see `EpNh`);
-/// `with_src`: `f` was asked for the source address
-/// (`BPF_FIB_LOOKUP_SRC`). An answer that only confirms the one kept keeps
-/// the source address known with it.
+/// Keep the FIB's answer `f` toward endpoint slot `ep` (see `EpNh`).
 #[inline(always)]
-fn ep_remember(
-    ep: u32,
-    dst: &Addr,
-    in_ifindex: u32,
-    tot_len: u16,
-    now: u64,
-    f: &Fib,
-    with_src: bool,
-) {
+fn ep_remember(ep: u32, dst: &Addr, in_ifindex: u32, tot_len: u16, now: u64, f: &Fib) {
     let Some(e) = LB_EP_NH.get_ptr_mut(ep) else {
         return;
     };
-    let direct = if f.nexthop == *dst {
+    let flags = if f.nexthop == *dst {
         ep_nh_flags::DIRECT
     } else {
         0
@@ -292,29 +261,21 @@ fn ep_remember(
             && (*e).in_ifindex == in_ifindex
             && (*e).dst == *dst
             && (*e).macs == f.macs
-            && (*e).flags & ep_nh_flags::DIRECT == direct;
+            && (*e).flags == flags;
         let max_len = if same && (*e).max_len > tot_len {
             (*e).max_len
         } else {
             tot_len
         };
-        // Field by field: a whole `EpNh` built first would take 64 bytes of
-        // the new-flow programs' stack.
-        let src_flag = if with_src {
-            (*e).src = f.src;
-            ep_nh_flags::SRC
-        } else if same {
-            (*e).flags & ep_nh_flags::SRC
-        } else {
-            0
+        *e = EpNh {
+            dst: *dst,
+            ifindex: f.ifindex,
+            in_ifindex,
+            macs: f.macs,
+            max_len,
+            flags,
+            expiry_ns: now + NH_CACHE_NS,
         };
-        (*e).dst = *dst;
-        (*e).ifindex = f.ifindex;
-        (*e).in_ifindex = in_ifindex;
-        (*e).macs = f.macs;
-        (*e).max_len = max_len;
-        (*e).flags = direct | src_flag;
-        (*e).expiry_ns = now + NH_CACHE_NS;
     }
 }
 
@@ -402,7 +363,7 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
             } else {
                 None
             } {
-                Some((ifindex, macs, _)) => {
+                Some((ifindex, macs)) => {
                     remember(ct, now, ifindex, macs);
                     (ifindex, macs)
                 }
@@ -427,7 +388,7 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
                     }
                     remember(ct, now, f.ifindex, f.macs);
                     if per_ep != NO_EP {
-                        ep_remember(per_ep, &dst, ctx.ifindex(), tot_len, now, &f, false);
+                        ep_remember(per_ep, &dst, ctx.ifindex(), tot_len, now, &f);
                     }
                     (f.ifindex, f.macs)
                 }
@@ -490,25 +451,14 @@ pub fn forward_dsr<C: PktCtx>(
     };
     let tos = h[1];
     // (`cached` is None for a null `ct`.)
-    // An L2 frame, still addressed to the VIP, needs the endpoint itself as
-    // the next hop; an IPIP one the source address for its outer header.
-    let (extra, need) = if ipip {
-        (20, ep_nh_flags::SRC)
-    } else {
-        (0, ep_nh_flags::DIRECT)
-    };
     let mut per_ep = NO_EP;
     let kept = match cached(ct, now) {
         Some((i, m)) => Some((i, m, unsafe { (*ct).encap_src })),
-        None if ep_slot(ct, slot, cfg(), &mut per_ep) => {
-            let len = tot_len.saturating_add(extra);
-            match ep_cached(per_ep, ep, ctx.ifindex(), len, now, need) {
-                Some((i, m, src)) => {
+        None if !ipip && ep_slot(ct, slot, cfg(), &mut per_ep) => {
+            match ep_cached(per_ep, ep, ctx.ifindex(), tot_len, now, ep_nh_flags::DIRECT) {
+                Some((i, m)) => {
                     remember(ct, now, i, m);
-                    if !ct.is_null() {
-                        unsafe { (*ct).encap_src = src };
-                    }
-                    Some((i, m, src))
+                    Some((i, m, [0; 4]))
                 }
                 None => None,
             }
@@ -518,6 +468,7 @@ pub fn forward_dsr<C: PktCtx>(
     let (ifindex, macs, outer_src) = match kept {
         Some(nh) => nh,
         None => {
+            let extra = if ipip { 20 } else { 0 };
             let f = fib(
                 ctx,
                 p,
@@ -572,8 +523,7 @@ pub fn forward_dsr<C: PktCtx>(
                 unsafe { (*ct).encap_src = f.src };
             }
             if per_ep != NO_EP {
-                let len = tot_len.saturating_add(extra);
-                ep_remember(per_ep, ep, ctx.ifindex(), len, now, &f, ipip);
+                ep_remember(per_ep, ep, ctx.ifindex(), tot_len, now, &f);
             }
             (f.ifindex, f.macs, f.src)
         }

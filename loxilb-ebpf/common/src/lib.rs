@@ -708,10 +708,6 @@ pub struct EpNh {
     /// `ep_nh_flags::*`.
     pub flags: u16,
     pub expiry_ns: u64,
-    /// The node's own address toward `dst` (the route's preferred source:
-    /// the onearm and NAT64 source, the IPIP outer source), when
-    /// `ep_nh_flags::SRC` is set.
-    pub src: Addr,
 }
 
 /// `EpNh::flags` bits.
@@ -720,8 +716,6 @@ pub mod ep_nh_flags {
     /// `EpNh::ifindex`): what an L2 DSR frame, still addressed to the VIP,
     /// needs.
     pub const DIRECT: u16 = 1;
-    /// `EpNh::src` is known.
-    pub const SRC: u16 = 2;
 }
 
 /// Global datapath counters: index into the per-CPU `LB_STATS` array.
@@ -1174,8 +1168,7 @@ no_implicit_padding!(EpNh {
     macs: [u16; 6],
     max_len: u16,
     flags: u16,
-    expiry_ns: u64,
-    src: Addr
+    expiry_ns: u64
 });
 no_implicit_padding!(EpStats {
     packets: u64,
@@ -1195,7 +1188,7 @@ const _: () = assert!(size_of::<AffVal>() == 32);
 const _: () = assert!(size_of::<SrcRangeData>() == 20);
 const _: () = assert!(size_of::<RuleStats>() == 64);
 const _: () = assert!(size_of::<EpStats>() == 32);
-const _: () = assert!(size_of::<EpNh>() == 64);
+const _: () = assert!(size_of::<EpNh>() == 48);
 const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 32);
