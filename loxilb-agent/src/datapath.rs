@@ -398,9 +398,7 @@ impl Datapath {
     }
 
     fn write_clock(&mut self, c: Clock) -> Result<()> {
-        let mut a: Array<_, Clock> = Array::try_from(self.map_mut(mn::CLOCK)?)?;
-        a.set(0, c, 0)?;
-        Ok(())
+        array_put(self, mn::CLOCK, 0, c)
     }
 
     /// The datapath's clock as calibrated (None: not calibrated; it asks
@@ -885,10 +883,7 @@ impl Datapath {
     /// Write endpoint slot `idx` of `LB_EP_SLOTS` (what the selection
     /// table's entries point at).
     fn put_ep_slot(&mut self, idx: u32, val: EpVal) -> Result<()> {
-        let mut a: Array<_, EpVal> = Array::try_from(self.map_mut(mn::EP_SLOTS)?)?;
-        a.set(idx, val, 0)
-            .with_context(|| format!("writing slot {idx} of the {} map", mn::EP_SLOTS))?;
-        Ok(())
+        array_put(self, mn::EP_SLOTS, idx, val)
     }
 
     pub fn clear_sessions(&mut self) -> Result<usize> {
@@ -1207,6 +1202,15 @@ fn hash_put<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, map: &str, k: K, v: V) 
     Ok(())
 }
 
+/// Write element `i` of an array map of the datapath, naming the map on
+/// failure.
+fn array_put<V: aya::Pod>(dp: &mut Datapath, map: &str, i: u32, v: V) -> Result<()> {
+    let mut a: Array<_, V> = Array::try_from(dp.map_mut(map)?)?;
+    a.set(i, v, 0)
+        .with_context(|| format!("writing element {i} of the {map} map"))?;
+    Ok(())
+}
+
 /// Remove from a hash map of the datapath; a missing key is fine.
 fn hash_del<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, map: &str, k: K) -> Result<()> {
     let mut m: HashMap<_, K, V> = HashMap::try_from(dp.map_mut(map)?)?;
@@ -1231,10 +1235,7 @@ impl RuleTable for Datapath {
         hash_del::<EpKey, EpVal>(self, mn::ENDPOINTS, key)
     }
     fn put_sel_chunk(&mut self, index: u32, val: SelChunk) -> Result<()> {
-        let mut a: Array<_, SelChunk> = Array::try_from(self.map_mut(mn::SEL_TABLE)?)?;
-        a.set(index, val, 0)
-            .with_context(|| format!("writing chunk {index} of the {} map", mn::SEL_TABLE))?;
-        Ok(())
+        array_put(self, mn::SEL_TABLE, index, val)
     }
     fn delete_sel_chunk(&mut self, index: u32) -> Result<()> {
         self.put_sel_chunk(index, SelChunk::default())
@@ -1266,11 +1267,7 @@ impl RuleTable for Datapath {
         Ok(())
     }
     fn retire_ep_slot(&mut self, idx: u32) -> Result<()> {
-        let empty = EpVal {
-            flags: loxilb_common::ep_flags::INACTIVE,
-            ..Default::default()
-        };
-        self.put_ep_slot(idx, empty)
+        self.put_ep_slot(idx, crate::rules::RETIRED_EP)
     }
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()> {
         let mut a: PerCpuArray<_, RuleStats> =

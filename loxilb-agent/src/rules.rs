@@ -229,18 +229,38 @@ impl StatSlots {
     }
 }
 
-/// Mark the slots of endpoints that left their rule empty, every one even
-/// if one write fails (the first error is returned).
-fn retire_slots(t: &mut dyn RuleTable, slots: &[u32]) -> Result<()> {
+/// What an endpoint slot holds once its endpoint left its rule
+/// (`RuleTable::retire_ep_slot`): no address, inactive.
+pub const RETIRED_EP: EpVal = EpVal {
+    addr: [0; 4],
+    port: 0,
+    weight: 0,
+    flags: loxilb_common::ep_flags::INACTIVE,
+    stat_idx: 0,
+    rule_id: 0,
+};
+
+/// Run `f` on every one of `items`, also after one fails; the first error
+/// is returned.
+fn for_each_all(
+    items: impl IntoIterator<Item = u32>,
+    mut f: impl FnMut(u32) -> Result<()>,
+) -> Result<()> {
     let mut first = Ok(());
-    for i in slots {
-        if let Err(e) = t.retire_ep_slot(*i) {
+    for i in items {
+        if let Err(e) = f(i) {
             if first.is_ok() {
                 first = Err(e);
             }
         }
     }
     first
+}
+
+/// Mark the slots of endpoints that left their rule empty, every one even
+/// if one write fails (the first error is returned).
+fn retire_slots(t: &mut dyn RuleTable, slots: &[u32]) -> Result<()> {
+    for_each_all(slots.iter().copied(), |i| t.retire_ep_slot(i))
 }
 
 /// The selection-table space with the runs of adopted rules taken. A run
@@ -269,16 +289,9 @@ fn adopt_runs(installed: &mut BTreeMap<SvcKeyOrd, Installed>) -> SelSpace {
 /// clear fails: its stale chunks are rewritten before the run serves
 /// again; the first error is returned).
 fn free_run(t: &mut dyn RuleTable, sel: &mut SelSpace, base: u32, n: u32) -> Result<()> {
-    let mut first = Ok(());
-    for c in base..base + n {
-        if let Err(e) = t.delete_sel_chunk(c) {
-            if first.is_ok() {
-                first = Err(e);
-            }
-        }
-    }
+    let cleared = for_each_all(base..base + n, |c| t.delete_sel_chunk(c));
     sel.release(base, n);
-    first
+    cleared
 }
 
 /// Rule ids: the lowest free one is given out first.
@@ -1124,7 +1137,6 @@ fn install(
         t.delete_endpoint(EpKey::new(rule_id, bank, idx))?;
     }
     inst.bank_len[bank as usize] = w.eps.len() as u32;
-    // Selection table.
     // Selection table: the bank's run of chunks, placed anew when its
     // length changes.
     let table = table_for(w.sel, &w.eps);
@@ -1323,13 +1335,7 @@ pub mod tests {
             Ok(())
         }
         fn retire_ep_slot(&mut self, idx: u32) -> Result<()> {
-            self.slots.insert(
-                idx,
-                EpVal {
-                    flags: loxilb_common::ep_flags::INACTIVE,
-                    ..Default::default()
-                },
-            );
+            self.slots.insert(idx, RETIRED_EP);
             Ok(())
         }
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
