@@ -19,11 +19,19 @@
 //!   per new flow or two (a forward and a reply entry, as the datapath
 //!   does): what the entry's size and the second insert cost, apart from
 //!   everything else a new flow does.
+//! - `ref_xdp_dnat_tbl` / `ref_xdp_dnat_tbl2`: the same entry shape in a
+//!   set-associative table of two array maps (8 slots per bucket; a
+//!   bucket's tags and last-seen ticks in one array, the slots in the
+//!   other; a slot claimed by a compare-and-swap of its tag), one insert
+//!   per miss or two: the verifier inlines array lookups, so neither a hit
+//!   nor an insert calls into the kernel.
 //!
 //! A separate object with maps of its own: the agent never loads or
 //! creates them. The key and value layouts are mirrored by the benchmark,
 //! which fills the maps.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 // The datapath's own conntrack key (the tuple in IPv4-mapped 16-byte
@@ -409,6 +417,198 @@ pub fn ref_xdp_dnat_ct_shape1(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape2(ctx: XdpContext) -> u32 {
     dnat_ct::<DpKey, { loxilb_common::MAX_CT_ENTRIES as usize }, true>(&ctx, &REF_CT_SHAPE)
+}
+
+// A session table of our own in array maps: set-associative, `TBL_WAYS`
+// slots per bucket, with the datapath's entry shape (its key, a value of
+// its value's size, its table size). Array lookups are inlined by the
+// verifier, so neither the lookup nor the insert calls into the kernel:
+// what a table built this way could cost next to the LRU hash.
+
+/// Slots per bucket: one 64-byte line of tags and last-seen ticks.
+const TBL_WAYS: usize = 8;
+const TBL_SLOTS: u32 = loxilb_common::MAX_CT_ENTRIES;
+const TBL_BUCKETS: u32 = TBL_SLOTS / TBL_WAYS as u32;
+/// A tag being written (even: never a live tag, which is odd).
+const TBL_BUSY: u64 = 2;
+
+/// A bucket's slots: the tag of the key each holds (0: free, odd: in use)
+/// and when it was last seen (jiffies, low 32 bits).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TblBucket {
+    pub tag: [u64; TBL_WAYS],
+    pub seen: [u32; TBL_WAYS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TblSlot {
+    pub key: DpKey,
+    pub val: ShapeVal,
+}
+
+#[btf_map]
+static REF_TBL_BUCKETS: Array<TblBucket, { TBL_BUCKETS as usize }> = Array::new();
+#[btf_map]
+static REF_TBL_SLOTS: Array<TblSlot, { TBL_SLOTS as usize }> = Array::new();
+
+/// 64-bit multiply-xorshift over the key's ten words.
+#[inline(always)]
+fn tbl_hash(k: &DpKey) -> u64 {
+    let w = unsafe { &*(k as *const DpKey as *const [u64; 5]) };
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut i = 0;
+    while i < 5 {
+        h = (h ^ w[i]).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 32;
+        i += 1;
+    }
+    h
+}
+
+#[inline(always)]
+fn tbl_key_eq(a: &DpKey, b: &DpKey) -> bool {
+    let a = unsafe { &*(a as *const DpKey as *const [u64; 5]) };
+    let b = unsafe { &*(b as *const DpKey as *const [u64; 5]) };
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+}
+
+#[inline(always)]
+fn jiffies32() -> u32 {
+    unsafe { aya_ebpf::helpers::bpf_jiffies64() as u32 }
+}
+
+/// The slot holding `key`, counted as seen; its backend.
+#[inline(always)]
+fn tbl_lookup(key: &DpKey, h: u64) -> Option<u32> {
+    let bi = (h as u32) & (TBL_BUCKETS - 1);
+    let tag = h | 1;
+    let b = REF_TBL_BUCKETS.get_ptr_mut(bi)?;
+    let mut w = 0;
+    while w < TBL_WAYS {
+        if unsafe { (*b).tag[w] } == tag {
+            let s = REF_TBL_SLOTS.get_ptr_mut(bi * TBL_WAYS as u32 + w as u32)?;
+            unsafe {
+                if tbl_key_eq(&(*s).key, key) {
+                    let backend = (*s).val.backend;
+                    // Still the same occupant (not rewritten while read).
+                    if (*b).tag[w] != tag {
+                        return None;
+                    }
+                    (*s).val.packets += 1;
+                    (*b).seen[w] = jiffies32();
+                    return Some(backend);
+                }
+            }
+        }
+        w += 1;
+    }
+    None
+}
+
+/// Put `key` -> `val` in a free slot of its bucket, else in the one seen
+/// longest ago: claimed by a compare-and-swap of its tag, written, then
+/// tagged.
+#[inline(always)]
+fn tbl_insert(key: &DpKey, h: u64, val: &ShapeVal) -> bool {
+    let bi = (h as u32) & (TBL_BUCKETS - 1);
+    let tag = h | 1;
+    let Some(b) = REF_TBL_BUCKETS.get_ptr_mut(bi) else {
+        return false;
+    };
+    let now = jiffies32();
+    let mut victim = 0usize;
+    let mut oldest = 0u32;
+    let mut w = 0;
+    while w < TBL_WAYS {
+        let (t, seen) = unsafe { ((*b).tag[w], (*b).seen[w]) };
+        if t == 0 {
+            victim = w;
+            break;
+        }
+        let age = now.wrapping_sub(seen);
+        if t != TBL_BUSY && age >= oldest {
+            oldest = age;
+            victim = w;
+        }
+        w += 1;
+    }
+    let old = unsafe { (*b).tag[victim] };
+    if old == TBL_BUSY {
+        return false;
+    }
+    let tp = unsafe { core::ptr::addr_of_mut!((*b).tag[victim]) };
+    let claimed = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(tp, old, TBL_BUSY)
+        .1
+    };
+    if !claimed {
+        return false;
+    }
+    let Some(s) = REF_TBL_SLOTS.get_ptr_mut(bi * TBL_WAYS as u32 + victim as u32) else {
+        return false;
+    };
+    unsafe {
+        (*s).key = *key;
+        (*s).val = *val;
+        (*b).seen[victim] = now;
+        core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::SeqCst }>(tp, tag);
+    }
+    true
+}
+
+/// `ref_xdp_dnat_ct` over the array table; `TWO`: a reply entry too.
+#[inline(always)]
+fn dnat_tbl<const TWO: bool>(ctx: &XdpContext) -> u32 {
+    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = DpKey::of(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let h = tbl_hash(&key);
+    let slot = match tbl_lookup(&key, h) {
+        Some(slot) => slot,
+        None => {
+            let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
+                return xdp_action::XDP_PASS;
+            };
+            let Some(slot) = pick(svc, &p) else {
+                return xdp_action::XDP_DROP;
+            };
+            let v = DpKey::val(slot);
+            if TWO {
+                let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+                    return xdp_action::XDP_DROP;
+                };
+                let rev = unsafe { DpKey::of((*b).addr, p.saddr, (*b).port, p.sport, p.proto) };
+                if !tbl_insert(&rev, tbl_hash(&rev), &v) {
+                    return xdp_action::XDP_DROP;
+                }
+            }
+            if !tbl_insert(&key, h, &v) {
+                return xdp_action::XDP_DROP;
+            }
+            slot
+        }
+    };
+    let Some(b) = REF_BACKENDS.get_ptr(slot) else {
+        return xdp_action::XDP_DROP;
+    };
+    dnat(ctx, &p, b)
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_tbl(ctx: XdpContext) -> u32 {
+    dnat_tbl::<false>(&ctx)
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_tbl2(ctx: XdpContext) -> u32 {
+    dnat_tbl::<true>(&ctx)
 }
 
 #[classifier]

@@ -44,6 +44,10 @@
 //! miss with the datapath's conntrack entry shape, one insert and two; a
 //! line after the table splits the rr new-flow cost with them (reference
 //! miss | entry shape | second insert | the rest of our path).
+//! `ref_xdp_dnat_tbl` / `_tbl2` keep the same entry shape in a
+//! set-associative table of array maps instead of the LRU hash (a hit; a
+//! miss with two inserts): what a session table the verifier inlines,
+//! with no call into the kernel, costs.
 //!
 //! Then: the instructions the verifier processed and the stack of every
 //! program, ours and the references'; the new-flow rate; and a long run
@@ -140,18 +144,22 @@ const TARGET_DSR_IPIP_NS: f64 = 75.0;
 /// The reference programs (loxilb-ebpf/ref), built by this crate's build.rs:
 /// the least each path can cost, timed in the same run as the datapath.
 static REF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loxilb-ref"));
-const REF_XDP_PROGS: [&str; 6] = [
+const REF_XDP_PROGS: [&str; 8] = [
     "ref_xdp_pass",
     "ref_xdp_parse_lookup",
     "ref_xdp_dnat",
     "ref_xdp_dnat_ct",
     "ref_xdp_dnat_ct_shape1",
     "ref_xdp_dnat_ct_shape2",
+    "ref_xdp_dnat_tbl",
+    "ref_xdp_dnat_tbl2",
 ];
 const REF_TC_PROGS: [&str; 2] = ["ref_tc_pass", "ref_tc_parse_lookup"];
 /// Entries of the reference conntrack LRU (as in loxilb-ebpf/ref); its
 /// miss path clears it before half of them are in use.
 const REF_CT_ENTRIES: usize = 262_144;
+/// A bucket of the reference array table (8 tags of 8 bytes, 8 ticks of 4).
+const REF_TBL_BUCKET_SIZE: usize = 96;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Mode {
@@ -355,6 +363,11 @@ enum RefKind {
     ShapeMiss1,
     /// `ref_xdp_dnat_ct_shape2`: the same with a reply entry inserted too.
     ShapeMiss2,
+    /// `ref_xdp_dnat_tbl`: our entry shape in a set-associative table of
+    /// array maps (no kernel call), a hit.
+    TblHit,
+    /// `ref_xdp_dnat_tbl2`: its miss, two inserts (as `ShapeMiss2`).
+    TblMiss2,
 }
 
 /// Which object a path's program is in.
@@ -820,6 +833,15 @@ impl Refs {
         let mut n = clear_map::<RefCtKey, RefCtVal>(&mut self.ebpf, "REF_CT")?;
         // Of the datapath's key and value sizes (see loxilb-ebpf/ref).
         n += clear_map::<CtKey, CtVal>(&mut self.ebpf, "REF_CT_SHAPE")?;
+        // The array table: every bucket's tags cleared.
+        let mut b: aya::maps::Array<_, [u8; REF_TBL_BUCKET_SIZE]> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut("REF_TBL_BUCKETS")
+                .ok_or_else(|| anyhow!("no REF_TBL_BUCKETS"))?,
+        )?;
+        for i in 0..b.len() {
+            b.set(i, [0u8; REF_TBL_BUCKET_SIZE], 0)?;
+        }
         Ok(n)
     }
 }
@@ -1479,6 +1501,22 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             None,
         ),
         PathBench::new(
+            Kind::Ref(RefKind::TblHit),
+            "ref: array table, hit",
+            "ref_xdp_dnat_tbl",
+            loxilb_tests::fib::verdict::XDP_TX,
+            dnat_ack.clone(),
+            None,
+        ),
+        PathBench::new(
+            Kind::Ref(RefKind::TblMiss2),
+            "ref: array table, 2 ins",
+            "ref_xdp_dnat_tbl2",
+            loxilb_tests::fib::verdict::XDP_TX,
+            vec![],
+            None,
+        ),
+        PathBench::new(
             Kind::NonService,
             "non-service",
             prog_names::XDP_MAIN,
@@ -1547,7 +1585,9 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         let what = p.label;
         let out = if timed { Some(&mut p.samples) } else { None };
         let r = match p.kind {
-            Kind::Ref(RefKind::DnatCtMiss | RefKind::ShapeMiss1 | RefKind::ShapeMiss2) => {
+            Kind::Ref(
+                RefKind::DnatCtMiss | RefKind::ShapeMiss1 | RefKind::ShapeMiss2 | RefKind::TblMiss2,
+            ) => {
                 if ref_live + n > REF_CT_ENTRIES / 2 {
                     refs.clear_ct()?;
                     ref_live = 0;
@@ -2048,6 +2088,8 @@ fn print_results(out: &Outcome) {
                         RefKind::DnatCtHit => "ct hit",
                         RefKind::DnatCtMiss => "ct miss",
                         RefKind::ShapeMiss1 | RefKind::ShapeMiss2 => "ct miss, our entry",
+                        RefKind::TblHit => "array table, hit",
+                        RefKind::TblMiss2 => "array table, miss",
                     },
                     rm - floor
                 ),
