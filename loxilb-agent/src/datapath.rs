@@ -490,6 +490,21 @@ impl Datapath {
         replace_dev_fwd(&mut m, devs)
     }
 
+    /// Every loaded program with the instructions the verifier processed
+    /// to accept it (`None` where the kernel does not say), by name.
+    pub fn verified_insns(&self) -> Vec<(String, Option<u32>)> {
+        let mut v: Vec<_> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some((name.to_string(), info.verified_instruction_count()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The XDP program, e.g. for BPF_PROG_TEST_RUN.
     pub fn xdp_program(&mut self, name: &str) -> Result<&mut Xdp> {
         Ok(self

@@ -439,3 +439,39 @@ fn idle_session_expires_and_is_replaced() {
         );
     });
 }
+
+/// The verifier gives up at 1,000,000 instructions processed per program;
+/// a change that takes a program near it must be seen before it fails a
+/// load (the count moves with LLVM's inlining: the same logic has verified
+/// in 445k and in 874k).
+const VERIFIER_BUDGET: u32 = 850_000;
+
+#[test]
+fn every_program_verifies_within_its_budget() {
+    if !need_root("every_program_verifies_within_its_budget") {
+        return;
+    }
+    with_datapath("verifier", |dp| {
+        let progs = dp.verified_insns();
+        assert!(
+            progs.len() >= 15,
+            "only {} programs loaded: {progs:?}",
+            progs.len()
+        );
+        let mut over = vec![];
+        for (name, n) in &progs {
+            let n = n.unwrap_or_else(|| panic!("the kernel did not report {name}'s count"));
+            assert!(n > 0, "{name}: 0 instructions verified");
+            if n > VERIFIER_BUDGET {
+                over.push(format!("{name}: {n}"));
+            }
+        }
+        assert!(
+            over.is_empty(),
+            "programs past the verifier budget of {VERIFIER_BUDGET} instructions (the kernel's \
+             limit is 1,000,000): {}; split the work (a tail call, an #[inline(never)] function) \
+             or cut the paths the verifier has to walk",
+            over.join(", ")
+        );
+    });
+}
