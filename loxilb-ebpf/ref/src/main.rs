@@ -312,20 +312,36 @@ impl Entry for CtKey {
     }
 }
 
-/// `ref_xdp_dnat` behind the conntrack LRU `ct`: a hit takes the entry's
+/// A conntrack table of the references: the LRU hash, or the array table.
+trait Sessions<K: Entry> {
+    /// The backend of `key`'s entry (counted as a hit).
+    fn hit(&self, key: &K) -> Option<u32>;
+    /// Insert `key` -> `v`; false if it could not be.
+    fn put(&self, key: &K, v: &K::Val) -> bool;
+}
+
+impl<K: Entry, const M: usize> Sessions<K> for LruHashMap<K, K::Val, M> {
+    #[inline(always)]
+    fn hit(&self, key: &K) -> Option<u32> {
+        self.get_ptr_mut(key).map(|v| unsafe { K::hit(v) })
+    }
+    #[inline(always)]
+    fn put(&self, key: &K, v: &K::Val) -> bool {
+        self.insert(key, v, 0).is_ok()
+    }
+}
+
+/// `ref_xdp_dnat` behind the conntrack table `ct`: a hit takes the entry's
 /// backend, a miss picks one and inserts the entry; `TWO`: a reply entry
 /// (keyed by the backend's reply tuple) is inserted before it.
 #[inline(always)]
-fn dnat_ct<K: Entry, const M: usize, const TWO: bool>(
-    ctx: &XdpContext,
-    ct: &LruHashMap<K, K::Val, M>,
-) -> u32 {
+fn dnat_ct<K: Entry, T: Sessions<K>, const TWO: bool>(ctx: &XdpContext, ct: &T) -> u32 {
     let Some(p) = parse(ctx.data(), ctx.data_end()) else {
         return xdp_action::XDP_PASS;
     };
     let key = K::of(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let slot = match ct.get_ptr_mut(&key) {
-        Some(v) => unsafe { K::hit(v) },
+    let slot = match ct.hit(&key) {
+        Some(slot) => slot,
         None => {
             let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
                 return xdp_action::XDP_PASS;
@@ -339,11 +355,11 @@ fn dnat_ct<K: Entry, const M: usize, const TWO: bool>(
                     return xdp_action::XDP_DROP;
                 };
                 let rev = unsafe { K::of((*b).addr, p.saddr, (*b).port, p.sport, p.proto) };
-                if ct.insert(&rev, &v, 0).is_err() {
+                if !ct.put(&rev, &v) {
                     return xdp_action::XDP_DROP;
                 }
             }
-            if ct.insert(&key, &v, 0).is_err() {
+            if !ct.put(&key, &v) {
                 return xdp_action::XDP_DROP;
             }
             slot
@@ -357,7 +373,7 @@ fn dnat_ct<K: Entry, const M: usize, const TWO: bool>(
 
 #[xdp]
 pub fn ref_xdp_dnat_ct(ctx: XdpContext) -> u32 {
-    dnat_ct::<CtKey, REF_CT_ENTRIES, false>(&ctx, &REF_CT)
+    dnat_ct::<CtKey, _, false>(&ctx, &REF_CT)
 }
 
 const SHAPE_REST: usize = (size_of::<loxilb_common::CtVal>() - 16) / 8;
@@ -411,12 +427,12 @@ impl Entry for DpKey {
 
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape1(ctx: XdpContext) -> u32 {
-    dnat_ct::<DpKey, { loxilb_common::MAX_CT_ENTRIES as usize }, false>(&ctx, &REF_CT_SHAPE)
+    dnat_ct::<DpKey, _, false>(&ctx, &REF_CT_SHAPE)
 }
 
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape2(ctx: XdpContext) -> u32 {
-    dnat_ct::<DpKey, { loxilb_common::MAX_CT_ENTRIES as usize }, true>(&ctx, &REF_CT_SHAPE)
+    dnat_ct::<DpKey, _, true>(&ctx, &REF_CT_SHAPE)
 }
 
 // A session table of our own in array maps: set-associative, `TBL_WAYS`
@@ -562,53 +578,28 @@ fn tbl_insert(key: &DpKey, h: u64, val: &ShapeVal) -> bool {
     true
 }
 
-/// `ref_xdp_dnat_ct` over the array table; `TWO`: a reply entry too.
-#[inline(always)]
-fn dnat_tbl<const TWO: bool>(ctx: &XdpContext) -> u32 {
-    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
-        return xdp_action::XDP_PASS;
-    };
-    let key = DpKey::of(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let h = tbl_hash(&key);
-    let slot = match tbl_lookup(&key, h) {
-        Some(slot) => slot,
-        None => {
-            let Some(svc) = REF_SVC.get_ptr(&svc_key(&p)) else {
-                return xdp_action::XDP_PASS;
-            };
-            let Some(slot) = pick(svc, &p) else {
-                return xdp_action::XDP_DROP;
-            };
-            let v = DpKey::val(slot);
-            if TWO {
-                let Some(b) = REF_BACKENDS.get_ptr(slot) else {
-                    return xdp_action::XDP_DROP;
-                };
-                let rev = unsafe { DpKey::of((*b).addr, p.saddr, (*b).port, p.sport, p.proto) };
-                if !tbl_insert(&rev, tbl_hash(&rev), &v) {
-                    return xdp_action::XDP_DROP;
-                }
-            }
-            if !tbl_insert(&key, h, &v) {
-                return xdp_action::XDP_DROP;
-            }
-            slot
-        }
-    };
-    let Some(b) = REF_BACKENDS.get_ptr(slot) else {
-        return xdp_action::XDP_DROP;
-    };
-    dnat(ctx, &p, b)
+/// The array table (`REF_TBL_BUCKETS`, `REF_TBL_SLOTS`).
+struct ArrayTable;
+
+impl Sessions<DpKey> for ArrayTable {
+    #[inline(always)]
+    fn hit(&self, key: &DpKey) -> Option<u32> {
+        tbl_lookup(key, tbl_hash(key))
+    }
+    #[inline(always)]
+    fn put(&self, key: &DpKey, v: &ShapeVal) -> bool {
+        tbl_insert(key, tbl_hash(key), v)
+    }
 }
 
 #[xdp]
 pub fn ref_xdp_dnat_tbl(ctx: XdpContext) -> u32 {
-    dnat_tbl::<false>(&ctx)
+    dnat_ct::<DpKey, _, false>(&ctx, &ArrayTable)
 }
 
 #[xdp]
 pub fn ref_xdp_dnat_tbl2(ctx: XdpContext) -> u32 {
-    dnat_tbl::<true>(&ctx)
+    dnat_ct::<DpKey, _, true>(&ctx, &ArrayTable)
 }
 
 #[classifier]
