@@ -490,15 +490,16 @@ impl Datapath {
         replace_dev_fwd(&mut m, devs)
     }
 
-    /// Every loaded program with the instructions the verifier processed
-    /// to accept it (`None` where the kernel does not say), by name.
+    /// Every program of the object with the instructions the verifier
+    /// processed to accept it, by name (`None` where the kernel does not
+    /// say, or the program has no info: not loaded; never left out).
     pub fn verified_insns(&self) -> Vec<(String, Option<u32>)> {
         let mut v: Vec<_> = self
             .ebpf
             .programs()
-            .filter_map(|(name, p)| {
-                let info = p.info().ok()?;
-                Some((name.to_string(), info.verified_instruction_count()))
+            .map(|(name, p)| {
+                let n = p.info().ok().and_then(|i| i.verified_instruction_count());
+                (name.to_string(), n)
             })
             .collect();
         v.sort();

@@ -460,7 +460,11 @@ fn every_program_verifies_within_its_budget() {
         );
         let mut over = vec![];
         for (name, n) in &progs {
-            let n = n.unwrap_or_else(|| panic!("the kernel did not report {name}'s count"));
+            let n = n.unwrap_or_else(|| {
+                panic!(
+                    "{name}: no verified-instruction count (not loaded, or the kernel did not say)"
+                )
+            });
             assert!(n > 0, "{name}: 0 instructions verified");
             if n > VERIFIER_BUDGET {
                 over.push(format!("{name}: {n}"));
