@@ -134,10 +134,39 @@ fn send_frame(ifindex: u32, frame: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `vip` lies in one of device `ifindex`'s connected subnets
+/// (`connected`: destination, prefix length and device of the main
+/// table's routes without a gateway).
+fn on_home_subnet(vip: IpAddr, ifindex: u32, connected: &[(IpAddr, u8, u32)]) -> bool {
+    connected.iter().any(|(dest, len, oif)| {
+        *oif == ifindex
+            && *len > 0
+            && ipnet::IpNet::new(*dest, *len).is_ok_and(|n| n.trunc().contains(&vip))
+    })
+}
+
+/// The order in which `vip` is announced on `devs` (ifindexes, in the
+/// order given): first the devices where the VIP is a foreign address
+/// (its endpoints and routers reach it by a route of theirs: as the
+/// full-NAT source, it is what they answer to), then the devices whose
+/// connected subnet holds it (its clients' segment). Once a client's
+/// entry names this node, its packets arrive here, and the endpoints'
+/// answers must come here too: a frame sent earlier by the same thread
+/// is delivered first on a software path, and on a wire it is not
+/// overtaken. Announced the other way round, an endpoint could answer
+/// the client's first packet toward the old owner, whose node (its agent
+/// killed) may still hold the address and reset the connection.
+fn device_order(vip: IpAddr, devs: &[u32], connected: &[(IpAddr, u8, u32)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..devs.len()).collect();
+    order.sort_by_key(|i| on_home_subnet(vip, devs[*i], connected));
+    order
+}
+
 /// The frames that announce `vips` on each of `ifaces` (by name):
-/// (device, ifindex, frame), VIP by VIP in the order given. Devices without a MAC are skipped; an IPv6
-/// VIP is announced from the device's link-local address (from the VIP
-/// itself when it has none).
+/// (device, ifindex, frame), VIP by VIP in the order given, each on its
+/// devices in [`device_order`]. Devices without a MAC are skipped; an
+/// IPv6 VIP is announced from the device's link-local address (from the
+/// VIP itself when it has none).
 pub fn frames(ifaces: &[String], vips: &[IpAddr]) -> Result<Vec<(String, u32, Vec<u8>)>> {
     let links = netlink::links()?;
     let mut devs = vec![];
@@ -153,11 +182,24 @@ pub fn frames(ifaces: &[String], vips: &[IpAddr]) -> Result<Vec<(String, u32, Ve
         };
         devs.push((name, l.index, mac, ll));
     }
+    // Without the routes every device is taken as foreign: the order
+    // given, as before.
+    let connected: Vec<(IpAddr, u8, u32)> = netlink::routes()
+        .unwrap_or_else(|e| {
+            warn!("announcing: listing routes (devices in the order given): {e:#}");
+            vec![]
+        })
+        .into_iter()
+        .filter(|r| r.gateway.is_none())
+        .map(|r| (r.dest, r.prefix_len, r.oif))
+        .collect();
+    let indexes: Vec<u32> = devs.iter().map(|d| d.1).collect();
     // In the order of `vips`, each on every device: the caller puts
     // first what must move first.
     let mut out = vec![];
     for v in vips {
-        for (name, index, mac, ll) in &devs {
+        for i in device_order(*v, &indexes, &connected) {
+            let (name, index, mac, ll) = &devs[i];
             let f = match v {
                 IpAddr::V4(a) => garp(*mac, *a),
                 IpAddr::V6(a) => unsolicited_na(*mac, ll.first().copied().unwrap_or(*a), *a),
@@ -211,6 +253,48 @@ mod tests {
     use super::*;
 
     const MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+
+    #[test]
+    fn the_clients_segment_is_announced_last() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // x0 (10) holds the clients' subnet, x1 (12) the endpoints'; a
+        // default route through x1 is no connected subnet.
+        let connected = [
+            (ip("10.30.0.0"), 24, 10),
+            (ip("10.31.0.0"), 24, 12),
+            (ip("2001:db8::"), 64, 10),
+            (ip("0.0.0.0"), 0, 12),
+        ];
+        let devs = [10, 12];
+        assert_eq!(
+            device_order(ip("10.30.0.100"), &devs, &connected),
+            vec![1, 0],
+            "a service VIP from the clients' subnet: endpoints' side first"
+        );
+        assert_eq!(
+            device_order(ip("10.31.0.100"), &devs, &connected),
+            vec![0, 1],
+            "a VIP on the endpoints' subnet (--setRoles): the other side first"
+        );
+        assert_eq!(
+            device_order(ip("2001:db8::7"), &devs, &connected),
+            vec![1, 0]
+        );
+        // In no connected subnet (routed to the node, BGP): as given.
+        assert_eq!(device_order(ip("192.0.2.1"), &devs, &connected), vec![0, 1]);
+        assert_eq!(device_order(ip("192.0.2.1"), &devs, &[]), vec![0, 1]);
+        // A host route's prefix is its own, not the whole space.
+        assert!(!on_home_subnet(
+            ip("10.30.0.9"),
+            10,
+            &[(ip("10.30.0.8"), 32, 10)]
+        ));
+        assert!(on_home_subnet(
+            ip("10.30.0.9"),
+            10,
+            &[(ip("10.30.0.9"), 32, 10)]
+        ));
+    }
 
     #[test]
     fn gratuitous_arp_frame() {

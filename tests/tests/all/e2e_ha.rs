@@ -240,6 +240,31 @@ impl Ha {
             .collect()
     }
 
+    /// Who sent and took TCP resets, and every host's neighbour table:
+    /// where a broken connection's packets went.
+    fn wire_state(&self) -> String {
+        let hosts = std::iter::once(&self.client)
+            .chain(&self.lbs)
+            .chain(&self._backends);
+        let mut out = String::new();
+        for h in hosts {
+            let tcp = h
+                .sh(&[
+                    "nstat",
+                    "-asz",
+                    "TcpOutRsts",
+                    "TcpInErrs",
+                    "TcpEstabResets",
+                    "TcpExtTCPAbortOnData",
+                ])
+                .unwrap_or_else(|e| format!("{e:#}"));
+            let neigh = h.sh(&["ip", "neigh", "show"]).unwrap_or_default();
+            let lo = lo_addrs(h);
+            out += &format!("--- {} (lo {lo:?})\n{tcp}{neigh}", h.name);
+        }
+        out
+    }
+
     /// The client's neighbour entry for `ip` (`ip neigh show`).
     fn client_neigh(&self, ip: &str) -> String {
         self.client
@@ -756,7 +781,14 @@ fn watch_takeover(
 
 /// The established connection carries on through the new owner `f`:
 /// same backend, same source as `first`.
-fn carries_on(c: &mut Conn, first: &Reply, agents: &[Option<KubeAgent>], f: usize, run: usize) {
+fn carries_on(
+    ha: &Ha,
+    c: &mut Conn,
+    first: &Reply,
+    agents: &[Option<KubeAgent>],
+    f: usize,
+    run: usize,
+) {
     c.set_timeout(Duration::from_secs(10)).unwrap();
     let after = c.ask("after").unwrap_or_else(|e| {
         // What the new owner's datapath had and did, for the failure's cause.
@@ -767,9 +799,10 @@ fn carries_on(c: &mut Conn, first: &Reply, agents: &[Option<KubeAgent>], f: usiz
                 .unwrap_or_default()
         };
         panic!(
-            "run {run}: the connection broke: {e:#}\nnode {f}'s sessions:\n{}\nnode {f}'s counters:\n{}\n{}",
+            "run {run}: the connection broke: {e:#}\nnode {f}'s sessions:\n{}\nnode {f}'s counters:\n{}\n{}\n{}",
             cli("sessions"),
             cli("stats"),
+            ha.wire_state(),
             log_of(agents, f)
         )
     });
@@ -922,7 +955,7 @@ fn a_killed_agent_is_replaced_at_once_on_proof_of_death() {
         );
         assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
         // The established connection carries on, same backend and source.
-        carries_on(&mut c, &first, &agents, f, run);
+        carries_on(&ha, &mut c, &first, &agents, f, run);
         // So does the SCTP association (its sessions and association
         // record came over the sync stream).
         if let Some((_, _, client)) = &assoc {
@@ -1012,7 +1045,7 @@ fn a_dead_node_is_replaced_within_a_sub_second_lease() {
             log_of(&agents, f)
         );
         assert_eq!(api.lease_holder().as_deref(), Some(names[f]));
-        carries_on(&mut c, &first, &agents, f, run);
+        carries_on(&ha, &mut c, &first, &agents, f, run);
         times.push(t);
 
         // The dead node comes back once its VIPs expired (a node that
@@ -1331,7 +1364,7 @@ fn a_dead_pool_owners_vip_moves_with_its_neighbour_entry_and_sessions() {
     let moved = t0.elapsed();
     // The established connection through the moved VIP carries on: same
     // backend, same source (the VIP and the port of the synced session).
-    carries_on(&mut c, &first, &agents, f, 0);
+    carries_on(&ha, &mut c, &first, &agents, f, 0);
     let carried = t0.elapsed();
     // New connections through it are served by the survivor.
     wait_until(
@@ -1347,7 +1380,7 @@ fn a_dead_pool_owners_vip_moves_with_its_neighbour_entry_and_sessions() {
     // The survivor's own pool did not move.
     assert_eq!(ha.owners(&vips[1]), [f], "web2 stays on node {f}");
     assert!(ha.client_neigh(&vips[1]).contains(&mac_f));
-    carries_on(&mut c2, &first2, &agents, f, 0);
+    carries_on(&ha, &mut c2, &first2, &agents, f, 0);
     // The survivor keeps both pools, without a gap, for as long as the
     // dead agent's last beats in the members Lease are recent (two Lease
     // durations): they are no sign of life once its Lease was taken over,
