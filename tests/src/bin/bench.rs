@@ -52,9 +52,12 @@
 //! Then: the instructions the verifier processed and the stack of every
 //! program, ours and the references'; the new-flow rate; and a long run
 //! (`--soak`, 60 s) with 100,000 live sessions, established packets spread
-//! over all of them, reported per 10 s window to show no degradation.
+//! over all of them, reported per 10 s window to show no degradation;
+//! and new flows with the session table full (`--full`, 20,000 flows), as
+//! on a busy node, where every insert evicts a live session, against both
+//! conntrack references filled the same way.
 //!
-//! `bench [--iters N] [--rounds R] [--warmup W] [--soak S] [--soak-flows F]`
+//! `bench [--iters N] [--rounds R] [--warmup W] [--soak S] [--soak-flows F] [--full N]`
 
 use loxilb_tests::fib::verdict::{XDP_PASS, XDP_REDIRECT};
 use std::{
@@ -280,14 +283,19 @@ struct Opts {
     /// Seconds of the long run with `soak_flows` live sessions (0: none).
     soak_s: usize,
     soak_flows: usize,
+    /// New flows timed with the session table full (0: skip).
+    full: usize,
 }
 
-const USAGE: &str = "usage: bench [--iters N] [--rounds R] [--warmup W] [--soak S] [--soak-flows F]
+const USAGE: &str =
+    "usage: bench [--iters N] [--rounds R] [--warmup W] [--soak S] [--soak-flows F] [--full N]
   --iters N       timed calls per path per round (default 20000)
   --rounds R      interleaved rounds (default 5)
   --warmup W      untimed calls per path before the first round (default 10000)
   --soak S        seconds of the long run with many live sessions (default 60; 0: skip)
   --soak-flows F  live sessions of the long run (default 100000)
+  --full N        new flows timed with the session table full, every insert
+                  evicting (default 20000; 0: skip)
 Needs root (loads BPF programs, creates a network namespace).";
 
 fn parse_args() -> Result<Opts, String> {
@@ -297,6 +305,7 @@ fn parse_args() -> Result<Opts, String> {
         warmup: 10_000,
         soak_s: 60,
         soak_flows: 100_000,
+        full: 20_000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -306,6 +315,7 @@ fn parse_args() -> Result<Opts, String> {
             "--warmup" => &mut o.warmup,
             "--soak" => &mut o.soak_s,
             "--soak-flows" => &mut o.soak_flows,
+            "--full" => &mut o.full,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 exit(0);
@@ -438,6 +448,7 @@ struct Outcome {
     progs: Vec<ProgStat>,
     /// Lines of the long run with many live sessions.
     soak: Vec<String>,
+    full: Vec<String>,
 }
 
 fn verdict_name(v: u32) -> String {
@@ -1800,6 +1811,11 @@ fn bench(opts: &Opts) -> Result<Outcome> {
     } else {
         vec![]
     };
+    let full = if opts.full > 0 {
+        full_table(&mut dp, &mut refs, opts.full)?
+    } else {
+        vec![]
+    };
     let mut progs = our_prog_stats()?;
     progs.extend(prog_stats("ref", &refs.ebpf));
     Ok(Outcome {
@@ -1807,6 +1823,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         notes,
         progs,
         soak,
+        full,
     })
 }
 
@@ -1944,6 +1961,126 @@ fn soak(
         delta("fwd_stack")
     ));
     Ok(lines)
+}
+
+/// New flows when the session table is full, as it stays on a busy node:
+/// every insert takes an element back from a live session (the LRU's
+/// eviction) instead of a free one. Our table and the two references'
+/// (the minimal conntrack LRU, 262,144 entries, one insert; our entry's
+/// shape, 524,288 entries, two inserts; that shape in the array table,
+/// where an insert into a full bucket takes its oldest way) are each filled to an eighth over
+/// capacity through their own new-flow path, then `n` more new flows are
+/// timed through each, in blocks taking turns with the floor.
+fn full_table(dp: &mut Datapath, refs: &mut Refs, n: usize) -> Result<Vec<String>> {
+    // Sources outside the long run's (100.80-95.x.x) and the timed paths'.
+    let frame = |i: usize| {
+        let src = format!("101.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        Frame::tcp(&src, 3000 + (i >> 24) as u16, VIP, 80, SYN).bytes()
+    };
+    let fill = REF_CT_ENTRIES + REF_CT_ENTRIES / 8;
+    let ours_cap = MAX_CT_ENTRIES as usize / 2;
+    let ours_fill = ours_cap + ours_cap / 8;
+    let t = Instant::now();
+    dp.clear_sessions()?;
+    refs.clear_ct()?;
+    let fill_frames: Vec<Vec<u8>> = (0..fill.max(ours_fill)).map(frame).collect();
+    let tx = loxilb_tests::fib::verdict::XDP_TX;
+    run_block(
+        dp.xdp_program(prog_names::XDP_MAIN)?,
+        fill_frames[..ours_fill].iter().map(Vec::as_slice),
+        XDP_REDIRECT,
+        "full table: filling ours",
+        None,
+    )?;
+    for prog in [
+        "ref_xdp_dnat_ct",
+        "ref_xdp_dnat_ct_shape2",
+        "ref_xdp_dnat_tbl2",
+    ] {
+        run_block(
+            refs.xdp(prog)?,
+            fill_frames[..fill].iter().map(Vec::as_slice),
+            tx,
+            "full table: filling a reference",
+            None,
+        )?;
+    }
+    drop(fill_frames);
+    let fill_s = t.elapsed().as_secs_f64();
+    let base = fill.max(ours_fill);
+    let (mut fl, mut ours, mut r1, mut r2, mut r3) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut k = 0;
+    while k < n {
+        let m = CHUNK.min(n - k);
+        let frames: Vec<Vec<u8>> = (base + k..base + k + m).map(frame).collect();
+        let it = || frames.iter().map(Vec::as_slice);
+        run_block(
+            dp.xdp_program(prog_names::XDP_PASS)?,
+            it(),
+            XDP_PASS,
+            "full table: floor",
+            Some(&mut fl),
+        )?;
+        run_block(
+            dp.xdp_program(prog_names::XDP_MAIN)?,
+            it(),
+            XDP_REDIRECT,
+            "full table: new flow",
+            Some(&mut ours),
+        )?;
+        run_block(
+            refs.xdp("ref_xdp_dnat_ct")?,
+            it(),
+            tx,
+            "full table: reference miss",
+            Some(&mut r1),
+        )?;
+        run_block(
+            refs.xdp("ref_xdp_dnat_ct_shape2")?,
+            it(),
+            tx,
+            "full table: reference miss, our entry, 2 inserts",
+            Some(&mut r2),
+        )?;
+        run_block(
+            refs.xdp("ref_xdp_dnat_tbl2")?,
+            it(),
+            tx,
+            "full table: reference miss, our entry in an array table, 2 inserts",
+            Some(&mut r3),
+        )?;
+        k += m;
+    }
+    for v in [&mut fl, &mut ours, &mut r1, &mut r2, &mut r3] {
+        v.sort_unstable();
+    }
+    let f = median(&fl);
+    let over = |v: &[u32]| median(v) - f;
+    let mean = ours.iter().map(|&x| x as f64).sum::<f64>() / ours.len().max(1) as f64;
+    Ok(vec![
+        format!(
+            "filled in {fill_s:.1} s: ours with {ours_fill} sessions ({} entries; {} fit), the \
+             references with {fill} flows each",
+            2 * ours_fill,
+            MAX_CT_ENTRIES
+        ),
+        format!(
+            "new flow (rr), every insert evicting: median {:+.0} ns over the floor (p90 {:+.0}, \
+             mean {mean:.0} ns); reference miss {:+.0}; reference with our entry, 2 inserts \
+             {:+.0} (in an array table instead of the LRU: {:+.0}); floor {f:.0}; {} flows each",
+            over(&ours),
+            percentile(&ours, 0.9) as f64 - f,
+            over(&r1),
+            over(&r2),
+            over(&r3),
+            ours.len()
+        ),
+        format!(
+            "× reference miss {:.2}, × reference with our entry {:.2}",
+            over(&ours) / over(&r1).max(1.0),
+            over(&ours) / over(&r2).max(1.0)
+        ),
+    ])
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> Option<String> {
@@ -2226,6 +2363,13 @@ fn print_results(out: &Outcome) {
         println!();
         println!("long run:");
         for l in &out.soak {
+            println!("  {l}");
+        }
+    }
+    if !out.full.is_empty() {
+        println!();
+        println!("session table full:");
+        for l in &out.full {
             println!("  {l}");
         }
     }
