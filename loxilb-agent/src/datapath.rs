@@ -825,7 +825,7 @@ impl Datapath {
         let all = self.sessions()?;
         let idle = |v: &CtVal| {
             now_ns.saturating_sub(v.last_seen_ns)
-                > v.timeout_s as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
+                > v.idle_timeout_s() as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
         };
         // Each entry's idleness by key (not a second copy of the values:
         // the table holds up to MAX_CT_ENTRIES of them).

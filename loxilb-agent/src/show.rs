@@ -225,6 +225,8 @@ pub fn session_rows(sessions: &[(CtKey, CtVal)], now_ns: u64) -> Vec<SessionRow>
                 "closing"
             } else if v.state & (ct_state::FIN_FWD | ct_state::FIN_REPLY) != 0 {
                 "fin-wait"
+            } else if v.state & ct_state::OPENING != 0 {
+                "opening"
             } else {
                 "active"
             };
@@ -611,6 +613,18 @@ mod tests {
         };
         let rows = session_rows(&[(key, dsr)], 0);
         assert_eq!((rows[0].endpoint, rows[0].packets_out), (ep, 0));
+        // The state, most telling first.
+        use loxilb_common::ct_state as st;
+        for (state, name) in [
+            (0, "active"),
+            (st::OPENING, "opening"),
+            (st::FIN_FWD, "fin-wait"),
+            (st::FIN_FWD | st::FIN_REPLY | st::CLOSING, "closing"),
+            (st::OPENING | st::RST | st::CLOSING, "reset"),
+        ] {
+            let rows = session_rows(&[(key, CtVal { state, ..dsr })], 0);
+            assert_eq!(rows[0].state, name, "state {state:#x}");
+        }
     }
 
     #[test]

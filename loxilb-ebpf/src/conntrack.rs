@@ -1,5 +1,6 @@
 //! Connection tracking: one LRU entry per direction, idle timeout per rule,
-//! TCP FIN/RST shortening the session's life.
+//! TCP FIN/RST shortening the session's life, and an open handshake too
+//! (`ct_state::OPENING`).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -52,7 +53,14 @@ pub fn now_ns() -> u64 {
 
 #[inline(always)]
 fn idle(v: *const CtVal, now: u64) -> bool {
-    unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).timeout_s as u64 * NS }
+    unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).idle_timeout_s() as u64 * NS }
+}
+
+/// Whether packet `p` opens a TCP handshake: a SYN without ACK (the session
+/// it creates is `ct_state::OPENING` until the client acknowledges).
+#[inline(always)]
+pub fn opens(p: &Pkt, end: usize) -> bool {
+    p.proto == IPPROTO_TCP && tcp_flags(p, end) & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// The packet's TCP flags; for SCTP, the same meaning from its chunks (an
@@ -110,6 +118,12 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
         if let Some(es) = ep_stats((*v).ep_stat) {
             (*es).packets += 1;
             (*es).bytes += p.l3_len as u64;
+        }
+        if (*v).state & ct_state::OPENING != 0
+            && (*v).dir == ct_dir::FORWARD
+            && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+        {
+            tcp_opened(key, v);
         }
         if flags & (TCP_FIN | TCP_RST) != 0 {
             tcp_close(key, v, flags);
@@ -183,6 +197,21 @@ unsafe fn peer_idle(key: &CtKey, v: *const CtVal, now: u64) -> bool {
     }
 }
 
+/// The client acknowledged (its packet carries ACK and no SYN): the
+/// handshake is complete, and the session lives by its rule's timeout
+/// from now on, in both directions.
+#[inline(never)]
+fn tcp_opened(key: &CtKey, v: *mut CtVal) {
+    unsafe {
+        (*v).state &= !ct_state::OPENING;
+        if let Some(peer) = peer_of(key, v) {
+            if let Some(pv) = LB_CT.get_ptr_mut(&*peer) {
+                (*pv).state &= !ct_state::OPENING;
+            }
+        }
+    }
+}
+
 #[inline(never)]
 fn tcp_close(key: &CtKey, v: *mut CtVal, flags: u8) {
     unsafe {
@@ -250,6 +279,9 @@ pub struct NewSession {
     /// (in the endpoint map).
     pub dsr: bool,
     pub dsr_ep: *const Addr,
+    /// Opened by a TCP SYN ([`opens`]): both entries start
+    /// `ct_state::OPENING`.
+    pub opening: bool,
 }
 
 const SNAT_TRIES: u32 = 16;
@@ -304,6 +336,7 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*rv).timeout_s = n.timeout_s;
         (*rv).last_seen_ns = n.now;
         (*rv).dir = ct_dir::REPLY;
+        (*rv).state = if n.opening { ct_state::OPENING } else { 0 };
         (*rv).mode = n.mode;
         (*rv).ep_stat = n.ep_stat;
     }
@@ -360,6 +393,7 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*fv).packets = 1;
         (*fv).bytes = n.l3_len as u64;
         (*fv).dir = ct_dir::FORWARD;
+        (*fv).state = if n.opening { ct_state::OPENING } else { 0 };
         (*fv).mode = n.mode;
         (*fv).ep_stat = n.ep_stat;
         if n.dsr {

@@ -387,6 +387,7 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         port_hi,
         dsr,
         dsr_ep: ep_addr,
+        opening: conntrack::opens(p, ctx.data_end()),
     };
     let Some(x) = conntrack::create(key, x, &n) else {
         return Verdict::Drop;

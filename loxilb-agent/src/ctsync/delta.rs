@@ -36,7 +36,8 @@ const NS: u64 = 1_000_000_000;
 /// than a quarter of the entry's idle timeout (so that the receiver never
 /// expires a live session).
 pub fn needs_refresh(e: &Entry, refresh_ns: u64) -> bool {
-    let limit = refresh_ns.min(e.rec.timeout_s as u64 * NS / 4).max(1);
+    let idle_s = loxilb_common::idle_timeout_s(e.rec.timeout_s, e.rec.state);
+    let limit = refresh_ns.min(idle_s as u64 * NS / 4).max(1);
     e.last_seen_ns > e.sent_last_seen_ns && e.last_seen_ns - e.sent_last_seen_ns >= limit
 }
 

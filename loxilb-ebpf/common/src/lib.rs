@@ -594,10 +594,33 @@ pub mod ct_state {
     /// The session no longer counts as active on its endpoint
     /// (`LB_EP_ACTIVE` was decremented; never twice).
     pub const RELEASED: u8 = 16;
+    /// Opened by a TCP SYN, and the client has not yet acknowledged (its
+    /// first packet without SYN and with ACK, which clears this on both
+    /// entries): the session's idle timeout is at most
+    /// `CT_OPENING_TIMEOUT_S` ([`CtVal::idle_timeout_s`](super::CtVal::idle_timeout_s)),
+    /// so a SYN flood's entries go within a minute, not the rule's timeout.
+    pub const OPENING: u8 = 32;
 }
 
 /// How long a TCP session lingers after both FINs or an RST, seconds.
 pub const CT_CLOSE_TIMEOUT_S: u32 = 10;
+
+/// The idle timeout of an entry with `timeout_s` and `state`
+/// (`ct_state::*`), seconds: see [`CtVal::idle_timeout_s`].
+#[inline(always)]
+pub const fn idle_timeout_s(timeout_s: u32, state: u8) -> u32 {
+    if state & ct_state::OPENING != 0 && timeout_s > CT_OPENING_TIMEOUT_S {
+        CT_OPENING_TIMEOUT_S
+    } else {
+        timeout_s
+    }
+}
+
+/// The longest a session opened by a SYN lives idle before its handshake
+/// completes (`ct_state::OPENING`), seconds: Linux conntrack's SYN_RECV
+/// timeout, and longer than the gap before a client's sixth SYN (32 s),
+/// which refreshes it.
+pub const CT_OPENING_TIMEOUT_S: u32 = 60;
 
 /// Connection-tracking value: what the packet is rewritten to.
 #[repr(C)]
@@ -669,6 +692,15 @@ impl CtKey {
 }
 
 impl CtVal {
+    /// The idle timeout this entry lives by, seconds: `timeout_s`, at most
+    /// [`CT_OPENING_TIMEOUT_S`] while the handshake is open
+    /// (`ct_state::OPENING`). The datapath, the agent's expiry and session
+    /// sync all go by this.
+    #[inline(always)]
+    pub const fn idle_timeout_s(&self) -> u32 {
+        idle_timeout_s(self.timeout_s, self.state)
+    }
+
     /// Whether the session has an entry for the other direction (all but
     /// DSR); its key is `CtKey::peer` (the datapath derives it the same
     /// way, into per-CPU scratch rather than onto its stack).
@@ -1231,6 +1263,26 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_handshake_shortens_the_idle_timeout_never_lengthens_it() {
+        let v = |timeout_s, state| CtVal {
+            timeout_s,
+            state,
+            ..Default::default()
+        };
+        assert_eq!(v(1800, 0).idle_timeout_s(), 1800);
+        assert_eq!(
+            v(1800, ct_state::OPENING).idle_timeout_s(),
+            CT_OPENING_TIMEOUT_S
+        );
+        // A rule's shorter timeout, or a close's, stays.
+        assert_eq!(v(20, ct_state::OPENING).idle_timeout_s(), 20);
+        assert_eq!(
+            v(CT_CLOSE_TIMEOUT_S, ct_state::OPENING | ct_state::CLOSING).idle_timeout_s(),
+            CT_CLOSE_TIMEOUT_S
+        );
+    }
 
     #[test]
     fn ep_key_banks_do_not_overlap() {

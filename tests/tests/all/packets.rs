@@ -339,8 +339,9 @@ fn tcp_fin_and_rst_shorten_the_session() {
         assert_eq!(v, XDP_REDIRECT);
         let s = dp.sessions().unwrap();
         assert!(
-            s.iter().all(|(_, v)| v.state == 0),
-            "fresh session expected: {s:?}"
+            s.iter()
+                .all(|(_, v)| v.state == loxilb_common::ct_state::OPENING),
+            "fresh session expected (its handshake open): {s:?}"
         );
         // RST closes at once
         let rst = Frame::tcp("192.168.0.2", 42000, "20.0.0.100", 80, RST);
@@ -405,6 +406,122 @@ fn the_datapath_clock_is_the_jiffies_counter_fitted_to_the_coarse_clock() {
             seen + 2 * tick >= before && seen <= after + 2 * tick,
             "last seen {seen} ns, coarse clock {before}..{after} ns"
         );
+    });
+}
+
+/// A session opened by a SYN lives at most `CT_OPENING_TIMEOUT_S` idle
+/// until the client acknowledges (both entries `OPENING`; the endpoint's
+/// SYN-ACK does not end it, the client's ACK does, on both), so a SYN
+/// flood's sessions go within a minute; once open, the rule's timeout.
+/// The agent's expiry goes by the same timeout.
+#[test]
+fn a_half_open_session_lives_a_minute_until_the_client_acknowledges() {
+    if !need_root("a_half_open_session_lives_a_minute_until_the_client_acknowledges") {
+        return;
+    }
+    use loxilb_common::{ct_state::OPENING, CT_OPENING_TIMEOUT_S};
+    with_datapath("opening", |dp| {
+        let states = |dp: &mut loxilb_agent::datapath::Datapath, sport: u16| {
+            let s = dp.sessions().unwrap();
+            let mine: Vec<_> = s
+                .into_iter()
+                .filter(|(k, v)| u16::from_be(k.sport) == sport || u16::from_be(v.xdport) == sport)
+                .collect();
+            assert_eq!(mine.len(), 2, "both entries of the session: {mine:?}");
+            mine
+        };
+        let syn = Frame::tcp("192.168.0.2", 45000, "20.0.0.100", 80, SYN);
+        assert_eq!(run_xdp(dp, &syn.bytes()).0, XDP_REDIRECT);
+        for (_, v) in states(dp, 45000) {
+            assert_eq!(v.state, OPENING, "a SYN opens: {v:?}");
+            assert_eq!(v.timeout_s, loxilb_model::DEFAULT_TIMEOUT_S);
+            assert_eq!(v.idle_timeout_s(), CT_OPENING_TIMEOUT_S);
+        }
+        let fwd = states(dp, 45000)
+            .into_iter()
+            .find(|(_, v)| v.dir == loxilb_common::ct_dir::FORWARD)
+            .unwrap()
+            .1;
+        let ep = loxilb_common::ip_from_addr(&fwd.xdaddr).to_string();
+        // The endpoint's SYN-ACK: still opening.
+        let synack = Frame::tcp(&ep, 8080, "192.168.0.2", 45000, SYN | ACK);
+        assert_eq!(run_xdp(dp, &synack.bytes()).0, XDP_REDIRECT);
+        assert!(states(dp, 45000).iter().all(|(_, v)| v.state == OPENING));
+        // A retransmitted SYN: still opening.
+        assert_eq!(run_xdp(dp, &syn.bytes()).0, XDP_REDIRECT);
+        assert!(states(dp, 45000).iter().all(|(_, v)| v.state == OPENING));
+        // The client's ACK: open, both ways, by the rule's timeout.
+        let ack = Frame::tcp("192.168.0.2", 45000, "20.0.0.100", 80, ACK);
+        assert_eq!(run_xdp(dp, &ack.bytes()).0, XDP_REDIRECT);
+        for (_, v) in states(dp, 45000) {
+            assert_eq!(v.state, 0, "the client acknowledged: {v:?}");
+            assert_eq!(v.idle_timeout_s(), loxilb_model::DEFAULT_TIMEOUT_S);
+        }
+        // A session that did not start with a SYN (its state lost, a
+        // packet of the middle of a connection) is no handshake.
+        let mid = Frame::tcp("192.168.0.2", 45001, "20.0.0.100", 80, ACK);
+        assert_eq!(run_xdp(dp, &mid.bytes()).0, XDP_REDIRECT);
+        assert!(states(dp, 45001).iter().all(|(_, v)| v.state == 0));
+
+        // Idle for a little over a minute: the half-open session is over
+        // (the datapath replaces it), the open one is not.
+        let half = Frame::tcp("192.168.0.2", 45002, "20.0.0.100", 80, SYN);
+        assert_eq!(run_xdp(dp, &half.bytes()).0, XDP_REDIRECT);
+        let now = loxilb_tests::coarse_now_ns();
+        let aged = now - (CT_OPENING_TIMEOUT_S as u64 + 2) * 1_000_000_000;
+        for sport in [45000, 45002] {
+            for (k, v) in states(dp, sport) {
+                dp.insert_session(
+                    k,
+                    loxilb_common::CtVal {
+                        last_seen_ns: aged,
+                        ..v
+                    },
+                )
+                .unwrap();
+            }
+        }
+        let expired = |dp: &loxilb_agent::datapath::Datapath| {
+            let stats: std::collections::HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+            stats["ct_expired"]
+        };
+        let before = expired(dp);
+        assert_eq!(run_xdp(dp, &ack.bytes()).0, XDP_REDIRECT);
+        assert_eq!(expired(dp), before, "an open session idle 62 s lives on");
+        let half_ack = Frame::tcp("192.168.0.2", 45002, "20.0.0.100", 80, ACK);
+        assert_eq!(run_xdp(dp, &half_ack.bytes()).0, XDP_REDIRECT);
+        assert_eq!(
+            expired(dp),
+            before + 1,
+            "a half-open session idle 62 s is over, and replaced"
+        );
+        assert!(states(dp, 45002).iter().all(|(_, v)| v.state == 0));
+
+        // The agent's expiry: a half-open session idle past the minute
+        // (and the grace) goes, an open one idle as long stays.
+        let aged = now
+            - (CT_OPENING_TIMEOUT_S as u64 + 1) * 1_000_000_000
+            - loxilb_agent::datapath::EXPIRY_GRACE_NS;
+        let again = Frame::tcp("192.168.0.2", 45003, "20.0.0.100", 80, SYN);
+        assert_eq!(run_xdp(dp, &again.bytes()).0, XDP_REDIRECT);
+        for sport in [45000, 45003] {
+            for (k, v) in states(dp, sport) {
+                dp.insert_session(
+                    k,
+                    loxilb_common::CtVal {
+                        last_seen_ns: aged,
+                        ..v
+                    },
+                )
+                .unwrap();
+            }
+        }
+        let (removed, live) = dp.expire_idle(now).unwrap();
+        assert_eq!(removed, 2, "the half-open session's two entries");
+        assert!(live.iter().any(|(k, _)| u16::from_be(k.sport) == 45000));
+        assert!(!live
+            .iter()
+            .any(|(k, v)| u16::from_be(k.sport) == 45003 || u16::from_be(v.xdport) == 45003));
     });
 }
 
