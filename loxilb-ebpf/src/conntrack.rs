@@ -56,11 +56,27 @@ fn idle(v: *const CtVal, now: u64) -> bool {
     unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).idle_timeout_s() as u64 * NS }
 }
 
-/// Whether packet `p` opens a TCP handshake: a SYN without ACK (the session
-/// it creates is `ct_state::OPENING` until the client acknowledges).
+/// Whether packet `p` opens a handshake: a TCP SYN without ACK, an SCTP
+/// INIT (the session it creates is `ct_state::OPENING` until the client
+/// acknowledges: [`completes`]).
 #[inline(always)]
 pub fn opens(p: &Pkt, end: usize) -> bool {
+    if p.proto == IPPROTO_SCTP {
+        return p.sctp & sctp_ev::INIT != 0;
+    }
     p.proto == IPPROTO_TCP && tcp_flags(p, end) & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Whether the client's packet with `flags` ([`tcp_flags`]) completes the
+/// handshake its SYN or INIT opened: TCP, an ACK without SYN or RST; SCTP,
+/// any packet but an INIT or a close (its COOKIE ECHO, the first after the
+/// endpoint's INIT ACK).
+#[inline(always)]
+fn completes(p: &Pkt, flags: u8) -> bool {
+    if p.proto == IPPROTO_SCTP {
+        return flags == 0;
+    }
+    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
 }
 
 /// The packet's TCP flags; for SCTP, the same meaning from its chunks (an
@@ -119,9 +135,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
             (*es).packets += 1;
             (*es).bytes += p.l3_len as u64;
         }
-        if (*v).state & ct_state::OPENING != 0
-            && (*v).dir == ct_dir::FORWARD
-            && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+        if (*v).state & ct_state::OPENING != 0 && (*v).dir == ct_dir::FORWARD && completes(p, flags)
         {
             tcp_opened(key, v);
         }
@@ -197,8 +211,7 @@ unsafe fn peer_idle(key: &CtKey, v: *const CtVal, now: u64) -> bool {
     }
 }
 
-/// The client acknowledged (its packet carries ACK and no SYN): the
-/// handshake is complete, and the session lives by its rule's timeout
+/// The client acknowledged ([`completes`]): the handshake is complete, and the session lives by its rule's timeout
 /// from now on, in both directions.
 #[inline(never)]
 fn tcp_opened(key: &CtKey, v: *mut CtVal) {

@@ -594,9 +594,10 @@ pub mod ct_state {
     /// The session no longer counts as active on its endpoint
     /// (`LB_EP_ACTIVE` was decremented; never twice).
     pub const RELEASED: u8 = 16;
-    /// Opened by a TCP SYN, and the client has not yet acknowledged (its
-    /// first packet without SYN and with ACK, which clears this on both
-    /// entries): the session's idle timeout is at most
+    /// Opened by a TCP SYN or an SCTP INIT, and the client has not yet
+    /// acknowledged (TCP: its first packet with ACK and without SYN; SCTP:
+    /// its first packet that is not an INIT, the COOKIE ECHO; either
+    /// clears this on both entries): the session's idle timeout is at most
     /// `CT_OPENING_TIMEOUT_S` ([`CtVal::idle_timeout_s`](super::CtVal::idle_timeout_s)),
     /// so a SYN flood's entries go within a minute, not the rule's timeout.
     pub const OPENING: u8 = 32;

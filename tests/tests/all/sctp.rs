@@ -5,6 +5,7 @@
 //! malformed chunk lengths are dropped and counted.
 
 use loxilb_agent::datapath::Datapath;
+use loxilb_common::ct_state::OPENING;
 use loxilb_tests::fib::verdict::{TC_ACT_REDIRECT, XDP_DROP, XDP_REDIRECT};
 use loxilb_tests::tables::{expect_frame, stats};
 use loxilb_tests::{
@@ -83,6 +84,16 @@ fn sctp_dnat_association_with_port_rewrite_and_crc() {
             XDP_REDIRECT,
         );
         assert_eq!(sessions(dp), 2);
+        // An INIT opens the association: both entries live by the short
+        // idle timeout of a handshake until the client's next packet.
+        let opening = |dp: &Datapath| {
+            let s = dp.sessions().unwrap();
+            assert_eq!(s.len(), 2);
+            s.iter().all(|(_, v)| {
+                v.state & OPENING != 0 && v.idle_timeout_s() == loxilb_common::CT_OPENING_TIMEOUT_S
+            })
+        };
+        assert!(opening(dp), "after the INIT: {:?}", dp.sessions());
         let e: std::net::IpAddr = EP.parse().unwrap();
         let ack = SctpFrame::new(
             EP,
@@ -103,6 +114,7 @@ fn sctp_dnat_association_with_port_rewrite_and_crc() {
                 .routed(LB_TO_CLIENT_MAC, CLIENT_MAC),
             XDP_REDIRECT,
         );
+        assert!(opening(dp), "after the INIT-ACK: {:?}", dp.sessions());
         // DATA of several sizes (the CRC correction depends on the length
         // after the ports), bundled with a SACK.
         for (i, n) in [1usize, 3, 100, 1000].iter().enumerate() {
@@ -123,6 +135,12 @@ fn sctp_dnat_association_with_port_rewrite_and_crc() {
                     .routed(LB_TO_EP_MAC, EP1_MAC),
                 XDP_REDIRECT,
             );
+        }
+        // The client's first packet after the INIT-ACK (here DATA; a
+        // COOKIE ECHO in a real association) completes the handshake.
+        for (_, v) in dp.sessions().unwrap() {
+            assert_eq!(v.state & OPENING, 0, "the client answered: {v:?}");
+            assert_eq!(v.idle_timeout_s(), loxilb_model::DEFAULT_TIMEOUT_S);
         }
         // The same through TC.
         let hb = SctpFrame::new(
