@@ -819,17 +819,24 @@ impl Datapath {
     /// Remove the sessions that expired: both entries (the session's two
     /// directions) idle past their timeout by [`EXPIRY_GRACE_NS`], as of
     /// CLOCK_MONOTONIC `now_ns` (the datapath's clock). The datapath treats
-    /// such entries as gone already; without this they stay in the table
-    /// until the LRU needs their room. Returns (removed, the live ones).
+    /// such entries as gone already, but for the short timeout of a session
+    /// still opening (`ct_state::OPENING`, see [`session_timeouts_s`]),
+    /// which only this applies; without this they stay in the table until
+    /// the LRU needs their room. Returns (removed, the live ones).
     pub fn expire_idle(&mut self, now_ns: u64) -> Result<(usize, Vec<(CtKey, CtVal)>)> {
         let all = self.sessions()?;
-        let idle = |v: &CtVal| {
+        let timeouts = session_timeouts_s(&all);
+        let idle = |v: &CtVal, timeout_s: u32| {
             now_ns.saturating_sub(v.last_seen_ns)
-                > v.idle_timeout_s() as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
+                > timeout_s as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
         };
         // Each entry's idleness by key (not a second copy of the values:
         // the table holds up to MAX_CT_ENTRIES of them).
-        let idle_by_key: StdHashMap<CtKey, bool> = all.iter().map(|(k, v)| (*k, idle(v))).collect();
+        let idle_by_key: StdHashMap<CtKey, bool> = all
+            .iter()
+            .zip(timeouts)
+            .map(|((k, v), t)| (*k, idle(v, t)))
+            .collect();
         let (gone, live): (Vec<_>, Vec<_>) = all.into_iter().partition(|(k, v)| {
             idle_by_key[k]
                 && k.peer(v)
@@ -1337,5 +1344,114 @@ impl RuleTable for Datapath {
             let _ = ct.remove(k);
         }
         Ok(doomed.len())
+    }
+}
+
+/// The idle timeout of each entry of `sessions`, seconds, in order: its
+/// session's. A session is opening (`ct_state::OPENING`: at most
+/// `CT_OPENING_TIMEOUT_S`) while its forward entry says so: the datapath
+/// clears the bit there when the client acknowledges and leaves the reply
+/// entry's as it was created (no second entry to write on the established
+/// path), so a reply entry goes by its forward entry when that is there.
+pub fn session_timeouts_s(sessions: &[(CtKey, CtVal)]) -> Vec<u32> {
+    use loxilb_common::{ct_dir, ct_state};
+    let opening = |v: &CtVal| v.state & ct_state::OPENING != 0;
+    // Forward entries that no longer open, looked for only when some
+    // reply entry still says it does (few, unless under a SYN flood).
+    let opened: std::collections::HashSet<CtKey> = if sessions
+        .iter()
+        .any(|(_, v)| v.dir == ct_dir::REPLY && opening(v))
+    {
+        sessions
+            .iter()
+            .filter(|(_, v)| v.dir == ct_dir::FORWARD && !opening(v))
+            .map(|(k, _)| *k)
+            .collect()
+    } else {
+        Default::default()
+    };
+    sessions
+        .iter()
+        .map(|(k, v)| match k.peer(v) {
+            Some(f) if v.dir == ct_dir::REPLY && opening(v) && opened.contains(&f) => v.timeout_s,
+            _ => v.idle_timeout_s(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loxilb_common::{ct_dir, ct_state::OPENING, CT_OPENING_TIMEOUT_S};
+
+    #[test]
+    fn a_reply_entry_goes_by_its_forward_entrys_handshake() {
+        let a = |last: u8| -> Addr {
+            [
+                0,
+                0,
+                0xffff_u32.to_be(),
+                u32::from_be_bytes([10, 0, 0, last]).to_be(),
+            ]
+        };
+        // Client 10.0.0.1:1000 -> VIP 10.0.0.100:80, DNAT to 10.0.0.7:8080.
+        let fwd = |port: u16, state| {
+            let k = CtKey {
+                saddr: a(1),
+                daddr: a(100),
+                sport: port.to_be(),
+                dport: 80u16.to_be(),
+                proto: 6,
+                ..Default::default()
+            };
+            let v = CtVal {
+                xsaddr: a(1),
+                xdaddr: a(7),
+                xsport: port.to_be(),
+                xdport: 8080u16.to_be(),
+                timeout_s: 1800,
+                dir: ct_dir::FORWARD,
+                state,
+                ..Default::default()
+            };
+            (k, v)
+        };
+        let reply = |(k, v): (CtKey, CtVal), state| {
+            let rk = CtKey {
+                saddr: v.xdaddr,
+                daddr: v.xsaddr,
+                sport: v.xdport,
+                dport: v.xsport,
+                proto: 6,
+                ..Default::default()
+            };
+            let rv = CtVal {
+                xsaddr: k.daddr,
+                xdaddr: k.saddr,
+                xsport: k.dport,
+                xdport: k.sport,
+                timeout_s: 1800,
+                dir: ct_dir::REPLY,
+                state,
+                ..Default::default()
+            };
+            assert_eq!(rk.peer(&rv), Some(k));
+            (rk, rv)
+        };
+        let (f1, f2) = (fwd(1000, OPENING), fwd(1001, 0));
+        let s = vec![
+            f1,
+            reply(f1, OPENING),
+            // The client acknowledged: the reply entry kept its bit.
+            f2,
+            reply(f2, OPENING),
+            // A reply entry without its forward entry goes by its own.
+            reply(fwd(1002, 0), OPENING),
+            reply(fwd(1003, 0), 0),
+        ];
+        let o = CT_OPENING_TIMEOUT_S;
+        assert_eq!(session_timeouts_s(&s), vec![o, o, 1800, 1800, o, 1800]);
+        assert_eq!(session_timeouts_s(&s[..2]), vec![o, o]);
+        assert_eq!(session_timeouts_s(&[]), Vec::<u32>::new());
     }
 }

@@ -1,6 +1,7 @@
 //! Connection tracking: one LRU entry per direction, idle timeout per rule,
-//! TCP FIN/RST shortening the session's life, and an open handshake too
-//! (`ct_state::OPENING`).
+//! TCP FIN/RST shortening the session's life; an open handshake
+//! (`ct_state::OPENING`) is marked here and its short timeout applied by
+//! the agent's expiry.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -51,32 +52,43 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// Idle past the rule's timeout (not `CtVal::idle_timeout_s`: a session
+/// still opening is the agent's expiry's to remove after its minute).
 #[inline(always)]
 fn idle(v: *const CtVal, now: u64) -> bool {
-    unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).idle_timeout_s() as u64 * NS }
+    unsafe { now.saturating_sub((*v).last_seen_ns) > (*v).timeout_s as u64 * NS }
 }
 
-/// Whether packet `p` opens a handshake: a TCP SYN without ACK, an SCTP
-/// INIT (the session it creates is `ct_state::OPENING` until the client
-/// acknowledges: [`completes`]).
+/// `ct_state::OPENING` if packet `p` opens a handshake, a TCP SYN without
+/// ACK or an SCTP INIT (the session it creates is opening until the client
+/// acknowledges: [`completes`]), else 0.
 #[inline(always)]
-pub fn opens(p: &Pkt, end: usize) -> bool {
-    if p.proto == IPPROTO_SCTP {
-        return p.sctp & sctp_ev::INIT != 0;
-    }
-    p.proto == IPPROTO_TCP && tcp_flags(p, end) & (TCP_SYN | TCP_ACK) == TCP_SYN
+pub fn opens(p: &Pkt, end: usize) -> u8 {
+    // `tcp_flags` gives an SCTP INIT as SYN, UDP no flags.
+    let syn_only = ((tcp_flags(p, end) & (TCP_SYN | TCP_ACK)) ^ TCP_SYN) as u32;
+    (is_zero(syn_only) as u8) * ct_state::OPENING
 }
 
-/// Whether the client's packet with `flags` ([`tcp_flags`]) completes the
-/// handshake its SYN or INIT opened: TCP, an ACK without SYN or RST; SCTP,
-/// any packet but an INIT or a close (its COOKIE ECHO, the first after the
-/// endpoint's INIT ACK).
+/// 1 when `x` is 0, else 0 (for `x` below 2^31), without a branch.
 #[inline(always)]
-fn completes(p: &Pkt, flags: u8) -> bool {
-    if p.proto == IPPROTO_SCTP {
-        return flags == 0;
-    }
-    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+fn is_zero(x: u32) -> u32 {
+    (x.wrapping_sub(1) >> 31) & 1
+}
+
+/// `ct_state::OPENING` if a packet with `flags` ([`tcp_flags`]) in
+/// direction `dir` is the client completing the handshake its SYN or INIT
+/// opened, else 0: TCP, the client's ACK without SYN or RST; SCTP, any
+/// packet of the client's but an INIT or a close (its COOKIE ECHO, the
+/// first after the endpoint's INIT ACK). Without a branch: the established
+/// path then stays one path for the verifier (a branch here, with the call
+/// that cleared the reply entry too, cost the IPv6 programs 80-150k
+/// verified instructions).
+#[inline(always)]
+fn completes(p: &Pkt, flags: u8, dir: u8) -> u8 {
+    let tcp = ((flags & (TCP_SYN | TCP_ACK | TCP_RST)) ^ TCP_ACK) as u32;
+    let sctp = 0u32.wrapping_sub(is_zero((p.proto ^ IPPROTO_SCTP) as u32));
+    let x = (tcp & !sctp) | (flags as u32 & sctp);
+    ((is_zero(x) & is_zero(dir as u32)) as u8) * ct_state::OPENING
 }
 
 /// The packet's TCP flags; for SCTP, the same meaning from its chunks (an
@@ -135,10 +147,9 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
             (*es).packets += 1;
             (*es).bytes += p.l3_len as u64;
         }
-        if (*v).state & ct_state::OPENING != 0 && (*v).dir == ct_dir::FORWARD && completes(p, flags)
-        {
-            tcp_opened(key, v);
-        }
+        // Only the forward entry's bit counts once the client acknowledged
+        // (see `ct_state::OPENING`).
+        (*v).state &= !completes(p, flags, (*v).dir);
         if flags & (TCP_FIN | TCP_RST) != 0 {
             tcp_close(key, v, flags);
         }
@@ -211,20 +222,6 @@ unsafe fn peer_idle(key: &CtKey, v: *const CtVal, now: u64) -> bool {
     }
 }
 
-/// The client acknowledged ([`completes`]): the handshake is complete, and the session lives by its rule's timeout
-/// from now on, in both directions.
-#[inline(never)]
-fn tcp_opened(key: &CtKey, v: *mut CtVal) {
-    unsafe {
-        (*v).state &= !ct_state::OPENING;
-        if let Some(peer) = peer_of(key, v) {
-            if let Some(pv) = LB_CT.get_ptr_mut(&*peer) {
-                (*pv).state &= !ct_state::OPENING;
-            }
-        }
-    }
-}
-
 #[inline(never)]
 fn tcp_close(key: &CtKey, v: *mut CtVal, flags: u8) {
     unsafe {
@@ -292,9 +289,9 @@ pub struct NewSession {
     /// (in the endpoint map).
     pub dsr: bool,
     pub dsr_ep: *const Addr,
-    /// Opened by a TCP SYN ([`opens`]): both entries start
-    /// `ct_state::OPENING`.
-    pub opening: bool,
+    /// `ct_state::OPENING` for a session opened by a TCP SYN or an SCTP
+    /// INIT ([`opens`]), else 0: both entries' first state.
+    pub opening: u8,
 }
 
 const SNAT_TRIES: u32 = 16;
@@ -349,7 +346,7 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*rv).timeout_s = n.timeout_s;
         (*rv).last_seen_ns = n.now;
         (*rv).dir = ct_dir::REPLY;
-        (*rv).state = if n.opening { ct_state::OPENING } else { 0 };
+        (*rv).state = n.opening;
         (*rv).mode = n.mode;
         (*rv).ep_stat = n.ep_stat;
     }
@@ -406,7 +403,7 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*fv).packets = 1;
         (*fv).bytes = n.l3_len as u64;
         (*fv).dir = ct_dir::FORWARD;
-        (*fv).state = if n.opening { ct_state::OPENING } else { 0 };
+        (*fv).state = n.opening;
         (*fv).mode = n.mode;
         (*fv).ep_stat = n.ep_stat;
         if n.dsr {

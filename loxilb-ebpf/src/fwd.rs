@@ -146,7 +146,6 @@ pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr) -> Option<Addr> {
     }
 }
 
-#[inline(always)]
 /// The agent's `cfg_flags`.
 #[inline(always)]
 fn cfg() -> u32 {

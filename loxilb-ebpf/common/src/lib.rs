@@ -597,9 +597,14 @@ pub mod ct_state {
     /// Opened by a TCP SYN or an SCTP INIT, and the client has not yet
     /// acknowledged (TCP: its first packet with ACK and without SYN; SCTP:
     /// its first packet that is not an INIT, the COOKIE ECHO; either
-    /// clears this on both entries): the session's idle timeout is at most
-    /// `CT_OPENING_TIMEOUT_S` ([`CtVal::idle_timeout_s`](super::CtVal::idle_timeout_s)),
-    /// so a SYN flood's entries go within a minute, not the rule's timeout.
+    /// clears this in the forward entry, which holds the session's state:
+    /// the reply entry keeps the bit it was created with): the session's
+    /// idle timeout is at most `CT_OPENING_TIMEOUT_S`
+    /// ([`CtVal::idle_timeout_s`](super::CtVal::idle_timeout_s)), so a SYN
+    /// flood's entries go within a minute, not the rule's timeout. The
+    /// agent's expiry applies it (the datapath's own idle check goes by
+    /// `timeout_s` alone: one branch fewer on every packet's path, and a
+    /// flood's tuples never come back for it to matter).
     pub const OPENING: u8 = 32;
 }
 
@@ -695,8 +700,8 @@ impl CtKey {
 impl CtVal {
     /// The idle timeout this entry lives by, seconds: `timeout_s`, at most
     /// [`CT_OPENING_TIMEOUT_S`] while the handshake is open
-    /// (`ct_state::OPENING`). The datapath, the agent's expiry and session
-    /// sync all go by this.
+    /// (`ct_state::OPENING`). The agent's expiry and session sync go by
+    /// this (a reply entry by its forward entry's state, where it has one).
     #[inline(always)]
     pub const fn idle_timeout_s(&self) -> u32 {
         idle_timeout_s(self.timeout_s, self.state)
