@@ -224,31 +224,11 @@ impl Datapath {
         ]
         .into_iter()
         .chain(prog_names::XDP_JUMPS.iter().map(|(_, n)| *n));
-        for name in xdp_progs {
-            if !wanted(name) {
-                continue;
-            }
-            let p: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            p.load()
-                .with_context(|| format!("the kernel verifier rejected {name}"))?;
-        }
         let tc_progs = [prog_names::TC_MAIN, prog_names::TC_EGRESS]
             .into_iter()
             .chain(prog_names::TC_JUMPS.iter().map(|(_, n)| *n));
-        for name in tc_progs {
-            if !wanted(name) {
-                continue;
-            }
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .try_into()?;
-            tc.load()
-                .with_context(|| format!("the kernel verifier rejected {name}"))?;
-        }
+        let names: Vec<&str> = xdp_progs.chain(tc_progs).filter(|n| wanted(n)).collect();
+        load_in_parallel(&mut ebpf, &names)?;
         // Each hook's programs hand IPv6 packets and new flows on by tail
         // calls.
         let jumps = prog_names::XDP_JUMPS
@@ -1345,6 +1325,70 @@ impl RuleTable for Datapath {
         }
         Ok(doomed.len())
     }
+}
+
+/// Load (have the kernel verify) the programs `names` of `ebpf`, on as
+/// many threads as there are CPUs: the kernel verifies a privileged
+/// loader's programs in parallel, and verifying is most of the time it
+/// takes to load the datapath (several seconds; see README *Performance*).
+/// The programs that verify most instructions (the IPv6 ones) go first, so
+/// that no thread is left with a long one at the end. Every program is
+/// tried; the first refusal is the error.
+fn load_in_parallel(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    use aya::programs::Program;
+    let mut todo: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(n, _)| names.contains(n))
+        .collect();
+    if let Some(missing) = names.iter().find(|n| !todo.iter().any(|(t, _)| t == *n)) {
+        bail!("program {missing} missing from the eBPF object");
+    }
+    // Popped from the end: the IPv6 programs last in the vector.
+    todo.sort_by_key(|(n, _)| (n.ends_with('6'), *n));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(todo.len())
+        .max(1);
+    let queue = std::sync::Mutex::new(todo);
+    let load = |name: &str, p: &mut Program| -> Result<()> {
+        match p {
+            Program::Xdp(x) => x.load(),
+            Program::SchedClassifier(t) => t.load(),
+            _ => bail!("program {name} is neither XDP nor TC"),
+        }
+        .with_context(|| format!("the kernel verifier rejected {name}"))
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut first_err = Ok(());
+                    loop {
+                        let next = queue
+                            .lock()
+                            .map_err(|_| anyhow!("a loader thread panicked"))?
+                            .pop();
+                        let Some((name, p)) = next else {
+                            return first_err;
+                        };
+                        if let Err(e) = load(name, p) {
+                            if first_err.is_ok() {
+                                first_err = Err(e);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a loader thread panicked")))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The idle timeout of each entry of `sessions`, seconds, in order: its
