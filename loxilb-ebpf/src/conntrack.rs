@@ -79,10 +79,10 @@ fn is_zero(x: u32) -> u32 {
 /// direction `dir` is the client completing the handshake its SYN or INIT
 /// opened, else 0: TCP, the client's ACK without SYN or RST; SCTP, any
 /// packet of the client's but an INIT or a close (its COOKIE ECHO, the
-/// first after the endpoint's INIT ACK). Without a branch: the established
-/// path then stays one path for the verifier (a branch here, with the call
-/// that cleared the reply entry too, cost the IPv6 programs 80-150k
-/// verified instructions).
+/// first after the endpoint's INIT ACK). Without a branch: the one branch
+/// left is whether to write (a call that cleared the reply entry too, and
+/// the datapath's idle check going by the short timeout, cost the IPv6
+/// programs 80-150k verified instructions).
 #[inline(always)]
 fn completes(p: &Pkt, flags: u8, dir: u8) -> u8 {
     let tcp = ((flags & (TCP_SYN | TCP_ACK | TCP_RST)) ^ TCP_ACK) as u32;
@@ -148,8 +148,13 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
             (*es).bytes += p.l3_len as u64;
         }
         // Only the forward entry's bit counts once the client acknowledged
-        // (see `ct_state::OPENING`).
-        (*v).state &= !completes(p, flags, (*v).dir);
+        // (see `ct_state::OPENING`). Written only then: a store on every
+        // packet could undo a close another CPU marks in this entry
+        // meanwhile (`tcp_close` writes the peer's state too).
+        let opened = completes(p, flags, (*v).dir) & (*v).state;
+        if opened != 0 {
+            (*v).state &= !opened;
+        }
         if flags & (TCP_FIN | TCP_RST) != 0 {
             tcp_close(key, v, flags);
         }
