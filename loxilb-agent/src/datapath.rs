@@ -800,32 +800,34 @@ impl Datapath {
     /// directions) idle past their timeout by [`EXPIRY_GRACE_NS`], as of
     /// CLOCK_MONOTONIC `now_ns` (the datapath's clock). The datapath treats
     /// such entries as gone already, but for the short timeout of a session
-    /// still opening (`ct_state::OPENING`, see [`session_timeouts_s`]),
+    /// still opening (`ct_state::OPENING`, see [`session_timeout_s`]),
     /// which only this applies; without this they stay in the table until
     /// the LRU needs their room. Returns (removed, the live ones).
     pub fn expire_idle(&mut self, now_ns: u64) -> Result<(usize, Vec<(CtKey, CtVal)>)> {
         let all = self.sessions()?;
-        let timeouts = session_timeouts_s(&all);
-        let idle = |v: &CtVal, timeout_s: u32| {
+        // Each entry by key, borrowed (not a second copy of the values: the
+        // table holds up to MAX_CT_ENTRIES of them).
+        let by_key: StdHashMap<CtKey, &CtVal> = all.iter().map(|(k, v)| (*k, v)).collect();
+        let idle = |k: &CtKey, v: &CtVal| {
+            let timeout_s = session_timeout_s(k, v, |f| by_key.get(f).copied());
             now_ns.saturating_sub(v.last_seen_ns)
                 > timeout_s as u64 * 1_000_000_000 + EXPIRY_GRACE_NS
         };
-        // Each entry's idleness by key (not a second copy of the values:
-        // the table holds up to MAX_CT_ENTRIES of them).
-        let idle_by_key: StdHashMap<CtKey, bool> = all
+        let over: Vec<bool> = all
             .iter()
-            .zip(timeouts)
-            .map(|((k, v), t)| (*k, idle(v, t)))
+            .map(|(k, v)| {
+                idle(k, v)
+                    && k.peer(v)
+                        .and_then(|p| by_key.get(&p).map(|pv| idle(&p, pv)))
+                        .unwrap_or(true)
+            })
             .collect();
-        let (gone, live): (Vec<_>, Vec<_>) = all.into_iter().partition(|(k, v)| {
-            idle_by_key[k]
-                && k.peer(v)
-                    .and_then(|p| idle_by_key.get(&p).copied())
-                    .unwrap_or(true)
-        });
+        drop(by_key);
+        let (gone, live): (Vec<_>, Vec<_>) = all.into_iter().zip(over).partition(|(_, over)| *over);
+        let live: Vec<(CtKey, CtVal)> = live.into_iter().map(|(e, _)| e).collect();
         let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         let mut removed = 0;
-        for (k, _) in &gone {
+        for ((k, _), _) in &gone {
             // A key a packet removed or renewed meanwhile: fine either way.
             if ct.remove(k).is_ok() {
                 removed += 1;
@@ -1391,35 +1393,33 @@ fn load_in_parallel(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
     results.into_iter().collect()
 }
 
-/// The idle timeout of each entry of `sessions`, seconds, in order: its
-/// session's. A session is opening (`ct_state::OPENING`: at most
+/// The idle timeout entry `k` -> `v` lives by, seconds: its session's.
+/// A session is opening (`ct_state::OPENING`: at most
 /// `CT_OPENING_TIMEOUT_S`) while its forward entry says so: the datapath
 /// clears the bit there when the client acknowledges and leaves the reply
-/// entry's as it was created (no second entry to write on the established
-/// path), so a reply entry goes by its forward entry when that is there.
+/// entry's as it was created (one write fewer, and none on the reply
+/// path), so a reply entry goes by the state of its forward entry, which
+/// `forward` finds by key, when there is one.
+pub fn session_timeout_s<'a>(
+    k: &CtKey,
+    v: &CtVal,
+    forward: impl Fn(&CtKey) -> Option<&'a CtVal>,
+) -> u32 {
+    use loxilb_common::{ct_dir, ct_state, idle_timeout_s};
+    if v.dir == ct_dir::REPLY && v.state & ct_state::OPENING != 0 {
+        if let Some(f) = k.peer(v).and_then(|p| forward(&p)) {
+            return idle_timeout_s(v.timeout_s, f.state);
+        }
+    }
+    v.idle_timeout_s()
+}
+
+/// [`session_timeout_s`] of each entry of `sessions`, in order.
 pub fn session_timeouts_s(sessions: &[(CtKey, CtVal)]) -> Vec<u32> {
-    use loxilb_common::{ct_dir, ct_state};
-    let opening = |v: &CtVal| v.state & ct_state::OPENING != 0;
-    // Forward entries that no longer open, looked for only when some
-    // reply entry still says it does (few, unless under a SYN flood).
-    let opened: std::collections::HashSet<CtKey> = if sessions
-        .iter()
-        .any(|(_, v)| v.dir == ct_dir::REPLY && opening(v))
-    {
-        sessions
-            .iter()
-            .filter(|(_, v)| v.dir == ct_dir::FORWARD && !opening(v))
-            .map(|(k, _)| *k)
-            .collect()
-    } else {
-        Default::default()
-    };
+    let by_key: StdHashMap<CtKey, &CtVal> = sessions.iter().map(|(k, v)| (*k, v)).collect();
     sessions
         .iter()
-        .map(|(k, v)| match k.peer(v) {
-            Some(f) if v.dir == ct_dir::REPLY && opening(v) && opened.contains(&f) => v.timeout_s,
-            _ => v.idle_timeout_s(),
-        })
+        .map(|(k, v)| session_timeout_s(k, v, |f| by_key.get(f).copied()))
         .collect()
 }
 
@@ -1430,14 +1430,7 @@ mod tests {
 
     #[test]
     fn a_reply_entry_goes_by_its_forward_entrys_handshake() {
-        let a = |last: u8| -> Addr {
-            [
-                0,
-                0,
-                0xffff_u32.to_be(),
-                u32::from_be_bytes([10, 0, 0, last]).to_be(),
-            ]
-        };
+        let a = |last: u8| addr_from_ip(std::net::Ipv4Addr::new(10, 0, 0, last).into());
         // Client 10.0.0.1:1000 -> VIP 10.0.0.100:80, DNAT to 10.0.0.7:8080.
         let fwd = |port: u16, state| {
             let k = CtKey {
@@ -1461,14 +1454,7 @@ mod tests {
             (k, v)
         };
         let reply = |(k, v): (CtKey, CtVal), state| {
-            let rk = CtKey {
-                saddr: v.xdaddr,
-                daddr: v.xsaddr,
-                sport: v.xdport,
-                dport: v.xsport,
-                proto: 6,
-                ..Default::default()
-            };
+            let rk = k.peer(&v).unwrap();
             let rv = CtVal {
                 xsaddr: k.daddr,
                 xdaddr: k.saddr,
