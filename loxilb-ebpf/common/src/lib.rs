@@ -394,6 +394,19 @@ pub const fn mix32(mut h: u32) -> u32 {
     h
 }
 
+/// Slots of an endpoint index (a power of two): see [`ep_index_slot`].
+pub const EP_INDEX_SLOTS: u32 = 65_536;
+
+/// The slot of endpoint (`addr`, `port`, `proto`) (`addr` folded by
+/// [`addr_fold`], `port` in network order) in a direct-mapped endpoint
+/// index of `EP_INDEX_SLOTS` slots: what a reply packet, from an endpoint,
+/// would read to find its session's forward entry if a session had one
+/// entry. Used by the bench's one-entry reference (`ref_xdp_dnat_one`)
+/// and by the bench, which fills the index.
+pub const fn ep_index_slot(addr: u32, port: u16, proto: u8) -> u32 {
+    mix32(addr ^ ((port as u32) << 8) ^ proto as u32) & (EP_INDEX_SLOTS - 1)
+}
+
 /// Key of the endpoint map: (rule, bank << EP_BANK_SHIFT | index).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -19,6 +19,12 @@
 //!   per new flow or two (a forward and a reply entry, as the datapath
 //!   does): what the entry's size and the second insert cost, apart from
 //!   everything else a new flow does.
+//! - `ref_xdp_dnat_one`: `ref_xdp_dnat_ct_shape1` (one entry per session,
+//!   the forward one) whose replies find that entry: a packet from an
+//!   endpoint reads the service it serves from an endpoint index (an
+//!   array, `REF_EP_IDX`), looks the forward entry up by (client, VIP),
+//!   and is reverse-translated; what one entry per session would cost a
+//!   reply and save a new flow.
 //! - `ref_xdp_dnat_tbl` / `ref_xdp_dnat_tbl2`: the same entry shape in a
 //!   set-associative table of two array maps (8 slots per bucket; a
 //!   bucket's tags and last-seen ticks in one array, the slots in the
@@ -433,6 +439,102 @@ pub fn ref_xdp_dnat_ct_shape1(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn ref_xdp_dnat_ct_shape2(ctx: XdpContext) -> u32 {
     dnat_ct::<DpKey, _, true>(&ctx, &REF_CT_SHAPE)
+}
+
+// One entry per session (the forward one), the reply direction found
+// through it: a reply, from an endpoint, reads the endpoint index (an
+// array: the verifier inlines its lookup) for the service that endpoint
+// serves, and looks the forward entry up by (client, VIP). A reply then
+// costs one hash lookup as with two entries, every other packet one
+// inlined array read more, and a new flow makes one insert.
+
+/// An endpoint index slot (network order): the endpoint and the service
+/// (VIP, port) it serves; `proto` 0 = free. Filled by the benchmark at
+/// `loxilb_common::ep_index_slot`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EpIdx {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub vip: u32,
+    pub vport: u16,
+    pub pad2: u16,
+}
+
+#[btf_map]
+static REF_EP_IDX: Array<EpIdx, { loxilb_common::EP_INDEX_SLOTS as usize }> = Array::new();
+
+/// If `p` comes from an indexed endpoint: the key of the forward entry
+/// its session would have (client -> VIP), and the VIP and port.
+#[inline(always)]
+fn reply_fwd_key(p: &Pkt) -> Option<(DpKey, u32, u16)> {
+    // (An IPv4 address folds to itself: `loxilb_common::addr_fold`.)
+    let e = REF_EP_IDX.get_ptr(loxilb_common::ep_index_slot(p.saddr, p.sport, p.proto))?;
+    unsafe {
+        if (*e).proto != p.proto || (*e).addr != p.saddr || (*e).port != p.sport {
+            return None;
+        }
+        let (vip, vport) = ((*e).vip, (*e).vport);
+        Some((DpKey::of(p.daddr, vip, p.dport, vport, p.proto), vip, vport))
+    }
+}
+
+/// Reverse DNAT: the source (the endpoint) rewritten to `vip`:`vport`,
+/// checksums updated, MACs swapped, `XDP_TX`.
+#[inline(always)]
+fn rnat(ctx: &XdpContext, p: &Pkt, vip: u32, vport: u16) -> u32 {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN > end || p.l4 + 20 > end && p.proto == IPPROTO_TCP || p.l4 + 8 > end {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        let ipc = (p.ip + 10) as *mut u16;
+        *ipc = csum_replace4(*ipc, p.saddr, vip);
+        *((p.ip + 12) as *mut u32) = vip;
+        let l4c = (p.l4 + if p.proto == IPPROTO_TCP { 16 } else { 6 }) as *mut u16;
+        let mut lc = *l4c;
+        if p.proto == IPPROTO_TCP || lc != 0 {
+            lc = csum_replace4(lc, p.saddr, vip);
+            lc = csum_replace2(lc, p.sport, vport);
+            if lc == 0 && p.proto == IPPROTO_UDP {
+                lc = 0xffff;
+            }
+            *l4c = lc;
+        }
+        *(p.l4 as *mut u16) = vport;
+        let eth = data as *mut [u16; 6];
+        let d = [(*eth)[0], (*eth)[1], (*eth)[2]];
+        (*eth)[0] = (*eth)[3];
+        (*eth)[1] = (*eth)[4];
+        (*eth)[2] = (*eth)[5];
+        (*eth)[3] = d[0];
+        (*eth)[4] = d[1];
+        (*eth)[5] = d[2];
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn ref_xdp_dnat_one(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    if let Some((key, vip, vport)) = reply_fwd_key(&p) {
+        if let Some(v) = REF_CT_SHAPE.get_ptr_mut(&key) {
+            // Only from the session's own endpoint.
+            if let Some(b) = REF_BACKENDS.get_ptr(unsafe { (*v).backend }) {
+                if unsafe { (*b).addr == p.saddr && (*b).port == p.sport } {
+                    // The reply direction's packets.
+                    unsafe { (*v).rest[0] += 1 };
+                    return rnat(&ctx, &p, vip, vport);
+                }
+            }
+        }
+    }
+    dnat_ct::<DpKey, _, false>(&ctx, &REF_CT_SHAPE)
 }
 
 // A session table of our own in array maps: set-associative, `TBL_WAYS`

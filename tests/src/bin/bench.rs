@@ -147,13 +147,14 @@ const TARGET_DSR_IPIP_NS: f64 = 75.0;
 /// The reference programs (loxilb-ebpf/ref), built by this crate's build.rs:
 /// the least each path can cost, timed in the same run as the datapath.
 static REF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loxilb-ref"));
-const REF_XDP_PROGS: [&str; 8] = [
+const REF_XDP_PROGS: [&str; 9] = [
     "ref_xdp_pass",
     "ref_xdp_parse_lookup",
     "ref_xdp_dnat",
     "ref_xdp_dnat_ct",
     "ref_xdp_dnat_ct_shape1",
     "ref_xdp_dnat_ct_shape2",
+    "ref_xdp_dnat_one",
     "ref_xdp_dnat_tbl",
     "ref_xdp_dnat_tbl2",
 ];
@@ -373,6 +374,17 @@ enum RefKind {
     ShapeMiss1,
     /// `ref_xdp_dnat_ct_shape2`: the same with a reply entry inserted too.
     ShapeMiss2,
+    /// `ref_xdp_dnat_ct_shape1`, a hit (the DNAT flow's ACK): what a
+    /// packet of either direction costs with an entry per direction.
+    ShapeHit,
+    /// `ref_xdp_dnat_one` (one entry per session), a hit of the client's
+    /// ACK.
+    OneHit,
+    /// `ref_xdp_dnat_one`, the endpoint's reply: found through the
+    /// endpoint index and the forward entry.
+    OneReply,
+    /// `ref_xdp_dnat_one`, a miss: one insert.
+    OneMiss,
     /// `ref_xdp_dnat_tbl`: our entry shape in a set-associative table of
     /// array maps (no kernel call), a hit.
     TblHit,
@@ -759,21 +771,38 @@ const _: () = assert!(std::mem::size_of::<RefSvcKey>() == 8);
 const _: () = assert!(std::mem::size_of::<RefBackend>() == 12);
 const _: () = assert!(std::mem::size_of::<RefCtKey>() == 16);
 const _: () = assert!(std::mem::size_of::<RefCtVal>() == 16);
+/// `EpIdx` of loxilb-ebpf/ref.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RefEpIdx {
+    addr: u32,
+    port: u16,
+    proto: u8,
+    pad: u8,
+    vip: u32,
+    vport: u16,
+    pad2: u16,
+}
+const _: () = assert!(std::mem::size_of::<RefEpIdx>() == 16);
 // SAFETY: plain data, no padding.
 unsafe impl aya::Pod for RefSvcKey {}
 unsafe impl aya::Pod for RefSvcVal {}
 unsafe impl aya::Pod for RefBackend {}
 unsafe impl aya::Pod for RefCtKey {}
 unsafe impl aya::Pod for RefCtVal {}
+unsafe impl aya::Pod for RefEpIdx {}
 
 /// The reference programs, loaded, with the benchmark's DNAT service
 /// (VIP:80/TCP -> rule web's two endpoints) in their maps.
 struct Refs {
     ebpf: aya::Ebpf,
+    /// The DNAT flow's ACK: run through `ref_xdp_dnat_one` after every
+    /// clear, so the endpoint's reply finds its session's entry.
+    reopen: Vec<u8>,
 }
 
 impl Refs {
-    fn load() -> Result<Self> {
+    fn load(reopen: Vec<u8>) -> Result<Self> {
         let mut ebpf = aya::Ebpf::load(REF_OBJECT).context("loading the reference programs")?;
         for name in REF_XDP_PROGS {
             let p: &mut Xdp = ebpf
@@ -827,7 +856,26 @@ impl Refs {
                 0,
             )?;
         }
-        Ok(Refs { ebpf })
+        // Both endpoints serve VIP:80 (for `ref_xdp_dnat_one`'s replies).
+        let mut idx: aya::maps::Array<_, RefEpIdx> = aya::maps::Array::try_from(
+            ebpf.map_mut("REF_EP_IDX")
+                .ok_or_else(|| anyhow!("no REF_EP_IDX"))?,
+        )?;
+        for addr in ["10.0.1.10", "10.0.1.11"] {
+            let e = RefEpIdx {
+                addr: v4(addr),
+                port: EP_PORT.to_be(),
+                proto: IPPROTO_TCP,
+                pad: 0,
+                vip: v4(VIP),
+                vport: 80u16.to_be(),
+                pad2: 0,
+            };
+            idx.set(loxilb_common::ep_index_slot(e.addr, e.port, e.proto), e, 0)?;
+        }
+        let mut refs = Refs { ebpf, reopen };
+        refs.clear_ct()?;
+        Ok(refs)
     }
 
     fn xdp(&self, name: &str) -> Result<&Xdp> {
@@ -852,6 +900,13 @@ impl Refs {
         )?;
         for i in 0..b.len() {
             b.set(i, [0u8; REF_TBL_BUCKET_SIZE], 0)?;
+        }
+        let (v, _) = run_once(self.xdp("ref_xdp_dnat_one")?, &self.reopen)?;
+        if v != loxilb_tests::fib::verdict::XDP_TX {
+            bail!(
+                "ref_xdp_dnat_one did not open the DNAT flow: {}",
+                verdict_name(v)
+            );
         }
         Ok(n)
     }
@@ -1351,7 +1406,8 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             }
         }
     }
-    let mut refs = Refs::load()?;
+    // (The same packet as the DNAT flow's ACK below.)
+    let mut refs = Refs::load(Frame::tcp(CLIENT, CLIENT_PORT, VIP, 80, ACK).bytes())?;
 
     // A non-service packet that misses the address pre-filter (as almost
     // all non-service traffic does), so it takes the cheap exit.
@@ -1428,9 +1484,42 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             );
         }
     }
+    if refs.reopen != dnat_ack {
+        bail!("the references' DNAT flow is not the datapath's");
+    }
+    // One entry per session: the ACK goes to the backend the session
+    // holds, and that backend's reply comes back from the VIP.
+    let (v, out) = run_once(refs.xdp("ref_xdp_dnat_one")?, &dnat_ack)?;
+    let one_ep = u32::from_ne_bytes([out[30], out[31], out[32], out[33]]);
+    let one_ep = [ip_u32("10.0.1.10"), ip_u32("10.0.1.11")]
+        .into_iter()
+        .find(|a| a[3] == one_ep)
+        .map(ip_str);
+    let Some(one_ep) = one_ep.filter(|_| v == loxilb_tests::fib::verdict::XDP_TX) else {
+        bail!(
+            "correctness check \"one-entry reference, ACK\" failed: verdict {}\n{}",
+            verdict_name(v),
+            diff(&out, &dnat_ack)
+        );
+    };
+    let one_reply = Frame::tcp(&one_ep, EP_PORT, CLIENT, CLIENT_PORT, ACK).bytes();
+    let (v, out) = run_once(refs.xdp("ref_xdp_dnat_one")?, &one_reply)?;
+    if v != loxilb_tests::fib::verdict::XDP_TX
+        || !tcp4_csums_ok(&out)
+        || out[26..30] != ip_u32(VIP)[3].to_ne_bytes()
+        || u16::from_be_bytes([out[34], out[35]]) != 80
+    {
+        bail!(
+            "correctness check \"one-entry reference, reply\" failed: verdict {}\n{}",
+            verdict_name(v),
+            diff(&out, &one_reply)
+        );
+    }
     notes.push(
         "reference programs (loxilb-ebpf/ref) loaded; ref_xdp_dnat and ref_xdp_dnat_ct translate \
-         the DNAT flow's ACK to a backend with right checksums (XDP_TX)"
+         the DNAT flow's ACK to a backend with right checksums (XDP_TX); ref_xdp_dnat_one \
+         (one entry per session) translates the ACK and, through its endpoint index, the \
+         endpoint's reply back from the VIP"
             .into(),
     );
     let ipv6_flows = open_ipv6_flows(&mut dp, &mut notes)?;
@@ -1509,6 +1598,38 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             Kind::Ref(RefKind::ShapeMiss2),
             "ref: our entry, 2 inserts",
             "ref_xdp_dnat_ct_shape2",
+            loxilb_tests::fib::verdict::XDP_TX,
+            vec![],
+            None,
+        ),
+        PathBench::new(
+            Kind::Ref(RefKind::ShapeHit),
+            "ref: our entry, hit",
+            "ref_xdp_dnat_ct_shape1",
+            loxilb_tests::fib::verdict::XDP_TX,
+            dnat_ack.clone(),
+            None,
+        ),
+        PathBench::new(
+            Kind::Ref(RefKind::OneHit),
+            "ref: 1 entry, hit",
+            "ref_xdp_dnat_one",
+            loxilb_tests::fib::verdict::XDP_TX,
+            dnat_ack.clone(),
+            None,
+        ),
+        PathBench::new(
+            Kind::Ref(RefKind::OneReply),
+            "ref: 1 entry, reply",
+            "ref_xdp_dnat_one",
+            loxilb_tests::fib::verdict::XDP_TX,
+            one_reply.clone(),
+            None,
+        ),
+        PathBench::new(
+            Kind::Ref(RefKind::OneMiss),
+            "ref: 1 entry, miss",
+            "ref_xdp_dnat_one",
             loxilb_tests::fib::verdict::XDP_TX,
             vec![],
             None,
@@ -1599,7 +1720,11 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         let out = if timed { Some(&mut p.samples) } else { None };
         let r = match p.kind {
             Kind::Ref(
-                RefKind::DnatCtMiss | RefKind::ShapeMiss1 | RefKind::ShapeMiss2 | RefKind::TblMiss2,
+                RefKind::DnatCtMiss
+                | RefKind::ShapeMiss1
+                | RefKind::ShapeMiss2
+                | RefKind::OneMiss
+                | RefKind::TblMiss2,
             ) => {
                 if ref_live + n > REF_CT_ENTRIES / 2 {
                     refs.clear_ct()?;
@@ -2227,6 +2352,9 @@ fn print_results(out: &Outcome) {
                         RefKind::DnatCtHit => "ct hit",
                         RefKind::DnatCtMiss => "ct miss",
                         RefKind::ShapeMiss1 | RefKind::ShapeMiss2 => "ct miss, our entry",
+                        RefKind::ShapeHit => "ct hit, our entry",
+                        RefKind::OneHit | RefKind::OneReply => "1 entry, hit",
+                        RefKind::OneMiss => "1 entry, miss",
                         RefKind::TblHit => "array table, hit",
                         RefKind::TblMiss2 => "array table, miss",
                     },
@@ -2272,6 +2400,23 @@ fn print_results(out: &Outcome) {
             s1 - miss,
             s2 - s1,
             rr - s2
+        );
+    }
+    if let (Some(hit), Some(one_hit), Some(one_reply), Some(s2), Some(one_miss)) = (
+        over_of(Kind::Ref(RefKind::ShapeHit)),
+        over_of(Kind::Ref(RefKind::OneHit)),
+        over_of(Kind::Ref(RefKind::OneReply)),
+        over_of(Kind::Ref(RefKind::ShapeMiss2)),
+        over_of(Kind::Ref(RefKind::OneMiss)),
+    ) {
+        println!(
+            "one entry per session instead of two (references, our entry's shape): a client's \
+             packet {one_hit:+.0} and the endpoint's reply {one_reply:+.0} against {hit:+.0} for \
+             either with two entries ({:+.0} / {:+.0} a packet); a new flow {one_miss:+.0} \
+             against {s2:+.0} ({:+.0})",
+            one_hit - hit,
+            one_reply - hit,
+            one_miss - s2
         );
     }
     if let Some(p) = out
