@@ -35,7 +35,8 @@
 //!
 //! # What is translated
 //!
-//! A conntrack entry (one per direction; a session's two entries travel in
+//! A conntrack entry (one per direction, or one for a one-entry DNAT
+//! session; a session's two entries travel in
 //! the same batch) is sent with its node-local fields replaced:
 //!
 //! - `rule_id` becomes the rule's identity, its `SvcKey` (VIP, port,
@@ -52,9 +53,10 @@
 //!   (`dropped_no_endpoint`).
 //! - `last_seen_ns` (the sender's CLOCK_MONOTONIC) travels as an age; the
 //!   receiver sets its own now minus the age.
-//! - The cached next hop (`nh_ifindex`, `nh_macs`, `nh_expiry_ns`,
-//!   `encap_src`) is zeroed: the receiver's first packet looks its own
-//!   route up.
+//! - The cached next hops (`nh`, a one-entry session's `rnh`, and
+//!   `encap_src`) are zeroed: the receiver's first packet looks its own
+//!   route up. A one-entry session's reply counters (`rpackets`,
+//!   `rbytes`) do not travel.
 //! - The counters (`packets`, `bytes`) are copied as of the last send
 //!   (they alone never cause a resend).
 //!

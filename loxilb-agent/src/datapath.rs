@@ -22,9 +22,10 @@ use aya::{
 };
 use ipnet::IpNet;
 use loxilb_common::{
-    addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, AssocKey,
-    AssocVal, Clock, CtKey, CtVal, DevFwd, EpKey, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips,
-    SelChunk, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
+    addr_fold, addr_from_ip, ep_index_slot, ip_from_addr, map_names as mn, prog_names, stat, Addr,
+    AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpIndex, EpKey, EpStats,
+    EpVal, GlobalCfg, RuleStats, RuleVips, SelChunk, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION,
+    MAX_RULE_VIPS,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -905,6 +906,29 @@ impl Datapath {
         ct.insert(k, v, 0)?;
         Ok(())
     }
+
+    /// Put `e` in the endpoint index, at its slot (`ep_index_slot`):
+    /// new sessions of the DNAT service `e.vip`:`e.vport` to endpoint
+    /// `e.addr`:`e.port` then have one entry (`ct_state::ONE`, IPv4).
+    /// Returns the slot.
+    pub fn index_endpoint(&mut self, e: EpIndex) -> Result<u32> {
+        let slot = ep_index_slot(addr_fold(&e.addr), e.port, e.proto);
+        array_put(self, mn::EP_INDEX, slot, e)?;
+        Ok(slot)
+    }
+
+    /// The endpoint index's non-empty slots (see `ep_index`).
+    pub fn ep_index(&self) -> Result<Vec<(u32, EpIndex)>> {
+        let a: Array<_, EpIndex> = Array::try_from(self.map(mn::EP_INDEX)?)?;
+        let mut v = vec![];
+        for (i, e) in a.iter().enumerate() {
+            let e = e?;
+            if e.proto != 0 {
+                v.push((i as u32, e));
+            }
+        }
+        Ok(v)
+    }
 }
 
 /// Of the service entries of one rule: the primary one (the first of the
@@ -1273,6 +1297,9 @@ impl RuleTable for Datapath {
     }
     fn retire_ep_slot(&mut self, idx: u32) -> Result<()> {
         self.put_ep_slot(idx, crate::rules::RETIRED_EP)
+    }
+    fn put_ep_index(&mut self, slot: u32, e: EpIndex) -> Result<()> {
+        array_put(self, mn::EP_INDEX, slot, e)
     }
     fn reset_rule_stats(&mut self, rule_id: u32) -> Result<()> {
         let mut a: PerCpuArray<_, RuleStats> =

@@ -9,6 +9,7 @@ pub mod config;
 pub mod ctsync;
 pub mod datapath;
 pub mod devices;
+pub mod ep_index;
 pub mod kube_rules;
 pub mod kube_state;
 pub mod lovips;

@@ -920,7 +920,9 @@ fn start_node(
             "adopted the datapath state pinned in {}",
             pin_dir.display()
         );
-        Rules::adopt(installed)
+        let mut rules = Rules::adopt(installed);
+        rules.adopt_ep_index(dp.ep_index()?);
+        rules
     } else {
         Rules::adopt(vec![])
     };

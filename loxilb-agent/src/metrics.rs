@@ -13,7 +13,7 @@
 //! | `loxilb_endpoint_active_sessions` | gauge | `service`, `endpoint` | sessions open on the endpoint |
 //! | `loxilb_endpoint_up` | gauge | `service`, `endpoint` | 1 when the endpoint takes new sessions (active, probe up), 0 when not |
 //! | `loxilb_endpoint_probe_latency_seconds` | gauge | `service`, `endpoint` | duration of the last health probe |
-//! | `loxilb_conntrack_entries`, `loxilb_conntrack_capacity` | gauge | | session entries (one per direction) in use, and the table's size |
+//! | `loxilb_conntrack_entries`, `loxilb_conntrack_capacity` | gauge | | session entries (one per direction; one for a one-entry DNAT session) in use, and the table's size |
 //! | `loxilb_vip_active` | gauge | `vip` | 1 where this node answers for the VIP (Kubernetes mode) |
 //! | `loxilb_device_xdp_redirect` | gauge | `device` | 1 where translated packets leave by XDP redirect, 0 where by the stack |
 //! | `loxilb_bgp_session_up` | gauge | `peer`, `remote_as` | 1 while the BGP session with the peer is established, 0 when not (`--setBGP`) |
@@ -227,7 +227,7 @@ pub fn render(pin_dir: &Path) -> Result<String> {
     entries.set(m.sessions()?.len() as i64);
     reg.register(
         "conntrack_entries",
-        "Session entries in use (one per direction)",
+        "Session entries in use (one per direction; one for an indexed DNAT session)",
         entries,
     );
     let cap = Gauge::<i64>::default();

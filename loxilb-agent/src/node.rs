@@ -437,6 +437,11 @@ impl Node {
                 if let Err(e) = self.dp.recount_active_from(&live) {
                     warn!("re-counting active sessions failed: {e:#}");
                 }
+                match self.rules.upkeep_ep_index(&live, &mut self.dp) {
+                    Ok(0) => {}
+                    Ok(n) => debug!(released = n, "endpoint index slots drained"),
+                    Err(e) => warn!("updating the endpoint index failed: {e:#}"),
+                }
             }
             Err(e) => warn!("walking the session table failed: {e:#}"),
         }

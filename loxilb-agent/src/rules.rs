@@ -10,13 +10,13 @@ use anyhow::{bail, Result};
 use ipnet::IpNet;
 use loxilb_common::{
     addr_filter_bit, addr_fold, addr_from_ip, ip_from_addr, lb_mode, lb_sel, svc_flags, Addr,
-    EpKey, EpVal, RuleVips, SelChunk, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_RULE_VIPS,
+    EpIndex, EpKey, EpVal, RuleVips, SelChunk, SvcKey, SvcVal, ADDR_FILTER_WORDS, MAX_RULE_VIPS,
     MAX_SEL_CHUNKS, SEL_CHUNK,
 };
 
 use loxilb_model::{Endpoint, Mode, Protocol, Rule, Selection};
 
-use crate::{sel_space::SelSpace, selection};
+use crate::{ep_index::EpIndexRefs, sel_space::SelSpace, selection};
 
 // The rule model's limits and protocol numbers are the datapath's.
 const _: () = {
@@ -59,6 +59,8 @@ pub trait RuleTable {
     /// Remove every session (and client affinity) of `rule_id`; returns
     /// how many conntrack entries went.
     fn flush_sessions(&mut self, rule_id: u32) -> Result<usize>;
+    /// Write endpoint index slot `slot` (`LB_EP_INDEX`; all zero: empty).
+    fn put_ep_index(&mut self, slot: u32, e: EpIndex) -> Result<()>;
 }
 
 /// A rule as installed in the maps.
@@ -590,6 +592,8 @@ pub struct Rules {
     ids: RuleIds,
     /// Where the selection tables are in `LB_SEL_TABLE`.
     sel: SelSpace,
+    /// The endpoint index (one-entry sessions).
+    index: EpIndexRefs,
 }
 
 impl Default for Rules {
@@ -675,12 +679,32 @@ impl Rules {
             .collect();
         Rules {
             addrs: AddrRefs::of(installed.values()),
+            index: EpIndexRefs::of(installed.values(), std::iter::empty()),
             ids: RuleIds::of(installed.values().map(|i| i.rule_id)),
             installed,
             owners,
             slots,
             sel,
         }
+    }
+
+    /// Take the endpoint index an adopted datapath holds (its non-empty
+    /// slots) as written: the next change writes what the rules want of it
+    /// (and drains the rest: see `ep_index`).
+    pub fn adopt_ep_index(&mut self, written: Vec<(u32, EpIndex)>) {
+        self.index = EpIndexRefs::of(self.installed.values(), written.into_iter());
+    }
+
+    /// Write what the endpoint index is waiting to write, and empty the
+    /// draining slots no session of `live` (the session table) needs any
+    /// more. Returns how many slots were released.
+    pub fn upkeep_ep_index(
+        &mut self,
+        live: &[(loxilb_common::CtKey, loxilb_common::CtVal)],
+        t: &mut dyn RuleTable,
+    ) -> Result<usize> {
+        self.index.flush(t)?;
+        self.index.drain(live, t)
     }
 
     pub fn installed(&self) -> impl Iterator<Item = &Installed> {
@@ -841,8 +865,10 @@ impl Rules {
         // Whatever was installed (also before a failed write) gets its
         // filter bits and VIPs.
         let flushed = self.addrs.flush(t);
+        let indexed = self.index.flush(t);
         result?;
         flushed?;
+        indexed?;
         Ok(report)
     }
 
@@ -974,6 +1000,7 @@ impl Rules {
         // if cleaning up its entries fails (they are unreachable).
         let inst = self.installed.remove(&k).expect("present");
         self.addrs.remove_rule(&inst);
+        self.index.rule(&inst, false);
         self.ids.release(inst.rule_id);
         let mut slots: Vec<u32> = inst.eps.iter().map(|e| e.stat_idx).collect();
         slots.sort_unstable();
@@ -1021,7 +1048,11 @@ impl Rules {
                 let (gone, fresh) = self.slots.assign(t, &inst.eps, &mut w.eps)?;
                 let old_eps = inst.eps.clone();
                 let old_secondary = inst.secondary.clone();
+                // The endpoint index follows the mode and endpoints as
+                // installed (also after a failed write).
+                self.index.rule(inst, false);
                 let installed = install(t, &mut self.sel, inst, bank, w, &mut false);
+                self.index.rule(inst, true);
                 // The secondary entries now in the map, also after a
                 // failed write.
                 track_secondaries(
@@ -1083,6 +1114,7 @@ impl Rules {
                         // differs from every wanted rule), so that the next
                         // apply installs it again or removes all of it.
                         self.addrs.add_rule(&inst);
+                        self.index.rule(&inst, true);
                         for a in &inst.secondary {
                             self.owners.insert(secondary_key(&inst.key, *a).into(), k);
                         }
@@ -1097,6 +1129,7 @@ impl Rules {
                     return Err(e);
                 }
                 self.addrs.add_rule(&inst);
+                self.index.rule(&inst, true);
                 for a in &inst.secondary {
                     self.owners.insert(secondary_key(&inst.key, *a).into(), k);
                 }
@@ -1249,6 +1282,8 @@ pub mod tests {
         pub ep_resets: Vec<u32>,
         pub vips: std::collections::BTreeSet<Addr>,
         pub rule_vips: HashMap<u32, RuleVips>,
+        /// `LB_EP_INDEX`: the non-empty slots.
+        pub ep_index: BTreeMap<u32, EpIndex>,
         pub writes: usize,
         /// Service and VIP-list writes, in order ("put 20.0.0.1:80/tcp",
         /// "del ...", "vips 3" / "novips 3" for rule 3's list).
@@ -1341,6 +1376,15 @@ pub mod tests {
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
             self.flushed.push(rule_id);
             Ok(3)
+        }
+        fn put_ep_index(&mut self, slot: u32, e: EpIndex) -> Result<()> {
+            self.writes += 1;
+            if e.proto == 0 {
+                self.ep_index.remove(&slot);
+            } else {
+                self.ep_index.insert(slot, e);
+            }
+            Ok(())
         }
     }
 
@@ -1659,6 +1703,8 @@ pub mod tests {
         r.apply(&rules(TWO), &mut t).unwrap();
         let snapshot: Vec<Installed> = r.installed().cloned().collect();
         let mut r2 = Rules::adopt(snapshot);
+        r2.adopt_ep_index(t.ep_index.iter().map(|(s, e)| (*s, *e)).collect());
+        assert_eq!(t.ep_index.len(), 3, "every endpoint indexed");
         let writes = t.writes;
         let rep = r2.apply(&rules(TWO), &mut t).unwrap();
         assert_eq!(rep.unchanged, 2);
@@ -1874,6 +1920,7 @@ pub mod tests {
             "rebuilt as installed"
         );
         let mut r2 = Rules::adopt(snapshot);
+        r2.adopt_ep_index(t.ep_index.iter().map(|(s, e)| (*s, *e)).collect());
         let writes = t.writes;
         assert_eq!(r2.apply(&rules(MH), &mut t).unwrap().unchanged, 3);
         assert_eq!(t.writes, writes, "adopted rules are not rewritten");
@@ -2290,8 +2337,8 @@ pub mod tests {
             .unwrap();
         assert_eq!(rep.added, vec!["c"]);
         assert_eq!(rep.unchanged, 0, "the other rules are not even looked at");
-        // service + 2 endpoints + 1 selection chunk
-        assert_eq!(t.writes - writes, 4);
+        // service + 2 endpoints + 1 selection chunk + 2 endpoint index slots
+        assert_eq!(t.writes - writes, 6);
         assert!(bit_set(&t, ip("10.0.0.77")));
         // Remove rule a (10.0.0.1 and 10.0.0.2): 10.0.0.1 is still used by
         // c, the VIP by b and c.
@@ -2401,6 +2448,10 @@ pub mod tests {
         fn flush_sessions(&mut self, rule_id: u32) -> Result<usize> {
             self.step()?;
             self.inner.flush_sessions(rule_id)
+        }
+        fn put_ep_index(&mut self, slot: u32, e: EpIndex) -> Result<()> {
+            self.step()?;
+            self.inner.put_ep_index(slot, e)
         }
     }
 

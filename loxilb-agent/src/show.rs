@@ -238,11 +238,20 @@ pub fn session_rows(sessions: &[(CtKey, CtVal)], now_ns: u64) -> Vec<SessionRow>
                 client: sa(k.saddr, k.sport),
                 service: sa(k.daddr, k.dport),
                 // A DSR session is not translated: its endpoint is apart.
-                endpoint: sa(if v.has_peer() { v.xdaddr } else { v.dsr_ep }, v.xdport),
+                endpoint: sa(
+                    if v.mode == lb_mode::DSR || v.mode == lb_mode::DSR_IPIP {
+                        v.dsr_ep
+                    } else {
+                        v.xdaddr
+                    },
+                    v.xdport,
+                ),
                 state,
                 idle_s: now_ns.saturating_sub(last) / 1_000_000_000,
                 packets_in: v.packets,
-                packets_out: reply.map(|r| r.packets).unwrap_or(0),
+                // (A one-entry session counts its replies itself; 0 for
+                // DSR.)
+                packets_out: reply.map(|r| r.packets).unwrap_or(v.rpackets),
             }
         })
         .collect()
@@ -613,6 +622,18 @@ mod tests {
         };
         let rows = session_rows(&[(key, dsr)], 0);
         assert_eq!((rows[0].endpoint, rows[0].packets_out), (ep, 0));
+        // One entry for both directions (its replies found through the
+        // endpoint index).
+        let one = CtVal {
+            state: ct_state::ONE,
+            rpackets: 4,
+            ..fwd
+        };
+        let rows = session_rows(&[(key, one)], 0);
+        assert_eq!(
+            (rows[0].endpoint, rows[0].packets_in, rows[0].packets_out),
+            (ep, 3, 4)
+        );
         // The state, most telling first.
         use loxilb_common::ct_state as st;
         for (state, name) in [

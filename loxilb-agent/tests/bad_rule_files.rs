@@ -552,6 +552,10 @@ impl RuleTable for Table {
         self.writes += 1;
         Ok(0)
     }
+    fn put_ep_index(&mut self, _: u32, _: loxilb_common::EpIndex) -> Result<()> {
+        self.writes += 1;
+        Ok(())
+    }
 }
 
 fn installed(r: &Rules) -> Vec<Installed> {

@@ -8,12 +8,15 @@ use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use loxilb_common::{
-    ct_dir, ct_state, flow_hash, mix32, stat, Addr, CtKey, CtVal, CT_CLOSE_TIMEOUT_S, IPPROTO_SCTP,
-    IPPROTO_TCP,
+    addr_fold, ct_dir, ct_state, ep_index_slot, flow_hash, lb_mode, mix32, stat, Addr, CtKey,
+    CtVal, NextHop, CT_CLOSE_TIMEOUT_S, IPPROTO_SCTP, IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{count, ep_active_add, ep_stats, LB_CLOCK, LB_CT, LB_SCRATCH_CT, LB_SCRATCH_KEY},
+    fwd::{NO_EP, SESSION_EP},
+    maps::{
+        count, ep_active_add, ep_stats, LB_CLOCK, LB_CT, LB_EP_INDEX, LB_SCRATCH_CT, LB_SCRATCH_KEY,
+    },
     parse::{ptr_at, sctp_ev, Pkt},
 };
 
@@ -117,17 +120,156 @@ fn tcp_flags(p: &Pkt, end: usize) -> u8 {
 
 /// Outcome of looking a packet up in connection tracking.
 pub enum Ct {
-    /// Live session: translate to this tuple; `v` is the entry (its
-    /// next-hop cache is used by forwarding).
-    Hit { x: Xlate, v: *mut CtVal },
+    /// Live session: translate to this tuple; `v` is the entry, `nh` the
+    /// next-hop cache of the packet's direction, `ep` the endpoint slot
+    /// whose kept next hop forwarding may use (`fwd::NO_EP`: none; see
+    /// `fwd::forward`).
+    Hit {
+        x: Xlate,
+        v: *mut CtVal,
+        nh: *mut NextHop,
+        ep: u32,
+    },
     /// No live session (none, idle past its timeout, or a new SYN on a
     /// closed one).
     Miss,
 }
 
-/// Look the packet up and, on a hit, account it and advance TCP state.
+/// The endpoint index says endpoint (`addr`, `port`) serves the DNAT
+/// service `vip`:`vport` over `proto` (and is not draining): a session to
+/// it can have one entry (`ct_state::ONE`), its replies found through the
+/// index.
 #[inline(always)]
-pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
+pub fn indexed(addr: &Addr, port: u16, proto: u8, vip: &Addr, vport: u16) -> bool {
+    let Some(e) = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(addr), port, proto)) else {
+        return false;
+    };
+    unsafe {
+        (*e).proto == proto
+            && (*e).flags == 0
+            && (*e).port == port
+            && (*e).vport == vport
+            && (*e).addr == *addr
+            && (*e).vip == *vip
+    }
+}
+
+/// A reply to a one-entry session (`ct_state::ONE`): a packet from an
+/// endpoint in the index, to a client of the service it serves, whose
+/// session with that endpoint has one entry (keyed by client -> VIP, left
+/// in `LB_SCRATCH_KEY` slot 1: slot 0 is `peer_of`'s). Accounted and its TCP state advanced as `lookup`
+/// does; the entry, or null for anything else (the packet is then looked
+/// up by its own tuple).
+#[inline(always)]
+fn one_reply(p: &Pkt, end: usize, now: u64) -> *mut CtVal {
+    let none = core::ptr::null_mut();
+    let Some(e) = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(&p.saddr), p.sport, p.proto)) else {
+        return none;
+    };
+    let Some(fk) = LB_SCRATCH_KEY.get_ptr_mut(1) else {
+        return none;
+    };
+    unsafe {
+        if (*e).proto != p.proto || (*e).port != p.sport || (*e).addr != p.saddr {
+            return none;
+        }
+        crate::set_addr(&mut (*fk).saddr, &p.daddr);
+        crate::set_addr(&mut (*fk).daddr, &(*e).vip);
+        (*fk).sport = p.dport;
+        (*fk).dport = (*e).vport;
+        (*fk).proto = p.proto;
+        (*fk)._pad1 = 0;
+        (*fk)._pad2 = 0;
+        let key = &*fk;
+        let Some(v) = LB_CT.get_ptr_mut(key) else {
+            return none;
+        };
+        if (*v).state & ct_state::ONE == 0 || (*v).xdport != p.sport || (*v).xdaddr != p.saddr {
+            return none;
+        }
+        if over(key, v, now) {
+            end_session(key, v);
+            count(stat::CT_EXPIRED);
+            return none;
+        }
+        (*v).last_seen_ns = now;
+        (*v).rpackets += 1;
+        (*v).rbytes += p.l3_len as u64;
+        if let Some(es) = ep_stats((*v).ep_stat) {
+            (*es).packets += 1;
+            (*es).bytes += p.l3_len as u64;
+        }
+        let flags = tcp_flags(p, end);
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            tcp_close(key, v, flags, true);
+        }
+        v
+    }
+}
+
+/// The service (VIP, port) of the one-entry session (`ct_state::ONE`)
+/// between `client`:`cport` and endpoint `ep`:`eport` over `proto`, if
+/// there is one (what an ICMP error quoting a packet the session sent to
+/// its endpoint needs to be translated back).
+#[inline(always)]
+pub fn one_entry_service(
+    ep: &Addr,
+    eport: u16,
+    client: &Addr,
+    cport: u16,
+    proto: u8,
+) -> Option<(Addr, u16)> {
+    let e = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(ep), eport, proto))?;
+    let fk = LB_SCRATCH_KEY.get_ptr_mut(1)?;
+    unsafe {
+        if (*e).proto != proto || (*e).port != eport || (*e).addr != *ep {
+            return None;
+        }
+        let (vip, vport) = ((*e).vip, (*e).vport);
+        crate::set_addr(&mut (*fk).saddr, client);
+        crate::set_addr(&mut (*fk).daddr, &vip);
+        (*fk).sport = cport;
+        (*fk).dport = vport;
+        (*fk).proto = proto;
+        (*fk)._pad1 = 0;
+        (*fk)._pad2 = 0;
+        let v = LB_CT.get_ptr(&*fk)?;
+        if (*v).state & ct_state::ONE == 0 || (*v).xdport != eport || (*v).xdaddr != *ep {
+            return None;
+        }
+        Some((vip, vport))
+    }
+}
+
+/// Look the packet up and, on a hit, account it and advance TCP state.
+/// `one` (a constant): a reply may be to a one-entry session (IPv4 only: the IPv6
+/// programs have no verifier budget left for a second way to a session).
+#[inline(always)]
+pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64, one: bool) -> Ct {
+    let v = if one {
+        one_reply(p, end, now)
+    } else {
+        core::ptr::null_mut()
+    };
+    if !v.is_null() {
+        // Back from the client's VIP and port (its entry's key), to it.
+        let Some(fk) = LB_SCRATCH_KEY.get_ptr(1) else {
+            return Ct::Miss;
+        };
+        return unsafe {
+            Ct::Hit {
+                x: Xlate {
+                    xs: (*fk).daddr,
+                    xd: p.daddr,
+                    xsp: (*fk).dport,
+                    xdp: p.dport,
+                },
+                v,
+                nh: core::ptr::addr_of_mut!((*v).rnh),
+                ep: NO_EP,
+            }
+        };
+    }
     let Some(v) = LB_CT.get_ptr_mut(key) else {
         return Ct::Miss;
     };
@@ -156,7 +298,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
             (*v).state &= !opened;
         }
         if flags & (TCP_FIN | TCP_RST) != 0 {
-            tcp_close(key, v, flags);
+            tcp_close(key, v, flags, false);
         }
         Ct::Hit {
             x: Xlate {
@@ -166,17 +308,24 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64) -> Ct {
                 xdp: (*v).xdport,
             },
             v,
+            nh: core::ptr::addr_of_mut!((*v).nh),
+            // A packet toward the endpoint may use the next hop kept for it.
+            ep: SESSION_EP,
         }
     }
 }
 
 /// The key of the other direction of the session `key` -> `v` (as
 /// `CtKey::peer`: the translated tuple reversed; `None` for DSR), written
-/// to per-CPU scratch, valid until the next call.
+/// to per-CPU scratch, valid until the next call. A one-entry session
+/// (`ct_state::ONE`) gets one too, under which nothing is found: going by
+/// the mode alone, as the state bit would, keeps every caller's paths as
+/// few for the verifier (a branch on the bit here cost the IPv6
+/// programs 150k verified instructions).
 #[inline(always)]
 fn peer_of(key: &CtKey, v: *const CtVal) -> Option<*const CtKey> {
     let v = unsafe { &*v };
-    if !v.has_peer() {
+    if v.mode == lb_mode::DSR || v.mode == lb_mode::DSR_IPIP {
         return None;
     }
     let s = LB_SCRATCH_KEY.get_ptr_mut(0)?;
@@ -227,12 +376,19 @@ unsafe fn peer_idle(key: &CtKey, v: *const CtVal, now: u64) -> bool {
     }
 }
 
+/// A FIN or an RST on session entry `v` (`reply`: a one-entry session's
+/// reply, which its forward entry `v` accounts).
 #[inline(never)]
-fn tcp_close(key: &CtKey, v: *mut CtVal, flags: u8) {
+fn tcp_close(key: &CtKey, v: *mut CtVal, flags: u8, reply: bool) {
     unsafe {
-        let pv = match peer_of(key, v) {
-            Some(peer) => LB_CT.get_ptr_mut(&*peer),
-            None => None,
+        let pv = if (*v).state & ct_state::ONE != 0 {
+            // One entry holds both directions' state.
+            Some(v)
+        } else {
+            match peer_of(key, v) {
+                Some(peer) => LB_CT.get_ptr_mut(&*peer),
+                None => None,
+            }
         };
         let Some(pv) = pv else {
             // No reply entry (DSR: we see one direction only): a FIN or an
@@ -247,7 +403,7 @@ fn tcp_close(key: &CtKey, v: *mut CtVal, flags: u8) {
         let mut st = (*v).state | (*pv).state;
         if flags & TCP_RST != 0 {
             st |= ct_state::RST;
-        } else if (*v).dir == ct_dir::FORWARD {
+        } else if (*v).dir == ct_dir::FORWARD && !reply {
             st |= ct_state::FIN_FWD;
         } else {
             st |= ct_state::FIN_REPLY;
@@ -293,6 +449,9 @@ pub struct NewSession {
     /// (replies do not come back through us); `dsr_ep` is the endpoint
     /// (in the endpoint map).
     pub dsr: bool,
+    /// One entry (`ct_state::ONE`): the endpoint's replies find the
+    /// forward entry through the endpoint index, so no reply entry.
+    pub one: bool,
     pub dsr_ep: *const Addr,
     /// `ct_state::OPENING` for a session opened by a TCP SYN or an SCTP
     /// INIT ([`opens`]), else 0: both entries' first state.
@@ -356,7 +515,8 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*rv).ep_stat = n.ep_stat;
     }
     let rev_val = unsafe { &*rv };
-    if n.dsr {
+    let no_reply_entry = n.dsr || n.one;
+    if no_reply_entry {
         // no reply entry
     } else if n.snat {
         // The reply entry is the port's allocation record: the first free
@@ -408,7 +568,7 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*fv).packets = 1;
         (*fv).bytes = n.l3_len as u64;
         (*fv).dir = ct_dir::FORWARD;
-        (*fv).state = n.opening;
+        (*fv).state = n.opening | if n.one { ct_state::ONE } else { 0 };
         (*fv).mode = n.mode;
         (*fv).ep_stat = n.ep_stat;
         if n.dsr {
@@ -427,13 +587,13 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
                     xsp: (*v).xsport,
                     xdp: (*v).xdport,
                 };
-                if won != x && !n.dsr {
+                if won != x && !no_reply_entry {
                     let _ = LB_CT.remove(&rev);
                 }
                 Some(won)
             },
             None => {
-                if !n.dsr {
+                if !no_reply_entry {
                     let _ = LB_CT.remove(&rev);
                 }
                 count(stat::DROP_CT_FULL);

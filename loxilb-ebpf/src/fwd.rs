@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use loxilb_common::{
     cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, stat, v4_mapped, Addr, CtVal, EpNh,
-    NH_CACHE_NS,
+    NextHop, NH_CACHE_NS,
 };
 
 use crate::{
@@ -190,12 +190,22 @@ fn out<C: PktCtx>(ctx: &C, ifindex: u32) -> Verdict {
     }
 }
 
-/// The session's cached next hop, if still fresh.
+/// The next hop cache of session entry `ct` (null for null).
 #[inline(always)]
-fn cached(ct: *mut CtVal, now: u64) -> Option<(u32, [u16; 6])> {
+fn nh_of(ct: *mut CtVal) -> *mut NextHop {
+    if ct.is_null() {
+        core::ptr::null_mut()
+    } else {
+        unsafe { core::ptr::addr_of_mut!((*ct).nh) }
+    }
+}
+
+/// The session's cached next hop `nh`, if still fresh.
+#[inline(always)]
+fn cached(nh: *mut NextHop, now: u64) -> Option<(u32, [u16; 6])> {
     unsafe {
-        if !ct.is_null() && (*ct).nh_ifindex != 0 && now < (*ct).nh_expiry_ns {
-            Some(((*ct).nh_ifindex, (*ct).nh_macs))
+        if !nh.is_null() && (*nh).ifindex != 0 && now < (*nh).expiry_ns {
+            Some(((*nh).ifindex, (*nh).macs))
         } else {
             None
         }
@@ -203,12 +213,12 @@ fn cached(ct: *mut CtVal, now: u64) -> Option<(u32, [u16; 6])> {
 }
 
 #[inline(always)]
-fn remember(ct: *mut CtVal, now: u64, ifindex: u32, macs: [u16; 6]) {
-    if !ct.is_null() {
+fn remember(nh: *mut NextHop, now: u64, ifindex: u32, macs: [u16; 6]) {
+    if !nh.is_null() {
         unsafe {
-            (*ct).nh_ifindex = ifindex;
-            (*ct).nh_macs = macs;
-            (*ct).nh_expiry_ns = now + NH_CACHE_NS;
+            (*nh).ifindex = ifindex;
+            (*nh).macs = macs;
+            (*nh).expiry_ns = now + NH_CACHE_NS;
         }
     }
 }
@@ -302,13 +312,22 @@ pub const NO_EP: u32 = u32::MAX;
 /// packet toward the endpoint).
 pub const SESSION_EP: u32 = u32::MAX - 1;
 
-/// Forward a translated packet. `ct` is the session entry of this
-/// direction (its next-hop cache; null for a new session's first packet:
-/// the session's next packet fills it), `ep` the endpoint slot whose kept next hop may be used
-/// when `ct` has none (`SESSION_EP`: `ct`'s own; `NO_EP`: none), `now`
-/// the current coarse monotonic time (ns).
+/// Forward a translated packet. `ct` is the session entry (null for a new
+/// session's first packet: the session's next packet fills its cache),
+/// `nh` the next-hop cache of the packet's direction in it (`ct`'s `nh`,
+/// or a one-entry session's reply `rnh`; null with `ct`), `ep` the
+/// endpoint slot whose kept next hop may be used when `nh` has none
+/// (`SESSION_EP`: `ct`'s own; `NO_EP`: none), `now` the current coarse
+/// monotonic time (ns).
 #[inline(always)]
-pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -> Verdict {
+pub fn forward<C: PktCtx>(
+    ctx: &C,
+    p: &Pkt,
+    ct: *mut CtVal,
+    nh: *mut NextHop,
+    ep: u32,
+    now: u64,
+) -> Verdict {
     let flags = cfg();
     if flags & cfg_flags::FORWARD_VIA_STACK != 0 || p.vlan {
         count(stat::FWD_STACK);
@@ -355,7 +374,7 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
             return Verdict::Pass;
         }
         let mut per_ep = NO_EP;
-        let (ifindex, macs) = match cached(ct, now) {
+        let (ifindex, macs) = match cached(nh, now) {
             Some(nh) => nh,
             None => match if ep_slot(ct, ep, flags, &mut per_ep) {
                 ep_cached(per_ep, &dst, ctx.ifindex(), tot_len, now, 0)
@@ -363,14 +382,14 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
                 None
             } {
                 Some((ifindex, macs)) => {
-                    remember(ct, now, ifindex, macs);
+                    remember(nh, now, ifindex, macs);
                     (ifindex, macs)
                 }
                 None => {
                     let f = fib(ctx, p, tot_len, &src, &dst, 0);
                     if f.rc != RET_SUCCESS {
-                        if !ct.is_null() {
-                            (*ct).nh_ifindex = 0;
+                        if !nh.is_null() {
+                            (*nh).ifindex = 0;
                         }
                         count(stat::FWD_STACK);
                         return Verdict::Pass;
@@ -379,13 +398,13 @@ pub fn forward<C: PktCtx>(ctx: &C, p: &Pkt, ct: *mut CtVal, ep: u32, now: u64) -
                         // Not cached: the next packet asks again, so a device
                         // that becomes a redirect target is used within a
                         // packet.
-                        if !ct.is_null() {
-                            (*ct).nh_ifindex = 0;
+                        if !nh.is_null() {
+                            (*nh).ifindex = 0;
                         }
                         count(stat::FWD_STACK_DEVICE);
                         return Verdict::Pass;
                     }
-                    remember(ct, now, f.ifindex, f.macs);
+                    remember(nh, now, f.ifindex, f.macs);
                     if per_ep != NO_EP {
                         ep_remember(per_ep, &dst, ctx.ifindex(), tot_len, now, &f);
                     }
@@ -451,12 +470,12 @@ pub fn forward_dsr<C: PktCtx>(
     let tos = h[1];
     // (`cached` is None for a null `ct`.)
     let mut per_ep = NO_EP;
-    let kept = match cached(ct, now) {
+    let kept = match cached(nh_of(ct), now) {
         Some((i, m)) => Some((i, m, unsafe { (*ct).encap_src })),
         None if !ipip && ep_slot(ct, slot, cfg(), &mut per_ep) => {
             match ep_cached(per_ep, ep, ctx.ifindex(), tot_len, now, ep_nh_flags::DIRECT) {
                 Some((i, m)) => {
-                    remember(ct, now, i, m);
+                    remember(nh_of(ct), now, i, m);
                     Some((i, m, [0; 4]))
                 }
                 None => None,
@@ -517,7 +536,7 @@ pub fn forward_dsr<C: PktCtx>(
                 count(stat::DROP_DSR_NO_REDIRECT);
                 return Verdict::Drop;
             }
-            remember(ct, now, f.ifindex, f.macs);
+            remember(nh_of(ct), now, f.ifindex, f.macs);
             if !ct.is_null() {
                 unsafe { (*ct).encap_src = f.src };
             }

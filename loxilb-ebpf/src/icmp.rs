@@ -151,14 +151,24 @@ pub fn translate_error(end: usize, p: &Icmp) -> bool {
             _pad1: 0,
             _pad2: 0,
         };
-        let Some(e) = LB_CT.get_ptr(&key) else {
-            return false;
+        let (ns, nd, nsp, ndp) = match LB_CT.get_ptr(&key) {
+            Some(e) => {
+                // IPv4 sessions only (a NAT64 session's errors are not
+                // translated).
+                if !is_v4(&(*e).xdaddr) {
+                    return false;
+                }
+                ((*e).xdaddr[3], (*e).xsaddr[3], (*e).xdport, (*e).xsport)
+            }
+            // No reply entry: a packet a one-entry session sent to its
+            // endpoint, whose original view is client -> service.
+            None => match crate::conntrack::one_entry_service(
+                &key.saddr, key.sport, &key.daddr, key.dport, proto,
+            ) {
+                Some((vip, vport)) if is_v4(&vip) => (ins, vip[3], isp, vport),
+                _ => return false,
+            },
         };
-        // IPv4 sessions only (a NAT64 session's errors are not translated).
-        if !is_v4(&(*e).xdaddr) {
-            return false;
-        }
-        let (ns, nd, nsp, ndp) = ((*e).xdaddr[3], (*e).xsaddr[3], (*e).xdport, (*e).xsport);
         let Some(outer) = ptr_at::<[u8; 20]>(p.ip, end, 0) else {
             return false;
         };

@@ -63,7 +63,14 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
         sctp: 0,
         l4_len: 0,
     };
-    fwd::forward(ctx, &p, core::ptr::null_mut(), fwd::NO_EP, 0)
+    fwd::forward(
+        ctx,
+        &p,
+        core::ptr::null_mut(),
+        core::ptr::null_mut(),
+        fwd::NO_EP,
+        0,
+    )
 }
 
 /// ICMPv6 arriving on an interface: echo to a VIP answered, errors about
@@ -93,7 +100,14 @@ fn icmp6_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp6) -> Verdict {
         sctp: 0,
         l4_len: 0,
     };
-    fwd::forward(ctx, &p, core::ptr::null_mut(), fwd::NO_EP, 0)
+    fwd::forward(
+        ctx,
+        &p,
+        core::ptr::null_mut(),
+        core::ptr::null_mut(),
+        fwd::NO_EP,
+        0,
+    )
 }
 
 /// The egress side (TC): only ICMP errors the node itself generates about
@@ -165,7 +179,8 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     }
     let key = conntrack::key_of(&p);
     let now = conntrack::now_ns();
-    if let Ct::Hit { x, v } = conntrack::lookup(&p, end, &key, now) {
+    // (`!V6`: one-entry sessions are IPv4: see `conntrack::lookup`.)
+    if let Ct::Hit { x, v, nh, ep } = conntrack::lookup(&p, end, &key, now, !V6) {
         count(stat::CT_HIT);
         if let Some(rs) = rule_stats(unsafe { (*v).rule_id }) {
             unsafe {
@@ -192,7 +207,7 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             // only if it is not loaded).
             ctx.tail_call(if V6 { JMP_SCTP6 } else { JMP_SCTP4 });
         }
-        return translate_and_forward(ctx, &p, &x, v, fwd::SESSION_EP, now);
+        return translate_and_forward(ctx, &p, &x, v, nh, ep, now);
     }
     // No live session: the new-flow program takes it from here.
     ctx.tail_call(if V6 { JMP_NEW6 } else { JMP_NEW4 });
@@ -375,6 +390,13 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
             xdp: ep_port,
         }
     };
+    // One entry if the endpoint's replies can find it (IPv4 DNAT; SCTP
+    // multihoming keeps its paths' entries).
+    let one = mode == lb_mode::DEFAULT
+        && !p.v6
+        && v4
+        && p.proto != loxilb_common::IPPROTO_SCTP
+        && conntrack::indexed(ep_addr, ep_port, p.proto, &p.daddr, p.dport);
     let n = NewSession {
         rule_id,
         timeout_s,
@@ -386,6 +408,7 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         port_lo,
         port_hi,
         dsr,
+        one,
         dsr_ep: ep_addr,
         opening: conntrack::opens(p, ctx.data_end()),
     };
@@ -418,7 +441,15 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     // The new entry is not read back to cache the next hop in it: the
     // session's next packet does that (from the next hop kept per
     // endpoint, or with a FIB lookup when the routing is not plain).
-    translate_and_forward(ctx, p, &x, core::ptr::null_mut(), ep_stat, now)
+    translate_and_forward(
+        ctx,
+        p,
+        &x,
+        core::ptr::null_mut(),
+        core::ptr::null_mut(),
+        ep_stat,
+        now,
+    )
 }
 
 /// The SCTP program (tail-called on an INIT, INIT-ACK, ABORT or SHUTDOWN
@@ -474,17 +505,26 @@ pub fn process_sctp<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
             sctp::begin(ctx, &p, end, v, now);
         }
     }
-    translate_and_forward(ctx, &p, &x, v, fwd::NO_EP, now)
+    translate_and_forward(
+        ctx,
+        &p,
+        &x,
+        v,
+        unsafe { core::ptr::addr_of_mut!((*v).nh) },
+        fwd::NO_EP,
+        now,
+    )
 }
 
 /// Rewrite `p` to `x` (across families for NAT64 sessions) and forward it
-/// (`ep`: see [`fwd::forward`]).
+/// (`v`, `nh`, `ep`: see [`fwd::forward`]).
 #[inline(always)]
 fn translate_and_forward<C: PktCtx>(
     ctx: &C,
     p: &parse::Pkt,
     x: &Xlate,
     v: *mut loxilb_common::CtVal,
+    nh: *mut loxilb_common::NextHop,
     ep: u32,
     now: u64,
 ) -> Verdict {
@@ -495,12 +535,12 @@ fn translate_and_forward<C: PktCtx>(
             nat64::to_v6(ctx, p, x)
         };
         return match q {
-            Some(q) => fwd::forward(ctx, &q, v, ep, now),
+            Some(q) => fwd::forward(ctx, &q, v, nh, ep, now),
             None => Verdict::Drop,
         };
     }
     if !nat::rewrite(p, ctx.data_end(), x) {
         return Verdict::Pass;
     }
-    fwd::forward(ctx, p, v, ep, now)
+    fwd::forward(ctx, p, v, nh, ep, now)
 }

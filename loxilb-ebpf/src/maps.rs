@@ -7,10 +7,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use loxilb_common::{
-    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpKey, EpNh,
-    EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SrcRangeData, SvcKey,
-    SvcVal, ADDR_FILTER_WORDS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS, MAX_EP_STATS,
-    MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    stat, Addr, AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpIndex, EpKey,
+    EpNh, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SrcRangeData, SvcKey,
+    SvcVal, ADDR_FILTER_WORDS, EP_INDEX_SLOTS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS,
+    MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -98,6 +98,11 @@ pub static LB_EP_ACTIVE: Array<u64, { MAX_EP_STATS as usize }> = Array::new();
 #[btf_map]
 pub static LB_EP_NH: Array<EpNh, { MAX_EP_STATS as usize }> = Array::new();
 
+/// The endpoint index (`loxilb_common::EpIndex`, written by the agent):
+/// an array, so the lookup every service packet makes is inlined.
+#[btf_map]
+pub static LB_EP_INDEX: Array<EpIndex, { EP_INDEX_SLOTS as usize }> = Array::new();
+
 /// Each endpoint by its slot (`EpVal::stat_idx`), written by the agent with
 /// the rule's endpoint bank (`LB_ENDPOINTS`, its record of each bank in
 /// order); the selection table's entries are these slots, so picking an
@@ -159,11 +164,13 @@ pub static LB_NEW_FLOW_TAT: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map]
 pub static LB_SCRATCH_CT: PerCpuArray<CtVal, 2> = PerCpuArray::new();
 
-/// Per-CPU scratch for the key of a session's other direction, derived
-/// from its entry (`conntrack::peer_of`): 40 bytes the new-flow programs'
-/// full stacks have no room for. Not pinned.
+/// Per-CPU scratch for conntrack keys: slot 0 the key of a session's
+/// other direction, derived from its entry (`conntrack::peer_of`), slot 1
+/// a one-entry session's key found from its reply (`conntrack::one_reply`):
+/// 40 bytes each that the programs' full stacks have no room for. Not
+/// pinned.
 #[btf_map]
-pub static LB_SCRATCH_KEY: PerCpuArray<CtKey, 1> = PerCpuArray::new();
+pub static LB_SCRATCH_KEY: PerCpuArray<CtKey, 2> = PerCpuArray::new();
 
 /// Per-CPU scratch the IPv6 parser passes its L4 offset through (see
 /// `parse::parse6`).

@@ -138,12 +138,15 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
             state: r.state,
             mode: r.mode,
             _pad1: 0,
-            nh_ifindex: 0,
-            nh_macs: [0; 6],
             ep_stat,
-            nh_expiry_ns: 0,
+            nh: Default::default(),
             dsr_ep: r.dsr_ep,
             encap_src: [0; 4],
+            // (A one-entry session's reply counters do not travel: the
+            // receiver counts from zero.)
+            rpackets: 0,
+            rbytes: 0,
+            rnh: Default::default(),
         },
     ))
 }
@@ -183,7 +186,7 @@ pub fn import_assoc(r: &AssocRecord, idx: &ReceiverIndex) -> Result<(AssocKey, A
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use loxilb_common::{addr_from_ip, ct_dir, IPPROTO_TCP};
+    use loxilb_common::{addr_from_ip, ct_dir, NextHop, IPPROTO_TCP};
 
     pub fn a(s: &str) -> Addr {
         addr_from_ip(s.parse().unwrap())
@@ -251,9 +254,11 @@ pub(crate) mod tests {
             ep_stat,
             timeout_s: 300,
             last_seen_ns: now,
-            nh_ifindex: 7,
-            nh_macs: [1, 2, 3, 4, 5, 6],
-            nh_expiry_ns: now + 1_000_000_000,
+            nh: NextHop {
+                ifindex: 7,
+                macs: [1, 2, 3, 4, 5, 6],
+                expiry_ns: now + 1_000_000_000,
+            },
             encap_src: a("10.9.9.9"),
             packets: 3,
             bytes: 180,
@@ -308,18 +313,13 @@ pub(crate) mod tests {
             assert_eq!(v2.rule_id, 4);
             assert_eq!(v2.ep_stat, 9);
             assert_eq!(v2.last_seen_ns, 998_000);
-            assert_eq!(
-                (v2.nh_ifindex, v2.nh_macs, v2.nh_expiry_ns, v2.encap_src),
-                (0, [0; 6], 0, [0; 4])
-            );
+            assert_eq!((v2.nh, v2.encap_src), (NextHop::default(), [0; 4]));
             // Everything else as on the sender.
             let same = CtVal {
                 rule_id: v.rule_id,
                 ep_stat: v.ep_stat,
                 last_seen_ns: v.last_seen_ns,
-                nh_ifindex: v.nh_ifindex,
-                nh_macs: v.nh_macs,
-                nh_expiry_ns: v.nh_expiry_ns,
+                nh: v.nh,
                 encap_src: v.encap_src,
                 ..v2
             };

@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 13;
+pub const LAYOUT_VERSION: u32 = 14;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -59,11 +59,16 @@ pub mod map_names {
     /// Each endpoint by its slot (`EpVal::stat_idx`): what the selection
     /// table's entries point at ([`crate::SelChunk`]).
     pub const EP_SLOTS: &str = "LB_EP_SLOTS";
+    /// The endpoint index ([`crate::EpIndex`], at
+    /// [`crate::ep_index_slot`]): the DNAT service each indexed endpoint
+    /// serves, through which its replies find one-entry sessions
+    /// ([`crate::ct_state::ONE`]).
+    pub const EP_INDEX: &str = "LB_EP_INDEX";
     /// The datapath's clock ([`crate::Clock`]): not pinned, calibrated by
     /// the agent after every load (its programs are the ones reading it).
     pub const CLOCK: &str = "LB_CLOCK";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -84,6 +89,7 @@ pub mod map_names {
         DEV_FWD,
         EP_NH,
         EP_SLOTS,
+        EP_INDEX,
     ];
 }
 
@@ -400,9 +406,8 @@ pub const EP_INDEX_SLOTS: u32 = 65_536;
 /// The slot of endpoint (`addr`, `port`, `proto`) (`addr` folded by
 /// [`addr_fold`], `port` in network order) in a direct-mapped endpoint
 /// index of `EP_INDEX_SLOTS` slots: what a reply packet, from an endpoint,
-/// would read to find its session's forward entry if a session had one
-/// entry. Used by the bench's one-entry reference (`ref_xdp_dnat_one`)
-/// and by the bench, which fills the index.
+/// reads to find its one-entry session's forward entry
+/// ([`ct_state::ONE`], [`EpIndex`]).
 pub const fn ep_index_slot(addr: u32, port: u16, proto: u8) -> u32 {
     mix32(addr ^ ((port as u32) << 8) ^ proto as u32) & (EP_INDEX_SLOTS - 1)
 }
@@ -619,6 +624,13 @@ pub mod ct_state {
     /// `timeout_s` alone: one branch fewer on every packet's path, and a
     /// flood's tuples never come back for it to matter).
     pub const OPENING: u8 = 32;
+    /// The session has one entry, the forward one (a DNAT session whose
+    /// endpoint is in the endpoint index for the session's VIP and port):
+    /// the endpoint's replies find it through the index
+    /// ([`crate::EpIndex`]), and it holds both directions' state, the
+    /// reply direction's counters (`rpackets`, `rbytes`) and next hop
+    /// (`rnh`). [`CtVal::has_peer`] is false.
+    pub const ONE: u8 = 64;
 }
 
 /// How long a TCP session lingers after both FINs or an RST, seconds.
@@ -670,20 +682,59 @@ pub struct CtVal {
     /// `lb_mode::*` the session was created with.
     pub mode: u8,
     pub _pad1: u8,
-    /// Cached next hop for this direction (from `bpf_fib_lookup`):
-    /// egress ifindex (0 = none cached) ...
-    pub nh_ifindex: u32,
-    /// ... destination then source MAC, as 16-bit words ...
-    pub nh_macs: [u16; 6],
     /// The endpoint's counter index (`EpVal::stat_idx`).
     pub ep_stat: u32,
-    /// ... and when it must be looked up again (the datapath clock, [`Clock`]).
-    pub nh_expiry_ns: u64,
+    /// Cached next hop for this direction (from `bpf_fib_lookup`).
+    pub nh: NextHop,
     /// DSR sessions: the endpoint the frame goes to (the packet itself is
     /// not translated). All zero otherwise.
     pub dsr_ep: Addr,
     /// IPIP DSR: the outer source address (cached with the next hop).
     pub encap_src: Addr,
+    /// One-entry sessions ([`ct_state::ONE`]): the reply direction's
+    /// packets and bytes, and its cached next hop (toward the client).
+    /// Zero otherwise.
+    pub rpackets: u64,
+    pub rbytes: u64,
+    pub rnh: NextHop,
+}
+
+/// A cached next hop (from `bpf_fib_lookup`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress ifindex (0 = none cached).
+    pub ifindex: u32,
+    /// Destination then source MAC, as 16-bit words.
+    pub macs: [u16; 6],
+    /// When it must be looked up again (the datapath clock, [`Clock`]).
+    pub expiry_ns: u64,
+}
+
+/// An endpoint index slot (`map_names::EP_INDEX`, at [`ep_index_slot`]):
+/// the endpoint (`addr`, `port`, `proto`; network order) serves the DNAT
+/// service `vip`:`vport`, and nothing else that could claim its replies.
+/// `proto` 0: an empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpIndex {
+    pub addr: Addr,
+    pub vip: Addr,
+    pub port: u16,
+    pub vport: u16,
+    pub proto: u8,
+    /// `ep_index_flags::*`.
+    pub flags: u8,
+    pub _pad2: u16,
+}
+
+/// `EpIndex::flags` bits.
+pub mod ep_index_flags {
+    /// The endpoint no longer serves only this service (it left the rule,
+    /// or another rule took it too): its live one-entry sessions still
+    /// find their replies through the slot, new sessions to it have two
+    /// entries. The agent empties the slot once no session needs it.
+    pub const DRAINING: u8 = 1;
 }
 
 impl CtKey {
@@ -725,7 +776,9 @@ impl CtVal {
     /// way, into per-CPU scratch rather than onto its stack).
     #[inline(always)]
     pub const fn has_peer(&self) -> bool {
-        self.mode != lb_mode::DSR && self.mode != lb_mode::DSR_IPIP
+        self.mode != lb_mode::DSR
+            && self.mode != lb_mode::DSR_IPIP
+            && self.state & ct_state::ONE == 0
     }
 }
 
@@ -1127,12 +1180,27 @@ no_implicit_padding!(CtVal {
     state: u8,
     mode: u8,
     _pad1: u8,
-    nh_ifindex: u32,
-    nh_macs: [u16; 6],
     ep_stat: u32,
-    nh_expiry_ns: u64,
+    nh: NextHop,
     dsr_ep: Addr,
     encap_src: Addr,
+    rpackets: u64,
+    rbytes: u64,
+    rnh: NextHop,
+});
+no_implicit_padding!(NextHop {
+    ifindex: u32,
+    macs: [u16; 6],
+    expiry_ns: u64,
+});
+no_implicit_padding!(EpIndex {
+    addr: Addr,
+    vip: Addr,
+    port: u16,
+    vport: u16,
+    proto: u8,
+    flags: u8,
+    _pad2: u16,
 });
 no_implicit_padding!(GlobalCfg {
     layout_version: u32,
@@ -1244,10 +1312,12 @@ const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 32);
 const _: () = assert!(size_of::<CtKey>() == 40);
-const _: () = assert!(size_of::<CtVal>() == 136);
+const _: () = assert!(size_of::<CtVal>() == 176);
 const _: () = assert!(core::mem::offset_of!(CtVal, last_seen_ns) == 48);
-const _: () = assert!(core::mem::offset_of!(CtVal, nh_ifindex) == 76);
-const _: () = assert!(core::mem::offset_of!(CtVal, nh_expiry_ns) == 96);
+const _: () = assert!(core::mem::offset_of!(CtVal, nh) == 80);
+const _: () = assert!(core::mem::offset_of!(CtVal, rnh) == 152);
+const _: () = assert!(size_of::<NextHop>() == 24);
+const _: () = assert!(size_of::<EpIndex>() == 40);
 const _: () = assert!(size_of::<GlobalCfg>() == 40);
 const _: () = assert!(size_of::<RuleVips>() == 72);
 const _: () = assert!(size_of::<SctpWalk>() == 56);
@@ -1266,6 +1336,7 @@ mod user {
     unsafe impl aya::Pod for EpVal {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtVal {}
+    unsafe impl aya::Pod for EpIndex {}
     unsafe impl aya::Pod for GlobalCfg {}
     unsafe impl aya::Pod for SelChunk {}
     unsafe impl aya::Pod for AffKey {}

@@ -36,6 +36,20 @@ fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
     fib::with_datapath(tag, RULES, f)
 }
 
+/// Empty the endpoint index slots of rule web's endpoints: its new
+/// sessions then have two entries, a forward and a reply one (what the
+/// sessions of endpoints two services share, and of the NAT modes, have).
+fn unindex_web(dp: &mut Datapath) {
+    for ep in ["10.0.1.10", "10.0.1.11"] {
+        let slot = loxilb_common::ep_index_slot(
+            loxilb_common::addr_fold(&a(ep)),
+            8080u16.to_be(),
+            loxilb_common::IPPROTO_TCP,
+        );
+        loxilb_agent::rules::RuleTable::put_ep_index(dp, slot, Default::default()).unwrap();
+    }
+}
+
 #[test]
 fn dnat_table_tcp_session_and_non_service() {
     if !need_root("dnat_table_tcp_session_and_non_service") {
@@ -129,9 +143,13 @@ fn dnat_table_tcp_session_and_non_service() {
         assert_eq!(stats["new_session"], 4);
         assert_eq!(stats["drop_no_endpoint"], 1);
         assert!(stats["ct_hit"] >= 2);
-        // both directions of each session are in the table
+        // One entry per session: web's endpoints serve it alone, so the
+        // agent indexed them (replies found through the index).
         let s = dp.sessions().unwrap();
-        assert_eq!(s.len(), 8, "{s:?}");
+        assert_eq!(s.len(), 4, "{s:?}");
+        assert!(s
+            .iter()
+            .all(|(_, v)| v.state & loxilb_common::ct_state::ONE != 0));
     });
 }
 
@@ -308,6 +326,7 @@ fn tcp_fin_and_rst_shorten_the_session() {
         return;
     }
     with_datapath("fin", |dp| {
+        unindex_web(dp);
         let syn = Frame::tcp("192.168.0.2", 42000, "20.0.0.100", 80, SYN);
         run_xdp(dp, &syn.bytes());
         let fin = Frame::tcp("192.168.0.2", 42000, "20.0.0.100", 80, FIN | ACK);
@@ -422,6 +441,7 @@ fn a_half_open_session_lives_a_minute_until_the_client_acknowledges() {
     }
     use loxilb_common::{ct_state::OPENING, CT_OPENING_TIMEOUT_S};
     with_datapath("opening", |dp| {
+        unindex_web(dp);
         let states = |dp: &mut loxilb_agent::datapath::Datapath, sport: u16| {
             let s = dp.sessions().unwrap();
             let mine: Vec<_> = s
@@ -508,6 +528,7 @@ fn idle_session_expires_and_is_replaced() {
         return;
     }
     with_datapath("idle", |dp| {
+        unindex_web(dp);
         let syn = Frame::tcp("192.168.0.2", 43000, "20.0.0.100", 80, SYN);
         run_xdp(dp, &syn.bytes());
         // Age the session past its timeout by rewriting its timestamps.
@@ -531,6 +552,178 @@ fn idle_session_expires_and_is_replaced() {
             old_ep, new_ep,
             "a new session is balanced afresh (round-robin moved on)"
         );
+    });
+}
+
+/// The agent indexed rule web's endpoints (both on 8080/TCP, serving it
+/// alone) for its VIP and port.
+fn assert_web_indexed(dp: &Datapath) {
+    let ix = dp.ep_index().unwrap();
+    for ep in ["10.0.1.10", "10.0.1.11"] {
+        let want = loxilb_common::EpIndex {
+            addr: a(ep),
+            vip: a("20.0.0.100"),
+            port: 8080u16.to_be(),
+            vport: 80u16.to_be(),
+            proto: loxilb_common::IPPROTO_TCP,
+            ..Default::default()
+        };
+        assert!(
+            ix.iter().any(|(_, e)| *e == want),
+            "{ep} not indexed: {ix:?}"
+        );
+    }
+}
+
+fn a(s: &str) -> loxilb_common::Addr {
+    loxilb_common::addr_from_ip(s.parse().unwrap())
+}
+
+#[test]
+fn a_dnat_session_to_an_indexed_endpoint_has_one_entry() {
+    if !need_root("a_dnat_session_to_an_indexed_endpoint_has_one_entry") {
+        return;
+    }
+    with_datapath("one", |dp| {
+        use loxilb_common::ct_state as st;
+        assert_web_indexed(dp);
+        let syn = Frame::tcp("192.168.0.2", 46000, "20.0.0.100", 80, SYN);
+        let synack = Frame::tcp("10.0.1.10", 8080, "192.168.0.2", 46000, SYN | ACK);
+        let ack = Frame::tcp("192.168.0.2", 46000, "20.0.0.100", 80, ACK);
+        // From the session's other endpoint: not a reply of this session.
+        let stray = Frame::tcp("10.0.1.11", 8080, "192.168.0.2", 46000, ACK);
+        check(
+            dp,
+            vec![
+                Case {
+                    name: "SYN: DNAT to the first endpoint",
+                    input: syn.bytes(),
+                    expected: syn
+                        .with("192.168.0.2", 46000, "10.0.1.10", 8080)
+                        .routed(LB_TO_EP_MAC, EP1_MAC)
+                        .bytes(),
+                    verdict: XDP_REDIRECT,
+                },
+                Case {
+                    name: "SYN-ACK found through the index, back from the VIP",
+                    input: synack.bytes(),
+                    expected: synack
+                        .with("20.0.0.100", 80, "192.168.0.2", 46000)
+                        .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+                        .bytes(),
+                    verdict: XDP_REDIRECT,
+                },
+                Case {
+                    name: "the client's ACK keeps its endpoint",
+                    input: ack.bytes(),
+                    expected: ack
+                        .with("192.168.0.2", 46000, "10.0.1.10", 8080)
+                        .routed(LB_TO_EP_MAC, EP1_MAC)
+                        .bytes(),
+                    verdict: XDP_REDIRECT,
+                },
+                Case {
+                    name: "the other endpoint's packet to the client untouched",
+                    input: stray.bytes(),
+                    expected: stray.bytes(),
+                    verdict: XDP_PASS,
+                },
+            ],
+        );
+        let s = dp.sessions().unwrap();
+        assert_eq!(s.len(), 1, "one entry for the session: {s:?}");
+        let (k, v) = s[0];
+        assert_eq!(
+            (u16::from_be(k.sport), k.daddr, v.state),
+            (46000, a("20.0.0.100"), st::ONE),
+            "the forward entry, marked, its handshake completed by the ACK"
+        );
+        assert_eq!((v.packets, v.rpackets), (2, 1));
+        assert!(!v.has_peer());
+        // The same reply through the TC hook.
+        let (verdict, out) = run_tc(dp, &synack.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "tc verdict");
+        expect_frame(
+            "TC reply",
+            &out,
+            &synack
+                .with("20.0.0.100", 80, "192.168.0.2", 46000)
+                .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+                .bytes(),
+        );
+        // Both FINs close it, one from each side.
+        run_xdp(
+            dp,
+            &Frame::tcp("192.168.0.2", 46000, "20.0.0.100", 80, FIN | ACK).bytes(),
+        );
+        let v = dp.sessions().unwrap()[0].1;
+        assert_eq!(
+            v.timeout_s,
+            loxilb_model::DEFAULT_TIMEOUT_S,
+            "one FIN is not a close"
+        );
+        assert_eq!(v.state, st::ONE | st::FIN_FWD);
+        let rfin = Frame::tcp("10.0.1.10", 8080, "192.168.0.2", 46000, FIN | ACK);
+        let (verdict, _) = run_xdp(dp, &rfin.bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let v = dp.sessions().unwrap()[0].1;
+        assert_eq!(
+            v.timeout_s,
+            loxilb_common::CT_CLOSE_TIMEOUT_S,
+            "both FINs: closing"
+        );
+        assert_eq!(
+            v.state & (st::FIN_FWD | st::FIN_REPLY | st::CLOSING),
+            st::FIN_FWD | st::FIN_REPLY | st::CLOSING
+        );
+        // Idle past its timeout: the agent's expiry removes it, and a reply
+        // then finds no session.
+        let stats: std::collections::HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        let (gone, _) = dp
+            .expire_idle(loxilb_tests::coarse_now_ns() + 3_600_000_000_000)
+            .unwrap();
+        assert_eq!(gone, 1);
+        let (verdict, out) = run_xdp(dp, &rfin.bytes());
+        assert_eq!((verdict, out), (XDP_PASS, rfin.bytes()));
+        assert_eq!(stats["new_session"], 1);
+        // A session of a rule whose endpoint is not indexed has two.
+        let dns_slot = loxilb_common::ep_index_slot(
+            loxilb_common::addr_fold(&a("10.0.1.10")),
+            5353u16.to_be(),
+            loxilb_common::IPPROTO_UDP,
+        );
+        loxilb_agent::rules::RuleTable::put_ep_index(dp, dns_slot, Default::default()).unwrap();
+        let u = Frame::udp("192.168.0.2", 5000, "20.0.0.100", 53);
+        assert_eq!(run_xdp(dp, &u.bytes()).0, XDP_REDIRECT);
+        assert_eq!(dp.sessions().unwrap().len(), 2);
+    });
+}
+
+#[test]
+fn a_one_entry_session_expires_in_the_datapath_and_is_replaced() {
+    if !need_root("a_one_entry_session_expires_in_the_datapath_and_is_replaced") {
+        return;
+    }
+    with_datapath("one-idle", |dp| {
+        assert_web_indexed(dp);
+        let syn = Frame::tcp("192.168.0.2", 46100, "20.0.0.100", 80, SYN);
+        run_xdp(dp, &syn.bytes());
+        let s = dp.sessions().unwrap();
+        assert_eq!(s.len(), 1);
+        let (k, mut v) = s[0];
+        let ep = loxilb_common::ip_from_addr(&v.xdaddr).to_string();
+        v.last_seen_ns = 1;
+        v.timeout_s = 1;
+        dp.insert_session(k, v).unwrap();
+        // The endpoint's late reply ends it and is not translated.
+        let late = Frame::tcp(&ep, 8080, "192.168.0.2", 46100, ACK);
+        assert_eq!(run_xdp(dp, &late.bytes()), (XDP_PASS, late.bytes()));
+        let stats: std::collections::HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
+        assert_eq!(stats["ct_expired"], 1);
+        assert!(dp.sessions().unwrap().is_empty());
+        // The client's next packet starts a new session.
+        assert_eq!(run_xdp(dp, &syn.bytes()).0, XDP_REDIRECT);
+        assert_eq!(dp.sessions().unwrap().len(), 1);
     });
 }
 
