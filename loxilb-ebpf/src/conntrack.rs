@@ -154,43 +154,55 @@ pub fn indexed(addr: &Addr, port: u16, proto: u8, vip: &Addr, vport: u16) -> boo
     }
 }
 
-/// A reply to a one-entry session (`ct_state::ONE`): a packet from an
-/// endpoint in the index, to a client of the service it serves, whose
-/// session with that endpoint has one entry (keyed by client -> VIP, left
-/// in `LB_SCRATCH_KEY` slot 1: slot 0 is `peer_of`'s). Accounted and its TCP state advanced as `lookup`
-/// does; the entry, or null for anything else (the packet is then looked
-/// up by its own tuple).
+/// The forward entry of the one-entry session (`ct_state::ONE`) between
+/// `client`:`cport` and endpoint `ep`:`eport` over `proto`, found through
+/// the endpoint index, and its key (client -> VIP, left in
+/// `LB_SCRATCH_KEY` slot 1: slot 0 is `peer_of`'s).
 #[inline(always)]
-fn one_reply(p: &Pkt, end: usize, now: u64) -> *mut CtVal {
-    let none = core::ptr::null_mut();
-    let Some(e) = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(&p.saddr), p.sport, p.proto)) else {
-        return none;
-    };
-    let Some(fk) = LB_SCRATCH_KEY.get_ptr_mut(1) else {
-        return none;
-    };
+fn one_entry(
+    ep: &Addr,
+    eport: u16,
+    client: &Addr,
+    cport: u16,
+    proto: u8,
+) -> Option<(*const CtKey, *mut CtVal)> {
+    let e = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(ep), eport, proto))?;
+    let fk = LB_SCRATCH_KEY.get_ptr_mut(1)?;
     unsafe {
-        if (*e).proto != p.proto || (*e).port != p.sport || (*e).addr != p.saddr {
-            return none;
+        if (*e).proto != proto || (*e).port != eport || (*e).addr != *ep {
+            return None;
         }
-        crate::set_addr(&mut (*fk).saddr, &p.daddr);
+        crate::set_addr(&mut (*fk).saddr, client);
         crate::set_addr(&mut (*fk).daddr, &(*e).vip);
-        (*fk).sport = p.dport;
+        (*fk).sport = cport;
         (*fk).dport = (*e).vport;
-        (*fk).proto = p.proto;
+        (*fk).proto = proto;
         (*fk)._pad1 = 0;
         (*fk)._pad2 = 0;
-        let key = &*fk;
-        let Some(v) = LB_CT.get_ptr_mut(key) else {
-            return none;
-        };
-        if (*v).state & ct_state::ONE == 0 || (*v).xdport != p.sport || (*v).xdaddr != p.saddr {
-            return none;
+        let v = LB_CT.get_ptr_mut(&*fk)?;
+        if (*v).state & ct_state::ONE == 0 || (*v).xdport != eport || (*v).xdaddr != *ep {
+            return None;
         }
+        Some((fk, v))
+    }
+}
+
+/// A reply to a one-entry session (`ct_state::ONE`): a packet from an
+/// endpoint in the index, to a client of the service it serves, whose
+/// session with that endpoint has one entry ([`one_entry`]). Accounted
+/// and its TCP state advanced as `lookup` does; the entry, or null for
+/// anything else (the packet is then looked up by its own tuple).
+#[inline(always)]
+fn one_reply(p: &Pkt, end: usize, now: u64) -> *mut CtVal {
+    let Some((key, v)) = one_entry(&p.saddr, p.sport, &p.daddr, p.dport, p.proto) else {
+        return core::ptr::null_mut();
+    };
+    unsafe {
+        let key = &*key;
         if over(key, v, now) {
             end_session(key, v);
             count(stat::CT_EXPIRED);
-            return none;
+            return core::ptr::null_mut();
         }
         (*v).last_seen_ns = now;
         (*v).rpackets += 1;
@@ -219,26 +231,8 @@ pub fn one_entry_service(
     cport: u16,
     proto: u8,
 ) -> Option<(Addr, u16)> {
-    let e = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(ep), eport, proto))?;
-    let fk = LB_SCRATCH_KEY.get_ptr_mut(1)?;
-    unsafe {
-        if (*e).proto != proto || (*e).port != eport || (*e).addr != *ep {
-            return None;
-        }
-        let (vip, vport) = ((*e).vip, (*e).vport);
-        crate::set_addr(&mut (*fk).saddr, client);
-        crate::set_addr(&mut (*fk).daddr, &vip);
-        (*fk).sport = cport;
-        (*fk).dport = vport;
-        (*fk).proto = proto;
-        (*fk)._pad1 = 0;
-        (*fk)._pad2 = 0;
-        let v = LB_CT.get_ptr(&*fk)?;
-        if (*v).state & ct_state::ONE == 0 || (*v).xdport != eport || (*v).xdaddr != *ep {
-            return None;
-        }
-        Some((vip, vport))
-    }
+    let (k, _) = one_entry(ep, eport, client, cport, proto)?;
+    unsafe { Some(((*k).daddr, (*k).dport)) }
 }
 
 /// Look the packet up and, on a hit, account it and advance TCP state.

@@ -2394,13 +2394,13 @@ fn print_results(out: &Outcome) {
     );
     let over_of = |k: Kind| over.get(&k).copied();
     if let (Some(rr), Some(miss), Some(s1), Some(s2)) = (
-        over_of(Kind::NewFlow(NewKind::Rr)),
+        over_of(Kind::NewFlow(NewKind::Rr2)),
         over_of(Kind::Ref(RefKind::DnatCtMiss)),
         over_of(Kind::Ref(RefKind::ShapeMiss1)),
         over_of(Kind::Ref(RefKind::ShapeMiss2)),
     ) {
         println!(
-            "new flow (rr) {rr:+.0} over the floor = reference miss {miss:+.0} | our entry's \
+            "new flow (rr, 2 entries) {rr:+.0} over the floor = reference miss {miss:+.0} | our entry's \
              shape ({} B key, {} B value, {} entries) {:+.0} | a second insert {:+.0} | the rest \
              of our new-flow path {:+.0}",
             std::mem::size_of::<CtKey>(),
@@ -2409,6 +2409,16 @@ fn print_results(out: &Outcome) {
             s1 - miss,
             s2 - s1,
             rr - s2
+        );
+    }
+    if let (Some(rr1), Some(rr2)) = (
+        over_of(Kind::NewFlow(NewKind::Rr)),
+        over_of(Kind::NewFlow(NewKind::Rr2)),
+    ) {
+        println!(
+            "ours, new flow rr: one entry (an indexed endpoint) {rr1:+.0}, two entries {rr2:+.0} \
+             ({:+.0})",
+            rr1 - rr2
         );
     }
     if let (Some(hit), Some(one_hit), Some(one_reply), Some(s2), Some(one_miss)) = (
