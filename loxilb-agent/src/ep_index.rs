@@ -8,8 +8,9 @@
 //! claim goes (the endpoint left its rule, another rule took it too) is
 //! first marked draining: live one-entry sessions still find their
 //! replies through it, new ones are not made; [`EpIndexRefs::drain`]
-//! empties it once no session needs it (the agent's upkeep, which walks
-//! the session table anyway). Counted like the address filter: changes
+//! empties it once no session needs it, as seen by [`CLEAN_WALKS`] walks
+//! of the session table in a row that began after the mark (the agent's
+//! upkeep, which walks the table anyway, writes pending marks first). Counted like the address filter: changes
 //! are written by [`EpIndexRefs::flush`], what a failed write left stays
 //! pending for the next one.
 
@@ -22,6 +23,13 @@ use loxilb_common::{
 };
 
 use crate::rules::{Installed, RuleTable};
+
+/// Walks of the session table in a row that must find no session needing
+/// a draining slot before it is emptied: one walk can miss an entry (the
+/// kernel's walk skips keys that move meanwhile), and a session whose
+/// creation read the slot just before the mark can land after the walk
+/// passed its bucket.
+pub const CLEAN_WALKS: u32 = 2;
 
 /// An endpoint as the index knows it: address, port (network order),
 /// protocol.
@@ -50,6 +58,9 @@ pub struct EpIndexRefs {
     /// The slots as written in the map (non-empty ones).
     written: BTreeMap<u32, EpIndex>,
     dirty: BTreeSet<u32>,
+    /// Per draining slot: walks in a row, since it was marked, that found
+    /// no session needing it.
+    clean: HashMap<u32, u32>,
 }
 
 impl EpIndexRefs {
@@ -135,6 +146,8 @@ impl EpIndexRefs {
 
     fn put(&mut self, t: &mut dyn RuleTable, slot: u32, e: Option<EpIndex>) -> Result<()> {
         t.put_ep_index(slot, e.unwrap_or_default())?;
+        // A new mark counts its walks from zero.
+        self.clean.remove(&slot);
         match e {
             Some(e) => self.written.insert(slot, e),
             None => self.written.remove(&slot),
@@ -176,9 +189,12 @@ impl EpIndexRefs {
         Ok(())
     }
 
-    /// Empty each draining slot that no session of `live` (the session
-    /// table, walked) needs any more, writing what the slot is wanted for
-    /// now, if anything. Returns how many slots were released.
+    /// Count a walk of the session table (`live`, begun after the last
+    /// [`EpIndexRefs::flush`]) for each draining slot, and empty those no
+    /// session has needed for [`CLEAN_WALKS`] walks in a row, writing what
+    /// the slot is wanted for now, if anything. Returns how many slots were
+    /// released; a failed write leaves its slot for the next walk and the
+    /// others are still released.
     pub fn drain(&mut self, live: &[(CtKey, CtVal)], t: &mut dyn RuleTable) -> Result<usize> {
         let draining: Vec<(u32, EpIndex)> = self
             .written
@@ -195,15 +211,27 @@ impl EpIndexRefs {
             .map(|(k, v)| (v.xdaddr, v.xdport, k.proto, k.daddr, k.dport))
             .collect();
         let mut released = 0;
+        let mut failed = None;
         for (slot, e) in draining {
             if needed.contains(&(e.addr, e.port, e.proto, e.vip, e.vport)) {
+                self.clean.insert(slot, 0);
+                continue;
+            }
+            let walks = self.clean.entry(slot).or_insert(0);
+            *walks += 1;
+            if *walks < CLEAN_WALKS {
                 continue;
             }
             let want = self.want(slot);
-            self.put(t, slot, want)?;
-            released += 1;
+            match self.put(t, slot, want) {
+                Ok(()) => released += 1,
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
-        Ok(released)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(released),
+        }
     }
 
     /// The slots as written (tests).
@@ -309,7 +337,17 @@ mod tests {
         let e = get(&t, "10.0.1.10", 8080).expect("still there");
         assert_eq!(e.flags, ep_index_flags::DRAINING);
         let live = [one_session("10.0.1.10", 8080, "20.0.0.100", 80)];
+        assert_eq!(
+            ix.drain(&[], &mut t).unwrap(),
+            0,
+            "one clean walk is not enough"
+        );
         assert_eq!(ix.drain(&live, &mut t).unwrap(), 0);
+        assert_eq!(
+            ix.drain(&[], &mut t).unwrap(),
+            0,
+            "a needed slot counts afresh"
+        );
         assert!(get(&t, "10.0.1.10", 8080).is_some());
         assert_eq!(ix.drain(&[], &mut t).unwrap(), 1);
         assert_eq!(get(&t, "10.0.1.10", 8080), None);
@@ -324,6 +362,7 @@ mod tests {
             get(&t, "10.0.1.10", 8080).map(|e| e.flags),
             Some(ep_index_flags::DRAINING)
         );
+        assert_eq!(ix.drain(&[], &mut t).unwrap(), 0);
         assert_eq!(ix.drain(&[], &mut t).unwrap(), 1);
         assert!(t.ep_index.is_empty());
         assert!(ix.written().is_empty());
@@ -364,6 +403,7 @@ mod tests {
         ix.flush(&mut t).unwrap();
         assert!(get(&t, "10.0.1.10", 8080).is_some());
         assert_eq!(t.ep_index[&stale_slot].flags, ep_index_flags::DRAINING);
+        assert_eq!(ix.drain(&[], &mut t).unwrap(), 0);
         assert_eq!(ix.drain(&[], &mut t).unwrap(), 1);
         assert_eq!(t.ep_index.len(), 1);
     }

@@ -916,7 +916,11 @@ fn start_node(
         let installed = dp.read_installed()?;
         info!(
             rules = installed.len(),
-            sessions = dp.sessions()?.len() / 2,
+            sessions = dp
+                .sessions()?
+                .iter()
+                .filter(|(_, v)| v.dir == loxilb_common::ct_dir::FORWARD)
+                .count(),
             "adopted the datapath state pinned in {}",
             pin_dir.display()
         );

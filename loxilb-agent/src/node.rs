@@ -427,6 +427,11 @@ impl Node {
 
     /// Periodic upkeep.
     pub fn tick(&mut self) {
+        // Draining marks of the endpoint index a failed write left are
+        // written before the walk that may release them.
+        if let Err(e) = self.rules.flush_ep_index(&mut self.dp) {
+            warn!("updating the endpoint index failed: {e:#}");
+        }
         // One walk of the session table: expired sessions go, the rest are
         // counted per endpoint.
         match self.dp.expire_idle(crate::show::monotonic_ns()) {
@@ -437,7 +442,7 @@ impl Node {
                 if let Err(e) = self.dp.recount_active_from(&live) {
                     warn!("re-counting active sessions failed: {e:#}");
                 }
-                match self.rules.upkeep_ep_index(&live, &mut self.dp) {
+                match self.rules.drain_ep_index(&live, &mut self.dp) {
                     Ok(0) => {}
                     Ok(n) => debug!(released = n, "endpoint index slots drained"),
                     Err(e) => warn!("updating the endpoint index failed: {e:#}"),

@@ -695,15 +695,22 @@ impl Rules {
         self.index = EpIndexRefs::of(self.installed.values(), written.into_iter());
     }
 
-    /// Write what the endpoint index is waiting to write, and empty the
-    /// draining slots no session of `live` (the session table) needs any
-    /// more. Returns how many slots were released.
-    pub fn upkeep_ep_index(
+    /// Write what the endpoint index is still waiting to write (a failed
+    /// write): before a walk of the session table, so that every draining
+    /// mark precedes the walk [`Rules::drain_ep_index`] is given.
+    pub fn flush_ep_index(&mut self, t: &mut dyn RuleTable) -> Result<()> {
+        self.index.flush(t)
+    }
+
+    /// Empty the endpoint index's draining slots that no session of `live`
+    /// (the session table, walked after [`Rules::flush_ep_index`]) has
+    /// needed for `ep_index::CLEAN_WALKS` walks. Returns how many slots
+    /// were released.
+    pub fn drain_ep_index(
         &mut self,
         live: &[(loxilb_common::CtKey, loxilb_common::CtVal)],
         t: &mut dyn RuleTable,
     ) -> Result<usize> {
-        self.index.flush(t)?;
         self.index.drain(live, t)
     }
 

@@ -581,7 +581,9 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
                     xsp: (*v).xsport,
                     xdp: (*v).xdport,
                 };
-                if won != x && !no_reply_entry {
+                // (Also when the winner made a one-entry session: the
+                // index changed between the two decisions.)
+                if (won != x || (*v).state & ct_state::ONE != 0) && !no_reply_entry {
                     let _ = LB_CT.remove(&rev);
                 }
                 Some(won)
