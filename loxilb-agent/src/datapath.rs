@@ -22,10 +22,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use loxilb_common::{
-    addr_fold, addr_from_ip, ep_index_slot, ip_from_addr, map_names as mn, prog_names, stat, Addr,
-    AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpIndex, EpKey, EpStats,
-    EpVal, GlobalCfg, RuleStats, RuleVips, SelChunk, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION,
-    MAX_RULE_VIPS,
+    addr_from_ip, ip_from_addr, map_names as mn, prog_names, stat, Addr, AffKey, AffVal, AssocKey,
+    AssocVal, Clock, CtKey, CtVal, DevFwd, EpIndex, EpKey, EpStats, EpVal, GlobalCfg, RuleStats,
+    RuleVips, SelChunk, SrcRangeData, SvcKey, SvcVal, LAYOUT_VERSION, MAX_RULE_VIPS,
 };
 
 use crate::rules::{Installed, RuleTable};
@@ -905,16 +904,6 @@ impl Datapath {
         let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         ct.insert(k, v, 0)?;
         Ok(())
-    }
-
-    /// Put `e` in the endpoint index, at its slot (`ep_index_slot`):
-    /// new sessions of the DNAT service `e.vip`:`e.vport` to endpoint
-    /// `e.addr`:`e.port` then have one entry (`ct_state::ONE`, IPv4).
-    /// Returns the slot.
-    pub fn index_endpoint(&mut self, e: EpIndex) -> Result<u32> {
-        let slot = ep_index_slot(addr_fold(&e.addr), e.port, e.proto);
-        array_put(self, mn::EP_INDEX, slot, e)?;
-        Ok(slot)
     }
 
     /// The endpoint index's non-empty slots (see `ep_index`).
