@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use loxilb_common::{
     addr_fold, ct_dir, ct_state, ep_index_slot, flow_hash, lb_mode, mix32, stat, Addr, CtKey,
-    CtVal, NextHop, CT_CLOSE_TIMEOUT_S, IPPROTO_SCTP, IPPROTO_TCP,
+    CtVal, EpIndex, NextHop, CT_CLOSE_TIMEOUT_S, IPPROTO_SCTP, IPPROTO_TCP,
 };
 
 use crate::{
@@ -135,23 +135,30 @@ pub enum Ct {
     Miss,
 }
 
+/// The endpoint index's slot for endpoint (`addr`, `port`) over `proto`,
+/// if it holds that endpoint (a slot is shared by every endpoint that
+/// hashes to it; it holds one of them, or none).
+#[inline(always)]
+fn index_entry(addr: &Addr, port: u16, proto: u8) -> Option<*const EpIndex> {
+    let e = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(addr), port, proto))?;
+    unsafe {
+        if (*e).proto != proto || (*e).port != port || (*e).addr != *addr {
+            return None;
+        }
+    }
+    Some(e)
+}
+
 /// The endpoint index says endpoint (`addr`, `port`) serves the DNAT
 /// service `vip`:`vport` over `proto` (and is not draining): a session to
 /// it can have one entry (`ct_state::ONE`), its replies found through the
 /// index.
 #[inline(always)]
 pub fn indexed(addr: &Addr, port: u16, proto: u8, vip: &Addr, vport: u16) -> bool {
-    let Some(e) = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(addr), port, proto)) else {
+    let Some(e) = index_entry(addr, port, proto) else {
         return false;
     };
-    unsafe {
-        (*e).proto == proto
-            && (*e).flags == 0
-            && (*e).port == port
-            && (*e).vport == vport
-            && (*e).addr == *addr
-            && (*e).vip == *vip
-    }
+    unsafe { (*e).flags == 0 && (*e).vport == vport && (*e).vip == *vip }
 }
 
 /// The forward entry of the one-entry session (`ct_state::ONE`) between
@@ -166,12 +173,9 @@ fn one_entry(
     cport: u16,
     proto: u8,
 ) -> Option<(*const CtKey, *mut CtVal)> {
-    let e = LB_EP_INDEX.get_ptr(ep_index_slot(addr_fold(ep), eport, proto))?;
+    let e = index_entry(ep, eport, proto)?;
     let fk = LB_SCRATCH_KEY.get_ptr_mut(1)?;
     unsafe {
-        if (*e).proto != proto || (*e).port != eport || (*e).addr != *ep {
-            return None;
-        }
         crate::set_addr(&mut (*fk).saddr, client);
         crate::set_addr(&mut (*fk).daddr, &(*e).vip);
         (*fk).sport = cport;
@@ -184,6 +188,25 @@ fn one_entry(
             return None;
         }
         Some((fk, v))
+    }
+}
+
+/// Count a packet of `len` bytes to session `v` (a one-entry session's
+/// reply (`reply`, a constant) in its reply counters) and to its
+/// endpoint, and mark the session seen at `now`.
+#[inline(always)]
+unsafe fn account(v: *mut CtVal, now: u64, reply: bool, len: u32) {
+    (*v).last_seen_ns = now;
+    if reply {
+        (*v).rpackets += 1;
+        (*v).rbytes += len as u64;
+    } else {
+        (*v).packets += 1;
+        (*v).bytes += len as u64;
+    }
+    if let Some(es) = ep_stats((*v).ep_stat) {
+        (*es).packets += 1;
+        (*es).bytes += len as u64;
     }
 }
 
@@ -204,13 +227,7 @@ fn one_reply(p: &Pkt, end: usize, now: u64) -> *mut CtVal {
             count(stat::CT_EXPIRED);
             return core::ptr::null_mut();
         }
-        (*v).last_seen_ns = now;
-        (*v).rpackets += 1;
-        (*v).rbytes += p.l3_len as u64;
-        if let Some(es) = ep_stats((*v).ep_stat) {
-            (*es).packets += 1;
-            (*es).bytes += p.l3_len as u64;
-        }
+        account(v, now, true, p.l3_len);
         let flags = tcp_flags(p, end);
         if flags & (TCP_FIN | TCP_RST) != 0 {
             tcp_close(key, v, flags, true);
@@ -276,13 +293,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64, one: bool) -> Ct {
             count(stat::CT_EXPIRED);
             return Ct::Miss;
         }
-        (*v).last_seen_ns = now;
-        (*v).packets += 1;
-        (*v).bytes += p.l3_len as u64;
-        if let Some(es) = ep_stats((*v).ep_stat) {
-            (*es).packets += 1;
-            (*es).bytes += p.l3_len as u64;
-        }
+        account(v, now, false, p.l3_len);
         // Only the forward entry's bit counts once the client acknowledged
         // (see `ct_state::OPENING`). Written only then: a store on every
         // packet could undo a close another CPU marks in this entry

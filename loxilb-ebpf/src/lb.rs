@@ -27,6 +27,20 @@ fn maybe_ours(addr: &Addr) -> bool {
     }
 }
 
+/// Forward a packet that belongs to no session (a translated ICMP error):
+/// no entry to keep the next hop in, no endpoint's next hop to take.
+#[inline(always)]
+fn forward_untracked<C: PktCtx>(ctx: &C, p: &parse::Pkt) -> Verdict {
+    fwd::forward(
+        ctx,
+        p,
+        core::ptr::null_mut(),
+        core::ptr::null_mut(),
+        fwd::NO_EP,
+        0,
+    )
+}
+
 /// ICMP arriving on an interface: echo to a VIP answered, errors about a
 /// translated packet translated back and forwarded.
 #[inline(always)]
@@ -63,14 +77,7 @@ fn icmp_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp) -> Verdict {
         sctp: 0,
         l4_len: 0,
     };
-    fwd::forward(
-        ctx,
-        &p,
-        core::ptr::null_mut(),
-        core::ptr::null_mut(),
-        fwd::NO_EP,
-        0,
-    )
+    forward_untracked(ctx, &p)
 }
 
 /// ICMPv6 arriving on an interface: echo to a VIP answered, errors about
@@ -100,14 +107,7 @@ fn icmp6_ingress<C: PktCtx>(ctx: &C, ic: &parse::Icmp6) -> Verdict {
         sctp: 0,
         l4_len: 0,
     };
-    fwd::forward(
-        ctx,
-        &p,
-        core::ptr::null_mut(),
-        core::ptr::null_mut(),
-        fwd::NO_EP,
-        0,
-    )
+    forward_untracked(ctx, &p)
 }
 
 /// The egress side (TC): only ICMP errors the node itself generates about
