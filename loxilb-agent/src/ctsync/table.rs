@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
 use loxilb_common::{
-    map_names as mn, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpVal, SvcKey, SvcVal,
+    map_names as mn, AssocKey, AssocVal, CtKey, CtVal, EpIndex, EpKey, EpVal, SvcKey, SvcVal,
 };
 
 /// A node's conntrack table and its rules.
@@ -41,6 +41,13 @@ pub trait SessionTable: Send {
     fn remove_assoc(&mut self, _k: &AssocKey) -> Result<()> {
         Ok(())
     }
+    /// Slot `slot` of the node's endpoint index (`LB_EP_INDEX`, at
+    /// `ep_index_slot`), `None` when it is empty. The default is a table
+    /// without an index (every synced one-entry session then gets a reply
+    /// entry: see `Applier`).
+    fn ep_index(&mut self, _slot: u32) -> Result<Option<EpIndex>> {
+        Ok(None)
+    }
 }
 
 /// The maps a running agent pinned in its pin directory (opened by path:
@@ -51,13 +58,15 @@ pub struct PinnedTable {
     svcs: BpfHashMap<MapData, SvcKey, SvcVal>,
     eps: BpfHashMap<MapData, EpKey, EpVal>,
     assoc: BpfHashMap<MapData, AssocKey, AssocVal>,
+    ep_index: Array<MapData, EpIndex>,
 }
 
-fn open<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> Result<BpfHashMap<MapData, K, V>> {
+/// The map pinned as `name` in `dir`, as the type this agent expects.
+fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T> {
     let path = dir.join(name);
     let d = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let m = Map::from_map_data(d).with_context(|| format!("opening {}", path.display()))?;
-    BpfHashMap::try_from(m).with_context(|| {
+    T::try_from(m).with_context(|| {
         format!(
             "{} is not the map this agent expects (another layout?)",
             path.display()
@@ -76,6 +85,7 @@ impl PinnedTable {
             svcs: open(dir, mn::SERVICES)?,
             eps: open(dir, mn::ENDPOINTS)?,
             assoc: open(dir, mn::SCTP_ASSOC)?,
+            ep_index: open(dir, mn::EP_INDEX)?,
         })
     }
 }
@@ -151,6 +161,13 @@ impl SessionTable for PinnedTable {
             }),
         }
     }
+    fn ep_index(&mut self, slot: u32) -> Result<Option<EpIndex>> {
+        let e = self
+            .ep_index
+            .get(&slot, 0)
+            .with_context(|| format!("reading {}/{}", self.dir.display(), mn::EP_INDEX))?;
+        Ok((e.proto != 0).then_some(e))
+    }
 }
 
 /// What a [`MemTable`] holds (shared between clones).
@@ -160,6 +177,8 @@ pub struct MemState {
     pub svcs: Vec<(SvcKey, SvcVal)>,
     pub eps: Vec<(EpKey, EpVal)>,
     pub assoc: HashMap<AssocKey, AssocVal>,
+    /// The endpoint index's non-empty slots, by slot.
+    pub ep_index: HashMap<u32, EpIndex>,
     pub now_ns: u64,
     /// Entries written, over the table's life.
     pub puts: u64,
@@ -220,5 +239,8 @@ impl SessionTable for MemTable {
     fn remove_assoc(&mut self, k: &AssocKey) -> Result<()> {
         self.with(|s| s.assoc.remove(k));
         Ok(())
+    }
+    fn ep_index(&mut self, slot: u32) -> Result<Option<EpIndex>> {
+        Ok(self.with(|s| s.ep_index.get(&slot).copied().filter(|e| e.proto != 0)))
     }
 }
