@@ -60,6 +60,20 @@
 //! - The counters (`packets`, `bytes`) are copied as of the last send
 //!   (they alone never cause a resend).
 //!
+//! - A one-entry session (`ct_state::ONE`) stays one entry only when the
+//!   receiver's own endpoint index (`LB_EP_INDEX`) serves it: the slot of
+//!   its endpoint (address, port, protocol) holds that endpoint for the
+//!   session's VIP and port, and is not draining (the datapath's replies
+//!   find the session through that slot; a receiver with other rules, a
+//!   slot collision of its own or an index not written yet would pass
+//!   them untranslated). Otherwise it is written as two entries: the
+//!   forward one without the bit and a reply entry made here as the
+//!   datapath makes one (`one_split`), which goes with its forward key
+//!   (its REMOVE, a snapshot without it); a later record of the session
+//!   that the index serves makes it one entry again. The index is read
+//!   slot by slot, each slot at most once per refresh of the receiver's
+//!   view of its rules (1 s).
+//!
 //! Everything else (translated tuple, peer key, direction, TCP state,
 //! mode, timeout, SCTP tag, DSR endpoint) is copied. An entry whose only
 //! change is a newer last packet is resent once its receiver copy would

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
-use loxilb_common::{ip_from_addr, AssocKey, CtKey, SvcKey};
+use loxilb_common::{ip_from_addr, AssocKey, CtKey, CtVal, EpIndex, SvcKey};
 use serde::Serialize;
 
 use super::{
@@ -236,7 +236,8 @@ impl Scanner {
 pub struct ApplyStats {
     /// Entries written to the session table.
     pub applied: u64,
-    /// Entries removed on the sender's word.
+    /// Entries removed on the sender's word (with the reply entries made
+    /// here for them: see `one_split`).
     pub removed: u64,
     /// Entries dropped: this node has no rule of that VIP, port and
     /// protocol.
@@ -244,7 +245,8 @@ pub struct ApplyStats {
     /// Entries dropped: the rule here has no such endpoint.
     pub dropped_no_endpoint: u64,
     /// Entries removed at the end of a snapshot that did not hold them
-    /// (installed by an earlier sync, ended while we were not connected).
+    /// (installed by an earlier sync, ended while we were not connected;
+    /// with the reply entries made here for them).
     pub stale_removed: u64,
     /// Full snapshots applied.
     pub snapshots: u64,
@@ -262,6 +264,12 @@ pub struct ApplyStats {
     /// REMOVEs of an entry another sender installed here, or none did
     /// (its VIP moved; the sender was not told yet): ignored.
     pub ignored_removes: u64,
+    /// Entries of one-entry sessions (`ct_state::ONE`) whose endpoint this
+    /// node's endpoint index does not give to their VIP and port (other
+    /// rules here, a slot another endpoint shares, a draining slot, an
+    /// index not written yet): written without the bit, with a reply entry
+    /// made here (else the endpoint's replies would find no session here).
+    pub one_split: u64,
 }
 
 /// How long the receiver trusts its view of its own rules.
@@ -287,6 +295,15 @@ pub struct Applier {
     owned: Owned,
     /// Keys this node holds because a sender sent them.
     tracked: HashMap<CtKey, Origin>,
+    /// The reply entries made here for the one-entry sessions this node's
+    /// endpoint index does not serve (`ApplyStats::one_split`), by their
+    /// forward entry's key (tracked): they go with it (its REMOVE, a
+    /// snapshot without it), and a snapshot never removes them for not
+    /// holding them (no sender sends them).
+    split: HashMap<CtKey, CtKey>,
+    /// Slots of this node's endpoint index read since the rules were
+    /// (refreshed with them).
+    ep_slots: HashMap<u32, Option<EpIndex>>,
     /// Per sender during its snapshot: the keys it held so far.
     snapshot: HashMap<Arc<str>, HashSet<CtKey>>,
     /// The same for SCTP association records.
@@ -303,6 +320,7 @@ impl Applier {
     fn refresh(&mut self, t: &mut dyn SessionTable, force: bool) -> Result<()> {
         if force || self.index_at.is_none_or(|at| at.elapsed() >= INDEX_TTL) {
             self.index = ReceiverIndex::build(&t.services()?, &t.endpoints()?);
+            self.ep_slots.clear();
             self.index_at = Some(Instant::now());
         }
         Ok(())
@@ -331,7 +349,7 @@ impl Applier {
             }
             match out {
                 Ok((k, v)) => {
-                    t.put(&k, &v)?;
+                    self.install(t, &k, &v)?;
                     let vip = ip_from_addr(&r.rule.addr);
                     self.tracked.insert(
                         k,
@@ -354,6 +372,68 @@ impl Applier {
         Ok(())
     }
 
+    /// Write imported entry (`k`, `v`). A one-entry session stays one
+    /// only where this node's endpoint index serves it as the datapath's
+    /// reply lookup needs ([`xlate::one_served`]); else it is written as
+    /// two entries ([`xlate::split`]), the reply entry first (a reply never
+    /// finds half a session), and the reply entry is tracked with the
+    /// forward key. A session split earlier whose entry comes again served
+    /// by the index (the slot was written since) is one entry again: its
+    /// forward entry regains the bit, then the reply entry made here goes.
+    /// (Either way the datapath finds the replies in between.)
+    fn install(&mut self, t: &mut dyn SessionTable, k: &CtKey, v: &CtVal) -> Result<()> {
+        let Some(slot) = xlate::one_slot(k, v) else {
+            t.put(k, v)?;
+            // Of a session split here before, now of two entries on the
+            // sender (a new session on the tuple): the sender's reply
+            // entry, of the same key, takes the place of the one made here.
+            self.unsplit(t, k, k.peer(v))?;
+            return Ok(());
+        };
+        let e = match self.ep_slots.get(&slot) {
+            Some(e) => *e,
+            None => {
+                let e = t.ep_index(slot)?;
+                self.ep_slots.insert(slot, e);
+                e
+            }
+        };
+        if xlate::one_served(k, v, e.as_ref()) {
+            t.put(k, v)?;
+            self.unsplit(t, k, None)?;
+            return Ok(());
+        }
+        let Some([(fk, fv), (rk, rv)]) = xlate::split(k, v) else {
+            t.put(k, v)?;
+            return Ok(());
+        };
+        t.put(&rk, &rv)?;
+        t.put(&fk, &fv)?;
+        self.unsplit(t, k, Some(rk))?;
+        self.split.insert(*k, rk);
+        self.stats.one_split += 1;
+        Ok(())
+    }
+
+    /// Forget the reply entry made here for forward key `k`, if any, and
+    /// remove it from the table unless its key is `keep` or a sender sent
+    /// an entry of that key itself. Returns whether it was removed.
+    fn unsplit(
+        &mut self,
+        t: &mut dyn SessionTable,
+        k: &CtKey,
+        keep: Option<CtKey>,
+    ) -> Result<bool> {
+        let Some(rk) = self.split.remove(k) else {
+            return Ok(false);
+        };
+        if Some(rk) == keep || self.tracked.contains_key(&rk) {
+            return Ok(false);
+        }
+        t.remove(&rk)?;
+        Ok(true)
+    }
+
     /// Remove `keys` on `from`'s word: only the entries `from` installed.
     pub fn removes(&mut self, t: &mut dyn SessionTable, from: &str, keys: &[CtKey]) -> Result<()> {
         for k in keys {
@@ -367,6 +447,9 @@ impl Applier {
                 s.remove(k);
             }
             self.stats.removed += 1;
+            if self.unsplit(t, k, None)? {
+                self.stats.removed += 1;
+            }
         }
         Ok(())
     }
@@ -502,9 +585,13 @@ impl Applier {
             .filter(|(k, o)| *o.sender == *from && !held.contains(k))
             .map(|(k, _)| *k)
             .collect();
+        let mut n = stale.len();
         for k in &stale {
             t.remove(k)?;
             self.tracked.remove(k);
+            if self.unsplit(t, k, None)? {
+                n += 1;
+            }
         }
         let held_assoc = self.snapshot_assoc.remove(from).unwrap_or_default();
         let stale_assoc: Vec<AssocKey> = self
@@ -517,7 +604,7 @@ impl Applier {
             t.remove_assoc(k)?;
             self.tracked_assoc.remove(k);
         }
-        let n = stale.len() + stale_assoc.len();
+        let n = n + stale_assoc.len();
         self.stats.stale_removed += n as u64;
         self.stats.snapshots += 1;
         Ok(n)
@@ -535,12 +622,17 @@ impl Applier {
     /// their records are no longer written.
     pub fn set_owned(&mut self, owned: &Owned) {
         self.tracked.retain(|_, o| !owned.contains(o.vip));
+        // Their reply entries made here stay too, as that node's own.
+        let tracked = &self.tracked;
+        self.split.retain(|k, _| tracked.contains_key(k));
         self.tracked_assoc.retain(|_, o| !owned.contains(o.vip));
         self.owned = owned.clone();
     }
 
+    /// Entries this node holds because a sender sent them (reply entries
+    /// made here for them included).
     pub fn tracked(&self) -> usize {
-        self.tracked.len()
+        self.tracked.len() + self.split.len()
     }
 }
 
@@ -989,5 +1081,304 @@ mod tests {
         // a's, of a VIP this node does not own, are written again.
         ap.upserts(&mut b, "a", &ra).unwrap();
         b.with(|s| assert_eq!(s.ct.len(), 4));
+    }
+
+    use loxilb_common::{addr_fold, ct_dir, ct_state, ep_index_flags, ep_index_slot, IPPROTO_TCP};
+
+    const CLIENT: &str = "192.168.0.2";
+
+    /// A one-entry session CLIENT:`cport` -> 20.0.0.100:80 -> 10.0.1.10:8080
+    /// on the sender (rule 1, endpoint counter 0), handshake still open.
+    fn one(cport: u16, now: u64) -> (CtKey, CtVal) {
+        let [(k, v), _] = x::session(CLIENT, cport, "20.0.0.100", "10.0.1.10", 1, 0, now);
+        (
+            k,
+            CtVal {
+                state: ct_state::ONE | ct_state::OPENING,
+                rpackets: 4,
+                rbytes: 300,
+                rnh: v.nh,
+                ..v
+            },
+        )
+    }
+
+    /// Slot of endpoint `ep`:`port` (TCP) in `t`'s endpoint index set to
+    /// `e` (`None`: empty).
+    fn set_index(t: &MemTable, ep: &str, port: u16, e: Option<EpIndex>) {
+        let slot = ep_index_slot(addr_fold(&x::a(ep)), port.to_be(), IPPROTO_TCP);
+        t.with(|s| match e {
+            Some(e) => s.ep_index.insert(slot, e),
+            None => s.ep_index.remove(&slot),
+        });
+    }
+
+    /// An index slot: endpoint `ep`:`port` (TCP) serves `vip`:`vport`.
+    fn slot(ep: &str, port: u16, vip: &str, vport: u16, flags: u8) -> EpIndex {
+        EpIndex {
+            addr: x::a(ep),
+            vip: x::a(vip),
+            port: port.to_be(),
+            vport: vport.to_be(),
+            proto: IPPROTO_TCP,
+            flags,
+            _pad2: 0,
+        }
+    }
+
+    /// What the sender streams of its table.
+    fn records(a: &mut MemTable) -> Vec<Record> {
+        let out = Scanner::new(Duration::from_secs(5), 64)
+            .scan(a, &Owned::All)
+            .unwrap();
+        out.state.values().map(|e| e.rec).collect()
+    }
+
+    /// The key of the reply entry of session CLIENT:`cport` ->
+    /// 10.0.1.10:8080 (a two-entry session's, as the datapath makes it).
+    fn reply_key(cport: u16) -> CtKey {
+        x::session(CLIENT, cport, "20.0.0.100", "10.0.1.10", 1, 0, 0)[1].0
+    }
+
+    #[test]
+    fn a_one_entry_session_the_index_serves_stays_one_entry() {
+        let (mut a, mut b) = tables();
+        let (k, v) = one(40000, a.now());
+        a.with(|s| s.ct.insert(k, v));
+        set_index(
+            &b,
+            "10.0.1.10",
+            8080,
+            Some(slot("10.0.1.10", 8080, "20.0.0.100", 80, 0)),
+        );
+        let recs = records(&mut a);
+        assert_eq!(recs.len(), 1, "one record: the sender has one entry");
+        let mut ap = Applier::default();
+        ap.upserts(&mut b, "a", &recs).unwrap();
+        b.with(|s| {
+            assert_eq!(s.ct.len(), 1, "{:?}", s.ct);
+            let got = s.ct[&k];
+            assert_eq!(got.state, ct_state::ONE | ct_state::OPENING);
+            assert_eq!((got.rule_id, got.ep_stat), (2, 5));
+            assert_eq!((got.rpackets, got.rbytes), (0, 0));
+        });
+        assert_eq!((ap.stats.applied, ap.stats.one_split), (1, 0));
+        assert_eq!(ap.tracked(), 1);
+    }
+
+    #[test]
+    fn a_one_entry_session_the_index_does_not_serve_gets_its_reply_entry_here() {
+        let cases = [
+            ("no index entry", None),
+            (
+                "another VIP",
+                Some(slot("10.0.1.10", 8080, "20.0.0.101", 80, 0)),
+            ),
+            (
+                "another service port",
+                Some(slot("10.0.1.10", 8080, "20.0.0.100", 81, 0)),
+            ),
+            // Another endpoint in the slot (one that hashes to it).
+            (
+                "a collision",
+                Some(slot("10.0.1.99", 8080, "20.0.0.100", 80, 0)),
+            ),
+            (
+                "draining",
+                Some(slot(
+                    "10.0.1.10",
+                    8080,
+                    "20.0.0.100",
+                    80,
+                    ep_index_flags::DRAINING,
+                )),
+            ),
+        ];
+        for (what, e) in cases {
+            let (mut a, mut b) = tables();
+            let (k, v) = one(40000, a.now() - 2_000);
+            a.with(|s| s.ct.insert(k, v));
+            set_index(&b, "10.0.1.10", 8080, e);
+            let mut ap = Applier::default();
+            let out = Scanner::new(Duration::from_secs(5), 64)
+                .scan(&mut a, &Owned::All)
+                .unwrap();
+            apply_frames(&mut ap, &mut b, &out.frames);
+            let bnow = b.now();
+            let rk = reply_key(40000);
+            assert_eq!(rk, k.peer(&CtVal { state: 0, ..v }).unwrap());
+            b.with(|s| {
+                assert_eq!(s.ct.len(), 2, "{what}: {:?}", s.ct);
+                let fwd = CtVal {
+                    rule_id: 2,
+                    ep_stat: 5,
+                    last_seen_ns: bnow - 2_000,
+                    nh: Default::default(),
+                    encap_src: [0; 4],
+                    state: ct_state::OPENING,
+                    rpackets: 0,
+                    rbytes: 0,
+                    rnh: Default::default(),
+                    ..v
+                };
+                assert_eq!(s.ct.get(&k), Some(&fwd), "{what}: the forward entry");
+                let rev = CtVal {
+                    xsaddr: x::a("20.0.0.100"),
+                    xdaddr: x::a(CLIENT),
+                    xsport: 80u16.to_be(),
+                    xdport: 40000u16.to_be(),
+                    rule_id: 2,
+                    timeout_s: 300,
+                    last_seen_ns: bnow - 2_000,
+                    dir: ct_dir::REPLY,
+                    state: ct_state::OPENING,
+                    mode: v.mode,
+                    ep_stat: 5,
+                    ..Default::default()
+                };
+                assert_eq!(s.ct.get(&rk), Some(&rev), "{what}: the reply entry");
+            });
+            assert_eq!((ap.stats.applied, ap.stats.one_split), (1, 1), "{what}");
+            assert_eq!(ap.tracked(), 2, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_reply_entry_made_here_goes_with_its_forward_entry() {
+        let (mut a, mut b) = tables();
+        let (k, v) = one(40000, a.now());
+        a.with(|s| s.ct.insert(k, v));
+        let mut sc = Scanner::new(Duration::from_secs(5), 64);
+        let mut ap = Applier::default();
+        apply_frames(
+            &mut ap,
+            &mut b,
+            &sc.scan(&mut a, &Owned::All).unwrap().frames,
+        );
+        b.with(|s| assert_eq!(s.ct.len(), 2));
+        // Another sender's REMOVE of the key: ignored, both stay.
+        ap.removes(&mut b, "c", &[k]).unwrap();
+        b.with(|s| assert_eq!(s.ct.len(), 2));
+        // The session ends on the sender: a REMOVE of its one key.
+        a.with(|s| s.ct.clear());
+        let out = sc.scan(&mut a, &Owned::All).unwrap();
+        assert_eq!(out.removes, 1);
+        apply_frames(&mut ap, &mut b, &out.frames);
+        b.with(|s| assert!(s.ct.is_empty(), "{:?}", s.ct));
+        assert_eq!(ap.stats.removed, 2);
+        assert_eq!(ap.tracked(), 0);
+    }
+
+    #[test]
+    fn a_session_split_here_then_sent_with_two_entries_keeps_the_senders_reply_entry() {
+        let (mut a, mut b) = tables();
+        let (k, v) = one(40000, a.now());
+        let mut ap = Applier::default();
+        a.with(|s| s.ct.insert(k, v));
+        ap.upserts(&mut b, "a", &records(&mut a)).unwrap();
+        // A new session of the same tuple, of two entries on the sender.
+        let pair = x::session(CLIENT, 40000, "20.0.0.100", "10.0.1.10", 1, 0, a.now());
+        a.with(|s| {
+            s.ct.clear();
+            s.ct.extend(pair);
+        });
+        ap.upserts(&mut b, "a", &records(&mut a)).unwrap();
+        b.with(|s| {
+            assert_eq!(s.ct.len(), 2);
+            assert_eq!(s.ct[&pair[1].0].packets, 3, "the sender's reply entry");
+        });
+        // Its forward entry's REMOVE leaves the sender's reply entry.
+        ap.removes(&mut b, "a", &[k]).unwrap();
+        b.with(|s| assert_eq!(s.ct.keys().collect::<Vec<_>>(), [&pair[1].0]));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_reply_entry_made_here_with_its_forward_key_and_removes_both_without_it()
+    {
+        let (mut a, mut b) = tables();
+        let (k1, v1) = one(40000, a.now());
+        let (k2, v2) = one(40001, a.now());
+        a.with(|s| s.ct.insert(k1, v1));
+        let mut ap = Applier::default();
+        ap.upserts(&mut b, "a", &records(&mut a)).unwrap();
+        // A snapshot holding the session: nothing goes.
+        ap.begin_snapshot("a");
+        ap.upserts(&mut b, "a", &records(&mut a)).unwrap();
+        assert_eq!(ap.end_snapshot(&mut b, "a").unwrap(), 0);
+        b.with(|s| {
+            assert!(s.ct.contains_key(&k1) && s.ct.contains_key(&reply_key(40000)));
+            assert_eq!(s.ct.len(), 2);
+        });
+        // One without it (another session instead): both its entries go.
+        a.with(|s| {
+            s.ct.clear();
+            s.ct.insert(k2, v2);
+        });
+        ap.begin_snapshot("a");
+        ap.upserts(&mut b, "a", &records(&mut a)).unwrap();
+        assert_eq!(ap.end_snapshot(&mut b, "a").unwrap(), 2);
+        b.with(|s| {
+            let mut keys: Vec<CtKey> = s.ct.keys().copied().collect();
+            keys.sort_by_key(|k| (k.sport, k.dport));
+            let mut want = vec![k2, reply_key(40001)];
+            want.sort_by_key(|k| (k.sport, k.dport));
+            assert_eq!(keys, want);
+        });
+        assert_eq!(ap.stats.stale_removed, 2);
+        // This node takes the VIP: both entries are its own (no snapshot
+        // of the sender removes them).
+        ap.set_owned(&vips(&["20.0.0.100"]));
+        assert_eq!(ap.tracked(), 0);
+        ap.begin_snapshot("a");
+        assert_eq!(ap.end_snapshot(&mut b, "a").unwrap(), 0);
+        b.with(|s| assert_eq!(s.ct.len(), 2));
+    }
+
+    #[test]
+    fn a_split_session_the_index_serves_later_is_one_entry_again() {
+        let (mut a, mut b) = tables();
+        let (k, v) = one(40000, a.now());
+        a.with(|s| s.ct.insert(k, v));
+        let recs = records(&mut a);
+        let mut ap = Applier::default();
+        ap.upserts(&mut b, "a", &recs).unwrap();
+        b.with(|s| assert_eq!(s.ct.len(), 2));
+        // The slot is written here now; the receiver's view of its rules
+        // and index is refreshed with them (at most INDEX_TTL old).
+        set_index(
+            &b,
+            "10.0.1.10",
+            8080,
+            Some(slot("10.0.1.10", 8080, "20.0.0.100", 80, 0)),
+        );
+        ap.upserts(&mut b, "a", &recs).unwrap();
+        b.with(|s| assert_eq!(s.ct.len(), 2, "not before the view is refreshed"));
+        ap.index_at = None;
+        ap.upserts(&mut b, "a", &recs).unwrap();
+        b.with(|s| {
+            assert_eq!(s.ct.len(), 1, "{:?}", s.ct);
+            assert_ne!(s.ct[&k].state & ct_state::ONE, 0);
+        });
+        assert_eq!(ap.tracked(), 1);
+        // Draining: two entries again.
+        set_index(
+            &b,
+            "10.0.1.10",
+            8080,
+            Some(slot(
+                "10.0.1.10",
+                8080,
+                "20.0.0.100",
+                80,
+                ep_index_flags::DRAINING,
+            )),
+        );
+        ap.index_at = None;
+        ap.upserts(&mut b, "a", &recs).unwrap();
+        b.with(|s| {
+            assert_eq!(s.ct.len(), 2);
+            assert_eq!(s.ct[&k].state & ct_state::ONE, 0);
+        });
+        assert_eq!(ap.stats.one_split, 3);
     }
 }

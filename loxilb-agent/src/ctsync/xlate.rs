@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 
-use loxilb_common::{Addr, AssocKey, AssocVal, CtKey, CtVal, EpKey, EpVal, SvcKey, SvcVal};
+use loxilb_common::{
+    addr_fold, ct_dir, ct_state, ep_index_flags, ep_index_slot, Addr, AssocKey, AssocVal, CtKey,
+    CtVal, EpIndex, EpKey, EpVal, SvcKey, SvcVal,
+};
 
 use super::wire::{AssocRecord, Record};
 
@@ -151,6 +154,64 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
     ))
 }
 
+/// The endpoint index slot through which the replies of one-entry session
+/// (`k`, `v`) (`ct_state::ONE`, a forward entry) would find it: that of
+/// its endpoint (`v.xdaddr`, `v.xdport`, `k.proto`). `None` for any other
+/// entry.
+pub fn one_slot(k: &CtKey, v: &CtVal) -> Option<u32> {
+    (v.state & ct_state::ONE != 0 && v.dir == ct_dir::FORWARD)
+        .then(|| ep_index_slot(addr_fold(&v.xdaddr), v.xdport, k.proto))
+}
+
+/// Whether endpoint index slot `e` serves one-entry session (`k`, `v`) the
+/// way the datapath's reply lookup needs (`one_entry` in the datapath's
+/// conntrack): the slot holds the session's endpoint (address, port,
+/// protocol) and maps it to the session's VIP and port. A draining slot
+/// does not count: it still serves the replies of the sessions that used
+/// it, but the node's rules no longer give the endpoint to this service
+/// alone and the slot is emptied once no session needs it, so no new
+/// one-entry session is made on it here (as the datapath makes none).
+pub fn one_served(k: &CtKey, v: &CtVal, e: Option<&EpIndex>) -> bool {
+    e.is_some_and(|e| {
+        e.proto != 0
+            && e.flags & ep_index_flags::DRAINING == 0
+            && (e.addr, e.port, e.proto) == (v.xdaddr, v.xdport, k.proto)
+            && (e.vip, e.vport) == (k.daddr, k.dport)
+    })
+}
+
+/// One-entry session (`k`, `v`) as a two-entry one: its forward entry
+/// without `ct_state::ONE` (and without the reply direction's counters and
+/// next hop, which only a one-entry session keeps), and the reply entry
+/// the datapath would have created with it (keyed by `CtKey::peer` of the
+/// former; `create` in the datapath's conntrack). `None` for a session
+/// without a reply direction (DSR).
+pub fn split(k: &CtKey, v: &CtVal) -> Option<[(CtKey, CtVal); 2]> {
+    let fv = CtVal {
+        state: v.state & !ct_state::ONE,
+        rpackets: 0,
+        rbytes: 0,
+        rnh: Default::default(),
+        ..*v
+    };
+    let rk = k.peer(&fv)?;
+    let rv = CtVal {
+        xsaddr: k.daddr,
+        xdaddr: k.saddr,
+        xsport: k.dport,
+        xdport: k.sport,
+        rule_id: fv.rule_id,
+        timeout_s: fv.timeout_s,
+        last_seen_ns: fv.last_seen_ns,
+        dir: ct_dir::REPLY,
+        state: fv.state & ct_state::OPENING,
+        mode: fv.mode,
+        ep_stat: fv.ep_stat,
+        ..Default::default()
+    };
+    Some([(*k, fv), (rk, rv)])
+}
+
 /// The record of SCTP association entry (`k`, `v`) as the sender sends it.
 pub fn export_assoc(k: &AssocKey, v: &AssocVal, idx: &SenderIndex) -> Result<AssocRecord, Skip> {
     let rule = *idx.rules.get(&k.rule_id).ok_or(Skip::NoRule)?;
@@ -186,7 +247,7 @@ pub fn import_assoc(r: &AssocRecord, idx: &ReceiverIndex) -> Result<(AssocKey, A
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use loxilb_common::{addr_from_ip, ct_dir, NextHop, IPPROTO_TCP};
+    use loxilb_common::{addr_from_ip, NextHop, IPPROTO_TCP};
 
     pub fn a(s: &str) -> Addr {
         addr_from_ip(s.parse().unwrap())
@@ -399,5 +460,88 @@ pub(crate) mod tests {
         );
         let [(k, v), _] = session("192.168.0.2", 1, "20.0.0.102", "10.0.1.10", 1, 0, 0);
         assert_eq!(export(&k, &v, &s).unwrap().rule.addr, a("20.0.0.100"));
+    }
+
+    #[test]
+    fn a_one_entry_session_is_served_only_by_its_endpoints_live_slot_for_its_vip() {
+        let [(k, v), (rk, rv)] = session("192.168.0.2", 40000, "20.0.0.100", "10.0.1.10", 1, 0, 0);
+        let v = CtVal {
+            state: ct_state::ONE,
+            ..v
+        };
+        let e = EpIndex {
+            addr: a("10.0.1.10"),
+            vip: a("20.0.0.100"),
+            port: 8080u16.to_be(),
+            vport: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            flags: 0,
+            _pad2: 0,
+        };
+        assert_eq!(
+            one_slot(&k, &v),
+            Some(ep_index_slot(addr_fold(&e.addr), e.port, e.proto))
+        );
+        assert_eq!(one_slot(&k, &CtVal { state: 0, ..v }), None);
+        assert_eq!(one_slot(&rk, &rv), None);
+        assert!(one_served(&k, &v, Some(&e)));
+        for (what, bad) in [
+            ("empty", EpIndex::default()),
+            (
+                "address",
+                EpIndex {
+                    addr: a("10.0.1.11"),
+                    ..e
+                },
+            ),
+            (
+                "port",
+                EpIndex {
+                    port: 8081u16.to_be(),
+                    ..e
+                },
+            ),
+            ("protocol", EpIndex { proto: 17, ..e }),
+            (
+                "VIP",
+                EpIndex {
+                    vip: a("20.0.0.101"),
+                    ..e
+                },
+            ),
+            (
+                "service port",
+                EpIndex {
+                    vport: 81u16.to_be(),
+                    ..e
+                },
+            ),
+            (
+                "draining",
+                EpIndex {
+                    flags: ep_index_flags::DRAINING,
+                    ..e
+                },
+            ),
+        ] {
+            assert!(!one_served(&k, &v, Some(&bad)), "{what}");
+        }
+        assert!(!one_served(&k, &v, None));
+        // Split: the forward entry without the bit, and the reply entry a
+        // two-entry session of the same translation has (its counters and
+        // next hop aside: the datapath creates it with none).
+        let [(fk, fv), (sk, sv)] = split(&k, &v).unwrap();
+        assert_eq!((fk, fv), (k, CtVal { state: 0, ..v }));
+        assert_eq!(sk, rk);
+        assert_eq!(
+            sv,
+            CtVal {
+                packets: 0,
+                bytes: 0,
+                nh: NextHop::default(),
+                encap_src: [0; 4],
+                ..rv
+            }
+        );
     }
 }
