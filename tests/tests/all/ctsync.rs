@@ -18,7 +18,7 @@ use loxilb_agent::{
     datapath::{remove_pins, Datapath, PinnedMaps},
     rules::RuleTable,
 };
-use loxilb_common::{ct_state, AssocKey, AssocVal, CtKey, CtVal, EpVal, SvcKey};
+use loxilb_common::{ct_state, AssocKey, AssocVal, CtKey, CtVal, EpVal, SvcKey, IPPROTO_UDP};
 use loxilb_tests::tables::expect_frame;
 use loxilb_tests::{
     certs::Certs,
@@ -54,9 +54,11 @@ rules:
       - { ip: 10.0.1.10, port: 5353 }
 "#;
 
-/// Node B: the same rules in another order, and one A does not have that
-/// comes first (the reconciler numbers new rules in key order), so that
-/// rule ids and endpoint counter indexes differ.
+/// Node B: the same rules in another order, and two A does not have that
+/// come first (the reconciler numbers new rules in key order), so that
+/// rule ids and endpoint counter indexes differ. The second also has dns's
+/// endpoint: B's endpoint index does not hold it (two services claim it),
+/// so the dns session, of one entry on A, gets two on B.
 const RULES_B: &str = r#"
 rules:
   - name: extra
@@ -66,6 +68,12 @@ rules:
     endpoints:
       - { ip: 10.0.1.11, port: 9000 }
       - { ip: 10.0.1.10, port: 9000 }
+  - name: dns-too
+    vip: 20.0.0.51
+    port: 53
+    protocol: udp
+    endpoints:
+      - { ip: 10.0.1.10, port: 5353 }
   - name: dns
     vip: 20.0.0.100
     port: 53
@@ -289,7 +297,9 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
     )
     .unwrap();
     tx.set_active(true);
-    let took = wait_for("A's sessions on B", 20, || b.sessions().len() == 5);
+    // Five entries on A, six on B: the dns session's reply entry is made
+    // there.
+    let took = wait_for("A's sessions on B", 20, || b.sessions().len() == 6);
     eprintln!("snapshot of 5 entries applied on B after {took:?}");
 
     // Each entry on B: A's, with B's rule id and endpoint counter index
@@ -324,9 +334,16 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
             renumbered += 1;
         }
         assert_eq!((vb.nh.ifindex, vb.nh.expiry_ns), (0, 0));
+        // The dns session is of two entries on B (its endpoint is not in
+        // B's index); the web ones of one, as on A.
+        let state = if k.proto == IPPROTO_UDP {
+            va.state & !ct_state::ONE
+        } else {
+            va.state
+        };
         assert_eq!(
             (vb.xsaddr, vb.xdaddr, vb.xsport, vb.xdport, vb.dir, vb.mode, vb.state),
-            (va.xsaddr, va.xdaddr, va.xsport, va.xdport, va.dir, va.mode, va.state),
+            (va.xsaddr, va.xdaddr, va.xsport, va.xdport, va.dir, va.mode, state),
             "{k:?}: translation and state"
         );
         // The age carried over: B's last packet is A's (one clock here).
@@ -341,6 +358,14 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
         renumbered >= 3,
         "the nodes number endpoint counters differently ({renumbered} of 5)"
     );
+    // B's own entry: the dns session's reply entry.
+    let (dns_k, dns_v) = a_ct.iter().find(|(k, _)| k.proto == IPPROTO_UDP).unwrap();
+    assert_ne!(dns_v.state & ct_state::ONE, 0, "of one entry on A");
+    let made: Vec<(&CtKey, &CtVal)> = b_ct.iter().filter(|(k, _)| !a_ct.contains_key(k)).collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(Some(*made[0].0), dns_k.peer(&b_ct[dns_k]));
+    assert_eq!(made[0].1.dir, loxilb_common::ct_dir::REPLY);
+    assert!(rx.stats().inbound.apply.one_split >= 1);
 
     // The point: B translates the established packets exactly as A did.
     for (i, f) in est.iter().enumerate() {
@@ -443,7 +468,7 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
         .unwrap();
     assert_eq!(a.run(move |dp| dp.flush_sessions(a_web).unwrap()), 2);
     wait_for("the ended sessions to go on B", 10, || {
-        b.sessions().len() == 3
+        b.sessions().len() == 4
     });
     assert!(!b.sessions().contains_key(&k40000));
     let st = rx.stats();
@@ -489,7 +514,9 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
         }
     });
     let want = 3 + 2 * n as usize;
-    let took = wait_for("20,000 sessions on B", 60, || b.sessions().len() == want);
+    let took = wait_for("20,000 sessions on B", 60, || {
+        b.sessions().len() == want + 1
+    });
     // What one read of LB_CT costs (best of five: the machine may be
     // busy); the kernel's walk covers every bucket of the map.
     let t_read = (0..5)
