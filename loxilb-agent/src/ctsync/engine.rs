@@ -301,8 +301,9 @@ pub struct Applier {
     /// snapshot without it), and a snapshot never removes them for not
     /// holding them (no sender sends them).
     split: HashMap<CtKey, CtKey>,
-    /// Slots of this node's endpoint index read since the rules were
-    /// (refreshed with them).
+    /// Slots of this node's endpoint index as read since `index` was last
+    /// refreshed (cleared with it: the same lifetime, the same forced
+    /// refreshes).
     ep_slots: HashMap<u32, Option<EpIndex>>,
     /// Per sender during its snapshot: the keys it held so far.
     snapshot: HashMap<Arc<str>, HashSet<CtKey>>,
