@@ -505,61 +505,67 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         _pad1: 0,
         _pad2: 0,
     };
-    unsafe {
-        crate::zero_in_place(rv);
-        crate::set_addr(&mut (*rv).xsaddr, &fwd.daddr);
-        crate::set_addr(&mut (*rv).xdaddr, &fwd.saddr);
-        (*rv).xsport = fwd.dport;
-        (*rv).xdport = fwd.sport;
-        (*rv).rule_id = n.rule_id;
-        (*rv).timeout_s = n.timeout_s;
-        (*rv).last_seen_ns = n.now;
-        (*rv).dir = ct_dir::REPLY;
-        (*rv).state = n.opening;
-        (*rv).mode = n.mode;
-        (*rv).ep_stat = n.ep_stat;
-    }
-    let rev_val = unsafe { &*rv };
     let no_reply_entry = n.dsr || n.one;
-    if no_reply_entry {
-        // no reply entry
-    } else if n.snat {
-        // The reply entry is the port's allocation record: the first free
-        // (endpoint, source, port) tuple wins; it is released with the
-        // session.
-        let range = (n.port_hi as u32).saturating_sub(n.port_lo as u32) + 1;
-        let h = flow_hash(&fwd.saddr, &fwd.daddr, fwd.sport, fwd.dport, fwd.proto);
-        let mut i = 0;
-        let mut ok = false;
-        while i < SNAT_TRIES {
-            // An independent hash per try (not a fixed stride from one
-            // start: flows whose starts are near would then share their
-            // whole probe sequence, and runs of taken ports fail new
-            // sessions at a third of the range in use).
-            let port =
-                n.port_lo as u32 + mix32(h ^ i.wrapping_add(1).wrapping_mul(0x9e37_79b9)) % range;
-            rev.dport = (port as u16).to_be();
-            if LB_CT.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
-                ok = true;
-                break;
-            }
-            // Taken: by a live session, or by one that ended and was never
-            // seen again (nothing removed it). Reclaim the latter.
-            if reclaim(&rev, n.now) && LB_CT.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
-                ok = true;
-                break;
-            }
-            i += 1;
+    // The reply entry's value, built only for a session that has one (a
+    // new DNAT session to an indexed endpoint, or a DSR one, does not).
+    let rev_val = if no_reply_entry {
+        None
+    } else {
+        unsafe {
+            crate::zero_in_place(rv);
+            crate::set_addr(&mut (*rv).xsaddr, &fwd.daddr);
+            crate::set_addr(&mut (*rv).xdaddr, &fwd.saddr);
+            (*rv).xsport = fwd.dport;
+            (*rv).xdport = fwd.sport;
+            (*rv).rule_id = n.rule_id;
+            (*rv).timeout_s = n.timeout_s;
+            (*rv).last_seen_ns = n.now;
+            (*rv).dir = ct_dir::REPLY;
+            (*rv).state = n.opening;
+            (*rv).mode = n.mode;
+            (*rv).ep_stat = n.ep_stat;
+            Some(&*rv)
         }
-        if !ok {
-            count(stat::DROP_SNAT_EXHAUSTED);
+    };
+    if let Some(rev_val) = rev_val {
+        if n.snat {
+            // The reply entry is the port's allocation record: the first free
+            // (endpoint, source, port) tuple wins; it is released with the
+            // session.
+            let range = (n.port_hi as u32).saturating_sub(n.port_lo as u32) + 1;
+            let h = flow_hash(&fwd.saddr, &fwd.daddr, fwd.sport, fwd.dport, fwd.proto);
+            let mut i = 0;
+            let mut ok = false;
+            while i < SNAT_TRIES {
+                // An independent hash per try (not a fixed stride from one
+                // start: flows whose starts are near would then share their
+                // whole probe sequence, and runs of taken ports fail new
+                // sessions at a third of the range in use).
+                let port = n.port_lo as u32
+                    + mix32(h ^ i.wrapping_add(1).wrapping_mul(0x9e37_79b9)) % range;
+                rev.dport = (port as u16).to_be();
+                if LB_CT.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
+                    ok = true;
+                    break;
+                }
+                // Taken: by a live session, or by one that ended and was never
+                // seen again (nothing removed it). Reclaim the latter.
+                if reclaim(&rev, n.now) && LB_CT.insert(&rev, rev_val, BPF_NOEXIST as u64).is_ok() {
+                    ok = true;
+                    break;
+                }
+                i += 1;
+            }
+            if !ok {
+                count(stat::DROP_SNAT_EXHAUSTED);
+                return None;
+            }
+            x.xsp = rev.dport;
+        } else if LB_CT.insert(&rev, rev_val, 0).is_err() {
+            // Reply entry first, so a fast reply never finds half a session.
+            count(stat::DROP_CT_FULL);
             return None;
         }
-        x.xsp = rev.dport;
-    } else if LB_CT.insert(&rev, rev_val, 0).is_err() {
-        // Reply entry first, so a fast reply never finds half a session.
-        count(stat::DROP_CT_FULL);
-        return None;
     }
     unsafe {
         crate::zero_in_place(fv);

@@ -138,16 +138,27 @@ pub fn loxilb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Zero `*p` in place with volatile 32-bit stores, so LLVM cannot turn it
-/// into a call to `memset` (which the BPF backend emits as a byte loop).
+/// Zero `*p` in place with volatile stores, so LLVM cannot turn it into a
+/// call to `memset` (which the BPF backend emits as a byte loop): 64-bit
+/// stores where the type allows (half as many instructions: a new
+/// session zeroes two 176-byte values), else 32-bit ones.
 #[inline(always)]
 pub(crate) unsafe fn zero_in_place<T>(p: *mut T) {
     const { assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };
-    let w = p as *mut u32;
-    let mut i = 0;
-    while i < core::mem::size_of::<T>() / 4 {
-        unsafe { core::ptr::write_volatile(w.add(i), 0) };
-        i += 1;
+    if core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8 {
+        let w = p as *mut u64;
+        let mut i = 0;
+        while i < core::mem::size_of::<T>() / 8 {
+            unsafe { core::ptr::write_volatile(w.add(i), 0) };
+            i += 1;
+        }
+    } else {
+        let w = p as *mut u32;
+        let mut i = 0;
+        while i < core::mem::size_of::<T>() / 4 {
+            unsafe { core::ptr::write_volatile(w.add(i), 0) };
+            i += 1;
+        }
     }
 }
 
