@@ -253,8 +253,9 @@ pub fn one_entry_service(
 }
 
 /// Look the packet up and, on a hit, account it and advance TCP state.
-/// `one` (a constant): a reply may be to a one-entry session (IPv4 only: the IPv6
-/// programs have no verifier budget left for a second way to a session).
+/// `one`: the packet may be a reply to a one-entry session (IPv4 only: the
+/// IPv6 programs have no verifier budget left for a second way to a
+/// session; and its source may be an endpoint, by the address filter).
 #[inline(always)]
 pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64, one: bool) -> Ct {
     let v = if one {

@@ -173,14 +173,18 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     // Cheap exit for traffic that touches no VIP and no endpoint. (Not for
     // SCTP: a multihomed endpoint's other addresses are learnt from its
     // INIT-ACK, not configured, so only the session table knows them.)
-    if !maybe_ours(&p.daddr) && !maybe_ours(&p.saddr) && p.proto != loxilb_common::IPPROTO_SCTP {
+    let from_ours = maybe_ours(&p.saddr);
+    if !from_ours && !maybe_ours(&p.daddr) && p.proto != loxilb_common::IPPROTO_SCTP {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     }
     let key = conntrack::key_of(&p);
     let now = conntrack::now_ns();
-    // (`!V6`: one-entry sessions are IPv4: see `conntrack::lookup`.)
-    if let Ct::Hit { x, v, nh, ep } = conntrack::lookup(&p, end, &key, now, !V6) {
+    // (`!V6`: one-entry sessions are IPv4: see `conntrack::lookup`. Only
+    // a packet whose source passes the address filter can be an
+    // endpoint's reply: a client's packet reads no endpoint index slot,
+    // which for a new client port is a cache miss.)
+    if let Ct::Hit { x, v, nh, ep } = conntrack::lookup(&p, end, &key, now, !V6 && from_ours) {
         count(stat::CT_HIT);
         if let Some(rs) = rule_stats(unsafe { (*v).rule_id }) {
             unsafe {
