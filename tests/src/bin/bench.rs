@@ -101,8 +101,8 @@ rules:
     endpoints:
       - { ip: 10.0.1.10, port: 8080 }
       - { ip: 10.0.1.11, port: 8080 }
-  - { name: onearm, vip: 20.0.0.100, port: 81, protocol: tcp, mode: onearm, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
-  - { name: fullnat, vip: 20.0.0.100, port: 82, protocol: tcp, mode: fullnat, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
+  - { name: onearm, vip: 20.0.0.100, port: 81, protocol: tcp, mode: onearm, endpoints: [{ ip: 10.0.1.10, port: 8081 }] }
+  - { name: fullnat, vip: 20.0.0.100, port: 82, protocol: tcp, mode: fullnat, endpoints: [{ ip: 10.0.1.10, port: 8082 }] }
   - { name: dsr, vip: 20.0.0.100, port: 83, protocol: tcp, mode: dsr, endpoints: [{ ip: 10.0.1.10, port: 83 }] }
   - { name: dsr-ipip, vip: 20.0.0.100, port: 84, protocol: tcp, mode: dsr-ipip, endpoints: [{ ip: 10.0.1.10, port: 84 }] }
   - { name: hash, vip: 20.0.0.100, port: 85, protocol: tcp, selection: hash, endpoints: [{ ip: 10.0.1.10, port: 8085 }, { ip: 10.0.1.11, port: 8085 }] }
@@ -220,7 +220,10 @@ const MODES: [ModeSpec; 5] = [
         rule: "onearm",
         lb_mode: lb_mode::ONEARM,
         vport: 81,
-        ep_port: EP_PORT,
+        // (Not web's endpoint port: a reply from an endpoint the index
+        // holds for a DNAT service pays a failed lookup of the forward
+        // key first, which is not this mode's path.)
+        ep_port: 8081,
         entries: 2,
         est_label: "established (onearm)",
         reply_label: Some("reply (onearm)"),
@@ -232,7 +235,7 @@ const MODES: [ModeSpec; 5] = [
         rule: "fullnat",
         lb_mode: lb_mode::FULLNAT,
         vport: 82,
-        ep_port: EP_PORT,
+        ep_port: 8082,
         entries: 2,
         est_label: "established (fullnat)",
         reply_label: Some("reply (fullnat)"),
