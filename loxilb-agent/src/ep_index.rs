@@ -37,6 +37,11 @@ type EpId = (Addr, u16, u8);
 /// A service: VIP, port (network order).
 type Svc = (Addr, u16);
 
+/// The service an endpoint is counted as serving for a rule that does not
+/// claim it but whose replies come back through the node (see
+/// [`EpIndexRefs::rule`]): no VIP and port are these.
+const OTHER: Svc = ([u32::MAX; 4], 0);
+
 fn slot_of(id: &EpId) -> u32 {
     ep_index_slot(addr_fold(&id.0), id.1, id.2)
 }
@@ -110,12 +115,23 @@ impl EpIndexRefs {
         self.dirty.insert(slot);
     }
 
-    /// Count (or uncount) the claims of rule `i` on its endpoints.
+    /// Count (or uncount) the claims of rule `i` on its endpoints. A rule
+    /// whose sessions keep two entries but whose endpoints' replies come
+    /// back through the node (onearm, fullnat, NAT64) counts too, as the
+    /// service [`OTHER`]: its IPv4 TCP/UDP endpoints are then not one DNAT
+    /// service's alone, and are not indexed (their replies to it would
+    /// each pay a failed lookup of a forward key first).
     pub fn rule(&mut self, i: &Installed, up: bool) {
-        if !claims(i) {
+        let svc = if claims(i) {
+            (i.key.addr, i.key.port)
+        } else if i.mode != lb_mode::DSR
+            && i.mode != lb_mode::DSR_IPIP
+            && (i.key.proto == IPPROTO_TCP || i.key.proto == IPPROTO_UDP)
+        {
+            OTHER
+        } else {
             return;
-        }
-        let svc = (i.key.addr, i.key.port);
+        };
         for e in i.eps.iter().filter(|e| is_v4(&e.addr)) {
             self.claim((e.addr, e.port, i.key.proto), svc, up);
         }
@@ -133,6 +149,9 @@ impl EpIndexRefs {
             return None;
         }
         let (vip, vport) = *c.keys().next()?;
+        if (vip, vport) == OTHER {
+            return None;
+        }
         Some(EpIndex {
             addr: id.0,
             vip,
@@ -366,6 +385,56 @@ mod tests {
         assert_eq!(ix.drain(&[], &mut t).unwrap(), 1);
         assert!(t.ep_index.is_empty());
         assert!(ix.written().is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_a_rule_of_another_mode_shares_is_not_indexed() {
+        let mut t = Table::default();
+        let web = rule("20.0.0.100", 80, lb_mode::DEFAULT, &[("10.0.1.10", 8080)]);
+        let mut ix = EpIndexRefs::of([&web].into_iter(), std::iter::empty());
+        ix.flush(&mut t).unwrap();
+        assert_eq!(get(&t, "10.0.1.10", 8080).map(|e| e.flags), Some(0));
+        for (what, other) in [
+            (
+                "onearm",
+                rule("20.0.0.100", 81, lb_mode::ONEARM, &[("10.0.1.10", 8080)]),
+            ),
+            (
+                "fullnat",
+                rule("20.0.0.100", 82, lb_mode::FULLNAT, &[("10.0.1.10", 8080)]),
+            ),
+            (
+                "NAT64",
+                rule("fd00::1", 84, lb_mode::DEFAULT, &[("10.0.1.10", 8080)]),
+            ),
+        ] {
+            ix.rule(&other, true);
+            ix.flush(&mut t).unwrap();
+            assert_eq!(
+                get(&t, "10.0.1.10", 8080).map(|e| e.flags),
+                Some(ep_index_flags::DRAINING),
+                "{what}"
+            );
+            ix.rule(&other, false);
+            ix.flush(&mut t).unwrap();
+            assert_eq!(
+                get(&t, "10.0.1.10", 8080).map(|e| e.flags),
+                Some(0),
+                "{what}"
+            );
+        }
+        // DSR: the endpoint answers the client directly; nothing of its
+        // comes back through the node to pay for the index.
+        let dsr = rule("20.0.0.100", 83, lb_mode::DSR, &[("10.0.1.10", 8080)]);
+        ix.rule(&dsr, true);
+        ix.flush(&mut t).unwrap();
+        assert_eq!(get(&t, "10.0.1.10", 8080).map(|e| e.flags), Some(0));
+        // Another mode's rule alone on an endpoint: nothing indexed.
+        let t2 = &mut Table::default();
+        let fullnat = rule("20.0.0.100", 82, lb_mode::FULLNAT, &[("10.0.1.12", 8080)]);
+        let mut ix2 = EpIndexRefs::of([&fullnat].into_iter(), std::iter::empty());
+        ix2.flush(t2).unwrap();
+        assert!(t2.ep_index.is_empty());
     }
 
     #[test]

@@ -85,6 +85,10 @@ const VIP: &str = "20.0.0.100";
 const CLIENT: &str = "192.168.0.2";
 const CLIENT_PORT: u16 = 40000;
 const EP_PORT: u16 = 8080;
+/// The NAT64 rule's endpoint port: not web's (an IPv4 endpoint a NAT64
+/// rule shares is not in the endpoint index, and web's sessions would
+/// keep two entries).
+const NAT64_EP_PORT: u16 = 8064;
 
 /// The node's address on the endpoints' segment in `fib_netns` (d0): the
 /// onearm source and the outer source of IPIP DSR.
@@ -111,7 +115,7 @@ rules:
   - { name: web-shared, vip: 20.0.0.100, port: 88, protocol: tcp, endpoints: [{ ip: 10.0.1.10, port: 8088 }, { ip: 10.0.1.11, port: 8088 }] }
   - { name: web-shared2, vip: 20.0.0.100, port: 89, protocol: tcp, endpoints: [{ ip: 10.0.1.10, port: 8088 }, { ip: 10.0.1.11, port: 8088 }] }
   - { name: web6, vip: "fd00:20::100", port: 80, protocol: tcp, endpoints: [{ ip: "fd00:1::10", port: 8080 }] }
-  - { name: nat64, vip: "fd00:20::100", port: 84, protocol: tcp, endpoints: [{ ip: 10.0.1.10, port: 8080 }] }
+  - { name: nat64, vip: "fd00:20::100", port: 84, protocol: tcp, endpoints: [{ ip: 10.0.1.10, port: 8064 }] }
   - { name: sctp, vip: 20.0.0.100, port: 3868, protocol: sctp, endpoints: [{ ip: 10.0.1.10, port: 30868 }] }
   - { name: sctp-mh, vip: 20.0.0.100, secondary_vips: [20.0.0.101], port: 3870, protocol: sctp, endpoints: [{ ip: 10.0.1.10, port: 30870 }] }
 "#;
@@ -609,7 +613,7 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
     }
     let sport = u16::from_be_bytes([out[34], out[35]]);
     let as_v4 = |f: &Frame| {
-        let mut g = f.with(LB_EP_ADDR, sport, "10.0.1.10", EP_PORT);
+        let mut g = f.with(LB_EP_ADDR, sport, "10.0.1.10", NAT64_EP_PORT);
         g.id = 0;
         g.frag = 0;
         g.routed(LB_TO_EP_MAC, EP1_MAC).bytes()
@@ -626,7 +630,7 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
         XDP_REDIRECT,
         &as_v4(&ack64),
     )?;
-    let reply64 = Frame::tcp("10.0.1.10", EP_PORT, LB_EP_ADDR, sport, ACK);
+    let reply64 = Frame::tcp("10.0.1.10", NAT64_EP_PORT, LB_EP_ADDR, sport, ACK);
     let want = reply64
         .with(VIP6, 84, CLIENT6, CLIENT_PORT)
         .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
@@ -640,7 +644,7 @@ fn open_ipv6_flows(dp: &mut Datapath, notes: &mut Vec<String>) -> Result<Vec<(Ex
         &want,
     )?;
     notes.push(format!(
-        "NAT64 flow (rule nat64) [{CLIENT6}]:{CLIENT_PORT} -> [{VIP6}]:84: to {LB_EP_ADDR}:{sport} -> 10.0.1.10:{EP_PORT}, reply translated back to IPv6"
+        "NAT64 flow (rule nat64) [{CLIENT6}]:{CLIENT_PORT} -> [{VIP6}]:84: to {LB_EP_ADDR}:{sport} -> 10.0.1.10:{NAT64_EP_PORT}, reply translated back to IPv6"
     ));
     // SCTP: an association opened by an INIT, then DATA (ports rewritten:
     // the CRC32c is updated for them).
