@@ -3,22 +3,25 @@
 //! and port. A new session to an indexed endpoint has one conntrack entry
 //! (`ct_state::ONE`): the endpoint's replies find it through the index.
 //!
-//! An endpoint claimed by two services (or sharing its slot with another
-//! endpoint) is not indexed: its sessions keep two entries. A slot whose
+//! An endpoint claimed by two services, also used by an onearm, full-NAT
+//! or NAT64 rule (whose replies would pay a failed lookup of a forward key
+//! first), or sharing its slot with another endpoint is not indexed: its
+//! sessions keep two entries. A slot whose
 //! claim goes (the endpoint left its rule, another rule took it too) is
 //! first marked draining: live one-entry sessions still find their
 //! replies through it, new ones are not made; [`EpIndexRefs::drain`]
 //! empties it once no session needs it, as seen by [`CLEAN_WALKS`] walks
 //! of the session table in a row that began after the mark (the agent's
-//! upkeep, which walks the table anyway, writes pending marks first). Counted like the address filter: changes
-//! are written by [`EpIndexRefs::flush`], what a failed write left stays
-//! pending for the next one.
+//! upkeep, which walks the table anyway, writes pending marks first).
+//! Counted like the address filter: changes are written by
+//! [`EpIndexRefs::flush`], what a failed write left stays pending for the
+//! next one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::Result;
 use loxilb_common::{
-    addr_fold, ct_state, ep_index_flags, ep_index_slot, is_v4, lb_mode, Addr, CtKey, CtVal,
+    addr_fold, ct_dir, ct_state, ep_index_flags, ep_index_slot, is_v4, lb_mode, Addr, CtKey, CtVal,
     EpIndex, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -33,17 +36,32 @@ pub const CLEAN_WALKS: u32 = 2;
 
 /// An endpoint as the index knows it: address, port (network order),
 /// protocol.
-type EpId = (Addr, u16, u8);
+pub type EpId = (Addr, u16, u8);
 /// A service: VIP, port (network order).
-type Svc = (Addr, u16);
+pub type Svc = (Addr, u16);
 
 /// The service an endpoint is counted as serving for a rule that does not
 /// claim it but whose replies come back through the node (see
 /// [`EpIndexRefs::rule`]): no VIP and port are these.
 const OTHER: Svc = ([u32::MAX; 4], 0);
 
-fn slot_of(id: &EpId) -> u32 {
+/// The slot of endpoint `id`.
+pub fn slot_of(id: &EpId) -> u32 {
     ep_index_slot(addr_fold(&id.0), id.1, id.2)
+}
+
+/// The endpoint and service whose index slot one-entry session (`k`,
+/// `v`) needs for its replies to find it (the datapath's `one_entry`: the
+/// slot of the endpoint, holding that endpoint for the session's VIP and
+/// port); `None` for any other entry.
+pub fn needed_by(k: &CtKey, v: &CtVal) -> Option<(EpId, Svc)> {
+    (v.state & ct_state::ONE != 0 && v.dir == ct_dir::FORWARD)
+        .then_some(((v.xdaddr, v.xdport, k.proto), (k.daddr, k.dport)))
+}
+
+/// The endpoint and service slot entry `e` maps.
+pub fn mapping(e: &EpIndex) -> (EpId, Svc) {
+    ((e.addr, e.port, e.proto), (e.vip, e.vport))
 }
 
 /// Whether rule `i`'s sessions may have one entry: IPv4 DNAT over TCP or
@@ -224,15 +242,12 @@ impl EpIndexRefs {
         if draining.is_empty() {
             return Ok(0);
         }
-        let needed: BTreeSet<(Addr, u16, u8, Addr, u16)> = live
-            .iter()
-            .filter(|(_, v)| v.state & ct_state::ONE != 0)
-            .map(|(k, v)| (v.xdaddr, v.xdport, k.proto, k.daddr, k.dport))
-            .collect();
+        let needed: BTreeSet<(EpId, Svc)> =
+            live.iter().filter_map(|(k, v)| needed_by(k, v)).collect();
         let mut released = 0;
         let mut failed = None;
         for (slot, e) in draining {
-            if needed.contains(&(e.addr, e.port, e.proto, e.vip, e.vport)) {
+            if needed.contains(&mapping(&e)) {
                 self.clean.insert(slot, 0);
                 continue;
             }

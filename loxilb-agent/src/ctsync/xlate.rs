@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 
 use loxilb_common::{
-    addr_fold, ct_dir, ct_state, ep_index_flags, ep_index_slot, Addr, AssocKey, AssocVal, CtKey,
-    CtVal, EpIndex, EpKey, EpVal, SvcKey, SvcVal,
+    ct_dir, ct_state, ep_index_flags, Addr, AssocKey, AssocVal, CtKey, CtVal, EpIndex, EpKey,
+    EpVal, SvcKey, SvcVal,
 };
 
 use super::wire::{AssocRecord, Record};
+use crate::ep_index;
 
 /// Why an entry could not be translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,27 +157,24 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
 
 /// The endpoint index slot through which the replies of one-entry session
 /// (`k`, `v`) (`ct_state::ONE`, a forward entry) would find it: that of
-/// its endpoint (`v.xdaddr`, `v.xdport`, `k.proto`). `None` for any other
-/// entry.
+/// its endpoint. `None` for any other entry.
 pub fn one_slot(k: &CtKey, v: &CtVal) -> Option<u32> {
-    (v.state & ct_state::ONE != 0 && v.dir == ct_dir::FORWARD)
-        .then(|| ep_index_slot(addr_fold(&v.xdaddr), v.xdport, k.proto))
+    ep_index::needed_by(k, v).map(|(ep, _)| ep_index::slot_of(&ep))
 }
 
 /// Whether endpoint index slot `e` serves one-entry session (`k`, `v`) the
-/// way the datapath's reply lookup needs (`one_entry` in the datapath's
-/// conntrack): the slot holds the session's endpoint (address, port,
-/// protocol) and maps it to the session's VIP and port. A draining slot
-/// does not count: it still serves the replies of the sessions that used
-/// it, but the node's rules no longer give the endpoint to this service
-/// alone and the slot is emptied once no session needs it, so no new
-/// one-entry session is made on it here (as the datapath makes none).
+/// way the datapath's reply lookup needs ([`ep_index::needed_by`]): the
+/// slot holds the session's endpoint and maps it to the session's VIP and
+/// port. A draining slot does not count: it still serves the replies of
+/// the sessions that used it, but the node's rules no longer give the
+/// endpoint to this service alone and the slot is emptied once no session
+/// needs it, so no new one-entry session is made on it here (as the
+/// datapath makes none).
 pub fn one_served(k: &CtKey, v: &CtVal, e: Option<&EpIndex>) -> bool {
     e.is_some_and(|e| {
         e.proto != 0
             && e.flags & ep_index_flags::DRAINING == 0
-            && (e.addr, e.port, e.proto) == (v.xdaddr, v.xdport, k.proto)
-            && (e.vip, e.vport) == (k.daddr, k.dport)
+            && ep_index::needed_by(k, v) == Some(ep_index::mapping(e))
     })
 }
 
@@ -247,7 +245,7 @@ pub fn import_assoc(r: &AssocRecord, idx: &ReceiverIndex) -> Result<(AssocKey, A
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use loxilb_common::{addr_from_ip, NextHop, IPPROTO_TCP};
+    use loxilb_common::{addr_fold, addr_from_ip, ep_index_slot, NextHop, IPPROTO_TCP};
 
     pub fn a(s: &str) -> Addr {
         addr_from_ip(s.parse().unwrap())
