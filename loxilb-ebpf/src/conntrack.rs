@@ -213,26 +213,24 @@ unsafe fn account(v: *mut CtVal, now: u64, reply: bool, len: u32) {
 /// A reply to a one-entry session (`ct_state::ONE`): a packet from an
 /// endpoint in the index, to a client of the service it serves, whose
 /// session with that endpoint has one entry ([`one_entry`]). Accounted
-/// and its TCP state advanced as `lookup` does; the entry, or null for
-/// anything else (the packet is then looked up by its own tuple).
+/// and its TCP state advanced as `lookup` does; the entry and its key, or
+/// None for anything else (the packet is then looked up by its own tuple).
 #[inline(always)]
-fn one_reply(p: &Pkt, end: usize, now: u64) -> *mut CtVal {
-    let Some((key, v)) = one_entry(&p.saddr, p.sport, &p.daddr, p.dport, p.proto) else {
-        return core::ptr::null_mut();
-    };
+fn one_reply(p: &Pkt, end: usize, now: u64) -> Option<(*const CtKey, *mut CtVal)> {
+    let (key, v) = one_entry(&p.saddr, p.sport, &p.daddr, p.dport, p.proto)?;
     unsafe {
-        let key = &*key;
-        if over(key, v, now) {
-            end_session(key, v);
+        let k = &*key;
+        if over(k, v, now) {
+            end_session(k, v);
             count(stat::CT_EXPIRED);
-            return core::ptr::null_mut();
+            return None;
         }
         account(v, now, true, p.l3_len);
         let flags = tcp_flags(p, end);
         if flags & (TCP_FIN | TCP_RST) != 0 {
-            tcp_close(key, v, flags, true);
+            tcp_close(k, v, flags, true);
         }
-        v
+        Some((key, v))
     }
 }
 
@@ -258,16 +256,8 @@ pub fn one_entry_service(
 /// session; and its source may be an endpoint, by the address filter).
 #[inline(always)]
 pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64, one: bool) -> Ct {
-    let v = if one {
-        one_reply(p, end, now)
-    } else {
-        core::ptr::null_mut()
-    };
-    if !v.is_null() {
+    if let Some((fk, v)) = if one { one_reply(p, end, now) } else { None } {
         // Back from the client's VIP and port (its entry's key), to it.
-        let Some(fk) = LB_SCRATCH_KEY.get_ptr(1) else {
-            return Ct::Miss;
-        };
         return unsafe {
             Ct::Hit {
                 x: Xlate {
