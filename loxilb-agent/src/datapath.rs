@@ -891,6 +891,15 @@ impl Datapath {
         array_put(self, mn::EP_SLOTS, idx, val)
     }
 
+    /// Whether the address filter lets packets from or to `a` through to
+    /// the session table (its bit, which other addresses may share, is
+    /// set).
+    pub fn filter_passes(&self, a: Addr) -> Result<bool> {
+        let (w, b) = loxilb_common::addr_filter_bit(loxilb_common::addr_fold(&a));
+        let f: Array<_, u64> = Array::try_from(self.map(mn::ADDR_FILTER)?)?;
+        Ok(f.get(&w, 0)? & (1 << b) != 0)
+    }
+
     pub fn clear_sessions(&mut self) -> Result<usize> {
         let mut ct: HashMap<_, CtKey, CtVal> = HashMap::try_from(self.map_mut(mn::CONNTRACK)?)?;
         let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>()?;

@@ -447,6 +447,14 @@ impl Node {
                     Ok(n) => debug!(released = n, "endpoint index slots drained"),
                     Err(e) => warn!("updating the endpoint index failed: {e:#}"),
                 }
+                match self.rules.drain_filter(&live, &mut self.dp) {
+                    Ok(0) => {}
+                    Ok(n) => debug!(
+                        released = n,
+                        "endpoints without sessions left the address filter"
+                    ),
+                    Err(e) => warn!("updating the address filter failed: {e:#}"),
+                }
             }
             Err(e) => warn!("walking the session table failed: {e:#}"),
         }

@@ -342,6 +342,13 @@ impl RuleIds {
 /// VIP goes when its last rule does. Changes are written by
 /// [`AddrRefs::flush`]; what is still unwritten (a write failed) stays
 /// pending for the next flush.
+///
+/// An endpoint that leaves a rule keeps a count of its own (it lingers)
+/// while sessions to it may live: the filter lets through only packets
+/// to or from its addresses, and a live session's replies come from the
+/// endpoint to the client. [`AddrRefs::drain`] lets it go once
+/// [`ep_index::CLEAN_WALKS`] walks of the session table in a row found
+/// no session with it.
 #[derive(Debug)]
 struct AddrRefs {
     /// Per filter bit: how many (rule VIP or endpoint) addresses set it.
@@ -354,6 +361,8 @@ struct AddrRefs {
     /// The VIPs as written in the map.
     vips: BTreeSet<Addr>,
     dirty_vips: BTreeSet<Addr>,
+    /// Endpoint addresses kept for their sessions: clean walks in a row.
+    lingering: BTreeMap<Addr, u32>,
 }
 
 fn filter_bit(a: &Addr) -> (u32, u32) {
@@ -370,6 +379,7 @@ impl AddrRefs {
             vip_refs: HashMap::new(),
             vips: BTreeSet::new(),
             dirty_vips: BTreeSet::new(),
+            lingering: BTreeMap::new(),
         };
         for i in installed {
             r.add_rule(i);
@@ -439,14 +449,57 @@ impl AddrRefs {
         self.rule(i, false)
     }
 
-    /// The endpoints of a rule changed from `old` to `new`.
+    /// The endpoints of a rule changed from `old` to `new`: those that
+    /// left linger for their sessions.
     fn eps(&mut self, old: &[EpVal], new: &[EpVal]) {
         for e in new {
             self.addr(&e.addr, true);
         }
         for e in old {
+            if !new.iter().any(|n| n.addr == e.addr) {
+                self.linger(e.addr);
+            }
             self.addr(&e.addr, false);
         }
+    }
+
+    /// Keep endpoint address `a` in the filter for its sessions (again
+    /// from a count of zero clean walks).
+    fn linger(&mut self, a: Addr) {
+        if self.lingering.insert(a, 0).is_none() {
+            self.addr(&a, true);
+        }
+    }
+
+    /// Count a walk of the session table: `needed` holds the endpoint
+    /// address of every live session ([`session_endpoint`]). A needed
+    /// address the filter does not let through (left by an agent before a
+    /// restart, say) starts lingering; a lingering one that
+    /// [`ep_index::CLEAN_WALKS`] walks in a row did not need is let go.
+    /// Returns how many were let go (written by the next flush).
+    fn drain(&mut self, needed: &BTreeSet<Addr>) -> usize {
+        for a in needed {
+            let (w, b) = filter_bit(a);
+            if self.bits[(w * 64 + b) as usize] == 0 {
+                self.linger(*a);
+            }
+        }
+        let mut done = vec![];
+        for (a, walks) in self.lingering.iter_mut() {
+            if needed.contains(a) {
+                *walks = 0;
+            } else {
+                *walks += 1;
+                if *walks >= crate::ep_index::CLEAN_WALKS {
+                    done.push(*a);
+                }
+            }
+        }
+        for a in &done {
+            self.lingering.remove(a);
+            self.addr(a, false);
+        }
+        done.len()
     }
 
     /// Write the words and VIPs that changed.
@@ -471,6 +524,21 @@ impl AddrRefs {
             self.dirty_vips.remove(&v);
         }
         Ok(())
+    }
+}
+
+/// The endpoint address whose packets entry (`k`, `v`) translates: the
+/// source of a reply entry's packets, where a forward entry sends its
+/// packets (none for DSR, whose replies do not come back through the
+/// node).
+pub fn session_endpoint(k: &loxilb_common::CtKey, v: &loxilb_common::CtVal) -> Option<Addr> {
+    use loxilb_common::ct_dir;
+    if v.dir == ct_dir::REPLY {
+        Some(k.saddr)
+    } else if v.mode == lb_mode::DSR || v.mode == lb_mode::DSR_IPIP {
+        None
+    } else {
+        Some(v.xdaddr)
     }
 }
 
@@ -714,6 +782,31 @@ impl Rules {
         self.index.drain(live, t)
     }
 
+    /// Let go of the endpoint addresses that linger in the address filter
+    /// (they left their rules) once no session of `live` (the session
+    /// table, walked after they left) has needed them for
+    /// `ep_index::CLEAN_WALKS` walks; keep there the endpoint of any live
+    /// session the filter would not let through. Returns how many
+    /// addresses were let go.
+    pub fn drain_filter(
+        &mut self,
+        live: &[(loxilb_common::CtKey, loxilb_common::CtVal)],
+        t: &mut dyn RuleTable,
+    ) -> Result<usize> {
+        let needed: BTreeSet<Addr> = live
+            .iter()
+            .filter_map(|(k, v)| session_endpoint(k, v))
+            .collect();
+        let n = self.addrs.drain(&needed);
+        self.addrs.flush(t)?;
+        Ok(n)
+    }
+
+    /// The endpoint addresses that linger in the address filter.
+    pub fn lingering(&self) -> impl Iterator<Item = &Addr> {
+        self.addrs.lingering.keys()
+    }
+
     pub fn installed(&self) -> impl Iterator<Item = &Installed> {
         self.installed.values()
     }
@@ -761,8 +854,9 @@ impl Rules {
         Ok(true)
     }
 
-    /// The address filter recomputed from every installed rule (what the
-    /// reference counts must always agree with).
+    /// The address filter recomputed from every installed rule and the
+    /// lingering endpoints (what the reference counts must always agree
+    /// with).
     #[cfg(test)]
     fn compute_filter(&self) -> Vec<u64> {
         let mut f = vec![0u64; ADDR_FILTER_WORDS as usize];
@@ -778,6 +872,9 @@ impl Rules {
             for e in &i.eps {
                 set(e.addr);
             }
+        }
+        for a in self.addrs.lingering.keys() {
+            set(*a);
         }
         f
     }
@@ -2295,6 +2392,16 @@ pub mod tests {
                     "step {step}"
                 );
             }
+            // No session is left: the endpoints that left their rules stop
+            // lingering in the filter after the walks that see none.
+            for _ in 0..crate::ep_index::CLEAN_WALKS {
+                full.drain_filter(&[], &mut tf).unwrap();
+                inc.drain_filter(&[], &mut ti).unwrap();
+            }
+            assert_eq!(full.lingering().count(), 0);
+            assert_eq!(inc.lingering().count(), 0);
+            assert_same_maps(&tf, &ti, 60);
+            assert_filter_and_vips_exact(&inc, &ti, 60);
             // An agent restart: both adopt what the maps hold and go on.
             let mut full = Rules::adopt(full.installed().cloned().collect());
             let mut inc = Rules::adopt(inc.installed().cloned().collect());
@@ -2320,6 +2427,85 @@ pub mod tests {
             }
         }
         assert!(multihomed > 100, "multihomed rules seen {multihomed} times");
+    }
+
+    /// An endpoint that leaves its rule stays in the address filter while
+    /// a session to it lives (its replies come from it), and goes after
+    /// `CLEAN_WALKS` walks of the session table without one; an agent
+    /// started on maps with such a session puts it back at its first walk.
+    #[test]
+    fn an_endpoint_that_left_lingers_in_the_filter_while_its_sessions_live() {
+        use loxilb_common::{ct_dir, CtKey, CtVal};
+        let mut t = MemTable::default();
+        let mut r = Rules::adopt(vec![]);
+        r.apply(&rules(TWO), &mut t).unwrap();
+        let gone = a("10.0.0.2");
+        assert!(bit_set(&t, gone));
+        // A two-entry session to 10.0.0.2: forward and reply entries.
+        let fwd = (
+            CtKey {
+                saddr: a("192.168.0.2"),
+                daddr: a("20.0.0.1"),
+                ..Default::default()
+            },
+            CtVal {
+                xdaddr: gone,
+                dir: ct_dir::FORWARD,
+                ..Default::default()
+            },
+        );
+        let rep = (
+            CtKey {
+                saddr: gone,
+                daddr: a("192.168.0.2"),
+                ..Default::default()
+            },
+            CtVal {
+                dir: ct_dir::REPLY,
+                ..Default::default()
+            },
+        );
+        let one_ep = rules(&TWO.replace(", {ip: 10.0.0.2, port: 8080}", ""));
+        r.apply(&one_ep, &mut t).unwrap();
+        assert!(bit_set(&t, gone), "left its rule, its sessions may live");
+        assert_eq!(r.lingering().collect::<Vec<_>>(), vec![&gone]);
+        assert_filter_and_vips_exact(&r, &t, 0);
+        // Walks that find its session (either entry) keep it.
+        for live in [vec![fwd, rep], vec![rep], vec![fwd], vec![fwd]] {
+            assert_eq!(r.drain_filter(&live, &mut t).unwrap(), 0);
+            assert!(bit_set(&t, gone));
+        }
+        // One clean walk is not enough (a walk can miss an entry).
+        assert_eq!(r.drain_filter(&[], &mut t).unwrap(), 0);
+        assert!(bit_set(&t, gone));
+        // A session seen again starts the count over.
+        r.drain_filter(&[rep], &mut t).unwrap();
+        assert_eq!(r.drain_filter(&[], &mut t).unwrap(), 0);
+        assert_eq!(r.drain_filter(&[], &mut t).unwrap(), 1);
+        assert!(!bit_set(&t, gone), "no session for two walks: out");
+        assert_eq!(r.lingering().count(), 0);
+        assert_filter_and_vips_exact(&r, &t, 1);
+        // The other endpoints and the VIP never left.
+        for x in ["20.0.0.1", "10.0.0.1", "10.0.0.3"] {
+            assert!(bit_set(&t, a(x)), "{x}");
+        }
+        // A DSR session's endpoint needs nothing: its replies go straight
+        // to the client.
+        let dsr = (
+            fwd.0,
+            CtVal {
+                mode: lb_mode::DSR,
+                ..fwd.1
+            },
+        );
+        r.drain_filter(&[dsr], &mut t).unwrap();
+        assert!(!bit_set(&t, gone));
+        // A restarted agent (nothing lingering) whose maps hold a live
+        // session to an address no rule has: its first walk keeps it.
+        let mut r = Rules::adopt(r.installed().cloned().collect());
+        r.drain_filter(&[fwd], &mut t).unwrap();
+        assert!(bit_set(&t, gone));
+        assert_eq!(r.lingering().collect::<Vec<_>>(), vec![&gone]);
     }
 
     /// A shared address keeps its filter bit (and a shared VIP its entry)

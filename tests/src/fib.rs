@@ -221,3 +221,9 @@ pub fn dst_of(frame: &[u8]) -> (std::net::Ipv4Addr, u16) {
     let a = std::net::Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
     (a, u16::from_be_bytes([frame[36], frame[37]]))
 }
+
+/// Source address and port of such a frame.
+pub fn src_of(frame: &[u8]) -> (std::net::Ipv4Addr, u16) {
+    let a = std::net::Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+    (a, u16::from_be_bytes([frame[34], frame[35]]))
+}

@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use loxilb_agent::{config, rules::table_for};
 use loxilb_common::{ep_flags, flow_hash, lb_sel, v4_mapped, EpKey};
 use loxilb_tests::{
-    fib::{dst_of, run_xdp, with_datapath, with_datapath_rules},
+    fib::{dst_of, run_xdp, src_of, with_datapath, with_datapath_rules},
     need_root,
     packet::{Frame, ACK, SYN},
 };
@@ -167,6 +167,83 @@ fn persist_sends_a_client_elsewhere_once_its_endpoint_leaves_the_rule() {
         for p in 30011..30016 {
             assert_eq!(pick(dp, &syn("192.168.0.2", p, 80)), a1);
         }
+    });
+}
+
+/// An endpoint that leaves every rule keeps its live sessions: their
+/// replies (a one-entry DNAT session's, found through the draining index
+/// slot, and a onearm session's reply entry) are still translated, since
+/// the address filter keeps the endpoint until the agent's walks of the
+/// session table find none of its sessions.
+#[test]
+fn sessions_of_an_endpoint_that_left_every_rule_still_get_their_replies() {
+    if !need_root("sessions_of_an_endpoint_that_left_every_rule_still_get_their_replies") {
+        return;
+    }
+    let rules = |eps: &[&str]| {
+        let list = |port: u16| {
+            eps.iter()
+                .map(|ip| format!("{{ip: {ip}, port: {port}}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "rules:\n  - {{vip: 20.0.0.100, port: 80, protocol: tcp, endpoints: [{}]}}\n  - {{vip: 20.0.0.100, port: 81, protocol: tcp, mode: onearm, endpoints: [{}]}}\n",
+            list(8080),
+            list(9081)
+        )
+    };
+    let both = rules(&["10.0.1.10", "10.0.1.11"]);
+    with_datapath_rules("ep-left", &both, move |dp, r| {
+        let web_syn = syn("192.168.0.2", 46000, 80);
+        let (ep, _) = pick(dp, &web_syn);
+        let (v, out) = run_xdp(dp, &syn("192.168.0.2", 46001, 81).bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        let (one_ep, _) = dst_of(&out);
+        assert_eq!(one_ep, ep, "both rules' first endpoint");
+        let snat_port = src_of(&out).1;
+        let other = if ep == Ipv4Addr::new(10, 0, 1, 10) {
+            "10.0.1.11"
+        } else {
+            "10.0.1.10"
+        };
+        let ep_addr = loxilb_common::addr_from_ip(ep.into());
+        assert!(dp.filter_passes(ep_addr).unwrap());
+        // The endpoint leaves both rules; its sessions stay.
+        r.apply(&config::parse("t.yaml", &rules(&[other])).unwrap(), dp)
+            .unwrap();
+        assert!(dp.filter_passes(ep_addr).unwrap(), "it lingers");
+        let ep_s = ep.to_string();
+        let web_reply = Frame::tcp(&ep_s, 8080, "192.168.0.2", 46000, SYN | ACK);
+        let (v, out) = run_xdp(dp, &web_reply.bytes());
+        assert_eq!(v, XDP_REDIRECT, "the DNAT session's reply");
+        assert_eq!(src_of(&out), (Ipv4Addr::new(20, 0, 0, 100), 80));
+        let one_reply = Frame::tcp(&ep_s, 9081, "10.0.1.1", snat_port, SYN | ACK);
+        let (v, out) = run_xdp(dp, &one_reply.bytes());
+        assert_eq!(v, XDP_REDIRECT, "the onearm session's reply");
+        assert_eq!(
+            (src_of(&out), dst_of(&out)),
+            (
+                (Ipv4Addr::new(20, 0, 0, 100), 81),
+                (Ipv4Addr::new(192, 168, 0, 2), 46001)
+            )
+        );
+        // The agent's upkeep walks: the sessions keep it, then they end
+        // and two walks without them let it go.
+        let walk = |dp: &mut loxilb_agent::datapath::Datapath| {
+            dp.expire_idle(loxilb_tests::coarse_now_ns()).unwrap().1
+        };
+        let live = walk(dp);
+        assert_eq!(live.len(), 3, "one entry for DNAT, two for onearm");
+        assert_eq!(r.drain_filter(&live, dp).unwrap(), 0);
+        assert!(dp.filter_passes(ep_addr).unwrap());
+        dp.clear_sessions().unwrap();
+        let live = walk(dp);
+        assert_eq!(r.drain_filter(&live, dp).unwrap(), 0);
+        assert_eq!(r.drain_filter(&live, dp).unwrap(), 1);
+        assert!(!dp.filter_passes(ep_addr).unwrap(), "let go");
+        let (v, out) = run_xdp(dp, &web_reply.bytes());
+        assert_eq!((v, out), (XDP_PASS, web_reply.bytes()));
     });
 }
 
