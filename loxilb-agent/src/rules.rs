@@ -471,16 +471,24 @@ impl AddrRefs {
         }
     }
 
-    /// Count a walk of the session table: `needed` holds the endpoint
+    /// Count a walk of the session table: `sessions` yields the endpoint
     /// address of every live session ([`session_endpoint`]). A needed
     /// address the filter does not let through (left by an agent before a
     /// restart, say) starts lingering; a lingering one that
     /// [`ep_index::CLEAN_WALKS`] walks in a row did not need is let go.
     /// Returns how many were let go (written by the next flush).
-    fn drain(&mut self, needed: &BTreeSet<Addr>) -> usize {
-        for a in needed {
-            let (w, b) = filter_bit(a);
-            if self.bits[(w * 64 + b) as usize] == 0 {
+    fn drain(&mut self, sessions: impl Iterator<Item = Addr>) -> usize {
+        // Only addresses that linger or that the filter misses matter: the
+        // set stays small however many sessions the table holds.
+        let mut needed = BTreeSet::new();
+        for a in sessions {
+            let (w, b) = filter_bit(&a);
+            if self.bits[(w * 64 + b) as usize] == 0 || self.lingering.contains_key(&a) {
+                needed.insert(a);
+            }
+        }
+        for a in &needed {
+            if !self.lingering.contains_key(a) {
                 self.linger(*a);
             }
         }
@@ -793,11 +801,9 @@ impl Rules {
         live: &[(loxilb_common::CtKey, loxilb_common::CtVal)],
         t: &mut dyn RuleTable,
     ) -> Result<usize> {
-        let needed: BTreeSet<Addr> = live
-            .iter()
-            .filter_map(|(k, v)| session_endpoint(k, v))
-            .collect();
-        let n = self.addrs.drain(&needed);
+        let n = self
+            .addrs
+            .drain(live.iter().filter_map(|(k, v)| session_endpoint(k, v)));
         self.addrs.flush(t)?;
         Ok(n)
     }
