@@ -1,6 +1,6 @@
 //! The endpoint index (`LB_EP_INDEX`): for each endpoint (address, port,
-//! protocol) that serves exactly one IPv4 DNAT service, that service's VIP
-//! and port. A new session to an indexed endpoint has one conntrack entry
+//! protocol) that serves exactly one DNAT service of its own family (IPv4
+//! or IPv6), that service's VIP and port. A new session to an indexed endpoint has one conntrack entry
 //! (`ct_state::ONE`): the endpoint's replies find it through the index.
 //!
 //! An endpoint claimed by two services, also used by an onearm, full-NAT
@@ -64,12 +64,14 @@ pub fn mapping(e: &EpIndex) -> (EpId, Svc) {
     ((e.addr, e.port, e.proto), (e.vip, e.vport))
 }
 
-/// Whether rule `i`'s sessions may have one entry: IPv4 DNAT over TCP or
-/// UDP (the datapath's condition too; SCTP keeps its paths' entries).
-fn claims(i: &Installed) -> bool {
+/// Whether rule `i`'s sessions to its endpoint at `ep` may have one
+/// entry: DNAT over TCP or UDP to an endpoint of the VIP's family (the
+/// datapath's condition too; SCTP keeps its paths' entries, NAT64 its
+/// reply entry, which its source port allocation needs).
+fn claims(i: &Installed, ep: &Addr) -> bool {
     i.mode == lb_mode::DEFAULT
         && (i.key.proto == IPPROTO_TCP || i.key.proto == IPPROTO_UDP)
-        && is_v4(&i.key.addr)
+        && is_v4(&i.key.addr) == is_v4(ep)
 }
 
 #[derive(Debug, Default)]
@@ -136,21 +138,22 @@ impl EpIndexRefs {
     /// Count (or uncount) the claims of rule `i` on its endpoints. A rule
     /// whose sessions keep two entries but whose endpoints' replies come
     /// back through the node (onearm, fullnat, NAT64) counts too, as the
-    /// service [`OTHER`]: its IPv4 TCP/UDP endpoints are then not one DNAT
+    /// service [`OTHER`]: its TCP/UDP endpoints are then not one DNAT
     /// service's alone, and are not indexed (their replies to it would
     /// each pay a failed lookup of a forward key first).
     pub fn rule(&mut self, i: &Installed, up: bool) {
-        let svc = if claims(i) {
-            (i.key.addr, i.key.port)
-        } else if i.mode != lb_mode::DSR
-            && i.mode != lb_mode::DSR_IPIP
-            && (i.key.proto == IPPROTO_TCP || i.key.proto == IPPROTO_UDP)
+        if i.mode == lb_mode::DSR
+            || i.mode == lb_mode::DSR_IPIP
+            || (i.key.proto != IPPROTO_TCP && i.key.proto != IPPROTO_UDP)
         {
-            OTHER
-        } else {
             return;
-        };
-        for e in i.eps.iter().filter(|e| is_v4(&e.addr)) {
+        }
+        for e in &i.eps {
+            let svc = if claims(i, &e.addr) {
+                (i.key.addr, i.key.port)
+            } else {
+                OTHER
+            };
             self.claim((e.addr, e.port, i.key.proto), svc, up);
         }
     }
@@ -354,15 +357,22 @@ mod tests {
             (e.vip, u16::from_be(e.vport), e.flags),
             (a("20.0.0.100"), 80, 0)
         );
-        // Not DNAT, or not IPv4: never indexed.
+        // Not DNAT, or NAT64 (an IPv6 service's IPv4 endpoint): never
+        // indexed. An IPv6 DNAT service's IPv6 endpoint is.
         for r in [
             rule("20.0.0.100", 81, lb_mode::FULLNAT, &[("10.0.1.11", 8080)]),
+            rule("fd00::1", 84, lb_mode::DEFAULT, &[("10.0.1.12", 8064)]),
             rule("fd00::1", 80, lb_mode::DEFAULT, &[("fd00:1::10", 8080)]),
         ] {
             ix.rule(&r, true);
         }
         ix.flush(&mut t).unwrap();
-        assert_eq!(t.ep_index.len(), 1);
+        assert_eq!(t.ep_index.len(), 2);
+        let e = get(&t, "fd00:1::10", 8080).expect("IPv6 DNAT indexed");
+        assert_eq!((e.vip, u16::from_be(e.vport)), (a("fd00::1"), 80));
+        for (ep, port) in [("10.0.1.11", 8080), ("10.0.1.12", 8064)] {
+            assert!(get(&t, ep, port).is_none(), "{ep}");
+        }
         // A second service on the same endpoint: the slot drains (and a
         // live one-entry session keeps it), then empties.
         let api = rule("20.0.0.100", 443, lb_mode::DEFAULT, &[("10.0.1.10", 8080)]);
@@ -398,8 +408,10 @@ mod tests {
         );
         assert_eq!(ix.drain(&[], &mut t).unwrap(), 0);
         assert_eq!(ix.drain(&[], &mut t).unwrap(), 1);
-        assert!(t.ep_index.is_empty());
-        assert!(ix.written().is_empty());
+        assert_eq!(get(&t, "10.0.1.10", 8080), None);
+        // Only the IPv6 endpoint's slot is left.
+        assert_eq!(t.ep_index.len(), 1);
+        assert_eq!(ix.written().len(), 1);
     }
 
     #[test]

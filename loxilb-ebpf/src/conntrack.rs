@@ -15,7 +15,8 @@ use loxilb_common::{
 use crate::{
     fwd::{NO_EP, SESSION_EP},
     maps::{
-        count, ep_active_add, ep_stats, LB_CLOCK, LB_CT, LB_EP_INDEX, LB_SCRATCH_CT, LB_SCRATCH_KEY,
+        count, ep_active_add, ep_stats, LB_CLOCK, LB_CT, LB_EP_INDEX, LB_SCRATCH_CT,
+        LB_SCRATCH_KEY, LB_SKIP_ONE6,
     },
     parse::{ptr_at, sctp_ev, Pkt},
 };
@@ -250,27 +251,66 @@ pub fn one_entry_service(
     unsafe { Some(((*k).daddr, (*k).dport)) }
 }
 
+/// The packet as a reply to a one-entry session ([`one_reply`]): a hit
+/// back from the client's VIP and port (its entry's key), to it; or a
+/// miss.
+#[inline(always)]
+pub fn lookup_one(p: &Pkt, end: usize, now: u64) -> Ct {
+    let Some((fk, v)) = one_reply(p, end, now) else {
+        return Ct::Miss;
+    };
+    unsafe {
+        Ct::Hit {
+            x: Xlate {
+                xs: (*fk).daddr,
+                xd: p.daddr,
+                xsp: (*fk).dport,
+                xdp: p.dport,
+            },
+            v,
+            nh: core::ptr::addr_of_mut!((*v).rnh),
+            ep: NO_EP,
+        }
+    }
+}
+
+/// Whether the IPv6 program hands `p` (its source passed the address
+/// filter) to its one-entry reply program (`JMP_ONE6`): it comes from an
+/// endpoint the index holds, and that program has not just handed it
+/// back (a miss there; the mark is cleared here).
+#[inline(always)]
+pub fn to_one6(p: &Pkt) -> bool {
+    if let Some(f) = LB_SKIP_ONE6.get_ptr_mut(0) {
+        unsafe {
+            if *f != 0 {
+                *f = 0;
+                return false;
+            }
+        }
+    }
+    index_entry(&p.saddr, p.sport, p.proto).is_some()
+}
+
+/// Mark (or unmark) this CPU's packet as handed back by the one-entry
+/// reply program (see [`to_one6`]).
+#[inline(always)]
+pub fn handed_back_one6(on: bool) {
+    if let Some(f) = LB_SKIP_ONE6.get_ptr_mut(0) {
+        unsafe { *f = on as u32 };
+    }
+}
+
 /// Look the packet up and, on a hit, account it and advance TCP state.
-/// `one`: the packet may be a reply to a one-entry session (IPv4 only: the
-/// IPv6 programs have no verifier budget left for a second way to a
-/// session; and its source may be an endpoint, by the address filter).
+/// `one`: the packet may be a reply to a one-entry session (IPv4: its
+/// source may be an endpoint, by the address filter; the IPv6 programs
+/// have no verifier budget left for this second way to a session and hand
+/// such packets to a program of their own, [`to_one6`]).
 #[inline(always)]
 pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64, one: bool) -> Ct {
-    if let Some((fk, v)) = if one { one_reply(p, end, now) } else { None } {
-        // Back from the client's VIP and port (its entry's key), to it.
-        return unsafe {
-            Ct::Hit {
-                x: Xlate {
-                    xs: (*fk).daddr,
-                    xd: p.daddr,
-                    xsp: (*fk).dport,
-                    xdp: p.dport,
-                },
-                v,
-                nh: core::ptr::addr_of_mut!((*v).rnh),
-                ep: NO_EP,
-            }
-        };
+    if one {
+        if let hit @ Ct::Hit { .. } = lookup_one(p, end, now) {
+            return hit;
+        }
     }
     let Some(v) = LB_CT.get_ptr_mut(key) else {
         return Ct::Miss;

@@ -323,13 +323,22 @@ pub fn translate_error6(end: usize, p: &Icmp6) -> bool {
             _pad1: 0,
             _pad2: 0,
         };
-        let Some(e) = LB_CT.get_ptr(&key) else {
-            return false;
+        let (ns, nd, nsp, ndp) = match LB_CT.get_ptr(&key) {
+            Some(e) => {
+                if is_v4(&(*e).xdaddr) {
+                    return false;
+                }
+                ((*e).xdaddr, (*e).xsaddr, (*e).xdport, (*e).xsport)
+            }
+            // No reply entry: a packet a one-entry session sent to its
+            // endpoint, whose original view is client -> service.
+            None => match crate::conntrack::one_entry_service(
+                &key.saddr, key.sport, &key.daddr, key.dport, nh,
+            ) {
+                Some((vip, vport)) if !is_v4(&vip) => (ins, vip, isp, vport),
+                _ => return false,
+            },
         };
-        if is_v4(&(*e).xdaddr) {
-            return false;
-        }
-        let (ns, nd, nsp, ndp) = ((*e).xdaddr, (*e).xsaddr, (*e).xdport, (*e).xsport);
         let Some(outer) = ptr_at::<[Addr; 2]>(p.ip, end, 8) else {
             return false;
         };

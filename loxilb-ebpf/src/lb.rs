@@ -2,7 +2,7 @@
 
 use loxilb_common::{
     addr_filter_bit, addr_fold, is_v4, lb_mode, stat, svc_flags, v4_mapped, Addr, CtKey, EpVal,
-    JMP_NEW4, JMP_NEW6, JMP_SCTP4, JMP_SCTP6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
+    JMP_NEW4, JMP_NEW6, JMP_ONE6, JMP_SCTP4, JMP_SCTP6, JMP_V6, SNAT_PORT_HI, SNAT_PORT_LO,
 };
 
 use crate::{
@@ -178,20 +178,20 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
         count(stat::PASS_NOT_SERVICE);
         return Verdict::Pass;
     }
+    if V6 && from_ours && conntrack::to_one6(&p) {
+        // A reply to a one-entry session, maybe: its own program (returns
+        // only if it is not loaded).
+        ctx.tail_call(JMP_ONE6);
+    }
     let key = conntrack::key_of(&p);
     let now = conntrack::now_ns();
-    // (`!V6`: one-entry sessions are IPv4: see `conntrack::lookup`. Only
+    // (`!V6`: the IPv6 programs hand replies to one-entry sessions to a
+    // program of their own (above): see `conntrack::lookup`. Only
     // a packet whose source passes the address filter can be an
     // endpoint's reply: a client's packet reads no endpoint index slot,
     // which for a new client port is a cache miss.)
     if let Ct::Hit { x, v, nh, ep } = conntrack::lookup(&p, end, &key, now, !V6 && from_ours) {
-        count(stat::CT_HIT);
-        if let Some(rs) = rule_stats(unsafe { (*v).rule_id }) {
-            unsafe {
-                (*rs).packets += 1;
-                (*rs).bytes += p.l3_len as u64;
-            }
-        }
+        count_hit(v, &p);
         let mode = unsafe { (*v).mode };
         if mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP {
             let ep = unsafe { (*v).dsr_ep };
@@ -215,6 +215,43 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     }
     // No live session: the new-flow program takes it from here.
     ctx.tail_call(if V6 { JMP_NEW6 } else { JMP_NEW4 });
+    count(stat::PASS_NOT_SERVICE);
+    Verdict::Pass
+}
+
+/// A session's packet: counted to the node and to its rule.
+#[inline(always)]
+fn count_hit(v: *mut loxilb_common::CtVal, p: &parse::Pkt) {
+    count(stat::CT_HIT);
+    if let Some(rs) = rule_stats(unsafe { (*v).rule_id }) {
+        unsafe {
+            (*rs).packets += 1;
+            (*rs).bytes += p.l3_len as u64;
+        }
+    }
+}
+
+/// The IPv6 one-entry reply program (tail-called by `process::<V6>` for a
+/// packet from an indexed endpoint): the reply of a one-entry session is
+/// translated back from the VIP and forwarded; anything else goes back to
+/// the IPv6 program, marked so that it looks the packet up by its own
+/// tuple.
+#[inline(always)]
+pub fn process_one6<C: PktCtx>(ctx: &C) -> Verdict {
+    let end = ctx.data_end();
+    let p = match parse::parse::<true, false>(ctx.data(), end) {
+        Parsed::Pkt(p) => p,
+        _ => return Verdict::Pass,
+    };
+    let now = conntrack::now_ns();
+    if let Ct::Hit { x, v, nh, ep } = conntrack::lookup_one(&p, end, now) {
+        count_hit(v, &p);
+        return translate_and_forward(ctx, &p, &x, v, nh, ep, now);
+    }
+    conntrack::handed_back_one6(true);
+    ctx.tail_call(JMP_V6);
+    // Only reached when the IPv6 program is not loaded.
+    conntrack::handed_back_one6(false);
     count(stat::PASS_NOT_SERVICE);
     Verdict::Pass
 }
@@ -394,11 +431,10 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
             xdp: ep_port,
         }
     };
-    // One entry if the endpoint's replies can find it (IPv4 DNAT; SCTP
-    // multihoming keeps its paths' entries).
+    // One entry if the endpoint's replies can find it (DNAT within one
+    // family; SCTP multihoming keeps its paths' entries).
     let one = mode == lb_mode::DEFAULT
-        && !p.v6
-        && v4
+        && v4 != p.v6
         && p.proto != loxilb_common::IPPROTO_SCTP
         && conntrack::indexed(ep_addr, ep_port, p.proto, &p.daddr, p.dport);
     let n = NewSession {

@@ -81,6 +81,19 @@ pub fn loxilb_tc_new6(ctx: TcContext) -> i32 {
     ctx::tc_action(lb::process_new::<_, true>(&ctx), ifindex)
 }
 
+/// IPv6 replies to one-entry sessions, tail-called by `loxilb_xdp6`.
+#[xdp]
+pub fn loxilb_xdp_one6(ctx: XdpContext) -> u32 {
+    ctx::xdp_action(lb::process_one6(&ctx))
+}
+
+/// IPv6 replies to one-entry sessions, tail-called by `loxilb_tc6`.
+#[classifier]
+pub fn loxilb_tc_one6(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    ctx::tc_action(lb::process_one6(&ctx), ifindex)
+}
+
 /// SCTP INIT / INIT-ACK of `loxilb_xdp` / `loxilb_xdp_new4`, tail-called.
 #[xdp]
 pub fn loxilb_xdp_sctp4(ctx: XdpContext) -> u32 {

@@ -177,6 +177,12 @@ pub static LB_SCRATCH_KEY: PerCpuArray<CtKey, 2> = PerCpuArray::new();
 #[btf_map]
 pub static LB_SCRATCH_OFF: PerCpuArray<u32, 1> = PerCpuArray::new();
 
+/// Per-CPU: set by the IPv6 one-entry reply program when it hands a
+/// packet it found no session for back to the IPv6 program, which clears
+/// it and looks the packet up by its own tuple.
+#[btf_map]
+pub static LB_SKIP_ONE6: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 /// Per-CPU scratch for the service key of a new flow.
 #[btf_map]
 pub static LB_SCRATCH_SVC: PerCpuArray<SvcKey, 1> = PerCpuArray::new();

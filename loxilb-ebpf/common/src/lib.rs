@@ -106,6 +106,12 @@ pub const JMP_SCTP6: u32 = 4;
 /// the address parameters: a tail call per parameter, so the verifier sees
 /// one parameter at a time), either family.
 pub const JMP_SCTP_PARAM: u32 = 5;
+/// IPv6 replies to one-entry sessions ([`ct_state::ONE`]): the IPv6
+/// program hands a packet from an endpoint the index holds to this one,
+/// which finds its session through the index (the IPv6 program has no
+/// verifier budget left for that second way to a session); a miss goes
+/// back to the IPv6 program, told not to hand it over again.
+pub const JMP_ONE6: u32 = 6;
 pub const JMP_SLOTS: u32 = 8;
 
 /// Program names inside the eBPF object.
@@ -128,22 +134,27 @@ pub mod prog_names {
     pub const TC_SCTP6: &str = "loxilb_tc_sctp6";
     pub const XDP_SCTP_PARAM: &str = "loxilb_xdp_sctp_param";
     pub const TC_SCTP_PARAM: &str = "loxilb_tc_sctp_param";
+    /// IPv6 replies to one-entry sessions (tail-called).
+    pub const XDP_ONE6: &str = "loxilb_xdp_one6";
+    pub const TC_ONE6: &str = "loxilb_tc_one6";
     /// What goes in each tail-call array, by slot.
-    pub const XDP_JUMPS: [(u32, &str); 6] = [
+    pub const XDP_JUMPS: [(u32, &str); 7] = [
         (super::JMP_V6, XDP_V6),
         (super::JMP_NEW4, XDP_NEW4),
         (super::JMP_NEW6, XDP_NEW6),
         (super::JMP_SCTP4, XDP_SCTP4),
         (super::JMP_SCTP6, XDP_SCTP6),
         (super::JMP_SCTP_PARAM, XDP_SCTP_PARAM),
+        (super::JMP_ONE6, XDP_ONE6),
     ];
-    pub const TC_JUMPS: [(u32, &str); 6] = [
+    pub const TC_JUMPS: [(u32, &str); 7] = [
         (super::JMP_V6, TC_V6),
         (super::JMP_NEW4, TC_NEW4),
         (super::JMP_NEW6, TC_NEW6),
         (super::JMP_SCTP4, TC_SCTP4),
         (super::JMP_SCTP6, TC_SCTP6),
         (super::JMP_SCTP_PARAM, TC_SCTP_PARAM),
+        (super::JMP_ONE6, TC_ONE6),
     ];
     /// TC egress: translates ICMP errors the node's stack generates about
     /// translated packets (e.g. fragmentation needed on forward).

@@ -577,6 +577,24 @@ fn nat64_ten_thousand_sessions_get_ports() {
     });
 }
 
+/// The IPv6 address at the start of `b`, as text.
+fn ip6_at(b: &[u8]) -> String {
+    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).unwrap()).to_string()
+}
+
+/// The (source, destination, source port, destination port) an ICMPv6
+/// error frame quotes (Ethernet, IPv6, ICMPv6 header, the quoted IPv6
+/// header and ports).
+fn quoted(f: &[u8]) -> (String, String, u16, u16) {
+    let inner = &f[14 + 48..];
+    (
+        ip6_at(&inner[8..]),
+        ip6_at(&inner[24..]),
+        u16::from_be_bytes([inner[40], inner[41]]),
+        u16::from_be_bytes([inner[42], inner[43]]),
+    )
+}
+
 #[test]
 fn icmpv6_echo_answered_errors_translated_nd_passed() {
     if !need_root("icmpv6_echo_answered_errors_translated_nd_passed") {
@@ -608,27 +626,15 @@ fn icmpv6_echo_answered_errors_translated_nd_passed() {
         assert_eq!(v, XDP_REDIRECT, "translated and forwarded to the client");
         assert!(icmp6_csum_ok(&out), "ICMPv6 checksum after translation");
         let ip = &out[14..];
-        let inner = &ip[48..];
-        let a = |b: &[u8]| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap()).to_string();
-        assert_eq!(a(&ip[24..40]), CLIENT, "to the client");
-        assert_eq!(a(&ip[8..24]), "fd00:1::fe", "from the router still");
-        assert_eq!(
-            (a(&inner[8..24]).as_str(), a(&inner[24..40]).as_str()),
-            (CLIENT, VIP)
-        );
-        assert_eq!(
-            (
-                u16::from_be_bytes([inner[40], inner[41]]),
-                u16::from_be_bytes([inner[42], inner[43]])
-            ),
-            (48000, 80)
-        );
+        assert_eq!(ip6_at(&ip[24..]), CLIENT, "to the client");
+        assert_eq!(ip6_at(&ip[8..]), "fd00:1::fe", "from the router still");
+        assert_eq!(quoted(&out), (CLIENT.into(), VIP.into(), 48000, 80));
         // The endpoint itself reports: the error comes from the service.
         let unreach = icmp6_frame(EP1, CLIENT, 64, 1, 4, [0; 4], &quote6(&fwd));
         let (v, out) = run_xdp(dp, &unreach);
         assert_eq!(v, XDP_REDIRECT);
         assert!(icmp6_csum_ok(&out));
-        assert_eq!(a(&out[14 + 8..14 + 24]), VIP, "from the service");
+        assert_eq!(ip6_at(&out[14 + 8..]), VIP, "from the service");
         // An error about something never translated: untouched.
         let stray = Frame::tcp(CLIENT, 1, EP1, 2, SYN).bytes();
         let err = icmp6_frame("fd00:1::fe", CLIENT, 64, 1, 0, [0; 4], &quote6(&stray));
@@ -639,5 +645,170 @@ fn icmpv6_echo_answered_errors_translated_nd_passed() {
             (1, 2),
             "{s:?}"
         );
+    });
+}
+
+/// A NAT66 DNAT session to an endpoint the index holds has one entry, as
+/// an IPv4 one does: the IPv6 program hands the endpoint's packets to its
+/// one-entry reply program, which translates a session's reply back from
+/// the VIP (XDP and TC) and hands anything else back to be looked up by
+/// its own tuple (a session made with two entries while the endpoint was
+/// not indexed keeps working). ICMPv6 errors about a packet such a
+/// session sent to its endpoint are translated back too.
+#[test]
+fn a_nat66_session_to_an_indexed_endpoint_has_one_entry() {
+    if !need_root("a_nat66_session_to_an_indexed_endpoint_has_one_entry") {
+        return;
+    }
+    let rules = "rules:\n  - {name: web6, vip: \"fd00:20::100\", port: 80, protocol: tcp, endpoints: [{ip: \"fd00:1::10\", port: 8080}, {ip: \"fd00:1::11\", port: 8080}]}\n";
+    fib::with_datapath("one6", rules, |dp| {
+        use loxilb_common::ct_state as st;
+        let a = |s: &str| loxilb_common::addr_from_ip(s.parse().unwrap());
+        let ix = dp.ep_index().unwrap();
+        for ep in [EP1, EP2] {
+            assert!(
+                ix.iter()
+                    .any(|(_, e)| e.addr == a(ep) && e.vip == a(VIP) && e.flags == 0),
+                "{ep} not indexed: {ix:?}"
+            );
+        }
+        let syn = Frame::tcp(CLIENT, 46000, VIP, 80, SYN);
+        let synack = Frame::tcp(EP1, 8080, CLIENT, 46000, SYN | ACK);
+        let ack = Frame::tcp(CLIENT, 46000, VIP, 80, ACK);
+        let stray = Frame::tcp(EP2, 8080, CLIENT, 46000, ACK);
+        let back = synack
+            .with(VIP, 80, CLIENT, 46000)
+            .routed(LB_TO_CLIENT_MAC, CLIENT_MAC);
+        let cases = vec![
+            Case {
+                name: "SYN: DNAT to the first endpoint",
+                input: syn.bytes(),
+                expected: syn
+                    .with(CLIENT, 46000, EP1, 8080)
+                    .routed(LB_TO_EP_MAC, EP1_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "SYN-ACK found through the index, back from the VIP",
+                input: synack.bytes(),
+                expected: back.bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "the client's ACK keeps its endpoint",
+                input: ack.bytes(),
+                expected: ack
+                    .with(CLIENT, 46000, EP1, 8080)
+                    .routed(LB_TO_EP_MAC, EP1_MAC)
+                    .bytes(),
+                verdict: XDP_REDIRECT,
+            },
+            Case {
+                name: "the other endpoint's packet to the client: handed back, untouched",
+                input: stray.bytes(),
+                expected: stray.bytes(),
+                verdict: XDP_PASS,
+            },
+            Case {
+                name: "the reply again (the hand-back mark was used up)",
+                input: synack.bytes(),
+                expected: back.bytes(),
+                verdict: XDP_REDIRECT,
+            },
+        ];
+        check_with(dp, cases, run_xdp);
+        let s = dp.sessions().unwrap();
+        assert_eq!(s.len(), 1, "one entry for the session: {s:?}");
+        let (k, v) = s[0];
+        assert_eq!(
+            (u16::from_be(k.sport), k.daddr, v.state),
+            (46000, a(VIP), st::ONE)
+        );
+        assert_eq!((v.packets, v.rpackets), (2, 2));
+        // The same reply through the TC hook.
+        let (verdict, out) = run_tc(dp, &synack.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "tc verdict");
+        expect_frame("TC reply", &out, &back.bytes());
+        // ICMPv6 about the packet sent to the endpoint: from a router on
+        // the endpoint's side, then from the endpoint itself.
+        let (_, fwd) = run_xdp(dp, &ack.bytes());
+        let ptb = icmp6_frame(
+            "fd00:1::fe",
+            CLIENT,
+            64,
+            2,
+            0,
+            1280u32.to_be_bytes(),
+            &quote6(&fwd),
+        );
+        let (v, out) = run_xdp(dp, &ptb);
+        assert_eq!(v, XDP_REDIRECT, "packet too big translated");
+        assert!(icmp6_csum_ok(&out));
+        assert_eq!(
+            quoted(&out),
+            (CLIENT.into(), VIP.into(), 46000, 80),
+            "the quote in the client's view"
+        );
+        let unreach = icmp6_frame(EP1, CLIENT, 64, 1, 4, [0; 4], &quote6(&fwd));
+        let (v, out) = run_xdp(dp, &unreach);
+        assert_eq!(v, XDP_REDIRECT);
+        assert!(icmp6_csum_ok(&out));
+        assert_eq!(ip6_at(&out[14 + 8..]), VIP, "from the service");
+        // A session made while its endpoint was not indexed has two
+        // entries; once indexed again, its replies go to the one-entry
+        // program, miss there and are found by their own tuple.
+        let slot = loxilb_common::ep_index_slot(
+            loxilb_common::addr_fold(&a(EP2)),
+            8080u16.to_be(),
+            loxilb_common::IPPROTO_TCP,
+        );
+        let held = ix.iter().find(|(s, _)| *s == slot).expect("EP2's slot").1;
+        loxilb_agent::rules::RuleTable::put_ep_index(dp, slot, Default::default()).unwrap();
+        let syn2 = Frame::tcp(CLIENT, 46001, VIP, 80, SYN);
+        let (v, out) = run_xdp(dp, &syn2.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        expect_frame(
+            "second SYN to the second endpoint",
+            &out,
+            &syn2
+                .with(CLIENT, 46001, EP2, 8080)
+                .routed(LB_TO_EP_MAC, EP2_MAC)
+                .bytes(),
+        );
+        assert_eq!(dp.sessions().unwrap().len(), 3, "two entries for it");
+        loxilb_agent::rules::RuleTable::put_ep_index(dp, slot, held).unwrap();
+        let synack2 = Frame::tcp(EP2, 8080, CLIENT, 46001, SYN | ACK);
+        for hook in ["xdp", "tc"] {
+            let (verdict, out) = if hook == "xdp" {
+                run_xdp(dp, &synack2.bytes())
+            } else {
+                run_tc(dp, &synack2.bytes())
+            };
+            assert_eq!(
+                verdict,
+                if hook == "xdp" {
+                    XDP_REDIRECT
+                } else {
+                    TC_ACT_REDIRECT
+                },
+                "{hook}"
+            );
+            expect_frame(
+                hook,
+                &out,
+                &synack2
+                    .with(VIP, 80, CLIENT, 46001)
+                    .routed(LB_TO_CLIENT_MAC, CLIENT_MAC)
+                    .bytes(),
+            );
+        }
+        // And the one-entry session's reply still finds its way.
+        let (v, out) = run_xdp(dp, &synack.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        expect_frame("one-entry reply after a hand-back", &out, &back.bytes());
+        let s = stats(dp);
+        assert_eq!(s["new_session"], 2, "{s:?}");
+        assert_eq!(s["icmp_err_xlated"], 2, "{s:?}");
     });
 }
