@@ -452,11 +452,13 @@ impl AddrRefs {
     /// The endpoints of a rule changed from `old` to `new`: those that
     /// left linger for their sessions.
     fn eps(&mut self, old: &[EpVal], new: &[EpVal]) {
+        // A set: a rule may have tens of thousands of endpoints.
+        let kept: std::collections::HashSet<Addr> = new.iter().map(|e| e.addr).collect();
         for e in new {
             self.addr(&e.addr, true);
         }
         for e in old {
-            if !new.iter().any(|n| n.addr == e.addr) {
+            if !kept.contains(&e.addr) {
                 self.linger(e.addr);
             }
             self.addr(&e.addr, false);
