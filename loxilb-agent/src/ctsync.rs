@@ -53,9 +53,9 @@
 //!   (`dropped_no_endpoint`).
 //! - `last_seen_ns` (the sender's CLOCK_MONOTONIC) travels as an age; the
 //!   receiver sets its own now minus the age.
-//! - The cached next hops (`nh`, a one-entry session's `rnh`, and
-//!   `encap_src`) are zeroed: the receiver's first packet looks its own
-//!   route up. A one-entry session's reply counters (`rpackets`,
+//! - The cached next hops (`nh`, a one-entry session's `rnh`, and an
+//!   IPIP DSR session's outer source, its `xsaddr`) are zeroed: the
+//!   receiver's first packet looks its own route up. A one-entry session's reply counters (`rpackets`,
 //!   `rbytes`) do not travel.
 //! - The counters (`packets`, `bytes`) are copied as of the last send
 //!   (they alone never cause a resend).
@@ -75,7 +75,8 @@
 //!   view of its rules (1 s).
 //!
 //! Everything else (translated tuple, peer key, direction, TCP state,
-//! mode, timeout, SCTP tag, DSR endpoint) is copied. An entry whose only
+//! mode, timeout, SCTP tag; a DSR session's endpoint is its translated
+//! destination) is copied. An entry whose only
 //! change is a newer last packet is resent once its receiver copy would
 //! be older than `refresh` or a quarter of its idle timeout, whichever is
 //! less. `LB_EP_ACTIVE` (active sessions per endpoint) is not written: the
@@ -130,7 +131,7 @@
 //! that does not load is logged and the previous certificates stay in use
 //! (`tls_reloads` counts the reloads).
 //!
-//! # Wire format (protocol version 2)
+//! # Wire format (protocol version 3)
 //!
 //! A stream of frames: `length: u32` (big-endian; bytes after this field,
 //! at most 1 MiB), `type: u8`, body. Integers the agent keeps in host
@@ -162,14 +163,15 @@
 //! A key (37 bytes): source address 16, destination address 16, source
 //! port 2, destination port 2, protocol 1.
 //!
-//! A record (198 bytes), by offset: 0 key; 37 peer key (the other
+//! A record (182 bytes), by offset: 0 key; 37 peer key (the other
 //! direction's entry); 74 translated source address 16; 90 translated
-//! destination address 16; 106 translated source port 2; 108 translated
-//! destination port 2; 110 DSR endpoint address 16; 126 rule VIP 16; 142
-//! rule port 2; 144 rule protocol 1; 145 endpoint address 16; 161
-//! endpoint port 2; 163 direction 1; 164 state 1; 165 mode 1; 166 idle
-//! timeout in seconds `u32`; 170 SCTP tag 4; 174 age in ns `u64`; 182
-//! packets `u64`; 190 bytes `u64`.
+//! destination address 16 (a DSR session's endpoint); 106 translated
+//! source port 2; 108 translated destination port 2; 110 rule VIP 16; 126
+//! rule port 2; 128 rule protocol 1; 129 endpoint address 16; 145
+//! endpoint port 2; 147 direction 1; 148 state 1; 149 mode 1; 150 idle
+//! timeout in seconds `u32`; 154 SCTP tag 4; 158 age in ns `u64`; 166
+//! packets `u64`; 174 bytes `u64`. (Protocol version 2 had a DSR endpoint
+//! address of its own at 110.)
 //!
 //! An association id (23 bytes): rule VIP 16, rule port 2, rule protocol
 //! 1, verification tag 4. An association record (317 bytes): 0 id (23);

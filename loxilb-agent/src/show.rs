@@ -237,15 +237,9 @@ pub fn session_rows(sessions: &[(CtKey, CtVal)], now_ns: u64) -> Vec<SessionRow>
                 protocol: proto(k.proto),
                 client: sa(k.saddr, k.sport),
                 service: sa(k.daddr, k.dport),
-                // A DSR session is not translated: its endpoint is apart.
-                endpoint: sa(
-                    if v.mode == lb_mode::DSR || v.mode == lb_mode::DSR_IPIP {
-                        v.dsr_ep
-                    } else {
-                        v.xdaddr
-                    },
-                    v.xdport,
-                ),
+                // (A DSR session's translated destination is its endpoint,
+                // its port the packet's own.)
+                endpoint: sa(v.xdaddr, v.xdport),
                 state,
                 idle_s: now_ns.saturating_sub(last) / 1_000_000_000,
                 packets_in: v.packets,
@@ -610,14 +604,13 @@ mod tests {
             (rows[0].endpoint, rows[0].packets_in, rows[0].packets_out),
             (ep, 3, 2)
         );
-        // DSR: untranslated, the endpoint kept apart; no reply entry.
+        // DSR: untranslated (the port is the packet's own), the endpoint
+        // where the frame goes; no reply entry.
         let dsr = CtVal {
-            xsaddr: key.saddr,
-            xdaddr: key.daddr,
+            xdaddr: a("10.0.1.10"),
             xsport: key.sport,
             xdport: key.dport,
             mode: lb_mode::DSR,
-            dsr_ep: a("10.0.1.10"),
             ..Default::default()
         };
         let rows = session_rows(&[(key, dsr)], 0);

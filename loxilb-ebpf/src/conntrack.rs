@@ -482,13 +482,12 @@ pub struct NewSession {
     pub port_lo: u16,
     pub port_hi: u16,
     /// DSR: the packet keeps its tuple and there is no reply entry
-    /// (replies do not come back through us); `dsr_ep` is the endpoint
-    /// (in the endpoint map).
+    /// (replies do not come back through us); the translated destination
+    /// is the endpoint the frame goes to (see `CtVal::xdaddr`).
     pub dsr: bool,
     /// One entry (`ct_state::ONE`): the endpoint's replies find the
     /// forward entry through the endpoint index, so no reply entry.
     pub one: bool,
-    pub dsr_ep: *const Addr,
     /// `ct_state::OPENING` for a session opened by a TCP SYN or an SCTP
     /// INIT ([`opens`]), else 0: both entries' first state.
     pub opening: u8,
@@ -613,9 +612,6 @@ pub fn create(fwd: &CtKey, x: Xlate, n: &NewSession) -> Option<Xlate> {
         (*fv).state = n.opening | if n.one { ct_state::ONE } else { 0 };
         (*fv).mode = n.mode;
         (*fv).ep_stat = n.ep_stat;
-        if n.dsr {
-            crate::set_addr(&mut (*fv).dsr_ep, &*n.dsr_ep);
-        }
     }
     let fwd_val = unsafe { &*fv };
     if LB_CT.insert(fwd, fwd_val, BPF_NOEXIST as u64).is_err() {

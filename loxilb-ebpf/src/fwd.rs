@@ -27,8 +27,8 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
 };
 use loxilb_common::{
-    cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, stat, v4_mapped, Addr, CtVal, EpNh,
-    NextHop, NH_CACHE_NS,
+    cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, nh_fresh, nh_tick, stat, v4_mapped, Addr,
+    CtVal, EpNh, NextHop, NH_CACHE_NS, NH_CACHE_TICKS,
 };
 
 use crate::{
@@ -204,7 +204,7 @@ fn nh_of(ct: *mut CtVal) -> *mut NextHop {
 #[inline(always)]
 fn cached(nh: *mut NextHop, now: u64) -> Option<(u32, [u16; 6])> {
     unsafe {
-        if !nh.is_null() && (*nh).ifindex != 0 && now < (*nh).expiry_ns {
+        if !nh.is_null() && (*nh).ifindex != 0 && nh_fresh((*nh).expiry, now) {
             Some(((*nh).ifindex, (*nh).macs))
         } else {
             None
@@ -218,7 +218,7 @@ fn remember(nh: *mut NextHop, now: u64, ifindex: u32, macs: [u16; 6]) {
         unsafe {
             (*nh).ifindex = ifindex;
             (*nh).macs = macs;
-            (*nh).expiry_ns = now + NH_CACHE_NS;
+            (*nh).expiry = nh_tick(now).wrapping_add(NH_CACHE_TICKS);
         }
     }
 }
@@ -471,7 +471,9 @@ pub fn forward_dsr<C: PktCtx>(
     // (`cached` is None for a null `ct`.)
     let mut per_ep = NO_EP;
     let kept = match cached(nh_of(ct), now) {
-        Some((i, m)) => Some((i, m, unsafe { (*ct).encap_src })),
+        // (IPIP: the outer source is cached with the next hop, in the
+        // untranslated session's `xsaddr`.)
+        Some((i, m)) => Some((i, m, unsafe { (*ct).xsaddr })),
         None if !ipip && ep_slot(ct, slot, cfg(), &mut per_ep) => {
             match ep_cached(per_ep, ep, ctx.ifindex(), tot_len, now, ep_nh_flags::DIRECT) {
                 Some((i, m)) => {
@@ -537,8 +539,8 @@ pub fn forward_dsr<C: PktCtx>(
                 return Verdict::Drop;
             }
             remember(nh_of(ct), now, f.ifindex, f.macs);
-            if !ct.is_null() {
-                unsafe { (*ct).encap_src = f.src };
+            if ipip && !ct.is_null() {
+                unsafe { (*ct).xsaddr = f.src };
             }
             if per_ep != NO_EP {
                 ep_remember(per_ep, ep, ctx.ifindex(), tot_len, now, &f);

@@ -194,7 +194,8 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
         count_hit(v, &p);
         let mode = unsafe { (*v).mode };
         if mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP {
-            let ep = unsafe { (*v).dsr_ep };
+            // (A DSR session's translated destination is its endpoint.)
+            let ep = unsafe { (*v).xdaddr };
             return fwd::forward_dsr(
                 ctx,
                 &p,
@@ -410,9 +411,11 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         None
     };
     let x = if dsr {
+        // The packet keeps its tuple; the entry holds the endpoint the frame
+        // goes to, and IPIP's outer source once cached (`CtVal::xsaddr`).
         Xlate {
-            xs: p.saddr,
-            xd: p.daddr,
+            xs: [0; 4],
+            xd: *ep_addr,
             xsp: p.sport,
             xdp: p.dport,
         }
@@ -449,7 +452,6 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
         port_hi,
         dsr,
         one,
-        dsr_ep: ep_addr,
         opening: conntrack::opens(p, ctx.data_end()),
     };
     let Some(x) = conntrack::create(key, x, &n) else {

@@ -154,7 +154,7 @@ pub fn loxilb_xdp_pass(_ctx: XdpContext) -> u32 {
 /// Zero `*p` in place with volatile stores, so LLVM cannot turn it into a
 /// call to `memset` (which the BPF backend emits as a byte loop): 64-bit
 /// stores where the type allows (half as many instructions: a new
-/// session zeroes two 176-byte values), else 32-bit ones.
+/// session zeroes two 136-byte values), else 32-bit ones.
 #[inline(always)]
 pub(crate) unsafe fn zero_in_place<T>(p: *mut T) {
     const { assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };

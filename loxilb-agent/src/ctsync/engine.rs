@@ -1215,7 +1215,6 @@ mod tests {
                     ep_stat: 5,
                     last_seen_ns: bnow - 2_000,
                     nh: Default::default(),
-                    encap_src: [0; 4],
                     state: ct_state::OPENING,
                     rpackets: 0,
                     rbytes: 0,

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// First bytes of a HELLO.
 pub const MAGIC: [u8; 4] = *b"LXCS";
 /// Version of this protocol; a peer speaking another one is refused.
-pub const PROTO_VERSION: u16 = 2;
+pub const PROTO_VERSION: u16 = 3;
 /// Largest frame body (type byte included) accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Most records in one UPSERT or REMOVE message.
@@ -16,7 +16,7 @@ pub const MAX_BATCH: usize = 4096;
 /// Bytes of a [`CtKey`] on the wire.
 pub const KEY_LEN: usize = 37;
 /// Bytes of a [`Record`] on the wire.
-pub const RECORD_LEN: usize = 198;
+pub const RECORD_LEN: usize = 182;
 /// Bytes of an association's identity ([`AssocId`]) on the wire.
 pub const ASSOC_KEY_LEN: usize = 23;
 /// Bytes of an [`AssocRecord`] on the wire.
@@ -57,9 +57,9 @@ pub struct Record {
     pub xsaddr: Addr,
     pub xdaddr: Addr,
     pub xsport: u16,
+    /// (DSR sessions: `xdaddr` is the endpoint the frame goes to, as in
+    /// `CtVal`.)
     pub xdport: u16,
-    /// DSR sessions: the endpoint the frame goes to.
-    pub dsr_ep: Addr,
     /// The rule, by its identity (VIP, port, protocol).
     pub rule: SvcKey,
     /// The endpoint (address, port) whose counters the session feeds.
@@ -232,7 +232,6 @@ impl Out {
         self.addr(&r.xdaddr);
         self.raw16(r.xsport);
         self.raw16(r.xdport);
-        self.addr(&r.dsr_ep);
         self.addr(&r.rule.addr);
         self.raw16(r.rule.port);
         self.u8(r.rule.proto);
@@ -335,7 +334,6 @@ impl In<'_> {
             xdaddr: self.addr()?,
             xsport: self.raw16()?,
             xdport: self.raw16()?,
-            dsr_ep: self.addr()?,
             rule: SvcKey {
                 addr: self.addr()?,
                 port: self.raw16()?,
@@ -639,7 +637,6 @@ pub(crate) mod tests {
             xdaddr: addr_from_ip("10.0.1.10".parse().unwrap()),
             xsport: 40000u16.to_be(),
             xdport: 8080u16.to_be(),
-            dsr_ep: [0; 4],
             rule: SvcKey {
                 addr: addr_from_ip("20.0.0.100".parse().unwrap()),
                 port: 80u16.to_be(),
@@ -679,13 +676,13 @@ pub(crate) mod tests {
         // Addresses and ports as on a packet (network order).
         assert_eq!(&rec[12..16], &[192, 168, 0, 2]);
         assert_eq!(&rec[32..34], &40000u16.to_be_bytes());
-        // Rule port at offset 142, endpoint address at 145.
-        assert_eq!(&rec[142..144], &80u16.to_be_bytes());
-        assert_eq!(&rec[145..147], &[0xfd, 0x00]);
-        // Host integers big-endian: timeout at 166, age at 174.
-        assert_eq!(&rec[166..170], &300u32.to_be_bytes());
-        assert_eq!(&rec[174..182], &1_234_567_890_123u64.to_be_bytes());
-        assert_eq!(&rec[190..198], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        // Rule port at offset 126, endpoint address at 129.
+        assert_eq!(&rec[126..128], &80u16.to_be_bytes());
+        assert_eq!(&rec[129..131], &[0xfd, 0x00]);
+        // Host integers big-endian: timeout at 150, age at 158.
+        assert_eq!(&rec[150..154], &300u32.to_be_bytes());
+        assert_eq!(&rec[158..166], &1_234_567_890_123u64.to_be_bytes());
+        assert_eq!(&rec[174..182], &[1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     pub(crate) fn sample_assoc() -> AssocRecord {

@@ -97,11 +97,10 @@ pub fn export(k: &CtKey, v: &CtVal, idx: &SenderIndex) -> Result<Record, Skip> {
         },
         // All zero for DSR sessions (no reply entry).
         peer: k.peer(v).unwrap_or_default(),
-        xsaddr: v.xsaddr,
+        xsaddr: outer_src_cleared(v),
         xdaddr: v.xdaddr,
         xsport: v.xsport,
         xdport: v.xdport,
-        dsr_ep: v.dsr_ep,
         rule,
         ep_addr,
         ep_port,
@@ -128,7 +127,11 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
     Ok((
         r.key,
         CtVal {
-            xsaddr: r.xsaddr,
+            xsaddr: outer_src_cleared(&CtVal {
+                xsaddr: r.xsaddr,
+                mode: r.mode,
+                ..Default::default()
+            }),
             xdaddr: r.xdaddr,
             xsport: r.xsport,
             xdport: r.xdport,
@@ -144,8 +147,6 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
             _pad1: 0,
             ep_stat,
             nh: Default::default(),
-            dsr_ep: r.dsr_ep,
-            encap_src: [0; 4],
             // (A one-entry session's reply counters do not travel: the
             // receiver counts from zero.)
             rpackets: 0,
@@ -153,6 +154,16 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
             rnh: Default::default(),
         },
     ))
+}
+
+/// `v.xsaddr`, but zero for a DSR session, where it is IPIP's outer
+/// source cached with the next hop (node-local, as the next hop is).
+fn outer_src_cleared(v: &CtVal) -> Addr {
+    if v.dsr_endpoint().is_some() {
+        [0; 4]
+    } else {
+        v.xsaddr
+    }
 }
 
 /// The endpoint index slot through which the replies of one-entry session
@@ -245,7 +256,7 @@ pub fn import_assoc(r: &AssocRecord, idx: &ReceiverIndex) -> Result<(AssocKey, A
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use loxilb_common::{addr_fold, addr_from_ip, ep_index_slot, NextHop, IPPROTO_TCP};
+    use loxilb_common::{addr_fold, addr_from_ip, ep_index_slot, lb_mode, NextHop, IPPROTO_TCP};
 
     pub fn a(s: &str) -> Addr {
         addr_from_ip(s.parse().unwrap())
@@ -316,9 +327,8 @@ pub(crate) mod tests {
             nh: NextHop {
                 ifindex: 7,
                 macs: [1, 2, 3, 4, 5, 6],
-                expiry_ns: now + 1_000_000_000,
+                expiry: loxilb_common::nh_tick(now) + 953,
             },
-            encap_src: a("10.9.9.9"),
             packets: 3,
             bytes: 180,
             ..Default::default()
@@ -372,18 +382,38 @@ pub(crate) mod tests {
             assert_eq!(v2.rule_id, 4);
             assert_eq!(v2.ep_stat, 9);
             assert_eq!(v2.last_seen_ns, 998_000);
-            assert_eq!((v2.nh, v2.encap_src), (NextHop::default(), [0; 4]));
+            assert_eq!(v2.nh, NextHop::default());
             // Everything else as on the sender.
             let same = CtVal {
                 rule_id: v.rule_id,
                 ep_stat: v.ep_stat,
                 last_seen_ns: v.last_seen_ns,
                 nh: v.nh,
-                encap_src: v.encap_src,
                 ..v2
             };
             assert_eq!(same, v);
         }
+        // An IPIP DSR session: its endpoint (the translated destination)
+        // travels, its outer source (cached with the next hop) does not.
+        let [(k, v), _] = session("192.168.0.2", 40000, "20.0.0.100", "10.0.1.10", 1, 0, 5_000);
+        let v = CtVal {
+            xsaddr: a("10.9.9.9"),
+            xdport: 80u16.to_be(),
+            mode: lb_mode::DSR_IPIP,
+            ..v
+        };
+        let rec = export(&k, &v, &s).unwrap();
+        assert_eq!((rec.xsaddr, rec.xdaddr), ([0; 4], a("10.0.1.10")));
+        // (Were a sender to send one, the receiver would not take it.)
+        let rec = Record {
+            xsaddr: a("10.9.9.9"),
+            ..rec
+        };
+        let (_, v2) = import(&rec, &r, 1_000_000).unwrap();
+        assert_eq!(
+            (v2.xsaddr, v2.dsr_endpoint()),
+            ([0; 4], Some(a("10.0.1.10")))
+        );
     }
 
     #[test]
@@ -537,7 +567,6 @@ pub(crate) mod tests {
                 packets: 0,
                 bytes: 0,
                 nh: NextHop::default(),
-                encap_src: [0; 4],
                 ..rv
             }
         );

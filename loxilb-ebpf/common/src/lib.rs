@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 14;
+pub const LAYOUT_VERSION: u32 = 15;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -669,7 +669,11 @@ pub const CT_OPENING_TIMEOUT_S: u32 = 60;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtVal {
     /// The tuple after translation (network byte order). Of another family
-    /// than the key for NAT64 sessions.
+    /// than the key for NAT64 sessions. DSR sessions (the packet keeps its
+    /// tuple): `xdaddr` is the endpoint the frame goes to; `xsaddr` is
+    /// IPIP DSR's outer source, cached with the next hop (zero until then,
+    /// and for L2 DSR); the ports are the packet's own. See
+    /// [`CtVal::dsr_endpoint`].
     pub xsaddr: Addr,
     pub xdaddr: Addr,
     pub xsport: u16,
@@ -697,17 +701,12 @@ pub struct CtVal {
     pub ep_stat: u32,
     /// Cached next hop for this direction (from `bpf_fib_lookup`).
     pub nh: NextHop,
-    /// DSR sessions: the endpoint the frame goes to (the packet itself is
-    /// not translated). All zero otherwise.
-    pub dsr_ep: Addr,
-    /// IPIP DSR: the outer source address (cached with the next hop).
-    pub encap_src: Addr,
     /// One-entry sessions ([`ct_state::ONE`]): the reply direction's
-    /// packets and bytes, and its cached next hop (toward the client).
-    /// Zero otherwise.
+    /// cached next hop (toward the client), packets and bytes. Zero
+    /// otherwise.
+    pub rnh: NextHop,
     pub rpackets: u64,
     pub rbytes: u64,
-    pub rnh: NextHop,
 }
 
 /// A cached next hop (from `bpf_fib_lookup`).
@@ -718,8 +717,32 @@ pub struct NextHop {
     pub ifindex: u32,
     /// Destination then source MAC, as 16-bit words.
     pub macs: [u16; 6],
-    /// When it must be looked up again (the datapath clock, [`Clock`]).
-    pub expiry_ns: u64,
+    /// When it must be looked up again: the datapath clock ([`Clock`]) in
+    /// [`nh_tick`]s, wrapping (see [`nh_fresh`]). 4 bytes where a u64 of
+    /// nanoseconds took 8: a session entry has two next hops.
+    pub expiry: u32,
+}
+
+/// The datapath clock `now_ns` in next-hop ticks (2^20 ns, about 1 ms),
+/// wrapping every 52 days.
+#[inline(always)]
+pub const fn nh_tick(now_ns: u64) -> u32 {
+    (now_ns >> NH_TICK_SHIFT) as u32
+}
+
+/// The length of a next-hop tick, as a shift of nanoseconds.
+pub const NH_TICK_SHIFT: u32 = 20;
+
+/// How long a session trusts its cached next hop, in [`nh_tick`]s.
+pub const NH_CACHE_TICKS: u32 = (NH_CACHE_NS >> NH_TICK_SHIFT) as u32;
+
+/// Whether a next hop expiring at tick `expiry` is fresh at `now_ns`: the
+/// expiry lies within [`NH_CACHE_TICKS`] ahead (wrapping), so a stale or
+/// never-written value is never taken for fresh, whenever the clock wraps.
+#[inline(always)]
+pub const fn nh_fresh(expiry: u32, now_ns: u64) -> bool {
+    let ahead = expiry.wrapping_sub(nh_tick(now_ns));
+    ahead != 0 && ahead <= NH_CACHE_TICKS
 }
 
 /// An endpoint index slot (`map_names::EP_INDEX`, at [`ep_index_slot`]):
@@ -773,6 +796,17 @@ impl CtKey {
 }
 
 impl CtVal {
+    /// A DSR session's endpoint (`xdaddr`: the packet itself is not
+    /// translated); `None` for any other mode.
+    #[inline(always)]
+    pub const fn dsr_endpoint(&self) -> Option<Addr> {
+        if self.mode == lb_mode::DSR || self.mode == lb_mode::DSR_IPIP {
+            Some(self.xdaddr)
+        } else {
+            None
+        }
+    }
+
     /// The idle timeout this entry lives by, seconds: `timeout_s`, at most
     /// [`CT_OPENING_TIMEOUT_S`] while the handshake is open
     /// (`ct_state::OPENING`). The agent's expiry and session sync go by
@@ -1193,16 +1227,14 @@ no_implicit_padding!(CtVal {
     _pad1: u8,
     ep_stat: u32,
     nh: NextHop,
-    dsr_ep: Addr,
-    encap_src: Addr,
+    rnh: NextHop,
     rpackets: u64,
     rbytes: u64,
-    rnh: NextHop,
 });
 no_implicit_padding!(NextHop {
     ifindex: u32,
     macs: [u16; 6],
-    expiry_ns: u64,
+    expiry: u32,
 });
 no_implicit_padding!(EpIndex {
     addr: Addr,
@@ -1323,11 +1355,13 @@ const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 32);
 const _: () = assert!(size_of::<CtKey>() == 40);
-const _: () = assert!(size_of::<CtVal>() == 176);
+const _: () = assert!(size_of::<CtVal>() == 136);
 const _: () = assert!(core::mem::offset_of!(CtVal, last_seen_ns) == 48);
 const _: () = assert!(core::mem::offset_of!(CtVal, nh) == 80);
-const _: () = assert!(core::mem::offset_of!(CtVal, rnh) == 152);
-const _: () = assert!(size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::offset_of!(CtVal, rnh) == 100);
+const _: () = assert!(core::mem::offset_of!(CtVal, rpackets) == 120);
+const _: () = assert!(size_of::<NextHop>() == 20);
+const _: () = assert!(NH_CACHE_TICKS > 0 && NH_CACHE_TICKS < 1 << 30);
 const _: () = assert!(size_of::<EpIndex>() == 40);
 const _: () = assert!(size_of::<GlobalCfg>() == 40);
 const _: () = assert!(size_of::<RuleVips>() == 72);
@@ -1364,6 +1398,26 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_next_hop_is_fresh_only_within_its_cache_time_across_the_clock_wrap() {
+        let tick = 1u64 << NH_TICK_SHIFT;
+        for start in [5 * tick, (u32::MAX as u64 - 3) * tick, (1u64 << 60) + 7] {
+            let expiry = nh_tick(start).wrapping_add(NH_CACHE_TICKS);
+            assert!(nh_fresh(expiry, start), "at {start}: just cached");
+            assert!(nh_fresh(expiry, start + NH_CACHE_NS / 2), "at {start}");
+            // Past its expiry, by a tick or by half the clock's range.
+            let past = start + (NH_CACHE_TICKS as u64 + 1) * tick;
+            assert!(!nh_fresh(expiry, past), "at {start}: expired");
+            assert!(!nh_fresh(expiry, start + (1u64 << 31) * tick));
+            // Never written, or from far in the past or the future.
+            assert!(!nh_fresh(nh_tick(start), start), "expires now");
+            assert!(!nh_fresh(expiry.wrapping_add(1000), start), "too far ahead");
+        }
+        assert!(!nh_fresh(0, 0));
+        // A second's worth of ticks, less than a second.
+        assert!(NH_CACHE_TICKS as u64 * tick <= NH_CACHE_NS);
+    }
 
     #[test]
     fn an_open_handshake_shortens_the_idle_timeout_never_lengthens_it() {

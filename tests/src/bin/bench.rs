@@ -1268,7 +1268,7 @@ fn open_flow(dp: &mut Datapath, m: &ModeSpec) -> Result<Flow> {
         );
     }
     let dsr = matches!(m.mode, Mode::Dsr | Mode::DsrIpip);
-    let ep = ip_str(if dsr { fwd.dsr_ep } else { fwd.xdaddr });
+    let ep = ip_str(fwd.xdaddr);
     let ep_mac = match ep.as_str() {
         "10.0.1.10" => EP1_MAC,
         "10.0.1.11" => EP2_MAC,

@@ -333,7 +333,7 @@ fn sessions_sync_to_a_backup_that_then_translates_them_the_same() {
         if vb.ep_stat != va.ep_stat {
             renumbered += 1;
         }
-        assert_eq!((vb.nh.ifindex, vb.nh.expiry_ns), (0, 0));
+        assert_eq!((vb.nh.ifindex, vb.nh.expiry), (0, 0));
         // The dns session is of two entries on B (its endpoint is not in
         // B's index); the web ones of one, as on A.
         let state = if k.proto == IPPROTO_UDP {

@@ -21,6 +21,10 @@ fn rule(mode: &str, ep_port: u16) -> String {
     format!("rules:\n  - {{vip: 20.0.0.100, port: 80, protocol: tcp, mode: {mode}, endpoints: [{{ip: 10.0.1.10, port: {ep_port}}}]}}\n  - {{vip: 20.0.0.100, port: 53, protocol: udp, mode: {mode}, endpoints: [{{ip: 10.0.1.10, port: {}}}]}}\n", if mode.starts_with("dsr") { 53 } else { 5353 })
 }
 
+fn addr(ip: &str) -> loxilb_common::Addr {
+    loxilb_common::addr_from_ip(ip.parse().unwrap())
+}
+
 fn src_port(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[34], frame[35]])
 }
@@ -176,8 +180,13 @@ fn dsr_l2_rewrites_only_the_destination_mac() {
         want[0..6].copy_from_slice(&EP1_MAC);
         want[6..12].copy_from_slice(&LB_TO_EP_MAC);
         assert_eq!(run_xdp(dp, &a.bytes()), (XDP_REDIRECT, want));
-        // one entry per session: no reply direction in DSR
-        assert_eq!(dp.sessions().unwrap().len(), 1);
+        // one entry per session: no reply direction in DSR; it holds the
+        // endpoint as its translated destination, no outer source.
+        let s = dp.sessions().unwrap();
+        assert_eq!(s.len(), 1);
+        let v = s[0].1;
+        assert_eq!(v.dsr_endpoint(), Some(addr("10.0.1.10")), "{v:?}");
+        assert_eq!((v.xsaddr, v.xdport), ([0; 4], 80u16.to_be()), "{v:?}");
         // Behind a router: refused, counted.
         let g = Frame::tcp("192.168.0.2", 40001, "20.0.0.100", 81, SYN);
         assert_eq!(run_xdp(dp, &g.bytes()).0, XDP_DROP);
@@ -221,6 +230,30 @@ fn dsr_ipip_encapsulates_and_the_decapsulator_restores_the_packet() {
             orig[6..12].copy_from_slice(&LB_TO_EP_MAC);
             expect_frame("decapsulated", &inner, &orig);
         }
+        // The session holds its endpoint, and the outer source cached with
+        // its next hop, which its packets then take from there.
+        let (k, v) = *dp
+            .sessions()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.sport == 40000u16.to_be())
+            .unwrap();
+        assert_eq!(v.dsr_endpoint(), Some(addr("10.0.1.10")), "{v:?}");
+        assert_eq!(v.xsaddr, addr("10.0.1.1"), "{v:?}");
+        assert_ne!(v.nh.ifindex, 0, "{v:?}");
+        dp.insert_session(
+            k,
+            loxilb_common::CtVal {
+                xsaddr: addr("10.0.1.99"),
+                ..v
+            },
+        )
+        .unwrap();
+        let f = Frame::tcp("192.168.0.2", 40000, "20.0.0.100", 80, ACK);
+        let (v, out) = run_xdp(dp, &f.bytes());
+        assert_eq!(v, XDP_REDIRECT);
+        let want = ipip_wrap(&f.bytes(), "10.0.1.99", "10.0.1.10", LB_TO_EP_MAC, EP1_MAC);
+        expect_frame("IPIP, the cached outer source", &out, &want);
         // Non-IPIP traffic passes the decapsulator untouched.
         let plain = Frame::tcp("192.168.0.2", 1, "10.0.1.10", 2, SYN).bytes();
         assert_eq!(
