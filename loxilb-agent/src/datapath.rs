@@ -780,6 +780,19 @@ impl Datapath {
         Ok(())
     }
 
+    /// The source kept toward endpoint slot `idx` (`EpVal::stat_idx`).
+    pub fn ep_src(&self, idx: u32) -> Result<loxilb_common::EpSrc> {
+        let a: Array<_, loxilb_common::EpSrc> = Array::try_from(self.map(mn::EP_SRC)?)?;
+        Ok(a.get(&idx, 0)?)
+    }
+
+    /// Write the source kept toward endpoint slot `idx` (tests).
+    pub fn set_ep_src(&mut self, idx: u32, v: loxilb_common::EpSrc) -> Result<()> {
+        let mut a: Array<_, loxilb_common::EpSrc> = Array::try_from(self.map_mut(mn::EP_SRC)?)?;
+        a.set(idx, v, 0)?;
+        Ok(())
+    }
+
     /// Every VIP of each SCTP rule, primary first, by rule id.
     pub fn rule_vips(&self) -> Result<StdHashMap<u32, RuleVips>> {
         let v: HashMap<_, u32, RuleVips> = HashMap::try_from(self.map(mn::RULE_VIPS)?)?;

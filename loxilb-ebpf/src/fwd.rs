@@ -28,12 +28,12 @@ use aya_ebpf::{
 };
 use loxilb_common::{
     cfg_flags, csum, ct_dir, dev_fwd, ep_nh_flags, is_v4, nh_fresh, nh_tick, stat, v4_mapped, Addr,
-    CtVal, EpNh, NextHop, NH_CACHE_NS, NH_CACHE_TICKS,
+    CtVal, EpNh, EpSrc, NextHop, NH_CACHE_NS, NH_CACHE_TICKS,
 };
 
 use crate::{
     ctx::{PktCtx, Verdict},
-    maps::{count, LB_CONFIG, LB_DEV_FWD, LB_EP_NH, LB_SCRATCH_FIB},
+    maps::{count, LB_CONFIG, LB_DEV_FWD, LB_EP_NH, LB_EP_SRC, LB_SCRATCH_FIB},
     parse::{ptr_at, Pkt, ETH_HLEN},
 };
 
@@ -130,9 +130,22 @@ pub fn fib<C: PktCtx>(ctx: &C, p: &Pkt, tot_len: u16, src: &Addr, dst: &Addr, fl
     }
 }
 
-/// The node's own address toward `ep` (onearm source), if it has a route.
+/// The node's own address toward `ep` (the source of an onearm or NAT64
+/// session), if it has a route: the one kept for endpoint slot `slot`
+/// (`LB_EP_SRC`) when the agent allows it (`cfg_flags::EP_NH_CACHE`) and
+/// it matches, else the FIB's, then kept there.
 #[inline(always)]
-pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr) -> Option<Addr> {
+pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr, slot: u32, now: u64) -> Option<Addr> {
+    let keep = cfg() & cfg_flags::EP_NH_CACHE != 0;
+    if keep {
+        if let Some(e) = LB_EP_SRC.get_ptr(slot) {
+            unsafe {
+                if now < (*e).expiry_ns && (*e).in_ifindex == ctx.ifindex() && (*e).dst == *ep {
+                    return Some((*e).src);
+                }
+            }
+        }
+    }
     let f = fib(ctx, p, 0, &[0; 4], ep, BPF_FIB_LOOKUP_SRC);
     let has_src = if is_v4(&f.src) {
         f.src[3] != 0
@@ -140,6 +153,19 @@ pub fn src_toward<C: PktCtx>(ctx: &C, p: &Pkt, ep: &Addr) -> Option<Addr> {
         f.src != [0; 4]
     };
     if (f.rc == RET_SUCCESS || f.rc == RET_NO_NEIGH) && has_src {
+        if keep {
+            if let Some(e) = LB_EP_SRC.get_ptr_mut(slot) {
+                unsafe {
+                    *e = EpSrc {
+                        dst: *ep,
+                        src: f.src,
+                        expiry_ns: now + NH_CACHE_NS,
+                        in_ifindex: ctx.ifindex(),
+                        _pad: 0,
+                    };
+                }
+            }
+        }
         Some(f.src)
     } else {
         None

@@ -400,7 +400,7 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     } else if mode == lb_mode::FULLNAT && !nat64 {
         Some(p.daddr)
     } else if mode == lb_mode::ONEARM || nat64 {
-        match fwd::src_toward(ctx, p, ep_addr) {
+        match fwd::src_toward(ctx, p, ep_addr, ep_stat, now) {
             Some(a) => Some(a),
             None => {
                 count(stat::DROP_NO_ROUTE);

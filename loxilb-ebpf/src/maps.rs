@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use loxilb_common::{
     stat, Addr, AffKey, AffVal, AssocKey, AssocVal, Clock, CtKey, CtVal, DevFwd, EpIndex, EpKey,
-    EpNh, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SrcRangeData, SvcKey,
-    SvcVal, ADDR_FILTER_WORDS, EP_INDEX_SLOTS, MAX_AFFINITY, MAX_CT_ENTRIES, MAX_ENDPOINT_SLOTS,
-    MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
+    EpNh, EpSrc, EpStats, EpVal, GlobalCfg, RuleStats, RuleVips, SctpWalk, SelChunk, SrcRangeData,
+    SvcKey, SvcVal, ADDR_FILTER_WORDS, EP_INDEX_SLOTS, MAX_AFFINITY, MAX_CT_ENTRIES,
+    MAX_ENDPOINT_SLOTS, MAX_EP_STATS, MAX_SCTP_ASSOC, MAX_SEL_CHUNKS, MAX_SERVICES, MAX_SRC_RANGES,
 };
 
 #[btf_map]
@@ -97,6 +97,12 @@ pub static LB_EP_ACTIVE: Array<u64, { MAX_EP_STATS as usize }> = Array::new();
 /// a new session's first packet (see `loxilb_common::EpNh`).
 #[btf_map]
 pub static LB_EP_NH: Array<EpNh, { MAX_EP_STATS as usize }> = Array::new();
+
+/// The node's own address toward each endpoint, indexed by
+/// `EpVal::stat_idx`, for a new onearm or NAT64 session (see
+/// `loxilb_common::EpSrc`).
+#[btf_map]
+pub static LB_EP_SRC: Array<EpSrc, { MAX_EP_STATS as usize }> = Array::new();
 
 /// The endpoint index (`loxilb_common::EpIndex`, written by the agent):
 /// an array, so the lookup every service packet makes is inlined.

@@ -21,7 +21,7 @@ use core::mem::size_of;
 
 /// Bump when any map layout below changes: pinned maps of another layout
 /// version are never adopted (the agent refuses with a clear message).
-pub const LAYOUT_VERSION: u32 = 15;
+pub const LAYOUT_VERSION: u32 = 16;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub mod map_names {
@@ -56,6 +56,10 @@ pub mod map_names {
     /// The next hop toward each endpoint (by its `EpVal::stat_idx`), for a
     /// new session's first packet ([`crate::EpNh`]).
     pub const EP_NH: &str = "LB_EP_NH";
+    /// The node's own address toward each endpoint (by its
+    /// `EpVal::stat_idx`), the source of a new onearm or NAT64 session
+    /// ([`crate::EpSrc`]).
+    pub const EP_SRC: &str = "LB_EP_SRC";
     /// Each endpoint by its slot (`EpVal::stat_idx`): what the selection
     /// table's entries point at ([`crate::SelChunk`]).
     pub const EP_SLOTS: &str = "LB_EP_SLOTS";
@@ -68,7 +72,7 @@ pub mod map_names {
     /// the agent after every load (its programs are the ones reading it).
     pub const CLOCK: &str = "LB_CLOCK";
     /// Every map, in a fixed order (used to pin/unpin/adopt them all).
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         ENDPOINTS,
         CONNTRACK,
@@ -88,6 +92,7 @@ pub mod map_names {
         JMP_TC,
         DEV_FWD,
         EP_NH,
+        EP_SRC,
         EP_SLOTS,
         EP_INDEX,
     ];
@@ -859,6 +864,29 @@ pub struct EpNh {
     pub expiry_ns: u64,
 }
 
+/// `LB_EP_SRC` value: the node's own address toward one endpoint (the
+/// FIB's source for it), written by the datapath when a new onearm or
+/// NAT64 session asked the FIB, and read by the next new session to that
+/// endpoint instead of asking again. Used only as `EpNh` is (the agent
+/// found the node's routing plain, `cfg_flags::EP_NH_CACHE`), only for the
+/// same address (`dst`: a slot reused for another endpoint does not
+/// match) and a packet arriving on the same device, within
+/// `NH_CACHE_NS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpSrc {
+    /// The endpoint's address looked up.
+    pub dst: Addr,
+    /// The source the FIB gave for it (never all zero when `expiry_ns` is
+    /// set).
+    pub src: Addr,
+    /// When it must be looked up again (the datapath clock, [`Clock`]).
+    pub expiry_ns: u64,
+    /// The device the packet that filled it arrived on.
+    pub in_ifindex: u32,
+    pub _pad: u32,
+}
+
 /// `EpNh::flags` bits.
 pub mod ep_nh_flags {
     /// The next hop is the endpoint itself (it is on the segment of
@@ -1332,6 +1360,13 @@ no_implicit_padding!(EpNh {
     flags: u16,
     expiry_ns: u64
 });
+no_implicit_padding!(EpSrc {
+    dst: Addr,
+    src: Addr,
+    expiry_ns: u64,
+    in_ifindex: u32,
+    _pad: u32
+});
 no_implicit_padding!(EpStats {
     packets: u64,
     bytes: u64,
@@ -1351,6 +1386,7 @@ const _: () = assert!(size_of::<SrcRangeData>() == 20);
 const _: () = assert!(size_of::<RuleStats>() == 64);
 const _: () = assert!(size_of::<EpStats>() == 32);
 const _: () = assert!(size_of::<EpNh>() == 48);
+const _: () = assert!(size_of::<EpSrc>() == 48);
 const _: () = assert!(MAX_EPS_PER_RULE - 1 <= u16::MAX as u32);
 const _: () = assert!(size_of::<EpKey>() == 8);
 const _: () = assert!(size_of::<EpVal>() == 32);
@@ -1390,6 +1426,7 @@ mod user {
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for EpStats {}
     unsafe impl aya::Pod for EpNh {}
+    unsafe impl aya::Pod for EpSrc {}
     unsafe impl aya::Pod for RuleVips {}
     unsafe impl aya::Pod for AssocKey {}
     unsafe impl aya::Pod for AssocVal {}

@@ -5,9 +5,10 @@
 //! the one the FIB checked, before it expires, and while the agent finds
 //! the node's routing plain (a policy rule turns it off). A session's
 //! second packet caches it in the session's own entry. L2 DSR uses it too,
-//! when the next hop kept is the endpoint itself.
+//! when the next hop kept is the endpoint itself. The source address of a
+//! new onearm or NAT64 session is kept the same way (`LB_EP_SRC`).
 
-use loxilb_common::{cfg_flags, ep_nh_flags, v4_mapped, EpNh};
+use loxilb_common::{cfg_flags, ep_nh_flags, v4_mapped, EpNh, EpSrc};
 use loxilb_tests::fib::verdict::XDP_REDIRECT;
 use loxilb_tests::{
     fib::{run_xdp, with_datapath, EP1_MAC, LB_TO_EP_MAC},
@@ -286,5 +287,107 @@ fn a_new_dsr_session_takes_the_next_hop_kept_for_its_endpoint_only_when_it_is_th
             (again.macs, again.flags),
             (words(EP1_MAC, LB_TO_EP_MAC), ep_nh_flags::DIRECT)
         );
+    });
+}
+
+// The source kept per endpoint (`LB_EP_SRC`): a new onearm (or NAT64)
+// session's source address, the node's own toward the endpoint, is the
+// FIB's answer kept by the last new session to that endpoint, under the
+// same conditions as the next hop.
+
+const ONEARM_RULE: &str = "rules:\n  - {vip: 20.0.0.100, port: 81, protocol: tcp, mode: onearm, endpoints: [{ip: 10.0.1.10, port: 8081}]}\n";
+
+/// A new onearm session's SYN from client port `sport`: the source address
+/// it leaves with.
+fn onearm_src(dp: &mut loxilb_agent::datapath::Datapath, sport: u16) -> [u8; 4] {
+    let f = Frame::tcp("192.168.0.2", sport, "20.0.0.100", 81, SYN);
+    let (v, out) = run_xdp(dp, &f.bytes());
+    assert_eq!(v, XDP_REDIRECT, "port {sport}");
+    out[26..30].try_into().unwrap()
+}
+
+#[test]
+fn a_new_onearm_session_takes_the_source_kept_for_its_endpoint_when_it_may() {
+    if !need_root("a_new_onearm_session_takes_the_source_kept_for_its_endpoint_when_it_may") {
+        return;
+    }
+    with_datapath("epsrc", ONEARM_RULE, |dp| {
+        let idx = dp.endpoints().unwrap().values().next().unwrap().stat_idx;
+        assert_eq!(dp.ep_src(idx).unwrap(), EpSrc::default(), "empty at first");
+        // The first new session asks the FIB and keeps its answer.
+        assert_eq!(onearm_src(dp, 40000), [10, 0, 1, 1]);
+        let filled = dp.ep_src(idx).unwrap();
+        assert_eq!(
+            (filled.dst, filled.src),
+            (ep_addr([10, 0, 1, 10]), ep_addr([10, 0, 1, 1]))
+        );
+        assert!(filled.expiry_ns > 0 && filled.in_ifindex != 0, "{filled:?}");
+        // The next new session to it takes the source kept: one the FIB
+        // would never give shows it was not asked again.
+        let kept = EpSrc {
+            src: ep_addr([10, 0, 1, 77]),
+            expiry_ns: u64::MAX,
+            ..filled
+        };
+        dp.set_ep_src(idx, kept).unwrap();
+        assert_eq!(onearm_src(dp, 40001), [10, 0, 1, 77], "the source kept");
+        // Not another endpoint's (a reused slot), not one kept for packets
+        // from another device, not once expired: the FIB's, kept instead.
+        for (i, (why, bad)) in [
+            (
+                "another endpoint's",
+                EpSrc {
+                    dst: ep_addr([10, 0, 1, 11]),
+                    ..kept
+                },
+            ),
+            (
+                "another device's",
+                EpSrc {
+                    in_ifindex: kept.in_ifindex + 1000,
+                    ..kept
+                },
+            ),
+            (
+                "expired",
+                EpSrc {
+                    expiry_ns: 1,
+                    ..kept
+                },
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            dp.set_ep_src(idx, bad).unwrap();
+            assert_eq!(onearm_src(dp, 40010 + i as u16), [10, 0, 1, 1], "{why}");
+            assert_eq!(
+                dp.ep_src(idx).unwrap().src,
+                ep_addr([10, 0, 1, 1]),
+                "{why} entry: the FIB's answer kept instead"
+            );
+        }
+        // A policy rule: the agent turns keeping off, every new session
+        // asks the FIB and nothing is kept.
+        sh(&[
+            "ip",
+            "rule",
+            "add",
+            "from",
+            "192.168.0.0/24",
+            "table",
+            "100",
+            "priority",
+            "100",
+        ])
+        .unwrap();
+        dp.check_routing().unwrap();
+        assert_eq!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
+        dp.set_ep_src(idx, kept).unwrap();
+        assert_eq!(onearm_src(dp, 40020), [10, 0, 1, 1], "with a policy rule");
+        assert_eq!(dp.ep_src(idx).unwrap(), kept, "nothing kept meanwhile");
+        sh(&["ip", "rule", "del", "priority", "100"]).unwrap();
+        dp.check_routing().unwrap();
+        assert_eq!(onearm_src(dp, 40021), [10, 0, 1, 77], "the rule gone");
     });
 }
