@@ -48,6 +48,26 @@ fn kept_from(filled: EpNh) -> EpNh {
     }
 }
 
+/// Add (`on`) or delete a policy rule (from the clients, to an empty
+/// table), after which the agent finds the node's routing not plain, and
+/// let the agent check the routing.
+fn policy_rule(dp: &mut loxilb_agent::datapath::Datapath, on: bool) {
+    let verb = if on { "add" } else { "del" };
+    sh(&[
+        "ip",
+        "rule",
+        verb,
+        "from",
+        "192.168.0.0/24",
+        "table",
+        "100",
+        "priority",
+        "100",
+    ])
+    .unwrap();
+    dp.check_routing().unwrap();
+}
+
 /// A new session's SYN from client port `sport` (`pad` more payload
 /// bytes): the destination MAC it leaves with.
 fn new_flow_mac(dp: &mut loxilb_agent::datapath::Datapath, sport: u16, pad: usize) -> [u8; 6] {
@@ -175,19 +195,7 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
         // A policy rule: the FIB's answer may depend on more than the
         // destination, so the agent turns the kept next hops off and every
         // new session asks the FIB.
-        sh(&[
-            "ip",
-            "rule",
-            "add",
-            "from",
-            "192.168.0.0/24",
-            "table",
-            "100",
-            "priority",
-            "100",
-        ])
-        .unwrap();
-        dp.check_routing().unwrap();
+        policy_rule(dp, true);
         assert_eq!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
         dp.set_ep_nh(idx, kept).unwrap();
         assert_eq!(new_flow_mac(dp, 40020, 0), EP1_MAC, "with a policy rule");
@@ -197,8 +205,7 @@ fn a_new_session_takes_the_next_hop_kept_for_its_endpoint_when_it_may() {
             "its second packet asks the FIB too"
         );
         assert_eq!(dp.ep_nh(idx).unwrap(), kept, "nothing kept meanwhile");
-        sh(&["ip", "rule", "del", "priority", "100"]).unwrap();
-        dp.check_routing().unwrap();
+        policy_rule(dp, false);
         assert_ne!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
         assert_eq!(new_flow_mac(dp, 40021, 0), KEPT_MAC, "the rule gone");
 
@@ -369,25 +376,12 @@ fn a_new_onearm_session_takes_the_source_kept_for_its_endpoint_when_it_may() {
         }
         // A policy rule: the agent turns keeping off, every new session
         // asks the FIB and nothing is kept.
-        sh(&[
-            "ip",
-            "rule",
-            "add",
-            "from",
-            "192.168.0.0/24",
-            "table",
-            "100",
-            "priority",
-            "100",
-        ])
-        .unwrap();
-        dp.check_routing().unwrap();
+        policy_rule(dp, true);
         assert_eq!(dp.config().unwrap().flags & cfg_flags::EP_NH_CACHE, 0);
         dp.set_ep_src(idx, kept).unwrap();
         assert_eq!(onearm_src(dp, 40020), [10, 0, 1, 1], "with a policy rule");
         assert_eq!(dp.ep_src(idx).unwrap(), kept, "nothing kept meanwhile");
-        sh(&["ip", "rule", "del", "priority", "100"]).unwrap();
-        dp.check_routing().unwrap();
+        policy_rule(dp, false);
         assert_eq!(onearm_src(dp, 40021), [10, 0, 1, 77], "the rule gone");
     });
 }
