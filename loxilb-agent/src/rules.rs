@@ -545,7 +545,7 @@ pub fn session_endpoint(k: &loxilb_common::CtKey, v: &loxilb_common::CtVal) -> O
     use loxilb_common::ct_dir;
     if v.dir == ct_dir::REPLY {
         Some(k.saddr)
-    } else if v.mode == lb_mode::DSR || v.mode == lb_mode::DSR_IPIP {
+    } else if lb_mode::is_dsr(v.mode) {
         None
     } else {
         Some(v.xdaddr)

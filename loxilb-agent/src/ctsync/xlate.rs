@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use loxilb_common::{
-    ct_dir, ct_state, ep_index_flags, Addr, AssocKey, AssocVal, CtKey, CtVal, EpIndex, EpKey,
-    EpVal, SvcKey, SvcVal,
+    ct_dir, ct_state, ep_index_flags, lb_mode, Addr, AssocKey, AssocVal, CtKey, CtVal, EpIndex,
+    EpKey, EpVal, SvcKey, SvcVal,
 };
 
 use super::wire::{AssocRecord, Record};
@@ -97,7 +97,7 @@ pub fn export(k: &CtKey, v: &CtVal, idx: &SenderIndex) -> Result<Record, Skip> {
         },
         // All zero for DSR sessions (no reply entry).
         peer: k.peer(v).unwrap_or_default(),
-        xsaddr: outer_src_cleared(v),
+        xsaddr: outer_src_cleared(v.xsaddr, v.mode),
         xdaddr: v.xdaddr,
         xsport: v.xsport,
         xdport: v.xdport,
@@ -127,11 +127,7 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
     Ok((
         r.key,
         CtVal {
-            xsaddr: outer_src_cleared(&CtVal {
-                xsaddr: r.xsaddr,
-                mode: r.mode,
-                ..Default::default()
-            }),
+            xsaddr: outer_src_cleared(r.xsaddr, r.mode),
             xdaddr: r.xdaddr,
             xsport: r.xsport,
             xdport: r.xdport,
@@ -156,13 +152,13 @@ pub fn import(r: &Record, idx: &ReceiverIndex, now_ns: u64) -> Result<(CtKey, Ct
     ))
 }
 
-/// `v.xsaddr`, but zero for a DSR session, where it is IPIP's outer
+/// A session's `xsaddr`, but zero in `mode` DSR, where it is IPIP's outer
 /// source cached with the next hop (node-local, as the next hop is).
-fn outer_src_cleared(v: &CtVal) -> Addr {
-    if v.dsr_endpoint().is_some() {
+fn outer_src_cleared(xsaddr: Addr, mode: u8) -> Addr {
+    if lb_mode::is_dsr(mode) {
         [0; 4]
     } else {
-        v.xsaddr
+        xsaddr
     }
 }
 
@@ -256,7 +252,7 @@ pub fn import_assoc(r: &AssocRecord, idx: &ReceiverIndex) -> Result<(AssocKey, A
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use loxilb_common::{addr_fold, addr_from_ip, ep_index_slot, lb_mode, NextHop, IPPROTO_TCP};
+    use loxilb_common::{addr_fold, addr_from_ip, ep_index_slot, NextHop, IPPROTO_TCP};
 
     pub fn a(s: &str) -> Addr {
         addr_from_ip(s.parse().unwrap())

@@ -265,6 +265,13 @@ pub mod lb_mode {
     /// Direct server return over IPIP: the packet is encapsulated to the
     /// endpoint (outer source: the node's address toward it).
     pub const DSR_IPIP: u8 = 4;
+
+    /// Either DSR mode: the packet keeps its tuple, and the session has no
+    /// reply entry.
+    #[inline(always)]
+    pub const fn is_dsr(mode: u8) -> bool {
+        mode == DSR || mode == DSR_IPIP
+    }
 }
 
 /// Endpoint selection of a rule (`SvcVal::sel`).
@@ -805,7 +812,7 @@ impl CtVal {
     /// translated); `None` for any other mode.
     #[inline(always)]
     pub const fn dsr_endpoint(&self) -> Option<Addr> {
-        if self.mode == lb_mode::DSR || self.mode == lb_mode::DSR_IPIP {
+        if lb_mode::is_dsr(self.mode) {
             Some(self.xdaddr)
         } else {
             None
@@ -826,9 +833,7 @@ impl CtVal {
     /// way, into per-CPU scratch rather than onto its stack).
     #[inline(always)]
     pub const fn has_peer(&self) -> bool {
-        self.mode != lb_mode::DSR
-            && self.mode != lb_mode::DSR_IPIP
-            && self.state & ct_state::ONE == 0
+        !lb_mode::is_dsr(self.mode) && self.state & ct_state::ONE == 0
     }
 }
 
