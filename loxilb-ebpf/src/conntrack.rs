@@ -361,7 +361,7 @@ pub fn lookup(p: &Pkt, end: usize, key: &CtKey, now: u64, one: bool) -> Ct {
 #[inline(always)]
 fn peer_of(key: &CtKey, v: *const CtVal) -> Option<*const CtKey> {
     let v = unsafe { &*v };
-    if v.mode == lb_mode::DSR || v.mode == lb_mode::DSR_IPIP {
+    if lb_mode::is_dsr(v.mode) {
         return None;
     }
     let s = LB_SCRATCH_KEY.get_ptr_mut(0)?;

@@ -193,7 +193,7 @@ pub fn process<C: PktCtx, const V6: bool>(ctx: &C) -> Verdict {
     if let Ct::Hit { x, v, nh, ep } = conntrack::lookup(&p, end, &key, now, !V6 && from_ours) {
         count_hit(v, &p);
         let mode = unsafe { (*v).mode };
-        if mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP {
+        if lb_mode::is_dsr(mode) {
             // (A DSR session's translated destination is its endpoint.)
             let ep = unsafe { (*v).xdaddr };
             return fwd::forward_dsr(
@@ -386,7 +386,7 @@ fn new_session<C: PktCtx>(ctx: &C, p: &parse::Pkt, key: &CtKey, now: u64) -> Ver
     } else {
         (port_lo, port_hi)
     };
-    let dsr = mode == lb_mode::DSR || mode == lb_mode::DSR_IPIP;
+    let dsr = lb_mode::is_dsr(mode);
     // NAT64: an IPv6 client cannot be an IPv4 packet's source, so the
     // source is always translated: the full-NAT source, else the node's
     // own address toward the endpoint (as onearm).
