@@ -44,6 +44,10 @@
 //! miss with the datapath's conntrack entry shape, one insert and two; a
 //! line after the table splits the rr new-flow cost with them (reference
 //! miss | entry shape | second insert | the rest of our path).
+//! `ref_xdp_dnat_ct_lean` makes it with the least entry that keeps every
+//! feature of ours for an IPv4 session (16-byte key, 104-byte value): the
+//! most that a leaner layout (IPv4 sessions in a table of their own) could
+//! save.
 //! `ref_xdp_dnat_tbl` / `_tbl2` keep the same entry shape in a
 //! set-associative table of array maps instead of the LRU hash (a hit; a
 //! miss with two inserts): what a session table the verifier inlines,
@@ -157,11 +161,12 @@ const TARGET_DSR_IPIP_NS: f64 = 75.0;
 /// The reference programs (loxilb-ebpf/ref), built by this crate's build.rs:
 /// the least each path can cost, timed in the same run as the datapath.
 static REF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loxilb-ref"));
-const REF_XDP_PROGS: [&str; 9] = [
+const REF_XDP_PROGS: [&str; 10] = [
     "ref_xdp_pass",
     "ref_xdp_parse_lookup",
     "ref_xdp_dnat",
     "ref_xdp_dnat_ct",
+    "ref_xdp_dnat_ct_lean",
     "ref_xdp_dnat_ct_shape1",
     "ref_xdp_dnat_ct_shape2",
     "ref_xdp_dnat_one",
@@ -174,6 +179,9 @@ const REF_TC_PROGS: [&str; 2] = ["ref_tc_pass", "ref_tc_parse_lookup"];
 const REF_CT_ENTRIES: usize = 262_144;
 /// A bucket of the reference array table (8 tags of 8 bytes, 8 ticks of 4).
 const REF_TBL_BUCKET_SIZE: usize = 96;
+/// `LeanVal` of loxilb-ebpf/ref: the least entry every feature of ours
+/// needs, for an IPv4 session (under the 16-byte `RefCtKey`).
+const REF_LEAN_VAL_SIZE: usize = 104;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Mode {
@@ -385,6 +393,10 @@ enum RefKind {
     DnatCtHit,
     /// `ref_xdp_dnat_ct`, a miss: every call a new tuple.
     DnatCtMiss,
+    /// `ref_xdp_dnat_ct_lean`: the miss with the least entry that keeps
+    /// every feature of ours, IPv4 only (16-byte key, 104-byte value, our
+    /// table's size), one insert.
+    LeanMiss1,
     /// `ref_xdp_dnat_ct_shape1`: the miss with the datapath's conntrack
     /// entry shape (key and value sizes, table size), one insert.
     ShapeMiss1,
@@ -908,6 +920,7 @@ impl Refs {
         let mut n = clear_map::<RefCtKey, RefCtVal>(&mut self.ebpf, "REF_CT")?;
         // Of the datapath's key and value sizes (see loxilb-ebpf/ref).
         n += clear_map::<CtKey, CtVal>(&mut self.ebpf, "REF_CT_SHAPE")?;
+        n += clear_map::<RefCtKey, [u8; REF_LEAN_VAL_SIZE]>(&mut self.ebpf, "REF_CT_LEAN")?;
         // The array table: every bucket's tags cleared.
         let mut b: aya::maps::Array<_, [u8; REF_TBL_BUCKET_SIZE]> = aya::maps::Array::try_from(
             self.ebpf
@@ -1604,6 +1617,14 @@ fn bench(opts: &Opts) -> Result<Outcome> {
             None,
         ),
         PathBench::new(
+            Kind::Ref(RefKind::LeanMiss1),
+            "ref: lean v4 entry, 1 ins",
+            "ref_xdp_dnat_ct_lean",
+            loxilb_tests::fib::verdict::XDP_TX,
+            vec![],
+            None,
+        ),
+        PathBench::new(
             Kind::Ref(RefKind::ShapeMiss1),
             "ref: our entry, 1 insert",
             "ref_xdp_dnat_ct_shape1",
@@ -1738,6 +1759,7 @@ fn bench(opts: &Opts) -> Result<Outcome> {
         let r = match p.kind {
             Kind::Ref(
                 RefKind::DnatCtMiss
+                | RefKind::LeanMiss1
                 | RefKind::ShapeMiss1
                 | RefKind::ShapeMiss2
                 | RefKind::OneMiss
@@ -2368,6 +2390,7 @@ fn print_results(out: &Outcome) {
                         RefKind::Dnat => "dnat",
                         RefKind::DnatCtHit => "ct hit",
                         RefKind::DnatCtMiss => "ct miss",
+                        RefKind::LeanMiss1 => "ct miss, lean entry",
                         RefKind::ShapeMiss1 | RefKind::ShapeMiss2 => "ct miss, our entry",
                         RefKind::ShapeHit => "ct hit, our entry",
                         RefKind::OneHit | RefKind::OneReply => "1 entry, hit",
@@ -2417,6 +2440,26 @@ fn print_results(out: &Outcome) {
             s1 - miss,
             s2 - s1,
             rr - s2
+        );
+    }
+    if let (Some(rr1), Some(miss), Some(lean), Some(s1)) = (
+        over_of(Kind::NewFlow(NewKind::Rr)),
+        over_of(Kind::Ref(RefKind::DnatCtMiss)),
+        over_of(Kind::Ref(RefKind::LeanMiss1)),
+        over_of(Kind::Ref(RefKind::ShapeMiss1)),
+    ) {
+        let saving = if s1 > lean {
+            format!("would save at most {:.0} ns of", s1 - lean)
+        } else {
+            "would save nothing measurable in this run on".to_string()
+        };
+        println!(
+            "the least entry that loses no feature (IPv4 only: 16 B key, {REF_LEAN_VAL_SIZE} B \
+             value, {MAX_CT_ENTRIES} entries), one insert: {lean:+.0} over the floor against \
+             {s1:+.0} with our entry and {miss:+.0} with the minimal one ({:.2}x its cost over the \
+             floor); a session \
+             table of such entries {saving} our new flow rr {rr1:+.0}",
+            lean / miss
         );
     }
     if let (Some(rr1), Some(rr2)) = (
