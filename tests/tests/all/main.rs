@@ -13,6 +13,7 @@
 //! takes `loxilb_tests::exclusive()` (see there for which and why); every
 //! root test holds a share of the same lock through `need_root`.
 
+mod benchmark;
 mod bgp;
 mod ctsync;
 mod devices;
