@@ -527,6 +527,27 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// Run `name`, a binary of the tests crate built next to the agent
+/// (`cargo build -p loxilb-tests --bins`), with `args`: its standard
+/// output, once it has exited with success (else a panic showing both of
+/// its outputs).
+pub fn run_test_bin(name: &str, args: &[&str]) -> String {
+    let bin = agent_bin().with_file_name(name);
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p loxilb-tests --bins)",
+        bin.display()
+    );
+    let out = Command::new(&bin).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{name} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// A running agent (in the lb namespace), killed on drop.
 pub struct Agent {
     child: Option<Child>,

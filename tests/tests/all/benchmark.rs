@@ -76,13 +76,9 @@ fn the_benchmark_runs_every_path_and_its_checks_pass() {
     if !need_root("the_benchmark_runs_every_path_and_its_checks_pass") {
         return;
     }
-    let bin = loxilb_tests::netns::agent_bin().with_file_name("bench");
-    assert!(
-        bin.exists(),
-        "build the benchmark first (cargo build -p loxilb-tests --bins)"
-    );
-    let out = std::process::Command::new(&bin)
-        .args([
+    let text = loxilb_tests::netns::run_test_bin(
+        "bench",
+        &[
             "--rounds",
             "1",
             "--iters",
@@ -95,14 +91,7 @@ fn the_benchmark_runs_every_path_and_its_checks_pass() {
             "2000",
             "--full",
             "500",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     let row = |label: &str| {
         text.lines()

@@ -299,18 +299,7 @@ fn demo_shows_traffic_balanced_and_cleans_up() {
     if !need_root("demo_shows_traffic_balanced_and_cleans_up") {
         return;
     }
-    let bin = loxilb_tests::netns::agent_bin().with_file_name("demo");
-    assert!(
-        bin.exists(),
-        "build the demo first (cargo build -p loxilb-tests --bins)"
-    );
-    let out = std::process::Command::new(&bin).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = loxilb_tests::netns::run_test_bin("demo", &[]);
     for b in ["b1", "b2", "b3"] {
         assert!(
             text.contains(&format!("answered by {b} (backend saw client 10.10.0.2:")),
